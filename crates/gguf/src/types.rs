@@ -1,0 +1,203 @@
+//! The ggml tensor formats a GGUF file may name, with their block geometry.
+//!
+//! ref: ggml/src/ggml.c `type_traits` (blck_size, type_size) and ggml.h `enum ggml_type`.
+
+use std::fmt;
+
+/// A ggml tensor storage format. The discriminant is the id stored in GGUF tensor infos.
+///
+/// Quantized formats store `block_size()` consecutive elements of a row in `type_size()` bytes;
+/// a row's length must therefore be a multiple of `block_size()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum GgmlType {
+    /// 32-bit IEEE float.
+    F32 = 0,
+    /// 16-bit IEEE float.
+    F16 = 1,
+    /// 32 weights: f16 scale + 32 × 4-bit.
+    Q4_0 = 2,
+    /// 32 weights: f16 scale, f16 min + 32 × 4-bit.
+    Q4_1 = 3,
+    /// 32 weights: f16 scale, 32 high bits, 32 × 4-bit.
+    Q5_0 = 6,
+    /// 32 weights: f16 scale, f16 min, 32 high bits, 32 × 4-bit.
+    Q5_1 = 7,
+    /// 32 weights: f16 scale + 32 × i8.
+    Q8_0 = 8,
+    /// 32 weights: f32 scale, f32 sum + 32 × i8.
+    Q8_1 = 9,
+    /// k-quant, 256-weight super-blocks, 2-bit.
+    Q2K = 10,
+    /// k-quant, 256-weight super-blocks, 3-bit.
+    Q3K = 11,
+    /// k-quant, 256-weight super-blocks, 4-bit.
+    Q4K = 12,
+    /// k-quant, 256-weight super-blocks, 5-bit.
+    Q5K = 13,
+    /// k-quant, 256-weight super-blocks, 6-bit.
+    Q6K = 14,
+    /// k-quant, 256-weight super-blocks, 8-bit (used for activations).
+    Q8K = 15,
+    /// bfloat16.
+    BF16 = 30,
+}
+
+impl GgmlType {
+    /// Every type this crate knows, in id order.
+    pub const ALL: [GgmlType; 15] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q8_1,
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+        GgmlType::Q8K,
+        GgmlType::BF16,
+    ];
+
+    /// The type with ggml id `id`, or `None` if this crate does not know it.
+    pub fn from_id(id: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.id() == id)
+    }
+
+    /// The ggml id stored in GGUF files.
+    pub fn id(self) -> u32 {
+        self as u32
+    }
+
+    /// The ggml name, e.g. `"Q4_K"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "F32",
+            GgmlType::F16 => "F16",
+            GgmlType::Q4_0 => "Q4_0",
+            GgmlType::Q4_1 => "Q4_1",
+            GgmlType::Q5_0 => "Q5_0",
+            GgmlType::Q5_1 => "Q5_1",
+            GgmlType::Q8_0 => "Q8_0",
+            GgmlType::Q8_1 => "Q8_1",
+            GgmlType::Q2K => "Q2_K",
+            GgmlType::Q3K => "Q3_K",
+            GgmlType::Q4K => "Q4_K",
+            GgmlType::Q5K => "Q5_K",
+            GgmlType::Q6K => "Q6_K",
+            GgmlType::Q8K => "Q8_K",
+            GgmlType::BF16 => "BF16",
+        }
+    }
+
+    /// Elements per block (1 for the float types).
+    pub fn block_size(self) -> u64 {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
+            GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q8_0
+            | GgmlType::Q8_1 => 32,
+            GgmlType::Q2K
+            | GgmlType::Q3K
+            | GgmlType::Q4K
+            | GgmlType::Q5K
+            | GgmlType::Q6K
+            | GgmlType::Q8K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> u64 {
+        match self {
+            GgmlType::F32 => 4,
+            GgmlType::F16 | GgmlType::BF16 => 2,
+            GgmlType::Q4_0 => 18,
+            GgmlType::Q4_1 => 20,
+            GgmlType::Q5_0 => 22,
+            GgmlType::Q5_1 => 24,
+            GgmlType::Q8_0 => 34,
+            GgmlType::Q8_1 => 36,
+            GgmlType::Q2K => 84,
+            GgmlType::Q3K => 110,
+            GgmlType::Q4K => 144,
+            GgmlType::Q5K => 176,
+            GgmlType::Q6K => 210,
+            GgmlType::Q8K => 292,
+        }
+    }
+
+    /// Bytes taken by `n_elements` elements, or `None` if `n_elements` is not a whole number of
+    /// blocks or the size overflows `u64`.
+    pub fn bytes_for(self, n_elements: u64) -> Option<u64> {
+        let bs = self.block_size();
+        if n_elements % bs != 0 {
+            return None;
+        }
+        (n_elements / bs).checked_mul(self.type_size())
+    }
+}
+
+impl fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_unknown_ids_are_none() {
+        for t in GgmlType::ALL {
+            assert_eq!(GgmlType::from_id(t.id()), Some(t));
+        }
+        for id in [4, 5, 16, 29, 31, 99, u32::MAX] {
+            assert_eq!(GgmlType::from_id(id), None, "id {id}");
+        }
+    }
+
+    #[test]
+    fn geometry_matches_ggml() {
+        // (id, name, block_size, type_size) from ggml's type_traits table.
+        let expected = [
+            (0, "F32", 1, 4),
+            (1, "F16", 1, 2),
+            (2, "Q4_0", 32, 18),
+            (3, "Q4_1", 32, 20),
+            (6, "Q5_0", 32, 22),
+            (7, "Q5_1", 32, 24),
+            (8, "Q8_0", 32, 34),
+            (9, "Q8_1", 32, 36),
+            (10, "Q2_K", 256, 84),
+            (11, "Q3_K", 256, 110),
+            (12, "Q4_K", 256, 144),
+            (13, "Q5_K", 256, 176),
+            (14, "Q6_K", 256, 210),
+            (15, "Q8_K", 256, 292),
+            (30, "BF16", 1, 2),
+        ];
+        for (id, name, bs, ts) in expected {
+            let t = GgmlType::from_id(id).unwrap();
+            assert_eq!(t.name(), name);
+            assert_eq!(t.to_string(), name);
+            assert_eq!(t.block_size(), bs, "{name}");
+            assert_eq!(t.type_size(), ts, "{name}");
+        }
+    }
+
+    #[test]
+    fn bytes_for_checks_blocks_and_overflow() {
+        assert_eq!(GgmlType::Q4K.bytes_for(512), Some(288));
+        assert_eq!(GgmlType::Q4K.bytes_for(100), None);
+        assert_eq!(GgmlType::F32.bytes_for(u64::MAX), None);
+        assert_eq!(GgmlType::F32.bytes_for(0), Some(0));
+    }
+}

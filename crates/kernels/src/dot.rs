@@ -1,0 +1,144 @@
+//! Scalar reference dot products: one weight row (in its block format) with
+//! one row of activations (in the format [`WeightFormat::act_format`] names).
+//! Integer sums inside a block are exact, so the SIMD versions agree with
+//! these up to the order of the final f32 additions.
+//!
+//! ref: ggml-cpu/quants.c ggml_vec_dot_*_generic.
+
+use crate::formats::*;
+use crate::quant::{q5_0_unpack, q6_k_unpack};
+use half::{bf16, f16};
+
+pub fn dot_q8_0_ref(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+    debug_assert_eq!(w.len(), a.len());
+    let mut sum = 0.0f32;
+    for (x, y) in w.iter().zip(a) {
+        let s: i32 = x.qs.iter().zip(y.qs.iter()).map(|(&p, &q)| p as i32 * q as i32).sum();
+        sum += s as f32 * (f16_le(x.d) * f16_le(y.d));
+    }
+    sum
+}
+
+pub fn dot_q4_0_ref(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
+    debug_assert_eq!(w.len(), a.len());
+    let mut sum = 0.0f32;
+    for (x, y) in w.iter().zip(a) {
+        let mut s = 0i32;
+        for j in 0..QK / 2 {
+            s += ((x.qs[j] & 0x0F) as i32 - 8) * y.qs[j] as i32;
+            s += ((x.qs[j] >> 4) as i32 - 8) * y.qs[j + QK / 2] as i32;
+        }
+        sum += s as f32 * (f16_le(x.d) * f16_le(y.d));
+    }
+    sum
+}
+
+pub fn dot_q5_0_ref(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
+    debug_assert_eq!(w.len(), a.len());
+    let mut sum = 0.0f32;
+    for (x, y) in w.iter().zip(a) {
+        let (lo, hi) = q5_0_unpack(x);
+        let mut s = 0i32;
+        for j in 0..QK / 2 {
+            s += lo[j] as i32 * y.qs[j] as i32 + hi[j] as i32 * y.qs[j + QK / 2] as i32;
+        }
+        sum += s as f32 * (f16_le(x.d) * f16_le(y.d));
+    }
+    sum
+}
+
+/// Sum over the 8 sub-blocks of `scale_j * Σ q·q8` and of `min_j * Σ q8`.
+#[inline]
+fn kquant_sums(scales: &[u8; 12], q: &[u8; QK_K], y: &BlockQ8K) -> (i32, i32) {
+    let (mut s, mut m) = (0i32, 0i32);
+    for j in 0..8 {
+        let (sc, mn) = scale_min_k4(j, scales);
+        let d: i32 = q[32 * j..32 * j + 32]
+            .iter()
+            .zip(&y.qs[32 * j..32 * j + 32])
+            .map(|(&p, &q)| p as i32 * q as i32)
+            .sum();
+        s += sc as i32 * d;
+        m += mn as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
+    }
+    (s, m)
+}
+
+pub fn dot_q4k_ref(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+    debug_assert_eq!(w.len(), a.len());
+    let mut sum = 0.0f32;
+    for (x, y) in w.iter().zip(a) {
+        // Unpack to element order: chunk c of 64 = low nibbles then high nibbles.
+        let mut q = [0u8; QK_K];
+        for c in 0..4 {
+            for l in 0..32 {
+                q[64 * c + l] = x.qs[32 * c + l] & 0x0F;
+                q[64 * c + 32 + l] = x.qs[32 * c + l] >> 4;
+            }
+        }
+        let (s, m) = kquant_sums(&x.scales, &q, y);
+        sum += f16_le(x.d) * y.d * s as f32 - f16_le(x.dmin) * y.d * m as f32;
+    }
+    sum
+}
+
+pub fn dot_q5k_ref(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
+    debug_assert_eq!(w.len(), a.len());
+    let mut sum = 0.0f32;
+    for (x, y) in w.iter().zip(a) {
+        let mut q = [0u8; QK_K];
+        for c in 0..4 {
+            let (u0, u1) = (1u8 << (2 * c), 2u8 << (2 * c));
+            for l in 0..32 {
+                let h0 = if x.qh[l] & u0 != 0 { 16 } else { 0 };
+                let h1 = if x.qh[l] & u1 != 0 { 16 } else { 0 };
+                q[64 * c + l] = (x.qs[32 * c + l] & 0x0F) + h0;
+                q[64 * c + 32 + l] = (x.qs[32 * c + l] >> 4) + h1;
+            }
+        }
+        let (s, m) = kquant_sums(&x.scales, &q, y);
+        sum += f16_le(x.d) * y.d * s as f32 - f16_le(x.dmin) * y.d * m as f32;
+    }
+    sum
+}
+
+pub fn dot_q6k_ref(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+    debug_assert_eq!(w.len(), a.len());
+    let mut sum = 0.0f32;
+    for (x, y) in w.iter().zip(a) {
+        let q = q6_k_unpack(x);
+        let mut s = 0i32;
+        for j in 0..QK_K / 16 {
+            let d: i32 = q[16 * j..16 * j + 16]
+                .iter()
+                .zip(&y.qs[16 * j..16 * j + 16])
+                .map(|(&p, &q)| p as i32 * q as i32)
+                .sum();
+            s += x.scales[j] as i32 * d;
+        }
+        sum += f16_le(x.d) * y.d * s as f32;
+    }
+    sum
+}
+
+/// Float weight formats (F32, F16, BF16) against f32 activations.
+pub fn dot_float_ref(format: WeightFormat, w: &[u8], a: &[f32]) -> f32 {
+    match format {
+        WeightFormat::F32 => w
+            .chunks_exact(4)
+            .zip(a)
+            .map(|(c, &y)| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * y)
+            .sum(),
+        WeightFormat::F16 => w
+            .chunks_exact(2)
+            .zip(a)
+            .map(|(c, &y)| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32() * y)
+            .sum(),
+        WeightFormat::BF16 => w
+            .chunks_exact(2)
+            .zip(a)
+            .map(|(c, &y)| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32() * y)
+            .sum(),
+        other => panic!("dot_float_ref called with quantized format {other}"),
+    }
+}

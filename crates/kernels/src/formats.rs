@@ -1,0 +1,247 @@
+//! ggml block layouts as `#[repr(C)]` types.
+//!
+//! ref: ggml/src/ggml-common.h (block_q8_0, block_q4_0, block_q5_0, block_q4_K,
+//! block_q5_K, block_q6_K, block_q8_K). Weight blocks hold their f16 scales as
+//! `[u8; 2]` so that every weight block has alignment 1 and can be viewed in
+//! place inside a memory-mapped file at any offset.
+
+use half::f16;
+
+/// Elements per K-quant super-block.
+pub const QK_K: usize = 256;
+/// Elements per legacy (Q4_0, Q5_0, Q8_0) block.
+pub const QK: usize = 32;
+
+#[inline]
+pub(crate) fn f16_le(b: [u8; 2]) -> f32 {
+    f16::from_bits(u16::from_le_bytes(b)).to_f32()
+}
+
+/// 8-bit weights, one f16 scale per 32: `x = d * q`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ8_0 {
+    pub d: [u8; 2],
+    pub qs: [i8; QK],
+}
+
+/// 4-bit weights, one f16 scale per 32: `x = d * (q - 8)`; element j < 16 is
+/// the low nibble of qs[j], element j + 16 its high nibble.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ4_0 {
+    pub d: [u8; 2],
+    pub qs: [u8; QK / 2],
+}
+
+/// 5-bit weights: the low 4 bits as in Q4_0, the fifth bit of element j in
+/// bit j of the little-endian u32 `qh`; `x = d * (q - 16)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ5_0 {
+    pub d: [u8; 2],
+    pub qh: [u8; 4],
+    pub qs: [u8; QK / 2],
+}
+
+/// 4-bit K-quant: 8 sub-blocks of 32 with 6-bit scales and mins packed in 12
+/// bytes; `x = d * sc * q - dmin * m`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ4K {
+    pub d: [u8; 2],
+    pub dmin: [u8; 2],
+    pub scales: [u8; 12],
+    pub qs: [u8; QK_K / 2],
+}
+
+/// 5-bit K-quant: Q4_K plus one high bit per element in `qh`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ5K {
+    pub d: [u8; 2],
+    pub dmin: [u8; 2],
+    pub scales: [u8; 12],
+    pub qh: [u8; QK_K / 8],
+    pub qs: [u8; QK_K / 2],
+}
+
+/// 6-bit K-quant: 16 sub-blocks of 16 with signed 8-bit scales;
+/// `x = d * sc * (q - 32)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ6K {
+    pub ql: [u8; QK_K / 2],
+    pub qh: [u8; QK_K / 4],
+    pub scales: [i8; QK_K / 16],
+    pub d: [u8; 2],
+}
+
+/// 8-bit activations for the 32-element formats (ggml's block_q8_0, with the
+/// scale kept as f16 exactly as ggml rounds it).
+pub type BlockQ8_0Act = BlockQ8_0;
+
+/// 8-bit activations for K-quant weights: f32 scale and the sums of each 16
+/// quants (`bsums`), which fold the weights' mins into one multiply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+
+impl Default for BlockQ8K {
+    fn default() -> Self {
+        BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] }
+    }
+}
+
+impl Default for BlockQ8_0 {
+    fn default() -> Self {
+        BlockQ8_0 { d: [0; 2], qs: [0; QK] }
+    }
+}
+
+// Compile-time layout checks: sizes are ggml's, weight blocks have alignment 1.
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
+const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
+const _: () = assert!(std::mem::size_of::<BlockQ5K>() == 176);
+const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
+const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292);
+const _: () = assert!(std::mem::align_of::<BlockQ8_0>() == 1);
+const _: () = assert!(std::mem::align_of::<BlockQ4_0>() == 1);
+const _: () = assert!(std::mem::align_of::<BlockQ5_0>() == 1);
+const _: () = assert!(std::mem::align_of::<BlockQ4K>() == 1);
+const _: () = assert!(std::mem::align_of::<BlockQ5K>() == 1);
+const _: () = assert!(std::mem::align_of::<BlockQ6K>() == 1);
+
+/// A weight block type that may be viewed in place over raw bytes.
+///
+/// # Safety
+/// Implementors must be `#[repr(C)]`, alignment 1, and valid for every bit
+/// pattern (only integer arrays).
+pub unsafe trait RawBlock: Copy {}
+// SAFETY: all are repr(C) byte/i8 arrays, alignment 1 (checked above), any bits valid.
+unsafe impl RawBlock for BlockQ8_0 {}
+// SAFETY: as above.
+unsafe impl RawBlock for BlockQ4_0 {}
+// SAFETY: as above.
+unsafe impl RawBlock for BlockQ5_0 {}
+// SAFETY: as above.
+unsafe impl RawBlock for BlockQ4K {}
+// SAFETY: as above.
+unsafe impl RawBlock for BlockQ5K {}
+// SAFETY: as above.
+unsafe impl RawBlock for BlockQ6K {}
+
+/// View `bytes` as a slice of blocks. Panics (a programming error, never an
+/// input error: callers check sizes when the tensor is loaded) if the length
+/// is not a whole number of blocks.
+#[inline]
+pub fn as_blocks<B: RawBlock>(bytes: &[u8]) -> &[B] {
+    let size = std::mem::size_of::<B>();
+    assert!(bytes.len() % size == 0, "byte length {} is not a multiple of block size {size}", bytes.len());
+    // SAFETY: B has alignment 1 and every bit pattern is valid (RawBlock
+    // contract); the length is a whole number of blocks (asserted above), and
+    // the returned slice borrows `bytes` so it cannot outlive it.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const B, bytes.len() / size) }
+}
+
+/// The weight formats this engine computes with. A closed set, matched in one
+/// place per operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q4_0,
+    Q5_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+/// The form activations take for a dot product with a weight format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActFormat {
+    /// Plain f32 (float weight formats).
+    F32,
+    /// ggml block_q8_0 (for Q8_0, Q4_0, Q5_0 weights).
+    Q8_0,
+    /// ggml block_q8_K (for K-quant weights).
+    Q8K,
+}
+
+impl WeightFormat {
+    /// Elements per block.
+    pub const fn block_size(self) -> usize {
+        match self {
+            WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16 => 1,
+            WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q5_0 => QK,
+            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            WeightFormat::F32 => 4,
+            WeightFormat::F16 | WeightFormat::BF16 => 2,
+            WeightFormat::Q8_0 => 34,
+            WeightFormat::Q4_0 => 18,
+            WeightFormat::Q5_0 => 22,
+            WeightFormat::Q4K => 144,
+            WeightFormat::Q5K => 176,
+            WeightFormat::Q6K => 210,
+        }
+    }
+
+    /// Bytes of one row of `n` elements (`n` must be a multiple of the block size).
+    pub const fn row_bytes(self, n: usize) -> usize {
+        n / self.block_size() * self.block_bytes()
+    }
+
+    /// The activation format its dot product consumes (as in ggml's `vec_dot_type`).
+    pub const fn act_format(self) -> ActFormat {
+        match self {
+            WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16 => ActFormat::F32,
+            WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q5_0 => ActFormat::Q8_0,
+            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => ActFormat::Q8K,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "F32",
+            WeightFormat::F16 => "F16",
+            WeightFormat::BF16 => "BF16",
+            WeightFormat::Q8_0 => "Q8_0",
+            WeightFormat::Q4_0 => "Q4_0",
+            WeightFormat::Q5_0 => "Q5_0",
+            WeightFormat::Q4K => "Q4_K",
+            WeightFormat::Q5K => "Q5_K",
+            WeightFormat::Q6K => "Q6_K",
+        }
+    }
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Unpack the 6-bit scale and min of sub-block `j` (0..8) of a Q4_K/Q5_K block.
+/// ref: ggml-quants.c get_scale_min_k4.
+#[inline]
+pub fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}

@@ -1,0 +1,21 @@
+//! Kernels: ggml weight formats as types, their dequantization, quantized dot
+//! products and the matrix multiply the model is built on.
+//!
+//! Layering: this crate knows nothing of GGUF files, Gemma or tokens. It sees
+//! rows of bytes in a [`WeightFormat`] and rows of `f32` activations.
+//!
+//! Every kernel has a plain scalar reference (`*_ref`, in [`dot`] and
+//! [`quant`]); SIMD versions are chosen at run time in [`simd`] and tested
+//! against the reference. `GEMMA3_FORCE_SCALAR=1` forces the scalar paths.
+
+pub mod dot;
+pub mod formats;
+pub mod matmul;
+pub mod ops;
+pub mod quant;
+pub mod simd;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use formats::{ActFormat, WeightFormat};
+pub use matmul::{matmul, MatmulScratch, QMatrix};

@@ -1,0 +1,166 @@
+//! `out = x · Wᵀ` for a quantized weight matrix W (rows × cols, each row in
+//! its block format) and n rows of f32 activations, split across threads by
+//! weight rows so that each core streams different weights.
+
+use crate::formats::*;
+use crate::quant::{quantize_q8_0, quantize_q8_k};
+use crate::simd::{best, DotKernels};
+use rayon::prelude::*;
+
+/// A borrowed weight matrix: `rows` rows of `cols` elements in `format`.
+#[derive(Clone, Copy, Debug)]
+pub struct QMatrix<'a> {
+    pub format: WeightFormat,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> QMatrix<'a> {
+    /// Checks that `data` holds exactly rows × cols elements of `format`.
+    pub fn new(format: WeightFormat, rows: usize, cols: usize, data: &'a [u8]) -> Option<Self> {
+        if cols % format.block_size() != 0 || data.len() != rows.checked_mul(format.row_bytes(cols))? {
+            return None;
+        }
+        Some(QMatrix { format, rows, cols, data })
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        self.format.row_bytes(self.cols)
+    }
+
+    /// The bytes of row `r`.
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// Dequantize row `r` into `out` (length cols).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        crate::quant::dequantize_row(self.format, self.row(r), out)
+    }
+}
+
+/// Activations of n tokens, quantized for one weight format.
+#[derive(Clone, Copy)]
+pub enum Acts<'a> {
+    F32(&'a [f32]),
+    Q8_0(&'a [BlockQ8_0]),
+    Q8K(&'a [BlockQ8K]),
+}
+
+/// Reusable buffers for quantized activations (grown, never shrunk).
+#[derive(Default)]
+pub struct MatmulScratch {
+    q8_0: Vec<BlockQ8_0>,
+    q8k: Vec<BlockQ8K>,
+}
+
+impl MatmulScratch {
+    /// Quantize `x` (n × cols) into the activation format that `format` consumes.
+    pub fn quantize<'s>(&'s mut self, format: WeightFormat, x: &'s [f32], cols: usize) -> Acts<'s> {
+        match format.act_format() {
+            ActFormat::F32 => Acts::F32(x),
+            ActFormat::Q8_0 => {
+                let nb = x.len() / QK;
+                if self.q8_0.len() < nb {
+                    self.q8_0.resize(nb, BlockQ8_0::default());
+                }
+                let blocks = &mut self.q8_0[..nb];
+                debug_assert_eq!(cols % QK, 0);
+                quantize_q8_0(x, blocks);
+                Acts::Q8_0(blocks)
+            }
+            ActFormat::Q8K => {
+                let nb = x.len() / QK_K;
+                if self.q8k.len() < nb {
+                    self.q8k.resize(nb, BlockQ8K::default());
+                }
+                let blocks = &mut self.q8k[..nb];
+                quantize_q8_k(x, blocks);
+                Acts::Q8K(blocks)
+            }
+        }
+    }
+}
+
+/// Dot product of weight row `r` with activation row `t`.
+#[inline]
+pub fn dot_row(k: &DotKernels, w: &QMatrix, r: usize, acts: Acts, t: usize) -> f32 {
+    let row = w.row(r);
+    match (w.format, acts) {
+        (WeightFormat::Q8_0, Acts::Q8_0(a)) => {
+            let nb = w.cols / QK;
+            (k.q8_0)(as_blocks(row), &a[t * nb..(t + 1) * nb])
+        }
+        (WeightFormat::Q4_0, Acts::Q8_0(a)) => {
+            let nb = w.cols / QK;
+            (k.q4_0)(as_blocks(row), &a[t * nb..(t + 1) * nb])
+        }
+        (WeightFormat::Q5_0, Acts::Q8_0(a)) => {
+            let nb = w.cols / QK;
+            (k.q5_0)(as_blocks(row), &a[t * nb..(t + 1) * nb])
+        }
+        (WeightFormat::Q4K, Acts::Q8K(a)) => {
+            let nb = w.cols / QK_K;
+            (k.q4k)(as_blocks(row), &a[t * nb..(t + 1) * nb])
+        }
+        (WeightFormat::Q5K, Acts::Q8K(a)) => {
+            let nb = w.cols / QK_K;
+            (k.q5k)(as_blocks(row), &a[t * nb..(t + 1) * nb])
+        }
+        (WeightFormat::Q6K, Acts::Q8K(a)) => {
+            let nb = w.cols / QK_K;
+            (k.q6k)(as_blocks(row), &a[t * nb..(t + 1) * nb])
+        }
+        (f @ (WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16), Acts::F32(a)) => {
+            crate::dot::dot_float_ref(f, row, &a[t * w.cols..(t + 1) * w.cols])
+        }
+        (f, _) => panic!("activations quantized for the wrong format ({f})"),
+    }
+}
+
+/// A raw pointer to the output that worker threads write disjoint parts of.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: only used to write disjoint elements from different threads (each
+// weight row r is owned by exactly one task), while the &mut borrow is held.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// `out[t][r] = Σ_c x[t][c] · W[r][c]` for t < n, r < rows.
+/// `x` is n × cols, `out` is n × rows, both row-major.
+pub fn matmul(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32], scratch: &mut MatmulScratch) {
+    matmul_with(best(), w, x, n, out, scratch)
+}
+
+/// [`matmul`] with an explicit kernel table (tests compare tables).
+pub fn matmul_with(k: &DotKernels, w: &QMatrix, x: &[f32], n: usize, out: &mut [f32], scratch: &mut MatmulScratch) {
+    assert_eq!(x.len(), n * w.cols, "matmul: x has {} values, expected {n} × {}", x.len(), w.cols);
+    assert_eq!(out.len(), n * w.rows, "matmul: out has {} values, expected {n} × {}", out.len(), w.rows);
+    let acts = scratch.quantize(w.format, x, w.cols);
+    let rows = w.rows;
+    // Rows per task: enough work per task to amortise scheduling, enough
+    // tasks to balance the threads.
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = (rows / (threads * 8)).clamp(4, 256).min(rows.max(1));
+    let ptr = OutPtr(out.as_mut_ptr());
+    let body = |r0: usize| {
+        let ptr = ptr;
+        let r1 = (r0 + chunk).min(rows);
+        for t in 0..n {
+            for r in r0..r1 {
+                let v = dot_row(k, w, r, acts, t);
+                // SAFETY: t < n and r < rows, so the index is inside `out`
+                // (length n × rows, asserted above); row r belongs to this task only.
+                unsafe { *ptr.0.add(t * rows + r) = v };
+            }
+        }
+    };
+    if threads == 1 || rows <= chunk {
+        (0..rows).step_by(chunk.max(1)).for_each(body);
+    } else {
+        (0..rows).into_par_iter().step_by(chunk).for_each(body);
+    }
+}

@@ -1,0 +1,256 @@
+//! Dequantization of every weight format, and quantization of activations
+//! (and of weights, for tests and writers) — the scalar references.
+//!
+//! ref: ggml/src/ggml-quants.c (dequantize_row_*, quantize_row_*_ref).
+
+use crate::formats::*;
+use half::{bf16, f16};
+
+/// Dequantize one row of `out.len()` elements stored in `format`.
+/// `bytes` must hold exactly `format.row_bytes(out.len())` bytes.
+pub fn dequantize_row(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(bytes.len(), format.row_bytes(out.len()), "dequantize_row: byte length mismatch");
+    match format {
+        WeightFormat::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        WeightFormat::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        WeightFormat::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        WeightFormat::Q8_0 => {
+            for (b, o) in as_blocks::<BlockQ8_0>(bytes).iter().zip(out.chunks_exact_mut(QK)) {
+                let d = f16_le(b.d);
+                for (o, &q) in o.iter_mut().zip(b.qs.iter()) {
+                    *o = d * q as f32;
+                }
+            }
+        }
+        WeightFormat::Q4_0 => {
+            for (b, o) in as_blocks::<BlockQ4_0>(bytes).iter().zip(out.chunks_exact_mut(QK)) {
+                let d = f16_le(b.d);
+                for j in 0..QK / 2 {
+                    o[j] = d * ((b.qs[j] & 0x0F) as i32 - 8) as f32;
+                    o[j + QK / 2] = d * ((b.qs[j] >> 4) as i32 - 8) as f32;
+                }
+            }
+        }
+        WeightFormat::Q5_0 => {
+            for (b, o) in as_blocks::<BlockQ5_0>(bytes).iter().zip(out.chunks_exact_mut(QK)) {
+                let d = f16_le(b.d);
+                let (lo, hi) = q5_0_unpack(b);
+                for j in 0..QK / 2 {
+                    o[j] = d * lo[j] as f32;
+                    o[j + QK / 2] = d * hi[j] as f32;
+                }
+            }
+        }
+        WeightFormat::Q4K => {
+            for (b, o) in as_blocks::<BlockQ4K>(bytes).iter().zip(out.chunks_exact_mut(QK_K)) {
+                let d = f16_le(b.d);
+                let dmin = f16_le(b.dmin);
+                // 4 chunks of 64: low nibbles are sub-block 2c, high nibbles 2c+1.
+                for c in 0..4 {
+                    let q = &b.qs[32 * c..32 * c + 32];
+                    let (s0, m0) = scale_min_k4(2 * c, &b.scales);
+                    let (s1, m1) = scale_min_k4(2 * c + 1, &b.scales);
+                    let (d0, dm0) = (d * s0 as f32, dmin * m0 as f32);
+                    let (d1, dm1) = (d * s1 as f32, dmin * m1 as f32);
+                    for l in 0..32 {
+                        o[64 * c + l] = d0 * (q[l] & 0x0F) as f32 - dm0;
+                        o[64 * c + 32 + l] = d1 * (q[l] >> 4) as f32 - dm1;
+                    }
+                }
+            }
+        }
+        WeightFormat::Q5K => {
+            for (b, o) in as_blocks::<BlockQ5K>(bytes).iter().zip(out.chunks_exact_mut(QK_K)) {
+                let d = f16_le(b.d);
+                let dmin = f16_le(b.dmin);
+                for c in 0..4 {
+                    let q = &b.qs[32 * c..32 * c + 32];
+                    let (s0, m0) = scale_min_k4(2 * c, &b.scales);
+                    let (s1, m1) = scale_min_k4(2 * c + 1, &b.scales);
+                    let (d0, dm0) = (d * s0 as f32, dmin * m0 as f32);
+                    let (d1, dm1) = (d * s1 as f32, dmin * m1 as f32);
+                    let (u0, u1) = (1u8 << (2 * c), 2u8 << (2 * c));
+                    for l in 0..32 {
+                        let h0 = if b.qh[l] & u0 != 0 { 16 } else { 0 };
+                        let h1 = if b.qh[l] & u1 != 0 { 16 } else { 0 };
+                        o[64 * c + l] = d0 * ((q[l] & 0x0F) + h0) as f32 - dm0;
+                        o[64 * c + 32 + l] = d1 * ((q[l] >> 4) + h1) as f32 - dm1;
+                    }
+                }
+            }
+        }
+        WeightFormat::Q6K => {
+            for (b, o) in as_blocks::<BlockQ6K>(bytes).iter().zip(out.chunks_exact_mut(QK_K)) {
+                let d = f16_le(b.d);
+                let q = q6_k_unpack(b);
+                for (i, (o, &q)) in o.iter_mut().zip(q.iter()).enumerate() {
+                    *o = d * b.scales[i / 16] as f32 * q as f32;
+                }
+            }
+        }
+    }
+}
+
+/// Q5_0 quants as signed values in -16..=15: (elements 0..16, elements 16..32).
+#[inline]
+pub fn q5_0_unpack(b: &BlockQ5_0) -> ([i8; 16], [i8; 16]) {
+    let qh = u32::from_le_bytes(b.qh);
+    let mut lo = [0i8; 16];
+    let mut hi = [0i8; 16];
+    for j in 0..16 {
+        let h0 = (((qh >> j) & 1) << 4) as u8;
+        let h1 = (((qh >> (j + 16)) & 1) << 4) as u8;
+        lo[j] = ((b.qs[j] & 0x0F) | h0) as i8 - 16;
+        hi[j] = ((b.qs[j] >> 4) | h1) as i8 - 16;
+    }
+    (lo, hi)
+}
+
+/// Q6_K quants as signed values in -32..=31, in element order. Element
+/// 128n + 32k + l takes its low 4 bits from ql[64n + l + 32(k&1)] (low nibble
+/// for k < 2, high for k >= 2) and its high 2 bits from qh[32n + l] >> 2k.
+#[inline]
+pub fn q6_k_unpack(b: &BlockQ6K) -> [i8; QK_K] {
+    let mut out = [0i8; QK_K];
+    for n in 0..2 {
+        let ql = &b.ql[64 * n..64 * n + 64];
+        let qh = &b.qh[32 * n..32 * n + 32];
+        let o = &mut out[128 * n..128 * n + 128];
+        for l in 0..32 {
+            o[l] = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i8 - 32;
+            o[l + 32] = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+            o[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+            o[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+        }
+    }
+    out
+}
+
+/// Quantize activations to ggml block_q8_0, rounding as ggml's AVX path does
+/// (scale 127/amax, round half to even), so our integer sums equal llama.cpp's.
+pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    assert_eq!(x.len(), out.len() * QK, "quantize_q8_0: length mismatch");
+    for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        b.d = f16::from_f32(d).to_bits().to_le_bytes();
+        for (q, &v) in b.qs.iter_mut().zip(xb.iter()) {
+            *q = (v * id).round_ties_even() as i8;
+        }
+    }
+}
+
+/// Quantize activations to ggml block_q8_K.
+/// ref: ggml-quants.c quantize_row_q8_K_ref (scale -127/max, nearest_int).
+pub fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+    assert_eq!(x.len(), out.len() * QK_K, "quantize_q8_k: length mismatch");
+    for (xb, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let (mut max, mut amax) = (0.0f32, 0.0f32);
+        for &v in xb {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            *b = BlockQ8K::default();
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in b.qs.iter_mut().zip(xb.iter()) {
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        }
+        for (s, q) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+            *s = q.iter().map(|&v| v as i16).sum();
+        }
+        b.d = 1.0 / iscale;
+    }
+}
+
+/// Quantize weights to Q8_0 (ggml quantize_row_q8_0_ref: d = amax/127, roundf).
+pub fn quantize_weights_q8_0(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / QK * 34);
+    for xb in x.chunks_exact(QK) {
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        out.extend(xb.iter().map(|&v| (v * id).round() as i8 as u8));
+    }
+    out
+}
+
+/// Quantize weights to Q4_0 (ggml quantize_row_q4_0_ref: d = max/-8).
+pub fn quantize_weights_q4_0(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / QK * 18);
+    for xb in x.chunks_exact(QK) {
+        let max = signed_absmax(xb);
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        for j in 0..QK / 2 {
+            let q0 = ((xb[j] * id + 8.5) as i8).min(15) as u8;
+            let q1 = ((xb[j + QK / 2] * id + 8.5) as i8).min(15) as u8;
+            out.push(q0 | (q1 << 4));
+        }
+    }
+    out
+}
+
+/// Quantize weights to Q5_0 (ggml quantize_row_q5_0_ref: d = max/-16).
+pub fn quantize_weights_q5_0(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / QK * 22);
+    for xb in x.chunks_exact(QK) {
+        let max = signed_absmax(xb);
+        let d = max / -16.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut qh = 0u32;
+        let mut qs = [0u8; 16];
+        for j in 0..QK / 2 {
+            let q0 = ((xb[j] * id + 16.5) as i8).min(31) as u8;
+            let q1 = ((xb[j + QK / 2] * id + 16.5) as i8).min(31) as u8;
+            qs[j] = (q0 & 0x0F) | ((q1 & 0x0F) << 4);
+            qh |= (((q0 & 0x10) >> 4) as u32) << j;
+            qh |= (((q1 & 0x10) >> 4) as u32) << (j + 16);
+        }
+        out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        out.extend_from_slice(&qh.to_le_bytes());
+        out.extend_from_slice(&qs);
+    }
+    out
+}
+
+/// Weights as F16 / BF16 / F32 bytes.
+pub fn encode_float_weights(format: WeightFormat, x: &[f32]) -> Option<Vec<u8>> {
+    Some(match format {
+        WeightFormat::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        WeightFormat::F16 => x.iter().flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes()).collect(),
+        WeightFormat::BF16 => x.iter().flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes()).collect(),
+        _ => return None,
+    })
+}
+
+/// The value of largest magnitude, with its sign (first one wins ties).
+fn signed_absmax(x: &[f32]) -> f32 {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    max
+}

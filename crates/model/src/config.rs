@@ -1,0 +1,145 @@
+//! Hyper-parameters read from the GGUF metadata (`gemma3.*` keys), with named
+//! defaults for what Gemma 3 GGUF files do not store.
+
+use crate::ModelError;
+use gemma3_gguf::GgufFile;
+
+/// Every 6th layer is global (layers 5, 11, 17 of 18); the others use a
+/// sliding window. llama.cpp hard-codes this for gemma3 (LLAMA_SWA_TYPE_STANDARD,
+/// pattern 6) since the GGUF does not carry it.
+pub const DEFAULT_SLIDING_WINDOW_PATTERN: usize = 6;
+/// RoPE base of the sliding-window layers (HF `rope_local_base_freq`);
+/// `gemma3.rope.freq_base` in the file is the global layers' base.
+pub const DEFAULT_ROPE_LOCAL_BASE: f32 = 10_000.0;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub n_layers: usize,
+    /// Residual stream width (640).
+    pub d_model: usize,
+    /// GeGLU hidden width (2048).
+    pub d_ff: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    /// Per-head query/key width (256).
+    pub head_dim: usize,
+    /// Per-head value width (256).
+    pub value_dim: usize,
+    pub vocab_size: usize,
+    /// Training context (32768).
+    pub ctx_len: usize,
+    pub rms_eps: f32,
+    pub rope_base_global: f32,
+    pub rope_base_local: f32,
+    /// Linear RoPE scaling factor on global layers (1 = none).
+    pub rope_scale_global: f32,
+    /// A local layer's query at p sees keys p-window+1..=p.
+    pub sliding_window: usize,
+    pub sliding_window_pattern: usize,
+    /// Query scale (1/sqrt(head_dim) for the 270M model).
+    pub attn_scale: f32,
+}
+
+impl Config {
+    pub fn from_gguf(f: &GgufFile) -> Result<Self, ModelError> {
+        let arch = f.get_str("general.architecture")?;
+        if arch != "gemma3" {
+            return Err(ModelError::Architecture(arch.to_string()));
+        }
+        let u = |k: &str| -> Result<usize, ModelError> { Ok(f.get_u32(&format!("gemma3.{k}"))? as usize) };
+        let opt_u = |k: &str| -> Option<usize> { f.get_u32(&format!("gemma3.{k}")).ok().map(|v| v as usize) };
+        let opt_f = |k: &str| -> Option<f32> { f.get_f32(&format!("gemma3.{k}")).ok() };
+        let n_heads = u("attention.head_count")?;
+        let head_dim = opt_u("attention.key_length").unwrap_or(256);
+        let rope_scale_global = match f.get_str("gemma3.rope.scaling.type") {
+            Ok("linear") => opt_f("rope.scaling.factor").unwrap_or(1.0),
+            Ok("none") | Err(_) => 1.0,
+            Ok(other) => {
+                return Err(ModelError::BadConfig {
+                    key: "gemma3.rope.scaling.type".into(),
+                    why: format!("RoPE scaling '{other}' is not supported"),
+                })
+            }
+        };
+        let query_pre_attn_scalar = opt_f("attention.query_pre_attn_scalar");
+        let cfg = Config {
+            n_layers: u("block_count")?,
+            d_model: u("embedding_length")?,
+            d_ff: u("feed_forward_length")?,
+            n_heads,
+            n_kv_heads: opt_u("attention.head_count_kv").unwrap_or(n_heads),
+            head_dim,
+            value_dim: opt_u("attention.value_length").unwrap_or(head_dim),
+            vocab_size: 0, // set from the embedding tensor by the loader
+            ctx_len: u("context_length")?,
+            rms_eps: opt_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
+            rope_base_global: opt_f("rope.freq_base").unwrap_or(1_000_000.0),
+            rope_base_local: opt_f("rope.local.freq_base").unwrap_or(DEFAULT_ROPE_LOCAL_BASE),
+            rope_scale_global,
+            sliding_window: opt_u("attention.sliding_window").unwrap_or(512),
+            sliding_window_pattern: opt_u("attention.sliding_window_pattern").unwrap_or(DEFAULT_SLIDING_WINDOW_PATTERN),
+            attn_scale: 1.0 / query_pre_attn_scalar.unwrap_or(head_dim as f32).sqrt(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ModelError> {
+        let bad = |key: &str, why: String| Err(ModelError::BadConfig { key: format!("gemma3.{key}"), why });
+        let limits: [(&str, usize, usize); 8] = [
+            ("block_count", self.n_layers, 1024),
+            ("embedding_length", self.d_model, 65536),
+            ("feed_forward_length", self.d_ff, 1 << 20),
+            ("attention.head_count", self.n_heads, 1024),
+            ("attention.head_count_kv", self.n_kv_heads, 1024),
+            ("attention.key_length", self.head_dim, 4096),
+            ("context_length", self.ctx_len, 1 << 24),
+            ("attention.sliding_window", self.sliding_window, 1 << 24),
+        ];
+        for (k, v, max) in limits {
+            if v == 0 || v > max {
+                return bad(k, format!("value {v} is outside 1..={max}"));
+            }
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return bad("attention.head_count_kv", format!("{} query heads are not a multiple of {} KV heads", self.n_heads, self.n_kv_heads));
+        }
+        if self.head_dim % 2 != 0 || self.value_dim != self.head_dim {
+            return bad("attention.key_length", format!("key {} / value {} widths: need equal, even widths", self.head_dim, self.value_dim));
+        }
+        if self.sliding_window_pattern == 0 {
+            return bad("attention.sliding_window_pattern", "must be at least 1".into());
+        }
+        if !(self.rms_eps > 0.0 && self.rms_eps < 1.0) {
+            return bad("attention.layer_norm_rms_epsilon", format!("{} is not in (0, 1)", self.rms_eps));
+        }
+        for (k, v) in [("rope.freq_base", self.rope_base_global), ("rope.local.freq_base", self.rope_base_local), ("rope.scaling.factor", self.rope_scale_global)] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(k, format!("{v} is not a positive number"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Global (full-context) layers are every `sliding_window_pattern`-th one.
+    pub fn is_global(&self, layer: usize) -> bool {
+        (layer + 1) % self.sliding_window_pattern == 0
+    }
+
+    /// Inverse RoPE frequencies for a layer: base^(-2i/d) (÷ scale on global layers).
+    pub fn rope_inv_freq(&self, layer: usize) -> Vec<f32> {
+        let (base, scale) = if self.is_global(layer) { (self.rope_base_global, self.rope_scale_global) } else { (self.rope_base_local, 1.0) };
+        let d = self.head_dim;
+        (0..d / 2).map(|i| base.powf(-((2 * i) as f32) / d as f32) / scale).collect()
+    }
+
+    /// Query width (n_heads × head_dim).
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Key/value width (n_kv_heads × head_dim).
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}

@@ -1,0 +1,26 @@
+use thiserror::Error;
+
+/// Why a model file cannot be used, naming the key or tensor at fault.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] gemma3_gguf::GgufError),
+    #[error("unsupported architecture '{0}': this engine runs gemma3 models only")]
+    Architecture(String),
+    #[error("metadata key '{key}': {why}")]
+    BadConfig { key: String, why: String },
+    #[error("tensor '{0}' is missing from the model file")]
+    MissingTensor(String),
+    #[error("tensor '{name}' has shape {found:?}, expected {expected:?}")]
+    Shape { name: String, found: Vec<u64>, expected: Vec<u64> },
+    #[error("tensor '{name}' has type {ty}, which this engine cannot compute with (supported: F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K)")]
+    UnsupportedType { name: String, ty: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("context overflow: position {pos} is beyond the context of {ctx} tokens")]
+    ContextOverflow { pos: usize, ctx: usize },
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    BadToken { id: u32, vocab: usize },
+    #[error("invalid batch: {0}")]
+    BadBatch(String),
+}

@@ -1,0 +1,92 @@
+//! Per-sequence key/value cache, stored as f16 (as llama.cpp does).
+//!
+//! Global layers keep every position (up to the context size). Sliding-window
+//! layers keep a ring of `window + MAX_UBATCH` slots: a whole micro-batch can be
+//! written before any of its tokens attends, and no key a query needs is
+//! overwritten by a later token of the same micro-batch.
+
+use crate::Config;
+use half::f16;
+
+/// Most tokens in one micro-batch of the forward pass.
+pub const MAX_UBATCH: usize = 512;
+
+pub struct LayerCache {
+    /// slots × kv_dim
+    pub k: Vec<f16>,
+    /// slots × kv_dim
+    pub v: Vec<f16>,
+    pub slots: usize,
+    /// Positions a query looks back over (including itself); usize::MAX = all.
+    pub window: usize,
+}
+
+impl LayerCache {
+    #[inline]
+    pub fn slot(&self, pos: usize) -> usize {
+        pos % self.slots
+    }
+}
+
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+    /// Largest number of positions this cache holds.
+    pub ctx: usize,
+    pub kv_dim: usize,
+}
+
+impl KvCache {
+    /// A cache for `ctx` positions (clamped to the model's context length).
+    pub fn new(cfg: &Config, ctx: usize) -> Self {
+        let ctx = ctx.clamp(1, cfg.ctx_len);
+        let kv_dim = cfg.kv_dim();
+        let layers = (0..cfg.n_layers)
+            .map(|l| {
+                let (slots, window) = if cfg.is_global(l) {
+                    (ctx, usize::MAX)
+                } else {
+                    ((cfg.sliding_window + MAX_UBATCH).min(ctx), cfg.sliding_window)
+                };
+                LayerCache { k: vec![f16::ZERO; slots * kv_dim], v: vec![f16::ZERO; slots * kv_dim], slots, window }
+            })
+            .collect();
+        KvCache { layers, ctx, kv_dim }
+    }
+
+    /// Bytes this cache holds.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|l| (l.k.len() + l.v.len()) * 2).sum()
+    }
+
+    /// Bytes a cache of `ctx` positions needs, without allocating it.
+    pub fn bytes_for(cfg: &Config, ctx: usize) -> usize {
+        let ctx = ctx.clamp(1, cfg.ctx_len);
+        (0..cfg.n_layers)
+            .map(|l| if cfg.is_global(l) { ctx } else { (cfg.sliding_window + MAX_UBATCH).min(ctx) })
+            .map(|slots| slots * cfg.kv_dim() * 2 * 2)
+            .sum()
+    }
+
+    /// Copy the state of positions 0..n from `src` (for prefix reuse). Returns
+    /// false if `src` no longer holds all the positions a continuation at n
+    /// needs (a sliding-window ring that has moved past n).
+    pub fn copy_prefix_from(&mut self, src: &KvCache, n: usize, src_len: usize) -> bool {
+        if n > self.ctx || n > src.ctx || n > src_len {
+            return false;
+        }
+        for (dst, s) in self.layers.iter_mut().zip(&src.layers) {
+            let keep = n.min(s.window);
+            let first = n - keep;
+            // The source ring still holds `first` only if nothing past n-1 overwrote it.
+            if src_len > first + s.slots || keep > dst.slots {
+                return false;
+            }
+            for p in first..n {
+                let (ss, ds) = (s.slot(p) * self.kv_dim, dst.slot(p) * self.kv_dim);
+                dst.k[ds..ds + self.kv_dim].copy_from_slice(&s.k[ss..ss + self.kv_dim]);
+                dst.v[ds..ds + self.kv_dim].copy_from_slice(&s.v[ss..ss + self.kv_dim]);
+            }
+        }
+        true
+    }
+}

@@ -1,0 +1,16 @@
+//! Gemma 3: configuration from GGUF metadata, weights (memory-mapped, in their
+//! quantized form), the KV cache and the one forward pass.
+//!
+//! The model speaks token ids; it knows nothing of text, templates or HTTP.
+
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod kv_cache;
+pub mod weights;
+
+pub use config::Config;
+pub use error::ModelError;
+pub use forward::{Batch, ForwardState};
+pub use kv_cache::KvCache;
+pub use weights::{Model, Tensor};

@@ -1,0 +1,187 @@
+//! The weights of a Gemma 3 model, viewed in place in the memory-mapped GGUF
+//! file (quantized matrices are never expanded), with every tensor's type and
+//! shape checked against the config when the file is opened.
+
+use crate::{Config, ModelError};
+use gemma3_gguf::{GgmlType, GgufFile, TensorInfo};
+use gemma3_kernels::{QMatrix, WeightFormat};
+use std::path::Path;
+
+/// A weight matrix inside the file: `rows` × `cols` in `format`.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    pub name: String,
+    pub format: WeightFormat,
+    pub rows: usize,
+    pub cols: usize,
+    info: TensorInfo,
+}
+
+/// One transformer block. Matrices are stored as (out, in): a row per output.
+#[derive(Debug)]
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    /// (n_heads·head_dim, d_model)
+    pub wq: Tensor,
+    /// (n_kv·head_dim, d_model)
+    pub wk: Tensor,
+    /// (n_kv·head_dim, d_model)
+    pub wv: Tensor,
+    /// (d_model, n_heads·head_dim)
+    pub wo: Tensor,
+    pub q_norm: Vec<f32>,
+    pub k_norm: Vec<f32>,
+    pub post_attn_norm: Vec<f32>,
+    pub ffn_norm: Vec<f32>,
+    /// (d_ff, d_model)
+    pub w_gate: Tensor,
+    /// (d_ff, d_model)
+    pub w_up: Tensor,
+    /// (d_model, d_ff)
+    pub w_down: Tensor,
+    pub post_ffn_norm: Vec<f32>,
+    /// Inverse RoPE frequencies (head_dim/2), local or global base.
+    pub rope_inv_freq: Vec<f32>,
+    pub is_global: bool,
+}
+
+/// A loaded model: the mapped file, its config and its weights.
+pub struct Model {
+    pub config: Config,
+    pub file: GgufFile,
+    /// (vocab, d_model), also the output head when `output` is None (tied).
+    pub embed: Tensor,
+    pub output: Option<Tensor>,
+    pub final_norm: Vec<f32>,
+    pub layers: Vec<Layer>,
+}
+
+fn weight_format(name: &str, ty: GgmlType) -> Result<WeightFormat, ModelError> {
+    Ok(match ty {
+        GgmlType::F32 => WeightFormat::F32,
+        GgmlType::F16 => WeightFormat::F16,
+        GgmlType::BF16 => WeightFormat::BF16,
+        GgmlType::Q8_0 => WeightFormat::Q8_0,
+        GgmlType::Q4_0 => WeightFormat::Q4_0,
+        GgmlType::Q5_0 => WeightFormat::Q5_0,
+        GgmlType::Q4K => WeightFormat::Q4K,
+        GgmlType::Q5K => WeightFormat::Q5K,
+        GgmlType::Q6K => WeightFormat::Q6K,
+        other => return Err(ModelError::UnsupportedType { name: name.to_string(), ty: other.name().to_string() }),
+    })
+}
+
+impl Model {
+    /// Open and validate a GGUF model file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, ModelError> {
+        Self::from_gguf(GgufFile::open(path)?)
+    }
+
+    /// Build the model over an opened GGUF file.
+    pub fn from_gguf(file: GgufFile) -> Result<Self, ModelError> {
+        let mut config = Config::from_gguf(&file)?;
+        let c = config.clone();
+        let embed_info = file.tensor("token_embd.weight").ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+        let vocab = match embed_info.dims.as_slice() {
+            [d, v] if *d as usize == c.d_model && *v > 0 && *v <= (1 << 24) => *v as usize,
+            dims => {
+                return Err(ModelError::Shape { name: "token_embd.weight".into(), found: dims.to_vec(), expected: vec![c.d_model as u64, 262144] })
+            }
+        };
+        config.vocab_size = vocab;
+        let matrix = |name: &str, cols: usize, rows: usize| -> Result<Tensor, ModelError> {
+            let info = file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+            let expected = vec![cols as u64, rows as u64];
+            if info.dims != expected {
+                return Err(ModelError::Shape { name: name.into(), found: info.dims.clone(), expected });
+            }
+            let format = weight_format(name, info.ggml_type)?;
+            // The reader already checked the extent; check our own view agrees.
+            if QMatrix::new(format, rows, cols, file.tensor_data(info)).is_none() {
+                return Err(ModelError::Shape { name: name.into(), found: info.dims.clone(), expected: vec![cols as u64, rows as u64] });
+            }
+            Ok(Tensor { name: name.to_string(), format, rows, cols, info: info.clone() })
+        };
+        let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
+            let info = file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+            if info.dims != [len as u64] {
+                return Err(ModelError::Shape { name: name.into(), found: info.dims.clone(), expected: vec![len as u64] });
+            }
+            let format = weight_format(name, info.ggml_type)?;
+            if len % format.block_size() != 0 {
+                return Err(ModelError::UnsupportedType { name: name.into(), ty: info.ggml_type.name().into() });
+            }
+            let mut out = vec![0.0; len];
+            gemma3_kernels::quant::dequantize_row(format, file.tensor_data(info), &mut out);
+            Ok(out)
+        };
+        let embed = matrix("token_embd.weight", c.d_model, vocab)?;
+        let output = if file.tensor("output.weight").is_some() { Some(matrix("output.weight", c.d_model, vocab)?) } else { None };
+        let final_norm = vector("output_norm.weight", c.d_model)?;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let n = |s: &str| format!("blk.{l}.{s}.weight");
+            layers.push(Layer {
+                attn_norm: vector(&n("attn_norm"), c.d_model)?,
+                wq: matrix(&n("attn_q"), c.d_model, c.q_dim())?,
+                wk: matrix(&n("attn_k"), c.d_model, c.kv_dim())?,
+                wv: matrix(&n("attn_v"), c.d_model, c.kv_dim())?,
+                wo: matrix(&n("attn_output"), c.q_dim(), c.d_model)?,
+                q_norm: vector(&n("attn_q_norm"), c.head_dim)?,
+                k_norm: vector(&n("attn_k_norm"), c.head_dim)?,
+                post_attn_norm: vector(&n("post_attention_norm"), c.d_model)?,
+                ffn_norm: vector(&n("ffn_norm"), c.d_model)?,
+                w_gate: matrix(&n("ffn_gate"), c.d_model, c.d_ff)?,
+                w_up: matrix(&n("ffn_up"), c.d_model, c.d_ff)?,
+                w_down: matrix(&n("ffn_down"), c.d_ff, c.d_model)?,
+                post_ffn_norm: vector(&n("post_ffw_norm"), c.d_model)?,
+                rope_inv_freq: c.rope_inv_freq(l),
+                is_global: c.is_global(l),
+            });
+        }
+        Ok(Model { config, file, embed, output, final_norm, layers })
+    }
+
+    /// A matrix view of a tensor.
+    pub fn mat(&self, t: &Tensor) -> QMatrix<'_> {
+        QMatrix { format: t.format, rows: t.rows, cols: t.cols, data: self.file.tensor_data(&t.info) }
+    }
+
+    /// The output head (tied to the embedding unless the file has its own).
+    pub fn head(&self) -> &Tensor {
+        self.output.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Number of parameters (elements of all tensors).
+    pub fn n_params(&self) -> u64 {
+        self.file.tensors().iter().map(|t| t.n_elements).sum()
+    }
+
+    /// Bytes of weights per tensor type: (type name, tensors, bytes).
+    pub fn bytes_by_type(&self) -> Vec<(String, usize, u64)> {
+        let mut v: Vec<(String, usize, u64)> = Vec::new();
+        for t in self.file.tensors() {
+            let name = t.ggml_type.name().to_string();
+            match v.iter_mut().find(|e| e.0 == name) {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += t.n_bytes;
+                }
+                None => v.push((name, 1, t.n_bytes)),
+            }
+        }
+        v
+    }
+
+    /// Bytes of weights read to produce one token (every layer matrix + the
+    /// head; one embedding row is negligible).
+    pub fn bytes_per_token(&self) -> u64 {
+        let mut b = self.file.tensor_data(&self.head().info).len() as u64;
+        for l in &self.layers {
+            for t in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                b += self.file.tensor_data(&t.info).len() as u64;
+            }
+        }
+        b
+    }
+}
