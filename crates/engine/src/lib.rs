@@ -1,1 +1,51 @@
-//! placeholder
+//! Generation on top of the model: the sampler, stop conditions, the chat
+//! template and a session that owns one sequence's KV cache.
+//!
+//! The model speaks token ids; text enters and leaves here, through the
+//! tokenizer built from the model file's vocabulary.
+
+pub mod chat;
+pub mod sampler;
+pub mod session;
+pub mod stop;
+
+pub use chat::{render_chat, ChatError, Message, Role};
+pub use sampler::{Sampler, SamplingParams};
+pub use session::{FinishReason, GenerateParams, Generation, Session, SessionError};
+
+use gemma3_gguf::GgufFile;
+use gemma3_tokenizer::{SpecialTokens, Tokenizer};
+
+/// Build the tokenizer from a GGUF file's `tokenizer.ggml.*` vocabulary.
+pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Tokenizer, gemma3_model::ModelError> {
+    let err = |e: String| gemma3_model::ModelError::Tokenizer(e);
+    let model = f.get_str("tokenizer.ggml.model")?;
+    if model != "llama" {
+        return Err(err(format!("tokenizer.ggml.model is '{model}'; only SentencePiece ('llama') vocabularies are supported")));
+    }
+    let tokens = f
+        .get_array("tokenizer.ggml.tokens")?
+        .as_strings()
+        .ok_or_else(|| err("tokenizer.ggml.tokens is not a string array".into()))?
+        .to_vec();
+    let scores = f
+        .get_array("tokenizer.ggml.scores")?
+        .as_f32s()
+        .ok_or_else(|| err("tokenizer.ggml.scores is not an f32 array".into()))?
+        .to_vec();
+    let types = f
+        .get_array("tokenizer.ggml.token_type")?
+        .as_i32s()
+        .ok_or_else(|| err("tokenizer.ggml.token_type is not an i32 array".into()))?
+        .to_vec();
+    let find = |t: &str| tokens.iter().position(|s| s == t).map(|i| i as u32);
+    let specials = SpecialTokens {
+        bos: f.get_u32("tokenizer.ggml.bos_token_id")?,
+        eos: f.get_u32("tokenizer.ggml.eos_token_id")?,
+        unk: f.get_u32("tokenizer.ggml.unknown_token_id").ok(),
+        pad: f.get_u32("tokenizer.ggml.padding_token_id").ok(),
+        start_of_turn: find("<start_of_turn>"),
+        end_of_turn: find("<end_of_turn>"),
+    };
+    Tokenizer::new(tokens, scores, types, specials).map_err(|e| err(e.to_string()))
+}

@@ -13,7 +13,11 @@ pub fn dot_q8_0_ref(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
     debug_assert_eq!(w.len(), a.len());
     let mut sum = 0.0f32;
     for (x, y) in w.iter().zip(a) {
-        let s: i32 = x.qs.iter().zip(y.qs.iter()).map(|(&p, &q)| p as i32 * q as i32).sum();
+        let s: i32 =
+            x.qs.iter()
+                .zip(y.qs.iter())
+                .map(|(&p, &q)| p as i32 * q as i32)
+                .sum();
         sum += s as f32 * (f16_le(x.d) * f16_le(y.d));
     }
     sum

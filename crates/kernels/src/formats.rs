@@ -93,13 +93,20 @@ pub struct BlockQ8K {
 
 impl Default for BlockQ8K {
     fn default() -> Self {
-        BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] }
+        BlockQ8K {
+            d: 0.0,
+            qs: [0; QK_K],
+            bsums: [0; QK_K / 16],
+        }
     }
 }
 
 impl Default for BlockQ8_0 {
     fn default() -> Self {
-        BlockQ8_0 { d: [0; 2], qs: [0; QK] }
+        BlockQ8_0 {
+            d: [0; 2],
+            qs: [0; QK],
+        }
     }
 }
 
@@ -143,7 +150,11 @@ unsafe impl RawBlock for BlockQ6K {}
 #[inline]
 pub fn as_blocks<B: RawBlock>(bytes: &[u8]) -> &[B] {
     let size = std::mem::size_of::<B>();
-    assert!(bytes.len() % size == 0, "byte length {} is not a multiple of block size {size}", bytes.len());
+    assert!(
+        bytes.len() % size == 0,
+        "byte length {} is not a multiple of block size {size}",
+        bytes.len()
+    );
     // SAFETY: B has alignment 1 and every bit pattern is valid (RawBlock
     // contract); the length is a whole number of blocks (asserted above), and
     // the returned slice borrows `bytes` so it cannot outlive it.
@@ -242,6 +253,9 @@ pub fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }

@@ -19,10 +19,17 @@ pub struct QMatrix<'a> {
 impl<'a> QMatrix<'a> {
     /// Checks that `data` holds exactly rows × cols elements of `format`.
     pub fn new(format: WeightFormat, rows: usize, cols: usize, data: &'a [u8]) -> Option<Self> {
-        if cols % format.block_size() != 0 || data.len() != rows.checked_mul(format.row_bytes(cols))? {
+        if cols % format.block_size() != 0
+            || data.len() != rows.checked_mul(format.row_bytes(cols))?
+        {
             return None;
         }
-        Some(QMatrix { format, rows, cols, data })
+        Some(QMatrix {
+            format,
+            rows,
+            cols,
+            data,
+        })
     }
 
     pub fn row_bytes(&self) -> usize {
@@ -136,9 +143,28 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize, out: &mut [f32], scratch: &mut M
 }
 
 /// [`matmul`] with an explicit kernel table (tests compare tables).
-pub fn matmul_with(k: &DotKernels, w: &QMatrix, x: &[f32], n: usize, out: &mut [f32], scratch: &mut MatmulScratch) {
-    assert_eq!(x.len(), n * w.cols, "matmul: x has {} values, expected {n} × {}", x.len(), w.cols);
-    assert_eq!(out.len(), n * w.rows, "matmul: out has {} values, expected {n} × {}", out.len(), w.rows);
+pub fn matmul_with(
+    k: &DotKernels,
+    w: &QMatrix,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    scratch: &mut MatmulScratch,
+) {
+    assert_eq!(
+        x.len(),
+        n * w.cols,
+        "matmul: x has {} values, expected {n} × {}",
+        x.len(),
+        w.cols
+    );
+    assert_eq!(
+        out.len(),
+        n * w.rows,
+        "matmul: out has {} values, expected {n} × {}",
+        out.len(),
+        w.rows
+    );
     let acts = scratch.quantize(w.format, x, w.cols);
     let rows = w.rows;
     // Rows per task: enough work per task to amortise scheduling, enough

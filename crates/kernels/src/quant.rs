@@ -9,7 +9,11 @@ use half::{bf16, f16};
 /// Dequantize one row of `out.len()` elements stored in `format`.
 /// `bytes` must hold exactly `format.row_bytes(out.len())` bytes.
 pub fn dequantize_row(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
-    assert_eq!(bytes.len(), format.row_bytes(out.len()), "dequantize_row: byte length mismatch");
+    assert_eq!(
+        bytes.len(),
+        format.row_bytes(out.len()),
+        "dequantize_row: byte length mismatch"
+    );
     match format {
         WeightFormat::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -27,7 +31,10 @@ pub fn dequantize_row(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
             }
         }
         WeightFormat::Q8_0 => {
-            for (b, o) in as_blocks::<BlockQ8_0>(bytes).iter().zip(out.chunks_exact_mut(QK)) {
+            for (b, o) in as_blocks::<BlockQ8_0>(bytes)
+                .iter()
+                .zip(out.chunks_exact_mut(QK))
+            {
                 let d = f16_le(b.d);
                 for (o, &q) in o.iter_mut().zip(b.qs.iter()) {
                     *o = d * q as f32;
@@ -35,7 +42,10 @@ pub fn dequantize_row(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
             }
         }
         WeightFormat::Q4_0 => {
-            for (b, o) in as_blocks::<BlockQ4_0>(bytes).iter().zip(out.chunks_exact_mut(QK)) {
+            for (b, o) in as_blocks::<BlockQ4_0>(bytes)
+                .iter()
+                .zip(out.chunks_exact_mut(QK))
+            {
                 let d = f16_le(b.d);
                 for j in 0..QK / 2 {
                     o[j] = d * ((b.qs[j] & 0x0F) as i32 - 8) as f32;
@@ -44,7 +54,10 @@ pub fn dequantize_row(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
             }
         }
         WeightFormat::Q5_0 => {
-            for (b, o) in as_blocks::<BlockQ5_0>(bytes).iter().zip(out.chunks_exact_mut(QK)) {
+            for (b, o) in as_blocks::<BlockQ5_0>(bytes)
+                .iter()
+                .zip(out.chunks_exact_mut(QK))
+            {
                 let d = f16_le(b.d);
                 let (lo, hi) = q5_0_unpack(b);
                 for j in 0..QK / 2 {
@@ -54,7 +67,10 @@ pub fn dequantize_row(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
             }
         }
         WeightFormat::Q4K => {
-            for (b, o) in as_blocks::<BlockQ4K>(bytes).iter().zip(out.chunks_exact_mut(QK_K)) {
+            for (b, o) in as_blocks::<BlockQ4K>(bytes)
+                .iter()
+                .zip(out.chunks_exact_mut(QK_K))
+            {
                 let d = f16_le(b.d);
                 let dmin = f16_le(b.dmin);
                 // 4 chunks of 64: low nibbles are sub-block 2c, high nibbles 2c+1.
@@ -72,7 +88,10 @@ pub fn dequantize_row(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
             }
         }
         WeightFormat::Q5K => {
-            for (b, o) in as_blocks::<BlockQ5K>(bytes).iter().zip(out.chunks_exact_mut(QK_K)) {
+            for (b, o) in as_blocks::<BlockQ5K>(bytes)
+                .iter()
+                .zip(out.chunks_exact_mut(QK_K))
+            {
                 let d = f16_le(b.d);
                 let dmin = f16_le(b.dmin);
                 for c in 0..4 {
@@ -92,7 +111,10 @@ pub fn dequantize_row(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
             }
         }
         WeightFormat::Q6K => {
-            for (b, o) in as_blocks::<BlockQ6K>(bytes).iter().zip(out.chunks_exact_mut(QK_K)) {
+            for (b, o) in as_blocks::<BlockQ6K>(bytes)
+                .iter()
+                .zip(out.chunks_exact_mut(QK_K))
+            {
                 let d = f16_le(b.d);
                 let q = q6_k_unpack(b);
                 for (i, (o, &q)) in o.iter_mut().zip(q.iter()).enumerate() {
@@ -237,8 +259,14 @@ pub fn quantize_weights_q5_0(x: &[f32]) -> Vec<u8> {
 pub fn encode_float_weights(format: WeightFormat, x: &[f32]) -> Option<Vec<u8>> {
     Some(match format {
         WeightFormat::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        WeightFormat::F16 => x.iter().flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes()).collect(),
-        WeightFormat::BF16 => x.iter().flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes()).collect(),
+        WeightFormat::F16 => x
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+        WeightFormat::BF16 => x
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
         _ => return None,
     })
 }

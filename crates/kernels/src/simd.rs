@@ -46,7 +46,9 @@ pub fn available() -> Vec<DotKernels> {
 pub fn best() -> &'static DotKernels {
     static BEST: OnceLock<DotKernels> = OnceLock::new();
     BEST.get_or_init(|| {
-        let force_scalar = std::env::var("GEMMA3_FORCE_SCALAR").map(|v| v != "0" && !v.is_empty()).unwrap_or(false);
+        let force_scalar = std::env::var("GEMMA3_FORCE_SCALAR")
+            .map(|v| v != "0" && !v.is_empty())
+            .unwrap_or(false);
         if force_scalar {
             return SCALAR;
         }

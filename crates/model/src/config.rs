@@ -46,8 +46,12 @@ impl Config {
         if arch != "gemma3" {
             return Err(ModelError::Architecture(arch.to_string()));
         }
-        let u = |k: &str| -> Result<usize, ModelError> { Ok(f.get_u32(&format!("gemma3.{k}"))? as usize) };
-        let opt_u = |k: &str| -> Option<usize> { f.get_u32(&format!("gemma3.{k}")).ok().map(|v| v as usize) };
+        let u = |k: &str| -> Result<usize, ModelError> {
+            Ok(f.get_u32(&format!("gemma3.{k}"))? as usize)
+        };
+        let opt_u = |k: &str| -> Option<usize> {
+            f.get_u32(&format!("gemma3.{k}")).ok().map(|v| v as usize)
+        };
         let opt_f = |k: &str| -> Option<f32> { f.get_f32(&format!("gemma3.{k}")).ok() };
         let n_heads = u("attention.head_count")?;
         let head_dim = opt_u("attention.key_length").unwrap_or(256);
@@ -77,7 +81,8 @@ impl Config {
             rope_base_local: opt_f("rope.local.freq_base").unwrap_or(DEFAULT_ROPE_LOCAL_BASE),
             rope_scale_global,
             sliding_window: opt_u("attention.sliding_window").unwrap_or(512),
-            sliding_window_pattern: opt_u("attention.sliding_window_pattern").unwrap_or(DEFAULT_SLIDING_WINDOW_PATTERN),
+            sliding_window_pattern: opt_u("attention.sliding_window_pattern")
+                .unwrap_or(DEFAULT_SLIDING_WINDOW_PATTERN),
             attn_scale: 1.0 / query_pre_attn_scalar.unwrap_or(head_dim as f32).sqrt(),
         };
         cfg.validate()?;
@@ -85,7 +90,12 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ModelError> {
-        let bad = |key: &str, why: String| Err(ModelError::BadConfig { key: format!("gemma3.{key}"), why });
+        let bad = |key: &str, why: String| {
+            Err(ModelError::BadConfig {
+                key: format!("gemma3.{key}"),
+                why,
+            })
+        };
         let limits: [(&str, usize, usize); 8] = [
             ("block_count", self.n_layers, 1024),
             ("embedding_length", self.d_model, 65536),
@@ -102,18 +112,40 @@ impl Config {
             }
         }
         if self.n_heads % self.n_kv_heads != 0 {
-            return bad("attention.head_count_kv", format!("{} query heads are not a multiple of {} KV heads", self.n_heads, self.n_kv_heads));
+            return bad(
+                "attention.head_count_kv",
+                format!(
+                    "{} query heads are not a multiple of {} KV heads",
+                    self.n_heads, self.n_kv_heads
+                ),
+            );
         }
         if self.head_dim % 2 != 0 || self.value_dim != self.head_dim {
-            return bad("attention.key_length", format!("key {} / value {} widths: need equal, even widths", self.head_dim, self.value_dim));
+            return bad(
+                "attention.key_length",
+                format!(
+                    "key {} / value {} widths: need equal, even widths",
+                    self.head_dim, self.value_dim
+                ),
+            );
         }
         if self.sliding_window_pattern == 0 {
-            return bad("attention.sliding_window_pattern", "must be at least 1".into());
+            return bad(
+                "attention.sliding_window_pattern",
+                "must be at least 1".into(),
+            );
         }
         if !(self.rms_eps > 0.0 && self.rms_eps < 1.0) {
-            return bad("attention.layer_norm_rms_epsilon", format!("{} is not in (0, 1)", self.rms_eps));
+            return bad(
+                "attention.layer_norm_rms_epsilon",
+                format!("{} is not in (0, 1)", self.rms_eps),
+            );
         }
-        for (k, v) in [("rope.freq_base", self.rope_base_global), ("rope.local.freq_base", self.rope_base_local), ("rope.scaling.factor", self.rope_scale_global)] {
+        for (k, v) in [
+            ("rope.freq_base", self.rope_base_global),
+            ("rope.local.freq_base", self.rope_base_local),
+            ("rope.scaling.factor", self.rope_scale_global),
+        ] {
             if !(v.is_finite() && v > 0.0) {
                 return bad(k, format!("{v} is not a positive number"));
             }
@@ -128,9 +160,15 @@ impl Config {
 
     /// Inverse RoPE frequencies for a layer: base^(-2i/d) (÷ scale on global layers).
     pub fn rope_inv_freq(&self, layer: usize) -> Vec<f32> {
-        let (base, scale) = if self.is_global(layer) { (self.rope_base_global, self.rope_scale_global) } else { (self.rope_base_local, 1.0) };
+        let (base, scale) = if self.is_global(layer) {
+            (self.rope_base_global, self.rope_scale_global)
+        } else {
+            (self.rope_base_local, 1.0)
+        };
         let d = self.head_dim;
-        (0..d / 2).map(|i| base.powf(-((2 * i) as f32) / d as f32) / scale).collect()
+        (0..d / 2)
+            .map(|i| base.powf(-((2 * i) as f32) / d as f32) / scale)
+            .collect()
     }
 
     /// Query width (n_heads × head_dim).

@@ -12,7 +12,11 @@ pub enum ModelError {
     #[error("tensor '{0}' is missing from the model file")]
     MissingTensor(String),
     #[error("tensor '{name}' has shape {found:?}, expected {expected:?}")]
-    Shape { name: String, found: Vec<u64>, expected: Vec<u64> },
+    Shape {
+        name: String,
+        found: Vec<u64>,
+        expected: Vec<u64>,
+    },
     #[error("tensor '{name}' has type {ty}, which this engine cannot compute with (supported: F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K)")]
     UnsupportedType { name: String, ty: String },
     #[error("tokenizer: {0}")]

@@ -117,19 +117,34 @@ impl ForwardState {
 impl Model {
     /// Run `batch` through the model, appending K/V to `caches`. Returns the
     /// logits (one row of `vocab` per token that asked for them, in order).
-    pub fn forward<'s>(&self, batch: &Batch, caches: &mut [KvCache], st: &'s mut ForwardState) -> Result<&'s [f32], ModelError> {
+    pub fn forward<'s>(
+        &self,
+        batch: &Batch,
+        caches: &mut [KvCache],
+        st: &'s mut ForwardState,
+    ) -> Result<&'s [f32], ModelError> {
         let n = batch.len();
         if batch.pos.len() != n || batch.seq.len() != n || batch.logits.len() != n {
-            return Err(ModelError::BadBatch("tokens, pos, seq and logits differ in length".into()));
+            return Err(ModelError::BadBatch(
+                "tokens, pos, seq and logits differ in length".into(),
+            ));
         }
         for i in 0..n {
             let (t, p, s) = (batch.tokens[i], batch.pos[i], batch.seq[i]);
             if t as usize >= self.config.vocab_size {
-                return Err(ModelError::BadToken { id: t, vocab: self.config.vocab_size });
+                return Err(ModelError::BadToken {
+                    id: t,
+                    vocab: self.config.vocab_size,
+                });
             }
-            let cache = caches.get(s).ok_or_else(|| ModelError::BadBatch(format!("sequence {s} has no cache")))?;
+            let cache = caches
+                .get(s)
+                .ok_or_else(|| ModelError::BadBatch(format!("sequence {s} has no cache")))?;
             if p >= cache.ctx {
-                return Err(ModelError::ContextOverflow { pos: p, ctx: cache.ctx });
+                return Err(ModelError::ContextOverflow {
+                    pos: p,
+                    ctx: cache.ctx,
+                });
             }
         }
         let m = batch.logits.iter().filter(|&&l| l).count();
@@ -144,7 +159,13 @@ impl Model {
         Ok(&st.logits)
     }
 
-    fn forward_ubatch(&self, batch: &Batch, range: std::ops::Range<usize>, caches: &mut [KvCache], st: &mut ForwardState) {
+    fn forward_ubatch(
+        &self,
+        batch: &Batch,
+        range: std::ops::Range<usize>,
+        caches: &mut [KvCache],
+        st: &mut ForwardState,
+    ) {
         let c = &self.config;
         let n = range.len();
         let (d, qd, kvd, hd) = (c.d_model, c.q_dim(), c.kv_dim(), c.head_dim);
@@ -174,7 +195,12 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             // --- attention ---
             for i in 0..n {
-                ops::rms_norm(&st.x[i * d..(i + 1) * d], &layer.attn_norm, c.rms_eps, &mut st.xn[i * d..(i + 1) * d]);
+                ops::rms_norm(
+                    &st.x[i * d..(i + 1) * d],
+                    &layer.attn_norm,
+                    c.rms_eps,
+                    &mut st.xn[i * d..(i + 1) * d],
+                );
             }
             gemma3_kernels::matmul(&self.mat(&layer.wq), &st.xn, n, &mut st.q, &mut st.mm);
             gemma3_kernels::matmul(&self.mat(&layer.wk), &st.xn, n, &mut st.k, &mut st.mm);
@@ -211,9 +237,20 @@ impl Model {
 
             // --- feed-forward (GeGLU) ---
             for i in 0..n {
-                ops::rms_norm(&st.x[i * d..(i + 1) * d], &layer.ffn_norm, c.rms_eps, &mut st.xn[i * d..(i + 1) * d]);
+                ops::rms_norm(
+                    &st.x[i * d..(i + 1) * d],
+                    &layer.ffn_norm,
+                    c.rms_eps,
+                    &mut st.xn[i * d..(i + 1) * d],
+                );
             }
-            gemma3_kernels::matmul(&self.mat(&layer.w_gate), &st.xn, n, &mut st.gate, &mut st.mm);
+            gemma3_kernels::matmul(
+                &self.mat(&layer.w_gate),
+                &st.xn,
+                n,
+                &mut st.gate,
+                &mut st.mm,
+            );
             gemma3_kernels::matmul(&self.mat(&layer.w_up), &st.xn, n, &mut st.up, &mut st.mm);
             ops::geglu_inplace(&mut st.gate, &st.up);
             gemma3_kernels::matmul(&self.mat(&layer.w_down), &st.gate, n, &mut st.o, &mut st.mm);
@@ -233,19 +270,38 @@ impl Model {
         }
         resize(&mut st.hid, m * d);
         for (j, i) in (0..n).filter(|&i| want[i]).enumerate() {
-            ops::rms_norm(&st.x[i * d..(i + 1) * d], &self.final_norm, c.rms_eps, &mut st.hid[j * d..(j + 1) * d]);
+            ops::rms_norm(
+                &st.x[i * d..(i + 1) * d],
+                &self.final_norm,
+                c.rms_eps,
+                &mut st.hid[j * d..(j + 1) * d],
+            );
         }
         let vocab = c.vocab_size;
         let old = st.logits.len();
         st.logits.resize(old + m * vocab, 0.0);
-        gemma3_kernels::matmul(&self.mat(self.head()), &st.hid, m, &mut st.logits[old..], &mut st.mm);
+        gemma3_kernels::matmul(
+            &self.mat(self.head()),
+            &st.hid,
+            m,
+            &mut st.logits[old..],
+            &mut st.mm,
+        );
     }
 
     /// Causal attention of each token's query heads over its sequence's cache
     /// (keys pos-window+1..=pos on sliding-window layers), one task per
     /// (token, KV head), with an online softmax over blocks of keys so no
     /// score matrix is ever materialised.
-    fn attention(&self, l: usize, pos: &[usize], seq: &[usize], caches: &[KvCache], q: &[f32], out: &mut [f32]) {
+    fn attention(
+        &self,
+        l: usize,
+        pos: &[usize],
+        seq: &[usize],
+        caches: &[KvCache],
+        q: &[f32],
+        out: &mut [f32],
+    ) {
         let c = &self.config;
         let (hd, qd) = (c.head_dim, c.q_dim());
         let group = c.n_heads / c.n_kv_heads;
@@ -253,7 +309,11 @@ impl Model {
         let work = |(i, o): (usize, &mut [f32])| {
             let lc = &caches[seq[i]].layers[l];
             let p = pos[i];
-            let lo = if lc.window == usize::MAX { 0 } else { (p + 1).saturating_sub(lc.window) };
+            let lo = if lc.window == usize::MAX {
+                0
+            } else {
+                (p + 1).saturating_sub(lc.window)
+            };
             for (g, og) in o.chunks_exact_mut(group * hd).enumerate() {
                 let qg = &q[i * qd + g * group * hd..i * qd + (g + 1) * group * hd];
                 attend(qg, lc, g * hd, kvd, hd, lo, p, og);
@@ -273,7 +333,16 @@ const KV_BLOCK: usize = 32;
 /// Attention of `q` (group × hd, pre-scaled) over cached positions lo..=hi
 /// of one KV head (at column `col`), written to `out` (group × hd).
 #[allow(clippy::too_many_arguments)]
-fn attend(q: &[f32], lc: &crate::kv_cache::LayerCache, col: usize, kvd: usize, hd: usize, lo: usize, hi: usize, out: &mut [f32]) {
+fn attend(
+    q: &[f32],
+    lc: &crate::kv_cache::LayerCache,
+    col: usize,
+    kvd: usize,
+    hd: usize,
+    lo: usize,
+    hi: usize,
+    out: &mut [f32],
+) {
     let group = q.len() / hd;
     let mut m = [f32::NEG_INFINITY; 16];
     let mut sum = [0.0f32; 16];
@@ -299,7 +368,9 @@ fn attend(q: &[f32], lc: &crate::kv_cache::LayerCache, col: usize, kvd: usize, h
             let corr = (m[h] - new_m).exp();
             if corr != 1.0 {
                 sum[h] *= corr;
-                out[h * hd..(h + 1) * hd].iter_mut().for_each(|v| *v *= corr);
+                out[h * hd..(h + 1) * hd]
+                    .iter_mut()
+                    .for_each(|v| *v *= corr);
             }
             m[h] = new_m;
             for v in s[h][..nb].iter_mut() {

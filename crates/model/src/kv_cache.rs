@@ -45,24 +45,45 @@ impl KvCache {
                 let (slots, window) = if cfg.is_global(l) {
                     (ctx, usize::MAX)
                 } else {
-                    ((cfg.sliding_window + MAX_UBATCH).min(ctx), cfg.sliding_window)
+                    (
+                        (cfg.sliding_window + MAX_UBATCH).min(ctx),
+                        cfg.sliding_window,
+                    )
                 };
-                LayerCache { k: vec![f16::ZERO; slots * kv_dim], v: vec![f16::ZERO; slots * kv_dim], slots, window }
+                LayerCache {
+                    k: vec![f16::ZERO; slots * kv_dim],
+                    v: vec![f16::ZERO; slots * kv_dim],
+                    slots,
+                    window,
+                }
             })
             .collect();
-        KvCache { layers, ctx, kv_dim }
+        KvCache {
+            layers,
+            ctx,
+            kv_dim,
+        }
     }
 
     /// Bytes this cache holds.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|l| (l.k.len() + l.v.len()) * 2).sum()
+        self.layers
+            .iter()
+            .map(|l| (l.k.len() + l.v.len()) * 2)
+            .sum()
     }
 
     /// Bytes a cache of `ctx` positions needs, without allocating it.
     pub fn bytes_for(cfg: &Config, ctx: usize) -> usize {
         let ctx = ctx.clamp(1, cfg.ctx_len);
         (0..cfg.n_layers)
-            .map(|l| if cfg.is_global(l) { ctx } else { (cfg.sliding_window + MAX_UBATCH).min(ctx) })
+            .map(|l| {
+                if cfg.is_global(l) {
+                    ctx
+                } else {
+                    (cfg.sliding_window + MAX_UBATCH).min(ctx)
+                }
+            })
             .map(|slots| slots * cfg.kv_dim() * 2 * 2)
             .sum()
     }

@@ -67,7 +67,12 @@ fn weight_format(name: &str, ty: GgmlType) -> Result<WeightFormat, ModelError> {
         GgmlType::Q4K => WeightFormat::Q4K,
         GgmlType::Q5K => WeightFormat::Q5K,
         GgmlType::Q6K => WeightFormat::Q6K,
-        other => return Err(ModelError::UnsupportedType { name: name.to_string(), ty: other.name().to_string() }),
+        other => {
+            return Err(ModelError::UnsupportedType {
+                name: name.to_string(),
+                ty: other.name().to_string(),
+            })
+        }
     })
 }
 
@@ -81,42 +86,77 @@ impl Model {
     pub fn from_gguf(file: GgufFile) -> Result<Self, ModelError> {
         let mut config = Config::from_gguf(&file)?;
         let c = config.clone();
-        let embed_info = file.tensor("token_embd.weight").ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+        let embed_info = file
+            .tensor("token_embd.weight")
+            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
         let vocab = match embed_info.dims.as_slice() {
             [d, v] if *d as usize == c.d_model && *v > 0 && *v <= (1 << 24) => *v as usize,
             dims => {
-                return Err(ModelError::Shape { name: "token_embd.weight".into(), found: dims.to_vec(), expected: vec![c.d_model as u64, 262144] })
+                return Err(ModelError::Shape {
+                    name: "token_embd.weight".into(),
+                    found: dims.to_vec(),
+                    expected: vec![c.d_model as u64, 262144],
+                })
             }
         };
         config.vocab_size = vocab;
         let matrix = |name: &str, cols: usize, rows: usize| -> Result<Tensor, ModelError> {
-            let info = file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+            let info = file
+                .tensor(name)
+                .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
             let expected = vec![cols as u64, rows as u64];
             if info.dims != expected {
-                return Err(ModelError::Shape { name: name.into(), found: info.dims.clone(), expected });
+                return Err(ModelError::Shape {
+                    name: name.into(),
+                    found: info.dims.clone(),
+                    expected,
+                });
             }
             let format = weight_format(name, info.ggml_type)?;
             // The reader already checked the extent; check our own view agrees.
             if QMatrix::new(format, rows, cols, file.tensor_data(info)).is_none() {
-                return Err(ModelError::Shape { name: name.into(), found: info.dims.clone(), expected: vec![cols as u64, rows as u64] });
+                return Err(ModelError::Shape {
+                    name: name.into(),
+                    found: info.dims.clone(),
+                    expected: vec![cols as u64, rows as u64],
+                });
             }
-            Ok(Tensor { name: name.to_string(), format, rows, cols, info: info.clone() })
+            Ok(Tensor {
+                name: name.to_string(),
+                format,
+                rows,
+                cols,
+                info: info.clone(),
+            })
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
-            let info = file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+            let info = file
+                .tensor(name)
+                .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
             if info.dims != [len as u64] {
-                return Err(ModelError::Shape { name: name.into(), found: info.dims.clone(), expected: vec![len as u64] });
+                return Err(ModelError::Shape {
+                    name: name.into(),
+                    found: info.dims.clone(),
+                    expected: vec![len as u64],
+                });
             }
             let format = weight_format(name, info.ggml_type)?;
             if len % format.block_size() != 0 {
-                return Err(ModelError::UnsupportedType { name: name.into(), ty: info.ggml_type.name().into() });
+                return Err(ModelError::UnsupportedType {
+                    name: name.into(),
+                    ty: info.ggml_type.name().into(),
+                });
             }
             let mut out = vec![0.0; len];
             gemma3_kernels::quant::dequantize_row(format, file.tensor_data(info), &mut out);
             Ok(out)
         };
         let embed = matrix("token_embd.weight", c.d_model, vocab)?;
-        let output = if file.tensor("output.weight").is_some() { Some(matrix("output.weight", c.d_model, vocab)?) } else { None };
+        let output = if file.tensor("output.weight").is_some() {
+            Some(matrix("output.weight", c.d_model, vocab)?)
+        } else {
+            None
+        };
         let final_norm = vector("output_norm.weight", c.d_model)?;
         let mut layers = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
@@ -139,12 +179,24 @@ impl Model {
                 is_global: c.is_global(l),
             });
         }
-        Ok(Model { config, file, embed, output, final_norm, layers })
+        Ok(Model {
+            config,
+            file,
+            embed,
+            output,
+            final_norm,
+            layers,
+        })
     }
 
     /// A matrix view of a tensor.
     pub fn mat(&self, t: &Tensor) -> QMatrix<'_> {
-        QMatrix { format: t.format, rows: t.rows, cols: t.cols, data: self.file.tensor_data(&t.info) }
+        QMatrix {
+            format: t.format,
+            rows: t.rows,
+            cols: t.cols,
+            data: self.file.tensor_data(&t.info),
+        }
     }
 
     /// The output head (tied to the embedding unless the file has its own).

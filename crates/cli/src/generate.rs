@@ -1,0 +1,240 @@
+//! `gemma3 run` and `gemma3 chat`.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use gemma3_engine::{render_chat, GenerateParams, Message, Role, SamplingParams, Session};
+use gemma3_model::Model;
+use gemma3_tokenizer::Tokenizer;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Path of a GGUF model file (default: $GEMMA3_MODEL, else the cached default model).
+    #[arg(short, long)]
+    pub model: Option<PathBuf>,
+    /// Most tokens to generate.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Temperature (0 = greedy). Default: the model's own sampling (1.0, top-k 64, top-p 0.95).
+    #[arg(long)]
+    pub temp: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Seed for sampling (default: random).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Penalise tokens seen in the last --repeat-last-n (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Stop when this text is generated (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Context size in tokens (KV cache).
+    #[arg(short = 'c', long, default_value_t = 8192)]
+    pub ctx: usize,
+    /// A system message (folded into the first user turn, as Gemma's template does).
+    #[arg(long)]
+    pub system: Option<String>,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub s: SamplingArgs,
+    /// Feed PROMPT as plain text (base-model completion, BOS prepended) and print only the continuation.
+    #[arg(long)]
+    pub raw: bool,
+    /// Do not print the timing line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+    pub prompt: String,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub s: SamplingArgs,
+}
+
+impl SamplingArgs {
+    fn params(&self, tok: &Tokenizer) -> Result<GenerateParams> {
+        let base = SamplingParams::chat_default();
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+        let sampling = SamplingParams {
+            temperature: self.temp.unwrap_or(base.temperature),
+            top_k: self.top_k.unwrap_or(base.top_k),
+            top_p: self.top_p.unwrap_or(base.top_p),
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed,
+        };
+        sampling.validate().map_err(anyhow::Error::msg)?;
+        if self.max_tokens == 0 {
+            anyhow::bail!("--max-tokens must be at least 1");
+        }
+        let mut stop_tokens = vec![tok.specials().eos];
+        stop_tokens.extend(tok.specials().end_of_turn);
+        Ok(GenerateParams {
+            max_tokens: self.max_tokens,
+            sampling,
+            stop_strings: self.stop.clone(),
+            stop_tokens,
+        })
+    }
+
+    fn load(&self) -> Result<(Model, Tokenizer)> {
+        if self.ctx == 0 {
+            anyhow::bail!("--ctx must be at least 1");
+        }
+        let path = crate::model_path::resolve(self.model.clone(), true)?;
+        let model = Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
+        if self.ctx > model.config.ctx_len {
+            anyhow::bail!(
+                "--ctx {} is larger than the model's context of {} tokens",
+                self.ctx,
+                model.config.ctx_len
+            );
+        }
+        let tok = gemma3_engine::tokenizer_from_gguf(&model.file)?;
+        Ok((model, tok))
+    }
+}
+
+fn timing_line(g: &gemma3_engine::Generation) -> String {
+    let pp = g.prompt_evaluated as f64 / g.prompt_time.as_secs_f64().max(1e-9);
+    let tg = g.tokens.len() as f64 / g.gen_time.as_secs_f64().max(1e-9);
+    format!(
+        "[prompt: {} tokens ({} evaluated) in {:.3} s, {:.1} tokens/s | generation: {} tokens in {:.3} s, {:.1} tokens/s | finish: {:?}]",
+        g.prompt_tokens,
+        g.prompt_evaluated,
+        g.prompt_time.as_secs_f64(),
+        pp,
+        g.tokens.len(),
+        g.gen_time.as_secs_f64(),
+        tg,
+        g.finish
+    )
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let (model, tok) = a.s.load()?;
+    let params = a.s.params(&tok)?;
+    let prompt = if a.raw {
+        tok.encode(&a.prompt, true, false)
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.s.system {
+            msgs.push(Message::new(Role::System, s.clone()));
+        }
+        msgs.push(Message::new(Role::User, a.prompt.clone()));
+        tok.encode(&render_chat(&msgs, true)?, false, true)
+    };
+    let mut session = Session::new(&model, a.s.ctx);
+    let stdout = std::io::stdout();
+    let g = session.generate(&tok, &prompt, &params, |t| {
+        let mut out = stdout.lock();
+        out.write_all(t.as_bytes())
+            .and_then(|_| out.flush())
+            .is_ok()
+    })?;
+    println!();
+    if !a.quiet {
+        eprintln!("{}", timing_line(&g));
+    }
+    Ok(())
+}
+
+pub fn chat(a: ChatArgs) -> Result<()> {
+    let (model, tok) = a.s.load()?;
+    let mut params = a.s.params(&tok)?;
+    let mut session = Session::new(&model, a.s.ctx);
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let generating = Arc::new(AtomicBool::new(false));
+    {
+        let (i, g) = (interrupted.clone(), generating.clone());
+        ctrlc::set_handler(move || {
+            if g.load(Ordering::SeqCst) {
+                i.store(true, Ordering::SeqCst);
+            } else {
+                eprintln!();
+                std::process::exit(130);
+            }
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let mut history: Vec<Message> = Vec::new();
+    if let Some(s) = &a.s.system {
+        history.push(Message::new(Role::System, s.clone()));
+    }
+    let system_len = history.len();
+    eprintln!("gemma3 chat — /reset clears the history, /exit quits, Ctrl-C stops a reply. (This is the base model: replies are weak until fine-tuned.)");
+    let stdin = std::io::stdin();
+    let mut turn = 0u64;
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.truncate(system_len);
+                session.reset();
+                eprintln!("(history cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::new(Role::User, line));
+        let prompt = tok.encode(&render_chat(&history, true)?, false, true);
+        if prompt.len() >= session.ctx() {
+            eprintln!("(the conversation has {} tokens and no longer fits the context of {}: /reset to start over)", prompt.len(), session.ctx());
+            history.pop();
+            continue;
+        }
+        params.sampling.seed = params.sampling.seed.wrapping_add(turn);
+        turn += 1;
+        interrupted.store(false, Ordering::SeqCst);
+        generating.store(true, Ordering::SeqCst);
+        let stdout = std::io::stdout();
+        let r = session.generate(&tok, &prompt, &params, |t| {
+            let mut out = stdout.lock();
+            let _ = out.write_all(t.as_bytes()).and_then(|_| out.flush());
+            !interrupted.load(Ordering::SeqCst)
+        });
+        generating.store(false, Ordering::SeqCst);
+        println!();
+        match r {
+            Ok(g) => history.push(Message::new(Role::Assistant, g.text)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                history.pop();
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,409 @@
+//! The sampler: a small value type with its own seeded RNG, so results for a
+//! seed do not shift when a dependency changes.
+//!
+//! Order of operations follows llama.cpp's default chain: penalties → top-k →
+//! top-p → min-p → temperature → draw. Temperature ≤ 0 is greedy (argmax).
+
+/// Sampling settings. `validate` rejects absurd values with a message naming
+/// the field.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = no limit.
+    pub top_k: usize,
+    /// 1 = no limit.
+    pub top_p: f32,
+    /// 0 = off.
+    pub min_p: f32,
+    /// 1 = off. Divides positive logits (multiplies negative ones) of tokens seen in the last `repeat_last_n`.
+    pub repeat_penalty: f32,
+    pub repeat_last_n: usize,
+    /// Subtracted once from the logit of every token seen (OpenAI semantics).
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence of every token seen (OpenAI semantics).
+    pub frequency_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self::chat_default()
+    }
+}
+
+impl SamplingParams {
+    /// Always the most likely token.
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0,
+        }
+    }
+
+    /// Gemma 3's own generation config: top-k 64, top-p 0.95, temperature 1.
+    pub fn chat_default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 64,
+            top_p: 0.95,
+            ..Self::greedy()
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let finite = |name: &str, v: f32| {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(format!("{name} must be a finite number, got {v}"))
+            }
+        };
+        finite("temperature", self.temperature)?;
+        finite("top_p", self.top_p)?;
+        finite("min_p", self.min_p)?;
+        finite("repeat_penalty", self.repeat_penalty)?;
+        finite("presence_penalty", self.presence_penalty)?;
+        finite("frequency_penalty", self.frequency_penalty)?;
+        if !(0.0..=100.0).contains(&self.temperature) {
+            return Err(format!(
+                "temperature must be between 0 and 100, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty <= 10.0) {
+            return Err(format!(
+                "repeat_penalty must be in (0, 10], got {}",
+                self.repeat_penalty
+            ));
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err(format!(
+                "presence_penalty must be in [-2, 2], got {}",
+                self.presence_penalty
+            ));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err(format!(
+                "frequency_penalty must be in [-2, 2], got {}",
+                self.frequency_penalty
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+}
+
+/// xorshift64* — tiny, fast, and ours (stable across dependency updates).
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        // splitmix64 scrambles the seed so that 0, 1, 2… give unrelated streams.
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        Rng((z ^ (z >> 31)) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// A sampler for one sequence.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    pub params: SamplingParams,
+    rng: Rng,
+    /// (token, logit) candidates, reused between calls.
+    cand: Vec<(u32, f32)>,
+    /// Penalised copy of the logits, reused between calls.
+    work: Vec<f32>,
+}
+
+/// The chosen token and its log-probability under the unmodified model
+/// distribution, plus the top alternatives if asked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = Rng::new(params.seed);
+        Sampler {
+            params,
+            rng,
+            cand: Vec::new(),
+            work: Vec::new(),
+        }
+    }
+
+    /// Choose the next token from `logits`, given the tokens generated (and
+    /// prompted) so far for penalties.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let p = &self.params;
+        let penalised =
+            p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        let logits: &[f32] = if penalised {
+            self.work.clear();
+            self.work.extend_from_slice(logits);
+            apply_penalties(&mut self.work, history, p);
+            &self.work
+        } else {
+            logits
+        };
+        if p.is_greedy() {
+            return argmax(logits);
+        }
+        // Top-k by partial selection, then sort the survivors descending.
+        self.cand.clear();
+        self.cand
+            .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        let k = if p.top_k == 0 {
+            self.cand.len()
+        } else {
+            p.top_k.min(self.cand.len())
+        };
+        let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if k < self.cand.len() {
+            self.cand.select_nth_unstable_by(k - 1, desc);
+            self.cand.truncate(k);
+        }
+        self.cand.sort_unstable_by(desc);
+        // Softmax at temperature 1 for top-p / min-p (as llama.cpp does).
+        let max = self.cand[0].1;
+        let mut probs: Vec<f32> = self.cand.iter().map(|c| (c.1 - max).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= sum);
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut cum = 0.0;
+            for (i, &pr) in probs.iter().enumerate() {
+                cum += pr;
+                if cum >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let thresh = probs[0] * p.min_p;
+            keep = keep.min(probs.iter().take_while(|&&x| x >= thresh).count().max(1));
+        }
+        self.cand.truncate(keep);
+        // Temperature, then draw.
+        let t = p.temperature;
+        let mut w: Vec<f32> = self.cand.iter().map(|c| ((c.1 - max) / t).exp()).collect();
+        let total: f32 = w.iter().sum();
+        w.iter_mut().for_each(|x| *x /= total);
+        let r = self.rng.next_f32();
+        let mut acc = 0.0;
+        for (c, &pr) in self.cand.iter().zip(&w) {
+            acc += pr;
+            if r < acc {
+                return c.0;
+            }
+        }
+        self.cand.last().map(|c| c.0).unwrap_or(0)
+    }
+}
+
+fn apply_penalties(logits: &mut [f32], history: &[u32], p: &SamplingParams) {
+    let window = if p.repeat_last_n == 0 {
+        history.len()
+    } else {
+        p.repeat_last_n.min(history.len())
+    };
+    let recent = &history[history.len() - window..];
+    let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    for &t in recent {
+        *counts.entry(t).or_default() += 1;
+    }
+    for (&t, &n) in &counts {
+        let Some(l) = logits.get_mut(t as usize) else {
+            continue;
+        };
+        if p.repeat_penalty != 1.0 {
+            *l = if *l > 0.0 {
+                *l / p.repeat_penalty
+            } else {
+                *l * p.repeat_penalty
+            };
+        }
+        *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+    }
+}
+
+/// Index of the largest logit (the first one on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// log-softmax of one entry: logit[i] - logsumexp(logits).
+pub fn logprob(logits: &[f32], i: u32) -> f32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let lse = max
+        + logits
+            .iter()
+            .map(|&v| ((v - max) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
+    logits[i as usize] - lse
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_is_argmax_first_on_ties() {
+        let mut s = Sampler::new(SamplingParams::greedy());
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]), 1);
+    }
+
+    #[test]
+    fn seed_reproducible_and_distribution_plausible() {
+        let logits = [0.0f32, (2.0f32).ln(), (3.0f32).ln(), f32::NEG_INFINITY];
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 7,
+            ..SamplingParams::greedy()
+        };
+        let mut a = Sampler::new(params.clone());
+        let mut b = Sampler::new(params);
+        let mut counts = [0usize; 4];
+        for _ in 0..60000 {
+            let t = a.sample(&logits, &[]);
+            assert_eq!(t, b.sample(&logits, &[]));
+            counts[t as usize] += 1;
+        }
+        // Probabilities 1/6, 2/6, 3/6, 0 (hand-computed).
+        assert_eq!(counts[3], 0);
+        for (c, p) in counts.iter().zip([1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0]) {
+            assert!((*c as f64 / 60000.0 - p).abs() < 0.01, "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let params = SamplingParams {
+            temperature: 1.5,
+            top_k: 1,
+            seed: 3,
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(params);
+        for _ in 0..100 {
+            assert_eq!(s.sample(&[1.0, 2.0, 1.9], &[]), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_and_min_p_cut_the_tail() {
+        // probs ∝ 8, 4, 2, 1, 1 → 0.5, 0.25, 0.125, 0.0625, 0.0625
+        let logits: Vec<f32> = [8.0f32, 4.0, 2.0, 1.0, 1.0]
+            .iter()
+            .map(|x| x.ln())
+            .collect();
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.75,
+            seed: 1,
+            ..SamplingParams::greedy()
+        });
+        for _ in 0..2000 {
+            assert!(
+                s.sample(&logits, &[]) <= 1,
+                "top_p 0.75 keeps the first two"
+            );
+        }
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            min_p: 0.2,
+            seed: 1,
+            ..SamplingParams::greedy()
+        });
+        for _ in 0..2000 {
+            assert!(s.sample(&logits, &[]) <= 2, "min_p 0.2 keeps probs >= 0.1");
+        }
+    }
+
+    #[test]
+    fn penalties_change_the_choice() {
+        let logits = [2.0f32, 1.9, 0.0];
+        let mut s = Sampler::new(SamplingParams {
+            repeat_penalty: 1.1,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&logits, &[0]), 1, "2.0/1.1 < 1.9");
+        let mut s = Sampler::new(SamplingParams {
+            frequency_penalty: 0.06,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&logits, &[0, 0]), 1, "2.0 - 0.12 < 1.9");
+        assert_eq!(s.sample(&logits, &[0]), 0, "2.0 - 0.06 > 1.9");
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.2,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&logits, &[0]), 1);
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let p = SamplingParams {
+            top_p: 0.0,
+            ..SamplingParams::greedy()
+        };
+        assert!(p.validate().unwrap_err().contains("top_p"));
+        let p = SamplingParams {
+            temperature: f32::NAN,
+            ..SamplingParams::greedy()
+        };
+        assert!(p.validate().unwrap_err().contains("temperature"));
+    }
+
+    #[test]
+    fn logprob_hand_computed() {
+        let l = [0.0f32, (3.0f32).ln()];
+        assert!((logprob(&l, 1) - (0.75f32).ln()).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,248 @@
+//! A session: one sequence's KV cache and the tokens in it, with prompt
+//! evaluation and the generation loop (sampling, stop tokens, stop strings,
+//! token budget), streaming text as it is decoded.
+
+use crate::sampler::{Sampler, SamplingParams};
+use crate::stop::StopMatcher;
+use gemma3_model::{Batch, ForwardState, KvCache, Model, ModelError};
+use gemma3_tokenizer::Tokenizer;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("the prompt has {prompt} tokens but the context holds {ctx}; use a shorter prompt or a larger --ctx")]
+    PromptTooLong { prompt: usize, ctx: usize },
+    #[error("empty prompt: there must be at least one token")]
+    EmptyPrompt,
+    #[error("invalid sampling parameter: {0}")]
+    Sampling(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Text that ends generation (not included in the output).
+    pub stop_strings: Vec<String>,
+    /// Token ids that end generation (eos, `<end_of_turn>`).
+    pub stop_tokens: Vec<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// The token budget or the context ran out.
+    Length,
+    /// The caller's callback asked to stop.
+    Cancelled,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    /// Prompt tokens actually evaluated (the rest came from the cache).
+    pub prompt_evaluated: usize,
+    pub prompt_time: Duration,
+    pub gen_time: Duration,
+}
+
+/// One sequence: the model, its cache, and the tokens the cache holds.
+pub struct Session<'m> {
+    pub model: &'m Model,
+    cache: KvCache,
+    state: ForwardState,
+    batch: Batch,
+    /// Tokens whose K/V are in the cache, in position order.
+    tokens: Vec<u32>,
+}
+
+impl<'m> Session<'m> {
+    pub fn new(model: &'m Model, ctx: usize) -> Self {
+        Session {
+            model,
+            cache: KvCache::new(&model.config, ctx),
+            state: ForwardState::new(),
+            batch: Batch::default(),
+            tokens: Vec::new(),
+        }
+    }
+
+    pub fn ctx(&self) -> usize {
+        self.cache.ctx
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    pub fn state_mut(&mut self) -> &mut ForwardState {
+        &mut self.state
+    }
+
+    /// Forget everything.
+    pub fn reset(&mut self) {
+        self.tokens.clear();
+    }
+
+    /// Keep the first `n` tokens if the cache still holds what continuing
+    /// after them needs; otherwise start over. Returns the tokens kept.
+    fn rewind(&mut self, n: usize) -> usize {
+        let old = self.tokens.len();
+        let ok = self.cache.layers.iter().all(|l| {
+            let first = n - n.min(l.window);
+            old <= first + l.slots
+        });
+        let keep = if ok { n } else { 0 };
+        self.tokens.truncate(keep);
+        keep
+    }
+
+    /// Make the cache hold exactly `prompt`, reusing the longest common
+    /// prefix already evaluated, and return the logits after its last token.
+    /// Returns (logits, tokens evaluated).
+    pub fn eval_prompt(
+        &mut self,
+        prompt: &[u32],
+        all_logits: bool,
+    ) -> Result<(&[f32], usize), SessionError> {
+        if prompt.is_empty() {
+            return Err(SessionError::EmptyPrompt);
+        }
+        if prompt.len() > self.cache.ctx {
+            return Err(SessionError::PromptTooLong {
+                prompt: prompt.len(),
+                ctx: self.cache.ctx,
+            });
+        }
+        let common = self
+            .tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // At least the last token is evaluated, to get its logits.
+        let keep = if all_logits {
+            0
+        } else {
+            self.rewind(common.min(prompt.len() - 1))
+        };
+        if all_logits {
+            self.tokens.clear();
+        }
+        let todo = &prompt[keep..];
+        self.batch = Batch::for_sequence(todo, keep, all_logits);
+        let logits = self.model.forward(
+            &self.batch,
+            std::slice::from_mut(&mut self.cache),
+            &mut self.state,
+        )?;
+        self.tokens.clear();
+        self.tokens.extend_from_slice(prompt);
+        Ok((logits, todo.len()))
+    }
+
+    /// Append one token and return the logits after it.
+    pub fn step(&mut self, token: u32) -> Result<&[f32], SessionError> {
+        let pos = self.tokens.len();
+        if pos >= self.cache.ctx {
+            return Err(ModelError::ContextOverflow {
+                pos,
+                ctx: self.cache.ctx,
+            }
+            .into());
+        }
+        self.batch.clear();
+        self.batch.push(token, pos, 0, true);
+        let logits = self.model.forward(
+            &self.batch,
+            std::slice::from_mut(&mut self.cache),
+            &mut self.state,
+        )?;
+        self.tokens.push(token);
+        Ok(logits)
+    }
+
+    /// Generate after `prompt`, calling `on_text` with each piece of released
+    /// text (return false from it to stop).
+    pub fn generate(
+        &mut self,
+        tok: &Tokenizer,
+        prompt: &[u32],
+        params: &GenerateParams,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation, SessionError> {
+        params.sampling.validate().map_err(SessionError::Sampling)?;
+        let t0 = Instant::now();
+        let (logits, evaluated) = self.eval_prompt(prompt, false)?;
+        let mut logits = logits.to_vec();
+        let prompt_time = t0.elapsed();
+        let t1 = Instant::now();
+        let mut sampler = Sampler::new(params.sampling.clone());
+        let mut stops = StopMatcher::new(params.stop_strings.clone());
+        let mut dec = tok.stream_decoder(false);
+        let mut out_tokens = Vec::new();
+        let mut text = String::new();
+        let mut finish = FinishReason::Length;
+        let mut history: Vec<u32> = prompt.to_vec();
+        let mut hit_stop_string = false;
+        while out_tokens.len() < params.max_tokens {
+            let t = sampler.sample(&logits, &history);
+            if params.stop_tokens.contains(&t) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            out_tokens.push(t);
+            history.push(t);
+            let piece = dec
+                .push(t)
+                .map_err(|e| SessionError::Tokenizer(e.to_string()))?;
+            let (release, hit) = stops.push(&piece);
+            text.push_str(&release);
+            if !release.is_empty() && !on_text(&release) {
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            if hit {
+                finish = FinishReason::Stop;
+                hit_stop_string = true;
+                break;
+            }
+            if out_tokens.len() >= params.max_tokens || self.tokens.len() >= self.cache.ctx {
+                break;
+            }
+            logits.copy_from_slice(self.step(t)?);
+        }
+        if !hit_stop_string && finish != FinishReason::Cancelled {
+            // Release what the decoder and the stop matcher still hold.
+            let (mut tail, hit) = stops.push(&dec.finish());
+            if hit {
+                finish = FinishReason::Stop;
+            } else {
+                tail.push_str(&stops.finish());
+            }
+            if !tail.is_empty() {
+                on_text(&tail);
+                text.push_str(&tail);
+            }
+        }
+        Ok(Generation {
+            tokens: out_tokens,
+            text,
+            finish,
+            prompt_tokens: prompt.len(),
+            prompt_evaluated: evaluated,
+            prompt_time,
+            gen_time: t1.elapsed(),
+        })
+    }
+}
