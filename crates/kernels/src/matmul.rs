@@ -91,40 +91,66 @@ impl MatmulScratch {
     }
 }
 
-/// Dot product of weight row `r` with activation row `t`.
+/// Dot products of weight row `r` with activation rows t0..t0+NT (NT = 1 or 4).
 #[inline]
-pub fn dot_row(k: &DotKernels, w: &QMatrix, r: usize, acts: Acts, t: usize) -> f32 {
+fn dot_rows<const NT: usize>(
+    k: &DotKernels,
+    w: &QMatrix,
+    r: usize,
+    acts: Acts,
+    t0: usize,
+) -> [f32; NT] {
+    fn rows<A, const NT: usize>(a: &[A], nb: usize, t0: usize) -> [&[A]; NT] {
+        std::array::from_fn(|i| &a[(t0 + i) * nb..(t0 + i + 1) * nb])
+    }
+    // Pick the 1- or 4-token kernel of a pair and run it.
+    fn call<W, A, const NT: usize>(
+        p: &crate::simd::DotPair<W, A>,
+        w: &[W],
+        a: [&[A]; NT],
+    ) -> [f32; NT] {
+        let mut out = [0.0; NT];
+        if NT == 4 {
+            out.copy_from_slice(&(p.1)(w, std::array::from_fn(|i| a[i])));
+        } else {
+            for i in 0..NT {
+                out[i] = (p.0)(w, [a[i]])[0];
+            }
+        }
+        out
+    }
     let row = w.row(r);
     match (w.format, acts) {
         (WeightFormat::Q8_0, Acts::Q8_0(a)) => {
-            let nb = w.cols / QK;
-            (k.q8_0)(as_blocks(row), &a[t * nb..(t + 1) * nb])
+            call(&k.q8_0, as_blocks(row), rows(a, w.cols / QK, t0))
         }
         (WeightFormat::Q4_0, Acts::Q8_0(a)) => {
-            let nb = w.cols / QK;
-            (k.q4_0)(as_blocks(row), &a[t * nb..(t + 1) * nb])
+            call(&k.q4_0, as_blocks(row), rows(a, w.cols / QK, t0))
         }
         (WeightFormat::Q5_0, Acts::Q8_0(a)) => {
-            let nb = w.cols / QK;
-            (k.q5_0)(as_blocks(row), &a[t * nb..(t + 1) * nb])
+            call(&k.q5_0, as_blocks(row), rows(a, w.cols / QK, t0))
         }
         (WeightFormat::Q4K, Acts::Q8K(a)) => {
-            let nb = w.cols / QK_K;
-            (k.q4k)(as_blocks(row), &a[t * nb..(t + 1) * nb])
+            call(&k.q4k, as_blocks(row), rows(a, w.cols / QK_K, t0))
         }
         (WeightFormat::Q5K, Acts::Q8K(a)) => {
-            let nb = w.cols / QK_K;
-            (k.q5k)(as_blocks(row), &a[t * nb..(t + 1) * nb])
+            call(&k.q5k, as_blocks(row), rows(a, w.cols / QK_K, t0))
         }
         (WeightFormat::Q6K, Acts::Q8K(a)) => {
-            let nb = w.cols / QK_K;
-            (k.q6k)(as_blocks(row), &a[t * nb..(t + 1) * nb])
+            call(&k.q6k, as_blocks(row), rows(a, w.cols / QK_K, t0))
         }
         (f @ (WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16), Acts::F32(a)) => {
-            crate::dot::dot_float_ref(f, row, &a[t * w.cols..(t + 1) * w.cols])
+            std::array::from_fn(|i| {
+                crate::dot::dot_float_ref(f, row, &a[(t0 + i) * w.cols..(t0 + i + 1) * w.cols])
+            })
         }
         (f, _) => panic!("activations quantized for the wrong format ({f})"),
     }
+}
+
+/// Dot product of weight row `r` with activation row `t` (as the matmul computes it).
+pub fn dot_row(k: &DotKernels, w: &QMatrix, r: usize, acts: Acts, t: usize) -> f32 {
+    dot_rows::<1>(k, w, r, acts, t)[0]
 }
 
 /// A raw pointer to the output that worker threads write disjoint parts of.
@@ -175,12 +201,22 @@ pub fn matmul_with(
     let body = |r0: usize| {
         let ptr = ptr;
         let r1 = (r0 + chunk).min(rows);
-        for t in 0..n {
-            for r in r0..r1 {
-                let v = dot_row(k, w, r, acts, t);
-                // SAFETY: t < n and r < rows, so the index is inside `out`
-                // (length n × rows, asserted above); row r belongs to this task only.
+        for r in r0..r1 {
+            let mut t = 0;
+            while t + 4 <= n {
+                let v = dot_rows::<4>(k, w, r, acts, t);
+                for (i, v) in v.into_iter().enumerate() {
+                    // SAFETY: t + i < n and r < rows, so the index is inside
+                    // `out` (n × rows, asserted above); row r belongs to this task only.
+                    unsafe { *ptr.0.add((t + i) * rows + r) = v };
+                }
+                t += 4;
+            }
+            while t < n {
+                let v = dot_rows::<1>(k, w, r, acts, t)[0];
+                // SAFETY: as above.
                 unsafe { *ptr.0.add(t * rows + r) = v };
+                t += 1;
             }
         }
     };
