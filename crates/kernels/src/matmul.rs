@@ -4,7 +4,7 @@
 
 use crate::formats::*;
 use crate::quant::{quantize_q8_0, quantize_q8_k};
-use crate::simd::{best, DotKernels};
+use crate::simd::{best, DotKernels, Tiles};
 use rayon::prelude::*;
 
 /// A borrowed weight matrix: `rows` rows of `cols` elements in `format`.
@@ -91,57 +91,71 @@ impl MatmulScratch {
     }
 }
 
-/// Dot products of weight row `r` with activation rows t0..t0+NT (NT = 1 or 4).
+/// Dot products of weight rows r0..r0+NR with activation rows t0..t0+NT
+/// (NR, NT ∈ {1, 4}): `out[r][t]`.
 #[inline]
-fn dot_rows<const NT: usize>(
+fn dot_tile<const NR: usize, const NT: usize>(
     k: &DotKernels,
     w: &QMatrix,
-    r: usize,
+    r0: usize,
     acts: Acts,
     t0: usize,
-) -> [f32; NT] {
-    fn rows<A, const NT: usize>(a: &[A], nb: usize, t0: usize) -> [&[A]; NT] {
+) -> [[f32; NT]; NR] {
+    fn rows<'a, A, const N: usize>(a: &'a [A], nb: usize, t0: usize) -> [&'a [A]; N] {
         std::array::from_fn(|i| &a[(t0 + i) * nb..(t0 + i + 1) * nb])
     }
-    // Pick the 1- or 4-token kernel of a pair and run it.
-    fn call<W, A, const NT: usize>(
-        p: &crate::simd::DotPair<W, A>,
-        w: &[W],
+    fn wrows<'a, W: RawBlock, const N: usize>(w: &QMatrix<'a>, r0: usize) -> [&'a [W]; N] {
+        std::array::from_fn(|i| as_blocks(w.row(r0 + i)))
+    }
+    // Pick the tile function of this shape. The casts between [_; NR] and
+    // [_; 1 or 4] are identities: each arm only runs for its own shape.
+    fn call<W: RawBlock, A, const NR: usize, const NT: usize>(
+        tiles: &Tiles<W, A>,
+        w: [&[W]; NR],
         a: [&[A]; NT],
-    ) -> [f32; NT] {
-        let mut out = [0.0; NT];
-        if NT == 4 {
-            out.copy_from_slice(&(p.1)(w, std::array::from_fn(|i| a[i])));
-        } else {
-            for i in 0..NT {
-                out[i] = (p.0)(w, [a[i]])[0];
+    ) -> [[f32; NT]; NR] {
+        let mut out = [[0.0; NT]; NR];
+        let put = |out: &mut [[f32; NT]; NR], r: usize, t: usize, v: f32| out[r][t] = v;
+        match (NR, NT) {
+            (1, 1) => put(&mut out, 0, 0, (tiles.t1x1)([w[0]], [a[0]])[0][0]),
+            (1, 4) => {
+                let v = (tiles.t1x4)([w[0]], std::array::from_fn(|i| a[i]));
+                (0..4).for_each(|t| put(&mut out, 0, t, v[0][t]));
             }
+            (4, 1) => {
+                let v = (tiles.t4x1)(std::array::from_fn(|i| w[i]), [a[0]]);
+                (0..4).for_each(|r| put(&mut out, r, 0, v[r][0]));
+            }
+            (4, 4) => {
+                let v = (tiles.t4x4)(std::array::from_fn(|i| w[i]), std::array::from_fn(|i| a[i]));
+                (0..4).for_each(|r| (0..4).for_each(|t| put(&mut out, r, t, v[r][t])));
+            }
+            _ => unreachable!("tile shapes are 1 or 4"),
         }
         out
     }
-    let row = w.row(r);
     match (w.format, acts) {
         (WeightFormat::Q8_0, Acts::Q8_0(a)) => {
-            call(&k.q8_0, as_blocks(row), rows(a, w.cols / QK, t0))
+            call(&k.q8_0, wrows(w, r0), rows(a, w.cols / QK, t0))
         }
         (WeightFormat::Q4_0, Acts::Q8_0(a)) => {
-            call(&k.q4_0, as_blocks(row), rows(a, w.cols / QK, t0))
+            call(&k.q4_0, wrows(w, r0), rows(a, w.cols / QK, t0))
         }
         (WeightFormat::Q5_0, Acts::Q8_0(a)) => {
-            call(&k.q5_0, as_blocks(row), rows(a, w.cols / QK, t0))
+            call(&k.q5_0, wrows(w, r0), rows(a, w.cols / QK, t0))
         }
-        (WeightFormat::Q4K, Acts::Q8K(a)) => {
-            call(&k.q4k, as_blocks(row), rows(a, w.cols / QK_K, t0))
-        }
-        (WeightFormat::Q5K, Acts::Q8K(a)) => {
-            call(&k.q5k, as_blocks(row), rows(a, w.cols / QK_K, t0))
-        }
-        (WeightFormat::Q6K, Acts::Q8K(a)) => {
-            call(&k.q6k, as_blocks(row), rows(a, w.cols / QK_K, t0))
-        }
+        (WeightFormat::Q4K, Acts::Q8K(a)) => call(&k.q4k, wrows(w, r0), rows(a, w.cols / QK_K, t0)),
+        (WeightFormat::Q5K, Acts::Q8K(a)) => call(&k.q5k, wrows(w, r0), rows(a, w.cols / QK_K, t0)),
+        (WeightFormat::Q6K, Acts::Q8K(a)) => call(&k.q6k, wrows(w, r0), rows(a, w.cols / QK_K, t0)),
         (f @ (WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16), Acts::F32(a)) => {
-            std::array::from_fn(|i| {
-                crate::dot::dot_float_ref(f, row, &a[(t0 + i) * w.cols..(t0 + i + 1) * w.cols])
+            std::array::from_fn(|r| {
+                std::array::from_fn(|t| {
+                    crate::dot::dot_float_ref(
+                        f,
+                        w.row(r0 + r),
+                        &a[(t0 + t) * w.cols..(t0 + t + 1) * w.cols],
+                    )
+                })
             })
         }
         (f, _) => panic!("activations quantized for the wrong format ({f})"),
@@ -150,7 +164,7 @@ fn dot_rows<const NT: usize>(
 
 /// Dot product of weight row `r` with activation row `t` (as the matmul computes it).
 pub fn dot_row(k: &DotKernels, w: &QMatrix, r: usize, acts: Acts, t: usize) -> f32 {
-    dot_rows::<1>(k, w, r, acts, t)[0]
+    dot_tile::<1, 1>(k, w, r, acts, t)[0][0]
 }
 
 /// A raw pointer to the output that worker threads write disjoint parts of.
@@ -196,28 +210,43 @@ pub fn matmul_with(
     // Rows per task: enough work per task to amortise scheduling, enough
     // tasks to balance the threads.
     let threads = rayon::current_num_threads().max(1);
-    let chunk = (rows / (threads * 8)).clamp(4, 256).min(rows.max(1));
+    let chunk = ((rows / (threads * 8)).clamp(4, 256) / 4 * 4).min(rows.max(1));
     let ptr = OutPtr(out.as_mut_ptr());
     let body = |r0: usize| {
         let ptr = ptr;
         let r1 = (r0 + chunk).min(rows);
-        for r in r0..r1 {
+        // SAFETY (for every write below): t < n and r < rows, so the index
+        // is inside `out` (n × rows, asserted above); rows r0..r1 belong to
+        // this task only.
+        let put = |r: usize, t: usize, v: f32| unsafe { *ptr.0.add(t * rows + r) = v };
+        let mut r = r0;
+        while r < r1 {
+            let nr = if r + 4 <= r1 { 4 } else { 1 };
             let mut t = 0;
-            while t + 4 <= n {
-                let v = dot_rows::<4>(k, w, r, acts, t);
-                for (i, v) in v.into_iter().enumerate() {
-                    // SAFETY: t + i < n and r < rows, so the index is inside
-                    // `out` (n × rows, asserted above); row r belongs to this task only.
-                    unsafe { *ptr.0.add((t + i) * rows + r) = v };
-                }
-                t += 4;
-            }
             while t < n {
-                let v = dot_rows::<1>(k, w, r, acts, t)[0];
-                // SAFETY: as above.
-                unsafe { *ptr.0.add(t * rows + r) = v };
-                t += 1;
+                let nt = if t + 4 <= n { 4 } else { 1 };
+                match (nr, nt) {
+                    (4, 4) => dot_tile::<4, 4>(k, w, r, acts, t)
+                        .iter()
+                        .enumerate()
+                        .for_each(|(i, v)| {
+                            v.iter()
+                                .enumerate()
+                                .for_each(|(j, &v)| put(r + i, t + j, v))
+                        }),
+                    (4, _) => dot_tile::<4, 1>(k, w, r, acts, t)
+                        .iter()
+                        .enumerate()
+                        .for_each(|(i, v)| put(r + i, t, v[0])),
+                    (_, 4) => dot_tile::<1, 4>(k, w, r, acts, t)[0]
+                        .iter()
+                        .enumerate()
+                        .for_each(|(j, &v)| put(r, t + j, v)),
+                    _ => put(r, t, dot_tile::<1, 1>(k, w, r, acts, t)[0][0]),
+                }
+                t += nt;
             }
+            r += nr;
         }
     };
     if threads == 1 || rows <= chunk {

@@ -160,6 +160,16 @@ pub fn q6_k_unpack(b: &BlockQ6K) -> [i8; QK_K] {
     out
 }
 
+/// Round to nearest, ties to even, for |x| < 2^22 (activation quants are
+/// within ±128): adding 1.5·2^23 leaves no fraction bits, so the FPU's
+/// default rounding does the work (ggml's `nearest_int`). `f32::round_ties_even`
+/// would be a libm call on baseline x86-64.
+#[inline(always)]
+fn round_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
+}
+
 /// Quantize activations to ggml block_q8_0, rounding as ggml's AVX path does
 /// (scale 127/amax, round half to even), so our integer sums equal llama.cpp's.
 pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
@@ -170,7 +180,7 @@ pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         b.d = f16::from_f32(d).to_bits().to_le_bytes();
         for (q, &v) in b.qs.iter_mut().zip(xb.iter()) {
-            *q = (v * id).round_ties_even() as i8;
+            *q = round_even(v * id) as i8;
         }
     }
 }
@@ -193,7 +203,7 @@ pub fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
         }
         let iscale = -127.0 / max;
         for (q, &v) in b.qs.iter_mut().zip(xb.iter()) {
-            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+            *q = (round_even(iscale * v) as i32).min(127) as i8;
         }
         for (s, q) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
             *s = q.iter().map(|&v| v as i16).sum();

@@ -7,52 +7,65 @@ use crate::dot;
 use crate::formats::*;
 use std::sync::OnceLock;
 
-/// Weight row × 1 activation row, and weight row × 4 activation rows. A
-/// token's result must not depend on which of the two computed it.
-pub type DotPair<W, A> = (
-    fn(&[W], [&[A]; 1]) -> [f32; 1],
-    fn(&[W], [&[A]; 4]) -> [f32; 4],
-);
+/// Dot products of NR weight rows with NT activation rows, for the tile
+/// shapes 1×1, 1×4, 4×1 and 4×4. A (row, token) result must not depend on
+/// the tile that computed it.
+#[derive(Clone, Copy)]
+pub struct Tiles<W: 'static, A: 'static> {
+    pub t1x1: fn([&[W]; 1], [&[A]; 1]) -> [[f32; 1]; 1],
+    pub t1x4: fn([&[W]; 1], [&[A]; 4]) -> [[f32; 4]; 1],
+    pub t4x1: fn([&[W]; 4], [&[A]; 1]) -> [[f32; 1]; 4],
+    pub t4x4: fn([&[W]; 4], [&[A]; 4]) -> [[f32; 4]; 4],
+}
 
-/// One dot-product pair per format.
+/// One set of tiles per format.
 #[derive(Clone, Copy)]
 pub struct DotKernels {
     pub name: &'static str,
-    pub q8_0: DotPair<BlockQ8_0, BlockQ8_0>,
-    pub q4_0: DotPair<BlockQ4_0, BlockQ8_0>,
-    pub q5_0: DotPair<BlockQ5_0, BlockQ8_0>,
-    pub q4k: DotPair<BlockQ4K, BlockQ8K>,
-    pub q5k: DotPair<BlockQ5K, BlockQ8K>,
-    pub q6k: DotPair<BlockQ6K, BlockQ8K>,
+    pub q8_0: Tiles<BlockQ8_0, BlockQ8_0>,
+    pub q4_0: Tiles<BlockQ4_0, BlockQ8_0>,
+    pub q5_0: Tiles<BlockQ5_0, BlockQ8_0>,
+    pub q4k: Tiles<BlockQ4K, BlockQ8K>,
+    pub q5k: Tiles<BlockQ5K, BlockQ8K>,
+    pub q6k: Tiles<BlockQ6K, BlockQ8K>,
 }
 
-/// Scalar wrappers with the table's shapes around the references in [`dot`].
-macro_rules! scalar_pair {
-    ($one:ident, $four:ident, $f:path, $w:ty, $a:ty) => {
-        fn $one(w: &[$w], a: [&[$a]; 1]) -> [f32; 1] {
-            [$f(w, a[0])]
-        }
-        fn $four(w: &[$w], a: [&[$a]; 4]) -> [f32; 4] {
-            a.map(|a| $f(w, a))
+/// Scalar tiles with the table's shapes around the references in [`dot`].
+macro_rules! scalar_tiles {
+    ($mod:ident, $f:path, $w:ty, $a:ty) => {
+        mod $mod {
+            use super::*;
+            fn tile<const NR: usize, const NT: usize>(
+                w: [&[$w]; NR],
+                a: [&[$a]; NT],
+            ) -> [[f32; NT]; NR] {
+                w.map(|w| a.map(|a| $f(w, a)))
+            }
+            pub const TILES: Tiles<$w, $a> = Tiles {
+                t1x1: tile::<1, 1>,
+                t1x4: tile::<1, 4>,
+                t4x1: tile::<4, 1>,
+                t4x4: tile::<4, 4>,
+            };
         }
     };
 }
-scalar_pair!(s_q8_0_1, s_q8_0_4, dot::dot_q8_0_ref, BlockQ8_0, BlockQ8_0);
-scalar_pair!(s_q4_0_1, s_q4_0_4, dot::dot_q4_0_ref, BlockQ4_0, BlockQ8_0);
-scalar_pair!(s_q5_0_1, s_q5_0_4, dot::dot_q5_0_ref, BlockQ5_0, BlockQ8_0);
-scalar_pair!(s_q4k_1, s_q4k_4, dot::dot_q4k_ref, BlockQ4K, BlockQ8K);
-scalar_pair!(s_q5k_1, s_q5k_4, dot::dot_q5k_ref, BlockQ5K, BlockQ8K);
-scalar_pair!(s_q6k_1, s_q6k_4, dot::dot_q6k_ref, BlockQ6K, BlockQ8K);
+scalar_tiles!(s_q8_0, dot::dot_q8_0_ref, BlockQ8_0, BlockQ8_0);
+scalar_tiles!(s_q4_0, dot::dot_q4_0_ref, BlockQ4_0, BlockQ8_0);
+scalar_tiles!(s_q5_0, dot::dot_q5_0_ref, BlockQ5_0, BlockQ8_0);
+scalar_tiles!(s_q4k, dot::dot_q4k_ref, BlockQ4K, BlockQ8K);
+scalar_tiles!(s_q5k, dot::dot_q5k_ref, BlockQ5K, BlockQ8K);
+scalar_tiles!(s_q6k, dot::dot_q6k_ref, BlockQ6K, BlockQ8K);
 
 /// The scalar reference kernels (every fast path's twin).
 pub const SCALAR: DotKernels = DotKernels {
     name: "scalar",
-    q8_0: (s_q8_0_1, s_q8_0_4),
-    q4_0: (s_q4_0_1, s_q4_0_4),
-    q5_0: (s_q5_0_1, s_q5_0_4),
-    q4k: (s_q4k_1, s_q4k_4),
-    q5k: (s_q5k_1, s_q5k_4),
-    q6k: (s_q6k_1, s_q6k_4),
+    q8_0: s_q8_0::TILES,
+    q4_0: s_q4_0::TILES,
+    q5_0: s_q5_0::TILES,
+    q4k: s_q4k::TILES,
+    q5k: s_q5k::TILES,
+    q6k: s_q6k::TILES,
 };
 
 /// Every kernel table this machine can run, scalar first, fastest last.
@@ -83,4 +96,52 @@ pub fn best() -> &'static DotKernels {
         }
         *available().last().unwrap_or(&SCALAR)
     })
+}
+
+/// Attention's inner loops over an f16 KV cache: `g` query heads of width
+/// `hd` against one cached key or value row.
+#[derive(Clone, Copy)]
+pub struct F16Ops {
+    pub name: &'static str,
+    /// `out[h] = q[h·hd..(h+1)·hd] · k` for h < out.len().
+    pub dots: fn(q: &[f32], k: &[half::f16], out: &mut [f32]),
+    /// `acc[h·hd..(h+1)·hd] += p[h] · v` for h < p.len().
+    pub axpys: fn(acc: &mut [f32], p: &[f32], v: &[half::f16]),
+}
+
+fn dots_ref(q: &[f32], k: &[half::f16], out: &mut [f32]) {
+    let hd = k.len();
+    for (h, o) in out.iter_mut().enumerate() {
+        *o = q[h * hd..(h + 1) * hd].iter().zip(k).map(|(&a, &b)| a * b.to_f32()).sum();
+    }
+}
+
+fn axpys_ref(acc: &mut [f32], p: &[f32], v: &[half::f16]) {
+    let hd = v.len();
+    for (h, &ph) in p.iter().enumerate() {
+        for (a, &b) in acc[h * hd..(h + 1) * hd].iter_mut().zip(v) {
+            *a += ph * b.to_f32();
+        }
+    }
+}
+
+pub const F16_SCALAR: F16Ops = F16Ops { name: "scalar", dots: dots_ref, axpys: axpys_ref };
+
+/// Every f16 table this machine can run, scalar first.
+pub fn f16_available() -> Vec<F16Ops> {
+    #[allow(unused_mut)]
+    let mut v = vec![F16_SCALAR];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::x86::avx2_available() {
+            v.push(crate::x86::F16_AVX2);
+        }
+    }
+    v
+}
+
+/// The fastest f16 attention ops for this CPU (scalar under GEMMA3_FORCE_SCALAR).
+pub fn f16_best() -> &'static F16Ops {
+    static BEST: OnceLock<F16Ops> = OnceLock::new();
+    BEST.get_or_init(|| if best().name == "scalar" { F16_SCALAR } else { *f16_available().last().unwrap_or(&F16_SCALAR) })
 }

@@ -1,10 +1,12 @@
 //! x86-64 SIMD kernels (AVX2 + FMA + F16C, and AVX-512 VNNI for the int8
 //! products), selected at run time by [`crate::simd`].
 //!
-//! Each kernel takes one weight row and NT activation rows (NT = 1 or 4):
-//! the weight block is loaded and unpacked once for all NT tokens, and each
-//! token's sum is accumulated in exactly the same order whatever NT is, so a
-//! token's result does not depend on how many tokens share the call.
+//! Each kernel computes a tile of NR weight rows × NT activation rows (1 or
+//! 4 each): a weight block is unpacked once for all NT tokens and an
+//! activation block loaded once for all NR rows. Every (row, token) pair has
+//! its own accumulator, fed block by block in order and summed horizontally
+//! at the end, so a result does not depend on the tile it was computed in
+//! (a token's logits are the same alone or in a batch).
 //!
 //! Integer products are exact in both the AVX2 (maddubs/madd) and the VNNI
 //! (dpbusd) forms, so the two tables give bit-identical results.
@@ -14,7 +16,7 @@
 //! x86 quants.c.
 
 use crate::formats::*;
-use crate::simd::DotKernels;
+use crate::simd::{DotKernels, Tiles};
 use std::arch::x86_64::*;
 
 pub fn avx2_available() -> bool {
@@ -87,6 +89,15 @@ unsafe fn dot_ss<D: Int8Dot>(x: __m256i, y: __m256i) -> __m256i {
     D::dot_us(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
 }
 
+/// Prefetch the cache lines of a block `ahead` bytes past `p` (a hint: it
+/// never faults, even past the end of the mapping).
+#[inline(always)]
+unsafe fn prefetch(p: *const u8, ahead: usize) {
+    let q = p.wrapping_add(ahead) as *const i8;
+    _mm_prefetch::<_MM_HINT_T0>(q);
+    _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(64));
+}
+
 /// 16 bytes of nibbles → 32 bytes: low nibbles in bytes 0..16, high in 16..32.
 #[inline(always)]
 unsafe fn nibbles32(qs: &[u8; 16]) -> __m256i {
@@ -111,154 +122,180 @@ unsafe fn bits_to_bytes(x: u32) -> __m256i {
 }
 
 // ---------------------------------------------------------------- Q8_0, Q4_0, Q5_0
+//
+// No closures below: a closure does not inherit the enclosing function's
+// target features, so intrinsics inside one would not be inlined.
 
-/// Legacy 32-element formats: `unpack` gives the block's signed quants.
-#[inline(always)]
-unsafe fn dot_legacy<D: Int8Dot, W, const NT: usize>(
-    w: &[W],
-    a: [&[BlockQ8_0]; NT],
-    unpack: impl Fn(&W) -> (__m256i, [u8; 2]),
-) -> [f32; NT] {
-    for t in a.iter() {
-        assert!(t.len() >= w.len());
+/// A legacy 32-element block: its signed quants and its f16 scale.
+trait Legacy {
+    unsafe fn unpack(&self) -> (__m256i, [u8; 2]);
+}
+
+impl Legacy for BlockQ8_0 {
+    #[inline(always)]
+    unsafe fn unpack(&self) -> (__m256i, [u8; 2]) {
+        (load(&self.qs), self.d)
     }
-    let mut acc = [_mm256_setzero_ps(); NT];
-    for (i, b) in w.iter().enumerate() {
-        let (x, d) = unpack(b);
-        let dx = f16_to_f32(d);
+}
+
+impl Legacy for BlockQ4_0 {
+    #[inline(always)]
+    unsafe fn unpack(&self) -> (__m256i, [u8; 2]) {
+        (
+            _mm256_sub_epi8(nibbles32(&self.qs), _mm256_set1_epi8(8)),
+            self.d,
+        )
+    }
+}
+
+impl Legacy for BlockQ5_0 {
+    #[inline(always)]
+    unsafe fn unpack(&self) -> (__m256i, [u8; 2]) {
+        // q - 16: where the fifth bit is clear, OR-ing 0xF0 onto the nibble
+        // gives the nibble - 16 in two's complement; where set, q - 16 = nibble.
+        let hi = _mm256_andnot_si256(
+            bits_to_bytes(u32::from_le_bytes(self.qh)),
+            _mm256_set1_epi8(0xF0u8 as i8),
+        );
+        (_mm256_or_si256(nibbles32(&self.qs), hi), self.d)
+    }
+}
+
+#[inline(always)]
+unsafe fn tile_legacy<D: Int8Dot, W: Legacy, const NR: usize, const NT: usize>(
+    w: [&[W]; NR],
+    a: [&[BlockQ8_0]; NT],
+) -> [[f32; NT]; NR] {
+    let nb = w[0].len();
+    for r in 0..NR {
+        assert_eq!(w[r].len(), nb);
+    }
+    for t in 0..NT {
+        assert!(a[t].len() >= nb);
+    }
+    let mut acc = [[_mm256_setzero_ps(); NT]; NR];
+    // Matrix rows are contiguous, and the next tile's rows follow this one's:
+    // prefetch the same block of the row NR rows further down.
+    let ahead = 2 * NR * nb * std::mem::size_of::<W>();
+    for i in 0..nb {
+        let mut x = [_mm256_setzero_si256(); NR];
+        let mut dx = [0.0f32; NR];
+        for r in 0..NR {
+            prefetch(w[r].as_ptr().add(i) as *const u8, ahead);
+            let (q, d) = w[r].get_unchecked(i).unpack();
+            x[r] = q;
+            dx[r] = f16_to_f32(d);
+        }
         for t in 0..NT {
-            let y = a[t].get_unchecked(i);
-            let p = dot_ss::<D>(x, load(&y.qs));
-            acc[t] = _mm256_fmadd_ps(
-                _mm256_set1_ps(dx * f16_to_f32(y.d)),
-                _mm256_cvtepi32_ps(p),
-                acc[t],
-            );
+            let yb = a[t].get_unchecked(i);
+            let y = load(&yb.qs);
+            let dy = f16_to_f32(yb.d);
+            for r in 0..NR {
+                let p = dot_ss::<D>(x[r], y);
+                acc[r][t] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(dx[r] * dy), _mm256_cvtepi32_ps(p), acc[r][t]);
+            }
         }
     }
-    let mut out = [0.0; NT];
-    for t in 0..NT {
-        out[t] = hsum_ps(acc[t]);
+    let mut out = [[0.0f32; NT]; NR];
+    for r in 0..NR {
+        for t in 0..NT {
+            out[r][t] = hsum_ps(acc[r][t]);
+        }
     }
     out
 }
 
 #[inline(always)]
-unsafe fn q8_0<D: Int8Dot, const NT: usize>(w: &[BlockQ8_0], a: [&[BlockQ8_0]; NT]) -> [f32; NT] {
-    dot_legacy::<D, _, NT>(w, a, |b| (load(&b.qs), b.d))
+unsafe fn q8_0<D: Int8Dot, const NR: usize, const NT: usize>(
+    w: [&[BlockQ8_0]; NR],
+    a: [&[BlockQ8_0]; NT],
+) -> [[f32; NT]; NR] {
+    tile_legacy::<D, _, NR, NT>(w, a)
 }
 
 #[inline(always)]
-unsafe fn q4_0<D: Int8Dot, const NT: usize>(w: &[BlockQ4_0], a: [&[BlockQ8_0]; NT]) -> [f32; NT] {
-    dot_legacy::<D, _, NT>(w, a, |b| {
-        (_mm256_sub_epi8(nibbles32(&b.qs), _mm256_set1_epi8(8)), b.d)
-    })
+unsafe fn q4_0<D: Int8Dot, const NR: usize, const NT: usize>(
+    w: [&[BlockQ4_0]; NR],
+    a: [&[BlockQ8_0]; NT],
+) -> [[f32; NT]; NR] {
+    tile_legacy::<D, _, NR, NT>(w, a)
 }
 
 #[inline(always)]
-unsafe fn q5_0<D: Int8Dot, const NT: usize>(w: &[BlockQ5_0], a: [&[BlockQ8_0]; NT]) -> [f32; NT] {
-    dot_legacy::<D, _, NT>(w, a, |b| {
-        // q - 16: where the fifth bit is clear, OR-ing 0xF0 onto the nibble
-        // gives the nibble - 16 in two's complement; where set, q - 16 = nibble.
-        let hi = _mm256_andnot_si256(
-            bits_to_bytes(u32::from_le_bytes(b.qh)),
-            _mm256_set1_epi8(0xF0u8 as i8),
-        );
-        (_mm256_or_si256(nibbles32(&b.qs), hi), b.d)
-    })
+unsafe fn q5_0<D: Int8Dot, const NR: usize, const NT: usize>(
+    w: [&[BlockQ5_0]; NR],
+    a: [&[BlockQ8_0]; NT],
+) -> [[f32; NT]; NR] {
+    tile_legacy::<D, _, NR, NT>(w, a)
 }
 
 // ---------------------------------------------------------------- K-quants
 
-/// Q4_K/Q5_K: Σ_j sc_j·Σ q·y over 8 sub-blocks, given the 4 chunks' low/high
-/// quants (unsigned), and the mins term Σ_j m_j·(bsum_2j + bsum_2j+1).
-#[inline(always)]
-unsafe fn dot_k4<D: Int8Dot, const NT: usize>(
+/// An unpacked Q4_K/Q5_K block: 4 chunks of (low, high) unsigned quants,
+/// 8 sub-block scales and mins, and the super-block scales.
+#[derive(Clone, Copy)]
+struct K4 {
+    lo: [__m256i; 4],
+    hi: [__m256i; 4],
+    sc: [i32; 8],
+    mn: [i32; 8],
     d: f32,
     dmin: f32,
-    scales: &[u8; 12],
-    q: &[(__m256i, __m256i); 4],
-    a: &[&BlockQ8K; NT],
-    acc: &mut [__m256],
-    accm: &mut [f32; NT],
-) {
-    let mut sc = [0i16; 8];
-    let mut mn = [0i32; 8];
+}
+
+trait KQuant4 {
+    unsafe fn unpack(&self) -> K4;
+}
+
+#[inline(always)]
+unsafe fn k4_scales(scales: &[u8; 12], sc: &mut [i32; 8], mn: &mut [i32; 8]) {
     for j in 0..8 {
         let (s, m) = scale_min_k4(j, scales);
-        sc[j] = s as i16;
+        sc[j] = s as i32;
         mn[j] = m as i32;
     }
-    for t in 0..NT {
-        let y = a[t];
-        let mut sumi = _mm256_setzero_si256();
-        for (c, &(lo, hi)) in q.iter().enumerate() {
-            let p0 = D::dot_us(lo, load(&y.qs[64 * c..]));
-            let p1 = D::dot_us(hi, load(&y.qs[64 * c + 32..]));
-            sumi = _mm256_add_epi32(
-                sumi,
-                _mm256_mullo_epi32(p0, _mm256_set1_epi32(sc[2 * c] as i32)),
-            );
-            sumi = _mm256_add_epi32(
-                sumi,
-                _mm256_mullo_epi32(p1, _mm256_set1_epi32(sc[2 * c + 1] as i32)),
-            );
+}
+
+impl KQuant4 for BlockQ4K {
+    #[inline(always)]
+    unsafe fn unpack(&self) -> K4 {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut k = K4 {
+            lo: [_mm256_setzero_si256(); 4],
+            hi: [_mm256_setzero_si256(); 4],
+            sc: [0; 8],
+            mn: [0; 8],
+            d: f16_to_f32(self.d),
+            dmin: f16_to_f32(self.dmin),
+        };
+        for c in 0..4 {
+            let v = loadu8(&self.qs[32 * c..]);
+            k.lo[c] = _mm256_and_si256(v, m4);
+            k.hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
         }
-        let mut m = 0i32;
-        for j in 0..8 {
-            m += mn[j] * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
-        }
-        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi), acc[t]);
-        accm[t] += dmin * y.d * m as f32;
+        k4_scales(&self.scales, &mut k.sc, &mut k.mn);
+        k
     }
 }
 
-#[inline(always)]
-unsafe fn q4k<D: Int8Dot, const NT: usize>(w: &[BlockQ4K], a: [&[BlockQ8K]; NT]) -> [f32; NT] {
-    for t in a.iter() {
-        assert!(t.len() >= w.len());
-    }
-    let mut acc = [_mm256_setzero_ps(); NT];
-    let mut accm = [0.0f32; NT];
-    let m4 = _mm256_set1_epi8(0x0F);
-    for (i, b) in w.iter().enumerate() {
-        let mut q = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 4];
-        for (c, qc) in q.iter_mut().enumerate() {
-            let v = loadu8(&b.qs[32 * c..]);
-            *qc = (
-                _mm256_and_si256(v, m4),
-                _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
-            );
-        }
-        let ys: [&BlockQ8K; NT] = std::array::from_fn(|t| a[t].get_unchecked(i));
-        dot_k4::<D, NT>(
-            f16_to_f32(b.d),
-            f16_to_f32(b.dmin),
-            &b.scales,
-            &q,
-            &ys,
-            &mut acc,
-            &mut accm,
-        );
-    }
-    std::array::from_fn(|t| hsum_ps(acc[t]) - accm[t])
-}
-
-#[inline(always)]
-unsafe fn q5k<D: Int8Dot, const NT: usize>(w: &[BlockQ5K], a: [&[BlockQ8K]; NT]) -> [f32; NT] {
-    for t in a.iter() {
-        assert!(t.len() >= w.len());
-    }
-    let mut acc = [_mm256_setzero_ps(); NT];
-    let mut accm = [0.0f32; NT];
-    let m4 = _mm256_set1_epi8(0x0F);
-    let one = _mm256_set1_epi8(1);
-    for (i, b) in w.iter().enumerate() {
-        let hbits = loadu8(&b.qh);
-        let mut q = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 4];
-        for (c, qc) in q.iter_mut().enumerate() {
-            let v = loadu8(&b.qs[32 * c..]);
-            // Bit 2c (low half) and 2c+1 (high half) of each qh byte, moved to bit 4.
+impl KQuant4 for BlockQ5K {
+    #[inline(always)]
+    unsafe fn unpack(&self) -> K4 {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
+        let hbits = loadu8(&self.qh);
+        let mut k = K4 {
+            lo: [_mm256_setzero_si256(); 4],
+            hi: [_mm256_setzero_si256(); 4],
+            sc: [0; 8],
+            mn: [0; 8],
+            d: f16_to_f32(self.d),
+            dmin: f16_to_f32(self.dmin),
+        };
+        for c in 0..4 {
+            let v = loadu8(&self.qs[32 * c..]);
+            // Bit 2c (low nibbles) and 2c+1 (high nibbles) of each qh byte, moved to bit 4.
             let h0 = _mm256_and_si256(
                 _mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * c as i32)),
                 one,
@@ -267,94 +304,194 @@ unsafe fn q5k<D: Int8Dot, const NT: usize>(w: &[BlockQ5K], a: [&[BlockQ8K]; NT])
                 _mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * c as i32 + 1)),
                 one,
             );
-            let lo = _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_slli_epi16(h0, 4));
-            let hi = _mm256_or_si256(
+            k.lo[c] = _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_slli_epi16(h0, 4));
+            k.hi[c] = _mm256_or_si256(
                 _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
                 _mm256_slli_epi16(h1, 4),
             );
-            *qc = (lo, hi);
         }
-        let ys: [&BlockQ8K; NT] = std::array::from_fn(|t| a[t].get_unchecked(i));
-        dot_k4::<D, NT>(
-            f16_to_f32(b.d),
-            f16_to_f32(b.dmin),
-            &b.scales,
-            &q,
-            &ys,
-            &mut acc,
-            &mut accm,
-        );
+        k4_scales(&self.scales, &mut k.sc, &mut k.mn);
+        k
     }
-    std::array::from_fn(|t| hsum_ps(acc[t]) - accm[t])
+}
+
+/// Q4_K/Q5_K tile: Σ_j sc_j·Σ q·y over 8 sub-blocks, minus the mins term
+/// Σ_j m_j·(bsum_2j + bsum_2j+1) (kept in a separate scalar accumulator).
+#[inline(always)]
+unsafe fn tile_k4<D: Int8Dot, W: KQuant4, const NR: usize, const NT: usize>(
+    w: [&[W]; NR],
+    a: [&[BlockQ8K]; NT],
+) -> [[f32; NT]; NR] {
+    let nb = w[0].len();
+    for r in 0..NR {
+        assert_eq!(w[r].len(), nb);
+    }
+    for t in 0..NT {
+        assert!(a[t].len() >= nb);
+    }
+    let mut acc = [[_mm256_setzero_ps(); NT]; NR];
+    let mut accm = [[0.0f32; NT]; NR];
+    let ahead = 2 * NR * nb * std::mem::size_of::<W>();
+    for i in 0..nb {
+        for r in 0..NR {
+            prefetch(w[r].as_ptr().add(i) as *const u8, ahead);
+        }
+        let mut k = [w[0].get_unchecked(i).unpack(); NR];
+        for r in 1..NR {
+            k[r] = w[r].get_unchecked(i).unpack();
+        }
+        for t in 0..NT {
+            let y = a[t].get_unchecked(i);
+            let mut bs = [0i32; 8];
+            for j in 0..8 {
+                bs[j] = y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32;
+            }
+            for r in 0..NR {
+                let kr = &k[r];
+                let mut sumi = _mm256_setzero_si256();
+                for c in 0..4 {
+                    let p0 = D::dot_us(kr.lo[c], load(&y.qs[64 * c..]));
+                    let p1 = D::dot_us(kr.hi[c], load(&y.qs[64 * c + 32..]));
+                    sumi = _mm256_add_epi32(
+                        sumi,
+                        _mm256_mullo_epi32(p0, _mm256_set1_epi32(kr.sc[2 * c])),
+                    );
+                    sumi = _mm256_add_epi32(
+                        sumi,
+                        _mm256_mullo_epi32(p1, _mm256_set1_epi32(kr.sc[2 * c + 1])),
+                    );
+                }
+                let mut m = 0i32;
+                for j in 0..8 {
+                    m += kr.mn[j] * bs[j];
+                }
+                acc[r][t] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(kr.d * y.d),
+                    _mm256_cvtepi32_ps(sumi),
+                    acc[r][t],
+                );
+                accm[r][t] += kr.dmin * y.d * m as f32;
+            }
+        }
+    }
+    let mut out = [[0.0f32; NT]; NR];
+    for r in 0..NR {
+        for t in 0..NT {
+            out[r][t] = hsum_ps(acc[r][t]) - accm[r][t];
+        }
+    }
+    out
 }
 
 #[inline(always)]
-unsafe fn q6k<D: Int8Dot, const NT: usize>(w: &[BlockQ6K], a: [&[BlockQ8K]; NT]) -> [f32; NT] {
-    for t in a.iter() {
-        assert!(t.len() >= w.len());
+unsafe fn q4k<D: Int8Dot, const NR: usize, const NT: usize>(
+    w: [&[BlockQ4K]; NR],
+    a: [&[BlockQ8K]; NT],
+) -> [[f32; NT]; NR] {
+    tile_k4::<D, _, NR, NT>(w, a)
+}
+
+#[inline(always)]
+unsafe fn q5k<D: Int8Dot, const NR: usize, const NT: usize>(
+    w: [&[BlockQ5K]; NR],
+    a: [&[BlockQ8K]; NT],
+) -> [[f32; NT]; NR] {
+    tile_k4::<D, _, NR, NT>(w, a)
+}
+
+#[inline(always)]
+unsafe fn q6k<D: Int8Dot, const NR: usize, const NT: usize>(
+    w: [&[BlockQ6K]; NR],
+    a: [&[BlockQ8K]; NT],
+) -> [[f32; NT]; NR] {
+    let nb = w[0].len();
+    for r in 0..NR {
+        assert_eq!(w[r].len(), nb);
     }
-    let mut acc = [_mm256_setzero_ps(); NT];
+    for t in 0..NT {
+        assert!(a[t].len() >= nb);
+    }
+    let mut acc = [[_mm256_setzero_ps(); NT]; NR];
     let m4 = _mm256_set1_epi8(0x0F);
     let m30 = _mm256_set1_epi8(0x30);
     let m32 = _mm256_set1_epi8(32);
-    for (i, b) in w.iter().enumerate() {
-        // 8 groups of 32 unsigned 6-bit quants (0..63), element order.
-        let mut q = [_mm256_setzero_si256(); 8];
-        for n in 0..2 {
-            let ql0 = loadu8(&b.ql[64 * n..]);
-            let ql1 = loadu8(&b.ql[64 * n + 32..]);
-            let qh = loadu8(&b.qh[32 * n..]);
-            q[4 * n] = _mm256_or_si256(
-                _mm256_and_si256(ql0, m4),
-                _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
-            );
-            q[4 * n + 1] = _mm256_or_si256(
-                _mm256_and_si256(ql1, m4),
-                _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
-            );
-            q[4 * n + 2] = _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                _mm256_and_si256(qh, m30),
-            );
-            q[4 * n + 3] = _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
-            );
+    for i in 0..nb {
+        // Per row: 8 groups of 32 unsigned 6-bit quants (0..63) in element
+        // order, and the scales of each group's two 16-element halves (one
+        // per 128-bit lane).
+        let mut q = [[_mm256_setzero_si256(); 8]; NR];
+        let mut sc = [[_mm256_setzero_si256(); 8]; NR];
+        let mut d = [0.0f32; NR];
+        for r in 0..NR {
+            prefetch(w[r].as_ptr().add(i) as *const u8, NR * nb * std::mem::size_of::<BlockQ6K>());
+            let b = w[r].get_unchecked(i);
+            for n in 0..2 {
+                let ql0 = loadu8(&b.ql[64 * n..]);
+                let ql1 = loadu8(&b.ql[64 * n + 32..]);
+                let qh = loadu8(&b.qh[32 * n..]);
+                q[r][4 * n] = _mm256_or_si256(
+                    _mm256_and_si256(ql0, m4),
+                    _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
+                );
+                q[r][4 * n + 1] = _mm256_or_si256(
+                    _mm256_and_si256(ql1, m4),
+                    _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
+                );
+                q[r][4 * n + 2] = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                    _mm256_and_si256(qh, m30),
+                );
+                q[r][4 * n + 3] = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                );
+            }
+            for g in 0..8 {
+                sc[r][g] = _mm256_set_m128i(
+                    _mm_set1_epi32(b.scales[2 * g + 1] as i32),
+                    _mm_set1_epi32(b.scales[2 * g] as i32),
+                );
+            }
+            d[r] = f16_to_f32(b.d);
         }
-        // Scales of the two 16-element halves of each group, one per 128-bit lane.
-        let sc: [__m256i; 8] = std::array::from_fn(|g| {
-            _mm256_set_m128i(
-                _mm_set1_epi32(b.scales[2 * g + 1] as i32),
-                _mm_set1_epi32(b.scales[2 * g] as i32),
-            )
-        });
-        let d = f16_to_f32(b.d);
         for t in 0..NT {
             let y = a[t].get_unchecked(i);
-            let mut sumi = _mm256_setzero_si256();
-            for g in 0..8 {
-                let yv = load(&y.qs[32 * g..]);
-                // Σ (q - 32)·y = Σ q·y - 32·Σ y, both exact in i32.
-                let p = _mm256_sub_epi32(D::dot_us(q[g], yv), D::dot_us(m32, yv));
-                sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, sc[g]));
+            for r in 0..NR {
+                let mut sumi = _mm256_setzero_si256();
+                for g in 0..8 {
+                    let yv = load(&y.qs[32 * g..]);
+                    // Σ (q - 32)·y = Σ q·y - 32·Σ y, both exact in i32.
+                    let p = _mm256_sub_epi32(D::dot_us(q[r][g], yv), D::dot_us(m32, yv));
+                    sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, sc[r][g]));
+                }
+                acc[r][t] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(d[r] * y.d),
+                    _mm256_cvtepi32_ps(sumi),
+                    acc[r][t],
+                );
             }
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi), acc[t]);
         }
     }
-    std::array::from_fn(|t| hsum_ps(acc[t]))
+    let mut out = [[0.0f32; NT]; NR];
+    for r in 0..NR {
+        for t in 0..NT {
+            out[r][t] = hsum_ps(acc[r][t]);
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------- tables
 
-/// Safe entry points: a `#[target_feature]` function per (kernel, table)
-/// into which the generic kernel is inlined, and a safe wrapper that is only
-/// placed in a table after the CPU features were detected.
+/// Safe entry points: a `#[target_feature]` function per (kernel, table,
+/// tile shape) into which the generic kernel is inlined, and a safe wrapper
+/// that is only placed in a table after the CPU features were detected.
 macro_rules! entry {
-    ($name:ident, $kernel:ident, $d:ty, $feat:literal, $w:ty, $a:ty, $nt:literal) => {
-        fn $name(w: &[$w], a: [&[$a]; $nt]) -> [f32; $nt] {
+    ($name:ident, $kernel:ident, $d:ty, $feat:literal, $w:ty, $a:ty, $nr:literal, $nt:literal) => {
+        fn $name(w: [&[$w]; $nr], a: [&[$a]; $nt]) -> [[f32; $nt]; $nr] {
             #[target_feature(enable = $feat)]
-            unsafe fn inner(w: &[$w], a: [&[$a]; $nt]) -> [f32; $nt] {
-                $kernel::<$d, $nt>(w, a)
+            unsafe fn inner(w: [&[$w]; $nr], a: [&[$a]; $nt]) -> [[f32; $nt]; $nr] {
+                $kernel::<$d, $nr, $nt>(w, a)
             }
             // SAFETY: this function is only reachable through a kernel table
             // that `simd::available` returns after detecting `$feat`.
@@ -364,239 +501,625 @@ macro_rules! entry {
 }
 
 entry!(
-    avx2_q8_0_1,
+    avx2_q8_0_1x1,
     q8_0,
     Avx2,
     "avx2,fma,f16c",
     BlockQ8_0,
     BlockQ8_0,
+    1,
     1
 );
 entry!(
-    avx2_q8_0_4,
+    avx2_q8_0_1x4,
     q8_0,
     Avx2,
     "avx2,fma,f16c",
     BlockQ8_0,
     BlockQ8_0,
+    1,
     4
 );
 entry!(
-    avx2_q4_0_1,
+    avx2_q8_0_4x1,
+    q8_0,
+    Avx2,
+    "avx2,fma,f16c",
+    BlockQ8_0,
+    BlockQ8_0,
+    4,
+    1
+);
+entry!(
+    avx2_q8_0_4x4,
+    q8_0,
+    Avx2,
+    "avx2,fma,f16c",
+    BlockQ8_0,
+    BlockQ8_0,
+    4,
+    4
+);
+entry!(
+    avx2_q4_0_1x1,
     q4_0,
     Avx2,
     "avx2,fma,f16c",
     BlockQ4_0,
     BlockQ8_0,
+    1,
     1
 );
 entry!(
-    avx2_q4_0_4,
+    avx2_q4_0_1x4,
     q4_0,
     Avx2,
     "avx2,fma,f16c",
     BlockQ4_0,
     BlockQ8_0,
+    1,
     4
 );
 entry!(
-    avx2_q5_0_1,
+    avx2_q4_0_4x1,
+    q4_0,
+    Avx2,
+    "avx2,fma,f16c",
+    BlockQ4_0,
+    BlockQ8_0,
+    4,
+    1
+);
+entry!(
+    avx2_q4_0_4x4,
+    q4_0,
+    Avx2,
+    "avx2,fma,f16c",
+    BlockQ4_0,
+    BlockQ8_0,
+    4,
+    4
+);
+entry!(
+    avx2_q5_0_1x1,
     q5_0,
     Avx2,
     "avx2,fma,f16c",
     BlockQ5_0,
     BlockQ8_0,
+    1,
     1
 );
 entry!(
-    avx2_q5_0_4,
+    avx2_q5_0_1x4,
     q5_0,
     Avx2,
     "avx2,fma,f16c",
     BlockQ5_0,
     BlockQ8_0,
+    1,
     4
 );
 entry!(
-    avx2_q4k_1,
+    avx2_q5_0_4x1,
+    q5_0,
+    Avx2,
+    "avx2,fma,f16c",
+    BlockQ5_0,
+    BlockQ8_0,
+    4,
+    1
+);
+entry!(
+    avx2_q5_0_4x4,
+    q5_0,
+    Avx2,
+    "avx2,fma,f16c",
+    BlockQ5_0,
+    BlockQ8_0,
+    4,
+    4
+);
+entry!(
+    avx2_q4k_1x1,
     q4k,
     Avx2,
     "avx2,fma,f16c",
     BlockQ4K,
     BlockQ8K,
+    1,
     1
 );
 entry!(
-    avx2_q4k_4,
+    avx2_q4k_1x4,
     q4k,
     Avx2,
     "avx2,fma,f16c",
     BlockQ4K,
     BlockQ8K,
+    1,
     4
 );
 entry!(
-    avx2_q5k_1,
+    avx2_q4k_4x1,
+    q4k,
+    Avx2,
+    "avx2,fma,f16c",
+    BlockQ4K,
+    BlockQ8K,
+    4,
+    1
+);
+entry!(
+    avx2_q4k_4x4,
+    q4k,
+    Avx2,
+    "avx2,fma,f16c",
+    BlockQ4K,
+    BlockQ8K,
+    4,
+    4
+);
+entry!(
+    avx2_q5k_1x1,
     q5k,
     Avx2,
     "avx2,fma,f16c",
     BlockQ5K,
     BlockQ8K,
+    1,
     1
 );
 entry!(
-    avx2_q5k_4,
+    avx2_q5k_1x4,
     q5k,
     Avx2,
     "avx2,fma,f16c",
     BlockQ5K,
     BlockQ8K,
+    1,
     4
 );
 entry!(
-    avx2_q6k_1,
-    q6k,
+    avx2_q5k_4x1,
+    q5k,
     Avx2,
     "avx2,fma,f16c",
-    BlockQ6K,
+    BlockQ5K,
     BlockQ8K,
+    4,
     1
 );
 entry!(
-    avx2_q6k_4,
+    avx2_q5k_4x4,
+    q5k,
+    Avx2,
+    "avx2,fma,f16c",
+    BlockQ5K,
+    BlockQ8K,
+    4,
+    4
+);
+entry!(
+    avx2_q6k_1x1,
     q6k,
     Avx2,
     "avx2,fma,f16c",
     BlockQ6K,
     BlockQ8K,
+    1,
+    1
+);
+entry!(
+    avx2_q6k_1x4,
+    q6k,
+    Avx2,
+    "avx2,fma,f16c",
+    BlockQ6K,
+    BlockQ8K,
+    1,
+    4
+);
+entry!(
+    avx2_q6k_4x1,
+    q6k,
+    Avx2,
+    "avx2,fma,f16c",
+    BlockQ6K,
+    BlockQ8K,
+    4,
+    1
+);
+entry!(
+    avx2_q6k_4x4,
+    q6k,
+    Avx2,
+    "avx2,fma,f16c",
+    BlockQ6K,
+    BlockQ8K,
+    4,
     4
 );
 
 entry!(
-    vnni_q8_0_1,
+    vnni_q8_0_1x1,
     q8_0,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
     BlockQ8_0,
     BlockQ8_0,
+    1,
     1
 );
 entry!(
-    vnni_q8_0_4,
+    vnni_q8_0_1x4,
     q8_0,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
     BlockQ8_0,
     BlockQ8_0,
+    1,
     4
 );
 entry!(
-    vnni_q4_0_1,
+    vnni_q8_0_4x1,
+    q8_0,
+    Vnni,
+    "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
+    BlockQ8_0,
+    BlockQ8_0,
+    4,
+    1
+);
+entry!(
+    vnni_q8_0_4x4,
+    q8_0,
+    Vnni,
+    "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
+    BlockQ8_0,
+    BlockQ8_0,
+    4,
+    4
+);
+entry!(
+    vnni_q4_0_1x1,
     q4_0,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
     BlockQ4_0,
     BlockQ8_0,
+    1,
     1
 );
 entry!(
-    vnni_q4_0_4,
+    vnni_q4_0_1x4,
     q4_0,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
     BlockQ4_0,
     BlockQ8_0,
+    1,
     4
 );
 entry!(
-    vnni_q5_0_1,
+    vnni_q4_0_4x1,
+    q4_0,
+    Vnni,
+    "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
+    BlockQ4_0,
+    BlockQ8_0,
+    4,
+    1
+);
+entry!(
+    vnni_q4_0_4x4,
+    q4_0,
+    Vnni,
+    "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
+    BlockQ4_0,
+    BlockQ8_0,
+    4,
+    4
+);
+entry!(
+    vnni_q5_0_1x1,
     q5_0,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
     BlockQ5_0,
     BlockQ8_0,
+    1,
     1
 );
 entry!(
-    vnni_q5_0_4,
+    vnni_q5_0_1x4,
     q5_0,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
     BlockQ5_0,
     BlockQ8_0,
+    1,
     4
 );
 entry!(
-    vnni_q4k_1,
+    vnni_q5_0_4x1,
+    q5_0,
+    Vnni,
+    "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
+    BlockQ5_0,
+    BlockQ8_0,
+    4,
+    1
+);
+entry!(
+    vnni_q5_0_4x4,
+    q5_0,
+    Vnni,
+    "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
+    BlockQ5_0,
+    BlockQ8_0,
+    4,
+    4
+);
+entry!(
+    vnni_q4k_1x1,
     q4k,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
     BlockQ4K,
     BlockQ8K,
+    1,
     1
 );
 entry!(
-    vnni_q4k_4,
+    vnni_q4k_1x4,
     q4k,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
     BlockQ4K,
     BlockQ8K,
+    1,
     4
 );
 entry!(
-    vnni_q5k_1,
+    vnni_q4k_4x1,
+    q4k,
+    Vnni,
+    "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
+    BlockQ4K,
+    BlockQ8K,
+    4,
+    1
+);
+entry!(
+    vnni_q4k_4x4,
+    q4k,
+    Vnni,
+    "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
+    BlockQ4K,
+    BlockQ8K,
+    4,
+    4
+);
+entry!(
+    vnni_q5k_1x1,
     q5k,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
     BlockQ5K,
     BlockQ8K,
+    1,
     1
 );
 entry!(
-    vnni_q5k_4,
+    vnni_q5k_1x4,
     q5k,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
     BlockQ5K,
     BlockQ8K,
+    1,
     4
 );
 entry!(
-    vnni_q6k_1,
-    q6k,
+    vnni_q5k_4x1,
+    q5k,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
-    BlockQ6K,
+    BlockQ5K,
     BlockQ8K,
+    4,
     1
 );
 entry!(
-    vnni_q6k_4,
+    vnni_q5k_4x4,
+    q5k,
+    Vnni,
+    "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
+    BlockQ5K,
+    BlockQ8K,
+    4,
+    4
+);
+entry!(
+    vnni_q6k_1x1,
     q6k,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
     BlockQ6K,
     BlockQ8K,
+    1,
+    1
+);
+entry!(
+    vnni_q6k_1x4,
+    q6k,
+    Vnni,
+    "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
+    BlockQ6K,
+    BlockQ8K,
+    1,
+    4
+);
+entry!(
+    vnni_q6k_4x1,
+    q6k,
+    Vnni,
+    "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
+    BlockQ6K,
+    BlockQ8K,
+    4,
+    1
+);
+entry!(
+    vnni_q6k_4x4,
+    q6k,
+    Vnni,
+    "avx2,fma,f16c,avx512f,avx512vnni,avx512vl",
+    BlockQ6K,
+    BlockQ8K,
+    4,
     4
 );
 
 pub const AVX2: DotKernels = DotKernels {
     name: "avx2",
-    q8_0: (avx2_q8_0_1, avx2_q8_0_4),
-    q4_0: (avx2_q4_0_1, avx2_q4_0_4),
-    q5_0: (avx2_q5_0_1, avx2_q5_0_4),
-    q4k: (avx2_q4k_1, avx2_q4k_4),
-    q5k: (avx2_q5k_1, avx2_q5k_4),
-    q6k: (avx2_q6k_1, avx2_q6k_4),
+    q8_0: Tiles {
+        t1x1: avx2_q8_0_1x1,
+        t1x4: avx2_q8_0_1x4,
+        t4x1: avx2_q8_0_4x1,
+        t4x4: avx2_q8_0_4x4,
+    },
+    q4_0: Tiles {
+        t1x1: avx2_q4_0_1x1,
+        t1x4: avx2_q4_0_1x4,
+        t4x1: avx2_q4_0_4x1,
+        t4x4: avx2_q4_0_4x4,
+    },
+    q5_0: Tiles {
+        t1x1: avx2_q5_0_1x1,
+        t1x4: avx2_q5_0_1x4,
+        t4x1: avx2_q5_0_4x1,
+        t4x4: avx2_q5_0_4x4,
+    },
+    q4k: Tiles {
+        t1x1: avx2_q4k_1x1,
+        t1x4: avx2_q4k_1x4,
+        t4x1: avx2_q4k_4x1,
+        t4x4: avx2_q4k_4x4,
+    },
+    q5k: Tiles {
+        t1x1: avx2_q5k_1x1,
+        t1x4: avx2_q5k_1x4,
+        t4x1: avx2_q5k_4x1,
+        t4x4: avx2_q5k_4x4,
+    },
+    q6k: Tiles {
+        t1x1: avx2_q6k_1x1,
+        t1x4: avx2_q6k_1x4,
+        t4x1: avx2_q6k_4x1,
+        t4x4: avx2_q6k_4x4,
+    },
 };
 
 pub const VNNI: DotKernels = DotKernels {
     name: "avx512-vnni",
-    q8_0: (vnni_q8_0_1, vnni_q8_0_4),
-    q4_0: (vnni_q4_0_1, vnni_q4_0_4),
-    q5_0: (vnni_q5_0_1, vnni_q5_0_4),
-    q4k: (vnni_q4k_1, vnni_q4k_4),
-    q5k: (vnni_q5k_1, vnni_q5k_4),
-    q6k: (vnni_q6k_1, vnni_q6k_4),
+    q8_0: Tiles {
+        t1x1: vnni_q8_0_1x1,
+        t1x4: vnni_q8_0_1x4,
+        t4x1: vnni_q8_0_4x1,
+        t4x4: vnni_q8_0_4x4,
+    },
+    q4_0: Tiles {
+        t1x1: vnni_q4_0_1x1,
+        t1x4: vnni_q4_0_1x4,
+        t4x1: vnni_q4_0_4x1,
+        t4x4: vnni_q4_0_4x4,
+    },
+    q5_0: Tiles {
+        t1x1: vnni_q5_0_1x1,
+        t1x4: vnni_q5_0_1x4,
+        t4x1: vnni_q5_0_4x1,
+        t4x4: vnni_q5_0_4x4,
+    },
+    q4k: Tiles {
+        t1x1: vnni_q4k_1x1,
+        t1x4: vnni_q4k_1x4,
+        t4x1: vnni_q4k_4x1,
+        t4x4: vnni_q4k_4x4,
+    },
+    q5k: Tiles {
+        t1x1: vnni_q5k_1x1,
+        t1x4: vnni_q5k_1x4,
+        t4x1: vnni_q5k_4x1,
+        t4x4: vnni_q5k_4x4,
+    },
+    q6k: Tiles {
+        t1x1: vnni_q6k_1x1,
+        t1x4: vnni_q6k_1x4,
+        t4x1: vnni_q6k_4x1,
+        t4x4: vnni_q6k_4x4,
+    },
 };
+
+// ---------------------------------------------------------------- f16 attention ops
+
+/// `out[h] = q_h · k` for up to 8 heads; k is converted 8 halves at a time
+/// and shared by all heads.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots_f16_avx2(q: &[f32], k: &[half::f16], out: &mut [f32]) {
+    let hd = k.len();
+    let g = out.len();
+    assert!(g <= 8 && hd % 8 == 0 && q.len() >= g * hd);
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let kp = k.as_ptr() as *const __m128i;
+    for c in 0..hd / 8 {
+        let kv = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(c)));
+        for h in 0..g {
+            let qv = _mm256_loadu_ps(q.as_ptr().add(h * hd + 8 * c));
+            acc[h] = _mm256_fmadd_ps(qv, kv, acc[h]);
+        }
+    }
+    for h in 0..g {
+        out[h] = hsum_ps(acc[h]);
+    }
+}
+
+/// `acc_h += p[h] · v` for up to 8 heads.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpys_f16_avx2(acc: &mut [f32], p: &[f32], v: &[half::f16]) {
+    let hd = v.len();
+    let g = p.len();
+    assert!(g <= 8 && hd % 8 == 0 && acc.len() >= g * hd);
+    let mut pv = [_mm256_setzero_ps(); 8];
+    for h in 0..g {
+        pv[h] = _mm256_set1_ps(p[h]);
+    }
+    let vp = v.as_ptr() as *const __m128i;
+    for c in 0..hd / 8 {
+        let vv = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(c)));
+        for h in 0..g {
+            let a = acc.as_mut_ptr().add(h * hd + 8 * c);
+            _mm256_storeu_ps(a, _mm256_fmadd_ps(pv[h], vv, _mm256_loadu_ps(a)));
+        }
+    }
+}
+
+fn dots_f16(q: &[f32], k: &[half::f16], out: &mut [f32]) {
+    if out.len() > 8 || k.len() % 8 != 0 {
+        return (crate::simd::F16_SCALAR.dots)(q, k, out);
+    }
+    // SAFETY: only reachable through F16_AVX2, which `simd::f16_available`
+    // returns after detecting avx2, fma and f16c; shapes checked above.
+    unsafe { dots_f16_avx2(q, k, out) }
+}
+
+fn axpys_f16(acc: &mut [f32], p: &[f32], v: &[half::f16]) {
+    if p.len() > 8 || v.len() % 8 != 0 {
+        return (crate::simd::F16_SCALAR.axpys)(acc, p, v);
+    }
+    // SAFETY: as for dots_f16.
+    unsafe { axpys_f16_avx2(acc, p, v) }
+}
+
+pub const F16_AVX2: crate::simd::F16Ops = crate::simd::F16Ops { name: "avx2-f16c", dots: dots_f16, axpys: axpys_f16 };

@@ -13,7 +13,6 @@ use crate::kv_cache::MAX_UBATCH;
 use crate::{KvCache, Model, ModelError};
 use gemma3_kernels::ops;
 use gemma3_kernels::MatmulScratch;
-use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
@@ -329,62 +328,51 @@ impl Model {
 
 /// Keys per block of the online softmax.
 const KV_BLOCK: usize = 32;
+/// Most query heads per KV head (grouped-query attention).
+const MAX_GROUP: usize = 8;
 
 /// Attention of `q` (group × hd, pre-scaled) over cached positions lo..=hi
-/// of one KV head (at column `col`), written to `out` (group × hd).
+/// of one KV head (at column `col`), written to `out` (group × hd). Keys and
+/// values stay f16 in the cache; the f16 ops convert them on the fly.
 #[allow(clippy::too_many_arguments)]
-fn attend(
-    q: &[f32],
-    lc: &crate::kv_cache::LayerCache,
-    col: usize,
-    kvd: usize,
-    hd: usize,
-    lo: usize,
-    hi: usize,
-    out: &mut [f32],
-) {
+fn attend(q: &[f32], lc: &crate::kv_cache::LayerCache, col: usize, kvd: usize, hd: usize, lo: usize, hi: usize, out: &mut [f32]) {
+    let ops = gemma3_kernels::simd::f16_best();
     let group = q.len() / hd;
-    let mut m = [f32::NEG_INFINITY; 16];
-    let mut sum = [0.0f32; 16];
-    debug_assert!(group <= 16);
+    assert!(group <= MAX_GROUP, "at most {MAX_GROUP} query heads per KV head");
+    let mut m = [f32::NEG_INFINITY; MAX_GROUP];
+    let mut sum = [0.0f32; MAX_GROUP];
+    // s[j][h]: score of key j for head h, then its softmax weight.
+    let mut s = [[0.0f32; MAX_GROUP]; KV_BLOCK];
     out.fill(0.0);
-    let mut kbuf = [0.0f32; 512];
-    let mut s = [[0.0f32; KV_BLOCK]; 16];
     let mut b0 = lo;
     while b0 <= hi {
         let b1 = (b0 + KV_BLOCK - 1).min(hi);
         let nb = b1 - b0 + 1;
         for (j, p) in (b0..=b1).enumerate() {
             let off = lc.slot(p) * kvd + col;
-            let k = &mut kbuf[..hd];
-            lc.k[off..off + hd].convert_to_f32_slice(k);
-            for h in 0..group {
-                s[h][j] = ops::dot_f32(&q[h * hd..(h + 1) * hd], k);
+            (ops.dots)(q, &lc.k[off..off + hd], &mut s[j][..group]);
+        }
+        // Online softmax: rescale what was accumulated when the max grows.
+        let mut corr = [1.0f32; MAX_GROUP];
+        for h in 0..group {
+            let bm = s[..nb].iter().fold(f32::NEG_INFINITY, |a, r| a.max(r[h]));
+            let new_m = m[h].max(bm);
+            corr[h] = (m[h] - new_m).exp();
+            m[h] = new_m;
+            sum[h] *= corr[h];
+            for r in s[..nb].iter_mut() {
+                r[h] = (r[h] - new_m).exp();
+                sum[h] += r[h];
             }
         }
         for h in 0..group {
-            let bm = s[h][..nb].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let new_m = m[h].max(bm);
-            let corr = (m[h] - new_m).exp();
-            if corr != 1.0 {
-                sum[h] *= corr;
-                out[h * hd..(h + 1) * hd]
-                    .iter_mut()
-                    .for_each(|v| *v *= corr);
-            }
-            m[h] = new_m;
-            for v in s[h][..nb].iter_mut() {
-                *v = (*v - new_m).exp();
-                sum[h] += *v;
+            if corr[h] != 1.0 {
+                out[h * hd..(h + 1) * hd].iter_mut().for_each(|v| *v *= corr[h]);
             }
         }
         for (j, p) in (b0..=b1).enumerate() {
             let off = lc.slot(p) * kvd + col;
-            let v = &mut kbuf[..hd];
-            lc.v[off..off + hd].convert_to_f32_slice(v);
-            for h in 0..group {
-                ops::axpy(&mut out[h * hd..(h + 1) * hd], s[h][j], v);
-            }
+            (ops.axpys)(out, &s[j][..group], &lc.v[off..off + hd]);
         }
         b0 = b1 + 1;
     }
@@ -414,9 +402,4 @@ fn apply_rope(x: &mut [f32], table: &[f32]) {
         x[i] = a * c - b * s;
         x[i + half] = a * s + b * c;
     }
-}
-
-#[allow(dead_code)]
-fn _assert_f16_size() {
-    let _ = std::mem::size_of::<f16>();
 }
