@@ -207,10 +207,12 @@ pub fn matmul_with(
     );
     let acts = scratch.quantize(w.format, x, w.cols);
     let rows = w.rows;
-    // Rows per task: enough work per task to amortise scheduling, enough
-    // tasks to balance the threads.
+    // Rows per task: at least ~32 KiB of weight·token work per task so that
+    // scheduling stays cheap next to it, and enough tasks to balance the
+    // threads; a multiple of 4 for the 4-row tiles.
     let threads = rayon::current_num_threads().max(1);
-    let chunk = ((rows / (threads * 8)).clamp(4, 256) / 4 * 4).min(rows.max(1));
+    let min_rows = (32 * 1024 / (w.row_bytes() * n).max(1)).max(4);
+    let chunk = ((rows / (threads * 8)).clamp(min_rows, 256.max(min_rows)).div_ceil(4) * 4).min(rows.max(1));
     let ptr = OutPtr(out.as_mut_ptr());
     let body = |r0: usize| {
         let ptr = ptr;

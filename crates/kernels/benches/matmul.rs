@@ -1,0 +1,80 @@
+//! Kernel micro-benchmarks at Gemma 3 270M's real shapes (rows × cols of
+//! each matrix, in the format the shipped Q4_K_M file stores it) and batch
+//! sizes 1, 64 and 512, for every kernel table this CPU runs.
+//!
+//! `cargo bench -p gemma3-kernels` (add `-- 'q8_0'` to filter).
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use gemma3_kernels::matmul::matmul_with;
+use gemma3_kernels::quant::{quantize_weights_q5_0, quantize_weights_q8_0};
+use gemma3_kernels::{simd, MatmulScratch, QMatrix, WeightFormat};
+
+/// Deterministic pseudo-random weights/activations in [-1, 1).
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Random K-quant blocks with sane scales (we have no K-quant quantizer; the
+/// byte patterns exercise the same instructions as real weights).
+fn kquant_bytes(format: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
+    let n = format.row_bytes(cols) * rows;
+    let mut b: Vec<u8> = data(n, 7).iter().map(|v| (v * 127.0) as i8 as u8).collect();
+    let bs = format.block_bytes();
+    let scale = half::f16::from_f32(0.01).to_bits().to_le_bytes();
+    for blk in b.chunks_exact_mut(bs) {
+        match format {
+            WeightFormat::Q4K | WeightFormat::Q5K => {
+                blk[0..2].copy_from_slice(&scale);
+                blk[2..4].copy_from_slice(&scale);
+            }
+            WeightFormat::Q6K => blk[bs - 2..].copy_from_slice(&scale),
+            _ => {}
+        }
+    }
+    b
+}
+
+fn bench(c: &mut Criterion) {
+    // (name, format, rows, cols): the shapes of one layer and the output head.
+    let shapes = [
+        ("attn_q 640→1024", WeightFormat::Q5_0, 1024, 640),
+        ("attn_k 640→256", WeightFormat::Q5_0, 256, 640),
+        ("attn_v 640→256", WeightFormat::Q8_0, 256, 640),
+        ("attn_output 1024→640", WeightFormat::Q4K, 640, 1024),
+        ("ffn_gate 640→2048", WeightFormat::Q5_0, 2048, 640),
+        ("ffn_down 2048→640", WeightFormat::Q6K, 640, 2048),
+        ("head 640→262144", WeightFormat::Q8_0, 262144, 640),
+    ];
+    for (name, format, rows, cols) in shapes {
+        let bytes = match format {
+            WeightFormat::Q8_0 => quantize_weights_q8_0(&data(rows * cols, 1)),
+            WeightFormat::Q5_0 => quantize_weights_q5_0(&data(rows * cols, 1)),
+            f => kquant_bytes(f, rows, cols),
+        };
+        let w = QMatrix::new(format, rows, cols, &bytes).expect("shape");
+        let mut g = c.benchmark_group(format!("{name} {format}"));
+        g.sample_size(10);
+        let batches: &[usize] = if rows > 100_000 { &[1, 4] } else { &[1, 64, 512] };
+        for &n in batches {
+            let x = data(n * cols, 2);
+            let mut out = vec![0.0f32; n * rows];
+            let mut scratch = MatmulScratch::default();
+            g.throughput(Throughput::Elements((n * rows * cols) as u64));
+            for k in simd::available() {
+                g.bench_with_input(BenchmarkId::new(k.name, n), &n, |b, &n| b.iter(|| matmul_with(&k, &w, &x, n, &mut out, &mut scratch)));
+            }
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
