@@ -212,7 +212,11 @@ pub fn matmul_with(
     // threads; a multiple of 4 for the 4-row tiles.
     let threads = rayon::current_num_threads().max(1);
     let min_rows = (32 * 1024 / (w.row_bytes() * n).max(1)).max(4);
-    let chunk = ((rows / (threads * 8)).clamp(min_rows, 256.max(min_rows)).div_ceil(4) * 4).min(rows.max(1));
+    let chunk = ((rows / (threads * 8))
+        .clamp(min_rows, 256.max(min_rows))
+        .div_ceil(4)
+        * 4)
+    .min(rows.max(1));
     let ptr = OutPtr(out.as_mut_ptr());
     let body = |r0: usize| {
         let ptr = ptr;

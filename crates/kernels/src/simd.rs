@@ -112,7 +112,11 @@ pub struct F16Ops {
 fn dots_ref(q: &[f32], k: &[half::f16], out: &mut [f32]) {
     let hd = k.len();
     for (h, o) in out.iter_mut().enumerate() {
-        *o = q[h * hd..(h + 1) * hd].iter().zip(k).map(|(&a, &b)| a * b.to_f32()).sum();
+        *o = q[h * hd..(h + 1) * hd]
+            .iter()
+            .zip(k)
+            .map(|(&a, &b)| a * b.to_f32())
+            .sum();
     }
 }
 
@@ -125,7 +129,11 @@ fn axpys_ref(acc: &mut [f32], p: &[f32], v: &[half::f16]) {
     }
 }
 
-pub const F16_SCALAR: F16Ops = F16Ops { name: "scalar", dots: dots_ref, axpys: axpys_ref };
+pub const F16_SCALAR: F16Ops = F16Ops {
+    name: "scalar",
+    dots: dots_ref,
+    axpys: axpys_ref,
+};
 
 /// Every f16 table this machine can run, scalar first.
 pub fn f16_available() -> Vec<F16Ops> {
@@ -143,5 +151,11 @@ pub fn f16_available() -> Vec<F16Ops> {
 /// The fastest f16 attention ops for this CPU (scalar under GEMMA3_FORCE_SCALAR).
 pub fn f16_best() -> &'static F16Ops {
     static BEST: OnceLock<F16Ops> = OnceLock::new();
-    BEST.get_or_init(|| if best().name == "scalar" { F16_SCALAR } else { *f16_available().last().unwrap_or(&F16_SCALAR) })
+    BEST.get_or_init(|| {
+        if best().name == "scalar" {
+            F16_SCALAR
+        } else {
+            *f16_available().last().unwrap_or(&F16_SCALAR)
+        }
+    })
 }

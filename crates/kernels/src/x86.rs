@@ -248,7 +248,10 @@ unsafe fn q5_0<D: Int8Dot, const NR: usize, const NT: usize>(
 /// halves the instructions per block. Used by the VNNI table only; results
 /// still do not depend on the tile shape.
 #[inline(always)]
-unsafe fn tile_legacy512<W: Legacy, const NR: usize, const NT: usize>(w: [&[W]; NR], a: [&[BlockQ8_0]; NT]) -> [[f32; NT]; NR] {
+unsafe fn tile_legacy512<W: Legacy, const NR: usize, const NT: usize>(
+    w: [&[W]; NR],
+    a: [&[BlockQ8_0]; NT],
+) -> [[f32; NT]; NR] {
     let nb = w[0].len();
     for r in 0..NR {
         assert_eq!(w[r].len(), nb);
@@ -261,41 +264,46 @@ unsafe fn tile_legacy512<W: Legacy, const NR: usize, const NT: usize>(w: [&[W]; 
     let ahead = prefetch_distance(NR * nb * std::mem::size_of::<W>());
     let mut i = 0;
     while i < nb {
-        // A pair of blocks, or the last block alone (upper half zero).
+        // A pair of blocks, or the last block alone (upper half zero). Scales
+        // are splatted per half: [d_i × 8, d_i+1 × 8].
         let pair = i + 1 < nb;
         let mut ax = [zero; NR];
         let mut neg = [0u64; NR];
-        let mut dx = [[0.0f32; 2]; NR];
+        let mut dx = [_mm512_setzero_ps(); NR];
         for r in 0..NR {
             prefetch(w[r].as_ptr().add(i) as *const u8, ahead);
             let (q0, d0) = w[r].get_unchecked(i).unpack();
-            let x = if pair {
+            let (x, d1) = if pair {
                 let (q1, d1) = w[r].get_unchecked(i + 1).unpack();
-                dx[r][1] = f16_to_f32(d1);
-                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q0), q1)
+                (
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q0), q1),
+                    f16_to_f32(d1),
+                )
             } else {
-                _mm512_zextsi256_si512(q0)
+                (_mm512_zextsi256_si512(q0), 0.0)
             };
-            dx[r][0] = f16_to_f32(d0);
+            dx[r] = _mm512_insertf32x8::<1>(_mm512_set1_ps(f16_to_f32(d0)), _mm256_set1_ps(d1));
             ax[r] = _mm512_abs_epi8(x);
             neg[r] = _mm512_movepi8_mask(x);
         }
         for t in 0..NT {
             let y0 = a[t].get_unchecked(i);
-            let mut dy = [f16_to_f32(y0.d), 0.0];
-            let y = if pair {
+            let (y, dy1) = if pair {
                 let y1 = a[t].get_unchecked(i + 1);
-                dy[1] = f16_to_f32(y1.d);
-                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(load(&y0.qs)), load(&y1.qs))
+                (
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(load(&y0.qs)), load(&y1.qs)),
+                    f16_to_f32(y1.d),
+                )
             } else {
-                _mm512_zextsi256_si512(load(&y0.qs))
+                (_mm512_zextsi256_si512(load(&y0.qs)), 0.0)
             };
+            let dy = _mm512_insertf32x8::<1>(_mm512_set1_ps(f16_to_f32(y0.d)), _mm256_set1_ps(dy1));
             for r in 0..NR {
                 // |x| · (y with x's sign): an unsigned × signed product that dpbusd takes.
                 let sy = _mm512_mask_sub_epi8(y, neg[r], zero, y);
                 let p = _mm512_dpbusd_epi32(zero, ax[r], sy);
-                let sc = _mm512_insertf32x8::<1>(_mm512_set1_ps(dx[r][0] * dy[0]), _mm256_set1_ps(dx[r][1] * dy[1]));
-                acc[r][t] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc[r][t]);
+                acc[r][t] =
+                    _mm512_fmadd_ps(_mm512_mul_ps(dx[r], dy), _mm512_cvtepi32_ps(p), acc[r][t]);
             }
         }
         i += 2;
@@ -310,17 +318,26 @@ unsafe fn tile_legacy512<W: Legacy, const NR: usize, const NT: usize>(w: [&[W]; 
 }
 
 #[inline(always)]
-unsafe fn q8_0_512<D, const NR: usize, const NT: usize>(w: [&[BlockQ8_0]; NR], a: [&[BlockQ8_0]; NT]) -> [[f32; NT]; NR] {
+unsafe fn q8_0_512<D, const NR: usize, const NT: usize>(
+    w: [&[BlockQ8_0]; NR],
+    a: [&[BlockQ8_0]; NT],
+) -> [[f32; NT]; NR] {
     tile_legacy512::<_, NR, NT>(w, a)
 }
 
 #[inline(always)]
-unsafe fn q4_0_512<D, const NR: usize, const NT: usize>(w: [&[BlockQ4_0]; NR], a: [&[BlockQ8_0]; NT]) -> [[f32; NT]; NR] {
+unsafe fn q4_0_512<D, const NR: usize, const NT: usize>(
+    w: [&[BlockQ4_0]; NR],
+    a: [&[BlockQ8_0]; NT],
+) -> [[f32; NT]; NR] {
     tile_legacy512::<_, NR, NT>(w, a)
 }
 
 #[inline(always)]
-unsafe fn q5_0_512<D, const NR: usize, const NT: usize>(w: [&[BlockQ5_0]; NR], a: [&[BlockQ8_0]; NT]) -> [[f32; NT]; NR] {
+unsafe fn q5_0_512<D, const NR: usize, const NT: usize>(
+    w: [&[BlockQ5_0]; NR],
+    a: [&[BlockQ8_0]; NT],
+) -> [[f32; NT]; NR] {
     tile_legacy512::<_, NR, NT>(w, a)
 }
 
@@ -333,7 +350,8 @@ struct K4 {
     lo: [__m256i; 4],
     hi: [__m256i; 4],
     sc: [i32; 8],
-    mn: [i32; 8],
+    /// The 8 sub-block mins as i32 lanes.
+    mn: __m256i,
     d: f32,
     dmin: f32,
 }
@@ -343,12 +361,14 @@ trait KQuant4 {
 }
 
 #[inline(always)]
-unsafe fn k4_scales(scales: &[u8; 12], sc: &mut [i32; 8], mn: &mut [i32; 8]) {
+unsafe fn k4_scales(scales: &[u8; 12], sc: &mut [i32; 8], mn: &mut __m256i) {
+    let mut m = [0i32; 8];
     for j in 0..8 {
-        let (s, m) = scale_min_k4(j, scales);
+        let (s, mj) = scale_min_k4(j, scales);
         sc[j] = s as i32;
-        mn[j] = m as i32;
+        m[j] = mj as i32;
     }
+    *mn = _mm256_loadu_si256(m.as_ptr() as *const __m256i);
 }
 
 impl KQuant4 for BlockQ4K {
@@ -359,7 +379,7 @@ impl KQuant4 for BlockQ4K {
             lo: [_mm256_setzero_si256(); 4],
             hi: [_mm256_setzero_si256(); 4],
             sc: [0; 8],
-            mn: [0; 8],
+            mn: _mm256_setzero_si256(),
             d: f16_to_f32(self.d),
             dmin: f16_to_f32(self.dmin),
         };
@@ -383,7 +403,7 @@ impl KQuant4 for BlockQ5K {
             lo: [_mm256_setzero_si256(); 4],
             hi: [_mm256_setzero_si256(); 4],
             sc: [0; 8],
-            mn: [0; 8],
+            mn: _mm256_setzero_si256(),
             d: f16_to_f32(self.d),
             dmin: f16_to_f32(self.dmin),
         };
@@ -424,7 +444,7 @@ unsafe fn tile_k4<D: Int8Dot, W: KQuant4, const NR: usize, const NT: usize>(
         assert!(a[t].len() >= nb);
     }
     let mut acc = [[_mm256_setzero_ps(); NT]; NR];
-    let mut accm = [[0.0f32; NT]; NR];
+    let mut accm = [[_mm256_setzero_ps(); NT]; NR];
     let ahead = prefetch_distance(NR * nb * std::mem::size_of::<W>());
     for i in 0..nb {
         for r in 0..NR {
@@ -436,10 +456,9 @@ unsafe fn tile_k4<D: Int8Dot, W: KQuant4, const NR: usize, const NT: usize>(
         }
         for t in 0..NT {
             let y = a[t].get_unchecked(i);
-            let mut bs = [0i32; 8];
-            for j in 0..8 {
-                bs[j] = y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32;
-            }
+            // bsums of each 32-element sub-block: adjacent pairs of the 16 sums.
+            let b16 = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+            let bs = _mm256_madd_epi16(b16, _mm256_set1_epi16(1));
             for r in 0..NR {
                 let kr = &k[r];
                 let mut sumi = _mm256_setzero_si256();
@@ -455,23 +474,24 @@ unsafe fn tile_k4<D: Int8Dot, W: KQuant4, const NR: usize, const NT: usize>(
                         _mm256_mullo_epi32(p1, _mm256_set1_epi32(kr.sc[2 * c + 1])),
                     );
                 }
-                let mut m = 0i32;
-                for j in 0..8 {
-                    m += kr.mn[j] * bs[j];
-                }
+                let m = _mm256_mullo_epi32(kr.mn, bs);
                 acc[r][t] = _mm256_fmadd_ps(
                     _mm256_set1_ps(kr.d * y.d),
                     _mm256_cvtepi32_ps(sumi),
                     acc[r][t],
                 );
-                accm[r][t] += kr.dmin * y.d * m as f32;
+                accm[r][t] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(kr.dmin * y.d),
+                    _mm256_cvtepi32_ps(m),
+                    accm[r][t],
+                );
             }
         }
     }
     let mut out = [[0.0f32; NT]; NR];
     for r in 0..NR {
         for t in 0..NT {
-            out[r][t] = hsum_ps(acc[r][t]) - accm[r][t];
+            out[r][t] = hsum_ps(acc[r][t]) - hsum_ps(accm[r][t]);
         }
     }
     out
@@ -517,7 +537,10 @@ unsafe fn q6k<D: Int8Dot, const NR: usize, const NT: usize>(
         let mut sc = [[_mm256_setzero_si256(); 8]; NR];
         let mut d = [0.0f32; NR];
         for r in 0..NR {
-            prefetch(w[r].as_ptr().add(i) as *const u8, prefetch_distance(NR * nb * std::mem::size_of::<BlockQ6K>()));
+            prefetch(
+                w[r].as_ptr().add(i) as *const u8,
+                prefetch_distance(NR * nb * std::mem::size_of::<BlockQ6K>()),
+            );
             let b = w[r].get_unchecked(i);
             for n in 0..2 {
                 let ql0 = loadu8(&b.ql[64 * n..]);
@@ -1216,4 +1239,8 @@ fn axpys_f16(acc: &mut [f32], p: &[f32], v: &[half::f16]) {
     unsafe { axpys_f16_avx2(acc, p, v) }
 }
 
-pub const F16_AVX2: crate::simd::F16Ops = crate::simd::F16Ops { name: "avx2-f16c", dots: dots_f16, axpys: axpys_f16 };
+pub const F16_AVX2: crate::simd::F16Ops = crate::simd::F16Ops {
+    name: "avx2-f16c",
+    dots: dots_f16,
+    axpys: axpys_f16,
+};

@@ -210,7 +210,10 @@ impl Model {
                 for h in st.q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
                     ops::rms_norm_inplace(h, &layer.q_norm, c.rms_eps);
                     apply_rope(h, &sincos);
-                    h.iter_mut().for_each(|v| *v *= c.attn_scale);
+                    // Scaled, then rounded to f16 as llama.cpp does when it
+                    // multiplies q with its f16 K cache (keeps us on its tokens at near-ties).
+                    h.iter_mut()
+                        .for_each(|v| *v = half::f16::from_f32(*v * c.attn_scale).to_f32());
                 }
                 for h in st.k[i * kvd..(i + 1) * kvd].chunks_exact_mut(hd) {
                     ops::rms_norm_inplace(h, &layer.k_norm, c.rms_eps);
@@ -335,10 +338,22 @@ const MAX_GROUP: usize = 8;
 /// of one KV head (at column `col`), written to `out` (group × hd). Keys and
 /// values stay f16 in the cache; the f16 ops convert them on the fly.
 #[allow(clippy::too_many_arguments)]
-fn attend(q: &[f32], lc: &crate::kv_cache::LayerCache, col: usize, kvd: usize, hd: usize, lo: usize, hi: usize, out: &mut [f32]) {
+fn attend(
+    q: &[f32],
+    lc: &crate::kv_cache::LayerCache,
+    col: usize,
+    kvd: usize,
+    hd: usize,
+    lo: usize,
+    hi: usize,
+    out: &mut [f32],
+) {
     let ops = gemma3_kernels::simd::f16_best();
     let group = q.len() / hd;
-    assert!(group <= MAX_GROUP, "at most {MAX_GROUP} query heads per KV head");
+    assert!(
+        group <= MAX_GROUP,
+        "at most {MAX_GROUP} query heads per KV head"
+    );
     let mut m = [f32::NEG_INFINITY; MAX_GROUP];
     let mut sum = [0.0f32; MAX_GROUP];
     // s[j][h]: score of key j for head h, then its softmax weight.
@@ -367,7 +382,9 @@ fn attend(q: &[f32], lc: &crate::kv_cache::LayerCache, col: usize, kvd: usize, h
         }
         for h in 0..group {
             if corr[h] != 1.0 {
-                out[h * hd..(h + 1) * hd].iter_mut().for_each(|v| *v *= corr[h]);
+                out[h * hd..(h + 1) * hd]
+                    .iter_mut()
+                    .for_each(|v| *v *= corr[h]);
             }
         }
         for (j, p) in (b0..=b1).enumerate() {
