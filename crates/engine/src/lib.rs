@@ -1,11 +1,13 @@
 //! Generation on top of the model: the sampler, stop conditions, the chat
-//! template and a session that owns one sequence's KV cache.
+//! template, a session that owns one sequence's KV cache, and the scheduler
+//! that serves many sequences at once with continuous batching.
 //!
 //! The model speaks token ids; text enters and leaves here, through the
 //! tokenizer built from the model file's vocabulary.
 
 pub mod chat;
 pub mod sampler;
+pub mod scheduler;
 pub mod session;
 pub mod stop;
 

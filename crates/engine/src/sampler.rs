@@ -287,6 +287,41 @@ pub fn logprob(logits: &[f32], i: u32) -> f32 {
     logits[i as usize] - lse
 }
 
+/// log Σ exp(logits), accumulated in f64 (the log-softmax normaliser).
+pub fn logsumexp(logits: &[f32]) -> f32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if !max.is_finite() {
+        return max;
+    }
+    max + logits
+        .iter()
+        .map(|&v| ((v - max) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+}
+
+/// The `k` most likely tokens and their log-probabilities (`logit - lse`,
+/// with `lse` = [`logsumexp`] of the same logits), most likely first; ties
+/// go to the lower id.
+pub fn top_logprobs(logits: &[f32], k: usize, lse: f32) -> Vec<(u32, f32)> {
+    let k = k.min(logits.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut cand: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if k < cand.len() {
+        cand.select_nth_unstable_by(k - 1, desc);
+        cand.truncate(k);
+    }
+    cand.sort_unstable_by(desc);
+    cand.into_iter().map(|(t, l)| (t, l - lse)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,6 +434,21 @@ mod tests {
             ..SamplingParams::greedy()
         };
         assert!(p.validate().unwrap_err().contains("temperature"));
+    }
+
+    #[test]
+    fn top_logprobs_sorted_and_normalised() {
+        // probs 1/8, 4/8, 2/8, 1/8
+        let l: Vec<f32> = [1.0f32, 4.0, 2.0, 1.0].iter().map(|x| x.ln()).collect();
+        let lse = logsumexp(&l);
+        let top = top_logprobs(&l, 3, lse);
+        let ids: Vec<u32> = top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 2, 0], "descending, ties to the lower id");
+        assert!((top[0].1 - 0.5f32.ln()).abs() < 1e-6);
+        assert!((top[2].1 - 0.125f32.ln()).abs() < 1e-6);
+        assert!((logprob(&l, 3) - (l[3] - lse)).abs() < 1e-6);
+        assert_eq!(top_logprobs(&l, 0, lse), vec![]);
+        assert_eq!(top_logprobs(&l, 10, lse).len(), 4);
     }
 
     #[test]

@@ -1,0 +1,276 @@
+//! `gemma3 bench`: prompt processing (pp) and generation (tg) speed like
+//! llama-bench, with medians and spread over repetitions, plus the
+//! memory-bandwidth bound for generation on this machine.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use gemma3_model::{Batch, ForwardState, KvCache, Model};
+use rayon::prelude::*;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Path of a GGUF model file (default: $GEMMA3_MODEL, else the cached default model).
+    #[arg(short, long)]
+    pub model: Option<PathBuf>,
+    /// Prompt lengths to process (comma-separated; 0 to skip).
+    #[arg(short = 'p', long, value_delimiter = ',', default_value = "512")]
+    pub prompt: Vec<usize>,
+    /// Tokens to generate (comma-separated; 0 to skip).
+    #[arg(
+        short = 'n',
+        long = "gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    pub gen: Vec<usize>,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    pub reps: usize,
+    /// Tokens already in the context before each test (e.g. 512, 16000).
+    #[arg(
+        short = 'd',
+        long = "ctx-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    pub depth: Vec<usize>,
+    /// One JSON object per result line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct BenchResult {
+    test: String,
+    threads: usize,
+    depth: usize,
+    tokens: usize,
+    reps: usize,
+    median_tps: f64,
+    min_tps: f64,
+    max_tps: f64,
+    /// Generation only: weights + KV bytes read per token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_per_token: Option<u64>,
+    /// Generation only: measured read bandwidth, GB/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    read_gbps: Option<f64>,
+    /// Generation only: bandwidth-bound tokens/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bound_tps: Option<f64>,
+    kernels: &'static str,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Read bandwidth with the current pool's threads: sum a 512 MiB buffer, best of 3.
+fn read_bandwidth() -> f64 {
+    let buf: Vec<u64> = (0..(512usize << 20) / 8).map(|i| i as u64).collect();
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let s: u64 = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .reduce(|| 0, |a, b| a.wrapping_add(b));
+        let dt = t0.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((buf.len() * 8) as f64 / dt / 1e9);
+    }
+    best
+}
+
+/// Deterministic, ordinary token ids (no special tokens): a fixed LCG over the normal range.
+fn tokens(n: usize, vocab: usize) -> Vec<u32> {
+    let mut x = 12345u64;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            1000 + ((x >> 33) as usize % (vocab.min(200_000) - 1000)) as u32
+        })
+        .collect()
+}
+
+/// Fill the cache with `depth` tokens (not timed).
+fn prefill(model: &Model, cache: &mut KvCache, st: &mut ForwardState, depth: usize) -> Result<()> {
+    if depth > 0 {
+        let b = Batch::for_sequence(&tokens(depth, model.config.vocab_size), 0, false);
+        model.forward(&b, std::slice::from_mut(cache), st)?;
+    }
+    Ok(())
+}
+
+pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
+    let path = crate::model_path::resolve(a.model.clone(), true)?;
+    let model = Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
+    let threads = threads.unwrap_or_else(|| {
+        vec![std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)]
+    });
+    if a.reps == 0 || a.reps > 1000 {
+        bail!("--reps must be between 1 and 1000");
+    }
+    let kernels = gemma3_kernels::simd::best().name;
+    let vocab = model.config.vocab_size;
+    for &t in &threads {
+        if t == 0 || t > 1024 {
+            bail!("thread counts must be between 1 and 1024, got {t}");
+        }
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build()?;
+        pool.install(|| -> Result<()> {
+            let bw = if a.gen.iter().any(|&g| g > 0) {
+                read_bandwidth()
+            } else {
+                0.0
+            };
+            for &depth in &a.depth {
+                for &p in &a.prompt {
+                    if p == 0 {
+                        continue;
+                    }
+                    let ctx = depth + p;
+                    if ctx > model.config.ctx_len {
+                        bail!(
+                            "depth {depth} + prompt {p} exceeds the context of {}",
+                            model.config.ctx_len
+                        );
+                    }
+                    let mut cache = KvCache::new(&model.config, ctx);
+                    let mut st = ForwardState::new();
+                    let toks = tokens(p, vocab);
+                    let mut tps = Vec::new();
+                    for _ in 0..a.reps {
+                        prefill(&model, &mut cache, &mut st, depth)?;
+                        let b = Batch::for_sequence(&toks, depth, false);
+                        let t0 = Instant::now();
+                        model.forward(&b, std::slice::from_mut(&mut cache), &mut st)?;
+                        tps.push(p as f64 / t0.elapsed().as_secs_f64());
+                    }
+                    report(
+                        &a,
+                        BenchResult::new(format!("pp{p}"), t, depth, p, &mut tps, kernels),
+                    )?;
+                }
+                for &g in &a.gen {
+                    if g == 0 {
+                        continue;
+                    }
+                    let ctx = depth + g + 1;
+                    if ctx > model.config.ctx_len {
+                        bail!(
+                            "depth {depth} + {g} generated tokens exceed the context of {}",
+                            model.config.ctx_len
+                        );
+                    }
+                    let mut cache = KvCache::new(&model.config, ctx);
+                    let mut st = ForwardState::new();
+                    let mut tps = Vec::new();
+                    for _ in 0..a.reps {
+                        prefill(&model, &mut cache, &mut st, depth)?;
+                        let mut b = Batch::default();
+                        let mut tok = 2u32; // BOS, then the model's own greedy choices
+                        let t0 = Instant::now();
+                        for i in 0..g {
+                            b.clear();
+                            b.push(tok, depth + i, 0, true);
+                            let logits =
+                                model.forward(&b, std::slice::from_mut(&mut cache), &mut st)?;
+                            tok = gemma3_engine::sampler::argmax(logits);
+                        }
+                        tps.push(g as f64 / t0.elapsed().as_secs_f64());
+                    }
+                    let kv_bytes = (depth + g / 2) as u64
+                        * model.config.kv_dim() as u64
+                        * 2
+                        * 2
+                        * model
+                            .layers
+                            .iter()
+                            .map(|l| if l.is_global { 1 } else { 0 })
+                            .sum::<u64>()
+                        + (depth + g / 2).min(model.config.sliding_window) as u64
+                            * model.config.kv_dim() as u64
+                            * 4
+                            * model.layers.iter().filter(|l| !l.is_global).count() as u64;
+                    let bytes = model.bytes_per_token() + kv_bytes;
+                    let mut r = BenchResult::new(format!("tg{g}"), t, depth, g, &mut tps, kernels);
+                    r.bytes_per_token = Some(bytes);
+                    r.read_gbps = Some(bw);
+                    r.bound_tps = Some(bw * 1e9 / bytes as f64);
+                    report(&a, r)?;
+                }
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+impl BenchResult {
+    fn new(
+        test: String,
+        threads: usize,
+        depth: usize,
+        tokens: usize,
+        tps: &mut [f64],
+        kernels: &'static str,
+    ) -> Self {
+        let min = tps.iter().cloned().fold(f64::INFINITY, f64::min);
+        let max = tps.iter().cloned().fold(0.0, f64::max);
+        BenchResult {
+            test,
+            threads,
+            depth,
+            tokens,
+            reps: tps.len(),
+            median_tps: median(tps),
+            min_tps: min,
+            max_tps: max,
+            bytes_per_token: None,
+            read_gbps: None,
+            bound_tps: None,
+            kernels,
+        }
+    }
+}
+
+fn report(a: &BenchArgs, r: BenchResult) -> Result<()> {
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        let depth = if r.depth > 0 {
+            format!(" @ d{}", r.depth)
+        } else {
+            String::new()
+        };
+        let mut line = format!(
+            "{:>8}{:<9} t={:<2} {:>9.1} tok/s (min {:.1}, max {:.1}, n={}) [{}]",
+            r.test, depth, r.threads, r.median_tps, r.min_tps, r.max_tps, r.reps, r.kernels
+        );
+        if let (Some(b), Some(bw), Some(bound)) = (r.bytes_per_token, r.read_gbps, r.bound_tps) {
+            line += &format!(
+                "  | {:.1} MB/token, read {:.1} GB/s → bound {:.1} tok/s, {:.0}% of it",
+                b as f64 / 1e6,
+                bw,
+                bound,
+                100.0 * r.median_tps / bound
+            );
+        }
+        println!("{line}");
+    }
+    Ok(())
+}

@@ -1,0 +1,843 @@
+//! The scheduler: one thread owns the model and every sequence's KV cache and
+//! serves many requests at once with continuous batching.
+//!
+//! Each step is ONE [`Model::forward`] over a batch that holds the next token
+//! of every generating sequence plus up to `prefill_chunk` prompt tokens of
+//! sequences still reading their prompt (oldest request first), so a long
+//! prompt is spread over several steps instead of stalling running streams.
+//! Requests join between steps as slots free up.
+//!
+//! Batching does not change results: the forward pass computes each token's
+//! row on its own (its own activations, its own sequence's cache), and each
+//! sequence samples from its own row of logits.
+//!
+//! Prefix cache: a slot keeps the tokens its cache holds after its request
+//! ends. A new request takes the free slot whose tokens share the longest
+//! prefix with its prompt (or copies that prefix from a busy slot's cache with
+//! [`KvCache::copy_prefix_from`]) and evaluates only the rest; at least the
+//! last prompt token is always evaluated, to get its logits.
+//!
+//! Front ends talk to it through a [`Scheduler`] handle: [`Scheduler::submit`]
+//! a [`Request`] of token ids and receive [`Event`]s through the request's
+//! sink, a callback that returns false once nobody is listening (the request
+//! is then dropped within one step). Nothing here knows HTTP or JSON.
+
+use crate::sampler::{logsumexp, top_logprobs, Sampler};
+use crate::session::{FinishReason, GenerateParams};
+use crate::stop::StopMatcher;
+use gemma3_model::{Batch, ForwardState, KvCache, Model};
+use gemma3_tokenizer::{StreamDecoder, Tokenizer};
+use rayon::prelude::*;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// A prefix is worth taking a particular slot for when it is at least this
+/// long or more than half the prompt; otherwise a request takes the least
+/// recently used free slot, so that slots holding long shared prefixes
+/// (system prompts, few-shot examples) survive. (The chat template's own
+/// header is a handful of tokens that every chat request shares.)
+pub const MIN_PREFIX_REUSE: usize = 32;
+
+/// Generation rate ([`Stats::tokens_per_second`]) is measured over this window.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Most sequences generating at once (one KV cache each, allocated at start).
+    pub parallel: usize,
+    /// Context of each sequence in tokens (clamped to the model's).
+    pub ctx: usize,
+    /// Most requests waiting for a slot, beyond the `parallel` running ones.
+    pub max_queue: usize,
+    /// Most prompt tokens evaluated per step.
+    pub prefill_chunk: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            parallel: 16,
+            ctx: 4096,
+            max_queue: 64,
+            prefill_chunk: 256,
+        }
+    }
+}
+
+/// Where a request's events go. Any `FnMut(Event) -> bool + Send` closure is
+/// one (returning false once the receiver is gone).
+pub trait EventSink: Send {
+    /// Deliver an event; false when nobody is listening any more (the request
+    /// is then dropped).
+    fn send(&mut self, ev: Event) -> bool;
+
+    /// Whether the receiver is gone, checked between steps so that a request
+    /// still waiting or reading its prompt is dropped before it sends anything.
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+impl<F: FnMut(Event) -> bool + Send> EventSink for F {
+    fn send(&mut self, ev: Event) -> bool {
+        self(ev)
+    }
+}
+
+/// One generation job, in token ids.
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub params: GenerateParams,
+    /// `Some(k)`: report each generated token's log-probability and the `k`
+    /// most likely alternatives at its position.
+    pub logprobs: Option<usize>,
+    pub events: Box<dyn EventSink>,
+}
+
+/// What a request hears back, in order: `Token`s, then one `Done` or `Error`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A generated token and the text it releases (possibly empty: part of a
+    /// UTF-8 character, or text held back because it may start a stop string).
+    /// `logprob` is under the unmodified model distribution (log-softmax of
+    /// the logits); `top_logprobs` are (id, logprob), most likely first.
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<f32>,
+        top_logprobs: Vec<(u32, f32)>,
+    },
+    /// The end. `text` is what was still held back (to append to the tokens'
+    /// text). The stop token itself is neither sent nor counted.
+    Done {
+        finish: FinishReason,
+        text: String,
+        usage: Usage,
+    },
+    Error(RequestError),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose K/V came from the prefix cache (not evaluated).
+    pub cached_tokens: usize,
+    pub completion_tokens: usize,
+    /// Submission to admission into a slot.
+    pub queue_time: Duration,
+    /// Admission to the first token's logits.
+    pub prompt_time: Duration,
+    /// First token to the end.
+    pub gen_time: Duration,
+}
+
+#[derive(Clone, Debug, Error, PartialEq)]
+pub enum RequestError {
+    #[error("empty prompt: there must be at least one token")]
+    EmptyPrompt,
+    #[error("the prompt has {prompt} tokens but the context holds {ctx}")]
+    PromptTooLong { prompt: usize, ctx: usize },
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    BadToken { id: u32, vocab: usize },
+    #[error("invalid sampling parameter: {0}")]
+    Sampling(String),
+    #[error("model error: {0}")]
+    Model(String),
+    #[error("the server is shutting down")]
+    Shutdown,
+}
+
+#[derive(Clone, Debug, Error, PartialEq)]
+pub enum SubmitError {
+    #[error("too many requests: {limit} are already running or waiting; retry later")]
+    QueueFull { limit: usize },
+    #[error("the scheduler has stopped")]
+    Stopped,
+}
+
+/// A snapshot of the scheduler's counters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    pub parallel: usize,
+    /// Sequences in a slot (reading their prompt or generating).
+    pub active: usize,
+    /// Requests submitted and not yet in a slot.
+    pub waiting: usize,
+    pub requests_done: u64,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub generated_tokens: u64,
+    pub steps: u64,
+    /// Tokens generated per second over the last 10 s (all sequences together).
+    pub tokens_per_second: f64,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Submitted and not yet finished (waiting + active).
+    in_system: AtomicUsize,
+    active: AtomicUsize,
+    requests_done: AtomicU64,
+    prompt_tokens: AtomicU64,
+    cached_tokens: AtomicU64,
+    generated_tokens: AtomicU64,
+    steps: AtomicU64,
+    /// (end of step, tokens generated in it) over the last RATE_WINDOW.
+    recent: Mutex<VecDeque<(Instant, u32)>>,
+}
+
+enum Msg {
+    Request(Request, Instant),
+    CancelAll,
+}
+
+/// A handle to the scheduler thread; cheap to clone. The thread ends once
+/// every handle is dropped and the requests in flight have finished.
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: Sender<Msg>,
+    shared: Arc<Shared>,
+    ctx: usize,
+    parallel: usize,
+    limit: usize,
+}
+
+impl Scheduler {
+    /// Allocate `parallel` KV caches and start the scheduler thread.
+    pub fn start(
+        model: Arc<Model>,
+        tokenizer: Arc<Tokenizer>,
+        mut cfg: SchedulerConfig,
+    ) -> std::io::Result<(Scheduler, JoinHandle<()>)> {
+        cfg.parallel = cfg.parallel.max(1);
+        cfg.ctx = cfg.ctx.clamp(1, model.config.ctx_len);
+        cfg.prefill_chunk = cfg.prefill_chunk.max(1);
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared::default());
+        let handle = Scheduler {
+            tx,
+            shared: shared.clone(),
+            ctx: cfg.ctx,
+            parallel: cfg.parallel,
+            limit: cfg.parallel.saturating_add(cfg.max_queue),
+        };
+        let thread = std::thread::Builder::new()
+            .name("gemma3-scheduler".into())
+            .spawn(move || Worker::new(&model, &tokenizer, cfg, shared).run(rx))?;
+        Ok((handle, thread))
+    }
+
+    /// Queue a request. Fails at once when `parallel + max_queue` requests are
+    /// already running or waiting.
+    pub fn submit(&self, req: Request) -> Result<(), SubmitError> {
+        let limit = self.limit;
+        self.shared
+            .in_system
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .map_err(|_| SubmitError::QueueFull { limit })?;
+        self.tx
+            .send(Msg::Request(req, Instant::now()))
+            .map_err(|_| {
+                self.shared.in_system.fetch_sub(1, Ordering::SeqCst);
+                SubmitError::Stopped
+            })
+    }
+
+    /// End every running and waiting request with [`RequestError::Shutdown`].
+    pub fn cancel_all(&self) {
+        let _ = self.tx.send(Msg::CancelAll);
+    }
+
+    /// Context of each sequence in tokens.
+    pub fn ctx(&self) -> usize {
+        self.ctx
+    }
+
+    pub fn parallel(&self) -> usize {
+        self.parallel
+    }
+
+    pub fn stats(&self) -> Stats {
+        let s = &self.shared;
+        let in_system = s.in_system.load(Ordering::SeqCst);
+        let active = s.active.load(Ordering::SeqCst);
+        let tokens_per_second = {
+            let mut recent = s.recent.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            while recent
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+            {
+                recent.pop_front();
+            }
+            let n: u64 = recent.iter().map(|(_, n)| *n as u64).sum();
+            n as f64 / RATE_WINDOW.as_secs_f64()
+        };
+        Stats {
+            parallel: self.parallel,
+            active,
+            waiting: in_system.saturating_sub(active),
+            requests_done: s.requests_done.load(Ordering::Relaxed),
+            prompt_tokens: s.prompt_tokens.load(Ordering::Relaxed),
+            cached_tokens: s.cached_tokens.load(Ordering::Relaxed),
+            generated_tokens: s.generated_tokens.load(Ordering::Relaxed),
+            steps: s.steps.load(Ordering::Relaxed),
+            tokens_per_second,
+        }
+    }
+}
+
+/// One KV cache's sequence: the tokens the cache holds, and the request
+/// using it, if any.
+struct Slot<'a> {
+    /// Tokens whose K/V are in this slot's cache, in position order.
+    tokens: Vec<u32>,
+    /// Step at which the slot was last released (for LRU eviction).
+    last_used: u64,
+    job: Option<Job<'a>>,
+}
+
+struct Job<'a> {
+    events: Box<dyn EventSink>,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    stop_tokens: Vec<u32>,
+    logprobs: Option<usize>,
+    sampler: Sampler,
+    stops: StopMatcher,
+    dec: StreamDecoder<'a>,
+    /// Prompt and generated tokens, for the penalties.
+    history: Vec<u32>,
+    generated: usize,
+    /// The sampled token to feed next step; None while the prompt is read.
+    next: Option<u32>,
+    /// Admission order: prompts are read oldest first.
+    order: u64,
+    usage: Usage,
+    t_admit: Instant,
+    t_first: Option<Instant>,
+}
+
+/// A token chosen from one row of logits.
+struct Pick {
+    token: u32,
+    logprob: Option<f32>,
+    top: Vec<(u32, f32)>,
+}
+
+/// How a job's turn ended.
+enum End {
+    Finish(FinishReason, String),
+    Cancelled,
+}
+
+impl Job<'_> {
+    fn pick(&mut self, row: &[f32]) -> Pick {
+        let token = self.sampler.sample(row, &self.history);
+        let (logprob, top) = match self.logprobs {
+            None => (None, Vec::new()),
+            Some(k) => {
+                let lse = logsumexp(row);
+                (Some(row[token as usize] - lse), top_logprobs(row, k, lse))
+            }
+        };
+        Pick {
+            token,
+            logprob,
+            top,
+        }
+    }
+
+    /// Take a chosen token: stop, or send it and queue it for the next step.
+    /// `cached` is how many positions the cache holds, `ctx` how many it can.
+    fn deliver(&mut self, p: Pick, cached: usize, ctx: usize) -> Option<End> {
+        let now = Instant::now();
+        if self.t_first.is_none() {
+            self.t_first = Some(now);
+            self.usage.prompt_time = now.duration_since(self.t_admit);
+        }
+        if self.stop_tokens.contains(&p.token) {
+            return Some(self.flush(FinishReason::Stop));
+        }
+        self.generated += 1;
+        self.history.push(p.token);
+        // The id came from a row of vocab logits, so the decoder knows it.
+        let piece = self.dec.push(p.token).unwrap_or_default();
+        let (text, hit) = self.stops.push(&piece);
+        let alive = self.events.send(Event::Token {
+            id: p.token,
+            text,
+            logprob: p.logprob,
+            top_logprobs: p.top,
+        });
+        if !alive {
+            return Some(End::Cancelled);
+        }
+        if hit {
+            return Some(End::Finish(FinishReason::Stop, String::new()));
+        }
+        if self.generated >= self.max_tokens || cached >= ctx {
+            return Some(self.flush(FinishReason::Length));
+        }
+        self.next = Some(p.token);
+        None
+    }
+
+    /// Release what the decoder and the stop matcher still hold.
+    fn flush(&mut self, finish: FinishReason) -> End {
+        let (mut tail, hit) = self.stops.push(&self.dec.finish());
+        if hit {
+            return End::Finish(FinishReason::Stop, tail);
+        }
+        tail.push_str(&self.stops.finish());
+        End::Finish(finish, tail)
+    }
+}
+
+/// Length of the common prefix of `a` and `b`.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Whether a cache that held `old` positions still holds what continuing
+/// after its first `n` needs: on a sliding-window layer, positions written
+/// after n-1 must not have overwritten the last `window` before n.
+fn can_continue(cache: &KvCache, old: usize, n: usize) -> bool {
+    cache.layers.iter().all(|l| {
+        let first = n - n.min(l.window);
+        old <= first + l.slots
+    })
+}
+
+struct Worker<'a> {
+    model: &'a Model,
+    tok: &'a Tokenizer,
+    cfg: SchedulerConfig,
+    shared: Arc<Shared>,
+    /// One per slot: `Model::forward` takes them all, indexed by `Batch::seq`.
+    caches: Vec<KvCache>,
+    slots: Vec<Slot<'a>>,
+    waiting: VecDeque<(Request, Instant)>,
+    state: ForwardState,
+    batch: Batch,
+    /// Steps run so far.
+    clock: u64,
+    admitted: u64,
+}
+
+impl<'a> Worker<'a> {
+    fn new(
+        model: &'a Model,
+        tok: &'a Tokenizer,
+        cfg: SchedulerConfig,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let caches = (0..cfg.parallel)
+            .map(|_| KvCache::new(&model.config, cfg.ctx))
+            .collect();
+        let slots = (0..cfg.parallel)
+            .map(|_| Slot {
+                tokens: Vec::new(),
+                last_used: 0,
+                job: None,
+            })
+            .collect();
+        Worker {
+            model,
+            tok,
+            cfg,
+            shared,
+            caches,
+            slots,
+            waiting: VecDeque::new(),
+            state: ForwardState::new(),
+            batch: Batch::default(),
+            clock: 0,
+            admitted: 0,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Msg>) {
+        let mut open = true;
+        loop {
+            let busy = !self.waiting.is_empty() || self.slots.iter().any(|s| s.job.is_some());
+            if !busy {
+                if !open {
+                    return;
+                }
+                match rx.recv() {
+                    Ok(m) => self.accept(m),
+                    Err(_) => return,
+                }
+            }
+            while open {
+                match rx.try_recv() {
+                    Ok(m) => self.accept(m),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
+                }
+            }
+            self.drop_closed();
+            self.admit();
+            if self.slots.iter().any(|s| s.job.is_some()) {
+                self.step();
+            }
+        }
+    }
+
+    fn accept(&mut self, m: Msg) {
+        match m {
+            Msg::Request(r, t) => self.waiting.push_back((r, t)),
+            Msg::CancelAll => {
+                for (mut r, _) in std::mem::take(&mut self.waiting) {
+                    r.events.send(Event::Error(RequestError::Shutdown));
+                    self.finished(false);
+                }
+                for i in 0..self.slots.len() {
+                    if let Some(mut job) = self.slots[i].job.take() {
+                        job.events.send(Event::Error(RequestError::Shutdown));
+                        self.release(i);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forget requests whose receiver has gone away.
+    fn drop_closed(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|(r, _)| !r.events.is_closed());
+        for _ in self.waiting.len()..before {
+            self.finished(false);
+        }
+        for i in 0..self.slots.len() {
+            if self.slots[i]
+                .job
+                .as_ref()
+                .is_some_and(|j| j.events.is_closed())
+            {
+                self.slots[i].job = None;
+                self.release(i);
+            }
+        }
+    }
+
+    /// A request left the system (`active`: it held a slot).
+    fn finished(&self, active: bool) {
+        if active {
+            self.shared.active.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.shared.in_system.fetch_sub(1, Ordering::SeqCst);
+        self.shared.requests_done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Free slot `i` (its job already taken); its tokens stay for reuse.
+    fn release(&mut self, i: usize) {
+        self.slots[i].last_used = self.clock;
+        self.finished(true);
+    }
+
+    fn validate(&self, r: &Request) -> Result<(), RequestError> {
+        if r.prompt.is_empty() {
+            return Err(RequestError::EmptyPrompt);
+        }
+        if r.prompt.len() > self.cfg.ctx {
+            return Err(RequestError::PromptTooLong {
+                prompt: r.prompt.len(),
+                ctx: self.cfg.ctx,
+            });
+        }
+        let vocab = self.model.config.vocab_size;
+        if let Some(&id) = r.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(RequestError::BadToken { id, vocab });
+        }
+        r.params.sampling.validate().map_err(RequestError::Sampling)
+    }
+
+    /// Move waiting requests into free slots, oldest first.
+    fn admit(&mut self) {
+        while self.slots.iter().any(|s| s.job.is_none()) {
+            let Some((mut req, t_submit)) = self.waiting.pop_front() else {
+                return;
+            };
+            if let Err(e) = self.validate(&req) {
+                req.events.send(Event::Error(e));
+                self.finished(false);
+                continue;
+            }
+            let now = Instant::now();
+            let mut usage = Usage {
+                prompt_tokens: req.prompt.len(),
+                queue_time: now.duration_since(t_submit),
+                ..Usage::default()
+            };
+            if req.params.max_tokens == 0 {
+                req.events.send(Event::Done {
+                    finish: FinishReason::Length,
+                    text: String::new(),
+                    usage,
+                });
+                self.finished(false);
+                continue;
+            }
+            let (i, kept) = self.place(&req.prompt);
+            usage.cached_tokens = kept;
+            self.shared
+                .prompt_tokens
+                .fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
+            self.shared
+                .cached_tokens
+                .fetch_add(kept as u64, Ordering::Relaxed);
+            self.shared.active.fetch_add(1, Ordering::SeqCst);
+            self.admitted += 1;
+            let params = req.params;
+            self.slots[i].job = Some(Job {
+                events: req.events,
+                history: req.prompt.clone(),
+                prompt: req.prompt,
+                max_tokens: params.max_tokens,
+                stop_tokens: params.stop_tokens,
+                logprobs: req.logprobs,
+                sampler: Sampler::new(params.sampling),
+                stops: StopMatcher::new(params.stop_strings),
+                dec: self.tok.stream_decoder(false),
+                generated: 0,
+                next: None,
+                order: self.admitted,
+                usage,
+                t_admit: now,
+                t_first: None,
+            });
+        }
+    }
+
+    /// Choose a free slot for `prompt` and make its cache hold the longest
+    /// usable prefix of it; returns (slot, tokens kept). Leaves at least one
+    /// prompt token to evaluate.
+    fn place(&mut self, prompt: &[u32]) -> (usize, usize) {
+        let limit = prompt.len() - 1;
+        let usable = |slots: &[Slot], caches: &[KvCache], i: usize| {
+            let s = &slots[i];
+            let n = common_prefix(&s.tokens, prompt).min(limit);
+            if n > 0 && can_continue(&caches[i], s.tokens.len(), n) {
+                n
+            } else {
+                0
+            }
+        };
+        // The slot holding the longest usable prefix; free slots win ties.
+        let (best_n, best) = (0..self.slots.len())
+            .map(|i| (usable(&self.slots, &self.caches, i), i))
+            .max_by_key(|&(n, i)| (n, self.slots[i].job.is_none(), std::cmp::Reverse(i)))
+            .unwrap_or((0, 0));
+        let worth = best_n >= MIN_PREFIX_REUSE || 2 * best_n > prompt.len();
+        if worth && self.slots[best].job.is_none() {
+            // Reuse a free slot's cache in place.
+            self.slots[best].tokens.truncate(best_n);
+            return (best, best_n);
+        }
+        // Otherwise the least recently used free slot: keep its own prefix,
+        // or copy a longer one from the busy slot that has it.
+        let target = (0..self.slots.len())
+            .filter(|&i| self.slots[i].job.is_none())
+            .min_by_key(|&i| (self.slots[i].last_used, i))
+            .expect("admit only places requests when a slot is free");
+        let own = usable(&self.slots, &self.caches, target);
+        if worth && best_n > own {
+            let (dst, src) = two_mut(&mut self.caches, target, best);
+            let n = if dst.copy_prefix_from(src, best_n, self.slots[best].tokens.len()) {
+                best_n
+            } else {
+                // A partial copy may have overwritten the slot's own prefix.
+                0
+            };
+            self.slots[target].tokens.clear();
+            self.slots[target].tokens.extend_from_slice(&prompt[..n]);
+            return (target, n);
+        }
+        self.slots[target].tokens.truncate(own);
+        (target, own)
+    }
+
+    /// One forward pass over every active sequence, then sampling.
+    fn step(&mut self) {
+        self.clock += 1;
+        self.batch.clear();
+        // Decode tokens of generating sequences, one each.
+        for (i, s) in self.slots.iter().enumerate() {
+            if let Some(t) = s.job.as_ref().and_then(|j| j.next) {
+                self.batch.push(t, s.tokens.len(), i, true);
+            }
+        }
+        // Prompt chunks of the others, oldest request first, within the budget.
+        let mut reading: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].job.as_ref().is_some_and(|j| j.next.is_none()))
+            .collect();
+        reading.sort_by_key(|&i| self.slots[i].job.as_ref().map(|j| j.order));
+        let mut budget = self.cfg.prefill_chunk;
+        let mut chunks: Vec<(usize, usize)> = Vec::new(); // (slot, tokens)
+        for i in reading {
+            if budget == 0 {
+                break;
+            }
+            let s = &self.slots[i];
+            let Some(job) = s.job.as_ref() else { continue };
+            let done = s.tokens.len();
+            let n = (job.prompt.len() - done).min(budget);
+            for p in done..done + n {
+                self.batch
+                    .push(job.prompt[p], p, i, p + 1 == job.prompt.len());
+            }
+            chunks.push((i, n));
+            budget -= n;
+        }
+        if self.batch.is_empty() {
+            return;
+        }
+        // Row r of the logits belongs to slot row_of[..] == Some(r).
+        let mut row_of: Vec<Option<usize>> = vec![None; self.slots.len()];
+        let mut rows = 0;
+        for k in 0..self.batch.len() {
+            if self.batch.logits[k] {
+                row_of[self.batch.seq[k]] = Some(rows);
+                rows += 1;
+            }
+        }
+
+        let logits = match self
+            .model
+            .forward(&self.batch, &mut self.caches, &mut self.state)
+        {
+            Ok(l) => l,
+            Err(e) => {
+                // The caches of these sequences are now in an unknown state.
+                let mut hit: Vec<usize> = self.batch.seq.clone();
+                hit.sort_unstable();
+                hit.dedup();
+                for i in hit {
+                    self.slots[i].tokens.clear();
+                    if let Some(mut job) = self.slots[i].job.take() {
+                        job.events
+                            .send(Event::Error(RequestError::Model(e.to_string())));
+                        self.release(i);
+                    }
+                }
+                return;
+            }
+        };
+
+        // The cache now holds the tokens just run.
+        for s in self.slots.iter_mut() {
+            if let Some(t) = s.job.as_mut().and_then(|j| j.next.take()) {
+                s.tokens.push(t);
+            }
+        }
+        for &(i, n) in &chunks {
+            let s = &mut self.slots[i];
+            if let Some(job) = s.job.as_ref() {
+                let done = s.tokens.len();
+                s.tokens.extend_from_slice(&job.prompt[done..done + n]);
+            }
+        }
+
+        // Sample every sequence from its own row, in parallel.
+        let vocab = self.model.config.vocab_size;
+        let picks: Vec<(usize, Pick)> = self
+            .slots
+            .par_iter_mut()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let r = row_of[i]?;
+                let job = s.job.as_mut()?;
+                Some((i, job.pick(&logits[r * vocab..(r + 1) * vocab])))
+            })
+            .collect();
+
+        let mut generated = 0u32;
+        let ctx = self.cfg.ctx;
+        for (i, p) in picks {
+            let s = &mut self.slots[i];
+            let Some(job) = s.job.as_mut() else { continue };
+            let before = job.generated;
+            let end = job.deliver(p, s.tokens.len(), ctx);
+            generated += (job.generated - before) as u32;
+            match end {
+                None => {}
+                Some(End::Cancelled) => {
+                    s.job = None;
+                    self.release(i);
+                }
+                Some(End::Finish(finish, text)) => {
+                    if let Some(mut job) = s.job.take() {
+                        let now = Instant::now();
+                        job.usage.completion_tokens = job.generated;
+                        job.usage.gen_time = now.duration_since(job.t_first.unwrap_or(now));
+                        job.events.send(Event::Done {
+                            finish,
+                            text,
+                            usage: job.usage,
+                        });
+                    }
+                    self.release(i);
+                }
+            }
+        }
+
+        let sh = &self.shared;
+        sh.steps.fetch_add(1, Ordering::Relaxed);
+        sh.generated_tokens
+            .fetch_add(generated as u64, Ordering::Relaxed);
+        if generated > 0 {
+            let mut recent = sh.recent.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            recent.push_back((now, generated));
+            while recent
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+            {
+                recent.pop_front();
+            }
+        }
+    }
+}
+
+/// `&mut v[a]` and `&v[b]` for a ≠ b.
+fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &T) {
+    assert_ne!(a, b);
+    if a < b {
+        let (lo, hi) = v.split_at_mut(b);
+        (&mut lo[a], &hi[0])
+    } else {
+        let (lo, hi) = v.split_at_mut(a);
+        (&mut hi[0], &lo[b])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_prefix_len() {
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 4, 5]), 2);
+        assert_eq!(common_prefix(&[], &[1]), 0);
+        assert_eq!(common_prefix(&[1, 2], &[1, 2]), 2);
+    }
+
+    #[test]
+    fn two_mut_either_order() {
+        let mut v = [1, 2, 3];
+        let (a, b) = two_mut(&mut v, 2, 0);
+        *a += *b;
+        let (a, b) = two_mut(&mut v, 0, 2);
+        *a += *b;
+        assert_eq!(v, [5, 2, 4]);
+    }
+}

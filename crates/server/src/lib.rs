@@ -1,0 +1,397 @@
+//! `gemma3 serve`: an OpenAI-compatible HTTP server, a thin translation layer
+//! over the engine's [`Scheduler`] (continuous batching, chunked prompt
+//! reading, prefix cache). Requests become token ids and generation
+//! parameters here; the scheduler's events become JSON or server-sent events.
+//!
+//! Routes (the /v1 ones need `Authorization: Bearer KEY` when `--api-key` is set):
+//! - `POST /v1/chat/completions`: `messages` (system/user/assistant; content a
+//!   string or `[{type: "text", text}]` parts), rendered with Gemma's chat
+//!   template; `stream` (+ `stream_options.include_usage`), `max_tokens` /
+//!   `max_completion_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `seed`,
+//!   `stop`, `presence_penalty`, `frequency_penalty`, `repeat_penalty`,
+//!   `logprobs` + `top_logprobs` (0..=20), `n` (1 only). Generation ends at
+//!   eos or `<end_of_turn>`.
+//! - `POST /v1/completions`: `prompt` as text (BOS prepended, special-token
+//!   text not parsed) or token ids; the same fields, plus `echo` and
+//!   `logprobs` (an int, completions-style; not together with `echo`).
+//! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text),
+//!   `POST /tokenize` (`content`, `add_special` = false, `parse_special` = true,
+//!   as llama-server), `POST /detokenize` (`tokens`).
+//!
+//! The `model` field is accepted and ignored (one model is served).
+//! Defaults for absent fields: the model's own sampling (temperature 1.0,
+//! top_k 64, top_p 0.95, min_p 0, no penalties), a random seed, and
+//! `max_tokens` = what the context leaves (chat) or 16 (completions, as
+//! OpenAI). `usage.prompt_tokens_details.cached_tokens` counts prompt tokens
+//! taken from the prefix cache; a non-standard `timings` object (llama-server
+//! style) gives queue, prompt and generation times.
+//!
+//! Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: 400
+//! naming the field for malformed or out-of-range input (and for prompt +
+//! max_tokens beyond `--ctx`), 401 without the key, 404 unknown route, 429
+//! with `Retry-After` when `--parallel` + `--queue` requests are already in,
+//! 503 while shutting down.
+//!
+//! Threads: the scheduler thread runs the model (its matmuls use the global
+//! rayon pool); HTTP runs on a two-thread tokio runtime, since it only parses
+//! JSON and moves events.
+
+pub mod error;
+pub mod metrics;
+pub mod openai;
+pub mod routes;
+
+use anyhow::{bail, Context, Result};
+use axum::middleware::from_fn_with_state;
+use axum::routing::{get, post};
+use axum::Router;
+use gemma3_engine::scheduler::{Scheduler, SchedulerConfig};
+use gemma3_model::{KvCache, Model};
+use routes::App;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `gemma3 serve` options.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Path of a GGUF model file (default: $GEMMA3_MODEL, else the cached default model).
+    #[arg(short, long)]
+    pub model: Option<PathBuf>,
+    /// Address to listen on (loopback by default: use 0.0.0.0 to serve the network, with --api-key).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Most sequences generated at once (each holds a KV cache of --ctx tokens).
+    #[arg(long, default_value_t = 16)]
+    pub parallel: usize,
+    /// Context of each sequence in tokens (prompt + generated).
+    #[arg(short = 'c', long, default_value_t = 4096)]
+    pub ctx: usize,
+    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Most requests waiting for a slot; beyond that requests get 429.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Most prompt tokens evaluated per step, so that a long prompt does not stall running
+    /// streams (each step waits for its chunk: about 1 s per 100 tokens on 2 cores).
+    #[arg(long, default_value_t = 128)]
+    pub prompt_chunk: usize,
+}
+
+/// Everything needed to start a server (the model path already resolved).
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub model_path: PathBuf,
+    pub host: String,
+    /// 0 = any free port.
+    pub port: u16,
+    pub parallel: usize,
+    pub ctx: usize,
+    pub queue: usize,
+    pub prompt_chunk: usize,
+    pub api_key: Option<String>,
+    /// After a shutdown signal: how long in-flight requests may run before
+    /// they are cancelled.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(model_path: PathBuf) -> Self {
+        ServerConfig {
+            model_path,
+            host: "127.0.0.1".into(),
+            port: 8080,
+            parallel: 16,
+            ctx: 4096,
+            queue: 64,
+            prompt_chunk: 128,
+            api_key: None,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    pub fn from_args(a: ServeArgs, model_path: PathBuf) -> Self {
+        ServerConfig {
+            host: a.host,
+            port: a.port,
+            parallel: a.parallel,
+            ctx: a.ctx,
+            queue: a.queue,
+            prompt_chunk: a.prompt_chunk,
+            api_key: a.api_key.filter(|k| !k.is_empty()),
+            ..Self::new(model_path)
+        }
+    }
+}
+
+/// The model loaded, the scheduler started and the port bound.
+struct Loaded {
+    app: Arc<App>,
+    scheduler: std::thread::JoinHandle<()>,
+    listener: std::net::TcpListener,
+}
+
+fn load(cfg: &ServerConfig) -> Result<Loaded> {
+    if cfg.parallel == 0 || cfg.parallel > 256 {
+        bail!("--parallel must be between 1 and 256, got {}", cfg.parallel);
+    }
+    if cfg.ctx < 2 {
+        bail!("--ctx must be at least 2, got {}", cfg.ctx);
+    }
+    if cfg.prompt_chunk == 0 {
+        bail!("--prompt-chunk must be at least 1");
+    }
+    let path = &cfg.model_path;
+    if !path.exists() {
+        bail!(
+            "model file {} does not exist: pass --model PATH, set $GEMMA3_MODEL, or run `gemma3 pull`",
+            path.display()
+        );
+    }
+    let model = Model::open(path).with_context(|| format!("loading {}", path.display()))?;
+    if cfg.ctx > model.config.ctx_len {
+        bail!(
+            "--ctx {} is larger than the model's context of {} tokens",
+            cfg.ctx,
+            model.config.ctx_len
+        );
+    }
+    let tok = Arc::new(gemma3_engine::tokenizer_from_gguf(&model.file)?);
+    let mut stop_tokens = vec![tok.specials().eos];
+    stop_tokens.extend(tok.specials().end_of_turn);
+    let model_id = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "gemma3".into());
+    let vocab = model.config.vocab_size;
+    let kv = KvCache::bytes_for(&model.config, cfg.ctx) * cfg.parallel;
+    let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
+        .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?;
+    listener.set_nonblocking(true)?;
+    let (sched, scheduler) = Scheduler::start(
+        Arc::new(model),
+        tok.clone(),
+        SchedulerConfig {
+            parallel: cfg.parallel,
+            ctx: cfg.ctx,
+            max_queue: cfg.queue,
+            prefill_chunk: cfg.prompt_chunk,
+        },
+    )
+    .context("starting the scheduler thread")?;
+    eprintln!(
+        "gemma3 serve: {model_id}, {} slots × {} tokens of context (KV caches {:.0} MiB), queue {}",
+        cfg.parallel,
+        cfg.ctx,
+        kv as f64 / (1 << 20) as f64,
+        cfg.queue
+    );
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let app = Arc::new(App {
+        sched,
+        tok,
+        model_id,
+        api_key: cfg.api_key.clone(),
+        metrics: Default::default(),
+        vocab,
+        stop_tokens,
+        next_id: AtomicU64::new(0),
+        started,
+    });
+    Ok(Loaded {
+        app,
+        scheduler,
+        listener,
+    })
+}
+
+/// The routes over the shared state.
+pub fn router(app: Arc<App>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(routes::chat))
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/models", get(routes::models))
+        .route_layer(from_fn_with_state(app.clone(), routes::auth));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
+        .route("/tokenize", post(routes::tokenize))
+        .route("/detokenize", post(routes::detokenize))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(from_fn_with_state(app.clone(), routes::count))
+        .with_state(app)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("gemma3-http")
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+/// Serve until `stop` resolves; then stop accepting, let in-flight requests
+/// run for up to `grace` (or until `hurry` resolves), cancel the rest, and
+/// wait for the scheduler thread.
+fn run(
+    loaded: Loaded,
+    grace: Duration,
+    stop: impl Future<Output = ()> + Send + 'static,
+    hurry: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let Loaded {
+        app,
+        scheduler,
+        listener,
+    } = loaded;
+    let rt = runtime()?;
+    let sched = app.sched.clone();
+    let result = rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let shutdown = async move {
+            stop.await;
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(grace) => {}
+                    _ = hurry => {}
+                }
+                sched.cancel_all();
+            });
+        };
+        axum::serve(listener, router(app))
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
+    // Dropping the runtime drops every task and with them the last scheduler
+    // handles; the thread then ends once its requests have.
+    drop(rt);
+    result.context("serving HTTP")?;
+    scheduler
+        .join()
+        .map_err(|_| anyhow::anyhow!("the scheduler thread panicked"))?;
+    Ok(())
+}
+
+/// `gemma3 serve`: run in the foreground until SIGINT or SIGTERM (a second
+/// signal cancels in-flight requests at once).
+pub fn serve(cfg: ServerConfig) -> Result<()> {
+    let loaded = load(&cfg)?;
+    let addr = loaded.listener.local_addr()?;
+    eprintln!(
+        "gemma3 serve: listening on http://{addr} ({}); Ctrl-C to stop",
+        if cfg.api_key.is_some() {
+            "API key required on /v1"
+        } else {
+            "no API key"
+        }
+    );
+    let grace = cfg.shutdown_grace;
+    run(
+        loaded,
+        grace,
+        async move {
+            signal().await;
+            eprintln!(
+                "gemma3 serve: shutting down (in-flight requests get {} s; signal again to cancel them now)",
+                grace.as_secs()
+            );
+        },
+        signal(),
+    )?;
+    eprintln!("gemma3 serve: stopped");
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn signal() {
+    let int = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = int => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = int.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = int.await;
+    }
+}
+
+/// A server running on its own thread (for tests and embedding).
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl RunningServer {
+    /// Load the model, bind `host:port` (port 0: any free one) and serve on a
+    /// background thread.
+    pub fn start(cfg: ServerConfig) -> Result<Self> {
+        let loaded = load(&cfg)?;
+        let addr = loaded.listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let grace = cfg.shutdown_grace;
+        let thread = std::thread::Builder::new()
+            .name("gemma3-server".into())
+            .spawn(move || {
+                run(
+                    loaded,
+                    grace,
+                    async move {
+                        let _ = rx.await;
+                    },
+                    std::future::pending(),
+                )
+            })?;
+        Ok(RunningServer {
+            addr,
+            stop: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Shut down gracefully (as on SIGTERM) and wait until everything stopped.
+    pub fn stop(mut self) -> Result<()> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("the server thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}

@@ -1,0 +1,546 @@
+//! OpenAI request bodies → typed, validated requests. Every error names the
+//! field at fault.
+//!
+//! Defaults when a field is absent: the model's own sampling (temperature 1.0,
+//! top_k 64, top_p 0.95, min_p 0, no penalties), a random seed, and as many
+//! new tokens as the context leaves (chat) or 16 (completions, OpenAI's
+//! default for that endpoint).
+
+use crate::error::ApiError;
+use gemma3_engine::{Message, Role, SamplingParams};
+use serde_json::{Map, Value};
+
+/// Most stop strings per request.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Most alternatives per token for `top_logprobs` / completions' `logprobs`.
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+/// `max_tokens` of /v1/completions when absent (OpenAI's default).
+pub const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
+
+/// The request body as a JSON object.
+pub fn parse_body(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "the request body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+/// Typed access to an object's fields; JSON null counts as absent.
+pub struct Fields<'a>(pub &'a Map<String, Value>);
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn wrong_type(name: &str, expected: &str, v: &Value) -> ApiError {
+    ApiError::field(
+        name,
+        format!("'{name}' must be {expected}, got {}", type_name(v)),
+    )
+}
+
+impl<'a> Fields<'a> {
+    pub fn get(&self, k: &str) -> Option<&'a Value> {
+        self.0.get(k).filter(|v| !v.is_null())
+    }
+
+    pub fn f32(&self, k: &str) -> Result<Option<f32>, ApiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(|x| Some(x as f32))
+                .ok_or_else(|| wrong_type(k, "a number", v)),
+        }
+    }
+
+    /// A non-negative integer.
+    pub fn u64(&self, k: &str) -> Result<Option<u64>, ApiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(x) => Ok(Some(x)),
+                None if v.as_i64().is_some() => Err(ApiError::field(
+                    k,
+                    format!("'{k}' must not be negative, got {v}"),
+                )),
+                None => Err(wrong_type(k, "an integer", v)),
+            },
+        }
+    }
+
+    pub fn i64(&self, k: &str) -> Result<Option<i64>, ApiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(v) => v
+                .as_i64()
+                .or_else(|| v.as_u64().map(|x| x as i64))
+                .map(Some)
+                .ok_or_else(|| wrong_type(k, "an integer", v)),
+        }
+    }
+
+    pub fn bool(&self, k: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| wrong_type(k, "a boolean", v)),
+        }
+    }
+
+    pub fn str(&self, k: &str) -> Result<Option<&'a str>, ApiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| wrong_type(k, "a string", v)),
+        }
+    }
+}
+
+/// Fields shared by both completion endpoints.
+#[derive(Clone, Debug)]
+pub struct Common {
+    pub sampling: SamplingParams,
+    pub max_tokens: Option<usize>,
+    /// The name `max_tokens` came by (for error messages).
+    pub max_tokens_key: &'static str,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn random_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ COUNTER
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Parse the sampling, length, stop and streaming fields. `max_keys` are the
+/// names `max_tokens` goes by, the first present one wins.
+pub fn parse_common(f: &Fields, max_keys: &[&'static str]) -> Result<Common, ApiError> {
+    let base = SamplingParams::chat_default();
+    if let Some(n) = f.u64("n")? {
+        if n != 1 {
+            return Err(ApiError::field(
+                "n",
+                format!("only n = 1 is supported, got {n}"),
+            ));
+        }
+    }
+    let top_k = match f.u64("top_k")? {
+        None => base.top_k,
+        Some(k) => usize::try_from(k).unwrap_or(usize::MAX),
+    };
+    let repeat_last_n = match f.i64("repeat_last_n")? {
+        None => base.repeat_last_n,
+        Some(n) if n < 0 => 0, // llama.cpp: -1 = the whole history
+        Some(n) => n as usize,
+    };
+    let sampling = SamplingParams {
+        temperature: f.f32("temperature")?.unwrap_or(base.temperature),
+        top_k,
+        top_p: f.f32("top_p")?.unwrap_or(base.top_p),
+        min_p: f.f32("min_p")?.unwrap_or(base.min_p),
+        repeat_penalty: f.f32("repeat_penalty")?.unwrap_or(base.repeat_penalty),
+        repeat_last_n,
+        presence_penalty: f.f32("presence_penalty")?.unwrap_or(0.0),
+        frequency_penalty: f.f32("frequency_penalty")?.unwrap_or(0.0),
+        seed: match f.i64("seed")? {
+            Some(s) => s as u64,
+            None => random_seed(),
+        },
+    };
+    if let Err(msg) = sampling.validate() {
+        // The engine's messages start with the field name.
+        let field = msg.split_whitespace().next().unwrap_or("").to_string();
+        return Err(ApiError::field(&field, msg));
+    }
+    let mut max_tokens = None;
+    let mut max_tokens_key = max_keys.last().copied().unwrap_or("max_tokens");
+    for &k in max_keys {
+        if let Some(n) = f.u64(k)? {
+            if n == 0 {
+                return Err(ApiError::field(k, format!("'{k}' must be at least 1")));
+            }
+            max_tokens = Some(usize::try_from(n).unwrap_or(usize::MAX));
+            max_tokens_key = k;
+            break;
+        }
+    }
+    let stop = match f.get("stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => {
+            if a.len() > MAX_STOP_STRINGS {
+                return Err(ApiError::field(
+                    "stop",
+                    format!(
+                        "at most {MAX_STOP_STRINGS} stop strings are supported, got {}",
+                        a.len()
+                    ),
+                ));
+            }
+            a.iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| wrong_type("stop", "a string or an array of strings", v))
+                })
+                .collect::<Result<_, _>>()?
+        }
+        Some(v) => return Err(wrong_type("stop", "a string or an array of strings", v)),
+    };
+    let stream = f.bool("stream")?.unwrap_or(false);
+    let include_usage = match f.get("stream_options") {
+        None => false,
+        Some(Value::Object(o)) => Fields(o)
+            .bool("include_usage")
+            .map_err(|_| {
+                ApiError::field(
+                    "stream_options.include_usage",
+                    "'stream_options.include_usage' must be a boolean",
+                )
+            })?
+            .unwrap_or(false),
+        Some(v) => return Err(wrong_type("stream_options", "an object", v)),
+    };
+    Ok(Common {
+        sampling,
+        max_tokens,
+        max_tokens_key,
+        stop,
+        stream,
+        include_usage,
+    })
+}
+
+/// A parsed `POST /v1/chat/completions`.
+#[derive(Clone, Debug)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+    pub common: Common,
+    /// Some(k): log-probabilities with k alternatives per token.
+    pub logprobs: Option<usize>,
+}
+
+/// A message's content: a string, or text parts (each trimmed and joined, as
+/// Gemma's chat template does).
+fn content_text(i: usize, v: Option<&Value>) -> Result<String, ApiError> {
+    let field = format!("messages[{i}].content");
+    match v {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut out = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                let pf = format!("{field}[{j}]");
+                let Value::Object(o) = p else {
+                    return Err(wrong_type(&pf, "an object", p));
+                };
+                match o.get("type").and_then(Value::as_str) {
+                    Some("text") => match o.get("text") {
+                        Some(Value::String(t)) => out.push_str(t.trim()),
+                        Some(v) => return Err(wrong_type(&format!("{pf}.text"), "a string", v)),
+                        None => {
+                            return Err(ApiError::field(
+                                &format!("{pf}.text"),
+                                format!("'{pf}.text' is missing"),
+                            ))
+                        }
+                    },
+                    Some(other) => {
+                        return Err(ApiError::field(
+                            &format!("{pf}.type"),
+                            format!("content parts of type '{other}' are not supported (this model reads text only)"),
+                        ))
+                    }
+                    None => {
+                        return Err(ApiError::field(
+                            &format!("{pf}.type"),
+                            format!("'{pf}.type' must be \"text\""),
+                        ))
+                    }
+                }
+            }
+            Ok(out)
+        }
+        Some(v) => Err(wrong_type(&field, "a string or an array of parts", v)),
+    }
+}
+
+impl ChatRequest {
+    pub fn parse(obj: &Map<String, Value>) -> Result<Self, ApiError> {
+        let f = Fields(obj);
+        f.str("model")?;
+        let msgs = match f.get("messages") {
+            None => return Err(ApiError::field("messages", "'messages' is required")),
+            Some(Value::Array(a)) => a,
+            Some(v) => return Err(wrong_type("messages", "an array", v)),
+        };
+        if msgs.is_empty() {
+            return Err(ApiError::field("messages", "'messages' must not be empty"));
+        }
+        let mut messages = Vec::with_capacity(msgs.len());
+        for (i, m) in msgs.iter().enumerate() {
+            let Value::Object(o) = m else {
+                return Err(wrong_type(&format!("messages[{i}]"), "an object", m));
+            };
+            let role_field = format!("messages[{i}].role");
+            let role = match o.get("role") {
+                Some(Value::String(r)) => Role::parse(r).ok_or_else(|| {
+                    ApiError::field(
+                        &role_field,
+                        format!("unknown role '{r}' (expected system, user or assistant)"),
+                    )
+                })?,
+                Some(v) => return Err(wrong_type(&role_field, "a string", v)),
+                None => {
+                    return Err(ApiError::field(
+                        &role_field,
+                        format!("'{role_field}' is required"),
+                    ))
+                }
+            };
+            messages.push(Message::new(role, content_text(i, o.get("content"))?));
+        }
+        let common = parse_common(&f, &["max_completion_tokens", "max_tokens"])?;
+        let want = f.bool("logprobs")?.unwrap_or(false);
+        let top = f.u64("top_logprobs")?;
+        if let Some(k) = top {
+            if k > MAX_TOP_LOGPROBS {
+                return Err(ApiError::field(
+                    "top_logprobs",
+                    format!("'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
+                ));
+            }
+            if !want && k > 0 {
+                return Err(ApiError::field(
+                    "top_logprobs",
+                    "'top_logprobs' needs 'logprobs' set to true",
+                ));
+            }
+        }
+        let logprobs = want.then_some(top.unwrap_or(0) as usize);
+        Ok(ChatRequest {
+            messages,
+            common,
+            logprobs,
+        })
+    }
+}
+
+/// The prompt of `POST /v1/completions`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// A parsed `POST /v1/completions`.
+#[derive(Clone, Debug)]
+pub struct CompletionRequest {
+    pub prompt: Prompt,
+    pub common: Common,
+    pub echo: bool,
+    /// Some(k): log-probabilities with k alternatives per token.
+    pub logprobs: Option<usize>,
+}
+
+fn token_array(a: &[Value], vocab: usize) -> Result<Vec<u32>, ApiError> {
+    a.iter()
+        .map(|v| match v.as_u64() {
+            Some(id) if (id as usize) < vocab => Ok(id as u32),
+            Some(id) => Err(ApiError::field(
+                "prompt",
+                format!("token id {id} is outside the vocabulary of {vocab}"),
+            )),
+            None => Err(wrong_type("prompt", "a string or an array of token ids", v)),
+        })
+        .collect()
+}
+
+impl CompletionRequest {
+    pub fn parse(obj: &Map<String, Value>, vocab: usize) -> Result<Self, ApiError> {
+        let f = Fields(obj);
+        f.str("model")?;
+        let one = || {
+            ApiError::field(
+                "prompt",
+                "only one prompt per request is supported (send several requests)",
+            )
+        };
+        let prompt = match f.get("prompt") {
+            None => return Err(ApiError::field("prompt", "'prompt' is required")),
+            Some(Value::String(s)) => Prompt::Text(s.clone()),
+            Some(Value::Array(a)) => match a.first() {
+                None => return Err(ApiError::field("prompt", "'prompt' must not be empty")),
+                Some(Value::String(s)) if a.len() == 1 => Prompt::Text(s.clone()),
+                Some(Value::Array(inner)) if a.len() == 1 => {
+                    Prompt::Tokens(token_array(inner, vocab)?)
+                }
+                Some(Value::String(_) | Value::Array(_)) => return Err(one()),
+                Some(_) => Prompt::Tokens(token_array(a, vocab)?),
+            },
+            Some(v) => return Err(wrong_type("prompt", "a string or an array of token ids", v)),
+        };
+        if matches!(&prompt, Prompt::Tokens(t) if t.is_empty()) {
+            return Err(ApiError::field("prompt", "'prompt' must not be empty"));
+        }
+        if let Some(b) = f.u64("best_of")? {
+            if b != 1 {
+                return Err(ApiError::field(
+                    "best_of",
+                    format!("only best_of = 1 is supported, got {b}"),
+                ));
+            }
+        }
+        if f.str("suffix")?.is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::field("suffix", "'suffix' is not supported"));
+        }
+        let common = parse_common(&f, &["max_tokens"])?;
+        let echo = f.bool("echo")?.unwrap_or(false);
+        let logprobs = match f.u64("logprobs")? {
+            Some(k) if k > MAX_TOP_LOGPROBS => {
+                return Err(ApiError::field(
+                    "logprobs",
+                    format!("'logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
+                ))
+            }
+            k => k.map(|k| k as usize),
+        };
+        if echo && logprobs.is_some() {
+            return Err(ApiError::field(
+                "logprobs",
+                "'logprobs' together with 'echo' (log-probabilities of the prompt) is not supported",
+            ));
+        }
+        Ok(CompletionRequest {
+            prompt,
+            common,
+            echo,
+            logprobs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn chat_defaults_and_parts() {
+        let r = ChatRequest::parse(&obj(json!({
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": " Hi "}, {"type": "text", "text": "there"}]}
+            ]
+        })))
+        .unwrap();
+        assert_eq!(r.messages[1].content, "Hithere");
+        assert_eq!(r.common.sampling.temperature, 1.0);
+        assert_eq!(r.common.sampling.top_k, 64);
+        assert_eq!(r.common.sampling.top_p, 0.95);
+        assert_eq!(r.common.max_tokens, None);
+        assert_eq!(r.logprobs, None);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let param = |v: Value| {
+            ChatRequest::parse(&obj(v))
+                .unwrap_err()
+                .param
+                .unwrap_or_default()
+        };
+        let m = json!([{"role": "user", "content": "hi"}]);
+        assert_eq!(
+            param(json!({"messages": m, "temperature": "hot"})),
+            "temperature"
+        );
+        assert_eq!(
+            param(json!({"messages": m, "temperature": 1e9})),
+            "temperature"
+        );
+        assert_eq!(param(json!({"messages": m, "top_p": 5})), "top_p");
+        assert_eq!(param(json!({"messages": m, "max_tokens": 0})), "max_tokens");
+        assert_eq!(
+            param(json!({"messages": m, "max_tokens": -3})),
+            "max_tokens"
+        );
+        assert_eq!(param(json!({"messages": m, "n": 2})), "n");
+        assert_eq!(param(json!({"messages": m, "stop": 3})), "stop");
+        assert_eq!(
+            param(json!({"messages": m, "logprobs": true, "top_logprobs": 21})),
+            "top_logprobs"
+        );
+        assert_eq!(param(json!({"messages": "hi"})), "messages");
+        assert_eq!(
+            param(json!({"messages": [{"role": "robot", "content": "x"}]})),
+            "messages[0].role"
+        );
+        assert_eq!(
+            param(json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})),
+            "messages[0].content[0].type"
+        );
+    }
+
+    #[test]
+    fn completion_prompts() {
+        let p = |v: Value| CompletionRequest::parse(&obj(v), 100).map(|r| r.prompt);
+        assert_eq!(p(json!({"prompt": "x"})).unwrap(), Prompt::Text("x".into()));
+        assert_eq!(
+            p(json!({"prompt": [1, 2]})).unwrap(),
+            Prompt::Tokens(vec![1, 2])
+        );
+        assert_eq!(
+            p(json!({"prompt": [[3]]})).unwrap(),
+            Prompt::Tokens(vec![3])
+        );
+        assert_eq!(
+            p(json!({"prompt": ["a", "b"]}))
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("prompt")
+        );
+        assert_eq!(
+            p(json!({"prompt": [100]})).unwrap_err().param.as_deref(),
+            Some("prompt")
+        );
+        assert_eq!(
+            p(json!({"prompt": []})).unwrap_err().param.as_deref(),
+            Some("prompt")
+        );
+        assert_eq!(p(json!({})).unwrap_err().param.as_deref(), Some("prompt"));
+    }
+}

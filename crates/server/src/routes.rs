@@ -1,0 +1,724 @@
+//! The HTTP routes: translate OpenAI JSON into engine requests (token ids and
+//! generation parameters), hand them to the scheduler, and translate its
+//! events back into JSON or server-sent events.
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::openai::{
+    parse_body, ChatRequest, Common, CompletionRequest, Fields, Prompt,
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+};
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use gemma3_engine::scheduler::{Event, EventSink, Request as EngineRequest, Scheduler, Usage};
+use gemma3_engine::{render_chat, FinishReason, GenerateParams};
+use gemma3_tokenizer::Tokenizer;
+use serde_json::{json, Map, Value};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+/// What every handler shares.
+pub struct App {
+    pub sched: Scheduler,
+    pub tok: Arc<Tokenizer>,
+    /// The id /v1/models reports and responses carry.
+    pub model_id: String,
+    pub api_key: Option<String>,
+    pub metrics: Metrics,
+    pub vocab: usize,
+    /// eos and `<end_of_turn>`.
+    pub stop_tokens: Vec<u32>,
+    pub next_id: AtomicU64,
+    pub started: u64,
+}
+
+pub type AppState = State<Arc<App>>;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(v).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+impl App {
+    fn new_id(&self, prefix: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}-{:08x}{n:08x}", self.started as u32)
+    }
+
+    /// How many tokens to generate: `prompt + max_tokens` must fit the context.
+    fn budget(
+        &self,
+        prompt: usize,
+        common: &Common,
+        default: Option<usize>,
+        prompt_field: &str,
+    ) -> Result<usize, ApiError> {
+        let ctx = self.sched.ctx();
+        if prompt == 0 {
+            return Err(ApiError::field(prompt_field, "the prompt is empty"));
+        }
+        if prompt >= ctx {
+            return Err(ApiError::field(
+                prompt_field,
+                format!("the prompt has {prompt} tokens but the context holds {ctx} (and at least one more is needed to generate): shorten the prompt, or start the server with a larger --ctx"),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        let room = ctx - prompt;
+        match common.max_tokens {
+            Some(m) if m > room => Err(ApiError::field(
+                common.max_tokens_key,
+                format!(
+                    "the prompt has {prompt} tokens and {} is {m}: together {} tokens, beyond the context of {ctx} tokens (at most {room} new tokens fit)",
+                    common.max_tokens_key,
+                    prompt.saturating_add(m)
+                ),
+            )
+            .with_code("context_length_exceeded")),
+            Some(m) => Ok(m),
+            None => Ok(default.map_or(room, |d| d.min(room))),
+        }
+    }
+
+    fn params(&self, common: &Common, max_tokens: usize) -> GenerateParams {
+        GenerateParams {
+            max_tokens,
+            sampling: common.sampling.clone(),
+            stop_strings: common.stop.clone(),
+            stop_tokens: self.stop_tokens.clone(),
+        }
+    }
+
+    /// Queue a job; its events arrive on the returned channel. Dropping the
+    /// receiver (the client went away) makes the scheduler drop the job.
+    fn submit(
+        &self,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+        logprobs: Option<usize>,
+    ) -> Result<UnboundedReceiver<Event>, ApiError> {
+        let (tx, rx) = unbounded_channel();
+        self.sched.submit(EngineRequest {
+            prompt,
+            params,
+            logprobs,
+            events: Box::new(Sink(tx)),
+        })?;
+        Ok(rx)
+    }
+
+    /// The text of a token (special tokens spelled out) and its bytes.
+    fn piece(&self, id: u32) -> (String, Vec<u8>) {
+        let b = self.tok.token_to_piece(id, true).unwrap_or(&[]).to_vec();
+        (String::from_utf8_lossy(&b).into_owned(), b)
+    }
+
+    fn chat_logprob(&self, id: u32, lp: f32, top: &[(u32, f32)]) -> Value {
+        let (t, b) = self.piece(id);
+        let top: Vec<Value> = top
+            .iter()
+            .map(|&(id, lp)| {
+                let (t, b) = self.piece(id);
+                json!({"token": t, "logprob": lp, "bytes": b})
+            })
+            .collect();
+        json!({"token": t, "logprob": lp, "bytes": b, "top_logprobs": top})
+    }
+
+    fn top_map(&self, top: &[(u32, f32)]) -> Value {
+        let mut m = serde_json::Map::new();
+        for &(id, lp) in top {
+            m.entry(self.piece(id).0).or_insert(json!(lp));
+        }
+        Value::Object(m)
+    }
+}
+
+/// A request body that is a JSON object; anything else is an OpenAI-shaped
+/// error (including a body over axum's 2 MiB limit: 413).
+pub struct JsonObject(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let body = Bytes::from_request(req, state).await.map_err(|r| {
+            let mut e = ApiError::bad_request(r.body_text());
+            e.status = r.status();
+            e
+        })?;
+        parse_body(&body).map(JsonObject)
+    }
+}
+
+/// Events into the tokio channel a handler awaits (sending never blocks).
+struct Sink(UnboundedSender<Event>);
+
+impl EventSink for Sink {
+    fn send(&mut self, ev: Event) -> bool {
+        self.0.send(ev).is_ok()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+fn finish_str(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Length => "length",
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    })
+}
+
+/// llama-server style timings (not part of OpenAI's schema).
+fn timings_json(u: &Usage) -> Value {
+    let gen_s = u.gen_time.as_secs_f64();
+    json!({
+        "queue_ms": u.queue_time.as_secs_f64() * 1e3,
+        "prompt_ms": u.prompt_time.as_secs_f64() * 1e3,
+        "prompt_n": u.prompt_tokens - u.cached_tokens,
+        "predicted_ms": gen_s * 1e3,
+        "predicted_n": u.completion_tokens,
+        "predicted_per_second": if gen_s > 0.0 { u.completion_tokens as f64 / gen_s } else { 0.0 },
+    })
+}
+
+/// One generated token as a non-streamed response reports it.
+struct GenToken {
+    id: u32,
+    logprob: Option<f32>,
+    top: Vec<(u32, f32)>,
+    /// Characters of text before this token's.
+    offset: usize,
+}
+
+/// Everything a finished request produced.
+struct Collected {
+    text: String,
+    tokens: Vec<GenToken>,
+    finish: FinishReason,
+    usage: Usage,
+}
+
+async fn collect(first: Event, mut rx: UnboundedReceiver<Event>) -> Result<Collected, ApiError> {
+    let mut c = Collected {
+        text: String::new(),
+        tokens: Vec::new(),
+        finish: FinishReason::Stop,
+        usage: Usage::default(),
+    };
+    let mut ev = Some(first);
+    loop {
+        let e = match ev.take() {
+            Some(e) => e,
+            None => rx
+                .recv()
+                .await
+                .ok_or_else(|| ApiError::internal("the scheduler stopped"))?,
+        };
+        match e {
+            Event::Token {
+                id,
+                text,
+                logprob,
+                top_logprobs,
+            } => {
+                c.tokens.push(GenToken {
+                    id,
+                    logprob,
+                    top: top_logprobs,
+                    offset: c.text.chars().count(),
+                });
+                c.text.push_str(&text);
+            }
+            Event::Done {
+                finish,
+                text,
+                usage,
+            } => {
+                c.text.push_str(&text);
+                c.finish = finish;
+                c.usage = usage;
+                return Ok(c);
+            }
+            Event::Error(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The first event: an error before any token becomes an HTTP error status.
+async fn first_event(rx: &mut UnboundedReceiver<Event>) -> Result<Event, ApiError> {
+    match rx.recv().await {
+        None => Err(ApiError::internal("the scheduler stopped")),
+        Some(Event::Error(e)) => Err(e.into()),
+        Some(e) => Ok(e),
+    }
+}
+
+/// Turns events into the JSON chunks of one endpoint's stream.
+trait StreamFormat: Send + 'static {
+    fn start(&mut self) -> Vec<Value>;
+    fn token(&mut self, id: u32, text: &str, lp: Option<f32>, top: &[(u32, f32)]) -> Option<Value>;
+    fn finish(&mut self, finish: FinishReason, tail: &str, usage: &Usage) -> Vec<Value>;
+}
+
+fn push_data(out: &mut String, v: &Value) {
+    out.push_str("data: ");
+    out.push_str(&v.to_string());
+    out.push_str("\n\n");
+}
+
+/// A server-sent event stream of `fmt`'s chunks, ending with `data: [DONE]`.
+fn sse<F: StreamFormat>(first: Event, rx: UnboundedReceiver<Event>, mut fmt: F) -> Response {
+    let mut head = String::new();
+    for v in fmt.start() {
+        push_data(&mut head, &v);
+    }
+    struct St<F> {
+        head: String,
+        first: Option<Event>,
+        rx: UnboundedReceiver<Event>,
+        fmt: F,
+        done: bool,
+    }
+    let st = St {
+        head,
+        first: Some(first),
+        rx,
+        fmt,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let mut out = std::mem::take(&mut st.head);
+        loop {
+            let ev = match st.first.take() {
+                Some(e) => Some(e),
+                None => st.rx.recv().await,
+            };
+            match ev {
+                Some(Event::Token {
+                    id,
+                    text,
+                    logprob,
+                    top_logprobs,
+                }) => {
+                    if let Some(v) = st.fmt.token(id, &text, logprob, &top_logprobs) {
+                        push_data(&mut out, &v);
+                    }
+                    if !out.is_empty() {
+                        return Some((Ok::<_, Infallible>(Bytes::from(out)), st));
+                    }
+                }
+                Some(Event::Done {
+                    finish,
+                    text,
+                    usage,
+                }) => {
+                    for v in st.fmt.finish(finish, &text, &usage) {
+                        push_data(&mut out, &v);
+                    }
+                    break;
+                }
+                Some(Event::Error(e)) => {
+                    push_data(&mut out, &ApiError::from(e).body());
+                    break;
+                }
+                None => {
+                    push_data(
+                        &mut out,
+                        &ApiError::internal("the scheduler stopped").body(),
+                    );
+                    break;
+                }
+            }
+        }
+        out.push_str("data: [DONE]\n\n");
+        st.done = true;
+        Some((Ok(Bytes::from(out)), st))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+struct ChatStream {
+    app: Arc<App>,
+    id: String,
+    created: u64,
+    logprobs: bool,
+    include_usage: bool,
+}
+
+impl ChatStream {
+    fn chunk(&self, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
+        json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.app.model_id,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        })
+    }
+}
+
+impl StreamFormat for ChatStream {
+    fn start(&mut self) -> Vec<Value> {
+        vec![self.chunk(
+            json!({"role": "assistant", "content": ""}),
+            Value::Null,
+            None,
+        )]
+    }
+
+    fn token(&mut self, id: u32, text: &str, lp: Option<f32>, top: &[(u32, f32)]) -> Option<Value> {
+        let logprobs = match (self.logprobs, lp) {
+            (true, Some(lp)) => json!({"content": [self.app.chat_logprob(id, lp, top)]}),
+            _ => Value::Null,
+        };
+        if text.is_empty() && logprobs.is_null() {
+            return None;
+        }
+        Some(self.chunk(json!({"content": text}), logprobs, None))
+    }
+
+    fn finish(&mut self, finish: FinishReason, tail: &str, usage: &Usage) -> Vec<Value> {
+        let mut v = Vec::new();
+        if !tail.is_empty() {
+            v.push(self.chunk(json!({"content": tail}), Value::Null, None));
+        }
+        v.push(self.chunk(json!({}), Value::Null, Some(finish_str(finish))));
+        if self.include_usage {
+            v.push(json!({
+                "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.app.model_id, "choices": [], "usage": usage_json(usage),
+            }));
+        }
+        v
+    }
+}
+
+struct CompletionStream {
+    app: Arc<App>,
+    id: String,
+    created: u64,
+    logprobs: Option<usize>,
+    include_usage: bool,
+    echo: Option<String>,
+    /// Characters of text sent so far.
+    offset: usize,
+}
+
+impl CompletionStream {
+    fn chunk(&self, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
+        json!({
+            "id": self.id, "object": "text_completion", "created": self.created,
+            "model": self.app.model_id,
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        })
+    }
+}
+
+impl StreamFormat for CompletionStream {
+    fn start(&mut self) -> Vec<Value> {
+        match self.echo.take() {
+            Some(p) if !p.is_empty() => {
+                self.offset += p.chars().count();
+                vec![self.chunk(&p, Value::Null, None)]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn token(&mut self, id: u32, text: &str, lp: Option<f32>, top: &[(u32, f32)]) -> Option<Value> {
+        let logprobs = match (self.logprobs, lp) {
+            (Some(_), Some(lp)) => json!({
+                "tokens": [self.app.piece(id).0],
+                "token_logprobs": [lp],
+                "top_logprobs": [self.app.top_map(top)],
+                "text_offset": [self.offset],
+            }),
+            _ => Value::Null,
+        };
+        self.offset += text.chars().count();
+        if text.is_empty() && logprobs.is_null() {
+            return None;
+        }
+        Some(self.chunk(text, logprobs, None))
+    }
+
+    fn finish(&mut self, finish: FinishReason, tail: &str, usage: &Usage) -> Vec<Value> {
+        let mut v = Vec::new();
+        if !tail.is_empty() {
+            v.push(self.chunk(tail, Value::Null, None));
+        }
+        v.push(self.chunk("", Value::Null, Some(finish_str(finish))));
+        if self.include_usage {
+            v.push(json!({
+                "id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.app.model_id, "choices": [], "usage": usage_json(usage),
+            }));
+        }
+        v
+    }
+}
+
+pub async fn chat(
+    State(app): AppState,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    let req = ChatRequest::parse(&body)?;
+    let text =
+        render_chat(&req.messages, true).map_err(|e| ApiError::field("messages", e.to_string()))?;
+    let prompt = app.tok.encode(&text, false, true);
+    let max_tokens = app.budget(prompt.len(), &req.common, None, "messages")?;
+    let params = app.params(&req.common, max_tokens);
+    let mut rx = app.submit(prompt, params, req.logprobs)?;
+    let first = first_event(&mut rx).await?;
+    let id = app.new_id("chatcmpl");
+    let created = unix_now();
+    if req.common.stream {
+        let fmt = ChatStream {
+            app: app.clone(),
+            id,
+            created,
+            logprobs: req.logprobs.is_some(),
+            include_usage: req.common.include_usage,
+        };
+        return Ok(sse(first, rx, fmt));
+    }
+    let c = collect(first, rx).await?;
+    let logprobs = match req.logprobs {
+        Some(_) => json!({"content": c.tokens.iter().filter_map(|t| {
+            t.logprob.map(|lp| app.chat_logprob(t.id, lp, &t.top))
+        }).collect::<Vec<_>>()}),
+        None => Value::Null,
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "id": id, "object": "chat.completion", "created": created, "model": app.model_id,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": logprobs,
+                "finish_reason": finish_str(c.finish),
+            }],
+            "usage": usage_json(&c.usage),
+            "timings": timings_json(&c.usage),
+        }),
+    ))
+}
+
+pub async fn completions(
+    State(app): AppState,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    let req = CompletionRequest::parse(&body, app.vocab)?;
+    let (prompt, prompt_text) = match &req.prompt {
+        Prompt::Text(s) => (app.tok.encode(s, true, false), s.clone()),
+        Prompt::Tokens(t) => (t.clone(), app.tok.decode(t, false).unwrap_or_default()),
+    };
+    let max_tokens = app.budget(
+        prompt.len(),
+        &req.common,
+        Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
+        "prompt",
+    )?;
+    let params = app.params(&req.common, max_tokens);
+    let mut rx = app.submit(prompt, params, req.logprobs)?;
+    let first = first_event(&mut rx).await?;
+    let id = app.new_id("cmpl");
+    let created = unix_now();
+    let echo = req.echo.then_some(prompt_text);
+    if req.common.stream {
+        let fmt = CompletionStream {
+            app: app.clone(),
+            id,
+            created,
+            logprobs: req.logprobs,
+            include_usage: req.common.include_usage,
+            echo,
+            offset: 0,
+        };
+        return Ok(sse(first, rx, fmt));
+    }
+    let c = collect(first, rx).await?;
+    let logprobs = match req.logprobs {
+        Some(_) => {
+            let (mut tokens, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
+            for t in &c.tokens {
+                tokens.push(app.piece(t.id).0);
+                lps.push(json!(t.logprob));
+                tops.push(app.top_map(&t.top));
+                offs.push(t.offset);
+            }
+            json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
+        }
+        None => Value::Null,
+    };
+    let text = match echo {
+        Some(p) => p + &c.text,
+        None => c.text,
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "id": id, "object": "text_completion", "created": created, "model": app.model_id,
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_str(c.finish)}],
+            "usage": usage_json(&c.usage),
+            "timings": timings_json(&c.usage),
+        }),
+    ))
+}
+
+pub async fn models(State(app): AppState) -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({"object": "list", "data": [{
+            "id": app.model_id, "object": "model", "created": app.started, "owned_by": "gemma3-rs",
+            "meta": {"n_ctx": app.sched.ctx(), "n_vocab": app.vocab, "parallel": app.sched.parallel()},
+        }]}),
+    )
+}
+
+pub async fn health(State(app): AppState) -> Response {
+    let s = app.sched.stats();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "status": "ok",
+            "slots_idle": s.parallel - s.active.min(s.parallel),
+            "slots_processing": s.active,
+            "queue_depth": s.waiting,
+        }),
+    )
+}
+
+pub async fn metrics(State(app): AppState) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(&app.sched.stats()),
+    )
+        .into_response()
+}
+
+pub async fn tokenize(
+    State(app): AppState,
+    JsonObject(obj): JsonObject,
+) -> Result<Response, ApiError> {
+    let f = Fields(&obj);
+    let content = f
+        .str("content")?
+        .ok_or_else(|| ApiError::field("content", "'content' is required"))?;
+    // llama-server's defaults.
+    let add_special = f.bool("add_special")?.unwrap_or(false);
+    let parse_special = f.bool("parse_special")?.unwrap_or(true);
+    let tokens = app.tok.encode(content, add_special, parse_special);
+    Ok(json_response(StatusCode::OK, &json!({"tokens": tokens})))
+}
+
+pub async fn detokenize(
+    State(app): AppState,
+    JsonObject(obj): JsonObject,
+) -> Result<Response, ApiError> {
+    let ids: Vec<u32> = match Fields(&obj).get("tokens") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| match v.as_u64() {
+                Some(id) if (id as usize) < app.vocab => Ok(id as u32),
+                _ => Err(ApiError::field(
+                    "tokens",
+                    format!("'tokens' must hold token ids below {}, got {v}", app.vocab),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(ApiError::field(
+                "tokens",
+                "'tokens' must be an array of token ids",
+            ))
+        }
+    };
+    let content = app
+        .tok
+        .decode(&ids, true)
+        .map_err(|e| ApiError::field("tokens", e.to_string()))?;
+    Ok(json_response(StatusCode::OK, &json!({"content": content})))
+}
+
+pub async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+pub async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::method_not_allowed(format!(
+        "method {} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+/// Constant-time comparison, so the key cannot be guessed byte by byte from timings.
+fn same_key(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+/// With an API key set, /v1 routes need `Authorization: Bearer KEY`.
+pub async fn auth(State(app): AppState, req: Request, next: Next) -> Response {
+    if let Some(key) = &app.api_key {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|k| same_key(k.trim(), key));
+        if !ok {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Count every response by status for /metrics.
+pub async fn count(State(app): AppState, req: Request, next: Next) -> Response {
+    let r = next.run(req).await;
+    app.metrics.count(r.status().as_u16());
+    r
+}

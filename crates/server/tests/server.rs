@@ -1,0 +1,653 @@
+//! The server end to end with the real model, over real HTTP on 127.0.0.1:0.
+
+mod common;
+
+use common::*;
+use gemma3_engine::{render_chat, GenerateParams, Message, Role, SamplingParams, Session};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const PROMPTS: [&str; 16] = [
+    "Write a haiku about the sea.",
+    "What is the capital of France?",
+    "List three primary colours.",
+    "Explain photosynthesis in one sentence.",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 12?",
+    "Name a famous physicist.",
+    "Give me a synonym for 'happy'.",
+    "Why is the sky blue?",
+    "Describe a cat in five words.",
+    "What comes after Tuesday?",
+    "Suggest a name for a goldfish.",
+    "How many legs does a spider have?",
+    "Write the first line of a story about a dragon.",
+    "What is the boiling point of water in Celsius?",
+    "Recommend a book for a long flight.",
+];
+
+fn chat_body(prompt: &str, max_tokens: usize, stream: bool) -> Value {
+    json!({
+        "model": "gemma3",
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": stream,
+    })
+}
+
+/// 16 concurrent streaming greedy requests each get exactly their solo
+/// output, in far fewer forward passes than tokens (they were batched); and
+/// the solo output is the single-sequence `Session`'s.
+#[test]
+fn concurrent_streams_match_solo() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    const N: usize = 24;
+    let server = start(config(model.clone(), 16, 1024));
+    let addr = server.addr;
+
+    let solo: Vec<String> = PROMPTS
+        .iter()
+        .map(|p| {
+            let r = post(addr, "/v1/chat/completions", &chat_body(p, N, true));
+            assert_eq!(r.status, 200, "{}", r.text());
+            chat_stream_text(&r.events()).0
+        })
+        .collect();
+
+    let steps_before = metric(addr, "gemma3_decode_steps_total");
+    let generated_before = metric(addr, "gemma3_generated_tokens_total");
+    let barrier = std::sync::Barrier::new(PROMPTS.len());
+    let together: Vec<(String, Option<String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = PROMPTS
+            .iter()
+            .map(|p| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let body = chat_body(p, N, true).to_string();
+                    barrier.wait();
+                    let r = read_response(send(addr, "POST", "/v1/chat/completions", &body, &[]));
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    chat_stream_text(&r.events())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, ((text, finish), solo)) in together.iter().zip(&solo).enumerate() {
+        assert_eq!(
+            text, solo,
+            "prompt {i} ({:?}) differs when batched",
+            PROMPTS[i]
+        );
+        assert!(finish.is_some(), "prompt {i}: no finish_reason");
+    }
+    let steps = metric(addr, "gemma3_decode_steps_total") - steps_before;
+    let generated = metric(addr, "gemma3_generated_tokens_total") - generated_before;
+    eprintln!("16 concurrent streams: {generated} tokens in {steps} forward passes");
+    assert!(
+        steps * 3.0 < generated,
+        "{generated} tokens took {steps} forward passes: the requests were not batched"
+    );
+    server.stop().unwrap();
+
+    // The first prompt through the plain single-sequence path.
+    let m = gemma3_model::Model::open(&model).unwrap();
+    let tok = gemma3_engine::tokenizer_from_gguf(&m.file).unwrap();
+    let prompt = tok.encode(
+        &render_chat(&[Message::new(Role::User, PROMPTS[0])], true).unwrap(),
+        false,
+        true,
+    );
+    let mut stop_tokens = vec![tok.specials().eos];
+    stop_tokens.extend(tok.specials().end_of_turn);
+    let params = GenerateParams {
+        max_tokens: N,
+        sampling: SamplingParams::greedy(),
+        stop_strings: vec![],
+        stop_tokens,
+    };
+    let g = Session::new(&m, 1024)
+        .generate(&tok, &prompt, &params, |_| true)
+        .unwrap();
+    assert_eq!(g.text, solo[0], "the server differs from Session::generate");
+}
+
+/// A client that disconnects mid-stream frees its slot: with --parallel 1
+/// the next request is served at once, and no sequence stays active.
+#[test]
+fn dropped_client_frees_its_slot() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let server = start(config(model, 1, 1024));
+    let addr = server.addr;
+
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0, "stream": true});
+    let mut s = send(addr, "POST", "/v1/completions", &body.to_string(), &[]);
+    // Read until a few tokens have arrived, then hang up.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&seen).matches("data: ").count() < 4 {
+        use std::io::Read;
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(metric(addr, "gemma3_active_sequences"), 1.0);
+    drop(s);
+
+    let t0 = Instant::now();
+    while metric(addr, "gemma3_active_sequences") != 0.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the dropped stream still holds its slot"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("slot freed {:?} after the client left", t0.elapsed());
+    let generated = metric(addr, "gemma3_generated_tokens_total");
+    assert!(
+        generated < 200.0,
+        "{generated} tokens: generation went on after the disconnect"
+    );
+
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 4);
+
+    // Shutdown with a stream in flight: it is cancelled after the grace
+    // period and the server stops cleanly.
+    let s = send(addr, "POST", "/v1/completions", &body.to_string(), &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let reader = std::thread::spawn(move || read_response(s));
+    server.stop().unwrap();
+    let r = reader.join().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    assert!(text.contains("shutting down"), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+}
+
+fn expect_error(r: &Response, status: u16, param: Option<&str>) -> Value {
+    assert_eq!(r.status, status, "{}", r.text());
+    let v = r.json();
+    let e = &v["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(e["type"].is_string(), "{v}");
+    assert!(e.get("code").is_some() && e.get("param").is_some(), "{v}");
+    if let Some(p) = param {
+        assert_eq!(e["param"], p, "{v}");
+    }
+    v
+}
+
+/// Every class of bad request gets its status and an OpenAI-shaped error,
+/// and the server keeps serving.
+#[test]
+fn bad_requests_get_openai_errors() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let mut cfg = config(model, 1, 256);
+    cfg.queue = 0;
+    cfg.api_key = Some("sekret".into());
+    let server = start(cfg);
+    let addr = server.addr;
+    let auth = [("Authorization", "Bearer sekret")];
+    let call = |path: &str, body: &str| request(addr, "POST", path, body, &auth);
+    let chat = |extra: Value| {
+        let mut b = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        call("/v1/chat/completions", &b.to_string())
+    };
+
+    // Authentication.
+    let r = post(addr, "/v1/chat/completions", &json!({"messages": []}));
+    expect_error(&r, 401, None);
+    let r = request(
+        addr,
+        "GET",
+        "/v1/models",
+        "",
+        &[("Authorization", "Bearer wrong")],
+    );
+    expect_error(&r, 401, None);
+    let r = request(addr, "GET", "/v1/models", "", &auth);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["data"][0]["object"], "model");
+    assert_eq!(get(addr, "/health").status, 200, "/health needs no key");
+
+    // Malformed JSON and wrong types.
+    expect_error(&call("/v1/chat/completions", "{\"messages\": ["), 400, None);
+    expect_error(&call("/v1/chat/completions", "[1, 2]"), 400, None);
+    expect_error(
+        &chat(json!({"temperature": "warm"})),
+        400,
+        Some("temperature"),
+    );
+    expect_error(&chat(json!({"messages": "Hi"})), 400, Some("messages"));
+    expect_error(
+        &chat(json!({"messages": [{"role": "user", "content": 5}]})),
+        400,
+        Some("messages[0].content"),
+    );
+    expect_error(
+        &chat(json!({"messages": [{"role": "robot", "content": "x"}]})),
+        400,
+        Some("messages[0].role"),
+    );
+    expect_error(&chat(json!({"stop": {"a": 1}})), 400, Some("stop"));
+    expect_error(&chat(json!({"stream": "yes"})), 400, Some("stream"));
+    expect_error(
+        &chat(json!({"messages": [{"role": "assistant", "content": "x"}]})),
+        400,
+        Some("messages"),
+    );
+    expect_error(
+        &call("/v1/completions", &json!({"prompt": 5}).to_string()),
+        400,
+        Some("prompt"),
+    );
+    expect_error(
+        &call(
+            "/v1/completions",
+            &json!({"prompt": [1, 999999999]}).to_string(),
+        ),
+        400,
+        Some("prompt"),
+    );
+
+    // Absurd values.
+    expect_error(&chat(json!({"temperature": 1e9})), 400, Some("temperature"));
+    expect_error(&chat(json!({"top_p": 5})), 400, Some("top_p"));
+    expect_error(&chat(json!({"min_p": -1})), 400, Some("min_p"));
+    expect_error(
+        &chat(json!({"presence_penalty": 9})),
+        400,
+        Some("presence_penalty"),
+    );
+    expect_error(&chat(json!({"max_tokens": 0})), 400, Some("max_tokens"));
+    expect_error(
+        &chat(json!({"max_completion_tokens": 0})),
+        400,
+        Some("max_completion_tokens"),
+    );
+    expect_error(&chat(json!({"n": 2})), 400, Some("n"));
+    expect_error(
+        &chat(json!({"logprobs": true, "top_logprobs": 50})),
+        400,
+        Some("top_logprobs"),
+    );
+
+    // Beyond the context: the message says both numbers.
+    let v = expect_error(
+        &chat(json!({"max_tokens": 1_000_000_000_000u64})),
+        400,
+        Some("max_tokens"),
+    );
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("1000000000000") && msg.contains("256"),
+        "{msg}"
+    );
+    let long = "word ".repeat(400);
+    let v = expect_error(
+        &call(
+            "/v1/completions",
+            &json!({"prompt": long, "max_tokens": 1}).to_string(),
+        ),
+        400,
+        Some("prompt"),
+    );
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("256"),
+        "{v}"
+    );
+
+    // Unknown route, wrong method.
+    expect_error(&get(addr, "/v1/nothing"), 404, None);
+    expect_error(&get(addr, "/nothing"), 404, None);
+    expect_error(
+        &request(addr, "GET", "/v1/chat/completions", "", &auth),
+        405,
+        None,
+    );
+
+    // Queue full: --parallel 1 --queue 0 with one stream running.
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": true});
+    let mut s = send(addr, "POST", "/v1/completions", &body.to_string(), &auth);
+    {
+        use std::io::Read;
+        let mut b = [0u8; 1024];
+        assert!(s.read(&mut b).unwrap() > 0);
+    }
+    let r = call(
+        "/v1/completions",
+        &json!({"prompt": "Hi", "max_tokens": 2}).to_string(),
+    );
+    expect_error(&r, 429, None);
+    assert_eq!(r.header("retry-after"), Some("1"), "{:?}", r.headers);
+    drop(s);
+
+    // Still serving.
+    let t0 = Instant::now();
+    loop {
+        let r = chat(json!({"temperature": 0}));
+        if r.status == 200 {
+            let v = r.json();
+            assert_eq!(v["object"], "chat.completion");
+            assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+            break;
+        }
+        // The dropped stream may hold the slot for one more step.
+        assert!(
+            r.status == 429 && t0.elapsed() < Duration::from_secs(10),
+            "{}",
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = get(addr, "/metrics").text();
+    assert!(m.contains("gemma3_requests_total{status=\"400\"}"), "{m}");
+    assert!(m.contains("gemma3_requests_total{status=\"429\"}"), "{m}");
+    server.stop().unwrap();
+}
+
+/// A second request sharing a long prefix reuses its KV state (in place from
+/// a finished slot, or copied from a busy one) and gives the same greedy
+/// output as without the cache.
+#[test]
+fn prefix_cache_reuses_and_matches() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let server = start(config(model, 2, 1024));
+    let addr = server.addr;
+    let prefix = "The following is a transcript of a long and careful lecture on the history of \
+        astronomy, from the first star catalogues of Babylon through Ptolemy's Almagest, the \
+        Copernican revolution, Kepler's laws of planetary motion and Galileo's telescope, to \
+        Newton's law of universal gravitation and the discovery of Neptune by calculation. \
+        The lecturer speaks slowly and answers every question from the audience in detail. ";
+    let completion = |q: &str, max: usize| json!({"prompt": format!("{prefix}{q}"), "max_tokens": max, "temperature": 0});
+    let cached = |v: &Value| {
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+
+    // Reference: a fresh server, nothing cached.
+    let r = post(
+        addr,
+        "/v1/completions",
+        &completion("Question: who was Kepler?", 16),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let reference = r.json();
+    assert_eq!(cached(&reference), 0);
+    let prompt_tokens = reference["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        prompt_tokens > 80,
+        "the prefix should be long: {prompt_tokens}"
+    );
+
+    // Same prefix, another question, streamed and kept running: it reuses
+    // the finished slot in place.
+    let mut body = completion("Question: what did Galileo see?", 400);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let mut s = send(addr, "POST", "/v1/completions", &body.to_string(), &[]);
+    {
+        use std::io::Read;
+        let mut b = [0u8; 4096];
+        let mut seen = String::new();
+        while seen.matches("data: ").count() < 2 {
+            let n = s.read(&mut b).unwrap();
+            assert!(n > 0);
+            seen.push_str(&String::from_utf8_lossy(&b[..n]));
+        }
+    }
+
+    // The reference request again while that one runs: its slot is busy, so
+    // the prefix is copied from it into the other slot.
+    let r = post(
+        addr,
+        "/v1/completions",
+        &completion("Question: who was Kepler?", 16),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let again = r.json();
+    eprintln!(
+        "prompt {prompt_tokens} tokens, cached {} on the second request",
+        cached(&again)
+    );
+    assert!(cached(&again) >= 80, "{again}");
+    assert_eq!(again["choices"][0]["text"], reference["choices"][0]["text"]);
+    drop(s);
+
+    // And once more, now from a finished slot in place.
+    std::thread::sleep(Duration::from_millis(300));
+    let r = post(
+        addr,
+        "/v1/completions",
+        &completion("Question: who was Kepler?", 16),
+    );
+    let third = r.json();
+    assert!(cached(&third) >= prompt_tokens - 1, "{third}");
+    assert_eq!(third["choices"][0]["text"], reference["choices"][0]["text"]);
+
+    // Chat too: same system prompt, cached tokens reported.
+    let sys = format!("You are a patient astronomy tutor. Context: {prefix}");
+    let ask = |q: &str| {
+        post(
+            addr,
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "system", "content": sys}, {"role": "user", "content": q}],
+                    "max_tokens": 8, "temperature": 0}),
+        )
+        .json()
+    };
+    ask("Who was Ptolemy?");
+    let v = ask("Who was Newton?");
+    assert!(cached(&v) >= 80, "{v}");
+    assert!(metric(addr, "gemma3_prompt_tokens_cached_total") > 0.0);
+    server.stop().unwrap();
+}
+
+/// Logprobs, stop strings, echo, token-id prompts, usage in streams, and the
+/// tokenizer routes.
+#[test]
+fn api_features() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let server = start(config(model, 2, 512));
+    let addr = server.addr;
+
+    // Chat logprobs: the chosen token is the most likely one when greedy.
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                "max_tokens": 3, "temperature": 0, "logprobs": true, "top_logprobs": 3}),
+    );
+    let v = r.json();
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 3, "{v}");
+    for c in content {
+        let top = c["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0]["token"], c["token"]);
+        assert!(c["logprob"].as_f64().unwrap() <= 0.0);
+        assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64());
+    }
+
+    // Completions: token-id prompt = text prompt; echo; logprobs; stop string.
+    let text = post(
+        addr,
+        "/tokenize",
+        &json!({"content": "The capital of France is", "add_special": true}),
+    )
+    .json();
+    let ids = text["tokens"].clone();
+    assert_eq!(ids[0], 2, "BOS first: {ids}");
+    let a = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}),
+    )
+    .json();
+    let b = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": ids, "max_tokens": 6, "temperature": 0, "logprobs": 2}),
+    )
+    .json();
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+    let lp = &b["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 6, "{b}");
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2, "{b}");
+    let gen = a["choices"][0]["text"].as_str().unwrap().to_string();
+    let e = post(addr, "/v1/completions", &json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "echo": true})).json();
+    assert_eq!(
+        e["choices"][0]["text"].as_str().unwrap(),
+        format!("The capital of France is{gen}")
+    );
+    // A stop string cuts the text before it.
+    let word = gen.split_whitespace().nth(1).unwrap_or("the").to_string();
+    let s = post(addr, "/v1/completions", &json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "stop": [word.clone()]})).json();
+    assert_eq!(s["choices"][0]["finish_reason"], "stop", "{s}");
+    let cut = s["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(
+        cut,
+        &gen[..gen.find(&word).unwrap()],
+        "stop {word:?} in {gen:?}"
+    );
+    assert_eq!(a["choices"][0]["finish_reason"], "length");
+
+    // Streamed completion with usage.
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
+    );
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let ev = r.events();
+    let streamed: String = ev
+        .iter()
+        .filter_map(|e| e["choices"].get(0)?["text"].as_str())
+        .collect();
+    assert_eq!(streamed, gen);
+    let last = ev.last().unwrap();
+    assert_eq!(last["usage"]["completion_tokens"], 6, "{last}");
+
+    // Seeded sampling is reproducible.
+    let seeded =
+        json!({"prompt": "Once upon a time", "max_tokens": 8, "seed": 42, "temperature": 0.9});
+    let x = post(addr, "/v1/completions", &seeded).json();
+    let y = post(addr, "/v1/completions", &seeded).json();
+    assert_eq!(x["choices"][0]["text"], y["choices"][0]["text"]);
+
+    // Tokenizer routes.
+    let t = post(
+        addr,
+        "/tokenize",
+        &json!({"content": "<start_of_turn>hello"}),
+    )
+    .json();
+    assert_eq!(t["tokens"][0], 105, "specials parsed by default: {t}");
+    let d = post(addr, "/detokenize", &json!({"tokens": t["tokens"]})).json();
+    assert_eq!(d["content"], "<start_of_turn>hello");
+    expect_error(
+        &post(addr, "/detokenize", &json!({"tokens": [-1]})),
+        400,
+        Some("tokens"),
+    );
+    let h = get(addr, "/health").json();
+    assert_eq!(h["status"], "ok");
+    server.stop().unwrap();
+}
+
+/// A long prompt is read in chunks mixed into the running streams' steps:
+/// a stream keeps getting tokens while another request's prompt is read.
+#[test]
+fn long_prompt_does_not_stall_streams() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let mut cfg = config(model, 2, 2048);
+    cfg.prompt_chunk = 128;
+    let server = start(cfg);
+    let addr = server.addr;
+
+    // Stream A: record when each event arrives.
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": true});
+    let mut a = send(addr, "POST", "/v1/completions", &body.to_string(), &[]);
+    let times = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let reader = {
+        let times = times.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut b = [0u8; 8192];
+            loop {
+                match a.read(&mut b) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let k = String::from_utf8_lossy(&b[..n]).matches("data: ").count();
+                        let now = Instant::now();
+                        let mut t = times.lock().unwrap();
+                        t.extend((0..k).map(|_| now));
+                        if t.len() >= 40 {
+                            return; // enough: hang up
+                        }
+                    }
+                }
+            }
+        })
+    };
+    while times.lock().unwrap().len() < 3 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // B: a ~1000-token prompt, 8 chunks of 128 tokens.
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(100);
+    let t_submit = Instant::now();
+    let mut b = json!({"prompt": long, "max_tokens": 1, "temperature": 0, "stream": true});
+    b["stream_options"] = json!({"include_usage": true});
+    // Headers come once B's first token is there, i.e. after its whole prompt.
+    let s = send(addr, "POST", "/v1/completions", &b.to_string(), &[]);
+    let mut s2 = s.try_clone().unwrap();
+    {
+        use std::io::Read;
+        let mut first = [0u8; 1];
+        s2.read_exact(&mut first).unwrap();
+    }
+    let t_first = Instant::now();
+    let r = read_response(s);
+    let usage = r.events().last().unwrap()["usage"].clone();
+    let prompt_tokens = usage["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 900, "{usage}");
+    let during = times
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|&&t| t > t_submit && t < t_first)
+        .count();
+    eprintln!(
+        "B's {prompt_tokens}-token prompt took {:?}; stream A got {during} events meanwhile",
+        t_first - t_submit
+    );
+    assert!(
+        during >= 4,
+        "stream A got only {during} tokens while B's prompt was read in 128-token chunks"
+    );
+    reader.join().unwrap();
+    server.stop().unwrap();
+}

@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Check `gemma3 serve` with the official `openai` Python client.
+
+Chat and completions, streamed and not (greedy: the streamed text must equal
+the non-streamed one), logprobs, stop strings, usage, and the errors the
+client raises for bad requests (400 naming the field, 401, 404).
+
+    python3 scripts/openai_client_check.py --base-url http://127.0.0.1:8080/v1 [--api-key KEY]
+
+scripts/check-openai.sh starts a server on a free port and runs this.
+Prints 'N passed, N failed' and exits non-zero on any failure.
+"""
+
+import argparse
+import sys
+
+import openai
+
+PASSED, FAILED = [], []
+
+
+def check(name, fn):
+    try:
+        fn()
+    except Exception as e:  # report every check, then fail at the end
+        FAILED.append(name)
+        print(f"FAIL {name}: {type(e).__name__}: {e}")
+    else:
+        PASSED.append(name)
+        print(f"ok   {name}")
+
+
+def expect_error(exc_type, status, param, fn):
+    try:
+        fn()
+    except exc_type as e:
+        assert e.status_code == status, f"status {e.status_code}, expected {status}"
+        body = e.body if isinstance(e.body, dict) else {}
+        err = body.get("error", body)  # openai >= 1 hands over the inner object
+        assert isinstance(err, dict) and err.get("message"), f"no error message in {e.body!r}"
+        if param is not None:
+            assert err.get("param") == param, f"param {err.get('param')!r}, expected {param!r}"
+        return
+    raise AssertionError(f"no {exc_type.__name__} raised")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base-url", required=True)
+    ap.add_argument("--api-key", default="none")
+    args = ap.parse_args()
+    client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=300)
+    model = client.models.list().data[0].id
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Name three colours."},
+    ]
+    greedy = dict(model=model, temperature=0, max_tokens=24)
+
+    def chat():
+        r = client.chat.completions.create(messages=messages, **greedy)
+        c = r.choices[0]
+        assert r.object == "chat.completion"
+        assert c.message.role == "assistant" and isinstance(c.message.content, str)
+        assert c.finish_reason in ("stop", "length"), c.finish_reason
+        u = r.usage
+        assert u.prompt_tokens > 0 and u.completion_tokens > 0
+        assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+        return c.message.content
+
+    def chat_stream():
+        text = chat()
+        parts, finish, usage = [], None, None
+        stream = client.chat.completions.create(
+            messages=messages, stream=True, stream_options={"include_usage": True}, **greedy
+        )
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for c in chunk.choices:
+                if c.delta.content:
+                    parts.append(c.delta.content)
+                finish = c.finish_reason or finish
+        assert "".join(parts) == text, f"{''.join(parts)!r} != {text!r}"
+        assert finish in ("stop", "length") and usage is not None and usage.completion_tokens > 0
+
+    def chat_cached():
+        client.chat.completions.create(messages=messages, **greedy)
+        r = client.chat.completions.create(messages=messages, **greedy)
+        details = r.usage.prompt_tokens_details
+        assert details is not None and details.cached_tokens > 0, r.usage
+
+    def chat_parts_and_logprobs():
+        r = client.chat.completions.create(
+            messages=[{"role": "user", "content": [{"type": "text", "text": "Hello!"}]}],
+            logprobs=True,
+            top_logprobs=3,
+            **dict(greedy, max_tokens=4),
+        )
+        lp = r.choices[0].logprobs.content
+        assert len(lp) == r.usage.completion_tokens
+        for t in lp:
+            assert len(t.top_logprobs) == 3 and t.logprob <= 0
+            assert t.top_logprobs[0].token == t.token  # greedy takes the most likely
+
+    def completion():
+        r = client.completions.create(prompt="The capital of France is", **dict(greedy, max_tokens=12))
+        c = r.choices[0]
+        assert r.object == "text_completion" and c.finish_reason in ("stop", "length")
+        s = "".join(
+            ch.choices[0].text
+            for ch in client.completions.create(
+                prompt="The capital of France is", stream=True, **dict(greedy, max_tokens=12)
+            )
+            if ch.choices
+        )
+        assert s == c.text, f"{s!r} != {c.text!r}"
+        e = client.completions.create(prompt="The capital of France is", echo=True, **dict(greedy, max_tokens=12))
+        assert e.choices[0].text == "The capital of France is" + c.text
+        lp = client.completions.create(prompt="The capital of France is", logprobs=2, **dict(greedy, max_tokens=12))
+        assert len(lp.choices[0].logprobs.tokens) == lp.usage.completion_tokens
+
+    def stop_string():
+        full = client.completions.create(prompt="1, 2, 3, 4,", **dict(greedy, max_tokens=12)).choices[0].text
+        r = client.completions.create(prompt="1, 2, 3, 4,", stop=["7"], **dict(greedy, max_tokens=12))
+        if "7" in full:
+            assert r.choices[0].text == full[: full.index("7")] and r.choices[0].finish_reason == "stop"
+
+    check("models", lambda: client.models.list())
+    check("chat", chat)
+    check("chat stream = chat", chat_stream)
+    check("chat prefix cache", chat_cached)
+    check("chat content parts + logprobs", chat_parts_and_logprobs)
+    check("completions (stream, echo, logprobs)", completion)
+    check("stop string", stop_string)
+
+    bad = openai.BadRequestError
+    check("400 temperature", lambda: expect_error(bad, 400, "temperature", lambda: client.chat.completions.create(model=model, messages=messages, temperature=1e9)))
+    check("400 top_p", lambda: expect_error(bad, 400, "top_p", lambda: client.chat.completions.create(model=model, messages=messages, top_p=5)))
+    check("400 n", lambda: expect_error(bad, 400, "n", lambda: client.chat.completions.create(model=model, messages=messages, n=2)))
+    check("400 max_tokens beyond context", lambda: expect_error(bad, 400, "max_tokens", lambda: client.chat.completions.create(model=model, messages=messages, max_tokens=10**9)))
+    check("400 max_tokens 0", lambda: expect_error(bad, 400, "max_tokens", lambda: client.completions.create(model=model, prompt="x", max_tokens=0)))
+    check("400 bad role", lambda: expect_error(bad, 400, "messages[0].role", lambda: client.chat.completions.create(model=model, messages=[{"role": "robot", "content": "x"}])))
+    check("404 unknown route", lambda: expect_error(openai.NotFoundError, 404, None, lambda: client.get("/nothing", cast_to=object)))
+    if args.api_key != "none":
+        other = openai.OpenAI(base_url=args.base_url, api_key="wrong-key", max_retries=0)
+        check("401 wrong key", lambda: expect_error(openai.AuthenticationError, 401, None, lambda: other.models.list()))
+    check("still serving", chat)
+
+    print(f"{len(PASSED)} passed, {len(FAILED)} failed")
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
