@@ -107,6 +107,9 @@ pub struct F16Ops {
     pub dots: fn(q: &[f32], k: &[half::f16], out: &mut [f32]),
     /// `acc[h·hd..(h+1)·hd] += p[h] · v` for h < p.len().
     pub axpys: fn(acc: &mut [f32], p: &[f32], v: &[half::f16]),
+    /// A block of keys at once: `acc[h·hd + c] += Σ_j p[j·g + h] · v[offs[j] + c]`
+    /// for h < g, c < hd (g = acc.len() / hd).
+    pub pv: fn(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize),
 }
 
 fn dots_ref(q: &[f32], k: &[half::f16], out: &mut [f32]) {
@@ -129,10 +132,18 @@ fn axpys_ref(acc: &mut [f32], p: &[f32], v: &[half::f16]) {
     }
 }
 
+fn pv_ref(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
+    let g = acc.len() / hd;
+    for (j, &o) in offs.iter().enumerate() {
+        axpys_ref(acc, &p[j * g..(j + 1) * g], &v[o..o + hd]);
+    }
+}
+
 pub const F16_SCALAR: F16Ops = F16Ops {
     name: "scalar",
     dots: dots_ref,
     axpys: axpys_ref,
+    pv: pv_ref,
 };
 
 /// Every f16 table this machine can run, scalar first.

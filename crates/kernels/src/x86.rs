@@ -1222,6 +1222,41 @@ unsafe fn axpys_f16_avx2(acc: &mut [f32], p: &[f32], v: &[half::f16]) {
     }
 }
 
+/// `acc_h += Σ_j p[j][h] · v_j` over a block of keys: each 8-wide column
+/// chunk of the g accumulators stays in registers for the whole block.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pv_f16_avx2(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
+    let g = acc.len() / hd;
+    assert!(g <= 8 && hd % 8 == 0 && p.len() >= offs.len() * g);
+    for &o in offs {
+        assert!(o + hd <= v.len());
+    }
+    for c in 0..hd / 8 {
+        let mut a = [_mm256_setzero_ps(); 8];
+        for h in 0..g {
+            a[h] = _mm256_loadu_ps(acc.as_ptr().add(h * hd + 8 * c));
+        }
+        for (j, &o) in offs.iter().enumerate() {
+            let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(o + 8 * c) as *const __m128i));
+            for h in 0..g {
+                a[h] = _mm256_fmadd_ps(_mm256_set1_ps(*p.get_unchecked(j * g + h)), vv, a[h]);
+            }
+        }
+        for h in 0..g {
+            _mm256_storeu_ps(acc.as_mut_ptr().add(h * hd + 8 * c), a[h]);
+        }
+    }
+}
+
+fn pv_f16(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
+    if acc.len() / hd > 8 || hd % 8 != 0 {
+        return (crate::simd::F16_SCALAR.pv)(acc, p, v, offs, hd);
+    }
+    // SAFETY: only reachable through F16_AVX2, which `simd::f16_available`
+    // returns after detecting avx2, fma and f16c; bounds checked inside.
+    unsafe { pv_f16_avx2(acc, p, v, offs, hd) }
+}
+
 fn dots_f16(q: &[f32], k: &[half::f16], out: &mut [f32]) {
     if out.len() > 8 || k.len() % 8 != 0 {
         return (crate::simd::F16_SCALAR.dots)(q, k, out);
@@ -1243,4 +1278,5 @@ pub const F16_AVX2: crate::simd::F16Ops = crate::simd::F16Ops {
     name: "avx2-f16c",
     dots: dots_f16,
     axpys: axpys_f16,
+    pv: pv_f16,
 };

@@ -387,10 +387,13 @@ fn attend(
                     .for_each(|v| *v *= corr[h]);
             }
         }
+        let mut offs = [0usize; KV_BLOCK];
+        let mut pw = [0.0f32; KV_BLOCK * MAX_GROUP];
         for (j, p) in (b0..=b1).enumerate() {
-            let off = lc.slot(p) * kvd + col;
-            (ops.axpys)(out, &s[j][..group], &lc.v[off..off + hd]);
+            offs[j] = lc.slot(p) * kvd + col;
+            pw[j * group..(j + 1) * group].copy_from_slice(&s[j][..group]);
         }
+        (ops.pv)(out, &pw[..nb * group], &lc.v, &offs[..nb], hd);
         b0 = b1 + 1;
     }
     for h in 0..group {
