@@ -42,9 +42,9 @@ pub struct SamplingArgs {
     /// Stop when this text is generated (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
-    /// Context size in tokens (KV cache).
-    #[arg(short = 'c', long, default_value_t = 8192)]
-    pub ctx: usize,
+    /// Context size in tokens (KV cache; default 8192, or the model's context if smaller).
+    #[arg(short = 'c', long)]
+    pub ctx: Option<usize>,
     /// A system message (folded into the first user turn, as Gemma's template does).
     #[arg(long)]
     pub system: Option<String>,
@@ -108,16 +108,20 @@ impl SamplingArgs {
         })
     }
 
+    /// The context to allocate: --ctx, else 8192 clamped to the model's context.
+    fn ctx_for(&self, model: &Model) -> usize {
+        self.ctx.unwrap_or(8192).min(model.config.ctx_len)
+    }
+
     fn load(&self) -> Result<(Model, Tokenizer)> {
-        if self.ctx == 0 {
+        if self.ctx == Some(0) {
             anyhow::bail!("--ctx must be at least 1");
         }
         let path = crate::model_path::resolve(self.model.clone(), true)?;
         let model = Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
-        if self.ctx > model.config.ctx_len {
+        if let Some(ctx) = self.ctx.filter(|&c| c > model.config.ctx_len) {
             anyhow::bail!(
-                "--ctx {} is larger than the model's context of {} tokens",
-                self.ctx,
+                "--ctx {ctx} is larger than the model's context of {} tokens",
                 model.config.ctx_len
             );
         }
@@ -155,7 +159,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         msgs.push(Message::new(Role::User, a.prompt.clone()));
         tok.encode(&render_chat(&msgs, true)?, false, true)
     };
-    let mut session = Session::new(&model, a.s.ctx);
+    let mut session = Session::new(&model, a.s.ctx_for(&model));
     let stdout = std::io::stdout();
     let g = session.generate(&tok, &prompt, &params, |t| {
         let mut out = stdout.lock();
@@ -173,7 +177,7 @@ pub fn run(a: RunArgs) -> Result<()> {
 pub fn chat(a: ChatArgs) -> Result<()> {
     let (model, tok) = a.s.load()?;
     let mut params = a.s.params(&tok, true)?;
-    let mut session = Session::new(&model, a.s.ctx);
+    let mut session = Session::new(&model, a.s.ctx_for(&model));
     let interrupted = Arc::new(AtomicBool::new(false));
     let generating = Arc::new(AtomicBool::new(false));
     {

@@ -38,8 +38,6 @@ pub fn run(a: PplArgs) -> Result<()> {
     let path = crate::model_path::resolve(a.model.clone(), true)?;
     let model = Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
     let tok = gemma3_engine::tokenizer_from_gguf(&model.file)?;
-    let text = std::fs::read_to_string(&a.file)
-        .with_context(|| format!("reading {}", a.file.display()))?;
     if a.ctx < 4 || a.ctx > model.config.ctx_len {
         bail!(
             "--ctx must be between 4 and {}, got {}",
@@ -50,6 +48,8 @@ pub fn run(a: PplArgs) -> Result<()> {
     if a.batch == 0 || a.batch > 4096 {
         bail!("--batch must be between 1 and 4096, got {}", a.batch);
     }
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
     let tokens = tok.encode(&text, true, false);
     let available = tokens.len() / a.ctx;
     if available == 0 {

@@ -299,7 +299,7 @@ pub(crate) fn tensor_size(name: &str, dims: &[u64], ty: GgmlType) -> Result<(u64
         })?;
     let row = dims[0];
     let bs = ty.block_size();
-    if row % bs != 0 {
+    if !row.is_multiple_of(bs) {
         return Err(bad(format!(
             "row length {row} is not a multiple of the {ty} block size {bs}"
         )));
@@ -494,7 +494,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
 fn cap_count(count: u64, max: u64, what: &str) -> Result<usize, GgufError> {
     if count > max {
         return Err(GgufError::TooLarge {
-            what: format!("{what} (bounded by the bytes left in the file)"),
+            what: format!("{what} (more elements than bytes left in the file: is it truncated?)"),
             len: count,
             max,
         });

@@ -62,14 +62,20 @@ fn bench(c: &mut Criterion) {
         let w = QMatrix::new(format, rows, cols, &bytes).expect("shape");
         let mut g = c.benchmark_group(format!("{name} {format}"));
         g.sample_size(10);
-        let batches: &[usize] = if rows > 100_000 { &[1, 4] } else { &[1, 64, 512] };
+        let batches: &[usize] = if rows > 100_000 {
+            &[1, 4]
+        } else {
+            &[1, 64, 512]
+        };
         for &n in batches {
             let x = data(n * cols, 2);
             let mut out = vec![0.0f32; n * rows];
             let mut scratch = MatmulScratch::default();
             g.throughput(Throughput::Elements((n * rows * cols) as u64));
             for k in simd::available() {
-                g.bench_with_input(BenchmarkId::new(k.name, n), &n, |b, &n| b.iter(|| matmul_with(&k, &w, &x, n, &mut out, &mut scratch)));
+                g.bench_with_input(BenchmarkId::new(k.name, n), &n, |b, &n| {
+                    b.iter(|| matmul_with(&k, &w, &x, n, &mut out, &mut scratch))
+                });
             }
         }
         g.finish();

@@ -151,7 +151,7 @@ unsafe impl RawBlock for BlockQ6K {}
 pub fn as_blocks<B: RawBlock>(bytes: &[u8]) -> &[B] {
     let size = std::mem::size_of::<B>();
     assert!(
-        bytes.len() % size == 0,
+        bytes.len().is_multiple_of(size),
         "byte length {} is not a multiple of block size {size}",
         bytes.len()
     );

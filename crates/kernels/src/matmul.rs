@@ -19,7 +19,7 @@ pub struct QMatrix<'a> {
 impl<'a> QMatrix<'a> {
     /// Checks that `data` holds exactly rows × cols elements of `format`.
     pub fn new(format: WeightFormat, rows: usize, cols: usize, data: &'a [u8]) -> Option<Self> {
-        if cols % format.block_size() != 0
+        if !cols.is_multiple_of(format.block_size())
             || data.len() != rows.checked_mul(format.row_bytes(cols))?
         {
             return None;
@@ -101,7 +101,7 @@ fn dot_tile<const NR: usize, const NT: usize>(
     acts: Acts,
     t0: usize,
 ) -> [[f32; NT]; NR] {
-    fn rows<'a, A, const N: usize>(a: &'a [A], nb: usize, t0: usize) -> [&'a [A]; N] {
+    fn rows<A, const N: usize>(a: &[A], nb: usize, t0: usize) -> [&[A]; N] {
         std::array::from_fn(|i| &a[(t0 + i) * nb..(t0 + i + 1) * nb])
     }
     fn wrows<'a, W: RawBlock, const N: usize>(w: &QMatrix<'a>, r0: usize) -> [&'a [W]; N] {
@@ -193,7 +193,15 @@ fn repack_q8_0(w: &QMatrix, r0: usize, r1: usize) -> Vec<BlockQ8_0> {
 
 /// Rows r0..r1 of `w` times all n activation rows, in 4×4 tiles (1-wide at
 /// the edges); `put(r, t, value)` stores each result.
-fn tile_rows(k: &DotKernels, w: &QMatrix, r0: usize, r1: usize, acts: Acts, n: usize, put: impl Fn(usize, usize, f32)) {
+fn tile_rows(
+    k: &DotKernels,
+    w: &QMatrix,
+    r0: usize,
+    r1: usize,
+    acts: Acts,
+    n: usize,
+    put: impl Fn(usize, usize, f32),
+) {
     let mut r = r0;
     while r < r1 {
         let nr = if r + 4 <= r1 { 4 } else { 1 };
@@ -284,6 +292,8 @@ pub fn matmul_with(
     .min(rows.max(1));
     let ptr = OutPtr(out.as_mut_ptr());
     let body = |r0: usize| {
+        // Capture the whole OutPtr (Send + Sync), not its raw-pointer field.
+        #[allow(clippy::redundant_locals)]
         let ptr = ptr;
         let r1 = (r0 + chunk).min(rows);
         // SAFETY (for every write below): t < n and r < rows, so the index
@@ -298,8 +308,18 @@ pub fn matmul_with(
                 let repacked = repack_q8_0(w, r0, r1);
                 // SAFETY: BlockQ8_0 is repr(C) with alignment 1 and no padding
                 // (size 34 asserted in formats.rs), so its bytes may be viewed as u8.
-                let bytes = unsafe { std::slice::from_raw_parts(repacked.as_ptr() as *const u8, repacked.len() * std::mem::size_of::<BlockQ8_0>()) };
-                let view = QMatrix { format: WeightFormat::Q8_0, rows: r1 - r0, cols: w.cols, data: bytes };
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(
+                        repacked.as_ptr() as *const u8,
+                        repacked.len() * std::mem::size_of::<BlockQ8_0>(),
+                    )
+                };
+                let view = QMatrix {
+                    format: WeightFormat::Q8_0,
+                    rows: r1 - r0,
+                    cols: w.cols,
+                    data: bytes,
+                };
                 tile_rows(k, &view, 0, r1 - r0, acts, n, |r, t, v| put(r0 + r, t, v));
             }
             _ => tile_rows(k, w, r0, r1, acts, n, put),

@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 /// shapes 1×1, 1×4, 4×1 and 4×4. A (row, token) result must not depend on
 /// the tile that computed it.
 #[derive(Clone, Copy)]
+#[allow(clippy::type_complexity)] // four tile shapes, spelled out
 pub struct Tiles<W: 'static, A: 'static> {
     pub t1x1: fn([&[W]; 1], [&[A]; 1]) -> [[f32; 1]; 1],
     pub t1x4: fn([&[W]; 1], [&[A]; 4]) -> [[f32; 4]; 1],
@@ -35,6 +36,7 @@ macro_rules! scalar_tiles {
     ($mod:ident, $f:path, $w:ty, $a:ty) => {
         mod $mod {
             use super::*;
+            #[allow(clippy::type_complexity)]
             fn tile<const NR: usize, const NT: usize>(
                 w: [&[$w]; NR],
                 a: [&[$a]; NT],
@@ -101,6 +103,7 @@ pub fn best() -> &'static DotKernels {
 /// Attention's inner loops over an f16 KV cache: `g` query heads of width
 /// `hd` against one cached key or value row.
 #[derive(Clone, Copy)]
+#[allow(clippy::type_complexity)]
 pub struct F16Ops {
     pub name: &'static str,
     /// `out[h] = q[h·hd..(h+1)·hd] · k` for h < out.len().

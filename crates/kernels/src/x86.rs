@@ -1,3 +1,4 @@
+#![allow(clippy::needless_range_loop)] // SIMD kernels index parallel arrays of registers by row/token
 //! x86-64 SIMD kernels (AVX2 + FMA + F16C, and AVX-512 VNNI for the int8
 //! products), selected at run time by [`crate::simd`].
 //!
@@ -318,6 +319,7 @@ unsafe fn tile_legacy512<W: Legacy, const NR: usize, const NT: usize>(
 }
 
 #[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // same shape as the other kernels for `entry!`
 unsafe fn q8_0_512<D, const NR: usize, const NT: usize>(
     w: [&[BlockQ8_0]; NR],
     a: [&[BlockQ8_0]; NT],
@@ -326,6 +328,7 @@ unsafe fn q8_0_512<D, const NR: usize, const NT: usize>(
 }
 
 #[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)]
 unsafe fn q4_0_512<D, const NR: usize, const NT: usize>(
     w: [&[BlockQ4_0]; NR],
     a: [&[BlockQ8_0]; NT],
@@ -334,6 +337,7 @@ unsafe fn q4_0_512<D, const NR: usize, const NT: usize>(
 }
 
 #[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)]
 unsafe fn q5_0_512<D, const NR: usize, const NT: usize>(
     w: [&[BlockQ5_0]; NR],
     a: [&[BlockQ8_0]; NT],
@@ -1187,7 +1191,7 @@ pub const VNNI: DotKernels = DotKernels {
 unsafe fn dots_f16_avx2(q: &[f32], k: &[half::f16], out: &mut [f32]) {
     let hd = k.len();
     let g = out.len();
-    assert!(g <= 8 && hd % 8 == 0 && q.len() >= g * hd);
+    assert!(g <= 8 && hd.is_multiple_of(8) && q.len() >= g * hd);
     let mut acc = [_mm256_setzero_ps(); 8];
     let kp = k.as_ptr() as *const __m128i;
     for c in 0..hd / 8 {
@@ -1207,7 +1211,7 @@ unsafe fn dots_f16_avx2(q: &[f32], k: &[half::f16], out: &mut [f32]) {
 unsafe fn axpys_f16_avx2(acc: &mut [f32], p: &[f32], v: &[half::f16]) {
     let hd = v.len();
     let g = p.len();
-    assert!(g <= 8 && hd % 8 == 0 && acc.len() >= g * hd);
+    assert!(g <= 8 && hd.is_multiple_of(8) && acc.len() >= g * hd);
     let mut pv = [_mm256_setzero_ps(); 8];
     for h in 0..g {
         pv[h] = _mm256_set1_ps(p[h]);
@@ -1227,7 +1231,7 @@ unsafe fn axpys_f16_avx2(acc: &mut [f32], p: &[f32], v: &[half::f16]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn pv_f16_avx2(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
     let g = acc.len() / hd;
-    assert!(g <= 8 && hd % 8 == 0 && p.len() >= offs.len() * g);
+    assert!(g <= 8 && hd.is_multiple_of(8) && p.len() >= offs.len() * g);
     for &o in offs {
         assert!(o + hd <= v.len());
     }
@@ -1249,7 +1253,7 @@ unsafe fn pv_f16_avx2(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize
 }
 
 fn pv_f16(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
-    if acc.len() / hd > 8 || hd % 8 != 0 {
+    if acc.len() / hd > 8 || !hd.is_multiple_of(8) {
         return (crate::simd::F16_SCALAR.pv)(acc, p, v, offs, hd);
     }
     // SAFETY: only reachable through F16_AVX2, which `simd::f16_available`
@@ -1258,7 +1262,7 @@ fn pv_f16(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize
 }
 
 fn dots_f16(q: &[f32], k: &[half::f16], out: &mut [f32]) {
-    if out.len() > 8 || k.len() % 8 != 0 {
+    if out.len() > 8 || !k.len().is_multiple_of(8) {
         return (crate::simd::F16_SCALAR.dots)(q, k, out);
     }
     // SAFETY: only reachable through F16_AVX2, which `simd::f16_available`
@@ -1267,7 +1271,7 @@ fn dots_f16(q: &[f32], k: &[half::f16], out: &mut [f32]) {
 }
 
 fn axpys_f16(acc: &mut [f32], p: &[f32], v: &[half::f16]) {
-    if p.len() > 8 || v.len() % 8 != 0 {
+    if p.len() > 8 || !v.len().is_multiple_of(8) {
         return (crate::simd::F16_SCALAR.axpys)(acc, p, v);
     }
     // SAFETY: as for dots_f16.

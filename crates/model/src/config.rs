@@ -111,7 +111,7 @@ impl Config {
                 return bad(k, format!("value {v} is outside 1..={max}"));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(
                 "attention.head_count_kv",
                 format!(
@@ -120,7 +120,7 @@ impl Config {
                 ),
             );
         }
-        if self.head_dim % 2 != 0 || self.value_dim != self.head_dim {
+        if !self.head_dim.is_multiple_of(2) || self.value_dim != self.head_dim {
             return bad(
                 "attention.key_length",
                 format!(
@@ -155,7 +155,7 @@ impl Config {
 
     /// Global (full-context) layers are every `sliding_window_pattern`-th one.
     pub fn is_global(&self, layer: usize) -> bool {
-        (layer + 1) % self.sliding_window_pattern == 0
+        (layer + 1).is_multiple_of(self.sliding_window_pattern)
     }
 
     /// Inverse RoPE frequencies for a layer: base^(-2i/d) (÷ scale on global layers).

@@ -141,7 +141,7 @@ impl Model {
                 });
             }
             let format = weight_format(name, info.ggml_type)?;
-            if len % format.block_size() != 0 {
+            if !len.is_multiple_of(format.block_size()) {
                 return Err(ModelError::UnsupportedType {
                     name: name.into(),
                     ty: info.ggml_type.name().into(),

@@ -1,0 +1,126 @@
+//! `Session` on the tiny synthetic Gemma 3 (crates/model/tests/common/tiny.rs: F32 weights,
+//! sliding window 8, so a cache ring of 8 + 512 slots): prefix reuse must give the same bits
+//! as evaluating from scratch, including when the ring has moved past the shared prefix, and
+//! greedy `generate` must follow the argmax of the logits.
+
+#[path = "../../model/tests/common/tiny.rs"]
+mod tiny;
+
+use gemma3_engine::{GenerateParams, SamplingParams, Session, SessionError};
+use gemma3_gguf::GgufFile;
+use gemma3_model::Model;
+use tiny::{tiny_writer, Rng, TinySpec};
+
+fn model() -> Model {
+    let (w, _) = tiny_writer(&TinySpec::default());
+    Model::from_gguf(GgufFile::from_bytes(w.to_bytes()).unwrap()).unwrap()
+}
+
+fn tokens(seed: u64, n: usize) -> Vec<u32> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| 6 + rng.below(290) as u32).collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Logits after `prompt` in a fresh session.
+fn fresh(m: &Model, prompt: &[u32]) -> Vec<u32> {
+    let mut s = Session::new(m, 1024);
+    bits(s.eval_prompt(prompt, false).unwrap().0)
+}
+
+#[test]
+fn prefix_reuse_gives_the_same_logits_as_a_fresh_session() {
+    let m = model();
+    let a = tokens(1, 30);
+    let mut ab = a.clone();
+    ab.extend(tokens(2, 12));
+    let mut s = Session::new(&m, 1024);
+    s.eval_prompt(&a, false).unwrap();
+    let (logits, evaluated) = s.eval_prompt(&ab, false).unwrap();
+    assert_eq!(evaluated, 12, "only the new tokens are evaluated");
+    assert_eq!(bits(logits), fresh(&m, &ab));
+    // A shorter prompt sharing a prefix: rewinds, evaluates the last token again.
+    let (logits, evaluated) = s.eval_prompt(&ab[..20], false).unwrap();
+    assert_eq!(evaluated, 1);
+    assert_eq!(bits(logits), fresh(&m, &ab[..20]));
+    // After steps, too.
+    let mut s = Session::new(&m, 1024);
+    s.eval_prompt(&a, false).unwrap();
+    for &t in &ab[30..] {
+        s.step(t).unwrap();
+    }
+    let (logits, evaluated) = s.eval_prompt(&ab, false).unwrap();
+    assert_eq!(evaluated, 1);
+    assert_eq!(bits(logits), fresh(&m, &ab));
+}
+
+#[test]
+fn prefix_reuse_after_the_window_ring_moved_on() {
+    // 560 tokens overwrite ring slots of positions < 40 in the local layers (8 + 512 slots),
+    // so a new prompt sharing only the first 30 tokens cannot reuse them.
+    let m = model();
+    let long = tokens(3, 560);
+    let mut other = long[..30].to_vec();
+    other.extend(tokens(4, 10));
+    let mut s = Session::new(&m, 1024);
+    s.eval_prompt(&long, false).unwrap();
+    let (logits, _) = s.eval_prompt(&other, false).unwrap();
+    assert_eq!(bits(logits), fresh(&m, &other));
+    // Sharing nearly all of it is fine to reuse.
+    let mut s = Session::new(&m, 1024);
+    s.eval_prompt(&long, false).unwrap();
+    let mut more = long.clone();
+    more.extend(tokens(5, 3));
+    let (logits, evaluated) = s.eval_prompt(&more, false).unwrap();
+    assert_eq!(evaluated, 3);
+    assert_eq!(bits(logits), fresh(&m, &more));
+}
+
+#[test]
+fn greedy_generate_follows_the_argmax() {
+    let m = model();
+    let f = GgufFile::from_bytes(tiny_writer(&TinySpec::default()).0.to_bytes()).unwrap();
+    let tok = gemma3_engine::tokenizer_from_gguf(&f).unwrap();
+    let prompt = tokens(6, 9);
+    let params = GenerateParams {
+        max_tokens: 12,
+        sampling: SamplingParams::greedy(),
+        stop_strings: vec![],
+        stop_tokens: vec![],
+    };
+    let mut s = Session::new(&m, 64);
+    let g = s.generate(&tok, &prompt, &params, |_| true).unwrap();
+    assert_eq!(g.tokens.len(), 12);
+    let mut s = Session::new(&m, 64);
+    let mut logits = s.eval_prompt(&prompt, false).unwrap().0.to_vec();
+    for (i, &t) in g.tokens.iter().enumerate() {
+        let best = (0..logits.len())
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
+            .unwrap() as u32;
+        assert_eq!(t, best, "generated token {i}");
+        logits = s.step(t).unwrap().to_vec();
+    }
+}
+
+#[test]
+fn prompt_errors() {
+    let m = model();
+    let mut s = Session::new(&m, 16);
+    assert!(matches!(
+        s.eval_prompt(&tokens(7, 17), false),
+        Err(SessionError::PromptTooLong {
+            prompt: 17,
+            ctx: 16
+        })
+    ));
+    assert!(matches!(
+        s.eval_prompt(&[], false),
+        Err(SessionError::EmptyPrompt)
+    ));
+    // A full context: stepping past it is an error, not a panic.
+    s.eval_prompt(&tokens(8, 16), false).unwrap();
+    assert!(s.step(7).is_err());
+}

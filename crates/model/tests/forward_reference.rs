@@ -1,0 +1,427 @@
+//! The forward pass on a tiny synthetic Gemma 3 (F32 weights, so no activation quantization)
+//! against an independent plain f64 implementation written from the HF modelling code
+//! (`common/reference.rs`), plus batching invariants the scheduler relies on.
+//!
+//! Dimensions: d_model 64, 4 query heads and 2 KV heads of 32, d_ff 96, 6 layers (layer 5
+//! global, RoPE base 1e6; layers 0–4 local, base 1e4, window 8), vocabulary 300. Sequences are
+//! 40 tokens, so the window matters, and 600 tokens, so the local layers' KV ring (window +
+//! 512 slots) wraps and a prefill spans two micro-batches.
+
+mod common;
+
+use common::reference::Reference;
+use common::tiny::{tiny_writer, Rng, TinySpec, TinyTensor};
+use gemma3_gguf::GgufFile;
+use gemma3_model::{Batch, ForwardState, KvCache, Model, ModelError};
+use std::collections::BTreeMap;
+
+/// Tolerances, relative to the largest |logit| at a position.
+///
+/// Ours computes in f32 and the reference in f64. Both round where ggml does (the reference's
+/// `ggml_rounding`): the scaled queries, K and V to f16, and GELU's input and output to f16.
+/// Where no f16 rounding plays a part they agree to f32 precision (position 0's logits:
+/// 7e-7). But a value whose f32 result lies within f32 rounding error of an f16 rounding
+/// boundary rounds to the neighbouring f16 in one of them (one f16 ulp, 2^-11 ≈ 4.9e-4
+/// relative), and the difference cascades through the layers: with f16 K/V alone, 4 of the
+/// 2560 keys of layer 0 rounded differently on the 40-token sequence, 68 in layer 1 and 636
+/// in layer 5. Observed logit differences: max 4.3e-4 / rms 1.5e-4 (40 tokens), max 1.04e-3
+/// / rms 3.0e-4 (600 tokens, where the f32 RoPE angles add their share). The bounds are ~4
+/// f16 ulps for the largest difference and 2× the largest observed rms. They cannot tell
+/// ggml's rounding from none (2.0e-3 / 6.6e-4), but a real math error (a RoPE base, a norm,
+/// the window, the GELU variant, the query scale) moves logits by 1e-2 or more.
+const TOL_MAX: f64 = 2e-3;
+const TOL_RMS: f64 = 6e-4;
+
+fn open(spec: &TinySpec) -> (Model, BTreeMap<String, TinyTensor>) {
+    let (w, weights) = tiny_writer(spec);
+    let f = GgufFile::from_bytes(w.to_bytes()).expect("tiny model parses");
+    let m = Model::from_gguf(f).expect("tiny model loads");
+    (m, weights)
+}
+
+fn tokens(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| rng.below(vocab) as u32).collect()
+}
+
+/// All-position logits of one prefill (n × vocab).
+fn prefill(m: &Model, toks: &[u32], ctx: usize) -> Vec<f32> {
+    let mut cache = KvCache::new(&m.config, ctx);
+    let mut st = ForwardState::new();
+    m.forward(
+        &Batch::for_sequence(toks, 0, true),
+        std::slice::from_mut(&mut cache),
+        &mut st,
+    )
+    .expect("forward")
+    .to_vec()
+}
+
+/// Over the given positions: the largest max|ours − ref| / max|ref| and the largest
+/// rms(ours − ref) / max|ref|.
+fn compare(ours: &[f32], reference: &[Vec<f64>], vocab: usize, positions: &[usize]) -> (f64, f64) {
+    let (mut worst, mut worst_rms) = (0.0f64, 0.0f64);
+    for (row, &p) in positions.iter().enumerate() {
+        let r = &reference[p];
+        let o = &ours[row * vocab..(row + 1) * vocab];
+        assert!(
+            o.iter().all(|v| v.is_finite()),
+            "position {p}: non-finite logits"
+        );
+        let scale = r.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let err = o
+            .iter()
+            .zip(r)
+            .fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+        let ss: f64 = o.iter().zip(r).map(|(&a, &b)| (a as f64 - b).powi(2)).sum();
+        worst = worst.max(err / scale);
+        worst_rms = worst_rms.max((ss / vocab as f64).sqrt() / scale);
+    }
+    (worst, worst_rms)
+}
+
+/// Per-layer comparison of the engine's traced intermediates with the reference's: one line
+/// per (layer, name) with max|ours − ref| / max|ref|, to find the first layer that diverges.
+fn layer_report(m: &Model, r: &Reference, toks: &[u32]) -> String {
+    use std::sync::{Arc, Mutex};
+    type Seen = Arc<Mutex<Vec<(usize, &'static str, Vec<f32>)>>>;
+    let seen: Seen = Arc::default();
+    let mut cache = KvCache::new(&m.config, toks.len());
+    let mut st = ForwardState::new();
+    let sink = seen.clone();
+    st.trace = Some(Box::new(move |l, name, v: &[f32]| {
+        sink.lock().unwrap().push((l, name, v.to_vec()))
+    }));
+    m.forward(
+        &Batch::for_sequence(toks, 0, true),
+        std::slice::from_mut(&mut cache),
+        &mut st,
+    )
+    .unwrap();
+    let mut want = Vec::new();
+    r.logits_traced(toks, &mut |l, name, v| want.push((l, name, v)));
+    let seen = seen.lock().unwrap();
+    let mut out = String::new();
+    for (l, name, v) in want {
+        let Some((_, _, ours)) = seen.iter().find(|(a, b, _)| *a == l && *b == name) else {
+            out += &format!("layer {l} {name}: not traced by the engine\n");
+            continue;
+        };
+        let scale = v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let err = ours
+            .iter()
+            .zip(&v)
+            .fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+        out += &format!("layer {l} {name:>8}: {:.2e}\n", err / scale);
+    }
+    out
+}
+
+/// Compare and print; on failure show the per-layer divergence when `m` is given.
+fn check(label: &str, ours: &[f32], reference: &[Vec<f64>], vocab: usize, positions: &[usize]) {
+    let (max, rms) = compare(ours, reference, vocab, positions);
+    eprintln!(
+        "{label}: logit error vs the reference: max {max:.2e} (tolerance {TOL_MAX:e}), \
+         rms {rms:.2e} (tolerance {TOL_RMS:e})"
+    );
+    assert!(
+        max < TOL_MAX && rms < TOL_RMS,
+        "{label}: logits differ from the reference: max {max:e}, rms {rms:e}"
+    );
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn config_is_read_from_the_metadata() {
+    let spec = TinySpec::default();
+    let (m, _) = open(&spec);
+    let c = &m.config;
+    assert_eq!(
+        (
+            c.d_model,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            c.d_ff,
+            c.n_layers,
+            c.vocab_size
+        ),
+        (64, 4, 2, 32, 96, 6, 300)
+    );
+    assert_eq!(c.sliding_window, 8);
+    let globals: Vec<usize> = (0..6).filter(|&l| c.is_global(l)).collect();
+    assert_eq!(globals, [5]);
+    assert_eq!(c.rope_base_global, 1e6);
+    assert_eq!(c.rope_base_local, 1e4);
+    assert!((c.attn_scale - 1.0 / 32f32.sqrt()).abs() < 1e-7);
+    assert!(m.output.is_none(), "tied head");
+}
+
+#[test]
+fn prefill_matches_the_naive_reference() {
+    let spec = TinySpec::default();
+    let (m, w) = open(&spec);
+    let toks = tokens(11, 40, spec.vocab);
+    let ours = prefill(&m, &toks, 64);
+    let reference = Reference {
+        spec: &spec,
+        w: &w,
+        ggml_rounding: true,
+    }
+    .logits(&toks);
+    let positions: Vec<usize> = (0..40).collect();
+    let r = Reference {
+        spec: &spec,
+        w: &w,
+        ggml_rounding: true,
+    };
+    let (max, rms) = compare(&ours, &reference, spec.vocab, &positions);
+    if !(max < TOL_MAX && rms < TOL_RMS) {
+        panic!(
+            "logits differ from the reference: max {max:e}, rms {rms:e}; per layer \
+             (max|ours − ref| / max|ref| of each traced intermediate; 'q' and 'k' differ by \
+             the reference's f16 rounding):\n{}",
+            layer_report(&m, &r, &toks)
+        );
+    }
+    check(
+        "tiny model, 40 tokens",
+        &ours,
+        &reference,
+        spec.vocab,
+        &positions,
+    );
+    // For information: the same reference in f64 throughout (what the f16 attention costs).
+    let exact = Reference {
+        spec: &spec,
+        w: &w,
+        ggml_rounding: false,
+    }
+    .logits(&toks);
+    let (max, rms) = compare(&ours, &exact, spec.vocab, &positions);
+    eprintln!("  (vs a reference without f16 rounding: max {max:.2e}, rms {rms:.2e})");
+    // The window must matter: a reference with every layer global would differ.
+    let mut all_global = spec.clone();
+    all_global.sliding_window = 1 << 20;
+    let no_window = Reference {
+        spec: &all_global,
+        w: &w,
+        ggml_rounding: true,
+    }
+    .logits(&toks);
+    let (err_no_window, _) = compare(&ours, &no_window, spec.vocab, &positions);
+    eprintln!("  (vs a reference without the sliding window: max {err_no_window:.2e})");
+    assert!(
+        err_no_window > 10.0 * TOL_MAX,
+        "the sliding window has no visible effect ({err_no_window:e}): the test is too weak"
+    );
+}
+
+#[test]
+fn untied_output_head_matches_the_reference() {
+    let spec = TinySpec {
+        untied_output: true,
+        seed: 2,
+        ..TinySpec::default()
+    };
+    let (m, w) = open(&spec);
+    assert!(m.output.is_some());
+    let toks = tokens(12, 13, spec.vocab);
+    let ours = prefill(&m, &toks, 32);
+    let reference = Reference {
+        spec: &spec,
+        w: &w,
+        ggml_rounding: true,
+    }
+    .logits(&toks);
+    check(
+        "tiny model, untied head",
+        &ours,
+        &reference,
+        spec.vocab,
+        &(0..13).collect::<Vec<_>>(),
+    );
+}
+
+#[test]
+fn long_sequence_wraps_the_window_ring_and_spans_micro_batches() {
+    let spec = TinySpec::default();
+    let (m, w) = open(&spec);
+    let n = 600; // > window + 512 ring slots, > one 512-token micro-batch
+    let toks = tokens(13, n, spec.vocab);
+    let reference = Reference {
+        spec: &spec,
+        w: &w,
+        ggml_rounding: true,
+    }
+    .logits(&toks);
+    let ours = prefill(&m, &toks, 1024);
+    let all: Vec<usize> = (0..n).collect();
+    check(
+        "tiny model, 600-token prefill",
+        &ours,
+        &reference,
+        spec.vocab,
+        &all,
+    );
+
+    // Prefill 530, then decode one token at a time past the ring's wrap point.
+    let mut cache = KvCache::new(&m.config, 1024);
+    let mut st = ForwardState::new();
+    m.forward(
+        &Batch::for_sequence(&toks[..530], 0, false),
+        std::slice::from_mut(&mut cache),
+        &mut st,
+    )
+    .unwrap();
+    for p in 530..n {
+        let mut b = Batch::default();
+        b.push(toks[p], p, 0, true);
+        let got = m
+            .forward(&b, std::slice::from_mut(&mut cache), &mut st)
+            .unwrap()
+            .to_vec();
+        let (max, rms) = compare(&got, &reference, spec.vocab, &[p]);
+        assert!(
+            max < TOL_MAX && rms < TOL_RMS,
+            "decode at position {p}: max {max:e}, rms {rms:e}"
+        );
+        // Decoding and batched prefill give the same bits.
+        assert_eq!(
+            bits(&got),
+            bits(&ours[p * spec.vocab..(p + 1) * spec.vocab]),
+            "position {p}: decode differs from prefill"
+        );
+    }
+}
+
+#[test]
+fn decoding_token_by_token_equals_one_batched_prefill() {
+    let spec = TinySpec::default();
+    let (m, _) = open(&spec);
+    let toks = tokens(14, 40, spec.vocab);
+    let batched = prefill(&m, &toks, 64);
+    let mut cache = KvCache::new(&m.config, 64);
+    let mut st = ForwardState::new();
+    for (p, &t) in toks.iter().enumerate() {
+        let mut b = Batch::default();
+        b.push(t, p, 0, true);
+        let got = m
+            .forward(&b, std::slice::from_mut(&mut cache), &mut st)
+            .unwrap();
+        assert_eq!(
+            bits(got),
+            bits(&batched[p * spec.vocab..(p + 1) * spec.vocab]),
+            "position {p}: token-by-token decode differs from the batched prefill"
+        );
+    }
+    // Prefill in uneven pieces (7, 1, 20, 12) with logits everywhere: same bits again.
+    let mut cache = KvCache::new(&m.config, 64);
+    let mut start = 0;
+    for len in [7, 1, 20, 12] {
+        let b = Batch::for_sequence(&toks[start..start + len], start, true);
+        let got = m
+            .forward(&b, std::slice::from_mut(&mut cache), &mut st)
+            .unwrap();
+        assert_eq!(
+            bits(got),
+            bits(&batched[start * spec.vocab..(start + len) * spec.vocab]),
+            "chunk at {start}"
+        );
+        start += len;
+    }
+}
+
+#[test]
+fn sequences_batched_together_equal_each_alone() {
+    let spec = TinySpec::default();
+    let (m, _) = open(&spec);
+    let a = tokens(15, 30, spec.vocab);
+    let b = tokens(16, 17, spec.vocab);
+    let alone_a = prefill(&m, &a, 64);
+    let alone_b = prefill(&m, &b, 64);
+    let v = spec.vocab;
+
+    // Both prompts in one batch, interleaved, with two caches.
+    let mut caches = vec![KvCache::new(&m.config, 64), KvCache::new(&m.config, 64)];
+    let mut st = ForwardState::new();
+    let mut batch = Batch::default();
+    let mut order = Vec::new();
+    for i in 0..a.len().max(b.len()) {
+        if i < a.len() {
+            batch.push(a[i], i, 0, true);
+            order.push((0, i));
+        }
+        if i < b.len() {
+            batch.push(b[i], i, 1, true);
+            order.push((1, i));
+        }
+    }
+    let got = m.forward(&batch, &mut caches, &mut st).unwrap().to_vec();
+    for (row, &(s, p)) in order.iter().enumerate() {
+        let want = if s == 0 { &alone_a } else { &alone_b };
+        assert_eq!(
+            bits(&got[row * v..(row + 1) * v]),
+            bits(&want[p * v..(p + 1) * v]),
+            "sequence {s} position {p}: batched with another sequence differs from alone"
+        );
+    }
+
+    // A mixed step: sequence 1 decodes while sequence 0 prefills a new prompt.
+    let c = tokens(17, 9, spec.vocab);
+    let alone_c = prefill(&m, &c, 64);
+    let mut caches = vec![KvCache::new(&m.config, 64), KvCache::new(&m.config, 64)];
+    m.forward(
+        &Batch::for_sequence(&b[..16], 0, false),
+        &mut caches[1..],
+        &mut st,
+    )
+    .unwrap();
+    let mut batch = Batch::default();
+    for (i, &t) in c.iter().enumerate() {
+        batch.push(t, i, 0, i + 1 == c.len());
+    }
+    batch.push(b[16], 16, 1, true);
+    let got = m.forward(&batch, &mut caches, &mut st).unwrap().to_vec();
+    assert_eq!(bits(&got[..v]), bits(&alone_c[8 * v..9 * v]), "prefill row");
+    assert_eq!(
+        bits(&got[v..2 * v]),
+        bits(&alone_b[16 * v..17 * v]),
+        "decode row"
+    );
+}
+
+#[test]
+fn bad_batches_are_errors_not_panics() {
+    let spec = TinySpec::default();
+    let (m, _) = open(&spec);
+    let mut caches = vec![KvCache::new(&m.config, 16)];
+    let mut st = ForwardState::new();
+    let e = m
+        .forward(&Batch::for_sequence(&[300], 0, true), &mut caches, &mut st)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ModelError::BadToken {
+                id: 300,
+                vocab: 300
+            }
+        ),
+        "{e}"
+    );
+    let e = m
+        .forward(&Batch::for_sequence(&[5], 16, true), &mut caches, &mut st)
+        .unwrap_err();
+    assert!(
+        matches!(e, ModelError::ContextOverflow { pos: 16, ctx: 16 }),
+        "{e}"
+    );
+    let mut b = Batch::default();
+    b.push(5, 0, 1, true);
+    let e = m.forward(&b, &mut caches, &mut st).unwrap_err();
+    assert!(matches!(e, ModelError::BadBatch(_)), "{e}");
+}
