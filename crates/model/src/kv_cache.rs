@@ -11,6 +11,17 @@ use half::f16;
 /// Most tokens in one micro-batch of the forward pass.
 pub const MAX_UBATCH: usize = 512;
 
+/// `n` f16 zeros from zeroed memory (calloc): the OS maps pages on first
+/// write, so a 32K-token cache costs memory only for positions used.
+fn zeroed_f16(n: usize) -> Vec<f16> {
+    let mut v = std::mem::ManuallyDrop::new(vec![0u16; n]);
+    let (ptr, len, cap) = (v.as_mut_ptr(), v.len(), v.capacity());
+    // SAFETY: half::f16 is #[repr(transparent)] over u16 (same size and
+    // alignment, every bit pattern valid), the all-zero pattern is +0.0, and
+    // ownership moves from the forgotten Vec<u16> to the new Vec<f16>.
+    unsafe { Vec::from_raw_parts(ptr as *mut f16, len, cap) }
+}
+
 pub struct LayerCache {
     /// slots × kv_dim
     pub k: Vec<f16>,
@@ -51,8 +62,8 @@ impl KvCache {
                     )
                 };
                 LayerCache {
-                    k: vec![f16::ZERO; slots * kv_dim],
-                    v: vec![f16::ZERO; slots * kv_dim],
+                    k: zeroed_f16(slots * kv_dim),
+                    v: zeroed_f16(slots * kv_dim),
                     slots,
                     window,
                 }
