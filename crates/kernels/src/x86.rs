@@ -143,6 +143,11 @@ unsafe fn bits_to_bytes(x: u32) -> __m256i {
 /// A legacy 32-element block: its signed quants and its f16 scale.
 trait Legacy {
     unsafe fn unpack(&self) -> (__m256i, [u8; 2]);
+    /// The same values, for callers compiled with AVX-512 BW+VL (mask ops).
+    #[inline(always)]
+    unsafe fn unpack_avx512(&self) -> (__m256i, [u8; 2]) {
+        self.unpack()
+    }
 }
 
 impl Legacy for BlockQ8_0 {
@@ -172,6 +177,14 @@ impl Legacy for BlockQ5_0 {
             _mm256_set1_epi8(0xF0u8 as i8),
         );
         (_mm256_or_si256(nibbles32(&self.qs), hi), self.d)
+    }
+
+    #[inline(always)]
+    unsafe fn unpack_avx512(&self) -> (__m256i, [u8; 2]) {
+        // The fifth bits are a ready-made byte mask: subtract 16 where clear.
+        let fifth: __mmask32 = u32::from_le_bytes(self.qh);
+        let nib = nibbles32(&self.qs);
+        (_mm256_mask_sub_epi8(nib, !fifth, nib, _mm256_set1_epi8(16)), self.d)
     }
 }
 
@@ -273,9 +286,9 @@ unsafe fn tile_legacy512<W: Legacy, const NR: usize, const NT: usize>(
         let mut dx = [_mm512_setzero_ps(); NR];
         for r in 0..NR {
             prefetch(w[r].as_ptr().add(i) as *const u8, ahead);
-            let (q0, d0) = w[r].get_unchecked(i).unpack();
+            let (q0, d0) = w[r].get_unchecked(i).unpack_avx512();
             let (x, d1) = if pair {
-                let (q1, d1) = w[r].get_unchecked(i + 1).unpack();
+                let (q1, d1) = w[r].get_unchecked(i + 1).unpack_avx512();
                 (
                     _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q0), q1),
                     f16_to_f32(d1),
