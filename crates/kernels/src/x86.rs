@@ -184,7 +184,10 @@ impl Legacy for BlockQ5_0 {
         // The fifth bits are a ready-made byte mask: subtract 16 where clear.
         let fifth: __mmask32 = u32::from_le_bytes(self.qh);
         let nib = nibbles32(&self.qs);
-        (_mm256_mask_sub_epi8(nib, !fifth, nib, _mm256_set1_epi8(16)), self.d)
+        (
+            _mm256_mask_sub_epi8(nib, !fifth, nib, _mm256_set1_epi8(16)),
+            self.d,
+        )
     }
 }
 
@@ -281,8 +284,7 @@ unsafe fn tile_legacy512<W: Legacy, const NR: usize, const NT: usize>(
         // A pair of blocks, or the last block alone (upper half zero). Scales
         // are splatted per half: [d_i × 8, d_i+1 × 8].
         let pair = i + 1 < nb;
-        let mut ax = [zero; NR];
-        let mut neg = [0u64; NR];
+        let mut ux = [zero; NR];
         let mut dx = [_mm512_setzero_ps(); NR];
         for r in 0..NR {
             prefetch(w[r].as_ptr().add(i) as *const u8, ahead);
@@ -297,8 +299,8 @@ unsafe fn tile_legacy512<W: Legacy, const NR: usize, const NT: usize>(
                 (_mm512_zextsi256_si512(q0), 0.0)
             };
             dx[r] = _mm512_insertf32x8::<1>(_mm512_set1_ps(f16_to_f32(d0)), _mm256_set1_ps(d1));
-            ax[r] = _mm512_abs_epi8(x);
-            neg[r] = _mm512_movepi8_mask(x);
+            // x + 128 as unsigned bytes (dpbusd multiplies u8 by i8).
+            ux[r] = _mm512_xor_si512(x, _mm512_set1_epi8(-128));
         }
         for t in 0..NT {
             let y0 = a[t].get_unchecked(i);
@@ -312,10 +314,11 @@ unsafe fn tile_legacy512<W: Legacy, const NR: usize, const NT: usize>(
                 (_mm512_zextsi256_si512(load(&y0.qs)), 0.0)
             };
             let dy = _mm512_insertf32x8::<1>(_mm512_set1_ps(f16_to_f32(y0.d)), _mm256_set1_ps(dy1));
+            // Σ (x + 128)·y - 128·Σ y = Σ x·y: start each product's
+            // accumulator at -128 × (partial sums of y), shared by all rows.
+            let corr = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(-128), y));
             for r in 0..NR {
-                // |x| · (y with x's sign): an unsigned × signed product that dpbusd takes.
-                let sy = _mm512_mask_sub_epi8(y, neg[r], zero, y);
-                let p = _mm512_dpbusd_epi32(zero, ax[r], sy);
+                let p = _mm512_dpbusd_epi32(corr, ux[r], y);
                 acc[r][t] =
                     _mm512_fmadd_ps(_mm512_mul_ps(dx[r], dy), _mm512_cvtepi32_ps(p), acc[r][t]);
             }
