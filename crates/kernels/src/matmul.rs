@@ -75,7 +75,7 @@ impl MatmulScratch {
                 }
                 let blocks = &mut self.q8_0[..nb];
                 debug_assert_eq!(cols % QK, 0);
-                quantize_q8_0(x, blocks);
+                par_rows(x, blocks, cols, cols / QK, quantize_q8_0);
                 Acts::Q8_0(blocks)
             }
             ActFormat::Q8K => {
@@ -84,11 +84,29 @@ impl MatmulScratch {
                     self.q8k.resize(nb, BlockQ8K::default());
                 }
                 let blocks = &mut self.q8k[..nb];
-                quantize_q8_k(x, blocks);
+                par_rows(x, blocks, cols, cols / QK_K, quantize_q8_k);
                 Acts::Q8K(blocks)
             }
         }
     }
+}
+
+/// Quantize activation rows (each independently, so the split cannot change
+/// a result), across threads when there are many.
+fn par_rows<B: Send>(
+    x: &[f32],
+    out: &mut [B],
+    cols: usize,
+    blocks_per_row: usize,
+    f: fn(&[f32], &mut [B]),
+) {
+    const ROWS_PER_TASK: usize = 16;
+    if x.len() / cols.max(1) < 2 * ROWS_PER_TASK {
+        return f(x, out);
+    }
+    x.par_chunks(cols * ROWS_PER_TASK)
+        .zip(out.par_chunks_mut(blocks_per_row * ROWS_PER_TASK))
+        .for_each(|(x, o)| f(x, o));
 }
 
 /// Dot products of weight rows r0..r0+NR with activation rows t0..t0+NT

@@ -254,7 +254,15 @@ impl Model {
                 &mut st.mm,
             );
             gemma3_kernels::matmul(&self.mat(&layer.w_up), &st.xn, n, &mut st.up, &mut st.mm);
-            ops::geglu_inplace(&mut st.gate, &st.up);
+            // Element-wise, so splitting it across threads cannot change a value.
+            if n >= 16 {
+                st.gate
+                    .par_chunks_mut(c.d_ff * 8)
+                    .zip(st.up.par_chunks(c.d_ff * 8))
+                    .for_each(|(g, u)| ops::geglu_inplace(g, u));
+            } else {
+                ops::geglu_inplace(&mut st.gate, &st.up);
+            }
             gemma3_kernels::matmul(&self.mat(&layer.w_down), &st.gate, n, &mut st.o, &mut st.mm);
             for i in 0..n {
                 let o = &mut st.o[i * d..(i + 1) * d];
