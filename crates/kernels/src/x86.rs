@@ -548,20 +548,13 @@ unsafe fn q6k<D: Int8Dot, const NR: usize, const NT: usize>(
     let mut acc = [[_mm256_setzero_ps(); NT]; NR];
     let m4 = _mm256_set1_epi8(0x0F);
     let m30 = _mm256_set1_epi8(0x30);
-    // Lanes 0..4 take the group's first 16-element scale, lanes 4..8 its second.
-    let sc_idx: [__m256i; 4] = [
-        _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
-        _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
-        _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5),
-        _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7),
-    ];
+    let m32 = _mm256_set1_epi8(32);
     for i in 0..nb {
         // Per row: 8 groups of 32 unsigned 6-bit quants (0..63) in element
         // order, and the scales of each group's two 16-element halves (one
         // per 128-bit lane).
         let mut q = [[_mm256_setzero_si256(); 8]; NR];
         let mut sc = [[_mm256_setzero_si256(); 8]; NR];
-        let mut sc16 = [_mm256_setzero_si256(); NR];
         let mut d = [0.0f32; NR];
         for r in 0..NR {
             prefetch(
@@ -590,27 +583,22 @@ unsafe fn q6k<D: Int8Dot, const NR: usize, const NT: usize>(
                     _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
                 );
             }
-            // The 16 scales as i32 (two vectors of 8), spread per group.
-            let s8 = _mm_loadu_si128(b.scales.as_ptr() as *const __m128i);
-            let lo = _mm256_cvtepi8_epi32(s8);
-            let hi = _mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8));
-            for g in 0..4 {
-                sc[r][g] = _mm256_permutevar8x32_epi32(lo, sc_idx[g]);
-                sc[r][g + 4] = _mm256_permutevar8x32_epi32(hi, sc_idx[g]);
+            for g in 0..8 {
+                sc[r][g] = _mm256_set_m128i(
+                    _mm_set1_epi32(b.scales[2 * g + 1] as i32),
+                    _mm_set1_epi32(b.scales[2 * g] as i32),
+                );
             }
-            sc16[r] = _mm256_cvtepi8_epi16(s8);
             d[r] = f16_to_f32(b.d);
         }
         for t in 0..NT {
             let y = a[t].get_unchecked(i);
             for r in 0..NR {
-                // Σ_j sc_j Σ (q - 32)·y = Σ_j sc_j Σ q·y - 32 Σ_j sc_j·bsum_j,
-                // all exact in i32 (the second term from the 16 bsums at once).
-                let b16 = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
-                let mut sumi = _mm256_slli_epi32(_mm256_madd_epi16(sc16[r], b16), 5);
-                sumi = _mm256_sub_epi32(_mm256_setzero_si256(), sumi);
+                let mut sumi = _mm256_setzero_si256();
                 for g in 0..8 {
-                    let p = D::dot_us(q[r][g], load(&y.qs[32 * g..]));
+                    let yv = load(&y.qs[32 * g..]);
+                    // Σ (q - 32)·y = Σ q·y - 32·Σ y, both exact in i32.
+                    let p = _mm256_sub_epi32(D::dot_us(q[r][g], yv), D::dot_us(m32, yv));
                     sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, sc[r][g]));
                 }
                 acc[r][t] = _mm256_fmadd_ps(
