@@ -253,11 +253,6 @@ fn tile_rows(
     }
 }
 
-/// Dot product of weight row `r` with activation row `t` (as the matmul computes it).
-pub fn dot_row(k: &DotKernels, w: &QMatrix, r: usize, acts: Acts, t: usize) -> f32 {
-    dot_tile::<1, 1>(k, w, r, acts, t)[0][0]
-}
-
 /// A raw pointer to the output that worker threads write disjoint parts of.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);

@@ -67,67 +67,10 @@ fn gelu_f16_table() -> &'static [f32; 65536] {
     })
 }
 
-/// Numerically stable in-place softmax.
-#[inline]
-pub fn softmax_inplace(x: &mut [f32]) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
-/// Rotary embedding, NeoX layout (dimension i pairs with i + d/2), applied in
-/// place to one head. `inv_freq[i] = base^(-2i/d)` for i < d/2.
-/// ref: ggml rope_neox; HF `rotate_half`.
-#[inline]
-pub fn rope_neox_inplace(x: &mut [f32], pos: usize, inv_freq: &[f32]) {
-    let half = x.len() / 2;
-    debug_assert_eq!(inv_freq.len(), half);
-    for i in 0..half {
-        let theta = pos as f32 * inv_freq[i];
-        let (s, c) = theta.sin_cos();
-        let (a, b) = (x[i], x[i + half]);
-        x[i] = a * c - b * s;
-        x[i + half] = a * s + b * c;
-    }
-}
-
 /// `y += x`.
 #[inline]
 pub fn add_inplace(y: &mut [f32], x: &[f32]) {
     for (a, &b) in y.iter_mut().zip(x) {
         *a += b;
-    }
-}
-
-/// Dot product of two f32 slices.
-#[inline]
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    // Eight accumulators so the compiler vectorises without reassociation.
-    let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for i in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[8 * i + l] * b[8 * i + l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
-}
-
-/// `y += a · x`.
-#[inline]
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (v, &u) in y.iter_mut().zip(x) {
-        *v += a * u;
     }
 }

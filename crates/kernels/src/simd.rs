@@ -108,8 +108,6 @@ pub struct F16Ops {
     pub name: &'static str,
     /// `out[h] = q[h·hd..(h+1)·hd] · k` for h < out.len().
     pub dots: fn(q: &[f32], k: &[half::f16], out: &mut [f32]),
-    /// `acc[h·hd..(h+1)·hd] += p[h] · v` for h < p.len().
-    pub axpys: fn(acc: &mut [f32], p: &[f32], v: &[half::f16]),
     /// A block of keys at once: `acc[h·hd + c] += Σ_j p[j·g + h] · v[offs[j] + c]`
     /// for h < g, c < hd (g = acc.len() / hd).
     pub pv: fn(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize),
@@ -126,26 +124,20 @@ fn dots_ref(q: &[f32], k: &[half::f16], out: &mut [f32]) {
     }
 }
 
-fn axpys_ref(acc: &mut [f32], p: &[f32], v: &[half::f16]) {
-    let hd = v.len();
-    for (h, &ph) in p.iter().enumerate() {
-        for (a, &b) in acc[h * hd..(h + 1) * hd].iter_mut().zip(v) {
-            *a += ph * b.to_f32();
-        }
-    }
-}
-
 fn pv_ref(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
     let g = acc.len() / hd;
     for (j, &o) in offs.iter().enumerate() {
-        axpys_ref(acc, &p[j * g..(j + 1) * g], &v[o..o + hd]);
+        for (h, &ph) in p[j * g..(j + 1) * g].iter().enumerate() {
+            for (a, &b) in acc[h * hd..(h + 1) * hd].iter_mut().zip(&v[o..o + hd]) {
+                *a += ph * b.to_f32();
+            }
+        }
     }
 }
 
 pub const F16_SCALAR: F16Ops = F16Ops {
     name: "scalar",
     dots: dots_ref,
-    axpys: axpys_ref,
     pv: pv_ref,
 };
 

@@ -135,6 +135,23 @@ unsafe fn bits_to_bytes(x: u32) -> __m256i {
     _mm256_cmpeq_epi8(b, bit)
 }
 
+/// Blocks per row of a tile, after checking that all weight rows have that
+/// many and every activation row at least as many (the kernels index
+/// without bounds checks).
+#[inline(always)]
+fn tile_blocks<W, A, const NR: usize, const NT: usize>(w: &[&[W]; NR], a: &[&[A]; NT]) -> usize {
+    let nb = w[0].len();
+    assert!(
+        w.iter().all(|r| r.len() == nb),
+        "tile rows differ in length"
+    );
+    assert!(
+        a.iter().all(|t| t.len() >= nb),
+        "activation rows shorter than weight rows"
+    );
+    nb
+}
+
 // ---------------------------------------------------------------- Q8_0, Q4_0, Q5_0
 //
 // No closures below: a closure does not inherit the enclosing function's
@@ -196,13 +213,7 @@ unsafe fn tile_legacy<D: Int8Dot, W: Legacy, const NR: usize, const NT: usize>(
     w: [&[W]; NR],
     a: [&[BlockQ8_0]; NT],
 ) -> [[f32; NT]; NR] {
-    let nb = w[0].len();
-    for r in 0..NR {
-        assert_eq!(w[r].len(), nb);
-    }
-    for t in 0..NT {
-        assert!(a[t].len() >= nb);
-    }
+    let nb = tile_blocks(&w, &a);
     let mut acc = [[_mm256_setzero_ps(); NT]; NR];
     // Matrix rows are contiguous, and the next tile's rows follow this one's:
     // prefetch the same block of the row NR rows further down.
@@ -269,13 +280,7 @@ unsafe fn tile_legacy512<W: Legacy, const NR: usize, const NT: usize>(
     w: [&[W]; NR],
     a: [&[BlockQ8_0]; NT],
 ) -> [[f32; NT]; NR] {
-    let nb = w[0].len();
-    for r in 0..NR {
-        assert_eq!(w[r].len(), nb);
-    }
-    for t in 0..NT {
-        assert!(a[t].len() >= nb);
-    }
+    let nb = tile_blocks(&w, &a);
     let zero = _mm512_setzero_si512();
     let mut acc = [[_mm512_setzero_ps(); NT]; NR];
     let ahead = prefetch_distance(NR * nb * std::mem::size_of::<W>());
@@ -456,13 +461,7 @@ unsafe fn tile_k4<D: Int8Dot, W: KQuant4, const NR: usize, const NT: usize>(
     w: [&[W]; NR],
     a: [&[BlockQ8K]; NT],
 ) -> [[f32; NT]; NR] {
-    let nb = w[0].len();
-    for r in 0..NR {
-        assert_eq!(w[r].len(), nb);
-    }
-    for t in 0..NT {
-        assert!(a[t].len() >= nb);
-    }
+    let nb = tile_blocks(&w, &a);
     let mut acc = [[_mm256_setzero_ps(); NT]; NR];
     let mut accm = [[_mm256_setzero_ps(); NT]; NR];
     let ahead = prefetch_distance(NR * nb * std::mem::size_of::<W>());
@@ -538,13 +537,7 @@ unsafe fn q6k<D: Int8Dot, const NR: usize, const NT: usize>(
     w: [&[BlockQ6K]; NR],
     a: [&[BlockQ8K]; NT],
 ) -> [[f32; NT]; NR] {
-    let nb = w[0].len();
-    for r in 0..NR {
-        assert_eq!(w[r].len(), nb);
-    }
-    for t in 0..NT {
-        assert!(a[t].len() >= nb);
-    }
+    let nb = tile_blocks(&w, &a);
     let mut acc = [[_mm256_setzero_ps(); NT]; NR];
     let m4 = _mm256_set1_epi8(0x0F);
     let m30 = _mm256_set1_epi8(0x30);
@@ -1222,26 +1215,6 @@ unsafe fn dots_f16_avx2(q: &[f32], k: &[half::f16], out: &mut [f32]) {
     }
 }
 
-/// `acc_h += p[h] · v` for up to 8 heads.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpys_f16_avx2(acc: &mut [f32], p: &[f32], v: &[half::f16]) {
-    let hd = v.len();
-    let g = p.len();
-    assert!(g <= 8 && hd.is_multiple_of(8) && acc.len() >= g * hd);
-    let mut pv = [_mm256_setzero_ps(); 8];
-    for h in 0..g {
-        pv[h] = _mm256_set1_ps(p[h]);
-    }
-    let vp = v.as_ptr() as *const __m128i;
-    for c in 0..hd / 8 {
-        let vv = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(c)));
-        for h in 0..g {
-            let a = acc.as_mut_ptr().add(h * hd + 8 * c);
-            _mm256_storeu_ps(a, _mm256_fmadd_ps(pv[h], vv, _mm256_loadu_ps(a)));
-        }
-    }
-}
-
 /// `acc_h += Σ_j p[j][h] · v_j` over a block of keys: each 8-wide column
 /// chunk of the g accumulators stays in registers for the whole block.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1286,17 +1259,8 @@ fn dots_f16(q: &[f32], k: &[half::f16], out: &mut [f32]) {
     unsafe { dots_f16_avx2(q, k, out) }
 }
 
-fn axpys_f16(acc: &mut [f32], p: &[f32], v: &[half::f16]) {
-    if p.len() > 8 || !v.len().is_multiple_of(8) {
-        return (crate::simd::F16_SCALAR.axpys)(acc, p, v);
-    }
-    // SAFETY: as for dots_f16.
-    unsafe { axpys_f16_avx2(acc, p, v) }
-}
-
 pub const F16_AVX2: crate::simd::F16Ops = crate::simd::F16Ops {
     name: "avx2-f16c",
     dots: dots_f16,
-    axpys: axpys_f16,
     pv: pv_f16,
 };
