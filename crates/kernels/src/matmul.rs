@@ -120,10 +120,24 @@ fn dot_tile<const NR: usize, const NT: usize>(
     t0: usize,
 ) -> [[f32; NT]; NR] {
     fn rows<A, const N: usize>(a: &[A], nb: usize, t0: usize) -> [&[A]; N] {
-        std::array::from_fn(|i| &a[(t0 + i) * nb..(t0 + i + 1) * nb])
+        let mut out: [&[A]; N] = [&[]; N];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = &a[(t0 + i) * nb..(t0 + i + 1) * nb];
+        }
+        out
     }
-    fn wrows<'a, W: RawBlock, const N: usize>(w: &QMatrix<'a>, r0: usize) -> [&'a [W]; N] {
-        std::array::from_fn(|i| as_blocks(w.row(r0 + i)))
+    fn wrows<'a, W: RawBlock, const N: usize>(
+        w: &QMatrix<'a>,
+        r0: usize,
+        nb: usize,
+    ) -> [&'a [W]; N] {
+        // The whole matrix as blocks once (rows are contiguous), then slices.
+        let all: &'a [W] = as_blocks(w.data);
+        let mut out: [&[W]; N] = [&[]; N];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = &all[(r0 + i) * nb..(r0 + i + 1) * nb];
+        }
+        out
     }
     // Pick the tile function of this shape. The casts between [_; NR] and
     // [_; 1 or 4] are identities: each arm only runs for its own shape.
@@ -137,15 +151,15 @@ fn dot_tile<const NR: usize, const NT: usize>(
         match (NR, NT) {
             (1, 1) => put(&mut out, 0, 0, (tiles.t1x1)([w[0]], [a[0]])[0][0]),
             (1, 4) => {
-                let v = (tiles.t1x4)([w[0]], std::array::from_fn(|i| a[i]));
+                let v = (tiles.t1x4)([w[0]], [a[0], a[1], a[2], a[3]]);
                 (0..4).for_each(|t| put(&mut out, 0, t, v[0][t]));
             }
             (4, 1) => {
-                let v = (tiles.t4x1)(std::array::from_fn(|i| w[i]), [a[0]]);
+                let v = (tiles.t4x1)([w[0], w[1], w[2], w[3]], [a[0]]);
                 (0..4).for_each(|r| put(&mut out, r, 0, v[r][0]));
             }
             (4, 4) => {
-                let v = (tiles.t4x4)(std::array::from_fn(|i| w[i]), std::array::from_fn(|i| a[i]));
+                let v = (tiles.t4x4)([w[0], w[1], w[2], w[3]], [a[0], a[1], a[2], a[3]]);
                 (0..4).for_each(|r| (0..4).for_each(|t| put(&mut out, r, t, v[r][t])));
             }
             _ => unreachable!("tile shapes are 1 or 4"),
@@ -154,17 +168,29 @@ fn dot_tile<const NR: usize, const NT: usize>(
     }
     match (w.format, acts) {
         (WeightFormat::Q8_0, Acts::Q8_0(a)) => {
-            call(&k.q8_0, wrows(w, r0), rows(a, w.cols / QK, t0))
+            call(&k.q8_0, wrows(w, r0, w.cols / QK), rows(a, w.cols / QK, t0))
         }
         (WeightFormat::Q4_0, Acts::Q8_0(a)) => {
-            call(&k.q4_0, wrows(w, r0), rows(a, w.cols / QK, t0))
+            call(&k.q4_0, wrows(w, r0, w.cols / QK), rows(a, w.cols / QK, t0))
         }
         (WeightFormat::Q5_0, Acts::Q8_0(a)) => {
-            call(&k.q5_0, wrows(w, r0), rows(a, w.cols / QK, t0))
+            call(&k.q5_0, wrows(w, r0, w.cols / QK), rows(a, w.cols / QK, t0))
         }
-        (WeightFormat::Q4K, Acts::Q8K(a)) => call(&k.q4k, wrows(w, r0), rows(a, w.cols / QK_K, t0)),
-        (WeightFormat::Q5K, Acts::Q8K(a)) => call(&k.q5k, wrows(w, r0), rows(a, w.cols / QK_K, t0)),
-        (WeightFormat::Q6K, Acts::Q8K(a)) => call(&k.q6k, wrows(w, r0), rows(a, w.cols / QK_K, t0)),
+        (WeightFormat::Q4K, Acts::Q8K(a)) => call(
+            &k.q4k,
+            wrows(w, r0, w.cols / QK_K),
+            rows(a, w.cols / QK_K, t0),
+        ),
+        (WeightFormat::Q5K, Acts::Q8K(a)) => call(
+            &k.q5k,
+            wrows(w, r0, w.cols / QK_K),
+            rows(a, w.cols / QK_K, t0),
+        ),
+        (WeightFormat::Q6K, Acts::Q8K(a)) => call(
+            &k.q6k,
+            wrows(w, r0, w.cols / QK_K),
+            rows(a, w.cols / QK_K, t0),
+        ),
         (f @ (WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16), Acts::F32(a)) => {
             std::array::from_fn(|r| {
                 std::array::from_fn(|t| {

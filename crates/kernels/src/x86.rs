@@ -140,15 +140,14 @@ unsafe fn bits_to_bytes(x: u32) -> __m256i {
 /// without bounds checks).
 #[inline(always)]
 fn tile_blocks<W, A, const NR: usize, const NT: usize>(w: &[&[W]; NR], a: &[&[A]; NT]) -> usize {
+    // Plain loops: closures would not be inlined into the kernels.
     let nb = w[0].len();
-    assert!(
-        w.iter().all(|r| r.len() == nb),
-        "tile rows differ in length"
-    );
-    assert!(
-        a.iter().all(|t| t.len() >= nb),
-        "activation rows shorter than weight rows"
-    );
+    for r in w {
+        assert!(r.len() == nb, "tile rows differ in length");
+    }
+    for t in a {
+        assert!(t.len() >= nb, "activation rows shorter than weight rows");
+    }
     nb
 }
 
