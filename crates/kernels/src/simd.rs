@@ -150,6 +150,9 @@ pub fn f16_available() -> Vec<F16Ops> {
         if crate::x86::avx2_available() {
             v.push(crate::x86::F16_AVX2);
         }
+        if crate::x86::vnni_available() {
+            v.push(crate::x86::F16_AVX512);
+        }
     }
     v
 }

@@ -44,6 +44,10 @@ fn dots_and_pv_match_f64_for_every_table() {
                             .sum::<f64>()
                 })
                 .collect();
+            // The SIMD tables do the same fused multiply-adds per element in
+            // the same key order: their P·V results must agree bit for bit
+            // (attention results must not depend on the vector width).
+            let mut simd_pv: Option<Vec<u32>> = None;
             for ops in f16_available() {
                 let mut out = vec![0.0f32; g];
                 (ops.dots)(&q, &k, &mut out);
@@ -69,6 +73,17 @@ fn dots_and_pv_match_f64_for_every_table() {
                         acc[i],
                         want_pv[i]
                     );
+                }
+                if ops.name != "scalar" {
+                    let bits: Vec<u32> = acc.iter().map(|v| v.to_bits()).collect();
+                    match &simd_pv {
+                        None => simd_pv = Some(bits),
+                        Some(first) => assert_eq!(
+                            first, &bits,
+                            "{} P·V differs in bits from the first SIMD table",
+                            ops.name
+                        ),
+                    }
                 }
             }
         }
