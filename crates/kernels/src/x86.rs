@@ -1246,7 +1246,7 @@ unsafe fn pv_f16_avx2(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize
 #[target_feature(enable = "avx2,fma,f16c,avx512f")]
 unsafe fn pv_f16_avx512(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
     let g = acc.len() / hd;
-    assert!(g <= 8 && hd % 16 == 0 && p.len() >= offs.len() * g);
+    assert!(g <= 8 && hd.is_multiple_of(16) && p.len() >= offs.len() * g);
     for &o in offs {
         assert!(o + hd <= v.len());
     }
@@ -1270,7 +1270,7 @@ unsafe fn pv_f16_avx512(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usi
 }
 
 fn pv_f16_wide(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
-    if acc.len() / hd > 8 || hd % 16 != 0 {
+    if acc.len() / hd > 8 || !hd.is_multiple_of(16) {
         return pv_f16(acc, p, v, offs, hd);
     }
     // SAFETY: only reachable through F16_AVX512, which `simd::f16_available`
