@@ -109,100 +109,14 @@ fn par_rows<B: Send>(
         .for_each(|(x, o)| f(x, o));
 }
 
-/// Dot products of weight rows r0..r0+NR with activation rows t0..t0+NT
-/// (NR, NT ∈ {1, 4}): `out[r][t]`.
-#[inline]
-fn dot_tile<const NR: usize, const NT: usize>(
-    k: &DotKernels,
-    w: &QMatrix,
-    r0: usize,
-    acts: Acts,
-    t0: usize,
-) -> [[f32; NT]; NR] {
-    fn rows<A, const N: usize>(a: &[A], nb: usize, t0: usize) -> [&[A]; N] {
-        let mut out: [&[A]; N] = [&[]; N];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = &a[(t0 + i) * nb..(t0 + i + 1) * nb];
+/// Dot product of weight row `r` with activation row `t` for the float
+/// formats (F32, F16, BF16), which have no tables.
+fn dot_float(w: &QMatrix, r: usize, acts: Acts, t: usize) -> f32 {
+    match acts {
+        Acts::F32(a) => {
+            crate::dot::dot_float_ref(w.format, w.row(r), &a[t * w.cols..(t + 1) * w.cols])
         }
-        out
-    }
-    fn wrows<'a, W: RawBlock, const N: usize>(
-        w: &QMatrix<'a>,
-        r0: usize,
-        nb: usize,
-    ) -> [&'a [W]; N] {
-        // The whole matrix as blocks once (rows are contiguous), then slices.
-        let all: &'a [W] = as_blocks(w.data);
-        let mut out: [&[W]; N] = [&[]; N];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = &all[(r0 + i) * nb..(r0 + i + 1) * nb];
-        }
-        out
-    }
-    // Pick the tile function of this shape. The casts between [_; NR] and
-    // [_; 1 or 4] are identities: each arm only runs for its own shape.
-    fn call<W: RawBlock, A, const NR: usize, const NT: usize>(
-        tiles: &Tiles<W, A>,
-        w: [&[W]; NR],
-        a: [&[A]; NT],
-    ) -> [[f32; NT]; NR] {
-        let mut out = [[0.0; NT]; NR];
-        let put = |out: &mut [[f32; NT]; NR], r: usize, t: usize, v: f32| out[r][t] = v;
-        match (NR, NT) {
-            (1, 1) => put(&mut out, 0, 0, (tiles.t1x1)([w[0]], [a[0]])[0][0]),
-            (1, 4) => {
-                let v = (tiles.t1x4)([w[0]], [a[0], a[1], a[2], a[3]]);
-                (0..4).for_each(|t| put(&mut out, 0, t, v[0][t]));
-            }
-            (4, 1) => {
-                let v = (tiles.t4x1)([w[0], w[1], w[2], w[3]], [a[0]]);
-                (0..4).for_each(|r| put(&mut out, r, 0, v[r][0]));
-            }
-            (4, 4) => {
-                let v = (tiles.t4x4)([w[0], w[1], w[2], w[3]], [a[0], a[1], a[2], a[3]]);
-                (0..4).for_each(|r| (0..4).for_each(|t| put(&mut out, r, t, v[r][t])));
-            }
-            _ => unreachable!("tile shapes are 1 or 4"),
-        }
-        out
-    }
-    match (w.format, acts) {
-        (WeightFormat::Q8_0, Acts::Q8_0(a)) => {
-            call(&k.q8_0, wrows(w, r0, w.cols / QK), rows(a, w.cols / QK, t0))
-        }
-        (WeightFormat::Q4_0, Acts::Q8_0(a)) => {
-            call(&k.q4_0, wrows(w, r0, w.cols / QK), rows(a, w.cols / QK, t0))
-        }
-        (WeightFormat::Q5_0, Acts::Q8_0(a)) => {
-            call(&k.q5_0, wrows(w, r0, w.cols / QK), rows(a, w.cols / QK, t0))
-        }
-        (WeightFormat::Q4K, Acts::Q8K(a)) => call(
-            &k.q4k,
-            wrows(w, r0, w.cols / QK_K),
-            rows(a, w.cols / QK_K, t0),
-        ),
-        (WeightFormat::Q5K, Acts::Q8K(a)) => call(
-            &k.q5k,
-            wrows(w, r0, w.cols / QK_K),
-            rows(a, w.cols / QK_K, t0),
-        ),
-        (WeightFormat::Q6K, Acts::Q8K(a)) => call(
-            &k.q6k,
-            wrows(w, r0, w.cols / QK_K),
-            rows(a, w.cols / QK_K, t0),
-        ),
-        (f @ (WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16), Acts::F32(a)) => {
-            std::array::from_fn(|r| {
-                std::array::from_fn(|t| {
-                    crate::dot::dot_float_ref(
-                        f,
-                        w.row(r0 + r),
-                        &a[(t0 + t) * w.cols..(t0 + t + 1) * w.cols],
-                    )
-                })
-            })
-        }
-        (f, _) => panic!("activations quantized for the wrong format ({f})"),
+        _ => panic!("activations quantized for the wrong format ({})", w.format),
     }
 }
 
@@ -236,7 +150,8 @@ fn repack_q8_0(w: &QMatrix, r0: usize, r1: usize) -> Vec<BlockQ8_0> {
 }
 
 /// Rows r0..r1 of `w` times all n activation rows, in 4×4 tiles (1-wide at
-/// the edges); `put(r, t, value)` stores each result.
+/// the edges); `put(r, t, value)` stores each result. Quantized formats go
+/// through the tables' whole-range functions (one call per 1 or 4 tokens).
 fn tile_rows(
     k: &DotKernels,
     w: &QMatrix,
@@ -246,36 +161,59 @@ fn tile_rows(
     n: usize,
     put: impl Fn(usize, usize, f32),
 ) {
-    let mut r = r0;
-    while r < r1 {
-        let nr = if r + 4 <= r1 { 4 } else { 1 };
+    fn run<W: RawBlock, A>(
+        tiles: &Tiles<W, A>,
+        w: &QMatrix,
+        r0: usize,
+        r1: usize,
+        a: &[A],
+        n: usize,
+        put: &impl Fn(usize, usize, f32),
+    ) {
+        let nb = w.cols / w.format.block_size();
+        let rb = w.row_bytes();
+        let rows: &[W] = as_blocks(&w.data[r0 * rb..r1 * rb]);
+        let mut buf = vec![0.0f32; (r1 - r0) * 4];
+        let tok = |t: usize| &a[t * nb..(t + 1) * nb];
         let mut t = 0;
         while t < n {
-            let nt = if t + 4 <= n { 4 } else { 1 };
-            match (nr, nt) {
-                (4, 4) => {
-                    let v = dot_tile::<4, 4>(k, w, r, acts, t);
-                    for (i, row) in v.iter().enumerate() {
-                        for (j, &x) in row.iter().enumerate() {
-                            put(r + i, t + j, x);
-                        }
+            if t + 4 <= n {
+                (tiles.rows4)(
+                    rows,
+                    nb,
+                    [tok(t), tok(t + 1), tok(t + 2), tok(t + 3)],
+                    &mut buf,
+                );
+                for (r, v) in buf.chunks_exact(4).enumerate() {
+                    for (j, &x) in v.iter().enumerate() {
+                        put(r0 + r, t + j, x);
                     }
                 }
-                (4, _) => {
-                    for (i, row) in dot_tile::<4, 1>(k, w, r, acts, t).iter().enumerate() {
-                        put(r + i, t, row[0]);
-                    }
+                t += 4;
+            } else {
+                (tiles.rows1)(rows, nb, [tok(t)], &mut buf);
+                for (r, &x) in buf[..r1 - r0].iter().enumerate() {
+                    put(r0 + r, t, x);
                 }
-                (_, 4) => {
-                    for (j, &x) in dot_tile::<1, 4>(k, w, r, acts, t)[0].iter().enumerate() {
-                        put(r, t + j, x);
-                    }
-                }
-                _ => put(r, t, dot_tile::<1, 1>(k, w, r, acts, t)[0][0]),
+                t += 1;
             }
-            t += nt;
         }
-        r += nr;
+    }
+    match (w.format, acts) {
+        (WeightFormat::Q8_0, Acts::Q8_0(a)) => run(&k.q8_0, w, r0, r1, a, n, &put),
+        (WeightFormat::Q4_0, Acts::Q8_0(a)) => run(&k.q4_0, w, r0, r1, a, n, &put),
+        (WeightFormat::Q5_0, Acts::Q8_0(a)) => run(&k.q5_0, w, r0, r1, a, n, &put),
+        (WeightFormat::Q4K, Acts::Q8K(a)) => run(&k.q4k, w, r0, r1, a, n, &put),
+        (WeightFormat::Q5K, Acts::Q8K(a)) => run(&k.q5k, w, r0, r1, a, n, &put),
+        (WeightFormat::Q6K, Acts::Q8K(a)) => run(&k.q6k, w, r0, r1, a, n, &put),
+        _ => {
+            // Float formats: one dot per (row, token).
+            for r in r0..r1 {
+                for t in 0..n {
+                    put(r, t, dot_float(w, r, acts, t));
+                }
+            }
+        }
     }
 }
 

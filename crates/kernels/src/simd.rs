@@ -7,16 +7,15 @@ use crate::dot;
 use crate::formats::*;
 use std::sync::OnceLock;
 
-/// Dot products of NR weight rows with NT activation rows, for the tile
-/// shapes 1×1, 1×4, 4×1 and 4×4. A (row, token) result must not depend on
-/// the tile that computed it.
+/// A format's kernels: every row of `w` (rows of `nb` blocks, contiguous)
+/// times 1 or 4 activation rows, `out[r · NT + t]`. Inside, rows go in
+/// tiles of 4 (1-row tail); a (row, token) result must not depend on the
+/// tile or the token count that computed it.
 #[derive(Clone, Copy)]
-#[allow(clippy::type_complexity)] // four tile shapes, spelled out
+#[allow(clippy::type_complexity)]
 pub struct Tiles<W: 'static, A: 'static> {
-    pub t1x1: fn([&[W]; 1], [&[A]; 1]) -> [[f32; 1]; 1],
-    pub t1x4: fn([&[W]; 1], [&[A]; 4]) -> [[f32; 4]; 1],
-    pub t4x1: fn([&[W]; 4], [&[A]; 1]) -> [[f32; 1]; 4],
-    pub t4x4: fn([&[W]; 4], [&[A]; 4]) -> [[f32; 4]; 4],
+    pub rows1: fn(w: &[W], nb: usize, a: [&[A]; 1], out: &mut [f32]),
+    pub rows4: fn(w: &[W], nb: usize, a: [&[A]; 4], out: &mut [f32]),
 }
 
 /// One set of tiles per format.
@@ -36,18 +35,16 @@ macro_rules! scalar_tiles {
     ($mod:ident, $f:path, $w:ty, $a:ty) => {
         mod $mod {
             use super::*;
-            #[allow(clippy::type_complexity)]
-            fn tile<const NR: usize, const NT: usize>(
-                w: [&[$w]; NR],
-                a: [&[$a]; NT],
-            ) -> [[f32; NT]; NR] {
-                w.map(|w| a.map(|a| $f(w, a)))
+            fn rows<const NT: usize>(w: &[$w], nb: usize, a: [&[$a]; NT], out: &mut [f32]) {
+                for (r, row) in w.chunks_exact(nb).enumerate() {
+                    for t in 0..NT {
+                        out[r * NT + t] = $f(row, a[t]);
+                    }
+                }
             }
             pub const TILES: Tiles<$w, $a> = Tiles {
-                t1x1: tile::<1, 1>,
-                t1x4: tile::<1, 4>,
-                t4x1: tile::<4, 1>,
-                t4x4: tile::<4, 4>,
+                rows1: rows::<1>,
+                rows4: rows::<4>,
             };
         }
     };

@@ -612,582 +612,319 @@ unsafe fn q6k<D: Int8Dot, const NR: usize, const NT: usize>(
 
 // ---------------------------------------------------------------- tables
 
-/// Safe entry points: a `#[target_feature]` function per (kernel, table,
-/// tile shape) into which the generic kernel is inlined, and a safe wrapper
-/// that is only placed in a table after the CPU features were detected.
-macro_rules! entry {
-    ($name:ident, $kernel:ident, $d:ty, $feat:literal, $w:ty, $a:ty, $nr:literal, $nt:literal) => {
-        fn $name(w: [&[$w]; $nr], a: [&[$a]; $nt]) -> [[f32; $nt]; $nr] {
+/// Safe entry points: per (kernel, table, token count) a `#[target_feature]`
+/// function into which the generic kernel is inlined, running a task's rows
+/// in 4-row tiles (1-row tail), and a safe wrapper that is only placed in a
+/// table after the CPU features were detected.
+macro_rules! rows_entry {
+    ($name:ident, $kernel:ident, $d:ty, $feat:literal, $w:ty, $a:ty, $nt:literal) => {
+        fn $name(w: &[$w], nb: usize, a: [&[$a]; $nt], out: &mut [f32]) {
             #[target_feature(enable = $feat)]
-            unsafe fn inner(w: [&[$w]; $nr], a: [&[$a]; $nt]) -> [[f32; $nt]; $nr] {
-                $kernel::<$d, $nr, $nt>(w, a)
+            unsafe fn inner(w: &[$w], nb: usize, a: [&[$a]; $nt], out: &mut [f32]) {
+                assert!(nb > 0 && w.len() % nb == 0, "rows of {nb} blocks");
+                let nrows = w.len() / nb;
+                assert!(out.len() >= nrows * $nt);
+                let mut r = 0;
+                while r + 4 <= nrows {
+                    let ws = [
+                        &w[r * nb..(r + 1) * nb],
+                        &w[(r + 1) * nb..(r + 2) * nb],
+                        &w[(r + 2) * nb..(r + 3) * nb],
+                        &w[(r + 3) * nb..(r + 4) * nb],
+                    ];
+                    let v = $kernel::<$d, 4, $nt>(ws, a);
+                    for i in 0..4 {
+                        for t in 0..$nt {
+                            out[(r + i) * $nt + t] = v[i][t];
+                        }
+                    }
+                    r += 4;
+                }
+                while r < nrows {
+                    let v = $kernel::<$d, 1, $nt>([&w[r * nb..(r + 1) * nb]], a);
+                    for t in 0..$nt {
+                        out[r * $nt + t] = v[0][t];
+                    }
+                    r += 1;
+                }
             }
             // SAFETY: this function is only reachable through a kernel table
             // that `simd::available` returns after detecting `$feat`.
-            unsafe { inner(w, a) }
+            unsafe { inner(w, nb, a, out) }
         }
     };
 }
 
-entry!(
-    avx2_q8_0_1x1,
+rows_entry!(
+    avx2_q8_0_rows1,
     q8_0,
     Avx2,
     "avx2,fma,f16c",
     BlockQ8_0,
     BlockQ8_0,
-    1,
     1
 );
-entry!(
-    avx2_q8_0_1x4,
+rows_entry!(
+    avx2_q8_0_rows4,
     q8_0,
     Avx2,
     "avx2,fma,f16c",
     BlockQ8_0,
     BlockQ8_0,
-    1,
     4
 );
-entry!(
-    avx2_q8_0_4x1,
-    q8_0,
-    Avx2,
-    "avx2,fma,f16c",
-    BlockQ8_0,
-    BlockQ8_0,
-    4,
-    1
-);
-entry!(
-    avx2_q8_0_4x4,
-    q8_0,
-    Avx2,
-    "avx2,fma,f16c",
-    BlockQ8_0,
-    BlockQ8_0,
-    4,
-    4
-);
-entry!(
-    avx2_q4_0_1x1,
+rows_entry!(
+    avx2_q4_0_rows1,
     q4_0,
     Avx2,
     "avx2,fma,f16c",
     BlockQ4_0,
     BlockQ8_0,
-    1,
     1
 );
-entry!(
-    avx2_q4_0_1x4,
+rows_entry!(
+    avx2_q4_0_rows4,
     q4_0,
     Avx2,
     "avx2,fma,f16c",
     BlockQ4_0,
     BlockQ8_0,
-    1,
     4
 );
-entry!(
-    avx2_q4_0_4x1,
-    q4_0,
-    Avx2,
-    "avx2,fma,f16c",
-    BlockQ4_0,
-    BlockQ8_0,
-    4,
-    1
-);
-entry!(
-    avx2_q4_0_4x4,
-    q4_0,
-    Avx2,
-    "avx2,fma,f16c",
-    BlockQ4_0,
-    BlockQ8_0,
-    4,
-    4
-);
-entry!(
-    avx2_q5_0_1x1,
+rows_entry!(
+    avx2_q5_0_rows1,
     q5_0,
     Avx2,
     "avx2,fma,f16c",
     BlockQ5_0,
     BlockQ8_0,
-    1,
     1
 );
-entry!(
-    avx2_q5_0_1x4,
+rows_entry!(
+    avx2_q5_0_rows4,
     q5_0,
     Avx2,
     "avx2,fma,f16c",
     BlockQ5_0,
     BlockQ8_0,
-    1,
     4
 );
-entry!(
-    avx2_q5_0_4x1,
-    q5_0,
-    Avx2,
-    "avx2,fma,f16c",
-    BlockQ5_0,
-    BlockQ8_0,
-    4,
-    1
-);
-entry!(
-    avx2_q5_0_4x4,
-    q5_0,
-    Avx2,
-    "avx2,fma,f16c",
-    BlockQ5_0,
-    BlockQ8_0,
-    4,
-    4
-);
-entry!(
-    avx2_q4k_1x1,
+rows_entry!(
+    avx2_q4k_rows1,
     q4k,
     Avx2,
     "avx2,fma,f16c",
     BlockQ4K,
     BlockQ8K,
-    1,
     1
 );
-entry!(
-    avx2_q4k_1x4,
+rows_entry!(
+    avx2_q4k_rows4,
     q4k,
     Avx2,
     "avx2,fma,f16c",
     BlockQ4K,
     BlockQ8K,
-    1,
     4
 );
-entry!(
-    avx2_q4k_4x1,
-    q4k,
-    Avx2,
-    "avx2,fma,f16c",
-    BlockQ4K,
-    BlockQ8K,
-    4,
-    1
-);
-entry!(
-    avx2_q4k_4x4,
-    q4k,
-    Avx2,
-    "avx2,fma,f16c",
-    BlockQ4K,
-    BlockQ8K,
-    4,
-    4
-);
-entry!(
-    avx2_q5k_1x1,
+rows_entry!(
+    avx2_q5k_rows1,
     q5k,
     Avx2,
     "avx2,fma,f16c",
     BlockQ5K,
     BlockQ8K,
-    1,
     1
 );
-entry!(
-    avx2_q5k_1x4,
+rows_entry!(
+    avx2_q5k_rows4,
     q5k,
     Avx2,
     "avx2,fma,f16c",
     BlockQ5K,
     BlockQ8K,
-    1,
     4
 );
-entry!(
-    avx2_q5k_4x1,
-    q5k,
+rows_entry!(
+    avx2_q6k_rows1,
+    q6k,
     Avx2,
     "avx2,fma,f16c",
-    BlockQ5K,
+    BlockQ6K,
     BlockQ8K,
-    4,
     1
 );
-entry!(
-    avx2_q5k_4x4,
-    q5k,
+rows_entry!(
+    avx2_q6k_rows4,
+    q6k,
     Avx2,
     "avx2,fma,f16c",
-    BlockQ5K,
+    BlockQ6K,
     BlockQ8K,
-    4,
     4
 );
-entry!(
-    avx2_q6k_1x1,
-    q6k,
-    Avx2,
-    "avx2,fma,f16c",
-    BlockQ6K,
-    BlockQ8K,
-    1,
-    1
-);
-entry!(
-    avx2_q6k_1x4,
-    q6k,
-    Avx2,
-    "avx2,fma,f16c",
-    BlockQ6K,
-    BlockQ8K,
-    1,
-    4
-);
-entry!(
-    avx2_q6k_4x1,
-    q6k,
-    Avx2,
-    "avx2,fma,f16c",
-    BlockQ6K,
-    BlockQ8K,
-    4,
-    1
-);
-entry!(
-    avx2_q6k_4x4,
-    q6k,
-    Avx2,
-    "avx2,fma,f16c",
-    BlockQ6K,
-    BlockQ8K,
-    4,
-    4
-);
-
-entry!(
-    vnni_q8_0_1x1,
+rows_entry!(
+    vnni_q8_0_rows1,
     q8_0_512,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
     BlockQ8_0,
     BlockQ8_0,
-    1,
     1
 );
-entry!(
-    vnni_q8_0_1x4,
+rows_entry!(
+    vnni_q8_0_rows4,
     q8_0_512,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
     BlockQ8_0,
     BlockQ8_0,
-    1,
     4
 );
-entry!(
-    vnni_q8_0_4x1,
-    q8_0_512,
-    Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
-    BlockQ8_0,
-    BlockQ8_0,
-    4,
-    1
-);
-entry!(
-    vnni_q8_0_4x4,
-    q8_0_512,
-    Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
-    BlockQ8_0,
-    BlockQ8_0,
-    4,
-    4
-);
-entry!(
-    vnni_q4_0_1x1,
+rows_entry!(
+    vnni_q4_0_rows1,
     q4_0_512,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
     BlockQ4_0,
     BlockQ8_0,
-    1,
     1
 );
-entry!(
-    vnni_q4_0_1x4,
+rows_entry!(
+    vnni_q4_0_rows4,
     q4_0_512,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
     BlockQ4_0,
     BlockQ8_0,
-    1,
     4
 );
-entry!(
-    vnni_q4_0_4x1,
-    q4_0_512,
-    Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
-    BlockQ4_0,
-    BlockQ8_0,
-    4,
-    1
-);
-entry!(
-    vnni_q4_0_4x4,
-    q4_0_512,
-    Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
-    BlockQ4_0,
-    BlockQ8_0,
-    4,
-    4
-);
-entry!(
-    vnni_q5_0_1x1,
+rows_entry!(
+    vnni_q5_0_rows1,
     q5_0_512,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
     BlockQ5_0,
     BlockQ8_0,
-    1,
     1
 );
-entry!(
-    vnni_q5_0_1x4,
+rows_entry!(
+    vnni_q5_0_rows4,
     q5_0_512,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
     BlockQ5_0,
     BlockQ8_0,
-    1,
     4
 );
-entry!(
-    vnni_q5_0_4x1,
-    q5_0_512,
-    Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
-    BlockQ5_0,
-    BlockQ8_0,
-    4,
-    1
-);
-entry!(
-    vnni_q5_0_4x4,
-    q5_0_512,
-    Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
-    BlockQ5_0,
-    BlockQ8_0,
-    4,
-    4
-);
-entry!(
-    vnni_q4k_1x1,
+rows_entry!(
+    vnni_q4k_rows1,
     q4k,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
     BlockQ4K,
     BlockQ8K,
-    1,
     1
 );
-entry!(
-    vnni_q4k_1x4,
+rows_entry!(
+    vnni_q4k_rows4,
     q4k,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
     BlockQ4K,
     BlockQ8K,
-    1,
     4
 );
-entry!(
-    vnni_q4k_4x1,
-    q4k,
-    Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
-    BlockQ4K,
-    BlockQ8K,
-    4,
-    1
-);
-entry!(
-    vnni_q4k_4x4,
-    q4k,
-    Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
-    BlockQ4K,
-    BlockQ8K,
-    4,
-    4
-);
-entry!(
-    vnni_q5k_1x1,
+rows_entry!(
+    vnni_q5k_rows1,
     q5k,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
     BlockQ5K,
     BlockQ8K,
-    1,
     1
 );
-entry!(
-    vnni_q5k_1x4,
+rows_entry!(
+    vnni_q5k_rows4,
     q5k,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
     BlockQ5K,
     BlockQ8K,
-    1,
     4
 );
-entry!(
-    vnni_q5k_4x1,
-    q5k,
+rows_entry!(
+    vnni_q6k_rows1,
+    q6k,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
-    BlockQ5K,
+    BlockQ6K,
     BlockQ8K,
-    4,
     1
 );
-entry!(
-    vnni_q5k_4x4,
-    q5k,
-    Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
-    BlockQ5K,
-    BlockQ8K,
-    4,
-    4
-);
-entry!(
-    vnni_q6k_1x1,
+rows_entry!(
+    vnni_q6k_rows4,
     q6k,
     Vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
     BlockQ6K,
     BlockQ8K,
-    1,
-    1
-);
-entry!(
-    vnni_q6k_1x4,
-    q6k,
-    Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
-    BlockQ6K,
-    BlockQ8K,
-    1,
-    4
-);
-entry!(
-    vnni_q6k_4x1,
-    q6k,
-    Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
-    BlockQ6K,
-    BlockQ8K,
-    4,
-    1
-);
-entry!(
-    vnni_q6k_4x4,
-    q6k,
-    Vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vnni,avx512vl",
-    BlockQ6K,
-    BlockQ8K,
-    4,
     4
 );
 
 pub const AVX2: DotKernels = DotKernels {
     name: "avx2",
     q8_0: Tiles {
-        t1x1: avx2_q8_0_1x1,
-        t1x4: avx2_q8_0_1x4,
-        t4x1: avx2_q8_0_4x1,
-        t4x4: avx2_q8_0_4x4,
+        rows1: avx2_q8_0_rows1,
+        rows4: avx2_q8_0_rows4,
     },
     q4_0: Tiles {
-        t1x1: avx2_q4_0_1x1,
-        t1x4: avx2_q4_0_1x4,
-        t4x1: avx2_q4_0_4x1,
-        t4x4: avx2_q4_0_4x4,
+        rows1: avx2_q4_0_rows1,
+        rows4: avx2_q4_0_rows4,
     },
     q5_0: Tiles {
-        t1x1: avx2_q5_0_1x1,
-        t1x4: avx2_q5_0_1x4,
-        t4x1: avx2_q5_0_4x1,
-        t4x4: avx2_q5_0_4x4,
+        rows1: avx2_q5_0_rows1,
+        rows4: avx2_q5_0_rows4,
     },
     q4k: Tiles {
-        t1x1: avx2_q4k_1x1,
-        t1x4: avx2_q4k_1x4,
-        t4x1: avx2_q4k_4x1,
-        t4x4: avx2_q4k_4x4,
+        rows1: avx2_q4k_rows1,
+        rows4: avx2_q4k_rows4,
     },
     q5k: Tiles {
-        t1x1: avx2_q5k_1x1,
-        t1x4: avx2_q5k_1x4,
-        t4x1: avx2_q5k_4x1,
-        t4x4: avx2_q5k_4x4,
+        rows1: avx2_q5k_rows1,
+        rows4: avx2_q5k_rows4,
     },
     q6k: Tiles {
-        t1x1: avx2_q6k_1x1,
-        t1x4: avx2_q6k_1x4,
-        t4x1: avx2_q6k_4x1,
-        t4x4: avx2_q6k_4x4,
+        rows1: avx2_q6k_rows1,
+        rows4: avx2_q6k_rows4,
     },
 };
 
 pub const VNNI: DotKernels = DotKernels {
     name: "avx512-vnni",
     q8_0: Tiles {
-        t1x1: vnni_q8_0_1x1,
-        t1x4: vnni_q8_0_1x4,
-        t4x1: vnni_q8_0_4x1,
-        t4x4: vnni_q8_0_4x4,
+        rows1: vnni_q8_0_rows1,
+        rows4: vnni_q8_0_rows4,
     },
     q4_0: Tiles {
-        t1x1: vnni_q4_0_1x1,
-        t1x4: vnni_q4_0_1x4,
-        t4x1: vnni_q4_0_4x1,
-        t4x4: vnni_q4_0_4x4,
+        rows1: vnni_q4_0_rows1,
+        rows4: vnni_q4_0_rows4,
     },
     q5_0: Tiles {
-        t1x1: vnni_q5_0_1x1,
-        t1x4: vnni_q5_0_1x4,
-        t4x1: vnni_q5_0_4x1,
-        t4x4: vnni_q5_0_4x4,
+        rows1: vnni_q5_0_rows1,
+        rows4: vnni_q5_0_rows4,
     },
     q4k: Tiles {
-        t1x1: vnni_q4k_1x1,
-        t1x4: vnni_q4k_1x4,
-        t4x1: vnni_q4k_4x1,
-        t4x4: vnni_q4k_4x4,
+        rows1: vnni_q4k_rows1,
+        rows4: vnni_q4k_rows4,
     },
     q5k: Tiles {
-        t1x1: vnni_q5k_1x1,
-        t1x4: vnni_q5k_1x4,
-        t4x1: vnni_q5k_4x1,
-        t4x4: vnni_q5k_4x4,
+        rows1: vnni_q5k_rows1,
+        rows4: vnni_q5k_rows4,
     },
     q6k: Tiles {
-        t1x1: vnni_q6k_1x1,
-        t1x4: vnni_q6k_1x4,
-        t4x1: vnni_q6k_4x1,
-        t4x4: vnni_q6k_4x4,
+        rows1: vnni_q6k_rows1,
+        rows4: vnni_q6k_rows4,
     },
 };
 
