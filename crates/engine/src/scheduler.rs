@@ -406,16 +406,6 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// Whether a cache that held `old` positions still holds what continuing
-/// after its first `n` needs: on a sliding-window layer, positions written
-/// after n-1 must not have overwritten the last `window` before n.
-fn can_continue(cache: &KvCache, old: usize, n: usize) -> bool {
-    cache.layers.iter().all(|l| {
-        let first = n - n.min(l.window);
-        old <= first + l.slots
-    })
-}
-
 struct Worker<'a> {
     model: &'a Model,
     tok: &'a Tokenizer,
@@ -626,7 +616,7 @@ impl<'a> Worker<'a> {
         let usable = |slots: &[Slot], caches: &[KvCache], i: usize| {
             let s = &slots[i];
             let n = common_prefix(&s.tokens, prompt).min(limit);
-            if n > 0 && can_continue(&caches[i], s.tokens.len(), n) {
+            if n > 0 && caches[i].holds_prefix(n, s.tokens.len()) {
                 n
             } else {
                 0

@@ -97,12 +97,11 @@ impl<'m> Session<'m> {
     /// Keep the first `n` tokens if the cache still holds what continuing
     /// after them needs; otherwise start over. Returns the tokens kept.
     fn rewind(&mut self, n: usize) -> usize {
-        let old = self.tokens.len();
-        let ok = self.cache.layers.iter().all(|l| {
-            let first = n - n.min(l.window);
-            old <= first + l.slots
-        });
-        let keep = if ok { n } else { 0 };
+        let keep = if self.cache.holds_prefix(n, self.tokens.len()) {
+            n
+        } else {
+            0
+        };
         self.tokens.truncate(keep);
         keep
     }

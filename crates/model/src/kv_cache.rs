@@ -99,20 +99,31 @@ impl KvCache {
             .sum()
     }
 
+    /// Whether this cache, after `len` positions were written, still holds
+    /// everything a continuation at position `n` (≤ len) needs: on a
+    /// sliding-window layer, the positions written after n-1 must not have
+    /// overwritten the last `window` positions before n.
+    pub fn holds_prefix(&self, n: usize, len: usize) -> bool {
+        n <= len
+            && len <= self.ctx
+            && self.layers.iter().all(|l| {
+                let first = n - n.min(l.window);
+                len <= first + l.slots
+            })
+    }
+
     /// Copy the state of positions 0..n from `src` (for prefix reuse). Returns
     /// false if `src` no longer holds all the positions a continuation at n
     /// needs (a sliding-window ring that has moved past n).
     pub fn copy_prefix_from(&mut self, src: &KvCache, n: usize, src_len: usize) -> bool {
-        if n > self.ctx || n > src.ctx || n > src_len {
+        if n > self.ctx || !src.holds_prefix(n, src_len) {
+            return false;
+        }
+        if self.layers.iter().any(|d| n.min(d.window) > d.slots) {
             return false;
         }
         for (dst, s) in self.layers.iter_mut().zip(&src.layers) {
-            let keep = n.min(s.window);
-            let first = n - keep;
-            // The source ring still holds `first` only if nothing past n-1 overwrote it.
-            if src_len > first + s.slots || keep > dst.slots {
-                return false;
-            }
+            let first = n - n.min(s.window);
             for p in first..n {
                 let (ss, ds) = (s.slot(p) * self.kv_dim, dst.slot(p) * self.kv_dim);
                 dst.k[ds..ds + self.kv_dim].copy_from_slice(&s.k[ss..ss + self.kv_dim]);
