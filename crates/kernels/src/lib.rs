@@ -12,6 +12,9 @@ pub mod dot;
 pub mod formats;
 pub mod matmul;
 pub mod ops;
+pub mod packed;
+#[cfg(target_arch = "x86_64")]
+mod packed_x86;
 pub mod quant;
 pub mod simd;
 #[cfg(target_arch = "x86_64")]
@@ -19,3 +22,4 @@ mod x86;
 
 pub use formats::{ActFormat, WeightFormat};
 pub use matmul::{matmul, MatmulScratch, QMatrix};
+pub use packed::PackedMatrix;

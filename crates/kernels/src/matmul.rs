@@ -61,9 +61,45 @@ pub enum Acts<'a> {
 pub struct MatmulScratch {
     q8_0: Vec<BlockQ8_0>,
     q8k: Vec<BlockQ8K>,
+    /// Per Q8_0 block: Σq and the scale as f32 (for the packed kernels).
+    sums: Vec<i32>,
+    dq: Vec<f32>,
 }
 
 impl MatmulScratch {
+    /// Quantize `x` (n × cols) for the packed kernels of a matrix packed
+    /// from `format` (see [`crate::packed::ActRow`]).
+    pub(crate) fn quantize_packed<'s>(
+        &'s mut self,
+        format: WeightFormat,
+        x: &'s [f32],
+        cols: usize,
+    ) -> crate::packed::ActRow<'s> {
+        use crate::packed::ActRow;
+        match self.quantize(format, x, cols) {
+            Acts::Q8_0(_) => {
+                let nb = x.len() / QK;
+                self.sums.resize(nb, 0);
+                self.dq.resize(nb, 0.0);
+                for ((b, s), d) in self.q8_0[..nb]
+                    .iter()
+                    .zip(&mut self.sums[..nb])
+                    .zip(&mut self.dq[..nb])
+                {
+                    *s = b.qs.iter().map(|&q| q as i32).sum();
+                    *d = f16_le(b.d);
+                }
+                ActRow::Q8_0 {
+                    blocks: &self.q8_0[..nb],
+                    sums: &self.sums[..nb],
+                    d: &self.dq[..nb],
+                }
+            }
+            Acts::Q8K(_) => ActRow::Q8K(&self.q8k[..x.len() / QK_K]),
+            Acts::F32(_) => panic!("no packed form for {format}"),
+        }
+    }
+
     /// Quantize `x` (n × cols) into the activation format that `format` consumes.
     pub fn quantize<'s>(&'s mut self, format: WeightFormat, x: &'s [f32], cols: usize) -> Acts<'s> {
         match format.act_format() {

@@ -28,6 +28,8 @@ pub struct DotKernels {
     pub q4k: Tiles<BlockQ4K, BlockQ8K>,
     pub q5k: Tiles<BlockQ5K, BlockQ8K>,
     pub q6k: Tiles<BlockQ6K, BlockQ8K>,
+    /// Kernels for the interleaved layout of [`crate::packed`].
+    pub packed: crate::packed::PackedKernels,
 }
 
 /// Scalar tiles with the table's shapes around the references in [`dot`].
@@ -65,6 +67,7 @@ pub const SCALAR: DotKernels = DotKernels {
     q4k: s_q4k::TILES,
     q5k: s_q5k::TILES,
     q6k: s_q6k::TILES,
+    packed: crate::packed::PACKED_SCALAR,
 };
 
 /// Every kernel table this machine can run, scalar first, fastest last.

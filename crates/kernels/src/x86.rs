@@ -898,6 +898,7 @@ pub const AVX2: DotKernels = DotKernels {
         rows1: avx2_q6k_rows1,
         rows4: avx2_q6k_rows4,
     },
+    packed: crate::packed_x86::PACKED_AVX2,
 };
 
 pub const VNNI: DotKernels = DotKernels {
@@ -926,6 +927,7 @@ pub const VNNI: DotKernels = DotKernels {
         rows1: vnni_q6k_rows1,
         rows4: vnni_q6k_rows4,
     },
+    packed: crate::packed_x86::PACKED_AVX512,
 };
 
 // ---------------------------------------------------------------- f16 attention ops

@@ -201,9 +201,9 @@ impl Model {
                     &mut st.xn[i * d..(i + 1) * d],
                 );
             }
-            gemma3_kernels::matmul(&self.mat(&layer.wq), &st.xn, n, &mut st.q, &mut st.mm);
-            gemma3_kernels::matmul(&self.mat(&layer.wk), &st.xn, n, &mut st.k, &mut st.mm);
-            gemma3_kernels::matmul(&self.mat(&layer.wv), &st.xn, n, &mut st.v, &mut st.mm);
+            self.matmul(&layer.wq, &st.xn, n, &mut st.q, &mut st.mm);
+            self.matmul(&layer.wk, &st.xn, n, &mut st.k, &mut st.mm);
+            self.matmul(&layer.wv, &st.xn, n, &mut st.v, &mut st.mm);
             let mut sincos = vec![0.0f32; hd];
             for i in 0..n {
                 rope_table(pos[i], &layer.rope_inv_freq, &mut sincos);
@@ -229,7 +229,7 @@ impl Model {
             st.trace(l, "k", |s| &s.k);
             self.attention(l, pos, seq, caches, &st.q, &mut st.attn);
             st.trace(l, "attn", |s| &s.attn);
-            gemma3_kernels::matmul(&self.mat(&layer.wo), &st.attn, n, &mut st.o, &mut st.mm);
+            self.matmul(&layer.wo, &st.attn, n, &mut st.o, &mut st.mm);
             for i in 0..n {
                 let o = &mut st.o[i * d..(i + 1) * d];
                 ops::rms_norm_inplace(o, &layer.post_attn_norm, c.rms_eps);
@@ -246,14 +246,8 @@ impl Model {
                     &mut st.xn[i * d..(i + 1) * d],
                 );
             }
-            gemma3_kernels::matmul(
-                &self.mat(&layer.w_gate),
-                &st.xn,
-                n,
-                &mut st.gate,
-                &mut st.mm,
-            );
-            gemma3_kernels::matmul(&self.mat(&layer.w_up), &st.xn, n, &mut st.up, &mut st.mm);
+            self.matmul(&layer.w_gate, &st.xn, n, &mut st.gate, &mut st.mm);
+            self.matmul(&layer.w_up, &st.xn, n, &mut st.up, &mut st.mm);
             // Element-wise, so splitting it across threads cannot change a value.
             if n >= 16 {
                 st.gate
@@ -263,7 +257,7 @@ impl Model {
             } else {
                 ops::geglu_inplace(&mut st.gate, &st.up);
             }
-            gemma3_kernels::matmul(&self.mat(&layer.w_down), &st.gate, n, &mut st.o, &mut st.mm);
+            self.matmul(&layer.w_down, &st.gate, n, &mut st.o, &mut st.mm);
             for i in 0..n {
                 let o = &mut st.o[i * d..(i + 1) * d];
                 ops::rms_norm_inplace(o, &layer.post_ffn_norm, c.rms_eps);

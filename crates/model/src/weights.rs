@@ -4,8 +4,9 @@
 
 use crate::{Config, ModelError};
 use gemma3_gguf::{GgmlType, GgufFile, TensorInfo};
-use gemma3_kernels::{QMatrix, WeightFormat};
+use gemma3_kernels::{MatmulScratch, PackedMatrix, QMatrix, WeightFormat};
 use std::path::Path;
+use std::sync::Arc;
 
 /// A weight matrix inside the file: `rows` × `cols` in `format`.
 #[derive(Clone, Debug)]
@@ -15,6 +16,9 @@ pub struct Tensor {
     pub rows: usize,
     pub cols: usize,
     info: TensorInfo,
+    /// The rows interleaved for the int8 kernels (layer matrices whose
+    /// format has a packed form); None: computed from the file in place.
+    pub packed: Option<Arc<PackedMatrix>>,
 }
 
 /// One transformer block. Matrices are stored as (out, in): a row per output.
@@ -127,6 +131,7 @@ impl Model {
                 rows,
                 cols,
                 info: info.clone(),
+                packed: None,
             })
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
@@ -179,14 +184,61 @@ impl Model {
                 is_global: c.is_global(l),
             });
         }
-        Ok(Model {
+        let mut model = Model {
             config,
             file,
             embed,
             output,
             final_norm,
             layers,
-        })
+        };
+        model.pack_layers();
+        Ok(model)
+    }
+
+    /// Interleave every layer matrix that has a packed form (see
+    /// `gemma3_kernels::packed`): about 70 MB for Gemma 3 270M, a copy in
+    /// the same quantized form. The output head stays in the file's layout,
+    /// where one token's pass over it is already bandwidth-bound.
+    fn pack_layers(&mut self) {
+        let mut packed: Vec<Vec<Option<Arc<PackedMatrix>>>> = Vec::new();
+        for l in &self.layers {
+            let ts = [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down];
+            packed.push(
+                ts.iter()
+                    .map(|t| PackedMatrix::pack(&self.mat(t)).map(Arc::new))
+                    .collect(),
+            );
+        }
+        for (l, p) in self.layers.iter_mut().zip(packed) {
+            let ts = [
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.w_gate,
+                &mut l.w_up,
+                &mut l.w_down,
+            ];
+            for (t, p) in ts.into_iter().zip(p) {
+                t.packed = p;
+            }
+        }
+    }
+
+    /// `out = x · tᵀ` for n rows of x, through the packed copy when there is one.
+    pub fn matmul(&self, t: &Tensor, x: &[f32], n: usize, out: &mut [f32], mm: &mut MatmulScratch) {
+        match &t.packed {
+            Some(p) => gemma3_kernels::packed::matmul_packed(
+                &gemma3_kernels::simd::best().packed,
+                p,
+                x,
+                n,
+                out,
+                mm,
+            ),
+            None => gemma3_kernels::matmul(&self.mat(t), x, n, out, mm),
+        }
     }
 
     /// A matrix view of a tensor.

@@ -1,0 +1,896 @@
+#![allow(clippy::needless_range_loop)] // kernels index parallel arrays of registers by token
+//! Weight matrices re-laid out once, at load time, for the int8 kernels:
+//! 16 rows interleaved per block, so that one vector lane is one row.
+//!
+//! In ggml's row-major layout a dot product leaves partial sums spread over
+//! the lanes of a vector: every block of every (row, token) pair then needs
+//! its own int→float conversion, scale multiply and float add, which is most
+//! of the work in prompt processing. Here the 16 rows of a group sit side by
+//! side in 4-byte columns: `dpbusd` with a broadcast group of 4 activations
+//! leaves row r's sum in lane r, a block's integer sum is finished in
+//! integers, and the float work is one multiply-add per block for 16 rows.
+//!
+//! **Numerics** (the same for every kernel table, token count and thread
+//! split, so a token's result never depends on the batch it was in): for
+//! each (row, token), `acc = 0`, then for each block in order
+//! `acc = fma(dw · dy, S, acc)` where S is the block's exact integer sum
+//! Σ w·y (with the sub-block scales applied in integers for the K-quants)
+//! converted to f32; Q4_K also does `acc = fma(−(dmin · dy), M, acc)` with
+//! M = Σ_j m_j·Σy_j. [`spec_dot`] states this from the original ggml blocks,
+//! and every table is tested bit-for-bit against it.
+//!
+//! Layouts (per group of 16 rows: `nb` blocks of quants, then `nb` blocks of
+//! f16 scales, padded to 64 bytes). Lane r, column c: byte `4r + c` of a
+//! 64-byte vector. A "group of 4" is 4 consecutive elements of every row.
+//! - Q8_0 (512 B/block): 8 vectors, element 4k+c of row r at vector k,
+//!   stored as w + 128 (unsigned, as `dpbusd` wants it).
+//! - Q5_0 (320 B): 8 × u64 fifth-bit masks (bit 4r+c of mask G = element
+//!   4G+c), then 4 nibble vectors: vector c holds elements 4c.. in its low
+//!   nibbles and 16+4c.. in its high nibbles; u = q ∈ 0..32, w = u − 16.
+//!   Q4_0 packs into the same form (u = q + 8).
+//! - Q4_K (2304 B): 8 sub-block scales [j][r] (u8), 4 min pairs [p][r][2]
+//!   (u8), then 32 vectors (c, g) holding the raw bytes qs[32c + 4g ..]: low
+//!   nibbles are sub-block 2c, high nibbles 2c+1. Scales: d then dmin.
+//! - Q6_K (3328 B): 16 scales [j][r] (i8), then per sub-block j three
+//!   vectors A, B, C: A low/high nibbles = groups 4j, 4j+1; B = 4j+2, 4j+3;
+//!   C bits 2i..2i+2 = high bits of group 4j+i; u ∈ 0..64, w = u − 32.
+
+use crate::formats::*;
+use crate::matmul::{MatmulScratch, QMatrix};
+use crate::quant::{q5_0_unpack, q6_k_unpack};
+use rayon::prelude::*;
+
+/// Rows per interleaved group (one per 32-bit lane of a 512-bit vector).
+pub const LANES: usize = 16;
+
+/// The weight formats that have an interleaved form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PackedFormat {
+    Q8_0,
+    /// Q5_0, and Q4_0 converted exactly.
+    Q5_0,
+    Q4K,
+    Q6K,
+}
+
+impl PackedFormat {
+    pub fn of(f: WeightFormat) -> Option<Self> {
+        Some(match f {
+            WeightFormat::Q8_0 => PackedFormat::Q8_0,
+            WeightFormat::Q5_0 | WeightFormat::Q4_0 => PackedFormat::Q5_0,
+            WeightFormat::Q4K => PackedFormat::Q4K,
+            WeightFormat::Q6K => PackedFormat::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Bytes of one block's quants for 16 rows (a multiple of 64).
+    pub const fn core_bytes(self) -> usize {
+        match self {
+            PackedFormat::Q8_0 => 512,
+            PackedFormat::Q5_0 => 320,
+            PackedFormat::Q4K => 2304,
+            PackedFormat::Q6K => 3328,
+        }
+    }
+
+    /// Bytes of one block's f16 scales for 16 rows.
+    pub const fn scale_bytes(self) -> usize {
+        match self {
+            PackedFormat::Q4K => 64,
+            _ => 32,
+        }
+    }
+}
+
+/// 64 bytes, aligned to a cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// A weight matrix in the interleaved layout (owned; built by [`PackedMatrix::pack`]).
+pub struct PackedMatrix {
+    pub format: PackedFormat,
+    /// The format it was packed from (which activation format it consumes).
+    pub source: WeightFormat,
+    pub rows: usize,
+    pub cols: usize,
+    /// Blocks per row.
+    nb: usize,
+    group_bytes: usize,
+    data: Vec<Line>,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PackedMatrix({:?} from {}, {}×{})",
+            self.format, self.source, self.rows, self.cols
+        )
+    }
+}
+
+impl PackedMatrix {
+    /// The interleaved copy of `w`, or None when its format has no packed
+    /// form or its rows are not a multiple of 16 (those stay row-major).
+    pub fn pack(w: &QMatrix) -> Option<Self> {
+        let format = PackedFormat::of(w.format)?;
+        if w.rows == 0 || !w.rows.is_multiple_of(LANES) {
+            return None;
+        }
+        let nb = w.cols / w.format.block_size();
+        let group_bytes = (nb * (format.core_bytes() + format.scale_bytes())).div_ceil(64) * 64;
+        let groups = w.rows / LANES;
+        let mut data = vec![Line([0; 64]); groups * group_bytes / 64];
+        // SAFETY: Line is 64 plain bytes with no padding; the byte view
+        // covers exactly the vector's initialized elements.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(data.as_mut_ptr() as *mut u8, data.len() * 64)
+        };
+        bytes
+            .par_chunks_mut(group_bytes)
+            .enumerate()
+            .for_each(|(g, out)| {
+                for r in 0..LANES {
+                    let row = w.row(g * LANES + r);
+                    for b in 0..nb {
+                        let (core, rest) = out.split_at_mut(nb * format.core_bytes());
+                        let core = &mut core[b * format.core_bytes()..][..format.core_bytes()];
+                        let scales = &mut rest[b * format.scale_bytes()..][..format.scale_bytes()];
+                        pack_block(w.format, row, b, r, core, scales);
+                    }
+                }
+            });
+        Some(PackedMatrix {
+            format,
+            source: w.format,
+            rows: w.rows,
+            cols: w.cols,
+            nb,
+            group_bytes,
+            data,
+        })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: as in `pack`.
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr() as *const u8, self.data.len() * 64) }
+    }
+
+    /// Bytes held (what one pass over the matrix reads).
+    pub fn size_bytes(&self) -> usize {
+        self.data.len() * 64
+    }
+}
+
+/// Write row-lane `r` of block `b` of a group.
+fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8], sc: &mut [u8]) {
+    match src {
+        WeightFormat::Q8_0 => {
+            let blk = &as_blocks::<BlockQ8_0>(row)[b];
+            for k in 0..8 {
+                for c in 0..4 {
+                    core[64 * k + 4 * r + c] = (blk.qs[4 * k + c] as u8) ^ 0x80;
+                }
+            }
+            sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
+        }
+        WeightFormat::Q5_0 | WeightFormat::Q4_0 => {
+            // u = w + 16 in 0..32.
+            let (d, u): ([u8; 2], [u8; 32]) = if src == WeightFormat::Q5_0 {
+                let blk = &as_blocks::<BlockQ5_0>(row)[b];
+                let (lo, hi) = q5_0_unpack(blk);
+                let mut u = [0u8; 32];
+                for j in 0..16 {
+                    u[j] = (lo[j] + 16) as u8;
+                    u[j + 16] = (hi[j] + 16) as u8;
+                }
+                (blk.d, u)
+            } else {
+                let blk = &as_blocks::<BlockQ4_0>(row)[b];
+                let mut u = [0u8; 32];
+                for j in 0..16 {
+                    u[j] = (blk.qs[j] & 0x0F) + 8;
+                    u[j + 16] = (blk.qs[j] >> 4) + 8;
+                }
+                (blk.d, u)
+            };
+            for g in 0..8 {
+                for c in 0..4 {
+                    let bit = (u[4 * g + c] >> 4) as usize & 1;
+                    let pos = 4 * r + c;
+                    core[8 * g + pos / 8] |= (bit << (pos % 8)) as u8;
+                }
+            }
+            for v in 0..4 {
+                for c in 0..4 {
+                    core[64 + 64 * v + 4 * r + c] =
+                        (u[4 * v + c] & 0x0F) | ((u[16 + 4 * v + c] & 0x0F) << 4);
+                }
+            }
+            sc[2 * r..2 * r + 2].copy_from_slice(&d);
+        }
+        WeightFormat::Q4K => {
+            let blk = &as_blocks::<BlockQ4K>(row)[b];
+            for j in 0..8 {
+                let (s, m) = scale_min_k4(j, &blk.scales);
+                core[16 * j + r] = s;
+                core[128 + 32 * (j / 2) + 2 * r + j % 2] = m;
+            }
+            for c in 0..4 {
+                for g in 0..8 {
+                    for i in 0..4 {
+                        core[256 + 64 * (8 * c + g) + 4 * r + i] = blk.qs[32 * c + 4 * g + i];
+                    }
+                }
+            }
+            sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
+            sc[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&blk.dmin);
+        }
+        WeightFormat::Q6K => {
+            let blk = &as_blocks::<BlockQ6K>(row)[b];
+            let q = q6_k_unpack(blk);
+            let u = |k: usize| (q[k] + 32) as u8;
+            for j in 0..16 {
+                core[16 * j + r] = blk.scales[j] as u8;
+                let base = 256 + 192 * j;
+                for c in 0..4 {
+                    let e = 16 * j + c;
+                    core[base + 4 * r + c] = (u(e) & 0x0F) | ((u(e + 4) & 0x0F) << 4);
+                    core[base + 64 + 4 * r + c] = (u(e + 8) & 0x0F) | ((u(e + 12) & 0x0F) << 4);
+                    let mut h = 0u8;
+                    for i in 0..4 {
+                        h |= (u(e + 4 * i) >> 4) << (2 * i);
+                    }
+                    core[base + 128 + 4 * r + c] = h;
+                }
+            }
+            sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
+        }
+        f => unreachable!("no packed form for {f}"),
+    }
+}
+
+// ---------------------------------------------------------------- the specification
+
+/// Activations of one token as the packed kernels consume them.
+#[derive(Clone, Copy)]
+pub enum ActRow<'a> {
+    /// Q8_0 blocks with each block's Σq and its scale as f32.
+    Q8_0 {
+        blocks: &'a [BlockQ8_0],
+        sums: &'a [i32],
+        d: &'a [f32],
+    },
+    Q8K(&'a [BlockQ8K]),
+}
+
+/// The packed kernels' result for one (row, token), computed from the
+/// original ggml row with plain integer and float arithmetic: the
+/// definition every table must match bit for bit (see the module docs).
+pub fn spec_dot(src: WeightFormat, row: &[u8], act: ActRow) -> f32 {
+    let mut acc = 0.0f32;
+    match (src, act) {
+        (
+            WeightFormat::Q8_0 | WeightFormat::Q5_0 | WeightFormat::Q4_0,
+            ActRow::Q8_0 { blocks, .. },
+        ) => {
+            let nb = row.len() / src.block_bytes();
+            for b in 0..nb {
+                let (d, w): ([u8; 2], [i32; 32]) = match src {
+                    WeightFormat::Q8_0 => {
+                        let blk = &as_blocks::<BlockQ8_0>(row)[b];
+                        (blk.d, std::array::from_fn(|k| blk.qs[k] as i32))
+                    }
+                    WeightFormat::Q5_0 => {
+                        let blk = &as_blocks::<BlockQ5_0>(row)[b];
+                        let (lo, hi) = q5_0_unpack(blk);
+                        (
+                            blk.d,
+                            std::array::from_fn(|k| if k < 16 { lo[k] } else { hi[k - 16] } as i32),
+                        )
+                    }
+                    _ => {
+                        let blk = &as_blocks::<BlockQ4_0>(row)[b];
+                        (
+                            blk.d,
+                            std::array::from_fn(|k| {
+                                let q = if k < 16 {
+                                    blk.qs[k] & 0x0F
+                                } else {
+                                    blk.qs[k - 16] >> 4
+                                };
+                                q as i32 - 8
+                            }),
+                        )
+                    }
+                };
+                let y = &blocks[b];
+                let s: i32 = (0..32).map(|k| w[k] * y.qs[k] as i32).sum();
+                acc = (f16_le(d) * f16_le(y.d)).mul_add(s as f32, acc);
+            }
+        }
+        (WeightFormat::Q4K, ActRow::Q8K(blocks)) => {
+            for (blk, y) in as_blocks::<BlockQ4K>(row).iter().zip(blocks) {
+                let (mut s, mut m) = (0i32, 0i32);
+                for j in 0..8 {
+                    let (sc, mn) = scale_min_k4(j, &blk.scales);
+                    let (c, hi) = (j / 2, j % 2 == 1);
+                    let mut is = 0i32;
+                    let mut ys = 0i32;
+                    for l in 0..32 {
+                        let byte = blk.qs[32 * c + l];
+                        let q = if hi { byte >> 4 } else { byte & 0x0F };
+                        let yv = y.qs[32 * j + l] as i32;
+                        is += q as i32 * yv;
+                        ys += yv;
+                    }
+                    s += sc as i32 * is;
+                    m += mn as i32 * ys;
+                }
+                acc = (f16_le(blk.d) * y.d).mul_add(s as f32, acc);
+                acc = (-(f16_le(blk.dmin) * y.d)).mul_add(m as f32, acc);
+            }
+        }
+        (WeightFormat::Q6K, ActRow::Q8K(blocks)) => {
+            for (blk, y) in as_blocks::<BlockQ6K>(row).iter().zip(blocks) {
+                let q = q6_k_unpack(blk);
+                let mut s = 0i32;
+                for j in 0..16 {
+                    let is: i32 = (16 * j..16 * j + 16)
+                        .map(|k| q[k] as i32 * y.qs[k] as i32)
+                        .sum();
+                    s += blk.scales[j] as i32 * is;
+                }
+                acc = (f16_le(blk.d) * y.d).mul_add(s as f32, acc);
+            }
+        }
+        (f, _) => panic!("spec_dot: no packed form for {f} with these activations"),
+    }
+    acc
+}
+
+// ---------------------------------------------------------------- generic kernels
+
+/// The vector operations the packed kernels are written in: 64 bytes / 16
+/// i32 lanes (`V`) and 16 f32 lanes (`F`). Every operation is exact integer
+/// arithmetic or a single IEEE-rounded float operation, so all
+/// implementations give bit-identical results.
+pub(crate) trait Isa {
+    type V: Copy;
+    type F: Copy;
+    /// True when [`Isa::dot_b128`] computes Σ u·y and the caller must start
+    /// the accumulator at −128·Σy; false when it computes Σ (u − 128)·y.
+    const B128_CORR: bool;
+    unsafe fn load(p: *const u8) -> Self::V;
+    unsafe fn splat8(x: u8) -> Self::V;
+    unsafe fn and(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn or(a: Self::V, b: Self::V) -> Self::V;
+    /// Shifts of 16-bit lanes (callers mask the bits that cross bytes).
+    unsafe fn shr4(a: Self::V) -> Self::V;
+    unsafe fn shr2(a: Self::V) -> Self::V;
+    unsafe fn shl4(a: Self::V) -> Self::V;
+    unsafe fn shl2(a: Self::V) -> Self::V;
+    /// Add 16 to byte i where bit i of `mask` is set.
+    unsafe fn add16_where(v: Self::V, mask: u64) -> Self::V;
+    unsafe fn splat32(x: i32) -> Self::V;
+    unsafe fn add32(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul32(a: Self::V, b: Self::V) -> Self::V;
+    /// acc + Σ_{c<4} u[4l+c]·y[c] per lane l (u ≤ 63 unsigned, y = 4 signed bytes).
+    unsafe fn dot_u8(acc: Self::V, u: Self::V, y4: i32) -> Self::V;
+    /// The same for u = w + 128 (see `B128_CORR`).
+    unsafe fn dot_b128(acc: Self::V, u: Self::V, y4: i32) -> Self::V;
+    /// 16 bytes at p, zero- or sign-extended to the 16 lanes.
+    unsafe fn widen_u8(p: *const u8) -> Self::V;
+    unsafe fn widen_i8(p: *const u8) -> Self::V;
+    /// acc + p[2l]·b0 + p[2l+1]·b1 per lane l, p unsigned bytes, b = (b0, b1) i16 in `pair`.
+    unsafe fn dot_pairs(acc: Self::V, p: *const u8, pair: i32) -> Self::V;
+    unsafe fn to_f(v: Self::V) -> Self::F;
+    unsafe fn load_f16(p: *const u8) -> Self::F;
+    unsafe fn splat_f(x: f32) -> Self::F;
+    unsafe fn mul_f(a: Self::F, b: Self::F) -> Self::F;
+    /// a·b + c, one rounding.
+    unsafe fn fmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+    /// c − a·b, one rounding.
+    unsafe fn fnmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+    unsafe fn zero_f() -> Self::F;
+    unsafe fn store_f(p: *mut f32, v: Self::F);
+    /// A hint to bring the line at p into L2.
+    unsafe fn prefetch(p: *const u8);
+}
+
+/// Bytes ahead of the current block to prefetch into L2 (as in the
+/// row-major kernels: far enough to cover DRAM latency, into the deep L2
+/// miss queue rather than L1's few fill buffers).
+const AHEAD: usize = 16 * 1024;
+
+#[inline(always)]
+unsafe fn y4(qs: &[i8], k: usize) -> i32 {
+    debug_assert!(k + 4 <= qs.len());
+    (qs.as_ptr().add(k) as *const i32).read_unaligned()
+}
+
+#[inline(always)]
+unsafe fn prefetch_block<I: Isa>(p: *const u8, bytes: usize) {
+    let mut o = 0;
+    while o < bytes {
+        I::prefetch(p.wrapping_add(AHEAD + o));
+        o += 64;
+    }
+}
+
+/// Every group of `w` (whole groups of `nb` blocks) times NT tokens;
+/// `out[t][16g + r]` receives row r of group g.
+#[inline(always)]
+pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
+    format: PackedFormat,
+    w: &[u8],
+    group_bytes: usize,
+    nb: usize,
+    a: &[ActRow; NT],
+    out: &mut [&mut [f32]; NT],
+) {
+    let groups = w.len() / group_bytes;
+    for t in 0..NT {
+        assert!(out[t].len() >= groups * LANES);
+        match a[t] {
+            ActRow::Q8_0 { blocks, sums, d } => {
+                assert!(blocks.len() >= nb && sums.len() >= nb && d.len() >= nb)
+            }
+            ActRow::Q8K(blocks) => assert!(blocks.len() >= nb),
+        }
+    }
+    for g in 0..groups {
+        let gp = w.as_ptr().add(g * group_bytes);
+        let acc = match format {
+            PackedFormat::Q8_0 => group_q8_0::<I, NT>(gp, nb, a),
+            PackedFormat::Q5_0 => group_q5_0::<I, NT>(gp, nb, a),
+            PackedFormat::Q4K => group_q4k::<I, NT>(gp, nb, a),
+            PackedFormat::Q6K => group_q6k::<I, NT>(gp, nb, a),
+        };
+        for t in 0..NT {
+            I::store_f(out[t].as_mut_ptr().add(g * LANES), acc[t]);
+        }
+    }
+}
+
+/// The Q8_0 activation parts of token t (the caller checked the variant).
+#[inline(always)]
+unsafe fn q8<'a>(a: &ActRow<'a>) -> (&'a [BlockQ8_0], &'a [i32], &'a [f32]) {
+    match *a {
+        ActRow::Q8_0 { blocks, sums, d } => (blocks, sums, d),
+        ActRow::Q8K(_) => std::hint::unreachable_unchecked(),
+    }
+}
+
+#[inline(always)]
+unsafe fn q8k<'a>(a: &ActRow<'a>) -> &'a [BlockQ8K] {
+    match *a {
+        ActRow::Q8K(b) => b,
+        ActRow::Q8_0 { .. } => std::hint::unreachable_unchecked(),
+    }
+}
+
+#[inline(always)]
+unsafe fn group_q8_0<I: Isa, const NT: usize>(
+    gp: *const u8,
+    nb: usize,
+    a: &[ActRow; NT],
+) -> [I::F; NT] {
+    const CORE: usize = PackedFormat::Q8_0.core_bytes();
+    let mut acc = [I::zero_f(); NT];
+    for b in 0..nb {
+        let core = gp.add(b * CORE);
+        prefetch_block::<I>(core, CORE);
+        let mut is = [I::splat32(0); NT];
+        for t in 0..NT {
+            if I::B128_CORR {
+                is[t] = I::splat32(-128 * q8(&a[t]).1.get_unchecked(b));
+            }
+        }
+        for k in 0..8 {
+            let u = I::load(core.add(64 * k));
+            for t in 0..NT {
+                let y = &q8(&a[t]).0.get_unchecked(b).qs;
+                is[t] = I::dot_b128(is[t], u, y4(y, 4 * k));
+            }
+        }
+        let dw = I::load_f16(gp.add(nb * CORE + 32 * b));
+        for t in 0..NT {
+            let dy = *q8(&a[t]).2.get_unchecked(b);
+            acc[t] = I::fmadd(I::mul_f(dw, I::splat_f(dy)), I::to_f(is[t]), acc[t]);
+        }
+    }
+    acc
+}
+
+#[inline(always)]
+unsafe fn group_q5_0<I: Isa, const NT: usize>(
+    gp: *const u8,
+    nb: usize,
+    a: &[ActRow; NT],
+) -> [I::F; NT] {
+    const CORE: usize = PackedFormat::Q5_0.core_bytes();
+    let mut acc = [I::zero_f(); NT];
+    let m4 = I::splat8(0x0F);
+    for b in 0..nb {
+        let core = gp.add(b * CORE);
+        prefetch_block::<I>(core, CORE);
+        let mut is = [I::splat32(0); NT];
+        for t in 0..NT {
+            is[t] = I::splat32(-16 * q8(&a[t]).1.get_unchecked(b));
+        }
+        let mask = |g: usize| (core.add(8 * g) as *const u64).read_unaligned();
+        for c in 0..4 {
+            let v = I::load(core.add(64 + 64 * c));
+            let lo = I::add16_where(I::and(v, m4), mask(c));
+            let hi = I::add16_where(I::and(I::shr4(v), m4), mask(4 + c));
+            for t in 0..NT {
+                let y = &q8(&a[t]).0.get_unchecked(b).qs;
+                is[t] = I::dot_u8(is[t], lo, y4(y, 4 * c));
+                is[t] = I::dot_u8(is[t], hi, y4(y, 16 + 4 * c));
+            }
+        }
+        let dw = I::load_f16(gp.add(nb * CORE + 32 * b));
+        for t in 0..NT {
+            let dy = *q8(&a[t]).2.get_unchecked(b);
+            acc[t] = I::fmadd(I::mul_f(dw, I::splat_f(dy)), I::to_f(is[t]), acc[t]);
+        }
+    }
+    acc
+}
+
+#[inline(always)]
+unsafe fn group_q4k<I: Isa, const NT: usize>(
+    gp: *const u8,
+    nb: usize,
+    a: &[ActRow; NT],
+) -> [I::F; NT] {
+    const CORE: usize = PackedFormat::Q4K.core_bytes();
+    let mut acc = [I::zero_f(); NT];
+    let m4 = I::splat8(0x0F);
+    for b in 0..nb {
+        let core = gp.add(b * CORE);
+        prefetch_block::<I>(core, CORE);
+        let mut s = [I::splat32(0); NT];
+        for c in 0..4 {
+            let mut lo_is = [I::splat32(0); NT];
+            let mut hi_is = [I::splat32(0); NT];
+            for g in 0..8 {
+                let v = I::load(core.add(256 + 64 * (8 * c + g)));
+                let lo = I::and(v, m4);
+                let hi = I::and(I::shr4(v), m4);
+                for t in 0..NT {
+                    let y = &q8k(&a[t]).get_unchecked(b).qs;
+                    lo_is[t] = I::dot_u8(lo_is[t], lo, y4(y, 64 * c + 4 * g));
+                    hi_is[t] = I::dot_u8(hi_is[t], hi, y4(y, 64 * c + 32 + 4 * g));
+                }
+            }
+            let sc_lo = I::widen_u8(core.add(16 * (2 * c)));
+            let sc_hi = I::widen_u8(core.add(16 * (2 * c + 1)));
+            for t in 0..NT {
+                s[t] = I::add32(s[t], I::mul32(lo_is[t], sc_lo));
+                s[t] = I::add32(s[t], I::mul32(hi_is[t], sc_hi));
+            }
+        }
+        let d = I::load_f16(gp.add(nb * CORE + 64 * b));
+        let dmin = I::load_f16(gp.add(nb * CORE + 64 * b + 32));
+        for t in 0..NT {
+            let y = q8k(&a[t]).get_unchecked(b);
+            // M = Σ_j m_j · (Σ of sub-block j's 32 activations), pairs of j at a time.
+            let bs = |j: usize| (y.bsums[2 * j] + y.bsums[2 * j + 1]) as u16 as u32;
+            let mut m = I::splat32(0);
+            for p in 0..4 {
+                let pair = (bs(2 * p) | (bs(2 * p + 1) << 16)) as i32;
+                m = I::dot_pairs(m, core.add(128 + 32 * p), pair);
+            }
+            let dy = I::splat_f(y.d);
+            acc[t] = I::fmadd(I::mul_f(d, dy), I::to_f(s[t]), acc[t]);
+            acc[t] = I::fnmadd(I::mul_f(dmin, dy), I::to_f(m), acc[t]);
+        }
+    }
+    acc
+}
+
+#[inline(always)]
+unsafe fn group_q6k<I: Isa, const NT: usize>(
+    gp: *const u8,
+    nb: usize,
+    a: &[ActRow; NT],
+) -> [I::F; NT] {
+    const CORE: usize = PackedFormat::Q6K.core_bytes();
+    let mut acc = [I::zero_f(); NT];
+    let m4 = I::splat8(0x0F);
+    let m30 = I::splat8(0x30);
+    for b in 0..nb {
+        let core = gp.add(b * CORE);
+        prefetch_block::<I>(core, CORE);
+        let mut s = [I::splat32(0); NT];
+        for j in 0..16 {
+            let base = core.add(256 + 192 * j);
+            let va = I::load(base);
+            let vb = I::load(base.add(64));
+            let vc = I::load(base.add(128));
+            let g = [
+                I::or(I::and(va, m4), I::and(I::shl4(vc), m30)),
+                I::or(I::and(I::shr4(va), m4), I::and(I::shl2(vc), m30)),
+                I::or(I::and(vb, m4), I::and(vc, m30)),
+                I::or(I::and(I::shr4(vb), m4), I::and(I::shr2(vc), m30)),
+            ];
+            let sc = I::widen_i8(core.add(16 * j));
+            for t in 0..NT {
+                let y = q8k(&a[t]).get_unchecked(b);
+                let mut is = I::splat32(-32 * y.bsums[j] as i32);
+                for i in 0..4 {
+                    is = I::dot_u8(is, g[i], y4(&y.qs, 16 * j + 4 * i));
+                }
+                s[t] = I::add32(s[t], I::mul32(is, sc));
+            }
+        }
+        let d = I::load_f16(gp.add(nb * CORE + 32 * b));
+        for t in 0..NT {
+            let dy = I::splat_f(q8k(&a[t]).get_unchecked(b).d);
+            acc[t] = I::fmadd(I::mul_f(d, dy), I::to_f(s[t]), acc[t]);
+        }
+    }
+    acc
+}
+
+// ---------------------------------------------------------------- scalar Isa
+
+/// Plain-Rust vectors: the scalar table's kernels, and the twin every SIMD
+/// table is checked against.
+pub(crate) struct Scalar;
+
+#[derive(Clone, Copy)]
+pub(crate) struct SV([u8; 64]);
+
+impl SV {
+    fn lane(&self, l: usize) -> i32 {
+        i32::from_le_bytes(self.0[4 * l..4 * l + 4].try_into().unwrap())
+    }
+    fn from_lanes(f: impl Fn(usize) -> i32) -> SV {
+        let mut v = [0u8; 64];
+        for l in 0..16 {
+            v[4 * l..4 * l + 4].copy_from_slice(&f(l).to_le_bytes());
+        }
+        SV(v)
+    }
+    fn bytes(f: impl Fn(usize) -> u8) -> SV {
+        SV(std::array::from_fn(f))
+    }
+}
+
+fn shift16(a: SV, f: impl Fn(u16) -> u16) -> SV {
+    let w = |i: usize| u16::from_le_bytes([a.0[i & !1], a.0[i | 1]]);
+    SV::bytes(|i| f(w(i)).to_le_bytes()[i & 1])
+}
+
+impl Isa for Scalar {
+    type V = SV;
+    type F = [f32; 16];
+    const B128_CORR: bool = false;
+    unsafe fn load(p: *const u8) -> SV {
+        SV(std::ptr::read_unaligned(p as *const [u8; 64]))
+    }
+    unsafe fn splat8(x: u8) -> SV {
+        SV([x; 64])
+    }
+    unsafe fn and(a: SV, b: SV) -> SV {
+        SV::bytes(|i| a.0[i] & b.0[i])
+    }
+    unsafe fn or(a: SV, b: SV) -> SV {
+        SV::bytes(|i| a.0[i] | b.0[i])
+    }
+    unsafe fn shr4(a: SV) -> SV {
+        shift16(a, |w| w >> 4)
+    }
+    unsafe fn shr2(a: SV) -> SV {
+        shift16(a, |w| w >> 2)
+    }
+    unsafe fn shl4(a: SV) -> SV {
+        shift16(a, |w| w << 4)
+    }
+    unsafe fn shl2(a: SV) -> SV {
+        shift16(a, |w| w << 2)
+    }
+    unsafe fn add16_where(v: SV, mask: u64) -> SV {
+        SV::bytes(|i| v.0[i].wrapping_add(if mask >> i & 1 == 1 { 16 } else { 0 }))
+    }
+    unsafe fn splat32(x: i32) -> SV {
+        SV::from_lanes(|_| x)
+    }
+    unsafe fn add32(a: SV, b: SV) -> SV {
+        SV::from_lanes(|l| a.lane(l).wrapping_add(b.lane(l)))
+    }
+    unsafe fn mul32(a: SV, b: SV) -> SV {
+        SV::from_lanes(|l| a.lane(l).wrapping_mul(b.lane(l)))
+    }
+    unsafe fn dot_u8(acc: SV, u: SV, y4: i32) -> SV {
+        let y = y4.to_le_bytes();
+        SV::from_lanes(|l| {
+            acc.lane(l)
+                + (0..4)
+                    .map(|c| u.0[4 * l + c] as i32 * y[c] as i8 as i32)
+                    .sum::<i32>()
+        })
+    }
+    unsafe fn dot_b128(acc: SV, u: SV, y4: i32) -> SV {
+        let y = y4.to_le_bytes();
+        SV::from_lanes(|l| {
+            acc.lane(l)
+                + (0..4)
+                    .map(|c| (u.0[4 * l + c] as i32 - 128) * y[c] as i8 as i32)
+                    .sum::<i32>()
+        })
+    }
+    unsafe fn widen_u8(p: *const u8) -> SV {
+        SV::from_lanes(|l| *p.add(l) as i32)
+    }
+    unsafe fn widen_i8(p: *const u8) -> SV {
+        SV::from_lanes(|l| *p.add(l) as i8 as i32)
+    }
+    unsafe fn dot_pairs(acc: SV, p: *const u8, pair: i32) -> SV {
+        let (b0, b1) = (pair as i16 as i32, (pair >> 16) as i16 as i32);
+        SV::from_lanes(|l| acc.lane(l) + *p.add(2 * l) as i32 * b0 + *p.add(2 * l + 1) as i32 * b1)
+    }
+    unsafe fn to_f(v: SV) -> [f32; 16] {
+        std::array::from_fn(|l| v.lane(l) as f32)
+    }
+    unsafe fn load_f16(p: *const u8) -> [f32; 16] {
+        std::array::from_fn(|l| f16_le([*p.add(2 * l), *p.add(2 * l + 1)]))
+    }
+    unsafe fn splat_f(x: f32) -> [f32; 16] {
+        [x; 16]
+    }
+    unsafe fn mul_f(a: [f32; 16], b: [f32; 16]) -> [f32; 16] {
+        std::array::from_fn(|l| a[l] * b[l])
+    }
+    unsafe fn fmadd(a: [f32; 16], b: [f32; 16], c: [f32; 16]) -> [f32; 16] {
+        std::array::from_fn(|l| a[l].mul_add(b[l], c[l]))
+    }
+    unsafe fn fnmadd(a: [f32; 16], b: [f32; 16], c: [f32; 16]) -> [f32; 16] {
+        std::array::from_fn(|l| (-a[l]).mul_add(b[l], c[l]))
+    }
+    unsafe fn zero_f() -> [f32; 16] {
+        [0.0; 16]
+    }
+    unsafe fn store_f(p: *mut f32, v: [f32; 16]) {
+        std::ptr::copy_nonoverlapping(v.as_ptr(), p, 16);
+    }
+    unsafe fn prefetch(_: *const u8) {}
+}
+
+// ---------------------------------------------------------------- tables and driver
+
+/// A table's packed kernels for 1 and 4 tokens (see [`kernel`]).
+#[derive(Clone, Copy)]
+#[allow(clippy::type_complexity)]
+pub struct PackedKernels {
+    pub t1: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 1], &mut [&mut [f32]; 1]),
+    pub t4: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 4], &mut [&mut [f32]; 4]),
+}
+
+fn scalar_t1(
+    f: PackedFormat,
+    w: &[u8],
+    gb: usize,
+    nb: usize,
+    a: &[ActRow; 1],
+    o: &mut [&mut [f32]; 1],
+) {
+    // SAFETY: the kernel checks every length it indexes without checks.
+    unsafe { kernel::<Scalar, 1>(f, w, gb, nb, a, o) }
+}
+
+fn scalar_t4(
+    f: PackedFormat,
+    w: &[u8],
+    gb: usize,
+    nb: usize,
+    a: &[ActRow; 4],
+    o: &mut [&mut [f32]; 4],
+) {
+    // SAFETY: as above.
+    unsafe { kernel::<Scalar, 4>(f, w, gb, nb, a, o) }
+}
+
+pub const PACKED_SCALAR: PackedKernels = PackedKernels {
+    t1: scalar_t1,
+    t4: scalar_t4,
+};
+
+/// A raw pointer to the output that tasks write disjoint parts of.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint ranges (each group of rows belongs to one
+// task) while the caller's &mut borrow of the output is held.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// `out[t][r] = Σ_c x[t][c] · W[r][c]` for a packed W (as [`crate::matmul`]).
+pub fn matmul_packed(
+    k: &PackedKernels,
+    w: &PackedMatrix,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    scratch: &mut MatmulScratch,
+) {
+    assert_eq!(
+        x.len(),
+        n * w.cols,
+        "matmul: x has {} values, expected {n} × {}",
+        x.len(),
+        w.cols
+    );
+    assert_eq!(
+        out.len(),
+        n * w.rows,
+        "matmul: out has {} values, expected {n} × {}",
+        out.len(),
+        w.rows
+    );
+    if n == 0 {
+        return;
+    }
+    let acts = scratch.quantize_packed(w.source, x, w.cols);
+    let nb = w.nb;
+    let act = |t: usize| -> ActRow {
+        match acts {
+            ActRow::Q8_0 { blocks, sums, d } => ActRow::Q8_0 {
+                blocks: &blocks[t * nb..(t + 1) * nb],
+                sums: &sums[t * nb..(t + 1) * nb],
+                d: &d[t * nb..(t + 1) * nb],
+            },
+            ActRow::Q8K(b) => ActRow::Q8K(&b[t * nb..(t + 1) * nb]),
+        }
+    };
+    let groups = w.rows / LANES;
+    let gb = w.group_bytes;
+    // Groups per task: at least ~32 KiB of weight·token work so scheduling
+    // stays cheap next to it, at most ~256 KiB of weights so a task's
+    // groups stay in L2 while its tokens sweep them, and enough tasks to
+    // balance the threads.
+    let threads = rayon::current_num_threads().max(1);
+    let min_g = (32 * 1024 / (gb * n)).max(1);
+    let max_g = (256 * 1024 / gb).max(min_g);
+    let chunk = (groups / (threads * 8)).clamp(min_g, max_g).min(groups);
+    let rows = w.rows;
+    let ptr = OutPtr(out.as_mut_ptr());
+    let bytes = w.bytes();
+    let body = |g0: usize| {
+        #[allow(clippy::redundant_locals)]
+        let ptr = ptr;
+        let g1 = (g0 + chunk).min(groups);
+        let wg = &bytes[g0 * gb..g1 * gb];
+        // SAFETY: token t's outputs for rows 16·g0..16·g1 lie inside `out`
+        // (n × rows, asserted above) and belong to this task only.
+        let slice = |t: usize| unsafe {
+            std::slice::from_raw_parts_mut(ptr.0.add(t * rows + g0 * LANES), (g1 - g0) * LANES)
+        };
+        let mut t = 0;
+        while t + 4 <= n {
+            (k.t4)(
+                w.format,
+                wg,
+                gb,
+                nb,
+                &[act(t), act(t + 1), act(t + 2), act(t + 3)],
+                &mut [slice(t), slice(t + 1), slice(t + 2), slice(t + 3)],
+            );
+            t += 4;
+        }
+        while t < n {
+            (k.t1)(w.format, wg, gb, nb, &[act(t)], &mut [slice(t)]);
+            t += 1;
+        }
+    };
+    if threads == 1 || groups <= chunk {
+        (0..groups).step_by(chunk).for_each(body);
+    } else {
+        (0..groups).into_par_iter().step_by(chunk).for_each(body);
+    }
+}

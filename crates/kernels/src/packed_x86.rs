@@ -1,0 +1,369 @@
+//! The packed kernels' vector operations on x86-64: AVX-512 (one 512-bit
+//! register per 16 lanes, `dpbusd` for the int8 products) and AVX2 (two
+//! 256-bit halves, `maddubs` + `madd`). Both are exact in their integer
+//! parts and round each float operation once, like [`crate::packed::Scalar`],
+//! so the three give bit-identical results.
+
+use crate::packed::{kernel, ActRow, Isa, PackedFormat, PackedKernels};
+use std::arch::x86_64::*;
+
+pub(crate) struct Avx512;
+
+impl Isa for Avx512 {
+    type V = __m512i;
+    type F = __m512;
+    const B128_CORR: bool = true;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> __m512i {
+        _mm512_loadu_si512(p as *const _)
+    }
+    #[inline(always)]
+    unsafe fn splat8(x: u8) -> __m512i {
+        _mm512_set1_epi8(x as i8)
+    }
+    #[inline(always)]
+    unsafe fn and(a: __m512i, b: __m512i) -> __m512i {
+        _mm512_and_si512(a, b)
+    }
+    #[inline(always)]
+    unsafe fn or(a: __m512i, b: __m512i) -> __m512i {
+        _mm512_or_si512(a, b)
+    }
+    #[inline(always)]
+    unsafe fn shr4(a: __m512i) -> __m512i {
+        _mm512_srli_epi16::<4>(a)
+    }
+    #[inline(always)]
+    unsafe fn shr2(a: __m512i) -> __m512i {
+        _mm512_srli_epi16::<2>(a)
+    }
+    #[inline(always)]
+    unsafe fn shl4(a: __m512i) -> __m512i {
+        _mm512_slli_epi16::<4>(a)
+    }
+    #[inline(always)]
+    unsafe fn shl2(a: __m512i) -> __m512i {
+        _mm512_slli_epi16::<2>(a)
+    }
+    #[inline(always)]
+    unsafe fn add16_where(v: __m512i, mask: u64) -> __m512i {
+        _mm512_mask_add_epi8(v, mask, v, _mm512_set1_epi8(16))
+    }
+    #[inline(always)]
+    unsafe fn splat32(x: i32) -> __m512i {
+        _mm512_set1_epi32(x)
+    }
+    #[inline(always)]
+    unsafe fn add32(a: __m512i, b: __m512i) -> __m512i {
+        _mm512_add_epi32(a, b)
+    }
+    #[inline(always)]
+    unsafe fn mul32(a: __m512i, b: __m512i) -> __m512i {
+        _mm512_mullo_epi32(a, b)
+    }
+    #[inline(always)]
+    unsafe fn dot_u8(acc: __m512i, u: __m512i, y4: i32) -> __m512i {
+        _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(y4))
+    }
+    #[inline(always)]
+    unsafe fn dot_b128(acc: __m512i, u: __m512i, y4: i32) -> __m512i {
+        _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(y4))
+    }
+    #[inline(always)]
+    unsafe fn widen_u8(p: *const u8) -> __m512i {
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const _))
+    }
+    #[inline(always)]
+    unsafe fn widen_i8(p: *const u8) -> __m512i {
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const _))
+    }
+    #[inline(always)]
+    unsafe fn dot_pairs(acc: __m512i, p: *const u8, pair: i32) -> __m512i {
+        let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p as *const _));
+        _mm512_dpwssd_epi32(acc, v, _mm512_set1_epi32(pair))
+    }
+    #[inline(always)]
+    unsafe fn to_f(v: __m512i) -> __m512 {
+        _mm512_cvtepi32_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u8) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const _))
+    }
+    #[inline(always)]
+    unsafe fn splat_f(x: f32) -> __m512 {
+        _mm512_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn mul_f(a: __m512, b: __m512) -> __m512 {
+        _mm512_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn fnmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fnmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn zero_f() -> __m512 {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn store_f(p: *mut f32, v: __m512) {
+        _mm512_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
+    }
+}
+
+pub(crate) struct Avx2;
+
+/// 32 bits → 32 bytes, 0xFF where the bit is set.
+#[inline(always)]
+unsafe fn bits_to_bytes(x: u32) -> __m256i {
+    let v = _mm256_set1_epi32(x as i32);
+    let shuf = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let b = _mm256_and_si256(_mm256_shuffle_epi8(v, shuf), bit);
+    _mm256_cmpeq_epi8(b, bit)
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct V2(__m256i, __m256i);
+#[derive(Clone, Copy)]
+pub(crate) struct F2(__m256, __m256);
+
+macro_rules! both {
+    ($f:ident, $a:expr, $b:expr) => {
+        V2($f($a.0, $b.0), $f($a.1, $b.1))
+    };
+}
+
+impl Isa for Avx2 {
+    type V = V2;
+    type F = F2;
+    const B128_CORR: bool = false;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> V2 {
+        V2(
+            _mm256_loadu_si256(p as *const _),
+            _mm256_loadu_si256(p.add(32) as *const _),
+        )
+    }
+    #[inline(always)]
+    unsafe fn splat8(x: u8) -> V2 {
+        let v = _mm256_set1_epi8(x as i8);
+        V2(v, v)
+    }
+    #[inline(always)]
+    unsafe fn and(a: V2, b: V2) -> V2 {
+        both!(_mm256_and_si256, a, b)
+    }
+    #[inline(always)]
+    unsafe fn or(a: V2, b: V2) -> V2 {
+        both!(_mm256_or_si256, a, b)
+    }
+    #[inline(always)]
+    unsafe fn shr4(a: V2) -> V2 {
+        V2(_mm256_srli_epi16::<4>(a.0), _mm256_srli_epi16::<4>(a.1))
+    }
+    #[inline(always)]
+    unsafe fn shr2(a: V2) -> V2 {
+        V2(_mm256_srli_epi16::<2>(a.0), _mm256_srli_epi16::<2>(a.1))
+    }
+    #[inline(always)]
+    unsafe fn shl4(a: V2) -> V2 {
+        V2(_mm256_slli_epi16::<4>(a.0), _mm256_slli_epi16::<4>(a.1))
+    }
+    #[inline(always)]
+    unsafe fn shl2(a: V2) -> V2 {
+        V2(_mm256_slli_epi16::<2>(a.0), _mm256_slli_epi16::<2>(a.1))
+    }
+    #[inline(always)]
+    unsafe fn add16_where(v: V2, mask: u64) -> V2 {
+        let s = _mm256_set1_epi8(16);
+        V2(
+            _mm256_add_epi8(v.0, _mm256_and_si256(bits_to_bytes(mask as u32), s)),
+            _mm256_add_epi8(v.1, _mm256_and_si256(bits_to_bytes((mask >> 32) as u32), s)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn splat32(x: i32) -> V2 {
+        let v = _mm256_set1_epi32(x);
+        V2(v, v)
+    }
+    #[inline(always)]
+    unsafe fn add32(a: V2, b: V2) -> V2 {
+        both!(_mm256_add_epi32, a, b)
+    }
+    #[inline(always)]
+    unsafe fn mul32(a: V2, b: V2) -> V2 {
+        both!(_mm256_mullo_epi32, a, b)
+    }
+    #[inline(always)]
+    unsafe fn dot_u8(acc: V2, u: V2, y4: i32) -> V2 {
+        // u8·i8 pairs to i16 cannot saturate (u ≤ 63, |y| ≤ 128), then pairs to i32.
+        let y = _mm256_set1_epi32(y4);
+        let one = _mm256_set1_epi16(1);
+        let d = |u: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), one);
+        V2(
+            _mm256_add_epi32(acc.0, d(u.0)),
+            _mm256_add_epi32(acc.1, d(u.1)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn dot_b128(acc: V2, u: V2, y4: i32) -> V2 {
+        // w = u − 128 as a signed byte; |w|·sign(y, w) pairs cannot
+        // saturate (|w| ≤ 128, |y| ≤ 127 for Q8_0 activations).
+        let y = _mm256_set1_epi32(y4);
+        let one = _mm256_set1_epi16(1);
+        let bias = _mm256_set1_epi8(-128);
+        let d = |u: __m256i| {
+            let w = _mm256_xor_si256(u, bias);
+            _mm256_madd_epi16(
+                _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(y, w)),
+                one,
+            )
+        };
+        V2(
+            _mm256_add_epi32(acc.0, d(u.0)),
+            _mm256_add_epi32(acc.1, d(u.1)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn widen_u8(p: *const u8) -> V2 {
+        V2(
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const _)),
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8) as *const _)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn widen_i8(p: *const u8) -> V2 {
+        V2(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const _)),
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8) as *const _)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn dot_pairs(acc: V2, p: *const u8, pair: i32) -> V2 {
+        let b = _mm256_set1_epi32(pair);
+        let lo = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const _));
+        let hi = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.add(16) as *const _));
+        V2(
+            _mm256_add_epi32(acc.0, _mm256_madd_epi16(lo, b)),
+            _mm256_add_epi32(acc.1, _mm256_madd_epi16(hi, b)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn to_f(v: V2) -> F2 {
+        F2(_mm256_cvtepi32_ps(v.0), _mm256_cvtepi32_ps(v.1))
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u8) -> F2 {
+        F2(
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const _)),
+            _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const _)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn splat_f(x: f32) -> F2 {
+        let v = _mm256_set1_ps(x);
+        F2(v, v)
+    }
+    #[inline(always)]
+    unsafe fn mul_f(a: F2, b: F2) -> F2 {
+        F2(_mm256_mul_ps(a.0, b.0), _mm256_mul_ps(a.1, b.1))
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: F2, b: F2, c: F2) -> F2 {
+        F2(
+            _mm256_fmadd_ps(a.0, b.0, c.0),
+            _mm256_fmadd_ps(a.1, b.1, c.1),
+        )
+    }
+    #[inline(always)]
+    unsafe fn fnmadd(a: F2, b: F2, c: F2) -> F2 {
+        F2(
+            _mm256_fnmadd_ps(a.0, b.0, c.0),
+            _mm256_fnmadd_ps(a.1, b.1, c.1),
+        )
+    }
+    #[inline(always)]
+    unsafe fn zero_f() -> F2 {
+        F2(_mm256_setzero_ps(), _mm256_setzero_ps())
+    }
+    #[inline(always)]
+    unsafe fn store_f(p: *mut f32, v: F2) {
+        _mm256_storeu_ps(p, v.0);
+        _mm256_storeu_ps(p.add(8), v.1);
+    }
+    #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
+    }
+}
+
+/// A `#[target_feature]` entry per (Isa, token count), into which the
+/// generic kernel is inlined, and its safe wrapper for the tables.
+macro_rules! packed_entry {
+    ($name:ident, $isa:ty, $feat:literal, $nt:literal) => {
+        fn $name(
+            f: PackedFormat,
+            w: &[u8],
+            gb: usize,
+            nb: usize,
+            a: &[ActRow; $nt],
+            o: &mut [&mut [f32]; $nt],
+        ) {
+            #[target_feature(enable = $feat)]
+            unsafe fn inner(
+                f: PackedFormat,
+                w: &[u8],
+                gb: usize,
+                nb: usize,
+                a: &[ActRow; $nt],
+                o: &mut [&mut [f32]; $nt],
+            ) {
+                kernel::<$isa, $nt>(f, w, gb, nb, a, o)
+            }
+            // SAFETY: only reachable through a table that `simd::available`
+            // returns after detecting `$feat`; the kernel checks the lengths
+            // it indexes without checks.
+            unsafe { inner(f, w, gb, nb, a, o) }
+        }
+    };
+}
+
+packed_entry!(
+    avx512_t1,
+    Avx512,
+    "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
+    1
+);
+packed_entry!(
+    avx512_t4,
+    Avx512,
+    "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
+    4
+);
+packed_entry!(avx2_t1, Avx2, "avx2,fma,f16c", 1);
+packed_entry!(avx2_t4, Avx2, "avx2,fma,f16c", 4);
+
+pub const PACKED_AVX512: PackedKernels = PackedKernels {
+    t1: avx512_t1,
+    t4: avx512_t4,
+};
+
+pub const PACKED_AVX2: PackedKernels = PackedKernels {
+    t1: avx2_t1,
+    t4: avx2_t4,
+};

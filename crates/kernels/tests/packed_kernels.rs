@@ -1,0 +1,211 @@
+//! The interleaved (packed) kernels against their definition.
+//!
+//! `packed::spec_dot` states the packed kernels' arithmetic on the original ggml row: exact
+//! integer block sums, then one f32 multiply-add per block. Every kernel table must equal
+//! it bit for bit, for every token count (so a token's result cannot depend on its batch)
+//! and every format, on random blocks and on real rows of the model. The spec itself is
+//! checked against the exact f64 dot product of the dequantized weights (dequantization
+//! is checked against gguf-py elsewhere) with the 8-bit activations.
+
+mod common;
+
+use common::{random_acts, random_rows, Rng};
+use gemma3_kernels::formats::{BlockQ8K, BlockQ8_0, QK, QK_K};
+use gemma3_kernels::packed::{matmul_packed, spec_dot, ActRow, PackedMatrix};
+use gemma3_kernels::quant::{dequantize_row, quantize_q8_0, quantize_q8_k};
+use gemma3_kernels::simd::available;
+use gemma3_kernels::{ActFormat, MatmulScratch, QMatrix, WeightFormat};
+use half::f16;
+
+const FORMATS: [WeightFormat; 5] = [
+    WeightFormat::Q8_0,
+    WeightFormat::Q4_0,
+    WeightFormat::Q5_0,
+    WeightFormat::Q4K,
+    WeightFormat::Q6K,
+];
+
+struct Case {
+    name: String,
+    format: WeightFormat,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+fn cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    let mut rng = Rng::new(0x7061_636b);
+    for format in FORMATS {
+        let cols_list: &[usize] = if format.block_size() == QK {
+            &[QK * 5, 640]
+        } else {
+            &[QK_K * 3, QK_K]
+        };
+        for &cols in cols_list {
+            v.push(Case {
+                name: format!("random {format} 48×{cols}"),
+                format,
+                rows: 48,
+                cols,
+                data: random_rows(&mut rng, format, 48, cols),
+            });
+        }
+    }
+    // Real rows of the model (the fixtures), repeated to whole groups of 16.
+    for fx in common::dequant_fixtures() {
+        if !FORMATS.contains(&fx.format) {
+            continue;
+        }
+        let rb = fx.format.row_bytes(fx.cols);
+        let rows = 32;
+        let data: Vec<u8> = (0..rows)
+            .flat_map(|r| fx.raw[(r % fx.rows) * rb..(r % fx.rows + 1) * rb].to_vec())
+            .collect();
+        v.push(Case {
+            name: fx.name.clone(),
+            format: fx.format,
+            rows,
+            cols: fx.cols,
+            data,
+        });
+    }
+    v
+}
+
+/// Quantized activations of n tokens (token 1 all zeros, token 2 with an outlier).
+struct Acts {
+    q8_0: Vec<BlockQ8_0>,
+    sums: Vec<i32>,
+    d: Vec<f32>,
+    q8k: Vec<BlockQ8K>,
+    /// The values the kernels multiply by: d·q.
+    effective: Vec<f32>,
+}
+
+fn acts(rng: &mut Rng, format: WeightFormat, n: usize, cols: usize) -> (Vec<f32>, Acts) {
+    let mut x = random_acts(rng, n * cols);
+    if n > 1 {
+        x[cols..2 * cols].fill(0.0);
+    }
+    if n > 2 {
+        x[2 * cols + cols / 3] = 50.0;
+    }
+    let mut a = Acts {
+        q8_0: vec![],
+        sums: vec![],
+        d: vec![],
+        q8k: vec![],
+        effective: vec![],
+    };
+    match format.act_format() {
+        ActFormat::Q8_0 => {
+            a.q8_0 = vec![BlockQ8_0::default(); x.len() / QK];
+            quantize_q8_0(&x, &mut a.q8_0);
+            for b in &a.q8_0 {
+                let d = f16::from_bits(u16::from_le_bytes(b.d)).to_f32();
+                a.sums.push(b.qs.iter().map(|&q| q as i32).sum());
+                a.d.push(d);
+                a.effective.extend(b.qs.iter().map(|&q| d * q as f32));
+            }
+        }
+        ActFormat::Q8K => {
+            a.q8k = vec![BlockQ8K::default(); x.len() / QK_K];
+            quantize_q8_k(&x, &mut a.q8k);
+            for b in &a.q8k {
+                a.effective.extend(b.qs.iter().map(|&q| b.d * q as f32));
+            }
+        }
+        ActFormat::F32 => unreachable!(),
+    }
+    (x, a)
+}
+
+fn row_act<'a>(a: &'a Acts, format: WeightFormat, t: usize, nb: usize) -> ActRow<'a> {
+    match format.act_format() {
+        ActFormat::Q8_0 => ActRow::Q8_0 {
+            blocks: &a.q8_0[t * nb..(t + 1) * nb],
+            sums: &a.sums[t * nb..(t + 1) * nb],
+            d: &a.d[t * nb..(t + 1) * nb],
+        },
+        _ => ActRow::Q8K(&a.q8k[t * nb..(t + 1) * nb]),
+    }
+}
+
+#[test]
+fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
+    let tables = available();
+    let mut rng = Rng::new(7);
+    let mut worst = 0.0f64;
+    for c in cases() {
+        let m = QMatrix::new(c.format, c.rows, c.cols, &c.data).expect("valid matrix");
+        let p = PackedMatrix::pack(&m).expect("packable");
+        let nb = c.cols / c.format.block_size();
+        let rb = c.format.row_bytes(c.cols);
+        let mut w = vec![0.0f32; c.cols];
+        for n in [1usize, 3, 5, 9] {
+            let (x, a) = acts(&mut rng, c.format, n, c.cols);
+            let mut spec = vec![0.0f32; n * c.rows];
+            for t in 0..n {
+                for r in 0..c.rows {
+                    let row = &c.data[r * rb..(r + 1) * rb];
+                    let s = spec_dot(c.format, row, row_act(&a, c.format, t, nb));
+                    spec[t * c.rows + r] = s;
+                    // The spec computes the dot product.
+                    dequantize_row(c.format, row, &mut w);
+                    let at = &a.effective[t * c.cols..(t + 1) * c.cols];
+                    let exact: f64 = w.iter().zip(at).map(|(&p, &q)| p as f64 * q as f64).sum();
+                    let mag: f64 = w
+                        .iter()
+                        .zip(at)
+                        .map(|(&p, &q)| (p as f64 * q as f64).abs())
+                        .sum();
+                    let err = (s as f64 - exact).abs();
+                    assert!(
+                        err <= 1e-5 * mag + 1e-30,
+                        "{} n={n} token {t} row {r}: spec {s:e}, exact {exact:e} (Σ|terms| {mag:e})",
+                        c.name
+                    );
+                    if mag > 0.0 {
+                        worst = worst.max(err / mag);
+                    }
+                }
+            }
+            for k in &tables {
+                let mut out = vec![f32::NAN; n * c.rows];
+                matmul_packed(
+                    &k.packed,
+                    &p,
+                    &x,
+                    n,
+                    &mut out,
+                    &mut MatmulScratch::default(),
+                );
+                for (i, (&got, &want)) in out.iter().zip(&spec).enumerate() {
+                    assert!(
+                        got.to_bits() == want.to_bits(),
+                        "{} [{}] n={n} token {} row {}: {got:e}, spec {want:e}",
+                        c.name,
+                        k.name,
+                        i / c.rows,
+                        i % c.rows
+                    );
+                }
+            }
+        }
+    }
+    eprintln!("largest |spec − exact| / Σ|terms|: {worst:.2e}");
+}
+
+#[test]
+fn matrices_that_cannot_be_packed_are_refused() {
+    let mut rng = Rng::new(1);
+    // 20 rows: not whole groups of 16.
+    let data = random_rows(&mut rng, WeightFormat::Q8_0, 20, 64);
+    let m = QMatrix::new(WeightFormat::Q8_0, 20, 64, &data).unwrap();
+    assert!(PackedMatrix::pack(&m).is_none());
+    // Q5_K has no packed form.
+    let data = random_rows(&mut rng, WeightFormat::Q5K, 16, 256);
+    let m = QMatrix::new(WeightFormat::Q5K, 16, 256, &data).unwrap();
+    assert!(PackedMatrix::pack(&m).is_none());
+}
