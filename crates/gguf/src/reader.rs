@@ -251,6 +251,23 @@ impl GgufFile {
         }
     }
 
+    /// Tell the kernel that this process will not read `t`'s bytes again (a
+    /// copy of them lives elsewhere): its mapped pages leave the resident
+    /// set. A hint only; reading the tensor later still works (the pages
+    /// are read back from the file). No effect on an in-memory file.
+    pub fn release(&self, t: &TensorInfo) {
+        if let Backing::Mmap(m) = &self.data {
+            let start = (self.data_start + t.offset) as usize;
+            let len = (t.n_bytes as usize).min(m.len().saturating_sub(start));
+            // SAFETY: the mapping is read-only and shared with the file, so
+            // MADV_DONTNEED only drops this process's page table entries; a
+            // later access faults the same bytes back in from the file. No
+            // reference is invalidated.
+            let _ =
+                unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+        }
+    }
+
     /// Alignment of the data section and of every tensor offset, in bytes.
     pub fn data_alignment(&self) -> usize {
         // Came from a u32, so it fits.

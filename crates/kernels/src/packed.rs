@@ -176,26 +176,27 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
             }
             sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
         }
-        WeightFormat::Q5_0 | WeightFormat::Q4_0 => {
-            // u = w + 16 in 0..32.
-            let (d, u): ([u8; 2], [u8; 32]) = if src == WeightFormat::Q5_0 {
-                let blk = &as_blocks::<BlockQ5_0>(row)[b];
-                let (lo, hi) = q5_0_unpack(blk);
-                let mut u = [0u8; 32];
-                for j in 0..16 {
-                    u[j] = (lo[j] + 16) as u8;
-                    u[j + 16] = (hi[j] + 16) as u8;
-                }
-                (blk.d, u)
-            } else {
-                let blk = &as_blocks::<BlockQ4_0>(row)[b];
-                let mut u = [0u8; 32];
-                for j in 0..16 {
-                    u[j] = (blk.qs[j] & 0x0F) + 8;
-                    u[j + 16] = (blk.qs[j] >> 4) + 8;
-                }
-                (blk.d, u)
-            };
+        WeightFormat::Q5_0 => {
+            // u = q itself: the nibble bytes copy as they are, and row r's
+            // fifth bits of group g are bits 4g..4g+4 of qh.
+            let blk = &as_blocks::<BlockQ5_0>(row)[b];
+            let qh = u32::from_le_bytes(blk.qh);
+            for g in 0..8 {
+                core[8 * g + r / 2] |= (((qh >> (4 * g)) & 0xF) as u8) << (4 * (r % 2));
+            }
+            for v in 0..4 {
+                core[64 + 64 * v + 4 * r..][..4].copy_from_slice(&blk.qs[4 * v..4 * v + 4]);
+            }
+            sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
+        }
+        WeightFormat::Q4_0 => {
+            // u = q + 8 in 8..24: w = q − 8 = u − 16.
+            let blk = &as_blocks::<BlockQ4_0>(row)[b];
+            let mut u = [0u8; 32];
+            for j in 0..16 {
+                u[j] = (blk.qs[j] & 0x0F) + 8;
+                u[j + 16] = (blk.qs[j] >> 4) + 8;
+            }
             for g in 0..8 {
                 for c in 0..4 {
                     let bit = (u[4 * g + c] >> 4) as usize & 1;
@@ -209,7 +210,7 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
                         (u[4 * v + c] & 0x0F) | ((u[16 + 4 * v + c] & 0x0F) << 4);
                 }
             }
-            sc[2 * r..2 * r + 2].copy_from_slice(&d);
+            sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
         }
         WeightFormat::Q4K => {
             let blk = &as_blocks::<BlockQ4K>(row)[b];

@@ -49,6 +49,33 @@ pub struct Layer {
     pub is_global: bool,
 }
 
+impl Layer {
+    /// The 7 weight matrices, by index (q, k, v, o, gate, up, down).
+    fn matrix(&self, i: usize) -> &Tensor {
+        [
+            &self.wq,
+            &self.wk,
+            &self.wv,
+            &self.wo,
+            &self.w_gate,
+            &self.w_up,
+            &self.w_down,
+        ][i]
+    }
+
+    fn matrix_mut(&mut self, i: usize) -> &mut Tensor {
+        match i {
+            0 => &mut self.wq,
+            1 => &mut self.wk,
+            2 => &mut self.wv,
+            3 => &mut self.wo,
+            4 => &mut self.w_gate,
+            5 => &mut self.w_up,
+            _ => &mut self.w_down,
+        }
+    }
+}
+
 /// A loaded model: the mapped file, its config and its weights.
 pub struct Model {
     pub config: Config,
@@ -201,27 +228,16 @@ impl Model {
     /// the same quantized form. The output head stays in the file's layout,
     /// where one token's pass over it is already bandwidth-bound.
     fn pack_layers(&mut self) {
-        let mut packed: Vec<Vec<Option<Arc<PackedMatrix>>>> = Vec::new();
-        for l in &self.layers {
-            let ts = [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down];
-            packed.push(
-                ts.iter()
-                    .map(|t| PackedMatrix::pack(&self.mat(t)).map(Arc::new))
-                    .collect(),
-            );
-        }
-        for (l, p) in self.layers.iter_mut().zip(packed) {
-            let ts = [
-                &mut l.wq,
-                &mut l.wk,
-                &mut l.wv,
-                &mut l.wo,
-                &mut l.w_gate,
-                &mut l.w_up,
-                &mut l.w_down,
-            ];
-            for (t, p) in ts.into_iter().zip(p) {
-                t.packed = p;
+        for l in 0..self.layers.len() {
+            for m in 0..7 {
+                let t = self.layers[l].matrix(m);
+                let packed = PackedMatrix::pack(&self.mat(t)).map(Arc::new);
+                if packed.is_some() {
+                    // Drop the file's pages of it as we go, so that the two
+                    // copies are never resident together.
+                    self.file.release(&t.info);
+                }
+                self.layers[l].matrix_mut(m).packed = packed;
             }
         }
     }
