@@ -100,36 +100,51 @@ pub fn best() -> &'static DotKernels {
     })
 }
 
-/// Attention's inner loops over an f16 KV cache: `g` query heads of width
-/// `hd` against one cached key or value row.
+/// Keys per block of the attention kernels: the width of a K-cache tile.
+pub const KEY_BLOCK: usize = 16;
+
+/// Attention's inner loops over an f16 KV cache, for up to [`MAX_ROWS`]
+/// query rows (tokens × query heads of one KV head) at once. Every output
+/// element is one chain of fused multiply-adds in a fixed order, the same in
+/// every table and for any number of rows, so attention results depend on
+/// neither the vector width nor the batch.
 #[derive(Clone, Copy)]
 #[allow(clippy::type_complexity)]
 pub struct F16Ops {
     pub name: &'static str,
-    /// `out[h] = q[h·hd..(h+1)·hd] · k` for h < out.len().
-    pub dots: fn(q: &[f32], k: &[half::f16], out: &mut [f32]),
-    /// A block of keys at once: `acc[h·hd + c] += Σ_j p[j·g + h] · v[offs[j] + c]`
-    /// for h < g, c < hd (g = acc.len() / hd).
+    /// Scores of R query rows (`q`: R × hd) against a K tile (`kt`: hd ×
+    /// 16, `kt[d·16 + j]` = key j's element d): `s[r·16 + j] = Σ_d
+    /// q[r·hd + d]·kt[d·16 + j]`, accumulated with fma in increasing d from 0.
+    pub qk: fn(q: &[f32], kt: &[half::f16], s: &mut [f32]),
+    /// `acc[r·hd + c] = fma(p[r·16 + j], v[offs[j] + c], acc[r·hd + c])` for
+    /// each key j of `offs` in order (R = acc.len() / hd).
     pub pv: fn(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize),
 }
 
-fn dots_ref(q: &[f32], k: &[half::f16], out: &mut [f32]) {
-    let hd = k.len();
-    for (h, o) in out.iter_mut().enumerate() {
-        *o = q[h * hd..(h + 1) * hd]
-            .iter()
-            .zip(k)
-            .map(|(&a, &b)| a * b.to_f32())
-            .sum();
+/// Most query rows per call of [`F16Ops`].
+pub const MAX_ROWS: usize = 16;
+
+fn qk_ref(q: &[f32], kt: &[half::f16], s: &mut [f32]) {
+    let hd = kt.len() / KEY_BLOCK;
+    let rows = q.len() / hd;
+    for r in 0..rows {
+        for j in 0..KEY_BLOCK {
+            let mut a = 0.0f32;
+            for d in 0..hd {
+                a = q[r * hd + d].mul_add(kt[d * KEY_BLOCK + j].to_f32(), a);
+            }
+            s[r * KEY_BLOCK + j] = a;
+        }
     }
 }
 
 fn pv_ref(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
-    let g = acc.len() / hd;
-    for (j, &o) in offs.iter().enumerate() {
-        for (h, &ph) in p[j * g..(j + 1) * g].iter().enumerate() {
-            for (a, &b) in acc[h * hd..(h + 1) * hd].iter_mut().zip(&v[o..o + hd]) {
-                *a += ph * b.to_f32();
+    let rows = acc.len() / hd;
+    for r in 0..rows {
+        for (j, &o) in offs.iter().enumerate() {
+            let pj = p[r * KEY_BLOCK + j];
+            for (a, &b) in acc[r * hd..(r + 1) * hd].iter_mut().zip(&v[o..o + hd]) {
+                *a = pj.mul_add(b.to_f32(), *a);
             }
         }
     }
@@ -137,7 +152,7 @@ fn pv_ref(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize
 
 pub const F16_SCALAR: F16Ops = F16Ops {
     name: "scalar",
-    dots: dots_ref,
+    qk: qk_ref,
     pv: pv_ref,
 };
 

@@ -931,119 +931,240 @@ pub const VNNI: DotKernels = DotKernels {
 };
 
 // ---------------------------------------------------------------- f16 attention ops
+//
+// Keys are vector lanes in `qk` (a K tile holds 16 keys per element d) and
+// head columns are lanes in `pv`; rows go in chunks of 8, 4 and 1 so the
+// accumulators stay in registers. Each lane runs the scalar reference's fma
+// chain, so every table gives the same bits.
 
-/// `out[h] = q_h · k` for up to 8 heads; k is converted 8 halves at a time
-/// and shared by all heads.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dots_f16_avx2(q: &[f32], k: &[half::f16], out: &mut [f32]) {
-    let hd = k.len();
-    let g = out.len();
-    assert!(g <= 8 && hd.is_multiple_of(8) && q.len() >= g * hd);
-    let mut acc = [_mm256_setzero_ps(); 8];
-    let kp = k.as_ptr() as *const __m128i;
-    for c in 0..hd / 8 {
-        let kv = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(c)));
-        for h in 0..g {
-            let qv = _mm256_loadu_ps(q.as_ptr().add(h * hd + 8 * c));
-            acc[h] = _mm256_fmadd_ps(qv, kv, acc[h]);
+use crate::simd::{F16Ops, KEY_BLOCK, MAX_ROWS};
+
+/// Scores of NR rows against 8 keys (lanes) at `kt + j0`.
+#[inline(always)]
+unsafe fn qk_rows8<const NR: usize>(
+    q: *const f32,
+    hd: usize,
+    kt: *const u16,
+    j0: usize,
+    s: *mut f32,
+) {
+    let mut a = [_mm256_setzero_ps(); NR];
+    for d in 0..hd {
+        let kv = _mm256_cvtph_ps(_mm_loadu_si128(kt.add(d * KEY_BLOCK + j0) as *const __m128i));
+        for r in 0..NR {
+            a[r] = _mm256_fmadd_ps(_mm256_set1_ps(*q.add(r * hd + d)), kv, a[r]);
         }
     }
-    for h in 0..g {
-        out[h] = hsum_ps(acc[h]);
+    for r in 0..NR {
+        _mm256_storeu_ps(s.add(r * KEY_BLOCK + j0), a[r]);
     }
 }
 
-/// `acc_h += Σ_j p[j][h] · v_j` over a block of keys: each 8-wide column
-/// chunk of the g accumulators stays in registers for the whole block.
+fn check_qk(q: &[f32], kt: &[half::f16], s: &[f32]) -> (usize, usize) {
+    let hd = kt.len() / KEY_BLOCK;
+    assert!(hd > 0 && kt.len() == hd * KEY_BLOCK && q.len().is_multiple_of(hd));
+    let rows = q.len() / hd;
+    assert!(rows <= MAX_ROWS && s.len() >= rows * KEY_BLOCK);
+    (hd, rows)
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pv_f16_avx2(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
-    let g = acc.len() / hd;
-    assert!(g <= 8 && hd.is_multiple_of(8) && p.len() >= offs.len() * g);
-    for &o in offs {
-        assert!(o + hd <= v.len());
-    }
-    for c in 0..hd / 8 {
-        let mut a = [_mm256_setzero_ps(); 8];
-        for h in 0..g {
-            a[h] = _mm256_loadu_ps(acc.as_ptr().add(h * hd + 8 * c));
+unsafe fn qk_avx2(q: &[f32], kt: &[half::f16], s: &mut [f32]) {
+    let (hd, rows) = check_qk(q, kt, s);
+    let (qp, kp, sp) = (q.as_ptr(), kt.as_ptr() as *const u16, s.as_mut_ptr());
+    for j0 in [0, 8] {
+        let mut r = 0;
+        while r + 8 <= rows {
+            qk_rows8::<8>(qp.add(r * hd), hd, kp, j0, sp.add(r * KEY_BLOCK));
+            r += 8;
         }
-        for (j, &o) in offs.iter().enumerate() {
-            let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(o + 8 * c) as *const __m128i));
-            for h in 0..g {
-                a[h] = _mm256_fmadd_ps(_mm256_set1_ps(*p.get_unchecked(j * g + h)), vv, a[h]);
-            }
+        while r + 4 <= rows {
+            qk_rows8::<4>(qp.add(r * hd), hd, kp, j0, sp.add(r * KEY_BLOCK));
+            r += 4;
         }
-        for h in 0..g {
-            _mm256_storeu_ps(acc.as_mut_ptr().add(h * hd + 8 * c), a[h]);
+        while r < rows {
+            qk_rows8::<1>(qp.add(r * hd), hd, kp, j0, sp.add(r * KEY_BLOCK));
+            r += 1;
         }
     }
 }
 
-/// P·V as `pv_f16_avx2`, 16 columns per vector. Each output element still
-/// gets the same fused multiply-adds in the same key order, so results are
-/// bit-identical to the AVX2 version.
+/// Scores of NR rows against all 16 keys of the tile.
+#[inline(always)]
+unsafe fn qk_rows16<const NR: usize>(q: *const f32, hd: usize, kt: *const u16, s: *mut f32) {
+    let mut a = [_mm512_setzero_ps(); NR];
+    for d in 0..hd {
+        let kv = _mm512_cvtph_ps(_mm256_loadu_si256(kt.add(d * KEY_BLOCK) as *const __m256i));
+        for r in 0..NR {
+            a[r] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(r * hd + d)), kv, a[r]);
+        }
+    }
+    for r in 0..NR {
+        _mm512_storeu_ps(s.add(r * KEY_BLOCK), a[r]);
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-unsafe fn pv_f16_avx512(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
-    let g = acc.len() / hd;
-    assert!(g <= 8 && hd.is_multiple_of(16) && p.len() >= offs.len() * g);
+unsafe fn qk_avx512(q: &[f32], kt: &[half::f16], s: &mut [f32]) {
+    let (hd, rows) = check_qk(q, kt, s);
+    let (qp, kp, sp) = (q.as_ptr(), kt.as_ptr() as *const u16, s.as_mut_ptr());
+    let mut r = 0;
+    while r + 8 <= rows {
+        qk_rows16::<8>(qp.add(r * hd), hd, kp, sp.add(r * KEY_BLOCK));
+        r += 8;
+    }
+    while r + 4 <= rows {
+        qk_rows16::<4>(qp.add(r * hd), hd, kp, sp.add(r * KEY_BLOCK));
+        r += 4;
+    }
+    while r < rows {
+        qk_rows16::<1>(qp.add(r * hd), hd, kp, sp.add(r * KEY_BLOCK));
+        r += 1;
+    }
+}
+
+fn check_pv(acc: &[f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) -> usize {
+    assert!(hd > 0 && acc.len().is_multiple_of(hd) && offs.len() <= KEY_BLOCK);
+    let rows = acc.len() / hd;
+    assert!(rows <= MAX_ROWS);
+    if rows > 0 {
+        assert!(p.len() >= (rows - 1) * KEY_BLOCK + offs.len());
+    }
     for &o in offs {
         assert!(o + hd <= v.len());
     }
-    for c in 0..hd / 16 {
-        let mut a = [_mm512_setzero_ps(); 8];
-        for h in 0..g {
-            a[h] = _mm512_loadu_ps(acc.as_ptr().add(h * hd + 16 * c));
+    rows
+}
+
+/// NR rows × 8 columns at c of P·V.
+#[inline(always)]
+unsafe fn pv_rows8<const NR: usize>(
+    acc: *mut f32,
+    hd: usize,
+    c: usize,
+    p: *const f32,
+    v: *const u16,
+    offs: &[usize],
+) {
+    let mut a = [_mm256_setzero_ps(); NR];
+    for r in 0..NR {
+        a[r] = _mm256_loadu_ps(acc.add(r * hd + c));
+    }
+    for (j, &o) in offs.iter().enumerate() {
+        let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.add(o + c) as *const __m128i));
+        for r in 0..NR {
+            a[r] = _mm256_fmadd_ps(_mm256_set1_ps(*p.add(r * KEY_BLOCK + j)), vv, a[r]);
         }
-        for (j, &o) in offs.iter().enumerate() {
-            let vv = _mm512_cvtph_ps(_mm256_loadu_si256(
-                v.as_ptr().add(o + 16 * c) as *const __m256i
-            ));
-            for h in 0..g {
-                a[h] = _mm512_fmadd_ps(_mm512_set1_ps(*p.get_unchecked(j * g + h)), vv, a[h]);
-            }
+    }
+    for r in 0..NR {
+        _mm256_storeu_ps(acc.add(r * hd + c), a[r]);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pv_avx2(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
+    let rows = check_pv(acc, p, v, offs, hd);
+    let (ap, pp, vp) = (acc.as_mut_ptr(), p.as_ptr(), v.as_ptr() as *const u16);
+    for c in (0..hd).step_by(8) {
+        let mut r = 0;
+        while r + 8 <= rows {
+            pv_rows8::<8>(ap.add(r * hd), hd, c, pp.add(r * KEY_BLOCK), vp, offs);
+            r += 8;
         }
-        for h in 0..g {
-            _mm512_storeu_ps(acc.as_mut_ptr().add(h * hd + 16 * c), a[h]);
+        while r + 4 <= rows {
+            pv_rows8::<4>(ap.add(r * hd), hd, c, pp.add(r * KEY_BLOCK), vp, offs);
+            r += 4;
+        }
+        while r < rows {
+            pv_rows8::<1>(ap.add(r * hd), hd, c, pp.add(r * KEY_BLOCK), vp, offs);
+            r += 1;
         }
     }
 }
 
-fn pv_f16_wide(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
-    if acc.len() / hd > 8 || !hd.is_multiple_of(16) {
-        return pv_f16(acc, p, v, offs, hd);
+/// NR rows × 16 columns at c of P·V.
+#[inline(always)]
+unsafe fn pv_rows16<const NR: usize>(
+    acc: *mut f32,
+    hd: usize,
+    c: usize,
+    p: *const f32,
+    v: *const u16,
+    offs: &[usize],
+) {
+    let mut a = [_mm512_setzero_ps(); NR];
+    for r in 0..NR {
+        a[r] = _mm512_loadu_ps(acc.add(r * hd + c));
     }
-    // SAFETY: only reachable through F16_AVX512, which `simd::f16_available`
-    // returns after detecting avx512f (and avx2, fma, f16c); bounds checked inside.
-    unsafe { pv_f16_avx512(acc, p, v, offs, hd) }
+    for (j, &o) in offs.iter().enumerate() {
+        let vv = _mm512_cvtph_ps(_mm256_loadu_si256(v.add(o + c) as *const __m256i));
+        for r in 0..NR {
+            a[r] = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(r * KEY_BLOCK + j)), vv, a[r]);
+        }
+    }
+    for r in 0..NR {
+        _mm512_storeu_ps(acc.add(r * hd + c), a[r]);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn pv_avx512(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
+    let rows = check_pv(acc, p, v, offs, hd);
+    let (ap, pp, vp) = (acc.as_mut_ptr(), p.as_ptr(), v.as_ptr() as *const u16);
+    for c in (0..hd).step_by(16) {
+        let mut r = 0;
+        while r + 8 <= rows {
+            pv_rows16::<8>(ap.add(r * hd), hd, c, pp.add(r * KEY_BLOCK), vp, offs);
+            r += 8;
+        }
+        while r + 4 <= rows {
+            pv_rows16::<4>(ap.add(r * hd), hd, c, pp.add(r * KEY_BLOCK), vp, offs);
+            r += 4;
+        }
+        while r < rows {
+            pv_rows16::<1>(ap.add(r * hd), hd, c, pp.add(r * KEY_BLOCK), vp, offs);
+            r += 1;
+        }
+    }
+}
+
+fn qk_f16(q: &[f32], kt: &[half::f16], s: &mut [f32]) {
+    // SAFETY: only reachable through F16_AVX2/F16_AVX512, which
+    // `simd::f16_available` returns after detecting avx2, fma and f16c;
+    // shapes are checked inside.
+    unsafe { qk_avx2(q, kt, s) }
+}
+
+fn qk_f16_wide(q: &[f32], kt: &[half::f16], s: &mut [f32]) {
+    // SAFETY: only reachable through F16_AVX512, returned after detecting
+    // avx512f (and avx2, fma, f16c); shapes are checked inside.
+    unsafe { qk_avx512(q, kt, s) }
 }
 
 fn pv_f16(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
-    if acc.len() / hd > 8 || !hd.is_multiple_of(8) {
+    if !hd.is_multiple_of(8) {
         return (crate::simd::F16_SCALAR.pv)(acc, p, v, offs, hd);
     }
-    // SAFETY: only reachable through F16_AVX2, which `simd::f16_available`
-    // returns after detecting avx2, fma and f16c; bounds checked inside.
-    unsafe { pv_f16_avx2(acc, p, v, offs, hd) }
+    // SAFETY: as for qk_f16.
+    unsafe { pv_avx2(acc, p, v, offs, hd) }
 }
 
-fn dots_f16(q: &[f32], k: &[half::f16], out: &mut [f32]) {
-    if out.len() > 8 || !k.len().is_multiple_of(8) {
-        return (crate::simd::F16_SCALAR.dots)(q, k, out);
+fn pv_f16_wide(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
+    if !hd.is_multiple_of(16) {
+        return pv_f16(acc, p, v, offs, hd);
     }
-    // SAFETY: only reachable through F16_AVX2, which `simd::f16_available`
-    // returns after detecting avx2, fma and f16c; shapes checked above.
-    unsafe { dots_f16_avx2(q, k, out) }
+    // SAFETY: as for qk_f16_wide.
+    unsafe { pv_avx512(acc, p, v, offs, hd) }
 }
 
-pub const F16_AVX2: crate::simd::F16Ops = crate::simd::F16Ops {
+pub const F16_AVX2: F16Ops = F16Ops {
     name: "avx2-f16c",
-    dots: dots_f16,
+    qk: qk_f16,
     pv: pv_f16,
 };
 
-/// The AVX2 ops with a 16-wide P·V (bit-identical results).
-pub const F16_AVX512: crate::simd::F16Ops = crate::simd::F16Ops {
+pub const F16_AVX512: F16Ops = F16Ops {
     name: "avx512-f16c",
-    dots: dots_f16,
+    qk: qk_f16_wide,
     pv: pv_f16_wide,
 };

@@ -1,8 +1,10 @@
-//! The f16 attention ops (q·k over the f16 cache, and P·V over a block of
-//! keys): every table this CPU runs against a plain f64 computation written
-//! here, for group sizes 1..=8 and a head width with a tail (hd = 40).
+//! The f16 attention ops (scores of query rows against a K tile, and P·V over a block of
+//! keys): every table this CPU runs against a plain f64 computation written here, and
+//! bit for bit against the scalar table (each output is one fma chain in a fixed order, so
+//! attention cannot depend on the vector width), for 1..=16 rows and a head width with a
+//! tail (hd = 40).
 
-use gemma3_kernels::simd::f16_available;
+use gemma3_kernels::simd::{f16_available, KEY_BLOCK};
 use half::f16;
 
 /// Deterministic values in [-1, 1).
@@ -18,71 +20,77 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+fn halves(v: &[f32]) -> Vec<f16> {
+    v.iter().map(|&x| f16::from_f32(x)).collect()
+}
+
 #[test]
-fn dots_and_pv_match_f64_for_every_table() {
+fn qk_and_pv_match_f64_and_every_table_gives_the_scalar_bits() {
+    let tables = f16_available();
+    assert_eq!(tables[0].name, "scalar");
     for hd in [256usize, 40] {
-        for g in 1..=8usize {
-            let q = data(g * hd, 1);
-            let k: Vec<f16> = data(hd, 2).iter().map(|&v| f16::from_f32(v)).collect();
-            // Exact dot products in f64 of the same (f16-rounded) values.
-            let want: Vec<f64> = (0..g)
-                .map(|h| (0..hd).map(|c| q[h * hd + c] as f64 * k[c].to_f64()).sum())
-                .collect();
-            // A "cache" of 7 rows; P·V over rows 5, 0, 3.
-            let cache: Vec<f16> = data(7 * hd, 3).iter().map(|&v| f16::from_f32(v)).collect();
-            let offs = [5 * hd, 0, 3 * hd];
-            let p = data(offs.len() * g, 4);
-            let acc0 = data(g * hd, 5);
-            let want_pv: Vec<f64> = (0..g * hd)
-                .map(|i| {
-                    let (h, c) = (i / hd, i % hd);
-                    acc0[i] as f64
-                        + offs
-                            .iter()
-                            .enumerate()
-                            .map(|(j, &o)| p[j * g + h] as f64 * cache[o + c].to_f64())
-                            .sum::<f64>()
-                })
-                .collect();
-            // The SIMD tables do the same fused multiply-adds per element in
-            // the same key order: their P·V results must agree bit for bit
-            // (attention results must not depend on the vector width).
-            let mut simd_pv: Option<Vec<u32>> = None;
-            for ops in f16_available() {
-                let mut out = vec![0.0f32; g];
-                (ops.dots)(&q, &k, &mut out);
-                for h in 0..g {
-                    let scale: f64 = (0..hd)
-                        .map(|c| (q[h * hd + c] as f64 * k[c].to_f64()).abs())
-                        .sum();
-                    assert!(
-                        (out[h] as f64 - want[h]).abs() <= 1e-5 * scale.max(1.0),
-                        "{} dots hd {hd} g {g} head {h}: {} vs {}",
-                        ops.name,
-                        out[h],
-                        want[h]
-                    );
+        for rows in 1..=16usize {
+            let q = data(rows * hd, rows as u64);
+            let kt = halves(&data(hd * KEY_BLOCK, 2));
+            // A "cache" of 20 rows; P·V over rows 5, 0, 3, 19, 7 (keys 0..5 of the block).
+            let cache = halves(&data(20 * hd, 3));
+            let offs = [5 * hd, 0, 3 * hd, 19 * hd, 7 * hd];
+            let p = data(rows * KEY_BLOCK, 4);
+            let acc0 = data(rows * hd, 5);
+
+            let mut scalar: Option<(Vec<u32>, Vec<u32>)> = None;
+            for ops in &tables {
+                let mut s = vec![f32::NAN; rows * KEY_BLOCK];
+                (ops.qk)(&q, &kt, &mut s);
+                for r in 0..rows {
+                    for j in 0..KEY_BLOCK {
+                        let terms =
+                            (0..hd).map(|d| q[r * hd + d] as f64 * kt[d * KEY_BLOCK + j].to_f64());
+                        let want: f64 = terms.clone().sum();
+                        let mag: f64 = terms.map(f64::abs).sum();
+                        let got = s[r * KEY_BLOCK + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * mag.max(1e-3),
+                            "{} qk hd {hd} rows {rows} ({r}, {j}): {got} vs {want}",
+                            ops.name
+                        );
+                    }
                 }
                 let mut acc = acc0.clone();
                 (ops.pv)(&mut acc, &p, &cache, &offs, hd);
-                for i in 0..g * hd {
-                    assert!(
-                        (acc[i] as f64 - want_pv[i]).abs() <= 1e-5,
-                        "{} pv hd {hd} g {g} at {i}: {} vs {}",
-                        ops.name,
-                        acc[i],
-                        want_pv[i]
-                    );
-                }
-                if ops.name != "scalar" {
-                    let bits: Vec<u32> = acc.iter().map(|v| v.to_bits()).collect();
-                    match &simd_pv {
-                        None => simd_pv = Some(bits),
-                        Some(first) => assert_eq!(
-                            first, &bits,
-                            "{} P·V differs in bits from the first SIMD table",
+                for r in 0..rows {
+                    for c in 0..hd {
+                        let want = acc0[r * hd + c] as f64
+                            + offs
+                                .iter()
+                                .enumerate()
+                                .map(|(j, &o)| p[r * KEY_BLOCK + j] as f64 * cache[o + c].to_f64())
+                                .sum::<f64>();
+                        let got = acc[r * hd + c] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5,
+                            "{} pv hd {hd} rows {rows} ({r}, {c}): {got} vs {want}",
                             ops.name
-                        ),
+                        );
+                    }
+                }
+                let bits = (
+                    s.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    acc.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                );
+                match &scalar {
+                    None => scalar = Some(bits),
+                    Some(first) => {
+                        assert!(
+                            first.0 == bits.0,
+                            "{} qk differs in bits from scalar (hd {hd}, rows {rows})",
+                            ops.name
+                        );
+                        assert!(
+                            first.1 == bits.1,
+                            "{} pv differs in bits from scalar (hd {hd}, rows {rows})",
+                            ops.name
+                        );
                     }
                 }
             }

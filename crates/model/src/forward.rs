@@ -13,7 +13,6 @@ use crate::kv_cache::MAX_UBATCH;
 use crate::{KvCache, Model, ModelError};
 use gemma3_kernels::ops;
 use gemma3_kernels::MatmulScratch;
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// Tokens to run: token i is at position `pos[i]` of sequence `seq[i]` (an
@@ -220,10 +219,11 @@ impl Model {
                     apply_rope(h, &sincos);
                 }
                 // Store K and V of this token before any token of the batch attends.
-                let lc = &mut caches[seq[i]].layers[l];
-                let s = lc.slot(pos[i]) * kvd;
-                lc.k[s..s + kvd].convert_from_f32_slice(&st.k[i * kvd..(i + 1) * kvd]);
-                lc.v[s..s + kvd].convert_from_f32_slice(&st.v[i * kvd..(i + 1) * kvd]);
+                caches[seq[i]].layers[l].write(
+                    pos[i],
+                    &st.k[i * kvd..(i + 1) * kvd],
+                    &st.v[i * kvd..(i + 1) * kvd],
+                );
             }
             st.trace(l, "q", |s| &s.q);
             st.trace(l, "k", |s| &s.k);
@@ -294,9 +294,10 @@ impl Model {
     }
 
     /// Causal attention of each token's query heads over its sequence's cache
-    /// (keys pos-window+1..=pos on sliding-window layers), one task per
-    /// (token, KV head), with an online softmax over blocks of keys so no
-    /// score matrix is ever materialised.
+    /// (keys pos-window+1..=pos on sliding-window layers). Consecutive tokens
+    /// of one sequence go in tiles of up to `MAX_ROWS` query rows (tokens ×
+    /// the query heads of one KV head) that share each block of keys; an
+    /// online softmax over the blocks means no score matrix is ever built.
     fn attention(
         &self,
         l: usize,
@@ -307,100 +308,157 @@ impl Model {
         out: &mut [f32],
     ) {
         let c = &self.config;
-        let (hd, qd) = (c.head_dim, c.q_dim());
+        let n = pos.len();
         let group = c.n_heads / c.n_kv_heads;
-        let kvd = c.kv_dim();
-        let work = |(i, o): (usize, &mut [f32])| {
-            let lc = &caches[seq[i]].layers[l];
-            let p = pos[i];
-            let lo = if lc.window == usize::MAX {
-                0
-            } else {
-                (p + 1).saturating_sub(lc.window)
-            };
-            for (g, og) in o.chunks_exact_mut(group * hd).enumerate() {
-                let qg = &q[i * qd + g * group * hd..i * qd + (g + 1) * group * hd];
-                attend(qg, lc, g * hd, kvd, hd, lo, p, og);
+        let per_tile = (MAX_ROWS / group).max(1);
+        // Tiles: runs of consecutive positions of one sequence, cut every per_tile tokens.
+        let mut tasks = Vec::new();
+        let mut i = 0;
+        while i < n {
+            let mut j = i + 1;
+            while j < n && j - i < per_tile && seq[j] == seq[i] && pos[j] == pos[j - 1] + 1 {
+                j += 1;
             }
+            for g in 0..c.n_kv_heads {
+                tasks.push((i, j, g));
+            }
+            i = j;
+        }
+        let optr = OutPtr(out.as_mut_ptr());
+        let work = |&(i, j, g): &(usize, usize, usize)| {
+            #[allow(clippy::redundant_locals)]
+            let optr = optr;
+            attend_tile(c, &caches[seq[i]].layers[l], &pos[i..j], g, q, i, optr);
         };
-        if pos.len() == 1 {
-            out.chunks_exact_mut(qd).enumerate().for_each(work);
+        if tasks.len() <= c.n_kv_heads {
+            tasks.iter().for_each(work);
         } else {
-            out.par_chunks_exact_mut(qd).enumerate().for_each(work);
+            tasks.par_iter().for_each(work);
         }
     }
 }
 
-/// Keys per block of the online softmax.
-const KV_BLOCK: usize = 32;
-/// Most query heads per KV head (grouped-query attention).
-const MAX_GROUP: usize = 8;
+/// The attention output, written by tasks at disjoint (token, head) places.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each task writes only the output columns of its own KV head's
+// query heads for its own tokens, so writes never overlap, and the &mut
+// borrow of the output is held while the tasks run.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
 
-/// Attention of `q` (group × hd, pre-scaled) over cached positions lo..=hi
-/// of one KV head (at column `col`), written to `out` (group × hd). Keys and
-/// values stay f16 in the cache; the f16 ops convert them on the fly.
-#[allow(clippy::too_many_arguments)]
-fn attend(
-    q: &[f32],
+/// Most query rows per attention tile.
+const MAX_ROWS: usize = gemma3_kernels::simd::MAX_ROWS;
+const KB: usize = gemma3_kernels::simd::KEY_BLOCK;
+
+/// Attention of tokens `first..first + pos.len()` (consecutive positions
+/// `pos` of one sequence) for the query heads of KV head `g`.
+///
+/// Each query row (token, head) has its own result, computed the same way
+/// whatever tile it is in: keys go in blocks of `KB` aligned to absolute
+/// positions; a row skips the blocks outside its range lo..=hi and ignores
+/// the keys of a block outside it; per block it takes its scores (fma
+/// chains over the head dimension), raises its running max, rescales its
+/// sum and accumulator when the max grew, adds exp(score − max) in key
+/// order, and accumulates P·V in key order. Keys that other rows of the
+/// tile need get weight 0 for this row, which leaves its sums unchanged.
+fn attend_tile(
+    c: &crate::Config,
     lc: &crate::kv_cache::LayerCache,
-    col: usize,
-    kvd: usize,
-    hd: usize,
-    lo: usize,
-    hi: usize,
-    out: &mut [f32],
+    pos: &[usize],
+    g: usize,
+    q: &[f32],
+    first: usize,
+    out: OutPtr,
 ) {
     let ops = gemma3_kernels::simd::f16_best();
-    let group = q.len() / hd;
-    assert!(
-        group <= MAX_GROUP,
-        "at most {MAX_GROUP} query heads per KV head"
-    );
-    let mut m = [f32::NEG_INFINITY; MAX_GROUP];
-    let mut sum = [0.0f32; MAX_GROUP];
-    // s[j][h]: score of key j for head h, then its softmax weight.
-    let mut s = [[0.0f32; MAX_GROUP]; KV_BLOCK];
-    out.fill(0.0);
-    let mut b0 = lo;
-    while b0 <= hi {
-        let b1 = (b0 + KV_BLOCK - 1).min(hi);
-        let nb = b1 - b0 + 1;
-        for (j, p) in (b0..=b1).enumerate() {
-            let off = lc.slot(p) * kvd + col;
-            (ops.dots)(q, &lc.k[off..off + hd], &mut s[j][..group]);
+    let (hd, qd, kvd) = (c.head_dim, c.q_dim(), c.kv_dim());
+    let group = c.n_heads / c.n_kv_heads;
+    let rows = pos.len() * group;
+    assert!(rows <= MAX_ROWS);
+    let lo_of = |p: usize| {
+        if lc.window == usize::MAX {
+            0
+        } else {
+            (p + 1).saturating_sub(lc.window)
         }
-        // Online softmax: rescale what was accumulated when the max grows.
-        let mut corr = [1.0f32; MAX_GROUP];
-        for h in 0..group {
-            let bm = s[..nb].iter().fold(f32::NEG_INFINITY, |a, r| a.max(r[h]));
-            let new_m = m[h].max(bm);
-            corr[h] = (m[h] - new_m).exp();
-            m[h] = new_m;
-            sum[h] *= corr[h];
-            for r in s[..nb].iter_mut() {
-                r[h] = (r[h] - new_m).exp();
-                sum[h] += r[h];
-            }
-        }
-        for h in 0..group {
-            if corr[h] != 1.0 {
-                out[h * hd..(h + 1) * hd]
-                    .iter_mut()
-                    .for_each(|v| *v *= corr[h]);
-            }
-        }
-        let mut offs = [0usize; KV_BLOCK];
-        let mut pw = [0.0f32; KV_BLOCK * MAX_GROUP];
-        for (j, p) in (b0..=b1).enumerate() {
-            offs[j] = lc.slot(p) * kvd + col;
-            pw[j * group..(j + 1) * group].copy_from_slice(&s[j][..group]);
-        }
-        (ops.pv)(out, &pw[..nb * group], &lc.v, &offs[..nb], hd);
-        b0 = b1 + 1;
+    };
+    // Query rows of the tile: each token's heads g·group.. are contiguous.
+    let mut qt = [0.0f32; MAX_ROWS * 256];
+    let mut qbuf;
+    let qrows: &mut [f32] = if rows * hd <= qt.len() {
+        &mut qt[..rows * hd]
+    } else {
+        qbuf = vec![0.0f32; rows * hd];
+        &mut qbuf
+    };
+    for t in 0..pos.len() {
+        let src = (first + t) * qd + g * group * hd;
+        qrows[t * group * hd..(t + 1) * group * hd].copy_from_slice(&q[src..src + group * hd]);
     }
-    for h in 0..group {
-        let inv = 1.0 / sum[h];
-        out[h * hd..(h + 1) * hd].iter_mut().for_each(|v| *v *= inv);
+    let mut acc = vec![0.0f32; rows * hd];
+    let mut m = [f32::NEG_INFINITY; MAX_ROWS];
+    let mut sum = [0.0f32; MAX_ROWS];
+    let mut s = [0.0f32; MAX_ROWS * KB];
+    let (lo_min, hi_max) = (lo_of(pos[0]), pos[pos.len() - 1]);
+    let mut base = lo_min - lo_min % KB;
+    while base <= hi_max {
+        (ops.qk)(qrows, lc.k_tile(base, g * hd, hd), &mut s[..rows * KB]);
+        // Keys of this block any row wants: jmin..=jmax.
+        let (mut jmin, mut jmax) = (KB, 0);
+        for r in 0..rows {
+            let p = pos[r / group];
+            let (lo, hi) = (lo_of(p).max(base), p.min(base + KB - 1));
+            let srow = &mut s[r * KB..(r + 1) * KB];
+            if lo > hi {
+                srow.fill(0.0);
+                continue;
+            }
+            let (j0, j1) = (lo - base, hi - base);
+            jmin = jmin.min(j0);
+            jmax = jmax.max(j1);
+            let bm = srow[j0..=j1]
+                .iter()
+                .fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            let new_m = m[r].max(bm);
+            let corr = (m[r] - new_m).exp();
+            m[r] = new_m;
+            sum[r] *= corr;
+            for (j, x) in srow.iter_mut().enumerate() {
+                if (j0..=j1).contains(&j) {
+                    *x = (*x - new_m).exp();
+                    sum[r] += *x;
+                } else {
+                    *x = 0.0;
+                }
+            }
+            if corr != 1.0 {
+                acc[r * hd..(r + 1) * hd]
+                    .iter_mut()
+                    .for_each(|v| *v *= corr);
+            }
+        }
+        if jmin <= jmax {
+            let mut offs = [0usize; KB];
+            for j in jmin..=jmax {
+                offs[j - jmin] = lc.slot(base + j) * kvd + g * hd;
+            }
+            (ops.pv)(&mut acc, &s[jmin..], &lc.v, &offs[..=jmax - jmin], hd);
+        }
+        base += KB;
+    }
+    for r in 0..rows {
+        let (t, h) = (r / group, r % group);
+        let inv = 1.0 / sum[r];
+        // SAFETY: row (first + t, head g·group + h) of the n × qd output
+        // belongs to this task only (see OutPtr).
+        let o = unsafe {
+            std::slice::from_raw_parts_mut(out.0.add((first + t) * qd + (g * group + h) * hd), hd)
+        };
+        for (o, &a) in o.iter_mut().zip(&acc[r * hd..(r + 1) * hd]) {
+            *o = a * inv;
+        }
     }
 }
 

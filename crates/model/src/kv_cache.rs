@@ -1,5 +1,9 @@
 //! Per-sequence key/value cache, stored as f16 (as llama.cpp does).
 //!
+//! Keys are stored in tiles of [`TILE`] consecutive positions, transposed
+//! (element d of the tile's 16 keys side by side), so the attention kernels
+//! read 16 keys as one vector; values are stored a row per position.
+//!
 //! Global layers keep every position (up to the context size). Sliding-window
 //! layers keep a ring of `window + MAX_UBATCH` slots: a whole micro-batch can be
 //! written before any of its tokens attends, and no key a query needs is
@@ -22,12 +26,17 @@ fn zeroed_f16(n: usize) -> Vec<f16> {
     unsafe { Vec::from_raw_parts(ptr as *mut f16, len, cap) }
 }
 
+/// Positions per K tile (the attention kernels' key block).
+pub const TILE: usize = gemma3_kernels::simd::KEY_BLOCK;
+
 pub struct LayerCache {
-    /// slots × kv_dim
+    /// slots / TILE tiles of kv_dim × TILE: slot s, element d at [`LayerCache::k_index`].
     pub k: Vec<f16>,
     /// slots × kv_dim
     pub v: Vec<f16>,
+    /// A multiple of TILE, so a tile of positions is a tile of slots.
     pub slots: usize,
+    pub kv_dim: usize,
     /// Positions a query looks back over (including itself); usize::MAX = all.
     pub window: usize,
 }
@@ -36,6 +45,48 @@ impl LayerCache {
     #[inline]
     pub fn slot(&self, pos: usize) -> usize {
         pos % self.slots
+    }
+
+    /// Index in `k` of element d of the key in `slot`.
+    #[inline]
+    pub fn k_index(&self, slot: usize, d: usize) -> usize {
+        (slot - slot % TILE) * self.kv_dim + d * TILE + slot % TILE
+    }
+
+    /// The K tile holding positions `base..base + TILE` (base a multiple of
+    /// TILE), columns `col..col + width`: `width` × TILE halves.
+    pub fn k_tile(&self, base: usize, col: usize, width: usize) -> &[f16] {
+        debug_assert_eq!(base % TILE, 0);
+        let start = self.slot(base) * self.kv_dim + col * TILE;
+        &self.k[start..start + width * TILE]
+    }
+
+    /// Store the key and value of position `pos`.
+    pub fn write(&mut self, pos: usize, k: &[f32], v: &[f32]) {
+        let s = self.slot(pos);
+        for (d, &x) in k.iter().enumerate() {
+            let i = self.k_index(s, d);
+            self.k[i] = f16::from_f32(x);
+        }
+        let kvd = self.kv_dim;
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(
+            &mut self.v[s * kvd..(s + 1) * kvd],
+            v,
+        );
+    }
+}
+
+/// Slots of a layer's cache: every position of the context on global
+/// layers, a ring of window + MAX_UBATCH on sliding-window ones; whole tiles.
+fn layer_slots(cfg: &Config, l: usize, ctx: usize) -> (usize, usize) {
+    let round = |n: usize| n.div_ceil(TILE) * TILE;
+    if cfg.is_global(l) {
+        (round(ctx), usize::MAX)
+    } else {
+        (
+            round(cfg.sliding_window + MAX_UBATCH).min(round(ctx)),
+            cfg.sliding_window,
+        )
     }
 }
 
@@ -53,18 +104,12 @@ impl KvCache {
         let kv_dim = cfg.kv_dim();
         let layers = (0..cfg.n_layers)
             .map(|l| {
-                let (slots, window) = if cfg.is_global(l) {
-                    (ctx, usize::MAX)
-                } else {
-                    (
-                        (cfg.sliding_window + MAX_UBATCH).min(ctx),
-                        cfg.sliding_window,
-                    )
-                };
+                let (slots, window) = layer_slots(cfg, l, ctx);
                 LayerCache {
                     k: zeroed_f16(slots * kv_dim),
                     v: zeroed_f16(slots * kv_dim),
                     slots,
+                    kv_dim,
                     window,
                 }
             })
@@ -88,14 +133,7 @@ impl KvCache {
     pub fn bytes_for(cfg: &Config, ctx: usize) -> usize {
         let ctx = ctx.clamp(1, cfg.ctx_len);
         (0..cfg.n_layers)
-            .map(|l| {
-                if cfg.is_global(l) {
-                    ctx
-                } else {
-                    (cfg.sliding_window + MAX_UBATCH).min(ctx)
-                }
-            })
-            .map(|slots| slots * cfg.kv_dim() * 2 * 2)
+            .map(|l| layer_slots(cfg, l, ctx).0 * cfg.kv_dim() * 2 * 2)
             .sum()
     }
 
@@ -124,10 +162,14 @@ impl KvCache {
         }
         for (dst, s) in self.layers.iter_mut().zip(&src.layers) {
             let first = n - n.min(s.window);
+            let kvd = self.kv_dim;
             for p in first..n {
-                let (ss, ds) = (s.slot(p) * self.kv_dim, dst.slot(p) * self.kv_dim);
-                dst.k[ds..ds + self.kv_dim].copy_from_slice(&s.k[ss..ss + self.kv_dim]);
-                dst.v[ds..ds + self.kv_dim].copy_from_slice(&s.v[ss..ss + self.kv_dim]);
+                let (ss, ds) = (s.slot(p), dst.slot(p));
+                for d in 0..kvd {
+                    let (si, di) = (s.k_index(ss, d), dst.k_index(ds, d));
+                    dst.k[di] = s.k[si];
+                }
+                dst.v[ds * kvd..(ds + 1) * kvd].copy_from_slice(&s.v[ss * kvd..(ss + 1) * kvd]);
             }
         }
         true
