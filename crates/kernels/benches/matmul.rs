@@ -5,8 +5,11 @@
 //! `cargo bench -p gemma3-kernels` (add `-- 'q8_0'` to filter).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use gemma3_kernels::formats::{BlockQ8K, BlockQ8_0, QK, QK_K};
 use gemma3_kernels::matmul::matmul_with;
-use gemma3_kernels::quant::{quantize_weights_q5_0, quantize_weights_q8_0};
+use gemma3_kernels::quant::{
+    act_quantizers_available, quantize_weights_q5_0, quantize_weights_q8_0,
+};
 use gemma3_kernels::{simd, MatmulScratch, QMatrix, WeightFormat};
 
 /// Deterministic pseudo-random weights/activations in [-1, 1).
@@ -82,5 +85,29 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// Activation quantization of a 512-token prompt: Q8_0 at the model width
+/// (640), Q8_K at the FFN width (2048), for every quantizer set this CPU runs.
+fn bench_quantize(c: &mut Criterion) {
+    let mut g = c.benchmark_group("quantize activations 512 tokens");
+    g.sample_size(20);
+    let x = data(512 * 640, 3);
+    let mut q8_0 = vec![BlockQ8_0::default(); x.len() / QK];
+    g.throughput(Throughput::Elements(x.len() as u64));
+    for k in act_quantizers_available() {
+        g.bench_function(BenchmarkId::new("q8_0 ×640", k.name), |b| {
+            b.iter(|| (k.q8_0)(&x, &mut q8_0))
+        });
+    }
+    let x = data(512 * 2048, 4);
+    let mut q8k = vec![BlockQ8K::default(); x.len() / QK_K];
+    g.throughput(Throughput::Elements(x.len() as u64));
+    for k in act_quantizers_available() {
+        g.bench_function(BenchmarkId::new("q8_K ×2048", k.name), |b| {
+            b.iter(|| (k.q8_k)(&x, &mut q8k))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_quantize, bench);
 criterion_main!(benches);

@@ -16,6 +16,8 @@ pub mod packed;
 #[cfg(target_arch = "x86_64")]
 mod packed_x86;
 pub mod quant;
+#[cfg(target_arch = "x86_64")]
+mod quant_x86;
 pub mod simd;
 #[cfg(target_arch = "x86_64")]
 mod x86;

@@ -5,6 +5,7 @@
 
 use crate::formats::*;
 use half::{bf16, f16};
+use std::sync::OnceLock;
 
 /// Dequantize one row of `out.len()` elements stored in `format`.
 /// `bytes` must hold exactly `format.row_bytes(out.len())` bytes.
@@ -172,7 +173,8 @@ fn round_even(x: f32) -> f32 {
 
 /// Quantize activations to ggml block_q8_0, rounding as ggml's AVX path does
 /// (scale 127/amax, round half to even), so our integer sums equal llama.cpp's.
-pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+/// The scalar reference of [`quantize_q8_0`].
+pub fn quantize_q8_0_ref(x: &[f32], out: &mut [BlockQ8_0]) {
     assert_eq!(x.len(), out.len() * QK, "quantize_q8_0: length mismatch");
     for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -187,7 +189,8 @@ pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
 
 /// Quantize activations to ggml block_q8_K.
 /// ref: ggml-quants.c quantize_row_q8_K_ref (scale -127/max, nearest_int).
-pub fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+/// The scalar reference of [`quantize_q8_k`].
+pub fn quantize_q8_k_ref(x: &[f32], out: &mut [BlockQ8K]) {
     assert_eq!(x.len(), out.len() * QK_K, "quantize_q8_k: length mismatch");
     for (xb, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
         let (mut max, mut amax) = (0.0f32, 0.0f32);
@@ -210,6 +213,79 @@ pub fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
         }
         b.d = 1.0 / iscale;
     }
+}
+
+/// A set of activation quantizers; every one gives the bytes of the scalar
+/// references, bit for bit, for every input.
+#[derive(Clone, Copy)]
+pub struct ActQuantizers {
+    pub name: &'static str,
+    pub q8_0: fn(&[f32], &mut [BlockQ8_0]),
+    pub q8_k: fn(&[f32], &mut [BlockQ8K]),
+}
+
+/// The scalar references.
+pub const ACT_QUANT_SCALAR: ActQuantizers = ActQuantizers {
+    name: "scalar",
+    q8_0: quantize_q8_0_ref,
+    q8_k: quantize_q8_k_ref,
+};
+
+/// Every activation quantizer set this machine can run, scalar first,
+/// fastest last.
+pub fn act_quantizers_available() -> Vec<ActQuantizers> {
+    #[allow(unused_mut)]
+    let mut v = vec![ACT_QUANT_SCALAR];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::quant_x86 as x;
+        if x::avx2_available() {
+            v.push(ActQuantizers {
+                name: "avx2",
+                q8_0: x::quantize_q8_0_avx2,
+                q8_k: x::quantize_q8_k_avx2,
+            });
+        }
+        if x::avx512_available() {
+            v.push(ActQuantizers {
+                name: "avx512",
+                q8_0: x::quantize_q8_0_avx512,
+                q8_k: x::quantize_q8_k_avx512,
+            });
+        }
+    }
+    v
+}
+
+/// The fastest activation quantizers for this CPU, chosen once (the scalar
+/// references under `GEMMA3_FORCE_SCALAR=1`).
+pub fn act_quantizers() -> &'static ActQuantizers {
+    static BEST: OnceLock<ActQuantizers> = OnceLock::new();
+    BEST.get_or_init(|| {
+        let force_scalar = std::env::var("GEMMA3_FORCE_SCALAR")
+            .map(|v| !v.is_empty() && v != "0")
+            .unwrap_or(false);
+        if force_scalar {
+            return ACT_QUANT_SCALAR;
+        }
+        *act_quantizers_available()
+            .last()
+            .unwrap_or(&ACT_QUANT_SCALAR)
+    })
+}
+
+/// Quantize activations to ggml block_q8_0: [`quantize_q8_0_ref`]'s bytes,
+/// by the fastest code this CPU runs.
+pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    assert_eq!(x.len(), out.len() * QK, "quantize_q8_0: length mismatch");
+    (act_quantizers().q8_0)(x, out)
+}
+
+/// Quantize activations to ggml block_q8_K: [`quantize_q8_k_ref`]'s bytes,
+/// by the fastest code this CPU runs.
+pub fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+    assert_eq!(x.len(), out.len() * QK_K, "quantize_q8_k: length mismatch");
+    (act_quantizers().q8_k)(x, out)
 }
 
 /// Quantize weights to Q8_0 (ggml quantize_row_q8_0_ref: d = amax/127, roundf).
