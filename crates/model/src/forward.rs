@@ -13,6 +13,7 @@ use crate::kv_cache::MAX_UBATCH;
 use crate::{KvCache, Model, ModelError};
 use gemma3_kernels::ops;
 use gemma3_kernels::MatmulScratch;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// Tokens to run: token i is at position `pos[i]` of sequence `seq[i]` (an
@@ -190,6 +191,7 @@ impl Model {
         }
         st.trace(usize::MAX, "embed", |s| &s.x);
 
+        let mut rope: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
             // --- attention ---
             for i in 0..n {
@@ -203,20 +205,31 @@ impl Model {
             self.matmul(&layer.wq, &st.xn, n, &mut st.q, &mut st.mm);
             self.matmul(&layer.wk, &st.xn, n, &mut st.k, &mut st.mm);
             self.matmul(&layer.wv, &st.xn, n, &mut st.v, &mut st.mm);
-            let mut sincos = vec![0.0f32; hd];
+            // cos/sin tables per distinct RoPE base, once per micro-batch.
+            let ti = match rope.iter().position(|(f, _)| *f == layer.rope_inv_freq) {
+                Some(ti) => ti,
+                None => {
+                    let mut t = vec![0.0f32; n * hd];
+                    for i in 0..n {
+                        rope_table(pos[i], &layer.rope_inv_freq, &mut t[i * hd..(i + 1) * hd]);
+                    }
+                    rope.push((layer.rope_inv_freq.clone(), t));
+                    rope.len() - 1
+                }
+            };
             for i in 0..n {
-                rope_table(pos[i], &layer.rope_inv_freq, &mut sincos);
+                let sincos = &rope[ti].1[i * hd..(i + 1) * hd];
                 for h in st.q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
                     ops::rms_norm_inplace(h, &layer.q_norm, c.rms_eps);
-                    apply_rope(h, &sincos);
+                    apply_rope(h, sincos);
                     // Scaled, then rounded to f16 as llama.cpp does when it
                     // multiplies q with its f16 K cache (keeps us on its tokens at near-ties).
-                    h.iter_mut()
-                        .for_each(|v| *v = half::f16::from_f32(*v * c.attn_scale).to_f32());
+                    h.iter_mut().for_each(|v| *v *= c.attn_scale);
+                    round_to_f16(h);
                 }
                 for h in st.k[i * kvd..(i + 1) * kvd].chunks_exact_mut(hd) {
                     ops::rms_norm_inplace(h, &layer.k_norm, c.rms_eps);
-                    apply_rope(h, &sincos);
+                    apply_rope(h, sincos);
                 }
                 // Store K and V of this token before any token of the batch attends.
                 caches[seq[i]].layers[l].write(
@@ -459,6 +472,17 @@ fn attend_tile(
         for (o, &a) in o.iter_mut().zip(&acc[r * hd..(r + 1) * hd]) {
             *o = a * inv;
         }
+    }
+}
+
+/// Round each value to the nearest f16 (ties to even), in place, through
+/// the vectorized slice conversions.
+fn round_to_f16(x: &mut [f32]) {
+    let mut buf = [half::f16::ZERO; 64];
+    for chunk in x.chunks_mut(64) {
+        let b = &mut buf[..chunk.len()];
+        b.convert_from_f32_slice(chunk);
+        b.convert_to_f32_slice(chunk);
     }
 }
 
