@@ -119,6 +119,61 @@ pub struct F16Ops {
     /// `acc[r·hd + c] = fma(p[r·16 + j], v[offs[j] + c], acc[r·hd + c])` for
     /// each key j of `offs` in order (R = acc.len() / hd).
     pub pv: fn(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize),
+    /// `s[j] = exp_poly(s[j] − m)` for the [`KEY_BLOCK`] scores of a row.
+    pub exp_sub: fn(s: &mut [f32], m: f32),
+}
+
+/// e^x for the softmax, in single-rounded f32 steps that SIMD code repeats
+/// exactly: n = round(x·log2 e), r = x − n·ln 2 (two-part ln 2), a degree-6
+/// Taylor polynomial for e^r (|r| ≤ ln2/2, error below 2·10⁻⁷), times 2ⁿ;
+/// 0 below 2⁻¹²⁶. For x ≤ 0 (scores minus their max) and finite x.
+#[inline(always)]
+pub fn exp_poly(x: f32) -> f32 {
+    let t = x * EXP_C.log2e;
+    let n = (t + EXP_C.magic) - EXP_C.magic;
+    let r = (-n).mul_add(EXP_C.ln2_hi, x);
+    let r = (-n).mul_add(EXP_C.ln2_lo, r);
+    let mut p = EXP_C.c[6];
+    for &c in EXP_C.c[..6].iter().rev() {
+        p = p.mul_add(r, c);
+    }
+    if n < -126.0 {
+        return 0.0;
+    }
+    let scale = f32::from_bits(((n as i32).wrapping_add(127) as u32) << 23);
+    p * scale
+}
+
+/// The constants of [`exp_poly`] (shared with the SIMD versions).
+pub(crate) struct ExpConsts {
+    pub log2e: f32,
+    pub magic: f32,
+    pub ln2_hi: f32,
+    pub ln2_lo: f32,
+    /// 1/k! for k = 0..=6.
+    pub c: [f32; 7],
+}
+
+pub(crate) const EXP_C: ExpConsts = ExpConsts {
+    log2e: std::f32::consts::LOG2_E,
+    magic: 12_582_912.0,
+    ln2_hi: 0.693_145_75,
+    ln2_lo: 1.428_606_8e-6,
+    c: [
+        1.0,
+        1.0,
+        0.5,
+        1.0 / 6.0,
+        1.0 / 24.0,
+        1.0 / 120.0,
+        1.0 / 720.0,
+    ],
+};
+
+fn exp_sub_ref(s: &mut [f32], m: f32) {
+    for x in s.iter_mut().take(KEY_BLOCK) {
+        *x = exp_poly(*x - m);
+    }
 }
 
 /// Most query rows per call of [`F16Ops`].
@@ -154,6 +209,7 @@ pub const F16_SCALAR: F16Ops = F16Ops {
     name: "scalar",
     qk: qk_ref,
     pv: pv_ref,
+    exp_sub: exp_sub_ref,
 };
 
 /// Every f16 table this machine can run, scalar first.

@@ -1128,6 +1128,70 @@ unsafe fn pv_avx512(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize],
     }
 }
 
+/// `exp_poly(s[j] − m)` for 16 lanes: the scalar steps, lane-wise.
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn exp_sub_avx512(s: &mut [f32], m: f32) {
+    use crate::simd::EXP_C;
+    assert!(s.len() >= KEY_BLOCK);
+    let x = _mm512_sub_ps(_mm512_loadu_ps(s.as_ptr()), _mm512_set1_ps(m));
+    let t = _mm512_mul_ps(x, _mm512_set1_ps(EXP_C.log2e));
+    let magic = _mm512_set1_ps(EXP_C.magic);
+    let n = _mm512_sub_ps(_mm512_add_ps(t, magic), magic);
+    let nn = _mm512_sub_ps(_mm512_setzero_ps(), n);
+    let r = _mm512_fmadd_ps(nn, _mm512_set1_ps(EXP_C.ln2_hi), x);
+    let r = _mm512_fmadd_ps(nn, _mm512_set1_ps(EXP_C.ln2_lo), r);
+    let mut p = _mm512_set1_ps(EXP_C.c[6]);
+    for k in (0..6).rev() {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_C.c[k]));
+    }
+    let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_cvttps_epi32(n),
+        _mm512_set1_epi32(127),
+    ));
+    let y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(n, _mm512_set1_ps(-126.0));
+    _mm512_storeu_ps(
+        s.as_mut_ptr(),
+        _mm512_mask_mov_ps(y, under, _mm512_setzero_ps()),
+    );
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp_sub_avx2(s: &mut [f32], m: f32) {
+    use crate::simd::EXP_C;
+    assert!(s.len() >= KEY_BLOCK);
+    for h in [0, 8] {
+        let x = _mm256_sub_ps(_mm256_loadu_ps(s.as_ptr().add(h)), _mm256_set1_ps(m));
+        let t = _mm256_mul_ps(x, _mm256_set1_ps(EXP_C.log2e));
+        let magic = _mm256_set1_ps(EXP_C.magic);
+        let n = _mm256_sub_ps(_mm256_add_ps(t, magic), magic);
+        let nn = _mm256_sub_ps(_mm256_setzero_ps(), n);
+        let r = _mm256_fmadd_ps(nn, _mm256_set1_ps(EXP_C.ln2_hi), x);
+        let r = _mm256_fmadd_ps(nn, _mm256_set1_ps(EXP_C.ln2_lo), r);
+        let mut p = _mm256_set1_ps(EXP_C.c[6]);
+        for k in (0..6).rev() {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_C.c[k]));
+        }
+        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvttps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        let y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+        let under = _mm256_cmp_ps::<_CMP_LT_OQ>(n, _mm256_set1_ps(-126.0));
+        _mm256_storeu_ps(s.as_mut_ptr().add(h), _mm256_andnot_ps(under, y));
+    }
+}
+
+fn exp_sub_f16(s: &mut [f32], m: f32) {
+    // SAFETY: as for qk_f16; length checked inside.
+    unsafe { exp_sub_avx2(s, m) }
+}
+
+fn exp_sub_wide(s: &mut [f32], m: f32) {
+    // SAFETY: as for qk_f16_wide; length checked inside.
+    unsafe { exp_sub_avx512(s, m) }
+}
+
 fn qk_f16(q: &[f32], kt: &[half::f16], s: &mut [f32]) {
     // SAFETY: only reachable through F16_AVX2/F16_AVX512, which
     // `simd::f16_available` returns after detecting avx2, fma and f16c;
@@ -1161,10 +1225,12 @@ pub const F16_AVX2: F16Ops = F16Ops {
     name: "avx2-f16c",
     qk: qk_f16,
     pv: pv_f16,
+    exp_sub: exp_sub_f16,
 };
 
 pub const F16_AVX512: F16Ops = F16Ops {
     name: "avx512-f16c",
     qk: qk_f16_wide,
     pv: pv_f16_wide,
+    exp_sub: exp_sub_wide,
 };

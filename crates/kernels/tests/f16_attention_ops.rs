@@ -74,8 +74,31 @@ fn qk_and_pv_match_f64_and_every_table_gives_the_scalar_bits() {
                         );
                     }
                 }
+                // exp(s − max) over the row's scores, and over a spread of
+                // arguments down to underflow.
+                let mut e: Vec<f32> = s[..KEY_BLOCK].to_vec();
+                let m = e.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                (ops.exp_sub)(&mut e, m);
+                let mut wide: Vec<f32> = (0..KEY_BLOCK)
+                    .map(|j| -(j as f32).powi(3) * 0.031 * rows as f32)
+                    .collect();
+                (ops.exp_sub)(&mut wide, 0.0);
+                for j in 0..KEY_BLOCK {
+                    for (got, x) in [
+                        (e[j], s[j] - m),
+                        (wide[j], -(j as f32).powi(3) * 0.031 * rows as f32),
+                    ] {
+                        let want = (x as f64).exp();
+                        assert!(
+                            (got as f64 - want).abs() <= 4e-7 * want + 1e-37,
+                            "{} exp({x}) = {got}, want {want}",
+                            ops.name
+                        );
+                    }
+                }
+                e.extend_from_slice(&wide);
                 let bits = (
-                    s.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    s.iter().chain(&e).map(|v| v.to_bits()).collect::<Vec<_>>(),
                     acc.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 );
                 match &scalar {

@@ -438,9 +438,9 @@ fn attend_tile(
             let corr = (m[r] - new_m).exp();
             m[r] = new_m;
             sum[r] *= corr;
+            (ops.exp_sub)(srow, new_m);
             for (j, x) in srow.iter_mut().enumerate() {
                 if (j0..=j1).contains(&j) {
-                    *x = (*x - new_m).exp();
                     sum[r] += *x;
                 } else {
                     *x = 0.0;
