@@ -86,19 +86,30 @@ fn real_main() -> Result<()> {
     if let Command::Bench(a) = cli.command {
         return bench::run(a, cli.threads);
     }
-    if let Some(ts) = cli.threads {
-        let [t] = ts[..] else {
-            anyhow::bail!("--threads takes one number here (a list only for bench)")
-        };
-        if t == 0 || t > 1024 {
-            anyhow::bail!("--threads must be between 1 and 1024, got {t}");
+    let threads = match cli.threads {
+        Some(ts) => {
+            let [t] = ts[..] else {
+                anyhow::bail!("--threads takes one number here (a list only for bench)")
+            };
+            if t == 0 || t > 1024 {
+                anyhow::bail!("--threads must be between 1 and 1024, got {t}");
+            }
+            t
         }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()
-            .context("starting the thread pool")?;
-    }
-    match cli.command {
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    // The command runs on a worker of its own pool, so that the model's many
+    // small parallel loops per token fork and join inside the pool instead
+    // of waking it from outside and sleeping until it is done.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("starting the thread pool")?;
+    pool.install(|| command(cli.command))
+}
+
+fn command(command: Command) -> Result<()> {
+    match command {
         Command::Run(a) => generate::run(a),
         Command::Chat(a) => generate::chat(a),
         Command::Tokenize {

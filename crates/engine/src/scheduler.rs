@@ -226,9 +226,18 @@ impl Scheduler {
             parallel: cfg.parallel,
             limit: cfg.parallel.saturating_add(cfg.max_queue),
         };
+        // The worker loop runs inside a pool of as many threads as the
+        // caller's, so each step's parallel loops fork and join from a pool
+        // thread (cheap) rather than from outside it.
+        let threads = rayon::current_num_threads();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("gemma3-worker-{i}"))
+            .build()
+            .map_err(std::io::Error::other)?;
         let thread = std::thread::Builder::new()
             .name("gemma3-scheduler".into())
-            .spawn(move || Worker::new(&model, &tokenizer, cfg, shared).run(rx))?;
+            .spawn(move || pool.install(|| Worker::new(&model, &tokenizer, cfg, shared).run(rx)))?;
         Ok((handle, thread))
     }
 
