@@ -194,14 +194,9 @@ impl Model {
         let mut rope: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
             // --- attention ---
-            for i in 0..n {
-                ops::rms_norm(
-                    &st.x[i * d..(i + 1) * d],
-                    &layer.attn_norm,
-                    c.rms_eps,
-                    &mut st.xn[i * d..(i + 1) * d],
-                );
-            }
+            per_token(n, st.xn.chunks_mut(d).zip(st.x.chunks(d)), |(o, x)| {
+                ops::rms_norm(x, &layer.attn_norm, c.rms_eps, o)
+            });
             self.matmul(&layer.wq, &st.xn, n, &mut st.q, &mut st.mm);
             self.matmul(&layer.wk, &st.xn, n, &mut st.k, &mut st.mm);
             self.matmul(&layer.wv, &st.xn, n, &mut st.v, &mut st.mm);
@@ -217,21 +212,29 @@ impl Model {
                     rope.len() - 1
                 }
             };
+            let table = &rope[ti].1;
+            per_token(
+                n,
+                st.q.chunks_mut(qd)
+                    .zip(st.k.chunks_mut(kvd))
+                    .zip(table.chunks(hd)),
+                |((q, k), sincos)| {
+                    for h in q.chunks_exact_mut(hd) {
+                        ops::rms_norm_inplace(h, &layer.q_norm, c.rms_eps);
+                        apply_rope(h, sincos);
+                        // Scaled, then rounded to f16 as llama.cpp does when it multiplies
+                        // q with its f16 K cache (keeps us on its tokens at near-ties).
+                        h.iter_mut().for_each(|v| *v *= c.attn_scale);
+                        round_to_f16(h);
+                    }
+                    for h in k.chunks_exact_mut(hd) {
+                        ops::rms_norm_inplace(h, &layer.k_norm, c.rms_eps);
+                        apply_rope(h, sincos);
+                    }
+                },
+            );
+            // Store K and V of every token before any token of the batch attends.
             for i in 0..n {
-                let sincos = &rope[ti].1[i * hd..(i + 1) * hd];
-                for h in st.q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
-                    ops::rms_norm_inplace(h, &layer.q_norm, c.rms_eps);
-                    apply_rope(h, sincos);
-                    // Scaled, then rounded to f16 as llama.cpp does when it
-                    // multiplies q with its f16 K cache (keeps us on its tokens at near-ties).
-                    h.iter_mut().for_each(|v| *v *= c.attn_scale);
-                    round_to_f16(h);
-                }
-                for h in st.k[i * kvd..(i + 1) * kvd].chunks_exact_mut(hd) {
-                    ops::rms_norm_inplace(h, &layer.k_norm, c.rms_eps);
-                    apply_rope(h, sincos);
-                }
-                // Store K and V of this token before any token of the batch attends.
                 caches[seq[i]].layers[l].write(
                     pos[i],
                     &st.k[i * kvd..(i + 1) * kvd],
@@ -243,22 +246,16 @@ impl Model {
             self.attention(l, pos, seq, caches, &st.q, &mut st.attn);
             st.trace(l, "attn", |s| &s.attn);
             self.matmul(&layer.wo, &st.attn, n, &mut st.o, &mut st.mm);
-            for i in 0..n {
-                let o = &mut st.o[i * d..(i + 1) * d];
+            per_token(n, st.o.chunks_mut(d).zip(st.x.chunks_mut(d)), |(o, x)| {
                 ops::rms_norm_inplace(o, &layer.post_attn_norm, c.rms_eps);
-                ops::add_inplace(&mut st.x[i * d..(i + 1) * d], o);
-            }
+                ops::add_inplace(x, o);
+            });
             st.trace(l, "attn_out", |s| &s.x);
 
             // --- feed-forward (GeGLU) ---
-            for i in 0..n {
-                ops::rms_norm(
-                    &st.x[i * d..(i + 1) * d],
-                    &layer.ffn_norm,
-                    c.rms_eps,
-                    &mut st.xn[i * d..(i + 1) * d],
-                );
-            }
+            per_token(n, st.xn.chunks_mut(d).zip(st.x.chunks(d)), |(o, x)| {
+                ops::rms_norm(x, &layer.ffn_norm, c.rms_eps, o)
+            });
             self.matmul(&layer.w_gate, &st.xn, n, &mut st.gate, &mut st.mm);
             self.matmul(&layer.w_up, &st.xn, n, &mut st.up, &mut st.mm);
             // Element-wise, so splitting it across threads cannot change a value.
@@ -271,11 +268,10 @@ impl Model {
                 ops::geglu_inplace(&mut st.gate, &st.up);
             }
             self.matmul(&layer.w_down, &st.gate, n, &mut st.o, &mut st.mm);
-            for i in 0..n {
-                let o = &mut st.o[i * d..(i + 1) * d];
+            per_token(n, st.o.chunks_mut(d).zip(st.x.chunks_mut(d)), |(o, x)| {
                 ops::rms_norm_inplace(o, &layer.post_ffn_norm, c.rms_eps);
-                ops::add_inplace(&mut st.x[i * d..(i + 1) * d], o);
-            }
+                ops::add_inplace(x, o);
+            });
             st.trace(l, "l_out", |s| &s.x);
         }
 
@@ -472,6 +468,22 @@ fn attend_tile(
         for (o, &a) in o.iter_mut().zip(&acc[r * hd..(r + 1) * hd]) {
             *o = a * inv;
         }
+    }
+}
+
+/// Run `f` on every item (one per token), across threads when the batch is
+/// big enough to pay for it. Items are independent, so the split cannot
+/// change a value.
+fn per_token<I, F>(n: usize, items: I, f: F)
+where
+    I: Iterator + Send,
+    I::Item: Send,
+    F: Fn(I::Item) + Sync + Send,
+{
+    if n >= 32 && rayon::current_num_threads() > 1 {
+        items.par_bridge().for_each(f);
+    } else {
+        items.for_each(f);
     }
 }
 
