@@ -1,12 +1,14 @@
 //! Kernel micro-benchmarks at Gemma 3 270M's real shapes (rows × cols of
 //! each matrix, in the format the shipped Q4_K_M file stores it) and batch
-//! sizes 1, 64 and 512, for every kernel table this CPU runs.
+//! sizes 1, 64 and 512, for every kernel table this CPU runs, row-major and
+//! (for the layer matrices) in the interleaved layout the model uses.
 //!
 //! `cargo bench -p gemma3-kernels` (add `-- 'q8_0'` to filter).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gemma3_kernels::formats::{BlockQ8K, BlockQ8_0, QK, QK_K};
 use gemma3_kernels::matmul::matmul_with;
+use gemma3_kernels::packed::{matmul_packed, PackedMatrix};
 use gemma3_kernels::quant::{
     act_quantizers_available, quantize_weights_q5_0, quantize_weights_q8_0,
 };
@@ -79,6 +81,16 @@ fn bench(c: &mut Criterion) {
                 g.bench_with_input(BenchmarkId::new(k.name, n), &n, |b, &n| {
                     b.iter(|| matmul_with(&k, &w, &x, n, &mut out, &mut scratch))
                 });
+                // The interleaved layout the model uses for its layer matrices.
+                if let Some(p) = PackedMatrix::pack(&w) {
+                    g.bench_with_input(
+                        BenchmarkId::new(format!("packed {}", k.name), n),
+                        &n,
+                        |b, &n| {
+                            b.iter(|| matmul_packed(&k.packed, &p, &x, n, &mut out, &mut scratch))
+                        },
+                    );
+                }
             }
         }
         g.finish();
