@@ -4,18 +4,38 @@
 /// Gemma's `1 + w` in GGUF files).
 #[inline]
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let scale = 1.0 / (ss + eps).sqrt();
+    let scale = rms_scale(x, eps);
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
         *o = v * scale * g;
     }
 }
 
+/// 1/sqrt(mean(x²) + eps) as ggml computes it: f32 squares summed in f64,
+/// the mean rounded to f32. The sum runs in 8 independent lanes (which the
+/// compiler vectorizes) instead of one long dependent chain; in f64 the
+/// order changes the f32 mean only in the rarest ties.
+#[inline]
+pub fn rms_scale(x: &[f32], eps: f32) -> f32 {
+    let mut lanes = [0.0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            lanes[i] += (c[i] * c[i]) as f64;
+        }
+    }
+    let mut sum = lanes.iter().sum::<f64>();
+    for &v in tail {
+        sum += (v * v) as f64;
+    }
+    let mean = (sum / x.len() as f64) as f32;
+    1.0 / (mean + eps).sqrt()
+}
+
 /// In-place RMSNorm.
 #[inline]
 pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
-    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let scale = 1.0 / (ss + eps).sqrt();
+    let scale = rms_scale(x, eps);
     for (v, &g) in x.iter_mut().zip(w) {
         *v = *v * scale * g;
     }
