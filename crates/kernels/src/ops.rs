@@ -55,6 +55,16 @@ pub fn gelu_tanh(x: f32) -> f32 {
 /// greedy outputs on its tokens at near-ties, and a table lookup is much
 /// cheaper than tanh. ref: ggml-cpu vec.h ggml_vec_geglu_f32 (GGML_GELU_FP16).
 pub fn geglu_inplace(gate: &mut [f32], up: &[f32]) {
+    assert!(up.len() >= gate.len(), "geglu: up shorter than gate");
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::best().name == crate::x86::VNNI.name {
+        return crate::x86::geglu_avx512(gate, up, gelu_f16_table());
+    }
+    geglu_inplace_ref(gate, up)
+}
+
+/// [`geglu_inplace`] in plain Rust (the SIMD version's twin: same bits).
+pub fn geglu_inplace_ref(gate: &mut [f32], up: &[f32]) {
     use half::slice::HalfFloatSliceExt;
     let table = gelu_f16_table();
     let mut h = [half::f16::ZERO; 256];
@@ -75,7 +85,7 @@ pub fn geglu_inplace(gate: &mut [f32], up: &[f32]) {
 }
 
 /// f16(gelu_tanh(x)) for every f16 bit pattern x, as f32.
-fn gelu_f16_table() -> &'static [f32; 65536] {
+pub(crate) fn gelu_f16_table() -> &'static [f32; 65536] {
     static TABLE: std::sync::OnceLock<Box<[f32; 65536]>> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| {
         let mut t = Box::new([0.0f32; 65536]);

@@ -930,6 +930,40 @@ pub const VNNI: DotKernels = DotKernels {
     packed: crate::packed_x86::PACKED_AVX512,
 };
 
+// ---------------------------------------------------------------- GeGLU
+
+/// `gate = gelu(gate) · up` 16 at a time, as `ops::geglu_inplace_ref`: the
+/// f16 rounding (nearest even) indexes the same table through a gather,
+/// with the same ±10 cut-offs and the same final multiply.
+pub(crate) fn geglu_avx512(gate: &mut [f32], up: &[f32], table: &[f32; 65536]) {
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    unsafe fn inner(gate: &mut [f32], up: &[f32], table: &[f32; 65536]) {
+        let n16 = gate.len() / 16 * 16;
+        let (lo, hi) = (_mm512_set1_ps(-10.0), _mm512_set1_ps(10.0));
+        for i in (0..n16).step_by(16) {
+            let x = _mm512_loadu_ps(gate.as_ptr().add(i));
+            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+            let idx = _mm512_cvtepu16_epi32(h);
+            let g = _mm512_i32gather_ps::<4>(idx, table.as_ptr());
+            let g = _mm512_mask_mov_ps(g, _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, hi), x);
+            let g = _mm512_mask_mov_ps(
+                g,
+                _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, lo),
+                _mm512_setzero_ps(),
+            );
+            let u = _mm512_loadu_ps(up.as_ptr().add(i));
+            _mm512_storeu_ps(gate.as_mut_ptr().add(i), _mm512_mul_ps(g, u));
+        }
+        crate::ops::geglu_inplace_ref(&mut gate[n16..], &up[n16..]);
+    }
+    assert!(up.len() >= gate.len());
+    // SAFETY: only called when the VNNI table was selected, which
+    // `simd::available` returns after detecting AVX-512 F/BW/VL (and AVX2,
+    // FMA, F16C); every index is below gate.len() ≤ up.len(), and gathered
+    // indices are u16 values, inside the 65536-entry table.
+    unsafe { inner(gate, up, table) }
+}
+
 // ---------------------------------------------------------------- f16 attention ops
 //
 // Keys are vector lanes in `qk` (a K tile holds 16 keys per element d) and

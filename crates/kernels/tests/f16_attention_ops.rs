@@ -120,3 +120,29 @@ fn qk_and_pv_match_f64_and_every_table_gives_the_scalar_bits() {
         }
     }
 }
+
+/// GeGLU through the dispatched path (AVX-512 where the CPU has it) gives the plain
+/// version's bits, across the f16 range, the ±10 cut-offs and a ragged tail.
+#[test]
+fn geglu_dispatch_gives_the_reference_bits() {
+    use gemma3_kernels::ops::{geglu_inplace, geglu_inplace_ref};
+    let mut gate: Vec<f32> = data(4099, 11).iter().map(|&v| v * 14.0).collect();
+    gate.extend([
+        -10.0, 10.0, -9.999, 9.999, -10.001, 10.001, 0.0, -0.0, 1e-8, -1e-8, 65504.0, -7e4,
+    ]);
+    let up = data(gate.len(), 12);
+    let (mut a, mut b) = (gate.clone(), gate.clone());
+    geglu_inplace(&mut a, &up);
+    geglu_inplace_ref(&mut b, &up);
+    for i in 0..gate.len() {
+        assert_eq!(
+            a[i].to_bits(),
+            b[i].to_bits(),
+            "gelu({}) · {}: {} vs {}",
+            gate[i],
+            up[i],
+            a[i],
+            b[i]
+        );
+    }
+}
