@@ -253,14 +253,32 @@ fn tile_rows(
     }
 }
 
-/// A raw pointer to the output that worker threads write disjoint parts of.
+/// A raw pointer to the output that worker threads write disjoint parts of
+/// (here and in `packed::matmul_packed`).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: only used to write disjoint elements from different threads (each
-// weight row r is owned by exactly one task), while the &mut borrow is held.
+// weight row, or group of 16 rows, is owned by exactly one task), while the
+// &mut borrow of the output is held.
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
+
+/// Panics unless `x` is n × cols and `out` n × rows (a caller's bug).
+pub(crate) fn check_shapes(x: &[f32], out: &[f32], n: usize, rows: usize, cols: usize) {
+    assert_eq!(
+        x.len(),
+        n * cols,
+        "matmul: x has {} values, expected {n} × {cols}",
+        x.len()
+    );
+    assert_eq!(
+        out.len(),
+        n * rows,
+        "matmul: out has {} values, expected {n} × {rows}",
+        out.len()
+    );
+}
 
 /// `out[t][r] = Σ_c x[t][c] · W[r][c]` for t < n, r < rows.
 /// `x` is n × cols, `out` is n × rows, both row-major.
@@ -277,20 +295,7 @@ pub fn matmul_with(
     out: &mut [f32],
     scratch: &mut MatmulScratch,
 ) {
-    assert_eq!(
-        x.len(),
-        n * w.cols,
-        "matmul: x has {} values, expected {n} × {}",
-        x.len(),
-        w.cols
-    );
-    assert_eq!(
-        out.len(),
-        n * w.rows,
-        "matmul: out has {} values, expected {n} × {}",
-        out.len(),
-        w.rows
-    );
+    check_shapes(x, out, n, w.rows, w.cols);
     let acts = scratch.quantize(w.format, x, w.cols);
     let rows = w.rows;
     // Rows per task: at least ~32 KiB of weight·token work per task so that

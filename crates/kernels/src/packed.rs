@@ -36,7 +36,7 @@
 //!   C bits 2i..2i+2 = high bits of group 4j+i; u ∈ 0..64, w = u − 32.
 
 use crate::formats::*;
-use crate::matmul::{MatmulScratch, QMatrix};
+use crate::matmul::{check_shapes, MatmulScratch, OutPtr, QMatrix};
 use crate::quant::{q5_0_unpack, q6_k_unpack};
 use rayon::prelude::*;
 
@@ -802,15 +802,6 @@ pub const PACKED_SCALAR: PackedKernels = PackedKernels {
     t4: scalar_t4,
 };
 
-/// A raw pointer to the output that tasks write disjoint parts of.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint ranges (each group of rows belongs to one
-// task) while the caller's &mut borrow of the output is held.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
 /// `out[t][r] = Σ_c x[t][c] · W[r][c]` for a packed W (as [`crate::matmul`]).
 pub fn matmul_packed(
     k: &PackedKernels,
@@ -820,20 +811,7 @@ pub fn matmul_packed(
     out: &mut [f32],
     scratch: &mut MatmulScratch,
 ) {
-    assert_eq!(
-        x.len(),
-        n * w.cols,
-        "matmul: x has {} values, expected {n} × {}",
-        x.len(),
-        w.cols
-    );
-    assert_eq!(
-        out.len(),
-        n * w.rows,
-        "matmul: out has {} values, expected {n} × {}",
-        out.len(),
-        w.rows
-    );
+    check_shapes(x, out, n, w.rows, w.cols);
     if n == 0 {
         return;
     }

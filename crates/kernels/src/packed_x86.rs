@@ -5,6 +5,7 @@
 //! so the three give bit-identical results.
 
 use crate::packed::{kernel, ActRow, Isa, PackedFormat, PackedKernels};
+use crate::x86::bits_to_bytes;
 use std::arch::x86_64::*;
 
 pub(crate) struct Avx512;
@@ -121,21 +122,6 @@ impl Isa for Avx512 {
 }
 
 pub(crate) struct Avx2;
-
-/// 32 bits → 32 bytes, 0xFF where the bit is set.
-#[inline(always)]
-unsafe fn bits_to_bytes(x: u32) -> __m256i {
-    let v = _mm256_set1_epi32(x as i32);
-    let shuf = _mm256_set_epi64x(
-        0x0303_0303_0303_0303,
-        0x0202_0202_0202_0202,
-        0x0101_0101_0101_0101,
-        0,
-    );
-    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-    let b = _mm256_and_si256(_mm256_shuffle_epi8(v, shuf), bit);
-    _mm256_cmpeq_epi8(b, bit)
-}
 
 #[derive(Clone, Copy)]
 pub(crate) struct V2(__m256i, __m256i);

@@ -122,7 +122,7 @@ unsafe fn nibbles32(qs: &[u8; 16]) -> __m256i {
 
 /// 32 bits → 32 bytes, 0xFF where the bit is set.
 #[inline(always)]
-unsafe fn bits_to_bytes(x: u32) -> __m256i {
+pub(crate) unsafe fn bits_to_bytes(x: u32) -> __m256i {
     let v = _mm256_set1_epi32(x as i32);
     let shuf = _mm256_set_epi64x(
         0x0303_0303_0303_0303,
