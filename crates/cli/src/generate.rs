@@ -118,14 +118,14 @@ impl SamplingArgs {
             anyhow::bail!("--ctx must be at least 1");
         }
         let path = crate::model_path::resolve(self.model.clone(), true)?;
-        let model = Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
+        let (model, tok) =
+            gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
         if let Some(ctx) = self.ctx.filter(|&c| c > model.config.ctx_len) {
             anyhow::bail!(
                 "--ctx {ctx} is larger than the model's context of {} tokens",
                 model.config.ctx_len
             );
         }
-        let tok = gemma3_engine::tokenizer_from_gguf(&model.file)?;
         Ok((model, tok))
     }
 }

@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use gemma3_model::{Batch, ForwardState, KvCache, Model};
+use gemma3_model::{Batch, ForwardState, KvCache};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -36,8 +36,8 @@ fn nll(logits: &[f32], target: u32) -> f64 {
 
 pub fn run(a: PplArgs) -> Result<()> {
     let path = crate::model_path::resolve(a.model.clone(), true)?;
-    let model = Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
-    let tok = gemma3_engine::tokenizer_from_gguf(&model.file)?;
+    let (model, tok) =
+        gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
     if a.ctx < 4 || a.ctx > model.config.ctx_len {
         bail!(
             "--ctx must be between 4 and {}, got {}",

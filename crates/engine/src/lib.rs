@@ -18,6 +18,18 @@ pub use session::{FinishReason, GenerateParams, Generation, Session, SessionErro
 use gemma3_gguf::GgufFile;
 use gemma3_tokenizer::{SpecialTokens, Tokenizer};
 
+/// Open a model file and build its tokenizer, interleaving the output head
+/// while the tokenizer is built (the two take about as long; this is most
+/// of the time before the first token).
+pub fn load(
+    path: &std::path::Path,
+) -> Result<(gemma3_model::Model, Tokenizer), gemma3_model::ModelError> {
+    let mut model = gemma3_model::Model::open_deferred(path)?;
+    let (head, tok) = rayon::join(|| model.packed_head(), || tokenizer_from_gguf(&model.file));
+    model.set_packed_head(head);
+    Ok((model, tok?))
+}
+
 /// Build the tokenizer from a GGUF file's `tokenizer.ggml.*` vocabulary.
 pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Tokenizer, gemma3_model::ModelError> {
     let err = |e: String| gemma3_model::ModelError::Tokenizer(e);

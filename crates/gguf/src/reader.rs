@@ -256,9 +256,19 @@ impl GgufFile {
     /// set. A hint only; reading the tensor later still works (the pages
     /// are read back from the file). No effect on an in-memory file.
     pub fn release(&self, t: &TensorInfo) {
+        self.release_range(t, 0..t.n_bytes as usize)
+    }
+
+    /// [`GgufFile::release`] for bytes `range` of `t`'s data only.
+    pub fn release_range(&self, t: &TensorInfo, range: std::ops::Range<usize>) {
         if let Backing::Mmap(m) = &self.data {
-            let start = (self.data_start + t.offset) as usize;
-            let len = (t.n_bytes as usize).min(m.len().saturating_sub(start));
+            let base = (self.data_start + t.offset) as usize;
+            let end = range.end.min(t.n_bytes as usize);
+            if range.start >= end {
+                return;
+            }
+            let start = base + range.start;
+            let len = (end - range.start).min(m.len().saturating_sub(start));
             // SAFETY: the mapping is read-only and shared with the file, so
             // MADV_DONTNEED only drops this process's page table entries; a
             // later access faults the same bytes back in from the file. No

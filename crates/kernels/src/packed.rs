@@ -83,10 +83,17 @@ impl PackedFormat {
     }
 }
 
-/// 64 bytes, aligned to a cache line.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
+/// `len` zeroed bytes in their own anonymous mapping (page-aligned; the OS
+/// maps pages as they are written). Transparent huge pages are not
+/// requested: with the kernel's default `defrag` policy for madvised memory,
+/// faulting them in sometimes stalled on compaction for 100-300 ms, which a
+/// user waiting for the first token sees; streaming speed was the same.
+fn zeroed_map(len: usize) -> memmap2::MmapMut {
+    memmap2::MmapOptions::new()
+        .len(len.max(1))
+        .map_anon()
+        .expect("mapping memory for a packed matrix")
+}
 
 /// A weight matrix in the interleaved layout (owned; built by [`PackedMatrix::pack`]).
 pub struct PackedMatrix {
@@ -98,7 +105,8 @@ pub struct PackedMatrix {
     /// Blocks per row.
     nb: usize,
     group_bytes: usize,
-    data: Vec<Line>,
+    /// groups × group_bytes, page-aligned.
+    data: memmap2::MmapMut,
 }
 
 impl std::fmt::Debug for PackedMatrix {
@@ -115,6 +123,14 @@ impl PackedMatrix {
     /// The interleaved copy of `w`, or None when its format has no packed
     /// form or its rows are not a multiple of 16 (those stay row-major).
     pub fn pack(w: &QMatrix) -> Option<Self> {
+        Self::pack_releasing(w, &|_| {})
+    }
+
+    /// [`PackedMatrix::pack`], calling `release(range)` with each range of
+    /// `w.data` once it has been packed (a few MB at a time), so that a
+    /// caller can drop the source pages as it goes and the two copies of a
+    /// large matrix are never resident together.
+    pub fn pack_releasing(w: &QMatrix, release: &dyn Fn(std::ops::Range<usize>)) -> Option<Self> {
         let format = PackedFormat::of(w.format)?;
         if w.rows == 0 || !w.rows.is_multiple_of(LANES) {
             return None;
@@ -122,26 +138,30 @@ impl PackedMatrix {
         let nb = w.cols / w.format.block_size();
         let group_bytes = (nb * (format.core_bytes() + format.scale_bytes())).div_ceil(64) * 64;
         let groups = w.rows / LANES;
-        let mut data = vec![Line([0; 64]); groups * group_bytes / 64];
-        // SAFETY: Line is 64 plain bytes with no padding; the byte view
-        // covers exactly the vector's initialized elements.
-        let bytes = unsafe {
-            std::slice::from_raw_parts_mut(data.as_mut_ptr() as *mut u8, data.len() * 64)
-        };
-        bytes
-            .par_chunks_mut(group_bytes)
-            .enumerate()
-            .for_each(|(g, out)| {
-                for r in 0..LANES {
-                    let row = w.row(g * LANES + r);
-                    for b in 0..nb {
-                        let (core, rest) = out.split_at_mut(nb * format.core_bytes());
-                        let core = &mut core[b * format.core_bytes()..][..format.core_bytes()];
-                        let scales = &mut rest[b * format.scale_bytes()..][..format.scale_bytes()];
-                        pack_block(w.format, row, b, r, core, scales);
+        let mut data = zeroed_map(groups * group_bytes);
+        let bytes = &mut data[..groups * group_bytes];
+        // About 4 MB of source per batch.
+        let batch = (4 << 20) / (LANES * w.row_bytes()).max(1) + 1;
+        for (i, part) in bytes.chunks_mut(batch * group_bytes).enumerate() {
+            let g0 = i * batch;
+            part.par_chunks_mut(group_bytes)
+                .enumerate()
+                .for_each(|(j, out)| {
+                    let g = g0 + j;
+                    for r in 0..LANES {
+                        let row = w.row(g * LANES + r);
+                        for b in 0..nb {
+                            let (core, rest) = out.split_at_mut(nb * format.core_bytes());
+                            let core = &mut core[b * format.core_bytes()..][..format.core_bytes()];
+                            let scales =
+                                &mut rest[b * format.scale_bytes()..][..format.scale_bytes()];
+                            pack_block(w.format, row, b, r, core, scales);
+                        }
                     }
-                }
-            });
+                });
+            let g1 = g0 + part.len() / group_bytes;
+            release(g0 * LANES * w.row_bytes()..g1 * LANES * w.row_bytes());
+        }
         Some(PackedMatrix {
             format,
             source: w.format,
@@ -154,13 +174,12 @@ impl PackedMatrix {
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: as in `pack`.
-        unsafe { std::slice::from_raw_parts(self.data.as_ptr() as *const u8, self.data.len() * 64) }
+        &self.data[..self.rows / LANES * self.group_bytes]
     }
 
     /// Bytes held (what one pass over the matrix reads).
     pub fn size_bytes(&self) -> usize {
-        self.data.len() * 64
+        self.rows / LANES * self.group_bytes
     }
 }
 
@@ -168,11 +187,13 @@ impl PackedMatrix {
 fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8], sc: &mut [u8]) {
     match src {
         WeightFormat::Q8_0 => {
+            // 4 bytes at a time: w + 128 is w with its top bit flipped.
             let blk = &as_blocks::<BlockQ8_0>(row)[b];
             for k in 0..8 {
-                for c in 0..4 {
-                    core[64 * k + 4 * r + c] = (blk.qs[4 * k + c] as u8) ^ 0x80;
-                }
+                let q = &blk.qs[4 * k..4 * k + 4];
+                let v = u32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8])
+                    ^ 0x8080_8080;
+                core[64 * k + 4 * r..64 * k + 4 * r + 4].copy_from_slice(&v.to_le_bytes());
             }
             sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
         }

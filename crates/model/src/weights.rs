@@ -85,6 +85,9 @@ pub struct Model {
     pub output: Option<Tensor>,
     pub final_norm: Vec<f32>,
     pub layers: Vec<Layer>,
+    /// The output head interleaved for the int8 kernels (when its format
+    /// has a packed form); the token embedding still reads the file.
+    pub head_packed: Option<Arc<PackedMatrix>>,
 }
 
 fn weight_format(name: &str, ty: GgmlType) -> Result<WeightFormat, ModelError> {
@@ -108,8 +111,19 @@ fn weight_format(name: &str, ty: GgmlType) -> Result<WeightFormat, ModelError> {
 }
 
 impl Model {
-    /// Open and validate a GGUF model file.
+    /// Open and validate a GGUF model file, with every matrix interleaved.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ModelError> {
+        let mut m = Self::open_deferred(path)?;
+        m.set_packed_head(m.packed_head());
+        Ok(m)
+    }
+
+    /// [`Model::open`] without the output head interleaved yet (about 0.1 s
+    /// of work that a caller may overlap with building the tokenizer):
+    /// finish with `set_packed_head(packed_head())` before the first forward
+    /// pass, or every forward pass computes logits in the file's row order,
+    /// with (slightly) different rounding.
+    pub fn open_deferred(path: impl AsRef<Path>) -> Result<Self, ModelError> {
         Self::from_gguf(GgufFile::open(path)?)
     }
 
@@ -218,6 +232,7 @@ impl Model {
             output,
             final_norm,
             layers,
+            head_packed: None,
         };
         model.pack_layers();
         Ok(model)
@@ -240,6 +255,22 @@ impl Model {
                 self.layers[l].matrix_mut(m).packed = packed;
             }
         }
+    }
+
+    /// The output head interleaved, releasing the file's pages of it as it
+    /// goes (the embedding lookups fault back in only the rows they read).
+    /// One token's pass over the packed head streams as fast as over the
+    /// file's rows, and a batch of tokens shares every block it reads with
+    /// one float op per 16 rows, which is what the server's batched steps
+    /// and a prompt's last tokens need; and every kernel table then gives
+    /// the same logits bit for bit.
+    pub fn packed_head(&self) -> Option<PackedMatrix> {
+        let head = self.head();
+        PackedMatrix::pack_releasing(&self.mat(head), &|r| self.file.release_range(&head.info, r))
+    }
+
+    pub fn set_packed_head(&mut self, p: Option<PackedMatrix>) {
+        self.head_packed = p.map(Arc::new);
     }
 
     /// `out = x · tᵀ` for n rows of x, through the packed copy when there is one.

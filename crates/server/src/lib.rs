@@ -46,7 +46,7 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use gemma3_engine::scheduler::{Scheduler, SchedulerConfig};
-use gemma3_model::{KvCache, Model};
+use gemma3_model::KvCache;
 use routes::App;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -154,7 +154,9 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
             path.display()
         );
     }
-    let model = Model::open(path).with_context(|| format!("loading {}", path.display()))?;
+    let (model, tok) =
+        gemma3_engine::load(path).with_context(|| format!("loading {}", path.display()))?;
+    let tok = Arc::new(tok);
     if cfg.ctx > model.config.ctx_len {
         bail!(
             "--ctx {} is larger than the model's context of {} tokens",
@@ -162,7 +164,6 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
             model.config.ctx_len
         );
     }
-    let tok = Arc::new(gemma3_engine::tokenizer_from_gguf(&model.file)?);
     let mut stop_tokens = vec![tok.specials().eos];
     stop_tokens.extend(tok.specials().end_of_turn);
     let model_id = path
