@@ -427,6 +427,18 @@ pub(crate) trait Isa {
 /// miss queue rather than L1's few fill buffers).
 const AHEAD: usize = 16 * 1024;
 
+/// A hint to bring the line at p into L2 (no effect off x86-64).
+#[inline(always)]
+fn prefetch_l2(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 #[inline(always)]
 unsafe fn y4(qs: &[i8], k: usize) -> i32 {
     debug_assert!(k + 4 <= qs.len());
@@ -866,6 +878,12 @@ pub fn matmul_packed(
         let ptr = ptr;
         let g1 = (g0 + chunk).min(groups);
         let wg = &bytes[g0 * gb..g1 * gb];
+        // The kernels prefetch AHEAD bytes past what they read; start the
+        // stream with the first AHEAD bytes requested at once rather than
+        // missing on them one by one.
+        for line in wg[..wg.len().min(AHEAD)].chunks(64) {
+            prefetch_l2(line.as_ptr());
+        }
         // SAFETY: token t's outputs for rows 16·g0..16·g1 lie inside `out`
         // (n × rows, asserted above) and belong to this task only.
         let slice = |t: usize| unsafe {
