@@ -251,16 +251,12 @@ impl GgufFile {
         }
     }
 
-    /// Tell the kernel that this process will not read `t`'s bytes again (a
-    /// copy of them lives elsewhere): its mapped pages leave the resident
-    /// set. A hint only; reading the tensor later still works (the pages
-    /// are read back from the file). No effect on an in-memory file.
-    pub fn release(&self, t: &TensorInfo) {
-        self.release_range(t, 0..t.n_bytes as usize)
-    }
-
-    /// [`GgufFile::release`] for bytes `range` of `t`'s data only.
-    pub fn release_range(&self, t: &TensorInfo, range: std::ops::Range<usize>) {
+    /// Tell the kernel that this process will not read bytes `range` of
+    /// `t`'s data again (a copy of them lives elsewhere): their mapped pages
+    /// leave the resident set. A hint only; reading them later still works
+    /// (the pages are read back from the file). No effect on an in-memory
+    /// file.
+    pub fn release(&self, t: &TensorInfo, range: std::ops::Range<usize>) {
         if let Backing::Mmap(m) = &self.data {
             let base = (self.data_start + t.offset) as usize;
             let end = range.end.min(t.n_bytes as usize);

@@ -293,23 +293,7 @@ impl Model {
         let vocab = c.vocab_size;
         let old = st.logits.len();
         st.logits.resize(old + m * vocab, 0.0);
-        match &self.head_packed {
-            Some(p) => gemma3_kernels::packed::matmul_packed(
-                &gemma3_kernels::simd::best().packed,
-                p,
-                &st.hid,
-                m,
-                &mut st.logits[old..],
-                &mut st.mm,
-            ),
-            None => gemma3_kernels::matmul(
-                &self.mat(self.head()),
-                &st.hid,
-                m,
-                &mut st.logits[old..],
-                &mut st.mm,
-            ),
-        }
+        self.matmul(self.head(), &st.hid, m, &mut st.logits[old..], &mut st.mm);
     }
 
     /// Causal attention of each token's query heads over its sequence's cache

@@ -16,8 +16,9 @@ pub struct Tensor {
     pub rows: usize,
     pub cols: usize,
     info: TensorInfo,
-    /// The rows interleaved for the int8 kernels (layer matrices whose
-    /// format has a packed form); None: computed from the file in place.
+    /// The rows interleaved for the int8 kernels (every matrix whose format
+    /// and shape have a packed form; the output head once
+    /// `set_packed_head` ran); None: computed from the file in place.
     pub packed: Option<Arc<PackedMatrix>>,
 }
 
@@ -85,9 +86,6 @@ pub struct Model {
     pub output: Option<Tensor>,
     pub final_norm: Vec<f32>,
     pub layers: Vec<Layer>,
-    /// The output head interleaved for the int8 kernels (when its format
-    /// has a packed form); the token embedding still reads the file.
-    pub head_packed: Option<Arc<PackedMatrix>>,
 }
 
 fn weight_format(name: &str, ty: GgmlType) -> Result<WeightFormat, ModelError> {
@@ -232,7 +230,6 @@ impl Model {
             output,
             final_norm,
             layers,
-            head_packed: None,
         };
         model.pack_layers();
         Ok(model)
@@ -240,37 +237,39 @@ impl Model {
 
     /// Interleave every layer matrix that has a packed form (see
     /// `gemma3_kernels::packed`): about 70 MB for Gemma 3 270M, a copy in
-    /// the same quantized form. The output head stays in the file's layout,
-    /// where one token's pass over it is already bandwidth-bound.
+    /// the same quantized form.
     fn pack_layers(&mut self) {
         for l in 0..self.layers.len() {
             for m in 0..7 {
-                let t = self.layers[l].matrix(m);
-                let packed = PackedMatrix::pack(&self.mat(t)).map(Arc::new);
-                if packed.is_some() {
-                    // Drop the file's pages of it as we go, so that the two
-                    // copies are never resident together.
-                    self.file.release(&t.info);
-                }
+                let packed = self.pack(self.layers[l].matrix(m)).map(Arc::new);
                 self.layers[l].matrix_mut(m).packed = packed;
             }
         }
     }
 
-    /// The output head interleaved, releasing the file's pages of it as it
-    /// goes (the embedding lookups fault back in only the rows they read).
-    /// One token's pass over the packed head streams as fast as over the
-    /// file's rows, and a batch of tokens shares every block it reads with
-    /// one float op per 16 rows, which is what the server's batched steps
-    /// and a prompt's last tokens need; and every kernel table then gives
-    /// the same logits bit for bit.
+    /// `t` interleaved, or None if its format or shape has no packed form.
+    /// The file's pages of it are released as they are packed, so the two
+    /// copies are never resident together (a later read of the file, such
+    /// as an embedding lookup, faults back in only what it reads).
+    fn pack(&self, t: &Tensor) -> Option<PackedMatrix> {
+        PackedMatrix::pack_releasing(&self.mat(t), &|r| self.file.release(&t.info, r))
+    }
+
+    /// The output head interleaved (see [`Model::open_deferred`]). One
+    /// token's pass over it streams as fast as over the file's rows, a batch
+    /// of tokens shares every block it reads with one float op per 16 rows
+    /// (the server's batched steps), and every kernel table then gives the
+    /// same logits bit for bit.
     pub fn packed_head(&self) -> Option<PackedMatrix> {
-        let head = self.head();
-        PackedMatrix::pack_releasing(&self.mat(head), &|r| self.file.release_range(&head.info, r))
+        self.pack(self.head())
     }
 
     pub fn set_packed_head(&mut self, p: Option<PackedMatrix>) {
-        self.head_packed = p.map(Arc::new);
+        let head = match &mut self.output {
+            Some(o) => o,
+            None => &mut self.embed,
+        };
+        head.packed = p.map(Arc::new);
     }
 
     /// `out = x · tᵀ` for n rows of x, through the packed copy when there is one.
