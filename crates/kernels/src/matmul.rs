@@ -1,6 +1,10 @@
 //! `out = x · Wᵀ` for a quantized weight matrix W (rows × cols, each row in
 //! its block format) and n rows of f32 activations, split across threads by
 //! weight rows so that each core streams different weights.
+//!
+//! The model computes with the interleaved layout of [`crate::packed`]
+//! wherever a matrix has one; this row-major path serves the rest (formats
+//! without a packed form, row counts that are not a multiple of 16).
 
 use crate::formats::*;
 use crate::quant::{quantize_q8_0, quantize_q8_k};
@@ -156,35 +160,6 @@ fn dot_float(w: &QMatrix, r: usize, acts: Acts, t: usize) -> f32 {
     }
 }
 
-/// Tokens from which 4/5-bit legacy rows are unpacked to Q8_0 once per task.
-const REPACK_MIN_TOKENS: usize = 8;
-
-/// Rows r0..r1 of a Q4_0/Q5_0 matrix as Q8_0 blocks (exact: q - 8 or q - 16 with the same scale).
-fn repack_q8_0(w: &QMatrix, r0: usize, r1: usize) -> Vec<BlockQ8_0> {
-    let mut out = Vec::with_capacity((r1 - r0) * w.cols / QK);
-    for r in r0..r1 {
-        match w.format {
-            WeightFormat::Q5_0 => out.extend(as_blocks::<BlockQ5_0>(w.row(r)).iter().map(|b| {
-                let (lo, hi) = crate::quant::q5_0_unpack(b);
-                let mut qs = [0i8; QK];
-                qs[..16].copy_from_slice(&lo);
-                qs[16..].copy_from_slice(&hi);
-                BlockQ8_0 { d: b.d, qs }
-            })),
-            WeightFormat::Q4_0 => out.extend(as_blocks::<BlockQ4_0>(w.row(r)).iter().map(|b| {
-                let mut qs = [0i8; QK];
-                for j in 0..16 {
-                    qs[j] = (b.qs[j] & 0x0F) as i8 - 8;
-                    qs[j + 16] = (b.qs[j] >> 4) as i8 - 8;
-                }
-                BlockQ8_0 { d: b.d, qs }
-            })),
-            f => unreachable!("repack_q8_0 called for {f}"),
-        }
-    }
-    out
-}
-
 /// Rows r0..r1 of `w` times all n activation rows, in 4×4 tiles (1-wide at
 /// the edges); `put(r, t, value)` stores each result. Quantized formats go
 /// through the tables' whole-range functions (one call per 1 or 4 tokens).
@@ -318,30 +293,7 @@ pub fn matmul_with(
         // is inside `out` (n × rows, asserted above); rows r0..r1 belong to
         // this task only.
         let put = |r: usize, t: usize, v: f32| unsafe { *ptr.0.add(t * rows + r) = v };
-        match w.format {
-            // Prefill: unpack 4/5-bit rows to Q8_0 once for all n tokens
-            // instead of once per 4 tokens. Exact (same integers, same
-            // scales), so results equal the direct path bit for bit.
-            WeightFormat::Q4_0 | WeightFormat::Q5_0 if n >= REPACK_MIN_TOKENS => {
-                let repacked = repack_q8_0(w, r0, r1);
-                // SAFETY: BlockQ8_0 is repr(C) with alignment 1 and no padding
-                // (size 34 asserted in formats.rs), so its bytes may be viewed as u8.
-                let bytes = unsafe {
-                    std::slice::from_raw_parts(
-                        repacked.as_ptr() as *const u8,
-                        repacked.len() * std::mem::size_of::<BlockQ8_0>(),
-                    )
-                };
-                let view = QMatrix {
-                    format: WeightFormat::Q8_0,
-                    rows: r1 - r0,
-                    cols: w.cols,
-                    data: bytes,
-                };
-                tile_rows(k, &view, 0, r1 - r0, acts, n, |r, t, v| put(r0 + r, t, v));
-            }
-            _ => tile_rows(k, w, r0, r1, acts, n, put),
-        }
+        tile_rows(k, w, r0, r1, acts, n, put);
     };
     if threads == 1 || rows <= chunk {
         (0..rows).step_by(chunk.max(1)).for_each(body);
