@@ -388,14 +388,7 @@ fn attend_tile(
         }
     };
     // Query rows of the tile: each token's heads g·group.. are contiguous.
-    let mut qt = [0.0f32; MAX_ROWS * 256];
-    let mut qbuf;
-    let qrows: &mut [f32] = if rows * hd <= qt.len() {
-        &mut qt[..rows * hd]
-    } else {
-        qbuf = vec![0.0f32; rows * hd];
-        &mut qbuf
-    };
+    let mut qrows = vec![0.0f32; rows * hd];
     for t in 0..pos.len() {
         let src = (first + t) * qd + g * group * hd;
         qrows[t * group * hd..(t + 1) * group * hd].copy_from_slice(&q[src..src + group * hd]);
@@ -407,7 +400,7 @@ fn attend_tile(
     let (lo_min, hi_max) = (lo_of(pos[0]), pos[pos.len() - 1]);
     let mut base = lo_min - lo_min % KB;
     while base <= hi_max {
-        (ops.qk)(qrows, lc.k_tile(base, g * hd, hd), &mut s[..rows * KB]);
+        (ops.qk)(&qrows, lc.k_tile(base, g * hd, hd), &mut s[..rows * KB]);
         // Keys of this block any row wants: jmin..=jmax.
         let (mut jmin, mut jmax) = (KB, 0);
         for r in 0..rows {
