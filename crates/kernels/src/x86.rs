@@ -973,6 +973,30 @@ pub(crate) fn geglu_avx512(gate: &mut [f32], up: &[f32], table: &[f32; 65536]) {
 
 use crate::simd::{F16Ops, KEY_BLOCK, MAX_ROWS};
 
+/// Run `$body` for rows `r` in 0..`$rows` in chunks of NR = 8, then 4,
+/// then 1 (a const in `$body`), so a kernel's NR accumulators stay in
+/// registers.
+macro_rules! by_rows {
+    ($rows:expr, |$r:ident, $nr:ident| $body:expr) => {{
+        let mut $r = 0;
+        while $r + 8 <= $rows {
+            const $nr: usize = 8;
+            $body;
+            $r += 8;
+        }
+        while $r + 4 <= $rows {
+            const $nr: usize = 4;
+            $body;
+            $r += 4;
+        }
+        while $r < $rows {
+            const $nr: usize = 1;
+            $body;
+            $r += 1;
+        }
+    }};
+}
+
 /// Scores of NR rows against 8 keys (lanes) at `kt + j0`.
 #[inline(always)]
 unsafe fn qk_rows8<const NR: usize>(
@@ -1007,19 +1031,13 @@ unsafe fn qk_avx2(q: &[f32], kt: &[half::f16], s: &mut [f32]) {
     let (hd, rows) = check_qk(q, kt, s);
     let (qp, kp, sp) = (q.as_ptr(), kt.as_ptr() as *const u16, s.as_mut_ptr());
     for j0 in [0, 8] {
-        let mut r = 0;
-        while r + 8 <= rows {
-            qk_rows8::<8>(qp.add(r * hd), hd, kp, j0, sp.add(r * KEY_BLOCK));
-            r += 8;
-        }
-        while r + 4 <= rows {
-            qk_rows8::<4>(qp.add(r * hd), hd, kp, j0, sp.add(r * KEY_BLOCK));
-            r += 4;
-        }
-        while r < rows {
-            qk_rows8::<1>(qp.add(r * hd), hd, kp, j0, sp.add(r * KEY_BLOCK));
-            r += 1;
-        }
+        by_rows!(rows, |r, NR| qk_rows8::<NR>(
+            qp.add(r * hd),
+            hd,
+            kp,
+            j0,
+            sp.add(r * KEY_BLOCK)
+        ));
     }
 }
 
@@ -1042,19 +1060,12 @@ unsafe fn qk_rows16<const NR: usize>(q: *const f32, hd: usize, kt: *const u16, s
 unsafe fn qk_avx512(q: &[f32], kt: &[half::f16], s: &mut [f32]) {
     let (hd, rows) = check_qk(q, kt, s);
     let (qp, kp, sp) = (q.as_ptr(), kt.as_ptr() as *const u16, s.as_mut_ptr());
-    let mut r = 0;
-    while r + 8 <= rows {
-        qk_rows16::<8>(qp.add(r * hd), hd, kp, sp.add(r * KEY_BLOCK));
-        r += 8;
-    }
-    while r + 4 <= rows {
-        qk_rows16::<4>(qp.add(r * hd), hd, kp, sp.add(r * KEY_BLOCK));
-        r += 4;
-    }
-    while r < rows {
-        qk_rows16::<1>(qp.add(r * hd), hd, kp, sp.add(r * KEY_BLOCK));
-        r += 1;
-    }
+    by_rows!(rows, |r, NR| qk_rows16::<NR>(
+        qp.add(r * hd),
+        hd,
+        kp,
+        sp.add(r * KEY_BLOCK)
+    ));
 }
 
 fn check_pv(acc: &[f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) -> usize {
@@ -1100,19 +1111,14 @@ unsafe fn pv_avx2(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], h
     let rows = check_pv(acc, p, v, offs, hd);
     let (ap, pp, vp) = (acc.as_mut_ptr(), p.as_ptr(), v.as_ptr() as *const u16);
     for c in (0..hd).step_by(8) {
-        let mut r = 0;
-        while r + 8 <= rows {
-            pv_rows8::<8>(ap.add(r * hd), hd, c, pp.add(r * KEY_BLOCK), vp, offs);
-            r += 8;
-        }
-        while r + 4 <= rows {
-            pv_rows8::<4>(ap.add(r * hd), hd, c, pp.add(r * KEY_BLOCK), vp, offs);
-            r += 4;
-        }
-        while r < rows {
-            pv_rows8::<1>(ap.add(r * hd), hd, c, pp.add(r * KEY_BLOCK), vp, offs);
-            r += 1;
-        }
+        by_rows!(rows, |r, NR| pv_rows8::<NR>(
+            ap.add(r * hd),
+            hd,
+            c,
+            pp.add(r * KEY_BLOCK),
+            vp,
+            offs
+        ));
     }
 }
 
@@ -1146,19 +1152,14 @@ unsafe fn pv_avx512(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize],
     let rows = check_pv(acc, p, v, offs, hd);
     let (ap, pp, vp) = (acc.as_mut_ptr(), p.as_ptr(), v.as_ptr() as *const u16);
     for c in (0..hd).step_by(16) {
-        let mut r = 0;
-        while r + 8 <= rows {
-            pv_rows16::<8>(ap.add(r * hd), hd, c, pp.add(r * KEY_BLOCK), vp, offs);
-            r += 8;
-        }
-        while r + 4 <= rows {
-            pv_rows16::<4>(ap.add(r * hd), hd, c, pp.add(r * KEY_BLOCK), vp, offs);
-            r += 4;
-        }
-        while r < rows {
-            pv_rows16::<1>(ap.add(r * hd), hd, c, pp.add(r * KEY_BLOCK), vp, offs);
-            r += 1;
-        }
+        by_rows!(rows, |r, NR| pv_rows16::<NR>(
+            ap.add(r * hd),
+            hd,
+            c,
+            pp.add(r * KEY_BLOCK),
+            vp,
+            offs
+        ));
     }
 }
 
