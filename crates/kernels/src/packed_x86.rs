@@ -115,10 +115,6 @@ impl Isa for Avx512 {
     unsafe fn store_f(p: *mut f32, v: __m512) {
         _mm512_storeu_ps(p, v)
     }
-    #[inline(always)]
-    unsafe fn prefetch(p: *const u8) {
-        _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
-    }
 }
 
 pub(crate) struct Avx2;
@@ -291,10 +287,6 @@ impl Isa for Avx2 {
     unsafe fn store_f(p: *mut f32, v: F2) {
         _mm256_storeu_ps(p, v.0);
         _mm256_storeu_ps(p.add(8), v.1);
-    }
-    #[inline(always)]
-    unsafe fn prefetch(p: *const u8) {
-        _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
     }
 }
 
