@@ -46,6 +46,7 @@ use crate::formats::*;
 use crate::matmul::{check_shapes, MatmulScratch, OutPtr, QMatrix};
 use crate::quant::{q5_0_unpack, q6_k_unpack};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Rows per interleaved group (one per 32-bit lane of a 512-bit vector).
 pub const LANES: usize = 16;
@@ -131,7 +132,8 @@ fn zeroed_map(len: usize) -> memmap2::MmapMut {
         .expect("mapping memory for a packed matrix")
 }
 
-/// A weight matrix in the interleaved layout (owned; built by [`PackedMatrix::pack`]).
+/// A weight matrix in the interleaved layout (built by [`PackedMatrix::pack`]
+/// or, several sharing one mapping, by [`PackedMatrix::pack_many`]).
 pub struct PackedMatrix {
     pub format: PackedFormat,
     /// The format it was packed from (which activation format it consumes).
@@ -141,8 +143,9 @@ pub struct PackedMatrix {
     /// Blocks per row.
     nb: usize,
     group_bytes: usize,
-    /// groups × group_bytes, page-aligned.
-    data: memmap2::MmapMut,
+    /// The mapping that holds this matrix at `offset..offset + size_bytes()`.
+    data: Arc<memmap2::MmapMut>,
+    offset: usize,
 }
 
 impl std::fmt::Debug for PackedMatrix {
@@ -155,9 +158,19 @@ impl std::fmt::Debug for PackedMatrix {
     }
 }
 
+/// What packing `w` takes: its packed format and blocks per row, or None
+/// when its format has no packed form or its rows are not a multiple of 16
+/// (those stay row-major).
+fn plan(w: &QMatrix) -> Option<(PackedFormat, usize)> {
+    let format = PackedFormat::of(w.format)?;
+    if w.rows == 0 || !w.rows.is_multiple_of(LANES) {
+        return None;
+    }
+    Some((format, w.cols / w.format.block_size()))
+}
+
 impl PackedMatrix {
-    /// The interleaved copy of `w`, or None when its format has no packed
-    /// form or its rows are not a multiple of 16 (those stay row-major).
+    /// The interleaved copy of `w`, or None when it has no packed form.
     pub fn pack(w: &QMatrix) -> Option<Self> {
         Self::pack_releasing(w, &|_| {})
     }
@@ -167,62 +180,92 @@ impl PackedMatrix {
     /// caller can drop the source pages as it goes and the two copies of a
     /// large matrix are never resident together.
     pub fn pack_releasing(w: &QMatrix, release: &dyn Fn(std::ops::Range<usize>)) -> Option<Self> {
-        let format = PackedFormat::of(w.format)?;
-        if w.rows == 0 || !w.rows.is_multiple_of(LANES) {
-            return None;
+        Self::pack_many(&[*w], &|_, r| release(r)).pop().flatten()
+    }
+
+    /// Each of `ws` interleaved (None where it has no packed form), all in
+    /// one mapping and in the order given, so that a caller who multiplies
+    /// them in that order reads one ascending stream, which the hardware
+    /// prefetchers follow across the matrices; `release(i, range)` is called
+    /// as [`PackedMatrix::pack_releasing`] does for `ws[i]`.
+    pub fn pack_many(
+        ws: &[QMatrix],
+        release: &dyn Fn(usize, std::ops::Range<usize>),
+    ) -> Vec<Option<Self>> {
+        let plans: Vec<_> = ws.iter().map(plan).collect();
+        let sizes: Vec<usize> = (ws.iter().zip(&plans))
+            .map(|(w, p)| p.map_or(0, |(f, nb)| w.rows / LANES * f.group_bytes(nb)))
+            .collect();
+        let mut data = zeroed_map(sizes.iter().sum());
+        let mut offset = 0;
+        let mut offsets = Vec::with_capacity(ws.len());
+        for (i, (w, p)) in ws.iter().zip(&plans).enumerate() {
+            offsets.push(offset);
+            if let Some((format, nb)) = *p {
+                let out = &mut data[offset..offset + sizes[i]];
+                pack_into(w, format, nb, out, &|r| release(i, r));
+            }
+            offset += sizes[i];
         }
-        let nb = w.cols / w.format.block_size();
-        let group_bytes = format.group_bytes(nb);
-        let groups = w.rows / LANES;
-        let mut data = zeroed_map(groups * group_bytes);
-        let bytes = &mut data[..groups * group_bytes];
-        // About 4 MB of source per batch.
-        let batch = (4 << 20) / (LANES * w.row_bytes()).max(1) + 1;
-        for (i, part) in bytes.chunks_mut(batch * group_bytes).enumerate() {
-            let g0 = i * batch;
-            part.par_chunks_mut(group_bytes)
-                .enumerate()
-                .for_each(|(j, out)| {
-                    let g = g0 + j;
-                    for r in 0..LANES {
-                        let row = w.row(g * LANES + r);
-                        for b in 0..nb {
-                            let (cb, sb) = (format.core_bytes(), format.scale_bytes());
-                            let (co, so) = block_offsets(cb, sb, nb, b);
-                            // The scales follow the quants (co + cb ≤ so).
-                            let (head, tail) = out.split_at_mut(so);
-                            pack_block(
-                                w.format,
-                                row,
-                                b,
-                                r,
-                                &mut head[co..co + cb],
-                                &mut tail[..sb],
-                            );
-                        }
-                    }
-                });
-            let g1 = g0 + part.len() / group_bytes;
-            release(g0 * LANES * w.row_bytes()..g1 * LANES * w.row_bytes());
-        }
-        Some(PackedMatrix {
-            format,
-            source: w.format,
-            rows: w.rows,
-            cols: w.cols,
-            nb,
-            group_bytes,
-            data,
-        })
+        let data = Arc::new(data);
+        (ws.iter().zip(plans).zip(offsets))
+            .map(|((w, p), offset)| {
+                let (format, nb) = p?;
+                Some(PackedMatrix {
+                    format,
+                    source: w.format,
+                    rows: w.rows,
+                    cols: w.cols,
+                    nb,
+                    group_bytes: format.group_bytes(nb),
+                    data: data.clone(),
+                    offset,
+                })
+            })
+            .collect()
     }
 
     fn bytes(&self) -> &[u8] {
-        &self.data[..self.rows / LANES * self.group_bytes]
+        &self.data[self.offset..self.offset + self.size_bytes()]
     }
 
     /// Bytes held (what one pass over the matrix reads).
     pub fn size_bytes(&self) -> usize {
         self.rows / LANES * self.group_bytes
+    }
+}
+
+/// Pack `w` into `bytes` (its groups × group_bytes), calling `release` as
+/// [`PackedMatrix::pack_releasing`] describes.
+fn pack_into(
+    w: &QMatrix,
+    format: PackedFormat,
+    nb: usize,
+    bytes: &mut [u8],
+    release: &dyn Fn(std::ops::Range<usize>),
+) {
+    let group_bytes = format.group_bytes(nb);
+    // About 4 MB of source per batch.
+    let batch = (4 << 20) / (LANES * w.row_bytes()).max(1) + 1;
+    for (i, part) in bytes.chunks_mut(batch * group_bytes).enumerate() {
+        let g0 = i * batch;
+        part.par_chunks_mut(group_bytes)
+            .enumerate()
+            .for_each(|(j, out)| {
+                let g = g0 + j;
+                for r in 0..LANES {
+                    let row = w.row(g * LANES + r);
+                    for b in 0..nb {
+                        let (cb, sb) = (format.core_bytes(), format.scale_bytes());
+                        let (co, so) = block_offsets(cb, sb, nb, b);
+                        // The scales follow the quants (co + cb ≤ so).
+                        let (head, tail) = out.split_at_mut(so);
+                        pack_block(w.format, row, b, r, &mut head[co..co + cb], &mut tail[..sb]);
+                    }
+                }
+            });
+        let g1 = g0 + part.len() / group_bytes;
+        release(g0 * LANES * w.row_bytes()..g1 * LANES * w.row_bytes());
     }
 }
 
