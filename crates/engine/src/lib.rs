@@ -21,13 +21,19 @@ use gemma3_tokenizer::{SpecialTokens, Tokenizer};
 /// Open a model file and build its tokenizer, interleaving the output head
 /// while the tokenizer is built (the two take about as long; this is most
 /// of the time before the first token).
+///
+/// A second later, a background thread moves the packed weights to 2 MB
+/// pages (about 0.3 s of a core), after which generation runs about 15%
+/// faster; see `Model::collapse_huge_pages_in_background`.
 pub fn load(
     path: &std::path::Path,
 ) -> Result<(gemma3_model::Model, Tokenizer), gemma3_model::ModelError> {
     let mut model = gemma3_model::Model::open_deferred(path)?;
     let (head, tok) = rayon::join(|| model.packed_head(), || tokenizer_from_gguf(&model.file));
     model.set_packed_head(head);
-    Ok((model, tok?))
+    let tok = tok?;
+    model.collapse_huge_pages_in_background();
+    Ok((model, tok))
 }
 
 /// Build the tokenizer from a GGUF file's `tokenizer.ggml.*` vocabulary.

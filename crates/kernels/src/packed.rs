@@ -229,6 +229,25 @@ impl PackedMatrix {
         &self.data[self.offset..self.offset + self.size_bytes()]
     }
 
+    /// Whether `self` and `other` live in the same mapping.
+    pub fn shares_mapping(&self, other: &PackedMatrix) -> bool {
+        Arc::ptr_eq(&self.data, &other.data)
+    }
+
+    /// Back the whole mapping this matrix lives in (with the matrices
+    /// packed with it) by 2 MB pages: [`collapse_huge_pages`] (about 0.3 s
+    /// for the 250 MB of Gemma 3 270M).
+    ///
+    /// Why: one core streams the packed head at about 25 GB/s through 4 KB
+    /// pages and about 30 through 2 MB ones (one TLB miss and one
+    /// prefetcher restart per 2 MB instead of per 4 KB). Mapping huge pages
+    /// from the start would also do, but faulting them in can stall on
+    /// memory compaction for 100-300 ms, which a user waiting for the first
+    /// token sees; collapsing afterwards, off the critical path, cannot.
+    pub fn collapse_huge_pages(&self) -> usize {
+        collapse_huge_pages(&self.data)
+    }
+
     /// Bytes held (what one pass over the matrix reads).
     pub fn size_bytes(&self) -> usize {
         self.rows / LANES * self.group_bytes
@@ -267,6 +286,64 @@ fn pack_into(
         let g1 = g0 + part.len() / group_bytes;
         release(g0 * LANES * w.row_bytes()..g1 * LANES * w.row_bytes());
     }
+}
+
+/// Ask the OS to back the whole 2 MB pages inside `bytes` by huge pages,
+/// copying them now, 2 MB at a time, in the calling thread (Linux
+/// `MADV_COLLAPSE`). Returns the bytes collapsed; where the OS cannot (THP
+/// disabled, no huge page free, another OS), pages stay as they were.
+/// Contents never change, and other threads may read `bytes` meanwhile.
+pub fn collapse_huge_pages(bytes: &[u8]) -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let (start, end) = (
+            bytes.as_ptr() as usize,
+            bytes.as_ptr() as usize + bytes.len(),
+        );
+        let mut done = 0;
+        let mut p = start.next_multiple_of(HUGE);
+        while p + HUGE <= end {
+            // SAFETY: [p, p + 2 MB) lies inside `bytes`, which is borrowed
+            // for the call; MADV_COLLAPSE only changes which physical pages
+            // back it, never its contents or validity.
+            if unsafe { libc::madvise(p as *mut libc::c_void, HUGE, libc::MADV_COLLAPSE) } == 0 {
+                done += HUGE;
+            }
+            p += HUGE;
+        }
+        done
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = bytes;
+        0
+    }
+}
+
+/// [`PackedMatrix::collapse_huge_pages`] for each of `matrices`, in a
+/// background thread at the lowest CPU priority that starts after `delay`.
+///
+/// The delay keeps it off the path to a first token: collapsing takes the
+/// process's memory-map lock, and run alongside loading and the first
+/// prompt (even at the lowest priority) it moved the median time to first
+/// token from 0.21 to 0.35 s. Best effort: if the thread cannot start,
+/// nothing happens.
+pub fn collapse_in_background(matrices: Vec<Arc<PackedMatrix>>, delay: std::time::Duration) {
+    let _ = std::thread::Builder::new()
+        .name("huge-pages".into())
+        .spawn(move || {
+            std::thread::sleep(delay);
+            #[cfg(target_os = "linux")]
+            // SAFETY: plain system calls on the calling thread's own id;
+            // a failure leaves the priority as it was.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+            }
+            for m in &matrices {
+                m.collapse_huge_pages();
+            }
+        });
 }
 
 /// Write row-lane `r` of block `b` of a group.

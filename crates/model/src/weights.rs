@@ -283,6 +283,31 @@ impl Model {
         head.packed = p.map(Arc::new);
     }
 
+    /// One packed matrix from each mapping that holds packed weights (the
+    /// layers' and the head's), for [`PackedMatrix::collapse_huge_pages`]:
+    /// collapsing them, in a background thread if need be, makes a token's
+    /// pass over the weights about 15% faster on one core.
+    pub fn packed_mappings(&self) -> Vec<Arc<PackedMatrix>> {
+        let all = (self.layers.iter())
+            .flat_map(|l| (0..7).map(move |m| l.matrix(m)))
+            .chain(std::iter::once(self.head()));
+        let mut maps: Vec<Arc<PackedMatrix>> = Vec::new();
+        for p in all.filter_map(|t| t.packed.as_ref()) {
+            if !maps.iter().any(|m| m.shares_mapping(p)) {
+                maps.push(p.clone());
+            }
+        }
+        maps
+    }
+
+    /// [`Model::packed_mappings`] moved to 2 MB pages by a background thread
+    /// at the lowest CPU priority, starting a second from now (see
+    /// `gemma3_kernels::packed::collapse_in_background`).
+    pub fn collapse_huge_pages_in_background(&self) {
+        let delay = std::time::Duration::from_secs(1);
+        gemma3_kernels::packed::collapse_in_background(self.packed_mappings(), delay);
+    }
+
     /// `out = x · tᵀ` for n rows of x, through the packed copy when there is one.
     pub fn matmul(&self, t: &Tensor, x: &[f32], n: usize, out: &mut [f32], mm: &mut MatmulScratch) {
         match &t.packed {
