@@ -90,6 +90,8 @@ pub struct ForwardState {
     hid: Vec<f32>,
     /// m × vocab, all micro-batches of the last call
     pub logits: Vec<f32>,
+    /// How much of `logits` the micro-batches of this call have written.
+    logits_written: usize,
     mm: MatmulScratch,
     pub trace: Option<Trace>,
 }
@@ -146,9 +148,11 @@ impl Model {
                 });
             }
         }
+        // Sized once here (the head writes every entry); the same size as
+        // last time, as in generation, costs nothing.
         let m = batch.logits.iter().filter(|&&l| l).count();
-        st.logits.clear();
-        st.logits.reserve(m * self.config.vocab_size);
+        resize(&mut st.logits, m * self.config.vocab_size);
+        st.logits_written = 0;
         let mut start = 0;
         while start < n {
             let end = (start + MAX_UBATCH).min(n);
@@ -291,9 +295,10 @@ impl Model {
             );
         }
         let vocab = c.vocab_size;
-        let old = st.logits.len();
-        st.logits.resize(old + m * vocab, 0.0);
-        self.matmul(self.head(), &st.hid, m, &mut st.logits[old..], &mut st.mm);
+        let old = st.logits_written;
+        st.logits_written += m * vocab;
+        let out = &mut st.logits[old..old + m * vocab];
+        self.matmul(self.head(), &st.hid, m, out, &mut st.mm);
     }
 
     /// Causal attention of each token's query heads over its sequence's cache
