@@ -185,21 +185,12 @@ impl Sampler {
         if p.is_greedy() {
             return argmax(logits);
         }
-        // Top-k by partial selection, then sort the survivors descending.
-        self.cand.clear();
-        self.cand
-            .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
         let k = if p.top_k == 0 {
-            self.cand.len()
+            logits.len()
         } else {
-            p.top_k.min(self.cand.len())
+            p.top_k.min(logits.len())
         };
-        let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if k < self.cand.len() {
-            self.cand.select_nth_unstable_by(k - 1, desc);
-            self.cand.truncate(k);
-        }
-        self.cand.sort_unstable_by(desc);
+        top_k_into(logits, k, &mut self.cand);
         // Softmax at temperature 1 for top-p / min-p (as llama.cpp does).
         let max = self.cand[0].1;
         let mut probs: Vec<f32> = self.cand.iter().map(|c| (c.1 - max).exp()).collect();
@@ -236,6 +227,40 @@ impl Sampler {
         }
         self.cand.last().map(|c| c.0).unwrap_or(0)
     }
+}
+
+/// The `k` best (id, logit) pairs, logit descending then id ascending, in
+/// that order, into `cand`.
+fn top_k_into(logits: &[f32], k: usize, cand: &mut Vec<(u32, f32)>) {
+    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    cand.clear();
+    if k == 0 {
+        return;
+    }
+    if k < logits.len() {
+        // One pass that keeps only logits above the k-th best seen so far,
+        // selecting down to k whenever 4k have gathered: a logit equal to
+        // that k-th best comes later, so has a higher id, and loses to it.
+        // The same k as selecting over all 262144, without moving them all.
+        let mut kth: Option<f32> = None;
+        for (i, &l) in logits.iter().enumerate() {
+            if kth.is_none_or(|t| l.total_cmp(&t).is_gt()) {
+                cand.push((i as u32, l));
+                if cand.len() == 4 * k {
+                    cand.select_nth_unstable_by(k - 1, desc);
+                    cand.truncate(k);
+                    kth = Some(cand[k - 1].1);
+                }
+            }
+        }
+        if cand.len() > k {
+            cand.select_nth_unstable_by(k - 1, desc);
+            cand.truncate(k);
+        }
+    } else {
+        cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+    }
+    cand.sort_unstable_by(desc);
 }
 
 fn apply_penalties(logits: &mut [f32], history: &[u32], p: &SamplingParams) {
@@ -314,21 +339,8 @@ pub fn logsumexp(logits: &[f32]) -> f32 {
 /// with `lse` = [`logsumexp`] of the same logits), most likely first; ties
 /// go to the lower id.
 pub fn top_logprobs(logits: &[f32], k: usize, lse: f32) -> Vec<(u32, f32)> {
-    let k = k.min(logits.len());
-    if k == 0 {
-        return Vec::new();
-    }
-    let mut cand: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, l))
-        .collect();
-    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    if k < cand.len() {
-        cand.select_nth_unstable_by(k - 1, desc);
-        cand.truncate(k);
-    }
-    cand.sort_unstable_by(desc);
+    let mut cand = Vec::new();
+    top_k_into(logits, k.min(logits.len()), &mut cand);
     cand.into_iter().map(|(t, l)| (t, l - lse)).collect()
 }
 
@@ -340,6 +352,27 @@ mod tests {
     fn greedy_is_argmax_first_on_ties() {
         let mut s = Sampler::new(SamplingParams::greedy());
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]), 1);
+    }
+
+    /// The one-pass top-k equals sorting everything and taking k, with many
+    /// ties (which the id order breaks) and for k around the 4k batches.
+    #[test]
+    fn top_k_matches_a_full_sort() {
+        let mut rng = Rng::new(5);
+        let mut cand = Vec::new();
+        for len in [1usize, 5, 64, 1000, 20_000] {
+            let v: Vec<f32> = (0..len)
+                .map(|_| (rng.next_u64() % 50) as f32 - 25.0)
+                .collect();
+            let mut all: Vec<(u32, f32)> =
+                v.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            for k in [1usize, 2, 3, 40, 64, 999, 1000, 5000] {
+                let k = k.min(len);
+                top_k_into(&v, k, &mut cand);
+                assert_eq!(cand, all[..k], "len {len} k {k}");
+            }
+        }
     }
 
     /// The chunked argmax equals the first index of the maximum, on lengths
