@@ -77,7 +77,10 @@ fn median(v: &mut [f64]) -> f64 {
 /// Read bandwidth with the current pool's threads: sum a 512 MiB buffer, best of 3.
 /// The buffer is on 2 MB pages where the OS allows, as the packed weights are.
 fn read_bandwidth() -> f64 {
-    let buf: Vec<u8> = (0..512usize << 20).map(|i| i as u8).collect();
+    let mut buf = vec![0u8; 512 << 20];
+    for (i, w) in buf.chunks_exact_mut(8).enumerate() {
+        w.copy_from_slice(&(i as u64).to_le_bytes());
+    }
     gemma3_kernels::packed::collapse_huge_pages(&buf);
     let mut best = 0.0f64;
     for _ in 0..3 {

@@ -293,7 +293,8 @@ fn apply_penalties(logits: &mut [f32], history: &[u32], p: &SamplingParams) {
 pub fn argmax(logits: &[f32]) -> u32 {
     // The largest value first, in 16 independent lanes (branch-free, so it
     // vectorizes: 262144 logits per generated token), then its first index.
-    // NaNs never win; all-NaN (or empty) gives 0.
+    // NaNs never win here; all-NaN (or empty) gives 0. (Top-k orders by
+    // total_cmp, which ranks a positive NaN first; the model never emits one.)
     let mut lanes = [f32::NEG_INFINITY; 16];
     let chunks = logits.chunks_exact(16);
     let tail = chunks.remainder();

@@ -27,8 +27,10 @@
 //! f16 scales (see [`block_offsets`]). The kernels issue no software
 //! prefetches: on the Zen 4 we measured, L2 prefetch instructions capped one
 //! core at about 18 GB/s, where the hardware prefetchers alone stream this
-//! layout at about 25 (the speed of a plain summing loop). Lane r, column c: byte `4r + c` of a
-//! 64-byte vector. A "group of 4" is 4 consecutive elements of every row.
+//! layout at about 25 (the speed of a plain summing loop).
+//!
+//! Lane r, column c: byte `4r + c` of a 64-byte vector. A "group of 4" is 4
+//! consecutive elements of every row.
 //! - Q8_0 (512 B/block): 8 vectors, element 4k+c of row r at vector k,
 //!   stored as w + 128 (unsigned, as `dpbusd` wants it).
 //! - Q5_0 (320 B): 8 × u64 fifth-bit masks (bit 4r+c of mask G = element
@@ -90,16 +92,10 @@ impl PackedFormat {
         }
     }
 
-    /// Bytes of a group of 16 rows of `nb` blocks (a multiple of 64).
+    /// Bytes of a group of 16 rows of `nb` blocks (a multiple of 64): their
+    /// quants and one 64-byte line of scales per unit (see [`block_offsets`]).
     pub const fn group_bytes(self, nb: usize) -> usize {
-        let spl = 64 / self.scale_bytes();
-        let (full, rest) = (nb / spl, nb % spl);
-        full * (spl * self.core_bytes() + 64)
-            + if rest > 0 {
-                rest * self.core_bytes() + 64
-            } else {
-                0
-            }
+        nb * self.core_bytes() + nb.div_ceil(64 / self.scale_bytes()) * 64
     }
 }
 
@@ -112,7 +108,7 @@ pub const fn block_offsets(core: usize, sb: usize, nb: usize, b: usize) -> (usiz
     let spl = 64 / sb;
     let unit = spl * core + 64;
     let (u, j) = (b / spl, b % spl);
-    let in_unit = if (u + 1) * spl <= nb {
+    let in_unit = if spl < nb - u * spl {
         spl
     } else {
         nb - u * spl
@@ -121,10 +117,11 @@ pub const fn block_offsets(core: usize, sb: usize, nb: usize, b: usize) -> (usiz
 }
 
 /// `len` zeroed bytes in their own anonymous mapping (page-aligned; the OS
-/// maps pages as they are written). Transparent huge pages are not
-/// requested: with the kernel's default `defrag` policy for madvised memory,
-/// faulting them in sometimes stalled on compaction for 100-300 ms, which a
-/// user waiting for the first token sees; streaming speed was the same.
+/// maps pages as they are written). Huge pages are not requested here:
+/// with the kernel's default `defrag` policy for madvised memory, faulting
+/// them in sometimes stalled on compaction for 100-300 ms, which a user
+/// waiting for the first token sees. They come later, off that path: see
+/// [`collapse_in_background`].
 fn zeroed_map(len: usize) -> memmap2::MmapMut {
     memmap2::MmapOptions::new()
         .len(len.max(1))
@@ -163,10 +160,11 @@ impl std::fmt::Debug for PackedMatrix {
 /// (those stay row-major).
 fn plan(w: &QMatrix) -> Option<(PackedFormat, usize)> {
     let format = PackedFormat::of(w.format)?;
-    if w.rows == 0 || !w.rows.is_multiple_of(LANES) {
+    let nb = w.cols / w.format.block_size();
+    if w.rows == 0 || !w.rows.is_multiple_of(LANES) || nb == 0 {
         return None;
     }
-    Some((format, w.cols / w.format.block_size()))
+    Some((format, nb))
 }
 
 impl PackedMatrix {
@@ -180,6 +178,7 @@ impl PackedMatrix {
     /// caller can drop the source pages as it goes and the two copies of a
     /// large matrix are never resident together.
     pub fn pack_releasing(w: &QMatrix, release: &dyn Fn(std::ops::Range<usize>)) -> Option<Self> {
+        plan(w)?;
         Self::pack_many(&[*w], &|_, r| release(r)).pop().flatten()
     }
 
@@ -301,14 +300,18 @@ pub fn collapse_huge_pages(bytes: &[u8]) -> usize {
             bytes.as_ptr() as usize,
             bytes.as_ptr() as usize + bytes.len(),
         );
+        // The Linux UAPI value (since 6.1); not every libc target defines it.
+        const MADV_COLLAPSE: libc::c_int = 25;
         let mut done = 0;
         let mut p = start.next_multiple_of(HUGE);
         while p + HUGE <= end {
             // SAFETY: [p, p + 2 MB) lies inside `bytes`, which is borrowed
             // for the call; MADV_COLLAPSE only changes which physical pages
             // back it, never its contents or validity.
-            if unsafe { libc::madvise(p as *mut libc::c_void, HUGE, libc::MADV_COLLAPSE) } == 0 {
+            if unsafe { libc::madvise(p as *mut libc::c_void, HUGE, MADV_COLLAPSE) } == 0 {
                 done += HUGE;
+            } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                break; // a kernel without MADV_COLLAPSE, or THP disabled
             }
             p += HUGE;
         }
@@ -329,7 +332,15 @@ pub fn collapse_huge_pages(bytes: &[u8]) -> usize {
 /// prompt (even at the lowest priority) it moved the median time to first
 /// token from 0.21 to 0.35 s. Best effort: if the thread cannot start,
 /// nothing happens.
+///
+/// The thread holds weak references: matrices dropped in the meantime (a
+/// model unloaded within the delay) are freed as usual and skipped.
 pub fn collapse_in_background(matrices: Vec<Arc<PackedMatrix>>, delay: std::time::Duration) {
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    let matrices: Vec<std::sync::Weak<PackedMatrix>> =
+        matrices.iter().map(Arc::downgrade).collect();
     let _ = std::thread::Builder::new()
         .name("huge-pages".into())
         .spawn(move || {
@@ -340,7 +351,7 @@ pub fn collapse_in_background(matrices: Vec<Arc<PackedMatrix>>, delay: std::time
             unsafe {
                 libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
             }
-            for m in &matrices {
+            for m in matrices.iter().filter_map(std::sync::Weak::upgrade) {
                 m.collapse_huge_pages();
             }
         });

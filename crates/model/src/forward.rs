@@ -159,6 +159,7 @@ impl Model {
             self.forward_ubatch(batch, start..end, caches, st);
             start = end;
         }
+        debug_assert_eq!(st.logits_written, st.logits.len());
         Ok(&st.logits)
     }
 

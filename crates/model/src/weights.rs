@@ -245,9 +245,7 @@ impl Model {
     /// then carry on from one matrix into the next instead of starting
     /// cold at each of the 126.
     fn pack_layers(&mut self) {
-        let tensors: Vec<&Tensor> = (self.layers.iter())
-            .flat_map(|l| (0..7).map(move |m| l.matrix(m)))
-            .collect();
+        let tensors: Vec<&Tensor> = self.layer_matrices().collect();
         let mats: Vec<QMatrix> = tensors.iter().map(|t| self.mat(t)).collect();
         let packed = PackedMatrix::pack_many(&mats, &|i, r| self.file.release(&tensors[i].info, r));
         let mut packed = packed.into_iter();
@@ -256,6 +254,12 @@ impl Model {
                 self.layers[l].matrix_mut(m).packed = packed.next().flatten().map(Arc::new);
             }
         }
+    }
+
+    /// Every layer's 7 weight matrices in the order a forward pass uses
+    /// them: layer by layer, q k v o gate up down.
+    fn layer_matrices(&self) -> impl Iterator<Item = &Tensor> {
+        (self.layers.iter()).flat_map(|l| (0..7).map(move |m| l.matrix(m)))
     }
 
     /// `t` interleaved, or None if its format or shape has no packed form.
@@ -288,9 +292,7 @@ impl Model {
     /// collapsing them, in a background thread if need be, makes a token's
     /// pass over the weights about 15% faster on one core.
     pub fn packed_mappings(&self) -> Vec<Arc<PackedMatrix>> {
-        let all = (self.layers.iter())
-            .flat_map(|l| (0..7).map(move |m| l.matrix(m)))
-            .chain(std::iter::once(self.head()));
+        let all = self.layer_matrices().chain(std::iter::once(self.head()));
         let mut maps: Vec<Arc<PackedMatrix>> = Vec::new();
         for p in all.filter_map(|t| t.packed.as_ref()) {
             if !maps.iter().any(|m| m.shares_mapping(p)) {
