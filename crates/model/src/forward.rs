@@ -321,7 +321,7 @@ impl Model {
         let group = c.n_heads / c.n_kv_heads;
         let per_tile = (MAX_ROWS / group).max(1);
         // Tiles: runs of consecutive positions of one sequence, cut every per_tile tokens.
-        let mut tasks = Vec::new();
+        let mut tiles = Vec::new();
         let mut i = 0;
         while i < n {
             let mut j = i + 1;
@@ -329,17 +329,32 @@ impl Model {
                 j += 1;
             }
             for g in 0..c.n_kv_heads {
-                tasks.push((i, j, g));
+                tiles.push((i, j, g));
             }
             i = j;
         }
+        // Fewer tiles than threads (generation: one token, one KV head):
+        // split each tile's query heads between threads. They then each read
+        // the keys, but a row's result does not depend on its tile.
+        let threads = rayon::current_num_threads();
+        let parts = if tiles.len() < threads {
+            group.min(threads.div_ceil(tiles.len()))
+        } else {
+            1
+        };
+        let tasks: Vec<_> = (tiles.iter())
+            .flat_map(|&(i, j, g)| {
+                (0..parts).map(move |k| (i, j, g, k * group / parts..(k + 1) * group / parts))
+            })
+            .collect();
         let optr = OutPtr(out.as_mut_ptr());
-        let work = |&(i, j, g): &(usize, usize, usize)| {
+        let work = |(i, j, g, heads): &(usize, usize, usize, std::ops::Range<usize>)| {
             #[allow(clippy::redundant_locals)]
             let optr = optr;
-            attend_tile(c, &caches[seq[i]].layers[l], &pos[i..j], g, q, i, optr);
+            let lc = &caches[seq[*i]].layers[l];
+            attend_tile(c, lc, &pos[*i..*j], *g, heads.clone(), q, *i, optr);
         };
-        if tasks.len() <= c.n_kv_heads {
+        if tasks.len() <= 1 {
             tasks.iter().for_each(work);
         } else {
             tasks.par_iter().for_each(work);
@@ -350,9 +365,9 @@ impl Model {
 /// The attention output, written by tasks at disjoint (token, head) places.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: each task writes only the output columns of its own KV head's
-// query heads for its own tokens, so writes never overlap, and the &mut
-// borrow of the output is held while the tasks run.
+// SAFETY: each task writes only the output columns of its own query heads
+// (of one KV head) for its own tokens, so writes never overlap, and the
+// &mut borrow of the output is held while the tasks run.
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
@@ -362,7 +377,8 @@ const MAX_ROWS: usize = gemma3_kernels::simd::MAX_ROWS;
 const KB: usize = gemma3_kernels::simd::KEY_BLOCK;
 
 /// Attention of tokens `first..first + pos.len()` (consecutive positions
-/// `pos` of one sequence) for the query heads of KV head `g`.
+/// `pos` of one sequence) for query heads `g·group + heads` (those of KV
+/// head `g`, or some of them).
 ///
 /// Each query row (token, head) has its own result, computed the same way
 /// whatever tile it is in: keys go in blocks of `KB` aligned to absolute
@@ -377,6 +393,7 @@ fn attend_tile(
     lc: &crate::kv_cache::LayerCache,
     pos: &[usize],
     g: usize,
+    heads: std::ops::Range<usize>,
     q: &[f32],
     first: usize,
     out: OutPtr,
@@ -384,7 +401,10 @@ fn attend_tile(
     let ops = gemma3_kernels::simd::f16_best();
     let (hd, qd, kvd) = (c.head_dim, c.q_dim(), c.kv_dim());
     let group = c.n_heads / c.n_kv_heads;
-    let rows = pos.len() * group;
+    assert!(heads.start < heads.end && heads.end <= group);
+    // Row r is token r / nh, head g·group + heads.start + r % nh.
+    let (h0, nh) = (heads.start, heads.len());
+    let rows = pos.len() * nh;
     assert!(rows <= MAX_ROWS);
     let lo_of = |p: usize| {
         if lc.window == usize::MAX {
@@ -393,11 +413,11 @@ fn attend_tile(
             (p + 1).saturating_sub(lc.window)
         }
     };
-    // Query rows of the tile: each token's heads g·group.. are contiguous.
+    // Query rows of the tile: each token's heads are contiguous.
     let mut qrows = vec![0.0f32; rows * hd];
     for t in 0..pos.len() {
-        let src = (first + t) * qd + g * group * hd;
-        qrows[t * group * hd..(t + 1) * group * hd].copy_from_slice(&q[src..src + group * hd]);
+        let src = (first + t) * qd + (g * group + h0) * hd;
+        qrows[t * nh * hd..(t + 1) * nh * hd].copy_from_slice(&q[src..src + nh * hd]);
     }
     let mut acc = vec![0.0f32; rows * hd];
     let mut m = [f32::NEG_INFINITY; MAX_ROWS];
@@ -410,7 +430,7 @@ fn attend_tile(
         // Keys of this block any row wants: jmin..=jmax.
         let (mut jmin, mut jmax) = (KB, 0);
         for r in 0..rows {
-            let p = pos[r / group];
+            let p = pos[r / nh];
             let (lo, hi) = (lo_of(p).max(base), p.min(base + KB - 1));
             let srow = &mut s[r * KB..(r + 1) * KB];
             if lo > hi {
@@ -451,7 +471,7 @@ fn attend_tile(
         base += KB;
     }
     for r in 0..rows {
-        let (t, h) = (r / group, r % group);
+        let (t, h) = (r / nh, h0 + r % nh);
         let inv = 1.0 / sum[r];
         // SAFETY: row (first + t, head g·group + h) of the n × qd output
         // belongs to this task only (see OutPtr).
