@@ -209,3 +209,35 @@ fn matrices_that_cannot_be_packed_are_refused() {
     let m = QMatrix::new(WeightFormat::Q5K, 16, 256, &data).unwrap();
     assert!(PackedMatrix::pack(&m).is_none());
 }
+
+/// Moving a packed matrix to huge pages (where the OS allows; elsewhere a
+/// no-op) changes none of its results, and nothing breaks while another
+/// thread multiplies by it meanwhile.
+#[test]
+fn collapsing_to_huge_pages_changes_nothing() {
+    let mut rng = Rng::new(0x6875_6765);
+    // 6144 rows of Q8_0 × 640: 4.2 MB packed, so at least one whole 2 MB page.
+    let (rows, cols) = (6144, 640);
+    let data = random_rows(&mut rng, WeightFormat::Q8_0, rows, cols);
+    let w = QMatrix::new(WeightFormat::Q8_0, rows, cols, &data).unwrap();
+    let p = PackedMatrix::pack(&w).unwrap();
+    let x = random_acts(&mut rng, 5 * cols);
+    let k = &available()[0].packed;
+    let run = || {
+        let mut out = vec![0.0f32; 5 * rows];
+        matmul_packed(k, &p, &x, 5, &mut out, &mut MatmulScratch::default());
+        out
+    };
+    let before = run();
+    let during = std::thread::scope(|s| {
+        let reader = s.spawn(|| (0..3).map(|_| run()).collect::<Vec<_>>());
+        p.collapse_huge_pages();
+        reader.join().unwrap()
+    });
+    for out in during.iter().chain([&run()]) {
+        assert!(out
+            .iter()
+            .zip(&before)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
