@@ -1122,9 +1122,9 @@ unsafe fn pv_avx2(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], h
     }
 }
 
-/// NR rows × 16 columns at c of P·V.
+/// NR rows × 16·CH columns at c of P·V.
 #[inline(always)]
-unsafe fn pv_rows16<const NR: usize>(
+unsafe fn pv_chunk<const NR: usize, const CH: usize>(
     acc: *mut f32,
     hd: usize,
     c: usize,
@@ -1132,18 +1132,47 @@ unsafe fn pv_rows16<const NR: usize>(
     v: *const u16,
     offs: &[usize],
 ) {
-    let mut a = [_mm512_setzero_ps(); NR];
+    let mut a = [[_mm512_setzero_ps(); CH]; NR];
     for r in 0..NR {
-        a[r] = _mm512_loadu_ps(acc.add(r * hd + c));
+        for k in 0..CH {
+            a[r][k] = _mm512_loadu_ps(acc.add(r * hd + c + 16 * k));
+        }
     }
     for (j, &o) in offs.iter().enumerate() {
-        let vv = _mm512_cvtph_ps(_mm256_loadu_si256(v.add(o + c) as *const __m256i));
-        for r in 0..NR {
-            a[r] = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(r * KEY_BLOCK + j)), vv, a[r]);
+        for k in 0..CH {
+            let vv = _mm512_cvtph_ps(_mm256_loadu_si256(v.add(o + c + 16 * k) as *const __m256i));
+            for r in 0..NR {
+                a[r][k] = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(r * KEY_BLOCK + j)), vv, a[r][k]);
+            }
         }
     }
     for r in 0..NR {
-        _mm512_storeu_ps(acc.add(r * hd + c), a[r]);
+        for k in 0..CH {
+            _mm512_storeu_ps(acc.add(r * hd + c + 16 * k), a[r][k]);
+        }
+    }
+}
+
+/// P·V for NR rows over all `hd` columns, CH 16-column chunks at a time:
+/// each value row is then read in runs of CH·64 bytes, so a block's rows
+/// are fetched in fewer rounds of cache misses (what one token's attention
+/// waits on), and each (row, column) still adds its keys in key order.
+#[inline(always)]
+unsafe fn pv_rows16<const NR: usize, const CH: usize>(
+    acc: *mut f32,
+    hd: usize,
+    p: *const f32,
+    v: *const u16,
+    offs: &[usize],
+) {
+    let mut c = 0;
+    while c + 16 * CH <= hd {
+        pv_chunk::<NR, CH>(acc, hd, c, p, v, offs);
+        c += 16 * CH;
+    }
+    while c < hd {
+        pv_chunk::<NR, 1>(acc, hd, c, p, v, offs);
+        c += 16;
     }
 }
 
@@ -1151,16 +1180,17 @@ unsafe fn pv_rows16<const NR: usize>(
 unsafe fn pv_avx512(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
     let rows = check_pv(acc, p, v, offs, hd);
     let (ap, pp, vp) = (acc.as_mut_ptr(), p.as_ptr(), v.as_ptr() as *const u16);
-    for c in (0..hd).step_by(16) {
-        by_rows!(rows, |r, NR| pv_rows16::<NR>(
-            ap.add(r * hd),
-            hd,
-            c,
-            pp.add(r * KEY_BLOCK),
-            vp,
-            offs
-        ));
-    }
+    // 16 accumulators at most: CH = 16 / NR chunks (8 for a single row).
+    by_rows!(rows, |r, NR| {
+        let (a, pr) = (ap.add(r * hd), pp.add(r * KEY_BLOCK));
+        if NR >= 8 {
+            pv_rows16::<NR, 2>(a, hd, pr, vp, offs)
+        } else if NR >= 4 {
+            pv_rows16::<NR, 4>(a, hd, pr, vp, offs)
+        } else {
+            pv_rows16::<NR, 8>(a, hd, pr, vp, offs)
+        }
+    });
 }
 
 /// `exp_poly(s[j] − m)` for 16 lanes: the scalar steps, lane-wise.

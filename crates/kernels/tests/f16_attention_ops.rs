@@ -2,7 +2,7 @@
 //! keys): every table this CPU runs against a plain f64 computation written here, and
 //! bit for bit against the scalar table (each output is one fma chain in a fixed order, so
 //! attention cannot depend on the vector width), for 1..=16 rows and a head width with a
-//! tail (hd = 40).
+//! tail (hd = 40), and one that is a multiple of 16 but not of the wide kernels' chunks (48).
 
 use gemma3_kernels::simd::{f16_available, KEY_BLOCK};
 use half::f16;
@@ -28,7 +28,7 @@ fn halves(v: &[f32]) -> Vec<f16> {
 fn qk_and_pv_match_f64_and_every_table_gives_the_scalar_bits() {
     let tables = f16_available();
     assert_eq!(tables[0].name, "scalar");
-    for hd in [256usize, 40] {
+    for hd in [256usize, 48, 40] {
         for rows in 1..=16usize {
             let q = data(rows * hd, rows as u64);
             let kt = halves(&data(hd * KEY_BLOCK, 2));

@@ -344,15 +344,16 @@ impl Model {
         };
         let tasks: Vec<_> = (tiles.iter())
             .flat_map(|&(i, j, g)| {
-                (0..parts).map(move |k| (i, j, g, k * group / parts..(k + 1) * group / parts))
+                let h = move |k: usize| g * group + k * group / parts;
+                (0..parts).map(move |k| (i, j, h(k)..h(k + 1)))
             })
             .collect();
         let optr = OutPtr(out.as_mut_ptr());
-        let work = |(i, j, g, heads): &(usize, usize, usize, std::ops::Range<usize>)| {
+        let work = |(i, j, heads): &(usize, usize, std::ops::Range<usize>)| {
             #[allow(clippy::redundant_locals)]
             let optr = optr;
             let lc = &caches[seq[*i]].layers[l];
-            attend_tile(c, lc, &pos[*i..*j], *g, heads.clone(), q, *i, optr);
+            attend_tile(c, lc, &pos[*i..*j], heads.clone(), q, *i, optr);
         };
         if tasks.len() <= 1 {
             tasks.iter().for_each(work);
@@ -377,8 +378,8 @@ const MAX_ROWS: usize = gemma3_kernels::simd::MAX_ROWS;
 const KB: usize = gemma3_kernels::simd::KEY_BLOCK;
 
 /// Attention of tokens `first..first + pos.len()` (consecutive positions
-/// `pos` of one sequence) for query heads `g·group + heads` (those of KV
-/// head `g`, or some of them).
+/// `pos` of one sequence) for query heads `heads`, all of one KV head (its
+/// whole group, or part of it).
 ///
 /// Each query row (token, head) has its own result, computed the same way
 /// whatever tile it is in: keys go in blocks of `KB` aligned to absolute
@@ -392,7 +393,6 @@ fn attend_tile(
     c: &crate::Config,
     lc: &crate::kv_cache::LayerCache,
     pos: &[usize],
-    g: usize,
     heads: std::ops::Range<usize>,
     q: &[f32],
     first: usize,
@@ -401,9 +401,10 @@ fn attend_tile(
     let ops = gemma3_kernels::simd::f16_best();
     let (hd, qd, kvd) = (c.head_dim, c.q_dim(), c.kv_dim());
     let group = c.n_heads / c.n_kv_heads;
-    assert!(heads.start < heads.end && heads.end <= group);
-    // Row r is token r / nh, head g·group + heads.start + r % nh.
-    let (h0, nh) = (heads.start, heads.len());
+    // KV head g; row r is token r / nh, head g·group + h0 + r % nh.
+    let g = heads.start / group;
+    assert!(heads.start < heads.end && heads.end <= (g + 1) * group);
+    let (h0, nh) = (heads.start - g * group, heads.len());
     let rows = pos.len() * nh;
     assert!(rows <= MAX_ROWS);
     let lo_of = |p: usize| {
