@@ -311,7 +311,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
     (16 * c + logits[16 * c..].iter().position(|&v| v == max).unwrap_or(0)) as u32
 }
 
-/// log-softmax of one entry: logit[i] - logsumexp(logits).
+/// log-softmax of one entry: `logits[i] - logsumexp(logits)`.
 pub fn logprob(logits: &[f32], i: u32) -> f32 {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let lse = max

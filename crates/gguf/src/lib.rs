@@ -5,7 +5,7 @@
 //! data as slices of the map, never copied. [`GgufWriter`] builds GGUF v3 files, for tests and
 //! tools.
 //!
-//! ref: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+//! ref: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>
 //!
 //! ```no_run
 //! use gemma3_gguf::GgufFile;

@@ -1,7 +1,7 @@
 //! The GGUF reader: parses the header, metadata and tensor infos of a memory-mapped (or owned)
 //! file and hands out bounds-checked slices of tensor data.
 //!
-//! ref: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+//! ref: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>
 //!
 //! The file is untrusted input. Every length and count is capped before anything is allocated
 //! (strings by a fixed limit, counts by the bytes left in the file), every size and offset is

@@ -26,7 +26,7 @@ pub struct BlockQ8_0 {
 }
 
 /// 4-bit weights, one f16 scale per 32: `x = d * (q - 8)`; element j < 16 is
-/// the low nibble of qs[j], element j + 16 its high nibble.
+/// the low nibble of `qs[j]`, element j + 16 its high nibble.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct BlockQ4_0 {

@@ -37,10 +37,10 @@
 //!   4G+c), then 4 nibble vectors: vector c holds elements 4c.. in its low
 //!   nibbles and 16+4c.. in its high nibbles; u = q ∈ 0..32, w = u − 16.
 //!   Q4_0 packs into the same form (u = q + 8).
-//! - Q4_K (2304 B): 8 sub-block scales [j][r] (u8), 4 min pairs [p][r][2]
+//! - Q4_K (2304 B): 8 sub-block scales `[j][r]` (u8), 4 min pairs `[p][r][2]`
 //!   (u8), then 32 vectors (c, g) holding the raw bytes qs[32c + 4g ..]: low
 //!   nibbles are sub-block 2c, high nibbles 2c+1. Scales: d then dmin.
-//! - Q6_K (3328 B): 16 scales [j][r] (i8), then per sub-block j three
+//! - Q6_K (3328 B): 16 scales `[j][r]` (i8), then per sub-block j three
 //!   vectors A, B, C: A low/high nibbles = groups 4j, 4j+1; B = 4j+2, 4j+3;
 //!   C bits 2i..2i+2 = high bits of group 4j+i; u ∈ 0..64, w = u − 32.
 
@@ -947,7 +947,7 @@ impl Isa for Scalar {
 
 // ---------------------------------------------------------------- tables and driver
 
-/// A table's packed kernels for 1 and 4 tokens (see [`kernel`]).
+/// A table's packed kernels for 1 and 4 tokens (see `kernel`).
 #[derive(Clone, Copy)]
 #[allow(clippy::type_complexity)]
 pub struct PackedKernels {
@@ -984,7 +984,7 @@ pub const PACKED_SCALAR: PackedKernels = PackedKernels {
     t4: scalar_t4,
 };
 
-/// `out[t][r] = Σ_c x[t][c] · W[r][c]` for a packed W (as [`crate::matmul`]).
+/// `out[t][r] = Σ_c x[t][c] · W[r][c]` for a packed W (as [`crate::matmul()`]).
 pub fn matmul_packed(
     k: &PackedKernels,
     w: &PackedMatrix,
