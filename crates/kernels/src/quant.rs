@@ -262,10 +262,7 @@ pub fn act_quantizers_available() -> Vec<ActQuantizers> {
 pub fn act_quantizers() -> &'static ActQuantizers {
     static BEST: OnceLock<ActQuantizers> = OnceLock::new();
     BEST.get_or_init(|| {
-        let force_scalar = std::env::var("GEMMA3_FORCE_SCALAR")
-            .map(|v| !v.is_empty() && v != "0")
-            .unwrap_or(false);
-        if force_scalar {
+        if crate::simd::force_scalar() {
             return ACT_QUANT_SCALAR;
         }
         *act_quantizers_available()

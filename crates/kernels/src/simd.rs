@@ -86,14 +86,17 @@ pub fn available() -> Vec<DotKernels> {
     v
 }
 
+/// Whether `GEMMA3_FORCE_SCALAR` (set, not empty, not "0") asks every
+/// dispatched kernel to use its scalar reference.
+pub fn force_scalar() -> bool {
+    std::env::var("GEMMA3_FORCE_SCALAR").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
 /// The fastest kernels for this CPU, chosen once.
 pub fn best() -> &'static DotKernels {
     static BEST: OnceLock<DotKernels> = OnceLock::new();
     BEST.get_or_init(|| {
-        let force_scalar = std::env::var("GEMMA3_FORCE_SCALAR")
-            .map(|v| !v.is_empty() && v != "0")
-            .unwrap_or(false);
-        if force_scalar {
+        if force_scalar() {
             return SCALAR;
         }
         *available().last().unwrap_or(&SCALAR)
@@ -232,7 +235,7 @@ pub fn f16_available() -> Vec<F16Ops> {
 pub fn f16_best() -> &'static F16Ops {
     static BEST: OnceLock<F16Ops> = OnceLock::new();
     BEST.get_or_init(|| {
-        if best().name == "scalar" {
+        if force_scalar() {
             F16_SCALAR
         } else {
             *f16_available().last().unwrap_or(&F16_SCALAR)
