@@ -28,9 +28,7 @@ use gemma3_tokenizer::{SpecialTokens, Tokenizer};
 pub fn load(
     path: &std::path::Path,
 ) -> Result<(gemma3_model::Model, Tokenizer), gemma3_model::ModelError> {
-    let mut model = gemma3_model::Model::open_deferred(path)?;
-    let (head, tok) = rayon::join(|| model.packed_head(), || tokenizer_from_gguf(&model.file));
-    model.set_packed_head(head);
+    let (model, tok) = gemma3_model::Model::open_alongside(path, tokenizer_from_gguf)?;
     let tok = tok?;
     model.collapse_huge_pages_in_background();
     Ok((model, tok))

@@ -17,8 +17,7 @@ pub struct Tensor {
     pub cols: usize,
     info: TensorInfo,
     /// The rows interleaved for the int8 kernels (every matrix whose format
-    /// and shape have a packed form; the output head once
-    /// `set_packed_head` ran); None: computed from the file in place.
+    /// and shape have a packed form); None: computed from the file in place.
     pub packed: Option<Arc<PackedMatrix>>,
 }
 
@@ -111,22 +110,32 @@ fn weight_format(name: &str, ty: GgmlType) -> Result<WeightFormat, ModelError> {
 impl Model {
     /// Open and validate a GGUF model file, with every matrix interleaved.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ModelError> {
-        let mut m = Self::open_deferred(path)?;
-        m.set_packed_head(m.packed_head());
-        Ok(m)
-    }
-
-    /// [`Model::open`] without the output head interleaved yet (about 0.1 s
-    /// of work that a caller may overlap with building the tokenizer):
-    /// finish with `set_packed_head(packed_head())` before the first forward
-    /// pass, or every forward pass computes logits in the file's row order,
-    /// with (slightly) different rounding.
-    pub fn open_deferred(path: impl AsRef<Path>) -> Result<Self, ModelError> {
         Self::from_gguf(GgufFile::open(path)?)
     }
 
-    /// Build the model over an opened GGUF file.
+    /// [`Model::open`], running `side(&file)` on another thread while the
+    /// output head is interleaved (about 0.1 s, most of the time before a
+    /// first token; building the tokenizer takes about as long).
+    pub fn open_alongside<T: Send>(
+        path: impl AsRef<Path>,
+        side: impl FnOnce(&GgufFile) -> T + Send,
+    ) -> Result<(Self, T), ModelError> {
+        let mut m = Self::with_packed_layers(GgufFile::open(path)?)?;
+        let (head, t) = rayon::join(|| m.pack(m.head()), || side(&m.file));
+        m.head_mut().packed = head.map(Arc::new);
+        Ok((m, t))
+    }
+
+    /// Build the model over an opened GGUF file, with every matrix interleaved.
     pub fn from_gguf(file: GgufFile) -> Result<Self, ModelError> {
+        let mut m = Self::with_packed_layers(file)?;
+        m.head_mut().packed = m.pack(m.head()).map(Arc::new);
+        Ok(m)
+    }
+
+    /// The model with its layer matrices interleaved but not yet its output
+    /// head (the callers above finish it).
+    fn with_packed_layers(file: GgufFile) -> Result<Self, ModelError> {
         let mut config = Config::from_gguf(&file)?;
         let c = config.clone();
         let embed_info = file
@@ -270,21 +279,11 @@ impl Model {
         PackedMatrix::pack_releasing(&self.mat(t), &|r| self.file.release(&t.info, r))
     }
 
-    /// The output head interleaved (see [`Model::open_deferred`]). One
-    /// token's pass over it streams as fast as over the file's rows, a batch
-    /// of tokens shares every block it reads with one float op per 16 rows
-    /// (the server's batched steps), and every kernel table then gives the
-    /// same logits bit for bit.
-    pub fn packed_head(&self) -> Option<PackedMatrix> {
-        self.pack(self.head())
-    }
-
-    pub fn set_packed_head(&mut self, p: Option<PackedMatrix>) {
-        let head = match &mut self.output {
+    fn head_mut(&mut self) -> &mut Tensor {
+        match &mut self.output {
             Some(o) => o,
             None => &mut self.embed,
-        };
-        head.packed = p.map(Arc::new);
+        }
     }
 
     /// One packed matrix from each mapping that holds packed weights (the
