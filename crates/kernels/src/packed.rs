@@ -33,8 +33,9 @@
 //! consecutive elements of every row.
 //! - Q8_0 (512 B/block): 8 vectors, element 4k+c of row r at vector k,
 //!   stored as w + 128 (unsigned, as `dpbusd` wants it).
-//! - Q5_0 (320 B): 8 × u64 fifth-bit masks (bit 4r+c of mask G = element
-//!   4G+c), then 4 nibble vectors: vector c holds elements 4c.. in its low
+//! - Q5_0 (320 B): one vector of fifth bits (bit G of byte 4r+c = element
+//!   4G+c; a shift and a mask move them into place, where masks loaded into
+//!   mask registers cost a `dpbusd` slot each on Zen 4), then 4 nibble vectors: vector c holds elements 4c.. in its low
 //!   nibbles and 16+4c.. in its high nibbles; u = q ∈ 0..32, w = u − 16.
 //!   Q4_0 packs into the same form (u = q + 8).
 //! - Q4_K (2304 B): 8 sub-block scales `[j][r]` (u8), 4 min pairs `[p][r][2]`
@@ -372,12 +373,14 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
             sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
         }
         WeightFormat::Q5_0 => {
-            // u = q itself: the nibble bytes copy as they are, and row r's
-            // fifth bits of group g are bits 4g..4g+4 of qh.
+            // u = q itself: the nibble bytes copy as they are, and the
+            // fifth bit of element 4g + c is bit g of byte 4r + c.
             let blk = &as_blocks::<BlockQ5_0>(row)[b];
             let qh = u32::from_le_bytes(blk.qh);
             for g in 0..8 {
-                core[8 * g + r / 2] |= (((qh >> (4 * g)) & 0xF) as u8) << (4 * (r % 2));
+                for c in 0..4 {
+                    core[4 * r + c] |= (((qh >> (4 * g + c)) & 1) as u8) << g;
+                }
             }
             for v in 0..4 {
                 core[64 + 64 * v + 4 * r..][..4].copy_from_slice(&blk.qs[4 * v..4 * v + 4]);
@@ -394,9 +397,7 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
             }
             for g in 0..8 {
                 for c in 0..4 {
-                    let bit = (u[4 * g + c] >> 4) as usize & 1;
-                    let pos = 4 * r + c;
-                    core[8 * g + pos / 8] |= (bit << (pos % 8)) as u8;
+                    core[4 * r + c] |= ((u[4 * g + c] >> 4) & 1) << g;
                 }
             }
             for v in 0..4 {
@@ -563,13 +564,9 @@ pub(crate) trait Isa {
     unsafe fn splat8(x: u8) -> Self::V;
     unsafe fn and(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn or(a: Self::V, b: Self::V) -> Self::V;
-    /// Shifts of 16-bit lanes (callers mask the bits that cross bytes).
-    unsafe fn shr4(a: Self::V) -> Self::V;
-    unsafe fn shr2(a: Self::V) -> Self::V;
-    unsafe fn shl4(a: Self::V) -> Self::V;
-    unsafe fn shl2(a: Self::V) -> Self::V;
-    /// Add 16 to byte i where bit i of `mask` is set.
-    unsafe fn add16_where(v: Self::V, mask: u64) -> Self::V;
+    /// Shifts of 16-bit lanes by N < 8 (callers mask the bits that cross bytes).
+    unsafe fn shr<const N: u32>(a: Self::V) -> Self::V;
+    unsafe fn shl<const N: u32>(a: Self::V) -> Self::V;
     unsafe fn splat32(x: i32) -> Self::V;
     unsafe fn add32(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul32(a: Self::V, b: Self::V) -> Self::V;
@@ -703,11 +700,11 @@ unsafe fn group_q5_0<I: Isa, const NT: usize>(
         for t in 0..NT {
             is[t] = I::splat32(-16 * q8(&a[t]).1.get_unchecked(b));
         }
-        let mask = |g: usize| (core.add(8 * g) as *const u64).read_unaligned();
+        let h = I::load(core);
         for c in 0..4 {
             let v = I::load(core.add(64 + 64 * c));
-            let lo = I::add16_where(I::and(v, m4), mask(c));
-            let hi = I::add16_where(I::and(I::shr4(v), m4), mask(4 + c));
+            let lo = I::or(I::and(v, m4), fifth_bits::<I>(h, c));
+            let hi = I::or(I::and(I::shr::<4>(v), m4), fifth_bits::<I>(h, 4 + c));
             for t in 0..NT {
                 let y = &q8(&a[t]).0.get_unchecked(b).qs;
                 is[t] = I::dot_u8(is[t], lo, y4(y, 4 * c));
@@ -721,6 +718,22 @@ unsafe fn group_q5_0<I: Isa, const NT: usize>(
         }
     }
     acc
+}
+
+/// Bit `g` of every byte of `h`, moved to bit 4 (the others cleared).
+#[inline(always)]
+unsafe fn fifth_bits<I: Isa>(h: I::V, g: usize) -> I::V {
+    let moved = match g {
+        0 => I::shl::<4>(h),
+        1 => I::shl::<3>(h),
+        2 => I::shl::<2>(h),
+        3 => I::shl::<1>(h),
+        4 => h,
+        5 => I::shr::<1>(h),
+        6 => I::shr::<2>(h),
+        _ => I::shr::<3>(h),
+    };
+    I::and(moved, I::splat8(0x10))
 }
 
 #[inline(always)]
@@ -743,7 +756,7 @@ unsafe fn group_q4k<I: Isa, const NT: usize>(
             for g in 0..8 {
                 let v = I::load(core.add(256 + 64 * (8 * c + g)));
                 let lo = I::and(v, m4);
-                let hi = I::and(I::shr4(v), m4);
+                let hi = I::and(I::shr::<4>(v), m4);
                 for t in 0..NT {
                     let y = &q8k(&a[t]).get_unchecked(b).qs;
                     lo_is[t] = I::dot_u8(lo_is[t], lo, y4(y, 64 * c + 4 * g));
@@ -797,10 +810,10 @@ unsafe fn group_q6k<I: Isa, const NT: usize>(
             let vb = I::load(base.add(64));
             let vc = I::load(base.add(128));
             let g = [
-                I::or(I::and(va, m4), I::and(I::shl4(vc), m30)),
-                I::or(I::and(I::shr4(va), m4), I::and(I::shl2(vc), m30)),
+                I::or(I::and(va, m4), I::and(I::shl::<4>(vc), m30)),
+                I::or(I::and(I::shr::<4>(va), m4), I::and(I::shl::<2>(vc), m30)),
                 I::or(I::and(vb, m4), I::and(vc, m30)),
-                I::or(I::and(I::shr4(vb), m4), I::and(I::shr2(vc), m30)),
+                I::or(I::and(I::shr::<4>(vb), m4), I::and(I::shr::<2>(vc), m30)),
             ];
             let sc = I::widen_i8(core.add(16 * j));
             for t in 0..NT {
@@ -867,20 +880,11 @@ impl Isa for Scalar {
     unsafe fn or(a: SV, b: SV) -> SV {
         SV::bytes(|i| a.0[i] | b.0[i])
     }
-    unsafe fn shr4(a: SV) -> SV {
-        shift16(a, |w| w >> 4)
+    unsafe fn shr<const N: u32>(a: SV) -> SV {
+        shift16(a, |w| w >> N)
     }
-    unsafe fn shr2(a: SV) -> SV {
-        shift16(a, |w| w >> 2)
-    }
-    unsafe fn shl4(a: SV) -> SV {
-        shift16(a, |w| w << 4)
-    }
-    unsafe fn shl2(a: SV) -> SV {
-        shift16(a, |w| w << 2)
-    }
-    unsafe fn add16_where(v: SV, mask: u64) -> SV {
-        SV::bytes(|i| v.0[i].wrapping_add(if mask >> i & 1 == 1 { 16 } else { 0 }))
+    unsafe fn shl<const N: u32>(a: SV) -> SV {
+        shift16(a, |w| w << N)
     }
     unsafe fn splat32(x: i32) -> SV {
         SV::from_lanes(|_| x)

@@ -5,7 +5,6 @@
 //! so the three give bit-identical results.
 
 use crate::packed::{kernel, ActRow, Isa, PackedFormat, PackedKernels};
-use crate::x86::bits_to_bytes;
 use std::arch::x86_64::*;
 
 pub(crate) struct Avx512;
@@ -31,24 +30,12 @@ impl Isa for Avx512 {
         _mm512_or_si512(a, b)
     }
     #[inline(always)]
-    unsafe fn shr4(a: __m512i) -> __m512i {
-        _mm512_srli_epi16::<4>(a)
+    unsafe fn shr<const N: u32>(a: __m512i) -> __m512i {
+        _mm512_srli_epi16::<N>(a)
     }
     #[inline(always)]
-    unsafe fn shr2(a: __m512i) -> __m512i {
-        _mm512_srli_epi16::<2>(a)
-    }
-    #[inline(always)]
-    unsafe fn shl4(a: __m512i) -> __m512i {
-        _mm512_slli_epi16::<4>(a)
-    }
-    #[inline(always)]
-    unsafe fn shl2(a: __m512i) -> __m512i {
-        _mm512_slli_epi16::<2>(a)
-    }
-    #[inline(always)]
-    unsafe fn add16_where(v: __m512i, mask: u64) -> __m512i {
-        _mm512_mask_add_epi8(v, mask, v, _mm512_set1_epi8(16))
+    unsafe fn shl<const N: u32>(a: __m512i) -> __m512i {
+        _mm512_slli_epi16::<N>(a)
     }
     #[inline(always)]
     unsafe fn splat32(x: i32) -> __m512i {
@@ -155,28 +142,15 @@ impl Isa for Avx2 {
         both!(_mm256_or_si256, a, b)
     }
     #[inline(always)]
-    unsafe fn shr4(a: V2) -> V2 {
-        V2(_mm256_srli_epi16::<4>(a.0), _mm256_srli_epi16::<4>(a.1))
+    unsafe fn shr<const N: u32>(a: V2) -> V2 {
+        // (The immediate forms take an i32; a constant count folds to them.)
+        let n = _mm_cvtsi32_si128(N as i32);
+        V2(_mm256_srl_epi16(a.0, n), _mm256_srl_epi16(a.1, n))
     }
     #[inline(always)]
-    unsafe fn shr2(a: V2) -> V2 {
-        V2(_mm256_srli_epi16::<2>(a.0), _mm256_srli_epi16::<2>(a.1))
-    }
-    #[inline(always)]
-    unsafe fn shl4(a: V2) -> V2 {
-        V2(_mm256_slli_epi16::<4>(a.0), _mm256_slli_epi16::<4>(a.1))
-    }
-    #[inline(always)]
-    unsafe fn shl2(a: V2) -> V2 {
-        V2(_mm256_slli_epi16::<2>(a.0), _mm256_slli_epi16::<2>(a.1))
-    }
-    #[inline(always)]
-    unsafe fn add16_where(v: V2, mask: u64) -> V2 {
-        let s = _mm256_set1_epi8(16);
-        V2(
-            _mm256_add_epi8(v.0, _mm256_and_si256(bits_to_bytes(mask as u32), s)),
-            _mm256_add_epi8(v.1, _mm256_and_si256(bits_to_bytes((mask >> 32) as u32), s)),
-        )
+    unsafe fn shl<const N: u32>(a: V2) -> V2 {
+        let n = _mm_cvtsi32_si128(N as i32);
+        V2(_mm256_sll_epi16(a.0, n), _mm256_sll_epi16(a.1, n))
     }
     #[inline(always)]
     unsafe fn splat32(x: i32) -> V2 {
