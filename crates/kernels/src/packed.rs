@@ -997,11 +997,45 @@ pub fn matmul_packed(
     out: &mut [f32],
     scratch: &mut MatmulScratch,
 ) {
-    check_shapes(x, out, n, w.rows, w.cols);
+    matmul_packed_many(k, &[w], &mut [out], x, n, scratch)
+}
+
+/// [`matmul_packed`] for several matrices that multiply the same `x`
+/// (a layer's q, k and v; its gate and up), quantizing `x` once when they
+/// consume the same activation format (as the Q8_0, Q5_0 and Q4_0 ones do).
+/// Each result is the one [`matmul_packed`] gives.
+pub fn matmul_packed_many(
+    k: &PackedKernels,
+    ws: &[&PackedMatrix],
+    outs: &mut [&mut [f32]],
+    x: &[f32],
+    n: usize,
+    scratch: &mut MatmulScratch,
+) {
+    assert_eq!(ws.len(), outs.len(), "one output per matrix");
+    for (w, out) in ws.iter().zip(outs.iter()) {
+        check_shapes(x, out, n, w.rows, w.cols);
+    }
     if n == 0 {
         return;
     }
-    let acts = scratch.quantize_packed(w.source, x, w.cols);
+    let mut i = 0;
+    while i < ws.len() {
+        let (source, cols) = (ws[i].source, ws[i].cols);
+        let acts = scratch.quantize_packed(source, x, cols);
+        // This matrix and the following ones that read the same activations.
+        let mut j = i;
+        while j < ws.len() && ws[j].cols == cols && ws[j].source.act_format() == source.act_format()
+        {
+            run_packed(k, ws[j], acts, n, outs[j]);
+            j += 1;
+        }
+        i = j;
+    }
+}
+
+/// The packed product of `w` with activations already quantized for it.
+fn run_packed(k: &PackedKernels, w: &PackedMatrix, acts: ActRow, n: usize, out: &mut [f32]) {
     let nb = w.nb;
     let act = |t: usize| -> ActRow {
         match acts {

@@ -11,7 +11,7 @@ mod common;
 
 use common::{random_acts, random_rows, Rng};
 use gemma3_kernels::formats::{BlockQ8K, BlockQ8_0, QK, QK_K};
-use gemma3_kernels::packed::{matmul_packed, spec_dot, ActRow, PackedMatrix};
+use gemma3_kernels::packed::{matmul_packed, matmul_packed_many, spec_dot, ActRow, PackedMatrix};
 use gemma3_kernels::quant::{dequantize_row, quantize_q8_0, quantize_q8_k};
 use gemma3_kernels::simd::available;
 use gemma3_kernels::{ActFormat, MatmulScratch, QMatrix, WeightFormat};
@@ -195,6 +195,62 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
         }
     }
     eprintln!("largest |spec − exact| / Σ|terms|: {worst:.2e}");
+}
+
+/// Several matrices times one input, sharing its quantization where their
+/// activation formats agree (and re-quantizing where they change), give
+/// each matrix's own result bit for bit.
+#[test]
+fn a_shared_input_gives_each_matrix_its_own_result() {
+    let mut rng = Rng::new(0x6d61_6e79);
+    let cols = 512;
+    let formats = [
+        WeightFormat::Q5_0,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4K,
+        WeightFormat::Q6K,
+        WeightFormat::Q4_0,
+    ];
+    let rows = [32, 16, 48, 16, 32];
+    let data: Vec<Vec<u8>> = (formats.iter().zip(rows))
+        .map(|(&f, r)| random_rows(&mut rng, f, r, cols))
+        .collect();
+    let packed: Vec<PackedMatrix> = (0..formats.len())
+        .map(|i| {
+            let m = QMatrix::new(formats[i], rows[i], cols, &data[i]).unwrap();
+            PackedMatrix::pack(&m).unwrap()
+        })
+        .collect();
+    for k in &available() {
+        for n in [1usize, 6] {
+            let x = random_acts(&mut rng, n * cols);
+            let mut outs: Vec<Vec<f32>> = rows.iter().map(|r| vec![f32::NAN; n * r]).collect();
+            let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            let ws: Vec<&PackedMatrix> = packed.iter().collect();
+            let mut scratch = MatmulScratch::default();
+            matmul_packed_many(&k.packed, &ws, &mut refs, &x, n, &mut scratch);
+            for (i, p) in packed.iter().enumerate() {
+                let mut alone = vec![0.0f32; n * rows[i]];
+                matmul_packed(
+                    &k.packed,
+                    p,
+                    &x,
+                    n,
+                    &mut alone,
+                    &mut MatmulScratch::default(),
+                );
+                assert!(
+                    alone
+                        .iter()
+                        .zip(&outs[i])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "[{}] n={n}: matrix {i} ({}) differs when it shares its input",
+                    k.name,
+                    formats[i]
+                );
+            }
+        }
+    }
 }
 
 #[test]

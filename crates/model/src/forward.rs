@@ -202,9 +202,13 @@ impl Model {
             per_token(n, st.xn.chunks_mut(d).zip(st.x.chunks(d)), |(o, x)| {
                 ops::rms_norm(x, &layer.attn_norm, c.rms_eps, o)
             });
-            self.matmul(&layer.wq, &st.xn, n, &mut st.q, &mut st.mm);
-            self.matmul(&layer.wk, &st.xn, n, &mut st.k, &mut st.mm);
-            self.matmul(&layer.wv, &st.xn, n, &mut st.v, &mut st.mm);
+            self.matmul_many(
+                [&layer.wq, &layer.wk, &layer.wv],
+                &st.xn,
+                n,
+                [&mut st.q, &mut st.k, &mut st.v],
+                &mut st.mm,
+            );
             // cos/sin tables per distinct RoPE base, once per micro-batch.
             let ti = match rope.iter().position(|(f, _)| *f == layer.rope_inv_freq) {
                 Some(ti) => ti,
@@ -261,8 +265,13 @@ impl Model {
             per_token(n, st.xn.chunks_mut(d).zip(st.x.chunks(d)), |(o, x)| {
                 ops::rms_norm(x, &layer.ffn_norm, c.rms_eps, o)
             });
-            self.matmul(&layer.w_gate, &st.xn, n, &mut st.gate, &mut st.mm);
-            self.matmul(&layer.w_up, &st.xn, n, &mut st.up, &mut st.mm);
+            self.matmul_many(
+                [&layer.w_gate, &layer.w_up],
+                &st.xn,
+                n,
+                [&mut st.gate, &mut st.up],
+                &mut st.mm,
+            );
             // Element-wise, so splitting it across threads cannot change a value.
             if n >= 16 {
                 st.gate

@@ -324,6 +324,36 @@ impl Model {
         }
     }
 
+    /// [`Model::matmul`] of each of `ts` with the same `x` into the
+    /// matching `outs`; when all are packed, `x` is quantized once for all
+    /// that consume the same activation format. Results are those of
+    /// [`Model::matmul`].
+    pub fn matmul_many<const N: usize>(
+        &self,
+        ts: [&Tensor; N],
+        x: &[f32],
+        n: usize,
+        outs: [&mut [f32]; N],
+        mm: &mut MatmulScratch,
+    ) {
+        let mut outs = outs;
+        match ts.map(|t| t.packed.as_deref()) {
+            ps if ps.iter().all(Option::is_some) => gemma3_kernels::packed::matmul_packed_many(
+                &gemma3_kernels::simd::best().packed,
+                &ps.map(Option::unwrap),
+                &mut outs,
+                x,
+                n,
+                mm,
+            ),
+            _ => {
+                for (t, out) in ts.into_iter().zip(outs) {
+                    self.matmul(t, x, n, out, mm);
+                }
+            }
+        }
+    }
+
     /// A matrix view of a tensor.
     pub fn mat(&self, t: &Tensor) -> QMatrix<'_> {
         QMatrix {
