@@ -15,6 +15,7 @@ pub mod ops;
 pub mod packed;
 #[cfg(target_arch = "x86_64")]
 mod packed_x86;
+pub mod pool;
 pub mod quant;
 #[cfg(target_arch = "x86_64")]
 mod quant_x86;

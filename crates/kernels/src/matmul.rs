@@ -297,6 +297,8 @@ pub fn matmul_with(
     };
     if threads == 1 || rows <= chunk {
         (0..rows).step_by(chunk.max(1)).for_each(body);
+    } else if n <= crate::pool::SMALL_BATCH {
+        crate::pool::current().run(rows.div_ceil(chunk), &|i| body(i * chunk));
     } else {
         (0..rows).into_par_iter().step_by(chunk).for_each(body);
     }

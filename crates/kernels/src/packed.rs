@@ -1013,6 +1013,7 @@ pub fn matmul_packed_many(
     scratch: &mut MatmulScratch,
 ) {
     assert_eq!(ws.len(), outs.len(), "one output per matrix");
+    assert!(ws.len() <= MAX_MANY, "at most {MAX_MANY} matrices at once");
     for (w, out) in ws.iter().zip(outs.iter()) {
         check_shapes(x, out, n, w.rows, w.cols);
     }
@@ -1027,15 +1028,30 @@ pub fn matmul_packed_many(
         let mut j = i;
         while j < ws.len() && ws[j].cols == cols && ws[j].source.act_format() == source.act_format()
         {
-            run_packed(k, ws[j], acts, n, outs[j]);
             j += 1;
         }
+        run_packed(k, &ws[i..j], &mut outs[i..j], acts, n);
         i = j;
     }
 }
 
-/// The packed product of `w` with activations already quantized for it.
-fn run_packed(k: &PackedKernels, w: &PackedMatrix, acts: ActRow, n: usize, out: &mut [f32]) {
+/// Most matrices one call of [`matmul_packed_many`] takes.
+pub const MAX_MANY: usize = 8;
+
+/// Groups `g0..g1` of `w` times the `n` tokens of `acts`, into `out` (the
+/// n × w.rows result, which this call alone writes at those rows).
+///
+/// # Safety
+/// `out` must point to n × w.rows floats that no other thread touches at
+/// rows 16·g0..16·g1 meanwhile, and g0 ≤ g1 ≤ w.rows / 16.
+unsafe fn packed_groups(
+    k: &PackedKernels,
+    w: &PackedMatrix,
+    acts: ActRow,
+    n: usize,
+    out: OutPtr,
+    (g0, g1): (usize, usize),
+) {
     let nb = w.nb;
     let act = |t: usize| -> ActRow {
         match acts {
@@ -1047,50 +1063,93 @@ fn run_packed(k: &PackedKernels, w: &PackedMatrix, acts: ActRow, n: usize, out: 
             ActRow::Q8K(b) => ActRow::Q8K(&b[t * nb..(t + 1) * nb]),
         }
     };
-    let groups = w.rows / LANES;
-    let gb = w.group_bytes;
-    // Groups per task: at least ~32 KiB of weight·token work so scheduling
-    // stays cheap next to it, at most ~256 KiB of weights so a task's
-    // groups stay in L2 while its tokens sweep them, and enough tasks to
-    // balance the threads.
-    let threads = rayon::current_num_threads().max(1);
-    let min_g = (32 * 1024 / (gb * n)).max(1);
-    let max_g = (256 * 1024 / gb).max(min_g);
-    let chunk = (groups / (threads * 8)).clamp(min_g, max_g).min(groups);
-    let rows = w.rows;
-    let ptr = OutPtr(out.as_mut_ptr());
-    let bytes = w.bytes();
-    let body = |g0: usize| {
-        #[allow(clippy::redundant_locals)]
-        let ptr = ptr;
-        let g1 = (g0 + chunk).min(groups);
-        let wg = &bytes[g0 * gb..g1 * gb];
-        // SAFETY: token t's outputs for rows 16·g0..16·g1 lie inside `out`
-        // (n × rows, asserted above) and belong to this task only.
-        let slice = |t: usize| unsafe {
-            std::slice::from_raw_parts_mut(ptr.0.add(t * rows + g0 * LANES), (g1 - g0) * LANES)
-        };
-        let mut t = 0;
-        while t + 4 <= n {
-            (k.t4)(
-                w.format,
-                wg,
-                gb,
-                nb,
-                &[act(t), act(t + 1), act(t + 2), act(t + 3)],
-                &mut [slice(t), slice(t + 1), slice(t + 2), slice(t + 3)],
-            );
-            t += 4;
-        }
-        while t < n {
-            (k.t1)(w.format, wg, gb, nb, &[act(t)], &mut [slice(t)]);
-            t += 1;
-        }
+    let (gb, rows) = (w.group_bytes, w.rows);
+    let wg = &w.bytes()[g0 * gb..g1 * gb];
+    // SAFETY: token t's outputs for rows 16·g0..16·g1 (see above).
+    let slice = |t: usize| unsafe {
+        std::slice::from_raw_parts_mut(out.0.add(t * rows + g0 * LANES), (g1 - g0) * LANES)
     };
-    if threads == 1 || groups <= chunk {
-        (0..groups).step_by(chunk).for_each(body);
-    } else {
-        (0..groups).into_par_iter().step_by(chunk).for_each(body);
+    let mut t = 0;
+    while t + 4 <= n {
+        (k.t4)(
+            w.format,
+            wg,
+            gb,
+            nb,
+            &[act(t), act(t + 1), act(t + 2), act(t + 3)],
+            &mut [slice(t), slice(t + 1), slice(t + 2), slice(t + 3)],
+        );
+        t += 4;
+    }
+    while t < n {
+        (k.t1)(w.format, wg, gb, nb, &[act(t)], &mut [slice(t)]);
+        t += 1;
+    }
+}
+
+/// The packed products of `ws` (which all read `acts`) into `outs`.
+fn run_packed(
+    k: &PackedKernels,
+    ws: &[&PackedMatrix],
+    outs: &mut [&mut [f32]],
+    acts: ActRow,
+    n: usize,
+) {
+    assert!(ws.len() <= MAX_MANY && ws.len() == outs.len());
+    let mut ptrs = [OutPtr(std::ptr::null_mut()); MAX_MANY];
+    for (p, o) in ptrs.iter_mut().zip(outs.iter_mut()) {
+        *p = OutPtr(o.as_mut_ptr());
+    }
+    let threads = rayon::current_num_threads().max(1);
+    if n <= crate::pool::SMALL_BATCH && threads > 1 {
+        // Generation, on the spin pool: the weights stream from memory
+        // once. Cut the bytes of all the matrices (stored one after
+        // another) into contiguous parts, one per thread (about 1 MB each
+        // for a big matrix such as the output head, claimed in turn so that
+        // a thread the host slows does not hold the other up), so that each
+        // thread reads one ascending run instead of small tasks handed out
+        // alternately.
+        let total: usize = ws.iter().map(|w| w.size_bytes()).sum();
+        let parts = threads.max(total >> 20);
+        let part = |p: usize| {
+            let (b0, b1) = (total * p / parts, total * (p + 1) / parts);
+            let mut base = 0;
+            for (i, w) in ws.iter().enumerate() {
+                let (gb, groups) = (w.group_bytes, w.rows / LANES);
+                // Groups whose first byte lies in b0..b1.
+                let g0 = b0.saturating_sub(base).div_ceil(gb).min(groups);
+                let g1 = b1.saturating_sub(base).div_ceil(gb).min(groups);
+                if g0 < g1 {
+                    // SAFETY: the parts cut each matrix's groups into
+                    // disjoint ranges, each written by one task.
+                    unsafe { packed_groups(k, w, acts, n, ptrs[i], (g0, g1)) };
+                }
+                base += w.size_bytes();
+            }
+        };
+        crate::pool::current().run(parts, &part);
+        return;
+    }
+    for (i, w) in ws.iter().enumerate() {
+        let groups = w.rows / LANES;
+        let gb = w.group_bytes;
+        // Groups per task: at least ~32 KiB of weight·token work so
+        // scheduling stays cheap next to it, at most ~256 KiB of weights so
+        // a task's groups stay in L2 while its tokens sweep them, and
+        // enough tasks to balance the threads.
+        let min_g = (32 * 1024 / (gb * n)).max(1);
+        let max_g = (256 * 1024 / gb).max(min_g);
+        let chunk = (groups / (threads * 8)).clamp(min_g, max_g).min(groups);
+        let out = ptrs[i];
+        // SAFETY: the tasks' group ranges are disjoint.
+        let body = |g0: usize| unsafe {
+            packed_groups(k, w, acts, n, out, (g0, (g0 + chunk).min(groups)))
+        };
+        if threads == 1 || groups <= chunk {
+            (0..groups).step_by(chunk).for_each(body);
+        } else {
+            (0..groups).into_par_iter().step_by(chunk).for_each(body);
+        }
     }
 }
 

@@ -366,6 +366,8 @@ impl Model {
         };
         if tasks.len() <= 1 {
             tasks.iter().for_each(work);
+        } else if n <= gemma3_kernels::pool::SMALL_BATCH {
+            gemma3_kernels::pool::current().run(tasks.len(), &|i| work(&tasks[i]));
         } else {
             tasks.par_iter().for_each(work);
         }
