@@ -1104,13 +1104,14 @@ fn run_packed(
     if n <= crate::pool::SMALL_BATCH && threads > 1 {
         // Generation, on the spin pool: the weights stream from memory
         // once. Cut the bytes of all the matrices (stored one after
-        // another) into contiguous parts, one per thread (about 1 MB each
-        // for a big matrix such as the output head, claimed in turn so that
-        // a thread the host slows does not hold the other up), so that each
-        // thread reads one ascending run instead of small tasks handed out
-        // alternately.
+        // another) into contiguous parts, so that each thread reads one
+        // ascending run instead of small tasks handed out alternately: one
+        // part per thread for a layer's matrices, parts of about 1 MB (a
+        // multiple of the thread count) for a big one such as the output
+        // head, claimed in turn so that a thread the host slows does not
+        // hold the others up.
         let total: usize = ws.iter().map(|w| w.size_bytes()).sum();
-        let parts = threads.max(total >> 20);
+        let parts = (total >> 20).div_ceil(threads).max(1) * threads;
         let part = |p: usize| {
             let (b0, b1) = (total * p / parts, total * (p + 1) / parts);
             let mut base = 0;

@@ -51,6 +51,9 @@ struct Shared {
     stop: AtomicBool,
     /// One flag per worker: set while it is parked (or about to be).
     parked: Vec<AtomicBool>,
+    /// The first panic of a task on a worker, for the caller to resume.
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    panicked: AtomicBool,
 }
 
 /// Caller plus `workers` spinning threads; see the module docs.
@@ -58,7 +61,8 @@ pub struct SpinPool {
     /// Threads asked for (the caller included).
     size: usize,
     shared: Arc<Shared>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Worker w's thread (None if it could not be started).
+    threads: Vec<Option<std::thread::JoinHandle<()>>>,
     /// One caller at a time (a second one runs its job inline).
     busy: Mutex<()>,
 }
@@ -75,9 +79,11 @@ impl SpinPool {
             active: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             parked: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+            panic: Mutex::new(None),
+            panicked: AtomicBool::new(false),
         });
         let handles: Vec<_> = (0..workers)
-            .filter_map(|w| {
+            .map(|w| {
                 let s = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("spin-{w}"))
@@ -101,33 +107,50 @@ impl SpinPool {
 
     /// Run `f(i)` for every i in `0..n`, on the caller and the workers,
     /// and return when all have finished. Tasks are claimed one at a time,
-    /// so uneven ones balance. A panic in `f` on a worker aborts the
-    /// process (as it would leave the job half done).
+    /// so uneven ones balance. If a task panics, the remaining ones are
+    /// skipped and the panic resumes on the caller once no worker holds `f`.
     pub fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
         let guard = match self.busy.try_lock() {
-            Ok(g) if n > 1 && !self.threads.is_empty() && !IN_WORKER.get() => g,
-            _ => return (0..n).for_each(f),
+            Ok(g) => Some(g),
+            // A task's panic unwound through an earlier `run`; the pool is
+            // consistent again (its job was retired).
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        let parallel = n > 1 && self.threads.iter().any(Option::is_some) && !IN_WORKER.get();
+        let _guard = match guard {
+            Some(g) if parallel => g,
+            _ => {
+                // Release the lock before running inline, so that another
+                // caller meanwhile gets the workers.
+                drop(guard);
+                return (0..n).for_each(f);
+            }
         };
         let s = &*self.shared;
-        // SAFETY (of the lifetime erasure): the job is retired below and
-        // `run` waits until no worker holds it before returning.
+        // SAFETY (of the lifetime erasure): `Retire` below, dropped before
+        // `run` returns or unwinds, unpublishes the job and waits until no
+        // worker holds it.
         let f_static: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
         {
             let mut job = s.job.lock().unwrap_or_else(|e| e.into_inner());
             s.next.store(0, Ordering::Relaxed);
             s.finished.store(0, Ordering::Relaxed);
+            s.panicked.store(false, Ordering::Relaxed);
             *job = Some(Job { f: f_static, n });
             // SeqCst here and on the workers' side of parking: a worker
             // either sees the new epoch or is seen parked (and unparked).
             s.epoch.fetch_add(1, Ordering::SeqCst);
         }
+        let retire = Retire(s);
         for (w, p) in s.parked.iter().enumerate() {
             if p.swap(false, Ordering::SeqCst) {
-                self.threads[w].thread().unpark();
+                if let Some(t) = &self.threads[w] {
+                    t.thread().unpark();
+                }
             }
         }
         let mut mine = 0;
-        // A panic here must still wait for the workers, which hold `f`.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
             let i = s.next.fetch_add(1, Ordering::Relaxed);
             if i >= n {
@@ -141,18 +164,42 @@ impl SpinPool {
             s.next.store(n, Ordering::Relaxed);
         } else {
             s.finished.fetch_add(mine, Ordering::AcqRel);
-            while s.finished.load(Ordering::Acquire) < n {
-                std::hint::spin_loop();
-            }
+            wait_until(|| {
+                s.finished.load(Ordering::Acquire) >= n || s.panicked.load(Ordering::Acquire)
+            });
         }
-        // Retire the job, then wait for workers that took it before.
-        *s.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        while s.active.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
-        }
-        drop(guard);
+        drop(retire);
         if let Err(e) = r {
             std::panic::resume_unwind(e);
+        }
+        if s.panicked.load(Ordering::Acquire) {
+            let e = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+            std::panic::resume_unwind(e.unwrap_or_else(|| Box::new("a pool task panicked")));
+        }
+    }
+}
+
+/// Unpublishes the current job and waits for the workers that took it:
+/// after its drop no worker can reach the job's closure.
+struct Retire<'a>(&'a Shared);
+
+impl Drop for Retire<'_> {
+    fn drop(&mut self) {
+        *self.0.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        wait_until(|| self.0.active.load(Ordering::Acquire) == 0);
+    }
+}
+
+/// Spin until `done()`, yielding the CPU now and then (a thread we wait
+/// for may have been descheduled when there are more threads than cores).
+fn wait_until(done: impl Fn() -> bool) {
+    let mut spins = 0u32;
+    while !done() {
+        spins += 1;
+        if spins.is_multiple_of(1024) {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
         }
     }
 }
@@ -161,10 +208,10 @@ impl Drop for SpinPool {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.epoch.fetch_add(1, Ordering::SeqCst);
-        for t in &self.threads {
+        for t in self.threads.iter().flatten() {
             t.thread().unpark();
         }
-        for t in self.threads.drain(..) {
+        for t in self.threads.drain(..).flatten() {
             let _ = t.join();
         }
     }
@@ -217,9 +264,15 @@ fn worker(s: &Shared, w: usize) {
             }
             // SAFETY: the job is live while `active` counts this worker.
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*f)(i) }));
-            if r.is_err() {
-                eprintln!("a task of the spin pool panicked; aborting");
-                std::process::abort();
+            if let Err(e) = r {
+                // Skip the rest; the caller resumes the panic.
+                s.next.store(n, Ordering::Relaxed);
+                s.panic
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(e);
+                s.panicked.store(true, Ordering::Release);
+                break;
             }
             mine += 1;
         }
@@ -272,6 +325,28 @@ mod tests {
         p.run(4, &|_| {});
         std::thread::sleep(SPIN * 4);
         drop(p);
+    }
+
+    /// A task's panic reaches the caller as a panic, whichever thread ran
+    /// it, and the pool keeps working.
+    #[test]
+    fn a_panicking_task_unwinds_to_the_caller() {
+        let pool = SpinPool::new(2);
+        for round in 0..50 {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.run(64, &|i| {
+                    if i == 37 {
+                        panic!("task {i} of round {round}");
+                    }
+                })
+            }));
+            assert!(r.is_err(), "round {round}: the panic was lost");
+            let total = AtomicU64::new(0);
+            pool.run(64, &|i| {
+                total.fetch_add(i as u64, Ordering::Relaxed);
+            });
+            assert_eq!(total.load(Ordering::Relaxed), (0..64).sum::<u64>());
+        }
     }
 
     #[test]
