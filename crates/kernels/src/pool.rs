@@ -190,13 +190,15 @@ impl Drop for Retire<'_> {
     }
 }
 
-/// Spin until `done()`, yielding the CPU now and then (a thread we wait
-/// for may have been descheduled when there are more threads than cores).
+/// Spin until `done()`, yielding the CPU after long waits (some 100s of
+/// µs: a thread we wait for may have been descheduled when there are more
+/// threads than cores; a normal wait, for a worker to finish its part, is
+/// far shorter and never makes the system call).
 fn wait_until(done: impl Fn() -> bool) {
     let mut spins = 0u32;
     while !done() {
         spins += 1;
-        if spins.is_multiple_of(1024) {
+        if spins.is_multiple_of(8192) {
             std::thread::yield_now();
         } else {
             std::hint::spin_loop();
