@@ -10,7 +10,7 @@
 //! (tg128, 2 threads, alternating builds), the layers' matrix products took
 //! about 10% less time here than on rayon, and a token 5-7% less.
 //!
-//! Workers spin for [`SPIN`] after their last job, then park until the next
+//! Workers spin for 300 µs (`SPIN`) after their last job, then park until the next
 //! one, so an idle process burns no CPU. Prefill, where each step is long,
 //! stays on rayon: callers use the pool for batches of at most
 //! [`SMALL_BATCH`] tokens.
