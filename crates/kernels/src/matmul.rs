@@ -295,11 +295,5 @@ pub fn matmul_with(
         let put = |r: usize, t: usize, v: f32| unsafe { *ptr.0.add(t * rows + r) = v };
         tile_rows(k, w, r0, r1, acts, n, put);
     };
-    if threads == 1 || rows <= chunk {
-        (0..rows).step_by(chunk.max(1)).for_each(body);
-    } else if n <= crate::pool::SMALL_BATCH {
-        crate::pool::current().run(rows.div_ceil(chunk), &|i| body(i * chunk));
-    } else {
-        (0..rows).into_par_iter().step_by(chunk).for_each(body);
-    }
+    crate::pool::for_each_task(n, rows.div_ceil(chunk), &|i| body(i * chunk));
 }

@@ -35,8 +35,9 @@
 //!   stored as w + 128 (unsigned, as `dpbusd` wants it).
 //! - Q5_0 (320 B): one vector of fifth bits (bit G of byte 4r+c = element
 //!   4G+c; a shift and a mask move them into place, where masks loaded into
-//!   mask registers cost a `dpbusd` slot each on Zen 4), then 4 nibble vectors: vector c holds elements 4c.. in its low
-//!   nibbles and 16+4c.. in its high nibbles; u = q ∈ 0..32, w = u − 16.
+//!   mask registers cost a `dpbusd` slot each on Zen 4), then 4 nibble
+//!   vectors: vector c holds elements 4c.. in its low nibbles and 16+4c.. in
+//!   its high nibbles; u = q ∈ 0..32, w = u − 16.
 //!   Q4_0 packs into the same form (u = q + 8).
 //! - Q4_K (2304 B): 8 sub-block scales `[j][r]` (u8), 4 min pairs `[p][r][2]`
 //!   (u8), then 32 vectors (c, g) holding the raw bytes qs[32c + 4g ..]: low
@@ -1020,14 +1021,14 @@ pub fn matmul_packed_many(
     if n == 0 {
         return;
     }
+    // (All have x's width: check_shapes.)
     let mut i = 0;
     while i < ws.len() {
-        let (source, cols) = (ws[i].source, ws[i].cols);
-        let acts = scratch.quantize_packed(source, x, cols);
+        let source = ws[i].source;
+        let acts = scratch.quantize_packed(source, x, ws[i].cols);
         // This matrix and the following ones that read the same activations.
         let mut j = i;
-        while j < ws.len() && ws[j].cols == cols && ws[j].source.act_format() == source.act_format()
-        {
+        while j < ws.len() && ws[j].source.act_format() == source.act_format() {
             j += 1;
         }
         run_packed(k, &ws[i..j], &mut outs[i..j], acts, n);
@@ -1128,7 +1129,7 @@ fn run_packed(
                 base += w.size_bytes();
             }
         };
-        crate::pool::current().run(parts, &part);
+        crate::pool::for_each_task(n, parts, &part);
         return;
     }
     for (i, w) in ws.iter().enumerate() {
@@ -1146,11 +1147,7 @@ fn run_packed(
         let body = |g0: usize| unsafe {
             packed_groups(k, w, acts, n, out, (g0, (g0 + chunk).min(groups)))
         };
-        if threads == 1 || groups <= chunk {
-            (0..groups).step_by(chunk).for_each(body);
-        } else {
-            (0..groups).into_par_iter().step_by(chunk).for_each(body);
-        }
+        crate::pool::for_each_task(n, groups.div_ceil(chunk), &|i| body(i * chunk));
     }
 }
 

@@ -6,16 +6,19 @@
 //! On the 2-vCPU Zen 4 VM this project runs on, a rayon region of two
 //! tasks cost 0.7-2 µs more than its work while the workers were awake and
 //! about 9 µs once they had gone to sleep (after some 40 µs without work);
-//! a worker spinning on an atomic costs 0.07 µs. Measured on whole tokens
-//! (tg128, 2 threads, alternating builds), the layers' matrix products took
-//! about 10% less time here than on rayon, and a token 5-7% less.
+//! a worker spinning on an atomic costs 0.07 µs. Together with one
+//! contiguous part of the weights per thread (`packed::run_packed`), the
+//! layers' matrix products took about 10% less time than on rayon with small
+//! interleaved tasks, and tg128 on 2 threads went from 113.9 to 126.1 tok/s
+//! (medians of six alternating pairs).
 //!
-//! Workers spin for 300 µs (`SPIN`) after their last job, then park until the next
-//! one, so an idle process burns no CPU. Prefill, where each step is long,
-//! stays on rayon: callers use the pool for batches of at most
-//! [`SMALL_BATCH`] tokens.
+//! Workers spin for 300 µs (`SPIN`) after their last job, then park until
+//! the next one, so an idle process burns no CPU. Prefill, where each step
+//! is long, stays on rayon: [`for_each_task`] picks the pool for batches of
+//! at most [`SMALL_BATCH`] tokens.
 
-use std::cell::{Cell, RefCell};
+use rayon::prelude::*;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -283,32 +286,45 @@ fn worker(s: &Shared, w: usize) {
     }
 }
 
+/// `f(i)` for every i in `0..tasks`, the parallel steps of a batch of
+/// `tokens` tokens, across the calling rayon pool's threads: on the spin
+/// pool for small batches (generation), on rayon otherwise, inline for one
+/// task or one thread. Tasks are independent, so the choice never changes
+/// a result.
+pub fn for_each_task(tokens: usize, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+    if tasks <= 1 || rayon::current_num_threads() <= 1 {
+        (0..tasks).for_each(f);
+    } else if tokens <= SMALL_BATCH {
+        current().run(tasks, f);
+    } else {
+        (0..tasks).into_par_iter().for_each(f);
+    }
+}
+
 /// The pool for the calling thread's rayon thread count (so `-t 2` gives
 /// the caller and one worker), created on first use and kept for the
 /// process's lifetime.
-pub fn current() -> Arc<SpinPool> {
+pub fn current() -> &'static SpinPool {
     thread_local! {
-        static CACHED: RefCell<Option<Arc<SpinPool>>> = const { RefCell::new(None) };
+        static CACHED: Cell<Option<&'static SpinPool>> = const { Cell::new(None) };
     }
-    static POOLS: Mutex<Vec<Arc<SpinPool>>> = Mutex::new(Vec::new());
+    static POOLS: Mutex<Vec<&'static SpinPool>> = Mutex::new(Vec::new());
     let want = rayon::current_num_threads().max(1);
-    CACHED.with(|c| {
-        let mut c = c.borrow_mut();
-        if let Some(p) = c.as_ref().filter(|p| p.threads() == want) {
-            return p.clone();
+    if let Some(p) = CACHED.get().filter(|p| p.threads() == want) {
+        return p;
+    }
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    let p = match pools.iter().find(|p| p.threads() == want) {
+        Some(p) => *p,
+        None => {
+            // Never freed: its workers park when idle.
+            let p: &'static SpinPool = Box::leak(Box::new(SpinPool::new(want)));
+            pools.push(p);
+            p
         }
-        let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
-        let p = match pools.iter().find(|p| p.threads() == want) {
-            Some(p) => p.clone(),
-            None => {
-                let p = Arc::new(SpinPool::new(want));
-                pools.push(p.clone());
-                p
-            }
-        };
-        *c = Some(p.clone());
-        p
-    })
+    };
+    CACHED.set(Some(p));
+    p
 }
 
 #[cfg(test)]

@@ -364,13 +364,7 @@ impl Model {
             let lc = &caches[seq[*i]].layers[l];
             attend_tile(c, lc, &pos[*i..*j], heads.clone(), q, *i, optr);
         };
-        if tasks.len() <= 1 {
-            tasks.iter().for_each(work);
-        } else if n <= gemma3_kernels::pool::SMALL_BATCH {
-            gemma3_kernels::pool::current().run(tasks.len(), &|i| work(&tasks[i]));
-        } else {
-            tasks.par_iter().for_each(work);
-        }
+        gemma3_kernels::pool::for_each_task(n, tasks.len(), &|i| work(&tasks[i]));
     }
 }
 

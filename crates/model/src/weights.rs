@@ -333,23 +333,23 @@ impl Model {
         ts: [&Tensor; N],
         x: &[f32],
         n: usize,
-        outs: [&mut [f32]; N],
+        mut outs: [&mut [f32]; N],
         mm: &mut MatmulScratch,
     ) {
-        let mut outs = outs;
-        match ts.map(|t| t.packed.as_deref()) {
-            ps if ps.iter().all(Option::is_some) => gemma3_kernels::packed::matmul_packed_many(
+        let ps = ts.map(|t| t.packed.as_deref());
+        if ps.iter().all(Option::is_some) {
+            let ps = ps.map(Option::unwrap);
+            gemma3_kernels::packed::matmul_packed_many(
                 &gemma3_kernels::simd::best().packed,
-                &ps.map(Option::unwrap),
+                &ps,
                 &mut outs,
                 x,
                 n,
                 mm,
-            ),
-            _ => {
-                for (t, out) in ts.into_iter().zip(outs) {
-                    self.matmul(t, x, n, out, mm);
-                }
+            );
+        } else {
+            for (t, out) in ts.into_iter().zip(outs) {
+                self.matmul(t, x, n, out, mm);
             }
         }
     }
