@@ -118,10 +118,15 @@ pub struct F16Ops {
     /// Scores of R query rows (`q`: R × hd) against a K tile (`kt`: hd ×
     /// 16, `kt[d·16 + j]` = key j's element d): `s[r·16 + j] = Σ_d
     /// q[r·hd + d]·kt[d·16 + j]`, accumulated with fma in increasing d from 0.
-    pub qk: fn(q: &[f32], kt: &[half::f16], s: &mut [f32]),
+    /// If `ahead` is not 0, the memory `ahead` halves past the tile (the
+    /// next tile, which need not exist) is prefetched while it is read.
+    pub qk: fn(q: &[f32], kt: &[half::f16], s: &mut [f32], ahead: usize),
     /// `acc[r·hd + c] = fma(p[r·16 + j], v[offs[j] + c], acc[r·hd + c])` for
-    /// each key j of `offs` in order (R = acc.len() / hd).
-    pub pv: fn(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize),
+    /// each key j of `offs` in order (R = acc.len() / hd); prefetching
+    /// `ahead` halves past each row read, as `qk` does.
+    #[allow(clippy::type_complexity)]
+    pub pv:
+        fn(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize, ahead: usize),
     /// `s[j] = exp_poly(s[j] − m)` for the [`KEY_BLOCK`] scores of a row.
     pub exp_sub: fn(s: &mut [f32], m: f32),
 }
@@ -182,7 +187,7 @@ fn exp_sub_ref(s: &mut [f32], m: f32) {
 /// Most query rows per call of [`F16Ops`].
 pub const MAX_ROWS: usize = 16;
 
-fn qk_ref(q: &[f32], kt: &[half::f16], s: &mut [f32]) {
+fn qk_ref(q: &[f32], kt: &[half::f16], s: &mut [f32], _ahead: usize) {
     let hd = kt.len() / KEY_BLOCK;
     let rows = q.len() / hd;
     for r in 0..rows {
@@ -196,7 +201,7 @@ fn qk_ref(q: &[f32], kt: &[half::f16], s: &mut [f32]) {
     }
 }
 
-fn pv_ref(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
+fn pv_ref(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize, _ahead: usize) {
     let rows = acc.len() / hd;
     for r in 0..rows {
         for (j, &o) in offs.iter().enumerate() {

@@ -989,6 +989,11 @@ macro_rules! by_rows {
             $body;
             $r += 4;
         }
+        while $r + 2 <= $rows {
+            const $nr: usize = 2;
+            $body;
+            $r += 2;
+        }
         while $r < $rows {
             const $nr: usize = 1;
             $body;
@@ -1041,11 +1046,27 @@ unsafe fn qk_avx2(q: &[f32], kt: &[half::f16], s: &mut [f32]) {
     }
 }
 
-/// Scores of NR rows against all 16 keys of the tile.
+/// Ask for the line at `p` (a hint: never faults, whatever the address).
 #[inline(always)]
-unsafe fn qk_rows16<const NR: usize>(q: *const f32, hd: usize, kt: *const u16, s: *mut f32) {
+unsafe fn prefetch_line(p: *const u16) {
+    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+}
+
+/// Scores of NR rows against all 16 keys of the tile; the tile `ahead`
+/// elements further is prefetched line by line as this one is read.
+#[inline(always)]
+unsafe fn qk_rows16<const NR: usize>(
+    q: *const f32,
+    hd: usize,
+    kt: *const u16,
+    s: *mut f32,
+    ahead: usize,
+) {
     let mut a = [_mm512_setzero_ps(); NR];
     for d in 0..hd {
+        if ahead != 0 && d % 2 == 0 {
+            prefetch_line(kt.wrapping_add(d * KEY_BLOCK + ahead));
+        }
         let kv = _mm512_cvtph_ps(_mm256_loadu_si256(kt.add(d * KEY_BLOCK) as *const __m256i));
         for r in 0..NR {
             a[r] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(r * hd + d)), kv, a[r]);
@@ -1057,14 +1078,16 @@ unsafe fn qk_rows16<const NR: usize>(q: *const f32, hd: usize, kt: *const u16, s
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-unsafe fn qk_avx512(q: &[f32], kt: &[half::f16], s: &mut [f32]) {
+unsafe fn qk_avx512(q: &[f32], kt: &[half::f16], s: &mut [f32], ahead: usize) {
     let (hd, rows) = check_qk(q, kt, s);
     let (qp, kp, sp) = (q.as_ptr(), kt.as_ptr() as *const u16, s.as_mut_ptr());
     by_rows!(rows, |r, NR| qk_rows16::<NR>(
         qp.add(r * hd),
         hd,
         kp,
-        sp.add(r * KEY_BLOCK)
+        sp.add(r * KEY_BLOCK),
+        // Once per tile: the first rows' pass.
+        if r == 0 { ahead } else { 0 }
     ));
 }
 
@@ -1122,7 +1145,8 @@ unsafe fn pv_avx2(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], h
     }
 }
 
-/// NR rows × 16·CH columns at c of P·V.
+/// NR rows × 16·CH columns at c of P·V; the same columns `ahead` elements
+/// further are prefetched as these are read.
 #[inline(always)]
 unsafe fn pv_chunk<const NR: usize, const CH: usize>(
     acc: *mut f32,
@@ -1131,6 +1155,7 @@ unsafe fn pv_chunk<const NR: usize, const CH: usize>(
     p: *const f32,
     v: *const u16,
     offs: &[usize],
+    ahead: usize,
 ) {
     let mut a = [[_mm512_setzero_ps(); CH]; NR];
     for r in 0..NR {
@@ -1140,6 +1165,9 @@ unsafe fn pv_chunk<const NR: usize, const CH: usize>(
     }
     for (j, &o) in offs.iter().enumerate() {
         for k in 0..CH {
+            if ahead != 0 && k % 2 == 0 {
+                prefetch_line(v.wrapping_add(o + c + 16 * k + ahead));
+            }
             let vv = _mm512_cvtph_ps(_mm256_loadu_si256(v.add(o + c + 16 * k) as *const __m256i));
             for r in 0..NR {
                 a[r][k] = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(r * KEY_BLOCK + j)), vv, a[r][k]);
@@ -1164,31 +1192,41 @@ unsafe fn pv_rows16<const NR: usize, const CH: usize>(
     p: *const f32,
     v: *const u16,
     offs: &[usize],
+    ahead: usize,
 ) {
     let mut c = 0;
     while c + 16 * CH <= hd {
-        pv_chunk::<NR, CH>(acc, hd, c, p, v, offs);
+        pv_chunk::<NR, CH>(acc, hd, c, p, v, offs, ahead);
         c += 16 * CH;
     }
     while c < hd {
-        pv_chunk::<NR, 1>(acc, hd, c, p, v, offs);
+        pv_chunk::<NR, 1>(acc, hd, c, p, v, offs, ahead);
         c += 16;
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-unsafe fn pv_avx512(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
+unsafe fn pv_avx512(
+    acc: &mut [f32],
+    p: &[f32],
+    v: &[half::f16],
+    offs: &[usize],
+    hd: usize,
+    ahead: usize,
+) {
     let rows = check_pv(acc, p, v, offs, hd);
     let (ap, pp, vp) = (acc.as_mut_ptr(), p.as_ptr(), v.as_ptr() as *const u16);
     // 16 accumulators at most: CH = 16 / NR chunks (8 for a single row).
     by_rows!(rows, |r, NR| {
         let (a, pr) = (ap.add(r * hd), pp.add(r * KEY_BLOCK));
+        // Once per block: the first rows' pass.
+        let ahead = if r == 0 { ahead } else { 0 };
         if NR >= 8 {
-            pv_rows16::<NR, 2>(a, hd, pr, vp, offs)
+            pv_rows16::<NR, 2>(a, hd, pr, vp, offs, ahead)
         } else if NR >= 4 {
-            pv_rows16::<NR, 4>(a, hd, pr, vp, offs)
+            pv_rows16::<NR, 4>(a, hd, pr, vp, offs, ahead)
         } else {
-            pv_rows16::<NR, 8>(a, hd, pr, vp, offs)
+            pv_rows16::<NR, 8>(a, hd, pr, vp, offs, ahead)
         }
     });
 }
@@ -1257,33 +1295,40 @@ fn exp_sub_wide(s: &mut [f32], m: f32) {
     unsafe { exp_sub_avx512(s, m) }
 }
 
-fn qk_f16(q: &[f32], kt: &[half::f16], s: &mut [f32]) {
+fn qk_f16(q: &[f32], kt: &[half::f16], s: &mut [f32], _ahead: usize) {
     // SAFETY: only reachable through F16_AVX2/F16_AVX512, which
     // `simd::f16_available` returns after detecting avx2, fma and f16c;
     // shapes are checked inside.
     unsafe { qk_avx2(q, kt, s) }
 }
 
-fn qk_f16_wide(q: &[f32], kt: &[half::f16], s: &mut [f32]) {
+fn qk_f16_wide(q: &[f32], kt: &[half::f16], s: &mut [f32], ahead: usize) {
     // SAFETY: only reachable through F16_AVX512, returned after detecting
     // avx512f (and avx2, fma, f16c); shapes are checked inside.
-    unsafe { qk_avx512(q, kt, s) }
+    unsafe { qk_avx512(q, kt, s, ahead) }
 }
 
-fn pv_f16(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
+fn pv_f16(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize, ahead: usize) {
     if !hd.is_multiple_of(8) {
-        return (crate::simd::F16_SCALAR.pv)(acc, p, v, offs, hd);
+        return (crate::simd::F16_SCALAR.pv)(acc, p, v, offs, hd, ahead);
     }
     // SAFETY: as for qk_f16.
     unsafe { pv_avx2(acc, p, v, offs, hd) }
 }
 
-fn pv_f16_wide(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) {
+fn pv_f16_wide(
+    acc: &mut [f32],
+    p: &[f32],
+    v: &[half::f16],
+    offs: &[usize],
+    hd: usize,
+    ahead: usize,
+) {
     if !hd.is_multiple_of(16) {
-        return pv_f16(acc, p, v, offs, hd);
+        return pv_f16(acc, p, v, offs, hd, ahead);
     }
     // SAFETY: as for qk_f16_wide.
-    unsafe { pv_avx512(acc, p, v, offs, hd) }
+    unsafe { pv_avx512(acc, p, v, offs, hd, ahead) }
 }
 
 pub const F16_AVX2: F16Ops = F16Ops {

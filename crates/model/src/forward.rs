@@ -342,10 +342,18 @@ impl Model {
             }
             i = j;
         }
-        // Fewer tiles than threads (generation: one token, one KV head):
-        // split each tile's query heads between threads. They then each read
-        // the keys, but a row's result does not depend on its tile.
         let threads = rayon::current_num_threads();
+        let optr = OutPtr(out.as_mut_ptr());
+        // One tile (generation, one sequence) and several threads: split
+        // the tile's keys and columns between them.
+        if tiles.len() == 1 && threads > 1 {
+            let (i, j, g) = tiles[0];
+            let lc = &caches[seq[i]].layers[l];
+            let tile = Tile::new(c, lc, &pos[i..j], g * group..(g + 1) * group, q, i);
+            return attend_tile_split(tile, optr, threads);
+        }
+        // Fewer tiles than threads otherwise: split each tile's query heads
+        // between threads.
         let parts = if tiles.len() < threads {
             group.min(threads.div_ceil(tiles.len()))
         } else {
@@ -357,12 +365,11 @@ impl Model {
                 (0..parts).map(move |k| (i, j, h(k)..h(k + 1)))
             })
             .collect();
-        let optr = OutPtr(out.as_mut_ptr());
         let work = |(i, j, heads): &(usize, usize, std::ops::Range<usize>)| {
             #[allow(clippy::redundant_locals)]
             let optr = optr;
             let lc = &caches[seq[*i]].layers[l];
-            attend_tile(c, lc, &pos[*i..*j], heads.clone(), q, *i, optr);
+            attend_tile(Tile::new(c, lc, &pos[*i..*j], heads.clone(), q, *i), optr);
         };
         gemma3_kernels::pool::for_each_task(n, tasks.len(), &|i| work(&tasks[i]));
     }
@@ -382,63 +389,118 @@ unsafe impl Sync for OutPtr {}
 const MAX_ROWS: usize = gemma3_kernels::simd::MAX_ROWS;
 const KB: usize = gemma3_kernels::simd::KEY_BLOCK;
 
-/// Attention of tokens `first..first + pos.len()` (consecutive positions
-/// `pos` of one sequence) for query heads `heads`, all of one KV head (its
-/// whole group, or part of it).
+/// The query rows of a tile — tokens `first..first + pos.len()`
+/// (consecutive positions `pos` of one sequence), query heads `heads`, all
+/// of one KV head — and their running softmax state.
 ///
 /// Each query row (token, head) has its own result, computed the same way
-/// whatever tile it is in: keys go in blocks of `KB` aligned to absolute
-/// positions; a row skips the blocks outside its range lo..=hi and ignores
-/// the keys of a block outside it; per block it takes its scores (fma
-/// chains over the head dimension), raises its running max, rescales its
-/// sum and accumulator when the max grew, adds exp(score − max) in key
-/// order, and accumulates P·V in key order. Keys that other rows of the
-/// tile need get weight 0 for this row, which leaves its sums unchanged.
-fn attend_tile(
-    c: &crate::Config,
-    lc: &crate::kv_cache::LayerCache,
-    pos: &[usize],
-    heads: std::ops::Range<usize>,
-    q: &[f32],
+/// whatever tile it is in and however the work is split: keys go in blocks
+/// of `KB` aligned to absolute positions; a row skips the blocks outside
+/// its range lo..=hi and ignores the keys of a block outside it; per block
+/// it takes its scores (fma chains over the head dimension), raises its
+/// running max, rescales its sum and accumulator when the max grew, adds
+/// exp(score − max) in key order, and accumulates P·V in key order. Keys
+/// that other rows of the tile need get weight 0 for this row, which leaves
+/// its sums unchanged.
+struct Tile<'a> {
+    lc: &'a crate::kv_cache::LayerCache,
+    pos: &'a [usize],
+    /// KV head; row r is token r / nh, query head g·group + h0 + r % nh.
+    g: usize,
+    h0: usize,
+    nh: usize,
+    rows: usize,
+    group: usize,
+    hd: usize,
+    /// Its first token, and the width of a token's queries and output.
     first: usize,
-    out: OutPtr,
-) {
-    let ops = gemma3_kernels::simd::f16_best();
-    let (hd, qd, kvd) = (c.head_dim, c.q_dim(), c.kv_dim());
-    let group = c.n_heads / c.n_kv_heads;
-    // KV head g; row r is token r / nh, head g·group + h0 + r % nh.
-    let g = heads.start / group;
-    assert!(heads.start < heads.end && heads.end <= (g + 1) * group);
-    let (h0, nh) = (heads.start - g * group, heads.len());
-    let rows = pos.len() * nh;
-    assert!(rows <= MAX_ROWS);
-    let lo_of = |p: usize| {
-        if lc.window == usize::MAX {
+    qd: usize,
+    /// Rows × hd: each token's heads contiguous.
+    q: Vec<f32>,
+    m: [f32; MAX_ROWS],
+    sum: [f32; MAX_ROWS],
+}
+
+impl<'a> Tile<'a> {
+    fn new(
+        c: &crate::Config,
+        lc: &'a crate::kv_cache::LayerCache,
+        pos: &'a [usize],
+        heads: std::ops::Range<usize>,
+        q: &[f32],
+        first: usize,
+    ) -> Self {
+        let (hd, qd) = (c.head_dim, c.q_dim());
+        let group = c.n_heads / c.n_kv_heads;
+        let g = heads.start / group;
+        assert!(heads.start < heads.end && heads.end <= (g + 1) * group);
+        let (h0, nh) = (heads.start - g * group, heads.len());
+        let rows = pos.len() * nh;
+        assert!(rows <= MAX_ROWS);
+        let mut qrows = vec![0.0f32; rows * hd];
+        for t in 0..pos.len() {
+            let src = (first + t) * qd + (g * group + h0) * hd;
+            qrows[t * nh * hd..(t + 1) * nh * hd].copy_from_slice(&q[src..src + nh * hd]);
+        }
+        Tile {
+            lc,
+            pos,
+            g,
+            h0,
+            nh,
+            rows,
+            group,
+            hd,
+            first,
+            qd,
+            q: qrows,
+            m: [f32::NEG_INFINITY; MAX_ROWS],
+            sum: [0.0; MAX_ROWS],
+        }
+    }
+
+    /// First position a query at `p` attends to.
+    fn lo_of(&self, p: usize) -> usize {
+        if self.lc.window == usize::MAX {
             0
         } else {
-            (p + 1).saturating_sub(lc.window)
+            (p + 1).saturating_sub(self.lc.window)
         }
-    };
-    // Query rows of the tile: each token's heads are contiguous.
-    let mut qrows = vec![0.0f32; rows * hd];
-    for t in 0..pos.len() {
-        let src = (first + t) * qd + (g * group + h0) * hd;
-        qrows[t * nh * hd..(t + 1) * nh * hd].copy_from_slice(&q[src..src + nh * hd]);
     }
-    let mut acc = vec![0.0f32; rows * hd];
-    let mut m = [f32::NEG_INFINITY; MAX_ROWS];
-    let mut sum = [0.0f32; MAX_ROWS];
-    let mut s = [0.0f32; MAX_ROWS * KB];
-    let (lo_min, hi_max) = (lo_of(pos[0]), pos[pos.len() - 1]);
-    let mut base = lo_min - lo_min % KB;
-    while base <= hi_max {
-        (ops.qk)(&qrows, lc.k_tile(base, g * hd, hd), &mut s[..rows * KB]);
-        // Keys of this block any row wants: jmin..=jmax.
+
+    /// The bases of the key blocks the tile reads, in order.
+    fn blocks(&self) -> std::iter::StepBy<std::ops::RangeInclusive<usize>> {
+        let (lo_min, hi_max) = (self.lo_of(self.pos[0]), self.pos[self.pos.len() - 1]);
+        (lo_min - lo_min % KB..=hi_max).step_by(KB)
+    }
+
+    /// Halves to prefetch ahead of the block at `base` (the next block's
+    /// place in both caches), or 0 after the last block.
+    fn ahead(&self, base: usize) -> usize {
+        if base + KB <= self.pos[self.pos.len() - 1] {
+            KB * self.lc.kv_dim
+        } else {
+            0
+        }
+    }
+
+    /// The block at `base`'s scores (`s`: rows × KB) into weights, each row
+    /// rescaled to its new running max; `corr[r]` gets the factor row r's
+    /// accumulator must be multiplied by. Returns the keys any row wants,
+    /// jmin..=jmax (jmin > jmax if none).
+    fn softmax_block(
+        &mut self,
+        ops: &gemma3_kernels::simd::F16Ops,
+        base: usize,
+        s: &mut [f32],
+        corr: &mut [f32; MAX_ROWS],
+    ) -> (usize, usize) {
         let (mut jmin, mut jmax) = (KB, 0);
-        for r in 0..rows {
-            let p = pos[r / nh];
-            let (lo, hi) = (lo_of(p).max(base), p.min(base + KB - 1));
+        for r in 0..self.rows {
+            let p = self.pos[r / self.nh];
+            let (lo, hi) = (self.lo_of(p).max(base), p.min(base + KB - 1));
             let srow = &mut s[r * KB..(r + 1) * KB];
+            corr[r] = 1.0;
             if lo > hi {
                 srow.fill(0.0);
                 continue;
@@ -449,45 +511,156 @@ fn attend_tile(
             let bm = srow[j0..=j1]
                 .iter()
                 .fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-            let new_m = m[r].max(bm);
-            let corr = (m[r] - new_m).exp();
-            m[r] = new_m;
-            sum[r] *= corr;
+            let new_m = self.m[r].max(bm);
+            corr[r] = (self.m[r] - new_m).exp();
+            self.m[r] = new_m;
+            self.sum[r] *= corr[r];
             (ops.exp_sub)(srow, new_m);
             for (j, x) in srow.iter_mut().enumerate() {
                 if (j0..=j1).contains(&j) {
-                    sum[r] += *x;
+                    self.sum[r] += *x;
                 } else {
                     *x = 0.0;
                 }
             }
-            if corr != 1.0 {
+        }
+        (jmin, jmax)
+    }
+
+    /// Where keys base + jmin..=jmax start in the V cache, from column
+    /// `col` of the tile's KV head.
+    fn v_offsets(&self, base: usize, (jmin, jmax): (usize, usize), col: usize) -> [usize; KB] {
+        let mut offs = [0usize; KB];
+        for j in jmin..=jmax {
+            offs[j - jmin] = self.lc.slot(base + j) * self.lc.kv_dim + self.g * self.hd + col;
+        }
+        offs
+    }
+
+    /// Columns `col..col + acc.len() / rows` of every row's result,
+    /// `acc / sum`, into the n × qd output.
+    ///
+    /// # Safety
+    /// `out` must point to that output, and these rows and columns must
+    /// belong to the caller alone.
+    unsafe fn write(&self, acc: &[f32], col: usize, out: OutPtr) {
+        let w = acc.len() / self.rows;
+        for r in 0..self.rows {
+            let (t, h) = (r / self.nh, self.h0 + r % self.nh);
+            let inv = 1.0 / self.sum[r];
+            let at = (self.first + t) * self.qd + (self.g * self.group + h) * self.hd + col;
+            // SAFETY: see the function's contract.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), w) };
+            for (o, &a) in o.iter_mut().zip(&acc[r * w..(r + 1) * w]) {
+                *o = a * inv;
+            }
+        }
+    }
+}
+
+/// Attention of one tile (see [`Tile`]), on the calling thread.
+fn attend_tile(mut tile: Tile, out: OutPtr) {
+    let ops = gemma3_kernels::simd::f16_best();
+    let (lc, hd, rows) = (tile.lc, tile.hd, tile.rows);
+    let mut acc = vec![0.0f32; rows * hd];
+    let mut s = [0.0f32; MAX_ROWS * KB];
+    let mut corr = [1.0f32; MAX_ROWS];
+    for base in tile.blocks() {
+        // The kernels prefetch the next block as they read this one: a
+        // token's attention otherwise waits on each block's misses in turn.
+        let ahead = tile.ahead(base);
+        let kt = lc.k_tile(base, tile.g * hd, hd);
+        (ops.qk)(&tile.q, kt, &mut s[..rows * KB], ahead);
+        let keys = tile.softmax_block(ops, base, &mut s, &mut corr);
+        for r in 0..rows {
+            if corr[r] != 1.0 {
                 acc[r * hd..(r + 1) * hd]
                     .iter_mut()
-                    .for_each(|v| *v *= corr);
+                    .for_each(|v| *v *= corr[r]);
             }
         }
-        if jmin <= jmax {
-            let mut offs = [0usize; KB];
-            for j in jmin..=jmax {
-                offs[j - jmin] = lc.slot(base + j) * kvd + g * hd;
+        if keys.0 <= keys.1 {
+            let offs = tile.v_offsets(base, keys, 0);
+            let p = &s[keys.0..];
+            (ops.pv)(&mut acc, p, &lc.v, &offs[..=keys.1 - keys.0], hd, ahead);
+        }
+    }
+    // SAFETY: these rows (first + t, heads of the tile) belong to this task
+    // (see OutPtr).
+    unsafe { tile.write(&acc, 0, out) };
+}
+
+/// Attention of one tile (see [`Tile`]) by all `threads` at once, with the
+/// same operations on every value as [`attend_tile`]: the threads take
+/// the scores of a share of the key blocks each; the caller then turns
+/// them into weights block by block; then each thread accumulates P·V for
+/// its own share of the columns. Each thread so reads part of the cache,
+/// where splitting the tile's heads between threads had each read all of
+/// it (one token's attention is bound by reading the cache).
+fn attend_tile_split(mut tile: Tile, out: OutPtr, threads: usize) {
+    let ops = gemma3_kernels::simd::f16_best();
+    let (lc, hd, rows) = (tile.lc, tile.hd, tile.rows);
+    let bases: Vec<usize> = tile.blocks().collect();
+    let nb = bases.len();
+    // Scores, then weights: block b's rows × KB at b·rows·KB.
+    let mut s = vec![0.0f32; nb * rows * KB];
+    let sp = OutPtr(s.as_mut_ptr());
+    let scores = |t: usize| {
+        #[allow(clippy::redundant_locals)]
+        let sp = sp;
+        let (b0, b1) = (nb * t / threads, nb * (t + 1) / threads);
+        for (b, &base) in bases.iter().enumerate().take(b1).skip(b0) {
+            let kt = lc.k_tile(base, tile.g * hd, hd);
+            // SAFETY: block b's scores belong to task t alone, and `s`
+            // outlives the tasks.
+            let sb = unsafe { std::slice::from_raw_parts_mut(sp.0.add(b * rows * KB), rows * KB) };
+            let ahead = if b + 1 < b1 { tile.ahead(base) } else { 0 };
+            (ops.qk)(&tile.q, kt, sb, ahead);
+        }
+    };
+    gemma3_kernels::pool::for_each_task(1, threads, &scores);
+    let mut corr = vec![[1.0f32; MAX_ROWS]; nb];
+    let mut keys = vec![(KB, 0); nb];
+    for b in 0..nb {
+        let sb = &mut s[b * rows * KB..(b + 1) * rows * KB];
+        keys[b] = tile.softmax_block(ops, bases[b], sb, &mut corr[b]);
+    }
+    // Columns in whole 16-lane chunks; the last task takes any tail.
+    let cols = |t: usize| {
+        if t == threads {
+            hd
+        } else {
+            (hd / 16 * t / threads) * 16
+        }
+    };
+    let tile = &tile;
+    let pv = |t: usize| {
+        let (c0, c1) = (cols(t), cols(t + 1));
+        let w = c1 - c0;
+        if w == 0 {
+            return;
+        }
+        let mut acc = vec![0.0f32; rows * w];
+        for b in 0..nb {
+            for r in 0..rows {
+                if corr[b][r] != 1.0 {
+                    acc[r * w..(r + 1) * w]
+                        .iter_mut()
+                        .for_each(|v| *v *= corr[b][r]);
+                }
             }
-            (ops.pv)(&mut acc, &s[jmin..], &lc.v, &offs[..=jmax - jmin], hd);
+            let k = keys[b];
+            if k.0 <= k.1 {
+                let offs = tile.v_offsets(bases[b], k, c0);
+                let p = &s[b * rows * KB + k.0..];
+                let ahead = tile.ahead(bases[b]);
+                (ops.pv)(&mut acc, p, &lc.v, &offs[..=k.1 - k.0], w, ahead);
+            }
         }
-        base += KB;
-    }
-    for r in 0..rows {
-        let (t, h) = (r / nh, h0 + r % nh);
-        let inv = 1.0 / sum[r];
-        // SAFETY: row (first + t, head g·group + h) of the n × qd output
-        // belongs to this task only (see OutPtr).
-        let o = unsafe {
-            std::slice::from_raw_parts_mut(out.0.add((first + t) * qd + (g * group + h) * hd), hd)
-        };
-        for (o, &a) in o.iter_mut().zip(&acc[r * hd..(r + 1) * hd]) {
-            *o = a * inv;
-        }
-    }
+        // SAFETY: columns c0..c1 of these rows belong to task t alone.
+        unsafe { tile.write(&acc, c0, out) };
+    };
+    gemma3_kernels::pool::for_each_task(1, threads, &pv);
 }
 
 /// Run `f` on every item (one per token), across threads when the batch is

@@ -335,6 +335,72 @@ fn decoding_token_by_token_equals_one_batched_prefill() {
     }
 }
 
+/// With one KV head, a decoded token's attention is a single tile, which
+/// several threads share by key blocks and by columns. Its bits must not
+/// depend on the thread count, and must equal those of a one-thread
+/// batched prefill (where tiles of 4 tokens take every block in turn), on
+/// global and sliding-window layers alike, past the window ring's wrap (560
+/// positions > 8 + 512 slots), for head widths of whole 16-lane chunks and
+/// with a tail (40).
+#[test]
+fn one_kv_head_decode_on_any_thread_count_equals_the_prefill() {
+    for (head_dim, n) in [(32, 560), (40, 60)] {
+        let spec = TinySpec {
+            n_kv_heads: 1,
+            head_dim,
+            ..TinySpec::default()
+        };
+        one_kv_head_case(&spec, n);
+    }
+}
+
+fn one_kv_head_case(spec: &TinySpec, n: usize) {
+    let (m, w) = open(spec);
+    let toks = tokens(21, n, spec.vocab);
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let batched = one.install(|| prefill(&m, &toks, 1024));
+    let reference = Reference {
+        spec,
+        w: &w,
+        ggml_rounding: true,
+    }
+    .logits(&toks[..40]);
+    let first: Vec<usize> = (0..40).collect();
+    let label = format!("one KV head of width {}", spec.head_dim);
+    check(
+        &label,
+        &batched[..40 * spec.vocab],
+        &reference,
+        spec.vocab,
+        &first,
+    );
+    for threads in [2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut cache = KvCache::new(&m.config, 1024);
+            let mut st = ForwardState::new();
+            for (p, &t) in toks.iter().enumerate() {
+                let mut b = Batch::default();
+                b.push(t, p, 0, true);
+                let got = m
+                    .forward(&b, std::slice::from_mut(&mut cache), &mut st)
+                    .unwrap();
+                assert_eq!(
+                    bits(got),
+                    bits(&batched[p * spec.vocab..(p + 1) * spec.vocab]),
+                    "{label}, {threads} threads, position {p}: decode differs from the prefill"
+                );
+            }
+        });
+    }
+}
+
 #[test]
 fn sequences_batched_together_equal_each_alone() {
     let spec = TinySpec::default();
