@@ -34,8 +34,9 @@
 //! - Q8_0 (512 B/block): 8 vectors, element 4k+c of row r at vector k,
 //!   stored as w + 128 (unsigned, as `dpbusd` wants it).
 //! - Q5_0 (320 B): one vector of fifth bits (bit G of byte 4r+c = element
-//!   4G+c; a shift and a mask move them into place, where masks loaded into
-//!   mask registers cost a `dpbusd` slot each on Zen 4), then 4 nibble
+//!   4G+c; a shift and a mask move them into place, or one GFNI bit-matrix
+//!   transform where the CPU has it, where masks loaded into mask
+//!   registers cost a `dpbusd` slot each on Zen 4), then 4 nibble
 //!   vectors: vector c holds elements 4c.. in its low nibbles and 16+4c.. in
 //!   its high nibbles; u = q ∈ 0..32, w = u − 16.
 //!   Q4_0 packs into the same form (u = q + 8).
@@ -590,6 +591,26 @@ pub(crate) trait Isa {
     unsafe fn fnmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
     unsafe fn zero_f() -> Self::F;
     unsafe fn store_f(p: *mut f32, v: Self::F);
+    /// (a & b) | c.
+    #[inline(always)]
+    unsafe fn and_or(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        Self::or(Self::and(a, b), c)
+    }
+    /// Bit `g` of every byte of `h`, moved to bit 4 (the others cleared).
+    #[inline(always)]
+    unsafe fn fifth_bits(h: Self::V, g: usize) -> Self::V {
+        let moved = match g {
+            0 => Self::shl::<4>(h),
+            1 => Self::shl::<3>(h),
+            2 => Self::shl::<2>(h),
+            3 => Self::shl::<1>(h),
+            4 => h,
+            5 => Self::shr::<1>(h),
+            6 => Self::shr::<2>(h),
+            _ => Self::shr::<3>(h),
+        };
+        Self::and(moved, Self::splat8(0x10))
+    }
 }
 
 #[inline(always)]
@@ -701,15 +722,27 @@ unsafe fn group_q5_0<I: Isa, const NT: usize>(
         for t in 0..NT {
             is[t] = I::splat32(-16 * q8(&a[t]).1.get_unchecked(b));
         }
+        // One token alone has one chain of dependent `dpbusd`s per block:
+        // two (low and high nibbles), summed in exact integers, halve it.
+        let mut is2 = [I::splat32(0); NT];
         let h = I::load(core);
         for c in 0..4 {
             let v = I::load(core.add(64 + 64 * c));
-            let lo = I::or(I::and(v, m4), fifth_bits::<I>(h, c));
-            let hi = I::or(I::and(I::shr::<4>(v), m4), fifth_bits::<I>(h, 4 + c));
+            let lo = I::and_or(v, m4, I::fifth_bits(h, c));
+            let hi = I::and_or(I::shr::<4>(v), m4, I::fifth_bits(h, 4 + c));
             for t in 0..NT {
                 let y = &q8(&a[t]).0.get_unchecked(b).qs;
                 is[t] = I::dot_u8(is[t], lo, y4(y, 4 * c));
-                is[t] = I::dot_u8(is[t], hi, y4(y, 16 + 4 * c));
+                if NT == 1 {
+                    is2[t] = I::dot_u8(is2[t], hi, y4(y, 16 + 4 * c));
+                } else {
+                    is[t] = I::dot_u8(is[t], hi, y4(y, 16 + 4 * c));
+                }
+            }
+        }
+        if NT == 1 {
+            for t in 0..NT {
+                is[t] = I::add32(is[t], is2[t]);
             }
         }
         let dw = I::load_f16(scales);
@@ -719,22 +752,6 @@ unsafe fn group_q5_0<I: Isa, const NT: usize>(
         }
     }
     acc
-}
-
-/// Bit `g` of every byte of `h`, moved to bit 4 (the others cleared).
-#[inline(always)]
-unsafe fn fifth_bits<I: Isa>(h: I::V, g: usize) -> I::V {
-    let moved = match g {
-        0 => I::shl::<4>(h),
-        1 => I::shl::<3>(h),
-        2 => I::shl::<2>(h),
-        3 => I::shl::<1>(h),
-        4 => h,
-        5 => I::shr::<1>(h),
-        6 => I::shr::<2>(h),
-        _ => I::shr::<3>(h),
-    };
-    I::and(moved, I::splat8(0x10))
 }
 
 #[inline(always)]

@@ -7,9 +7,11 @@
 use crate::packed::{kernel, ActRow, Isa, PackedFormat, PackedKernels};
 use std::arch::x86_64::*;
 
-pub(crate) struct Avx512;
+/// AVX-512 with VNNI; with GFNI's bit-matrix transform for moving bits
+/// when `GFNI`.
+pub(crate) struct Avx512<const GFNI: bool>;
 
-impl Isa for Avx512 {
+impl<const GFNI: bool> Isa for Avx512<GFNI> {
     type V = __m512i;
     type F = __m512;
     const B128_CORR: bool = true;
@@ -101,6 +103,31 @@ impl Isa for Avx512 {
     #[inline(always)]
     unsafe fn store_f(p: *mut f32, v: __m512) {
         _mm512_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn and_or(a: __m512i, b: __m512i, c: __m512i) -> __m512i {
+        _mm512_ternarylogic_epi32::<0xEA>(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn fifth_bits(h: __m512i, g: usize) -> __m512i {
+        if GFNI {
+            // Output bit i of each byte is the parity of (byte 7 − i of the
+            // matrix) & input: one row, for bit 4, selecting input bit g.
+            let m = _mm512_set1_epi64(((1u64 << g) << 24) as i64);
+            _mm512_gf2p8affine_epi64_epi8::<0>(h, m)
+        } else {
+            let moved = match g {
+                0 => Self::shl::<4>(h),
+                1 => Self::shl::<3>(h),
+                2 => Self::shl::<2>(h),
+                3 => Self::shl::<1>(h),
+                4 => h,
+                5 => Self::shr::<1>(h),
+                6 => Self::shr::<2>(h),
+                _ => Self::shr::<3>(h),
+            };
+            Self::and(moved, Self::splat8(0x10))
+        }
     }
 }
 
@@ -297,14 +324,26 @@ macro_rules! packed_entry {
 
 packed_entry!(
     avx512_t1,
-    Avx512,
+    Avx512<false>,
     "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
     1
 );
 packed_entry!(
     avx512_t4,
-    Avx512,
+    Avx512<false>,
     "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
+    4
+);
+packed_entry!(
+    gfni_t1,
+    Avx512<true>,
+    "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c",
+    1
+);
+packed_entry!(
+    gfni_t4,
+    Avx512<true>,
+    "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c",
     4
 );
 packed_entry!(avx2_t1, Avx2, "avx2,fma,f16c", 1);
@@ -313,6 +352,11 @@ packed_entry!(avx2_t4, Avx2, "avx2,fma,f16c", 4);
 pub const PACKED_AVX512: PackedKernels = PackedKernels {
     t1: avx512_t1,
     t4: avx512_t4,
+};
+
+pub const PACKED_GFNI: PackedKernels = PackedKernels {
+    t1: gfni_t1,
+    t4: gfni_t4,
 };
 
 pub const PACKED_AVX2: PackedKernels = PackedKernels {

@@ -82,6 +82,9 @@ pub fn available() -> Vec<DotKernels> {
         if crate::x86::vnni_available() {
             v.push(crate::x86::VNNI);
         }
+        if crate::x86::gfni_available() {
+            v.push(crate::x86::VNNI_GFNI);
+        }
     }
     v
 }
