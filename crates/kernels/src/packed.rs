@@ -611,6 +611,18 @@ pub(crate) trait Isa {
         };
         Self::and(moved, Self::splat8(0x10))
     }
+    /// Bits 2i and 2i + 1 of every byte of `h`, moved to bits 4 and 5 (the
+    /// others cleared).
+    #[inline(always)]
+    unsafe fn two_bits(h: Self::V, i: usize) -> Self::V {
+        let moved = match i {
+            0 => Self::shl::<4>(h),
+            1 => Self::shl::<2>(h),
+            2 => h,
+            _ => Self::shr::<2>(h),
+        };
+        Self::and(moved, Self::splat8(0x30))
+    }
 }
 
 #[inline(always)]
@@ -817,7 +829,6 @@ unsafe fn group_q6k<I: Isa, const NT: usize>(
     const SB: usize = PackedFormat::Q6K.scale_bytes();
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
-    let m30 = I::splat8(0x30);
     for b in 0..nb {
         let (co, so) = block_offsets(CORE, SB, nb, b);
         let (core, scales) = (gp.add(co), gp.add(so));
@@ -828,10 +839,10 @@ unsafe fn group_q6k<I: Isa, const NT: usize>(
             let vb = I::load(base.add(64));
             let vc = I::load(base.add(128));
             let g = [
-                I::or(I::and(va, m4), I::and(I::shl::<4>(vc), m30)),
-                I::or(I::and(I::shr::<4>(va), m4), I::and(I::shl::<2>(vc), m30)),
-                I::or(I::and(vb, m4), I::and(vc, m30)),
-                I::or(I::and(I::shr::<4>(vb), m4), I::and(I::shr::<2>(vc), m30)),
+                I::and_or(va, m4, I::two_bits(vc, 0)),
+                I::and_or(I::shr::<4>(va), m4, I::two_bits(vc, 1)),
+                I::and_or(vb, m4, I::two_bits(vc, 2)),
+                I::and_or(I::shr::<4>(vb), m4, I::two_bits(vc, 3)),
             ];
             let sc = I::widen_i8(core.add(16 * j));
             for t in 0..NT {

@@ -129,6 +129,23 @@ impl<const GFNI: bool> Isa for Avx512<GFNI> {
             Self::and(moved, Self::splat8(0x10))
         }
     }
+    #[inline(always)]
+    unsafe fn two_bits(h: __m512i, i: usize) -> __m512i {
+        if GFNI {
+            // Rows for output bits 4 and 5 (matrix bytes 3 and 2) select
+            // input bits 2i and 2i + 1.
+            let m = ((1u64 << (2 * i)) << 24) | ((1u64 << (2 * i + 1)) << 16);
+            _mm512_gf2p8affine_epi64_epi8::<0>(h, _mm512_set1_epi64(m as i64))
+        } else {
+            let moved = match i {
+                0 => Self::shl::<4>(h),
+                1 => Self::shl::<2>(h),
+                2 => h,
+                _ => Self::shr::<2>(h),
+            };
+            Self::and(moved, Self::splat8(0x30))
+        }
+    }
 }
 
 pub(crate) struct Avx2;
