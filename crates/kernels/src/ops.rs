@@ -57,10 +57,45 @@ pub fn gelu_tanh(x: f32) -> f32 {
 pub fn geglu_inplace(gate: &mut [f32], up: &[f32]) {
     assert!(up.len() >= gate.len(), "geglu: up shorter than gate");
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::best().name == crate::x86::VNNI.name {
+    if avx512() {
         return crate::x86::geglu_avx512(gate, up, gelu_f16_table());
     }
     geglu_inplace_ref(gate, up)
+}
+
+/// Whether the element-wise AVX-512 paths run: the best kernel table is
+/// an AVX-512 one (not scalar, as `GEMMA3_FORCE_SCALAR` asks).
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    let best = crate::simd::best().name;
+    best == crate::x86::VNNI.name || best == crate::x86::VNNI_GFNI.name
+}
+
+/// `dst[i] = src[i]` rounded to the nearest f16 (ties to even), as
+/// `half::f16::from_f32` rounds.
+pub fn to_f16(src: &[f32], dst: &mut [half::f16]) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        return crate::x86::to_f16_avx512(src, dst);
+    }
+    use half::slice::HalfFloatSliceExt;
+    dst.convert_from_f32_slice(src)
+}
+
+/// Each value rounded to the nearest f16 (ties to even), in place.
+pub fn round_to_f16(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        return crate::x86::round_f16_avx512(x);
+    }
+    use half::slice::HalfFloatSliceExt;
+    let mut buf = [half::f16::ZERO; 64];
+    for chunk in x.chunks_mut(64) {
+        let b = &mut buf[..chunk.len()];
+        b.convert_from_f32_slice(chunk);
+        b.convert_to_f32_slice(chunk);
+    }
 }
 
 /// [`geglu_inplace`] in plain Rust (the SIMD version's twin: same bits).

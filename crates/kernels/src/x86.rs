@@ -965,6 +965,47 @@ pub const VNNI_GFNI: DotKernels = DotKernels {
     packed: crate::packed_x86::PACKED_GFNI,
 };
 
+// ---------------------------------------------------------------- f16
+
+/// `ops::to_f16`, 16 at a time (cvtps2ph rounds to nearest even, as the
+/// scalar conversion does).
+pub(crate) fn to_f16_avx512(src: &[f32], dst: &mut [half::f16]) {
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    unsafe fn inner(src: &[f32], dst: &mut [half::f16]) {
+        let n16 = src.len() / 16 * 16;
+        for i in (0..n16).step_by(16) {
+            let x = _mm512_loadu_ps(src.as_ptr().add(i));
+            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+            _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, h);
+        }
+        for i in n16..src.len() {
+            dst[i] = half::f16::from_f32(src[i]);
+        }
+    }
+    assert_eq!(src.len(), dst.len());
+    // SAFETY: reached only when the AVX-512 table was detected; lengths
+    // checked above.
+    unsafe { inner(src, dst) }
+}
+
+/// `ops::round_to_f16`, 16 at a time.
+pub(crate) fn round_f16_avx512(x: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    unsafe fn inner(x: &mut [f32]) {
+        let n16 = x.len() / 16 * 16;
+        for i in (0..n16).step_by(16) {
+            let v = _mm512_loadu_ps(x.as_ptr().add(i));
+            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            _mm512_storeu_ps(x.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+        }
+        for v in &mut x[n16..] {
+            *v = half::f16::from_f32(*v).to_f32();
+        }
+    }
+    // SAFETY: reached only when the AVX-512 table was detected.
+    unsafe { inner(x) }
+}
+
 // ---------------------------------------------------------------- GeGLU
 
 /// `gate = gelu(gate) · up` 16 at a time, as `ops::geglu_inplace_ref`: the

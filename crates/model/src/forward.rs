@@ -13,7 +13,6 @@ use crate::kv_cache::MAX_UBATCH;
 use crate::{KvCache, Model, ModelError};
 use gemma3_kernels::ops;
 use gemma3_kernels::MatmulScratch;
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// Tokens to run: token i is at position `pos[i]` of sequence `seq[i]` (an
@@ -214,9 +213,9 @@ impl Model {
                 Some(ti) => ti,
                 None => {
                     let mut t = vec![0.0f32; n * hd];
-                    for i in 0..n {
-                        rope_table(pos[i], &layer.rope_inv_freq, &mut t[i * hd..(i + 1) * hd]);
-                    }
+                    per_token(n, t.chunks_mut(hd).zip(pos), |(t, &p)| {
+                        rope_table(p, &layer.rope_inv_freq, t)
+                    });
                     rope.push((layer.rope_inv_freq.clone(), t));
                     rope.len() - 1
                 }
@@ -234,7 +233,7 @@ impl Model {
                         // Scaled, then rounded to f16 as llama.cpp does when it multiplies
                         // q with its f16 K cache (keeps us on its tokens at near-ties).
                         h.iter_mut().for_each(|v| *v *= c.attn_scale);
-                        round_to_f16(h);
+                        ops::round_to_f16(h);
                     }
                     for h in k.chunks_exact_mut(hd) {
                         ops::rms_norm_inplace(h, &layer.k_norm, c.rms_eps);
@@ -679,17 +678,6 @@ where
         items.into_par_iter().with_min_len(16).for_each(f);
     } else {
         items.for_each(f);
-    }
-}
-
-/// Round each value to the nearest f16 (ties to even), in place, through
-/// the vectorized slice conversions.
-fn round_to_f16(x: &mut [f32]) {
-    let mut buf = [half::f16::ZERO; 64];
-    for chunk in x.chunks_mut(64) {
-        let b = &mut buf[..chunk.len()];
-        b.convert_from_f32_slice(chunk);
-        b.convert_to_f32_slice(chunk);
     }
 }
 

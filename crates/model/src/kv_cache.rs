@@ -64,15 +64,20 @@ impl LayerCache {
     /// Store the key and value of position `pos`.
     pub fn write(&mut self, pos: usize, k: &[f32], v: &[f32]) {
         let s = self.slot(pos);
-        for (d, &x) in k.iter().enumerate() {
-            let i = self.k_index(s, d);
-            self.k[i] = f16::from_f32(x);
+        // Converted a slice at a time (vector instructions where the CPU
+        // has them; the same rounding as f16::from_f32), then scattered
+        // into the tile.
+        let mut kh = [f16::ZERO; 64];
+        for (c, chunk) in k.chunks(64).enumerate() {
+            let h = &mut kh[..chunk.len()];
+            gemma3_kernels::ops::to_f16(chunk, h);
+            for (j, &x) in h.iter().enumerate() {
+                let i = self.k_index(s, 64 * c + j);
+                self.k[i] = x;
+            }
         }
         let kvd = self.kv_dim;
-        half::slice::HalfFloatSliceExt::convert_from_f32_slice(
-            &mut self.v[s * kvd..(s + 1) * kvd],
-            v,
-        );
+        gemma3_kernels::ops::to_f16(v, &mut self.v[s * kvd..(s + 1) * kvd]);
     }
 }
 
