@@ -92,6 +92,11 @@ pub struct ForwardState {
     /// How much of `logits` the micro-batches of this call have written.
     logits_written: usize,
     mm: MatmulScratch,
+    /// Per distinct RoPE base of the layers: its inverse frequencies and the
+    /// micro-batch's n × head_dim cos/sin table; the first `rope_used` are
+    /// this micro-batch's (the rest keep their memory for the next).
+    rope: Vec<(Vec<f32>, Vec<f32>)>,
+    rope_used: usize,
     pub trace: Option<Trace>,
 }
 
@@ -195,7 +200,7 @@ impl Model {
         }
         st.trace(usize::MAX, "embed", |s| &s.x);
 
-        let mut rope: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
+        st.rope_used = 0;
         for (l, layer) in self.layers.iter().enumerate() {
             // --- attention ---
             per_token(n, st.xn.chunks_mut(d).zip(st.x.chunks(d)), |(o, x)| {
@@ -209,18 +214,24 @@ impl Model {
                 &mut st.mm,
             );
             // cos/sin tables per distinct RoPE base, once per micro-batch.
-            let ti = match rope.iter().position(|(f, _)| *f == layer.rope_inv_freq) {
+            let used = &st.rope[..st.rope_used];
+            let ti = match used.iter().position(|(f, _)| *f == layer.rope_inv_freq) {
                 Some(ti) => ti,
                 None => {
-                    let mut t = vec![0.0f32; n * hd];
+                    if st.rope_used == st.rope.len() {
+                        st.rope.push(Default::default());
+                    }
+                    let (f, t) = &mut st.rope[st.rope_used];
+                    f.clone_from(&layer.rope_inv_freq);
+                    resize(t, n * hd);
                     per_token(n, t.chunks_mut(hd).zip(pos), |(t, &p)| {
                         rope_table(p, &layer.rope_inv_freq, t)
                     });
-                    rope.push((layer.rope_inv_freq.clone(), t));
-                    rope.len() - 1
+                    st.rope_used += 1;
+                    st.rope_used - 1
                 }
             };
-            let table = &rope[ti].1;
+            let table = &st.rope[ti].1;
             per_token(
                 n,
                 st.q.chunks_mut(qd)
