@@ -522,16 +522,19 @@ impl<'a> Tile<'a> {
                 .iter()
                 .fold(f32::NEG_INFINITY, |a, &x| a.max(x));
             let new_m = self.m[r].max(bm);
-            corr[r] = (self.m[r] - new_m).exp();
+            // exp(0) is exactly 1 (the common case once the max settles).
+            corr[r] = if new_m == self.m[r] && new_m.is_finite() {
+                1.0
+            } else {
+                (self.m[r] - new_m).exp()
+            };
             self.m[r] = new_m;
             self.sum[r] *= corr[r];
             (ops.exp_sub)(srow, new_m);
-            for (j, x) in srow.iter_mut().enumerate() {
-                if (j0..=j1).contains(&j) {
-                    self.sum[r] += *x;
-                } else {
-                    *x = 0.0;
-                }
+            srow[..j0].fill(0.0);
+            srow[j1 + 1..].fill(0.0);
+            for &x in &srow[j0..=j1] {
+                self.sum[r] += x;
             }
         }
         (jmin, jmax)
