@@ -66,7 +66,9 @@ pub struct MatmulScratch {
     q8_0: Vec<BlockQ8_0>,
     q8k: Vec<BlockQ8K>,
     /// Per Q8_0 block: Σq and the scale as f32 (for the packed kernels).
-    sums: Vec<i32>,
+    neg16: Vec<i32>,
+    neg128: Vec<i32>,
+    neg32: Vec<i32>,
     dq: Vec<f32>,
 }
 
@@ -83,23 +85,35 @@ impl MatmulScratch {
         match self.quantize(format, x, cols) {
             Acts::Q8_0(_) => {
                 let nb = x.len() / QK;
-                self.sums.resize(nb, 0);
+                self.neg16.resize(nb, 0);
+                self.neg128.resize(nb, 0);
                 self.dq.resize(nb, 0.0);
-                for ((b, s), d) in self.q8_0[..nb]
-                    .iter()
-                    .zip(&mut self.sums[..nb])
-                    .zip(&mut self.dq[..nb])
-                {
-                    *s = b.qs.iter().map(|&q| q as i32).sum();
-                    *d = f16_le(b.d);
+                for (i, b) in self.q8_0[..nb].iter().enumerate() {
+                    let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
+                    self.neg16[i] = -16 * sum;
+                    self.neg128[i] = -128 * sum;
+                    self.dq[i] = f16_le(b.d);
                 }
                 ActRow::Q8_0 {
                     blocks: &self.q8_0[..nb],
-                    sums: &self.sums[..nb],
+                    neg16: &self.neg16[..nb],
+                    neg128: &self.neg128[..nb],
                     d: &self.dq[..nb],
                 }
             }
-            Acts::Q8K(_) => ActRow::Q8K(&self.q8k[..x.len() / QK_K]),
+            Acts::Q8K(_) => {
+                let nb = x.len() / QK_K;
+                self.neg32.resize(16 * nb, 0);
+                for (b, n) in self.q8k[..nb].iter().zip(self.neg32.chunks_exact_mut(16)) {
+                    for (n, &s) in n.iter_mut().zip(&b.bsums) {
+                        *n = -32 * s as i32;
+                    }
+                }
+                ActRow::Q8K {
+                    blocks: &self.q8k[..nb],
+                    neg32: &self.neg32[..16 * nb],
+                }
+            }
             Acts::F32(_) => panic!("no packed form for {format}"),
         }
     }

@@ -456,13 +456,21 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
 /// Activations of one token as the packed kernels consume them.
 #[derive(Clone, Copy)]
 pub enum ActRow<'a> {
-    /// Q8_0 blocks with each block's Σq and its scale as f32.
+    /// Q8_0 blocks with each block's −16·Σq and −128·Σq (the corrections
+    /// for Q5_0's and Q8_0's unsigned weights, read by the kernels as
+    /// memory operands) and its scale as f32.
     Q8_0 {
         blocks: &'a [BlockQ8_0],
-        sums: &'a [i32],
+        neg16: &'a [i32],
+        neg128: &'a [i32],
         d: &'a [f32],
     },
-    Q8K(&'a [BlockQ8K]),
+    /// Q8_K blocks with −32 times each block's 16 sub-block sums (Q6_K's
+    /// correction for its unsigned weights), 16 per block.
+    Q8K {
+        blocks: &'a [BlockQ8K],
+        neg32: &'a [i32],
+    },
 }
 
 /// The packed kernels' result for one (row, token), computed from the
@@ -510,7 +518,7 @@ pub fn spec_dot(src: WeightFormat, row: &[u8], act: ActRow) -> f32 {
                 acc = (f16_le(d) * f16_le(y.d)).mul_add(s as f32, acc);
             }
         }
-        (WeightFormat::Q4K, ActRow::Q8K(blocks)) => {
+        (WeightFormat::Q4K, ActRow::Q8K { blocks, .. }) => {
             for (blk, y) in as_blocks::<BlockQ4K>(row).iter().zip(blocks) {
                 let (mut s, mut m) = (0i32, 0i32);
                 for j in 0..8 {
@@ -532,7 +540,7 @@ pub fn spec_dot(src: WeightFormat, row: &[u8], act: ActRow) -> f32 {
                 acc = (-(f16_le(blk.dmin) * y.d)).mul_add(m as f32, acc);
             }
         }
-        (WeightFormat::Q6K, ActRow::Q8K(blocks)) => {
+        (WeightFormat::Q6K, ActRow::Q8K { blocks, .. }) => {
             for (blk, y) in as_blocks::<BlockQ6K>(row).iter().zip(blocks) {
                 let q = q6_k_unpack(blk);
                 let mut s = 0i32;
@@ -646,10 +654,17 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
     for t in 0..NT {
         assert!(out[t].len() >= groups * LANES);
         match a[t] {
-            ActRow::Q8_0 { blocks, sums, d } => {
-                assert!(blocks.len() >= nb && sums.len() >= nb && d.len() >= nb)
+            ActRow::Q8_0 {
+                blocks,
+                neg16,
+                neg128,
+                d,
+            } => assert!(
+                blocks.len() >= nb && neg16.len() >= nb && neg128.len() >= nb && d.len() >= nb
+            ),
+            ActRow::Q8K { blocks, neg32 } => {
+                assert!(blocks.len() >= nb && neg32.len() >= 16 * nb)
             }
-            ActRow::Q8K(blocks) => assert!(blocks.len() >= nb),
         }
     }
     for g in 0..groups {
@@ -668,17 +683,28 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
 
 /// The Q8_0 activation parts of token t (the caller checked the variant).
 #[inline(always)]
-unsafe fn q8<'a>(a: &ActRow<'a>) -> (&'a [BlockQ8_0], &'a [i32], &'a [f32]) {
+unsafe fn q8<'a>(a: &ActRow<'a>) -> (&'a [BlockQ8_0], &'a [i32], &'a [f32], &'a [i32]) {
     match *a {
-        ActRow::Q8_0 { blocks, sums, d } => (blocks, sums, d),
-        ActRow::Q8K(_) => std::hint::unreachable_unchecked(),
+        ActRow::Q8_0 {
+            blocks,
+            neg16,
+            neg128,
+            d,
+        } => (blocks, neg16, d, neg128),
+        ActRow::Q8K { .. } => std::hint::unreachable_unchecked(),
     }
 }
 
 #[inline(always)]
 unsafe fn q8k<'a>(a: &ActRow<'a>) -> &'a [BlockQ8K] {
+    q8k_neg32(a).0
+}
+
+/// The Q8_K blocks and the −32·(sub-block sums) of token t.
+#[inline(always)]
+unsafe fn q8k_neg32<'a>(a: &ActRow<'a>) -> (&'a [BlockQ8K], &'a [i32]) {
     match *a {
-        ActRow::Q8K(b) => b,
+        ActRow::Q8K { blocks, neg32 } => (blocks, neg32),
         ActRow::Q8_0 { .. } => std::hint::unreachable_unchecked(),
     }
 }
@@ -698,7 +724,7 @@ unsafe fn group_q8_0<I: Isa, const NT: usize>(
         let mut is = [I::splat32(0); NT];
         for t in 0..NT {
             if I::B128_CORR {
-                is[t] = I::splat32(-128 * q8(&a[t]).1.get_unchecked(b));
+                is[t] = I::splat32(*q8(&a[t]).3.get_unchecked(b));
             }
         }
         for k in 0..8 {
@@ -732,7 +758,7 @@ unsafe fn group_q5_0<I: Isa, const NT: usize>(
         let (core, scales) = (gp.add(co), gp.add(so));
         let mut is = [I::splat32(0); NT];
         for t in 0..NT {
-            is[t] = I::splat32(-16 * q8(&a[t]).1.get_unchecked(b));
+            is[t] = I::splat32(*q8(&a[t]).1.get_unchecked(b));
         }
         // One token alone has one chain of dependent `dpbusd`s per block:
         // two (low and high nibbles), summed in exact integers, halve it.
@@ -846,8 +872,9 @@ unsafe fn group_q6k<I: Isa, const NT: usize>(
             ];
             let sc = I::widen_i8(core.add(16 * j));
             for t in 0..NT {
-                let y = q8k(&a[t]).get_unchecked(b);
-                let mut is = I::splat32(-32 * y.bsums[j] as i32);
+                let (y, neg32) = q8k_neg32(&a[t]);
+                let y = y.get_unchecked(b);
+                let mut is = I::splat32(*neg32.get_unchecked(16 * b + j));
                 for i in 0..4 {
                     is = I::dot_u8(is, g[i], y4(&y.qs, 16 * j + 4 * i));
                 }
@@ -1084,12 +1111,21 @@ unsafe fn packed_groups(
     let nb = w.nb;
     let act = |t: usize| -> ActRow {
         match acts {
-            ActRow::Q8_0 { blocks, sums, d } => ActRow::Q8_0 {
+            ActRow::Q8_0 {
+                blocks,
+                neg16,
+                neg128,
+                d,
+            } => ActRow::Q8_0 {
                 blocks: &blocks[t * nb..(t + 1) * nb],
-                sums: &sums[t * nb..(t + 1) * nb],
+                neg16: &neg16[t * nb..(t + 1) * nb],
+                neg128: &neg128[t * nb..(t + 1) * nb],
                 d: &d[t * nb..(t + 1) * nb],
             },
-            ActRow::Q8K(b) => ActRow::Q8K(&b[t * nb..(t + 1) * nb]),
+            ActRow::Q8K { blocks, neg32 } => ActRow::Q8K {
+                blocks: &blocks[t * nb..(t + 1) * nb],
+                neg32: &neg32[16 * t * nb..16 * (t + 1) * nb],
+            },
         }
     };
     let (gb, rows) = (w.group_bytes, w.rows);

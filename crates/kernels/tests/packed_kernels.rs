@@ -76,7 +76,9 @@ fn cases() -> Vec<Case> {
 /// Quantized activations of n tokens (token 1 all zeros, token 2 with an outlier).
 struct Acts {
     q8_0: Vec<BlockQ8_0>,
-    sums: Vec<i32>,
+    neg16: Vec<i32>,
+    neg128: Vec<i32>,
+    neg32: Vec<i32>,
     d: Vec<f32>,
     q8k: Vec<BlockQ8K>,
     /// The values the kernels multiply by: d·q.
@@ -93,7 +95,9 @@ fn acts(rng: &mut Rng, format: WeightFormat, n: usize, cols: usize) -> (Vec<f32>
     }
     let mut a = Acts {
         q8_0: vec![],
-        sums: vec![],
+        neg16: vec![],
+        neg128: vec![],
+        neg32: vec![],
         d: vec![],
         q8k: vec![],
         effective: vec![],
@@ -104,7 +108,9 @@ fn acts(rng: &mut Rng, format: WeightFormat, n: usize, cols: usize) -> (Vec<f32>
             quantize_q8_0(&x, &mut a.q8_0);
             for b in &a.q8_0 {
                 let d = f16::from_bits(u16::from_le_bytes(b.d)).to_f32();
-                a.sums.push(b.qs.iter().map(|&q| q as i32).sum());
+                let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
+                a.neg16.push(-16 * sum);
+                a.neg128.push(-128 * sum);
                 a.d.push(d);
                 a.effective.extend(b.qs.iter().map(|&q| d * q as f32));
             }
@@ -114,6 +120,7 @@ fn acts(rng: &mut Rng, format: WeightFormat, n: usize, cols: usize) -> (Vec<f32>
             quantize_q8_k(&x, &mut a.q8k);
             for b in &a.q8k {
                 a.effective.extend(b.qs.iter().map(|&q| b.d * q as f32));
+                a.neg32.extend(b.bsums.iter().map(|&s| -32 * s as i32));
             }
         }
         ActFormat::F32 => unreachable!(),
@@ -125,10 +132,14 @@ fn row_act<'a>(a: &'a Acts, format: WeightFormat, t: usize, nb: usize) -> ActRow
     match format.act_format() {
         ActFormat::Q8_0 => ActRow::Q8_0 {
             blocks: &a.q8_0[t * nb..(t + 1) * nb],
-            sums: &a.sums[t * nb..(t + 1) * nb],
+            neg16: &a.neg16[t * nb..(t + 1) * nb],
+            neg128: &a.neg128[t * nb..(t + 1) * nb],
             d: &a.d[t * nb..(t + 1) * nb],
         },
-        _ => ActRow::Q8K(&a.q8k[t * nb..(t + 1) * nb]),
+        _ => ActRow::Q8K {
+            blocks: &a.q8k[t * nb..(t + 1) * nb],
+            neg32: &a.neg32[16 * t * nb..16 * (t + 1) * nb],
+        },
     }
 }
 
