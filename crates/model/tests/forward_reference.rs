@@ -335,9 +335,9 @@ fn decoding_token_by_token_equals_one_batched_prefill() {
     }
 }
 
-/// With one KV head, a decoded token's attention is a single tile, which
-/// several threads share by key blocks and by columns. Its bits must not
-/// depend on the thread count, and must equal those of a one-thread
+/// With one KV head, a decoded token's attention is a single tile, whose
+/// query heads several threads share. Its bits must not depend on the
+/// thread count, and must equal those of a one-thread
 /// batched prefill (where tiles of 4 tokens take every block in turn), on
 /// global and sliding-window layers alike, past the window ring's wrap (560
 /// positions > 8 + 512 slots), for head widths of whole 16-lane chunks and
