@@ -481,9 +481,13 @@ impl<'a> Tile<'a> {
     }
 
     /// Halves to prefetch ahead of the block at `base` (the next block's
-    /// place in both caches), or 0 after the last block.
+    /// place in both caches), or 0 after the last block. Only for tiles of 4
+    /// rows or more: with the 2 rows a thread has when two threads split a
+    /// token's heads, prefetching made tg64 at depth 8000 6–22% slower
+    /// (3 of 3 alternating runs) where on one thread, 4 rows, it made it
+    /// 3–14% faster (3 of 3).
     fn ahead(&self, base: usize) -> usize {
-        if base + KB <= self.pos[self.pos.len() - 1] {
+        if self.rows >= 4 && base + KB <= self.pos[self.pos.len() - 1] {
             KB * self.lc.kv_dim
         } else {
             0
