@@ -606,31 +606,49 @@ pub(crate) trait Isa {
     }
     /// Bit `g` of every byte of `h`, moved to bit 4 (the others cleared).
     #[inline(always)]
-    unsafe fn fifth_bits(h: Self::V, g: usize) -> Self::V {
-        let moved = match g {
-            0 => Self::shl::<4>(h),
-            1 => Self::shl::<3>(h),
-            2 => Self::shl::<2>(h),
-            3 => Self::shl::<1>(h),
-            4 => h,
-            5 => Self::shr::<1>(h),
-            6 => Self::shr::<2>(h),
-            _ => Self::shr::<3>(h),
-        };
-        Self::and(moved, Self::splat8(0x10))
+    unsafe fn fifth_bits(h: Self::V, g: usize) -> Self::V
+    where
+        Self: Sized,
+    {
+        fifth_bits_by_shifts::<Self>(h, g)
     }
     /// Bits 2i and 2i + 1 of every byte of `h`, moved to bits 4 and 5 (the
     /// others cleared).
     #[inline(always)]
-    unsafe fn two_bits(h: Self::V, i: usize) -> Self::V {
-        let moved = match i {
-            0 => Self::shl::<4>(h),
-            1 => Self::shl::<2>(h),
-            2 => h,
-            _ => Self::shr::<2>(h),
-        };
-        Self::and(moved, Self::splat8(0x30))
+    unsafe fn two_bits(h: Self::V, i: usize) -> Self::V
+    where
+        Self: Sized,
+    {
+        two_bits_by_shifts::<Self>(h, i)
     }
+}
+
+/// [`Isa::fifth_bits`] by a 16-bit shift and a mask.
+#[inline(always)]
+pub(crate) unsafe fn fifth_bits_by_shifts<I: Isa>(h: I::V, g: usize) -> I::V {
+    let moved = match g {
+        0 => I::shl::<4>(h),
+        1 => I::shl::<3>(h),
+        2 => I::shl::<2>(h),
+        3 => I::shl::<1>(h),
+        4 => h,
+        5 => I::shr::<1>(h),
+        6 => I::shr::<2>(h),
+        _ => I::shr::<3>(h),
+    };
+    I::and(moved, I::splat8(0x10))
+}
+
+/// [`Isa::two_bits`] by a 16-bit shift and a mask.
+#[inline(always)]
+pub(crate) unsafe fn two_bits_by_shifts<I: Isa>(h: I::V, i: usize) -> I::V {
+    let moved = match i {
+        0 => I::shl::<4>(h),
+        1 => I::shl::<2>(h),
+        2 => h,
+        _ => I::shr::<2>(h),
+    };
+    I::and(moved, I::splat8(0x30))
 }
 
 #[inline(always)]

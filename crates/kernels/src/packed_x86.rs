@@ -116,17 +116,7 @@ impl<const GFNI: bool> Isa for Avx512<GFNI> {
             let m = _mm512_set1_epi64(((1u64 << g) << 24) as i64);
             _mm512_gf2p8affine_epi64_epi8::<0>(h, m)
         } else {
-            let moved = match g {
-                0 => Self::shl::<4>(h),
-                1 => Self::shl::<3>(h),
-                2 => Self::shl::<2>(h),
-                3 => Self::shl::<1>(h),
-                4 => h,
-                5 => Self::shr::<1>(h),
-                6 => Self::shr::<2>(h),
-                _ => Self::shr::<3>(h),
-            };
-            Self::and(moved, Self::splat8(0x10))
+            crate::packed::fifth_bits_by_shifts::<Self>(h, g)
         }
     }
     #[inline(always)]
@@ -137,13 +127,7 @@ impl<const GFNI: bool> Isa for Avx512<GFNI> {
             let m = ((1u64 << (2 * i)) << 24) | ((1u64 << (2 * i + 1)) << 16);
             _mm512_gf2p8affine_epi64_epi8::<0>(h, _mm512_set1_epi64(m as i64))
         } else {
-            let moved = match i {
-                0 => Self::shl::<4>(h),
-                1 => Self::shl::<2>(h),
-                2 => h,
-                _ => Self::shr::<2>(h),
-            };
-            Self::and(moved, Self::splat8(0x30))
+            crate::packed::two_bits_by_shifts::<Self>(h, i)
         }
     }
 }
