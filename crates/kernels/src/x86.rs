@@ -935,34 +935,11 @@ pub const VNNI: DotKernels = DotKernels {
 };
 
 /// [`VNNI`] whose packed kernels also use GFNI (fewer operations to
-/// unpack Q5_0's fifth bits).
+/// unpack Q5_0's and Q6_K's high bits).
 pub const VNNI_GFNI: DotKernels = DotKernels {
     name: "avx512-vnni-gfni",
-    q8_0: Tiles {
-        rows1: vnni_q8_0_rows1,
-        rows4: vnni_q8_0_rows4,
-    },
-    q4_0: Tiles {
-        rows1: vnni_q4_0_rows1,
-        rows4: vnni_q4_0_rows4,
-    },
-    q5_0: Tiles {
-        rows1: vnni_q5_0_rows1,
-        rows4: vnni_q5_0_rows4,
-    },
-    q4k: Tiles {
-        rows1: vnni_q4k_rows1,
-        rows4: vnni_q4k_rows4,
-    },
-    q5k: Tiles {
-        rows1: vnni_q5k_rows1,
-        rows4: vnni_q5k_rows4,
-    },
-    q6k: Tiles {
-        rows1: vnni_q6k_rows1,
-        rows4: vnni_q6k_rows4,
-    },
     packed: crate::packed_x86::PACKED_GFNI,
+    ..VNNI
 };
 
 // ---------------------------------------------------------------- f16

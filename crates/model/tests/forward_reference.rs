@@ -57,6 +57,21 @@ fn prefill(m: &Model, toks: &[u32], ctx: usize) -> Vec<f32> {
     .to_vec()
 }
 
+/// Decode `toks` one at a time into a fresh cache of `ctx` positions,
+/// handing each position's logits to `check`.
+fn decode_one_by_one(m: &Model, toks: &[u32], ctx: usize, mut check: impl FnMut(usize, &[f32])) {
+    let mut cache = KvCache::new(&m.config, ctx);
+    let mut st = ForwardState::new();
+    for (p, &t) in toks.iter().enumerate() {
+        let mut b = Batch::default();
+        b.push(t, p, 0, true);
+        let got = m
+            .forward(&b, std::slice::from_mut(&mut cache), &mut st)
+            .expect("forward");
+        check(p, got);
+    }
+}
+
 /// Over the given positions: the largest max|ours − ref| / max|ref| and the largest
 /// rms(ours − ref) / max|ref|.
 fn compare(ours: &[f32], reference: &[Vec<f64>], vocab: usize, positions: &[usize]) -> (f64, f64) {
@@ -304,22 +319,16 @@ fn decoding_token_by_token_equals_one_batched_prefill() {
     let (m, _) = open(&spec);
     let toks = tokens(14, 40, spec.vocab);
     let batched = prefill(&m, &toks, 64);
-    let mut cache = KvCache::new(&m.config, 64);
-    let mut st = ForwardState::new();
-    for (p, &t) in toks.iter().enumerate() {
-        let mut b = Batch::default();
-        b.push(t, p, 0, true);
-        let got = m
-            .forward(&b, std::slice::from_mut(&mut cache), &mut st)
-            .unwrap();
+    decode_one_by_one(&m, &toks, 64, |p, got| {
         assert_eq!(
             bits(got),
             bits(&batched[p * spec.vocab..(p + 1) * spec.vocab]),
             "position {p}: token-by-token decode differs from the batched prefill"
-        );
-    }
+        )
+    });
     // Prefill in uneven pieces (7, 1, 20, 12) with logits everywhere: same bits again.
     let mut cache = KvCache::new(&m.config, 64);
+    let mut st = ForwardState::new();
     let mut start = 0;
     for len in [7, 1, 20, 12] {
         let b = Batch::for_sequence(&toks[start..start + len], start, true);
@@ -383,20 +392,13 @@ fn one_kv_head_case(spec: &TinySpec, n: usize) {
             .build()
             .unwrap();
         pool.install(|| {
-            let mut cache = KvCache::new(&m.config, 1024);
-            let mut st = ForwardState::new();
-            for (p, &t) in toks.iter().enumerate() {
-                let mut b = Batch::default();
-                b.push(t, p, 0, true);
-                let got = m
-                    .forward(&b, std::slice::from_mut(&mut cache), &mut st)
-                    .unwrap();
+            decode_one_by_one(&m, &toks, 1024, |p, got| {
                 assert_eq!(
                     bits(got),
                     bits(&batched[p * spec.vocab..(p + 1) * spec.vocab]),
                     "{label}, {threads} threads, position {p}: decode differs from the prefill"
-                );
-            }
+                )
+            })
         });
     }
 }
