@@ -63,12 +63,14 @@ pub fn geglu_inplace(gate: &mut [f32], up: &[f32]) {
     geglu_inplace_ref(gate, up)
 }
 
-/// Whether the element-wise AVX-512 paths run: the best kernel table is
-/// an AVX-512 one (not scalar, as `GEMMA3_FORCE_SCALAR` asks).
+/// Whether the element-wise AVX-512 paths run: the CPU has the AVX-512
+/// kernel tables' features and `GEMMA3_FORCE_SCALAR` does not ask for the
+/// scalar ones. Decided by the features, not by the best table's name,
+/// which a new table changed once (GeGLU then silently ran its twin).
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
-    let best = crate::simd::best().name;
-    best == crate::x86::VNNI.name || best == crate::x86::VNNI_GFNI.name
+    static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX512.get_or_init(|| !crate::simd::force_scalar() && crate::x86::vnni_available())
 }
 
 /// `dst[i] = src[i]` rounded to the nearest f16 (ties to even), as
