@@ -65,11 +65,13 @@ pub enum Acts<'a> {
 pub struct MatmulScratch {
     q8_0: Vec<BlockQ8_0>,
     q8k: Vec<BlockQ8K>,
-    /// Per Q8_0 block: Σq and the scale as f32 (for the packed kernels).
+    /// For the packed kernels (see `packed::ActRow`): per Q8_0 block
+    /// −16·Σq, −128·Σq and the scale as f32; per Q8_K block −32 times each
+    /// of its 16 sub-block sums.
     neg16: Vec<i32>,
     neg128: Vec<i32>,
-    neg32: Vec<i32>,
     dq: Vec<f32>,
+    neg32: Vec<i32>,
 }
 
 impl MatmulScratch {

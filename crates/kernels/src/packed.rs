@@ -699,16 +699,17 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
     }
 }
 
-/// The Q8_0 activation parts of token t (the caller checked the variant).
+/// The Q8_0 activation parts of token t, in the variant's field order
+/// (blocks, neg16, neg128, d); the caller checked the variant.
 #[inline(always)]
-unsafe fn q8<'a>(a: &ActRow<'a>) -> (&'a [BlockQ8_0], &'a [i32], &'a [f32], &'a [i32]) {
+unsafe fn q8<'a>(a: &ActRow<'a>) -> (&'a [BlockQ8_0], &'a [i32], &'a [i32], &'a [f32]) {
     match *a {
         ActRow::Q8_0 {
             blocks,
             neg16,
             neg128,
             d,
-        } => (blocks, neg16, d, neg128),
+        } => (blocks, neg16, neg128, d),
         ActRow::Q8K { .. } => std::hint::unreachable_unchecked(),
     }
 }
@@ -742,7 +743,7 @@ unsafe fn group_q8_0<I: Isa, const NT: usize>(
         let mut is = [I::splat32(0); NT];
         for t in 0..NT {
             if I::B128_CORR {
-                is[t] = I::splat32(*q8(&a[t]).3.get_unchecked(b));
+                is[t] = I::splat32(*q8(&a[t]).2.get_unchecked(b));
             }
         }
         for k in 0..8 {
@@ -754,7 +755,7 @@ unsafe fn group_q8_0<I: Isa, const NT: usize>(
         }
         let dw = I::load_f16(scales);
         for t in 0..NT {
-            let dy = *q8(&a[t]).2.get_unchecked(b);
+            let dy = *q8(&a[t]).3.get_unchecked(b);
             acc[t] = I::fmadd(I::mul_f(dw, I::splat_f(dy)), I::to_f(is[t]), acc[t]);
         }
     }
@@ -803,7 +804,7 @@ unsafe fn group_q5_0<I: Isa, const NT: usize>(
         }
         let dw = I::load_f16(scales);
         for t in 0..NT {
-            let dy = *q8(&a[t]).2.get_unchecked(b);
+            let dy = *q8(&a[t]).3.get_unchecked(b);
             acc[t] = I::fmadd(I::mul_f(dw, I::splat_f(dy)), I::to_f(is[t]), acc[t]);
         }
     }
