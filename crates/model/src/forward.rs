@@ -375,7 +375,7 @@ impl Model {
             #[allow(clippy::redundant_locals)]
             let optr = optr;
             let lc = &caches[seq[*i]].layers[l];
-            attend_tile(Tile::new(c, lc, &pos[*i..*j], heads.clone(), q, *i), optr);
+            attend_tile(c, lc, &pos[*i..*j], heads.clone(), q, *i, optr);
         };
         gemma3_kernels::pool::for_each_task(n, tasks.len(), &|i| work(&tasks[i]));
     }
@@ -395,122 +395,79 @@ unsafe impl Sync for OutPtr {}
 const MAX_ROWS: usize = gemma3_kernels::simd::MAX_ROWS;
 const KB: usize = gemma3_kernels::simd::KEY_BLOCK;
 
-/// The query rows of a tile — tokens `first..first + pos.len()`
-/// (consecutive positions `pos` of one sequence), query heads `heads`, all
-/// of one KV head — and their running softmax state.
+/// Attention of tokens `first..first + pos.len()` (consecutive positions
+/// `pos` of one sequence) for query heads `heads`, all of one KV head (its
+/// whole group, or part of it).
 ///
 /// Each query row (token, head) has its own result, computed the same way
-/// whatever tile it is in: keys go in blocks
-/// of `KB` aligned to absolute positions; a row skips the blocks outside
-/// its range lo..=hi and ignores the keys of a block outside it; per block
-/// it takes its scores (fma chains over the head dimension), raises its
-/// running max, rescales its sum and accumulator when the max grew, adds
-/// exp(score − max) in key order, and accumulates P·V in key order. Keys
-/// that other rows of the tile need get weight 0 for this row, which leaves
-/// its sums unchanged.
-struct Tile<'a> {
-    lc: &'a crate::kv_cache::LayerCache,
-    pos: &'a [usize],
-    /// KV head; row r is token r / nh, query head g·group + h0 + r % nh.
-    g: usize,
-    h0: usize,
-    nh: usize,
-    rows: usize,
-    group: usize,
-    hd: usize,
-    /// Its first token, and the width of a token's queries and output.
+/// whatever tile it is in: keys go in blocks of `KB` aligned to absolute
+/// positions; a row skips the blocks outside its range lo..=hi and ignores
+/// the keys of a block outside it; per block it takes its scores (fma
+/// chains over the head dimension), raises its running max, rescales its
+/// sum and accumulator when the max grew, adds exp(score − max) in key
+/// order, and accumulates P·V in key order. Keys that other rows of the
+/// tile need get weight 0 for this row, which leaves its sums unchanged.
+fn attend_tile(
+    c: &crate::Config,
+    lc: &crate::kv_cache::LayerCache,
+    pos: &[usize],
+    heads: std::ops::Range<usize>,
+    q: &[f32],
     first: usize,
-    qd: usize,
-    /// Rows × hd: each token's heads contiguous.
-    q: Vec<f32>,
-    m: [f32; MAX_ROWS],
-    sum: [f32; MAX_ROWS],
-}
-
-impl<'a> Tile<'a> {
-    fn new(
-        c: &crate::Config,
-        lc: &'a crate::kv_cache::LayerCache,
-        pos: &'a [usize],
-        heads: std::ops::Range<usize>,
-        q: &[f32],
-        first: usize,
-    ) -> Self {
-        let (hd, qd) = (c.head_dim, c.q_dim());
-        let group = c.n_heads / c.n_kv_heads;
-        let g = heads.start / group;
-        assert!(heads.start < heads.end && heads.end <= (g + 1) * group);
-        let (h0, nh) = (heads.start - g * group, heads.len());
-        let rows = pos.len() * nh;
-        assert!(rows <= MAX_ROWS);
-        let mut qrows = vec![0.0f32; rows * hd];
-        for t in 0..pos.len() {
-            let src = (first + t) * qd + (g * group + h0) * hd;
-            qrows[t * nh * hd..(t + 1) * nh * hd].copy_from_slice(&q[src..src + nh * hd]);
-        }
-        Tile {
-            lc,
-            pos,
-            g,
-            h0,
-            nh,
-            rows,
-            group,
-            hd,
-            first,
-            qd,
-            q: qrows,
-            m: [f32::NEG_INFINITY; MAX_ROWS],
-            sum: [0.0; MAX_ROWS],
-        }
-    }
-
-    /// First position a query at `p` attends to.
-    fn lo_of(&self, p: usize) -> usize {
-        if self.lc.window == usize::MAX {
+    out: OutPtr,
+) {
+    let ops = gemma3_kernels::simd::f16_best();
+    let (hd, qd, kvd) = (c.head_dim, c.q_dim(), c.kv_dim());
+    let group = c.n_heads / c.n_kv_heads;
+    // KV head g; row r is token r / nh, head g·group + h0 + r % nh.
+    let g = heads.start / group;
+    assert!(heads.start < heads.end && heads.end <= (g + 1) * group);
+    let (h0, nh) = (heads.start - g * group, heads.len());
+    let rows = pos.len() * nh;
+    assert!(rows <= MAX_ROWS);
+    let lo_of = |p: usize| {
+        if lc.window == usize::MAX {
             0
         } else {
-            (p + 1).saturating_sub(self.lc.window)
+            (p + 1).saturating_sub(lc.window)
         }
+    };
+    // Query rows of the tile: each token's heads are contiguous.
+    let mut qrows = vec![0.0f32; rows * hd];
+    for t in 0..pos.len() {
+        let src = (first + t) * qd + (g * group + h0) * hd;
+        qrows[t * nh * hd..(t + 1) * nh * hd].copy_from_slice(&q[src..src + nh * hd]);
     }
-
-    /// The bases of the key blocks the tile reads, in order.
-    fn blocks(&self) -> std::iter::StepBy<std::ops::RangeInclusive<usize>> {
-        let (lo_min, hi_max) = (self.lo_of(self.pos[0]), self.pos[self.pos.len() - 1]);
-        (lo_min - lo_min % KB..=hi_max).step_by(KB)
-    }
-
-    /// Halves to prefetch ahead of the block at `base` (the next block's
-    /// place in both caches), or 0 after the last block. Only for tiles of 4
-    /// rows or more: with the 2 rows a thread has when two threads split a
-    /// token's heads, prefetching made tg64 at depth 8000 6–22% slower
-    /// (3 of 3 alternating runs) where on one thread, 4 rows, it made it
-    /// 3–14% faster (3 of 3).
-    fn ahead(&self, base: usize) -> usize {
-        if self.rows >= 4 && base + KB <= self.pos[self.pos.len() - 1] {
-            KB * self.lc.kv_dim
+    let mut acc = vec![0.0f32; rows * hd];
+    let mut m = [f32::NEG_INFINITY; MAX_ROWS];
+    let mut sum = [0.0f32; MAX_ROWS];
+    let mut s = [0.0f32; MAX_ROWS * KB];
+    let (lo_min, hi_max) = (lo_of(pos[0]), pos[pos.len() - 1]);
+    let mut base = lo_min - lo_min % KB;
+    while base <= hi_max {
+        // The kernels prefetch the next block as they read this one (a
+        // token's attention otherwise waits on each block's misses in turn),
+        // for tiles of 4 rows or more: with the 2 rows a thread has when two
+        // threads split a token's heads, it made tg64 at depth 8000 6–22%
+        // slower (3 of 3 alternating runs), where on one thread, 4 rows, it
+        // made it 3–14% faster (3 of 3).
+        let ahead = if rows >= 4 && base + KB <= hi_max {
+            KB * kvd
         } else {
             0
-        }
-    }
-
-    /// The block at `base`'s scores (`s`: rows × KB) into weights, each row
-    /// rescaled to its new running max; `corr[r]` gets the factor row r's
-    /// accumulator must be multiplied by. Returns the keys any row wants,
-    /// jmin..=jmax (jmin > jmax if none).
-    fn softmax_block(
-        &mut self,
-        ops: &gemma3_kernels::simd::F16Ops,
-        base: usize,
-        s: &mut [f32],
-        corr: &mut [f32; MAX_ROWS],
-    ) -> (usize, usize) {
+        };
+        (ops.qk)(
+            &qrows,
+            lc.k_tile(base, g * hd, hd),
+            &mut s[..rows * KB],
+            ahead,
+        );
+        // Keys of this block any row wants: jmin..=jmax.
         let (mut jmin, mut jmax) = (KB, 0);
-        for r in 0..self.rows {
-            let p = self.pos[r / self.nh];
-            let (lo, hi) = (self.lo_of(p).max(base), p.min(base + KB - 1));
+        for r in 0..rows {
+            let p = pos[r / nh];
+            let (lo, hi) = (lo_of(p).max(base), p.min(base + KB - 1));
             let srow = &mut s[r * KB..(r + 1) * KB];
-            corr[r] = 1.0;
             if lo > hi {
                 srow.fill(0.0);
                 continue;
@@ -521,86 +478,55 @@ impl<'a> Tile<'a> {
             let bm = srow[j0..=j1]
                 .iter()
                 .fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-            let new_m = self.m[r].max(bm);
+            let new_m = m[r].max(bm);
             // exp(0) is exactly 1 (the common case once the max settles).
-            corr[r] = if new_m == self.m[r] && new_m.is_finite() {
+            let corr = if new_m == m[r] && new_m.is_finite() {
                 1.0
             } else {
-                (self.m[r] - new_m).exp()
+                (m[r] - new_m).exp()
             };
-            self.m[r] = new_m;
-            self.sum[r] *= corr[r];
+            m[r] = new_m;
+            sum[r] *= corr;
             (ops.exp_sub)(srow, new_m);
             srow[..j0].fill(0.0);
             srow[j1 + 1..].fill(0.0);
             for &x in &srow[j0..=j1] {
-                self.sum[r] += x;
+                sum[r] += x;
             }
-        }
-        (jmin, jmax)
-    }
-
-    /// Where keys base + jmin..=jmax start in the V cache, from column
-    /// `col` of the tile's KV head.
-    fn v_offsets(&self, base: usize, (jmin, jmax): (usize, usize), col: usize) -> [usize; KB] {
-        let mut offs = [0usize; KB];
-        for j in jmin..=jmax {
-            offs[j - jmin] = self.lc.slot(base + j) * self.lc.kv_dim + self.g * self.hd + col;
-        }
-        offs
-    }
-
-    /// Columns `col..col + acc.len() / rows` of every row's result,
-    /// `acc / sum`, into the n × qd output.
-    ///
-    /// # Safety
-    /// `out` must point to that output, and these rows and columns must
-    /// belong to the caller alone.
-    unsafe fn write(&self, acc: &[f32], col: usize, out: OutPtr) {
-        let w = acc.len() / self.rows;
-        for r in 0..self.rows {
-            let (t, h) = (r / self.nh, self.h0 + r % self.nh);
-            let inv = 1.0 / self.sum[r];
-            let at = (self.first + t) * self.qd + (self.g * self.group + h) * self.hd + col;
-            // SAFETY: see the function's contract.
-            let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), w) };
-            for (o, &a) in o.iter_mut().zip(&acc[r * w..(r + 1) * w]) {
-                *o = a * inv;
-            }
-        }
-    }
-}
-
-/// Attention of one tile (see [`Tile`]), on the calling thread.
-fn attend_tile(mut tile: Tile, out: OutPtr) {
-    let ops = gemma3_kernels::simd::f16_best();
-    let (lc, hd, rows) = (tile.lc, tile.hd, tile.rows);
-    let mut acc = vec![0.0f32; rows * hd];
-    let mut s = [0.0f32; MAX_ROWS * KB];
-    let mut corr = [1.0f32; MAX_ROWS];
-    for base in tile.blocks() {
-        // The kernels prefetch the next block as they read this one: a
-        // token's attention otherwise waits on each block's misses in turn.
-        let ahead = tile.ahead(base);
-        let kt = lc.k_tile(base, tile.g * hd, hd);
-        (ops.qk)(&tile.q, kt, &mut s[..rows * KB], ahead);
-        let keys = tile.softmax_block(ops, base, &mut s, &mut corr);
-        for r in 0..rows {
-            if corr[r] != 1.0 {
+            if corr != 1.0 {
                 acc[r * hd..(r + 1) * hd]
                     .iter_mut()
-                    .for_each(|v| *v *= corr[r]);
+                    .for_each(|v| *v *= corr);
             }
         }
-        if keys.0 <= keys.1 {
-            let offs = tile.v_offsets(base, keys, 0);
-            let p = &s[keys.0..];
-            (ops.pv)(&mut acc, p, &lc.v, &offs[..=keys.1 - keys.0], hd, ahead);
+        if jmin <= jmax {
+            let mut offs = [0usize; KB];
+            for j in jmin..=jmax {
+                offs[j - jmin] = lc.slot(base + j) * kvd + g * hd;
+            }
+            (ops.pv)(
+                &mut acc,
+                &s[jmin..],
+                &lc.v,
+                &offs[..=jmax - jmin],
+                hd,
+                ahead,
+            );
+        }
+        base += KB;
+    }
+    for r in 0..rows {
+        let (t, h) = (r / nh, h0 + r % nh);
+        let inv = 1.0 / sum[r];
+        // SAFETY: row (first + t, head g·group + h) of the n × qd output
+        // belongs to this task only (see OutPtr).
+        let o = unsafe {
+            std::slice::from_raw_parts_mut(out.0.add((first + t) * qd + (g * group + h) * hd), hd)
+        };
+        for (o, &a) in o.iter_mut().zip(&acc[r * hd..(r + 1) * hd]) {
+            *o = a * inv;
         }
     }
-    // SAFETY: these rows (first + t, heads of the tile) belong to this task
-    // (see OutPtr).
-    unsafe { tile.write(&acc, 0, out) };
 }
 
 /// Run `f` on every item (one per token), across threads when the batch is
