@@ -70,7 +70,7 @@ fn bench(c: &mut Criterion) {
         let batches: &[usize] = if rows > 100_000 {
             &[1, 4]
         } else {
-            &[1, 64, 512]
+            &[1, 16, 64, 512]
         };
         for &n in batches {
             let x = data(n * cols, 2);

@@ -14,6 +14,8 @@ pub mod matmul;
 pub mod ops;
 pub mod packed;
 #[cfg(target_arch = "x86_64")]
+pub mod packed_amx;
+#[cfg(target_arch = "x86_64")]
 mod packed_x86;
 pub mod pool;
 pub mod quant;

@@ -1026,13 +1026,19 @@ impl Isa for Scalar {
 
 // ---------------------------------------------------------------- tables and driver
 
-/// A table's packed kernels for 1 and 4 tokens (see `kernel`).
+/// A table's packed kernels for 1 and 4 tokens (see `kernel`), and, where
+/// the CPU has matrix tiles, one for any multiple of [`TILE_TOKENS`] tokens
+/// whose activations are equally spaced in memory (slices of one buffer).
 #[derive(Clone, Copy)]
 #[allow(clippy::type_complexity)]
 pub struct PackedKernels {
     pub t1: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 1], &mut [&mut [f32]; 1]),
     pub t4: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 4], &mut [&mut [f32]; 4]),
+    pub tiles: Option<fn(PackedFormat, &[u8], usize, usize, &[ActRow], &mut [&mut [f32]])>,
 }
+
+/// Token multiple of [`PackedKernels::tiles`].
+pub const TILE_TOKENS: usize = 16;
 
 fn scalar_t1(
     f: PackedFormat,
@@ -1061,6 +1067,7 @@ fn scalar_t4(
 pub const PACKED_SCALAR: PackedKernels = PackedKernels {
     t1: scalar_t1,
     t4: scalar_t4,
+    tiles: None,
 };
 
 /// `out[t][r] = Σ_c x[t][c] · W[r][c]` for a packed W (as [`crate::matmul()`]).
@@ -1154,6 +1161,15 @@ unsafe fn packed_groups(
         std::slice::from_raw_parts_mut(out.0.add(t * rows + g0 * LANES), (g1 - g0) * LANES)
     };
     let mut t = 0;
+    if let Some(tiles) = k.tiles {
+        let n16 = n / TILE_TOKENS * TILE_TOKENS;
+        if n16 > 0 {
+            let acts: Vec<ActRow> = (0..n16).map(act).collect();
+            let mut outs: Vec<&mut [f32]> = (0..n16).map(slice).collect();
+            tiles(w.format, wg, gb, nb, &acts, &mut outs);
+            t = n16;
+        }
+    }
     while t + 4 <= n {
         (k.t4)(
             w.format,

@@ -85,6 +85,9 @@ pub fn available() -> Vec<DotKernels> {
         if crate::x86::gfni_available() {
             v.push(crate::x86::VNNI_GFNI);
         }
+        if crate::packed_amx::available() {
+            v.push(crate::x86::VNNI_GFNI_AMX);
+        }
     }
     v
 }

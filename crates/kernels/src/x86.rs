@@ -942,6 +942,14 @@ pub const VNNI_GFNI: DotKernels = DotKernels {
     ..VNNI
 };
 
+/// [`VNNI_GFNI`] whose packed kernels multiply batches of 16 tokens and
+/// more on AMX tiles ([`crate::packed_amx`]).
+pub const VNNI_GFNI_AMX: DotKernels = DotKernels {
+    name: "avx512-vnni-gfni-amx",
+    packed: crate::packed_amx::PACKED_AMX,
+    ..VNNI
+};
+
 // ---------------------------------------------------------------- f16
 
 /// `ops::to_f16`, 16 at a time (cvtps2ph rounds to nearest even, as the

@@ -11,7 +11,9 @@ mod common;
 
 use common::{random_acts, random_rows, Rng};
 use gemma3_kernels::formats::{BlockQ8K, BlockQ8_0, QK, QK_K};
-use gemma3_kernels::packed::{matmul_packed, matmul_packed_many, spec_dot, ActRow, PackedMatrix};
+use gemma3_kernels::packed::{
+    matmul_packed, matmul_packed_many, spec_dot, ActRow, PackedKernels, PackedMatrix,
+};
 use gemma3_kernels::quant::{dequantize_row, quantize_q8_0, quantize_q8_k};
 use gemma3_kernels::simd::available;
 use gemma3_kernels::{ActFormat, MatmulScratch, QMatrix, WeightFormat};
@@ -143,9 +145,25 @@ fn row_act<'a>(a: &'a Acts, format: WeightFormat, t: usize, nb: usize) -> ActRow
     }
 }
 
+/// Every packed table this CPU runs, with the AMX tile kernels emulated
+/// where the CPU has no tiles but runs their vector parts (so the tile
+/// kernels' code is tested on any AVX-512 machine, and on the real tiles
+/// where there are some).
+fn tables() -> Vec<(String, PackedKernels)> {
+    let mut v: Vec<_> = available()
+        .into_iter()
+        .map(|k| (k.name.to_string(), k.packed))
+        .collect();
+    #[cfg(target_arch = "x86_64")]
+    if let Some(e) = gemma3_kernels::packed_amx::emulated() {
+        v.push(("amx-emulated".to_string(), e));
+    }
+    v
+}
+
 #[test]
 fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
-    let tables = available();
+    let tables = tables();
     let mut rng = Rng::new(7);
     let mut worst = 0.0f64;
     for c in cases() {
@@ -154,7 +172,8 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
         let nb = c.cols / c.format.block_size();
         let rb = c.format.row_bytes(c.cols);
         let mut w = vec![0.0f32; c.cols];
-        for n in [1usize, 3, 5, 9] {
+        // 16 and more: whole tiles where the CPU has them, and a remainder.
+        for n in [1usize, 3, 5, 9, 16, 37] {
             let (x, a) = acts(&mut rng, c.format, n, c.cols);
             let mut spec = vec![0.0f32; n * c.rows];
             for t in 0..n {
@@ -182,22 +201,15 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
                     }
                 }
             }
-            for k in &tables {
+            for (name, k) in &tables {
                 let mut out = vec![f32::NAN; n * c.rows];
-                matmul_packed(
-                    &k.packed,
-                    &p,
-                    &x,
-                    n,
-                    &mut out,
-                    &mut MatmulScratch::default(),
-                );
+                matmul_packed(k, &p, &x, n, &mut out, &mut MatmulScratch::default());
                 for (i, (&got, &want)) in out.iter().zip(&spec).enumerate() {
                     assert!(
                         got.to_bits() == want.to_bits(),
                         "{} [{}] n={n} token {} row {}: {got:e}, spec {want:e}",
                         c.name,
-                        k.name,
+                        name,
                         i / c.rows,
                         i % c.rows
                     );
@@ -244,8 +256,8 @@ fn a_shared_input_gives_each_matrix_its_own_result() {
             .unwrap()
     };
     let one = pool(1);
-    for k in &available() {
-        for n in [1usize, 2, 5, 6] {
+    for (name, k) in &tables() {
+        for n in [1usize, 2, 5, 6, 21] {
             let x = random_acts(&mut rng, n * cols);
             // Each matrix alone, on one thread.
             let alone: Vec<Vec<f32>> = one.install(|| {
@@ -253,7 +265,7 @@ fn a_shared_input_gives_each_matrix_its_own_result() {
                     .map(|(p, r)| {
                         let mut out = vec![0.0f32; n * r];
                         let mut scratch = MatmulScratch::default();
-                        matmul_packed(&k.packed, p, &x, n, &mut out, &mut scratch);
+                        matmul_packed(k, p, &x, n, &mut out, &mut scratch);
                         out
                     })
                     .collect()
@@ -263,7 +275,7 @@ fn a_shared_input_gives_each_matrix_its_own_result() {
                 let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
                 pool(threads).install(|| {
                     let mut scratch = MatmulScratch::default();
-                    matmul_packed_many(&k.packed, &ws, &mut refs, &x, n, &mut scratch)
+                    matmul_packed_many(k, &ws, &mut refs, &x, n, &mut scratch)
                 });
                 for i in 0..ws.len() {
                     assert!(
@@ -272,7 +284,7 @@ fn a_shared_input_gives_each_matrix_its_own_result() {
                             .zip(&outs[i])
                             .all(|(a, b)| a.to_bits() == b.to_bits()),
                         "[{}] n={n}, {threads} threads: matrix {i} ({}) differs",
-                        k.name,
+                        name,
                         formats[i]
                     );
                 }
