@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# On a lent machine, from what scripts/device/stage.sh put in .device/: the
+# kernel tests (bit-exact on that CPU's kernel tables, AMX tiles included
+# where it has them), the packed kernels' rates at the layer shapes, and
+# gemma3 (with and without AMX) against llama.cpp on the stand-in model.
+#
+#   scripts/device/run.sh [THREADS (1,2,4)] [REPS (5)] [KERNEL-BENCH FILTER]
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+D=.device
+THREADS=${1:-1,2,4}
+REPS=${2:-5}
+FILTER=${3:-'packed avx512-vnni-gfni(-amx)?/(16|64|512)$'}
+# The kernel tests find their fixtures under the path they were built at.
+mkdir -p /work && { [ -e /work/main ] || ln -s "$PWD" /work/main; }
+lscpu | grep -E "^Model name|^CPU\(s\)"
+echo "amx flags: $(grep -o 'amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+
+echo "== kernel tests"
+for t in "$D"/tests/*; do
+  printf '%-20s %s\n' "$(basename "$t")" "$(timeout 300 "$t" 2>&1 | grep -E 'test result|panicked' | head -3 | tr '\n' ' ')"
+done
+
+echo "== packed kernels, 1 thread (G multiply-adds/s, median of criterion's range)"
+RAYON_NUM_THREADS=1 timeout 300 "$D/bin/kernel-bench" --bench "$FILTER" --warm-up-time 0.2 \
+  --measurement-time 0.7 --noplot --discard-baseline 2>&1 |
+  python3 -c '
+import re, sys
+name = None
+for line in sys.stdin:
+    if re.match(r"^\S.*/\d+$", line.strip()) and not line.startswith("Benchmarking"):
+        name = line.strip()
+    m = re.search(r"thrpt:\s+\[\S+ \S+ (\S+) (\S+)", line)
+    if m and name:
+        print(f"{name:70s} {m.group(1)} {m.group(2)}")
+        name = None'
+
+echo "== end to end on the stand-in model"
+python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('$D/tiled.gguf.xz'), open('/tmp/tiled.gguf', 'wb'))"
+python3 scripts/device/compare.py "$D/bin/gemma3" "$D/bin/llama_mini_bench" /tmp/tiled.gguf -t "$THREADS" -r "$REPS"
