@@ -339,8 +339,8 @@ unsafe fn tiles_inner<U: TileUnit>(
                 PackedFormat::Q8_0 | PackedFormat::Q5_0 => {
                     chunk_b32::<U>(f, gp, nb, wb, chunk, stride, &mut sums)
                 }
-                PackedFormat::Q4K => chunk_q4k::<U>(gp, nb, wb, chunk, stride, &mut sums),
-                PackedFormat::Q6K => chunk_q6k::<U>(gp, nb, wb, chunk, stride, &mut sums),
+                PackedFormat::Q4K => chunk_k::<U, 32, 8>(f, gp, nb, wb, chunk, stride, &mut sums),
+                PackedFormat::Q6K => chunk_k::<U, 16, 16>(f, gp, nb, wb, chunk, stride, &mut sums),
             };
             for (t, a) in acc.iter().enumerate() {
                 _mm512_storeu_ps(out[TOKENS * c + t].as_mut_ptr().add(g * LANES), *a);
@@ -437,35 +437,26 @@ unsafe fn issue<U: TileUnit>(
 ) {
     let dst = dst as *mut u8;
     match slot % 4 {
-        0 => {
-            U::load::<0>(a, stride);
-            U::load::<2>(b, 64);
-            U::zero::<4>();
-            U::dp::<4, 0, 2>();
-            U::store::<4>(dst);
-        }
-        1 => {
-            U::load::<1>(a, stride);
-            U::load::<3>(b, 64);
-            U::zero::<5>();
-            U::dp::<5, 1, 3>();
-            U::store::<5>(dst);
-        }
-        2 => {
-            U::load::<0>(a, stride);
-            U::load::<2>(b, 64);
-            U::zero::<6>();
-            U::dp::<6, 0, 2>();
-            U::store::<6>(dst);
-        }
-        _ => {
-            U::load::<1>(a, stride);
-            U::load::<3>(b, 64);
-            U::zero::<7>();
-            U::dp::<7, 1, 3>();
-            U::store::<7>(dst);
-        }
+        0 => product::<U, 0, 2, 4>(a, stride, b, dst),
+        1 => product::<U, 1, 3, 5>(a, stride, b, dst),
+        2 => product::<U, 0, 2, 6>(a, stride, b, dst),
+        _ => product::<U, 1, 3, 7>(a, stride, b, dst),
     }
+}
+
+/// Tiles A and B loaded, C = A · B, C stored.
+#[inline(always)]
+unsafe fn product<U: TileUnit, const A: u8, const B: u8, const C: u8>(
+    a: *const u8,
+    stride: isize,
+    b: *const u8,
+    dst: *mut u8,
+) {
+    U::load::<A>(a, stride);
+    U::load::<B>(b, 64);
+    U::zero::<C>();
+    U::dp::<C, A, B>();
+    U::store::<C>(dst);
 }
 
 /// `units` tile products, unit u from activations at `a(u)` and weights
@@ -553,22 +544,22 @@ unsafe fn q8k_blocks(chunk: &[ActRow]) -> [*const BlockQ8K; TOKENS] {
     y
 }
 
-/// 16 tokens × one group of a K-quant matrix: `SUBS` sub-blocks of `K`
-/// elements per super-block, S = Σ_j sc_j · (sub-block j's tile sum), then
-/// `finish(b, core, scales, S, acc)` applies the super-block's float steps.
-#[allow(clippy::too_many_arguments)]
+/// 16 tokens × one group of a Q4_K (`K` = 32, 8 sub-blocks) or Q6_K (`K`
+/// = 16, 16 sub-blocks) matrix: S = Σ_j sc_j · (sub-block j's tile sum),
+/// then the super-block's float steps ([`finish_q4k`], [`finish_q6k`]).
 #[inline(always)]
 unsafe fn chunk_k<U: TileUnit, const K: usize, const SUBS: usize>(
     f: PackedFormat,
     gp: *const u8,
     nb: usize,
     wbuf: *const u8,
-    y0: *const BlockQ8K,
+    chunk: &[ActRow],
     stride: isize,
     sums: &mut Sums,
-    scale: impl Fn(*const u8) -> __m512i,
-    finish: impl Fn(usize, *const u8, *const u8, &[__m512i; TOKENS], &mut [__m512; TOKENS]),
 ) -> [__m512; TOKENS] {
+    let q4k = f == PackedFormat::Q4K;
+    let y = q8k_blocks(chunk);
+    let y0 = y[0];
     let (core_bytes, sb) = (f.core_bytes(), f.scale_bytes());
     let qs = std::mem::offset_of!(BlockQ8K, qs);
     let mut acc = [_mm512_setzero_ps(); TOKENS];
@@ -582,13 +573,22 @@ unsafe fn chunk_k<U: TileUnit, const K: usize, const SUBS: usize>(
         |u, p| {
             let (b, j) = (u / SUBS, u % SUBS);
             let (co, so) = block_offsets(core_bytes, sb, nb, b);
-            let sc = scale(gp.add(co + 16 * j));
+            // Q4_K's sub-block scales are unsigned 6-bit, Q6_K's signed bytes.
+            let sc = if q4k {
+                V::widen_u8(gp.add(co + 16 * j))
+            } else {
+                V::widen_i8(gp.add(co + 16 * j))
+            };
             for (t, s) in s.iter_mut().enumerate() {
                 let is = _mm512_load_si512(p.add(16 * t) as *const _);
                 *s = _mm512_add_epi32(*s, _mm512_mullo_epi32(is, sc));
             }
             if j == SUBS - 1 {
-                finish(b, gp.add(co), gp.add(so), &s, &mut acc);
+                if q4k {
+                    finish_q4k(b, gp.add(co), gp.add(so), &y, &s, &mut acc);
+                } else {
+                    finish_q6k(b, gp.add(so), &y, &s, &mut acc);
+                }
                 s = [_mm512_setzero_si512(); TOKENS];
             }
         },
@@ -596,82 +596,47 @@ unsafe fn chunk_k<U: TileUnit, const K: usize, const SUBS: usize>(
     acc
 }
 
+/// Q4_K's float steps for super-block `b` of 16 tokens: acc += (d·dy)·S,
+/// then acc −= (dmin·dy)·M with M = Σ_j m_j · Σy_j.
 #[inline(always)]
-unsafe fn chunk_q4k<U: TileUnit>(
-    gp: *const u8,
-    nb: usize,
-    wbuf: *const u8,
-    chunk: &[ActRow],
-    stride: isize,
-    sums: &mut Sums,
-) -> [__m512; TOKENS] {
-    let y = q8k_blocks(chunk);
-    // acc += (d·dy)·S, then acc −= (dmin·dy)·M with M = Σ_j m_j · Σy_j.
-    let finish = |b: usize,
-                  core: *const u8,
-                  scales: *const u8,
-                  s: &[__m512i; 16],
-                  acc: &mut [__m512; 16]| {
-        let d = V::load_f16(scales);
-        let dmin = V::load_f16(scales.add(32));
-        for t in 0..TOKENS {
-            let yb = &*y[t].add(b);
-            let bs = |j: usize| (yb.bsums[2 * j] + yb.bsums[2 * j + 1]) as u16 as u32;
-            let mut m = _mm512_setzero_si512();
-            for p in 0..4 {
-                let pair = (bs(2 * p) | (bs(2 * p + 1) << 16)) as i32;
-                m = V::dot_pairs(m, core.add(128 + 32 * p), pair);
-            }
-            let dy = _mm512_set1_ps(yb.d);
-            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, dy), _mm512_cvtepi32_ps(s[t]), acc[t]);
-            acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, dy), _mm512_cvtepi32_ps(m), acc[t]);
+unsafe fn finish_q4k(
+    b: usize,
+    core: *const u8,
+    scales: *const u8,
+    y: &[*const BlockQ8K; TOKENS],
+    s: &[__m512i; TOKENS],
+    acc: &mut [__m512; TOKENS],
+) {
+    let d = V::load_f16(scales);
+    let dmin = V::load_f16(scales.add(32));
+    for t in 0..TOKENS {
+        let yb = &*y[t].add(b);
+        let bs = |j: usize| (yb.bsums[2 * j] + yb.bsums[2 * j + 1]) as u16 as u32;
+        let mut m = _mm512_setzero_si512();
+        for p in 0..4 {
+            let pair = (bs(2 * p) | (bs(2 * p + 1) << 16)) as i32;
+            m = V::dot_pairs(m, core.add(128 + 32 * p), pair);
         }
-    };
-    chunk_k::<U, 32, 8>(
-        PackedFormat::Q4K,
-        gp,
-        nb,
-        wbuf,
-        y[0],
-        stride,
-        sums,
-        |p| V::widen_u8(p),
-        finish,
-    )
+        let dy = _mm512_set1_ps(yb.d);
+        acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, dy), _mm512_cvtepi32_ps(s[t]), acc[t]);
+        acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, dy), _mm512_cvtepi32_ps(m), acc[t]);
+    }
 }
 
+/// Q6_K's float step for super-block `b` of 16 tokens: acc += (d·dy)·S.
 #[inline(always)]
-unsafe fn chunk_q6k<U: TileUnit>(
-    gp: *const u8,
-    nb: usize,
-    wbuf: *const u8,
-    chunk: &[ActRow],
-    stride: isize,
-    sums: &mut Sums,
-) -> [__m512; TOKENS] {
-    let y = q8k_blocks(chunk);
-    let finish = |b: usize,
-                  _core: *const u8,
-                  scales: *const u8,
-                  s: &[__m512i; 16],
-                  acc: &mut [__m512; 16]| {
-        let d = V::load_f16(scales);
-        for t in 0..TOKENS {
-            let dy = _mm512_set1_ps((*y[t].add(b)).d);
-            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, dy), _mm512_cvtepi32_ps(s[t]), acc[t]);
-        }
-    };
-    chunk_k::<U, 16, 16>(
-        PackedFormat::Q6K,
-        gp,
-        nb,
-        wbuf,
-        y[0],
-        stride,
-        sums,
-        |p| V::widen_i8(p),
-        finish,
-    )
+unsafe fn finish_q6k(
+    b: usize,
+    scales: *const u8,
+    y: &[*const BlockQ8K; TOKENS],
+    s: &[__m512i; TOKENS],
+    acc: &mut [__m512; TOKENS],
+) {
+    let d = V::load_f16(scales);
+    for t in 0..TOKENS {
+        let dy = _mm512_set1_ps((*y[t].add(b)).d);
+        acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, dy), _mm512_cvtepi32_ps(s[t]), acc[t]);
+    }
 }
 
 /// The GFNI table's kernels with tiles for batches of 16 tokens and more.
