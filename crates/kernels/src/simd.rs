@@ -124,8 +124,8 @@ pub struct F16Ops {
     /// Scores of R query rows (`q`: R × hd) against a K tile (`kt`: hd ×
     /// 16, `kt[d·16 + j]` = key j's element d): `s[r·16 + j] = Σ_d
     /// q[r·hd + d]·kt[d·16 + j]`, accumulated with fma in increasing d from 0.
-    /// If `ahead` is not 0, the memory `ahead` halves past the tile (the
-    /// next tile, which need not exist) is prefetched while it is read.
+    /// If `ahead` is not 0, the memory `ahead` halves past the tile (a
+    /// later tile, which need not exist) is prefetched while it is read.
     pub qk: fn(q: &[f32], kt: &[half::f16], s: &mut [f32], ahead: usize),
     /// `acc[r·hd + c] = fma(p[r·16 + j], v[offs[j] + c], acc[r·hd + c])` for
     /// each key j of `offs` in order (R = acc.len() / hd); prefetching

@@ -445,14 +445,17 @@ fn attend_tile(
     let (lo_min, hi_max) = (lo_of(pos[0]), pos[pos.len() - 1]);
     let mut base = lo_min - lo_min % KB;
     while base <= hi_max {
-        // The kernels prefetch the next block as they read this one (a
-        // token's attention otherwise waits on each block's misses in turn),
-        // for tiles of 4 rows or more: with the 2 rows a thread has when two
-        // threads split a token's heads, it made tg64 at depth 8000 6–22%
-        // slower (3 of 3 alternating runs), where on one thread, 4 rows, it
-        // made it 3–14% faster (3 of 3).
+        // The kernels prefetch the block after next, into L2, as they read
+        // this one (a token's attention otherwise waits on each block's
+        // misses in turn), for tiles of 4 rows or more: with the 2 rows a
+        // thread has when two threads split a token's heads, prefetching
+        // made tg64 at depth 8000 6–22% slower (3 of 3 alternating runs),
+        // where on one thread, 4 rows, the next block into L1 made it 3–14%
+        // faster (3 of 3). Two blocks ahead into L2 then beat one into L1 on
+        // one thread: tg128 after 512 tokens in 5 of 6 alternating pairs
+        // (+3 to +8%), tg32 at depth 8000 in 2 of 3; pp512 unchanged.
         let ahead = if rows >= 4 && base + KB <= hi_max {
-            KB * kvd
+            2 * KB * kvd
         } else {
             0
         };
