@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a lent machine, from what scripts/device/stage.sh put in .device/: the
 # kernel tests (bit-exact on that CPU's kernel tables, AMX tiles included
-# where it has them), the packed kernels' rates at the layer shapes, and
+# where it has them) and the whole forward pass against the scalar kernels
+# on the stand-in model, the packed kernels' rates at the layer shapes, and
 # gemma3 (with and without AMX) against llama.cpp on the stand-in model.
 #
 #   scripts/device/run.sh [THREADS (1,2,4)] [REPS (5)] [KERNEL-BENCH FILTER]
@@ -16,7 +17,12 @@ mkdir -p /work && { [ -e /work/main ] || ln -s "$PWD" /work/main; }
 lscpu | grep -E "^Model name|^CPU\(s\)"
 echo "amx flags: $(grep -o 'amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 
-echo "== kernel tests"
+python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('$D/tiled.gguf.xz'), open('/tmp/tiled.gguf', 'wb'))"
+# scalar_twin compares the whole forward pass (a 35-token prompt: tiles and
+# a remainder) on the scalar kernels and on the fastest table, bit for bit.
+export GEMMA3_MODEL=/tmp/tiled.gguf
+
+echo "== kernel tests, and the forward pass on the stand-in model"
 for t in "$D"/tests/*; do
   printf '%-20s %s\n' "$(basename "$t")" "$(timeout 300 "$t" 2>&1 | grep -E 'test result|panicked' | head -3 | tr '\n' ' ')"
 done
@@ -36,5 +42,4 @@ for line in sys.stdin:
         name = None'
 
 echo "== end to end on the stand-in model"
-python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('$D/tiled.gguf.xz'), open('/tmp/tiled.gguf', 'wb'))"
 python3 scripts/device/compare.py "$D/bin/gemma3" "$D/bin/llama_mini_bench" /tmp/tiled.gguf -t "$THREADS" -r "$REPS"

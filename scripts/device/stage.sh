@@ -30,6 +30,10 @@ for line in sys.stdin:
 executables cargo test --release -p gemma3-kernels --no-run | while read -r name exe; do
   strip -o "$OUT/tests/$name" "$exe"
 done
+# The whole forward pass, scalar against the fastest table, bit for bit (run on the stand-in).
+executables cargo test --release -p gemma3-cli --test scalar_twin --no-run | while read -r name exe; do
+  [ "$name" = scalar_twin ] && strip -o "$OUT/tests/$name" "$exe"
+done
 executables cargo bench -p gemma3-kernels --no-run | while read -r name exe; do
   [ "$name" = matmul ] && strip -o "$OUT/bin/kernel-bench" "$exe"
 done

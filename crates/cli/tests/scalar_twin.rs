@@ -15,15 +15,19 @@ use std::process::Command;
 const CHILD: &str = "GEMMA3_TWIN_OUT";
 const TEST: &str = "scalar_and_simd_forward_passes_give_the_same_bits";
 
-/// Logits of a 14-token prompt (every position) and of 3 greedy decode steps, as bits,
+/// Logits of a 35-token prompt (every position) and of 3 greedy decode steps, as bits,
 /// preceded by the name of the kernel table that computed them.
 fn child(out: PathBuf) {
     let (model, tok) = common::model(TEST).expect("the parent checked the model is present");
+    // Over 32 tokens: where the CPU has AMX, two whole 16-token tiles and a
+    // remainder on the other kernels.
     let prompt = tok.encode(
-        "The capital of France is Paris, and the capital of Italy is",
+        "The capital of France is Paris, and the capital of Italy is Rome. Spain's capital \
+         is Madrid, Portugal's is Lisbon, and the capital of Germany is",
         true,
         false,
     );
+    assert!(prompt.len() > 32, "{} prompt tokens", prompt.len());
     let mut cache = KvCache::new(&model.config, 64);
     let mut st = ForwardState::new();
     let mut bits: Vec<u32> = Vec::new();
