@@ -32,10 +32,10 @@ executables cargo test --release -p gemma3-kernels --no-run | while read -r name
 done
 # The whole forward pass, scalar against the fastest table, bit for bit (run on the stand-in).
 executables cargo test --release -p gemma3-cli --test scalar_twin --no-run | while read -r name exe; do
-  [ "$name" = scalar_twin ] && strip -o "$OUT/tests/$name" "$exe"
+  if [ "$name" = scalar_twin ]; then strip -o "$OUT/tests/$name" "$exe"; fi
 done
 executables cargo bench -p gemma3-kernels --no-run | while read -r name exe; do
-  [ "$name" = matmul ] && strip -o "$OUT/bin/kernel-bench" "$exe"
+  if [ "$name" = matmul ]; then strip -o "$OUT/bin/kernel-bench" "$exe"; fi
 done
 
 cp -L "$SITE"/llama_cpp/lib/lib{llama,ggml,ggml-base,ggml-cpu}.so.0 "$OUT/lib/"
