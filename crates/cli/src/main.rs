@@ -203,5 +203,13 @@ fn info(model: ModelArg, ctx: usize) -> Result<()> {
         "weights read per generated token: {:.1} MiB",
         mib(m.bytes_per_token() as usize)
     );
+    // Which kernels this CPU runs, as llama.cpp's system info line tells.
+    let k = gemma3_kernels::simd::best();
+    let tiles = if k.packed.tiles.is_some() {
+        "yes, for batches of 16 tokens and more"
+    } else {
+        "no (none on this CPU, not granted by the OS, or GEMMA3_NO_AMX / GEMMA3_FORCE_SCALAR set)"
+    };
+    println!("kernels: {}; AMX tiles: {tiles}", k.name);
     Ok(())
 }
