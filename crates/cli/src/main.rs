@@ -82,6 +82,11 @@ fn main() {
 }
 
 fn real_main() -> Result<()> {
+    // Choose the kernels (and ask for the AMX tile state) before any worker
+    // thread exists: Linux refuses that state to a process in which some
+    // thread's alternate signal stack is too small for it, so asking first
+    // leaves only the main thread's to matter.
+    gemma3_kernels::simd::best();
     let cli = Cli::parse();
     if let Command::Bench(a) = cli.command {
         return bench::run(a, cli.threads);
