@@ -42,16 +42,17 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 /// Tokens per tile (its rows).
-pub const TOKENS: usize = crate::packed::TILE_TOKENS;
+const TOKENS: usize = crate::packed::TILE_TOKENS;
 
 /// Whether the AMX table may run here: AMX-TILE and AMX-INT8 in CPUID, the
 /// AVX-512 features the float part uses, the OS's permission granted, and
-/// neither `GEMMA3_NO_AMX` nor `GEMMA3_FORCE_SCALAR` set. Asked once.
+/// `GEMMA3_NO_AMX` not set. Asked once. (`GEMMA3_FORCE_SCALAR` is
+/// `simd::best`'s to apply, as for every other table.)
 pub fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
         let off = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty() && v != "0");
-        if off("GEMMA3_NO_AMX") || crate::simd::force_scalar() || !crate::x86::gfni_available() {
+        if off("GEMMA3_NO_AMX") || !crate::x86::gfni_available() {
             return false;
         }
         let l7 = __cpuid_count(7, 0);
@@ -267,7 +268,7 @@ struct Sums([[i32; 256]; 4]);
 
 /// A tile kernel's arguments: `acts[i]` and `out[i]` are token i's
 /// activations and outputs for the groups of `w` (as for `t1`/`t4`); the
-/// token count is a multiple of [`TOKENS`], and the tokens of each 16 are
+/// token count is a multiple of `TOKENS`, and the tokens of each 16 are
 /// equally spaced in memory (the tile loads read them at one stride).
 fn tiles<U: TileUnit>(
     f: PackedFormat,

@@ -453,7 +453,10 @@ fn attend_tile(
         // where on one thread, 4 rows, the next block into L1 made it 3–14%
         // faster (3 of 3). Two blocks ahead into L2 then beat one into L1 on
         // one thread: tg128 after 512 tokens in 5 of 6 alternating pairs
-        // (+3 to +8%), tg32 at depth 8000 in 2 of 3; pp512 unchanged.
+        // (+3 to +8%), tg32 at depth 8000 in 2 of 3; pp512 unchanged. For
+        // 2-row tiles, two ahead into L2 was inconclusive (tg128 after 512
+        // tokens on 2 threads ahead in 3 of 5 pairs, depth 8000 in 2 of 3),
+        // so they still do not prefetch.
         let ahead = if rows >= 4 && base + KB <= hi_max {
             2 * KB * kvd
         } else {
