@@ -1145,6 +1145,12 @@ unsafe fn qk_rows16<const NR: usize>(
 unsafe fn qk_avx512(q: &[f32], kt: &[half::f16], s: &mut [f32], ahead: usize) {
     let (hd, rows) = check_qk(q, kt, s);
     let (qp, kp, sp) = (q.as_ptr(), kt.as_ptr() as *const u16, s.as_mut_ptr());
+    if rows == 16 {
+        // A whole prefill tile in one pass: each key column is converted
+        // once for 16 multiply-adds, whose query operands are broadcast from
+        // memory inside the FMA.
+        return qk_rows16::<16>(qp, hd, kp, sp, ahead);
+    }
     by_rows!(rows, |r, NR| qk_rows16::<NR>(
         qp.add(r * hd),
         hd,
@@ -1280,6 +1286,12 @@ unsafe fn pv_avx512(
 ) {
     let rows = check_pv(acc, p, v, offs, hd);
     let (ap, pp, vp) = (acc.as_mut_ptr(), p.as_ptr(), v.as_ptr() as *const u16);
+    if rows == 16 {
+        // A whole prefill tile, one 16-column chunk at a time: each
+        // probability is then used by one FMA, which broadcasts it from
+        // memory itself, and each value row is converted once for 16 of them.
+        return pv_rows16::<16, 1>(ap, hd, pp, vp, offs, ahead);
+    }
     // 16 accumulators at most: CH = 16 / NR chunks (8 for a single row).
     by_rows!(rows, |r, NR| {
         let (a, pr) = (ap.add(r * hd), pp.add(r * KEY_BLOCK));
