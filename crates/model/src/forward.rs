@@ -496,13 +496,18 @@ fn attend_tile(
             (ops.exp_sub)(srow, new_m);
             srow[..j0].fill(0.0);
             srow[j1 + 1..].fill(0.0);
-            for &x in &srow[j0..=j1] {
-                sum[r] += x;
-            }
             if corr != 1.0 {
                 acc[r * hd..(r + 1) * hd]
                     .iter_mut()
                     .for_each(|v| *v *= corr);
+            }
+        }
+        // Each row adds its block's probabilities in key order (the zeros
+        // outside its range leave a sum unchanged), the rows side by side:
+        // one row at a time, each add waited on the previous one.
+        for j in 0..KB {
+            for r in 0..rows {
+                sum[r] += s[r * KB + j];
             }
         }
         if jmin <= jmax {
