@@ -442,6 +442,13 @@ fn attend_tile(
     let mut m = [f32::NEG_INFINITY; MAX_ROWS];
     let mut sum = [0.0f32; MAX_ROWS];
     let mut s = [0.0f32; MAX_ROWS * KB];
+    // Each row's position and first key, once per tile (not a division
+    // per row per block).
+    let (mut row_pos, mut row_lo) = ([0usize; MAX_ROWS], [0usize; MAX_ROWS]);
+    for r in 0..rows {
+        row_pos[r] = pos[r / nh];
+        row_lo[r] = lo_of(row_pos[r]);
+    }
     let (lo_min, hi_max) = (lo_of(pos[0]), pos[pos.len() - 1]);
     let mut base = lo_min - lo_min % KB;
     while base <= hi_max {
@@ -468,23 +475,41 @@ fn attend_tile(
             &mut s[..rows * KB],
             ahead,
         );
-        // Keys of this block any row wants: jmin..=jmax.
+        // Keys of this block any row wants: jmin..=jmax; row r's own are
+        // range[r] (empty, j0 > j1, when it wants none). Scores outside a
+        // row's range are set to −∞ first, so that one pass over all keys,
+        // the rows side by side, gives each row its block max (one row's
+        // fold at a time waited on each max in turn).
         let (mut jmin, mut jmax) = (KB, 0);
+        let mut range = [(1usize, 0usize); MAX_ROWS];
         for r in 0..rows {
-            let p = pos[r / nh];
-            let (lo, hi) = (lo_of(p).max(base), p.min(base + KB - 1));
+            let (lo, hi) = (row_lo[r].max(base), row_pos[r].min(base + KB - 1));
             let srow = &mut s[r * KB..(r + 1) * KB];
             if lo > hi {
-                srow.fill(0.0);
+                srow.fill(f32::NEG_INFINITY);
                 continue;
             }
             let (j0, j1) = (lo - base, hi - base);
+            range[r] = (j0, j1);
             jmin = jmin.min(j0);
             jmax = jmax.max(j1);
-            let bm = srow[j0..=j1]
-                .iter()
-                .fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-            let new_m = m[r].max(bm);
+            srow[..j0].fill(f32::NEG_INFINITY);
+            srow[j1 + 1..].fill(f32::NEG_INFINITY);
+        }
+        let mut bm = [f32::NEG_INFINITY; MAX_ROWS];
+        for j in 0..KB {
+            for r in 0..rows {
+                bm[r] = bm[r].max(s[r * KB + j]);
+            }
+        }
+        for r in 0..rows {
+            let srow = &mut s[r * KB..(r + 1) * KB];
+            let (j0, j1) = range[r];
+            if j0 > j1 {
+                srow.fill(0.0);
+                continue;
+            }
+            let new_m = m[r].max(bm[r]);
             // exp(0) is exactly 1 (the common case once the max settles).
             let corr = if new_m == m[r] && new_m.is_finite() {
                 1.0
@@ -493,6 +518,9 @@ fn attend_tile(
             };
             m[r] = new_m;
             sum[r] *= corr;
+            // (exp_sub wants finite scores; the zeros stay zeros below.)
+            srow[..j0].fill(0.0);
+            srow[j1 + 1..].fill(0.0);
             (ops.exp_sub)(srow, new_m);
             srow[..j0].fill(0.0);
             srow[j1 + 1..].fill(0.0);
@@ -511,9 +539,12 @@ fn attend_tile(
             }
         }
         if jmin <= jmax {
+            // The block's slots are consecutive: a cache holds whole tiles
+            // and a block is one (so no modulo per key).
+            let s0 = lc.slot(base);
             let mut offs = [0usize; KB];
             for j in jmin..=jmax {
-                offs[j - jmin] = lc.slot(base + j) * kvd + g * hd;
+                offs[j - jmin] = (s0 + j) * kvd + g * hd;
             }
             (ops.pv)(
                 &mut acc,
