@@ -100,7 +100,7 @@ impl MatmulScratch {
                 // Serial, this loop was 0.6% of pp512's perf samples on two
                 // threads, all of them on one thread while the other waited.
                 let chunk = SIDE_ROWS_PER_TASK * (cols / QK);
-                if nb >= 2 * chunk && rayon::current_num_threads() > 1 {
+                if chunk > 0 && nb >= 2 * chunk && rayon::current_num_threads() > 1 {
                     b.par_chunks(chunk)
                         .zip(n16.par_chunks_mut(chunk))
                         .zip(n128.par_chunks_mut(chunk))

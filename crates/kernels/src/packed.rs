@@ -1277,11 +1277,17 @@ mod tests {
         fn check<const CORE: usize, const SB: usize>() {
             for nb in 1..=9 {
                 let mut seen = Vec::new();
-                let base = 4096 as *const u8;
-                // SAFETY: the pointers are only compared, never read.
+                let group = vec![0u8; nb * CORE + nb.div_ceil(64 / SB) * 64];
+                let base = group.as_ptr();
+                // SAFETY: every pointer each_block forms lies inside `group`
+                // (a group's size for these block sizes); none is read.
                 unsafe {
                     each_block::<CORE, SB>(base, nb, |b, c, s| {
-                        seen.push((b, c as usize - 4096, s as usize - 4096))
+                        seen.push((
+                            b,
+                            c.offset_from(base) as usize,
+                            s.offset_from(base) as usize,
+                        ))
                     })
                 };
                 let want: Vec<_> = (0..nb)
