@@ -1274,13 +1274,14 @@ mod tests {
     /// the offsets `block_offsets` defines.
     #[test]
     fn each_block_walks_block_offsets() {
-        fn check<const CORE: usize, const SB: usize>() {
+        fn check<const CORE: usize, const SB: usize>(f: PackedFormat) {
+            assert_eq!((CORE, SB), (f.core_bytes(), f.scale_bytes()));
             for nb in 1..=9 {
                 let mut seen = Vec::new();
-                let group = vec![0u8; nb * CORE + nb.div_ceil(64 / SB) * 64];
+                let group = vec![0u8; f.group_bytes(nb)];
                 let base = group.as_ptr();
                 // SAFETY: every pointer each_block forms lies inside `group`
-                // (a group's size for these block sizes); none is read.
+                // or one past its end; none is read.
                 unsafe {
                     each_block::<CORE, SB>(base, nb, |b, c, s| {
                         seen.push((
@@ -1296,19 +1297,14 @@ mod tests {
                         (b, c, s)
                     })
                     .collect();
-                assert_eq!(seen, want, "core {CORE}, scales {SB}, {nb} blocks");
+                assert_eq!(seen, want, "{f:?}, {nb} blocks");
             }
         }
-        const fn c(f: PackedFormat) -> usize {
-            f.core_bytes()
-        }
-        const fn s(f: PackedFormat) -> usize {
-            f.scale_bytes()
-        }
-        check::<{ c(PackedFormat::Q8_0) }, { s(PackedFormat::Q8_0) }>();
-        check::<{ c(PackedFormat::Q5_0) }, { s(PackedFormat::Q5_0) }>();
-        check::<{ c(PackedFormat::Q4K) }, { s(PackedFormat::Q4K) }>();
-        check::<{ c(PackedFormat::Q6K) }, { s(PackedFormat::Q6K) }>();
+        use PackedFormat::*;
+        check::<{ Q8_0.core_bytes() }, { Q8_0.scale_bytes() }>(Q8_0);
+        check::<{ Q5_0.core_bytes() }, { Q5_0.scale_bytes() }>(Q5_0);
+        check::<{ Q4K.core_bytes() }, { Q4K.scale_bytes() }>(Q4K);
+        check::<{ Q6K.core_bytes() }, { Q6K.scale_bytes() }>(Q6K);
     }
 
     /// Every block's quants and scales tile the group exactly once, in

@@ -476,30 +476,27 @@ fn attend_tile(
             ahead,
         );
         // Keys of this block any row wants: jmin..=jmax; row r's own are
-        // range[r] (empty, j0 > j1, when it wants none). Scores outside a
-        // row's range are set to −∞ first, so that one pass over all keys,
-        // the rows side by side, gives each row its block max (one row's
-        // fold at a time waited on each max in turn).
+        // range[r] (empty, j0 > j1, when it wants none). Each row's block
+        // max over its range comes from one pass over the keys with the
+        // rows side by side (one row's fold at a time waited on each max in
+        // turn).
         let (mut jmin, mut jmax) = (KB, 0);
         let mut range = [(1usize, 0usize); MAX_ROWS];
         for r in 0..rows {
             let (lo, hi) = (row_lo[r].max(base), row_pos[r].min(base + KB - 1));
-            let srow = &mut s[r * KB..(r + 1) * KB];
-            if lo > hi {
-                srow.fill(f32::NEG_INFINITY);
-                continue;
+            if lo <= hi {
+                range[r] = (lo - base, hi - base);
+                jmin = jmin.min(lo - base);
+                jmax = jmax.max(hi - base);
             }
-            let (j0, j1) = (lo - base, hi - base);
-            range[r] = (j0, j1);
-            jmin = jmin.min(j0);
-            jmax = jmax.max(j1);
-            srow[..j0].fill(f32::NEG_INFINITY);
-            srow[j1 + 1..].fill(f32::NEG_INFINITY);
         }
         let mut bm = [f32::NEG_INFINITY; MAX_ROWS];
         for j in 0..KB {
             for r in 0..rows {
-                bm[r] = bm[r].max(s[r * KB + j]);
+                let (j0, j1) = range[r];
+                if j0 <= j && j <= j1 {
+                    bm[r] = bm[r].max(s[r * KB + j]);
+                }
             }
         }
         for r in 0..rows {
@@ -518,9 +515,6 @@ fn attend_tile(
             };
             m[r] = new_m;
             sum[r] *= corr;
-            // (exp_sub wants finite scores; the zeros stay zeros below.)
-            srow[..j0].fill(0.0);
-            srow[j1 + 1..].fill(0.0);
             (ops.exp_sub)(srow, new_m);
             srow[..j0].fill(0.0);
             srow[j1 + 1..].fill(0.0);
