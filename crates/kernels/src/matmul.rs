@@ -84,6 +84,10 @@ impl MatmulScratch {
         cols: usize,
     ) -> crate::packed::ActRow<'s> {
         use crate::packed::ActRow;
+        if format.act_format() == ActFormat::F32 {
+            // Float weights take the activations as they are.
+            return ActRow::F32 { x };
+        }
         match self.quantize(format, x, cols) {
             Acts::Q8_0(_) => {
                 let nb = x.len() / QK;
@@ -129,7 +133,7 @@ impl MatmulScratch {
                     neg32: &self.neg32[..16 * nb],
                 }
             }
-            Acts::F32(_) => panic!("no packed form for {format}"),
+            Acts::F32(_) => unreachable!("handled above"),
         }
     }
 

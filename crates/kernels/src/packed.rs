@@ -1,6 +1,7 @@
 #![allow(clippy::needless_range_loop)] // kernels index parallel arrays of registers by token
-//! Weight matrices re-laid out once, at load time, for the int8 kernels:
-//! 16 rows interleaved per block, so that one vector lane is one row.
+//! Weight matrices re-laid out once, at load time, for the int8 kernels
+//! (and the float formats' f32 ones): 16 rows interleaved per block, so
+//! that one vector lane is one row.
 //!
 //! In ggml's row-major layout a dot product leaves partial sums spread over
 //! the lanes of a vector: every block of every (row, token) pair then needs
@@ -46,6 +47,18 @@
 //! - Q6_K (3328 B): 16 scales `[j][r]` (i8), then per sub-block j three
 //!   vectors A, B, C: A low/high nibbles = groups 4j, 4j+1; B = 4j+2, 4j+3;
 //!   C bits 2i..2i+2 = high bits of group 4j+i; u ∈ 0..64, w = u − 32.
+//! - F16 (1024 B per block of 32 columns, no scales): column j's 16 values
+//!   at 32j (row r at 32j + 2r), as `vcvtph2ps` reads them.
+//! - BF16 (1024 B): column pair p (2p, 2p + 1) at 64p, one dword per row
+//!   holding column 2p in its low half: a shift left by 16 or a mask of
+//!   the high half makes either column 16 f32 values.
+//! - F32 (2048 B): column j's 16 values at 64j.
+//!
+//! **Float formats.** The activations stay f32. For each (row, token): four
+//! partial sums s_k over the columns c ≡ k (mod 4), each
+//! `s_k = fma(w_c, y_c, s_k)` in column order from 0, then
+//! (s_0 + s_1) + (s_2 + s_3). Four chains keep one token's
+//! multiply-adds from waiting on each other's latency.
 
 use crate::formats::*;
 use crate::matmul::{check_shapes, MatmulScratch, OutPtr, QMatrix};
@@ -64,7 +77,14 @@ pub enum PackedFormat {
     Q5_0,
     Q4K,
     Q6K,
+    /// The float formats, in blocks of [`FLOAT_BLOCK`] columns.
+    F16,
+    BF16,
+    F32,
 }
+
+/// Columns per block of the packed float formats.
+pub const FLOAT_BLOCK: usize = 32;
 
 impl PackedFormat {
     pub fn of(f: WeightFormat) -> Option<Self> {
@@ -73,8 +93,28 @@ impl PackedFormat {
             WeightFormat::Q5_0 | WeightFormat::Q4_0 => PackedFormat::Q5_0,
             WeightFormat::Q4K => PackedFormat::Q4K,
             WeightFormat::Q6K => PackedFormat::Q6K,
-            _ => return None,
+            WeightFormat::F16 => PackedFormat::F16,
+            WeightFormat::BF16 => PackedFormat::BF16,
+            WeightFormat::F32 => PackedFormat::F32,
+            WeightFormat::Q5K => return None,
         })
+    }
+
+    /// Whether it is one of the float formats (no integer kernels).
+    pub const fn is_float(self) -> bool {
+        matches!(
+            self,
+            PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32
+        )
+    }
+
+    /// Columns per block.
+    pub const fn block_cols(self) -> usize {
+        match self {
+            PackedFormat::Q8_0 | PackedFormat::Q5_0 => 32,
+            PackedFormat::Q4K | PackedFormat::Q6K => 256,
+            PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => FLOAT_BLOCK,
+        }
     }
 
     /// Bytes of one block's quants for 16 rows (a multiple of 64).
@@ -84,13 +124,17 @@ impl PackedFormat {
             PackedFormat::Q5_0 => 320,
             PackedFormat::Q4K => 2304,
             PackedFormat::Q6K => 3328,
+            PackedFormat::F16 | PackedFormat::BF16 => 2 * LANES * FLOAT_BLOCK,
+            PackedFormat::F32 => 4 * LANES * FLOAT_BLOCK,
         }
     }
 
-    /// Bytes of one block's f16 scales for 16 rows.
+    /// Bytes of one block's f16 scales for 16 rows (none for the float
+    /// formats).
     pub const fn scale_bytes(self) -> usize {
         match self {
             PackedFormat::Q4K => 64,
+            PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => 0,
             _ => 32,
         }
     }
@@ -98,7 +142,11 @@ impl PackedFormat {
     /// Bytes of a group of 16 rows of `nb` blocks (a multiple of 64): their
     /// quants and one 64-byte line of scales per unit (see [`block_offsets`]).
     pub const fn group_bytes(self, nb: usize) -> usize {
-        nb * self.core_bytes() + nb.div_ceil(64 / self.scale_bytes()) * 64
+        let sb = self.scale_bytes();
+        if sb == 0 {
+            return nb * self.core_bytes();
+        }
+        nb * self.core_bytes() + nb.div_ceil(64 / sb) * 64
     }
 }
 
@@ -106,8 +154,12 @@ impl PackedFormat {
 /// `nb` blocks whose blocks have `core` bytes of quants and `sb` of scales:
 /// each unit of `64 / sb` blocks (fewer in a last, partial unit) is their
 /// quants in order, then one 64-byte line holding their scales in order.
+/// Blocks without scales (`sb` = 0) simply follow each other.
 #[inline(always)]
 pub const fn block_offsets(core: usize, sb: usize, nb: usize, b: usize) -> (usize, usize) {
+    if sb == 0 {
+        return (b * core, (b + 1) * core);
+    }
     let spl = 64 / sb;
     let unit = spl * core + 64;
     let (u, j) = (b / spl, b % spl);
@@ -159,12 +211,16 @@ impl std::fmt::Debug for PackedMatrix {
 }
 
 /// What packing `w` takes: its packed format and blocks per row, or None
-/// when its format has no packed form or its rows are not a multiple of 16
-/// (those stay row-major).
+/// when its format has no packed form, its rows are not a multiple of 16 or
+/// its columns not of the format's block (those stay row-major).
 fn plan(w: &QMatrix) -> Option<(PackedFormat, usize)> {
     let format = PackedFormat::of(w.format)?;
-    let nb = w.cols / w.format.block_size();
-    if w.rows == 0 || !w.rows.is_multiple_of(LANES) || nb == 0 {
+    let nb = w.cols / format.block_cols();
+    if w.rows == 0
+        || !w.rows.is_multiple_of(LANES)
+        || nb == 0
+        || !w.cols.is_multiple_of(format.block_cols())
+    {
         return None;
     }
     Some((format, nb))
@@ -447,6 +503,25 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
             }
             sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
         }
+        WeightFormat::F16 => {
+            let src = &row[2 * FLOAT_BLOCK * b..2 * FLOAT_BLOCK * (b + 1)];
+            for (j, e) in src.chunks_exact(2).enumerate() {
+                core[2 * LANES * j + 2 * r..][..2].copy_from_slice(e);
+            }
+        }
+        WeightFormat::BF16 => {
+            // Column pairs: one dword per row, the even column in its low half.
+            let src = &row[2 * FLOAT_BLOCK * b..2 * FLOAT_BLOCK * (b + 1)];
+            for (p, e) in src.chunks_exact(4).enumerate() {
+                core[4 * LANES * p + 4 * r..][..4].copy_from_slice(e);
+            }
+        }
+        WeightFormat::F32 => {
+            let src = &row[4 * FLOAT_BLOCK * b..4 * FLOAT_BLOCK * (b + 1)];
+            for (j, e) in src.chunks_exact(4).enumerate() {
+                core[4 * LANES * j + 4 * r..][..4].copy_from_slice(e);
+            }
+        }
         f => unreachable!("no packed form for {f}"),
     }
 }
@@ -471,6 +546,8 @@ pub enum ActRow<'a> {
         blocks: &'a [BlockQ8K],
         neg32: &'a [i32],
     },
+    /// f32 values (for the float formats).
+    F32 { x: &'a [f32] },
 }
 
 /// The packed kernels' result for one (row, token), computed from the
@@ -553,6 +630,15 @@ pub fn spec_dot(src: WeightFormat, row: &[u8], act: ActRow) -> f32 {
                 acc = (f16_le(blk.d) * y.d).mul_add(s as f32, acc);
             }
         }
+        (WeightFormat::F16 | WeightFormat::BF16 | WeightFormat::F32, ActRow::F32 { x }) => {
+            let mut w = vec![0.0f32; x.len()];
+            crate::quant::dequantize_row(src, row, &mut w);
+            let mut s = [0.0f32; 4];
+            for (c, (&w, &y)) in w.iter().zip(x).enumerate() {
+                s[c % 4] = w.mul_add(y, s[c % 4]);
+            }
+            acc = (s[0] + s[1]) + (s[2] + s[3]);
+        }
         (f, _) => panic!("spec_dot: no packed form for {f} with these activations"),
     }
     acc
@@ -591,6 +677,11 @@ pub(crate) trait Isa {
     unsafe fn dot_pairs(acc: Self::V, p: *const u8, pair: i32) -> Self::V;
     unsafe fn to_f(v: Self::V) -> Self::F;
     unsafe fn load_f16(p: *const u8) -> Self::F;
+    /// The low (even) or high (odd) bf16 halves of 16 dwords at p, as f32.
+    unsafe fn load_bf16_even(p: *const u8) -> Self::F;
+    unsafe fn load_bf16_odd(p: *const u8) -> Self::F;
+    unsafe fn load_f32(p: *const u8) -> Self::F;
+    unsafe fn add_f(a: Self::F, b: Self::F) -> Self::F;
     unsafe fn splat_f(x: f32) -> Self::F;
     unsafe fn mul_f(a: Self::F, b: Self::F) -> Self::F;
     /// a·b + c, one rounding.
@@ -683,6 +774,7 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
             ActRow::Q8K { blocks, neg32 } => {
                 assert!(blocks.len() >= nb && neg32.len() >= 16 * nb)
             }
+            ActRow::F32 { x } => assert!(x.len() >= nb * FLOAT_BLOCK),
         }
     }
     for g in 0..groups {
@@ -692,6 +784,9 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
             PackedFormat::Q5_0 => group_q5_0::<I, NT>(gp, nb, a),
             PackedFormat::Q4K => group_q4k::<I, NT>(gp, nb, a),
             PackedFormat::Q6K => group_q6k::<I, NT>(gp, nb, a),
+            PackedFormat::F16 => group_float::<I, NT, F16_KIND>(gp, nb, a),
+            PackedFormat::BF16 => group_float::<I, NT, BF16_KIND>(gp, nb, a),
+            PackedFormat::F32 => group_float::<I, NT, F32_KIND>(gp, nb, a),
         };
         for t in 0..NT {
             I::store_f(out[t].as_mut_ptr().add(g * LANES), acc[t]);
@@ -723,6 +818,63 @@ unsafe fn each_block<const CORE: usize, const SB: usize>(
     }
 }
 
+/// The f32 activations of token t; the caller checked the variant.
+#[inline(always)]
+unsafe fn f32s<'a>(a: &ActRow<'a>) -> &'a [f32] {
+    match *a {
+        ActRow::F32 { x } => x,
+        _ => std::hint::unreachable_unchecked(),
+    }
+}
+
+const F16_KIND: u8 = 0;
+const BF16_KIND: u8 = 1;
+const F32_KIND: u8 = 2;
+
+/// A group of a float format (KIND) times NT tokens: four chains of
+/// multiply-adds per token over the columns c ≡ k (mod 4), as the module
+/// docs define; each column's 16 rows are converted to f32 once for the NT
+/// tokens, whose activation is broadcast from memory.
+#[inline(always)]
+unsafe fn group_float<I: Isa, const NT: usize, const KIND: u8>(
+    gp: *const u8,
+    nb: usize,
+    a: &[ActRow; NT],
+) -> [I::F; NT] {
+    let core = match KIND {
+        F32_KIND => PackedFormat::F32.core_bytes(),
+        _ => PackedFormat::F16.core_bytes(),
+    };
+    let xs: [*const f32; NT] = std::array::from_fn(|t| f32s(&a[t]).as_ptr());
+    let mut s = [[I::zero_f(); 4]; NT];
+    for b in 0..nb {
+        let bp = gp.add(b * core);
+        for q in 0..FLOAT_BLOCK / 4 {
+            // Columns 4q .. 4q + 4 of the block.
+            let w: [I::F; 4] = match KIND {
+                F16_KIND => std::array::from_fn(|k| I::load_f16(bp.add(2 * LANES * (4 * q + k)))),
+                BF16_KIND => {
+                    let (p0, p1) = (bp.add(4 * LANES * 2 * q), bp.add(4 * LANES * (2 * q + 1)));
+                    [
+                        I::load_bf16_even(p0),
+                        I::load_bf16_odd(p0),
+                        I::load_bf16_even(p1),
+                        I::load_bf16_odd(p1),
+                    ]
+                }
+                _ => std::array::from_fn(|k| I::load_f32(bp.add(4 * LANES * (4 * q + k)))),
+            };
+            for t in 0..NT {
+                let x = xs[t].add(FLOAT_BLOCK * b + 4 * q);
+                for k in 0..4 {
+                    s[t][k] = I::fmadd(w[k], I::splat_f(*x.add(k)), s[t][k]);
+                }
+            }
+        }
+    }
+    std::array::from_fn(|t| I::add_f(I::add_f(s[t][0], s[t][1]), I::add_f(s[t][2], s[t][3])))
+}
+
 /// The Q8_0 activation parts of token t, in the variant's field order
 /// (blocks, neg16, neg128, d); the caller checked the variant.
 #[inline(always)]
@@ -734,7 +886,7 @@ unsafe fn q8<'a>(a: &ActRow<'a>) -> (&'a [BlockQ8_0], &'a [i32], &'a [i32], &'a 
             neg128,
             d,
         } => (blocks, neg16, neg128, d),
-        ActRow::Q8K { .. } => std::hint::unreachable_unchecked(),
+        _ => std::hint::unreachable_unchecked(),
     }
 }
 
@@ -748,7 +900,7 @@ unsafe fn q8k<'a>(a: &ActRow<'a>) -> &'a [BlockQ8K] {
 unsafe fn q8k_neg32<'a>(a: &ActRow<'a>) -> (&'a [BlockQ8K], &'a [i32]) {
     match *a {
         ActRow::Q8K { blocks, neg32 } => (blocks, neg32),
-        ActRow::Q8_0 { .. } => std::hint::unreachable_unchecked(),
+        _ => std::hint::unreachable_unchecked(),
     }
 }
 
@@ -1020,6 +1172,22 @@ impl Isa for Scalar {
     unsafe fn load_f16(p: *const u8) -> [f32; 16] {
         std::array::from_fn(|l| f16_le([*p.add(2 * l), *p.add(2 * l + 1)]))
     }
+    unsafe fn load_bf16_even(p: *const u8) -> [f32; 16] {
+        std::array::from_fn(|l| {
+            f32::from_bits(u32::from(*p.add(4 * l)) << 16 | u32::from(*p.add(4 * l + 1)) << 24)
+        })
+    }
+    unsafe fn load_bf16_odd(p: *const u8) -> [f32; 16] {
+        std::array::from_fn(|l| {
+            f32::from_bits(u32::from(*p.add(4 * l + 2)) << 16 | u32::from(*p.add(4 * l + 3)) << 24)
+        })
+    }
+    unsafe fn load_f32(p: *const u8) -> [f32; 16] {
+        std::array::from_fn(|l| (p.add(4 * l) as *const f32).read_unaligned())
+    }
+    unsafe fn add_f(a: [f32; 16], b: [f32; 16]) -> [f32; 16] {
+        std::array::from_fn(|l| a[l] + b[l])
+    }
     unsafe fn splat_f(x: f32) -> [f32; 16] {
         [x; 16]
     }
@@ -1168,6 +1336,9 @@ unsafe fn packed_groups(
                 blocks: &blocks[t * nb..(t + 1) * nb],
                 neg32: &neg32[16 * t * nb..16 * (t + 1) * nb],
             },
+            ActRow::F32 { x } => ActRow::F32 {
+                x: &x[t * w.cols..(t + 1) * w.cols],
+            },
         }
     };
     let (gb, rows) = (w.group_bytes, w.rows);
@@ -1177,7 +1348,9 @@ unsafe fn packed_groups(
         std::slice::from_raw_parts_mut(out.0.add(t * rows + g0 * LANES), (g1 - g0) * LANES)
     };
     let mut t = 0;
-    if let Some(tiles) = k.tiles {
+    // (The tile kernels are integer ones.)
+    let tiles = k.tiles.filter(|_| !w.format.is_float());
+    if let Some(tiles) = tiles {
         let n16 = n / TILE_TOKENS * TILE_TOKENS;
         if n16 > 0 {
             let acts: Vec<ActRow> = (0..n16).map(act).collect();

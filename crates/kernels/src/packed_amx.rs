@@ -280,6 +280,10 @@ fn tiles<U: TileUnit>(
 ) {
     assert!(acts.len() == out.len() && acts.len().is_multiple_of(TOKENS));
     assert!(
+        !f.is_float(),
+        "the tile kernels are integer ones, not for {f:?}"
+    );
+    assert!(
         crate::x86::gfni_available(),
         "the tile kernels' vector parts need AVX-512 and GFNI"
     );
@@ -289,12 +293,14 @@ fn tiles<U: TileUnit>(
         match *a {
             ActRow::Q8_0 { blocks, d, .. } => assert!(blocks.len() >= nb && d.len() >= nb),
             ActRow::Q8K { blocks, .. } => assert!(blocks.len() >= nb),
+            ActRow::F32 { .. } => panic!("f32 activations for an integer format"),
         }
     }
     let stride_of = |c: &[ActRow]| -> Option<isize> {
         let p = |a: &ActRow| match *a {
             ActRow::Q8_0 { blocks, .. } => blocks.as_ptr() as isize,
             ActRow::Q8K { blocks, .. } => blocks.as_ptr() as isize,
+            ActRow::F32 { x } => x.as_ptr() as isize,
         };
         let s = p(&c[1]) - p(&c[0]);
         (c.iter().enumerate())
@@ -327,6 +333,7 @@ unsafe fn tiles_inner<U: TileUnit>(
     let per_block = match f {
         PackedFormat::Q8_0 | PackedFormat::Q5_0 => 512,
         PackedFormat::Q4K | PackedFormat::Q6K => 4096,
+        _ => unreachable!("checked by the caller"),
     };
     let mut wbuf = vec![0u8; nb * per_block];
     let mut sums = Box::new(Sums([[0; 256]; 4]));
@@ -342,6 +349,7 @@ unsafe fn tiles_inner<U: TileUnit>(
                 }
                 PackedFormat::Q4K => chunk_k::<U, 32, 8>(f, gp, nb, wb, chunk, stride, &mut sums),
                 PackedFormat::Q6K => chunk_k::<U, 16, 16>(f, gp, nb, wb, chunk, stride, &mut sums),
+                _ => unreachable!("checked by the caller"),
             };
             for (t, a) in acc.iter().enumerate() {
                 _mm512_storeu_ps(out[TOKENS * c + t].as_mut_ptr().add(g * LANES), *a);
@@ -410,6 +418,7 @@ unsafe fn unpack_group(f: PackedFormat, gp: *const u8, nb: usize, dst: *mut u8) 
                     }
                 }
             }
+            _ => unreachable!("checked by the caller"),
         }
     }
 }

@@ -81,6 +81,25 @@ impl<const GFNI: bool> Isa for Avx512<GFNI> {
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const _))
     }
     #[inline(always)]
+    unsafe fn load_bf16_even(p: *const u8) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_loadu_si512(p as *const _)))
+    }
+    #[inline(always)]
+    unsafe fn load_bf16_odd(p: *const u8) -> __m512 {
+        _mm512_castsi512_ps(_mm512_and_si512(
+            _mm512_loadu_si512(p as *const _),
+            _mm512_set1_epi32(0xFFFF_0000u32 as i32),
+        ))
+    }
+    #[inline(always)]
+    unsafe fn load_f32(p: *const u8) -> __m512 {
+        _mm512_loadu_ps(p as *const f32)
+    }
+    #[inline(always)]
+    unsafe fn add_f(a: __m512, b: __m512) -> __m512 {
+        _mm512_add_ps(a, b)
+    }
+    #[inline(always)]
     unsafe fn splat_f(x: f32) -> __m512 {
         _mm512_set1_ps(x)
     }
@@ -257,6 +276,32 @@ impl Isa for Avx2 {
             _mm256_cvtph_ps(_mm_loadu_si128(p as *const _)),
             _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const _)),
         )
+    }
+    #[inline(always)]
+    unsafe fn load_bf16_even(p: *const u8) -> F2 {
+        let f = |p: *const u8| {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_loadu_si256(p as *const _)))
+        };
+        F2(f(p), f(p.add(32)))
+    }
+    #[inline(always)]
+    unsafe fn load_bf16_odd(p: *const u8) -> F2 {
+        let m = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+        let f = |p: *const u8| {
+            _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(p as *const _), m))
+        };
+        F2(f(p), f(p.add(32)))
+    }
+    #[inline(always)]
+    unsafe fn load_f32(p: *const u8) -> F2 {
+        F2(
+            _mm256_loadu_ps(p as *const f32),
+            _mm256_loadu_ps(p.add(32) as *const f32),
+        )
+    }
+    #[inline(always)]
+    unsafe fn add_f(a: F2, b: F2) -> F2 {
+        F2(_mm256_add_ps(a.0, b.0), _mm256_add_ps(a.1, b.1))
     }
     #[inline(always)]
     unsafe fn splat_f(x: f32) -> F2 {

@@ -5,7 +5,9 @@
 //! it bit for bit, for every token count (so a token's result cannot depend on its batch)
 //! and every format, on random blocks and on real rows of the model. The spec itself is
 //! checked against the exact f64 dot product of the dequantized weights (dequantization
-//! is checked against gguf-py elsewhere) with the 8-bit activations.
+//! is checked against gguf-py elsewhere) with the 8-bit activations. For the float formats
+//! (F16, BF16, F32) the spec is four chains of fused f32 multiply-adds over the f32
+//! activations.
 
 mod common;
 
@@ -19,12 +21,15 @@ use gemma3_kernels::simd::available;
 use gemma3_kernels::{ActFormat, MatmulScratch, QMatrix, WeightFormat};
 use half::f16;
 
-const FORMATS: [WeightFormat; 5] = [
+const FORMATS: [WeightFormat; 8] = [
     WeightFormat::Q8_0,
     WeightFormat::Q4_0,
     WeightFormat::Q5_0,
     WeightFormat::Q4K,
     WeightFormat::Q6K,
+    WeightFormat::F16,
+    WeightFormat::BF16,
+    WeightFormat::F32,
 ];
 
 struct Case {
@@ -39,10 +44,10 @@ fn cases() -> Vec<Case> {
     let mut v = Vec::new();
     let mut rng = Rng::new(0x7061_636b);
     for format in FORMATS {
-        let cols_list: &[usize] = if format.block_size() == QK {
-            &[QK * 5, 640]
-        } else {
-            &[QK_K * 3, QK_K]
+        let cols_list: &[usize] = match format.block_size() {
+            // Float formats: blocks of 32 columns; 5 blocks, the model's width.
+            1 | QK => &[QK * 5, 640],
+            _ => &[QK_K * 3, QK_K],
         };
         for &cols in cols_list {
             v.push(Case {
@@ -125,13 +130,18 @@ fn acts(rng: &mut Rng, format: WeightFormat, n: usize, cols: usize) -> (Vec<f32>
                 a.neg32.extend(b.bsums.iter().map(|&s| -32 * s as i32));
             }
         }
-        ActFormat::F32 => unreachable!(),
+        // Float weights take the activations as they are.
+        ActFormat::F32 => a.effective = x.clone(),
     }
     (x, a)
 }
 
 fn row_act<'a>(a: &'a Acts, format: WeightFormat, t: usize, nb: usize) -> ActRow<'a> {
     match format.act_format() {
+        // (One-element blocks: nb is the width.)
+        ActFormat::F32 => ActRow::F32 {
+            x: &a.effective[t * nb..(t + 1) * nb],
+        },
         ActFormat::Q8_0 => ActRow::Q8_0 {
             blocks: &a.q8_0[t * nb..(t + 1) * nb],
             neg16: &a.neg16[t * nb..(t + 1) * nb],
