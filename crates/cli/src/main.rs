@@ -203,7 +203,7 @@ fn info(model: ModelArg, ctx: usize) -> Result<()> {
     let buffers =
         512 * (4 * c.d_model + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.d_ff) * 4 + c.vocab_size * 4;
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
-    println!("memory at --ctx {ctx}: weights {:.1} MiB (quantized; interleaved at load) + KV cache {:.1} MiB (f16) + buffers {:.1} MiB = {:.1} MiB", mib(total as usize), mib(kv), mib(buffers), mib(total as usize + kv + buffers));
+    println!("memory at --ctx {ctx}: weights {:.1} MiB (as stored; interleaved at load) + KV cache {:.1} MiB (f16) + buffers {:.1} MiB = {:.1} MiB", mib(total as usize), mib(kv), mib(buffers), mib(total as usize + kv + buffers));
     println!(
         "weights read per generated token: {:.1} MiB",
         mib(m.bytes_per_token() as usize)
