@@ -56,6 +56,9 @@ FORMATS = {
     "Q6_K": (T.Q6_K, 256, 210, [208]),
     "F16": (T.F16, 1, 2, []),
     "BF16": (T.BF16, 1, 2, []),
+    # Appended (so the random draws of the formats above stay as they were): d and m.
+    "Q4_1": (T.Q4_1, 32, 20, [0, 2]),
+    "Q5_1": (T.Q5_1, 32, 24, [0, 2]),
 }
 
 

@@ -6,7 +6,7 @@
 //! ref: ggml-cpu/quants.c ggml_vec_dot_*_generic.
 
 use crate::formats::*;
-use crate::quant::{q5_0_unpack, q6_k_unpack};
+use crate::quant::{q4_1_unpack, q5_0_unpack, q5_1_unpack, q6_k_unpack};
 use half::{bf16, f16};
 
 pub fn dot_q8_0_ref(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
@@ -49,6 +49,36 @@ pub fn dot_q5_0_ref(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
         sum += s as f32 * (f16_le(x.d) * f16_le(y.d));
     }
     sum
+}
+
+/// Q4_1 / Q5_1 (`x = d·q + m`, q unsigned): per block
+/// `sum = fma(dw·dy, Σq·y, sum)`, then `sum = fma(m, dy·Σy, sum)` (dy·Σy is
+/// exact: ggml's block_q8_1 stores it rounded to f16 instead). The packed
+/// kernels' definition (`packed::spec_dot`) is the same.
+fn dot_min_ref(blocks: impl Iterator<Item = ([u8; 2], [u8; 2], [u8; QK])>, a: &[BlockQ8_0]) -> f32 {
+    let mut sum = 0.0f32;
+    for ((d, m, q), y) in blocks.zip(a) {
+        let s: i32 = q
+            .iter()
+            .zip(&y.qs)
+            .map(|(&p, &v)| p as i32 * v as i32)
+            .sum();
+        let sy: i32 = y.qs.iter().map(|&v| v as i32).sum();
+        let dy = f16_le(y.d);
+        sum = (f16_le(d) * dy).mul_add(s as f32, sum);
+        sum = f16_le(m).mul_add(dy * sy as f32, sum);
+    }
+    sum
+}
+
+pub fn dot_q4_1_ref(w: &[BlockQ4_1], a: &[BlockQ8_0]) -> f32 {
+    debug_assert_eq!(w.len(), a.len());
+    dot_min_ref(w.iter().map(|x| (x.d, x.m, q4_1_unpack(x))), a)
+}
+
+pub fn dot_q5_1_ref(w: &[BlockQ5_1], a: &[BlockQ8_0]) -> f32 {
+    debug_assert_eq!(w.len(), a.len());
+    dot_min_ref(w.iter().map(|x| (x.d, x.m, q5_1_unpack(x))), a)
 }
 
 /// Sum over the 8 sub-blocks of `scale_j * Σ q·q8` and of `min_j * Σ q8`.

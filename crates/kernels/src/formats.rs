@@ -1,6 +1,7 @@
 //! ggml block layouts as `#[repr(C)]` types.
 //!
-//! ref: ggml/src/ggml-common.h (block_q8_0, block_q4_0, block_q5_0, block_q4_K,
+//! ref: ggml/src/ggml-common.h (block_q8_0, block_q4_0, block_q5_0, block_q4_1,
+//! block_q5_1, block_q4_K,
 //! block_q5_K, block_q6_K, block_q8_K). Weight blocks hold their f16 scales as
 //! `[u8; 2]` so that every weight block has alignment 1 and can be viewed in
 //! place inside a memory-mapped file at any offset.
@@ -40,6 +41,27 @@ pub struct BlockQ4_0 {
 #[derive(Clone, Copy, Debug)]
 pub struct BlockQ5_0 {
     pub d: [u8; 2],
+    pub qh: [u8; 4],
+    pub qs: [u8; QK / 2],
+}
+
+/// 4-bit weights with a minimum: `x = d * q + m`, q in 0..16 stored as in
+/// Q4_0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ4_1 {
+    pub d: [u8; 2],
+    pub m: [u8; 2],
+    pub qs: [u8; QK / 2],
+}
+
+/// 5-bit weights with a minimum: the bits as in Q5_0; `x = d * q + m`, q in
+/// 0..32.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ5_1 {
+    pub d: [u8; 2],
+    pub m: [u8; 2],
     pub qh: [u8; 4],
     pub qs: [u8; QK / 2],
 }
@@ -114,6 +136,8 @@ impl Default for BlockQ8_0 {
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
+const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
+const _: () = assert!(std::mem::size_of::<BlockQ5_1>() == 24);
 const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
 const _: () = assert!(std::mem::size_of::<BlockQ5K>() == 176);
 const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
@@ -121,6 +145,8 @@ const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292);
 const _: () = assert!(std::mem::align_of::<BlockQ8_0>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ4_0>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ5_0>() == 1);
+const _: () = assert!(std::mem::align_of::<BlockQ4_1>() == 1);
+const _: () = assert!(std::mem::align_of::<BlockQ5_1>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ4K>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ5K>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ6K>() == 1);
@@ -137,6 +163,10 @@ unsafe impl RawBlock for BlockQ8_0 {}
 unsafe impl RawBlock for BlockQ4_0 {}
 // SAFETY: as above.
 unsafe impl RawBlock for BlockQ5_0 {}
+// SAFETY: as above.
+unsafe impl RawBlock for BlockQ4_1 {}
+// SAFETY: as above.
+unsafe impl RawBlock for BlockQ5_1 {}
 // SAFETY: as above.
 unsafe impl RawBlock for BlockQ4K {}
 // SAFETY: as above.
@@ -171,6 +201,8 @@ pub enum WeightFormat {
     Q8_0,
     Q4_0,
     Q5_0,
+    Q4_1,
+    Q5_1,
     Q4K,
     Q5K,
     Q6K,
@@ -181,7 +213,8 @@ pub enum WeightFormat {
 pub enum ActFormat {
     /// Plain f32 (float weight formats).
     F32,
-    /// ggml block_q8_0 (for Q8_0, Q4_0, Q5_0 weights).
+    /// ggml block_q8_0 (for Q8_0, Q4_0, Q5_0 weights; and for Q4_1, Q5_1,
+    /// where ggml's block_q8_1 adds d·Σq, which the kernels compute).
     Q8_0,
     /// ggml block_q8_K (for K-quant weights).
     Q8K,
@@ -192,7 +225,11 @@ impl WeightFormat {
     pub const fn block_size(self) -> usize {
         match self {
             WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16 => 1,
-            WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q5_0 => QK,
+            WeightFormat::Q8_0
+            | WeightFormat::Q4_0
+            | WeightFormat::Q5_0
+            | WeightFormat::Q4_1
+            | WeightFormat::Q5_1 => QK,
             WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => QK_K,
         }
     }
@@ -205,6 +242,8 @@ impl WeightFormat {
             WeightFormat::Q8_0 => 34,
             WeightFormat::Q4_0 => 18,
             WeightFormat::Q5_0 => 22,
+            WeightFormat::Q4_1 => 20,
+            WeightFormat::Q5_1 => 24,
             WeightFormat::Q4K => 144,
             WeightFormat::Q5K => 176,
             WeightFormat::Q6K => 210,
@@ -220,7 +259,11 @@ impl WeightFormat {
     pub const fn act_format(self) -> ActFormat {
         match self {
             WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16 => ActFormat::F32,
-            WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q5_0 => ActFormat::Q8_0,
+            WeightFormat::Q8_0
+            | WeightFormat::Q4_0
+            | WeightFormat::Q5_0
+            | WeightFormat::Q4_1
+            | WeightFormat::Q5_1 => ActFormat::Q8_0,
             WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => ActFormat::Q8K,
         }
     }
@@ -233,6 +276,8 @@ impl WeightFormat {
             WeightFormat::Q8_0 => "Q8_0",
             WeightFormat::Q4_0 => "Q4_0",
             WeightFormat::Q5_0 => "Q5_0",
+            WeightFormat::Q4_1 => "Q4_1",
+            WeightFormat::Q5_1 => "Q5_1",
             WeightFormat::Q4K => "Q4_K",
             WeightFormat::Q5K => "Q5_K",
             WeightFormat::Q6K => "Q6_K",

@@ -16,8 +16,9 @@
 //! each (row, token), `acc = 0`, then for each block in order
 //! `acc = fma(dw · dy, S, acc)` where S is the block's exact integer sum
 //! Σ w·y (with the sub-block scales applied in integers for the K-quants)
-//! converted to f32; Q4_K also does `acc = fma(−(dmin · dy), M, acc)` with
-//! M = Σ_j m_j·Σy_j. [`spec_dot`] states this from the original ggml blocks,
+//! converted to f32; Q4_K and Q5_K also do `acc = fma(−(dmin · dy), M, acc)`
+//! with M = Σ_j m_j·Σy_j, and Q4_1/Q5_1 `acc = fma(m, dy · Σy, acc)` (dy·Σy
+//! is exact in f32; ggml's block_q8_1 rounds it to f16). [`spec_dot`] states this from the original ggml blocks,
 //! and every table is tested bit-for-bit against it.
 //!
 //! Layouts. A group of 16 rows is stored in the order the kernels read it,
@@ -41,9 +42,14 @@
 //!   vectors: vector c holds elements 4c.. in its low nibbles and 16+4c.. in
 //!   its high nibbles; u = q ∈ 0..32, w = u − 16.
 //!   Q4_0 packs into the same form (u = q + 8).
+//! - Q5_1 (320 B): Q5_0's form with u = q (Q4_1: u = q, fifth bits zero);
+//!   scales d then m.
 //! - Q4_K (2304 B): 8 sub-block scales `[j][r]` (u8), 4 min pairs `[p][r][2]`
 //!   (u8), then 32 vectors (c, g) holding the raw bytes qs[32c + 4g ..]: low
 //!   nibbles are sub-block 2c, high nibbles 2c+1. Scales: d then dmin.
+//! - Q5_K (2816 B): Q4_K's form, then 8 vectors g holding the raw
+//!   qh[4g ..]: bit j of a byte is the fifth bit of that element of
+//!   sub-block j.
 //! - Q6_K (3328 B): 16 scales `[j][r]` (i8), then per sub-block j three
 //!   vectors A, B, C: A low/high nibbles = groups 4j, 4j+1; B = 4j+2, 4j+3;
 //!   C bits 2i..2i+2 = high bits of group 4j+i; u ∈ 0..64, w = u − 32.
@@ -62,7 +68,7 @@
 
 use crate::formats::*;
 use crate::matmul::{check_shapes, MatmulScratch, OutPtr, QMatrix};
-use crate::quant::{q5_0_unpack, q6_k_unpack};
+use crate::quant::{q4_1_unpack, q5_0_unpack, q5_1_unpack, q6_k_unpack};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -75,7 +81,11 @@ pub enum PackedFormat {
     Q8_0,
     /// Q5_0, and Q4_0 converted exactly.
     Q5_0,
+    /// Q5_1, and Q4_1 converted exactly: Q5_0's quants, and a minimum.
+    Q5_1,
     Q4K,
+    /// Q4_K's layout and 512 bytes of fifth bits.
+    Q5K,
     Q6K,
     /// The float formats, in blocks of [`FLOAT_BLOCK`] columns.
     F16,
@@ -91,12 +101,13 @@ impl PackedFormat {
         Some(match f {
             WeightFormat::Q8_0 => PackedFormat::Q8_0,
             WeightFormat::Q5_0 | WeightFormat::Q4_0 => PackedFormat::Q5_0,
+            WeightFormat::Q5_1 | WeightFormat::Q4_1 => PackedFormat::Q5_1,
             WeightFormat::Q4K => PackedFormat::Q4K,
+            WeightFormat::Q5K => PackedFormat::Q5K,
             WeightFormat::Q6K => PackedFormat::Q6K,
             WeightFormat::F16 => PackedFormat::F16,
             WeightFormat::BF16 => PackedFormat::BF16,
             WeightFormat::F32 => PackedFormat::F32,
-            WeightFormat::Q5K => return None,
         })
     }
 
@@ -108,11 +119,19 @@ impl PackedFormat {
         )
     }
 
+    /// Whether the AMX tile kernels (`packed_amx`) take it.
+    pub const fn has_tiles(self) -> bool {
+        matches!(
+            self,
+            PackedFormat::Q8_0 | PackedFormat::Q5_0 | PackedFormat::Q4K | PackedFormat::Q6K
+        )
+    }
+
     /// Columns per block.
     pub const fn block_cols(self) -> usize {
         match self {
-            PackedFormat::Q8_0 | PackedFormat::Q5_0 => 32,
-            PackedFormat::Q4K | PackedFormat::Q6K => 256,
+            PackedFormat::Q8_0 | PackedFormat::Q5_0 | PackedFormat::Q5_1 => 32,
+            PackedFormat::Q4K | PackedFormat::Q5K | PackedFormat::Q6K => 256,
             PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => FLOAT_BLOCK,
         }
     }
@@ -121,8 +140,9 @@ impl PackedFormat {
     pub const fn core_bytes(self) -> usize {
         match self {
             PackedFormat::Q8_0 => 512,
-            PackedFormat::Q5_0 => 320,
+            PackedFormat::Q5_0 | PackedFormat::Q5_1 => 320,
             PackedFormat::Q4K => 2304,
+            PackedFormat::Q5K => 2304 + 512,
             PackedFormat::Q6K => 3328,
             PackedFormat::F16 | PackedFormat::BF16 => 2 * LANES * FLOAT_BLOCK,
             PackedFormat::F32 => 4 * LANES * FLOAT_BLOCK,
@@ -133,7 +153,7 @@ impl PackedFormat {
     /// formats).
     pub const fn scale_bytes(self) -> usize {
         match self {
-            PackedFormat::Q4K => 64,
+            PackedFormat::Q4K | PackedFormat::Q5K | PackedFormat::Q5_1 => 64,
             PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => 0,
             _ => 32,
         }
@@ -466,22 +486,52 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
             }
             sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
         }
-        WeightFormat::Q4K => {
-            let blk = &as_blocks::<BlockQ4K>(row)[b];
+        WeightFormat::Q5_1 | WeightFormat::Q4_1 => {
+            // As Q5_0 (u = q itself); Q4_1's fifth bits are zero.
+            let (d, m, qh, qs) = if src == WeightFormat::Q5_1 {
+                let blk = &as_blocks::<BlockQ5_1>(row)[b];
+                (blk.d, blk.m, u32::from_le_bytes(blk.qh), blk.qs)
+            } else {
+                let blk = &as_blocks::<BlockQ4_1>(row)[b];
+                (blk.d, blk.m, 0, blk.qs)
+            };
+            for g in 0..8 {
+                for c in 0..4 {
+                    core[4 * r + c] |= (((qh >> (4 * g + c)) & 1) as u8) << g;
+                }
+            }
+            for v in 0..4 {
+                core[64 + 64 * v + 4 * r..][..4].copy_from_slice(&qs[4 * v..4 * v + 4]);
+            }
+            sc[2 * r..2 * r + 2].copy_from_slice(&d);
+            sc[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&m);
+        }
+        WeightFormat::Q4K | WeightFormat::Q5K => {
+            let (d, dmin, scales, qs) = if src == WeightFormat::Q4K {
+                let blk = &as_blocks::<BlockQ4K>(row)[b];
+                (blk.d, blk.dmin, blk.scales, &blk.qs)
+            } else {
+                let blk = &as_blocks::<BlockQ5K>(row)[b];
+                // The fifth bits: vector g holds the raw qh[4g..4g + 4].
+                for g in 0..8 {
+                    core[2304 + 64 * g + 4 * r..][..4].copy_from_slice(&blk.qh[4 * g..4 * g + 4]);
+                }
+                (blk.d, blk.dmin, blk.scales, &blk.qs)
+            };
             for j in 0..8 {
-                let (s, m) = scale_min_k4(j, &blk.scales);
+                let (s, m) = scale_min_k4(j, &scales);
                 core[16 * j + r] = s;
                 core[128 + 32 * (j / 2) + 2 * r + j % 2] = m;
             }
             for c in 0..4 {
                 for g in 0..8 {
                     for i in 0..4 {
-                        core[256 + 64 * (8 * c + g) + 4 * r + i] = blk.qs[32 * c + 4 * g + i];
+                        core[256 + 64 * (8 * c + g) + 4 * r + i] = qs[32 * c + 4 * g + i];
                     }
                 }
             }
-            sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
-            sc[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&blk.dmin);
+            sc[2 * r..2 * r + 2].copy_from_slice(&d);
+            sc[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&dmin);
         }
         WeightFormat::Q6K => {
             let blk = &as_blocks::<BlockQ6K>(row)[b];
@@ -522,7 +572,6 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
                 core[4 * LANES * j + 4 * r..][..4].copy_from_slice(e);
             }
         }
-        f => unreachable!("no packed form for {f}"),
     }
 }
 
@@ -539,6 +588,8 @@ pub enum ActRow<'a> {
         neg16: &'a [i32],
         neg128: &'a [i32],
         d: &'a [f32],
+        /// d · Σq (exact in f32: 11 × 12 bits), for Q5_1's minimum.
+        ds: &'a [f32],
     },
     /// Q8_K blocks with −32 times each block's 16 sub-block sums (Q6_K's
     /// correction for its unsigned weights), 16 per block.
@@ -595,17 +646,46 @@ pub fn spec_dot(src: WeightFormat, row: &[u8], act: ActRow) -> f32 {
                 acc = (f16_le(d) * f16_le(y.d)).mul_add(s as f32, acc);
             }
         }
-        (WeightFormat::Q4K, ActRow::Q8K { blocks, .. }) => {
-            for (blk, y) in as_blocks::<BlockQ4K>(row).iter().zip(blocks) {
+        (WeightFormat::Q4_1 | WeightFormat::Q5_1, ActRow::Q8_0 { blocks, .. }) => {
+            let nb = row.len() / src.block_bytes();
+            for (b, y) in blocks.iter().enumerate().take(nb) {
+                let (d, m, q) = if src == WeightFormat::Q5_1 {
+                    let blk = &as_blocks::<BlockQ5_1>(row)[b];
+                    (blk.d, blk.m, q5_1_unpack(blk))
+                } else {
+                    let blk = &as_blocks::<BlockQ4_1>(row)[b];
+                    (blk.d, blk.m, q4_1_unpack(blk))
+                };
+                let s: i32 = (0..32).map(|k| q[k] as i32 * y.qs[k] as i32).sum();
+                let sy: i32 = y.qs.iter().map(|&v| v as i32).sum();
+                let dy = f16_le(y.d);
+                acc = (f16_le(d) * dy).mul_add(s as f32, acc);
+                acc = f16_le(m).mul_add(dy * sy as f32, acc);
+            }
+        }
+        (WeightFormat::Q4K | WeightFormat::Q5K, ActRow::Q8K { blocks, .. }) => {
+            // Q5_K is Q4_K with a fifth bit: bit j of qh[l] for element l
+            // of sub-block j.
+            let five = src == WeightFormat::Q5K;
+            let nb = row.len() / src.block_bytes();
+            for (b, y) in blocks.iter().enumerate().take(nb) {
+                let blk = if five {
+                    let b5 = &as_blocks::<BlockQ5K>(row)[b];
+                    (b5.d, b5.dmin, b5.scales, b5.qs, b5.qh)
+                } else {
+                    let b4 = &as_blocks::<BlockQ4K>(row)[b];
+                    (b4.d, b4.dmin, b4.scales, b4.qs, [0; QK_K / 8])
+                };
+                let (d, dmin, scales, qs, qh) = blk;
                 let (mut s, mut m) = (0i32, 0i32);
                 for j in 0..8 {
-                    let (sc, mn) = scale_min_k4(j, &blk.scales);
+                    let (sc, mn) = scale_min_k4(j, &scales);
                     let (c, hi) = (j / 2, j % 2 == 1);
                     let mut is = 0i32;
                     let mut ys = 0i32;
                     for l in 0..32 {
-                        let byte = blk.qs[32 * c + l];
-                        let q = if hi { byte >> 4 } else { byte & 0x0F };
+                        let byte = qs[32 * c + l];
+                        let q = if hi { byte >> 4 } else { byte & 0x0F } | ((qh[l] >> j) & 1) << 4;
                         let yv = y.qs[32 * j + l] as i32;
                         is += q as i32 * yv;
                         ys += yv;
@@ -613,8 +693,8 @@ pub fn spec_dot(src: WeightFormat, row: &[u8], act: ActRow) -> f32 {
                     s += sc as i32 * is;
                     m += mn as i32 * ys;
                 }
-                acc = (f16_le(blk.d) * y.d).mul_add(s as f32, acc);
-                acc = (-(f16_le(blk.dmin) * y.d)).mul_add(m as f32, acc);
+                acc = (f16_le(d) * y.d).mul_add(s as f32, acc);
+                acc = (-(f16_le(dmin) * y.d)).mul_add(m as f32, acc);
             }
         }
         (WeightFormat::Q6K, ActRow::Q8K { blocks, .. }) => {
@@ -768,8 +848,13 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
                 neg16,
                 neg128,
                 d,
+                ds,
             } => assert!(
-                blocks.len() >= nb && neg16.len() >= nb && neg128.len() >= nb && d.len() >= nb
+                blocks.len() >= nb
+                    && neg16.len() >= nb
+                    && neg128.len() >= nb
+                    && d.len() >= nb
+                    && ds.len() >= nb
             ),
             ActRow::Q8K { blocks, neg32 } => {
                 assert!(blocks.len() >= nb && neg32.len() >= 16 * nb)
@@ -781,8 +866,10 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
         let gp = w.as_ptr().add(g * group_bytes);
         let acc = match format {
             PackedFormat::Q8_0 => group_q8_0::<I, NT>(gp, nb, a),
-            PackedFormat::Q5_0 => group_q5_0::<I, NT>(gp, nb, a),
-            PackedFormat::Q4K => group_q4k::<I, NT>(gp, nb, a),
+            PackedFormat::Q5_0 => group_q5_0::<I, NT, false>(gp, nb, a),
+            PackedFormat::Q5_1 => group_q5_0::<I, NT, true>(gp, nb, a),
+            PackedFormat::Q4K => group_q4k::<I, NT, false>(gp, nb, a),
+            PackedFormat::Q5K => group_q4k::<I, NT, true>(gp, nb, a),
             PackedFormat::Q6K => group_q6k::<I, NT>(gp, nb, a),
             PackedFormat::F16 => group_float::<I, NT, F16_KIND>(gp, nb, a),
             PackedFormat::BF16 => group_float::<I, NT, BF16_KIND>(gp, nb, a),
@@ -885,6 +972,7 @@ unsafe fn q8<'a>(a: &ActRow<'a>) -> (&'a [BlockQ8_0], &'a [i32], &'a [i32], &'a 
             neg16,
             neg128,
             d,
+            ..
         } => (blocks, neg16, neg128, d),
         _ => std::hint::unreachable_unchecked(),
     }
@@ -936,20 +1024,24 @@ unsafe fn group_q8_0<I: Isa, const NT: usize>(
     acc
 }
 
+/// Q5_0, or with `MIN` Q5_1 (the same quants, u = q, and a minimum m:
+/// `acc = fma(m, dy·Σy, acc)` after the scaled sum).
 #[inline(always)]
-unsafe fn group_q5_0<I: Isa, const NT: usize>(
+unsafe fn group_q5_0<I: Isa, const NT: usize, const MIN: bool>(
     gp: *const u8,
     nb: usize,
     a: &[ActRow; NT],
 ) -> [I::F; NT] {
     const CORE: usize = PackedFormat::Q5_0.core_bytes();
-    const SB: usize = PackedFormat::Q5_0.scale_bytes();
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
-    each_block::<CORE, SB>(gp, nb, |b, core, scales| {
+    let body = |b: usize, core: *const u8, scales: *const u8, acc: &mut [I::F; NT]| {
         let mut is = [I::splat32(0); NT];
-        for t in 0..NT {
-            is[t] = I::splat32(*q8(&a[t]).1.get_unchecked(b));
+        // Q5_0's weights are u − 16: start at −16·Σy.
+        if !MIN {
+            for t in 0..NT {
+                is[t] = I::splat32(*q8(&a[t]).1.get_unchecked(b));
+            }
         }
         // One token alone has one chain of dependent `dpbusd`s per block:
         // two (low and high nibbles), summed in exact integers, halve it.
@@ -979,29 +1071,58 @@ unsafe fn group_q5_0<I: Isa, const NT: usize>(
             let dy = *q8(&a[t]).3.get_unchecked(b);
             acc[t] = I::fmadd(I::mul_f(dw, I::splat_f(dy)), I::to_f(is[t]), acc[t]);
         }
-    });
+        if MIN {
+            let m = I::load_f16(scales.add(32));
+            for t in 0..NT {
+                acc[t] = I::fmadd(m, I::splat_f(*q8_ds(&a[t]).get_unchecked(b)), acc[t]);
+            }
+        }
+    };
+    if MIN {
+        const SB: usize = PackedFormat::Q5_1.scale_bytes();
+        each_block::<CORE, SB>(gp, nb, |b, core, scales| body(b, core, scales, &mut acc));
+    } else {
+        const SB: usize = PackedFormat::Q5_0.scale_bytes();
+        each_block::<CORE, SB>(gp, nb, |b, core, scales| body(b, core, scales, &mut acc));
+    }
     acc
 }
 
+/// The d·Σq of token t's Q8_0 blocks; the caller checked the variant.
 #[inline(always)]
-unsafe fn group_q4k<I: Isa, const NT: usize>(
+unsafe fn q8_ds<'a>(a: &ActRow<'a>) -> &'a [f32] {
+    match *a {
+        ActRow::Q8_0 { ds, .. } => ds,
+        _ => std::hint::unreachable_unchecked(),
+    }
+}
+
+/// Q4_K, or with `FIVE` Q5_K (its fifth bits merged into each nibble).
+#[inline(always)]
+unsafe fn group_q4k<I: Isa, const NT: usize, const FIVE: bool>(
     gp: *const u8,
     nb: usize,
     a: &[ActRow; NT],
 ) -> [I::F; NT] {
-    const CORE: usize = PackedFormat::Q4K.core_bytes();
     const SB: usize = PackedFormat::Q4K.scale_bytes();
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
-    each_block::<CORE, SB>(gp, nb, |b, core, scales| {
+    let body = |b: usize, core: *const u8, scales: *const u8, acc: &mut [I::F; NT]| {
         let mut s = [I::splat32(0); NT];
         for c in 0..4 {
             let mut lo_is = [I::splat32(0); NT];
             let mut hi_is = [I::splat32(0); NT];
             for g in 0..8 {
                 let v = I::load(core.add(256 + 64 * (8 * c + g)));
-                let lo = I::and(v, m4);
-                let hi = I::and(I::shr::<4>(v), m4);
+                let (lo, hi) = if FIVE {
+                    let h = I::load(core.add(2304 + 64 * g));
+                    (
+                        I::and_or(v, m4, I::fifth_bits(h, 2 * c)),
+                        I::and_or(I::shr::<4>(v), m4, I::fifth_bits(h, 2 * c + 1)),
+                    )
+                } else {
+                    (I::and(v, m4), I::and(I::shr::<4>(v), m4))
+                };
                 for t in 0..NT {
                     let y = &q8k(&a[t]).get_unchecked(b).qs;
                     lo_is[t] = I::dot_u8(lo_is[t], lo, y4(y, 64 * c + 4 * g));
@@ -1030,7 +1151,14 @@ unsafe fn group_q4k<I: Isa, const NT: usize>(
             acc[t] = I::fmadd(I::mul_f(d, dy), I::to_f(s[t]), acc[t]);
             acc[t] = I::fnmadd(I::mul_f(dmin, dy), I::to_f(m), acc[t]);
         }
-    });
+    };
+    if FIVE {
+        const CORE: usize = PackedFormat::Q5K.core_bytes();
+        each_block::<CORE, SB>(gp, nb, |b, core, scales| body(b, core, scales, &mut acc));
+    } else {
+        const CORE: usize = PackedFormat::Q4K.core_bytes();
+        each_block::<CORE, SB>(gp, nb, |b, core, scales| body(b, core, scales, &mut acc));
+    }
     acc
 }
 
@@ -1326,11 +1454,13 @@ unsafe fn packed_groups(
                 neg16,
                 neg128,
                 d,
+                ds,
             } => ActRow::Q8_0 {
                 blocks: &blocks[t * nb..(t + 1) * nb],
                 neg16: &neg16[t * nb..(t + 1) * nb],
                 neg128: &neg128[t * nb..(t + 1) * nb],
                 d: &d[t * nb..(t + 1) * nb],
+                ds: &ds[t * nb..(t + 1) * nb],
             },
             ActRow::Q8K { blocks, neg32 } => ActRow::Q8K {
                 blocks: &blocks[t * nb..(t + 1) * nb],
@@ -1348,8 +1478,7 @@ unsafe fn packed_groups(
         std::slice::from_raw_parts_mut(out.0.add(t * rows + g0 * LANES), (g1 - g0) * LANES)
     };
     let mut t = 0;
-    // (The tile kernels are integer ones.)
-    let tiles = k.tiles.filter(|_| !w.format.is_float());
+    let tiles = k.tiles.filter(|_| w.format.has_tiles());
     if let Some(tiles) = tiles {
         let n16 = n / TILE_TOKENS * TILE_TOKENS;
         if n16 > 0 {

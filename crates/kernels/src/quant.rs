@@ -67,6 +67,29 @@ pub fn dequantize_row(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        WeightFormat::Q4_1 => {
+            for (b, o) in as_blocks::<BlockQ4_1>(bytes)
+                .iter()
+                .zip(out.chunks_exact_mut(QK))
+            {
+                // d·q is exact in f32 (11 × 4 bits): one rounding, as ggml and gguf-py.
+                let (d, m) = (f16_le(b.d), f16_le(b.m));
+                for (o, q) in o.iter_mut().zip(q4_1_unpack(b)) {
+                    *o = d * q as f32 + m;
+                }
+            }
+        }
+        WeightFormat::Q5_1 => {
+            for (b, o) in as_blocks::<BlockQ5_1>(bytes)
+                .iter()
+                .zip(out.chunks_exact_mut(QK))
+            {
+                let (d, m) = (f16_le(b.d), f16_le(b.m));
+                for (o, q) in o.iter_mut().zip(q5_1_unpack(b)) {
+                    *o = d * q as f32 + m;
+                }
+            }
+        }
         WeightFormat::Q4K => {
             for (b, o) in as_blocks::<BlockQ4K>(bytes)
                 .iter()
@@ -139,6 +162,34 @@ pub fn q5_0_unpack(b: &BlockQ5_0) -> ([i8; 16], [i8; 16]) {
         hi[j] = ((b.qs[j] >> 4) | h1) as i8 - 16;
     }
     (lo, hi)
+}
+
+/// Q4_1 quants (0..16) in element order: element j < 16 is the low nibble
+/// of `qs[j]`, element j + 16 its high nibble.
+#[inline]
+pub fn q4_1_unpack(b: &BlockQ4_1) -> [u8; QK] {
+    std::array::from_fn(|k| {
+        if k < 16 {
+            b.qs[k] & 0x0F
+        } else {
+            b.qs[k - 16] >> 4
+        }
+    })
+}
+
+/// Q5_1 quants (0..32) in element order: Q4_1's nibbles plus bit k of the
+/// little-endian u32 `qh` as element k's fifth bit.
+#[inline]
+pub fn q5_1_unpack(b: &BlockQ5_1) -> [u8; QK] {
+    let qh = u32::from_le_bytes(b.qh);
+    std::array::from_fn(|k| {
+        let lo = if k < 16 {
+            b.qs[k] & 0x0F
+        } else {
+            b.qs[k - 16] >> 4
+        };
+        lo | (((qh >> k) & 1) << 4) as u8
+    })
 }
 
 /// Q6_K quants as signed values in -32..=31, in element order. Element

@@ -890,6 +890,8 @@ pub const AVX2: DotKernels = DotKernels {
         rows1: avx2_q5_0_rows1,
         rows4: avx2_q5_0_rows4,
     },
+    q4_1: crate::simd::Q4_1_SCALAR,
+    q5_1: crate::simd::Q5_1_SCALAR,
     q4k: Tiles {
         rows1: avx2_q4k_rows1,
         rows4: avx2_q4k_rows4,
@@ -919,6 +921,8 @@ pub const VNNI: DotKernels = DotKernels {
         rows1: vnni_q5_0_rows1,
         rows4: vnni_q5_0_rows4,
     },
+    q4_1: crate::simd::Q4_1_SCALAR,
+    q5_1: crate::simd::Q5_1_SCALAR,
     q4k: Tiles {
         rows1: vnni_q4k_rows1,
         rows4: vnni_q4k_rows4,

@@ -13,19 +13,23 @@ mod common;
 
 use common::{random_acts, random_rows, Rng};
 use gemma3_kernels::formats::{BlockQ8K, BlockQ8_0, QK, QK_K};
+use gemma3_kernels::matmul::matmul_with;
 use gemma3_kernels::packed::{
     matmul_packed, matmul_packed_many, spec_dot, ActRow, PackedKernels, PackedMatrix,
 };
 use gemma3_kernels::quant::{dequantize_row, quantize_q8_0, quantize_q8_k};
-use gemma3_kernels::simd::available;
+use gemma3_kernels::simd::{available, SCALAR};
 use gemma3_kernels::{ActFormat, MatmulScratch, QMatrix, WeightFormat};
 use half::f16;
 
-const FORMATS: [WeightFormat; 8] = [
+const FORMATS: [WeightFormat; 11] = [
     WeightFormat::Q8_0,
     WeightFormat::Q4_0,
     WeightFormat::Q5_0,
+    WeightFormat::Q4_1,
+    WeightFormat::Q5_1,
     WeightFormat::Q4K,
+    WeightFormat::Q5K,
     WeightFormat::Q6K,
     WeightFormat::F16,
     WeightFormat::BF16,
@@ -87,6 +91,8 @@ struct Acts {
     neg128: Vec<i32>,
     neg32: Vec<i32>,
     d: Vec<f32>,
+    /// d·Σq per Q8_0 block.
+    ds: Vec<f32>,
     q8k: Vec<BlockQ8K>,
     /// The values the kernels multiply by: d·q.
     effective: Vec<f32>,
@@ -106,6 +112,7 @@ fn acts(rng: &mut Rng, format: WeightFormat, n: usize, cols: usize) -> (Vec<f32>
         neg128: vec![],
         neg32: vec![],
         d: vec![],
+        ds: vec![],
         q8k: vec![],
         effective: vec![],
     };
@@ -119,6 +126,7 @@ fn acts(rng: &mut Rng, format: WeightFormat, n: usize, cols: usize) -> (Vec<f32>
                 a.neg16.push(-16 * sum);
                 a.neg128.push(-128 * sum);
                 a.d.push(d);
+                a.ds.push(d * sum as f32);
                 a.effective.extend(b.qs.iter().map(|&q| d * q as f32));
             }
         }
@@ -147,6 +155,7 @@ fn row_act<'a>(a: &'a Acts, format: WeightFormat, t: usize, nb: usize) -> ActRow
             neg16: &a.neg16[t * nb..(t + 1) * nb],
             neg128: &a.neg128[t * nb..(t + 1) * nb],
             d: &a.d[t * nb..(t + 1) * nb],
+            ds: &a.ds[t * nb..(t + 1) * nb],
         },
         _ => ActRow::Q8K {
             blocks: &a.q8k[t * nb..(t + 1) * nb],
@@ -220,6 +229,21 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
                         "{} [{}] n={n} token {} row {}: {got:e}, spec {want:e}",
                         c.name,
                         name,
+                        i / c.rows,
+                        i % c.rows
+                    );
+                }
+            }
+            // Q4_1 and Q5_1 have no SIMD row-major kernels: their scalar
+            // ones, for shapes that cannot be packed, state the same arithmetic.
+            if matches!(c.format, WeightFormat::Q4_1 | WeightFormat::Q5_1) {
+                let mut out = vec![f32::NAN; n * c.rows];
+                matmul_with(&SCALAR, &m, &x, n, &mut out, &mut MatmulScratch::default());
+                for (i, (&got, &want)) in out.iter().zip(&spec).enumerate() {
+                    assert!(
+                        got.to_bits() == want.to_bits(),
+                        "{} row-major n={n} token {} row {}: {got:e}, spec {want:e}",
+                        c.name,
                         i / c.rows,
                         i % c.rows
                     );
@@ -310,10 +334,13 @@ fn matrices_that_cannot_be_packed_are_refused() {
     let data = random_rows(&mut rng, WeightFormat::Q8_0, 20, 64);
     let m = QMatrix::new(WeightFormat::Q8_0, 20, 64, &data).unwrap();
     assert!(PackedMatrix::pack(&m).is_none());
-    // Q5_K has no packed form.
-    let data = random_rows(&mut rng, WeightFormat::Q5K, 16, 256);
-    let m = QMatrix::new(WeightFormat::Q5K, 16, 256, &data).unwrap();
+    // Float rows that are not whole blocks of 32 columns.
+    let data = random_rows(&mut rng, WeightFormat::F16, 16, 48);
+    let m = QMatrix::new(WeightFormat::F16, 16, 48, &data).unwrap();
     assert!(PackedMatrix::pack(&m).is_none());
+    let data = random_rows(&mut rng, WeightFormat::F16, 16, 64);
+    let m = QMatrix::new(WeightFormat::F16, 16, 64, &data).unwrap();
+    assert!(PackedMatrix::pack(&m).is_some());
 }
 
 /// Moving a packed matrix to huge pages (where the OS allows; elsewhere a

@@ -32,6 +32,8 @@ pub fn format_from_name(s: &str) -> WeightFormat {
         "Q8_0" => WeightFormat::Q8_0,
         "Q4_0" => WeightFormat::Q4_0,
         "Q5_0" => WeightFormat::Q5_0,
+        "Q4_1" => WeightFormat::Q4_1,
+        "Q5_1" => WeightFormat::Q5_1,
         "Q4_K" => WeightFormat::Q4K,
         "Q5_K" => WeightFormat::Q5K,
         "Q6_K" => WeightFormat::Q6K,
@@ -131,13 +133,15 @@ impl Rng {
     }
 }
 
-pub const ALL_FORMATS: [WeightFormat; 9] = [
+pub const ALL_FORMATS: [WeightFormat; 11] = [
     WeightFormat::F32,
     WeightFormat::F16,
     WeightFormat::BF16,
     WeightFormat::Q8_0,
     WeightFormat::Q4_0,
     WeightFormat::Q5_0,
+    WeightFormat::Q4_1,
+    WeightFormat::Q5_1,
     WeightFormat::Q4K,
     WeightFormat::Q5K,
     WeightFormat::Q6K,
@@ -147,7 +151,7 @@ pub const ALL_FORMATS: [WeightFormat; 9] = [
 fn scale_offsets(format: WeightFormat) -> &'static [usize] {
     match format {
         WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q5_0 => &[0],
-        WeightFormat::Q4K | WeightFormat::Q5K => &[0, 2],
+        WeightFormat::Q4_1 | WeightFormat::Q5_1 | WeightFormat::Q4K | WeightFormat::Q5K => &[0, 2],
         WeightFormat::Q6K => &[208],
         _ => &[],
     }
