@@ -68,6 +68,7 @@ pub struct MatmulScratch {
     /// For the packed kernels (see `packed::ActRow`): per Q8_0 block
     /// −16·Σq, −128·Σq and the scale as f32; per Q8_K block −32 times each
     /// of its 16 sub-block sums.
+    neg8: Vec<i32>,
     neg16: Vec<i32>,
     neg128: Vec<i32>,
     dq: Vec<f32>,
@@ -92,12 +93,14 @@ impl MatmulScratch {
         match self.quantize(format, x, cols) {
             Acts::Q8_0(_) => {
                 let nb = x.len() / QK;
+                self.neg8.resize(nb, 0);
                 self.neg16.resize(nb, 0);
                 self.neg128.resize(nb, 0);
                 self.dq.resize(nb, 0.0);
                 self.ds.resize(nb, 0.0);
-                let (b, n16, n128, d, ds) = (
+                let (b, n8, n16, n128, d, ds) = (
                     &self.q8_0[..nb],
+                    &mut self.neg8[..nb],
                     &mut self.neg16[..nb],
                     &mut self.neg128[..nb],
                     &mut self.dq[..nb],
@@ -109,16 +112,20 @@ impl MatmulScratch {
                 let chunk = SIDE_ROWS_PER_TASK * (cols / QK);
                 if chunk > 0 && nb >= 2 * chunk && rayon::current_num_threads() > 1 {
                     b.par_chunks(chunk)
+                        .zip(n8.par_chunks_mut(chunk))
                         .zip(n16.par_chunks_mut(chunk))
                         .zip(n128.par_chunks_mut(chunk))
                         .zip(d.par_chunks_mut(chunk))
                         .zip(ds.par_chunks_mut(chunk))
-                        .for_each(|((((b, n16), n128), d), ds)| q8_0_sides(b, n16, n128, d, ds));
+                        .for_each(|(((((b, n8), n16), n128), d), ds)| {
+                            q8_0_sides(b, [n8, n16, n128], d, ds)
+                        });
                 } else {
-                    q8_0_sides(b, n16, n128, d, ds);
+                    q8_0_sides(b, [n8, n16, n128], d, ds);
                 }
                 ActRow::Q8_0 {
                     blocks: &self.q8_0[..nb],
+                    neg8: &self.neg8[..nb],
                     neg16: &self.neg16[..nb],
                     neg128: &self.neg128[..nb],
                     d: &self.dq[..nb],
@@ -169,17 +176,13 @@ impl MatmulScratch {
     }
 }
 
-/// Per Q8_0 activation block: −16·Σq, −128·Σq, the scale as f32 and the
-/// scale times Σq (see `packed::ActRow`).
-fn q8_0_sides(
-    blocks: &[BlockQ8_0],
-    neg16: &mut [i32],
-    neg128: &mut [i32],
-    d: &mut [f32],
-    ds: &mut [f32],
-) {
+/// Per Q8_0 activation block: −8·Σq, −16·Σq, −128·Σq, the scale as f32
+/// and the scale times Σq (see `packed::ActRow`).
+fn q8_0_sides(blocks: &[BlockQ8_0], neg: [&mut [i32]; 3], d: &mut [f32], ds: &mut [f32]) {
+    let [neg8, neg16, neg128] = neg;
     for (i, b) in blocks.iter().enumerate() {
         let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
+        neg8[i] = -8 * sum;
         neg16[i] = -16 * sum;
         neg128[i] = -128 * sum;
         d[i] = f16_le(b.d);

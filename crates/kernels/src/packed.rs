@@ -41,7 +41,7 @@
 //!   registers cost a `dpbusd` slot each on Zen 4), then 4 nibble
 //!   vectors: vector c holds elements 4c.. in its low nibbles and 16+4c.. in
 //!   its high nibbles; u = q ∈ 0..32, w = u − 16.
-//!   Q4_0 packs into the same form (u = q + 8).
+//! - Q4_0 (256 B): Q5_0's 4 nibble vectors alone; u = q, w = u − 8.
 //! - Q5_1 (320 B): Q5_0's form with u = q (Q4_1: u = q, fifth bits zero);
 //!   scales d then m.
 //! - Q4_K (2304 B): 8 sub-block scales `[j][r]` (u8), 4 min pairs `[p][r][2]`
@@ -79,8 +79,9 @@ pub const LANES: usize = 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PackedFormat {
     Q8_0,
-    /// Q5_0, and Q4_0 converted exactly.
     Q5_0,
+    /// Q4_0: Q5_0's nibble vectors alone (u = q, w = u − 8).
+    Q4_0,
     /// Q5_1, and Q4_1 converted exactly: Q5_0's quants, and a minimum.
     Q5_1,
     Q4K,
@@ -100,7 +101,8 @@ impl PackedFormat {
     pub fn of(f: WeightFormat) -> Option<Self> {
         Some(match f {
             WeightFormat::Q8_0 => PackedFormat::Q8_0,
-            WeightFormat::Q5_0 | WeightFormat::Q4_0 => PackedFormat::Q5_0,
+            WeightFormat::Q5_0 => PackedFormat::Q5_0,
+            WeightFormat::Q4_0 => PackedFormat::Q4_0,
             WeightFormat::Q5_1 | WeightFormat::Q4_1 => PackedFormat::Q5_1,
             WeightFormat::Q4K => PackedFormat::Q4K,
             WeightFormat::Q5K => PackedFormat::Q5K,
@@ -123,14 +125,18 @@ impl PackedFormat {
     pub const fn has_tiles(self) -> bool {
         matches!(
             self,
-            PackedFormat::Q8_0 | PackedFormat::Q5_0 | PackedFormat::Q4K | PackedFormat::Q6K
+            PackedFormat::Q8_0
+                | PackedFormat::Q5_0
+                | PackedFormat::Q4_0
+                | PackedFormat::Q4K
+                | PackedFormat::Q6K
         )
     }
 
     /// Columns per block.
     pub const fn block_cols(self) -> usize {
         match self {
-            PackedFormat::Q8_0 | PackedFormat::Q5_0 | PackedFormat::Q5_1 => 32,
+            PackedFormat::Q8_0 | PackedFormat::Q5_0 | PackedFormat::Q4_0 | PackedFormat::Q5_1 => 32,
             PackedFormat::Q4K | PackedFormat::Q5K | PackedFormat::Q6K => 256,
             PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => FLOAT_BLOCK,
         }
@@ -141,6 +147,7 @@ impl PackedFormat {
         match self {
             PackedFormat::Q8_0 => 512,
             PackedFormat::Q5_0 | PackedFormat::Q5_1 => 320,
+            PackedFormat::Q4_0 => 256,
             PackedFormat::Q4K => 2304,
             PackedFormat::Q5K => 2304 + 512,
             PackedFormat::Q6K => 3328,
@@ -466,23 +473,10 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
             sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
         }
         WeightFormat::Q4_0 => {
-            // u = q + 8 in 8..24: w = q − 8 = u − 16.
+            // u = q: the nibble bytes copy as they are (w = u − 8).
             let blk = &as_blocks::<BlockQ4_0>(row)[b];
-            let mut u = [0u8; 32];
-            for j in 0..16 {
-                u[j] = (blk.qs[j] & 0x0F) + 8;
-                u[j + 16] = (blk.qs[j] >> 4) + 8;
-            }
-            for g in 0..8 {
-                for c in 0..4 {
-                    core[4 * r + c] |= ((u[4 * g + c] >> 4) & 1) << g;
-                }
-            }
             for v in 0..4 {
-                for c in 0..4 {
-                    core[64 + 64 * v + 4 * r + c] =
-                        (u[4 * v + c] & 0x0F) | ((u[16 + 4 * v + c] & 0x0F) << 4);
-                }
+                core[64 * v + 4 * r..][..4].copy_from_slice(&blk.qs[4 * v..4 * v + 4]);
             }
             sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
         }
@@ -580,11 +574,12 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
 /// Activations of one token as the packed kernels consume them.
 #[derive(Clone, Copy)]
 pub enum ActRow<'a> {
-    /// Q8_0 blocks with each block's −16·Σq and −128·Σq (the corrections
-    /// for Q5_0's and Q8_0's unsigned weights, read by the kernels as
-    /// memory operands) and its scale as f32.
+    /// Q8_0 blocks with each block's −8·Σq, −16·Σq and −128·Σq (the
+    /// corrections for Q4_0's, Q5_0's and Q8_0's unsigned weights, read by
+    /// the kernels as memory operands) and its scale as f32.
     Q8_0 {
         blocks: &'a [BlockQ8_0],
+        neg8: &'a [i32],
         neg16: &'a [i32],
         neg128: &'a [i32],
         d: &'a [f32],
@@ -845,12 +840,14 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
         match a[t] {
             ActRow::Q8_0 {
                 blocks,
+                neg8,
                 neg16,
                 neg128,
                 d,
                 ds,
             } => assert!(
                 blocks.len() >= nb
+                    && neg8.len() >= nb
                     && neg16.len() >= nb
                     && neg128.len() >= nb
                     && d.len() >= nb
@@ -867,6 +864,7 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
         let acc = match format {
             PackedFormat::Q8_0 => group_q8_0::<I, NT>(gp, nb, a),
             PackedFormat::Q5_0 => group_q5_0::<I, NT, false>(gp, nb, a),
+            PackedFormat::Q4_0 => group_q4_0::<I, NT>(gp, nb, a),
             PackedFormat::Q5_1 => group_q5_0::<I, NT, true>(gp, nb, a),
             PackedFormat::Q4K => group_q4k::<I, NT, false>(gp, nb, a),
             PackedFormat::Q5K => group_q4k::<I, NT, true>(gp, nb, a),
@@ -1086,6 +1084,62 @@ unsafe fn group_q5_0<I: Isa, const NT: usize, const MIN: bool>(
         each_block::<CORE, SB>(gp, nb, |b, core, scales| body(b, core, scales, &mut acc));
     }
     acc
+}
+
+/// Q4_0: u = q (the low and high nibbles of 4 vectors), w = u − 8, so the
+/// sum starts at −8·Σy.
+#[inline(always)]
+unsafe fn group_q4_0<I: Isa, const NT: usize>(
+    gp: *const u8,
+    nb: usize,
+    a: &[ActRow; NT],
+) -> [I::F; NT] {
+    const CORE: usize = PackedFormat::Q4_0.core_bytes();
+    const SB: usize = PackedFormat::Q4_0.scale_bytes();
+    let mut acc = [I::zero_f(); NT];
+    let m4 = I::splat8(0x0F);
+    each_block::<CORE, SB>(gp, nb, |b, core, scales| {
+        let mut is = [I::splat32(0); NT];
+        for t in 0..NT {
+            is[t] = I::splat32(*q8_neg8(&a[t]).get_unchecked(b));
+        }
+        // One token: two chains (low and high nibbles), as in Q5_0.
+        let mut is2 = [I::splat32(0); NT];
+        for c in 0..4 {
+            let v = I::load(core.add(64 * c));
+            let lo = I::and(v, m4);
+            let hi = I::and(I::shr::<4>(v), m4);
+            for t in 0..NT {
+                let y = &q8(&a[t]).0.get_unchecked(b).qs;
+                is[t] = I::dot_u8(is[t], lo, y4(y, 4 * c));
+                if NT == 1 {
+                    is2[t] = I::dot_u8(is2[t], hi, y4(y, 16 + 4 * c));
+                } else {
+                    is[t] = I::dot_u8(is[t], hi, y4(y, 16 + 4 * c));
+                }
+            }
+        }
+        if NT == 1 {
+            for t in 0..NT {
+                is[t] = I::add32(is[t], is2[t]);
+            }
+        }
+        let dw = I::load_f16(scales);
+        for t in 0..NT {
+            let dy = *q8(&a[t]).3.get_unchecked(b);
+            acc[t] = I::fmadd(I::mul_f(dw, I::splat_f(dy)), I::to_f(is[t]), acc[t]);
+        }
+    });
+    acc
+}
+
+/// The −8·Σq of token t's Q8_0 blocks; the caller checked the variant.
+#[inline(always)]
+unsafe fn q8_neg8<'a>(a: &ActRow<'a>) -> &'a [i32] {
+    match *a {
+        ActRow::Q8_0 { neg8, .. } => neg8,
+        _ => std::hint::unreachable_unchecked(),
+    }
 }
 
 /// The d·Σq of token t's Q8_0 blocks; the caller checked the variant.
@@ -1451,12 +1505,14 @@ unsafe fn packed_groups(
         match acts {
             ActRow::Q8_0 {
                 blocks,
+                neg8,
                 neg16,
                 neg128,
                 d,
                 ds,
             } => ActRow::Q8_0 {
                 blocks: &blocks[t * nb..(t + 1) * nb],
+                neg8: &neg8[t * nb..(t + 1) * nb],
                 neg16: &neg16[t * nb..(t + 1) * nb],
                 neg128: &neg128[t * nb..(t + 1) * nb],
                 d: &d[t * nb..(t + 1) * nb],

@@ -331,7 +331,7 @@ unsafe fn tiles_inner<U: TileUnit>(
     U::config(&TileConfig::new(k));
     // One group's blocks as signed bytes, B-tile rows 64 bytes apart.
     let per_block = match f {
-        PackedFormat::Q8_0 | PackedFormat::Q5_0 => 512,
+        PackedFormat::Q8_0 | PackedFormat::Q5_0 | PackedFormat::Q4_0 => 512,
         PackedFormat::Q4K | PackedFormat::Q6K => 4096,
         _ => unreachable!("checked by the caller"),
     };
@@ -344,7 +344,7 @@ unsafe fn tiles_inner<U: TileUnit>(
             let chunk = &acts[TOKENS * c..TOKENS * (c + 1)];
             let wb = wbuf.as_ptr();
             let acc = match f {
-                PackedFormat::Q8_0 | PackedFormat::Q5_0 => {
+                PackedFormat::Q8_0 | PackedFormat::Q5_0 | PackedFormat::Q4_0 => {
                     chunk_b32::<U>(f, gp, nb, wb, chunk, stride, &mut sums)
                 }
                 PackedFormat::Q4K => chunk_k::<U, 32, 8>(f, gp, nb, wb, chunk, stride, &mut sums),
@@ -362,7 +362,7 @@ unsafe fn tiles_inner<U: TileUnit>(
 type V = Avx512<true>;
 
 /// Write group `gp`'s blocks to `dst` as signed weights, in B-tile rows:
-/// for Q8_0/Q5_0 512 bytes a block (8 rows of 4 elements × 16 weight
+/// for Q8_0/Q5_0/Q4_0 512 bytes a block (8 rows of 4 elements × 16 weight
 /// rows); for Q4_K 8 sub-blocks and for Q6_K 16 sub-blocks of a super-block
 /// one after another (4096 bytes a super-block).
 #[inline(always)]
@@ -389,6 +389,17 @@ unsafe fn unpack_group(f: PackedFormat, gp: *const u8, nb: usize, dst: *mut u8) 
                     let hi = V::and_or(V::shr::<4>(v), m4, V::fifth_bits(h, 4 + c));
                     st(8 * b + c, _mm512_sub_epi8(lo, sixteen));
                     st(8 * b + 4 + c, _mm512_sub_epi8(hi, sixteen));
+                }
+            }
+            PackedFormat::Q4_0 => {
+                let eight = _mm512_set1_epi8(8);
+                for c in 0..4 {
+                    let v = V::load(p.add(64 * c));
+                    st(8 * b + c, _mm512_sub_epi8(V::and(v, m4), eight));
+                    st(
+                        8 * b + 4 + c,
+                        _mm512_sub_epi8(V::and(V::shr::<4>(v), m4), eight),
+                    );
                 }
             }
             PackedFormat::Q4K => {
@@ -495,7 +506,7 @@ unsafe fn pipeline<U: TileUnit>(
     }
 }
 
-/// 16 tokens × one group of a Q8_0 or Q5_0 matrix: per block, its exact
+/// 16 tokens × one group of a Q8_0, Q5_0 or Q4_0 matrix: per block, its exact
 /// integer sums from one tile product, then `acc = fma(dw · dy, S, acc)`.
 #[inline(always)]
 unsafe fn chunk_b32<U: TileUnit>(
@@ -512,7 +523,7 @@ unsafe fn chunk_b32<U: TileUnit>(
     let mut y0 = std::ptr::null::<u8>();
     for (t, a) in chunk.iter().enumerate() {
         let ActRow::Q8_0 { blocks, d, .. } = *a else {
-            unreachable!("Q8_0 and Q5_0 weights take Q8_0 activations")
+            unreachable!("Q8_0, Q5_0 and Q4_0 weights take Q8_0 activations")
         };
         dy[t] = d.as_ptr();
         if t == 0 {

@@ -87,6 +87,7 @@ fn cases() -> Vec<Case> {
 /// Quantized activations of n tokens (token 1 all zeros, token 2 with an outlier).
 struct Acts {
     q8_0: Vec<BlockQ8_0>,
+    neg8: Vec<i32>,
     neg16: Vec<i32>,
     neg128: Vec<i32>,
     neg32: Vec<i32>,
@@ -108,6 +109,7 @@ fn acts(rng: &mut Rng, format: WeightFormat, n: usize, cols: usize) -> (Vec<f32>
     }
     let mut a = Acts {
         q8_0: vec![],
+        neg8: vec![],
         neg16: vec![],
         neg128: vec![],
         neg32: vec![],
@@ -123,6 +125,7 @@ fn acts(rng: &mut Rng, format: WeightFormat, n: usize, cols: usize) -> (Vec<f32>
             for b in &a.q8_0 {
                 let d = f16::from_bits(u16::from_le_bytes(b.d)).to_f32();
                 let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
+                a.neg8.push(-8 * sum);
                 a.neg16.push(-16 * sum);
                 a.neg128.push(-128 * sum);
                 a.d.push(d);
@@ -152,6 +155,7 @@ fn row_act<'a>(a: &'a Acts, format: WeightFormat, t: usize, nb: usize) -> ActRow
         },
         ActFormat::Q8_0 => ActRow::Q8_0 {
             blocks: &a.q8_0[t * nb..(t + 1) * nb],
+            neg8: &a.neg8[t * nb..(t + 1) * nb],
             neg16: &a.neg16[t * nb..(t + 1) * nb],
             neg128: &a.neg128[t * nb..(t + 1) * nb],
             d: &a.d[t * nb..(t + 1) * nb],
