@@ -59,6 +59,7 @@ FORMATS = {
     # Appended (so the random draws of the formats above stay as they were): d and m.
     "Q4_1": (T.Q4_1, 32, 20, [0, 2]),
     "Q5_1": (T.Q5_1, 32, 24, [0, 2]),
+    "IQ4_NL": (T.IQ4_NL, 32, 18, [0]),
 }
 
 

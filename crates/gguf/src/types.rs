@@ -39,13 +39,15 @@ pub enum GgmlType {
     Q6K = 14,
     /// k-quant, 256-weight super-blocks, 8-bit (used for activations).
     Q8K = 15,
+    /// 32 weights: f16 scale + 32 × 4-bit indices into a fixed non-linear table.
+    IQ4NL = 20,
     /// bfloat16.
     BF16 = 30,
 }
 
 impl GgmlType {
     /// Every type this crate knows, in id order.
-    pub const ALL: [GgmlType; 15] = [
+    pub const ALL: [GgmlType; 16] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -60,6 +62,7 @@ impl GgmlType {
         GgmlType::Q5K,
         GgmlType::Q6K,
         GgmlType::Q8K,
+        GgmlType::IQ4NL,
         GgmlType::BF16,
     ];
 
@@ -90,6 +93,7 @@ impl GgmlType {
             GgmlType::Q5K => "Q5_K",
             GgmlType::Q6K => "Q6_K",
             GgmlType::Q8K => "Q8_K",
+            GgmlType::IQ4NL => "IQ4_NL",
             GgmlType::BF16 => "BF16",
         }
     }
@@ -103,7 +107,8 @@ impl GgmlType {
             | GgmlType::Q5_0
             | GgmlType::Q5_1
             | GgmlType::Q8_0
-            | GgmlType::Q8_1 => 32,
+            | GgmlType::Q8_1
+            | GgmlType::IQ4NL => 32,
             GgmlType::Q2K
             | GgmlType::Q3K
             | GgmlType::Q4K
@@ -118,7 +123,7 @@ impl GgmlType {
         match self {
             GgmlType::F32 => 4,
             GgmlType::F16 | GgmlType::BF16 => 2,
-            GgmlType::Q4_0 => 18,
+            GgmlType::Q4_0 | GgmlType::IQ4NL => 18,
             GgmlType::Q4_1 => 20,
             GgmlType::Q5_0 => 22,
             GgmlType::Q5_1 => 24,

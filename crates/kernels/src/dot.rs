@@ -51,6 +51,20 @@ pub fn dot_q5_0_ref(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
     sum
 }
 
+pub fn dot_iq4nl_ref(w: &[BlockIQ4NL], a: &[BlockQ8_0]) -> f32 {
+    debug_assert_eq!(w.len(), a.len());
+    let mut sum = 0.0f32;
+    for (x, y) in w.iter().zip(a) {
+        let mut s = 0i32;
+        for j in 0..QK / 2 {
+            s += KVALUES_IQ4NL[(x.qs[j] & 0x0F) as usize] as i32 * y.qs[j] as i32;
+            s += KVALUES_IQ4NL[(x.qs[j] >> 4) as usize] as i32 * y.qs[j + QK / 2] as i32;
+        }
+        sum = (f16_le(x.d) * f16_le(y.d)).mul_add(s as f32, sum);
+    }
+    sum
+}
+
 /// Q4_1 / Q5_1 (`x = d·q + m`, q unsigned): per block
 /// `sum = fma(dw·dy, Σq·y, sum)`, then `sum = fma(m, dy·Σy, sum)` (dy·Σy is
 /// exact: ggml's block_q8_1 stores it rounded to f16 instead). The packed

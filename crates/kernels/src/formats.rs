@@ -66,6 +66,20 @@ pub struct BlockQ5_1 {
     pub qs: [u8; QK / 2],
 }
 
+/// 4-bit indices into the fixed non-linear table [`KVALUES_IQ4NL`], one f16
+/// scale per 32: `x = d * KVALUES_IQ4NL[q]`, nibbles stored as in Q4_0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockIQ4NL {
+    pub d: [u8; 2],
+    pub qs: [u8; QK / 2],
+}
+
+/// IQ4_NL's 16 levels (ref: ggml-common.h `kvalues_iq4nl`).
+pub const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
 /// 4-bit K-quant: 8 sub-blocks of 32 with 6-bit scales and mins packed in 12
 /// bytes; `x = d * sc * q - dmin * m`.
 #[repr(C)]
@@ -138,6 +152,7 @@ const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
 const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 const _: () = assert!(std::mem::size_of::<BlockQ5_1>() == 24);
+const _: () = assert!(std::mem::size_of::<BlockIQ4NL>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
 const _: () = assert!(std::mem::size_of::<BlockQ5K>() == 176);
 const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
@@ -147,6 +162,7 @@ const _: () = assert!(std::mem::align_of::<BlockQ4_0>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ5_0>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ4_1>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ5_1>() == 1);
+const _: () = assert!(std::mem::align_of::<BlockIQ4NL>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ4K>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ5K>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ6K>() == 1);
@@ -167,6 +183,8 @@ unsafe impl RawBlock for BlockQ5_0 {}
 unsafe impl RawBlock for BlockQ4_1 {}
 // SAFETY: as above.
 unsafe impl RawBlock for BlockQ5_1 {}
+// SAFETY: as above.
+unsafe impl RawBlock for BlockIQ4NL {}
 // SAFETY: as above.
 unsafe impl RawBlock for BlockQ4K {}
 // SAFETY: as above.
@@ -203,6 +221,7 @@ pub enum WeightFormat {
     Q5_0,
     Q4_1,
     Q5_1,
+    IQ4NL,
     Q4K,
     Q5K,
     Q6K,
@@ -229,7 +248,8 @@ impl WeightFormat {
             | WeightFormat::Q4_0
             | WeightFormat::Q5_0
             | WeightFormat::Q4_1
-            | WeightFormat::Q5_1 => QK,
+            | WeightFormat::Q5_1
+            | WeightFormat::IQ4NL => QK,
             WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => QK_K,
         }
     }
@@ -240,7 +260,7 @@ impl WeightFormat {
             WeightFormat::F32 => 4,
             WeightFormat::F16 | WeightFormat::BF16 => 2,
             WeightFormat::Q8_0 => 34,
-            WeightFormat::Q4_0 => 18,
+            WeightFormat::Q4_0 | WeightFormat::IQ4NL => 18,
             WeightFormat::Q5_0 => 22,
             WeightFormat::Q4_1 => 20,
             WeightFormat::Q5_1 => 24,
@@ -263,7 +283,8 @@ impl WeightFormat {
             | WeightFormat::Q4_0
             | WeightFormat::Q5_0
             | WeightFormat::Q4_1
-            | WeightFormat::Q5_1 => ActFormat::Q8_0,
+            | WeightFormat::Q5_1
+            | WeightFormat::IQ4NL => ActFormat::Q8_0,
             WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => ActFormat::Q8K,
         }
     }
@@ -278,6 +299,7 @@ impl WeightFormat {
             WeightFormat::Q5_0 => "Q5_0",
             WeightFormat::Q4_1 => "Q4_1",
             WeightFormat::Q5_1 => "Q5_1",
+            WeightFormat::IQ4NL => "IQ4_NL",
             WeightFormat::Q4K => "Q4_K",
             WeightFormat::Q5K => "Q5_K",
             WeightFormat::Q6K => "Q6_K",

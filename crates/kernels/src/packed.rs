@@ -82,6 +82,8 @@ pub enum PackedFormat {
     Q5_0,
     /// Q4_0: Q5_0's nibble vectors alone (u = q, w = u − 8).
     Q4_0,
+    /// IQ4_NL: Q4_0's form, the nibbles looked up in the format's table.
+    IQ4NL,
     /// Q5_1, and Q4_1 converted exactly: Q5_0's quants, and a minimum.
     Q5_1,
     Q4K,
@@ -103,6 +105,7 @@ impl PackedFormat {
             WeightFormat::Q8_0 => PackedFormat::Q8_0,
             WeightFormat::Q5_0 => PackedFormat::Q5_0,
             WeightFormat::Q4_0 => PackedFormat::Q4_0,
+            WeightFormat::IQ4NL => PackedFormat::IQ4NL,
             WeightFormat::Q5_1 | WeightFormat::Q4_1 => PackedFormat::Q5_1,
             WeightFormat::Q4K => PackedFormat::Q4K,
             WeightFormat::Q5K => PackedFormat::Q5K,
@@ -128,6 +131,7 @@ impl PackedFormat {
             PackedFormat::Q8_0
                 | PackedFormat::Q5_0
                 | PackedFormat::Q4_0
+                | PackedFormat::IQ4NL
                 | PackedFormat::Q4K
                 | PackedFormat::Q6K
         )
@@ -136,7 +140,11 @@ impl PackedFormat {
     /// Columns per block.
     pub const fn block_cols(self) -> usize {
         match self {
-            PackedFormat::Q8_0 | PackedFormat::Q5_0 | PackedFormat::Q4_0 | PackedFormat::Q5_1 => 32,
+            PackedFormat::Q8_0
+            | PackedFormat::Q5_0
+            | PackedFormat::Q4_0
+            | PackedFormat::IQ4NL
+            | PackedFormat::Q5_1 => 32,
             PackedFormat::Q4K | PackedFormat::Q5K | PackedFormat::Q6K => 256,
             PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => FLOAT_BLOCK,
         }
@@ -147,7 +155,7 @@ impl PackedFormat {
         match self {
             PackedFormat::Q8_0 => 512,
             PackedFormat::Q5_0 | PackedFormat::Q5_1 => 320,
-            PackedFormat::Q4_0 => 256,
+            PackedFormat::Q4_0 | PackedFormat::IQ4NL => 256,
             PackedFormat::Q4K => 2304,
             PackedFormat::Q5K => 2304 + 512,
             PackedFormat::Q6K => 3328,
@@ -472,8 +480,9 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
             }
             sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
         }
-        WeightFormat::Q4_0 => {
-            // u = q: the nibble bytes copy as they are (w = u − 8).
+        WeightFormat::Q4_0 | WeightFormat::IQ4NL => {
+            // The nibble bytes copy as they are: Q4_0's u = q (w = u − 8),
+            // IQ4_NL's table indices. (The two blocks have the same layout.)
             let blk = &as_blocks::<BlockQ4_0>(row)[b];
             for v in 0..4 {
                 core[64 * v + 4 * r..][..4].copy_from_slice(&blk.qs[4 * v..4 * v + 4]);
@@ -603,7 +612,7 @@ pub fn spec_dot(src: WeightFormat, row: &[u8], act: ActRow) -> f32 {
     let mut acc = 0.0f32;
     match (src, act) {
         (
-            WeightFormat::Q8_0 | WeightFormat::Q5_0 | WeightFormat::Q4_0,
+            WeightFormat::Q8_0 | WeightFormat::Q5_0 | WeightFormat::Q4_0 | WeightFormat::IQ4NL,
             ActRow::Q8_0 { blocks, .. },
         ) => {
             let nb = row.len() / src.block_bytes();
@@ -631,7 +640,11 @@ pub fn spec_dot(src: WeightFormat, row: &[u8], act: ActRow) -> f32 {
                                 } else {
                                     blk.qs[k - 16] >> 4
                                 };
-                                q as i32 - 8
+                                if src == WeightFormat::IQ4NL {
+                                    KVALUES_IQ4NL[q as usize] as i32
+                                } else {
+                                    q as i32 - 8
+                                }
                             }),
                         )
                     }
@@ -746,6 +759,9 @@ pub(crate) trait Isa {
     /// The same for u = w + 128 (see `B128_CORR`).
     unsafe fn dot_b128(acc: Self::V, u: Self::V, y4: i32) -> Self::V;
     /// 16 bytes at p, zero- or sign-extended to the 16 lanes.
+    /// `table[16·(l / 16) + idx[l]]` for each byte l (idx < 16): a lookup
+    /// in the 16 bytes of each 16-byte lane of `table` (`pshufb`).
+    unsafe fn lut16(table: Self::V, idx: Self::V) -> Self::V;
     unsafe fn widen_u8(p: *const u8) -> Self::V;
     unsafe fn widen_i8(p: *const u8) -> Self::V;
     /// acc + p[2l]·b0 + p[2l+1]·b1 per lane l, p unsigned bytes, b = (b0, b1) i16 in `pair`.
@@ -865,6 +881,7 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
             PackedFormat::Q8_0 => group_q8_0::<I, NT>(gp, nb, a),
             PackedFormat::Q5_0 => group_q5_0::<I, NT, false>(gp, nb, a),
             PackedFormat::Q4_0 => group_q4_0::<I, NT>(gp, nb, a),
+            PackedFormat::IQ4NL => group_iq4nl::<I, NT>(gp, nb, a),
             PackedFormat::Q5_1 => group_q5_0::<I, NT, true>(gp, nb, a),
             PackedFormat::Q4K => group_q4k::<I, NT, false>(gp, nb, a),
             PackedFormat::Q5K => group_q4k::<I, NT, true>(gp, nb, a),
@@ -1133,6 +1150,68 @@ unsafe fn group_q4_0<I: Isa, const NT: usize>(
     acc
 }
 
+/// IQ4_NL's table as unsigned bytes (value + 128, as `dpbusd` wants them),
+/// in each 16-byte lane of a 64-byte vector.
+static IQ4NL_U128: [u8; 64] = {
+    let mut t = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        t[i] = (KVALUES_IQ4NL[i % 16] as i32 + 128) as u8;
+        i += 1;
+    }
+    t
+};
+
+/// IQ4_NL: each nibble looked up in the table (+128, unsigned), then as
+/// Q8_0 (the sum corrected by −128·Σy).
+#[inline(always)]
+unsafe fn group_iq4nl<I: Isa, const NT: usize>(
+    gp: *const u8,
+    nb: usize,
+    a: &[ActRow; NT],
+) -> [I::F; NT] {
+    const CORE: usize = PackedFormat::IQ4NL.core_bytes();
+    const SB: usize = PackedFormat::IQ4NL.scale_bytes();
+    let mut acc = [I::zero_f(); NT];
+    let m4 = I::splat8(0x0F);
+    let table = I::load(IQ4NL_U128.as_ptr());
+    each_block::<CORE, SB>(gp, nb, |b, core, scales| {
+        let mut is = [I::splat32(0); NT];
+        if I::B128_CORR {
+            for t in 0..NT {
+                is[t] = I::splat32(*q8(&a[t]).2.get_unchecked(b));
+            }
+        }
+        // One token: two chains (low and high nibbles), as in Q5_0.
+        let mut is2 = [I::splat32(0); NT];
+        for c in 0..4 {
+            let v = I::load(core.add(64 * c));
+            let lo = I::lut16(table, I::and(v, m4));
+            let hi = I::lut16(table, I::and(I::shr::<4>(v), m4));
+            for t in 0..NT {
+                let y = &q8(&a[t]).0.get_unchecked(b).qs;
+                is[t] = I::dot_b128(is[t], lo, y4(y, 4 * c));
+                if NT == 1 {
+                    is2[t] = I::dot_b128(is2[t], hi, y4(y, 16 + 4 * c));
+                } else {
+                    is[t] = I::dot_b128(is[t], hi, y4(y, 16 + 4 * c));
+                }
+            }
+        }
+        if NT == 1 {
+            for t in 0..NT {
+                is[t] = I::add32(is[t], is2[t]);
+            }
+        }
+        let dw = I::load_f16(scales);
+        for t in 0..NT {
+            let dy = *q8(&a[t]).3.get_unchecked(b);
+            acc[t] = I::fmadd(I::mul_f(dw, I::splat_f(dy)), I::to_f(is[t]), acc[t]);
+        }
+    });
+    acc
+}
+
 /// The −8·Σq of token t's Q8_0 blocks; the caller checked the variant.
 #[inline(always)]
 unsafe fn q8_neg8<'a>(a: &ActRow<'a>) -> &'a [i32] {
@@ -1337,6 +1416,9 @@ impl Isa for Scalar {
                     .map(|c| (u.0[4 * l + c] as i32 - 128) * y[c] as i8 as i32)
                     .sum::<i32>()
         })
+    }
+    unsafe fn lut16(table: SV, idx: SV) -> SV {
+        SV::bytes(|l| table.0[16 * (l / 16) + (idx.0[l] & 15) as usize])
     }
     unsafe fn widen_u8(p: *const u8) -> SV {
         SV::from_lanes(|l| *p.add(l) as i32)

@@ -331,7 +331,7 @@ unsafe fn tiles_inner<U: TileUnit>(
     U::config(&TileConfig::new(k));
     // One group's blocks as signed bytes, B-tile rows 64 bytes apart.
     let per_block = match f {
-        PackedFormat::Q8_0 | PackedFormat::Q5_0 | PackedFormat::Q4_0 => 512,
+        PackedFormat::Q8_0 | PackedFormat::Q5_0 | PackedFormat::Q4_0 | PackedFormat::IQ4NL => 512,
         PackedFormat::Q4K | PackedFormat::Q6K => 4096,
         _ => unreachable!("checked by the caller"),
     };
@@ -344,9 +344,10 @@ unsafe fn tiles_inner<U: TileUnit>(
             let chunk = &acts[TOKENS * c..TOKENS * (c + 1)];
             let wb = wbuf.as_ptr();
             let acc = match f {
-                PackedFormat::Q8_0 | PackedFormat::Q5_0 | PackedFormat::Q4_0 => {
-                    chunk_b32::<U>(f, gp, nb, wb, chunk, stride, &mut sums)
-                }
+                PackedFormat::Q8_0
+                | PackedFormat::Q5_0
+                | PackedFormat::Q4_0
+                | PackedFormat::IQ4NL => chunk_b32::<U>(f, gp, nb, wb, chunk, stride, &mut sums),
                 PackedFormat::Q4K => chunk_k::<U, 32, 8>(f, gp, nb, wb, chunk, stride, &mut sums),
                 PackedFormat::Q6K => chunk_k::<U, 16, 16>(f, gp, nb, wb, chunk, stride, &mut sums),
                 _ => unreachable!("checked by the caller"),
@@ -360,6 +361,17 @@ unsafe fn tiles_inner<U: TileUnit>(
 }
 
 type V = Avx512<true>;
+
+/// IQ4_NL's table as signed bytes, in each 16-byte lane.
+static IQ4NL_I8: [u8; 64] = {
+    let mut t = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        t[i] = crate::formats::KVALUES_IQ4NL[i % 16] as u8;
+        i += 1;
+    }
+    t
+};
 
 /// Write group `gp`'s blocks to `dst` as signed weights, in B-tile rows:
 /// for Q8_0/Q5_0/Q4_0 512 bytes a block (8 rows of 4 elements × 16 weight
@@ -400,6 +412,15 @@ unsafe fn unpack_group(f: PackedFormat, gp: *const u8, nb: usize, dst: *mut u8) 
                         8 * b + 4 + c,
                         _mm512_sub_epi8(V::and(V::shr::<4>(v), m4), eight),
                     );
+                }
+            }
+            PackedFormat::IQ4NL => {
+                // The table's signed values, looked up directly.
+                let table = V::load(IQ4NL_I8.as_ptr());
+                for c in 0..4 {
+                    let v = V::load(p.add(64 * c));
+                    st(8 * b + c, V::lut16(table, V::and(v, m4)));
+                    st(8 * b + 4 + c, V::lut16(table, V::and(V::shr::<4>(v), m4)));
                 }
             }
             PackedFormat::Q4K => {

@@ -60,6 +60,10 @@ impl<const GFNI: bool> Isa for Avx512<GFNI> {
         _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(y4))
     }
     #[inline(always)]
+    unsafe fn lut16(table: __m512i, idx: __m512i) -> __m512i {
+        _mm512_shuffle_epi8(table, idx)
+    }
+    #[inline(always)]
     unsafe fn widen_u8(p: *const u8) -> __m512i {
         _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const _))
     }
@@ -240,6 +244,13 @@ impl Isa for Avx2 {
         V2(
             _mm256_add_epi32(acc.0, d(u.0)),
             _mm256_add_epi32(acc.1, d(u.1)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn lut16(table: V2, idx: V2) -> V2 {
+        V2(
+            _mm256_shuffle_epi8(table.0, idx.0),
+            _mm256_shuffle_epi8(table.1, idx.1),
         )
     }
     #[inline(always)]

@@ -90,6 +90,18 @@ pub fn dequantize_row(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        WeightFormat::IQ4NL => {
+            for (b, o) in as_blocks::<BlockIQ4NL>(bytes)
+                .iter()
+                .zip(out.chunks_exact_mut(QK))
+            {
+                let d = f16_le(b.d);
+                for j in 0..QK / 2 {
+                    o[j] = d * KVALUES_IQ4NL[(b.qs[j] & 0x0F) as usize] as f32;
+                    o[j + QK / 2] = d * KVALUES_IQ4NL[(b.qs[j] >> 4) as usize] as f32;
+                }
+            }
+        }
         WeightFormat::Q4K => {
             for (b, o) in as_blocks::<BlockQ4K>(bytes)
                 .iter()
