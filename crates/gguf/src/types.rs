@@ -41,13 +41,15 @@ pub enum GgmlType {
     Q8K = 15,
     /// 32 weights: f16 scale + 32 × 4-bit indices into a fixed non-linear table.
     IQ4NL = 20,
+    /// k-quant-like, 256-weight super-blocks: IQ4_NL's table with 6-bit sub-block scales.
+    IQ4XS = 23,
     /// bfloat16.
     BF16 = 30,
 }
 
 impl GgmlType {
     /// Every type this crate knows, in id order.
-    pub const ALL: [GgmlType; 16] = [
+    pub const ALL: [GgmlType; 17] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -63,6 +65,7 @@ impl GgmlType {
         GgmlType::Q6K,
         GgmlType::Q8K,
         GgmlType::IQ4NL,
+        GgmlType::IQ4XS,
         GgmlType::BF16,
     ];
 
@@ -94,6 +97,7 @@ impl GgmlType {
             GgmlType::Q6K => "Q6_K",
             GgmlType::Q8K => "Q8_K",
             GgmlType::IQ4NL => "IQ4_NL",
+            GgmlType::IQ4XS => "IQ4_XS",
             GgmlType::BF16 => "BF16",
         }
     }
@@ -114,7 +118,8 @@ impl GgmlType {
             | GgmlType::Q4K
             | GgmlType::Q5K
             | GgmlType::Q6K
-            | GgmlType::Q8K => 256,
+            | GgmlType::Q8K
+            | GgmlType::IQ4XS => 256,
         }
     }
 
@@ -135,6 +140,7 @@ impl GgmlType {
             GgmlType::Q5K => 176,
             GgmlType::Q6K => 210,
             GgmlType::Q8K => 292,
+            GgmlType::IQ4XS => 136,
         }
     }
 

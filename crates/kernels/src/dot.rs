@@ -65,6 +65,27 @@ pub fn dot_iq4nl_ref(w: &[BlockIQ4NL], a: &[BlockQ8_0]) -> f32 {
     sum
 }
 
+/// IQ4_XS: S = Σ_j (ls_j − 32)·Σ kv[q]·y in exact integers, then
+/// `sum = fma(d·dy, S, sum)` per super-block.
+pub fn dot_iq4xs_ref(w: &[BlockIQ4XS], a: &[BlockQ8K]) -> f32 {
+    debug_assert_eq!(w.len(), a.len());
+    let mut sum = 0.0f32;
+    for (x, y) in w.iter().zip(a) {
+        let mut s = 0i32;
+        for j in 0..8 {
+            let mut is = 0i32;
+            for l in 0..16 {
+                let q = x.qs[16 * j + l];
+                is += KVALUES_IQ4NL[(q & 0x0F) as usize] as i32 * y.qs[32 * j + l] as i32;
+                is += KVALUES_IQ4NL[(q >> 4) as usize] as i32 * y.qs[32 * j + 16 + l] as i32;
+            }
+            s += x.scale(j) * is;
+        }
+        sum = (f16_le(x.d) * y.d).mul_add(s as f32, sum);
+    }
+    sum
+}
+
 /// Q4_1 / Q5_1 (`x = d·q + m`, q unsigned): per block
 /// `sum = fma(dw·dy, Σq·y, sum)`, then `sum = fma(m, dy·Σy, sum)` (dy·Σy is
 /// exact: ggml's block_q8_1 stores it rounded to f16 instead). The packed

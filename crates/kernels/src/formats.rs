@@ -80,6 +80,30 @@ pub const KVALUES_IQ4NL: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 
+/// IQ4_NL's table in 256-element super-blocks: 8 sub-blocks of 32 with
+/// 6-bit scales (low 4 bits in `scales_l`, high 2 in `scales_h`);
+/// `x = d * (ls − 32) * KVALUES_IQ4NL[q]`, sub-block j's nibbles in
+/// `qs[16j..16j + 16]` as in IQ4_NL.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockIQ4XS {
+    pub d: [u8; 2],
+    pub scales_h: [u8; 2],
+    pub scales_l: [u8; QK_K / 64],
+    pub qs: [u8; QK_K / 2],
+}
+
+impl BlockIQ4XS {
+    /// Sub-block j's scale, ls − 32 (−32..=31).
+    #[inline]
+    pub fn scale(&self, j: usize) -> i32 {
+        let h = u16::from_le_bytes(self.scales_h);
+        let ls =
+            ((self.scales_l[j / 2] >> (4 * (j % 2))) & 0x0F) as u16 | ((h >> (2 * j)) & 3) << 4;
+        ls as i32 - 32
+    }
+}
+
 /// 4-bit K-quant: 8 sub-blocks of 32 with 6-bit scales and mins packed in 12
 /// bytes; `x = d * sc * q - dmin * m`.
 #[repr(C)]
@@ -153,6 +177,7 @@ const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
 const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 const _: () = assert!(std::mem::size_of::<BlockQ5_1>() == 24);
 const _: () = assert!(std::mem::size_of::<BlockIQ4NL>() == 18);
+const _: () = assert!(std::mem::size_of::<BlockIQ4XS>() == 136);
 const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
 const _: () = assert!(std::mem::size_of::<BlockQ5K>() == 176);
 const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
@@ -163,6 +188,7 @@ const _: () = assert!(std::mem::align_of::<BlockQ5_0>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ4_1>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ5_1>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockIQ4NL>() == 1);
+const _: () = assert!(std::mem::align_of::<BlockIQ4XS>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ4K>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ5K>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ6K>() == 1);
@@ -185,6 +211,8 @@ unsafe impl RawBlock for BlockQ4_1 {}
 unsafe impl RawBlock for BlockQ5_1 {}
 // SAFETY: as above.
 unsafe impl RawBlock for BlockIQ4NL {}
+// SAFETY: as above.
+unsafe impl RawBlock for BlockIQ4XS {}
 // SAFETY: as above.
 unsafe impl RawBlock for BlockQ4K {}
 // SAFETY: as above.
@@ -222,6 +250,7 @@ pub enum WeightFormat {
     Q4_1,
     Q5_1,
     IQ4NL,
+    IQ4XS,
     Q4K,
     Q5K,
     Q6K,
@@ -250,7 +279,7 @@ impl WeightFormat {
             | WeightFormat::Q4_1
             | WeightFormat::Q5_1
             | WeightFormat::IQ4NL => QK,
-            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => QK_K,
+            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K | WeightFormat::IQ4XS => QK_K,
         }
     }
 
@@ -267,6 +296,7 @@ impl WeightFormat {
             WeightFormat::Q4K => 144,
             WeightFormat::Q5K => 176,
             WeightFormat::Q6K => 210,
+            WeightFormat::IQ4XS => 136,
         }
     }
 
@@ -285,7 +315,9 @@ impl WeightFormat {
             | WeightFormat::Q4_1
             | WeightFormat::Q5_1
             | WeightFormat::IQ4NL => ActFormat::Q8_0,
-            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => ActFormat::Q8K,
+            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K | WeightFormat::IQ4XS => {
+                ActFormat::Q8K
+            }
         }
     }
 
@@ -300,6 +332,7 @@ impl WeightFormat {
             WeightFormat::Q4_1 => "Q4_1",
             WeightFormat::Q5_1 => "Q5_1",
             WeightFormat::IQ4NL => "IQ4_NL",
+            WeightFormat::IQ4XS => "IQ4_XS",
             WeightFormat::Q4K => "Q4_K",
             WeightFormat::Q5K => "Q5_K",
             WeightFormat::Q6K => "Q6_K",

@@ -47,6 +47,10 @@
 //! - Q4_K (2304 B): 8 sub-block scales `[j][r]` (u8), 4 min pairs `[p][r][2]`
 //!   (u8), then 32 vectors (c, g) holding the raw bytes qs[32c + 4g ..]: low
 //!   nibbles are sub-block 2c, high nibbles 2c+1. Scales: d then dmin.
+//! - IQ4_NL (256 B): Q4_0's form; the nibbles index the format's table.
+//! - IQ4_XS (2176 B): 8 sub-block scales `[j][r]` (i8, ls − 32), then per
+//!   sub-block j 4 vectors g holding the raw qs[16j + 4g ..]: low nibbles
+//!   are elements 4g.., high nibbles 16 + 4g.. of the sub-block. Scale: d.
 //! - Q5_K (2816 B): Q4_K's form, then 8 vectors g holding the raw
 //!   qh[4g ..]: bit j of a byte is the fifth bit of that element of
 //!   sub-block j.
@@ -84,6 +88,8 @@ pub enum PackedFormat {
     Q4_0,
     /// IQ4_NL: Q4_0's form, the nibbles looked up in the format's table.
     IQ4NL,
+    /// IQ4_XS: 8 signed sub-block scales, then IQ4_NL's form per sub-block.
+    IQ4XS,
     /// Q5_1, and Q4_1 converted exactly: Q5_0's quants, and a minimum.
     Q5_1,
     Q4K,
@@ -106,6 +112,7 @@ impl PackedFormat {
             WeightFormat::Q5_0 => PackedFormat::Q5_0,
             WeightFormat::Q4_0 => PackedFormat::Q4_0,
             WeightFormat::IQ4NL => PackedFormat::IQ4NL,
+            WeightFormat::IQ4XS => PackedFormat::IQ4XS,
             WeightFormat::Q5_1 | WeightFormat::Q4_1 => PackedFormat::Q5_1,
             WeightFormat::Q4K => PackedFormat::Q4K,
             WeightFormat::Q5K => PackedFormat::Q5K,
@@ -145,7 +152,7 @@ impl PackedFormat {
             | PackedFormat::Q4_0
             | PackedFormat::IQ4NL
             | PackedFormat::Q5_1 => 32,
-            PackedFormat::Q4K | PackedFormat::Q5K | PackedFormat::Q6K => 256,
+            PackedFormat::Q4K | PackedFormat::Q5K | PackedFormat::Q6K | PackedFormat::IQ4XS => 256,
             PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => FLOAT_BLOCK,
         }
     }
@@ -156,6 +163,7 @@ impl PackedFormat {
             PackedFormat::Q8_0 => 512,
             PackedFormat::Q5_0 | PackedFormat::Q5_1 => 320,
             PackedFormat::Q4_0 | PackedFormat::IQ4NL => 256,
+            PackedFormat::IQ4XS => 128 + 2048,
             PackedFormat::Q4K => 2304,
             PackedFormat::Q5K => 2304 + 512,
             PackedFormat::Q6K => 3328,
@@ -489,6 +497,17 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
             }
             sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
         }
+        WeightFormat::IQ4XS => {
+            let blk = &as_blocks::<BlockIQ4XS>(row)[b];
+            for j in 0..8 {
+                core[16 * j + r] = blk.scale(j) as i8 as u8;
+                for g in 0..4 {
+                    core[128 + 64 * (4 * j + g) + 4 * r..][..4]
+                        .copy_from_slice(&blk.qs[16 * j + 4 * g..16 * j + 4 * g + 4]);
+                }
+            }
+            sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
+        }
         WeightFormat::Q5_1 | WeightFormat::Q4_1 => {
             // As Q5_0 (u = q itself); Q4_1's fifth bits are zero.
             let (d, m, qh, qs) = if src == WeightFormat::Q5_1 {
@@ -705,6 +724,22 @@ pub fn spec_dot(src: WeightFormat, row: &[u8], act: ActRow) -> f32 {
                 acc = (-(f16_le(dmin) * y.d)).mul_add(m as f32, acc);
             }
         }
+        (WeightFormat::IQ4XS, ActRow::Q8K { blocks, .. }) => {
+            for (blk, y) in as_blocks::<BlockIQ4XS>(row).iter().zip(blocks) {
+                let mut s = 0i32;
+                for j in 0..8 {
+                    let is: i32 = (0..32)
+                        .map(|k| {
+                            let byte = blk.qs[16 * j + k % 16];
+                            let q = if k < 16 { byte & 0x0F } else { byte >> 4 };
+                            KVALUES_IQ4NL[q as usize] as i32 * y.qs[32 * j + k] as i32
+                        })
+                        .sum();
+                    s += blk.scale(j) * is;
+                }
+                acc = (f16_le(blk.d) * y.d).mul_add(s as f32, acc);
+            }
+        }
         (WeightFormat::Q6K, ActRow::Q8K { blocks, .. }) => {
             for (blk, y) in as_blocks::<BlockQ6K>(row).iter().zip(blocks) {
                 let q = q6_k_unpack(blk);
@@ -882,6 +917,7 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
             PackedFormat::Q5_0 => group_q5_0::<I, NT, false>(gp, nb, a),
             PackedFormat::Q4_0 => group_q4_0::<I, NT>(gp, nb, a),
             PackedFormat::IQ4NL => group_iq4nl::<I, NT>(gp, nb, a),
+            PackedFormat::IQ4XS => group_iq4xs::<I, NT>(gp, nb, a),
             PackedFormat::Q5_1 => group_q5_0::<I, NT, true>(gp, nb, a),
             PackedFormat::Q4K => group_q4k::<I, NT, false>(gp, nb, a),
             PackedFormat::Q5K => group_q4k::<I, NT, true>(gp, nb, a),
@@ -1207,6 +1243,55 @@ unsafe fn group_iq4nl<I: Isa, const NT: usize>(
         for t in 0..NT {
             let dy = *q8(&a[t]).3.get_unchecked(b);
             acc[t] = I::fmadd(I::mul_f(dw, I::splat_f(dy)), I::to_f(is[t]), acc[t]);
+        }
+    });
+    acc
+}
+
+/// IQ4_XS: per sub-block j, IQ4_NL's looked-up sum (corrected by
+/// −128·Σy_j), times the signed scale in exact integers; one float step per
+/// super-block.
+#[inline(always)]
+unsafe fn group_iq4xs<I: Isa, const NT: usize>(
+    gp: *const u8,
+    nb: usize,
+    a: &[ActRow; NT],
+) -> [I::F; NT] {
+    const CORE: usize = PackedFormat::IQ4XS.core_bytes();
+    const SB: usize = PackedFormat::IQ4XS.scale_bytes();
+    let mut acc = [I::zero_f(); NT];
+    let m4 = I::splat8(0x0F);
+    let table = I::load(IQ4NL_U128.as_ptr());
+    each_block::<CORE, SB>(gp, nb, |b, core, scales| {
+        let mut s = [I::splat32(0); NT];
+        for j in 0..8 {
+            let mut is = [I::splat32(0); NT];
+            if I::B128_CORR {
+                for t in 0..NT {
+                    let y = q8k(&a[t]).get_unchecked(b);
+                    let sum = y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32;
+                    is[t] = I::splat32(-128 * sum);
+                }
+            }
+            for g in 0..4 {
+                let v = I::load(core.add(128 + 64 * (4 * j + g)));
+                let lo = I::lut16(table, I::and(v, m4));
+                let hi = I::lut16(table, I::and(I::shr::<4>(v), m4));
+                for t in 0..NT {
+                    let y = &q8k(&a[t]).get_unchecked(b).qs;
+                    is[t] = I::dot_b128(is[t], lo, y4(y, 32 * j + 4 * g));
+                    is[t] = I::dot_b128(is[t], hi, y4(y, 32 * j + 16 + 4 * g));
+                }
+            }
+            let sc = I::widen_i8(core.add(16 * j));
+            for t in 0..NT {
+                s[t] = I::add32(s[t], I::mul32(is[t], sc));
+            }
+        }
+        let d = I::load_f16(scales);
+        for t in 0..NT {
+            let dy = I::splat_f(q8k(&a[t]).get_unchecked(b).d);
+            acc[t] = I::fmadd(I::mul_f(d, dy), I::to_f(s[t]), acc[t]);
         }
     });
     acc

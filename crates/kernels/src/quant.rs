@@ -102,6 +102,22 @@ pub fn dequantize_row(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        WeightFormat::IQ4XS => {
+            for (b, o) in as_blocks::<BlockIQ4XS>(bytes)
+                .iter()
+                .zip(out.chunks_exact_mut(QK_K))
+            {
+                let d = f16_le(b.d);
+                for j in 0..8 {
+                    let dl = d * b.scale(j) as f32;
+                    let (q, o) = (&b.qs[16 * j..16 * j + 16], &mut o[32 * j..32 * j + 32]);
+                    for l in 0..16 {
+                        o[l] = dl * KVALUES_IQ4NL[(q[l] & 0x0F) as usize] as f32;
+                        o[l + 16] = dl * KVALUES_IQ4NL[(q[l] >> 4) as usize] as f32;
+                    }
+                }
+            }
+        }
         WeightFormat::Q4K => {
             for (b, o) in as_blocks::<BlockQ4K>(bytes)
                 .iter()

@@ -22,13 +22,14 @@ use gemma3_kernels::simd::{available, SCALAR};
 use gemma3_kernels::{ActFormat, MatmulScratch, QMatrix, WeightFormat};
 use half::f16;
 
-const FORMATS: [WeightFormat; 12] = [
+const FORMATS: [WeightFormat; 13] = [
     WeightFormat::Q8_0,
     WeightFormat::Q4_0,
     WeightFormat::Q5_0,
     WeightFormat::Q4_1,
     WeightFormat::Q5_1,
     WeightFormat::IQ4NL,
+    WeightFormat::IQ4XS,
     WeightFormat::Q4K,
     WeightFormat::Q5K,
     WeightFormat::Q6K,

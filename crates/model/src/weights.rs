@@ -98,6 +98,7 @@ fn weight_format(name: &str, ty: GgmlType) -> Result<WeightFormat, ModelError> {
         GgmlType::Q4_1 => WeightFormat::Q4_1,
         GgmlType::Q5_1 => WeightFormat::Q5_1,
         GgmlType::IQ4NL => WeightFormat::IQ4NL,
+        GgmlType::IQ4XS => WeightFormat::IQ4XS,
         GgmlType::Q4K => WeightFormat::Q4K,
         GgmlType::Q5K => WeightFormat::Q5K,
         GgmlType::Q6K => WeightFormat::Q6K,

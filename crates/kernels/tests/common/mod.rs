@@ -35,6 +35,7 @@ pub fn format_from_name(s: &str) -> WeightFormat {
         "Q4_1" => WeightFormat::Q4_1,
         "Q5_1" => WeightFormat::Q5_1,
         "IQ4_NL" => WeightFormat::IQ4NL,
+        "IQ4_XS" => WeightFormat::IQ4XS,
         "Q4_K" => WeightFormat::Q4K,
         "Q5_K" => WeightFormat::Q5K,
         "Q6_K" => WeightFormat::Q6K,
@@ -134,7 +135,7 @@ impl Rng {
     }
 }
 
-pub const ALL_FORMATS: [WeightFormat; 12] = [
+pub const ALL_FORMATS: [WeightFormat; 13] = [
     WeightFormat::F32,
     WeightFormat::F16,
     WeightFormat::BF16,
@@ -144,6 +145,7 @@ pub const ALL_FORMATS: [WeightFormat; 12] = [
     WeightFormat::Q4_1,
     WeightFormat::Q5_1,
     WeightFormat::IQ4NL,
+    WeightFormat::IQ4XS,
     WeightFormat::Q4K,
     WeightFormat::Q5K,
     WeightFormat::Q6K,
@@ -152,7 +154,11 @@ pub const ALL_FORMATS: [WeightFormat; 12] = [
 /// Byte offsets of the f16 scale fields in a block (ggml-common.h layouts).
 fn scale_offsets(format: WeightFormat) -> &'static [usize] {
     match format {
-        WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q5_0 | WeightFormat::IQ4NL => &[0],
+        WeightFormat::Q8_0
+        | WeightFormat::Q4_0
+        | WeightFormat::Q5_0
+        | WeightFormat::IQ4NL
+        | WeightFormat::IQ4XS => &[0],
         WeightFormat::Q4_1 | WeightFormat::Q5_1 | WeightFormat::Q4K | WeightFormat::Q5K => &[0, 2],
         WeightFormat::Q6K => &[208],
         _ => &[],
