@@ -65,7 +65,7 @@ pub fn dot_iq4nl_ref(w: &[BlockIQ4NL], a: &[BlockQ8_0]) -> f32 {
     sum
 }
 
-/// IQ4_XS: S = Σ_j (ls_j − 32)·Σ kv[q]·y in exact integers, then
+/// IQ4_XS: S = Σ_j (ls_j − 32)·Σ kv(q)·y in exact integers, then
 /// `sum = fma(d·dy, S, sum)` per super-block.
 pub fn dot_iq4xs_ref(w: &[BlockIQ4XS], a: &[BlockQ8K]) -> f32 {
     debug_assert_eq!(w.len(), a.len());
