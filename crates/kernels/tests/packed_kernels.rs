@@ -240,9 +240,13 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
                     );
                 }
             }
-            // Q4_1 and Q5_1 have no SIMD row-major kernels: their scalar
-            // ones, for shapes that cannot be packed, state the same arithmetic.
-            if matches!(c.format, WeightFormat::Q4_1 | WeightFormat::Q5_1) {
+            // Q4_1, Q5_1, IQ4_NL and IQ4_XS have no SIMD row-major kernels:
+            // their scalar ones, for shapes that cannot be packed, state the
+            // same arithmetic.
+            if matches!(
+                c.format,
+                WeightFormat::Q4_1 | WeightFormat::Q5_1 | WeightFormat::IQ4NL | WeightFormat::IQ4XS
+            ) {
                 let mut out = vec![f32::NAN; n * c.rows];
                 matmul_with(&SCALAR, &m, &x, n, &mut out, &mut MatmulScratch::default());
                 for (i, (&got, &want)) in out.iter().zip(&spec).enumerate() {
