@@ -66,8 +66,8 @@ pub struct MatmulScratch {
     q8_0: Vec<BlockQ8_0>,
     q8k: Vec<BlockQ8K>,
     /// For the packed kernels (see `packed::ActRow`): per Q8_0 block
-    /// −16·Σq, −128·Σq and the scale as f32; per Q8_K block −32 times each
-    /// of its 16 sub-block sums.
+    /// −8·Σq, −16·Σq, −128·Σq, the scale as f32 and the scale times Σq; per
+    /// Q8_K block −32 times each of its 16 sub-block sums.
     neg8: Vec<i32>,
     neg16: Vec<i32>,
     neg128: Vec<i32>,

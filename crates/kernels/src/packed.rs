@@ -106,6 +106,37 @@ pub enum PackedFormat {
 pub const FLOAT_BLOCK: usize = 32;
 
 impl PackedFormat {
+    /// Every packed format.
+    pub const ALL: [PackedFormat; 12] = [
+        PackedFormat::Q8_0,
+        PackedFormat::Q5_0,
+        PackedFormat::Q4_0,
+        PackedFormat::IQ4NL,
+        PackedFormat::IQ4XS,
+        PackedFormat::Q5_1,
+        PackedFormat::Q4K,
+        PackedFormat::Q5K,
+        PackedFormat::Q6K,
+        PackedFormat::F16,
+        PackedFormat::BF16,
+        PackedFormat::F32,
+    ];
+
+    /// The activations its kernels take.
+    pub const fn act_format(self) -> ActFormat {
+        match self {
+            PackedFormat::Q8_0
+            | PackedFormat::Q5_0
+            | PackedFormat::Q4_0
+            | PackedFormat::IQ4NL
+            | PackedFormat::Q5_1 => ActFormat::Q8_0,
+            PackedFormat::Q4K | PackedFormat::Q5K | PackedFormat::Q6K | PackedFormat::IQ4XS => {
+                ActFormat::Q8K
+            }
+            PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => ActFormat::F32,
+        }
+    }
+
     pub fn of(f: WeightFormat) -> Option<Self> {
         Some(match f {
             WeightFormat::Q8_0 => PackedFormat::Q8_0,
@@ -793,10 +824,10 @@ pub(crate) trait Isa {
     unsafe fn dot_u8(acc: Self::V, u: Self::V, y4: i32) -> Self::V;
     /// The same for u = w + 128 (see `B128_CORR`).
     unsafe fn dot_b128(acc: Self::V, u: Self::V, y4: i32) -> Self::V;
-    /// 16 bytes at p, zero- or sign-extended to the 16 lanes.
     /// `table[16·(l / 16) + idx[l]]` for each byte l (idx < 16): a lookup
     /// in the 16 bytes of each 16-byte lane of `table` (`pshufb`).
     unsafe fn lut16(table: Self::V, idx: Self::V) -> Self::V;
+    /// 16 bytes at p, zero- or sign-extended to the 16 lanes.
     unsafe fn widen_u8(p: *const u8) -> Self::V;
     unsafe fn widen_i8(p: *const u8) -> Self::V;
     /// acc + p[2l]·b0 + p[2l+1]·b1 per lane l, p unsigned bytes, b = (b0, b1) i16 in `pair`.
@@ -885,9 +916,22 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
     a: &[ActRow; NT],
     out: &mut [&mut [f32]; NT],
 ) {
+    // The callers are safe code: the layout and the activations' variant
+    // must be the format's, or the kernels below would read out of bounds.
+    assert_eq!(
+        group_bytes,
+        format.group_bytes(nb),
+        "{format:?}: group size"
+    );
     let groups = w.len() / group_bytes;
     for t in 0..NT {
         assert!(out[t].len() >= groups * LANES);
+        let variant = match a[t] {
+            ActRow::Q8_0 { .. } => ActFormat::Q8_0,
+            ActRow::Q8K { .. } => ActFormat::Q8K,
+            ActRow::F32 { .. } => ActFormat::F32,
+        };
+        assert_eq!(variant, format.act_format(), "{format:?}: activations");
         match a[t] {
             ActRow::Q8_0 {
                 blocks,
@@ -1825,23 +1869,25 @@ mod tests {
                 assert_eq!(seen, want, "{f:?}, {nb} blocks");
             }
         }
+        // (The float formats have no scales, and their kernel steps a
+        // block at a time.)
         use PackedFormat::*;
         check::<{ Q8_0.core_bytes() }, { Q8_0.scale_bytes() }>(Q8_0);
         check::<{ Q5_0.core_bytes() }, { Q5_0.scale_bytes() }>(Q5_0);
+        check::<{ Q4_0.core_bytes() }, { Q4_0.scale_bytes() }>(Q4_0);
+        check::<{ IQ4NL.core_bytes() }, { IQ4NL.scale_bytes() }>(IQ4NL);
+        check::<{ Q5_1.core_bytes() }, { Q5_1.scale_bytes() }>(Q5_1);
         check::<{ Q4K.core_bytes() }, { Q4K.scale_bytes() }>(Q4K);
+        check::<{ Q5K.core_bytes() }, { Q5K.scale_bytes() }>(Q5K);
         check::<{ Q6K.core_bytes() }, { Q6K.scale_bytes() }>(Q6K);
+        check::<{ IQ4XS.core_bytes() }, { IQ4XS.scale_bytes() }>(IQ4XS);
     }
 
     /// Every block's quants and scales tile the group exactly once, in
     /// ascending order, whatever the block count.
     #[test]
     fn block_offsets_tile_the_group_in_order() {
-        for f in [
-            PackedFormat::Q8_0,
-            PackedFormat::Q5_0,
-            PackedFormat::Q4K,
-            PackedFormat::Q6K,
-        ] {
+        for f in PackedFormat::ALL {
             let (cb, sb) = (f.core_bytes(), f.scale_bytes());
             for nb in 1..=9 {
                 let gb = f.group_bytes(nb);
@@ -1856,8 +1902,11 @@ mod tests {
                     used[co..co + cb].iter_mut().for_each(|u| *u += 1);
                     used[so..so + sb].iter_mut().for_each(|u| *u += 1);
                 }
-                // Only the unused half of a last, partial scale line is left.
-                let spare = (64 / sb - nb % (64 / sb)) % (64 / sb) * sb;
+                // Only the unused part of a last, partial scale line is left.
+                let spare = match sb {
+                    0 => 0,
+                    _ => (64 / sb - nb % (64 / sb)) % (64 / sb) * sb,
+                };
                 assert_eq!(used.iter().filter(|&&u| u == 0).count(), spare);
                 assert!(used.iter().all(|&u| u <= 1));
             }

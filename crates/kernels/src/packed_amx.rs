@@ -279,10 +279,7 @@ fn tiles<U: TileUnit>(
     out: &mut [&mut [f32]],
 ) {
     assert!(acts.len() == out.len() && acts.len().is_multiple_of(TOKENS));
-    assert!(
-        !f.is_float(),
-        "the tile kernels are integer ones, not for {f:?}"
-    );
+    assert!(f.has_tiles(), "no tile kernels for {f:?}");
     assert!(
         crate::x86::gfni_available(),
         "the tile kernels' vector parts need AVX-512 and GFNI"
@@ -527,7 +524,7 @@ unsafe fn pipeline<U: TileUnit>(
     }
 }
 
-/// 16 tokens × one group of a Q8_0, Q5_0 or Q4_0 matrix: per block, its exact
+/// 16 tokens × one group of a Q8_0, Q5_0, Q4_0 or IQ4_NL matrix: per block, its exact
 /// integer sums from one tile product, then `acc = fma(dw · dy, S, acc)`.
 #[inline(always)]
 unsafe fn chunk_b32<U: TileUnit>(
@@ -544,7 +541,7 @@ unsafe fn chunk_b32<U: TileUnit>(
     let mut y0 = std::ptr::null::<u8>();
     for (t, a) in chunk.iter().enumerate() {
         let ActRow::Q8_0 { blocks, d, .. } = *a else {
-            unreachable!("Q8_0, Q5_0 and Q4_0 weights take Q8_0 activations")
+            unreachable!("Q8_0, Q5_0, Q4_0 and IQ4_NL weights take Q8_0 activations")
         };
         dy[t] = d.as_ptr();
         if t == 0 {

@@ -230,7 +230,7 @@ impl Isa for Avx2 {
     #[inline(always)]
     unsafe fn dot_b128(acc: V2, u: V2, y4: i32) -> V2 {
         // w = u − 128 as a signed byte; |w|·sign(y, w) pairs cannot
-        // saturate (|w| ≤ 128, |y| ≤ 127 for Q8_0 activations).
+        // saturate (|w| ≤ 128, |y| ≤ 127 for Q8_0 and Q8_K activations).
         let y = _mm256_set1_epi32(y4);
         let one = _mm256_set1_epi16(1);
         let bias = _mm256_set1_epi8(-128);
