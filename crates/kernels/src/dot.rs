@@ -6,7 +6,7 @@
 //! ref: ggml-cpu/quants.c ggml_vec_dot_*_generic.
 
 use crate::formats::*;
-use crate::quant::{q4_1_unpack, q5_0_unpack, q5_1_unpack, q6_k_unpack};
+use crate::quant::{q3_k_unpack, q4_1_unpack, q5_0_unpack, q5_1_unpack, q6_k_unpack};
 use half::{bf16, f16};
 
 pub fn dot_q8_0_ref(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
@@ -61,6 +61,26 @@ pub fn dot_iq4nl_ref(w: &[BlockIQ4NL], a: &[BlockQ8_0]) -> f32 {
             s += KVALUES_IQ4NL[(x.qs[j] >> 4) as usize] as i32 * y.qs[j + QK / 2] as i32;
         }
         sum = (f16_le(x.d) * f16_le(y.d)).mul_add(s as f32, sum);
+    }
+    sum
+}
+
+/// Q3_K: S = Σ_j sc_j·Σ q·y over the 16 sub-blocks of 16 in exact
+/// integers, then `sum = fma(d·dy, S, sum)` (as the packed kernels, which
+/// run it in Q6_K's form).
+pub fn dot_q3k_ref(w: &[BlockQ3K], a: &[BlockQ8K]) -> f32 {
+    debug_assert_eq!(w.len(), a.len());
+    let mut sum = 0.0f32;
+    for (x, y) in w.iter().zip(a) {
+        let (q, sc) = q3_k_unpack(x);
+        let mut s = 0i32;
+        for j in 0..16 {
+            let is: i32 = (16 * j..16 * j + 16)
+                .map(|k| q[k] as i32 * y.qs[k] as i32)
+                .sum();
+            s += sc[j] as i32 * is;
+        }
+        sum = (f16_le(x.d) * y.d).mul_add(s as f32, sum);
     }
     sum
 }

@@ -126,6 +126,18 @@ pub struct BlockQ5K {
     pub qs: [u8; QK_K / 2],
 }
 
+/// 3-bit K-quant: 16 sub-blocks of 16 with 6-bit scales packed in 12 bytes;
+/// `x = d * (sc − 32) * q`, q in −4..=3 from 2 low bits in `qs` and a high
+/// bit in `hmask` (see `quant::q3_k_unpack`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ3K {
+    pub hmask: [u8; QK_K / 8],
+    pub qs: [u8; QK_K / 4],
+    pub scales: [u8; 12],
+    pub d: [u8; 2],
+}
+
 /// 6-bit K-quant: 16 sub-blocks of 16 with signed 8-bit scales;
 /// `x = d * sc * (q - 32)`.
 #[repr(C)]
@@ -178,6 +190,7 @@ const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 const _: () = assert!(std::mem::size_of::<BlockQ5_1>() == 24);
 const _: () = assert!(std::mem::size_of::<BlockIQ4NL>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockIQ4XS>() == 136);
+const _: () = assert!(std::mem::size_of::<BlockQ3K>() == 110);
 const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
 const _: () = assert!(std::mem::size_of::<BlockQ5K>() == 176);
 const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
@@ -189,6 +202,7 @@ const _: () = assert!(std::mem::align_of::<BlockQ4_1>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ5_1>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockIQ4NL>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockIQ4XS>() == 1);
+const _: () = assert!(std::mem::align_of::<BlockQ3K>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ4K>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ5K>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ6K>() == 1);
@@ -215,6 +229,8 @@ unsafe impl RawBlock for BlockIQ4NL {}
 unsafe impl RawBlock for BlockIQ4XS {}
 // SAFETY: as above.
 unsafe impl RawBlock for BlockQ4K {}
+// SAFETY: as above.
+unsafe impl RawBlock for BlockQ3K {}
 // SAFETY: as above.
 unsafe impl RawBlock for BlockQ5K {}
 // SAFETY: as above.
@@ -251,6 +267,7 @@ pub enum WeightFormat {
     Q5_1,
     IQ4NL,
     IQ4XS,
+    Q3K,
     Q4K,
     Q5K,
     Q6K,
@@ -279,7 +296,11 @@ impl WeightFormat {
             | WeightFormat::Q4_1
             | WeightFormat::Q5_1
             | WeightFormat::IQ4NL => QK,
-            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K | WeightFormat::IQ4XS => QK_K,
+            WeightFormat::Q3K
+            | WeightFormat::Q4K
+            | WeightFormat::Q5K
+            | WeightFormat::Q6K
+            | WeightFormat::IQ4XS => QK_K,
         }
     }
 
@@ -293,6 +314,7 @@ impl WeightFormat {
             WeightFormat::Q5_0 => 22,
             WeightFormat::Q4_1 => 20,
             WeightFormat::Q5_1 => 24,
+            WeightFormat::Q3K => 110,
             WeightFormat::Q4K => 144,
             WeightFormat::Q5K => 176,
             WeightFormat::Q6K => 210,
@@ -315,9 +337,11 @@ impl WeightFormat {
             | WeightFormat::Q4_1
             | WeightFormat::Q5_1
             | WeightFormat::IQ4NL => ActFormat::Q8_0,
-            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K | WeightFormat::IQ4XS => {
-                ActFormat::Q8K
-            }
+            WeightFormat::Q3K
+            | WeightFormat::Q4K
+            | WeightFormat::Q5K
+            | WeightFormat::Q6K
+            | WeightFormat::IQ4XS => ActFormat::Q8K,
         }
     }
 
@@ -333,6 +357,7 @@ impl WeightFormat {
             WeightFormat::Q5_1 => "Q5_1",
             WeightFormat::IQ4NL => "IQ4_NL",
             WeightFormat::IQ4XS => "IQ4_XS",
+            WeightFormat::Q3K => "Q3_K",
             WeightFormat::Q4K => "Q4_K",
             WeightFormat::Q5K => "Q5_K",
             WeightFormat::Q6K => "Q6_K",

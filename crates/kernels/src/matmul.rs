@@ -280,6 +280,7 @@ fn tile_rows(
         (WeightFormat::Q5_1, Acts::Q8_0(a)) => run(&k.q5_1, w, r0, r1, a, n, &put),
         (WeightFormat::IQ4NL, Acts::Q8_0(a)) => run(&k.iq4nl, w, r0, r1, a, n, &put),
         (WeightFormat::IQ4XS, Acts::Q8K(a)) => run(&k.iq4xs, w, r0, r1, a, n, &put),
+        (WeightFormat::Q3K, Acts::Q8K(a)) => run(&k.q3k, w, r0, r1, a, n, &put),
         (WeightFormat::Q4K, Acts::Q8K(a)) => run(&k.q4k, w, r0, r1, a, n, &put),
         (WeightFormat::Q5K, Acts::Q8K(a)) => run(&k.q5k, w, r0, r1, a, n, &put),
         (WeightFormat::Q6K, Acts::Q8K(a)) => run(&k.q6k, w, r0, r1, a, n, &put),

@@ -72,7 +72,7 @@
 
 use crate::formats::*;
 use crate::matmul::{check_shapes, MatmulScratch, OutPtr, QMatrix};
-use crate::quant::{q4_1_unpack, q5_0_unpack, q5_1_unpack, q6_k_unpack};
+use crate::quant::{q3_k_unpack, q4_1_unpack, q5_0_unpack, q5_1_unpack, q6_k_unpack};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -147,7 +147,8 @@ impl PackedFormat {
             WeightFormat::Q5_1 | WeightFormat::Q4_1 => PackedFormat::Q5_1,
             WeightFormat::Q4K => PackedFormat::Q4K,
             WeightFormat::Q5K => PackedFormat::Q5K,
-            WeightFormat::Q6K => PackedFormat::Q6K,
+            // Q3_K's values and scales fit Q6_K's form (−4..=3 in −32..=31).
+            WeightFormat::Q6K | WeightFormat::Q3K => PackedFormat::Q6K,
             WeightFormat::F16 => PackedFormat::F16,
             WeightFormat::BF16 => PackedFormat::BF16,
             WeightFormat::F32 => PackedFormat::F32,
@@ -586,12 +587,18 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
             sc[2 * r..2 * r + 2].copy_from_slice(&d);
             sc[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&dmin);
         }
-        WeightFormat::Q6K => {
-            let blk = &as_blocks::<BlockQ6K>(row)[b];
-            let q = q6_k_unpack(blk);
+        WeightFormat::Q6K | WeightFormat::Q3K => {
+            let (d, q, scales) = if src == WeightFormat::Q6K {
+                let blk = &as_blocks::<BlockQ6K>(row)[b];
+                (blk.d, q6_k_unpack(blk), blk.scales)
+            } else {
+                let blk = &as_blocks::<BlockQ3K>(row)[b];
+                let (q, sc) = q3_k_unpack(blk);
+                (blk.d, q, sc)
+            };
             let u = |k: usize| (q[k] + 32) as u8;
             for j in 0..16 {
-                core[16 * j + r] = blk.scales[j] as u8;
+                core[16 * j + r] = scales[j] as u8;
                 let base = 256 + 192 * j;
                 for c in 0..4 {
                     let e = 16 * j + c;
@@ -604,7 +611,7 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
                     core[base + 128 + 4 * r + c] = h;
                 }
             }
-            sc[2 * r..2 * r + 2].copy_from_slice(&blk.d);
+            sc[2 * r..2 * r + 2].copy_from_slice(&d);
         }
         WeightFormat::F16 => {
             let src = &row[2 * FLOAT_BLOCK * b..2 * FLOAT_BLOCK * (b + 1)];
@@ -771,17 +778,25 @@ pub fn spec_dot(src: WeightFormat, row: &[u8], act: ActRow) -> f32 {
                 acc = (f16_le(blk.d) * y.d).mul_add(s as f32, acc);
             }
         }
-        (WeightFormat::Q6K, ActRow::Q8K { blocks, .. }) => {
-            for (blk, y) in as_blocks::<BlockQ6K>(row).iter().zip(blocks) {
-                let q = q6_k_unpack(blk);
+        (WeightFormat::Q6K | WeightFormat::Q3K, ActRow::Q8K { blocks, .. }) => {
+            let nb = row.len() / src.block_bytes();
+            for (b, y) in blocks.iter().enumerate().take(nb) {
+                let (d, q, scales) = if src == WeightFormat::Q6K {
+                    let blk = &as_blocks::<BlockQ6K>(row)[b];
+                    (blk.d, q6_k_unpack(blk), blk.scales)
+                } else {
+                    let blk = &as_blocks::<BlockQ3K>(row)[b];
+                    let (q, sc) = q3_k_unpack(blk);
+                    (blk.d, q, sc)
+                };
                 let mut s = 0i32;
                 for j in 0..16 {
                     let is: i32 = (16 * j..16 * j + 16)
                         .map(|k| q[k] as i32 * y.qs[k] as i32)
                         .sum();
-                    s += blk.scales[j] as i32 * is;
+                    s += scales[j] as i32 * is;
                 }
-                acc = (f16_le(blk.d) * y.d).mul_add(s as f32, acc);
+                acc = (f16_le(d) * y.d).mul_add(s as f32, acc);
             }
         }
         (WeightFormat::F16 | WeightFormat::BF16 | WeightFormat::F32, ActRow::F32 { x }) => {

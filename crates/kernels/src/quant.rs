@@ -118,6 +118,21 @@ pub fn dequantize_row(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        WeightFormat::Q3K => {
+            for (b, o) in as_blocks::<BlockQ3K>(bytes)
+                .iter()
+                .zip(out.chunks_exact_mut(QK_K))
+            {
+                let d = f16_le(b.d);
+                let (q, sc) = q3_k_unpack(b);
+                for (i, o) in o.chunks_exact_mut(16).enumerate() {
+                    let dl = d * sc[i] as f32;
+                    for (o, &q) in o.iter_mut().zip(&q[16 * i..16 * i + 16]) {
+                        *o = dl * q as f32;
+                    }
+                }
+            }
+        }
         WeightFormat::Q4K => {
             for (b, o) in as_blocks::<BlockQ4K>(bytes)
                 .iter()
@@ -218,6 +233,29 @@ pub fn q5_1_unpack(b: &BlockQ5_1) -> [u8; QK] {
         };
         lo | (((qh >> k) & 1) << 4) as u8
     })
+}
+
+/// Q3_K's quants (−4..=3) in element order and its 16 sub-block scales
+/// (sc − 32, −32..=31). Element 128h + 32j + l (l < 32) takes bits 2j..2j+2
+/// of qs[32h + l] and, as its high bit, bit 4h + j of hmask[l]: set means
+/// q = low bits, clear q = low bits − 4. Scale i's low 4 bits are nibble
+/// i / 8 of byte i % 8, its high 2 bits bits 2(i / 4) of byte 8 + i % 4.
+/// ref: ggml-quants.c dequantize_row_q3_K.
+#[inline]
+pub fn q3_k_unpack(b: &BlockQ3K) -> ([i8; QK_K], [i8; 16]) {
+    let mut q = [0i8; QK_K];
+    for (e, q) in q.iter_mut().enumerate() {
+        let (h, j, l) = (e / 128, (e % 128) / 32, e % 32);
+        let low = (b.qs[32 * h + l] >> (2 * j)) & 3;
+        let high = (b.hmask[l] >> (4 * h + j)) & 1;
+        *q = low as i8 - if high == 1 { 0 } else { 4 };
+    }
+    let sc = std::array::from_fn(|i| {
+        let low = (b.scales[i % 8] >> (4 * (i / 8))) & 0x0F;
+        let high = (b.scales[8 + i % 4] >> (2 * (i / 4))) & 3;
+        (low | high << 4) as i8 - 32
+    });
+    (q, sc)
 }
 
 /// Q6_K quants as signed values in -32..=31, in element order. Element

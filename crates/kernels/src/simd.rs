@@ -25,12 +25,13 @@ pub struct DotKernels {
     pub q8_0: Tiles<BlockQ8_0, BlockQ8_0>,
     pub q4_0: Tiles<BlockQ4_0, BlockQ8_0>,
     pub q5_0: Tiles<BlockQ5_0, BlockQ8_0>,
-    /// Q4_1, Q5_1, IQ4_NL and IQ4_XS run row-major only for shapes that cannot be
+    /// Q4_1, Q5_1, IQ4_NL, IQ4_XS and Q3_K run row-major only for shapes that cannot be
     /// packed (every table takes the scalar tiles).
     pub q4_1: Tiles<BlockQ4_1, BlockQ8_0>,
     pub q5_1: Tiles<BlockQ5_1, BlockQ8_0>,
     pub iq4nl: Tiles<BlockIQ4NL, BlockQ8_0>,
     pub iq4xs: Tiles<BlockIQ4XS, BlockQ8K>,
+    pub q3k: Tiles<BlockQ3K, BlockQ8K>,
     pub q4k: Tiles<BlockQ4K, BlockQ8K>,
     pub q5k: Tiles<BlockQ5K, BlockQ8K>,
     pub q6k: Tiles<BlockQ6K, BlockQ8K>,
@@ -64,12 +65,14 @@ scalar_tiles!(s_q4_1, dot::dot_q4_1_ref, BlockQ4_1, BlockQ8_0);
 scalar_tiles!(s_q5_1, dot::dot_q5_1_ref, BlockQ5_1, BlockQ8_0);
 scalar_tiles!(s_iq4nl, dot::dot_iq4nl_ref, BlockIQ4NL, BlockQ8_0);
 scalar_tiles!(s_iq4xs, dot::dot_iq4xs_ref, BlockIQ4XS, BlockQ8K);
+scalar_tiles!(s_q3k, dot::dot_q3k_ref, BlockQ3K, BlockQ8K);
 
-/// The scalar Q4_1, Q5_1, IQ4_NL and IQ4_XS tiles, for the SIMD tables.
+/// The scalar Q4_1, Q5_1, IQ4_NL, IQ4_XS and Q3_K tiles, for the SIMD tables.
 pub(crate) const Q4_1_SCALAR: Tiles<BlockQ4_1, BlockQ8_0> = s_q4_1::TILES;
 pub(crate) const Q5_1_SCALAR: Tiles<BlockQ5_1, BlockQ8_0> = s_q5_1::TILES;
 pub(crate) const IQ4NL_SCALAR: Tiles<BlockIQ4NL, BlockQ8_0> = s_iq4nl::TILES;
 pub(crate) const IQ4XS_SCALAR: Tiles<BlockIQ4XS, BlockQ8K> = s_iq4xs::TILES;
+pub(crate) const Q3K_SCALAR: Tiles<BlockQ3K, BlockQ8K> = s_q3k::TILES;
 scalar_tiles!(s_q4k, dot::dot_q4k_ref, BlockQ4K, BlockQ8K);
 scalar_tiles!(s_q5k, dot::dot_q5k_ref, BlockQ5K, BlockQ8K);
 scalar_tiles!(s_q6k, dot::dot_q6k_ref, BlockQ6K, BlockQ8K);
@@ -84,6 +87,7 @@ pub const SCALAR: DotKernels = DotKernels {
     q5_1: s_q5_1::TILES,
     iq4nl: s_iq4nl::TILES,
     iq4xs: s_iq4xs::TILES,
+    q3k: s_q3k::TILES,
     q4k: s_q4k::TILES,
     q5k: s_q5k::TILES,
     q6k: s_q6k::TILES,

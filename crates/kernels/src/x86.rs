@@ -894,6 +894,7 @@ pub const AVX2: DotKernels = DotKernels {
     q5_1: crate::simd::Q5_1_SCALAR,
     iq4nl: crate::simd::IQ4NL_SCALAR,
     iq4xs: crate::simd::IQ4XS_SCALAR,
+    q3k: crate::simd::Q3K_SCALAR,
     q4k: Tiles {
         rows1: avx2_q4k_rows1,
         rows4: avx2_q4k_rows4,
@@ -927,6 +928,7 @@ pub const VNNI: DotKernels = DotKernels {
     q5_1: crate::simd::Q5_1_SCALAR,
     iq4nl: crate::simd::IQ4NL_SCALAR,
     iq4xs: crate::simd::IQ4XS_SCALAR,
+    q3k: crate::simd::Q3K_SCALAR,
     q4k: Tiles {
         rows1: vnni_q4k_rows1,
         rows4: vnni_q4k_rows4,

@@ -22,7 +22,7 @@ use gemma3_kernels::simd::{available, SCALAR};
 use gemma3_kernels::{ActFormat, MatmulScratch, QMatrix, WeightFormat};
 use half::f16;
 
-const FORMATS: [WeightFormat; 13] = [
+const FORMATS: [WeightFormat; 14] = [
     WeightFormat::Q8_0,
     WeightFormat::Q4_0,
     WeightFormat::Q5_0,
@@ -30,6 +30,7 @@ const FORMATS: [WeightFormat; 13] = [
     WeightFormat::Q5_1,
     WeightFormat::IQ4NL,
     WeightFormat::IQ4XS,
+    WeightFormat::Q3K,
     WeightFormat::Q4K,
     WeightFormat::Q5K,
     WeightFormat::Q6K,
@@ -245,7 +246,11 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
             // same arithmetic.
             if matches!(
                 c.format,
-                WeightFormat::Q4_1 | WeightFormat::Q5_1 | WeightFormat::IQ4NL | WeightFormat::IQ4XS
+                WeightFormat::Q4_1
+                    | WeightFormat::Q5_1
+                    | WeightFormat::IQ4NL
+                    | WeightFormat::IQ4XS
+                    | WeightFormat::Q3K
             ) {
                 let mut out = vec![f32::NAN; n * c.rows];
                 matmul_with(&SCALAR, &m, &x, n, &mut out, &mut MatmulScratch::default());

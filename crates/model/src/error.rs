@@ -17,7 +17,7 @@ pub enum ModelError {
         found: Vec<u64>,
         expected: Vec<u64>,
     },
-    #[error("tensor '{name}' has type {ty}, which this engine cannot compute with (supported: F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, IQ4_NL, IQ4_XS, Q4_K, Q5_K, Q6_K)")]
+    #[error("tensor '{name}' has type {ty}, which this engine cannot compute with (supported: F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, IQ4_NL, IQ4_XS, Q3_K, Q4_K, Q5_K, Q6_K)")]
     UnsupportedType { name: String, ty: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -99,6 +99,7 @@ fn weight_format(name: &str, ty: GgmlType) -> Result<WeightFormat, ModelError> {
         GgmlType::Q5_1 => WeightFormat::Q5_1,
         GgmlType::IQ4NL => WeightFormat::IQ4NL,
         GgmlType::IQ4XS => WeightFormat::IQ4XS,
+        GgmlType::Q3K => WeightFormat::Q3K,
         GgmlType::Q4K => WeightFormat::Q4K,
         GgmlType::Q5K => WeightFormat::Q5K,
         GgmlType::Q6K => WeightFormat::Q6K,

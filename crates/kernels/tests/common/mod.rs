@@ -36,6 +36,7 @@ pub fn format_from_name(s: &str) -> WeightFormat {
         "Q5_1" => WeightFormat::Q5_1,
         "IQ4_NL" => WeightFormat::IQ4NL,
         "IQ4_XS" => WeightFormat::IQ4XS,
+        "Q3_K" => WeightFormat::Q3K,
         "Q4_K" => WeightFormat::Q4K,
         "Q5_K" => WeightFormat::Q5K,
         "Q6_K" => WeightFormat::Q6K,
@@ -135,7 +136,7 @@ impl Rng {
     }
 }
 
-pub const ALL_FORMATS: [WeightFormat; 13] = [
+pub const ALL_FORMATS: [WeightFormat; 14] = [
     WeightFormat::F32,
     WeightFormat::F16,
     WeightFormat::BF16,
@@ -146,6 +147,7 @@ pub const ALL_FORMATS: [WeightFormat; 13] = [
     WeightFormat::Q5_1,
     WeightFormat::IQ4NL,
     WeightFormat::IQ4XS,
+    WeightFormat::Q3K,
     WeightFormat::Q4K,
     WeightFormat::Q5K,
     WeightFormat::Q6K,
@@ -161,6 +163,7 @@ fn scale_offsets(format: WeightFormat) -> &'static [usize] {
         | WeightFormat::IQ4XS => &[0],
         WeightFormat::Q4_1 | WeightFormat::Q5_1 | WeightFormat::Q4K | WeightFormat::Q5K => &[0, 2],
         WeightFormat::Q6K => &[208],
+        WeightFormat::Q3K => &[108],
         _ => &[],
     }
 }
