@@ -74,11 +74,11 @@ pub fn dot_q3k_ref(w: &[BlockQ3K], a: &[BlockQ8K]) -> f32 {
     for (x, y) in w.iter().zip(a) {
         let (q, sc) = q3_k_unpack(x);
         let mut s = 0i32;
-        for j in 0..16 {
+        for (j, &sc) in sc.iter().enumerate() {
             let is: i32 = (16 * j..16 * j + 16)
                 .map(|k| q[k] as i32 * y.qs[k] as i32)
                 .sum();
-            s += sc[j] as i32 * is;
+            s += sc as i32 * is;
         }
         sum = (f16_le(x.d) * y.d).mul_add(s as f32, sum);
     }

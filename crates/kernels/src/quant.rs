@@ -237,7 +237,7 @@ pub fn q5_1_unpack(b: &BlockQ5_1) -> [u8; QK] {
 
 /// Q3_K's quants (−4..=3) in element order and its 16 sub-block scales
 /// (sc − 32, −32..=31). Element 128h + 32j + l (l < 32) takes bits 2j..2j+2
-/// of qs[32h + l] and, as its high bit, bit 4h + j of hmask[l]: set means
+/// of `qs[32h + l]` and, as its high bit, bit 4h + j of `hmask[l]`: set means
 /// q = low bits, clear q = low bits − 4. Scale i's low 4 bits are nibble
 /// i / 8 of byte i % 8, its high 2 bits bits 2(i / 4) of byte 8 + i % 4.
 /// ref: ggml-quants.c dequantize_row_q3_K.
