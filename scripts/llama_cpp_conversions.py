@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""llama.cpp's results on the F16 and BF16 versions of the model, for crates/cli/tests/float_formats.rs.
+"""llama.cpp's results on its F16, BF16, Q8_0 and Q4_0 conversions of the model, for
+crates/cli/tests/conversions.rs.
 
 Needs llama-cpp-python 0.3.36 (bundled llama.cpp 0c1e570); here it lives in /opt/llamaref/venv:
 
-    /opt/llamaref/venv/bin/python scripts/llama_cpp_float_formats.py [--model Q4_K_M.gguf]
+    /opt/llamaref/venv/bin/python scripts/llama_cpp_conversions.py [--model Q4_K_M.gguf]
 
-For F16 and BF16 it converts the Q4_K_M file with llama.cpp's own quantizer (`llama_model_quantize`
-with ftype MOSTLY_F16 / MOSTLY_BF16 and allow_requantize: every matrix dequantized to f32 and stored
-in the 16-bit format, the norms left in F32), records the sha256 of each converted file's tensor-data
+For each format it converts the Q4_K_M file with llama.cpp's own quantizer (`llama_model_quantize`
+with ftype MOSTLY_F16 / MOSTLY_BF16 / MOSTLY_Q8_0 / MOSTLY_Q4_0 and allow_requantize: every matrix
+dequantized to f32 and stored in that format, the token embedding in Q8_0 for the two quantized
+ones, the norms left in F32; no importance matrix, so ggml's reference quantizers), records the sha256 of each converted file's tensor-data
 section (from the data offset to the end: the test rebuilds the file and checks it holds the same
 bytes), and runs llama.cpp on it (flash attention off, 2 threads) for the first 3 and the last of
 reference.json's greedy prompts:
@@ -17,7 +19,7 @@ reference.json's greedy prompts:
 - `greedy`: the 16 tokens it picks by argmax generating one token at a time, with its gap between
   the best and second-best logit at each step (`margin`).
 
-With `--keep DIR` the converted files stay in DIR, for scripts/exact_float_formats.py, which adds
+With `--keep DIR` the converted files stay in DIR, for scripts/exact_conversions.py, which adds
 the exact logits of the same weights to the output.
 """
 
@@ -34,12 +36,13 @@ import numpy as np
 
 try:
     import llama_cpp
-except ImportError:  # exact_float_formats.py imports this module for data_section_sha256 only
+except ImportError:  # exact_conversions.py imports this module for data_section_sha256 only
     llama_cpp = None
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "crates/cli/tests/data"
-FTYPES = {"F16": 1, "BF16": 32}  # LLAMA_FTYPE_MOSTLY_F16, LLAMA_FTYPE_MOSTLY_BF16
+# LLAMA_FTYPE_MOSTLY_F16, _BF16, _Q8_0, _Q4_0
+FTYPES = {"F16": 1, "BF16": 32, "Q8_0": 7, "Q4_0": 2}
 STEPS = 16
 
 
@@ -126,7 +129,7 @@ def main() -> None:
         Path.home() / ".cache/gemma3/gemma-3-270m-q4_k_m.gguf"
     )
     ap.add_argument("--model", default=default_model)
-    ap.add_argument("--keep", help="keep the converted files in this directory (for exact_float_formats.py)")
+    ap.add_argument("--keep", help="keep the converted files in this directory (for exact_conversions.py)")
     args = ap.parse_args()
     ref = json.loads((DATA / "reference.json").read_text())
     prompts = ref["greedy32"][:3] + ref["greedy32"][-1:]
@@ -150,8 +153,8 @@ def main() -> None:
             }
     out = {
         "provenance": {
-            "generator": "scripts/llama_cpp_float_formats.py",
-            "command": "/opt/llamaref/venv/bin/python scripts/llama_cpp_float_formats.py",
+            "generator": "scripts/llama_cpp_conversions.py",
+            "command": "/opt/llamaref/venv/bin/python scripts/llama_cpp_conversions.py --keep DIR",
             "producer": f"llama-cpp-python {llama_cpp.__version__} (bundled llama.cpp 0c1e570): "
             "llama_model_quantize (allow_requantize) from the Q4_K_M file, then evaluation with "
             "flash attention off, 2 threads",
@@ -159,8 +162,8 @@ def main() -> None:
         },
         "formats": formats,
     }
-    (DATA / "llama_cpp_float_formats.json").write_text(json.dumps(out, indent=1) + "\n")
-    print("wrote", DATA / "llama_cpp_float_formats.json")
+    (DATA / "llama_cpp_conversions.json").write_text(json.dumps(out, indent=1) + "\n")
+    print("wrote", DATA / "llama_cpp_conversions.json")
 
 
 if __name__ == "__main__":

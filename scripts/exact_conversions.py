@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Exact (float64) logits of the F16 and BF16 models at llama.cpp's top-5 tokens, added to
-crates/cli/tests/data/llama_cpp_float_formats.json: the yardstick that tells which engine's
-rounding moved a logit (crates/cli/tests/float_formats.rs).
+"""Exact (float64) logits of llama.cpp's conversions of the model at its top-5 tokens, added to
+crates/cli/tests/data/llama_cpp_conversions.json: the yardstick that tells which engine's
+rounding moved a logit (crates/cli/tests/conversions.rs).
 
-Run after `scripts/llama_cpp_float_formats.py --keep DIR`, with the Python `gguf` package (the
+Run after `scripts/llama_cpp_conversions.py --keep DIR`, with the Python `gguf` package (the
 same forward pass as scripts/exact_reference.py, whose `Gemma3` class it uses: weights
 dequantized by `gguf.quants.dequantize`, no activation rounding, no f16 KV cache):
 
-    python3 scripts/exact_float_formats.py DIR
+    python3 scripts/exact_conversions.py DIR
 
 For each format and prompt it records, at every prompt position, the exact logits of llama.cpp's
 top-5 tokens (`exact_at_top5`) and the exact top-5 (`exact_top5`), after checking that the file in
@@ -22,12 +22,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from exact_reference import Gemma3  # noqa: E402
-from llama_cpp_float_formats import DATA, data_section_sha256  # noqa: E402
+from llama_cpp_conversions import DATA, data_section_sha256  # noqa: E402
 
 
 def main() -> None:
     d = Path(sys.argv[1])
-    path = DATA / "llama_cpp_float_formats.json"
+    path = DATA / "llama_cpp_conversions.json"
     ref = json.loads(path.read_text())
     for name, f in ref["formats"].items():
         model = d / f"gemma-3-270m-{name.lower()}.gguf"
@@ -43,7 +43,7 @@ def main() -> None:
             ]
             print(name, repr(case["prompt"][:40]))
     ref["provenance"]["exact"] = (
-        "scripts/exact_float_formats.py: float64 forward pass of scripts/exact_reference.py "
+        "scripts/exact_conversions.py: float64 forward pass of scripts/exact_reference.py "
         "(Python gguf package) over the same files"
     )
     path.write_text(json.dumps(ref, indent=1) + "\n")
