@@ -342,6 +342,52 @@ fn a_shared_input_gives_each_matrix_its_own_result() {
     }
 }
 
+/// The kernel entries are safe functions: activations of another format's
+/// variant, or a group size that is not the format's, are refused with a
+/// panic before anything is read (not read out of bounds).
+#[test]
+fn kernels_refuse_a_mismatched_layout_or_activations() {
+    use gemma3_kernels::packed::PackedFormat;
+    let nb = 2;
+    for (name, k) in tables() {
+        let run = |f: PackedFormat, gb: usize, a: ActRow| {
+            let w = vec![0u8; 4 * gb.max(f.group_bytes(nb))];
+            let mut out = vec![0.0f32; 64];
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                (k.t1)(f, &w[..gb], gb, nb, &[a], &mut [&mut out[..]])
+            }))
+            .is_err()
+        };
+        let x = vec![0.0f32; 64];
+        let f32_row = ActRow::F32 { x: &x };
+        let q8 = vec![BlockQ8_0::default(); nb];
+        let (zi, zf) = (vec![0i32; nb], vec![0.0f32; nb]);
+        let q8_row = ActRow::Q8_0 {
+            blocks: &q8,
+            neg8: &zi,
+            neg16: &zi,
+            neg128: &zi,
+            d: &zf,
+            ds: &zf,
+        };
+        let (q5, f16) = (PackedFormat::Q5_0, PackedFormat::F16);
+        assert!(!run(q5, q5.group_bytes(nb), q8_row), "[{name}] valid call");
+        assert!(
+            !run(f16, f16.group_bytes(nb), f32_row),
+            "[{name}] valid call"
+        );
+        assert!(
+            run(q5, q5.group_bytes(nb), f32_row),
+            "[{name}] f32 rows for Q5_0"
+        );
+        assert!(
+            run(f16, f16.group_bytes(nb), q8_row),
+            "[{name}] Q8_0 rows for F16"
+        );
+        assert!(run(q5, 64, q8_row), "[{name}] a group size not Q5_0's");
+    }
+}
+
 #[test]
 fn matrices_that_cannot_be_packed_are_refused() {
     let mut rng = Rng::new(1);
