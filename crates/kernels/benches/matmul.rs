@@ -3,14 +3,17 @@
 //! sizes 1, 64 and 512, for every kernel table this CPU runs, row-major and
 //! (for the layer matrices) in the interleaved layout the model uses.
 //!
-//! `cargo bench -p gemma3-kernels` (add `-- 'q8_0'` to filter).
+//! `cargo bench -p gemma3-kernels` (add `-- 'q8_0'` to filter). The other formats other
+//! GGUFs of the model use (float exports, Q4_0/Q4_1/Q5_1, the IQ4 and remaining K-quants) are
+//! benchmarked in their packed form at one FFN shape each (`other formats`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gemma3_kernels::formats::{BlockQ8K, BlockQ8_0, QK, QK_K};
 use gemma3_kernels::matmul::matmul_with;
 use gemma3_kernels::packed::{matmul_packed, PackedMatrix};
 use gemma3_kernels::quant::{
-    act_quantizers_available, quantize_weights_q5_0, quantize_weights_q8_0,
+    act_quantizers_available, encode_float_weights, quantize_weights_q4_0, quantize_weights_q5_0,
+    quantize_weights_q8_0,
 };
 use gemma3_kernels::{simd, MatmulScratch, QMatrix, WeightFormat};
 
@@ -27,8 +30,8 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Random K-quant blocks with sane scales (we have no K-quant quantizer; the
-/// byte patterns exercise the same instructions as real weights).
+/// Random blocks with sane scales for the formats we have no quantizer for
+/// (the byte patterns exercise the same instructions as real weights).
 fn kquant_bytes(format: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
     let n = format.row_bytes(cols) * rows;
     let mut b: Vec<u8> = data(n, 7).iter().map(|v| (v * 127.0) as i8 as u8).collect();
@@ -36,15 +39,65 @@ fn kquant_bytes(format: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
     let scale = half::f16::from_f32(0.01).to_bits().to_le_bytes();
     for blk in b.chunks_exact_mut(bs) {
         match format {
-            WeightFormat::Q4K | WeightFormat::Q5K => {
+            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q4_1 | WeightFormat::Q5_1 => {
                 blk[0..2].copy_from_slice(&scale);
                 blk[2..4].copy_from_slice(&scale);
             }
-            WeightFormat::Q6K => blk[bs - 2..].copy_from_slice(&scale),
+            WeightFormat::IQ4NL | WeightFormat::IQ4XS => blk[0..2].copy_from_slice(&scale),
+            WeightFormat::Q6K | WeightFormat::Q3K => blk[bs - 2..].copy_from_slice(&scale),
             _ => {}
         }
     }
     b
+}
+
+/// The packed kernels of the formats the shipped file does not use, at one FFN shape each
+/// (640→2048, or 2048→640 where the format's blocks are 256 wide), 1 and 512 tokens.
+fn bench_other_formats(c: &mut Criterion) {
+    let formats = [
+        WeightFormat::F16,
+        WeightFormat::BF16,
+        WeightFormat::F32,
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Q5_1,
+        WeightFormat::IQ4NL,
+        WeightFormat::IQ4XS,
+        WeightFormat::Q3K,
+        WeightFormat::Q5K,
+    ];
+    for format in formats {
+        let (rows, cols) = if format.block_size() == QK_K {
+            (640, 2048)
+        } else {
+            (2048, 640)
+        };
+        let bytes = match format {
+            WeightFormat::F16 | WeightFormat::BF16 | WeightFormat::F32 => {
+                encode_float_weights(format, &data(rows * cols, 1)).expect("a float format")
+            }
+            WeightFormat::Q4_0 => quantize_weights_q4_0(&data(rows * cols, 1)),
+            f => kquant_bytes(f, rows, cols),
+        };
+        let w = QMatrix::new(format, rows, cols, &bytes).expect("shape");
+        let p = PackedMatrix::pack(&w).expect("packable");
+        let mut g = c.benchmark_group(format!("other formats {format} {cols}→{rows}"));
+        g.sample_size(10);
+        for n in [1usize, 512] {
+            let x = data(n * cols, 2);
+            let mut out = vec![0.0f32; n * rows];
+            let mut scratch = MatmulScratch::default();
+            g.throughput(Throughput::Elements((n * rows * cols) as u64));
+            for k in simd::available() {
+                g.bench_with_input(
+                    BenchmarkId::new(format!("packed {}", k.name), n),
+                    &n,
+                    |b, &n| b.iter(|| matmul_packed(&k.packed, &p, &x, n, &mut out, &mut scratch)),
+                );
+            }
+        }
+        g.finish();
+    }
 }
 
 fn bench(c: &mut Criterion) {
@@ -121,5 +174,5 @@ fn bench_quantize(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_quantize, bench);
+criterion_group!(benches, bench_quantize, bench, bench_other_formats);
 criterion_main!(benches);
