@@ -974,8 +974,8 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
         let acc = match format {
             PackedFormat::Q8_0 => group_q8_0::<I, NT>(gp, nb, a),
             PackedFormat::Q5_0 => group_q5_0::<I, NT, false>(gp, nb, a),
-            PackedFormat::Q4_0 => group_q4_0::<I, NT>(gp, nb, a),
-            PackedFormat::IQ4NL => group_iq4nl::<I, NT>(gp, nb, a),
+            PackedFormat::Q4_0 => group_nibbles::<I, NT, false>(gp, nb, a),
+            PackedFormat::IQ4NL => group_nibbles::<I, NT, true>(gp, nb, a),
             PackedFormat::IQ4XS => group_iq4xs::<I, NT>(gp, nb, a),
             PackedFormat::Q5_1 => group_q5_0::<I, NT, true>(gp, nb, a),
             PackedFormat::Q4K => group_q4k::<I, NT, false>(gp, nb, a),
@@ -1102,6 +1102,75 @@ unsafe fn q8k_neg32<'a>(a: &ActRow<'a>) -> (&'a [BlockQ8K], &'a [i32]) {
     }
 }
 
+/// One 32-element block's integer sums for NT tokens, from `is`: the low
+/// vectors `unpack(c).0` against elements 4c.. and the high ones against
+/// 16 + 4c.., by `dot_b128` when `B128` (u = w + 128) else `dot_u8`. One
+/// token alone gets two chains (low, high), summed in exact integers, so
+/// that its `dpbusd`s do not all wait on each other.
+#[inline(always)]
+unsafe fn block32_sums<I: Isa, const NT: usize, const B128: bool>(
+    mut is: [I::V; NT],
+    a: &[ActRow; NT],
+    b: usize,
+    unpack: impl Fn(usize) -> (I::V, I::V),
+) -> [I::V; NT] {
+    let dot = |acc, u, y| {
+        if B128 {
+            I::dot_b128(acc, u, y)
+        } else {
+            I::dot_u8(acc, u, y)
+        }
+    };
+    let mut is2 = [I::splat32(0); NT];
+    for c in 0..4 {
+        let (lo, hi) = unpack(c);
+        for t in 0..NT {
+            let y = &q8(&a[t]).0.get_unchecked(b).qs;
+            is[t] = dot(is[t], lo, y4(y, 4 * c));
+            if NT == 1 {
+                is2[t] = dot(is2[t], hi, y4(y, 16 + 4 * c));
+            } else {
+                is[t] = dot(is[t], hi, y4(y, 16 + 4 * c));
+            }
+        }
+    }
+    if NT == 1 {
+        for t in 0..NT {
+            is[t] = I::add32(is[t], is2[t]);
+        }
+    }
+    is
+}
+
+/// A block's float step with Q8_0 activations: `acc = fma(dw · dy, S, acc)`.
+#[inline(always)]
+unsafe fn block_finish<I: Isa, const NT: usize>(
+    acc: &mut [I::F; NT],
+    scales: *const u8,
+    a: &[ActRow; NT],
+    b: usize,
+    is: [I::V; NT],
+) {
+    let dw = I::load_f16(scales);
+    for t in 0..NT {
+        let dy = *q8(&a[t]).3.get_unchecked(b);
+        acc[t] = I::fmadd(I::mul_f(dw, I::splat_f(dy)), I::to_f(is[t]), acc[t]);
+    }
+}
+
+/// Each token's −128·Σy for block b where `dot_b128` needs it (see
+/// `B128_CORR`), else 0.
+#[inline(always)]
+unsafe fn start128<I: Isa, const NT: usize>(a: &[ActRow; NT], b: usize) -> [I::V; NT] {
+    std::array::from_fn(|t| {
+        I::splat32(if I::B128_CORR {
+            *q8(&a[t]).2.get_unchecked(b)
+        } else {
+            0
+        })
+    })
+}
+
 #[inline(always)]
 unsafe fn group_q8_0<I: Isa, const NT: usize>(
     gp: *const u8,
@@ -1112,12 +1181,7 @@ unsafe fn group_q8_0<I: Isa, const NT: usize>(
     const SB: usize = PackedFormat::Q8_0.scale_bytes();
     let mut acc = [I::zero_f(); NT];
     each_block::<CORE, SB>(gp, nb, |b, core, scales| {
-        let mut is = [I::splat32(0); NT];
-        for t in 0..NT {
-            if I::B128_CORR {
-                is[t] = I::splat32(*q8(&a[t]).2.get_unchecked(b));
-            }
-        }
+        let mut is = start128::<I, NT>(a, b);
         for k in 0..8 {
             let u = I::load(core.add(64 * k));
             for t in 0..NT {
@@ -1125,11 +1189,7 @@ unsafe fn group_q8_0<I: Isa, const NT: usize>(
                 is[t] = I::dot_b128(is[t], u, y4(y, 4 * k));
             }
         }
-        let dw = I::load_f16(scales);
-        for t in 0..NT {
-            let dy = *q8(&a[t]).3.get_unchecked(b);
-            acc[t] = I::fmadd(I::mul_f(dw, I::splat_f(dy)), I::to_f(is[t]), acc[t]);
-        }
+        block_finish::<I, NT>(&mut acc, scales, a, b, is);
     });
     acc
 }
@@ -1146,41 +1206,23 @@ unsafe fn group_q5_0<I: Isa, const NT: usize, const MIN: bool>(
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
     let body = |b: usize, core: *const u8, scales: *const u8, acc: &mut [I::F; NT]| {
-        let mut is = [I::splat32(0); NT];
         // Q5_0's weights are u − 16: start at −16·Σy.
-        if !MIN {
-            for t in 0..NT {
-                is[t] = I::splat32(*q8(&a[t]).1.get_unchecked(b));
-            }
-        }
-        // One token alone has one chain of dependent `dpbusd`s per block:
-        // two (low and high nibbles), summed in exact integers, halve it.
-        let mut is2 = [I::splat32(0); NT];
+        let start = std::array::from_fn(|t| {
+            I::splat32(if MIN {
+                0
+            } else {
+                *q8(&a[t]).1.get_unchecked(b)
+            })
+        });
         let h = I::load(core);
-        for c in 0..4 {
+        let is = block32_sums::<I, NT, false>(start, a, b, |c| {
             let v = I::load(core.add(64 + 64 * c));
-            let lo = I::and_or(v, m4, I::fifth_bits(h, c));
-            let hi = I::and_or(I::shr::<4>(v), m4, I::fifth_bits(h, 4 + c));
-            for t in 0..NT {
-                let y = &q8(&a[t]).0.get_unchecked(b).qs;
-                is[t] = I::dot_u8(is[t], lo, y4(y, 4 * c));
-                if NT == 1 {
-                    is2[t] = I::dot_u8(is2[t], hi, y4(y, 16 + 4 * c));
-                } else {
-                    is[t] = I::dot_u8(is[t], hi, y4(y, 16 + 4 * c));
-                }
-            }
-        }
-        if NT == 1 {
-            for t in 0..NT {
-                is[t] = I::add32(is[t], is2[t]);
-            }
-        }
-        let dw = I::load_f16(scales);
-        for t in 0..NT {
-            let dy = *q8(&a[t]).3.get_unchecked(b);
-            acc[t] = I::fmadd(I::mul_f(dw, I::splat_f(dy)), I::to_f(is[t]), acc[t]);
-        }
+            (
+                I::and_or(v, m4, I::fifth_bits(h, c)),
+                I::and_or(I::shr::<4>(v), m4, I::fifth_bits(h, 4 + c)),
+            )
+        });
+        block_finish::<I, NT>(acc, scales, a, b, is);
         if MIN {
             let m = I::load_f16(scales.add(32));
             for t in 0..NT {
@@ -1198,10 +1240,11 @@ unsafe fn group_q5_0<I: Isa, const NT: usize, const MIN: bool>(
     acc
 }
 
-/// Q4_0: u = q (the low and high nibbles of 4 vectors), w = u − 8, so the
-/// sum starts at −8·Σy.
+/// Q4_0 (u = q, the low and high nibbles of 4 vectors, w = u − 8, so the
+/// sum starts at −8·Σy), or with `LUT` IQ4_NL (each nibble looked up in the
+/// table, +128 and unsigned, then as Q8_0: the sum corrected by −128·Σy).
 #[inline(always)]
-unsafe fn group_q4_0<I: Isa, const NT: usize>(
+unsafe fn group_nibbles<I: Isa, const NT: usize, const LUT: bool>(
     gp: *const u8,
     nb: usize,
     a: &[ActRow; NT],
@@ -1210,37 +1253,23 @@ unsafe fn group_q4_0<I: Isa, const NT: usize>(
     const SB: usize = PackedFormat::Q4_0.scale_bytes();
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
+    let table = I::load(IQ4NL_U128.as_ptr());
     each_block::<CORE, SB>(gp, nb, |b, core, scales| {
-        let mut is = [I::splat32(0); NT];
-        for t in 0..NT {
-            is[t] = I::splat32(*q8_neg8(&a[t]).get_unchecked(b));
-        }
-        // One token: two chains (low and high nibbles), as in Q5_0.
-        let mut is2 = [I::splat32(0); NT];
-        for c in 0..4 {
+        let start = if LUT {
+            start128::<I, NT>(a, b)
+        } else {
+            std::array::from_fn(|t| I::splat32(*q8_neg8(&a[t]).get_unchecked(b)))
+        };
+        let is = block32_sums::<I, NT, LUT>(start, a, b, |c| {
             let v = I::load(core.add(64 * c));
-            let lo = I::and(v, m4);
-            let hi = I::and(I::shr::<4>(v), m4);
-            for t in 0..NT {
-                let y = &q8(&a[t]).0.get_unchecked(b).qs;
-                is[t] = I::dot_u8(is[t], lo, y4(y, 4 * c));
-                if NT == 1 {
-                    is2[t] = I::dot_u8(is2[t], hi, y4(y, 16 + 4 * c));
-                } else {
-                    is[t] = I::dot_u8(is[t], hi, y4(y, 16 + 4 * c));
-                }
+            let (lo, hi) = (I::and(v, m4), I::and(I::shr::<4>(v), m4));
+            if LUT {
+                (I::lut16(table, lo), I::lut16(table, hi))
+            } else {
+                (lo, hi)
             }
-        }
-        if NT == 1 {
-            for t in 0..NT {
-                is[t] = I::add32(is[t], is2[t]);
-            }
-        }
-        let dw = I::load_f16(scales);
-        for t in 0..NT {
-            let dy = *q8(&a[t]).3.get_unchecked(b);
-            acc[t] = I::fmadd(I::mul_f(dw, I::splat_f(dy)), I::to_f(is[t]), acc[t]);
-        }
+        });
+        block_finish::<I, NT>(&mut acc, scales, a, b, is);
     });
     acc
 }
@@ -1256,56 +1285,6 @@ static IQ4NL_U128: [u8; 64] = {
     }
     t
 };
-
-/// IQ4_NL: each nibble looked up in the table (+128, unsigned), then as
-/// Q8_0 (the sum corrected by −128·Σy).
-#[inline(always)]
-unsafe fn group_iq4nl<I: Isa, const NT: usize>(
-    gp: *const u8,
-    nb: usize,
-    a: &[ActRow; NT],
-) -> [I::F; NT] {
-    const CORE: usize = PackedFormat::IQ4NL.core_bytes();
-    const SB: usize = PackedFormat::IQ4NL.scale_bytes();
-    let mut acc = [I::zero_f(); NT];
-    let m4 = I::splat8(0x0F);
-    let table = I::load(IQ4NL_U128.as_ptr());
-    each_block::<CORE, SB>(gp, nb, |b, core, scales| {
-        let mut is = [I::splat32(0); NT];
-        if I::B128_CORR {
-            for t in 0..NT {
-                is[t] = I::splat32(*q8(&a[t]).2.get_unchecked(b));
-            }
-        }
-        // One token: two chains (low and high nibbles), as in Q5_0.
-        let mut is2 = [I::splat32(0); NT];
-        for c in 0..4 {
-            let v = I::load(core.add(64 * c));
-            let lo = I::lut16(table, I::and(v, m4));
-            let hi = I::lut16(table, I::and(I::shr::<4>(v), m4));
-            for t in 0..NT {
-                let y = &q8(&a[t]).0.get_unchecked(b).qs;
-                is[t] = I::dot_b128(is[t], lo, y4(y, 4 * c));
-                if NT == 1 {
-                    is2[t] = I::dot_b128(is2[t], hi, y4(y, 16 + 4 * c));
-                } else {
-                    is[t] = I::dot_b128(is[t], hi, y4(y, 16 + 4 * c));
-                }
-            }
-        }
-        if NT == 1 {
-            for t in 0..NT {
-                is[t] = I::add32(is[t], is2[t]);
-            }
-        }
-        let dw = I::load_f16(scales);
-        for t in 0..NT {
-            let dy = *q8(&a[t]).3.get_unchecked(b);
-            acc[t] = I::fmadd(I::mul_f(dw, I::splat_f(dy)), I::to_f(is[t]), acc[t]);
-        }
-    });
-    acc
-}
 
 /// IQ4_XS: per sub-block j, IQ4_NL's looked-up sum (corrected by
 /// −128·Σy_j), times the signed scale in exact integers; one float step per
