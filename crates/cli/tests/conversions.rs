@@ -38,7 +38,7 @@
 
 mod common;
 
-use common::{data_dir, model_path};
+use common::{data_dir, max_abs, model_path, pairs, rms};
 use gemma3_gguf::{GgmlType, GgufFile, GgufWriter};
 use gemma3_kernels::quant::{
     dequantize_row, encode_float_weights, quantize_weights_q4_0, quantize_weights_q8_0,
@@ -121,14 +121,6 @@ fn convert(src: &GgufFile, to: GgmlType, dst: &Path) -> String {
     let n = std::io::copy(&mut r, &mut h).unwrap();
     assert!(n >= all, "the data section holds every tensor");
     format!("{:x}", h.finalize())
-}
-
-fn pairs(v: &Value) -> Vec<(u32, f64)> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap()))
-        .collect()
 }
 
 fn check(name: &str, to: GgmlType) {
@@ -270,14 +262,6 @@ fn check(name: &str, to: GgmlType) {
          {m_o:.4} vs {m_l:.4}",
         to.name()
     );
-}
-
-fn rms(v: &[f64]) -> f64 {
-    (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt()
-}
-
-fn max_abs(v: &[f64]) -> f64 {
-    v.iter().fold(0.0f64, |m, x| m.max(x.abs()))
 }
 
 #[test]

@@ -24,7 +24,7 @@
 
 mod common;
 
-use common::{argmax, data_dir, model, reference};
+use common::{argmax, data_dir, max_abs, model, pairs, reference, rms};
 use gemma3_model::{Batch, ForwardState, KvCache, Model};
 use serde_json::Value;
 
@@ -45,14 +45,6 @@ fn json(name: &str) -> Value {
         .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-fn pairs(v: &Value) -> Vec<(u32, f64)> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap()))
-        .collect()
-}
-
 /// Logits at every position of `ids` (n × vocab).
 fn all_logits(m: &Model, ids: &[u32]) -> Vec<f32> {
     let mut cache = KvCache::new(&m.config, ids.len());
@@ -64,14 +56,6 @@ fn all_logits(m: &Model, ids: &[u32]) -> Vec<f32> {
     )
     .expect("forward")
     .to_vec()
-}
-
-fn rms(v: &[f64]) -> f64 {
-    (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt()
-}
-
-fn max_abs(v: &[f64]) -> f64 {
-    v.iter().fold(0.0f64, |m, x| m.max(x.abs()))
 }
 
 #[test]

@@ -122,3 +122,20 @@ pub fn argmax(v: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// `[[id, value], …]` as (id, value) pairs (the references' top-k lists).
+pub fn pairs(v: &serde_json::Value) -> Vec<(u32, f64)> {
+    v.as_array()
+        .expect("an array of pairs")
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap()))
+        .collect()
+}
+
+pub fn rms(v: &[f64]) -> f64 {
+    (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt()
+}
+
+pub fn max_abs(v: &[f64]) -> f64 {
+    v.iter().fold(0.0f64, |m, x| m.max(x.abs()))
+}
