@@ -155,14 +155,6 @@ impl PackedFormat {
         })
     }
 
-    /// Whether it is one of the float formats (no integer kernels).
-    pub const fn is_float(self) -> bool {
-        matches!(
-            self,
-            PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32
-        )
-    }
-
     /// Whether the AMX tile kernels (`packed_amx`) take it.
     pub const fn has_tiles(self) -> bool {
         matches!(
@@ -1875,6 +1867,19 @@ mod tests {
         check::<{ Q5K.core_bytes() }, { Q5K.scale_bytes() }>(Q5K);
         check::<{ Q6K.core_bytes() }, { Q6K.scale_bytes() }>(Q6K);
         check::<{ IQ4XS.core_bytes() }, { IQ4XS.scale_bytes() }>(IQ4XS);
+    }
+
+    /// A packed format's kernels take the activations its source formats
+    /// are quantized to.
+    #[test]
+    fn packed_and_source_formats_agree_on_activations() {
+        use WeightFormat::*;
+        for w in [
+            F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, IQ4NL, IQ4XS, Q3K, Q4K, Q5K, Q6K,
+        ] {
+            let p = PackedFormat::of(w).expect("every format packs");
+            assert_eq!(p.act_format(), w.act_format(), "{w} packed as {p:?}");
+        }
     }
 
     /// Every block's quants and scales tile the group exactly once, in
