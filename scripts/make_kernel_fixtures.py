@@ -62,7 +62,21 @@ FORMATS = {
     "IQ4_NL": (T.IQ4_NL, 32, 18, [0]),
     "IQ4_XS": (T.IQ4_XS, 256, 136, [0]),
     "Q3_K": (T.Q3_K, 256, 110, [108]),
+    # Appended again (Q2_K and the lattice formats). IQ1_M has no f16 field: its d is spread
+    # over the top nibbles of its 4 scale words (see random_rows).
+    "Q2_K": (T.Q2_K, 256, 84, [80, 82]),
+    "IQ2_XXS": (T.IQ2_XXS, 256, 66, [0]),
+    "IQ2_XS": (T.IQ2_XS, 256, 74, [0]),
+    "IQ2_S": (T.IQ2_S, 256, 82, [0]),
+    "IQ3_XXS": (T.IQ3_XXS, 256, 98, [0]),
+    "IQ3_S": (T.IQ3_S, 256, 110, [0]),
+    "IQ1_S": (T.IQ1_S, 256, 50, [0]),
+    "IQ1_M": (T.IQ1_M, 256, 56, []),
 }
+# Blocks per row where 3 is too few: the lattice formats' fixtures draw grid entries at
+# random, 32 or 64 per block, so 2 rows of 16 blocks reach most of each table (all of
+# IQ2_XXS's and IQ3_XXS's 256 entries, and most of the 512-2048 of the others).
+BLOCKS = {f: 16 for f in ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M"]}
 
 
 def model_path() -> Path:
@@ -108,6 +122,12 @@ def random_rows(fmt: str, rows: int, cols: int, rng: np.random.Generator) -> np.
     for off in scale_offsets:
         d = rng.uniform(lo, hi, size=nblocks).astype(np.float16)
         blocks[:, off : off + 2] = d.view(np.uint8).reshape(nblocks, 2)
+    if fmt == "IQ1_M":
+        # d's nibble i is the top nibble of scale word i (bytes 48 + 2i, 49 + 2i).
+        d = rng.uniform(lo, hi, size=nblocks).astype(np.float16).view(np.uint16)
+        for i in range(4):
+            nib = ((d >> (4 * i)) & 0xF).astype(np.uint8)
+            blocks[:, 49 + 2 * i] = (blocks[:, 49 + 2 * i] & 0x0F) | (nib << 4)
     return blocks.reshape(-1)
 
 
@@ -147,7 +167,7 @@ def main() -> None:
     # 2. Random blocks of every supported block format (and F16/BF16), odd block counts.
     rng = np.random.default_rng(SEED)
     for fmt, (qtype, bs, bb, _) in FORMATS.items():
-        cols = {32: 32 * 5, 256: 256 * 3, 1: 160}[bs]
+        cols = bs * BLOCKS[fmt] if fmt in BLOCKS else {32: 32 * 5, 256: 256 * 3, 1: 160}[bs]
         raw = random_rows(fmt, 2, cols, rng)
         deq = gguf_dequant(raw, qtype, 2, cols)
         name = f"random_{fmt.lower()}"

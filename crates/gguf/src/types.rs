@@ -39,17 +39,31 @@ pub enum GgmlType {
     Q6K = 14,
     /// k-quant, 256-weight super-blocks, 8-bit (used for activations).
     Q8K = 15,
+    /// 256-weight super-blocks of 8-weight points on a 256-entry lattice, 2.06 bits per weight.
+    IQ2XXS = 16,
+    /// As IQ2_XXS with a 512-entry lattice and 4-bit scales per 16, 2.31 bits per weight.
+    IQ2XS = 17,
+    /// 256-weight super-blocks of 4-weight points on a 256-entry lattice, 3.06 bits per weight.
+    IQ3XXS = 18,
+    /// 256-weight super-blocks, ternary 8-weight lattice points and a shift, 1.56 bits per weight.
+    IQ1S = 19,
     /// 32 weights: f16 scale + 32 × 4-bit indices into a fixed non-linear table.
     IQ4NL = 20,
+    /// As IQ3_XXS with a 512-entry lattice and explicit signs, 3.44 bits per weight.
+    IQ3S = 21,
+    /// As IQ2_XS with a 1024-entry lattice and explicit signs, 2.56 bits per weight.
+    IQ2S = 22,
     /// k-quant-like, 256-weight super-blocks: IQ4_NL's table with 6-bit sub-block scales.
     IQ4XS = 23,
+    /// As IQ1_S with scales per 16 and a shift per 8 weights, 1.75 bits per weight.
+    IQ1M = 29,
     /// bfloat16.
     BF16 = 30,
 }
 
 impl GgmlType {
     /// Every type this crate knows, in id order.
-    pub const ALL: [GgmlType; 17] = [
+    pub const ALL: [GgmlType; 24] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -64,8 +78,15 @@ impl GgmlType {
         GgmlType::Q5K,
         GgmlType::Q6K,
         GgmlType::Q8K,
+        GgmlType::IQ2XXS,
+        GgmlType::IQ2XS,
+        GgmlType::IQ3XXS,
+        GgmlType::IQ1S,
         GgmlType::IQ4NL,
+        GgmlType::IQ3S,
+        GgmlType::IQ2S,
         GgmlType::IQ4XS,
+        GgmlType::IQ1M,
         GgmlType::BF16,
     ];
 
@@ -96,8 +117,15 @@ impl GgmlType {
             GgmlType::Q5K => "Q5_K",
             GgmlType::Q6K => "Q6_K",
             GgmlType::Q8K => "Q8_K",
+            GgmlType::IQ2XXS => "IQ2_XXS",
+            GgmlType::IQ2XS => "IQ2_XS",
+            GgmlType::IQ3XXS => "IQ3_XXS",
+            GgmlType::IQ1S => "IQ1_S",
             GgmlType::IQ4NL => "IQ4_NL",
+            GgmlType::IQ3S => "IQ3_S",
+            GgmlType::IQ2S => "IQ2_S",
             GgmlType::IQ4XS => "IQ4_XS",
+            GgmlType::IQ1M => "IQ1_M",
             GgmlType::BF16 => "BF16",
         }
     }
@@ -119,7 +147,14 @@ impl GgmlType {
             | GgmlType::Q5K
             | GgmlType::Q6K
             | GgmlType::Q8K
-            | GgmlType::IQ4XS => 256,
+            | GgmlType::IQ2XXS
+            | GgmlType::IQ2XS
+            | GgmlType::IQ3XXS
+            | GgmlType::IQ1S
+            | GgmlType::IQ3S
+            | GgmlType::IQ2S
+            | GgmlType::IQ4XS
+            | GgmlType::IQ1M => 256,
         }
     }
 
@@ -140,7 +175,14 @@ impl GgmlType {
             GgmlType::Q5K => 176,
             GgmlType::Q6K => 210,
             GgmlType::Q8K => 292,
+            GgmlType::IQ2XXS => 66,
+            GgmlType::IQ2XS => 74,
+            GgmlType::IQ3XXS => 98,
+            GgmlType::IQ1S => 50,
+            GgmlType::IQ3S => 110,
+            GgmlType::IQ2S => 82,
             GgmlType::IQ4XS => 136,
+            GgmlType::IQ1M => 56,
         }
     }
 

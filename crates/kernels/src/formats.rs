@@ -271,6 +271,16 @@ pub enum WeightFormat {
     Q4K,
     Q5K,
     Q6K,
+    /// Q2_K and the lattice formats: 256-element blocks read through
+    /// [`crate::coded`].
+    Q2K,
+    IQ2XXS,
+    IQ2XS,
+    IQ2S,
+    IQ3XXS,
+    IQ3S,
+    IQ1S,
+    IQ1M,
 }
 
 /// The form activations take for a dot product with a weight format.
@@ -300,7 +310,15 @@ impl WeightFormat {
             | WeightFormat::Q4K
             | WeightFormat::Q5K
             | WeightFormat::Q6K
-            | WeightFormat::IQ4XS => QK_K,
+            | WeightFormat::IQ4XS
+            | WeightFormat::Q2K
+            | WeightFormat::IQ2XXS
+            | WeightFormat::IQ2XS
+            | WeightFormat::IQ2S
+            | WeightFormat::IQ3XXS
+            | WeightFormat::IQ3S
+            | WeightFormat::IQ1S
+            | WeightFormat::IQ1M => QK_K,
         }
     }
 
@@ -319,6 +337,14 @@ impl WeightFormat {
             WeightFormat::Q5K => 176,
             WeightFormat::Q6K => 210,
             WeightFormat::IQ4XS => 136,
+            WeightFormat::Q2K => 84,
+            WeightFormat::IQ2XXS => 66,
+            WeightFormat::IQ2XS => 74,
+            WeightFormat::IQ2S => 82,
+            WeightFormat::IQ3XXS => 98,
+            WeightFormat::IQ3S => 110,
+            WeightFormat::IQ1S => 50,
+            WeightFormat::IQ1M => 56,
         }
     }
 
@@ -341,7 +367,15 @@ impl WeightFormat {
             | WeightFormat::Q4K
             | WeightFormat::Q5K
             | WeightFormat::Q6K
-            | WeightFormat::IQ4XS => ActFormat::Q8K,
+            | WeightFormat::IQ4XS
+            | WeightFormat::Q2K
+            | WeightFormat::IQ2XXS
+            | WeightFormat::IQ2XS
+            | WeightFormat::IQ2S
+            | WeightFormat::IQ3XXS
+            | WeightFormat::IQ3S
+            | WeightFormat::IQ1S
+            | WeightFormat::IQ1M => ActFormat::Q8K,
         }
     }
 
@@ -361,6 +395,14 @@ impl WeightFormat {
             WeightFormat::Q4K => "Q4_K",
             WeightFormat::Q5K => "Q5_K",
             WeightFormat::Q6K => "Q6_K",
+            WeightFormat::Q2K => "Q2_K",
+            WeightFormat::IQ2XXS => "IQ2_XXS",
+            WeightFormat::IQ2XS => "IQ2_XS",
+            WeightFormat::IQ2S => "IQ2_S",
+            WeightFormat::IQ3XXS => "IQ3_XXS",
+            WeightFormat::IQ3S => "IQ3_S",
+            WeightFormat::IQ1S => "IQ1_S",
+            WeightFormat::IQ1M => "IQ1_M",
         }
     }
 }

@@ -8,8 +8,10 @@
 //! [`quant`]); SIMD versions are chosen at run time in [`simd`] and tested
 //! against the reference. `GEMMA3_FORCE_SCALAR=1` forces the scalar paths.
 
+pub mod coded;
 pub mod dot;
 pub mod formats;
+mod iq_grids;
 pub mod matmul;
 pub mod ops;
 pub mod packed;

@@ -284,6 +284,20 @@ fn tile_rows(
         (WeightFormat::Q4K, Acts::Q8K(a)) => run(&k.q4k, w, r0, r1, a, n, &put),
         (WeightFormat::Q5K, Acts::Q8K(a)) => run(&k.q5k, w, r0, r1, a, n, &put),
         (WeightFormat::Q6K, Acts::Q8K(a)) => run(&k.q6k, w, r0, r1, a, n, &put),
+        (f, Acts::Q8K(a)) if crate::coded::CodeTable::of(f).is_some() => {
+            // Q2_K and the lattice formats have no tables: one scalar dot
+            // per (row, token), the packed kernels' definition.
+            let nb = w.cols / QK_K;
+            for r in r0..r1 {
+                for t in 0..n {
+                    let act = crate::packed::ActRow::Q8K {
+                        blocks: &a[t * nb..(t + 1) * nb],
+                        neg32: &[],
+                    };
+                    put(r, t, crate::packed::spec_dot(f, w.row(r), act));
+                }
+            }
+        }
         _ => {
             // Float formats: one dot per (row, token).
             for r in r0..r1 {

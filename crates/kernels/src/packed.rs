@@ -57,6 +57,11 @@
 //! - Q6_K (3328 B): 16 scales `[j][r]` (i8), then per sub-block j three
 //!   vectors A, B, C: A low/high nibbles = groups 4j, 4j+1; B = 4j+2, 4j+3;
 //!   C bits 2i..2i+2 = high bits of group 4j+i; u ∈ 0..64, w = u − 32.
+//! - Coded (2304 B; Q2_K 2560 B): 16 sub-block scales `[j][r]` (i8), for
+//!   Q2_K then 8 min pairs `[p][r][2]` (u8), then per 32 elements c 4
+//!   vectors g: low nibbles are the codes of elements 32c + 4g.., high
+//!   nibbles of 32c + 16 + 4g.. (sub-blocks 2c and 2c + 1). Scales: d
+//!   (Q2_K: then dmin).
 //! - F16 (1024 B per block of 32 columns, no scales): column j's 16 values
 //!   at 32j (row r at 32j + 2r), as `vcvtph2ps` reads them.
 //! - BF16 (1024 B): column pair p (2p, 2p + 1) at 64p, one dword per row
@@ -70,6 +75,7 @@
 //! (s_0 + s_1) + (s_2 + s_3). Four chains keep one token's
 //! multiply-adds from waiting on each other's latency.
 
+use crate::coded::{decode, CodeTable};
 use crate::formats::*;
 use crate::matmul::{check_shapes, MatmulScratch, OutPtr, QMatrix};
 use crate::quant::{q3_k_unpack, q4_1_unpack, q5_0_unpack, q5_1_unpack, q6_k_unpack};
@@ -96,6 +102,10 @@ pub enum PackedFormat {
     /// Q4_K's layout and 512 bytes of fifth bits.
     Q5K,
     Q6K,
+    /// Q2_K and the lattice formats, decoded to codes into a table (see
+    /// [`crate::coded`]): 16 sub-block scales, codes in IQ4_XS's nibble
+    /// order (Q2_K: and 16 minimums).
+    Coded(CodeTable),
     /// The float formats, in blocks of [`FLOAT_BLOCK`] columns.
     F16,
     BF16,
@@ -107,7 +117,7 @@ pub const FLOAT_BLOCK: usize = 32;
 
 impl PackedFormat {
     /// Every packed format.
-    pub const ALL: [PackedFormat; 12] = [
+    pub const ALL: [PackedFormat; 17] = [
         PackedFormat::Q8_0,
         PackedFormat::Q5_0,
         PackedFormat::Q4_0,
@@ -117,6 +127,11 @@ impl PackedFormat {
         PackedFormat::Q4K,
         PackedFormat::Q5K,
         PackedFormat::Q6K,
+        PackedFormat::Coded(CodeTable::IQ2),
+        PackedFormat::Coded(CodeTable::IQ3XXS),
+        PackedFormat::Coded(CodeTable::IQ3S),
+        PackedFormat::Coded(CodeTable::IQ1),
+        PackedFormat::Coded(CodeTable::Q2K),
         PackedFormat::F16,
         PackedFormat::BF16,
         PackedFormat::F32,
@@ -130,9 +145,11 @@ impl PackedFormat {
             | PackedFormat::Q4_0
             | PackedFormat::IQ4NL
             | PackedFormat::Q5_1 => ActFormat::Q8_0,
-            PackedFormat::Q4K | PackedFormat::Q5K | PackedFormat::Q6K | PackedFormat::IQ4XS => {
-                ActFormat::Q8K
-            }
+            PackedFormat::Q4K
+            | PackedFormat::Q5K
+            | PackedFormat::Q6K
+            | PackedFormat::IQ4XS
+            | PackedFormat::Coded(_) => ActFormat::Q8K,
             PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => ActFormat::F32,
         }
     }
@@ -152,6 +169,14 @@ impl PackedFormat {
             WeightFormat::F16 => PackedFormat::F16,
             WeightFormat::BF16 => PackedFormat::BF16,
             WeightFormat::F32 => PackedFormat::F32,
+            WeightFormat::Q2K
+            | WeightFormat::IQ2XXS
+            | WeightFormat::IQ2XS
+            | WeightFormat::IQ2S
+            | WeightFormat::IQ3XXS
+            | WeightFormat::IQ3S
+            | WeightFormat::IQ1S
+            | WeightFormat::IQ1M => PackedFormat::Coded(CodeTable::of(f)?),
         })
     }
 
@@ -176,7 +201,11 @@ impl PackedFormat {
             | PackedFormat::Q4_0
             | PackedFormat::IQ4NL
             | PackedFormat::Q5_1 => 32,
-            PackedFormat::Q4K | PackedFormat::Q5K | PackedFormat::Q6K | PackedFormat::IQ4XS => 256,
+            PackedFormat::Q4K
+            | PackedFormat::Q5K
+            | PackedFormat::Q6K
+            | PackedFormat::IQ4XS
+            | PackedFormat::Coded(_) => 256,
             PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => FLOAT_BLOCK,
         }
     }
@@ -191,6 +220,8 @@ impl PackedFormat {
             PackedFormat::Q4K => 2304,
             PackedFormat::Q5K => 2304 + 512,
             PackedFormat::Q6K => 3328,
+            PackedFormat::Coded(CodeTable::Q2K) => 256 + 256 + 2048,
+            PackedFormat::Coded(_) => 256 + 2048,
             PackedFormat::F16 | PackedFormat::BF16 => 2 * LANES * FLOAT_BLOCK,
             PackedFormat::F32 => 4 * LANES * FLOAT_BLOCK,
         }
@@ -200,7 +231,10 @@ impl PackedFormat {
     /// formats).
     pub const fn scale_bytes(self) -> usize {
         match self {
-            PackedFormat::Q4K | PackedFormat::Q5K | PackedFormat::Q5_1 => 64,
+            PackedFormat::Q4K
+            | PackedFormat::Q5K
+            | PackedFormat::Q5_1
+            | PackedFormat::Coded(CodeTable::Q2K) => 64,
             PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => 0,
             _ => 32,
         }
@@ -605,6 +639,38 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
             }
             sc[2 * r..2 * r + 2].copy_from_slice(&d);
         }
+        WeightFormat::Q2K
+        | WeightFormat::IQ2XXS
+        | WeightFormat::IQ2XS
+        | WeightFormat::IQ2S
+        | WeightFormat::IQ3XXS
+        | WeightFormat::IQ3S
+        | WeightFormat::IQ1S
+        | WeightFormat::IQ1M => {
+            let bb = src.block_bytes();
+            let c = decode(src, &row[bb * b..bb * (b + 1)]);
+            let has_min = src == WeightFormat::Q2K;
+            for j in 0..16 {
+                core[16 * j + r] = c.scale[j] as u8;
+                if has_min {
+                    core[256 + 32 * (j / 2) + 2 * r + j % 2] = c.min[j];
+                }
+            }
+            let codes = if has_min { 512 } else { 256 };
+            for ch in 0..8 {
+                for g in 0..4 {
+                    for i in 0..4 {
+                        let e = 32 * ch + 4 * g + i;
+                        core[codes + 64 * (4 * ch + g) + 4 * r + i] =
+                            c.code[e] | c.code[e + 16] << 4;
+                    }
+                }
+            }
+            sc[2 * r..2 * r + 2].copy_from_slice(&c.d);
+            if has_min {
+                sc[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&c.dmin);
+            }
+        }
         WeightFormat::F16 => {
             let src = &row[2 * FLOAT_BLOCK * b..2 * FLOAT_BLOCK * (b + 1)];
             for (j, e) in src.chunks_exact(2).enumerate() {
@@ -791,6 +857,40 @@ pub fn spec_dot(src: WeightFormat, row: &[u8], act: ActRow) -> f32 {
                 acc = (f16_le(d) * y.d).mul_add(s as f32, acc);
             }
         }
+        (
+            WeightFormat::Q2K
+            | WeightFormat::IQ2XXS
+            | WeightFormat::IQ2XS
+            | WeightFormat::IQ2S
+            | WeightFormat::IQ3XXS
+            | WeightFormat::IQ3S
+            | WeightFormat::IQ1S
+            | WeightFormat::IQ1M,
+            ActRow::Q8K { blocks, .. },
+        ) => {
+            // S = Σ_j scale_j · Σ TABLE[code]·y and M = Σ_j min_j · Σy over
+            // the 16 sub-blocks in exact integers; per block
+            // acc = fma(d·dy, S, acc), then (Q2_K) acc = fma(−(dmin·dy), M, acc);
+            // the row's sum times the table's 2^−k at the end.
+            let table = CodeTable::of(src).expect("a coded format");
+            let (bb, values) = (src.block_bytes(), table.values());
+            for (blk, y) in row.chunks_exact(bb).zip(blocks) {
+                let c = decode(src, blk);
+                let (mut s, mut m) = (0i32, 0i32);
+                for j in 0..16 {
+                    let is: i32 = (16 * j..16 * j + 16)
+                        .map(|e| values[c.code[e] as usize] as i32 * y.qs[e] as i32)
+                        .sum();
+                    s += c.scale[j] as i32 * is;
+                    m += c.min[j] as i32 * y.bsums[j] as i32;
+                }
+                acc = (f16_le(c.d) * y.d).mul_add(s as f32, acc);
+                if table.has_min() {
+                    acc = (-(f16_le(c.dmin) * y.d)).mul_add(m as f32, acc);
+                }
+            }
+            acc *= table.post();
+        }
         (WeightFormat::F16 | WeightFormat::BF16 | WeightFormat::F32, ActRow::F32 { x }) => {
             let mut w = vec![0.0f32; x.len()];
             crate::quant::dequantize_row(src, row, &mut w);
@@ -973,6 +1073,11 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
             PackedFormat::Q4K => group_q4k::<I, NT, false>(gp, nb, a),
             PackedFormat::Q5K => group_q4k::<I, NT, true>(gp, nb, a),
             PackedFormat::Q6K => group_q6k::<I, NT>(gp, nb, a),
+            PackedFormat::Coded(CodeTable::IQ2) => group_coded::<I, NT, IQ2_T>(gp, nb, a),
+            PackedFormat::Coded(CodeTable::IQ3XXS) => group_coded::<I, NT, IQ3XXS_T>(gp, nb, a),
+            PackedFormat::Coded(CodeTable::IQ3S) => group_coded::<I, NT, IQ3S_T>(gp, nb, a),
+            PackedFormat::Coded(CodeTable::IQ1) => group_coded::<I, NT, IQ1_T>(gp, nb, a),
+            PackedFormat::Coded(CodeTable::Q2K) => group_coded::<I, NT, Q2K_T>(gp, nb, a),
             PackedFormat::F16 => group_float::<I, NT, F16_KIND>(gp, nb, a),
             PackedFormat::BF16 => group_float::<I, NT, BF16_KIND>(gp, nb, a),
             PackedFormat::F32 => group_float::<I, NT, F32_KIND>(gp, nb, a),
@@ -1324,6 +1429,128 @@ unsafe fn group_iq4xs<I: Isa, const NT: usize>(
             acc[t] = I::fmadd(I::mul_f(d, dy), I::to_f(s[t]), acc[t]);
         }
     });
+    acc
+}
+
+const IQ2_T: u8 = 0;
+const IQ3XXS_T: u8 = 1;
+const IQ3S_T: u8 = 2;
+const IQ1_T: u8 = 3;
+const Q2K_T: u8 = 4;
+
+/// The code table a `group_coded` instance reads.
+const fn code_table(t: u8) -> CodeTable {
+    match t {
+        IQ2_T => CodeTable::IQ2,
+        IQ3XXS_T => CodeTable::IQ3XXS,
+        IQ3S_T => CodeTable::IQ3S,
+        IQ1_T => CodeTable::IQ1,
+        _ => CodeTable::Q2K,
+    }
+}
+
+/// Each table's values + 128 (unsigned, as `dpbusd` wants them), in each
+/// 16-byte lane of a 64-byte vector.
+static CODE_TABLES_U128: [[u8; 64]; 5] = {
+    let mut t = [[0u8; 64]; 5];
+    let mut k = 0;
+    while k < 5 {
+        let v = code_table(k as u8).values();
+        let mut i = 0;
+        while i < 64 {
+            t[k][i] = (v[i % 16] as i32 + 128) as u8;
+            i += 1;
+        }
+        k += 1;
+    }
+    t
+};
+
+/// A coded format (T names its table): per sub-block of 16 the looked-up
+/// sum (corrected by −128·Σy where `dot_b128` needs it; Q2_K's codes are
+/// its unsigned values and go to `dot_u8` as they are), times the
+/// sub-block's scale in exact integers; one float step per super-block
+/// (Q2_K: two, with its minimums as Q4_K's), and the table's 2^−k at the end.
+#[inline(always)]
+unsafe fn group_coded<I: Isa, const NT: usize, const T: u8>(
+    gp: *const u8,
+    nb: usize,
+    a: &[ActRow; NT],
+) -> [I::F; NT] {
+    let table = code_table(T);
+    let min = table.has_min();
+    let codes = if min { 512 } else { 256 };
+    let mut acc = [I::zero_f(); NT];
+    let m4 = I::splat8(0x0F);
+    let lut = I::load(CODE_TABLES_U128[T as usize].as_ptr());
+    let body = |b: usize, core: *const u8, scales: *const u8, acc: &mut [I::F; NT]| {
+        let mut s = [I::splat32(0); NT];
+        for c in 0..8 {
+            // Sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles).
+            let mut is = [[I::splat32(0); 2]; NT];
+            if !min && I::B128_CORR {
+                for t in 0..NT {
+                    let y = q8k(&a[t]).get_unchecked(b);
+                    for h in 0..2 {
+                        is[t][h] = I::splat32(-128 * y.bsums[2 * c + h] as i32);
+                    }
+                }
+            }
+            for g in 0..4 {
+                let v = I::load(core.add(codes + 64 * (4 * c + g)));
+                let (lo, hi) = (I::and(v, m4), I::and(I::shr::<4>(v), m4));
+                for t in 0..NT {
+                    let y = &q8k(&a[t]).get_unchecked(b).qs;
+                    let (ylo, yhi) = (y4(y, 32 * c + 4 * g), y4(y, 32 * c + 16 + 4 * g));
+                    if min {
+                        is[t][0] = I::dot_u8(is[t][0], lo, ylo);
+                        is[t][1] = I::dot_u8(is[t][1], hi, yhi);
+                    } else {
+                        is[t][0] = I::dot_b128(is[t][0], I::lut16(lut, lo), ylo);
+                        is[t][1] = I::dot_b128(is[t][1], I::lut16(lut, hi), yhi);
+                    }
+                }
+            }
+            let sc_lo = I::widen_i8(core.add(16 * (2 * c)));
+            let sc_hi = I::widen_i8(core.add(16 * (2 * c + 1)));
+            for t in 0..NT {
+                s[t] = I::add32(s[t], I::mul32(is[t][0], sc_lo));
+                s[t] = I::add32(s[t], I::mul32(is[t][1], sc_hi));
+            }
+        }
+        let d = I::load_f16(scales);
+        for t in 0..NT {
+            let y = q8k(&a[t]).get_unchecked(b);
+            let dy = I::splat_f(y.d);
+            acc[t] = I::fmadd(I::mul_f(d, dy), I::to_f(s[t]), acc[t]);
+            if min {
+                // M = Σ_j min_j · Σy_j, two sub-blocks per `dot_pairs`.
+                let mut m = I::splat32(0);
+                for p in 0..8 {
+                    let bs = |j: usize| y.bsums[j] as u16 as u32;
+                    let pair = (bs(2 * p) | (bs(2 * p + 1) << 16)) as i32;
+                    m = I::dot_pairs(m, core.add(256 + 32 * p), pair);
+                }
+                let dmin = I::load_f16(scales.add(32));
+                acc[t] = I::fnmadd(I::mul_f(dmin, dy), I::to_f(m), acc[t]);
+            }
+        }
+    };
+    if min {
+        const CORE: usize = PackedFormat::Coded(CodeTable::Q2K).core_bytes();
+        const SB: usize = PackedFormat::Coded(CodeTable::Q2K).scale_bytes();
+        each_block::<CORE, SB>(gp, nb, |b, core, scales| body(b, core, scales, &mut acc));
+    } else {
+        const CORE: usize = PackedFormat::Coded(CodeTable::IQ2).core_bytes();
+        const SB: usize = PackedFormat::Coded(CodeTable::IQ2).scale_bytes();
+        each_block::<CORE, SB>(gp, nb, |b, core, scales| body(b, core, scales, &mut acc));
+    }
+    let post = table.post();
+    if post != 1.0 {
+        for t in 0..NT {
+            acc[t] = I::mul_f(acc[t], I::splat_f(post));
+        }
+    }
     acc
 }
 

@@ -22,7 +22,7 @@ use gemma3_kernels::simd::{available, SCALAR};
 use gemma3_kernels::{ActFormat, MatmulScratch, QMatrix, WeightFormat};
 use half::f16;
 
-const FORMATS: [WeightFormat; 14] = [
+const FORMATS: [WeightFormat; 22] = [
     WeightFormat::Q8_0,
     WeightFormat::Q4_0,
     WeightFormat::Q5_0,
@@ -34,6 +34,14 @@ const FORMATS: [WeightFormat; 14] = [
     WeightFormat::Q4K,
     WeightFormat::Q5K,
     WeightFormat::Q6K,
+    WeightFormat::Q2K,
+    WeightFormat::IQ2XXS,
+    WeightFormat::IQ2XS,
+    WeightFormat::IQ2S,
+    WeightFormat::IQ3XXS,
+    WeightFormat::IQ3S,
+    WeightFormat::IQ1S,
+    WeightFormat::IQ1M,
     WeightFormat::F16,
     WeightFormat::BF16,
     WeightFormat::F32,
@@ -241,9 +249,9 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
                     );
                 }
             }
-            // Q4_1, Q5_1, IQ4_NL and IQ4_XS have no SIMD row-major kernels:
-            // their scalar ones, for shapes that cannot be packed, state the
-            // same arithmetic.
+            // Q4_1, Q5_1, IQ4_NL, IQ4_XS, Q3_K, Q2_K and the lattice formats
+            // have no SIMD row-major kernels: their scalar ones, for shapes
+            // that cannot be packed, state the same arithmetic.
             if matches!(
                 c.format,
                 WeightFormat::Q4_1
@@ -251,7 +259,8 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
                     | WeightFormat::IQ4NL
                     | WeightFormat::IQ4XS
                     | WeightFormat::Q3K
-            ) {
+            ) || gemma3_kernels::coded::CodeTable::of(c.format).is_some()
+            {
                 let mut out = vec![f32::NAN; n * c.rows];
                 matmul_with(&SCALAR, &m, &x, n, &mut out, &mut MatmulScratch::default());
                 for (i, (&got, &want)) in out.iter().zip(&spec).enumerate() {

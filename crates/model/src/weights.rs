@@ -103,6 +103,14 @@ fn weight_format(name: &str, ty: GgmlType) -> Result<WeightFormat, ModelError> {
         GgmlType::Q4K => WeightFormat::Q4K,
         GgmlType::Q5K => WeightFormat::Q5K,
         GgmlType::Q6K => WeightFormat::Q6K,
+        GgmlType::Q2K => WeightFormat::Q2K,
+        GgmlType::IQ2XXS => WeightFormat::IQ2XXS,
+        GgmlType::IQ2XS => WeightFormat::IQ2XS,
+        GgmlType::IQ2S => WeightFormat::IQ2S,
+        GgmlType::IQ3XXS => WeightFormat::IQ3XXS,
+        GgmlType::IQ3S => WeightFormat::IQ3S,
+        GgmlType::IQ1S => WeightFormat::IQ1S,
+        GgmlType::IQ1M => WeightFormat::IQ1M,
         other => {
             return Err(ModelError::UnsupportedType {
                 name: name.to_string(),

@@ -40,6 +40,14 @@ pub fn format_from_name(s: &str) -> WeightFormat {
         "Q4_K" => WeightFormat::Q4K,
         "Q5_K" => WeightFormat::Q5K,
         "Q6_K" => WeightFormat::Q6K,
+        "Q2_K" => WeightFormat::Q2K,
+        "IQ2_XXS" => WeightFormat::IQ2XXS,
+        "IQ2_XS" => WeightFormat::IQ2XS,
+        "IQ2_S" => WeightFormat::IQ2S,
+        "IQ3_XXS" => WeightFormat::IQ3XXS,
+        "IQ3_S" => WeightFormat::IQ3S,
+        "IQ1_S" => WeightFormat::IQ1S,
+        "IQ1_M" => WeightFormat::IQ1M,
         other => panic!("unknown format {other} in the manifest"),
     }
 }
@@ -136,7 +144,7 @@ impl Rng {
     }
 }
 
-pub const ALL_FORMATS: [WeightFormat; 14] = [
+pub const ALL_FORMATS: [WeightFormat; 22] = [
     WeightFormat::F32,
     WeightFormat::F16,
     WeightFormat::BF16,
@@ -151,6 +159,14 @@ pub const ALL_FORMATS: [WeightFormat; 14] = [
     WeightFormat::Q4K,
     WeightFormat::Q5K,
     WeightFormat::Q6K,
+    WeightFormat::Q2K,
+    WeightFormat::IQ2XXS,
+    WeightFormat::IQ2XS,
+    WeightFormat::IQ2S,
+    WeightFormat::IQ3XXS,
+    WeightFormat::IQ3S,
+    WeightFormat::IQ1S,
+    WeightFormat::IQ1M,
 ];
 
 /// Byte offsets of the f16 scale fields in a block (ggml-common.h layouts).
@@ -160,7 +176,14 @@ fn scale_offsets(format: WeightFormat) -> &'static [usize] {
         | WeightFormat::Q4_0
         | WeightFormat::Q5_0
         | WeightFormat::IQ4NL
-        | WeightFormat::IQ4XS => &[0],
+        | WeightFormat::IQ4XS
+        | WeightFormat::IQ2XXS
+        | WeightFormat::IQ2XS
+        | WeightFormat::IQ2S
+        | WeightFormat::IQ3XXS
+        | WeightFormat::IQ3S
+        | WeightFormat::IQ1S => &[0],
+        WeightFormat::Q2K => &[80, 82],
         WeightFormat::Q4_1 | WeightFormat::Q5_1 | WeightFormat::Q4K | WeightFormat::Q5K => &[0, 2],
         WeightFormat::Q6K => &[208],
         WeightFormat::Q3K => &[108],
@@ -195,6 +218,14 @@ pub fn random_rows(rng: &mut Rng, format: WeightFormat, rows: usize, cols: usize
                 for &off in scale_offsets(format) {
                     let d = f16::from_f32(rng.range(lo, hi)).to_bits().to_le_bytes();
                     block[off..off + 2].copy_from_slice(&d);
+                }
+                if format == WeightFormat::IQ1M {
+                    // d's four nibbles are the top nibbles of the 4 u16 scale words at 48.
+                    let d = f16::from_f32(rng.range(lo, hi)).to_bits();
+                    for i in 0..4 {
+                        let o = 48 + 2 * i + 1;
+                        block[o] = (block[o] & 0x0F) | (((d >> (4 * i)) & 0x0F) as u8) << 4;
+                    }
                 }
             }
             out
