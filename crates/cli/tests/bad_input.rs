@@ -157,23 +157,24 @@ fn another_architecture_is_named() {
 
 #[test]
 fn an_unsupported_tensor_type_is_named() {
-    // Q2_K blocks hold 256 elements: a model 256 wide.
+    // Q8_K (ggml's activation format, never a weight type) blocks hold 256 elements: a
+    // model 256 wide.
     let spec = TinySpec {
         d_model: 256,
         ..TinySpec::default()
     };
     let p = write_tiny(
-        "q2k.gguf",
+        "q8k.gguf",
         &tiny_writer_with(
             &spec,
             "gemma3",
-            Some(("blk.1.ffn_up.weight", GgmlType::Q2K)),
+            Some(("blk.1.ffn_up.weight", GgmlType::Q8K)),
         ),
     );
     fails_with(
         &["run", "--raw", "-n", "1", "hi"],
         Some(&p),
-        &["blk.1.ffn_up.weight", "Q2_K"],
+        &["blk.1.ffn_up.weight", "Q8_K"],
     );
 }
 

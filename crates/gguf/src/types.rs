@@ -212,7 +212,8 @@ mod tests {
         for t in GgmlType::ALL {
             assert_eq!(GgmlType::from_id(t.id()), Some(t));
         }
-        for id in [4, 5, 16, 29, 31, 99, u32::MAX] {
+        // 24-28: integer and f64 types; 31-33: removed; 34, 35, 39: TQ1_0, TQ2_0, MXFP4.
+        for id in [4, 5, 24, 28, 31, 34, 35, 39, 99, u32::MAX] {
             assert_eq!(GgmlType::from_id(id), None, "id {id}");
         }
     }
@@ -235,6 +236,15 @@ mod tests {
             (13, "Q5_K", 256, 176),
             (14, "Q6_K", 256, 210),
             (15, "Q8_K", 256, 292),
+            (16, "IQ2_XXS", 256, 66),
+            (17, "IQ2_XS", 256, 74),
+            (18, "IQ3_XXS", 256, 98),
+            (19, "IQ1_S", 256, 50),
+            (20, "IQ4_NL", 32, 18),
+            (21, "IQ3_S", 256, 110),
+            (22, "IQ2_S", 256, 82),
+            (23, "IQ4_XS", 256, 136),
+            (29, "IQ1_M", 256, 56),
             (30, "BF16", 1, 2),
         ];
         for (id, name, bs, ts) in expected {
