@@ -4,7 +4,7 @@
 //! (for the layer matrices) in the interleaved layout the model uses.
 //!
 //! `cargo bench -p gemma3-kernels` (add `-- 'q8_0'` to filter). The other formats other
-//! GGUFs of the model use (float exports, Q4_0/Q4_1/Q5_1, the IQ4 and remaining K-quants) are
+//! GGUFs of the model use (float exports, Q4_0/Q4_1/Q5_1, the IQ and remaining K-quants) are
 //! benchmarked in their packed form at one FFN shape each (`other formats`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -43,7 +43,16 @@ fn kquant_bytes(format: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
                 blk[0..2].copy_from_slice(&scale);
                 blk[2..4].copy_from_slice(&scale);
             }
-            WeightFormat::IQ4NL | WeightFormat::IQ4XS => blk[0..2].copy_from_slice(&scale),
+            WeightFormat::IQ4NL
+            | WeightFormat::IQ4XS
+            | WeightFormat::IQ2XXS
+            | WeightFormat::IQ3XXS
+            | WeightFormat::IQ3S
+            | WeightFormat::IQ1S => blk[0..2].copy_from_slice(&scale),
+            WeightFormat::Q2K => {
+                blk[80..82].copy_from_slice(&scale);
+                blk[82..84].copy_from_slice(&scale);
+            }
             WeightFormat::Q6K | WeightFormat::Q3K => blk[bs - 2..].copy_from_slice(&scale),
             _ => {}
         }
@@ -65,6 +74,12 @@ fn bench_other_formats(c: &mut Criterion) {
         WeightFormat::IQ4XS,
         WeightFormat::Q3K,
         WeightFormat::Q5K,
+        // One of each code table (the IQ2 and IQ1 types share theirs).
+        WeightFormat::Q2K,
+        WeightFormat::IQ3S,
+        WeightFormat::IQ3XXS,
+        WeightFormat::IQ2XXS,
+        WeightFormat::IQ1S,
     ];
     for format in formats {
         let (rows, cols) = if format.block_size() == QK_K {

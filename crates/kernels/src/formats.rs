@@ -296,6 +296,32 @@ pub enum ActFormat {
 }
 
 impl WeightFormat {
+    /// Every weight format.
+    pub const ALL: [WeightFormat; 22] = [
+        WeightFormat::F32,
+        WeightFormat::F16,
+        WeightFormat::BF16,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4_0,
+        WeightFormat::Q5_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Q5_1,
+        WeightFormat::IQ4NL,
+        WeightFormat::IQ4XS,
+        WeightFormat::Q3K,
+        WeightFormat::Q4K,
+        WeightFormat::Q5K,
+        WeightFormat::Q6K,
+        WeightFormat::Q2K,
+        WeightFormat::IQ2XXS,
+        WeightFormat::IQ2XS,
+        WeightFormat::IQ2S,
+        WeightFormat::IQ3XXS,
+        WeightFormat::IQ3S,
+        WeightFormat::IQ1S,
+        WeightFormat::IQ1M,
+    ];
+
     /// Elements per block.
     pub const fn block_size(self) -> usize {
         match self {

@@ -2094,16 +2094,25 @@ mod tests {
         check::<{ Q5K.core_bytes() }, { Q5K.scale_bytes() }>(Q5K);
         check::<{ Q6K.core_bytes() }, { Q6K.scale_bytes() }>(Q6K);
         check::<{ IQ4XS.core_bytes() }, { IQ4XS.scale_bytes() }>(IQ4XS);
+        // group_coded's two walks: Q2_K's, and the one every other table shares.
+        const Q2: PackedFormat = Coded(CodeTable::Q2K);
+        check::<{ Q2.core_bytes() }, { Q2.scale_bytes() }>(Q2);
+        for t in [
+            CodeTable::IQ2,
+            CodeTable::IQ3XXS,
+            CodeTable::IQ3S,
+            CodeTable::IQ1,
+        ] {
+            const IQ: PackedFormat = Coded(CodeTable::IQ2);
+            check::<{ IQ.core_bytes() }, { IQ.scale_bytes() }>(Coded(t));
+        }
     }
 
     /// A packed format's kernels take the activations its source formats
     /// are quantized to.
     #[test]
     fn packed_and_source_formats_agree_on_activations() {
-        use WeightFormat::*;
-        for w in [
-            F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, IQ4NL, IQ4XS, Q3K, Q4K, Q5K, Q6K,
-        ] {
+        for w in WeightFormat::ALL {
             let p = PackedFormat::of(w).expect("every format packs");
             assert_eq!(p.act_format(), w.act_format(), "{w} packed as {p:?}");
         }

@@ -144,30 +144,7 @@ impl Rng {
     }
 }
 
-pub const ALL_FORMATS: [WeightFormat; 22] = [
-    WeightFormat::F32,
-    WeightFormat::F16,
-    WeightFormat::BF16,
-    WeightFormat::Q8_0,
-    WeightFormat::Q4_0,
-    WeightFormat::Q5_0,
-    WeightFormat::Q4_1,
-    WeightFormat::Q5_1,
-    WeightFormat::IQ4NL,
-    WeightFormat::IQ4XS,
-    WeightFormat::Q3K,
-    WeightFormat::Q4K,
-    WeightFormat::Q5K,
-    WeightFormat::Q6K,
-    WeightFormat::Q2K,
-    WeightFormat::IQ2XXS,
-    WeightFormat::IQ2XS,
-    WeightFormat::IQ2S,
-    WeightFormat::IQ3XXS,
-    WeightFormat::IQ3S,
-    WeightFormat::IQ1S,
-    WeightFormat::IQ1M,
-];
+pub const ALL_FORMATS: [WeightFormat; 22] = WeightFormat::ALL;
 
 /// Byte offsets of the f16 scale fields in a block (ggml-common.h layouts).
 fn scale_offsets(format: WeightFormat) -> &'static [usize] {
