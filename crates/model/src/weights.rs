@@ -415,3 +415,30 @@ impl Model {
         b
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each ggml type the engine computes with maps to the weight format of the same name
+    /// and block geometry; the others (Q8_1, Q8_K: activation formats) are refused by name.
+    #[test]
+    fn ggml_types_map_to_the_same_weight_format() {
+        let mut supported = 0;
+        for t in GgmlType::ALL {
+            match weight_format("w", t) {
+                Ok(f) => {
+                    assert_eq!(f.name(), t.name());
+                    assert_eq!(f.block_size() as u64, t.block_size(), "{t}");
+                    assert_eq!(f.block_bytes() as u64, t.type_size(), "{t}");
+                    supported += 1;
+                }
+                Err(e) => {
+                    assert!(matches!(t, GgmlType::Q8_1 | GgmlType::Q8K), "{t}: {e}");
+                    assert!(e.to_string().contains(t.name()), "{e}");
+                }
+            }
+        }
+        assert_eq!(supported, WeightFormat::ALL.len());
+    }
+}
