@@ -404,12 +404,18 @@ impl Model {
     }
 
     /// Bytes of weights read to produce one token (every layer matrix + the
-    /// head; one embedding row is negligible).
+    /// head, in the form the kernels read: the interleaved copy where there
+    /// is one, which for Q3_K and the coded formats is larger than the
+    /// file's; one embedding row is negligible).
     pub fn bytes_per_token(&self) -> u64 {
-        let mut b = self.file.tensor_data(&self.head().info).len() as u64;
+        let read = |t: &Tensor| match &t.packed {
+            Some(p) => p.size_bytes() as u64,
+            None => self.file.tensor_data(&t.info).len() as u64,
+        };
+        let mut b = read(self.head());
         for l in &self.layers {
             for t in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
-                b += self.file.tensor_data(&t.info).len() as u64;
+                b += read(t);
             }
         }
         b
