@@ -8,7 +8,7 @@
 //! benchmarked in their packed form at one FFN shape each (`other formats`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use gemma3_kernels::formats::{BlockQ8K, BlockQ8_0, QK, QK_K};
+use gemma3_kernels::formats::{BlockQ8K, BlockQ8_0, CodedFormat, QK, QK_K};
 use gemma3_kernels::matmul::matmul_with;
 use gemma3_kernels::packed::{matmul_packed, PackedMatrix};
 use gemma3_kernels::quant::{
@@ -45,11 +45,10 @@ fn kquant_bytes(format: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
             }
             WeightFormat::IQ4NL
             | WeightFormat::IQ4XS
-            | WeightFormat::IQ2XXS
-            | WeightFormat::IQ3XXS
-            | WeightFormat::IQ3S
-            | WeightFormat::IQ1S => blk[0..2].copy_from_slice(&scale),
-            WeightFormat::Q2K => {
+            | WeightFormat::Coded(
+                CodedFormat::IQ2XXS | CodedFormat::IQ3XXS | CodedFormat::IQ3S | CodedFormat::IQ1S,
+            ) => blk[0..2].copy_from_slice(&scale),
+            WeightFormat::Coded(CodedFormat::Q2K) => {
                 blk[80..82].copy_from_slice(&scale);
                 blk[82..84].copy_from_slice(&scale);
             }
@@ -75,11 +74,11 @@ fn bench_other_formats(c: &mut Criterion) {
         WeightFormat::Q3K,
         WeightFormat::Q5K,
         // One of each code table (the IQ2 and IQ1 types share theirs).
-        WeightFormat::Q2K,
-        WeightFormat::IQ3S,
-        WeightFormat::IQ3XXS,
-        WeightFormat::IQ2XXS,
-        WeightFormat::IQ1S,
+        WeightFormat::Coded(CodedFormat::Q2K),
+        WeightFormat::Coded(CodedFormat::IQ3S),
+        WeightFormat::Coded(CodedFormat::IQ3XXS),
+        WeightFormat::Coded(CodedFormat::IQ2XXS),
+        WeightFormat::Coded(CodedFormat::IQ1S),
     ];
     for format in formats {
         let (rows, cols) = if format.block_size() == QK_K {

@@ -16,8 +16,72 @@
 //! ksigns_iq2xs) and ggml-quants.c dequantize_row_iq*, read through
 //! gguf-py's gguf/quants.py; the grids are in [`crate::iq_grids`].
 
-use crate::formats::{f16_le, WeightFormat, QK_K};
+use crate::formats::{f16_le, QK_K};
 use crate::iq_grids::*;
+
+/// The formats read through this module (as [`crate::WeightFormat::Coded`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CodedFormat {
+    Q2K,
+    IQ2XXS,
+    IQ2XS,
+    IQ2S,
+    IQ3XXS,
+    IQ3S,
+    IQ1S,
+    IQ1M,
+}
+
+impl CodedFormat {
+    pub const ALL: [CodedFormat; 8] = [
+        CodedFormat::Q2K,
+        CodedFormat::IQ2XXS,
+        CodedFormat::IQ2XS,
+        CodedFormat::IQ2S,
+        CodedFormat::IQ3XXS,
+        CodedFormat::IQ3S,
+        CodedFormat::IQ1S,
+        CodedFormat::IQ1M,
+    ];
+
+    /// Bytes per 256-element block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            CodedFormat::Q2K => 84,
+            CodedFormat::IQ2XXS => 66,
+            CodedFormat::IQ2XS => 74,
+            CodedFormat::IQ2S => 82,
+            CodedFormat::IQ3XXS => 98,
+            CodedFormat::IQ3S => 110,
+            CodedFormat::IQ1S => 50,
+            CodedFormat::IQ1M => 56,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            CodedFormat::Q2K => "Q2_K",
+            CodedFormat::IQ2XXS => "IQ2_XXS",
+            CodedFormat::IQ2XS => "IQ2_XS",
+            CodedFormat::IQ2S => "IQ2_S",
+            CodedFormat::IQ3XXS => "IQ3_XXS",
+            CodedFormat::IQ3S => "IQ3_S",
+            CodedFormat::IQ1S => "IQ1_S",
+            CodedFormat::IQ1M => "IQ1_M",
+        }
+    }
+
+    /// The table its codes index.
+    pub const fn table(self) -> CodeTable {
+        match self {
+            CodedFormat::IQ2XXS | CodedFormat::IQ2XS | CodedFormat::IQ2S => CodeTable::IQ2,
+            CodedFormat::IQ3XXS => CodeTable::IQ3XXS,
+            CodedFormat::IQ3S => CodeTable::IQ3S,
+            CodedFormat::IQ1S | CodedFormat::IQ1M => CodeTable::IQ1,
+            CodedFormat::Q2K => CodeTable::Q2K,
+        }
+    }
+}
 
 /// A lattice format's values, indexed by code; each has a power-of-two
 /// factor 2^−k applied after the integer sums.
@@ -36,17 +100,6 @@ pub enum CodeTable {
 }
 
 impl CodeTable {
-    pub const fn of(f: WeightFormat) -> Option<CodeTable> {
-        Some(match f {
-            WeightFormat::IQ2XXS | WeightFormat::IQ2XS | WeightFormat::IQ2S => CodeTable::IQ2,
-            WeightFormat::IQ3XXS => CodeTable::IQ3XXS,
-            WeightFormat::IQ3S => CodeTable::IQ3S,
-            WeightFormat::IQ1S | WeightFormat::IQ1M => CodeTable::IQ1,
-            WeightFormat::Q2K => CodeTable::Q2K,
-            _ => return None,
-        })
-    }
-
     /// The value of each code (unused codes are 0).
     pub const fn values(self) -> [i8; 16] {
         match self {
@@ -124,10 +177,10 @@ fn u32_at(b: &[u8], o: usize) -> u32 {
 
 /// Decode one block of `f` (`blk` is its `block_bytes()` bytes).
 ///
-/// Panics if `f` has no [`CodeTable`] or `blk` is not one block (callers
-/// pass whole blocks of checked tensors).
-pub fn decode(f: WeightFormat, blk: &[u8]) -> Coded {
-    assert_eq!(blk.len(), f.block_bytes(), "decode: one {f} block");
+/// Panics if `blk` is not one block (callers pass whole blocks of checked
+/// tensors).
+pub fn decode(f: CodedFormat, blk: &[u8]) -> Coded {
+    assert_eq!(blk.len(), f.block_bytes(), "decode: one {} block", f.name());
     let mut c = Coded {
         code: [0; QK_K],
         scale: [0; 16],
@@ -147,7 +200,7 @@ pub fn decode(f: WeightFormat, blk: &[u8]) -> Coded {
         }
     };
     match f {
-        WeightFormat::IQ2XXS => {
+        CodedFormat::IQ2XXS => {
             // d, then per 32 elements two u32: 4 grid indices (bytes), and
             // 4 × 7 sign bits with the scale in the top 4.
             for ib in 0..8 {
@@ -159,7 +212,7 @@ pub fn decode(f: WeightFormat, blk: &[u8]) -> Coded {
                 }
             }
         }
-        WeightFormat::IQ2XS => {
+        CodedFormat::IQ2XS => {
             // d, 32 u16 (9-bit grid index, 7 sign bits), 8 bytes of two
             // 4-bit scales (one per 16).
             for ib in 0..8 {
@@ -173,7 +226,7 @@ pub fn decode(f: WeightFormat, blk: &[u8]) -> Coded {
                 }
             }
         }
-        WeightFormat::IQ2S => {
+        CodedFormat::IQ2S => {
             // d, 32 low index bytes, 32 sign bytes, 8 bytes of 4 × 2 high
             // index bits, 8 bytes of scales as IQ2_XS.
             for ib in 0..8 {
@@ -187,7 +240,7 @@ pub fn decode(f: WeightFormat, blk: &[u8]) -> Coded {
                 }
             }
         }
-        WeightFormat::IQ3XXS => {
+        CodedFormat::IQ3XXS => {
             // d, 64 grid index bytes (4 elements each), then per 32
             // elements a u32 of 4 × 7 sign bits and the scale in the top 4.
             for ib in 0..8 {
@@ -203,7 +256,7 @@ pub fn decode(f: WeightFormat, blk: &[u8]) -> Coded {
                 }
             }
         }
-        WeightFormat::IQ3S => {
+        CodedFormat::IQ3S => {
             // d, 64 low index bytes, 8 bytes of ninth index bits, 32 sign
             // bytes, 4 bytes of two 4-bit scales (one per 32).
             for ib in 0..8 {
@@ -220,7 +273,7 @@ pub fn decode(f: WeightFormat, blk: &[u8]) -> Coded {
                 }
             }
         }
-        WeightFormat::IQ1S => {
+        CodedFormat::IQ1S => {
             // d, 32 low index bytes, then per 32 elements a u16: 4 × 3 high
             // index bits, a 3-bit scale, the delta's sign in the top bit.
             for ib in 0..8 {
@@ -235,7 +288,7 @@ pub fn decode(f: WeightFormat, blk: &[u8]) -> Coded {
                 }
             }
         }
-        WeightFormat::IQ1M => {
+        CodedFormat::IQ1M => {
             // 32 low index bytes; 16 bytes of two nibbles (3 high index
             // bits, the delta's sign) per 16 elements; 4 u16 of four 3-bit
             // scales (one per 16), d spread over their top nibbles.
@@ -255,7 +308,7 @@ pub fn decode(f: WeightFormat, blk: &[u8]) -> Coded {
                 }
             }
         }
-        WeightFormat::Q2K => {
+        CodedFormat::Q2K => {
             // 16 bytes of scale | min << 4 (one per 16), 64 bytes of 2-bit
             // quants (element 128h + 32s + l in bits 2s of byte 32h + l), d, dmin.
             for (j, &b) in blk[..16].iter().enumerate() {
@@ -269,14 +322,13 @@ pub fn decode(f: WeightFormat, blk: &[u8]) -> Coded {
             c.d = [blk[80], blk[81]];
             c.dmin = [blk[82], blk[83]];
         }
-        other => panic!("decode: {other} is not a coded format"),
     }
     c
 }
 
 /// Dequantize one block of `f` into `out` (256 values), exactly as ggml.
-pub fn dequantize_block(f: WeightFormat, blk: &[u8], out: &mut [f32]) {
-    let table = CodeTable::of(f).expect("a coded format");
+pub fn dequantize_block(f: CodedFormat, blk: &[u8], out: &mut [f32]) {
+    let table = f.table();
     let c = decode(f, blk);
     let (d, dmin, values, post) = (f16_le(c.d), f16_le(c.dmin), table.values(), table.post());
     for (j, o) in out[..QK_K].chunks_exact_mut(16).enumerate() {

@@ -6,6 +6,7 @@
 //! `[u8; 2]` so that every weight block has alignment 1 and can be viewed in
 //! place inside a memory-mapped file at any offset.
 
+pub use crate::coded::CodedFormat;
 use half::f16;
 
 /// Elements per K-quant super-block.
@@ -273,14 +274,7 @@ pub enum WeightFormat {
     Q6K,
     /// Q2_K and the lattice formats: 256-element blocks read through
     /// [`crate::coded`].
-    Q2K,
-    IQ2XXS,
-    IQ2XS,
-    IQ2S,
-    IQ3XXS,
-    IQ3S,
-    IQ1S,
-    IQ1M,
+    Coded(CodedFormat),
 }
 
 /// The form activations take for a dot product with a weight format.
@@ -312,14 +306,14 @@ impl WeightFormat {
         WeightFormat::Q4K,
         WeightFormat::Q5K,
         WeightFormat::Q6K,
-        WeightFormat::Q2K,
-        WeightFormat::IQ2XXS,
-        WeightFormat::IQ2XS,
-        WeightFormat::IQ2S,
-        WeightFormat::IQ3XXS,
-        WeightFormat::IQ3S,
-        WeightFormat::IQ1S,
-        WeightFormat::IQ1M,
+        WeightFormat::Coded(CodedFormat::Q2K),
+        WeightFormat::Coded(CodedFormat::IQ2XXS),
+        WeightFormat::Coded(CodedFormat::IQ2XS),
+        WeightFormat::Coded(CodedFormat::IQ2S),
+        WeightFormat::Coded(CodedFormat::IQ3XXS),
+        WeightFormat::Coded(CodedFormat::IQ3S),
+        WeightFormat::Coded(CodedFormat::IQ1S),
+        WeightFormat::Coded(CodedFormat::IQ1M),
     ];
 
     /// Elements per block.
@@ -337,14 +331,7 @@ impl WeightFormat {
             | WeightFormat::Q5K
             | WeightFormat::Q6K
             | WeightFormat::IQ4XS
-            | WeightFormat::Q2K
-            | WeightFormat::IQ2XXS
-            | WeightFormat::IQ2XS
-            | WeightFormat::IQ2S
-            | WeightFormat::IQ3XXS
-            | WeightFormat::IQ3S
-            | WeightFormat::IQ1S
-            | WeightFormat::IQ1M => QK_K,
+            | WeightFormat::Coded(_) => QK_K,
         }
     }
 
@@ -363,14 +350,7 @@ impl WeightFormat {
             WeightFormat::Q5K => 176,
             WeightFormat::Q6K => 210,
             WeightFormat::IQ4XS => 136,
-            WeightFormat::Q2K => 84,
-            WeightFormat::IQ2XXS => 66,
-            WeightFormat::IQ2XS => 74,
-            WeightFormat::IQ2S => 82,
-            WeightFormat::IQ3XXS => 98,
-            WeightFormat::IQ3S => 110,
-            WeightFormat::IQ1S => 50,
-            WeightFormat::IQ1M => 56,
+            WeightFormat::Coded(c) => c.block_bytes(),
         }
     }
 
@@ -394,14 +374,7 @@ impl WeightFormat {
             | WeightFormat::Q5K
             | WeightFormat::Q6K
             | WeightFormat::IQ4XS
-            | WeightFormat::Q2K
-            | WeightFormat::IQ2XXS
-            | WeightFormat::IQ2XS
-            | WeightFormat::IQ2S
-            | WeightFormat::IQ3XXS
-            | WeightFormat::IQ3S
-            | WeightFormat::IQ1S
-            | WeightFormat::IQ1M => ActFormat::Q8K,
+            | WeightFormat::Coded(_) => ActFormat::Q8K,
         }
     }
 
@@ -421,14 +394,7 @@ impl WeightFormat {
             WeightFormat::Q4K => "Q4_K",
             WeightFormat::Q5K => "Q5_K",
             WeightFormat::Q6K => "Q6_K",
-            WeightFormat::Q2K => "Q2_K",
-            WeightFormat::IQ2XXS => "IQ2_XXS",
-            WeightFormat::IQ2XS => "IQ2_XS",
-            WeightFormat::IQ2S => "IQ2_S",
-            WeightFormat::IQ3XXS => "IQ3_XXS",
-            WeightFormat::IQ3S => "IQ3_S",
-            WeightFormat::IQ1S => "IQ1_S",
-            WeightFormat::IQ1M => "IQ1_M",
+            WeightFormat::Coded(c) => c.name(),
         }
     }
 }

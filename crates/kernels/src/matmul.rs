@@ -284,7 +284,7 @@ fn tile_rows(
         (WeightFormat::Q4K, Acts::Q8K(a)) => run(&k.q4k, w, r0, r1, a, n, &put),
         (WeightFormat::Q5K, Acts::Q8K(a)) => run(&k.q5k, w, r0, r1, a, n, &put),
         (WeightFormat::Q6K, Acts::Q8K(a)) => run(&k.q6k, w, r0, r1, a, n, &put),
-        (f, Acts::Q8K(a)) if crate::coded::CodeTable::of(f).is_some() => {
+        (f @ WeightFormat::Coded(_), Acts::Q8K(a)) => {
             // Q2_K and the lattice formats have no tables: one scalar dot
             // per (row, token), the packed kernels' definition.
             let nb = w.cols / QK_K;

@@ -169,14 +169,7 @@ impl PackedFormat {
             WeightFormat::F16 => PackedFormat::F16,
             WeightFormat::BF16 => PackedFormat::BF16,
             WeightFormat::F32 => PackedFormat::F32,
-            WeightFormat::Q2K
-            | WeightFormat::IQ2XXS
-            | WeightFormat::IQ2XS
-            | WeightFormat::IQ2S
-            | WeightFormat::IQ3XXS
-            | WeightFormat::IQ3S
-            | WeightFormat::IQ1S
-            | WeightFormat::IQ1M => PackedFormat::Coded(CodeTable::of(f)?),
+            WeightFormat::Coded(c) => PackedFormat::Coded(c.table()),
         })
     }
 
@@ -639,17 +632,10 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
             }
             sc[2 * r..2 * r + 2].copy_from_slice(&d);
         }
-        WeightFormat::Q2K
-        | WeightFormat::IQ2XXS
-        | WeightFormat::IQ2XS
-        | WeightFormat::IQ2S
-        | WeightFormat::IQ3XXS
-        | WeightFormat::IQ3S
-        | WeightFormat::IQ1S
-        | WeightFormat::IQ1M => {
-            let bb = src.block_bytes();
-            let c = decode(src, &row[bb * b..bb * (b + 1)]);
-            let has_min = src == WeightFormat::Q2K;
+        WeightFormat::Coded(f) => {
+            let bb = f.block_bytes();
+            let c = decode(f, &row[bb * b..bb * (b + 1)]);
+            let has_min = f.table().has_min();
             for j in 0..16 {
                 core[16 * j + r] = c.scale[j] as u8;
                 if has_min {
@@ -857,25 +843,15 @@ pub fn spec_dot(src: WeightFormat, row: &[u8], act: ActRow) -> f32 {
                 acc = (f16_le(d) * y.d).mul_add(s as f32, acc);
             }
         }
-        (
-            WeightFormat::Q2K
-            | WeightFormat::IQ2XXS
-            | WeightFormat::IQ2XS
-            | WeightFormat::IQ2S
-            | WeightFormat::IQ3XXS
-            | WeightFormat::IQ3S
-            | WeightFormat::IQ1S
-            | WeightFormat::IQ1M,
-            ActRow::Q8K { blocks, .. },
-        ) => {
+        (WeightFormat::Coded(f), ActRow::Q8K { blocks, .. }) => {
             // S = Σ_j scale_j · Σ TABLE[code]·y and M = Σ_j min_j · Σy over
             // the 16 sub-blocks in exact integers; per block
             // acc = fma(d·dy, S, acc), then (Q2_K) acc = fma(−(dmin·dy), M, acc);
             // the row's sum times the table's 2^−k at the end.
-            let table = CodeTable::of(src).expect("a coded format");
-            let (bb, values) = (src.block_bytes(), table.values());
+            let table = f.table();
+            let (bb, values) = (f.block_bytes(), table.values());
             for (blk, y) in row.chunks_exact(bb).zip(blocks) {
-                let c = decode(src, blk);
+                let c = decode(f, blk);
                 let (mut s, mut m) = (0i32, 0i32);
                 for j in 0..16 {
                     let is: i32 = (16 * j..16 * j + 16)

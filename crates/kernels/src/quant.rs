@@ -189,17 +189,12 @@ pub fn dequantize_row(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
                 }
             }
         }
-        WeightFormat::Q2K
-        | WeightFormat::IQ2XXS
-        | WeightFormat::IQ2XS
-        | WeightFormat::IQ2S
-        | WeightFormat::IQ3XXS
-        | WeightFormat::IQ3S
-        | WeightFormat::IQ1S
-        | WeightFormat::IQ1M => {
-            let bb = format.block_bytes();
-            for (b, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(QK_K)) {
-                crate::coded::dequantize_block(format, b, o);
+        WeightFormat::Coded(f) => {
+            for (b, o) in bytes
+                .chunks_exact(f.block_bytes())
+                .zip(out.chunks_exact_mut(QK_K))
+            {
+                crate::coded::dequantize_block(f, b, o);
             }
         }
     }

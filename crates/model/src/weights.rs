@@ -4,6 +4,7 @@
 
 use crate::{Config, ModelError};
 use gemma3_gguf::{GgmlType, GgufFile, TensorInfo};
+use gemma3_kernels::formats::CodedFormat;
 use gemma3_kernels::{MatmulScratch, PackedMatrix, QMatrix, WeightFormat};
 use std::path::Path;
 use std::sync::Arc;
@@ -103,14 +104,14 @@ fn weight_format(name: &str, ty: GgmlType) -> Result<WeightFormat, ModelError> {
         GgmlType::Q4K => WeightFormat::Q4K,
         GgmlType::Q5K => WeightFormat::Q5K,
         GgmlType::Q6K => WeightFormat::Q6K,
-        GgmlType::Q2K => WeightFormat::Q2K,
-        GgmlType::IQ2XXS => WeightFormat::IQ2XXS,
-        GgmlType::IQ2XS => WeightFormat::IQ2XS,
-        GgmlType::IQ2S => WeightFormat::IQ2S,
-        GgmlType::IQ3XXS => WeightFormat::IQ3XXS,
-        GgmlType::IQ3S => WeightFormat::IQ3S,
-        GgmlType::IQ1S => WeightFormat::IQ1S,
-        GgmlType::IQ1M => WeightFormat::IQ1M,
+        GgmlType::Q2K => WeightFormat::Coded(CodedFormat::Q2K),
+        GgmlType::IQ2XXS => WeightFormat::Coded(CodedFormat::IQ2XXS),
+        GgmlType::IQ2XS => WeightFormat::Coded(CodedFormat::IQ2XS),
+        GgmlType::IQ2S => WeightFormat::Coded(CodedFormat::IQ2S),
+        GgmlType::IQ3XXS => WeightFormat::Coded(CodedFormat::IQ3XXS),
+        GgmlType::IQ3S => WeightFormat::Coded(CodedFormat::IQ3S),
+        GgmlType::IQ1S => WeightFormat::Coded(CodedFormat::IQ1S),
+        GgmlType::IQ1M => WeightFormat::Coded(CodedFormat::IQ1M),
         other => {
             return Err(ModelError::UnsupportedType {
                 name: name.to_string(),

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use gemma3_kernels::formats::CodedFormat;
 use gemma3_kernels::WeightFormat;
 use half::{bf16, f16};
 use std::path::PathBuf;
@@ -40,15 +41,10 @@ pub fn format_from_name(s: &str) -> WeightFormat {
         "Q4_K" => WeightFormat::Q4K,
         "Q5_K" => WeightFormat::Q5K,
         "Q6_K" => WeightFormat::Q6K,
-        "Q2_K" => WeightFormat::Q2K,
-        "IQ2_XXS" => WeightFormat::IQ2XXS,
-        "IQ2_XS" => WeightFormat::IQ2XS,
-        "IQ2_S" => WeightFormat::IQ2S,
-        "IQ3_XXS" => WeightFormat::IQ3XXS,
-        "IQ3_S" => WeightFormat::IQ3S,
-        "IQ1_S" => WeightFormat::IQ1S,
-        "IQ1_M" => WeightFormat::IQ1M,
-        other => panic!("unknown format {other} in the manifest"),
+        other => match CodedFormat::ALL.into_iter().find(|c| c.name() == other) {
+            Some(c) => WeightFormat::Coded(c),
+            None => panic!("unknown format {other} in the manifest"),
+        },
     }
 }
 
@@ -154,13 +150,15 @@ fn scale_offsets(format: WeightFormat) -> &'static [usize] {
         | WeightFormat::Q5_0
         | WeightFormat::IQ4NL
         | WeightFormat::IQ4XS
-        | WeightFormat::IQ2XXS
-        | WeightFormat::IQ2XS
-        | WeightFormat::IQ2S
-        | WeightFormat::IQ3XXS
-        | WeightFormat::IQ3S
-        | WeightFormat::IQ1S => &[0],
-        WeightFormat::Q2K => &[80, 82],
+        | WeightFormat::Coded(
+            CodedFormat::IQ2XXS
+            | CodedFormat::IQ2XS
+            | CodedFormat::IQ2S
+            | CodedFormat::IQ3XXS
+            | CodedFormat::IQ3S
+            | CodedFormat::IQ1S,
+        ) => &[0],
+        WeightFormat::Coded(CodedFormat::Q2K) => &[80, 82],
         WeightFormat::Q4_1 | WeightFormat::Q5_1 | WeightFormat::Q4K | WeightFormat::Q5K => &[0, 2],
         WeightFormat::Q6K => &[208],
         WeightFormat::Q3K => &[108],
@@ -196,7 +194,7 @@ pub fn random_rows(rng: &mut Rng, format: WeightFormat, rows: usize, cols: usize
                     let d = f16::from_f32(rng.range(lo, hi)).to_bits().to_le_bytes();
                     block[off..off + 2].copy_from_slice(&d);
                 }
-                if format == WeightFormat::IQ1M {
+                if format == WeightFormat::Coded(CodedFormat::IQ1M) {
                     // d's four nibbles are the top nibbles of the 4 u16 scale words at 48.
                     let d = f16::from_f32(rng.range(lo, hi)).to_bits();
                     for i in 0..4 {
