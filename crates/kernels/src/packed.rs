@@ -173,16 +173,12 @@ impl PackedFormat {
         })
     }
 
-    /// Whether the AMX tile kernels (`packed_amx`) take it.
+    /// Whether the AMX tile kernels (`packed_amx`) take it: every integer
+    /// format.
     pub const fn has_tiles(self) -> bool {
-        matches!(
+        !matches!(
             self,
-            PackedFormat::Q8_0
-                | PackedFormat::Q5_0
-                | PackedFormat::Q4_0
-                | PackedFormat::IQ4NL
-                | PackedFormat::Q4K
-                | PackedFormat::Q6K
+            PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32
         )
     }
 

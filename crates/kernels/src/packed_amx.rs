@@ -26,8 +26,8 @@
 //!
 //! Tiles: tmm0/tmm1 hold activations (16 tokens × K bytes), tmm2/tmm3
 //! weights (K/4 rows × 64 bytes), tmm4..tmm7 sums (16 tokens × 16 rows of
-//! i32). K is 32 (a Q8_0/Q5_0 block, a Q4_K sub-block) or 16 (a Q6_K
-//! sub-block).
+//! i32). K is 32 (a block of a 32-element format; a Q4_K, Q5_K or IQ4_XS
+//! sub-block) or 16 (a Q6_K or coded-format sub-block).
 //!
 //! Linux grants a process the tile state only on request
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`); [`available`]
@@ -324,14 +324,15 @@ unsafe fn tiles_inner<U: TileUnit>(
     out: &mut [&mut [f32]],
     strides: &[isize],
 ) {
-    let k = if f == PackedFormat::Q6K { 16 } else { 32 };
+    // Sub-blocks of 16 (Q6_K, the coded formats) or 32 elements.
+    let k = if matches!(f, PackedFormat::Q6K | PackedFormat::Coded(_)) {
+        16
+    } else {
+        32
+    };
     U::config(&TileConfig::new(k));
     // One group's blocks as signed bytes, B-tile rows 64 bytes apart.
-    let per_block = match f {
-        PackedFormat::Q8_0 | PackedFormat::Q5_0 | PackedFormat::Q4_0 | PackedFormat::IQ4NL => 512,
-        PackedFormat::Q4K | PackedFormat::Q6K => 4096,
-        _ => unreachable!("checked by the caller"),
-    };
+    let per_block = if f.block_cols() == 32 { 512 } else { 4096 };
     let mut wbuf = vec![0u8; nb * per_block];
     let mut sums = Box::new(Sums([[0; 256]; 4]));
     for g in 0..w.len() / gb {
@@ -340,14 +341,10 @@ unsafe fn tiles_inner<U: TileUnit>(
         for (c, &stride) in strides.iter().enumerate() {
             let chunk = &acts[TOKENS * c..TOKENS * (c + 1)];
             let wb = wbuf.as_ptr();
-            let acc = match f {
-                PackedFormat::Q8_0
-                | PackedFormat::Q5_0
-                | PackedFormat::Q4_0
-                | PackedFormat::IQ4NL => chunk_b32::<U>(f, gp, nb, wb, chunk, stride, &mut sums),
-                PackedFormat::Q4K => chunk_k::<U, 32, 8>(f, gp, nb, wb, chunk, stride, &mut sums),
-                PackedFormat::Q6K => chunk_k::<U, 16, 16>(f, gp, nb, wb, chunk, stride, &mut sums),
-                _ => unreachable!("checked by the caller"),
+            let acc = match (f.block_cols(), k) {
+                (32, _) => chunk_b32::<U>(f, gp, nb, wb, chunk, stride, &mut sums),
+                (_, 32) => chunk_k::<U, 32, 8>(f, gp, nb, wb, chunk, stride, &mut sums),
+                _ => chunk_k::<U, 16, 16>(f, gp, nb, wb, chunk, stride, &mut sums),
             };
             for (t, a) in acc.iter().enumerate() {
                 _mm512_storeu_ps(out[TOKENS * c + t].as_mut_ptr().add(g * LANES), *a);
@@ -370,10 +367,48 @@ static IQ4NL_I8: [u8; 64] = {
     t
 };
 
+/// Each code table's values as signed bytes, in each 16-byte lane.
+static CODE_TABLES_I8: [[u8; 64]; 5] = {
+    let tables = [
+        crate::coded::CodeTable::IQ2,
+        crate::coded::CodeTable::IQ3XXS,
+        crate::coded::CodeTable::IQ3S,
+        crate::coded::CodeTable::IQ1,
+        crate::coded::CodeTable::Q2K,
+    ];
+    let mut t = [[0u8; 64]; 5];
+    let mut k = 0;
+    while k < 5 {
+        let v = tables[k].values();
+        let mut i = 0;
+        while i < 64 {
+            t[k][i] = v[i % 16] as u8;
+            i += 1;
+        }
+        k += 1;
+    }
+    t
+};
+
+/// The signed table of a coded format, as a vector.
+#[inline(always)]
+unsafe fn code_table_i8(t: crate::coded::CodeTable) -> __m512i {
+    use crate::coded::CodeTable;
+    let k = match t {
+        CodeTable::IQ2 => 0,
+        CodeTable::IQ3XXS => 1,
+        CodeTable::IQ3S => 2,
+        CodeTable::IQ1 => 3,
+        CodeTable::Q2K => 4,
+    };
+    V::load(CODE_TABLES_I8[k].as_ptr())
+}
+
 /// Write group `gp`'s blocks to `dst` as signed weights, in B-tile rows:
-/// for Q8_0/Q5_0/Q4_0 512 bytes a block (8 rows of 4 elements × 16 weight
-/// rows); for Q4_K 8 sub-blocks and for Q6_K 16 sub-blocks of a super-block
-/// one after another (4096 bytes a super-block).
+/// for the 32-element formats 512 bytes a block (8 rows of 4 elements × 16
+/// weight rows); for the 256-element ones their 8 sub-blocks of 32 (Q4_K,
+/// Q5_K, IQ4_XS) or 16 of 16 (Q6_K, the coded formats) one after another
+/// (4096 bytes a super-block).
 #[inline(always)]
 unsafe fn unpack_group(f: PackedFormat, gp: *const u8, nb: usize, dst: *mut u8) {
     let (core, sb) = (f.core_bytes(), f.scale_bytes());
@@ -400,6 +435,18 @@ unsafe fn unpack_group(f: PackedFormat, gp: *const u8, nb: usize, dst: *mut u8) 
                     st(8 * b + 4 + c, _mm512_sub_epi8(hi, sixteen));
                 }
             }
+            PackedFormat::Q5_1 => {
+                // Q5_0's bits with u = q itself (0..32; the minimum is a float step).
+                let h = V::load(p);
+                for c in 0..4 {
+                    let v = V::load(p.add(64 + 64 * c));
+                    st(8 * b + c, V::and_or(v, m4, V::fifth_bits(h, c)));
+                    st(
+                        8 * b + 4 + c,
+                        V::and_or(V::shr::<4>(v), m4, V::fifth_bits(h, 4 + c)),
+                    );
+                }
+            }
             PackedFormat::Q4_0 => {
                 let eight = _mm512_set1_epi8(8);
                 for c in 0..4 {
@@ -420,13 +467,50 @@ unsafe fn unpack_group(f: PackedFormat, gp: *const u8, nb: usize, dst: *mut u8) 
                     st(8 * b + 4 + c, V::lut16(table, V::and(V::shr::<4>(v), m4)));
                 }
             }
-            PackedFormat::Q4K => {
-                // Sub-block 2c in the low nibbles of vectors (c, 0..8), 2c + 1 in the high.
+            PackedFormat::Q4K | PackedFormat::Q5K => {
+                // Sub-block 2c in the low nibbles of vectors (c, 0..8), 2c + 1 in the high;
+                // Q5_K's fifth bits: bit j of vector g's bytes for sub-block j.
                 for c in 0..4 {
                     for g in 0..8 {
                         let v = V::load(p.add(256 + 64 * (8 * c + g)));
-                        st(64 * b + 8 * (2 * c) + g, V::and(v, m4));
-                        st(64 * b + 8 * (2 * c + 1) + g, V::and(V::shr::<4>(v), m4));
+                        let (mut lo, mut hi) = (V::and(v, m4), V::and(V::shr::<4>(v), m4));
+                        if f == PackedFormat::Q5K {
+                            let h = V::load(p.add(2304 + 64 * g));
+                            lo = V::or(lo, V::fifth_bits(h, 2 * c));
+                            hi = V::or(hi, V::fifth_bits(h, 2 * c + 1));
+                        }
+                        st(64 * b + 8 * (2 * c) + g, lo);
+                        st(64 * b + 8 * (2 * c + 1) + g, hi);
+                    }
+                }
+            }
+            PackedFormat::IQ4XS => {
+                // Sub-block j: vectors (j, 0..4), elements 4g.. in the low nibbles,
+                // 16 + 4g.. in the high; IQ4_NL's table, signed.
+                let table = V::load(IQ4NL_I8.as_ptr());
+                for j in 0..8 {
+                    for g in 0..4 {
+                        let v = V::load(p.add(128 + 64 * (4 * j + g)));
+                        st(64 * b + 8 * j + g, V::lut16(table, V::and(v, m4)));
+                        st(
+                            64 * b + 8 * j + 4 + g,
+                            V::lut16(table, V::and(V::shr::<4>(v), m4)),
+                        );
+                    }
+                }
+            }
+            PackedFormat::Coded(t) => {
+                // Sub-block 2c in the low nibbles of vectors (c, 0..4), 2c + 1 in the high.
+                let table = code_table_i8(t);
+                let codes = if t.has_min() { 512 } else { 256 };
+                for c in 0..8 {
+                    for g in 0..4 {
+                        let v = V::load(p.add(codes + 64 * (4 * c + g)));
+                        st(64 * b + 4 * (2 * c) + g, V::lut16(table, V::and(v, m4)));
+                        st(
+                            64 * b + 4 * (2 * c + 1) + g,
+                            V::lut16(table, V::and(V::shr::<4>(v), m4)),
+                        );
                     }
                 }
             }
@@ -524,8 +608,9 @@ unsafe fn pipeline<U: TileUnit>(
     }
 }
 
-/// 16 tokens × one group of a Q8_0, Q5_0, Q4_0 or IQ4_NL matrix: per block, its exact
-/// integer sums from one tile product, then `acc = fma(dw · dy, S, acc)`.
+/// 16 tokens × one group of a Q8_0, Q5_0, Q4_0, IQ4_NL or Q5_1 matrix: per block, its
+/// exact integer sums from one tile product, then `acc = fma(dw · dy, S, acc)` (Q5_1:
+/// then `acc = fma(m, dy·Σy, acc)`).
 #[inline(always)]
 unsafe fn chunk_b32<U: TileUnit>(
     f: PackedFormat,
@@ -537,13 +622,16 @@ unsafe fn chunk_b32<U: TileUnit>(
     sums: &mut Sums,
 ) -> [__m512; TOKENS] {
     let (core, sb) = (f.core_bytes(), f.scale_bytes());
+    let min = f == PackedFormat::Q5_1;
     let mut dy = [std::ptr::null::<f32>(); TOKENS];
+    let mut dys = [std::ptr::null::<f32>(); TOKENS];
     let mut y0 = std::ptr::null::<u8>();
     for (t, a) in chunk.iter().enumerate() {
-        let ActRow::Q8_0 { blocks, d, .. } = *a else {
-            unreachable!("Q8_0, Q5_0, Q4_0 and IQ4_NL weights take Q8_0 activations")
+        let ActRow::Q8_0 { blocks, d, ds, .. } = *a else {
+            unreachable!("the 32-element formats take Q8_0 activations")
         };
         dy[t] = d.as_ptr();
+        dys[t] = ds.as_ptr();
         if t == 0 {
             y0 = blocks.as_ptr() as *const u8;
         }
@@ -557,13 +645,18 @@ unsafe fn chunk_b32<U: TileUnit>(
         |b| wbuf.add(512 * b),
         sums,
         |b, s| {
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(
-                gp.add(block_offsets(core, sb, nb, b).1) as *const _
-            ));
+            let scales = gp.add(block_offsets(core, sb, nb, b).1);
+            let dw = V::load_f16(scales);
             for t in 0..TOKENS {
                 let is = _mm512_load_si512(s.add(16 * t) as *const _);
                 let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*dy[t].add(b)));
                 acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(is), acc[t]);
+            }
+            if min {
+                let m = V::load_f16(scales.add(32));
+                for t in 0..TOKENS {
+                    acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(*dys[t].add(b)), acc[t]);
+                }
             }
         },
     );
@@ -583,9 +676,11 @@ unsafe fn q8k_blocks(chunk: &[ActRow]) -> [*const BlockQ8K; TOKENS] {
     y
 }
 
-/// 16 tokens × one group of a Q4_K (`K` = 32, 8 sub-blocks) or Q6_K (`K`
-/// = 16, 16 sub-blocks) matrix: S = Σ_j sc_j · (sub-block j's tile sum),
-/// then the super-block's float steps ([`finish_q4k`], [`finish_q6k`]).
+/// 16 tokens × one group of a Q4_K, Q5_K or IQ4_XS (`K` = 32, 8 sub-blocks)
+/// or Q6_K or coded (`K` = 16, 16 sub-blocks) matrix: S = Σ_j sc_j ·
+/// (sub-block j's tile sum), then the super-block's float steps
+/// ([`finish_q4k`], [`finish_q6k`], and Q2_K's minimums), and a coded
+/// table's 2^−k at the end.
 #[inline(always)]
 unsafe fn chunk_k<U: TileUnit, const K: usize, const SUBS: usize>(
     f: PackedFormat,
@@ -596,7 +691,12 @@ unsafe fn chunk_k<U: TileUnit, const K: usize, const SUBS: usize>(
     stride: isize,
     sums: &mut Sums,
 ) -> [__m512; TOKENS] {
-    let q4k = f == PackedFormat::Q4K;
+    // Q4_K's and Q5_K's sub-block scales are unsigned 6-bit, the others' signed bytes.
+    let q4k = matches!(f, PackedFormat::Q4K | PackedFormat::Q5K);
+    let table = match f {
+        PackedFormat::Coded(t) => Some(t),
+        _ => None,
+    };
     let y = q8k_blocks(chunk);
     let y0 = y[0];
     let (core_bytes, sb) = (f.core_bytes(), f.scale_bytes());
@@ -612,7 +712,6 @@ unsafe fn chunk_k<U: TileUnit, const K: usize, const SUBS: usize>(
         |u, p| {
             let (b, j) = (u / SUBS, u % SUBS);
             let (co, so) = block_offsets(core_bytes, sb, nb, b);
-            // Q4_K's sub-block scales are unsigned 6-bit, Q6_K's signed bytes.
             let sc = if q4k {
                 V::widen_u8(gp.add(co + 16 * j))
             } else {
@@ -627,12 +726,44 @@ unsafe fn chunk_k<U: TileUnit, const K: usize, const SUBS: usize>(
                     finish_q4k(b, gp.add(co), gp.add(so), &y, &s, &mut acc);
                 } else {
                     finish_q6k(b, gp.add(so), &y, &s, &mut acc);
+                    if table.is_some_and(|t| t.has_min()) {
+                        finish_q2k_min(b, gp.add(co), gp.add(so), &y, &mut acc);
+                    }
                 }
                 s = [_mm512_setzero_si512(); TOKENS];
             }
         },
     );
+    if let Some(t) = table.filter(|t| t.post() != 1.0) {
+        for a in acc.iter_mut() {
+            *a = _mm512_mul_ps(*a, _mm512_set1_ps(t.post()));
+        }
+    }
     acc
+}
+
+/// Q2_K's minimums for super-block `b` of 16 tokens: acc −= (dmin·dy)·M
+/// with M = Σ_j m_j · Σy_j over its 16 sub-blocks.
+#[inline(always)]
+unsafe fn finish_q2k_min(
+    b: usize,
+    core: *const u8,
+    scales: *const u8,
+    y: &[*const BlockQ8K; TOKENS],
+    acc: &mut [__m512; TOKENS],
+) {
+    let dmin = V::load_f16(scales.add(32));
+    for t in 0..TOKENS {
+        let yb = &*y[t].add(b);
+        let bs = |j: usize| yb.bsums[j] as u16 as u32;
+        let mut m = _mm512_setzero_si512();
+        for p in 0..8 {
+            let pair = (bs(2 * p) | (bs(2 * p + 1) << 16)) as i32;
+            m = V::dot_pairs(m, core.add(256 + 32 * p), pair);
+        }
+        let dy = _mm512_set1_ps(yb.d);
+        acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, dy), _mm512_cvtepi32_ps(m), acc[t]);
+    }
 }
 
 /// Q4_K's float steps for super-block `b` of 16 tokens: acc += (d·dy)·S,
