@@ -189,13 +189,11 @@ fn info(model: ModelArg, ctx: usize) -> Result<()> {
         m.n_params() as f64 / 1e6
     );
     println!("tensor types:");
-    let mut total = 0;
     for (ty, n, bytes) in m.bytes_by_type() {
         println!(
             "  {ty:<6} {n:>4} tensors {:>9.1} MiB",
             bytes as f64 / (1 << 20) as f64
         );
-        total += bytes;
     }
     let ctx = ctx.clamp(1, c.ctx_len);
     let kv = gemma3_model::KvCache::bytes_for(c, ctx);
@@ -203,7 +201,8 @@ fn info(model: ModelArg, ctx: usize) -> Result<()> {
     let buffers =
         512 * (4 * c.d_model + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.d_ff) * 4 + c.vocab_size * 4;
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
-    println!("memory at --ctx {ctx}: weights {:.1} MiB (as stored; interleaved at load) + KV cache {:.1} MiB (f16) + buffers {:.1} MiB = {:.1} MiB", mib(total as usize), mib(kv), mib(buffers), mib(total as usize + kv + buffers));
+    let loaded = m.loaded_weight_bytes() as usize;
+    println!("memory at --ctx {ctx}: weights {:.1} MiB (interleaved at load) + KV cache {:.1} MiB (f16) + buffers {:.1} MiB = {:.1} MiB", mib(loaded), mib(kv), mib(buffers), mib(loaded + kv + buffers));
     println!(
         "weights read per generated token: {:.1} MiB",
         mib(m.bytes_per_token() as usize)

@@ -409,17 +409,34 @@ impl Model {
     /// is one, which for Q3_K and the coded formats is larger than the
     /// file's; one embedding row is negligible).
     pub fn bytes_per_token(&self) -> u64 {
-        let read = |t: &Tensor| match &t.packed {
+        self.matrices().map(|t| self.read_bytes(t)).sum()
+    }
+
+    /// Bytes the weights take once loaded: every tensor as stored, except
+    /// that each interleaved matrix counts at its packed size (the file's
+    /// pages of it are released as it is packed).
+    pub fn loaded_weight_bytes(&self) -> u64 {
+        let stored: u64 = self.bytes_by_type().iter().map(|e| e.2).sum();
+        self.matrices().fold(stored, |b, t| {
+            b - self.file.tensor_data(&t.info).len() as u64 + self.read_bytes(t)
+        })
+    }
+
+    /// The head and every layer matrix, each once.
+    fn matrices(&self) -> impl Iterator<Item = &Tensor> {
+        std::iter::once(self.head()).chain(
+            self.layers
+                .iter()
+                .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]),
+        )
+    }
+
+    /// Bytes of `t` in the form the kernels read.
+    fn read_bytes(&self, t: &Tensor) -> u64 {
+        match &t.packed {
             Some(p) => p.size_bytes() as u64,
             None => self.file.tensor_data(&t.info).len() as u64,
-        };
-        let mut b = read(self.head());
-        for l in &self.layers {
-            for t in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
-                b += read(t);
-            }
         }
-        b
     }
 }
 
