@@ -14,7 +14,7 @@
 //!
 //! ref: ggml-common.h (block_iq2_xxs … block_iq1_m, the grids and
 //! ksigns_iq2xs) and ggml-quants.c dequantize_row_iq*, read through
-//! gguf-py's gguf/quants.py; the grids are in [`crate::iq_grids`].
+//! gguf-py's gguf/quants.py; the grids are in `iq_grids.rs`.
 
 use crate::formats::{f16_le, QK_K};
 use crate::iq_grids::*;
