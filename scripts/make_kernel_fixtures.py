@@ -72,6 +72,9 @@ FORMATS = {
     "IQ3_S": (T.IQ3_S, 256, 110, [0]),
     "IQ1_S": (T.IQ1_S, 256, 50, [0]),
     "IQ1_M": (T.IQ1_M, 256, 56, []),
+    # And the ternary formats (one f16 d at the end).
+    "TQ1_0": (T.TQ1_0, 256, 54, [52]),
+    "TQ2_0": (T.TQ2_0, 256, 66, [64]),
 }
 # Blocks per row where 3 is too few: the lattice formats' fixtures draw grid entries at
 # random, 32 or 64 per block, so 2 rows of 16 blocks reach most of each table (all of

@@ -59,11 +59,15 @@ pub enum GgmlType {
     IQ1M = 29,
     /// bfloat16.
     BF16 = 30,
+    /// Ternary: 256-weight super-blocks of base-3 digits (−1, 0, 1) and one f16 scale, 1.69 bits.
+    TQ1_0 = 34,
+    /// Ternary: 256-weight super-blocks of 2-bit values q − 1 and one f16 scale, 2.06 bits.
+    TQ2_0 = 35,
 }
 
 impl GgmlType {
     /// Every type this crate knows, in id order.
-    pub const ALL: [GgmlType; 24] = [
+    pub const ALL: [GgmlType; 26] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -88,6 +92,8 @@ impl GgmlType {
         GgmlType::IQ4XS,
         GgmlType::IQ1M,
         GgmlType::BF16,
+        GgmlType::TQ1_0,
+        GgmlType::TQ2_0,
     ];
 
     /// The type with ggml id `id`, or `None` if this crate does not know it.
@@ -126,6 +132,8 @@ impl GgmlType {
             GgmlType::IQ2S => "IQ2_S",
             GgmlType::IQ4XS => "IQ4_XS",
             GgmlType::IQ1M => "IQ1_M",
+            GgmlType::TQ1_0 => "TQ1_0",
+            GgmlType::TQ2_0 => "TQ2_0",
             GgmlType::BF16 => "BF16",
         }
     }
@@ -154,7 +162,9 @@ impl GgmlType {
             | GgmlType::IQ3S
             | GgmlType::IQ2S
             | GgmlType::IQ4XS
-            | GgmlType::IQ1M => 256,
+            | GgmlType::IQ1M
+            | GgmlType::TQ1_0
+            | GgmlType::TQ2_0 => 256,
         }
     }
 
@@ -183,6 +193,8 @@ impl GgmlType {
             GgmlType::IQ2S => 82,
             GgmlType::IQ4XS => 136,
             GgmlType::IQ1M => 56,
+            GgmlType::TQ1_0 => 54,
+            GgmlType::TQ2_0 => 66,
         }
     }
 
@@ -212,8 +224,8 @@ mod tests {
         for t in GgmlType::ALL {
             assert_eq!(GgmlType::from_id(t.id()), Some(t));
         }
-        // 24-28: integer and f64 types; 31-33: removed; 34, 35, 39: TQ1_0, TQ2_0, MXFP4.
-        for id in [4, 5, 24, 28, 31, 34, 35, 39, 99, u32::MAX] {
+        // 24-28: integer and f64 types; 31-33: removed; 39: MXFP4.
+        for id in [4, 5, 24, 28, 31, 39, 99, u32::MAX] {
             assert_eq!(GgmlType::from_id(id), None, "id {id}");
         }
     }
@@ -246,6 +258,8 @@ mod tests {
             (23, "IQ4_XS", 256, 136),
             (29, "IQ1_M", 256, 56),
             (30, "BF16", 1, 2),
+            (34, "TQ1_0", 256, 54),
+            (35, "TQ2_0", 256, 66),
         ];
         for (id, name, bs, ts) in expected {
             let t = GgmlType::from_id(id).unwrap();

@@ -48,6 +48,7 @@ fn kquant_bytes(format: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
             | WeightFormat::Coded(
                 CodedFormat::IQ2XXS | CodedFormat::IQ3XXS | CodedFormat::IQ3S | CodedFormat::IQ1S,
             ) => blk[0..2].copy_from_slice(&scale),
+            WeightFormat::Coded(CodedFormat::TQ2_0) => blk[64..66].copy_from_slice(&scale),
             WeightFormat::Coded(CodedFormat::Q2K) => {
                 blk[80..82].copy_from_slice(&scale);
                 blk[82..84].copy_from_slice(&scale);
@@ -79,6 +80,7 @@ fn bench_other_formats(c: &mut Criterion) {
         WeightFormat::Coded(CodedFormat::IQ3XXS),
         WeightFormat::Coded(CodedFormat::IQ2XXS),
         WeightFormat::Coded(CodedFormat::IQ1S),
+        WeightFormat::Coded(CodedFormat::TQ2_0),
     ];
     for format in formats {
         let (rows, cols) = if format.block_size() == QK_K {

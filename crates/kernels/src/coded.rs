@@ -1,5 +1,5 @@
-//! Q2_K and ggml's lattice formats (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S,
-//! IQ3_XXS, IQ3_S), decoded into one form: each element takes one of at
+//! Q2_K, ggml's lattice formats (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S,
+//! IQ3_XXS, IQ3_S) and its ternary ones (TQ1_0, TQ2_0), decoded into one form: each element takes one of at
 //! most 16 small integers, so it becomes a 4-bit code into its format's
 //! [`CodeTable`], with an integer scale per 16 elements and the block's f16
 //! scale d (Q2_K: also an integer minimum per 16 and an f16 dmin):
@@ -30,10 +30,12 @@ pub enum CodedFormat {
     IQ3S,
     IQ1S,
     IQ1M,
+    TQ1_0,
+    TQ2_0,
 }
 
 impl CodedFormat {
-    pub const ALL: [CodedFormat; 8] = [
+    pub const ALL: [CodedFormat; 10] = [
         CodedFormat::Q2K,
         CodedFormat::IQ2XXS,
         CodedFormat::IQ2XS,
@@ -42,6 +44,8 @@ impl CodedFormat {
         CodedFormat::IQ3S,
         CodedFormat::IQ1S,
         CodedFormat::IQ1M,
+        CodedFormat::TQ1_0,
+        CodedFormat::TQ2_0,
     ];
 
     /// Bytes per 256-element block.
@@ -55,6 +59,8 @@ impl CodedFormat {
             CodedFormat::IQ3S => 110,
             CodedFormat::IQ1S => 50,
             CodedFormat::IQ1M => 56,
+            CodedFormat::TQ1_0 => 54,
+            CodedFormat::TQ2_0 => 66,
         }
     }
 
@@ -68,6 +74,8 @@ impl CodedFormat {
             CodedFormat::IQ3S => "IQ3_S",
             CodedFormat::IQ1S => "IQ1_S",
             CodedFormat::IQ1M => "IQ1_M",
+            CodedFormat::TQ1_0 => "TQ1_0",
+            CodedFormat::TQ2_0 => "TQ2_0",
         }
     }
 
@@ -79,6 +87,7 @@ impl CodedFormat {
             CodedFormat::IQ3S => CodeTable::IQ3S,
             CodedFormat::IQ1S | CodedFormat::IQ1M => CodeTable::IQ1,
             CodedFormat::Q2K => CodeTable::Q2K,
+            CodedFormat::TQ1_0 | CodedFormat::TQ2_0 => CodeTable::TQ,
         }
     }
 }
@@ -97,6 +106,8 @@ pub enum CodeTable {
     IQ1,
     /// Q2_K: 0..=3 (code = q), with minimums; k = 0.
     Q2K,
+    /// TQ1_0, TQ2_0: −1, 0, 1 (and TQ2_0's 2), code = q + 1; k = 0.
+    TQ,
 }
 
 impl CodeTable {
@@ -108,6 +119,7 @@ impl CodeTable {
             CodeTable::IQ3S => signed(&[1, 3, 5, 7, 9, 11, 13, 15]),
             CodeTable::IQ1 => [-7, 1, 9, 0, 0, 0, 0, 0, -9, -1, 7, 0, 0, 0, 0, 0],
             CodeTable::Q2K => [0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            CodeTable::TQ => [-1, 0, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         }
     }
 
@@ -116,7 +128,7 @@ impl CodeTable {
         match self {
             CodeTable::IQ2 | CodeTable::IQ1 => 0.125,
             CodeTable::IQ3XXS => 0.25,
-            CodeTable::IQ3S | CodeTable::Q2K => 1.0,
+            CodeTable::IQ3S | CodeTable::Q2K | CodeTable::TQ => 1.0,
         }
     }
 
@@ -143,7 +155,8 @@ const fn signed(m: &[i8]) -> [i8; 16] {
 pub struct Coded {
     /// Element e's code into the format's [`CodeTable`].
     pub code: [u8; QK_K],
-    /// Sub-block j's scale (elements 16j..16j + 16), 1..=31 (Q2_K: 0..=15).
+    /// Sub-block j's scale (elements 16j..16j + 16), 1..=31 (Q2_K: 0..=15;
+    /// TQ1_0, TQ2_0: 1).
     pub scale: [i8; 16],
     /// Q2_K: sub-block j's minimum, 0..=15 (otherwise 0).
     pub min: [u8; 16],
@@ -321,6 +334,38 @@ pub fn decode(f: CodedFormat, blk: &[u8]) -> Coded {
             }
             c.d = [blk[80], blk[81]];
             c.dmin = [blk[82], blk[83]];
+        }
+        CodedFormat::TQ2_0 => {
+            // 64 bytes of 2-bit q (element 128h + 32s + l in bits 2s of byte
+            // 32h + l), then d; x = d·(q − 1), one scale for all 256.
+            c.scale = [1; 16];
+            for e in 0..QK_K {
+                let (h, s, l) = (e / 128, (e % 128) / 32, e % 32);
+                c.code[e] = (blk[32 * h + l] >> (2 * s)) & 3;
+            }
+            c.d = [blk[64], blk[65]];
+        }
+        CodedFormat::TQ1_0 => {
+            // 48 bytes of 5 base-3 digits and 4 of 4, then d; x = d·(t − 1).
+            // Digit k of byte b is the top digit of b·3^k mod 256 (ggml stores
+            // each byte as ⌈n·256 / 243⌉ of its digits' number n): ⌊3·(b·3^k mod 256) / 256⌋.
+            // Elements: bytes 0..32 give 32k + m (k < 5), bytes 32..48 give
+            // 160 + 16k + m, the 4 high bytes 240 + 4k + m (k < 4).
+            c.scale = [1; 16];
+            let digit = |b: u8, k: u32| ((b.wrapping_mul(3u8.pow(k)) as u16 * 3) >> 8) as u8;
+            // (first element, bytes, digits per byte) of the three runs.
+            for (e0, bytes, digits) in [
+                (0, &blk[0..32], 5),
+                (160, &blk[32..48], 5),
+                (240, &blk[48..52], 4),
+            ] {
+                for k in 0..digits {
+                    for (m, &b) in bytes.iter().enumerate() {
+                        c.code[e0 + bytes.len() * k + m] = digit(b, k as u32);
+                    }
+                }
+            }
+            c.d = [blk[52], blk[53]];
         }
     }
     c

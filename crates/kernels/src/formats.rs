@@ -291,7 +291,7 @@ pub enum ActFormat {
 
 impl WeightFormat {
     /// Every weight format.
-    pub const ALL: [WeightFormat; 22] = [
+    pub const ALL: [WeightFormat; 24] = [
         WeightFormat::F32,
         WeightFormat::F16,
         WeightFormat::BF16,
@@ -314,6 +314,8 @@ impl WeightFormat {
         WeightFormat::Coded(CodedFormat::IQ3S),
         WeightFormat::Coded(CodedFormat::IQ1S),
         WeightFormat::Coded(CodedFormat::IQ1M),
+        WeightFormat::Coded(CodedFormat::TQ1_0),
+        WeightFormat::Coded(CodedFormat::TQ2_0),
     ];
 
     /// Elements per block.

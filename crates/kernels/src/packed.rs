@@ -117,7 +117,7 @@ pub const FLOAT_BLOCK: usize = 32;
 
 impl PackedFormat {
     /// Every packed format.
-    pub const ALL: [PackedFormat; 17] = [
+    pub const ALL: [PackedFormat; 18] = [
         PackedFormat::Q8_0,
         PackedFormat::Q5_0,
         PackedFormat::Q4_0,
@@ -132,6 +132,7 @@ impl PackedFormat {
         PackedFormat::Coded(CodeTable::IQ3S),
         PackedFormat::Coded(CodeTable::IQ1),
         PackedFormat::Coded(CodeTable::Q2K),
+        PackedFormat::Coded(CodeTable::TQ),
         PackedFormat::F16,
         PackedFormat::BF16,
         PackedFormat::F32,
@@ -1050,6 +1051,7 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
             PackedFormat::Coded(CodeTable::IQ3S) => group_coded::<I, NT, IQ3S_T>(gp, nb, a),
             PackedFormat::Coded(CodeTable::IQ1) => group_coded::<I, NT, IQ1_T>(gp, nb, a),
             PackedFormat::Coded(CodeTable::Q2K) => group_coded::<I, NT, Q2K_T>(gp, nb, a),
+            PackedFormat::Coded(CodeTable::TQ) => group_coded::<I, NT, TQ_T>(gp, nb, a),
             PackedFormat::F16 => group_float::<I, NT, F16_KIND>(gp, nb, a),
             PackedFormat::BF16 => group_float::<I, NT, BF16_KIND>(gp, nb, a),
             PackedFormat::F32 => group_float::<I, NT, F32_KIND>(gp, nb, a),
@@ -1409,6 +1411,7 @@ const IQ3XXS_T: u8 = 1;
 const IQ3S_T: u8 = 2;
 const IQ1_T: u8 = 3;
 const Q2K_T: u8 = 4;
+const TQ_T: u8 = 5;
 
 /// The code table a `group_coded` instance reads.
 const fn code_table(t: u8) -> CodeTable {
@@ -1417,16 +1420,17 @@ const fn code_table(t: u8) -> CodeTable {
         IQ3XXS_T => CodeTable::IQ3XXS,
         IQ3S_T => CodeTable::IQ3S,
         IQ1_T => CodeTable::IQ1,
-        _ => CodeTable::Q2K,
+        Q2K_T => CodeTable::Q2K,
+        _ => CodeTable::TQ,
     }
 }
 
 /// Each table's values + 128 (unsigned, as `dpbusd` wants them), in each
 /// 16-byte lane of a 64-byte vector.
-static CODE_TABLES_U128: [[u8; 64]; 5] = {
-    let mut t = [[0u8; 64]; 5];
+static CODE_TABLES_U128: [[u8; 64]; 6] = {
+    let mut t = [[0u8; 64]; 6];
     let mut k = 0;
-    while k < 5 {
+    while k < 6 {
         let v = code_table(k as u8).values();
         let mut i = 0;
         while i < 64 {
@@ -2074,6 +2078,7 @@ mod tests {
             CodeTable::IQ3XXS,
             CodeTable::IQ3S,
             CodeTable::IQ1,
+            CodeTable::TQ,
         ] {
             const IQ: PackedFormat = Coded(CodeTable::IQ2);
             check::<{ IQ.core_bytes() }, { IQ.scale_bytes() }>(Coded(t));

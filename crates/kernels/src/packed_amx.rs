@@ -368,17 +368,18 @@ static IQ4NL_I8: [u8; 64] = {
 };
 
 /// Each code table's values as signed bytes, in each 16-byte lane.
-static CODE_TABLES_I8: [[u8; 64]; 5] = {
+static CODE_TABLES_I8: [[u8; 64]; 6] = {
     let tables = [
         crate::coded::CodeTable::IQ2,
         crate::coded::CodeTable::IQ3XXS,
         crate::coded::CodeTable::IQ3S,
         crate::coded::CodeTable::IQ1,
         crate::coded::CodeTable::Q2K,
+        crate::coded::CodeTable::TQ,
     ];
-    let mut t = [[0u8; 64]; 5];
+    let mut t = [[0u8; 64]; 6];
     let mut k = 0;
-    while k < 5 {
+    while k < 6 {
         let v = tables[k].values();
         let mut i = 0;
         while i < 64 {
@@ -400,6 +401,7 @@ unsafe fn code_table_i8(t: crate::coded::CodeTable) -> __m512i {
         CodeTable::IQ3S => 2,
         CodeTable::IQ1 => 3,
         CodeTable::Q2K => 4,
+        CodeTable::TQ => 5,
     };
     V::load(CODE_TABLES_I8[k].as_ptr())
 }

@@ -22,7 +22,7 @@ use gemma3_kernels::simd::{available, SCALAR};
 use gemma3_kernels::{ActFormat, MatmulScratch, QMatrix, WeightFormat};
 use half::f16;
 
-const FORMATS: [WeightFormat; 22] = WeightFormat::ALL;
+const FORMATS: [WeightFormat; 24] = WeightFormat::ALL;
 
 struct Case {
     name: String,

@@ -112,6 +112,8 @@ fn weight_format(name: &str, ty: GgmlType) -> Result<WeightFormat, ModelError> {
         GgmlType::IQ3S => WeightFormat::Coded(CodedFormat::IQ3S),
         GgmlType::IQ1S => WeightFormat::Coded(CodedFormat::IQ1S),
         GgmlType::IQ1M => WeightFormat::Coded(CodedFormat::IQ1M),
+        GgmlType::TQ1_0 => WeightFormat::Coded(CodedFormat::TQ1_0),
+        GgmlType::TQ2_0 => WeightFormat::Coded(CodedFormat::TQ2_0),
         other => {
             return Err(ModelError::UnsupportedType {
                 name: name.to_string(),

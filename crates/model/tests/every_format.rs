@@ -36,6 +36,8 @@ fn scale_offsets(f: WeightFormat) -> &'static [usize] {
         WeightFormat::Q3K => &[108],
         WeightFormat::Q6K => &[208],
         WeightFormat::Coded(CodedFormat::Q2K) => &[80, 82],
+        WeightFormat::Coded(CodedFormat::TQ1_0) => &[52],
+        WeightFormat::Coded(CodedFormat::TQ2_0) => &[64],
         WeightFormat::Coded(CodedFormat::IQ1M) => &[],
         _ => &[0],
     }

@@ -140,7 +140,7 @@ impl Rng {
     }
 }
 
-pub const ALL_FORMATS: [WeightFormat; 22] = WeightFormat::ALL;
+pub const ALL_FORMATS: [WeightFormat; 24] = WeightFormat::ALL;
 
 /// Byte offsets of the f16 scale fields in a block (ggml-common.h layouts).
 fn scale_offsets(format: WeightFormat) -> &'static [usize] {
@@ -159,6 +159,8 @@ fn scale_offsets(format: WeightFormat) -> &'static [usize] {
             | CodedFormat::IQ1S,
         ) => &[0],
         WeightFormat::Coded(CodedFormat::Q2K) => &[80, 82],
+        WeightFormat::Coded(CodedFormat::TQ1_0) => &[52],
+        WeightFormat::Coded(CodedFormat::TQ2_0) => &[64],
         WeightFormat::Q4_1 | WeightFormat::Q5_1 | WeightFormat::Q4K | WeightFormat::Q5K => &[0, 2],
         WeightFormat::Q6K => &[208],
         WeightFormat::Q3K => &[108],
