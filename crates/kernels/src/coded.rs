@@ -16,7 +16,7 @@
 //! ksigns_iq2xs) and ggml-quants.c dequantize_row_iq*, read through
 //! gguf-py's gguf/quants.py; the grids are in `iq_grids.rs`.
 
-use crate::formats::{f16_le, QK_K};
+use crate::formats::{f16_le, lut_lanes, QK_K};
 use crate::iq_grids::*;
 
 /// The formats read through this module (as [`crate::WeightFormat::Coded`]).
@@ -111,6 +111,28 @@ pub enum CodeTable {
 }
 
 impl CodeTable {
+    /// Every table, in declaration order (`t as usize` indexes it).
+    pub const ALL: [CodeTable; 6] = [
+        CodeTable::IQ2,
+        CodeTable::IQ3XXS,
+        CodeTable::IQ3S,
+        CodeTable::IQ1,
+        CodeTable::Q2K,
+        CodeTable::TQ,
+    ];
+
+    /// Every table's values plus `offset` as [`lut_lanes`] lays them out,
+    /// indexed by `t as usize`.
+    pub(crate) const fn all_lanes(offset: i32) -> [[u8; 64]; 6] {
+        let mut t = [[0u8; 64]; 6];
+        let mut k = 0;
+        while k < 6 {
+            t[k] = lut_lanes(CodeTable::ALL[k].values(), offset);
+            k += 1;
+        }
+        t
+    }
+
     /// The value of each code (unused codes are 0).
     pub const fn values(self) -> [i8; 16] {
         match self {

@@ -76,6 +76,19 @@ pub struct BlockIQ4NL {
     pub qs: [u8; QK / 2],
 }
 
+/// A 16-entry table plus `offset`, as bytes, in each 16-byte lane of a
+/// 64-byte vector: the operand of a `pshufb` lookup (`offset` 128 gives
+/// the unsigned bytes `dpbusd` wants).
+pub(crate) const fn lut_lanes(values: [i8; 16], offset: i32) -> [u8; 64] {
+    let mut t = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        t[i] = (values[i % 16] as i32 + offset) as u8;
+        i += 1;
+    }
+    t
+}
+
 /// IQ4_NL's 16 levels (ref: ggml-common.h `kvalues_iq4nl`).
 pub const KVALUES_IQ4NL: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,

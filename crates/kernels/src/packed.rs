@@ -1356,17 +1356,8 @@ unsafe fn group_nibbles<I: Isa, const NT: usize, const LUT: bool>(
     acc
 }
 
-/// IQ4_NL's table as unsigned bytes (value + 128, as `dpbusd` wants them),
-/// in each 16-byte lane of a 64-byte vector.
-static IQ4NL_U128: [u8; 64] = {
-    let mut t = [0u8; 64];
-    let mut i = 0;
-    while i < 64 {
-        t[i] = (KVALUES_IQ4NL[i % 16] as i32 + 128) as u8;
-        i += 1;
-    }
-    t
-};
+/// IQ4_NL's table as unsigned bytes (value + 128, as `dpbusd` wants them).
+static IQ4NL_U128: [u8; 64] = lut_lanes(KVALUES_IQ4NL, 128);
 
 /// IQ4_XS: per sub-block j, IQ4_NL's looked-up sum (corrected by
 /// −128·Σy_j), times the signed scale in exact integers; one float step per
@@ -1417,41 +1408,34 @@ unsafe fn group_iq4xs<I: Isa, const NT: usize>(
     acc
 }
 
-const IQ2_T: u8 = 0;
-const IQ3XXS_T: u8 = 1;
-const IQ3S_T: u8 = 2;
-const IQ1_T: u8 = 3;
-const Q2K_T: u8 = 4;
-const TQ_T: u8 = 5;
+// `group_coded`'s table parameter: a `CodeTable` as its index in `CodeTable::ALL`.
+const IQ2_T: u8 = CodeTable::IQ2 as u8;
+const IQ3XXS_T: u8 = CodeTable::IQ3XXS as u8;
+const IQ3S_T: u8 = CodeTable::IQ3S as u8;
+const IQ1_T: u8 = CodeTable::IQ1 as u8;
+const Q2K_T: u8 = CodeTable::Q2K as u8;
+const TQ_T: u8 = CodeTable::TQ as u8;
 
-/// The code table a `group_coded` instance reads.
-const fn code_table(t: u8) -> CodeTable {
-    match t {
-        IQ2_T => CodeTable::IQ2,
-        IQ3XXS_T => CodeTable::IQ3XXS,
-        IQ3S_T => CodeTable::IQ3S,
-        IQ1_T => CodeTable::IQ1,
-        Q2K_T => CodeTable::Q2K,
-        _ => CodeTable::TQ,
+/// Each code table's values + 128 (unsigned, as `dpbusd` wants them).
+static CODE_TABLES_U128: [[u8; 64]; 6] = CodeTable::all_lanes(128);
+
+/// M = Σ_j m_j · Σy_j for 16 rows, two sub-blocks per `dot_pairs`: the u8
+/// minimums of sub-blocks 2p and 2p + 1 at `mins + 32p` (`[r][2]`), and
+/// `sum(j)` the activations' sum over sub-block j (Q4_K's sub-blocks of 32,
+/// Q2_K's of 16).
+#[inline(always)]
+pub(crate) unsafe fn min_sums<I: Isa>(
+    mins: *const u8,
+    pairs: usize,
+    sum: impl Fn(usize) -> i16,
+) -> I::V {
+    let mut m = I::splat32(0);
+    for p in 0..pairs {
+        let pair = (sum(2 * p) as u16 as u32 | (sum(2 * p + 1) as u16 as u32) << 16) as i32;
+        m = I::dot_pairs(m, mins.add(32 * p), pair);
     }
+    m
 }
-
-/// Each table's values + 128 (unsigned, as `dpbusd` wants them), in each
-/// 16-byte lane of a 64-byte vector.
-static CODE_TABLES_U128: [[u8; 64]; 6] = {
-    let mut t = [[0u8; 64]; 6];
-    let mut k = 0;
-    while k < 6 {
-        let v = code_table(k as u8).values();
-        let mut i = 0;
-        while i < 64 {
-            t[k][i] = (v[i % 16] as i32 + 128) as u8;
-            i += 1;
-        }
-        k += 1;
-    }
-    t
-};
 
 /// A coded format (T names its table): per sub-block of 16 the looked-up
 /// sum (corrected by −128·Σy where `dot_b128` needs it; Q2_K's codes are
@@ -1464,7 +1448,7 @@ unsafe fn group_coded<I: Isa, const NT: usize, const T: u8>(
     nb: usize,
     a: &[ActRow; NT],
 ) -> [I::F; NT] {
-    let table = code_table(T);
+    let table = CodeTable::ALL[T as usize];
     let min = table.has_min();
     let codes = if min { 512 } else { 256 };
     let mut acc = [I::zero_f(); NT];
@@ -1511,13 +1495,7 @@ unsafe fn group_coded<I: Isa, const NT: usize, const T: u8>(
             let dy = I::splat_f(y.d);
             acc[t] = I::fmadd(I::mul_f(d, dy), I::to_f(s[t]), acc[t]);
             if min {
-                // M = Σ_j min_j · Σy_j, two sub-blocks per `dot_pairs`.
-                let mut m = I::splat32(0);
-                for p in 0..8 {
-                    let bs = |j: usize| y.bsums[j] as u16 as u32;
-                    let pair = (bs(2 * p) | (bs(2 * p + 1) << 16)) as i32;
-                    m = I::dot_pairs(m, core.add(256 + 32 * p), pair);
-                }
+                let m = min_sums::<I>(core.add(256), 8, |j| y.bsums[j]);
                 let dmin = I::load_f16(scales.add(32));
                 acc[t] = I::fnmadd(I::mul_f(dmin, dy), I::to_f(m), acc[t]);
             }
@@ -1602,13 +1580,7 @@ unsafe fn group_q4k<I: Isa, const NT: usize, const FIVE: bool>(
         let dmin = I::load_f16(scales.add(32));
         for t in 0..NT {
             let y = q8k(&a[t]).get_unchecked(b);
-            // M = Σ_j m_j · (Σ of sub-block j's 32 activations), pairs of j at a time.
-            let bs = |j: usize| (y.bsums[2 * j] + y.bsums[2 * j + 1]) as u16 as u32;
-            let mut m = I::splat32(0);
-            for p in 0..4 {
-                let pair = (bs(2 * p) | (bs(2 * p + 1) << 16)) as i32;
-                m = I::dot_pairs(m, core.add(128 + 32 * p), pair);
-            }
+            let m = min_sums::<I>(core.add(128), 4, |j| y.bsums[2 * j] + y.bsums[2 * j + 1]);
             let dy = I::splat_f(y.d);
             acc[t] = I::fmadd(I::mul_f(d, dy), I::to_f(s[t]), acc[t]);
             acc[t] = I::fnmadd(I::mul_f(dmin, dy), I::to_f(m), acc[t]);

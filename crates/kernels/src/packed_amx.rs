@@ -35,7 +35,7 @@
 //! is refused, or `GEMMA3_NO_AMX` is set.
 
 use crate::formats::*;
-use crate::packed::{block_offsets, ActRow, Isa, PackedFormat, PackedKernels, LANES};
+use crate::packed::{block_offsets, min_sums, ActRow, Isa, PackedFormat, PackedKernels, LANES};
 use crate::packed_x86::Avx512;
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -356,55 +356,9 @@ unsafe fn tiles_inner<U: TileUnit>(
 
 type V = Avx512<true>;
 
-/// IQ4_NL's table as signed bytes, in each 16-byte lane.
-static IQ4NL_I8: [u8; 64] = {
-    let mut t = [0u8; 64];
-    let mut i = 0;
-    while i < 64 {
-        t[i] = crate::formats::KVALUES_IQ4NL[i % 16] as u8;
-        i += 1;
-    }
-    t
-};
-
-/// Each code table's values as signed bytes, in each 16-byte lane.
-static CODE_TABLES_I8: [[u8; 64]; 6] = {
-    let tables = [
-        crate::coded::CodeTable::IQ2,
-        crate::coded::CodeTable::IQ3XXS,
-        crate::coded::CodeTable::IQ3S,
-        crate::coded::CodeTable::IQ1,
-        crate::coded::CodeTable::Q2K,
-        crate::coded::CodeTable::TQ,
-    ];
-    let mut t = [[0u8; 64]; 6];
-    let mut k = 0;
-    while k < 6 {
-        let v = tables[k].values();
-        let mut i = 0;
-        while i < 64 {
-            t[k][i] = v[i % 16] as u8;
-            i += 1;
-        }
-        k += 1;
-    }
-    t
-};
-
-/// The signed table of a coded format, as a vector.
-#[inline(always)]
-unsafe fn code_table_i8(t: crate::coded::CodeTable) -> __m512i {
-    use crate::coded::CodeTable;
-    let k = match t {
-        CodeTable::IQ2 => 0,
-        CodeTable::IQ3XXS => 1,
-        CodeTable::IQ3S => 2,
-        CodeTable::IQ1 => 3,
-        CodeTable::Q2K => 4,
-        CodeTable::TQ => 5,
-    };
-    V::load(CODE_TABLES_I8[k].as_ptr())
-}
+/// IQ4_NL's table and each code table as signed bytes, in each 16-byte lane.
+static IQ4NL_I8: [u8; 64] = crate::formats::lut_lanes(crate::formats::KVALUES_IQ4NL, 0);
+static CODE_TABLES_I8: [[u8; 64]; 6] = crate::coded::CodeTable::all_lanes(0);
 
 /// Write group `gp`'s blocks to `dst` as signed weights, in B-tile rows:
 /// for the 32-element formats 512 bytes a block (8 rows of 4 elements × 16
@@ -503,7 +457,7 @@ unsafe fn unpack_group(f: PackedFormat, gp: *const u8, nb: usize, dst: *mut u8) 
             }
             PackedFormat::Coded(t) => {
                 // Sub-block 2c in the low nibbles of vectors (c, 0..4), 2c + 1 in the high.
-                let table = code_table_i8(t);
+                let table = V::load(CODE_TABLES_I8[t as usize].as_ptr());
                 let codes = if t.has_min() { 512 } else { 256 };
                 for c in 0..8 {
                     for g in 0..4 {
@@ -757,12 +711,7 @@ unsafe fn finish_q2k_min(
     let dmin = V::load_f16(scales.add(32));
     for t in 0..TOKENS {
         let yb = &*y[t].add(b);
-        let bs = |j: usize| yb.bsums[j] as u16 as u32;
-        let mut m = _mm512_setzero_si512();
-        for p in 0..8 {
-            let pair = (bs(2 * p) | (bs(2 * p + 1) << 16)) as i32;
-            m = V::dot_pairs(m, core.add(256 + 32 * p), pair);
-        }
+        let m = min_sums::<V>(core.add(256), 8, |j| yb.bsums[j]);
         let dy = _mm512_set1_ps(yb.d);
         acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, dy), _mm512_cvtepi32_ps(m), acc[t]);
     }
@@ -783,12 +732,7 @@ unsafe fn finish_q4k(
     let dmin = V::load_f16(scales.add(32));
     for t in 0..TOKENS {
         let yb = &*y[t].add(b);
-        let bs = |j: usize| (yb.bsums[2 * j] + yb.bsums[2 * j + 1]) as u16 as u32;
-        let mut m = _mm512_setzero_si512();
-        for p in 0..4 {
-            let pair = (bs(2 * p) | (bs(2 * p + 1) << 16)) as i32;
-            m = V::dot_pairs(m, core.add(128 + 32 * p), pair);
-        }
+        let m = min_sums::<V>(core.add(128), 4, |j| yb.bsums[2 * j] + yb.bsums[2 * j + 1]);
         let dy = _mm512_set1_ps(yb.d);
         acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, dy), _mm512_cvtepi32_ps(s[t]), acc[t]);
         acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, dy), _mm512_cvtepi32_ps(m), acc[t]);
