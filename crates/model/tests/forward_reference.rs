@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::compare;
 use common::reference::Reference;
 use common::tiny::{tiny_writer, Rng, TinySpec, TinyTensor};
 use gemma3_gguf::GgufFile;
@@ -70,29 +71,6 @@ fn decode_one_by_one(m: &Model, toks: &[u32], ctx: usize, mut check: impl FnMut(
             .expect("forward");
         check(p, got);
     }
-}
-
-/// Over the given positions: the largest max|ours − ref| / max|ref| and the largest
-/// rms(ours − ref) / max|ref|.
-fn compare(ours: &[f32], reference: &[Vec<f64>], vocab: usize, positions: &[usize]) -> (f64, f64) {
-    let (mut worst, mut worst_rms) = (0.0f64, 0.0f64);
-    for (row, &p) in positions.iter().enumerate() {
-        let r = &reference[p];
-        let o = &ours[row * vocab..(row + 1) * vocab];
-        assert!(
-            o.iter().all(|v| v.is_finite()),
-            "position {p}: non-finite logits"
-        );
-        let scale = r.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        let err = o
-            .iter()
-            .zip(r)
-            .fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
-        let ss: f64 = o.iter().zip(r).map(|(&a, &b)| (a as f64 - b).powi(2)).sum();
-        worst = worst.max(err / scale);
-        worst_rms = worst_rms.max((ss / vocab as f64).sqrt() / scale);
-    }
-    (worst, worst_rms)
 }
 
 /// Per-layer comparison of the engine's traced intermediates with the reference's: one line

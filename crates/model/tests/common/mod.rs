@@ -4,3 +4,32 @@
 
 pub mod reference;
 pub mod tiny;
+
+/// The largest and the rms difference of `ours` (rows of `vocab` logits, one per entry of
+/// `positions`) from the reference's rows at those positions, each relative to that row's
+/// largest |reference logit|; the worst over the rows. Panics on a non-finite logit.
+pub fn compare(
+    ours: &[f32],
+    reference: &[Vec<f64>],
+    vocab: usize,
+    positions: &[usize],
+) -> (f64, f64) {
+    let (mut worst, mut worst_rms) = (0.0f64, 0.0f64);
+    for (row, &p) in positions.iter().enumerate() {
+        let r = &reference[p];
+        let o = &ours[row * vocab..(row + 1) * vocab];
+        assert!(
+            o.iter().all(|v| v.is_finite()),
+            "position {p}: non-finite logits"
+        );
+        let scale = r.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let err = o
+            .iter()
+            .zip(r)
+            .fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+        let ss: f64 = o.iter().zip(r).map(|(&a, &b)| (a as f64 - b).powi(2)).sum();
+        worst = worst.max(err / scale);
+        worst_rms = worst_rms.max((ss / vocab as f64).sqrt() / scale);
+    }
+    (worst, worst_rms)
+}
