@@ -46,9 +46,9 @@ FTYPES = {"F16": 1, "BF16": 32, "Q8_0": 7, "Q4_0": 2}
 STEPS = 16
 
 
-def data_section_sha256(path: Path) -> str:
-    """sha256 of a GGUF v3 file from its (aligned) data offset to the end."""
-    b = path.read_bytes()
+def gguf_header(b: bytes):
+    """The tensor infos of a GGUF v3 file's bytes, as (name, dims) with dims innermost
+    first, and the (aligned) offset of its data section."""
     assert b[:4] == b"GGUF" and struct.unpack_from("<I", b, 4)[0] == 3
     n_tensors, n_kv = struct.unpack_from("<QQ", b, 8)
     off = 24
@@ -77,12 +77,21 @@ def data_section_sha256(path: Path) -> str:
         if key == "general.alignment":
             (align,) = struct.unpack_from("<I", b, off)
         off = skip_value(t, off)
+    tensors = []
     for _ in range(n_tensors):
         (nlen,) = struct.unpack_from("<Q", b, off)
+        name = b[off + 8 : off + 8 + nlen].decode()
         off += 8 + nlen
         (nd,) = struct.unpack_from("<I", b, off)
+        tensors.append((name, struct.unpack_from(f"<{nd}Q", b, off + 4)))
         off += 4 + 8 * nd + 4 + 8
-    start = (off + align - 1) // align * align
+    return tensors, (off + align - 1) // align * align
+
+
+def data_section_sha256(path: Path) -> str:
+    """sha256 of a GGUF v3 file from its (aligned) data offset to the end."""
+    b = path.read_bytes()
+    _, start = gguf_header(b)
     return hashlib.sha256(b[start:]).hexdigest()
 
 

@@ -27,6 +27,9 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_cpp_conversions import gguf_header  # noqa: E402
+
 # llama.h enum llama_ftype
 FTYPES = {
     "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
@@ -40,45 +43,9 @@ DEFAULT_MODEL = Path.home() / ".cache" / "gemma3" / "gemma-3-270m-q4_k_m.gguf"
 
 
 def matrices(path: Path):
-    """(name, row length) of every 2-D tensor, read from the GGUF header."""
-    import struct
-
-    b = path.read_bytes()
-    assert b[:4] == b"GGUF"
-    n_tensors, n_kv = struct.unpack_from("<QQ", b, 8)
-    off = 24
-    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-    def skip(t, off):
-        if t in scalar:
-            return off + scalar[t]
-        if t == 8:
-            (n,) = struct.unpack_from("<Q", b, off)
-            return off + 8 + n
-        assert t == 9, t
-        et, n = struct.unpack_from("<IQ", b, off)
-        off += 12
-        for _ in range(n):
-            off = skip(et, off)
-        return off
-
-    for _ in range(n_kv):
-        (n,) = struct.unpack_from("<Q", b, off)
-        off += 8 + n
-        (t,) = struct.unpack_from("<I", b, off)
-        off = skip(t, off + 4)
-    out = []
-    for _ in range(n_tensors):
-        (n,) = struct.unpack_from("<Q", b, off)
-        name = b[off + 8 : off + 8 + n].decode()
-        off += 8 + n
-        (nd,) = struct.unpack_from("<I", b, off)
-        dims = struct.unpack_from(f"<{nd}Q", b, off + 4)
-        off += 4 + 8 * nd + 4 + 8
-        if nd == 2:
-            out.append((name, int(dims[0])))
-    return out
-
+    """(name, row length) of every 2-D tensor, from the GGUF header."""
+    tensors, _ = gguf_header(path.read_bytes())
+    return [(name, int(dims[0])) for name, dims in tensors if len(dims) == 2]
 
 def quantize(src: Path, dst: Path, ftype: str) -> None:
     p = llama_cpp.llama_model_quantize_default_params()
