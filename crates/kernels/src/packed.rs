@@ -217,6 +217,16 @@ impl PackedFormat {
         }
     }
 
+    /// Where a coded block's codes start, after its 16 scales (and Q2_K's
+    /// 16 minimums).
+    pub const fn codes_offset(t: CodeTable) -> usize {
+        if t.has_min() {
+            512
+        } else {
+            256
+        }
+    }
+
     /// Bytes of one block's f16 scales for 16 rows (none for the float
     /// formats).
     pub const fn scale_bytes(self) -> usize {
@@ -639,7 +649,7 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
                     core[256 + 32 * (j / 2) + 2 * r + j % 2] = c.min[j];
                 }
             }
-            let codes = if has_min { 512 } else { 256 };
+            let codes = PackedFormat::codes_offset(f.table());
             for ch in 0..8 {
                 for g in 0..4 {
                     for i in 0..4 {
@@ -1450,7 +1460,7 @@ unsafe fn group_coded<I: Isa, const NT: usize, const T: u8>(
 ) -> [I::F; NT] {
     let table = CodeTable::ALL[T as usize];
     let min = table.has_min();
-    let codes = if min { 512 } else { 256 };
+    let codes = PackedFormat::codes_offset(table);
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
     let lut = I::load(CODE_TABLES_U128[T as usize].as_ptr());

@@ -458,7 +458,7 @@ unsafe fn unpack_group(f: PackedFormat, gp: *const u8, nb: usize, dst: *mut u8) 
             PackedFormat::Coded(t) => {
                 // Sub-block 2c in the low nibbles of vectors (c, 0..4), 2c + 1 in the high.
                 let table = V::load(CODE_TABLES_I8[t as usize].as_ptr());
-                let codes = if t.has_min() { 512 } else { 256 };
+                let codes = PackedFormat::codes_offset(t);
                 for c in 0..8 {
                     for g in 0..4 {
                         let v = V::load(p.add(codes + 64 * (4 * c + g)));
