@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{random_acts, random_rows, Rng, ALL_FORMATS};
+use common::{random_acts, random_rows, Rng};
 use gemma3_kernels::formats::{BlockQ8K, BlockQ8_0, QK, QK_K};
 use gemma3_kernels::matmul::{matmul, matmul_with};
 use gemma3_kernels::quant::{dequantize_row, quantize_q8_0, quantize_q8_k};
@@ -46,7 +46,7 @@ fn cases() -> Vec<Case> {
         });
     }
     let mut rng = Rng::new(0x7461_626c_6573);
-    for format in ALL_FORMATS {
+    for format in WeightFormat::ALL {
         // Odd block counts: 5 legacy blocks, 3 super-blocks; 33 for the float formats. 37 rows
         // so that matmul splits the rows over several tasks with a ragged last one.
         let cols_list: &[usize] = match format.block_size() {

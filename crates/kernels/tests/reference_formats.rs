@@ -19,7 +19,7 @@ use gemma3_kernels::{QMatrix, WeightFormat};
 fn dequantize_row_equals_gguf_py() {
     let fixtures = dequant_fixtures();
     // Every format the engine supports appears at least once (real rows or random blocks).
-    for f in common::ALL_FORMATS {
+    for f in WeightFormat::ALL {
         if f != WeightFormat::F32 {
             assert!(
                 fixtures.iter().any(|x| x.format == f),

@@ -140,8 +140,6 @@ impl Rng {
     }
 }
 
-pub const ALL_FORMATS: [WeightFormat; 24] = WeightFormat::ALL;
-
 /// Byte offsets of the f16 scale fields in a block (ggml-common.h layouts).
 fn scale_offsets(format: WeightFormat) -> &'static [usize] {
     match format {
