@@ -51,17 +51,17 @@
 //! - IQ4_XS (2176 B): 8 sub-block scales `[j][r]` (i8, ls − 32), then per
 //!   sub-block j 4 vectors g holding the raw qs[16j + 4g ..]: low nibbles
 //!   are elements 4g.., high nibbles 16 + 4g.. of the sub-block. Scale: d.
-//! - Q5_K (2816 B): Q4_K's form, then 8 vectors g holding the raw
-//!   qh[4g ..]: bit j of a byte is the fifth bit of that element of
-//!   sub-block j.
+//! - Q5_K (2816 B): Q4_K's scales and mins, then 8 vectors g holding the
+//!   raw qh[4g ..] (bit j of a byte is the fifth bit of that element of
+//!   sub-block j), then Q4_K's 32 vectors.
 //! - Q6_K (3328 B): 16 scales `[j][r]` (i8), then per sub-block j three
 //!   vectors A, B, C: A low/high nibbles = groups 4j, 4j+1; B = 4j+2, 4j+3;
 //!   C bits 2i..2i+2 = high bits of group 4j+i; u ∈ 0..64, w = u − 32.
-//! - Coded (2304 B; Q2_K 2560 B): 16 sub-block scales `[j][r]` (i8), for
-//!   Q2_K then 8 min pairs `[p][r][2]` (u8), then per 32 elements c 4
-//!   vectors g: low nibbles are the codes of elements 32c + 4g.., high
-//!   nibbles of 32c + 16 + 4g.. (sub-blocks 2c and 2c + 1). Scales: d
-//!   (Q2_K: then dmin).
+//! - Coded (2304 B; Q2_K 2560 B): 16 sub-block scales `[j][r]` (i8), then
+//!   per 32 elements c 4 vectors g: low nibbles are the codes of elements
+//!   32c + 4g.., high nibbles of 32c + 16 + 4g.. (sub-blocks 2c and
+//!   2c + 1); for Q2_K then 8 min pairs `[p][r][2]` (u8). Scales: d (Q2_K:
+//!   then dmin).
 //! - F16 (1024 B per block of 32 columns, no scales): column j's 16 values
 //!   at 32j (row r at 32j + 2r), as `vcvtph2ps` reads them.
 //! - BF16 (1024 B): column pair p (2p, 2p + 1) at 64p, one dword per row
@@ -80,6 +80,8 @@ use crate::formats::*;
 use crate::matmul::{check_shapes, MatmulScratch, OutPtr, QMatrix};
 use crate::quant::{q3_k_unpack, q4_1_unpack, q5_0_unpack, q5_1_unpack, q6_k_unpack};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
+use std::sync::atomic::{compiler_fence, Ordering};
 use std::sync::Arc;
 
 /// Rows per interleaved group (one per 32-bit lane of a 512-bit vector).
@@ -217,15 +219,23 @@ impl PackedFormat {
         }
     }
 
-    /// Where a coded block's codes start, after its 16 scales (and Q2_K's
-    /// 16 minimums).
-    pub const fn codes_offset(t: CodeTable) -> usize {
-        if t.has_min() {
-            512
-        } else {
-            256
+    /// Where a Q4_K or Q5_K block's nibbles start: after the scales and
+    /// minimums, and Q5_K's fifth bits, which its kernel reads first (read
+    /// after them, they made one token's Q5_K stream 11 GB/s instead of 30).
+    pub const fn nibbles_offset(self) -> usize {
+        match self {
+            PackedFormat::Q5K => 256 + 512,
+            _ => 256,
         }
     }
+
+    /// Where a coded block's codes start, after its 16 scales.
+    pub const CODED_CODES: usize = 256;
+
+    /// Where Q2_K's minimums start, after its codes: the kernels read a
+    /// block in ascending order (placed before the codes and read after
+    /// them, they made one token's Q2_K stream 11 GB/s instead of 29).
+    pub const CODED_MINS: usize = Self::CODED_CODES + 2048;
 
     /// Bytes of one block's f16 scales for 16 rows (none for the float
     /// formats).
@@ -587,6 +597,12 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
             sc[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&m);
         }
         WeightFormat::Q4K | WeightFormat::Q5K => {
+            let packed = if src == WeightFormat::Q4K {
+                PackedFormat::Q4K
+            } else {
+                PackedFormat::Q5K
+            };
+            let nibbles = packed.nibbles_offset();
             let (d, dmin, scales, qs) = if src == WeightFormat::Q4K {
                 let blk = &as_blocks::<BlockQ4K>(row)[b];
                 (blk.d, blk.dmin, blk.scales, &blk.qs)
@@ -594,7 +610,7 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
                 let blk = &as_blocks::<BlockQ5K>(row)[b];
                 // The fifth bits: vector g holds the raw qh[4g..4g + 4].
                 for g in 0..8 {
-                    core[2304 + 64 * g + 4 * r..][..4].copy_from_slice(&blk.qh[4 * g..4 * g + 4]);
+                    core[256 + 64 * g + 4 * r..][..4].copy_from_slice(&blk.qh[4 * g..4 * g + 4]);
                 }
                 (blk.d, blk.dmin, blk.scales, &blk.qs)
             };
@@ -606,7 +622,7 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
             for c in 0..4 {
                 for g in 0..8 {
                     for i in 0..4 {
-                        core[256 + 64 * (8 * c + g) + 4 * r + i] = qs[32 * c + 4 * g + i];
+                        core[nibbles + 64 * (8 * c + g) + 4 * r + i] = qs[32 * c + 4 * g + i];
                     }
                 }
             }
@@ -646,10 +662,10 @@ fn pack_block(src: WeightFormat, row: &[u8], b: usize, r: usize, core: &mut [u8]
             for j in 0..16 {
                 core[16 * j + r] = c.scale[j] as u8;
                 if has_min {
-                    core[256 + 32 * (j / 2) + 2 * r + j % 2] = c.min[j];
+                    core[PackedFormat::CODED_MINS + 32 * (j / 2) + 2 * r + j % 2] = c.min[j];
                 }
             }
-            let codes = PackedFormat::codes_offset(f.table());
+            let codes = PackedFormat::CODED_CODES;
             for ch in 0..8 {
                 for g in 0..4 {
                     for i in 0..4 {
@@ -1083,24 +1099,45 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
     }
 }
 
-/// Calls `f(b, quants, scales)` for blocks b = 0..nb of the group at `gp`,
-/// in order, with the addresses [`block_offsets`] gives, walking unit by
-/// unit: per block, the kernels then pay two pointer additions instead of
-/// that function's divisions (for one token, Q8_0's loop lost about a
-/// third of its instructions to them).
+/// Walks blocks b = 0..nb of the group at `gp` unit by unit, with the
+/// addresses [`block_offsets`] gives: for each unit, `sums(b, quants)` of
+/// its blocks (the integer work), then `finish(b, scales, sums)` of each in
+/// block order (the float steps). Per block the kernels pay two pointer
+/// additions instead of that function's divisions (for one token, Q8_0's
+/// loop lost about a third of its instructions to them), and a unit is
+/// read in ascending order, its scale line after all its quants: read
+/// after the first block's quants instead, the scale line made this CPU's
+/// prefetchers lose the stream (Q8_0 at one token streamed 26–27 GB/s
+/// against 30–32 on one thread).
 #[inline(always)]
-unsafe fn each_block<const CORE: usize, const SB: usize>(
+unsafe fn each_block<const CORE: usize, const SB: usize, S>(
     gp: *const u8,
     nb: usize,
-    mut f: impl FnMut(usize, *const u8, *const u8),
+    sums: impl Fn(usize, *const u8) -> S,
+    mut finish: impl FnMut(usize, *const u8, S),
 ) {
+    const { assert!(SB == 32 || SB == 64, "a unit holds one or two blocks") };
     let mut unit = gp;
     let mut b0 = 0;
     while b0 < nb {
         let in_unit = (64 / SB).min(nb - b0);
         let scales = unit.add(in_unit * CORE);
-        for j in 0..in_unit {
-            f(b0 + j, unit.add(j * CORE), scales.add(j * SB));
+        // One call site each (the closures must be inlined to get the
+        // caller's target features), in loops of a constant trip count.
+        let mut s = [const { MaybeUninit::<S>::uninit() }; 2];
+        for (j, sj) in s.iter_mut().enumerate().take(64 / SB) {
+            if j < in_unit {
+                sj.write(sums(b0 + j, unit.add(j * CORE)));
+                // Keeps block j's loads before block j + 1's: the compiler
+                // had scheduled the second block of a Q8_0 unit first, and a
+                // descending start took Q8_0 to 11–13 GB/s.
+                compiler_fence(Ordering::SeqCst);
+            }
+        }
+        for (j, sj) in s.iter().enumerate().take(64 / SB) {
+            if j < in_unit {
+                finish(b0 + j, scales.add(j * SB), sj.assume_init_read());
+            }
         }
         unit = scales.add(64);
         b0 += in_unit;
@@ -1272,17 +1309,16 @@ unsafe fn group_q8_0<I: Isa, const NT: usize>(
     const CORE: usize = PackedFormat::Q8_0.core_bytes();
     const SB: usize = PackedFormat::Q8_0.scale_bytes();
     let mut acc = [I::zero_f(); NT];
-    each_block::<CORE, SB>(gp, nb, |b, core, scales| {
-        let mut is = start128::<I, NT>(a, b);
-        for k in 0..8 {
-            let u = I::load(core.add(64 * k));
-            for t in 0..NT {
-                let y = &q8(&a[t]).0.get_unchecked(b).qs;
-                is[t] = I::dot_b128(is[t], u, y4(y, 4 * k));
-            }
-        }
-        block_finish::<I, NT>(&mut acc, scales, a, b, is);
-    });
+    each_block::<CORE, SB, _>(
+        gp,
+        nb,
+        |b, core| {
+            block32_sums::<I, NT, true>(start128::<I, NT>(a, b), a, b, |c| {
+                (I::load(core.add(64 * c)), I::load(core.add(64 * (4 + c))))
+            })
+        },
+        |b, scales, is| block_finish::<I, NT>(&mut acc, scales, a, b, is),
+    );
     acc
 }
 
@@ -1297,7 +1333,7 @@ unsafe fn group_q5_0<I: Isa, const NT: usize, const MIN: bool>(
     const CORE: usize = PackedFormat::Q5_0.core_bytes();
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
-    let body = |b: usize, core: *const u8, scales: *const u8, acc: &mut [I::F; NT]| {
+    let sums = |b: usize, core: *const u8| {
         // Q5_0's weights are u − 16: start at −16·Σy.
         let start = std::array::from_fn(|t| {
             I::splat32(if MIN {
@@ -1307,13 +1343,15 @@ unsafe fn group_q5_0<I: Isa, const NT: usize, const MIN: bool>(
             })
         });
         let h = I::load(core);
-        let is = block32_sums::<I, NT, false>(start, a, b, |c| {
+        block32_sums::<I, NT, false>(start, a, b, |c| {
             let v = I::load(core.add(64 + 64 * c));
             (
                 I::and_or(v, m4, I::fifth_bits(h, c)),
                 I::and_or(I::shr::<4>(v), m4, I::fifth_bits(h, 4 + c)),
             )
-        });
+        })
+    };
+    let finish = |b: usize, scales: *const u8, is: [I::V; NT], acc: &mut [I::F; NT]| {
         block_finish::<I, NT>(acc, scales, a, b, is);
         if MIN {
             let m = I::load_f16(scales.add(32));
@@ -1324,10 +1362,10 @@ unsafe fn group_q5_0<I: Isa, const NT: usize, const MIN: bool>(
     };
     if MIN {
         const SB: usize = PackedFormat::Q5_1.scale_bytes();
-        each_block::<CORE, SB>(gp, nb, |b, core, scales| body(b, core, scales, &mut acc));
+        each_block::<CORE, SB, _>(gp, nb, sums, |b, sc, is| finish(b, sc, is, &mut acc));
     } else {
         const SB: usize = PackedFormat::Q5_0.scale_bytes();
-        each_block::<CORE, SB>(gp, nb, |b, core, scales| body(b, core, scales, &mut acc));
+        each_block::<CORE, SB, _>(gp, nb, sums, |b, sc, is| finish(b, sc, is, &mut acc));
     }
     acc
 }
@@ -1346,23 +1384,27 @@ unsafe fn group_nibbles<I: Isa, const NT: usize, const LUT: bool>(
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
     let table = I::load(IQ4NL_U128.as_ptr());
-    each_block::<CORE, SB>(gp, nb, |b, core, scales| {
-        let start = if LUT {
-            start128::<I, NT>(a, b)
-        } else {
-            std::array::from_fn(|t| I::splat32(*q8_neg8(&a[t]).get_unchecked(b)))
-        };
-        let is = block32_sums::<I, NT, LUT>(start, a, b, |c| {
-            let v = I::load(core.add(64 * c));
-            let (lo, hi) = (I::and(v, m4), I::and(I::shr::<4>(v), m4));
-            if LUT {
-                (I::lut16(table, lo), I::lut16(table, hi))
+    each_block::<CORE, SB, _>(
+        gp,
+        nb,
+        |b, core| {
+            let start = if LUT {
+                start128::<I, NT>(a, b)
             } else {
-                (lo, hi)
-            }
-        });
-        block_finish::<I, NT>(&mut acc, scales, a, b, is);
-    });
+                std::array::from_fn(|t| I::splat32(*q8_neg8(&a[t]).get_unchecked(b)))
+            };
+            block32_sums::<I, NT, LUT>(start, a, b, |c| {
+                let v = I::load(core.add(64 * c));
+                let (lo, hi) = (I::and(v, m4), I::and(I::shr::<4>(v), m4));
+                if LUT {
+                    (I::lut16(table, lo), I::lut16(table, hi))
+                } else {
+                    (lo, hi)
+                }
+            })
+        },
+        |b, scales, is| block_finish::<I, NT>(&mut acc, scales, a, b, is),
+    );
     acc
 }
 
@@ -1383,7 +1425,7 @@ unsafe fn group_iq4xs<I: Isa, const NT: usize>(
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
     let table = I::load(IQ4NL_U128.as_ptr());
-    each_block::<CORE, SB>(gp, nb, |b, core, scales| {
+    let sums = |b: usize, core: *const u8| {
         let mut s = [I::splat32(0); NT];
         for j in 0..8 {
             let mut is = [I::splat32(0); NT];
@@ -1409,13 +1451,28 @@ unsafe fn group_iq4xs<I: Isa, const NT: usize>(
                 s[t] = I::add32(s[t], I::mul32(is[t], sc));
             }
         }
-        let d = I::load_f16(scales);
-        for t in 0..NT {
-            let dy = I::splat_f(q8k(&a[t]).get_unchecked(b).d);
-            acc[t] = I::fmadd(I::mul_f(d, dy), I::to_f(s[t]), acc[t]);
-        }
+        s
+    };
+    each_block::<CORE, SB, _>(gp, nb, sums, |b, scales, s| {
+        super_finish::<I, NT>(&mut acc, scales, a, b, s)
     });
     acc
+}
+
+/// A super-block's float step with Q8_K activations: `acc = fma(d · dy, S, acc)`.
+#[inline(always)]
+unsafe fn super_finish<I: Isa, const NT: usize>(
+    acc: &mut [I::F; NT],
+    scales: *const u8,
+    a: &[ActRow; NT],
+    b: usize,
+    s: [I::V; NT],
+) {
+    let d = I::load_f16(scales);
+    for t in 0..NT {
+        let dy = I::splat_f(q8k(&a[t]).get_unchecked(b).d);
+        acc[t] = I::fmadd(I::mul_f(d, dy), I::to_f(s[t]), acc[t]);
+    }
 }
 
 // `group_coded`'s table parameter: a `CodeTable` as its index in `CodeTable::ALL`.
@@ -1460,11 +1517,12 @@ unsafe fn group_coded<I: Isa, const NT: usize, const T: u8>(
 ) -> [I::F; NT] {
     let table = CodeTable::ALL[T as usize];
     let min = table.has_min();
-    let codes = PackedFormat::codes_offset(table);
+    let codes = PackedFormat::CODED_CODES;
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
     let lut = I::load(CODE_TABLES_U128[T as usize].as_ptr());
-    let body = |b: usize, core: *const u8, scales: *const u8, acc: &mut [I::F; NT]| {
+    // The integer sums, and Q2_K's minimum sums M for each token.
+    let sums = |b: usize, core: *const u8| {
         let mut s = [I::splat32(0); NT];
         for c in 0..8 {
             // Sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles).
@@ -1499,26 +1557,35 @@ unsafe fn group_coded<I: Isa, const NT: usize, const T: u8>(
                 s[t] = I::add32(s[t], I::mul32(is[t][1], sc_hi));
             }
         }
-        let d = I::load_f16(scales);
-        for t in 0..NT {
-            let y = q8k(&a[t]).get_unchecked(b);
-            let dy = I::splat_f(y.d);
-            acc[t] = I::fmadd(I::mul_f(d, dy), I::to_f(s[t]), acc[t]);
-            if min {
-                let m = min_sums::<I>(core.add(256), 8, |j| y.bsums[j]);
-                let dmin = I::load_f16(scales.add(32));
-                acc[t] = I::fnmadd(I::mul_f(dmin, dy), I::to_f(m), acc[t]);
+        let mut m = [I::splat32(0); NT];
+        if min {
+            for t in 0..NT {
+                let y = q8k(&a[t]).get_unchecked(b);
+                m[t] = min_sums::<I>(core.add(PackedFormat::CODED_MINS), 8, |j| y.bsums[j]);
             }
         }
+        (s, m)
     };
+    let finish =
+        |b: usize, scales: *const u8, (s, m): ([I::V; NT], [I::V; NT]), acc: &mut [I::F; NT]| {
+            let d = I::load_f16(scales);
+            for t in 0..NT {
+                let dy = I::splat_f(q8k(&a[t]).get_unchecked(b).d);
+                acc[t] = I::fmadd(I::mul_f(d, dy), I::to_f(s[t]), acc[t]);
+                if min {
+                    let dmin = I::load_f16(scales.add(32));
+                    acc[t] = I::fnmadd(I::mul_f(dmin, dy), I::to_f(m[t]), acc[t]);
+                }
+            }
+        };
     if min {
         const CORE: usize = PackedFormat::Coded(CodeTable::Q2K).core_bytes();
         const SB: usize = PackedFormat::Coded(CodeTable::Q2K).scale_bytes();
-        each_block::<CORE, SB>(gp, nb, |b, core, scales| body(b, core, scales, &mut acc));
+        each_block::<CORE, SB, _>(gp, nb, sums, |b, sc, s| finish(b, sc, s, &mut acc));
     } else {
         const CORE: usize = PackedFormat::Coded(CodeTable::IQ2).core_bytes();
         const SB: usize = PackedFormat::Coded(CodeTable::IQ2).scale_bytes();
-        each_block::<CORE, SB>(gp, nb, |b, core, scales| body(b, core, scales, &mut acc));
+        each_block::<CORE, SB, _>(gp, nb, sums, |b, sc, s| finish(b, sc, s, &mut acc));
     }
     let post = table.post();
     if post != 1.0 {
@@ -1555,17 +1622,23 @@ unsafe fn group_q4k<I: Isa, const NT: usize, const FIVE: bool>(
     a: &[ActRow; NT],
 ) -> [I::F; NT] {
     const SB: usize = PackedFormat::Q4K.scale_bytes();
+    let nibbles = if FIVE {
+        PackedFormat::Q5K
+    } else {
+        PackedFormat::Q4K
+    }
+    .nibbles_offset();
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
-    let body = |b: usize, core: *const u8, scales: *const u8, acc: &mut [I::F; NT]| {
+    let sums = |b: usize, core: *const u8| {
         let mut s = [I::splat32(0); NT];
         for c in 0..4 {
             let mut lo_is = [I::splat32(0); NT];
             let mut hi_is = [I::splat32(0); NT];
             for g in 0..8 {
-                let v = I::load(core.add(256 + 64 * (8 * c + g)));
+                let v = I::load(core.add(nibbles + 64 * (8 * c + g)));
                 let (lo, hi) = if FIVE {
-                    let h = I::load(core.add(2304 + 64 * g));
+                    let h = I::load(core.add(256 + 64 * g));
                     (
                         I::and_or(v, m4, I::fifth_bits(h, 2 * c)),
                         I::and_or(I::shr::<4>(v), m4, I::fifth_bits(h, 2 * c + 1)),
@@ -1586,22 +1659,29 @@ unsafe fn group_q4k<I: Isa, const NT: usize, const FIVE: bool>(
                 s[t] = I::add32(s[t], I::mul32(hi_is[t], sc_hi));
             }
         }
-        let d = I::load_f16(scales);
-        let dmin = I::load_f16(scales.add(32));
+        let mut m = [I::splat32(0); NT];
         for t in 0..NT {
             let y = q8k(&a[t]).get_unchecked(b);
-            let m = min_sums::<I>(core.add(128), 4, |j| y.bsums[2 * j] + y.bsums[2 * j + 1]);
-            let dy = I::splat_f(y.d);
-            acc[t] = I::fmadd(I::mul_f(d, dy), I::to_f(s[t]), acc[t]);
-            acc[t] = I::fnmadd(I::mul_f(dmin, dy), I::to_f(m), acc[t]);
+            m[t] = min_sums::<I>(core.add(128), 4, |j| y.bsums[2 * j] + y.bsums[2 * j + 1]);
         }
+        (s, m)
     };
+    let finish =
+        |b: usize, scales: *const u8, (s, m): ([I::V; NT], [I::V; NT]), acc: &mut [I::F; NT]| {
+            let d = I::load_f16(scales);
+            let dmin = I::load_f16(scales.add(32));
+            for t in 0..NT {
+                let dy = I::splat_f(q8k(&a[t]).get_unchecked(b).d);
+                acc[t] = I::fmadd(I::mul_f(d, dy), I::to_f(s[t]), acc[t]);
+                acc[t] = I::fnmadd(I::mul_f(dmin, dy), I::to_f(m[t]), acc[t]);
+            }
+        };
     if FIVE {
         const CORE: usize = PackedFormat::Q5K.core_bytes();
-        each_block::<CORE, SB>(gp, nb, |b, core, scales| body(b, core, scales, &mut acc));
+        each_block::<CORE, SB, _>(gp, nb, sums, |b, sc, s| finish(b, sc, s, &mut acc));
     } else {
         const CORE: usize = PackedFormat::Q4K.core_bytes();
-        each_block::<CORE, SB>(gp, nb, |b, core, scales| body(b, core, scales, &mut acc));
+        each_block::<CORE, SB, _>(gp, nb, sums, |b, sc, s| finish(b, sc, s, &mut acc));
     }
     acc
 }
@@ -1616,7 +1696,7 @@ unsafe fn group_q6k<I: Isa, const NT: usize>(
     const SB: usize = PackedFormat::Q6K.scale_bytes();
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
-    each_block::<CORE, SB>(gp, nb, |b, core, scales| {
+    let sums = |b: usize, core: *const u8| {
         let mut s = [I::splat32(0); NT];
         for j in 0..16 {
             let base = core.add(256 + 192 * j);
@@ -1640,11 +1720,10 @@ unsafe fn group_q6k<I: Isa, const NT: usize>(
                 s[t] = I::add32(s[t], I::mul32(is, sc));
             }
         }
-        let d = I::load_f16(scales);
-        for t in 0..NT {
-            let dy = I::splat_f(q8k(&a[t]).get_unchecked(b).d);
-            acc[t] = I::fmadd(I::mul_f(d, dy), I::to_f(s[t]), acc[t]);
-        }
+        s
+    };
+    each_block::<CORE, SB, _>(gp, nb, sums, |b, scales, s| {
+        super_finish::<I, NT>(&mut acc, scales, a, b, s)
     });
     acc
 }
@@ -2021,26 +2100,37 @@ fn run_packed(
 mod tests {
     use super::*;
 
-    /// The kernels' walk over a group visits every block once, in order, at
-    /// the offsets `block_offsets` defines.
+    /// The kernels' walk over a group visits every block once at the
+    /// offsets `block_offsets` defines, finishes the blocks in order (the
+    /// float steps' order is part of the arithmetic), each with its own
+    /// sums, and touches quants and scales in ascending address order.
     #[test]
     fn each_block_walks_block_offsets() {
         fn check<const CORE: usize, const SB: usize>(f: PackedFormat) {
             assert_eq!((CORE, SB), (f.core_bytes(), f.scale_bytes()));
             for nb in 1..=9 {
                 let mut seen = Vec::new();
+                let touched = std::cell::RefCell::new(Vec::new());
                 let group = vec![0u8; f.group_bytes(nb)];
                 let base = group.as_ptr();
                 // SAFETY: every pointer each_block forms lies inside `group`
                 // or one past its end; none is read.
                 unsafe {
-                    each_block::<CORE, SB>(base, nb, |b, c, s| {
-                        seen.push((
-                            b,
-                            c.offset_from(base) as usize,
-                            s.offset_from(base) as usize,
-                        ))
-                    })
+                    each_block::<CORE, SB, _>(
+                        base,
+                        nb,
+                        |b, c| {
+                            let c = c.offset_from(base) as usize;
+                            touched.borrow_mut().push(c);
+                            (b, c)
+                        },
+                        |b, s, (sb, c)| {
+                            let s = s.offset_from(base) as usize;
+                            touched.borrow_mut().push(s);
+                            assert_eq!(sb, b, "{f:?}: block {b} finished with block {sb}'s sums");
+                            seen.push((b, c, s))
+                        },
+                    )
                 };
                 let want: Vec<_> = (0..nb)
                     .map(|b| {
@@ -2049,6 +2139,11 @@ mod tests {
                     })
                     .collect();
                 assert_eq!(seen, want, "{f:?}, {nb} blocks");
+                let touched = touched.into_inner();
+                assert!(
+                    touched.is_sorted(),
+                    "{f:?}, {nb} blocks: touched {touched:?}"
+                );
             }
         }
         // (The float formats have no scales, and their kernel steps a

@@ -428,10 +428,10 @@ unsafe fn unpack_group(f: PackedFormat, gp: *const u8, nb: usize, dst: *mut u8) 
                 // Q5_K's fifth bits: bit j of vector g's bytes for sub-block j.
                 for c in 0..4 {
                     for g in 0..8 {
-                        let v = V::load(p.add(256 + 64 * (8 * c + g)));
+                        let v = V::load(p.add(f.nibbles_offset() + 64 * (8 * c + g)));
                         let (mut lo, mut hi) = (V::and(v, m4), V::and(V::shr::<4>(v), m4));
                         if f == PackedFormat::Q5K {
-                            let h = V::load(p.add(2304 + 64 * g));
+                            let h = V::load(p.add(256 + 64 * g));
                             lo = V::or(lo, V::fifth_bits(h, 2 * c));
                             hi = V::or(hi, V::fifth_bits(h, 2 * c + 1));
                         }
@@ -458,7 +458,7 @@ unsafe fn unpack_group(f: PackedFormat, gp: *const u8, nb: usize, dst: *mut u8) 
             PackedFormat::Coded(t) => {
                 // Sub-block 2c in the low nibbles of vectors (c, 0..4), 2c + 1 in the high.
                 let table = V::load(CODE_TABLES_I8[t as usize].as_ptr());
-                let codes = PackedFormat::codes_offset(t);
+                let codes = PackedFormat::CODED_CODES;
                 for c in 0..8 {
                     for g in 0..4 {
                         let v = V::load(p.add(codes + 64 * (4 * c + g)));
@@ -711,7 +711,7 @@ unsafe fn finish_q2k_min(
     let dmin = V::load_f16(scales.add(32));
     for t in 0..TOKENS {
         let yb = &*y[t].add(b);
-        let m = min_sums::<V>(core.add(256), 8, |j| yb.bsums[j]);
+        let m = min_sums::<V>(core.add(PackedFormat::CODED_MINS), 8, |j| yb.bsums[j]);
         let dy = _mm512_set1_ps(yb.d);
         acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, dy), _mm512_cvtepi32_ps(m), acc[t]);
     }
