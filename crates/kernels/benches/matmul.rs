@@ -5,7 +5,8 @@
 //!
 //! `cargo bench -p gemma3-kernels` (add `-- 'q8_0'` to filter). The other formats other
 //! GGUFs of the model use (float exports, Q4_0/Q4_1/Q5_1, the IQ and remaining K-quants) are
-//! benchmarked in their packed form at one FFN shape each (`other formats`).
+//! benchmarked in their packed form at one FFN shape each (`other formats`), and every
+//! quantized format at one token through a matrix too large for the caches (`streaming`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gemma3_kernels::formats::{BlockQ8K, BlockQ8_0, CodedFormat, QK, QK_K};
@@ -60,6 +61,71 @@ fn kquant_bytes(format: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
     b
 }
 
+/// The bytes of a `rows × cols` matrix of pseudo-random weights in `format`.
+fn weight_bytes(format: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
+    match format {
+        WeightFormat::F16 | WeightFormat::BF16 | WeightFormat::F32 => {
+            encode_float_weights(format, &data(rows * cols, 1)).expect("a float format")
+        }
+        WeightFormat::Q8_0 => quantize_weights_q8_0(&data(rows * cols, 1)),
+        WeightFormat::Q5_0 => quantize_weights_q5_0(&data(rows * cols, 1)),
+        WeightFormat::Q4_0 => quantize_weights_q4_0(&data(rows * cols, 1)),
+        f => kquant_bytes(f, rows, cols),
+    }
+}
+
+/// One token through about 100 MB of packed weights per quantized format
+/// (larger than the caches, so read from memory as in generation), on one
+/// thread, with the best kernel table: bytes per second, to set against a
+/// plain read of memory (`gemma3 bench` measures one; two threads generate
+/// on the model's spinning pool, which `gemma3 bench` measures too). Generation is bound by this rate; a
+/// kernel that reads its blocks out of address order loses the CPU's
+/// prefetchers and shows here (Q2_K and Q5_K read 11 GB/s on one thread
+/// where the others read 26-32, until their layouts were reordered).
+fn bench_streaming(c: &mut Criterion) {
+    let formats = [
+        WeightFormat::Q8_0,
+        WeightFormat::Q5_0,
+        WeightFormat::Q4_0,
+        WeightFormat::Q5_1,
+        WeightFormat::IQ4NL,
+        WeightFormat::IQ4XS,
+        WeightFormat::Q3K,
+        WeightFormat::Q4K,
+        WeightFormat::Q5K,
+        WeightFormat::Q6K,
+        WeightFormat::Coded(CodedFormat::Q2K),
+        WeightFormat::Coded(CodedFormat::IQ3S),
+    ];
+    let k = simd::best();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("pool");
+    let mut g = c.benchmark_group("streaming one token, 100 MB, one thread");
+    g.sample_size(10);
+    for format in formats {
+        let cols = if format.block_size() == QK_K {
+            2048
+        } else {
+            640
+        };
+        let rows = (100 << 20) / format.row_bytes(cols) / 16 * 16;
+        let bytes = weight_bytes(format, rows, cols);
+        let w = QMatrix::new(format, rows, cols, &bytes).expect("shape");
+        let p = PackedMatrix::pack(&w).expect("packable");
+        p.collapse_huge_pages();
+        let x = data(cols, 2);
+        let mut out = vec![0.0f32; rows];
+        let mut scratch = MatmulScratch::default();
+        g.throughput(Throughput::Bytes(p.size_bytes() as u64));
+        g.bench_function(format!("{format} {}", k.name), |b| {
+            pool.install(|| b.iter(|| matmul_packed(&k.packed, &p, &x, 1, &mut out, &mut scratch)))
+        });
+    }
+    g.finish();
+}
+
 /// The packed kernels of the formats the shipped file does not use, at one FFN shape each
 /// (640→2048, or 2048→640 where the format's blocks are 256 wide), 1 and 512 tokens.
 fn bench_other_formats(c: &mut Criterion) {
@@ -88,13 +154,7 @@ fn bench_other_formats(c: &mut Criterion) {
         } else {
             (2048, 640)
         };
-        let bytes = match format {
-            WeightFormat::F16 | WeightFormat::BF16 | WeightFormat::F32 => {
-                encode_float_weights(format, &data(rows * cols, 1)).expect("a float format")
-            }
-            WeightFormat::Q4_0 => quantize_weights_q4_0(&data(rows * cols, 1)),
-            f => kquant_bytes(f, rows, cols),
-        };
+        let bytes = weight_bytes(format, rows, cols);
         let w = QMatrix::new(format, rows, cols, &bytes).expect("shape");
         let p = PackedMatrix::pack(&w).expect("packable");
         let mut g = c.benchmark_group(format!("other formats {format} {cols}→{rows}"));
@@ -128,11 +188,7 @@ fn bench(c: &mut Criterion) {
         ("head 640→262144", WeightFormat::Q8_0, 262144, 640),
     ];
     for (name, format, rows, cols) in shapes {
-        let bytes = match format {
-            WeightFormat::Q8_0 => quantize_weights_q8_0(&data(rows * cols, 1)),
-            WeightFormat::Q5_0 => quantize_weights_q5_0(&data(rows * cols, 1)),
-            f => kquant_bytes(f, rows, cols),
-        };
+        let bytes = weight_bytes(format, rows, cols);
         let w = QMatrix::new(format, rows, cols, &bytes).expect("shape");
         let mut g = c.benchmark_group(format!("{name} {format}"));
         g.sample_size(10);
@@ -190,5 +246,11 @@ fn bench_quantize(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_quantize, bench, bench_other_formats);
+criterion_group!(
+    benches,
+    bench_quantize,
+    bench,
+    bench_other_formats,
+    bench_streaming
+);
 criterion_main!(benches);
