@@ -47,14 +47,21 @@ fn kquant_bytes(format: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
             WeightFormat::IQ4NL
             | WeightFormat::IQ4XS
             | WeightFormat::Coded(
-                CodedFormat::IQ2XXS | CodedFormat::IQ3XXS | CodedFormat::IQ3S | CodedFormat::IQ1S,
+                CodedFormat::IQ2XXS
+                | CodedFormat::IQ2XS
+                | CodedFormat::IQ2S
+                | CodedFormat::IQ3XXS
+                | CodedFormat::IQ3S
+                | CodedFormat::IQ1S,
             ) => blk[0..2].copy_from_slice(&scale),
             WeightFormat::Coded(CodedFormat::TQ2_0) => blk[64..66].copy_from_slice(&scale),
             WeightFormat::Coded(CodedFormat::Q2K) => {
                 blk[80..82].copy_from_slice(&scale);
                 blk[82..84].copy_from_slice(&scale);
             }
-            WeightFormat::Q6K | WeightFormat::Q3K => blk[bs - 2..].copy_from_slice(&scale),
+            WeightFormat::Q6K | WeightFormat::Q3K | WeightFormat::Coded(CodedFormat::TQ1_0) => {
+                blk[bs - 2..].copy_from_slice(&scale)
+            }
             _ => {}
         }
     }
@@ -83,20 +90,6 @@ fn weight_bytes(format: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
 /// prefetchers and shows here (Q2_K and Q5_K read 11 GB/s on one thread
 /// where the others read 26-32, until their layouts were reordered).
 fn bench_streaming(c: &mut Criterion) {
-    let formats = [
-        WeightFormat::Q8_0,
-        WeightFormat::Q5_0,
-        WeightFormat::Q4_0,
-        WeightFormat::Q5_1,
-        WeightFormat::IQ4NL,
-        WeightFormat::IQ4XS,
-        WeightFormat::Q3K,
-        WeightFormat::Q4K,
-        WeightFormat::Q5K,
-        WeightFormat::Q6K,
-        WeightFormat::Coded(CodedFormat::Q2K),
-        WeightFormat::Coded(CodedFormat::IQ3S),
-    ];
     let k = simd::best();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
@@ -104,7 +97,13 @@ fn bench_streaming(c: &mut Criterion) {
         .expect("pool");
     let mut g = c.benchmark_group("streaming one token, 100 MB, one thread");
     g.sample_size(10);
-    for format in formats {
+    let quantized = WeightFormat::ALL.into_iter().filter(|f| {
+        !matches!(
+            f,
+            WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16
+        )
+    });
+    for format in quantized {
         let cols = if format.block_size() == QK_K {
             2048
         } else {
