@@ -923,6 +923,8 @@ pub(crate) trait Isa {
     /// Shifts of 16-bit lanes by N < 8 (callers mask the bits that cross bytes).
     unsafe fn shr<const N: u32>(a: Self::V) -> Self::V;
     unsafe fn shl<const N: u32>(a: Self::V) -> Self::V;
+    /// `shr` by a count known at run time.
+    unsafe fn shr_by(a: Self::V, n: u32) -> Self::V;
     unsafe fn splat32(x: i32) -> Self::V;
     unsafe fn add32(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul32(a: Self::V, b: Self::V) -> Self::V;
@@ -977,20 +979,13 @@ pub(crate) trait Isa {
     }
 }
 
-/// [`Isa::fifth_bits`] by a 16-bit shift and a mask.
+/// [`Isa::fifth_bits`] by two 16-bit shifts (bit g of each byte to bit 0,
+/// then to bit 4) and a mask. Not by one shift chosen with a `match` on g:
+/// Q5_K's passes know g only at run time, and there the match became a
+/// jump table that took Q5_K at one token from 28 to 8–10 GB/s.
 #[inline(always)]
 pub(crate) unsafe fn fifth_bits_by_shifts<I: Isa>(h: I::V, g: usize) -> I::V {
-    let moved = match g {
-        0 => I::shl::<4>(h),
-        1 => I::shl::<3>(h),
-        2 => I::shl::<2>(h),
-        3 => I::shl::<1>(h),
-        4 => h,
-        5 => I::shr::<1>(h),
-        6 => I::shr::<2>(h),
-        _ => I::shr::<3>(h),
-    };
-    I::and(moved, I::splat8(0x10))
+    I::and(I::shl::<4>(I::shr_by(h, g as u32)), I::splat8(0x10))
 }
 
 /// [`Isa::two_bits`] by a 16-bit shift and a mask.
@@ -1109,34 +1104,41 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize>(
 /// after the first block's quants instead, the scale line made this CPU's
 /// prefetchers lose the stream (Q8_0 at one token streamed 26–27 GB/s
 /// against 30–32 on one thread).
+///
+/// The format is a value, not a type parameter, so that each kernel calls
+/// this once: a closure with one call site is inlined, and must be, or it
+/// loses the caller's target features (kernels whose closures had two call
+/// sites, one per layout, ran at about 1 GB/s once their bodies grew).
 #[inline(always)]
-unsafe fn each_block<const CORE: usize, const SB: usize, S>(
+unsafe fn each_block<S>(
     gp: *const u8,
     nb: usize,
+    f: PackedFormat,
     sums: impl Fn(usize, *const u8) -> S,
     mut finish: impl FnMut(usize, *const u8, S),
 ) {
-    const { assert!(SB == 32 || SB == 64, "a unit holds one or two blocks") };
+    let (core, sb) = (f.core_bytes(), f.scale_bytes());
+    debug_assert!(sb == 32 || sb == 64, "a unit holds one or two blocks");
     let mut unit = gp;
     let mut b0 = 0;
     while b0 < nb {
-        let in_unit = (64 / SB).min(nb - b0);
-        let scales = unit.add(in_unit * CORE);
+        let in_unit = (64 / sb).min(nb - b0);
+        let scales = unit.add(in_unit * core);
         // One call site each (the closures must be inlined to get the
         // caller's target features), in loops of a constant trip count.
         let mut s = [const { MaybeUninit::<S>::uninit() }; 2];
-        for (j, sj) in s.iter_mut().enumerate().take(64 / SB) {
+        for (j, sj) in s.iter_mut().enumerate().take(64 / sb) {
             if j < in_unit {
-                sj.write(sums(b0 + j, unit.add(j * CORE)));
+                sj.write(sums(b0 + j, unit.add(j * core)));
                 // Keeps block j's loads before block j + 1's: the compiler
                 // had scheduled the second block of a Q8_0 unit first, and a
                 // descending start took Q8_0 to 11–13 GB/s.
                 compiler_fence(Ordering::SeqCst);
             }
         }
-        for (j, sj) in s.iter().enumerate().take(64 / SB) {
+        for (j, sj) in s.iter().enumerate().take(64 / sb) {
             if j < in_unit {
-                finish(b0 + j, scales.add(j * SB), sj.assume_init_read());
+                finish(b0 + j, scales.add(j * sb), sj.assume_init_read());
             }
         }
         unit = scales.add(64);
@@ -1306,12 +1308,11 @@ unsafe fn group_q8_0<I: Isa, const NT: usize>(
     nb: usize,
     a: &[ActRow; NT],
 ) -> [I::F; NT] {
-    const CORE: usize = PackedFormat::Q8_0.core_bytes();
-    const SB: usize = PackedFormat::Q8_0.scale_bytes();
     let mut acc = [I::zero_f(); NT];
-    each_block::<CORE, SB, _>(
+    each_block(
         gp,
         nb,
+        PackedFormat::Q8_0,
         |b, core| {
             block32_sums::<I, NT, true>(start128::<I, NT>(a, b), a, b, |c| {
                 (I::load(core.add(64 * c)), I::load(core.add(64 * (4 + c))))
@@ -1330,7 +1331,6 @@ unsafe fn group_q5_0<I: Isa, const NT: usize, const MIN: bool>(
     nb: usize,
     a: &[ActRow; NT],
 ) -> [I::F; NT] {
-    const CORE: usize = PackedFormat::Q5_0.core_bytes();
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
     let sums = |b: usize, core: *const u8| {
@@ -1360,13 +1360,12 @@ unsafe fn group_q5_0<I: Isa, const NT: usize, const MIN: bool>(
             }
         }
     };
-    if MIN {
-        const SB: usize = PackedFormat::Q5_1.scale_bytes();
-        each_block::<CORE, SB, _>(gp, nb, sums, |b, sc, is| finish(b, sc, is, &mut acc));
+    let f = if MIN {
+        PackedFormat::Q5_1
     } else {
-        const SB: usize = PackedFormat::Q5_0.scale_bytes();
-        each_block::<CORE, SB, _>(gp, nb, sums, |b, sc, is| finish(b, sc, is, &mut acc));
-    }
+        PackedFormat::Q5_0
+    };
+    each_block(gp, nb, f, sums, |b, sc, is| finish(b, sc, is, &mut acc));
     acc
 }
 
@@ -1379,14 +1378,14 @@ unsafe fn group_nibbles<I: Isa, const NT: usize, const LUT: bool>(
     nb: usize,
     a: &[ActRow; NT],
 ) -> [I::F; NT] {
-    const CORE: usize = PackedFormat::Q4_0.core_bytes();
-    const SB: usize = PackedFormat::Q4_0.scale_bytes();
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
     let table = I::load(IQ4NL_U128.as_ptr());
-    each_block::<CORE, SB, _>(
+    // IQ4_NL's layout is Q4_0's.
+    each_block(
         gp,
         nb,
+        PackedFormat::Q4_0,
         |b, core| {
             let start = if LUT {
                 start128::<I, NT>(a, b)
@@ -1420,8 +1419,6 @@ unsafe fn group_iq4xs<I: Isa, const NT: usize>(
     nb: usize,
     a: &[ActRow; NT],
 ) -> [I::F; NT] {
-    const CORE: usize = PackedFormat::IQ4XS.core_bytes();
-    const SB: usize = PackedFormat::IQ4XS.scale_bytes();
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
     let table = I::load(IQ4NL_U128.as_ptr());
@@ -1453,7 +1450,7 @@ unsafe fn group_iq4xs<I: Isa, const NT: usize>(
         }
         s
     };
-    each_block::<CORE, SB, _>(gp, nb, sums, |b, scales, s| {
+    each_block(gp, nb, PackedFormat::IQ4XS, sums, |b, scales, s| {
         super_finish::<I, NT>(&mut acc, scales, a, b, s)
     });
     acc
@@ -1578,15 +1575,8 @@ unsafe fn group_coded<I: Isa, const NT: usize, const T: u8>(
                 }
             }
         };
-    if min {
-        const CORE: usize = PackedFormat::Coded(CodeTable::Q2K).core_bytes();
-        const SB: usize = PackedFormat::Coded(CodeTable::Q2K).scale_bytes();
-        each_block::<CORE, SB, _>(gp, nb, sums, |b, sc, s| finish(b, sc, s, &mut acc));
-    } else {
-        const CORE: usize = PackedFormat::Coded(CodeTable::IQ2).core_bytes();
-        const SB: usize = PackedFormat::Coded(CodeTable::IQ2).scale_bytes();
-        each_block::<CORE, SB, _>(gp, nb, sums, |b, sc, s| finish(b, sc, s, &mut acc));
-    }
+    let f = PackedFormat::Coded(table);
+    each_block(gp, nb, f, sums, |b, sc, s| finish(b, sc, s, &mut acc));
     let post = table.post();
     if post != 1.0 {
         for t in 0..NT {
@@ -1621,13 +1611,12 @@ unsafe fn group_q4k<I: Isa, const NT: usize, const FIVE: bool>(
     nb: usize,
     a: &[ActRow; NT],
 ) -> [I::F; NT] {
-    const SB: usize = PackedFormat::Q4K.scale_bytes();
-    let nibbles = if FIVE {
+    let f = if FIVE {
         PackedFormat::Q5K
     } else {
         PackedFormat::Q4K
-    }
-    .nibbles_offset();
+    };
+    let nibbles = f.nibbles_offset();
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
     let sums = |b: usize, core: *const u8| {
@@ -1676,13 +1665,7 @@ unsafe fn group_q4k<I: Isa, const NT: usize, const FIVE: bool>(
                 acc[t] = I::fnmadd(I::mul_f(dmin, dy), I::to_f(m[t]), acc[t]);
             }
         };
-    if FIVE {
-        const CORE: usize = PackedFormat::Q5K.core_bytes();
-        each_block::<CORE, SB, _>(gp, nb, sums, |b, sc, s| finish(b, sc, s, &mut acc));
-    } else {
-        const CORE: usize = PackedFormat::Q4K.core_bytes();
-        each_block::<CORE, SB, _>(gp, nb, sums, |b, sc, s| finish(b, sc, s, &mut acc));
-    }
+    each_block(gp, nb, f, sums, |b, sc, s| finish(b, sc, s, &mut acc));
     acc
 }
 
@@ -1692,8 +1675,6 @@ unsafe fn group_q6k<I: Isa, const NT: usize>(
     nb: usize,
     a: &[ActRow; NT],
 ) -> [I::F; NT] {
-    const CORE: usize = PackedFormat::Q6K.core_bytes();
-    const SB: usize = PackedFormat::Q6K.scale_bytes();
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
     let sums = |b: usize, core: *const u8| {
@@ -1722,7 +1703,7 @@ unsafe fn group_q6k<I: Isa, const NT: usize>(
         }
         s
     };
-    each_block::<CORE, SB, _>(gp, nb, sums, |b, scales, s| {
+    each_block(gp, nb, PackedFormat::Q6K, sums, |b, scales, s| {
         super_finish::<I, NT>(&mut acc, scales, a, b, s)
     });
     acc
@@ -1779,6 +1760,9 @@ impl Isa for Scalar {
     }
     unsafe fn shl<const N: u32>(a: SV) -> SV {
         shift16(a, |w| w << N)
+    }
+    unsafe fn shr_by(a: SV, n: u32) -> SV {
+        shift16(a, |w| w >> n)
     }
     unsafe fn splat32(x: i32) -> SV {
         SV::from_lanes(|_| x)
@@ -2106,8 +2090,7 @@ mod tests {
     /// sums, and touches quants and scales in ascending address order.
     #[test]
     fn each_block_walks_block_offsets() {
-        fn check<const CORE: usize, const SB: usize>(f: PackedFormat) {
-            assert_eq!((CORE, SB), (f.core_bytes(), f.scale_bytes()));
+        fn check(f: PackedFormat) {
             for nb in 1..=9 {
                 let mut seen = Vec::new();
                 let touched = std::cell::RefCell::new(Vec::new());
@@ -2116,9 +2099,10 @@ mod tests {
                 // SAFETY: every pointer each_block forms lies inside `group`
                 // or one past its end; none is read.
                 unsafe {
-                    each_block::<CORE, SB, _>(
+                    each_block(
                         base,
                         nb,
+                        f,
                         |b, c| {
                             let c = c.offset_from(base) as usize;
                             touched.borrow_mut().push(c);
@@ -2134,7 +2118,7 @@ mod tests {
                 };
                 let want: Vec<_> = (0..nb)
                     .map(|b| {
-                        let (c, s) = block_offsets(CORE, SB, nb, b);
+                        let (c, s) = block_offsets(f.core_bytes(), f.scale_bytes(), nb, b);
                         (b, c, s)
                     })
                     .collect();
@@ -2149,27 +2133,11 @@ mod tests {
         // (The float formats have no scales, and their kernel steps a
         // block at a time.)
         use PackedFormat::*;
-        check::<{ Q8_0.core_bytes() }, { Q8_0.scale_bytes() }>(Q8_0);
-        check::<{ Q5_0.core_bytes() }, { Q5_0.scale_bytes() }>(Q5_0);
-        check::<{ Q4_0.core_bytes() }, { Q4_0.scale_bytes() }>(Q4_0);
-        check::<{ IQ4NL.core_bytes() }, { IQ4NL.scale_bytes() }>(IQ4NL);
-        check::<{ Q5_1.core_bytes() }, { Q5_1.scale_bytes() }>(Q5_1);
-        check::<{ Q4K.core_bytes() }, { Q4K.scale_bytes() }>(Q4K);
-        check::<{ Q5K.core_bytes() }, { Q5K.scale_bytes() }>(Q5K);
-        check::<{ Q6K.core_bytes() }, { Q6K.scale_bytes() }>(Q6K);
-        check::<{ IQ4XS.core_bytes() }, { IQ4XS.scale_bytes() }>(IQ4XS);
-        // group_coded's two walks: Q2_K's, and the one every other table shares.
-        const Q2: PackedFormat = Coded(CodeTable::Q2K);
-        check::<{ Q2.core_bytes() }, { Q2.scale_bytes() }>(Q2);
-        for t in [
-            CodeTable::IQ2,
-            CodeTable::IQ3XXS,
-            CodeTable::IQ3S,
-            CodeTable::IQ1,
-            CodeTable::TQ,
-        ] {
-            const IQ: PackedFormat = Coded(CodeTable::IQ2);
-            check::<{ IQ.core_bytes() }, { IQ.scale_bytes() }>(Coded(t));
+        for f in [Q8_0, Q5_0, Q4_0, IQ4NL, Q5_1, Q4K, Q5K, Q6K, IQ4XS] {
+            check(f);
+        }
+        for t in CodeTable::ALL {
+            check(Coded(t));
         }
     }
 

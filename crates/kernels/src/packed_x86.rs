@@ -40,6 +40,10 @@ impl<const GFNI: bool> Isa for Avx512<GFNI> {
         _mm512_slli_epi16::<N>(a)
     }
     #[inline(always)]
+    unsafe fn shr_by(a: __m512i, n: u32) -> __m512i {
+        _mm512_srl_epi16(a, _mm_cvtsi32_si128(n as i32))
+    }
+    #[inline(always)]
     unsafe fn splat32(x: i32) -> __m512i {
         _mm512_set1_epi32(x)
     }
@@ -202,6 +206,11 @@ impl Isa for Avx2 {
     unsafe fn shl<const N: u32>(a: V2) -> V2 {
         let n = _mm_cvtsi32_si128(N as i32);
         V2(_mm256_sll_epi16(a.0, n), _mm256_sll_epi16(a.1, n))
+    }
+    #[inline(always)]
+    unsafe fn shr_by(a: V2, n: u32) -> V2 {
+        let n = _mm_cvtsi32_si128(n as i32);
+        V2(_mm256_srl_epi16(a.0, n), _mm256_srl_epi16(a.1, n))
     }
     #[inline(always)]
     unsafe fn splat32(x: i32) -> V2 {
