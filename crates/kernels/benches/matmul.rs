@@ -83,14 +83,20 @@ fn weight_bytes(format: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
 
 /// One token through about 100 MB of packed weights per quantized format
 /// (larger than the caches, so read from memory as in generation), on one
-/// thread, with the best kernel table: bytes per second, to set against a
+/// thread, with each SIMD kernel table: bytes per second, to set against a
 /// plain read of memory (`gemma3 bench` measures one; two threads generate
 /// on the model's spinning pool, which `gemma3 bench` measures too). Generation is bound by this rate; a
 /// kernel that reads its blocks out of address order loses the CPU's
 /// prefetchers and shows here (Q2_K and Q5_K read 11 GB/s on one thread
 /// where the others read 26-32, until their layouts were reordered).
 fn bench_streaming(c: &mut Criterion) {
-    let k = simd::best();
+    // Every SIMD table: the one-token rate rides on how each table's code
+    // reads memory (the AVX-512 table without GFNI read Q5_K at 8-10 GB/s
+    // while the GFNI one read 28).
+    let tables: Vec<_> = simd::available()
+        .into_iter()
+        .filter(|k| k.name != "scalar")
+        .collect();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
@@ -118,9 +124,13 @@ fn bench_streaming(c: &mut Criterion) {
         let mut out = vec![0.0f32; rows];
         let mut scratch = MatmulScratch::default();
         g.throughput(Throughput::Bytes(p.size_bytes() as u64));
-        g.bench_function(format!("{format} {}", k.name), |b| {
-            pool.install(|| b.iter(|| matmul_packed(&k.packed, &p, &x, 1, &mut out, &mut scratch)))
-        });
+        for k in &tables {
+            g.bench_function(format!("{format} {}", k.name), |b| {
+                pool.install(|| {
+                    b.iter(|| matmul_packed(&k.packed, &p, &x, 1, &mut out, &mut scratch))
+                })
+            });
+        }
     }
     g.finish();
 }
