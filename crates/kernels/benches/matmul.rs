@@ -8,17 +8,17 @@
 //! benchmarked in their packed form at one FFN shape each (`other formats`), and every
 //! quantized format at one token through a matrix too large for the caches (`streaming`).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gemma3_kernels::formats::{BlockQ8K, BlockQ8_0, CodedFormat, QK, QK_K};
 use gemma3_kernels::matmul::matmul_with;
 use gemma3_kernels::packed::{matmul_packed, PackedMatrix};
-use gemma3_kernels::quant::{
-    act_quantizers_available, encode_float_weights, quantize_weights_q4_0, quantize_weights_q5_0,
-    quantize_weights_q8_0,
-};
+use gemma3_kernels::quant::act_quantizers_available;
 use gemma3_kernels::{simd, MatmulScratch, QMatrix, WeightFormat};
 
-/// Deterministic pseudo-random weights/activations in [-1, 1).
+/// Deterministic pseudo-random activations in [-1, 1).
 fn data(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
@@ -31,54 +31,11 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Random blocks with sane scales for the formats we have no quantizer for
-/// (the byte patterns exercise the same instructions as real weights).
-fn kquant_bytes(format: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
-    let n = format.row_bytes(cols) * rows;
-    let mut b: Vec<u8> = data(n, 7).iter().map(|v| (v * 127.0) as i8 as u8).collect();
-    let bs = format.block_bytes();
-    let scale = half::f16::from_f32(0.01).to_bits().to_le_bytes();
-    for blk in b.chunks_exact_mut(bs) {
-        match format {
-            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q4_1 | WeightFormat::Q5_1 => {
-                blk[0..2].copy_from_slice(&scale);
-                blk[2..4].copy_from_slice(&scale);
-            }
-            WeightFormat::IQ4NL
-            | WeightFormat::IQ4XS
-            | WeightFormat::Coded(
-                CodedFormat::IQ2XXS
-                | CodedFormat::IQ2XS
-                | CodedFormat::IQ2S
-                | CodedFormat::IQ3XXS
-                | CodedFormat::IQ3S
-                | CodedFormat::IQ1S,
-            ) => blk[0..2].copy_from_slice(&scale),
-            WeightFormat::Coded(CodedFormat::TQ2_0) => blk[64..66].copy_from_slice(&scale),
-            WeightFormat::Coded(CodedFormat::Q2K) => {
-                blk[80..82].copy_from_slice(&scale);
-                blk[82..84].copy_from_slice(&scale);
-            }
-            WeightFormat::Q6K | WeightFormat::Q3K | WeightFormat::Coded(CodedFormat::TQ1_0) => {
-                blk[bs - 2..].copy_from_slice(&scale)
-            }
-            _ => {}
-        }
-    }
-    b
-}
-
-/// The bytes of a `rows × cols` matrix of pseudo-random weights in `format`.
+/// The bytes of a `rows × cols` matrix of pseudo-random weights in `format`
+/// (the kernel tests' random blocks with finite scales: the byte patterns
+/// exercise the same instructions as real weights).
 fn weight_bytes(format: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
-    match format {
-        WeightFormat::F16 | WeightFormat::BF16 | WeightFormat::F32 => {
-            encode_float_weights(format, &data(rows * cols, 1)).expect("a float format")
-        }
-        WeightFormat::Q8_0 => quantize_weights_q8_0(&data(rows * cols, 1)),
-        WeightFormat::Q5_0 => quantize_weights_q5_0(&data(rows * cols, 1)),
-        WeightFormat::Q4_0 => quantize_weights_q4_0(&data(rows * cols, 1)),
-        f => kquant_bytes(f, rows, cols),
-    }
+    common::random_rows(&mut common::Rng::new(7), format, rows, cols)
 }
 
 /// One token through about 100 MB of packed weights per quantized format
