@@ -930,6 +930,16 @@ pub(crate) trait Isa {
     unsafe fn mul32(a: Self::V, b: Self::V) -> Self::V;
     /// acc + Σ_{c<4} u[4l+c]·y[c] per lane l (u ≤ 63 unsigned, y = 4 signed bytes).
     unsafe fn dot_u8(acc: Self::V, u: Self::V, y4: i32) -> Self::V;
+    /// `dot_u8` of two vectors into one sum, in this order. A table without
+    /// `dpbusd` may add the two vectors' 16-bit pair products before
+    /// widening them (exact: |4 · 63 · 128| < 2^15).
+    #[inline(always)]
+    unsafe fn dot_u8_2(acc: Self::V, u1: Self::V, y1: i32, u2: Self::V, y2: i32) -> Self::V
+    where
+        Self: Sized,
+    {
+        Self::dot_u8(Self::dot_u8(acc, u1, y1), u2, y2)
+    }
     /// The same for u = w + 128 (see `B128_CORR`).
     unsafe fn dot_b128(acc: Self::V, u: Self::V, y4: i32) -> Self::V;
     /// `table[16·(l / 16) + idx[l]]` for each byte l (idx < 16): a lookup
@@ -1257,11 +1267,14 @@ unsafe fn block32_sums<I: Isa, const NT: usize, const B128: bool>(
         let (lo, hi) = unpack(c);
         for t in 0..NT {
             let y = &q8(&a[t]).0.get_unchecked(b).qs;
-            is[t] = dot(is[t], lo, y4(y, 4 * c));
             if NT == 1 {
+                is[t] = dot(is[t], lo, y4(y, 4 * c));
                 is2[t] = dot(is2[t], hi, y4(y, 16 + 4 * c));
-            } else {
+            } else if B128 {
+                is[t] = dot(is[t], lo, y4(y, 4 * c));
                 is[t] = dot(is[t], hi, y4(y, 16 + 4 * c));
+            } else {
+                is[t] = I::dot_u8_2(is[t], lo, y4(y, 4 * c), hi, y4(y, 16 + 4 * c));
             }
         }
     }
@@ -1695,8 +1708,9 @@ unsafe fn group_q6k<I: Isa, const NT: usize>(
                 let (y, neg32) = q8k_neg32(&a[t]);
                 let y = y.get_unchecked(b);
                 let mut is = I::splat32(*neg32.get_unchecked(16 * b + j));
-                for i in 0..4 {
-                    is = I::dot_u8(is, g[i], y4(&y.qs, 16 * j + 4 * i));
+                for i in [0, 2] {
+                    let (y0, y1) = (y4(&y.qs, 16 * j + 4 * i), y4(&y.qs, 16 * j + 4 * i + 4));
+                    is = I::dot_u8_2(is, g[i], y0, g[i + 1], y1);
                 }
                 s[t] = I::add32(s[t], I::mul32(is, sc));
             }

@@ -90,6 +90,12 @@ fn acts(rng: &mut Rng, format: WeightFormat, n: usize, cols: usize) -> (Vec<f32>
     if n > 2 {
         x[2 * cols + cols / 3] = 50.0;
     }
+    let a = acts_of(format, &x);
+    (x, a)
+}
+
+/// The activations `x` quantized as `format`'s kernels take them.
+fn acts_of(format: WeightFormat, x: &[f32]) -> Acts {
     let mut a = Acts {
         q8_0: vec![],
         neg8: vec![],
@@ -104,7 +110,7 @@ fn acts(rng: &mut Rng, format: WeightFormat, n: usize, cols: usize) -> (Vec<f32>
     match format.act_format() {
         ActFormat::Q8_0 => {
             a.q8_0 = vec![BlockQ8_0::default(); x.len() / QK];
-            quantize_q8_0(&x, &mut a.q8_0);
+            quantize_q8_0(x, &mut a.q8_0);
             for b in &a.q8_0 {
                 let d = f16::from_bits(u16::from_le_bytes(b.d)).to_f32();
                 let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
@@ -118,16 +124,16 @@ fn acts(rng: &mut Rng, format: WeightFormat, n: usize, cols: usize) -> (Vec<f32>
         }
         ActFormat::Q8K => {
             a.q8k = vec![BlockQ8K::default(); x.len() / QK_K];
-            quantize_q8_k(&x, &mut a.q8k);
+            quantize_q8_k(x, &mut a.q8k);
             for b in &a.q8k {
                 a.effective.extend(b.qs.iter().map(|&q| b.d * q as f32));
                 a.neg32.extend(b.bsums.iter().map(|&s| -32 * s as i32));
             }
         }
         // Float weights take the activations as they are.
-        ActFormat::F32 => a.effective = x.clone(),
+        ActFormat::F32 => a.effective = x.to_vec(),
     }
-    (x, a)
+    a
 }
 
 fn row_act<'a>(a: &'a Acts, format: WeightFormat, t: usize, nb: usize) -> ActRow<'a> {
@@ -414,5 +420,71 @@ fn collapsing_to_huge_pages_changes_nothing() {
             .iter()
             .zip(&before)
             .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
+
+/// Blocks at their largest codes (every quant byte 0xFF) against
+/// activations all equal (−1, then +1: 127 in magnitude once quantized):
+/// every product at its largest magnitude. A table's intermediate sums must not wrap (the
+/// AVX2 table adds two 16-bit pair products before widening them), so each
+/// table equals the spec bit for bit here too.
+#[test]
+fn extreme_blocks_and_activations_wrap_no_table() {
+    let tables = tables();
+    let mut rng = Rng::new(11);
+    let formats = [
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Q5_0,
+        WeightFormat::Q5_1,
+        WeightFormat::Q8_0,
+        WeightFormat::Q3K,
+        WeightFormat::Q4K,
+        WeightFormat::Q5K,
+        WeightFormat::Q6K,
+    ];
+    for format in formats {
+        let (rows, cols) = (16, 2 * QK_K);
+        let rb = format.row_bytes(cols);
+        // Random rows for their finite f16 scales; every other byte 0xFF.
+        let mut data = random_rows(&mut rng, format, rows, cols);
+        let offsets = common::scale_offsets(format);
+        for block in data.chunks_exact_mut(format.block_bytes()) {
+            for (i, byte) in block.iter_mut().enumerate() {
+                if !offsets.iter().any(|&o| i == o || i == o + 1) {
+                    *byte = 0xFF;
+                }
+            }
+        }
+        let m = QMatrix::new(format, rows, cols, &data).expect("valid matrix");
+        let p = PackedMatrix::pack(&m).expect("packable");
+        let nb = cols / format.block_size();
+        for value in [-1.0f32, 1.0] {
+            let n = 5;
+            let x = vec![value; n * cols];
+            let a = acts_of(format, &x);
+            let spec: Vec<f32> = (0..n * rows)
+                .map(|i| {
+                    let (t, r) = (i / rows, i % rows);
+                    spec_dot(
+                        format,
+                        &data[r * rb..(r + 1) * rb],
+                        row_act(&a, format, t, nb),
+                    )
+                })
+                .collect();
+            for (name, k) in &tables {
+                let mut out = vec![f32::NAN; n * rows];
+                matmul_packed(k, &p, &x, n, &mut out, &mut MatmulScratch::default());
+                for (i, (&got, &want)) in out.iter().zip(&spec).enumerate() {
+                    assert!(
+                        got.to_bits() == want.to_bits(),
+                        "{format} all {value} [{name}] token {} row {}: {got:e}, spec {want:e}",
+                        i / rows,
+                        i % rows
+                    );
+                }
+            }
+        }
     }
 }

@@ -141,7 +141,7 @@ impl Rng {
 }
 
 /// Byte offsets of the f16 scale fields in a block (ggml-common.h layouts).
-fn scale_offsets(format: WeightFormat) -> &'static [usize] {
+pub fn scale_offsets(format: WeightFormat) -> &'static [usize] {
     match format {
         WeightFormat::Q8_0
         | WeightFormat::Q4_0
