@@ -42,10 +42,11 @@ fn weight_bytes(format: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
 /// (larger than the caches, so read from memory as in generation), on one
 /// thread, with each SIMD kernel table: bytes per second, to set against a
 /// plain read of memory (`gemma3 bench` measures one; two threads generate
-/// on the model's spinning pool, which `gemma3 bench` measures too). Generation is bound by this rate; a
-/// kernel that reads its blocks out of address order loses the CPU's
-/// prefetchers and shows here (Q2_K and Q5_K read 11 GB/s on one thread
-/// where the others read 26-32, until their layouts were reordered).
+/// on the model's spinning pool, which `gemma3 bench` measures too).
+/// Generation is bound by this rate; a kernel that reads its blocks out of
+/// address order loses the CPU's prefetchers and shows here (Q2_K and Q5_K
+/// read 11 GB/s on one thread where the others read 26-32, until their
+/// layouts were reordered).
 fn bench_streaming(c: &mut Criterion) {
     // Every SIMD table: the one-token rate rides on how each table's code
     // reads memory (the AVX-512 table without GFNI read Q5_K at 8-10 GB/s
