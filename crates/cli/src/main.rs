@@ -85,7 +85,9 @@ fn real_main() -> Result<()> {
     // Choose the kernels (and ask for the AMX tile state) before any worker
     // thread exists: Linux refuses that state to a process in which some
     // thread's alternate signal stack is too small for it, so asking first
-    // leaves only the main thread's to matter.
+    // leaves only the main thread's to matter. A bad GEMMA3_KERNELS is
+    // refused here rather than silently replaced by the default table.
+    gemma3_kernels::simd::check_request().map_err(anyhow::Error::msg)?;
     gemma3_kernels::simd::best();
     let cli = Cli::parse();
     if let Command::Bench(a) = cli.command {
@@ -212,7 +214,7 @@ fn info(model: ModelArg, ctx: usize) -> Result<()> {
     let tiles = if k.packed.tiles.is_some() {
         "yes, for batches of 16 tokens and more"
     } else {
-        "no (none on this CPU, not granted by the OS, or GEMMA3_NO_AMX / GEMMA3_FORCE_SCALAR set)"
+        "no (none on this CPU, not granted by the OS, or GEMMA3_NO_AMX, GEMMA3_FORCE_SCALAR or GEMMA3_KERNELS chose another table)"
     };
     println!("kernels: {}; AMX tiles: {tiles}", k.name);
     Ok(())

@@ -80,6 +80,43 @@ fn the_tiny_model_itself_runs() {
 }
 
 #[test]
+fn a_kernel_table_the_cpu_cannot_run_is_refused() {
+    let p = tiny_model("tiny-kernels.gguf");
+    let info = |env: &[(&str, &str)]| {
+        let mut c = gemma3();
+        c.env_remove("GEMMA3_FORCE_SCALAR")
+            .env_remove("GEMMA3_KERNELS")
+            .args(["info", "--model"])
+            .arg(&*p);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        run(&mut c)
+    };
+    // The scalar table exists everywhere, and info names the table it runs.
+    let (out, stdout, stderr) = info(&[("GEMMA3_KERNELS", "scalar")]);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("kernels: scalar;"), "{stdout}");
+    for (env, needles) in [
+        (
+            &[("GEMMA3_KERNELS", "avx9000")][..],
+            &["GEMMA3_KERNELS=\"avx9000\"", "it runs: scalar"][..],
+        ),
+        (
+            &[("GEMMA3_KERNELS", "avx2"), ("GEMMA3_FORCE_SCALAR", "1")][..],
+            &["GEMMA3_FORCE_SCALAR", "\"avx2\""][..],
+        ),
+    ] {
+        let (out, stdout, stderr) = info(env);
+        assert_eq!(out.status.code(), Some(1), "{env:?}: {stdout} {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        for n in needles {
+            assert!(stderr.contains(n), "{env:?}: stderr lacks {n:?}: {stderr}");
+        }
+    }
+}
+
+#[test]
 fn truncated_model_files() {
     let Some(real) = common::model_path("truncated_model_files") else {
         return;

@@ -1,10 +1,11 @@
-//! The whole forward pass gives the same bits on the scalar kernels as on the fastest SIMD
-//! kernels this CPU runs: every matmul of the model (the packed layout's `spec_dot`
+//! The whole forward pass gives the same bits on the scalar kernels as on every SIMD kernel
+//! table this CPU runs (each chosen with `GEMMA3_KERNELS`, which also sets the attention
+//! ops, the activation quantizers and the element-wise ops to its level): every matmul of the model (the packed layout's `spec_dot`
 //! arithmetic), the attention ops, the activation quantizers and GeGLU are defined as fixed
 //! sequences of exact integer sums and single-rounded float operations, which every table
-//! repeats. The kernel table is chosen once per process, so this test runs itself twice as
-//! a child process, with and without `GEMMA3_FORCE_SCALAR=1`, and compares the logits of a
-//! prefill and of decode steps bit for bit.
+//! repeats. The kernel table is chosen once per process, so this test runs itself as a child
+//! process once under `GEMMA3_FORCE_SCALAR=1` and once per table, and compares the logits
+//! of a prefill and of decode steps bit for bit.
 
 mod common;
 
@@ -55,22 +56,35 @@ fn child(out: PathBuf) {
     std::fs::write(&out, bytes).expect("writing the child's logits");
 }
 
-fn run_child(scalar: bool, out: &PathBuf) -> Vec<u8> {
+/// The child's output with the scalar kernels (`table` None) or the named table.
+fn run_child(table: Option<&str>, out: &PathBuf) -> Vec<u8> {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args(["--exact", TEST, "--nocapture", "--test-threads=1"])
         .env(CHILD, out);
-    if scalar {
-        cmd.env("GEMMA3_FORCE_SCALAR", "1");
-    } else {
-        cmd.env_remove("GEMMA3_FORCE_SCALAR");
-    }
+    match table {
+        None => cmd
+            .env("GEMMA3_FORCE_SCALAR", "1")
+            .env_remove("GEMMA3_KERNELS"),
+        Some(t) => cmd
+            .env_remove("GEMMA3_FORCE_SCALAR")
+            .env("GEMMA3_KERNELS", t),
+    };
     let o = cmd.output().expect("running the test binary as a child");
     assert!(
         o.status.success(),
-        "child (scalar = {scalar}) failed: {}",
+        "child ({table:?}) failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
     std::fs::read(out).expect("the child's logits")
+}
+
+/// The table name a child wrote and its logits' bytes.
+fn split(v: &[u8]) -> (String, Vec<u8>) {
+    let nl = v.iter().position(|&c| c == b'\n').unwrap();
+    (
+        String::from_utf8(v[..nl].to_vec()).unwrap(),
+        v[nl + 1..].to_vec(),
+    )
 }
 
 #[test]
@@ -81,34 +95,33 @@ fn scalar_and_simd_forward_passes_give_the_same_bits() {
     if common::model_path(TEST).is_none() {
         return;
     }
-    let (a, b) = (
-        common::temp_path("twin-scalar.bin"),
-        common::temp_path("twin-simd.bin"),
-    );
-    let scalar = run_child(true, &a);
-    let simd = run_child(false, &b);
-    let split = |v: &[u8]| {
-        let nl = v.iter().position(|&c| c == b'\n').unwrap();
-        (
-            String::from_utf8(v[..nl].to_vec()).unwrap(),
-            v[nl + 1..].to_vec(),
-        )
-    };
-    let ((sname, sbits), (vname, vbits)) = (split(&scalar), split(&simd));
+    let (sname, sbits) = split(&run_child(None, &common::temp_path("twin-scalar.bin")));
     assert_eq!(sname, "scalar");
-    eprintln!(
-        "compared the scalar kernels with '{vname}' over {} logits",
-        sbits.len() / 4
-    );
-    assert_eq!(sbits.len(), vbits.len());
-    if let Some(i) =
-        (0..sbits.len() / 4).find(|&i| sbits[4 * i..4 * i + 4] != vbits[4 * i..4 * i + 4])
-    {
-        let f = |v: &[u8]| f32::from_le_bytes(v[4 * i..4 * i + 4].try_into().unwrap());
-        panic!(
-            "logit {i} differs: scalar {} vs {vname} {}",
-            f(&sbits),
-            f(&vbits)
+    let tables: Vec<&str> = gemma3_kernels::simd::available()
+        .iter()
+        .map(|k| k.name)
+        .filter(|&n| n != "scalar")
+        .collect();
+    for table in tables {
+        let (vname, vbits) = split(&run_child(
+            Some(table),
+            &common::temp_path(&format!("twin-{table}.bin")),
+        ));
+        assert_eq!(vname, table, "GEMMA3_KERNELS chose the table");
+        eprintln!(
+            "compared the scalar kernels with '{vname}' over {} logits",
+            sbits.len() / 4
         );
+        assert_eq!(sbits.len(), vbits.len());
+        if let Some(i) =
+            (0..sbits.len() / 4).find(|&i| sbits[4 * i..4 * i + 4] != vbits[4 * i..4 * i + 4])
+        {
+            let f = |v: &[u8]| f32::from_le_bytes(v[4 * i..4 * i + 4].try_into().unwrap());
+            panic!(
+                "logit {i} differs: scalar {} vs {vname} {}",
+                f(&sbits),
+                f(&vbits)
+            );
+        }
     }
 }

@@ -63,14 +63,14 @@ pub fn geglu_inplace(gate: &mut [f32], up: &[f32]) {
     geglu_inplace_ref(gate, up)
 }
 
-/// Whether the element-wise AVX-512 paths run: the CPU has the AVX-512
-/// kernel tables' features and `GEMMA3_FORCE_SCALAR` does not ask for the
-/// scalar ones. Decided by the features, not by the best table's name,
-/// which a new table changed once (GeGLU then silently ran its twin).
+/// Whether the element-wise AVX-512 paths run: the chosen kernel table is
+/// an AVX-512 one (so `GEMMA3_FORCE_SCALAR` and `GEMMA3_KERNELS=avx2` turn
+/// them off). Decided by the table's level, not by its name, which a new
+/// table changed once (GeGLU then silently ran its twin).
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
     static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVX512.get_or_init(|| !crate::simd::force_scalar() && crate::x86::vnni_available())
+    *AVX512.get_or_init(|| crate::simd::level() == crate::simd::Level::Avx512)
 }
 
 /// `dst[i] = src[i]` rounded to the nearest f16 (ties to even), as

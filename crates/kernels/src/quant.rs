@@ -382,17 +382,21 @@ pub fn act_quantizers_available() -> Vec<ActQuantizers> {
     v
 }
 
-/// The fastest activation quantizers for this CPU, chosen once (the scalar
-/// references under `GEMMA3_FORCE_SCALAR=1`).
+/// The activation quantizers of [`crate::simd::level`], chosen once (the
+/// scalar references under `GEMMA3_FORCE_SCALAR=1`).
 pub fn act_quantizers() -> &'static ActQuantizers {
+    use crate::simd::Level;
     static BEST: OnceLock<ActQuantizers> = OnceLock::new();
     BEST.get_or_init(|| {
-        if crate::simd::force_scalar() {
-            return ACT_QUANT_SCALAR;
-        }
-        *act_quantizers_available()
-            .last()
-            .unwrap_or(&ACT_QUANT_SCALAR)
+        let want = match crate::simd::level() {
+            Level::Scalar => "scalar",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+        };
+        act_quantizers_available()
+            .into_iter()
+            .find(|q| q.name == want)
+            .unwrap_or(ACT_QUANT_SCALAR)
     })
 }
 

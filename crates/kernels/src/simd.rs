@@ -1,7 +1,10 @@
 //! Run-time kernel selection. A [`DotKernels`] table holds, per quantized
 //! format, a dot product of one weight row with 1 and with 4 activation rows;
 //! [`best`] picks the fastest table the CPU supports, once.
-//! `GEMMA3_FORCE_SCALAR=1` forces the scalar references.
+//! `GEMMA3_FORCE_SCALAR=1` forces the scalar references, and
+//! `GEMMA3_KERNELS=<name>` names a table (`avx2` on an AVX-512 machine runs
+//! what an AVX2-only CPU would). The table's [`Level`] then sets what the
+//! attention ops, the activation quantizers and the element-wise ops use.
 
 use crate::dot;
 use crate::formats::*;
@@ -18,10 +21,23 @@ pub struct Tiles<W: 'static, A: 'static> {
     pub rows4: fn(w: &[W], nb: usize, a: [&[A]; 4], out: &mut [f32]),
 }
 
+/// The widest instructions a kernel table uses, which the other
+/// dispatched code (attention, activation quantizers, element-wise ops)
+/// follows, so that one choice sets the whole forward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Scalar,
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// AVX-512 F/BW/DQ/VL and VNNI, besides AVX2's.
+    Avx512,
+}
+
 /// One set of tiles per format.
 #[derive(Clone, Copy)]
 pub struct DotKernels {
     pub name: &'static str,
+    pub level: Level,
     pub q8_0: Tiles<BlockQ8_0, BlockQ8_0>,
     pub q4_0: Tiles<BlockQ4_0, BlockQ8_0>,
     pub q5_0: Tiles<BlockQ5_0, BlockQ8_0>,
@@ -80,6 +96,7 @@ scalar_tiles!(s_q6k, dot::dot_q6k_ref, BlockQ6K, BlockQ8K);
 /// The scalar reference kernels (every fast path's twin).
 pub const SCALAR: DotKernels = DotKernels {
     name: "scalar",
+    level: Level::Scalar,
     q8_0: s_q8_0::TILES,
     q4_0: s_q4_0::TILES,
     q5_0: s_q5_0::TILES,
@@ -122,15 +139,73 @@ pub fn force_scalar() -> bool {
     std::env::var("GEMMA3_FORCE_SCALAR").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
-/// The fastest kernels for this CPU, chosen once.
+/// The environment variable that names the kernel table to run.
+pub const KERNELS_VAR: &str = "GEMMA3_KERNELS";
+
+/// The table [`KERNELS_VAR`] names, if it is set and not empty.
+pub fn requested_table() -> Option<String> {
+    std::env::var(KERNELS_VAR).ok().filter(|v| !v.is_empty())
+}
+
+/// The table to run among `available` (scalar first, fastest last): the one
+/// `requested` names, the scalar one if `scalar` (`GEMMA3_FORCE_SCALAR`),
+/// else the fastest. An unknown or unavailable name, or a name that
+/// contradicts `scalar`, is an error that says what this CPU runs.
+pub fn choose(
+    available: &[DotKernels],
+    scalar: bool,
+    requested: Option<&str>,
+) -> Result<DotKernels, String> {
+    let names = || {
+        available
+            .iter()
+            .map(|k| k.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match requested {
+        Some(r) => {
+            let Some(k) = available.iter().find(|k| k.name == r) else {
+                return Err(format!(
+                    "{KERNELS_VAR}={r:?} is not a kernel table this CPU runs; it runs: {}",
+                    names()
+                ));
+            };
+            if scalar && k.level != Level::Scalar {
+                return Err(format!(
+                    "GEMMA3_FORCE_SCALAR asks for the scalar kernels but {KERNELS_VAR}={r:?}"
+                ));
+            }
+            Ok(*k)
+        }
+        None if scalar => Ok(SCALAR),
+        None => Ok(*available.last().unwrap_or(&SCALAR)),
+    }
+}
+
+/// Whether the environment's kernel choice is valid here; front ends call
+/// this first to refuse a bad `GEMMA3_KERNELS` with its message ([`best`]
+/// would otherwise fall back to the default table).
+pub fn check_request() -> Result<(), String> {
+    choose(&available(), force_scalar(), requested_table().as_deref()).map(|_| ())
+}
+
+/// The kernels this process runs, chosen once: [`choose`] on this CPU's
+/// tables and the environment (the default choice if that is invalid).
 pub fn best() -> &'static DotKernels {
     static BEST: OnceLock<DotKernels> = OnceLock::new();
     BEST.get_or_init(|| {
-        if force_scalar() {
-            return SCALAR;
-        }
-        *available().last().unwrap_or(&SCALAR)
+        let avail = available();
+        let scalar = force_scalar();
+        choose(&avail, scalar, requested_table().as_deref())
+            .or_else(|_| choose(&avail, scalar, None))
+            .unwrap_or(SCALAR)
     })
+}
+
+/// The [`Level`] of [`best`]'s table, which every other dispatched kernel follows.
+pub fn level() -> Level {
+    best().level
 }
 
 /// Keys per block of the attention kernels: the width of a K-cache tile.
@@ -266,14 +341,16 @@ pub fn f16_available() -> Vec<F16Ops> {
     v
 }
 
-/// The fastest f16 attention ops for this CPU (scalar under GEMMA3_FORCE_SCALAR).
+/// The f16 attention ops of [`level`] (scalar under `GEMMA3_FORCE_SCALAR`).
 pub fn f16_best() -> &'static F16Ops {
     static BEST: OnceLock<F16Ops> = OnceLock::new();
-    BEST.get_or_init(|| {
-        if force_scalar() {
-            F16_SCALAR
-        } else {
-            *f16_available().last().unwrap_or(&F16_SCALAR)
-        }
+    BEST.get_or_init(|| match level() {
+        Level::Scalar => F16_SCALAR,
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => crate::x86::F16_AVX2,
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => crate::x86::F16_AVX512,
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => F16_SCALAR,
     })
 }

@@ -878,6 +878,7 @@ rows_entry!(
 
 pub const AVX2: DotKernels = DotKernels {
     name: "avx2",
+    level: crate::simd::Level::Avx2,
     q8_0: Tiles {
         rows1: avx2_q8_0_rows1,
         rows4: avx2_q8_0_rows4,
@@ -912,6 +913,7 @@ pub const AVX2: DotKernels = DotKernels {
 
 pub const VNNI: DotKernels = DotKernels {
     name: "avx512-vnni",
+    level: crate::simd::Level::Avx512,
     q8_0: Tiles {
         rows1: vnni_q8_0_rows1,
         rows4: vnni_q8_0_rows4,

@@ -298,3 +298,40 @@ fn a_tokens_output_does_not_depend_on_its_batch() {
         }
     }
 }
+
+/// `GEMMA3_KERNELS` picks a table by name among those available, the default is the last
+/// (fastest) one or the scalar one under `GEMMA3_FORCE_SCALAR`, and a name the CPU does not
+/// run, or one that contradicts `GEMMA3_FORCE_SCALAR`, is refused with a message naming it
+/// and what the CPU runs.
+#[test]
+fn kernel_table_choice_by_name() {
+    use gemma3_kernels::simd::{choose, Level};
+    let mid = DotKernels {
+        name: "mid",
+        level: Level::Avx2,
+        ..SCALAR
+    };
+    let top = DotKernels {
+        name: "top",
+        level: Level::Avx512,
+        ..SCALAR
+    };
+    let avail = [SCALAR, mid, top];
+    let pick = |scalar, r| choose(&avail, scalar, r).map(|k| k.name);
+    assert_eq!(pick(false, None), Ok("top"));
+    assert_eq!(pick(true, None), Ok("scalar"));
+    assert_eq!(pick(false, Some("mid")), Ok("mid"));
+    assert_eq!(pick(false, Some("scalar")), Ok("scalar"));
+    assert_eq!(pick(true, Some("scalar")), Ok("scalar"));
+    let e = pick(false, Some("avx9")).unwrap_err();
+    assert!(
+        e.contains("GEMMA3_KERNELS=\"avx9\"") && e.contains("scalar, mid, top"),
+        "{e}"
+    );
+    let e = pick(true, Some("mid")).unwrap_err();
+    assert!(
+        e.contains("GEMMA3_FORCE_SCALAR") && e.contains("mid"),
+        "{e}"
+    );
+    assert_eq!(choose(&[], false, None).map(|k| k.name), Ok("scalar"));
+}
