@@ -236,7 +236,7 @@ impl PackedFormat {
     /// reading quants beyond them: the sub-block scales applied after each
     /// pass (and Q4_K's and Q5_K's minimums, after the last), and Q5_K's
     /// fifth bits, which each pass reads beside nibbles 512 bytes further
-    /// on. [`each_block`] touches their lines in order before a block's
+    /// on. `each_block` touches their lines in order before a block's
     /// sums, so that every block is first read in ascending order, as the
     /// prefetchers want: on the AVX2 table, whose 16 registers leave these
     /// loads where the code puts them, one token's Q5_K streamed 7 GiB/s

@@ -385,19 +385,23 @@ pub fn act_quantizers_available() -> Vec<ActQuantizers> {
 /// The activation quantizers of [`crate::simd::level`], chosen once (the
 /// scalar references under `GEMMA3_FORCE_SCALAR=1`).
 pub fn act_quantizers() -> &'static ActQuantizers {
-    use crate::simd::Level;
     static BEST: OnceLock<ActQuantizers> = OnceLock::new();
-    BEST.get_or_init(|| {
-        let want = match crate::simd::level() {
-            Level::Scalar => "scalar",
-            Level::Avx2 => "avx2",
-            Level::Avx512 => "avx512",
-        };
-        act_quantizers_available()
-            .into_iter()
-            .find(|q| q.name == want)
-            .unwrap_or(ACT_QUANT_SCALAR)
-    })
+    BEST.get_or_init(|| act_quantizers_for(crate::simd::level()))
+}
+
+/// The activation quantizers a kernel table of `level` goes with: this
+/// CPU's set of that level (the scalar one if it has none).
+pub fn act_quantizers_for(level: crate::simd::Level) -> ActQuantizers {
+    use crate::simd::Level;
+    let want = match level {
+        Level::Scalar => "scalar",
+        Level::Avx2 => "avx2",
+        Level::Avx512 => "avx512",
+    };
+    act_quantizers_available()
+        .into_iter()
+        .find(|q| q.name == want)
+        .unwrap_or(ACT_QUANT_SCALAR)
 }
 
 /// Quantize activations to ggml block_q8_0: [`quantize_q8_0_ref`]'s bytes,

@@ -344,7 +344,13 @@ pub fn f16_available() -> Vec<F16Ops> {
 /// The f16 attention ops of [`level`] (scalar under `GEMMA3_FORCE_SCALAR`).
 pub fn f16_best() -> &'static F16Ops {
     static BEST: OnceLock<F16Ops> = OnceLock::new();
-    BEST.get_or_init(|| match level() {
+    BEST.get_or_init(|| f16_for(level()))
+}
+
+/// The f16 attention ops a kernel table of `level` goes with (the caller
+/// checked that the CPU runs that level).
+pub fn f16_for(level: Level) -> F16Ops {
+    match level {
         Level::Scalar => F16_SCALAR,
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => crate::x86::F16_AVX2,
@@ -352,5 +358,5 @@ pub fn f16_best() -> &'static F16Ops {
         Level::Avx512 => crate::x86::F16_AVX512,
         #[cfg(not(target_arch = "x86_64"))]
         _ => F16_SCALAR,
-    })
+    }
 }

@@ -335,3 +335,27 @@ fn kernel_table_choice_by_name() {
     );
     assert_eq!(choose(&[], false, None).map(|k| k.name), Ok("scalar"));
 }
+
+/// Each kernel table's level picks the attention ops and activation quantizers of that
+/// level, so that `GEMMA3_KERNELS=avx2` runs an AVX2-only CPU's code throughout (the bits
+/// are the same either way, so the whole-model twin test cannot see this).
+#[test]
+fn the_other_dispatched_code_follows_the_table_level() {
+    use gemma3_kernels::quant::act_quantizers_for;
+    use gemma3_kernels::simd::{f16_for, Level};
+    for k in available() {
+        let (f16, quant) = (f16_for(k.level).name, act_quantizers_for(k.level).name);
+        let want = match k.level {
+            Level::Scalar => ("scalar", "scalar"),
+            Level::Avx2 => ("avx2-f16c", "avx2"),
+            Level::Avx512 => ("avx512-f16c", "avx512"),
+        };
+        assert_eq!((f16, quant), want, "table {}", k.name);
+        let levels = match k.name {
+            "scalar" => Level::Scalar,
+            "avx2" => Level::Avx2,
+            _ => Level::Avx512,
+        };
+        assert_eq!(k.level, levels, "table {}", k.name);
+    }
+}
