@@ -947,7 +947,7 @@ pub(crate) trait Isa {
     unsafe fn splat32(x: i32) -> Self::V;
     unsafe fn add32(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul32(a: Self::V, b: Self::V) -> Self::V;
-    /// acc + Σ_{c<4} u[4l+c]·y[c] per lane l (u ≤ 63 unsigned, y = 4 signed bytes).
+    /// acc + Σ_{c<4} u[4l+c]·y[c] per lane l (u ≤ 127 unsigned, y = 4 signed bytes).
     unsafe fn dot_u8(acc: Self::V, u: Self::V, y4: i32) -> Self::V;
     /// `dot_u8` of two vectors into one sum, in this order. A table without
     /// `dpbusd` may add the two vectors' 16-bit pair products before
@@ -1519,8 +1519,24 @@ const IQ1_T: u8 = CodeTable::IQ1 as u8;
 const Q2K_T: u8 = CodeTable::Q2K as u8;
 const TQ_T: u8 = CodeTable::TQ as u8;
 
-/// Each code table's values + 128 (unsigned, as `dpbusd` wants them).
-static CODE_TABLES_U128: [[u8; 64]; 6] = CodeTable::all_lanes(128);
+/// Each code table's values + 64 (unsigned, as `dpbusd` wants them): every
+/// table's values lie within ±62, so u = v + 64 lies in 2..=126, where
+/// AVX2's 16-bit pair products cannot saturate (2 · 126 · 128 < 2^15) and
+/// `dot_u8` serves every table. With + 128, AVX2 needed `dot_b128`'s sign
+/// trick (three more operations a vector).
+static CODE_TABLES_U64: [[u8; 64]; 6] = CodeTable::all_lanes(64);
+const _: () = {
+    let mut k = 0;
+    while k < 6 {
+        let v = CodeTable::ALL[k].values();
+        let mut i = 0;
+        while i < 16 {
+            assert!(v[i] >= -63 && v[i] <= 63, "a code table's value leaves ±63");
+            i += 1;
+        }
+        k += 1;
+    }
+};
 
 /// M = Σ_j m_j · Σy_j for 16 rows, two sub-blocks per `dot_pairs`: the u8
 /// minimums of sub-blocks 2p and 2p + 1 at `mins + 32p` (`[r][2]`), and
@@ -1541,8 +1557,8 @@ pub(crate) unsafe fn min_sums<I: Isa>(
 }
 
 /// A coded format (T names its table): per sub-block of 16 the looked-up
-/// sum (corrected by −128·Σy where `dot_b128` needs it; Q2_K's codes are
-/// its unsigned values and go to `dot_u8` as they are), times the
+/// sum of (v + 64)·y, corrected by −64·Σy (Q2_K's codes are its unsigned
+/// values and go to `dot_u8` as they are), times the
 /// sub-block's scale in exact integers; one float step per super-block
 /// (Q2_K: two, with its minimums as Q4_K's), and the table's 2^−k at the end.
 #[inline(always)]
@@ -1556,34 +1572,36 @@ unsafe fn group_coded<I: Isa, const NT: usize, const T: u8>(
     let codes = PackedFormat::CODED_CODES;
     let mut acc = [I::zero_f(); NT];
     let m4 = I::splat8(0x0F);
-    let lut = I::load(CODE_TABLES_U128[T as usize].as_ptr());
+    let lut = I::load(CODE_TABLES_U64[T as usize].as_ptr());
     // The integer sums, and Q2_K's minimum sums M for each token.
     let sums = |b: usize, core: *const u8| {
         let mut s = [I::splat32(0); NT];
         for c in 0..8 {
             // Sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles).
             let mut is = [[I::splat32(0); 2]; NT];
-            if !min && I::B128_CORR {
+            if !min {
+                // The looked-up u = v + 64: start at −64·Σy.
                 for t in 0..NT {
                     let y = q8k(&a[t]).get_unchecked(b);
                     for h in 0..2 {
-                        is[t][h] = I::splat32(-128 * y.bsums[2 * c + h] as i32);
+                        is[t][h] = I::splat32(-64 * y.bsums[2 * c + h] as i32);
                     }
                 }
             }
             for g in 0..4 {
                 let v = I::load(core.add(codes + 64 * (4 * c + g)));
                 let (lo, hi) = (I::and(v, m4), I::and(I::shr::<4>(v), m4));
+                // Q2_K's codes are its values; the others' are looked up.
+                let (lo, hi) = if min {
+                    (lo, hi)
+                } else {
+                    (I::lut16(lut, lo), I::lut16(lut, hi))
+                };
                 for t in 0..NT {
                     let y = &q8k(&a[t]).get_unchecked(b).qs;
                     let (ylo, yhi) = (y4(y, 32 * c + 4 * g), y4(y, 32 * c + 16 + 4 * g));
-                    if min {
-                        is[t][0] = I::dot_u8(is[t][0], lo, ylo);
-                        is[t][1] = I::dot_u8(is[t][1], hi, yhi);
-                    } else {
-                        is[t][0] = I::dot_b128(is[t][0], I::lut16(lut, lo), ylo);
-                        is[t][1] = I::dot_b128(is[t][1], I::lut16(lut, hi), yhi);
-                    }
+                    is[t][0] = I::dot_u8(is[t][0], lo, ylo);
+                    is[t][1] = I::dot_u8(is[t][1], hi, yhi);
                 }
             }
             let sc_lo = I::widen_i8(core.add(16 * (2 * c)));

@@ -227,7 +227,8 @@ impl Isa for Avx2 {
     }
     #[inline(always)]
     unsafe fn dot_u8(acc: V2, u: V2, y4: i32) -> V2 {
-        // u8·i8 pairs to i16 cannot saturate (u ≤ 63, |y| ≤ 128), then pairs to i32.
+        // u8·i8 pairs to i16 cannot saturate (u ≤ 127, |y| ≤ 128: at most
+        // 2 · 127 · 128 < 2^15), then pairs to i32.
         let y = _mm256_set1_epi32(y4);
         let one = _mm256_set1_epi16(1);
         let d = |u: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), one);
