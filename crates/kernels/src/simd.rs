@@ -347,16 +347,17 @@ pub fn f16_best() -> &'static F16Ops {
     BEST.get_or_init(|| f16_for(level()))
 }
 
-/// The f16 attention ops a kernel table of `level` goes with (the caller
-/// checked that the CPU runs that level).
+/// The f16 attention ops a kernel table of `level` goes with: this CPU's
+/// ops of that level (the scalar ones if it has none, so that safe code
+/// cannot get ops the CPU lacks).
 pub fn f16_for(level: Level) -> F16Ops {
-    match level {
-        Level::Scalar => F16_SCALAR,
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => crate::x86::F16_AVX2,
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => crate::x86::F16_AVX512,
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => F16_SCALAR,
-    }
+    let want = match level {
+        Level::Scalar => "scalar",
+        Level::Avx2 => "avx2-f16c",
+        Level::Avx512 => "avx512-f16c",
+    };
+    f16_available()
+        .into_iter()
+        .find(|o| o.name == want)
+        .unwrap_or(F16_SCALAR)
 }
