@@ -345,6 +345,8 @@ pub fn quantize_q8_k_ref(x: &[f32], out: &mut [BlockQ8K]) {
 #[derive(Clone, Copy)]
 pub struct ActQuantizers {
     pub name: &'static str,
+    /// The kernel tables this set goes with (see [`crate::simd::Level`]).
+    pub level: crate::simd::Level,
     pub q8_0: fn(&[f32], &mut [BlockQ8_0]),
     pub q8_k: fn(&[f32], &mut [BlockQ8K]),
 }
@@ -352,6 +354,7 @@ pub struct ActQuantizers {
 /// The scalar references.
 pub const ACT_QUANT_SCALAR: ActQuantizers = ActQuantizers {
     name: "scalar",
+    level: crate::simd::Level::Scalar,
     q8_0: quantize_q8_0_ref,
     q8_k: quantize_q8_k_ref,
 };
@@ -367,6 +370,7 @@ pub fn act_quantizers_available() -> Vec<ActQuantizers> {
         if x::avx2_available() {
             v.push(ActQuantizers {
                 name: "avx2",
+                level: crate::simd::Level::Avx2,
                 q8_0: x::quantize_q8_0_avx2,
                 q8_k: x::quantize_q8_k_avx2,
             });
@@ -374,6 +378,7 @@ pub fn act_quantizers_available() -> Vec<ActQuantizers> {
         if x::avx512_available() {
             v.push(ActQuantizers {
                 name: "avx512",
+                level: crate::simd::Level::Avx512,
                 q8_0: x::quantize_q8_0_avx512,
                 q8_k: x::quantize_q8_k_avx512,
             });
@@ -392,15 +397,9 @@ pub fn act_quantizers() -> &'static ActQuantizers {
 /// The activation quantizers a kernel table of `level` goes with: this
 /// CPU's set of that level (the scalar one if it has none).
 pub fn act_quantizers_for(level: crate::simd::Level) -> ActQuantizers {
-    use crate::simd::Level;
-    let want = match level {
-        Level::Scalar => "scalar",
-        Level::Avx2 => "avx2",
-        Level::Avx512 => "avx512",
-    };
     act_quantizers_available()
         .into_iter()
-        .find(|q| q.name == want)
+        .find(|q| q.level == level)
         .unwrap_or(ACT_QUANT_SCALAR)
 }
 

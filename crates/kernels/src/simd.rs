@@ -220,6 +220,8 @@ pub const KEY_BLOCK: usize = 16;
 #[allow(clippy::type_complexity)]
 pub struct F16Ops {
     pub name: &'static str,
+    /// The kernel tables these ops go with.
+    pub level: Level,
     /// Scores of R query rows (`q`: R × hd) against a K tile (`kt`: hd ×
     /// 16, `kt[d·16 + j]` = key j's element d): `s[r·16 + j] = Σ_d
     /// q[r·hd + d]·kt[d·16 + j]`, accumulated with fma in increasing d from 0.
@@ -320,6 +322,7 @@ fn pv_ref(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize
 
 pub const F16_SCALAR: F16Ops = F16Ops {
     name: "scalar",
+    level: Level::Scalar,
     qk: qk_ref,
     pv: pv_ref,
     exp_sub: exp_sub_ref,
@@ -351,13 +354,8 @@ pub fn f16_best() -> &'static F16Ops {
 /// ops of that level (the scalar ones if it has none, so that safe code
 /// cannot get ops the CPU lacks).
 pub fn f16_for(level: Level) -> F16Ops {
-    let want = match level {
-        Level::Scalar => "scalar",
-        Level::Avx2 => "avx2-f16c",
-        Level::Avx512 => "avx512-f16c",
-    };
     f16_available()
         .into_iter()
-        .find(|o| o.name == want)
+        .find(|o| o.level == level)
         .unwrap_or(F16_SCALAR)
 }

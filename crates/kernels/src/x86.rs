@@ -1421,6 +1421,7 @@ fn pv_f16_wide(
 
 pub const F16_AVX2: F16Ops = F16Ops {
     name: "avx2-f16c",
+    level: crate::simd::Level::Avx2,
     qk: qk_f16,
     pv: pv_f16,
     exp_sub: exp_sub_f16,
@@ -1428,6 +1429,7 @@ pub const F16_AVX2: F16Ops = F16Ops {
 
 pub const F16_AVX512: F16Ops = F16Ops {
     name: "avx512-f16c",
+    level: crate::simd::Level::Avx512,
     qk: qk_f16_wide,
     pv: pv_f16_wide,
     exp_sub: exp_sub_wide,
