@@ -374,9 +374,14 @@ impl Isa for Avx2 {
 }
 
 /// A `#[target_feature]` entry per (Isa, token count), into which the
-/// generic kernel is inlined, and its safe wrapper for the tables.
+/// generic kernel is inlined, and its safe wrapper for the tables; the
+/// last number, if any, is `kernel`'s STREAMS (one token only: see
+/// `PackedKernels::t1`).
 macro_rules! packed_entry {
     ($name:ident, $isa:ty, $feat:literal, $nt:literal) => {
+        packed_entry!($name, $isa, $feat, $nt, 1);
+    };
+    ($name:ident, $isa:ty, $feat:literal, $nt:literal, $streams:literal) => {
         fn $name(
             f: PackedFormat,
             w: &[u8],
@@ -394,7 +399,7 @@ macro_rules! packed_entry {
                 a: &[ActRow; $nt],
                 o: &mut [&mut [f32]; $nt],
             ) {
-                kernel::<$isa, $nt>(f, w, gb, nb, a, o)
+                kernel::<$isa, $nt, $streams>(f, w, gb, nb, a, o)
             }
             // SAFETY: only reachable through a table that `simd::available`
             // returns after detecting `$feat`; the kernel checks the lengths
@@ -428,7 +433,7 @@ packed_entry!(
     "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c",
     4
 );
-packed_entry!(avx2_t1, Avx2, "avx2,fma,f16c", 1);
+packed_entry!(avx2_t1, Avx2, "avx2,fma,f16c", 1, 2);
 packed_entry!(avx2_t4, Avx2, "avx2,fma,f16c", 4);
 
 pub const PACKED_AVX512: PackedKernels = PackedKernels {
