@@ -959,6 +959,22 @@ pub(crate) trait Isa {
     {
         Self::dot_u8(Self::dot_u8(acc, u1, y1), u2, y2)
     }
+    /// A running `dot_u8` sum that a table without `dpbusd` keeps partly in
+    /// 16-bit lanes: `psum_add` adds a vector's 16-bit pair products there
+    /// without widening them, and `psum_end` widens once (exact while the
+    /// caller adds at most K vectors between `psum_begin` and the end with
+    /// K · 2 · max(u) · 128 < 2^15: 8 vectors of 4-bit u, 4 of 5-bit, 2 of
+    /// 6-bit). The others add each product to the i32 lanes as `dot_u8` does.
+    type P: Copy;
+    unsafe fn psum_begin(acc: Self::V) -> Self::P;
+    unsafe fn psum_add(p: Self::P, u: Self::V, y4: i32) -> Self::P;
+    /// acc + Σ u·y, acc as it was at `psum_begin`.
+    unsafe fn psum_end(p: Self::P) -> Self::V;
+    /// acc + (Σ u·y) · s per lane for a `p` begun at 0, `sc` the
+    /// `prep_scale` of s (|s| < 2^15): the widening is the multiply.
+    unsafe fn psum_end_scaled(acc: Self::V, p: Self::P, sc: Self::V) -> Self::V;
+    /// The form of the scales s (i32 lanes, |s| < 2^15) `psum_end_scaled` takes.
+    unsafe fn prep_scale(s: Self::V) -> Self::V;
     /// The same for u = w + 128 (see `B128_CORR`).
     unsafe fn dot_b128(acc: Self::V, u: Self::V, y4: i32) -> Self::V;
     /// `table[16·(l / 16) + idx[l]]` for each byte l (idx < 16): a lookup
@@ -1304,45 +1320,63 @@ unsafe fn q8k_neg32<'a>(a: &ActRow<'a>) -> (&'a [BlockQ8K], &'a [i32]) {
 
 /// One 32-element block's integer sums for NT tokens, from `is`: the low
 /// vectors `unpack(c).0` against elements 4c.. and the high ones against
-/// 16 + 4c.., by `dot_b128` when `B128` (u = w + 128) else `dot_u8`. One
-/// token alone gets two chains (low, high), summed in exact integers, so
-/// that its `dpbusd`s do not all wait on each other.
+/// 16 + 4c.., by `dot_b128` when `B128` (u = w + 128) else in partial sums
+/// (`Isa::psum_add`) of at most K vectors each (K · 2 · max(u) · 128 <
+/// 2^15: 4 for 5-bit u, 8 for 4-bit). One token alone gets two chains
+/// (low, high), summed in exact integers, so that its `dpbusd`s do not all
+/// wait on each other.
 #[inline(always)]
-unsafe fn block32_sums<I: Isa, const NT: usize, const B128: bool>(
+unsafe fn block32_sums<I: Isa, const NT: usize, const B128: bool, const K: usize>(
     mut is: [I::V; NT],
     a: &[ActRow; NT],
     b: usize,
     unpack: impl Fn(usize) -> (I::V, I::V),
 ) -> [I::V; NT] {
-    let dot = |acc, u, y| {
-        if B128 {
-            I::dot_b128(acc, u, y)
-        } else {
-            I::dot_u8(acc, u, y)
-        }
-    };
-    let mut is2 = [I::splat32(0); NT];
-    for c in 0..4 {
-        let (lo, hi) = unpack(c);
-        for t in 0..NT {
-            let y = &q8(&a[t]).0.get_unchecked(b).qs;
-            if NT == 1 {
-                is[t] = dot(is[t], lo, y4(y, 4 * c));
-                is2[t] = dot(is2[t], hi, y4(y, 16 + 4 * c));
-            } else if B128 {
-                is[t] = dot(is[t], lo, y4(y, 4 * c));
-                is[t] = dot(is[t], hi, y4(y, 16 + 4 * c));
-            } else {
-                is[t] = I::dot_u8_2(is[t], lo, y4(y, 4 * c), hi, y4(y, 16 + 4 * c));
+    let y = |t: usize, k: usize| y4(&q8(&a[t]).0.get_unchecked(b).qs, k);
+    if B128 {
+        let mut is2 = [I::splat32(0); NT];
+        for c in 0..4 {
+            let (lo, hi) = unpack(c);
+            for t in 0..NT {
+                if NT == 1 {
+                    is[t] = I::dot_b128(is[t], lo, y(t, 4 * c));
+                    is2[t] = I::dot_b128(is2[t], hi, y(t, 16 + 4 * c));
+                } else {
+                    is[t] = I::dot_b128(is[t], lo, y(t, 4 * c));
+                    is[t] = I::dot_b128(is[t], hi, y(t, 16 + 4 * c));
+                }
             }
         }
+        if NT == 1 {
+            is[0] = I::add32(is[0], is2[0]);
+        }
+        return is;
     }
+    debug_assert!(K >= 4, "K = {K}: a chain of one token takes 4 vectors");
     if NT == 1 {
+        let (mut lo_p, mut hi_p) = (I::psum_begin(is[0]), I::psum_begin(I::splat32(0)));
+        for c in 0..4 {
+            let (lo, hi) = unpack(c);
+            lo_p = I::psum_add(lo_p, lo, y(0, 4 * c));
+            hi_p = I::psum_add(hi_p, hi, y(0, 16 + 4 * c));
+        }
+        is[0] = I::add32(I::psum_end(lo_p), I::psum_end(hi_p));
+        return is;
+    }
+    let mut p: [I::P; NT] = std::array::from_fn(|t| I::psum_begin(is[t]));
+    for c in 0..4 {
+        // Whole partial sums of K vectors (a constant: this folds away).
+        if c > 0 && (2 * c) % K == 0 {
+            for t in 0..NT {
+                p[t] = I::psum_begin(I::psum_end(p[t]));
+            }
+        }
+        let (lo, hi) = unpack(c);
         for t in 0..NT {
-            is[t] = I::add32(is[t], is2[t]);
+            p[t] = I::psum_add(I::psum_add(p[t], lo, y(t, 4 * c)), hi, y(t, 16 + 4 * c));
         }
     }
-    is
+    std::array::from_fn(|t| I::psum_end(p[t]))
 }
 
 /// A block's float step with Q8_0 activations: `acc = fma(dw · dy, S, acc)`.
@@ -1386,7 +1420,7 @@ unsafe fn group_q8_0<I: Isa, const NT: usize, const NG: usize>(
         nb,
         PackedFormat::Q8_0,
         |b, core| {
-            block32_sums::<I, NT, true>(start128::<I, NT>(a, b), a, b, |c| {
+            block32_sums::<I, NT, true, 1>(start128::<I, NT>(a, b), a, b, |c| {
                 (I::load(core.add(64 * c)), I::load(core.add(64 * (4 + c))))
             })
         },
@@ -1415,7 +1449,7 @@ unsafe fn group_q5_0<I: Isa, const NT: usize, const NG: usize, const MIN: bool>(
             })
         });
         let h = I::load(core);
-        block32_sums::<I, NT, false>(start, a, b, |c| {
+        block32_sums::<I, NT, false, 4>(start, a, b, |c| {
             let v = I::load(core.add(64 + 64 * c));
             (
                 I::and_or(v, m4, I::fifth_bits(h, c)),
@@ -1466,7 +1500,7 @@ unsafe fn group_nibbles<I: Isa, const NT: usize, const NG: usize, const LUT: boo
             } else {
                 std::array::from_fn(|t| I::splat32(*q8_neg8(&a[t]).get_unchecked(b)))
             };
-            block32_sums::<I, NT, LUT>(start, a, b, |c| {
+            block32_sums::<I, NT, LUT, 8>(start, a, b, |c| {
                 let v = I::load(core.add(64 * c));
                 let (lo, hi) = (I::and(v, m4), I::and(I::shr::<4>(v), m4));
                 if LUT {
@@ -1718,9 +1752,21 @@ unsafe fn group_q4k<I: Isa, const NT: usize, const NG: usize, const FIVE: bool>(
     let sums = |b: usize, core: *const u8| {
         let mut s = [I::splat32(0); NT];
         for c in 0..4 {
-            let mut lo_is = [I::splat32(0); NT];
-            let mut hi_is = [I::splat32(0); NT];
+            let sc_lo = I::prep_scale(I::widen_u8(core.add(16 * (2 * c))));
+            let sc_hi = I::prep_scale(I::widen_u8(core.add(16 * (2 * c + 1))));
+            let zero = I::psum_begin(I::splat32(0));
+            let mut lo_p = [zero; NT];
+            let mut hi_p = [zero; NT];
             for g in 0..8 {
+                // Q5_K's 5-bit u: at most 4 vectors in a partial sum.
+                if FIVE && g == 4 {
+                    for t in 0..NT {
+                        s[t] = I::psum_end_scaled(s[t], lo_p[t], sc_lo);
+                        s[t] = I::psum_end_scaled(s[t], hi_p[t], sc_hi);
+                    }
+                    lo_p = [zero; NT];
+                    hi_p = [zero; NT];
+                }
                 let v = I::load(core.add(nibbles + 64 * (8 * c + g)));
                 let (lo, hi) = if FIVE {
                     let h = I::load(core.add(256 + 64 * g));
@@ -1733,15 +1779,13 @@ unsafe fn group_q4k<I: Isa, const NT: usize, const NG: usize, const FIVE: bool>(
                 };
                 for t in 0..NT {
                     let y = &q8k(&a[t]).get_unchecked(b).qs;
-                    lo_is[t] = I::dot_u8(lo_is[t], lo, y4(y, 64 * c + 4 * g));
-                    hi_is[t] = I::dot_u8(hi_is[t], hi, y4(y, 64 * c + 32 + 4 * g));
+                    lo_p[t] = I::psum_add(lo_p[t], lo, y4(y, 64 * c + 4 * g));
+                    hi_p[t] = I::psum_add(hi_p[t], hi, y4(y, 64 * c + 32 + 4 * g));
                 }
             }
-            let sc_lo = I::widen_u8(core.add(16 * (2 * c)));
-            let sc_hi = I::widen_u8(core.add(16 * (2 * c + 1)));
             for t in 0..NT {
-                s[t] = I::add32(s[t], I::mul32(lo_is[t], sc_lo));
-                s[t] = I::add32(s[t], I::mul32(hi_is[t], sc_hi));
+                s[t] = I::psum_end_scaled(s[t], lo_p[t], sc_lo);
+                s[t] = I::psum_end_scaled(s[t], hi_p[t], sc_hi);
             }
         }
         let mut m = [I::splat32(0); NT];
@@ -1871,6 +1915,22 @@ impl Isa for Scalar {
     }
     unsafe fn mul32(a: SV, b: SV) -> SV {
         SV::from_lanes(|l| a.lane(l).wrapping_mul(b.lane(l)))
+    }
+    type P = SV;
+    unsafe fn psum_begin(acc: SV) -> SV {
+        acc
+    }
+    unsafe fn psum_add(p: SV, u: SV, y4: i32) -> SV {
+        Self::dot_u8(p, u, y4)
+    }
+    unsafe fn psum_end(p: SV) -> SV {
+        p
+    }
+    unsafe fn psum_end_scaled(acc: SV, p: SV, sc: SV) -> SV {
+        Self::add32(acc, Self::mul32(p, sc))
+    }
+    unsafe fn prep_scale(s: SV) -> SV {
+        s
     }
     unsafe fn dot_u8(acc: SV, u: SV, y4: i32) -> SV {
         let y = y4.to_le_bytes();

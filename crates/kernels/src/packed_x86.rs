@@ -55,6 +55,27 @@ impl<const GFNI: bool> Isa for Avx512<GFNI> {
     unsafe fn mul32(a: __m512i, b: __m512i) -> __m512i {
         _mm512_mullo_epi32(a, b)
     }
+    type P = __m512i;
+    #[inline(always)]
+    unsafe fn psum_begin(acc: __m512i) -> __m512i {
+        acc
+    }
+    #[inline(always)]
+    unsafe fn psum_add(p: __m512i, u: __m512i, y4: i32) -> __m512i {
+        Self::dot_u8(p, u, y4)
+    }
+    #[inline(always)]
+    unsafe fn psum_end(p: __m512i) -> __m512i {
+        p
+    }
+    #[inline(always)]
+    unsafe fn psum_end_scaled(acc: __m512i, p: __m512i, sc: __m512i) -> __m512i {
+        Self::add32(acc, Self::mul32(p, sc))
+    }
+    #[inline(always)]
+    unsafe fn prep_scale(s: __m512i) -> __m512i {
+        s
+    }
     #[inline(always)]
     unsafe fn dot_u8(acc: __m512i, u: __m512i, y4: i32) -> __m512i {
         _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(y4))
@@ -251,6 +272,41 @@ impl Isa for Avx2 {
             _mm256_add_epi32(acc.0, d(u1.0, u2.0)),
             _mm256_add_epi32(acc.1, d(u1.1, u2.1)),
         )
+    }
+    /// (i32 sums, 16-bit pair sums).
+    type P = (V2, V2);
+    #[inline(always)]
+    unsafe fn psum_begin(acc: V2) -> (V2, V2) {
+        (acc, Self::splat32(0))
+    }
+    #[inline(always)]
+    unsafe fn psum_add((acc, p): (V2, V2), u: V2, y4: i32) -> (V2, V2) {
+        // u8·i8 pairs to i16, added in 16 bits (the caller bounds the sum).
+        let y = _mm256_set1_epi32(y4);
+        let d = |p: __m256i, u: __m256i| _mm256_add_epi16(p, _mm256_maddubs_epi16(u, y));
+        (acc, V2(d(p.0, u.0), d(p.1, u.1)))
+    }
+    #[inline(always)]
+    unsafe fn psum_end((acc, p): (V2, V2)) -> V2 {
+        let one = _mm256_set1_epi16(1);
+        V2(
+            _mm256_add_epi32(acc.0, _mm256_madd_epi16(p.0, one)),
+            _mm256_add_epi32(acc.1, _mm256_madd_epi16(p.1, one)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn psum_end_scaled(acc: V2, (_, p): (V2, V2), sc: V2) -> V2 {
+        // Each i32 lane of sc holds s in both 16-bit halves: the pair sum
+        // widens and multiplies by s in one `pmaddwd`.
+        V2(
+            _mm256_add_epi32(acc.0, _mm256_madd_epi16(p.0, sc.0)),
+            _mm256_add_epi32(acc.1, _mm256_madd_epi16(p.1, sc.1)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn prep_scale(s: V2) -> V2 {
+        let pair = |s: __m256i| _mm256_blend_epi16::<0xAA>(s, _mm256_slli_epi32::<16>(s));
+        V2(pair(s.0), pair(s.1))
     }
     #[inline(always)]
     unsafe fn dot_b128(acc: V2, u: V2, y4: i32) -> V2 {

@@ -424,10 +424,11 @@ fn collapsing_to_huge_pages_changes_nothing() {
 }
 
 /// Blocks at their largest codes (every quant byte 0xFF) against
-/// activations all equal (−1, then +1: 127 in magnitude once quantized):
-/// every product at its largest magnitude. A table's intermediate sums must not wrap (the
-/// AVX2 table adds two 16-bit pair products before widening them), so each
-/// table equals the spec bit for bit here too.
+/// activations all equal (−1, then +1: 127 in magnitude once quantized, and
+/// −128 in Q8_K): every product at its largest magnitude. A table's
+/// intermediate sums must not wrap (the AVX2 table adds up to 8 vectors of
+/// 4-bit weights', 4 of 5-bit and 2 of 6-bit 16-bit pair products before
+/// widening them), so each table equals the spec bit for bit here too.
 #[test]
 fn extreme_blocks_and_activations_wrap_no_table() {
     let tables = tables();
