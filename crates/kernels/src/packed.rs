@@ -1052,8 +1052,8 @@ unsafe fn y4(qs: &[i8], k: usize) -> i32 {
 }
 
 /// Every group of `w` (whole groups of `nb` blocks) times NT tokens;
-/// `out[t][16g + r]` receives row r of group g. With STREAMS = 2 and one
-/// token, the groups are read in two streams (see `PackedKernels::t1`).
+/// `out[t][16g + r]` receives row r of group g. With one token, the groups
+/// are read in up to STREAMS streams (see `PackedKernels::t1`).
 #[inline(always)]
 pub(crate) unsafe fn kernel<I: Isa, const NT: usize, const STREAMS: usize>(
     format: PackedFormat,
@@ -1109,26 +1109,35 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize, const STREAMS: usize>(
             I::store_f(out[t].as_mut_ptr().add(g * LANES), acc[t]);
         }
     };
-    // With two streams (one token), group i goes with group i + h, h the
-    // upper half's start, block by block in turn, so that the memory sees
-    // two ascending streams (see `PackedKernels::t1`); an odd middle group
-    // goes alone, at the end of the first stream. Each group's arithmetic
-    // is its own, so the bits do not change.
-    let two = STREAMS == 2 && NT == 1;
-    let (pairs, h) = if two {
-        (groups / 2, groups.div_ceil(2))
-    } else {
-        (0, 0)
-    };
+    // With S streams (one token), group i goes with groups i + q, i + 2q,
+    // …, q = ⌊groups / S⌋, block by block in turn, so that the memory sees S
+    // ascending streams (see `PackedKernels::t1`); the last groups % S go
+    // alone, after the last stream. Each group's arithmetic is its own, so
+    // the bits do not change. Formats whose blocks of 16 rows span 2-3 KB
+    // (256 columns) take at most two streams: more were slower (they
+    // alternate in coarse steps).
     let gp = |g: usize| w.as_ptr().add(g * group_bytes);
     macro_rules! groups {
-        ($f:ident $(, $p:expr)*) => {{
-            for i in 0..pairs {
-                let [acc0, acc1] = $f::<I, NT, 2 $(, $p)*>([gp(i), gp(i + h)], nb, a);
-                store(i, acc0, out);
-                store(i + h, acc1, out);
+        ($most:literal; $f:ident $(, $p:expr)*) => {{
+            let s = if NT == 1 { STREAMS.min($most) } else { 1 };
+            let q = groups / s;
+            macro_rules! tuples {
+                ($s:literal) => {
+                    for i in 0..q {
+                        let gps: [*const u8; $s] = std::array::from_fn(|k| gp(i + k * q));
+                        let accs = $f::<I, NT, $s $(, $p)*>(gps, nb, a);
+                        for (k, acc) in accs.into_iter().enumerate() {
+                            store(i + k * q, acc, out);
+                        }
+                    }
+                };
             }
-            for g in if two { pairs..h } else { 0..groups } {
+            match s {
+                4 => tuples!(4),
+                2 => tuples!(2),
+                _ => tuples!(1),
+            }
+            for g in s * q..groups {
                 let [acc] = $f::<I, NT, 1 $(, $p)*>([gp(g)], nb, a);
                 store(g, acc, out);
             }
@@ -1143,21 +1152,21 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize, const STREAMS: usize>(
         };
     }
     match format {
-        PackedFormat::Q8_0 => groups!(group_q8_0),
-        PackedFormat::Q5_0 => groups!(group_q5_0, false),
-        PackedFormat::Q4_0 => groups!(group_nibbles, false),
-        PackedFormat::IQ4NL => groups!(group_nibbles, true),
-        PackedFormat::IQ4XS => groups!(group_iq4xs),
-        PackedFormat::Q5_1 => groups!(group_q5_0, true),
-        PackedFormat::Q4K => groups!(group_q4k, false),
-        PackedFormat::Q5K => groups!(group_q4k, true),
-        PackedFormat::Q6K => groups!(group_q6k),
-        PackedFormat::Coded(CodeTable::IQ2) => groups!(group_coded, IQ2_T),
-        PackedFormat::Coded(CodeTable::IQ3XXS) => groups!(group_coded, IQ3XXS_T),
-        PackedFormat::Coded(CodeTable::IQ3S) => groups!(group_coded, IQ3S_T),
-        PackedFormat::Coded(CodeTable::IQ1) => groups!(group_coded, IQ1_T),
-        PackedFormat::Coded(CodeTable::Q2K) => groups!(group_coded, Q2K_T),
-        PackedFormat::Coded(CodeTable::TQ) => groups!(group_coded, TQ_T),
+        PackedFormat::Q8_0 => groups!(4; group_q8_0),
+        PackedFormat::Q5_0 => groups!(4; group_q5_0, false),
+        PackedFormat::Q4_0 => groups!(4; group_nibbles, false),
+        PackedFormat::IQ4NL => groups!(4; group_nibbles, true),
+        PackedFormat::IQ4XS => groups!(2; group_iq4xs),
+        PackedFormat::Q5_1 => groups!(4; group_q5_0, true),
+        PackedFormat::Q4K => groups!(2; group_q4k, false),
+        PackedFormat::Q5K => groups!(2; group_q4k, true),
+        PackedFormat::Q6K => groups!(2; group_q6k),
+        PackedFormat::Coded(CodeTable::IQ2) => groups!(2; group_coded, IQ2_T),
+        PackedFormat::Coded(CodeTable::IQ3XXS) => groups!(2; group_coded, IQ3XXS_T),
+        PackedFormat::Coded(CodeTable::IQ3S) => groups!(2; group_coded, IQ3S_T),
+        PackedFormat::Coded(CodeTable::IQ1) => groups!(2; group_coded, IQ1_T),
+        PackedFormat::Coded(CodeTable::Q2K) => groups!(2; group_coded, Q2K_T),
+        PackedFormat::Coded(CodeTable::TQ) => groups!(2; group_coded, TQ_T),
         PackedFormat::F16 => float_groups!(F16_KIND),
         PackedFormat::BF16 => float_groups!(BF16_KIND),
         PackedFormat::F32 => float_groups!(F32_KIND),
@@ -2013,13 +2022,14 @@ impl Isa for Scalar {
 #[derive(Clone, Copy)]
 #[allow(clippy::type_complexity)]
 pub struct PackedKernels {
-    /// One token. The AVX2 table's reads its groups in two streams, the
-    /// lower and the upper half of its rows side by side: on a Zen 3, whose
-    /// prefetchers fetch more for two streams than for one, a plain read of
-    /// one stream ran at 16–22 GB/s and of two at 21–28, and one token
-    /// through Q8_0 weights went from 15.7 to 21.4 GiB/s. The AVX-512
-    /// tables read one stream, measured on a Zen 4 at the speed of a plain
-    /// read.
+    /// One token. The AVX2 table's reads its groups in four streams (two
+    /// for the formats whose blocks are 256 columns wide), four quarters of
+    /// its rows side by side: on a Zen 3, whose prefetchers fetch more for
+    /// several streams than for one, a plain read of one stream ran at
+    /// 16–22 GB/s and of two at 21–28, and one token through Q8_0 weights
+    /// read 15.7 GiB/s in one stream, 21.4 in two and 22.9–27.4 in four
+    /// (eight were slower). The AVX-512 tables read one stream, measured
+    /// on a Zen 4 at the speed of a plain read.
     pub t1: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 1], &mut [&mut [f32]; 1]),
     pub t4: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 4], &mut [&mut [f32]; 4]),
     pub tiles: Option<fn(PackedFormat, &[u8], usize, usize, &[ActRow], &mut [&mut [f32]])>,
@@ -2254,8 +2264,8 @@ mod tests {
     /// offsets `block_offsets` defines, finishes the blocks in order (the
     /// float steps' order is part of the arithmetic), each with its own
     /// sums, and touches quants and scales in ascending address order;
-    /// walking two groups, it does so in each, taking block b of the first
-    /// and then of the second, in turn.
+    /// walking several groups, it does so in each, taking block b of each
+    /// in turn.
     #[test]
     fn each_block_walks_block_offsets() {
         fn check<const NG: usize>(f: PackedFormat) {
@@ -2322,6 +2332,7 @@ mod tests {
         for f in formats {
             check::<1>(f);
             check::<2>(f);
+            check::<4>(f);
         }
     }
 

@@ -489,7 +489,7 @@ packed_entry!(
     "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c",
     4
 );
-packed_entry!(avx2_t1, Avx2, "avx2,fma,f16c", 1, 2);
+packed_entry!(avx2_t1, Avx2, "avx2,fma,f16c", 1, 4);
 packed_entry!(avx2_t4, Avx2, "avx2,fma,f16c", 4);
 
 pub const PACKED_AVX512: PackedKernels = PackedKernels {
