@@ -1173,10 +1173,10 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize, const STREAMS: usize>(
     }
 }
 
-/// Walks blocks b = 0..nb of the NG groups at `gps` (one, or two read side
-/// by side) unit by unit, with the addresses [`block_offsets`] gives: for
-/// each unit, `sums(b, quants)` of its blocks (the integer work; with two
-/// groups, block b of the first and then of the second), then
+/// Walks blocks b = 0..nb of the NG groups at `gps` (one, or several read
+/// side by side) unit by unit, with the addresses [`block_offsets`] gives:
+/// for each unit, `sums(b, quants)` of its blocks (the integer work; with
+/// several groups, block b of each in turn), then
 /// `finish(k, b, scales, sums)` of group k's blocks in block order (the
 /// float steps). Per block the kernels pay two pointer additions instead
 /// of that function's divisions (for one token, Q8_0's loop lost about a
@@ -1210,7 +1210,7 @@ unsafe fn each_block<S, const NG: usize>(
         let mut s = [const { [const { MaybeUninit::<S>::uninit() }; 2] }; NG];
         for j in 0..64 / sb {
             if j < in_unit {
-                // With two groups, block j of each in turn: two streams.
+                // With several groups, block j of each in turn: one stream each.
                 for (k, sk) in s.iter_mut().enumerate() {
                     let block = gps[k].add(unit + j * core);
                     // One load per leading line, in order, kept before the
