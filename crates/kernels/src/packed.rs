@@ -1116,6 +1116,12 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize, const STREAMS: usize>(
     // the bits do not change. Formats whose blocks of 16 rows span 2-3 KB
     // (256 columns) take at most two streams: more were slower (they
     // alternate in coarse steps).
+    const {
+        assert!(
+            STREAMS == 1 || STREAMS == 2 || STREAMS == 4,
+            "1, 2 or 4 streams"
+        )
+    };
     let gp = |g: usize| w.as_ptr().add(g * group_bytes);
     macro_rules! groups {
         ($most:literal; $f:ident $(, $p:expr)*) => {{
