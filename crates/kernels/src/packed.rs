@@ -949,16 +949,6 @@ pub(crate) trait Isa {
     unsafe fn mul32(a: Self::V, b: Self::V) -> Self::V;
     /// acc + Σ_{c<4} u[4l+c]·y[c] per lane l (u ≤ 127 unsigned, y = 4 signed bytes).
     unsafe fn dot_u8(acc: Self::V, u: Self::V, y4: i32) -> Self::V;
-    /// `dot_u8` of two vectors into one sum, in this order. A table without
-    /// `dpbusd` may add the two vectors' 16-bit pair products before
-    /// widening them (exact: |4 · 63 · 128| < 2^15).
-    #[inline(always)]
-    unsafe fn dot_u8_2(acc: Self::V, u1: Self::V, y1: i32, u2: Self::V, y2: i32) -> Self::V
-    where
-        Self: Sized,
-    {
-        Self::dot_u8(Self::dot_u8(acc, u1, y1), u2, y2)
-    }
     /// A running `dot_u8` sum that a table without `dpbusd` keeps partly in
     /// 16-bit lanes: `psum_add` adds a vector's 16-bit pair products there
     /// without widening them, and `psum_end` widens once (exact while the
@@ -1862,9 +1852,11 @@ unsafe fn group_q6k<I: Isa, const NT: usize, const NG: usize>(
                 let (y, neg32) = q8k_neg32(&a[t]);
                 let y = y.get_unchecked(b);
                 let mut is = I::splat32(*neg32.get_unchecked(16 * b + j));
+                // 6-bit u: partial sums of 2 vectors.
                 for i in [0, 2] {
                     let (y0, y1) = (y4(&y.qs, 16 * j + 4 * i), y4(&y.qs, 16 * j + 4 * i + 4));
-                    is = I::dot_u8_2(is, g[i], y0, g[i + 1], y1);
+                    let p = I::psum_add(I::psum_add(I::psum_begin(is), g[i], y0), g[i + 1], y1);
+                    is = I::psum_end(p);
                 }
                 s[t] = I::add32(s[t], I::mul32(is, sc));
             }
@@ -2043,7 +2035,7 @@ pub struct PackedKernels {
     /// its rows side by side: on a Zen 3, whose prefetchers fetch more for
     /// several streams than for one, a plain read of one stream ran at
     /// 16–22 GB/s and of two at 21–28, and one token through Q8_0 weights
-    /// read 15.7 GiB/s in one stream, 21.4 in two and 22.9–27.4 in four
+    /// read 15.7 GiB/s in one stream, 21.4 in two and 22.8–27.4 in four
     /// (eight were slower). The AVX-512 tables read one stream, measured
     /// on a Zen 4 at the speed of a plain read.
     pub t1: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 1], &mut [&mut [f32]; 1]),

@@ -258,21 +258,6 @@ impl Isa for Avx2 {
             _mm256_add_epi32(acc.1, d(u.1)),
         )
     }
-    #[inline(always)]
-    unsafe fn dot_u8_2(acc: V2, u1: V2, y1: i32, u2: V2, y2: i32) -> V2 {
-        // Each pair product is at most 2·63·128 in magnitude, so two of them
-        // add in 16 bits without wrapping; one widening for both.
-        let (y1, y2) = (_mm256_set1_epi32(y1), _mm256_set1_epi32(y2));
-        let one = _mm256_set1_epi16(1);
-        let d = |a: __m256i, b: __m256i| {
-            let p = _mm256_add_epi16(_mm256_maddubs_epi16(a, y1), _mm256_maddubs_epi16(b, y2));
-            _mm256_madd_epi16(p, one)
-        };
-        V2(
-            _mm256_add_epi32(acc.0, d(u1.0, u2.0)),
-            _mm256_add_epi32(acc.1, d(u1.1, u2.1)),
-        )
-    }
     /// (i32 sums, 16-bit pair sums).
     type P = (V2, V2);
     #[inline(always)]
