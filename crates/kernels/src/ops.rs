@@ -57,8 +57,10 @@ pub fn gelu_tanh(x: f32) -> f32 {
 pub fn geglu_inplace(gate: &mut [f32], up: &[f32]) {
     assert!(up.len() >= gate.len(), "geglu: up shorter than gate");
     #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        return crate::x86::geglu_avx512(gate, up, gelu_f16_table());
+    match crate::simd::level() {
+        crate::simd::Level::Avx512 => return crate::x86::geglu_avx512(gate, up, gelu_f16_table()),
+        crate::simd::Level::Avx2 => return crate::x86::geglu_avx2(gate, up, gelu_f16_table()),
+        crate::simd::Level::Scalar => {}
     }
     geglu_inplace_ref(gate, up)
 }

@@ -1037,6 +1037,34 @@ pub(crate) fn geglu_avx512(gate: &mut [f32], up: &[f32], table: &[f32; 65536]) {
     unsafe { inner(gate, up, table) }
 }
 
+/// [`geglu_avx512`] 8 at a time with AVX2's gather: the same bits. On a
+/// Zen 3, the plain version's table lookups were 1.2–1.7% of generation
+/// and prompt time.
+pub(crate) fn geglu_avx2(gate: &mut [f32], up: &[f32], table: &[f32; 65536]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn inner(gate: &mut [f32], up: &[f32], table: &[f32; 65536]) {
+        let n8 = gate.len() / 8 * 8;
+        let (lo, hi) = (_mm256_set1_ps(-10.0), _mm256_set1_ps(10.0));
+        for i in (0..n8).step_by(8) {
+            let x = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
+            let idx = _mm256_cvtepu16_epi32(h);
+            let g = _mm256_i32gather_ps::<4>(table.as_ptr(), idx);
+            let g = _mm256_blendv_ps(g, x, _mm256_cmp_ps::<_CMP_GE_OQ>(x, hi));
+            let g = _mm256_blendv_ps(g, _mm256_setzero_ps(), _mm256_cmp_ps::<_CMP_LE_OQ>(x, lo));
+            let u = _mm256_loadu_ps(up.as_ptr().add(i));
+            _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(g, u));
+        }
+        crate::ops::geglu_inplace_ref(&mut gate[n8..], &up[n8..]);
+    }
+    assert!(up.len() >= gate.len());
+    // SAFETY: only called when an AVX2 or better table was selected, which
+    // `simd::available` returns after detecting AVX2, FMA and F16C; every
+    // index is below gate.len() ≤ up.len(), and gathered indices are u16
+    // values, inside the 65536-entry table.
+    unsafe { inner(gate, up, table) }
+}
+
 // ---------------------------------------------------------------- f16 attention ops
 //
 // Keys are vector lanes in `qk` (a K tile holds 16 keys per element d) and

@@ -128,7 +128,7 @@ fn qk_and_pv_match_f64_and_every_table_gives_the_scalar_bits() {
     }
 }
 
-/// GeGLU through the dispatched path (AVX-512 where the CPU has it) gives the plain
+/// GeGLU through the dispatched path (AVX-512 or AVX2 where the CPU has them) gives the plain
 /// version's bits, across the f16 range, the ±10 cut-offs and a ragged tail.
 #[test]
 fn geglu_dispatch_gives_the_reference_bits() {
