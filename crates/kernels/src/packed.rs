@@ -1367,7 +1367,14 @@ unsafe fn block32_sums<I: Isa, const NT: usize, const B128: bool, const K: usize
         }
         return is;
     }
-    debug_assert!(K >= 4, "K = {K}: a chain of one token takes 4 vectors");
+    // Refused at compile time: a partial sum of fewer than 4 vectors for one
+    // token (its chains take 4 each); with several tokens K = 2 also works.
+    const {
+        assert!(
+            B128 || NT > 1 || K >= 4,
+            "one token's chains take 4 vectors"
+        )
+    };
     if NT == 1 {
         let (mut lo_p, mut hi_p) = (I::psum_begin(is[0]), I::psum_begin(I::splat32(0)));
         for c in 0..4 {
