@@ -2037,7 +2037,7 @@ impl Isa for Scalar {
 #[derive(Clone, Copy)]
 #[allow(clippy::type_complexity)]
 pub struct PackedKernels {
-    /// One token. The AVX2 table's reads its groups in four streams (two
+    /// One token. The AVX2 table reads its groups in four streams (two
     /// for the formats whose blocks are 256 columns wide), four quarters of
     /// its rows side by side: on a Zen 3, whose prefetchers fetch more for
     /// several streams than for one, a plain read of one stream ran at
@@ -2227,7 +2227,7 @@ fn run_packed(
         // once. Cut the bytes of all the matrices (stored one after
         // another) into contiguous parts, so that each thread reads long
         // ascending runs instead of small tasks handed out alternately:
-        // four parts per thread for a layer's matrices (50–250 KB each),
+        // four parts per thread for a layer's matrices (about 45–230 KB),
         // parts of about 1 MB for a big one such as the output head, a
         // multiple of the thread count, claimed in turn so that a thread
         // the host slows does not hold the others up. One part per thread
