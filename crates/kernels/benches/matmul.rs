@@ -160,9 +160,9 @@ fn bench(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("{name} {format}"));
         g.sample_size(10);
         let batches: &[usize] = if rows > 100_000 {
-            &[1, 4]
+            &[1, 2, 3, 4]
         } else {
-            &[1, 16, 64, 512]
+            &[1, 2, 3, 16, 64, 512]
         };
         for &n in batches {
             let x = data(n * cols, 2);

@@ -416,8 +416,8 @@ impl Isa for Avx2 {
 
 /// A `#[target_feature]` entry per (Isa, token count), into which the
 /// generic kernel is inlined, and its safe wrapper for the tables; the
-/// last number, if any, is `kernel`'s STREAMS (one token only: see
-/// `PackedKernels::t1`).
+/// last number, if any, is `kernel`'s STREAMS (see `PackedKernels::t1`
+/// and `t2`).
 macro_rules! packed_entry {
     ($name:ident, $isa:ty, $feat:literal, $nt:literal) => {
         packed_entry!($name, $isa, $feat, $nt, 1);
@@ -463,6 +463,18 @@ packed_entry!(
     4
 );
 packed_entry!(
+    avx512_t2,
+    Avx512<false>,
+    "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
+    2
+);
+packed_entry!(
+    gfni_t2,
+    Avx512<true>,
+    "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c",
+    2
+);
+packed_entry!(
     gfni_t1,
     Avx512<true>,
     "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c",
@@ -475,22 +487,26 @@ packed_entry!(
     4
 );
 packed_entry!(avx2_t1, Avx2, "avx2,fma,f16c", 1, 4);
+packed_entry!(avx2_t2, Avx2, "avx2,fma,f16c", 2, 2);
 packed_entry!(avx2_t4, Avx2, "avx2,fma,f16c", 4);
 
 pub const PACKED_AVX512: PackedKernels = PackedKernels {
     t1: avx512_t1,
     t4: avx512_t4,
+    t2: avx512_t2,
     tiles: None,
 };
 
 pub const PACKED_GFNI: PackedKernels = PackedKernels {
     t1: gfni_t1,
     t4: gfni_t4,
+    t2: gfni_t2,
     tiles: None,
 };
 
 pub const PACKED_AVX2: PackedKernels = PackedKernels {
     t1: avx2_t1,
     t4: avx2_t4,
+    t2: avx2_t2,
     tiles: None,
 };
