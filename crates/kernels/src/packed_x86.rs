@@ -469,6 +469,18 @@ packed_entry!(
     2
 );
 packed_entry!(
+    avx512_t3,
+    Avx512<false>,
+    "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
+    3
+);
+packed_entry!(
+    gfni_t3,
+    Avx512<true>,
+    "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c",
+    3
+);
+packed_entry!(
     gfni_t2,
     Avx512<true>,
     "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c",
@@ -488,12 +500,14 @@ packed_entry!(
 );
 packed_entry!(avx2_t1, Avx2, "avx2,fma,f16c", 1, 4);
 packed_entry!(avx2_t2, Avx2, "avx2,fma,f16c", 2, 2);
+packed_entry!(avx2_t3, Avx2, "avx2,fma,f16c", 3, 2);
 packed_entry!(avx2_t4, Avx2, "avx2,fma,f16c", 4);
 
 pub const PACKED_AVX512: PackedKernels = PackedKernels {
     t1: avx512_t1,
     t4: avx512_t4,
     t2: avx512_t2,
+    t3: avx512_t3,
     tiles: None,
 };
 
@@ -501,6 +515,7 @@ pub const PACKED_GFNI: PackedKernels = PackedKernels {
     t1: gfni_t1,
     t4: gfni_t4,
     t2: gfni_t2,
+    t3: gfni_t3,
     tiles: None,
 };
 
@@ -508,5 +523,6 @@ pub const PACKED_AVX2: PackedKernels = PackedKernels {
     t1: avx2_t1,
     t4: avx2_t4,
     t2: avx2_t2,
+    t3: avx2_t3,
     tiles: None,
 };
