@@ -2047,7 +2047,6 @@ pub struct PackedKernels {
     /// (eight were slower). The AVX-512 tables read one stream, measured
     /// on a Zen 4 at the speed of a plain read.
     pub t1: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 1], &mut [&mut [f32]; 1]),
-    pub t4: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 4], &mut [&mut [f32]; 4]),
     /// Two tokens (a batch's remainder of 2 after its fours: two sequences
     /// generating together), one pass over the weights instead of two. The
     /// AVX2 table reads two streams here (four would hold 16 vectors of
@@ -2062,65 +2061,32 @@ pub struct PackedKernels {
     /// multiply-adds/s (38.1 in one stream), ffn_gate 53.1 → 64.3, ffn_down
     /// 45.1 → 55.4.
     pub t3: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 3], &mut [&mut [f32]; 3]),
+    /// Four tokens (prompts, and batches of 4 or more sequences).
+    pub t4: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 4], &mut [&mut [f32]; 4]),
     pub tiles: Option<fn(PackedFormat, &[u8], usize, usize, &[ActRow], &mut [&mut [f32]])>,
 }
 
 /// Token multiple of [`PackedKernels::tiles`].
 pub const TILE_TOKENS: usize = 16;
 
-fn scalar_t1(
+/// The scalar table's entry for NT tokens.
+fn scalar_nt<const NT: usize>(
     f: PackedFormat,
     w: &[u8],
     gb: usize,
     nb: usize,
-    a: &[ActRow; 1],
-    o: &mut [&mut [f32]; 1],
+    a: &[ActRow; NT],
+    o: &mut [&mut [f32]; NT],
 ) {
     // SAFETY: the kernel checks every length it indexes without checks.
-    unsafe { kernel::<Scalar, 1, 1>(f, w, gb, nb, a, o) }
-}
-
-fn scalar_t2(
-    f: PackedFormat,
-    w: &[u8],
-    gb: usize,
-    nb: usize,
-    a: &[ActRow; 2],
-    o: &mut [&mut [f32]; 2],
-) {
-    // SAFETY: as above.
-    unsafe { kernel::<Scalar, 2, 1>(f, w, gb, nb, a, o) }
-}
-
-fn scalar_t3(
-    f: PackedFormat,
-    w: &[u8],
-    gb: usize,
-    nb: usize,
-    a: &[ActRow; 3],
-    o: &mut [&mut [f32]; 3],
-) {
-    // SAFETY: as above.
-    unsafe { kernel::<Scalar, 3, 1>(f, w, gb, nb, a, o) }
-}
-
-fn scalar_t4(
-    f: PackedFormat,
-    w: &[u8],
-    gb: usize,
-    nb: usize,
-    a: &[ActRow; 4],
-    o: &mut [&mut [f32]; 4],
-) {
-    // SAFETY: as above.
-    unsafe { kernel::<Scalar, 4, 1>(f, w, gb, nb, a, o) }
+    unsafe { kernel::<Scalar, NT, 1>(f, w, gb, nb, a, o) }
 }
 
 pub const PACKED_SCALAR: PackedKernels = PackedKernels {
-    t1: scalar_t1,
-    t4: scalar_t4,
-    t2: scalar_t2,
-    t3: scalar_t3,
+    t1: scalar_nt::<1>,
+    t2: scalar_nt::<2>,
+    t3: scalar_nt::<3>,
+    t4: scalar_nt::<4>,
     tiles: None,
 };
 

@@ -505,24 +505,24 @@ packed_entry!(avx2_t4, Avx2, "avx2,fma,f16c", 4);
 
 pub const PACKED_AVX512: PackedKernels = PackedKernels {
     t1: avx512_t1,
-    t4: avx512_t4,
     t2: avx512_t2,
     t3: avx512_t3,
+    t4: avx512_t4,
     tiles: None,
 };
 
 pub const PACKED_GFNI: PackedKernels = PackedKernels {
     t1: gfni_t1,
-    t4: gfni_t4,
     t2: gfni_t2,
     t3: gfni_t3,
+    t4: gfni_t4,
     tiles: None,
 };
 
 pub const PACKED_AVX2: PackedKernels = PackedKernels {
     t1: avx2_t1,
-    t4: avx2_t4,
     t2: avx2_t2,
     t3: avx2_t3,
+    t4: avx2_t4,
     tiles: None,
 };
