@@ -1043,8 +1043,8 @@ unsafe fn y4(qs: &[i8], k: usize) -> i32 {
 
 /// Every group of `w` (whole groups of `nb` blocks) times NT tokens;
 /// `out[t][16g + r]` receives row r of group g. The groups are read in up
-/// to STREAMS streams (see `PackedKernels::t1` and `t2`; the entries for 4
-/// tokens give 1).
+/// to STREAMS streams (see `PackedKernels::t1`, `t2` and `t3`; the entries
+/// for 4 tokens give 1).
 #[inline(always)]
 pub(crate) unsafe fn kernel<I: Isa, const NT: usize, const STREAMS: usize>(
     format: PackedFormat,
@@ -1100,7 +1100,7 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize, const STREAMS: usize>(
             I::store_f(out[t].as_mut_ptr().add(g * LANES), acc[t]);
         }
     };
-    // With S streams (one or two tokens), group i goes with groups i + q, i + 2q,
+    // With S streams (one to three tokens), group i goes with groups i + q, i + 2q,
     // …, q = ⌊groups / S⌋, block by block in turn, so that the memory sees S
     // ascending streams (see `PackedKernels::t1`); the last groups % S go
     // alone, after the last stream. Each group's arithmetic is its own, so

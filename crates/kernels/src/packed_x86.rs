@@ -415,14 +415,18 @@ impl Isa for Avx2 {
 }
 
 /// A `#[target_feature]` entry per (Isa, token count), into which the
-/// generic kernel is inlined, and its safe wrapper for the tables; the
-/// last number, if any, is `kernel`'s STREAMS (see `PackedKernels::t1`
-/// and `t2`).
+/// generic kernel is inlined, and its safe wrapper for the tables:
+/// `packed_entry!(for Isa, "features"; name: tokens [/ streams], …)`.
+/// Streams (`kernel`'s STREAMS, see `PackedKernels::t1`, `t2`, `t3`) are 1
+/// unless given.
 macro_rules! packed_entry {
-    ($name:ident, $isa:ty, $feat:literal, $nt:literal) => {
-        packed_entry!($name, $isa, $feat, $nt, 1);
+    (for $isa:ty, $feat:literal; $($name:ident: $nt:literal $(/ $streams:literal)?),+ $(,)?) => {
+        $(packed_entry!(@one $name, $isa, $feat, $nt $(, $streams)?);)+
     };
-    ($name:ident, $isa:ty, $feat:literal, $nt:literal, $streams:literal) => {
+    (@one $name:ident, $isa:ty, $feat:literal, $nt:literal) => {
+        packed_entry!(@one $name, $isa, $feat, $nt, 1);
+    };
+    (@one $name:ident, $isa:ty, $feat:literal, $nt:literal, $streams:literal) => {
         fn $name(
             f: PackedFormat,
             w: &[u8],
@@ -450,58 +454,12 @@ macro_rules! packed_entry {
     };
 }
 
-packed_entry!(
-    avx512_t1,
-    Avx512<false>,
-    "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
-    1
-);
-packed_entry!(
-    avx512_t4,
-    Avx512<false>,
-    "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
-    4
-);
-packed_entry!(
-    avx512_t2,
-    Avx512<false>,
-    "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
-    2
-);
-packed_entry!(
-    avx512_t3,
-    Avx512<false>,
-    "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
-    3
-);
-packed_entry!(
-    gfni_t3,
-    Avx512<true>,
-    "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c",
-    3
-);
-packed_entry!(
-    gfni_t2,
-    Avx512<true>,
-    "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c",
-    2
-);
-packed_entry!(
-    gfni_t1,
-    Avx512<true>,
-    "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c",
-    1
-);
-packed_entry!(
-    gfni_t4,
-    Avx512<true>,
-    "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c",
-    4
-);
-packed_entry!(avx2_t1, Avx2, "avx2,fma,f16c", 1, 4);
-packed_entry!(avx2_t2, Avx2, "avx2,fma,f16c", 2, 2);
-packed_entry!(avx2_t3, Avx2, "avx2,fma,f16c", 3, 2);
-packed_entry!(avx2_t4, Avx2, "avx2,fma,f16c", 4);
+packed_entry!(for Avx512<false>, "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c";
+    avx512_t1: 1, avx512_t2: 2, avx512_t3: 3, avx512_t4: 4);
+packed_entry!(for Avx512<true>, "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c";
+    gfni_t1: 1, gfni_t2: 2, gfni_t3: 3, gfni_t4: 4);
+// AVX2: one token in four streams, two and three tokens in two.
+packed_entry!(for Avx2, "avx2,fma,f16c"; avx2_t1: 1 / 4, avx2_t2: 2 / 2, avx2_t3: 3 / 2, avx2_t4: 4);
 
 pub const PACKED_AVX512: PackedKernels = PackedKernels {
     t1: avx512_t1,

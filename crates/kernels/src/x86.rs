@@ -1156,16 +1156,14 @@ unsafe fn qk_avx2(q: &[f32], kt: &[half::f16], s: &mut [f32], ahead: usize) {
     // 3, in cache (criterion), multiply-adds/s went 13.5 → 25.9 G for
     // 2 rows, 25.6 → 49.5 G for 4 and 41.1 → 47.4 G for 16.
     by_rows!(rows, |r, NR| {
-        let (q, s) = (qp.add(r * hd), sp.add(r * KEY_BLOCK));
-        // Once per tile: the first rows' pass.
-        let ahead = if r == 0 { ahead } else { 0 };
+        // The prefetch once per tile: in the first rows' pass.
+        let ahead = |row: usize| if row == 0 { ahead } else { 0 };
         if NR >= 4 {
-            for h in (0..NR).step_by(4) {
-                let ahead = if h == 0 { ahead } else { 0 };
-                qk_rows_avx2::<4>(q.add(h * hd), hd, kp, s.add(h * KEY_BLOCK), ahead);
+            for h in (r..r + NR).step_by(4) {
+                qk_rows_avx2::<4>(qp.add(h * hd), hd, kp, sp.add(h * KEY_BLOCK), ahead(h));
             }
         } else {
-            qk_rows_avx2::<NR>(q, hd, kp, s, ahead)
+            qk_rows_avx2::<NR>(qp.add(r * hd), hd, kp, sp.add(r * KEY_BLOCK), ahead(r))
         }
     });
 }
@@ -1313,18 +1311,20 @@ unsafe fn pv_avx2(
     // on the Zen 3, in cache, 19.0 → 42.1 G multiply-adds/s for 2 rows,
     // 25.9 → 41.3 G for 4 and 35.7 → 42.7 G for 16.
     by_rows!(rows, |r, NR| {
-        let (a, pr) = (ap.add(r * hd), pp.add(r * KEY_BLOCK));
-        // Once per block: the first rows' pass.
-        let ahead = if r == 0 { ahead } else { 0 };
+        // The prefetch once per block: in the first rows' pass.
+        let ahead = |row: usize| if row == 0 { ahead } else { 0 };
+        let (a, pr) = (
+            |row: usize| ap.add(row * hd),
+            |row: usize| pp.add(row * KEY_BLOCK),
+        );
         if NR >= 4 {
-            for h in (0..NR).step_by(4) {
-                let ahead = if h == 0 { ahead } else { 0 };
-                pv_rows::<4, 2>(a.add(h * hd), hd, pr.add(h * KEY_BLOCK), vp, offs, ahead);
+            for h in (r..r + NR).step_by(4) {
+                pv_rows::<4, 2>(a(h), hd, pr(h), vp, offs, ahead(h));
             }
         } else if NR >= 2 {
-            pv_rows::<NR, 4>(a, hd, pr, vp, offs, ahead)
+            pv_rows::<NR, 4>(a(r), hd, pr(r), vp, offs, ahead(r))
         } else {
-            pv_rows::<NR, 8>(a, hd, pr, vp, offs, ahead)
+            pv_rows::<NR, 8>(a(r), hd, pr(r), vp, offs, ahead(r))
         }
     });
 }
