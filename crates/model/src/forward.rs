@@ -97,6 +97,8 @@ pub struct ForwardState {
     /// this micro-batch's (the rest keep their memory for the next).
     rope: Vec<(Vec<f32>, Vec<f32>)>,
     rope_used: usize,
+    /// Attention scores of tiles shared between threads.
+    scores: Vec<f32>,
     pub trace: Option<Trace>,
 }
 
@@ -262,7 +264,7 @@ impl Model {
             }
             st.trace(l, "q", |s| &s.q);
             st.trace(l, "k", |s| &s.k);
-            self.attention(l, pos, seq, caches, &st.q, &mut st.attn);
+            self.attention(l, (pos, seq), caches, &st.q, &mut st.attn, &mut st.scores);
             st.trace(l, "attn", |s| &s.attn);
             self.matmul(&layer.wo, &st.attn, n, &mut st.o, &mut st.mm);
             per_token(n, st.o.chunks_mut(d).zip(st.x.chunks_mut(d)), |(o, x)| {
@@ -325,20 +327,23 @@ impl Model {
     /// (keys pos-window+1..=pos on sliding-window layers). Consecutive tokens
     /// of one sequence go in tiles of up to `MAX_ROWS` query rows (tokens ×
     /// the query heads of one KV head) that share each block of keys; an
-    /// online softmax over the blocks means no score matrix is ever built.
+    /// online softmax over the blocks means no score matrix is ever built,
+    /// except for a tile shared between threads (below): its scores, at
+    /// most `MAX_ROWS` rows × the context.
     fn attention(
         &self,
         l: usize,
-        pos: &[usize],
-        seq: &[usize],
+        (pos, seq): (&[usize], &[usize]),
         caches: &[KvCache],
         q: &[f32],
         out: &mut [f32],
+        scores: &mut Vec<f32>,
     ) {
         let c = &self.config;
         let n = pos.len();
         let group = c.n_heads / c.n_kv_heads;
         let per_tile = (MAX_ROWS / group).max(1);
+        let cache = |i: usize| &caches[seq[i]].layers[l];
         // Tiles: runs of consecutive positions of one sequence, cut every per_tile tokens.
         let mut tiles = Vec::new();
         let mut i = 0;
@@ -348,138 +353,300 @@ impl Model {
                 j += 1;
             }
             for g in 0..c.n_kv_heads {
-                tiles.push((i, j, g));
+                tiles.push(Tile::new(
+                    c,
+                    cache(i),
+                    &pos[i..j],
+                    i,
+                    g * group..(g + 1) * group,
+                ));
             }
             i = j;
         }
-        // Fewer tiles than threads (generation: one token, one KV head):
-        // split each tile's query heads between threads. They then each read
-        // the keys, but a row's result does not depend on its tile. (Sharing
-        // out a lone tile's key blocks and its columns instead, so that each
-        // thread read half the cache, measured no faster end to end: tg64 on
-        // 2 threads at depths 2048 and 8000, six alternating runs each.)
         let threads = rayon::current_num_threads();
-        let optr = OutPtr(out.as_mut_ptr());
-        let parts = if tiles.len() < threads {
-            group.min(threads.div_ceil(tiles.len()))
-        } else {
-            1
-        };
-        let tasks: Vec<_> = (tiles.iter())
-            .flat_map(|&(i, j, g)| {
-                let h = move |k: usize| g * group + k * group / parts;
-                (0..parts).map(move |k| (i, j, h(k)..h(k + 1)))
+        let optr = SharedOut(out.as_mut_ptr());
+        let blocks = tiles.iter().map(Tile::blocks).sum::<usize>();
+        if tiles.len() >= threads || blocks < SHARE_BLOCKS * tiles.len() {
+            // A tile per task (for fewer tiles than threads, over few keys,
+            // one thread does a tile: a second step costs more than it saves).
+            let work = |i: usize| {
+                #[allow(clippy::redundant_locals)]
+                let optr = optr;
+                let t = &tiles[i];
+                attend_tile(c, cache(t.first), t, q, optr);
+            };
+            return gemma3_kernels::pool::for_each_task(n, tiles.len(), &work);
+        }
+        // Fewer tiles than threads (generation: one token, one KV head):
+        // each tile's work is shared out in two steps, each thread taking
+        // a part of its key blocks for the scores, then a part of its head
+        // columns for the softmax and P·V (every thread repeating the
+        // softmax's per-row steps, which need all of a block's scores).
+        // Each thread reads a part of the cache, where splitting the query
+        // heads had each read all of it, and runs all of a tile's rows per
+        // pass (prefetching, as 4 rows do). Every score, row sum and output
+        // element is the same chain of operations in the same order as in
+        // `attend_tile`, so the results are the same bits.
+        // Against splitting the query heads, on a Zen 3 (AVX2), two
+        // threads: tg64 after 512 tokens +4% (ahead in 8 of 10 alternating
+        // runs), tg32 at depth 4000 +9% (5 of 5), a fresh tg64 unchanged
+        // (6 of 8). (On a Zen 4 an earlier version measured no faster, tg64
+        // at depths 2048 and 8000, six alternating runs each.)
+        let parts = threads.div_ceil(tiles.len());
+        let rows_kb = |t: &Tile| t.rows * KB;
+        resize(scores, tiles.iter().map(|t| t.blocks() * rows_kb(t)).sum());
+        let starts: Vec<usize> = (tiles.iter())
+            .scan(0, |at, t| {
+                let s = *at;
+                *at += t.blocks() * rows_kb(t);
+                Some(s)
             })
             .collect();
-        let work = |(i, j, heads): &(usize, usize, std::ops::Range<usize>)| {
+        let sptr = SharedOut(scores.as_mut_ptr());
+        let part = |len: usize, k: usize| k * len / parts;
+        let score_work = |i: usize| {
+            #[allow(clippy::redundant_locals)]
+            let sptr = sptr;
+            let (t, k) = (&tiles[i / parts], i % parts);
+            let nb = t.blocks();
+            let (b0, b1) = (part(nb, k), part(nb, k + 1));
+            // SAFETY: blocks b0..b1 of tile i / parts, in that tile's own
+            // region of `scores`, belong to this task only (see SharedOut).
+            let dst = unsafe {
+                let at = starts[i / parts] + b0 * rows_kb(t);
+                std::slice::from_raw_parts_mut(sptr.0.add(at), (b1 - b0) * rows_kb(t))
+            };
+            tile_scores(c, cache(t.first), t, q, b0..b1, dst);
+        };
+        let tasks = tiles.len() * parts;
+        gemma3_kernels::pool::for_each_task(n, tasks, &score_work);
+        let scores = &scores[..];
+        let hd = c.head_dim;
+        // Column parts a multiple of 16 wide (a whole SIMD chunk of P·V).
+        let col = |k: usize| if k == parts { hd } else { part(hd, k) & !15 };
+        let pv_work = |i: usize| {
             #[allow(clippy::redundant_locals)]
             let optr = optr;
-            let lc = &caches[seq[*i]].layers[l];
-            attend_tile(c, lc, &pos[*i..*j], heads.clone(), q, *i, optr);
+            let (ti, k) = (i / parts, i % parts);
+            let t = &tiles[ti];
+            let mine = &scores[starts[ti]..starts[ti] + t.blocks() * rows_kb(t)];
+            let from = |b: usize, s: &mut [f32]| {
+                s.copy_from_slice(&mine[b * rows_kb(t)..(b + 1) * rows_kb(t)])
+            };
+            tile_softmax_pv(c, cache(t.first), t, col(k)..col(k + 1), from, optr);
         };
-        gemma3_kernels::pool::for_each_task(n, tasks.len(), &|i| work(&tasks[i]));
+        gemma3_kernels::pool::for_each_task(n, tasks, &pv_work);
     }
 }
 
-/// The attention output, written by tasks at disjoint (token, head) places.
+/// Fewest key blocks a tile needs (on average) before it is shared between
+/// threads; see `Model::attention`.
+const SHARE_BLOCKS: usize = 4;
+
+/// A buffer that tasks write at disjoint places: the attention output
+/// (each task its own tokens, query heads and head columns) or the scores
+/// (each task its own key blocks of its own tile).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only the output columns of its own query heads
-// (of one KV head) for its own tokens, so writes never overlap, and the
-// &mut borrow of the output is held while the tasks run.
-unsafe impl Send for OutPtr {}
+struct SharedOut(*mut f32);
+// SAFETY: each task writes only its own places (as above), so writes never
+// overlap, and the &mut borrow of the buffer is held while the tasks run.
+unsafe impl Send for SharedOut {}
 // SAFETY: as above.
-unsafe impl Sync for OutPtr {}
+unsafe impl Sync for SharedOut {}
 
 /// Most query rows per attention tile.
 const MAX_ROWS: usize = gemma3_kernels::simd::MAX_ROWS;
 const KB: usize = gemma3_kernels::simd::KEY_BLOCK;
 
-/// Attention of tokens `first..first + pos.len()` (consecutive positions
-/// `pos` of one sequence) for query heads `heads`, all of one KV head (its
-/// whole group, or part of it).
+/// The query rows of an attention tile: tokens `first..first + pos.len()`
+/// (consecutive positions `pos` of one sequence) × query heads `h0..h0 +
+/// nh` of KV head `g`; row r is token r / nh, head g·group + h0 + r % nh.
 ///
-/// Each query row (token, head) has its own result, computed the same way
-/// whatever tile it is in: keys go in blocks of `KB` aligned to absolute
-/// positions; a row skips the blocks outside its range lo..=hi and ignores
-/// the keys of a block outside it; per block it takes its scores (fma
-/// chains over the head dimension), raises its running max, rescales its
-/// sum and accumulator when the max grew, adds exp(score − max) in key
-/// order, and accumulates P·V in key order. Keys that other rows of the
-/// tile need get weight 0 for this row, which leaves its sums unchanged.
+/// Each row has its own result, computed the same way whatever tile it is
+/// in: keys go in blocks of `KB` aligned to absolute positions; a row skips
+/// the blocks outside its range lo..=hi and ignores the keys of a block
+/// outside it; per block it takes its scores (fma chains over the head
+/// dimension), raises its running max, rescales its sum and accumulator
+/// when the max grew, adds exp(score − max) in key order, and accumulates
+/// P·V in key order. Keys that other rows of the tile need get weight 0 for
+/// this row, which leaves its sums unchanged.
+struct Tile<'a> {
+    pos: &'a [usize],
+    first: usize,
+    g: usize,
+    h0: usize,
+    nh: usize,
+    rows: usize,
+    /// Each row's position and first key, once per tile (not a division
+    /// per row per block).
+    row_pos: [usize; MAX_ROWS],
+    row_lo: [usize; MAX_ROWS],
+    /// The first block's first key, and the last key any row wants.
+    start: usize,
+    hi_max: usize,
+}
+
+impl<'a> Tile<'a> {
+    fn new(
+        c: &crate::Config,
+        lc: &crate::kv_cache::LayerCache,
+        pos: &'a [usize],
+        first: usize,
+        heads: std::ops::Range<usize>,
+    ) -> Self {
+        let group = c.n_heads / c.n_kv_heads;
+        let g = heads.start / group;
+        assert!(heads.start < heads.end && heads.end <= (g + 1) * group);
+        let (h0, nh) = (heads.start - g * group, heads.len());
+        let rows = pos.len() * nh;
+        assert!(rows <= MAX_ROWS);
+        let lo_of = |p: usize| {
+            if lc.window == usize::MAX {
+                0
+            } else {
+                (p + 1).saturating_sub(lc.window)
+            }
+        };
+        let (mut row_pos, mut row_lo) = ([0usize; MAX_ROWS], [0usize; MAX_ROWS]);
+        for r in 0..rows {
+            row_pos[r] = pos[r / nh];
+            row_lo[r] = lo_of(row_pos[r]);
+        }
+        let lo_min = lo_of(pos[0]);
+        Tile {
+            pos,
+            first,
+            g,
+            h0,
+            nh,
+            rows,
+            row_pos,
+            row_lo,
+            start: lo_min - lo_min % KB,
+            hi_max: pos[pos.len() - 1],
+        }
+    }
+
+    fn blocks(&self) -> usize {
+        (self.hi_max - self.start) / KB + 1
+    }
+
+    /// First key of block b.
+    fn base(&self, b: usize) -> usize {
+        self.start + b * KB
+    }
+
+    /// How far ahead the kernels prefetch as they read block b: the block
+    /// after next, into L2 (a token's attention otherwise waits on each
+    /// block's misses in turn), for tiles of 4 rows or more.
+    ///
+    /// With the 2 rows a thread had when two threads split a token's heads,
+    /// prefetching made tg64 at depth 8000 6–22% slower (3 of 3 alternating
+    /// runs), where on one thread, 4 rows, the next block into L1 made it
+    /// 3–14% faster (3 of 3). Two blocks ahead into L2 then beat one into
+    /// L1 on one thread: tg128 after 512 tokens in 5 of 6 alternating pairs
+    /// (+3 to +8%), tg32 at depth 8000 in 2 of 3; pp512 unchanged. For 2-row
+    /// tiles, two ahead into L2 was inconclusive (tg128 after 512 tokens on
+    /// 2 threads ahead in 3 of 5 pairs, depth 8000 in 2 of 3), so they still
+    /// do not prefetch. (All measured on a Zen 4. On a Zen 3 the AVX2
+    /// kernels, which had ignored `ahead`, gained from it too: one thread,
+    /// tg32 at depth 4000 70–78 → 77–85 tok/s and tg128 after 512 tokens +2
+    /// to +11%, 3 of 3 alternating rounds each.)
+    fn ahead(&self, b: usize, kvd: usize) -> usize {
+        if self.rows >= 4 && self.base(b) + KB <= self.hi_max {
+            2 * KB * kvd
+        } else {
+            0
+        }
+    }
+
+    /// The tile's query rows (each token's heads contiguous), rows × hd.
+    fn queries(&self, c: &crate::Config, q: &[f32]) -> Vec<f32> {
+        let (hd, qd) = (c.head_dim, c.q_dim());
+        let group = c.n_heads / c.n_kv_heads;
+        let (nh, w) = (self.nh, self.nh * hd);
+        let mut qrows = vec![0.0f32; self.rows * hd];
+        for t in 0..self.pos.len() {
+            let src = (self.first + t) * qd + (self.g * group + self.h0) * hd;
+            qrows[t * w..(t + 1) * w].copy_from_slice(&q[src..src + nh * hd]);
+        }
+        qrows
+    }
+}
+
+/// Attention of a tile's rows, in one pass over its key blocks.
 fn attend_tile(
     c: &crate::Config,
     lc: &crate::kv_cache::LayerCache,
-    pos: &[usize],
-    heads: std::ops::Range<usize>,
+    t: &Tile,
     q: &[f32],
-    first: usize,
-    out: OutPtr,
+    out: SharedOut,
+) {
+    let ops = gemma3_kernels::simd::f16_best();
+    let (hd, kvd) = (c.head_dim, c.kv_dim());
+    let qrows = t.queries(c, q);
+    let scores = |b: usize, s: &mut [f32]| {
+        (ops.qk)(
+            &qrows,
+            lc.k_tile(t.base(b), t.g * hd, hd),
+            s,
+            t.ahead(b, kvd),
+        )
+    };
+    tile_softmax_pv(c, lc, t, 0..hd, scores, out);
+}
+
+/// Scores of a tile's rows against its key blocks `blocks`: block b's rows
+/// × KB (row-major) at `dst[(b − blocks.start)·rows·KB..]`.
+fn tile_scores(
+    c: &crate::Config,
+    lc: &crate::kv_cache::LayerCache,
+    t: &Tile,
+    q: &[f32],
+    blocks: std::ops::Range<usize>,
+    dst: &mut [f32],
+) {
+    if blocks.is_empty() {
+        return;
+    }
+    let ops = gemma3_kernels::simd::f16_best();
+    let (hd, kvd) = (c.head_dim, c.kv_dim());
+    let qrows = t.queries(c, q);
+    for (b, s) in blocks.zip(dst.chunks_exact_mut(t.rows * KB)) {
+        (ops.qk)(
+            &qrows,
+            lc.k_tile(t.base(b), t.g * hd, hd),
+            s,
+            t.ahead(b, kvd),
+        );
+    }
+}
+
+/// The online softmax and P·V of a tile's rows over its key blocks in
+/// order, for head columns `cols`, with block b's rows × KB scores from
+/// `scores(b, s)`; writes those columns of the rows' outputs.
+fn tile_softmax_pv(
+    c: &crate::Config,
+    lc: &crate::kv_cache::LayerCache,
+    t: &Tile,
+    cols: std::ops::Range<usize>,
+    mut scores: impl FnMut(usize, &mut [f32]),
+    out: SharedOut,
 ) {
     let ops = gemma3_kernels::simd::f16_best();
     let (hd, qd, kvd) = (c.head_dim, c.q_dim(), c.kv_dim());
     let group = c.n_heads / c.n_kv_heads;
-    // KV head g; row r is token r / nh, head g·group + h0 + r % nh.
-    let g = heads.start / group;
-    assert!(heads.start < heads.end && heads.end <= (g + 1) * group);
-    let (h0, nh) = (heads.start - g * group, heads.len());
-    let rows = pos.len() * nh;
-    assert!(rows <= MAX_ROWS);
-    let lo_of = |p: usize| {
-        if lc.window == usize::MAX {
-            0
-        } else {
-            (p + 1).saturating_sub(lc.window)
-        }
-    };
-    // Query rows of the tile: each token's heads are contiguous.
-    let mut qrows = vec![0.0f32; rows * hd];
-    for t in 0..pos.len() {
-        let src = (first + t) * qd + (g * group + h0) * hd;
-        qrows[t * nh * hd..(t + 1) * nh * hd].copy_from_slice(&q[src..src + nh * hd]);
+    let (rows, w) = (t.rows, cols.len());
+    if w == 0 {
+        return;
     }
-    let mut acc = vec![0.0f32; rows * hd];
+    let mut acc = vec![0.0f32; rows * w];
     let mut m = [f32::NEG_INFINITY; MAX_ROWS];
     let mut sum = [0.0f32; MAX_ROWS];
     let mut s = [0.0f32; MAX_ROWS * KB];
-    // Each row's position and first key, once per tile (not a division
-    // per row per block).
-    let (mut row_pos, mut row_lo) = ([0usize; MAX_ROWS], [0usize; MAX_ROWS]);
-    for r in 0..rows {
-        row_pos[r] = pos[r / nh];
-        row_lo[r] = lo_of(row_pos[r]);
-    }
-    let (lo_min, hi_max) = (lo_of(pos[0]), pos[pos.len() - 1]);
-    let mut base = lo_min - lo_min % KB;
-    while base <= hi_max {
-        // The kernels prefetch the block after next, into L2, as they read
-        // this one (a token's attention otherwise waits on each block's
-        // misses in turn), for tiles of 4 rows or more: with the 2 rows a
-        // thread has when two threads split a token's heads, prefetching
-        // made tg64 at depth 8000 6–22% slower (3 of 3 alternating runs),
-        // where on one thread, 4 rows, the next block into L1 made it 3–14%
-        // faster (3 of 3). Two blocks ahead into L2 then beat one into L1 on
-        // one thread: tg128 after 512 tokens in 5 of 6 alternating pairs
-        // (+3 to +8%), tg32 at depth 8000 in 2 of 3; pp512 unchanged. For
-        // 2-row tiles, two ahead into L2 was inconclusive (tg128 after 512
-        // tokens on 2 threads ahead in 3 of 5 pairs, depth 8000 in 2 of 3),
-        // so they still do not prefetch. (All measured on a Zen 4. On a Zen 3
-        // the AVX2 kernels, which had ignored `ahead`, gained from it too:
-        // one thread, tg32 at depth 4000 70–78 → 77–85 tok/s and tg128 after
-        // 512 tokens +2 to +11%, 3 of 3 alternating rounds each; the 2-row
-        // prefetch on two threads was again inconclusive, ahead in 2 of 3
-        // rounds at depth 4000 and 1 of 3 after 512 tokens.)
-        let ahead = if rows >= 4 && base + KB <= hi_max {
-            2 * KB * kvd
-        } else {
-            0
-        };
-        (ops.qk)(
-            &qrows,
-            lc.k_tile(base, g * hd, hd),
-            &mut s[..rows * KB],
-            ahead,
-        );
+    for b in 0..t.blocks() {
+        let base = t.base(b);
+        scores(b, &mut s[..rows * KB]);
         // Keys of this block any row wants: jmin..=jmax; row r's own are
         // range[r] (empty, j0 > j1, when it wants none). Each row's block
         // max over its range comes from one pass over the keys with the
@@ -487,10 +654,10 @@ fn attend_tile(
         // turn).
         let (mut jmin, mut jmax) = (KB, 0);
         let mut range = [(1usize, 0usize); MAX_ROWS];
-        for r in 0..rows {
-            let (lo, hi) = (row_lo[r].max(base), row_pos[r].min(base + KB - 1));
+        for ((rg, &lo), &p) in range.iter_mut().zip(&t.row_lo).zip(&t.row_pos).take(rows) {
+            let (lo, hi) = (lo.max(base), p.min(base + KB - 1));
             if lo <= hi {
-                range[r] = (lo - base, hi - base);
+                *rg = (lo - base, hi - base);
                 jmin = jmin.min(lo - base);
                 jmax = jmax.max(hi - base);
             }
@@ -524,9 +691,7 @@ fn attend_tile(
             srow[..j0].fill(0.0);
             srow[j1 + 1..].fill(0.0);
             if corr != 1.0 {
-                acc[r * hd..(r + 1) * hd]
-                    .iter_mut()
-                    .for_each(|v| *v *= corr);
+                acc[r * w..(r + 1) * w].iter_mut().for_each(|v| *v *= corr);
             }
         }
         // Each row adds its block's probabilities in key order (the zeros
@@ -543,28 +708,26 @@ fn attend_tile(
             let s0 = lc.slot(base);
             let mut offs = [0usize; KB];
             for j in jmin..=jmax {
-                offs[j - jmin] = (s0 + j) * kvd + g * hd;
+                offs[j - jmin] = (s0 + j) * kvd + t.g * hd + cols.start;
             }
             (ops.pv)(
                 &mut acc,
                 &s[jmin..],
                 &lc.v,
                 &offs[..=jmax - jmin],
-                hd,
-                ahead,
+                w,
+                t.ahead(b, kvd),
             );
         }
-        base += KB;
     }
     for r in 0..rows {
-        let (t, h) = (r / nh, h0 + r % nh);
+        let (tok, h) = (r / t.nh, t.h0 + r % t.nh);
         let inv = 1.0 / sum[r];
-        // SAFETY: row (first + t, head g·group + h) of the n × qd output
-        // belongs to this task only (see OutPtr).
-        let o = unsafe {
-            std::slice::from_raw_parts_mut(out.0.add((first + t) * qd + (g * group + h) * hd), hd)
-        };
-        for (o, &a) in o.iter_mut().zip(&acc[r * hd..(r + 1) * hd]) {
+        let at = (t.first + tok) * qd + (t.g * group + h) * hd + cols.start;
+        // SAFETY: columns `cols` of row (first + tok, head g·group + h) of
+        // the n × qd output belong to this task only (see SharedOut).
+        let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), w) };
+        for (o, &a) in o.iter_mut().zip(&acc[r * w..(r + 1) * w]) {
             *o = a * inv;
         }
     }
