@@ -104,6 +104,10 @@ pub enum PackedFormat {
     /// Q4_K's layout and 512 bytes of fifth bits.
     Q5K,
     Q6K,
+    /// Q5_0 widened for a prompt (see [`widen_q5_0`]): Q8_0's layout, with
+    /// u = q ∈ 0..32 (w = u − 16) in each byte. Never a matrix's stored
+    /// form, so not in [`PackedFormat::ALL`].
+    Q5_0Wide,
     /// Q2_K and the lattice formats, decoded to codes into a table (see
     /// [`crate::coded`]): 16 sub-block scales, codes in IQ4_XS's nibble
     /// order (Q2_K: and 16 minimums).
@@ -145,6 +149,7 @@ impl PackedFormat {
         match self {
             PackedFormat::Q8_0
             | PackedFormat::Q5_0
+            | PackedFormat::Q5_0Wide
             | PackedFormat::Q4_0
             | PackedFormat::IQ4NL
             | PackedFormat::Q5_1 => ActFormat::Q8_0,
@@ -190,6 +195,7 @@ impl PackedFormat {
         match self {
             PackedFormat::Q8_0
             | PackedFormat::Q5_0
+            | PackedFormat::Q5_0Wide
             | PackedFormat::Q4_0
             | PackedFormat::IQ4NL
             | PackedFormat::Q5_1 => 32,
@@ -205,7 +211,7 @@ impl PackedFormat {
     /// Bytes of one block's quants for 16 rows (a multiple of 64).
     pub const fn core_bytes(self) -> usize {
         match self {
-            PackedFormat::Q8_0 => 512,
+            PackedFormat::Q8_0 | PackedFormat::Q5_0Wide => 512,
             PackedFormat::Q5_0 | PackedFormat::Q5_1 => 320,
             PackedFormat::Q4_0 | PackedFormat::IQ4NL => 256,
             PackedFormat::IQ4XS => 128 + 2048,
@@ -1160,11 +1166,12 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize, const STREAMS: usize>(
     }
     match format {
         PackedFormat::Q8_0 => groups!(4; group_q8_0),
-        PackedFormat::Q5_0 => groups!(4; group_q5_0, false),
+        PackedFormat::Q5_0 => groups!(4; group_q5_0, false, false),
+        PackedFormat::Q5_0Wide => groups!(4; group_q5_0, false, true),
         PackedFormat::Q4_0 => groups!(4; group_nibbles, false),
         PackedFormat::IQ4NL => groups!(4; group_nibbles, true),
         PackedFormat::IQ4XS => groups!(2; group_iq4xs),
-        PackedFormat::Q5_1 => groups!(4; group_q5_0, true),
+        PackedFormat::Q5_1 => groups!(4; group_q5_0, true, false),
         PackedFormat::Q4K => groups!(2; group_q4k, false),
         PackedFormat::Q5K => groups!(2; group_q4k, true),
         PackedFormat::Q6K => groups!(2; group_q6k),
@@ -1453,13 +1460,21 @@ unsafe fn group_q8_0<I: Isa, const NT: usize, const NG: usize>(
 }
 
 /// Q5_0, or with `MIN` Q5_1 (the same quants, u = q, and a minimum m:
-/// `acc = fma(m, dy·Σy, acc)` after the scaled sum).
+/// `acc = fma(m, dy·Σy, acc)` after the scaled sum), or with `WIDE` Q5_0
+/// widened (its u read as they are, as Q8_0's are).
 #[inline(always)]
-unsafe fn group_q5_0<I: Isa, const NT: usize, const NG: usize, const MIN: bool>(
+unsafe fn group_q5_0<
+    I: Isa,
+    const NT: usize,
+    const NG: usize,
+    const MIN: bool,
+    const WIDE: bool,
+>(
     gps: [*const u8; NG],
     nb: usize,
     a: &[ActRow; NT],
 ) -> [[I::F; NT]; NG] {
+    const { assert!(!(MIN && WIDE), "Q5_1 has no widened form") };
     let mut acc = [[I::zero_f(); NT]; NG];
     let m4 = I::splat8(0x0F);
     let sums = |b: usize, core: *const u8| {
@@ -1471,6 +1486,11 @@ unsafe fn group_q5_0<I: Isa, const NT: usize, const NG: usize, const MIN: bool>(
                 *q8(&a[t]).1.get_unchecked(b)
             })
         });
+        if WIDE {
+            return block32_sums::<I, NT, false, 4>(start, a, b, |c| {
+                (I::load(core.add(64 * c)), I::load(core.add(64 * (4 + c))))
+            });
+        }
         let h = I::load(core);
         block32_sums::<I, NT, false, 4>(start, a, b, |c| {
             let v = I::load(core.add(64 + 64 * c));
@@ -1491,6 +1511,8 @@ unsafe fn group_q5_0<I: Isa, const NT: usize, const NG: usize, const MIN: bool>(
     };
     let f = if MIN {
         PackedFormat::Q5_1
+    } else if WIDE {
+        PackedFormat::Q5_0Wide
     } else {
         PackedFormat::Q5_0
     };
@@ -2064,7 +2086,78 @@ pub struct PackedKernels {
     /// Four tokens (prompts, and batches of 4 or more sequences).
     pub t4: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 4], &mut [&mut [f32]; 4]),
     pub tiles: Option<fn(PackedFormat, &[u8], usize, usize, &[ActRow], &mut [&mut [f32]])>,
+    /// Whether a prompt of [`WIDEN_TOKENS`] or more tokens takes Q5_0
+    /// weights widened ([`widen_q5_0`], a few groups at a time) instead of
+    /// unpacking their fifth bits and nibbles again for every 4 tokens (on
+    /// the AVX2 table about 70 of the ~250 vector operations per block of
+    /// 16 rows and 4 tokens). Zen 3, one thread, criterion, 512 tokens:
+    /// attn_q 67–72 → 80–87 G multiply-adds/s, ffn_gate 72–74 → 84–91;
+    /// 64 tokens +10–17%; 16 tokens −5 to −13% (so not below 32); pp512
+    /// 554–571 → 612–619 tokens/s (3 alternating rounds). The widened
+    /// loop then runs about 180 operations a block, 80 of them on the two
+    /// multiply pipes (`pmaddubsw`, `pmaddwd`): 3 tokens (no spills) or 2
+    /// a pass were slower than 4 (ffn_gate at 512 tokens 86 and 78 against
+    /// 89). The AVX-512 tables, not measured with it, do not widen.
+    pub widen: bool,
 }
+
+/// Fewest tokens for which a table with [`PackedKernels::widen`] widens.
+pub const WIDEN_TOKENS: usize = 32;
+
+/// Bytes of widened weights a task makes at a time: their 4-token passes
+/// then read them from L2.
+const WIDEN_BYTES: usize = 64 * 1024;
+
+/// Whole groups of Q5_0 (`src`, of `nb` blocks each) in the widened form
+/// [`PackedFormat::Q5_0Wide`], into `dst` (as many of its groups): each
+/// block's fifth bits joined to its nibbles, one byte per element where
+/// Q8_0 keeps its elements, then each unit's scale line as it is (Q5_0's
+/// and Q8_0's units both hold two blocks).
+#[inline(never)]
+pub fn widen_q5_0(src: &[u8], nb: usize, dst: &mut [u8]) {
+    let (from, to) = (PackedFormat::Q5_0, PackedFormat::Q5_0Wide);
+    let (sgb, dgb) = (from.group_bytes(nb), to.group_bytes(nb));
+    let (sc, dc) = (from.core_bytes(), to.core_bytes());
+    assert!(src.len().is_multiple_of(sgb) && src.len() / sgb * dgb == dst.len());
+    for (sg, dg) in src.chunks_exact(sgb).zip(dst.chunks_exact_mut(dgb)) {
+        let (mut si, mut di, mut b) = (0, 0, 0);
+        while b < nb {
+            let in_unit = (64 / from.scale_bytes()).min(nb - b);
+            for _ in 0..in_unit {
+                // Fifth bit of element 4G + c of a row: bit G of its byte c.
+                let (h, v) = sg[si..si + sc].split_at(64);
+                let (lo, hi) = dg[di..di + dc].split_at_mut(256);
+                // Eight bytes at a time (a shift of a word never carries a
+                // bit into the next byte's field: the masks keep one field
+                // per byte).
+                let word = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+                const NIB: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+                const BIT: u64 = 0x0101_0101_0101_0101;
+                for c in 0..4 {
+                    for i in (0..64).step_by(8) {
+                        let (v, h) = (word(v, 64 * c + i), word(h, i));
+                        let l = (v & NIB) | ((h >> c) & BIT) << 4;
+                        let u = ((v >> 4) & NIB) | ((h >> (4 + c)) & BIT) << 4;
+                        lo[64 * c + i..64 * c + i + 8].copy_from_slice(&l.to_le_bytes());
+                        hi[64 * c + i..64 * c + i + 8].copy_from_slice(&u.to_le_bytes());
+                    }
+                }
+                si += sc;
+                di += dc;
+            }
+            dg[di..di + 64].copy_from_slice(&sg[si..si + 64]);
+            si += 64;
+            di += 64;
+            b += in_unit;
+        }
+    }
+}
+
+/// 64 bytes on a cache line of their own (the widened weights' unit of
+/// storage, so that no vector load splits a line).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
 
 /// Token multiple of [`PackedKernels::tiles`].
 pub const TILE_TOKENS: usize = 16;
@@ -2088,6 +2181,7 @@ pub const PACKED_SCALAR: PackedKernels = PackedKernels {
     t3: scalar_nt::<3>,
     t4: scalar_nt::<4>,
     tiles: None,
+    widen: true,
 };
 
 /// `out[t][r] = Σ_c x[t][c] · W[r][c]` for a packed W (as [`crate::matmul()`]).
@@ -2182,55 +2276,83 @@ unsafe fn packed_groups(
         }
     };
     let (gb, rows) = (w.group_bytes, w.rows);
-    let wg = &w.bytes()[g0 * gb..g1 * gb];
-    // SAFETY: token t's outputs for rows 16·g0..16·g1 (see above).
-    let slice = |t: usize| unsafe {
-        std::slice::from_raw_parts_mut(out.0.add(t * rows + g0 * LANES), (g1 - g0) * LANES)
+    // Tokens t0.. times groups ga..gz, stored in `format` at `wg`.
+    let run = |format: PackedFormat, wg: &[u8], gb: usize, (ga, gz): (usize, usize), t0: usize| {
+        // SAFETY: token t's outputs for rows 16·ga..16·gz, within
+        // 16·g0..16·g1 (see above).
+        let slice = |t: usize| unsafe {
+            std::slice::from_raw_parts_mut(out.0.add(t * rows + ga * LANES), (gz - ga) * LANES)
+        };
+        let mut t = t0;
+        while t + 4 <= n {
+            (k.t4)(
+                format,
+                wg,
+                gb,
+                nb,
+                &[act(t), act(t + 1), act(t + 2), act(t + 3)],
+                &mut [slice(t), slice(t + 1), slice(t + 2), slice(t + 3)],
+            );
+            t += 4;
+        }
+        // The remainder (2 or 3 sequences generating together, or a prompt's
+        // last tokens) in one pass over the weights.
+        match n - t {
+            3 => (k.t3)(
+                format,
+                wg,
+                gb,
+                nb,
+                &[act(t), act(t + 1), act(t + 2)],
+                &mut [slice(t), slice(t + 1), slice(t + 2)],
+            ),
+            2 => (k.t2)(
+                format,
+                wg,
+                gb,
+                nb,
+                &[act(t), act(t + 1)],
+                &mut [slice(t), slice(t + 1)],
+            ),
+            1 => (k.t1)(format, wg, gb, nb, &[act(t)], &mut [slice(t)]),
+            _ => {}
+        }
     };
-    let mut t = 0;
+    let wg = &w.bytes()[g0 * gb..g1 * gb];
     let tiles = k.tiles.filter(|_| w.format.has_tiles());
     if let Some(tiles) = tiles {
         let n16 = n / TILE_TOKENS * TILE_TOKENS;
         if n16 > 0 {
+            // SAFETY: as `run`'s slices.
+            let slice = |t: usize| unsafe {
+                std::slice::from_raw_parts_mut(out.0.add(t * rows + g0 * LANES), (g1 - g0) * LANES)
+            };
             let acts: Vec<ActRow> = (0..n16).map(act).collect();
             let mut outs: Vec<&mut [f32]> = (0..n16).map(slice).collect();
             tiles(w.format, wg, gb, nb, &acts, &mut outs);
-            t = n16;
         }
+        return run(w.format, wg, gb, (g0, g1), n16);
     }
-    while t + 4 <= n {
-        (k.t4)(
-            w.format,
-            wg,
-            gb,
-            nb,
-            &[act(t), act(t + 1), act(t + 2), act(t + 3)],
-            &mut [slice(t), slice(t + 1), slice(t + 2), slice(t + 3)],
-        );
-        t += 4;
+    if k.widen && w.format == PackedFormat::Q5_0 && n >= WIDEN_TOKENS {
+        // A few groups at a time widened, then all the tokens over them.
+        let wide = PackedFormat::Q5_0Wide;
+        let wgb = wide.group_bytes(nb);
+        let per = (WIDEN_BYTES / wgb).clamp(1, g1 - g0);
+        let mut buf = vec![Line([0; 64]); per * wgb / 64];
+        let mut ga = g0;
+        while ga < g1 {
+            let gz = (ga + per).min(g1);
+            // SAFETY: `Line` is 64 plain bytes.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, (gz - ga) * wgb)
+            };
+            widen_q5_0(&wg[(ga - g0) * gb..(gz - g0) * gb], nb, bytes);
+            run(wide, bytes, wgb, (ga, gz), 0);
+            ga = gz;
+        }
+        return;
     }
-    // The remainder (2 or 3 sequences generating together, or a prompt's
-    // last tokens) in one pass over the weights.
-    match n - t {
-        3 => (k.t3)(
-            w.format,
-            wg,
-            gb,
-            nb,
-            &[act(t), act(t + 1), act(t + 2)],
-            &mut [slice(t), slice(t + 1), slice(t + 2)],
-        ),
-        2 => (k.t2)(
-            w.format,
-            wg,
-            gb,
-            nb,
-            &[act(t), act(t + 1)],
-            &mut [slice(t), slice(t + 1)],
-        ),
-        1 => (k.t1)(w.format, wg, gb, nb, &[act(t)], &mut [slice(t)]),
-        _ => {}
-    }
+    run(w.format, wg, gb, (g0, g1), 0)
 }
 
 /// The packed products of `ws` (which all read `acts`) into `outs`.

@@ -467,6 +467,7 @@ pub const PACKED_AVX512: PackedKernels = PackedKernels {
     t3: avx512_t3,
     t4: avx512_t4,
     tiles: None,
+    widen: false,
 };
 
 pub const PACKED_GFNI: PackedKernels = PackedKernels {
@@ -475,6 +476,7 @@ pub const PACKED_GFNI: PackedKernels = PackedKernels {
     t3: gfni_t3,
     t4: gfni_t4,
     tiles: None,
+    widen: false,
 };
 
 pub const PACKED_AVX2: PackedKernels = PackedKernels {
@@ -483,4 +485,5 @@ pub const PACKED_AVX2: PackedKernels = PackedKernels {
     t3: avx2_t3,
     t4: avx2_t4,
     tiles: None,
+    widen: true,
 };

@@ -187,7 +187,10 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
         let nb = c.cols / c.format.block_size();
         let rb = c.format.row_bytes(c.cols);
         let mut w = vec![0.0f32; c.cols];
-        // 16 and more: whole tiles where the CPU has them, and a remainder.
+        // 16 and more: whole tiles where the CPU has them, and a remainder;
+        // 37 (≥ WIDEN_TOKENS): Q5_0 widened where a table widens, in two
+        // goes for 9 groups of 640 columns.
+        assert!((16..=37).contains(&gemma3_kernels::packed::WIDEN_TOKENS));
         for n in [1usize, 3, 5, 9, 16, 37] {
             let (x, a) = acts(&mut rng, c.format, n, c.cols);
             let mut spec = vec![0.0f32; n * c.rows];
