@@ -104,10 +104,13 @@ pub enum PackedFormat {
     /// Q4_K's layout and 512 bytes of fifth bits.
     Q5K,
     Q6K,
-    /// Q5_0 widened for a prompt (see [`widen_q5_0`]): Q8_0's layout, with
+    /// Q5_0 widened for a prompt (see [`widen`]): Q8_0's layout, with
     /// u = q ∈ 0..32 (w = u − 16) in each byte. Never a matrix's stored
-    /// form, so not in [`PackedFormat::ALL`].
+    /// form, so not in [`PackedFormat::ALL`]; nor is the next.
     Q5_0Wide,
+    /// Q6_K widened: its 16 scales `[j][r]`, then per sub-block j its 4
+    /// vectors of groups 4j..4j+4, u ∈ 0..64 in each byte (w = u − 32).
+    Q6KWide,
     /// Q2_K and the lattice formats, decoded to codes into a table (see
     /// [`crate::coded`]): 16 sub-block scales, codes in IQ4_XS's nibble
     /// order (Q2_K: and 16 minimums).
@@ -156,6 +159,7 @@ impl PackedFormat {
             PackedFormat::Q4K
             | PackedFormat::Q5K
             | PackedFormat::Q6K
+            | PackedFormat::Q6KWide
             | PackedFormat::IQ4XS
             | PackedFormat::Coded(_) => ActFormat::Q8K,
             PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => ActFormat::F32,
@@ -202,6 +206,7 @@ impl PackedFormat {
             PackedFormat::Q4K
             | PackedFormat::Q5K
             | PackedFormat::Q6K
+            | PackedFormat::Q6KWide
             | PackedFormat::IQ4XS
             | PackedFormat::Coded(_) => 256,
             PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => FLOAT_BLOCK,
@@ -218,6 +223,7 @@ impl PackedFormat {
             PackedFormat::Q4K => 2304,
             PackedFormat::Q5K => 2304 + 512,
             PackedFormat::Q6K => 3328,
+            PackedFormat::Q6KWide => 256 + 4096,
             PackedFormat::Coded(CodeTable::Q2K) => 256 + 256 + 2048,
             PackedFormat::Coded(_) => 256 + 2048,
             PackedFormat::F16 | PackedFormat::BF16 => 2 * LANES * FLOAT_BLOCK,
@@ -250,7 +256,7 @@ impl PackedFormat {
     pub const fn lead_bytes(self) -> usize {
         match self {
             PackedFormat::Q4K | PackedFormat::Q5K => self.nibbles_offset(),
-            PackedFormat::Q6K => 256,
+            PackedFormat::Q6K | PackedFormat::Q6KWide => 256,
             PackedFormat::IQ4XS => 128,
             PackedFormat::Coded(_) => Self::CODED_CODES,
             _ => 0,
@@ -272,6 +278,16 @@ impl PackedFormat {
             | PackedFormat::Coded(CodeTable::Q2K) => 64,
             PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => 0,
             _ => 32,
+        }
+    }
+
+    /// The form a prompt widens this format to (see
+    /// [`PackedKernels::widen`]), if it has one.
+    pub const fn widened(self) -> Option<PackedFormat> {
+        match self {
+            PackedFormat::Q5_0 => Some(PackedFormat::Q5_0Wide),
+            PackedFormat::Q6K => Some(PackedFormat::Q6KWide),
+            _ => None,
         }
     }
 
@@ -1174,7 +1190,8 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize, const STREAMS: usize>(
         PackedFormat::Q5_1 => groups!(4; group_q5_0, true, false),
         PackedFormat::Q4K => groups!(2; group_q4k, false),
         PackedFormat::Q5K => groups!(2; group_q4k, true),
-        PackedFormat::Q6K => groups!(2; group_q6k),
+        PackedFormat::Q6K => groups!(2; group_q6k, false),
+        PackedFormat::Q6KWide => groups!(2; group_q6k, true),
         PackedFormat::Coded(CodeTable::IQ2) => groups!(2; group_coded, IQ2_T),
         PackedFormat::Coded(CodeTable::IQ3XXS) => groups!(2; group_coded, IQ3XXS_T),
         PackedFormat::Coded(CodeTable::IQ3S) => groups!(2; group_coded, IQ3S_T),
@@ -1857,7 +1874,7 @@ unsafe fn group_q4k<I: Isa, const NT: usize, const NG: usize, const FIVE: bool>(
 }
 
 #[inline(always)]
-unsafe fn group_q6k<I: Isa, const NT: usize, const NG: usize>(
+unsafe fn group_q6k<I: Isa, const NT: usize, const NG: usize, const WIDE: bool>(
     gps: [*const u8; NG],
     nb: usize,
     a: &[ActRow; NT],
@@ -1867,16 +1884,21 @@ unsafe fn group_q6k<I: Isa, const NT: usize, const NG: usize>(
     let sums = |b: usize, core: *const u8| {
         let mut s = [I::splat32(0); NT];
         for j in 0..16 {
-            let base = core.add(256 + 192 * j);
-            let va = I::load(base);
-            let vb = I::load(base.add(64));
-            let vc = I::load(base.add(128));
-            let g = [
-                I::and_or(va, m4, I::two_bits(vc, 0)),
-                I::and_or(I::shr::<4>(va), m4, I::two_bits(vc, 1)),
-                I::and_or(vb, m4, I::two_bits(vc, 2)),
-                I::and_or(I::shr::<4>(vb), m4, I::two_bits(vc, 3)),
-            ];
+            let g = if WIDE {
+                let base = core.add(256 + 256 * j);
+                std::array::from_fn(|i| I::load(base.add(64 * i)))
+            } else {
+                let base = core.add(256 + 192 * j);
+                let va = I::load(base);
+                let vb = I::load(base.add(64));
+                let vc = I::load(base.add(128));
+                [
+                    I::and_or(va, m4, I::two_bits(vc, 0)),
+                    I::and_or(I::shr::<4>(va), m4, I::two_bits(vc, 1)),
+                    I::and_or(vb, m4, I::two_bits(vc, 2)),
+                    I::and_or(I::shr::<4>(vb), m4, I::two_bits(vc, 3)),
+                ]
+            };
             let sc = I::widen_i8(core.add(16 * j));
             for t in 0..NT {
                 let (y, neg32) = q8k_neg32(&a[t]);
@@ -1893,7 +1915,12 @@ unsafe fn group_q6k<I: Isa, const NT: usize, const NG: usize>(
         }
         s
     };
-    each_block(gps, nb, PackedFormat::Q6K, sums, |k, b, scales, s| {
+    let f = if WIDE {
+        PackedFormat::Q6KWide
+    } else {
+        PackedFormat::Q6K
+    };
+    each_block(gps, nb, f, sums, |k, b, scales, s| {
         super_finish::<I, NT>(&mut acc[k], scales, a, b, s)
     });
     acc
@@ -2086,18 +2113,24 @@ pub struct PackedKernels {
     /// Four tokens (prompts, and batches of 4 or more sequences).
     pub t4: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 4], &mut [&mut [f32]; 4]),
     pub tiles: Option<fn(PackedFormat, &[u8], usize, usize, &[ActRow], &mut [&mut [f32]])>,
-    /// Whether a prompt of [`WIDEN_TOKENS`] or more tokens takes Q5_0
-    /// weights widened ([`widen_q5_0`], a few groups at a time) instead of
-    /// unpacking their fifth bits and nibbles again for every 4 tokens (on
-    /// the AVX2 table about 70 of the ~250 vector operations per block of
-    /// 16 rows and 4 tokens). Zen 3, one thread, criterion, 512 tokens:
-    /// attn_q 67–72 → 80–87 G multiply-adds/s, ffn_gate 72–74 → 84–91;
-    /// 64 tokens +10–17%; 16 tokens −5 to −13% (so not below 32); pp512
-    /// 554–571 → 612–619 tokens/s (3 alternating rounds). The widened
-    /// loop then runs about 180 operations a block, 80 of them on the two
-    /// multiply pipes (`pmaddubsw`, `pmaddwd`): 3 tokens (no spills) or 2
-    /// a pass were slower than 4 (ffn_gate at 512 tokens 86 and 78 against
-    /// 89). The AVX-512 tables, not measured with it, do not widen.
+    /// Whether a prompt of [`WIDEN_TOKENS`] or more tokens takes Q5_0 and
+    /// Q6_K weights widened ([`widen`], a few groups at a time) instead of
+    /// unpacking their bits again for every 4 tokens (for Q5_0 on the AVX2
+    /// table, about 70 of the ~250 vector operations per block of 16 rows
+    /// and 4 tokens). The AVX-512 tables, not measured with it, do not.
+    ///
+    /// Zen 3, one thread, criterion, alternating rounds:
+    /// - Q5_0 at 512 tokens: attn_q 67–72 → 80–87 G multiply-adds/s,
+    ///   ffn_gate 72–74 → 84–91; at 64 tokens +10–17%; at 16 tokens −5 to
+    ///   −13% (so not below 32). pp512 554–571 → 612–619 tokens/s.
+    /// - Q6_K (and Q3_K, packed as Q6_K): ffn_down at 512 tokens 57 → 64,
+    ///   at 64 tokens 54 → 59; pp512 within its noise (it is 9 of the 18
+    ///   layers' ffn_down).
+    ///
+    /// The widened Q5_0 loop runs about 180 operations a block, 80 of them
+    /// on the two multiply pipes (`pmaddubsw`, `pmaddwd`). Passes of 3
+    /// tokens (no spills) or 2 were slower than 4: ffn_gate at 512 tokens
+    /// 86 and 78 against 89.
     pub widen: bool,
 }
 
@@ -2108,39 +2141,26 @@ pub const WIDEN_TOKENS: usize = 32;
 /// then read them from L2.
 const WIDEN_BYTES: usize = 64 * 1024;
 
-/// Whole groups of Q5_0 (`src`, of `nb` blocks each) in the widened form
-/// [`PackedFormat::Q5_0Wide`], into `dst` (as many of its groups): each
-/// block's fifth bits joined to its nibbles, one byte per element where
-/// Q8_0 keeps its elements, then each unit's scale line as it is (Q5_0's
-/// and Q8_0's units both hold two blocks).
+/// Whole groups of `from` (`src`, of `nb` blocks each) in its widened form
+/// ([`PackedFormat::widened`]), into `dst` (as many of its groups): block
+/// by block, then each unit's scale line as it is (a format and its
+/// widened form keep the same scales and blocks per unit).
 #[inline(never)]
-pub fn widen_q5_0(src: &[u8], nb: usize, dst: &mut [u8]) {
-    let (from, to) = (PackedFormat::Q5_0, PackedFormat::Q5_0Wide);
+pub fn widen(from: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) {
+    let to = from.widened().expect("a format with a widened form");
     let (sgb, dgb) = (from.group_bytes(nb), to.group_bytes(nb));
     let (sc, dc) = (from.core_bytes(), to.core_bytes());
     assert!(src.len().is_multiple_of(sgb) && src.len() / sgb * dgb == dst.len());
+    assert_eq!(from.scale_bytes(), to.scale_bytes());
     for (sg, dg) in src.chunks_exact(sgb).zip(dst.chunks_exact_mut(dgb)) {
         let (mut si, mut di, mut b) = (0, 0, 0);
         while b < nb {
             let in_unit = (64 / from.scale_bytes()).min(nb - b);
             for _ in 0..in_unit {
-                // Fifth bit of element 4G + c of a row: bit G of its byte c.
-                let (h, v) = sg[si..si + sc].split_at(64);
-                let (lo, hi) = dg[di..di + dc].split_at_mut(256);
-                // Eight bytes at a time (a shift of a word never carries a
-                // bit into the next byte's field: the masks keep one field
-                // per byte).
-                let word = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
-                const NIB: u64 = 0x0F0F_0F0F_0F0F_0F0F;
-                const BIT: u64 = 0x0101_0101_0101_0101;
-                for c in 0..4 {
-                    for i in (0..64).step_by(8) {
-                        let (v, h) = (word(v, 64 * c + i), word(h, i));
-                        let l = (v & NIB) | ((h >> c) & BIT) << 4;
-                        let u = ((v >> 4) & NIB) | ((h >> (4 + c)) & BIT) << 4;
-                        lo[64 * c + i..64 * c + i + 8].copy_from_slice(&l.to_le_bytes());
-                        hi[64 * c + i..64 * c + i + 8].copy_from_slice(&u.to_le_bytes());
-                    }
+                let (s, d) = (&sg[si..si + sc], &mut dg[di..di + dc]);
+                match from {
+                    PackedFormat::Q5_0 => widen_q5_0(s, d),
+                    _ => widen_q6k(s, d),
                 }
                 si += sc;
                 di += dc;
@@ -2149,6 +2169,54 @@ pub fn widen_q5_0(src: &[u8], nb: usize, dst: &mut [u8]) {
             si += 64;
             di += 64;
             b += in_unit;
+        }
+    }
+}
+
+// Widening works on eight bytes at a time: a shift of a word never carries
+// a bit into another byte's field, as the masks keep one field per byte.
+fn word(b: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(b[i..i + 8].try_into().unwrap())
+}
+const NIBBLES: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+
+/// A Q5_0 block: fifth bits joined to nibbles, one byte per element where
+/// Q8_0 keeps its elements.
+fn widen_q5_0(s: &[u8], d: &mut [u8]) {
+    const BIT: u64 = 0x0101_0101_0101_0101;
+    // Fifth bit of element 4G + c of a row: bit G of its byte c.
+    let (h, v) = s.split_at(64);
+    let (lo, hi) = d.split_at_mut(256);
+    for c in 0..4 {
+        for i in (0..64).step_by(8) {
+            let (v, h) = (word(v, 64 * c + i), word(h, i));
+            let l = (v & NIBBLES) | ((h >> c) & BIT) << 4;
+            let u = ((v >> 4) & NIBBLES) | ((h >> (4 + c)) & BIT) << 4;
+            lo[64 * c + i..64 * c + i + 8].copy_from_slice(&l.to_le_bytes());
+            hi[64 * c + i..64 * c + i + 8].copy_from_slice(&u.to_le_bytes());
+        }
+    }
+}
+
+/// A Q6_K block: its scales as they are, then each sub-block's vectors A,
+/// B, C made the 4 vectors of its groups (nibbles joined to their two high
+/// bits from C).
+fn widen_q6k(s: &[u8], d: &mut [u8]) {
+    const TWO: u64 = 0x3030_3030_3030_3030;
+    d[..256].copy_from_slice(&s[..256]);
+    for j in 0..16 {
+        let (s, d) = (&s[256 + 192 * j..], &mut d[256 + 256 * j..]);
+        for i in (0..64).step_by(8) {
+            let (a, b, c) = (word(s, i), word(s, 64 + i), word(s, 128 + i));
+            let g = [
+                (a & NIBBLES) | ((c << 4) & TWO),
+                ((a >> 4) & NIBBLES) | ((c << 2) & TWO),
+                (b & NIBBLES) | (c & TWO),
+                ((b >> 4) & NIBBLES) | ((c >> 2) & TWO),
+            ];
+            for (k, g) in g.iter().enumerate() {
+                d[64 * k + i..64 * k + i + 8].copy_from_slice(&g.to_le_bytes());
+            }
         }
     }
 }
@@ -2333,9 +2401,9 @@ unsafe fn packed_groups(
         }
         return run(w.format, wg, gb, (g0, g1), n16);
     }
-    if k.widen && w.format == PackedFormat::Q5_0 && n >= WIDEN_TOKENS {
+    let wide = w.format.widened().filter(|_| k.widen && n >= WIDEN_TOKENS);
+    if let Some(wide) = wide {
         // A few groups at a time widened, then all the tokens over them.
-        let wide = PackedFormat::Q5_0Wide;
         let wgb = wide.group_bytes(nb);
         let per = (WIDEN_BYTES / wgb).clamp(1, g1 - g0);
         let mut buf = vec![Line([0; 64]); per * wgb / 64];
@@ -2346,7 +2414,7 @@ unsafe fn packed_groups(
             let bytes = unsafe {
                 std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, (gz - ga) * wgb)
             };
-            widen_q5_0(&wg[(ga - g0) * gb..(gz - g0) * gb], nb, bytes);
+            widen(w.format, &wg[(ga - g0) * gb..(gz - g0) * gb], nb, bytes);
             run(wide, bytes, wgb, (ga, gz), 0);
             ga = gz;
         }
