@@ -104,7 +104,7 @@ pub enum PackedFormat {
     /// Q4_K's layout and 512 bytes of fifth bits.
     Q5K,
     Q6K,
-    /// Q5_0 widened for a prompt (see [`widen`]): Q8_0's layout, with
+    /// Q5_0 widened for a prompt (see [`PackedKernels::widen`]): Q8_0's layout, with
     /// u = q ∈ 0..32 (w = u − 16) in each byte. Never a matrix's stored
     /// form, so not in [`PackedFormat::ALL`]; nor is the next.
     Q5_0Wide,
@@ -1012,6 +1012,7 @@ pub(crate) trait Isa {
     unsafe fn fnmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
     unsafe fn zero_f() -> Self::F;
     unsafe fn store_f(p: *mut f32, v: Self::F);
+    unsafe fn store(p: *mut u8, v: Self::V);
     /// (a & b) | c.
     #[inline(always)]
     unsafe fn and_or(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
@@ -1476,6 +1477,37 @@ unsafe fn group_q8_0<I: Isa, const NT: usize, const NG: usize>(
     acc
 }
 
+/// A Q5_0 (or Q5_1) block's vector c of low weights (elements 4c.. of each
+/// row, u in each byte) and of high weights (16 + 4c..): nibbles joined to
+/// their fifth bits.
+#[inline(always)]
+unsafe fn q5_0_vectors<I: Isa>(core: *const u8, c: usize) -> (I::V, I::V) {
+    let (h, v, m4) = (
+        I::load(core),
+        I::load(core.add(64 + 64 * c)),
+        I::splat8(0x0F),
+    );
+    (
+        I::and_or(v, m4, I::fifth_bits(h, c)),
+        I::and_or(I::shr::<4>(v), m4, I::fifth_bits(h, 4 + c)),
+    )
+}
+
+/// A Q6_K block's sub-block j as its 4 vectors of groups 4j..4j+4 (u in each
+/// byte): nibbles from A and B joined to their two high bits from C.
+#[inline(always)]
+unsafe fn q6k_vectors<I: Isa>(core: *const u8, j: usize) -> [I::V; 4] {
+    let base = core.add(256 + 192 * j);
+    let (va, vb, vc) = (I::load(base), I::load(base.add(64)), I::load(base.add(128)));
+    let m4 = I::splat8(0x0F);
+    [
+        I::and_or(va, m4, I::two_bits(vc, 0)),
+        I::and_or(I::shr::<4>(va), m4, I::two_bits(vc, 1)),
+        I::and_or(vb, m4, I::two_bits(vc, 2)),
+        I::and_or(I::shr::<4>(vb), m4, I::two_bits(vc, 3)),
+    ]
+}
+
 /// Q5_0, or with `MIN` Q5_1 (the same quants, u = q, and a minimum m:
 /// `acc = fma(m, dy·Σy, acc)` after the scaled sum), or with `WIDE` Q5_0
 /// widened (its u read as they are, as Q8_0's are).
@@ -1493,7 +1525,6 @@ unsafe fn group_q5_0<
 ) -> [[I::F; NT]; NG] {
     const { assert!(!(MIN && WIDE), "Q5_1 has no widened form") };
     let mut acc = [[I::zero_f(); NT]; NG];
-    let m4 = I::splat8(0x0F);
     let sums = |b: usize, core: *const u8| {
         // Q5_0's weights are u − 16: start at −16·Σy.
         let start = std::array::from_fn(|t| {
@@ -1508,14 +1539,7 @@ unsafe fn group_q5_0<
                 (I::load(core.add(64 * c)), I::load(core.add(64 * (4 + c))))
             });
         }
-        let h = I::load(core);
-        block32_sums::<I, NT, false, 4>(start, a, b, |c| {
-            let v = I::load(core.add(64 + 64 * c));
-            (
-                I::and_or(v, m4, I::fifth_bits(h, c)),
-                I::and_or(I::shr::<4>(v), m4, I::fifth_bits(h, 4 + c)),
-            )
-        })
+        block32_sums::<I, NT, false, 4>(start, a, b, |c| q5_0_vectors::<I>(core, c))
     };
     let finish = |b: usize, scales: *const u8, is: [I::V; NT], acc: &mut [I::F; NT]| {
         block_finish::<I, NT>(acc, scales, a, b, is);
@@ -1880,7 +1904,6 @@ unsafe fn group_q6k<I: Isa, const NT: usize, const NG: usize, const WIDE: bool>(
     a: &[ActRow; NT],
 ) -> [[I::F; NT]; NG] {
     let mut acc = [[I::zero_f(); NT]; NG];
-    let m4 = I::splat8(0x0F);
     let sums = |b: usize, core: *const u8| {
         let mut s = [I::splat32(0); NT];
         for j in 0..16 {
@@ -1888,16 +1911,7 @@ unsafe fn group_q6k<I: Isa, const NT: usize, const NG: usize, const WIDE: bool>(
                 let base = core.add(256 + 256 * j);
                 std::array::from_fn(|i| I::load(base.add(64 * i)))
             } else {
-                let base = core.add(256 + 192 * j);
-                let va = I::load(base);
-                let vb = I::load(base.add(64));
-                let vc = I::load(base.add(128));
-                [
-                    I::and_or(va, m4, I::two_bits(vc, 0)),
-                    I::and_or(I::shr::<4>(va), m4, I::two_bits(vc, 1)),
-                    I::and_or(vb, m4, I::two_bits(vc, 2)),
-                    I::and_or(I::shr::<4>(vb), m4, I::two_bits(vc, 3)),
-                ]
+                q6k_vectors::<I>(core, j)
             };
             let sc = I::widen_i8(core.add(16 * j));
             for t in 0..NT {
@@ -2077,6 +2091,9 @@ impl Isa for Scalar {
     unsafe fn store_f(p: *mut f32, v: [f32; 16]) {
         std::ptr::copy_nonoverlapping(v.as_ptr(), p, 16);
     }
+    unsafe fn store(p: *mut u8, v: SV) {
+        std::ptr::write_unaligned(p as *mut [u8; 64], v.0)
+    }
 }
 
 // ---------------------------------------------------------------- tables and driver
@@ -2113,11 +2130,17 @@ pub struct PackedKernels {
     /// Four tokens (prompts, and batches of 4 or more sequences).
     pub t4: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 4], &mut [&mut [f32]; 4]),
     pub tiles: Option<fn(PackedFormat, &[u8], usize, usize, &[ActRow], &mut [&mut [f32]])>,
-    /// Whether a prompt of [`WIDEN_TOKENS`] or more tokens takes Q5_0 and
-    /// Q6_K weights widened ([`widen`], a few groups at a time) instead of
-    /// unpacking their bits again for every 4 tokens (for Q5_0 on the AVX2
-    /// table, about 70 of the ~250 vector operations per block of 16 rows
-    /// and 4 tokens). The AVX-512 tables, not measured with it, do not.
+    /// For a prompt of [`WIDEN_TOKENS`] or more tokens, the table's widening
+    /// of Q5_0 and Q6_K weights, a few groups at a time, into their
+    /// [`PackedFormat::widened`] forms (it returns that form), with the
+    /// kernels' own unpacking: done once instead of for every 4 tokens (for
+    /// Q5_0 on the AVX2 table, about 70 of the ~250 vector operations per
+    /// block of 16 rows and 4 tokens). None for the AVX-512 tables, not
+    /// measured with it.
+    ///
+    /// Widening in plain 64-bit words (its first version) took 4% of pp64's
+    /// samples on two threads; with the table's vectors, pp64 on one thread
+    /// ran 596–673 → 682–688 tokens/s (4 alternating rounds).
     ///
     /// Zen 3, one thread, criterion, alternating rounds:
     /// - Q5_0 at 512 tokens: attn_q 67–72 → 80–87 G multiply-adds/s,
@@ -2131,7 +2154,7 @@ pub struct PackedKernels {
     /// on the two multiply pipes (`pmaddubsw`, `pmaddwd`). Passes of 3
     /// tokens (no spills) or 2 were slower than 4: ffn_gate at 512 tokens
     /// 86 and 78 against 89.
-    pub widen: bool,
+    pub widen: Option<fn(PackedFormat, &[u8], usize, &mut [u8]) -> PackedFormat>,
 }
 
 /// Fewest tokens for which a table with [`PackedKernels::widen`] widens.
@@ -2142,11 +2165,21 @@ pub const WIDEN_TOKENS: usize = 32;
 const WIDEN_BYTES: usize = 64 * 1024;
 
 /// Whole groups of `from` (`src`, of `nb` blocks each) in its widened form
-/// ([`PackedFormat::widened`]), into `dst` (as many of its groups): block
-/// by block, then each unit's scale line as it is (a format and its
-/// widened form keep the same scales and blocks per unit).
-#[inline(never)]
-pub fn widen(from: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) {
+/// ([`PackedFormat::widened`]), into `dst` (as many of its groups), with
+/// the kernels' own unpacking: block by block, each written as its kernel
+/// reads the widened form, then each unit's scale line as it is (a format
+/// and its widened form keep the same scales and blocks per unit).
+/// Returns the widened form.
+///
+/// # Safety
+/// None beyond the table's: the lengths are checked here.
+#[inline(always)]
+pub(crate) unsafe fn widen<I: Isa>(
+    from: PackedFormat,
+    src: &[u8],
+    nb: usize,
+    dst: &mut [u8],
+) -> PackedFormat {
     let to = from.widened().expect("a format with a widened form");
     let (sgb, dgb) = (from.group_bytes(nb), to.group_bytes(nb));
     let (sc, dc) = (from.core_bytes(), to.core_bytes());
@@ -2157,10 +2190,20 @@ pub fn widen(from: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) {
         while b < nb {
             let in_unit = (64 / from.scale_bytes()).min(nb - b);
             for _ in 0..in_unit {
-                let (s, d) = (&sg[si..si + sc], &mut dg[di..di + dc]);
-                match from {
-                    PackedFormat::Q5_0 => widen_q5_0(s, d),
-                    _ => widen_q6k(s, d),
+                let (s, d) = (sg[si..si + sc].as_ptr(), dg[di..di + dc].as_mut_ptr());
+                if from == PackedFormat::Q5_0 {
+                    for c in 0..4 {
+                        let (lo, hi) = q5_0_vectors::<I>(s, c);
+                        I::store(d.add(64 * c), lo);
+                        I::store(d.add(64 * (4 + c)), hi);
+                    }
+                } else {
+                    std::ptr::copy_nonoverlapping(s, d, 256);
+                    for j in 0..16 {
+                        for (k, v) in q6k_vectors::<I>(s, j).into_iter().enumerate() {
+                            I::store(d.add(256 + 256 * j + 64 * k), v);
+                        }
+                    }
                 }
                 si += sc;
                 di += dc;
@@ -2171,54 +2214,7 @@ pub fn widen(from: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) {
             b += in_unit;
         }
     }
-}
-
-// Widening works on eight bytes at a time: a shift of a word never carries
-// a bit into another byte's field, as the masks keep one field per byte.
-fn word(b: &[u8], i: usize) -> u64 {
-    u64::from_le_bytes(b[i..i + 8].try_into().unwrap())
-}
-const NIBBLES: u64 = 0x0F0F_0F0F_0F0F_0F0F;
-
-/// A Q5_0 block: fifth bits joined to nibbles, one byte per element where
-/// Q8_0 keeps its elements.
-fn widen_q5_0(s: &[u8], d: &mut [u8]) {
-    const BIT: u64 = 0x0101_0101_0101_0101;
-    // Fifth bit of element 4G + c of a row: bit G of its byte c.
-    let (h, v) = s.split_at(64);
-    let (lo, hi) = d.split_at_mut(256);
-    for c in 0..4 {
-        for i in (0..64).step_by(8) {
-            let (v, h) = (word(v, 64 * c + i), word(h, i));
-            let l = (v & NIBBLES) | ((h >> c) & BIT) << 4;
-            let u = ((v >> 4) & NIBBLES) | ((h >> (4 + c)) & BIT) << 4;
-            lo[64 * c + i..64 * c + i + 8].copy_from_slice(&l.to_le_bytes());
-            hi[64 * c + i..64 * c + i + 8].copy_from_slice(&u.to_le_bytes());
-        }
-    }
-}
-
-/// A Q6_K block: its scales as they are, then each sub-block's vectors A,
-/// B, C made the 4 vectors of its groups (nibbles joined to their two high
-/// bits from C).
-fn widen_q6k(s: &[u8], d: &mut [u8]) {
-    const TWO: u64 = 0x3030_3030_3030_3030;
-    d[..256].copy_from_slice(&s[..256]);
-    for j in 0..16 {
-        let (s, d) = (&s[256 + 192 * j..], &mut d[256 + 256 * j..]);
-        for i in (0..64).step_by(8) {
-            let (a, b, c) = (word(s, i), word(s, 64 + i), word(s, 128 + i));
-            let g = [
-                (a & NIBBLES) | ((c << 4) & TWO),
-                ((a >> 4) & NIBBLES) | ((c << 2) & TWO),
-                (b & NIBBLES) | (c & TWO),
-                ((b >> 4) & NIBBLES) | ((c >> 2) & TWO),
-            ];
-            for (k, g) in g.iter().enumerate() {
-                d[64 * k + i..64 * k + i + 8].copy_from_slice(&g.to_le_bytes());
-            }
-        }
-    }
+    to
 }
 
 /// 64 bytes on a cache line of their own (the widened weights' unit of
@@ -2249,8 +2245,14 @@ pub const PACKED_SCALAR: PackedKernels = PackedKernels {
     t3: scalar_nt::<3>,
     t4: scalar_nt::<4>,
     tiles: None,
-    widen: true,
+    widen: Some(scalar_widen),
 };
+
+/// The scalar table's widening.
+fn scalar_widen(f: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) -> PackedFormat {
+    // SAFETY: `widen` checks the lengths it reads and writes without checks.
+    unsafe { widen::<Scalar>(f, src, nb, dst) }
+}
 
 /// `out[t][r] = Σ_c x[t][c] · W[r][c]` for a packed W (as [`crate::matmul()`]).
 pub fn matmul_packed(
@@ -2401,8 +2403,8 @@ unsafe fn packed_groups(
         }
         return run(w.format, wg, gb, (g0, g1), n16);
     }
-    let wide = w.format.widened().filter(|_| k.widen && n >= WIDEN_TOKENS);
-    if let Some(wide) = wide {
+    let widen = k.widen.filter(|_| n >= WIDEN_TOKENS);
+    if let (Some(widen), Some(wide)) = (widen, w.format.widened()) {
         // A few groups at a time widened, then all the tokens over them.
         let wgb = wide.group_bytes(nb);
         let per = (WIDEN_BYTES / wgb).clamp(1, g1 - g0);

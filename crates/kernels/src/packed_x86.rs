@@ -153,6 +153,10 @@ impl<const GFNI: bool> Isa for Avx512<GFNI> {
         _mm512_storeu_ps(p, v)
     }
     #[inline(always)]
+    unsafe fn store(p: *mut u8, v: __m512i) {
+        _mm512_storeu_si512(p as *mut _, v)
+    }
+    #[inline(always)]
     unsafe fn and_or(a: __m512i, b: __m512i, c: __m512i) -> __m512i {
         _mm512_ternarylogic_epi32::<0xEA>(a, b, c)
     }
@@ -412,6 +416,11 @@ impl Isa for Avx2 {
         _mm256_storeu_ps(p, v.0);
         _mm256_storeu_ps(p.add(8), v.1);
     }
+    #[inline(always)]
+    unsafe fn store(p: *mut u8, v: V2) {
+        _mm256_storeu_si256(p as *mut _, v.0);
+        _mm256_storeu_si256(p.add(32) as *mut _, v.1);
+    }
 }
 
 /// A `#[target_feature]` entry per (Isa, token count), into which the
@@ -467,7 +476,7 @@ pub const PACKED_AVX512: PackedKernels = PackedKernels {
     t3: avx512_t3,
     t4: avx512_t4,
     tiles: None,
-    widen: false,
+    widen: None,
 };
 
 pub const PACKED_GFNI: PackedKernels = PackedKernels {
@@ -476,7 +485,7 @@ pub const PACKED_GFNI: PackedKernels = PackedKernels {
     t3: gfni_t3,
     t4: gfni_t4,
     tiles: None,
-    widen: false,
+    widen: None,
 };
 
 pub const PACKED_AVX2: PackedKernels = PackedKernels {
@@ -485,5 +494,17 @@ pub const PACKED_AVX2: PackedKernels = PackedKernels {
     t3: avx2_t3,
     t4: avx2_t4,
     tiles: None,
-    widen: true,
+    widen: Some(avx2_widen),
 };
+
+/// The AVX2 table's widening.
+fn avx2_widen(f: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) -> PackedFormat {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn inner(f: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) -> PackedFormat {
+        crate::packed::widen::<Avx2>(f, src, nb, dst)
+    }
+    // SAFETY: only reachable through the AVX2 table, which
+    // `simd::available` returns after detecting these features; `widen`
+    // checks the lengths it uses without checks.
+    unsafe { inner(f, src, nb, dst) }
+}
