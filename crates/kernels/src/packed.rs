@@ -87,7 +87,8 @@ use std::sync::Arc;
 /// Rows per interleaved group (one per 32-bit lane of a 512-bit vector).
 pub const LANES: usize = 16;
 
-/// The weight formats that have an interleaved form.
+/// The weight formats that have an interleaved form, and the widened forms
+/// a prompt's kernels read (`Q5_0Wide`, `Q6KWide`), never stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PackedFormat {
     Q8_0,
@@ -125,7 +126,7 @@ pub enum PackedFormat {
 pub const FLOAT_BLOCK: usize = 32;
 
 impl PackedFormat {
-    /// Every packed format.
+    /// Every stored packed format (the widened forms are not).
     pub const ALL: [PackedFormat; 18] = [
         PackedFormat::Q8_0,
         PackedFormat::Q5_0,
@@ -185,12 +186,16 @@ impl PackedFormat {
         })
     }
 
-    /// Whether the AMX tile kernels (`packed_amx`) take it: every integer
-    /// format.
+    /// Whether the AMX tile kernels (`packed_amx`) take it: every stored
+    /// integer format (a table with tiles does not widen).
     pub const fn has_tiles(self) -> bool {
         !matches!(
             self,
-            PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32
+            PackedFormat::F16
+                | PackedFormat::BF16
+                | PackedFormat::F32
+                | PackedFormat::Q5_0Wide
+                | PackedFormat::Q6KWide
         )
     }
 

@@ -188,8 +188,8 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
         let rb = c.format.row_bytes(c.cols);
         let mut w = vec![0.0f32; c.cols];
         // 16 and more: whole tiles where the CPU has them, and a remainder;
-        // 37 (≥ WIDEN_TOKENS): Q5_0 widened where a table widens, in two
-        // goes for 9 groups of 640 columns.
+        // 37 (≥ WIDEN_TOKENS): Q5_0 and Q6_K (and Q3_K) widened where a table
+        // widens (one group per task at these sizes: see the next test).
         assert!((16..=37).contains(&gemma3_kernels::packed::WIDEN_TOKENS));
         for n in [1usize, 3, 5, 9, 16, 37] {
             let (x, a) = acts(&mut rng, c.format, n, c.cols);
@@ -260,6 +260,56 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
         }
     }
     eprintln!("largest |spec − exact| / Σ|terms|: {worst:.2e}");
+}
+
+/// A prompt's widened weights, at the model's shapes on one thread: each
+/// task's groups are widened a few at a time (Q5_0 640 → 1024: tasks of 8
+/// groups widened 6 then 2; Q6_K 2048 → 640: tasks of 5, one at a time),
+/// and the remainders after the 4-token passes (2 and 3 tokens) read the
+/// widened form too. Every table equals the spec bit for bit.
+#[test]
+fn widened_prompts_in_several_goes_equal_the_spec() {
+    let tables = tables();
+    let mut rng = Rng::new(0x7769_6465);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    for (format, rows, cols) in [
+        (WeightFormat::Q5_0, 1024, 640),
+        (WeightFormat::Q6K, 640, 2048),
+    ] {
+        let data = random_rows(&mut rng, format, rows, cols);
+        let m = QMatrix::new(format, rows, cols, &data).expect("valid matrix");
+        let p = PackedMatrix::pack(&m).expect("packable");
+        let nb = cols / format.block_size();
+        let rb = format.row_bytes(cols);
+        for n in [34usize, 35] {
+            assert!(n >= gemma3_kernels::packed::WIDEN_TOKENS);
+            let (x, a) = acts(&mut rng, format, n, cols);
+            let mut spec = vec![0.0f32; n * rows];
+            for t in 0..n {
+                for r in 0..rows {
+                    let row = &data[r * rb..(r + 1) * rb];
+                    spec[t * rows + r] = spec_dot(format, row, row_act(&a, format, t, nb));
+                }
+            }
+            for (name, k) in &tables {
+                let mut out = vec![f32::NAN; n * rows];
+                pool.install(|| {
+                    matmul_packed(k, &p, &x, n, &mut out, &mut MatmulScratch::default())
+                });
+                for (i, (&got, &want)) in out.iter().zip(&spec).enumerate() {
+                    assert!(
+                        got.to_bits() == want.to_bits(),
+                        "{format} {rows}×{cols} [{name}] n={n} token {} row {}: {got:e}, spec {want:e}",
+                        i / rows,
+                        i % rows
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Several matrices times one input, sharing its quantization where their

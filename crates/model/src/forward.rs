@@ -422,7 +422,7 @@ impl Model {
         gemma3_kernels::pool::for_each_task(n, tasks, &score_work);
         let scores = &scores[..];
         let hd = c.head_dim;
-        // Column parts a multiple of 16 wide (a whole SIMD chunk of P·V).
+        // Column parts start on a multiple of 16 (a whole SIMD chunk of P·V).
         let col = |k: usize| if k == parts { hd } else { part(hd, k) & !15 };
         let pv_work = |i: usize| {
             #[allow(clippy::redundant_locals)]
