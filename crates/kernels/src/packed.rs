@@ -2137,7 +2137,7 @@ pub struct PackedKernels {
     pub tiles: Option<fn(PackedFormat, &[u8], usize, usize, &[ActRow], &mut [&mut [f32]])>,
     /// For a prompt of [`WIDEN_TOKENS`] or more tokens, the table's widening
     /// of Q5_0 and Q6_K weights, a few groups at a time, into their
-    /// [`PackedFormat::widened`] forms (it returns that form), with the
+    /// [`PackedFormat::widened`] forms, with the
     /// kernels' own unpacking: done once instead of for every 4 tokens (for
     /// Q5_0 on the AVX2 table, about 70 of the ~250 vector operations per
     /// block of 16 rows and 4 tokens). None for the AVX-512 tables, not
@@ -2159,7 +2159,7 @@ pub struct PackedKernels {
     /// on the two multiply pipes (`pmaddubsw`, `pmaddwd`). Passes of 3
     /// tokens (no spills) or 2 were slower than 4: ffn_gate at 512 tokens
     /// 86 and 78 against 89.
-    pub widen: Option<fn(PackedFormat, &[u8], usize, &mut [u8]) -> PackedFormat>,
+    pub widen: Option<fn(PackedFormat, &[u8], usize, &mut [u8])>,
 }
 
 /// Fewest tokens for which a table with [`PackedKernels::widen`] widens.
@@ -2174,17 +2174,11 @@ const WIDEN_BYTES: usize = 64 * 1024;
 /// the kernels' own unpacking: block by block, each written as its kernel
 /// reads the widened form, then each unit's scale line as it is (a format
 /// and its widened form keep the same scales and blocks per unit).
-/// Returns the widened form.
 ///
 /// # Safety
 /// None beyond the table's: the lengths are checked here.
 #[inline(always)]
-pub(crate) unsafe fn widen<I: Isa>(
-    from: PackedFormat,
-    src: &[u8],
-    nb: usize,
-    dst: &mut [u8],
-) -> PackedFormat {
+pub(crate) unsafe fn widen<I: Isa>(from: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) {
     let to = from.widened().expect("a format with a widened form");
     let (sgb, dgb) = (from.group_bytes(nb), to.group_bytes(nb));
     let (sc, dc) = (from.core_bytes(), to.core_bytes());
@@ -2196,19 +2190,23 @@ pub(crate) unsafe fn widen<I: Isa>(
             let in_unit = (64 / from.scale_bytes()).min(nb - b);
             for _ in 0..in_unit {
                 let (s, d) = (sg[si..si + sc].as_ptr(), dg[di..di + dc].as_mut_ptr());
-                if from == PackedFormat::Q5_0 {
-                    for c in 0..4 {
-                        let (lo, hi) = q5_0_vectors::<I>(s, c);
-                        I::store(d.add(64 * c), lo);
-                        I::store(d.add(64 * (4 + c)), hi);
-                    }
-                } else {
-                    std::ptr::copy_nonoverlapping(s, d, 256);
-                    for j in 0..16 {
-                        for (k, v) in q6k_vectors::<I>(s, j).into_iter().enumerate() {
-                            I::store(d.add(256 + 256 * j + 64 * k), v);
+                match from {
+                    PackedFormat::Q5_0 => {
+                        for c in 0..4 {
+                            let (lo, hi) = q5_0_vectors::<I>(s, c);
+                            I::store(d.add(64 * c), lo);
+                            I::store(d.add(64 * (4 + c)), hi);
                         }
                     }
+                    PackedFormat::Q6K => {
+                        std::ptr::copy_nonoverlapping(s, d, 256);
+                        for j in 0..16 {
+                            for (k, v) in q6k_vectors::<I>(s, j).into_iter().enumerate() {
+                                I::store(d.add(256 + 256 * j + 64 * k), v);
+                            }
+                        }
+                    }
+                    _ => unreachable!("{from:?} has no widened form"),
                 }
                 si += sc;
                 di += dc;
@@ -2219,7 +2217,6 @@ pub(crate) unsafe fn widen<I: Isa>(
             b += in_unit;
         }
     }
-    to
 }
 
 /// 64 bytes on a cache line of their own (the widened weights' unit of
@@ -2254,7 +2251,7 @@ pub const PACKED_SCALAR: PackedKernels = PackedKernels {
 };
 
 /// The scalar table's widening.
-fn scalar_widen(f: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) -> PackedFormat {
+fn scalar_widen(f: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) {
     // SAFETY: `widen` checks the lengths it reads and writes without checks.
     unsafe { widen::<Scalar>(f, src, nb, dst) }
 }
@@ -2351,13 +2348,18 @@ unsafe fn packed_groups(
         }
     };
     let (gb, rows) = (w.group_bytes, w.rows);
-    // Tokens t0.. times groups ga..gz, stored in `format` at `wg`.
-    let run = |format: PackedFormat, wg: &[u8], gb: usize, (ga, gz): (usize, usize), t0: usize| {
-        // SAFETY: token t's outputs for rows 16·ga..16·gz, within
-        // 16·g0..16·g1 (see above).
-        let slice = |t: usize| unsafe {
+    // Token t's outputs for the rows of groups ga..gz, within g0..g1.
+    let out_rows = |(ga, gz): (usize, usize), t: usize| {
+        debug_assert!(g0 <= ga && ga <= gz && gz <= g1 && t < n);
+        // SAFETY: rows 16·ga..16·gz of token t lie within those the caller
+        // gave this call (see above).
+        unsafe {
             std::slice::from_raw_parts_mut(out.0.add(t * rows + ga * LANES), (gz - ga) * LANES)
-        };
+        }
+    };
+    // Tokens t0.. times groups ga..gz, stored in `format` at `wg`.
+    let run = |format: PackedFormat, wg: &[u8], gb: usize, groups: (usize, usize), t0: usize| {
+        let slice = |t: usize| out_rows(groups, t);
         let mut t = t0;
         while t + 4 <= n {
             (k.t4)(
@@ -2398,12 +2400,8 @@ unsafe fn packed_groups(
     if let Some(tiles) = tiles {
         let n16 = n / TILE_TOKENS * TILE_TOKENS;
         if n16 > 0 {
-            // SAFETY: as `run`'s slices.
-            let slice = |t: usize| unsafe {
-                std::slice::from_raw_parts_mut(out.0.add(t * rows + g0 * LANES), (g1 - g0) * LANES)
-            };
             let acts: Vec<ActRow> = (0..n16).map(act).collect();
-            let mut outs: Vec<&mut [f32]> = (0..n16).map(slice).collect();
+            let mut outs: Vec<&mut [f32]> = (0..n16).map(|t| out_rows((g0, g1), t)).collect();
             tiles(w.format, wg, gb, nb, &acts, &mut outs);
         }
         return run(w.format, wg, gb, (g0, g1), n16);

@@ -498,9 +498,9 @@ pub const PACKED_AVX2: PackedKernels = PackedKernels {
 };
 
 /// The AVX2 table's widening.
-fn avx2_widen(f: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) -> PackedFormat {
+fn avx2_widen(f: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn inner(f: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) -> PackedFormat {
+    unsafe fn inner(f: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) {
         crate::packed::widen::<Avx2>(f, src, nb, dst)
     }
     // SAFETY: only reachable through the AVX2 table, which

@@ -353,13 +353,7 @@ impl Model {
                 j += 1;
             }
             for g in 0..c.n_kv_heads {
-                tiles.push(Tile::new(
-                    c,
-                    cache(i),
-                    &pos[i..j],
-                    i,
-                    g * group..(g + 1) * group,
-                ));
+                tiles.push(Tile::new(c, cache(i), &pos[i..j], i, g));
             }
             i = j;
         }
@@ -459,8 +453,8 @@ const MAX_ROWS: usize = gemma3_kernels::simd::MAX_ROWS;
 const KB: usize = gemma3_kernels::simd::KEY_BLOCK;
 
 /// The query rows of an attention tile: tokens `first..first + pos.len()`
-/// (consecutive positions `pos` of one sequence) × query heads `h0..h0 +
-/// nh` of KV head `g`; row r is token r / nh, head g·group + h0 + r % nh.
+/// (consecutive positions `pos` of one sequence) × the `group` query heads
+/// of KV head `g`; row r is token r / group, head g·group + r % group.
 ///
 /// Each row has its own result, computed the same way whatever tile it is
 /// in: keys go in blocks of `KB` aligned to absolute positions; a row skips
@@ -474,8 +468,7 @@ struct Tile<'a> {
     pos: &'a [usize],
     first: usize,
     g: usize,
-    h0: usize,
-    nh: usize,
+    group: usize,
     rows: usize,
     /// Each row's position and first key, once per tile (not a division
     /// per row per block).
@@ -492,13 +485,10 @@ impl<'a> Tile<'a> {
         lc: &crate::kv_cache::LayerCache,
         pos: &'a [usize],
         first: usize,
-        heads: std::ops::Range<usize>,
+        g: usize,
     ) -> Self {
         let group = c.n_heads / c.n_kv_heads;
-        let g = heads.start / group;
-        assert!(heads.start < heads.end && heads.end <= (g + 1) * group);
-        let (h0, nh) = (heads.start - g * group, heads.len());
-        let rows = pos.len() * nh;
+        let rows = pos.len() * group;
         assert!(rows <= MAX_ROWS);
         let lo_of = |p: usize| {
             if lc.window == usize::MAX {
@@ -509,7 +499,7 @@ impl<'a> Tile<'a> {
         };
         let (mut row_pos, mut row_lo) = ([0usize; MAX_ROWS], [0usize; MAX_ROWS]);
         for r in 0..rows {
-            row_pos[r] = pos[r / nh];
+            row_pos[r] = pos[r / group];
             row_lo[r] = lo_of(row_pos[r]);
         }
         let lo_min = lo_of(pos[0]);
@@ -517,8 +507,7 @@ impl<'a> Tile<'a> {
             pos,
             first,
             g,
-            h0,
-            nh,
+            group,
             rows,
             row_pos,
             row_lo,
@@ -563,12 +552,12 @@ impl<'a> Tile<'a> {
     /// The tile's query rows (each token's heads contiguous), rows × hd.
     fn queries(&self, c: &crate::Config, q: &[f32]) -> Vec<f32> {
         let (hd, qd) = (c.head_dim, c.q_dim());
-        let group = c.n_heads / c.n_kv_heads;
-        let (nh, w) = (self.nh, self.nh * hd);
+        // A token's heads of KV head g are contiguous in q.
+        let w = self.group * hd;
         let mut qrows = vec![0.0f32; self.rows * hd];
         for t in 0..self.pos.len() {
-            let src = (self.first + t) * qd + (self.g * group + self.h0) * hd;
-            qrows[t * w..(t + 1) * w].copy_from_slice(&q[src..src + nh * hd]);
+            let src = (self.first + t) * qd + self.g * w;
+            qrows[t * w..(t + 1) * w].copy_from_slice(&q[src..src + w]);
         }
         qrows
     }
@@ -582,18 +571,29 @@ fn attend_tile(
     q: &[f32],
     out: SharedOut,
 ) {
-    let ops = gemma3_kernels::simd::f16_best();
-    let (hd, kvd) = (c.head_dim, c.kv_dim());
     let qrows = t.queries(c, q);
-    let scores = |b: usize, s: &mut [f32]| {
-        (ops.qk)(
-            &qrows,
-            lc.k_tile(t.base(b), t.g * hd, hd),
-            s,
-            t.ahead(b, kvd),
-        )
-    };
-    tile_softmax_pv(c, lc, t, 0..hd, scores, out);
+    let scores = |b: usize, s: &mut [f32]| block_scores(c, lc, t, &qrows, b, s);
+    tile_softmax_pv(c, lc, t, 0..c.head_dim, scores, out);
+}
+
+/// Scores of a tile's rows (`qrows`, from [`Tile::queries`]) against its
+/// key block b, rows × KB.
+fn block_scores(
+    c: &crate::Config,
+    lc: &crate::kv_cache::LayerCache,
+    t: &Tile,
+    qrows: &[f32],
+    b: usize,
+    s: &mut [f32],
+) {
+    let ops = gemma3_kernels::simd::f16_best();
+    let hd = c.head_dim;
+    (ops.qk)(
+        qrows,
+        lc.k_tile(t.base(b), t.g * hd, hd),
+        s,
+        t.ahead(b, c.kv_dim()),
+    );
 }
 
 /// Scores of a tile's rows against its key blocks `blocks`: block b's rows
@@ -609,16 +609,9 @@ fn tile_scores(
     if blocks.is_empty() {
         return;
     }
-    let ops = gemma3_kernels::simd::f16_best();
-    let (hd, kvd) = (c.head_dim, c.kv_dim());
     let qrows = t.queries(c, q);
     for (b, s) in blocks.zip(dst.chunks_exact_mut(t.rows * KB)) {
-        (ops.qk)(
-            &qrows,
-            lc.k_tile(t.base(b), t.g * hd, hd),
-            s,
-            t.ahead(b, kvd),
-        );
+        block_scores(c, lc, t, &qrows, b, s);
     }
 }
 
@@ -635,7 +628,6 @@ fn tile_softmax_pv(
 ) {
     let ops = gemma3_kernels::simd::f16_best();
     let (hd, qd, kvd) = (c.head_dim, c.q_dim(), c.kv_dim());
-    let group = c.n_heads / c.n_kv_heads;
     let (rows, w) = (t.rows, cols.len());
     if w == 0 {
         return;
@@ -721,9 +713,9 @@ fn tile_softmax_pv(
         }
     }
     for r in 0..rows {
-        let (tok, h) = (r / t.nh, t.h0 + r % t.nh);
+        let (tok, h) = (r / t.group, r % t.group);
         let inv = 1.0 / sum[r];
-        let at = (t.first + tok) * qd + (t.g * group + h) * hd + cols.start;
+        let at = (t.first + tok) * qd + (t.g * t.group + h) * hd + cols.start;
         // SAFETY: columns `cols` of row (first + tok, head g·group + h) of
         // the n × qd output belong to this task only (see SharedOut).
         let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), w) };
