@@ -2475,23 +2475,32 @@ fn run_packed(
         crate::pool::for_each_task(n, parts, &part);
         return;
     }
+    // Each matrix cut into tasks of whole groups: at least ~32 KiB of
+    // weight·token work so scheduling stays cheap next to it, at most ~256
+    // KiB of weights so a task's groups stay in L2 while its tokens sweep
+    // them, and enough tasks to balance the threads. The matrices' tasks
+    // run as one set (one fork and join for all of them, not one each).
+    let mut chunks = [(0usize, 0usize); MAX_MANY];
+    let mut first = [0usize; MAX_MANY + 1];
     for (i, w) in ws.iter().enumerate() {
         let groups = w.rows / LANES;
         let gb = w.group_bytes;
-        // Groups per task: at least ~32 KiB of weight·token work so
-        // scheduling stays cheap next to it, at most ~256 KiB of weights so
-        // a task's groups stay in L2 while its tokens sweep them, and
-        // enough tasks to balance the threads.
         let min_g = (32 * 1024 / (gb * n)).max(1);
         let max_g = (256 * 1024 / gb).max(min_g);
         let chunk = (groups / (threads * 8)).clamp(min_g, max_g).min(groups);
-        let out = ptrs[i];
-        // SAFETY: the tasks' group ranges are disjoint.
-        let body = |g0: usize| unsafe {
-            packed_groups(k, w, acts, n, out, (g0, (g0 + chunk).min(groups)))
-        };
-        crate::pool::for_each_task(n, groups.div_ceil(chunk), &|i| body(i * chunk));
+        chunks[i] = (chunk, groups);
+        first[i + 1] = first[i] + groups.div_ceil(chunk);
     }
+    let m = ws.len();
+    let task = |t: usize| {
+        let i = first[1..=m].partition_point(|&f| f <= t);
+        let (chunk, groups) = chunks[i];
+        let g0 = (t - first[i]) * chunk;
+        // SAFETY: the tasks' group ranges are disjoint, and each matrix
+        // has its own output.
+        unsafe { packed_groups(k, ws[i], acts, n, ptrs[i], (g0, (g0 + chunk).min(groups))) }
+    };
+    crate::pool::for_each_task(n, first[m], &task);
 }
 
 #[cfg(test)]
