@@ -203,11 +203,15 @@ impl Model {
         st.trace(usize::MAX, "embed", |s| &s.x);
 
         st.rope_used = 0;
+        // Each layer's input norm: the first layer's here, the others' in
+        // the step that ends the layer before (`add_normed`).
+        if let Some(first) = self.layers.first() {
+            per_token(n, st.xn.chunks_mut(d).zip(st.x.chunks(d)), |(o, x)| {
+                ops::rms_norm(x, &first.attn_norm, c.rms_eps, o)
+            });
+        }
         for (l, layer) in self.layers.iter().enumerate() {
             // --- attention ---
-            per_token(n, st.xn.chunks_mut(d).zip(st.x.chunks(d)), |(o, x)| {
-                ops::rms_norm(x, &layer.attn_norm, c.rms_eps, o)
-            });
             self.matmul_many(
                 [&layer.wq, &layer.wk, &layer.wv],
                 &st.xn,
@@ -267,16 +271,19 @@ impl Model {
             self.attention(l, (pos, seq), caches, &st.q, &mut st.attn, &mut st.scores);
             st.trace(l, "attn", |s| &s.attn);
             self.matmul(&layer.wo, &st.attn, n, &mut st.o, &mut st.mm);
-            per_token(n, st.o.chunks_mut(d).zip(st.x.chunks_mut(d)), |(o, x)| {
-                ops::rms_norm_inplace(o, &layer.post_attn_norm, c.rms_eps);
-                ops::add_inplace(x, o);
-            });
+            let ffn_norm = Some(&layer.ffn_norm[..]);
+            add_normed(
+                c,
+                n,
+                &mut st.o,
+                &mut st.x,
+                &layer.post_attn_norm,
+                ffn_norm,
+                &mut st.xn,
+            );
             st.trace(l, "attn_out", |s| &s.x);
 
             // --- feed-forward (GeGLU) ---
-            per_token(n, st.xn.chunks_mut(d).zip(st.x.chunks(d)), |(o, x)| {
-                ops::rms_norm(x, &layer.ffn_norm, c.rms_eps, o)
-            });
             self.matmul_many(
                 [&layer.w_gate, &layer.w_up],
                 &st.xn,
@@ -294,10 +301,16 @@ impl Model {
                 ops::geglu_inplace(&mut st.gate, &st.up);
             }
             self.matmul(&layer.w_down, &st.gate, n, &mut st.o, &mut st.mm);
-            per_token(n, st.o.chunks_mut(d).zip(st.x.chunks_mut(d)), |(o, x)| {
-                ops::rms_norm_inplace(o, &layer.post_ffn_norm, c.rms_eps);
-                ops::add_inplace(x, o);
-            });
+            let next_norm = self.layers.get(l + 1).map(|next| &next.attn_norm[..]);
+            add_normed(
+                c,
+                n,
+                &mut st.o,
+                &mut st.x,
+                &layer.post_ffn_norm,
+                next_norm,
+                &mut st.xn,
+            );
             st.trace(l, "l_out", |s| &s.x);
         }
 
@@ -749,6 +762,30 @@ fn tile_softmax_pv(
 /// Run `f` on every item (one per token), across threads when the batch is
 /// big enough to pay for it. Items are independent, so the split cannot
 /// change a value.
+/// A sub-layer's end for each of the n tokens: its output `o` normed with
+/// `post` and added to the residual stream `x`, then, where `next` is
+/// given, `x` normed with it into `xn` (the next sub-layer's input): one
+/// pass over the tokens, and one fork and join on many threads, for both.
+fn add_normed(
+    c: &crate::Config,
+    n: usize,
+    o: &mut [f32],
+    x: &mut [f32],
+    post: &[f32],
+    next: Option<&[f32]>,
+    xn: &mut [f32],
+) {
+    let d = c.d_model;
+    let rows = o.chunks_mut(d).zip(x.chunks_mut(d)).zip(xn.chunks_mut(d));
+    per_token(n, rows, |((o, x), xn)| {
+        ops::rms_norm_inplace(o, post, c.rms_eps);
+        ops::add_inplace(x, o);
+        if let Some(w) = next {
+            ops::rms_norm(x, w, c.rms_eps, xn);
+        }
+    });
+}
+
 fn per_token<I, F>(n: usize, items: I, f: F)
 where
     I: Iterator + Send,

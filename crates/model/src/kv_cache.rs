@@ -64,19 +64,23 @@ impl LayerCache {
     /// Store the key and value of position `pos`.
     pub fn write(&mut self, pos: usize, k: &[f32], v: &[f32]) {
         let s = self.slot(pos);
+        let kvd = self.kv_dim;
+        assert_eq!(k.len(), kvd, "a key of kv_dim elements");
         // Converted a slice at a time (vector instructions where the CPU
         // has them; the same rounding as f16::from_f32), then scattered
-        // into the tile.
+        // into the tile: element d at k_index(s, 0) + d·TILE.
         let mut kh = [f16::ZERO; 64];
-        for (c, chunk) in k.chunks(64).enumerate() {
+        let first = self.k_index(s, 0);
+        let mut column = self.k[first..].iter_mut().step_by(TILE).take(kvd);
+        for chunk in k.chunks(64) {
             let h = &mut kh[..chunk.len()];
             gemma3_kernels::ops::to_f16(chunk, h);
-            for (j, &x) in h.iter().enumerate() {
-                let i = self.k_index(s, 64 * c + j);
-                self.k[i] = x;
+            // (h first: zip asks it first, so column is not advanced past
+            // the chunk's end.)
+            for (&x, dst) in h.iter().zip(column.by_ref()) {
+                *dst = x;
             }
         }
-        let kvd = self.kv_dim;
         gemma3_kernels::ops::to_f16(v, &mut self.v[s * kvd..(s + 1) * kvd]);
     }
 }
