@@ -3,7 +3,9 @@ same model, thread count and token counts; print medians and ratios.
 
 llama.cpp is timed through its C API as llama-bench does: pp = one batch of
 N prompt tokens from an empty context; tg = N single-token decodes from an
-empty context (or after `depth` tokens)."""
+empty context (or after `depth` tokens). Each engine runs each test once
+unmeasured before its repetitions, as llama-bench does (gemma3 in every
+process it starts, through `gemma3 bench`'s own warm-up)."""
 import argparse, json, os, random, statistics, subprocess, sys, time
 import llama_cpp
 
@@ -101,6 +103,9 @@ def main():
         for test, n in tests:
             ours, theirs = [], []
             toks = [rng.randrange(1000, 200000) for _ in range(n)]
+            # An unmeasured run first, as llama-bench does and as `gemma3
+            # bench` does in each of its processes.
+            ll.pp(toks, depth_toks) if test == "pp" else ll.tg(n, depth_toks)
             for _ in range(a.r):
                 ours.append(gemma3(a.gemma3, a.model, test, n, threads, a.d))
                 theirs.append(ll.pp(toks, depth_toks) if test == "pp" else ll.tg(n, depth_toks))

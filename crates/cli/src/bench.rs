@@ -40,6 +40,9 @@ pub struct BenchArgs {
     /// One JSON object per result line.
     #[arg(long)]
     pub json: bool,
+    /// Skip the unmeasured warm-up run before each test's repetitions.
+    #[arg(long)]
+    pub no_warmup: bool,
 }
 
 #[derive(Serialize)]
@@ -181,6 +184,15 @@ pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
                     let mut st = ForwardState::new();
                     let toks = tokens(p, vocab);
                     let mut tps = Vec::new();
+                    // Warm-up, as llama-bench runs one (up to 32 prompt
+                    // tokens there): here the whole prompt, unmeasured,
+                    // because our buffers grow on first use where llama.cpp
+                    // sizes its own when it creates the context.
+                    if !a.no_warmup {
+                        prefill(&model, &mut cache, &mut st, depth)?;
+                        let b = Batch::for_sequence(&toks, depth, false);
+                        model.forward(&b, std::slice::from_mut(&mut cache), &mut st)?;
+                    }
                     for _ in 0..a.reps {
                         prefill(&model, &mut cache, &mut st, depth)?;
                         let b = Batch::for_sequence(&toks, depth, false);
@@ -207,6 +219,12 @@ pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
                     let mut cache = KvCache::new(&model.config, ctx);
                     let mut st = ForwardState::new();
                     let mut tps = Vec::new();
+                    // Warm-up, as llama-bench's: one generated token, unmeasured.
+                    if !a.no_warmup {
+                        let mut b = Batch::default();
+                        b.push(2, 0, 0, true);
+                        model.forward(&b, std::slice::from_mut(&mut cache), &mut st)?;
+                    }
                     for _ in 0..a.reps {
                         prefill(&model, &mut cache, &mut st, depth)?;
                         let mut b = Batch::default();
