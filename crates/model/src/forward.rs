@@ -382,7 +382,19 @@ impl Model {
                 let t = &tiles[i];
                 attend_tile(c, cache(t.first), t, q, optr);
             };
-            return gemma3_kernels::pool::for_each_task(n, tiles.len(), &work);
+            if n <= gemma3_kernels::pool::SMALL_BATCH || threads == 1 {
+                return gemma3_kernels::pool::for_each_task(n, tiles.len(), &work);
+            }
+            // A prompt's causal tiles grow with their position: the
+            // largest first, each a task of its own, so that the threads
+            // end on small ones instead of one waiting on the other's last
+            // large tile. pp64 on two threads (Zen 3), the attention
+            // phase over 21 runs: 43.1–47.4 → 42.1–43.3 ms, five
+            // alternating rounds.
+            let mut order: Vec<usize> = (0..tiles.len()).collect();
+            order.sort_by_key(|&i| std::cmp::Reverse(tiles[i].blocks()));
+            order.par_iter().with_max_len(1).for_each(|&i| work(i));
+            return;
         }
         // Fewer tiles than threads (generation: one token, one KV head):
         // each tile's work is shared out in two steps, each thread taking
