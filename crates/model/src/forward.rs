@@ -771,9 +771,6 @@ fn tile_softmax_pv(
     }
 }
 
-/// Run `f` on every item (one per token), across threads when the batch is
-/// big enough to pay for it. Items are independent, so the split cannot
-/// change a value.
 /// A sub-layer's end for each of the n tokens: its output `o` normed with
 /// `post` and added to the residual stream `x`, then, where `next` is
 /// given, `x` normed with it into `xn` (the next sub-layer's input): one
@@ -798,6 +795,9 @@ fn add_normed(
     });
 }
 
+/// Run `f` on every item (one per token), across threads when the batch is
+/// big enough to pay for it. Items are independent, so the split cannot
+/// change a value.
 fn per_token<I, F>(n: usize, items: I, f: F)
 where
     I: Iterator + Send,
