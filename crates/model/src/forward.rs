@@ -814,25 +814,25 @@ where
     }
 }
 
-/// cos/sin for one position: table[2i] = cos θ_i, table[2i+1] = sin θ_i with
-/// θ_i = pos · inv_freq[i].
+/// cos/sin for one position: table[i] = cos θ_i and table[d/2 + i] = sin θ_i
+/// (d/2 = inv_freq.len()) with θ_i = pos · inv_freq[i].
 fn rope_table(pos: usize, inv_freq: &[f32], table: &mut [f32]) {
-    for (i, &f) in inv_freq.iter().enumerate() {
-        let (s, c) = (pos as f32 * f).sin_cos();
-        table[2 * i] = c;
-        table[2 * i + 1] = s;
+    let (cos, sin) = table.split_at_mut(inv_freq.len());
+    for ((c, s), &f) in cos.iter_mut().zip(sin).zip(inv_freq) {
+        (*s, *c) = (pos as f32 * f).sin_cos();
     }
 }
 
-/// NeoX rotation of one head: pairs (i, i + d/2).
+/// NeoX rotation of one head: pairs (i, i + d/2). The table's cosines and
+/// sines in two runs (not interleaved), so that the compiler takes several
+/// pairs per instruction.
 #[inline]
 fn apply_rope(x: &mut [f32], table: &[f32]) {
     let half = x.len() / 2;
-    for i in 0..half {
-        let (c, s) = (table[2 * i], table[2 * i + 1]);
-        let (a, b) = (x[i], x[i + half]);
-        x[i] = a * c - b * s;
-        x[i + half] = a * s + b * c;
+    let (cos, sin) = table.split_at(half);
+    let (lo, hi) = x.split_at_mut(half);
+    for (((a, b), &c), &s) in lo.iter_mut().zip(hi).zip(cos).zip(&sin[..half]) {
+        (*a, *b) = (*a * c - *b * s, *a * s + *b * c);
     }
 }
 
