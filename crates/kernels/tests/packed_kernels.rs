@@ -176,6 +176,20 @@ fn tables() -> Vec<(String, PackedKernels)> {
     v
 }
 
+/// `out` equals `spec` bit for bit (n tokens × `rows` outputs each); a
+/// mismatch names `what`, the token and the row.
+fn assert_bits(out: &[f32], spec: &[f32], rows: usize, what: &str) {
+    assert_eq!(out.len(), spec.len(), "{what}: output length");
+    for (i, (&got, &want)) in out.iter().zip(spec).enumerate() {
+        assert!(
+            got.to_bits() == want.to_bits(),
+            "{what} token {} row {}: {got:e}, spec {want:e}",
+            i / rows,
+            i % rows
+        );
+    }
+}
+
 #[test]
 fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
     let tables = tables();
@@ -222,16 +236,7 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
             for (name, k) in &tables {
                 let mut out = vec![f32::NAN; n * c.rows];
                 matmul_packed(k, &p, &x, n, &mut out, &mut MatmulScratch::default());
-                for (i, (&got, &want)) in out.iter().zip(&spec).enumerate() {
-                    assert!(
-                        got.to_bits() == want.to_bits(),
-                        "{} [{}] n={n} token {} row {}: {got:e}, spec {want:e}",
-                        c.name,
-                        name,
-                        i / c.rows,
-                        i % c.rows
-                    );
-                }
+                assert_bits(&out, &spec, c.rows, &format!("{} [{name}] n={n}", c.name));
             }
             // Q4_1, Q5_1, IQ4_NL, IQ4_XS, Q3_K, Q2_K and the lattice formats
             // have no SIMD row-major kernels: their scalar ones, for shapes
@@ -247,15 +252,7 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
             ) {
                 let mut out = vec![f32::NAN; n * c.rows];
                 matmul_with(&SCALAR, &m, &x, n, &mut out, &mut MatmulScratch::default());
-                for (i, (&got, &want)) in out.iter().zip(&spec).enumerate() {
-                    assert!(
-                        got.to_bits() == want.to_bits(),
-                        "{} row-major n={n} token {} row {}: {got:e}, spec {want:e}",
-                        c.name,
-                        i / c.rows,
-                        i % c.rows
-                    );
-                }
+                assert_bits(&out, &spec, c.rows, &format!("{} row-major n={n}", c.name));
             }
         }
     }
@@ -299,14 +296,8 @@ fn widened_prompts_in_several_goes_equal_the_spec() {
                 pool.install(|| {
                     matmul_packed(k, &p, &x, n, &mut out, &mut MatmulScratch::default())
                 });
-                for (i, (&got, &want)) in out.iter().zip(&spec).enumerate() {
-                    assert!(
-                        got.to_bits() == want.to_bits(),
-                        "{format} {rows}×{cols} [{name}] n={n} token {} row {}: {got:e}, spec {want:e}",
-                        i / rows,
-                        i % rows
-                    );
-                }
+                let what = format!("{format} {rows}×{cols} [{name}] n={n}");
+                assert_bits(&out, &spec, rows, &what);
             }
         }
     }
@@ -533,14 +524,7 @@ fn extreme_blocks_and_activations_wrap_no_table() {
             for (name, k) in &tables {
                 let mut out = vec![f32::NAN; n * rows];
                 matmul_packed(k, &p, &x, n, &mut out, &mut MatmulScratch::default());
-                for (i, (&got, &want)) in out.iter().zip(&spec).enumerate() {
-                    assert!(
-                        got.to_bits() == want.to_bits(),
-                        "{format} all {value} [{name}] token {} row {}: {got:e}, spec {want:e}",
-                        i / rows,
-                        i % rows
-                    );
-                }
+                assert_bits(&out, &spec, rows, &format!("{format} all {value} [{name}]"));
             }
         }
     }
