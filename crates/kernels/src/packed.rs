@@ -2406,8 +2406,8 @@ unsafe fn packed_groups(
         }
         return run(w.format, wg, gb, (g0, g1), n16);
     }
-    let widen = k.widen.filter(|_| n >= WIDEN_TOKENS);
-    if let (Some(widen), Some(wide)) = (widen, w.format.widened()) {
+    let table_widen = k.widen.filter(|_| n >= WIDEN_TOKENS);
+    if let (Some(table_widen), Some(wide)) = (table_widen, w.format.widened()) {
         // A few groups at a time widened, then all the tokens over them.
         let wgb = wide.group_bytes(nb);
         let per = (WIDEN_BYTES / wgb).clamp(1, g1 - g0);
@@ -2419,7 +2419,7 @@ unsafe fn packed_groups(
             let bytes = unsafe {
                 std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, (gz - ga) * wgb)
             };
-            widen(w.format, &wg[(ga - g0) * gb..(gz - g0) * gb], nb, bytes);
+            table_widen(w.format, &wg[(ga - g0) * gb..(gz - g0) * gb], nb, bytes);
             run(wide, bytes, wgb, (ga, gz), 0);
             ga = gz;
         }

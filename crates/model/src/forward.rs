@@ -272,15 +272,8 @@ impl Model {
             st.trace(l, "attn", |s| &s.attn);
             self.matmul(&layer.wo, &st.attn, n, &mut st.o, &mut st.mm);
             let ffn_norm = Some(&layer.ffn_norm[..]);
-            add_normed(
-                c,
-                n,
-                &mut st.o,
-                &mut st.x,
-                &layer.post_attn_norm,
-                ffn_norm,
-                &mut st.xn,
-            );
+            let (o, x, xn) = (&mut st.o, &mut st.x, &mut st.xn);
+            add_normed(c, n, o, x, &layer.post_attn_norm, ffn_norm, xn);
             st.trace(l, "attn_out", |s| &s.x);
 
             // --- feed-forward (GeGLU) ---
@@ -302,15 +295,8 @@ impl Model {
             }
             self.matmul(&layer.w_down, &st.gate, n, &mut st.o, &mut st.mm);
             let next_norm = self.layers.get(l + 1).map(|next| &next.attn_norm[..]);
-            add_normed(
-                c,
-                n,
-                &mut st.o,
-                &mut st.x,
-                &layer.post_ffn_norm,
-                next_norm,
-                &mut st.xn,
-            );
+            let (o, x, xn) = (&mut st.o, &mut st.x, &mut st.xn);
+            add_normed(c, n, o, x, &layer.post_ffn_norm, next_norm, xn);
             st.trace(l, "l_out", |s| &s.x);
         }
 
@@ -605,7 +591,7 @@ fn attend_tile(
 /// the range set to −∞, then halving steps without a branch, where a fold
 /// key by key tested each key's range and waited on each maximum in turn
 /// (pp512 on one thread, Zen 3: the attention phase 449–452 → 429–441 ms
-/// over 3 runs, four alternating rounds; about 1% of the prompt). The
+/// over 3 runs, four alternating rounds; under 1% of the prompt). The
 /// maximum of the same values does not depend on the order they are taken
 /// in.
 #[inline]
@@ -831,7 +817,7 @@ fn apply_rope(x: &mut [f32], table: &[f32]) {
     let half = x.len() / 2;
     let (cos, sin) = table.split_at(half);
     let (lo, hi) = x.split_at_mut(half);
-    for (((a, b), &c), &s) in lo.iter_mut().zip(hi).zip(cos).zip(&sin[..half]) {
+    for (((a, b), &c), &s) in lo.iter_mut().zip(hi).zip(cos).zip(sin) {
         (*a, *b) = (*a * c - *b * s, *a * s + *b * c);
     }
 }
