@@ -61,7 +61,9 @@ impl Batch {
 }
 
 /// A per-layer observer of named intermediates: (layer, name, values of the
-/// micro-batch, row-major).
+/// micro-batch, row-major). From the last layer's "attn" on, only the rows
+/// of the tokens that want logits are computed (the first rows; see
+/// `Model::forward_ubatch`): trace with logits for every token to see all.
 pub type Trace = Box<dyn FnMut(usize, &'static str, &[f32]) + Send>;
 
 /// Activation buffers for one micro-batch, allocated once and reused.
@@ -191,6 +193,23 @@ impl Model {
         let tokens = &batch.tokens[range.clone()];
         let pos = &batch.pos[range.clone()];
         let seq = &batch.seq[range.clone()];
+        let want = &batch.logits[range];
+        let m = want.iter().filter(|&&w| w).count();
+        // The last layer's K and V are all that tokens without logits need
+        // of it: its attention, output projection and feed-forward run for
+        // the m tokens that want logits only, moved to the first m rows (as
+        // llama.cpp does with its output ids). Each token's values do not
+        // depend on the others in its batch, so the logits keep their bits.
+        let last = self.layers.len().saturating_sub(1);
+        let (sel_pos, sel_seq): (Vec<usize>, Vec<usize>) = if m < n {
+            (0..n)
+                .filter(|&i| want[i])
+                .map(|i| (pos[i], seq[i]))
+                .unzip()
+        } else {
+            Default::default()
+        };
+        let mut compacted = false;
 
         // Embedding, scaled by sqrt(d_model) (Gemma's normaliser, in f32 as llama.cpp does).
         let embed = self.mat(&self.embed);
@@ -268,46 +287,59 @@ impl Model {
             }
             st.trace(l, "q", |s| &s.q);
             st.trace(l, "k", |s| &s.k);
-            self.attention(l, (pos, seq), caches, &st.q, &mut st.attn, &mut st.scores);
+            if l == last && m < n {
+                if m == 0 {
+                    return;
+                }
+                gather_rows(&mut st.q, qd, want);
+                gather_rows(&mut st.x, d, want);
+                compacted = true;
+            }
+            // Rows in flight from here: all n, or the m compacted ones.
+            let (n, pos, seq) = if compacted {
+                (m, &sel_pos[..], &sel_seq[..])
+            } else {
+                (n, pos, seq)
+            };
+            let (q, attn) = (&st.q[..n * qd], &mut st.attn[..n * qd]);
+            self.attention(l, (pos, seq), caches, q, attn, &mut st.scores);
             st.trace(l, "attn", |s| &s.attn);
-            self.matmul(&layer.wo, &st.attn, n, &mut st.o, &mut st.mm);
+            let o = &mut st.o[..n * d];
+            self.matmul(&layer.wo, &st.attn[..n * qd], n, o, &mut st.mm);
             let ffn_norm = Some(&layer.ffn_norm[..]);
-            let (o, x, xn) = (&mut st.o, &mut st.x, &mut st.xn);
+            let (x, xn) = (&mut st.x[..n * d], &mut st.xn[..n * d]);
             add_normed(c, n, o, x, &layer.post_attn_norm, ffn_norm, xn);
             st.trace(l, "attn_out", |s| &s.x);
 
             // --- feed-forward (GeGLU) ---
-            self.matmul_many(
-                [&layer.w_gate, &layer.w_up],
-                &st.xn,
-                n,
-                [&mut st.gate, &mut st.up],
-                &mut st.mm,
-            );
+            let (gate, up) = (&mut st.gate[..n * c.d_ff], &mut st.up[..n * c.d_ff]);
+            let xn = &st.xn[..n * d];
+            self.matmul_many([&layer.w_gate, &layer.w_up], xn, n, [gate, up], &mut st.mm);
+            let (gate, up) = (&mut st.gate[..n * c.d_ff], &st.up[..n * c.d_ff]);
             // Element-wise, so splitting it across threads cannot change a value.
             if n >= 16 {
-                st.gate
-                    .par_chunks_mut(c.d_ff * 8)
-                    .zip(st.up.par_chunks(c.d_ff * 8))
+                gate.par_chunks_mut(c.d_ff * 8)
+                    .zip(up.par_chunks(c.d_ff * 8))
                     .for_each(|(g, u)| ops::geglu_inplace(g, u));
             } else {
-                ops::geglu_inplace(&mut st.gate, &st.up);
+                ops::geglu_inplace(gate, up);
             }
-            self.matmul(&layer.w_down, &st.gate, n, &mut st.o, &mut st.mm);
+            let o = &mut st.o[..n * d];
+            self.matmul(&layer.w_down, gate, n, o, &mut st.mm);
             let next_norm = self.layers.get(l + 1).map(|next| &next.attn_norm[..]);
-            let (o, x, xn) = (&mut st.o, &mut st.x, &mut st.xn);
+            let (x, xn) = (&mut st.x[..n * d], &mut st.xn[..n * d]);
             add_normed(c, n, o, x, &layer.post_ffn_norm, next_norm, xn);
             st.trace(l, "l_out", |s| &s.x);
         }
 
         // --- output head, only for the tokens that asked ---
-        let want = &batch.logits[range];
-        let m = want.iter().filter(|&&w| w).count();
         if m == 0 {
             return;
         }
         resize(&mut st.hid, m * d);
         for (j, i) in (0..n).filter(|&i| want[i]).enumerate() {
+            // (Compacted, token i's row is now row j.)
+            let i = if compacted { j } else { i };
             ops::rms_norm(
                 &st.x[i * d..(i + 1) * d],
                 &self.final_norm,
@@ -779,6 +811,15 @@ fn add_normed(
             ops::rms_norm(x, w, c.rms_eps, xn);
         }
     });
+}
+
+/// Moves the rows (of `width` values) whose `keep` is set to the front, in
+/// order.
+fn gather_rows(v: &mut [f32], width: usize, keep: &[bool]) {
+    for (j, i) in (0..keep.len()).filter(|&i| keep[i]).enumerate() {
+        // j ≤ i: row j is kept or already copied from.
+        v.copy_within(i * width..(i + 1) * width, j * width);
+    }
 }
 
 /// Run `f` on every item (one per token), across threads when the batch is

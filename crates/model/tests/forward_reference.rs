@@ -441,6 +441,56 @@ fn sequences_batched_together_equal_each_alone() {
     );
 }
 
+/// The last layer runs only for the tokens that want logits (moved to the
+/// front of the batch): whichever tokens ask, each gets the bits it gets
+/// when every token asks, and the cache it leaves decodes the same.
+#[test]
+fn logits_for_some_tokens_equal_those_for_all() {
+    let spec = TinySpec::default();
+    let (m, _) = open(&spec);
+    let v = spec.vocab;
+    let a = tokens(18, 40, v);
+    let b = tokens(19, 23, v);
+    let (all_a, all_b) = (prefill(&m, &a, 64), prefill(&m, &b, 64));
+    let want_a = |i: usize| [0, 5, 6, 21, 39].contains(&i);
+    let want_b = |i: usize| i % 7 == 3;
+    let mut caches = vec![KvCache::new(&m.config, 64), KvCache::new(&m.config, 64)];
+    let mut st = ForwardState::new();
+    let mut batch = Batch::default();
+    let mut rows = Vec::new();
+    for i in 0..a.len() {
+        batch.push(a[i], i, 0, want_a(i));
+        if want_a(i) {
+            rows.push(&all_a[i * v..(i + 1) * v]);
+        }
+        if i < b.len() {
+            batch.push(b[i], i, 1, want_b(i));
+            if want_b(i) {
+                rows.push(&all_b[i * v..(i + 1) * v]);
+            }
+        }
+    }
+    let got = m.forward(&batch, &mut caches, &mut st).unwrap().to_vec();
+    assert_eq!(got.len(), rows.len() * v);
+    for (k, want) in rows.iter().enumerate() {
+        assert_eq!(bits(&got[k * v..(k + 1) * v]), bits(want), "logits row {k}");
+    }
+    // The next token of each: its last layer attends over keys of tokens
+    // that wanted no logits.
+    let (next_a, next_b) = (tokens(20, 1, v)[0], tokens(22, 1, v)[0]);
+    let mut step = Batch::default();
+    step.push(next_a, a.len(), 0, true);
+    step.push(next_b, b.len(), 1, true);
+    let got = m.forward(&step, &mut caches, &mut st).unwrap().to_vec();
+    let longer = |t: &[u32], x: u32| [t, &[x]].concat();
+    let (full_a, full_b) = (
+        prefill(&m, &longer(&a, next_a), 64),
+        prefill(&m, &longer(&b, next_b), 64),
+    );
+    assert_eq!(bits(&got[..v]), bits(&full_a[a.len() * v..]), "next of a");
+    assert_eq!(bits(&got[v..]), bits(&full_b[b.len() * v..]), "next of b");
+}
+
 #[test]
 fn bad_batches_are_errors_not_panics() {
     let spec = TinySpec::default();
