@@ -992,6 +992,16 @@ pub(crate) trait Isa {
     unsafe fn psum_end_scaled(acc: Self::V, p: Self::P, sc: Self::V) -> Self::V;
     /// The form of the scales s (i32 lanes, |s| < 2^15) `psum_end_scaled` takes.
     unsafe fn prep_scale(s: Self::V) -> Self::V;
+    /// True where `psum_end_scaled` costs what `psum_end` does (the
+    /// widening is the multiply), so scales are best applied there; false
+    /// where it is a separate 32-bit multiply.
+    const SCALED_END_FREE: bool;
+    /// i32 lanes `lo` and `hi` (each |x| < 2^15) as pairs of i16, lo in the
+    /// low half of each lane.
+    unsafe fn pair16(lo: Self::V, hi: Self::V) -> Self::V;
+    /// acc + a₀·b₀ + a₁·b₁ per lane, a₀, a₁ the i16 halves of a's lane and
+    /// b₀, b₁ those of `pair` (`pmaddwd`).
+    unsafe fn madd_pairs(acc: Self::V, a: Self::V, pair: i32) -> Self::V;
     /// The same for u = w + 128 (see `B128_CORR`).
     unsafe fn dot_b128(acc: Self::V, u: Self::V, y4: i32) -> Self::V;
     /// `table[16·(l / 16) + idx[l]]` for each byte l (idx < 16): a lookup
@@ -1919,6 +1929,22 @@ unsafe fn group_q6k<I: Isa, const NT: usize, const NG: usize, const WIDE: bool>(
                 q6k_vectors::<I>(core, j)
             };
             let sc = I::widen_i8(core.add(16 * j));
+            if I::SCALED_END_FREE {
+                // Σ s_j·Σ u·y here, the scale applied as each partial sum
+                // widens; the −32·Σ s_j·Σy_j below.
+                let sc = I::prep_scale(sc);
+                for t in 0..NT {
+                    let y = &q8k(&a[t]).get_unchecked(b).qs;
+                    // 6-bit u: partial sums of 2 vectors.
+                    for i in [0, 2] {
+                        let (y0, y1) = (y4(y, 16 * j + 4 * i), y4(y, 16 * j + 4 * i + 4));
+                        let p = I::psum_begin(I::splat32(0));
+                        let p = I::psum_add(I::psum_add(p, g[i], y0), g[i + 1], y1);
+                        s[t] = I::psum_end_scaled(s[t], p, sc);
+                    }
+                }
+                continue;
+            }
             for t in 0..NT {
                 let (y, neg32) = q8k_neg32(&a[t]);
                 let y = y.get_unchecked(b);
@@ -1930,6 +1956,26 @@ unsafe fn group_q6k<I: Isa, const NT: usize, const NG: usize, const WIDE: bool>(
                     is = I::psum_end(p);
                 }
                 s[t] = I::add32(s[t], I::mul32(is, sc));
+            }
+        }
+        if I::SCALED_END_FREE {
+            // Σ_j s_j·Σy_j two sub-blocks a multiply (|s| ≤ 128, |Σy_j| ≤
+            // 2048), then S −= 32 times it: the same exact integer S as
+            // the other path's Σ_j s_j·(Σ u·y − 32·Σy_j) (|S| < 2^28).
+            let mut m = [I::splat32(0); NT];
+            for p in 0..8 {
+                let pair = I::pair16(
+                    I::widen_i8(core.add(32 * p)),
+                    I::widen_i8(core.add(32 * p + 16)),
+                );
+                for t in 0..NT {
+                    let bs = &q8k(&a[t]).get_unchecked(b).bsums;
+                    let ys = (bs[2 * p] as u16 as u32 | (bs[2 * p + 1] as u16 as u32) << 16) as i32;
+                    m[t] = I::madd_pairs(m[t], pair, ys);
+                }
+            }
+            for t in 0..NT {
+                s[t] = I::add32(s[t], I::mul32(m[t], I::splat32(-32)));
             }
         }
         s
@@ -2024,6 +2070,18 @@ impl Isa for Scalar {
     }
     unsafe fn prep_scale(s: SV) -> SV {
         s
+    }
+    // (True, so that the scalar twin takes the path the AVX2 kernels take.)
+    const SCALED_END_FREE: bool = true;
+    unsafe fn pair16(lo: SV, hi: SV) -> SV {
+        SV::from_lanes(|l| (lo.lane(l) as u16 as u32 | (hi.lane(l) as u32) << 16) as i32)
+    }
+    unsafe fn madd_pairs(acc: SV, a: SV, pair: i32) -> SV {
+        let (b0, b1) = (pair as i16 as i32, (pair >> 16) as i16 as i32);
+        SV::from_lanes(|l| {
+            let (a0, a1) = (a.lane(l) as i16 as i32, (a.lane(l) >> 16) as i16 as i32);
+            acc.lane(l) + a0 * b0 + a1 * b1
+        })
     }
     unsafe fn dot_u8(acc: SV, u: SV, y4: i32) -> SV {
         let y = y4.to_le_bytes();

@@ -76,6 +76,16 @@ impl<const GFNI: bool> Isa for Avx512<GFNI> {
     unsafe fn prep_scale(s: __m512i) -> __m512i {
         s
     }
+    // (`psum_end_scaled` is a `pmulld`.)
+    const SCALED_END_FREE: bool = false;
+    #[inline(always)]
+    unsafe fn pair16(lo: __m512i, hi: __m512i) -> __m512i {
+        _mm512_mask_blend_epi16(0xAAAA_AAAA, lo, _mm512_slli_epi32::<16>(hi))
+    }
+    #[inline(always)]
+    unsafe fn madd_pairs(acc: __m512i, a: __m512i, pair: i32) -> __m512i {
+        _mm512_dpwssd_epi32(acc, a, _mm512_set1_epi32(pair))
+    }
     #[inline(always)]
     unsafe fn dot_u8(acc: __m512i, u: __m512i, y4: i32) -> __m512i {
         _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(y4))
@@ -294,8 +304,22 @@ impl Isa for Avx2 {
     }
     #[inline(always)]
     unsafe fn prep_scale(s: V2) -> V2 {
-        let pair = |s: __m256i| _mm256_blend_epi16::<0xAA>(s, _mm256_slli_epi32::<16>(s));
-        V2(pair(s.0), pair(s.1))
+        Self::pair16(s, s)
+    }
+    const SCALED_END_FREE: bool = true;
+    #[inline(always)]
+    unsafe fn pair16(lo: V2, hi: V2) -> V2 {
+        let pair =
+            |l: __m256i, h: __m256i| _mm256_blend_epi16::<0xAA>(l, _mm256_slli_epi32::<16>(h));
+        V2(pair(lo.0, hi.0), pair(lo.1, hi.1))
+    }
+    #[inline(always)]
+    unsafe fn madd_pairs(acc: V2, a: V2, pair: i32) -> V2 {
+        let b = _mm256_set1_epi32(pair);
+        V2(
+            _mm256_add_epi32(acc.0, _mm256_madd_epi16(a.0, b)),
+            _mm256_add_epi32(acc.1, _mm256_madd_epi16(a.1, b)),
+        )
     }
     #[inline(always)]
     unsafe fn dot_b128(acc: V2, u: V2, y4: i32) -> V2 {
