@@ -1708,6 +1708,37 @@ const _: () = {
     }
 };
 
+/// s + k·Σ_j s_j·Σy_j for each token: s_j the 16 i8 sub-block scales at
+/// `scales` (`[j][r]`), Σy_j the sums of the token's Q8_K block b over
+/// sub-blocks of 16; two sub-blocks a `madd_pairs` (|s_j| ≤ 128, |Σy_j| ≤
+/// 2048). The offset of formats whose u = w + k′ when their scales are
+/// applied as partial sums widen (`Isa::SCALED_END_FREE`), with k = −k′.
+#[inline(always)]
+unsafe fn scaled_block_sums<I: Isa, const NT: usize>(
+    mut s: [I::V; NT],
+    scales: *const u8,
+    a: &[ActRow; NT],
+    b: usize,
+    k: i32,
+) -> [I::V; NT] {
+    let mut m = [I::splat32(0); NT];
+    for p in 0..8 {
+        let pair = I::pair16(
+            I::widen_i8(scales.add(32 * p)),
+            I::widen_i8(scales.add(32 * p + 16)),
+        );
+        for t in 0..NT {
+            let bs = &q8k(&a[t]).get_unchecked(b).bsums;
+            let ys = (bs[2 * p] as u16 as u32 | (bs[2 * p + 1] as u16 as u32) << 16) as i32;
+            m[t] = I::madd_pairs(m[t], pair, ys);
+        }
+    }
+    for t in 0..NT {
+        s[t] = I::add32(s[t], I::mul32(m[t], I::splat32(k)));
+    }
+    s
+}
+
 /// M = Σ_j m_j · Σy_j for 16 rows, two sub-blocks per `dot_pairs`: the u8
 /// minimums of sub-blocks 2p and 2p + 1 at `mins + 32p` (`[r][2]`), and
 /// `sum(j)` the activations' sum over sub-block j (Q4_K's sub-blocks of 32,
@@ -1747,6 +1778,42 @@ unsafe fn group_coded<I: Isa, const NT: usize, const NG: usize, const T: u8>(
     let sums = |b: usize, core: *const u8| {
         let mut s = [I::splat32(0); NT];
         for c in 0..8 {
+            if I::SCALED_END_FREE {
+                // Each sub-block's scale applied as its partial sums widen
+                // (as Q6_K's): Q2_K's u ≤ 3 lets a sub-block's 4 vectors
+                // share one partial sum, the looked-up u ≤ 126 one each.
+                // The tables' −64·Σ_j s_j·Σy_j is added below.
+                let sc = [2 * c, 2 * c + 1].map(|j| I::prep_scale(I::widen_i8(core.add(16 * j))));
+                let zero = I::psum_begin(I::splat32(0));
+                let mut p = [[zero; 2]; NT];
+                for g in 0..4 {
+                    let v = I::load(core.add(codes + 64 * (4 * c + g)));
+                    let (lo, hi) = (I::and(v, m4), I::and(I::shr::<4>(v), m4));
+                    let u = if min {
+                        [lo, hi]
+                    } else {
+                        [I::lut16(lut, lo), I::lut16(lut, hi)]
+                    };
+                    for t in 0..NT {
+                        let y = &q8k(&a[t]).get_unchecked(b).qs;
+                        for h in 0..2 {
+                            p[t][h] = I::psum_add(p[t][h], u[h], y4(y, 32 * c + 16 * h + 4 * g));
+                            if !min {
+                                s[t] = I::psum_end_scaled(s[t], p[t][h], sc[h]);
+                                p[t][h] = zero;
+                            }
+                        }
+                    }
+                }
+                if min {
+                    for t in 0..NT {
+                        for h in 0..2 {
+                            s[t] = I::psum_end_scaled(s[t], p[t][h], sc[h]);
+                        }
+                    }
+                }
+                continue;
+            }
             // Sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles).
             let mut is = [[I::splat32(0); 2]; NT];
             if !min {
@@ -1780,6 +1847,11 @@ unsafe fn group_coded<I: Isa, const NT: usize, const NG: usize, const T: u8>(
                 s[t] = I::add32(s[t], I::mul32(is[t][0], sc_lo));
                 s[t] = I::add32(s[t], I::mul32(is[t][1], sc_hi));
             }
+        }
+        if I::SCALED_END_FREE && !min {
+            // The same exact S as starting each sub-block at −64·Σy_j
+            // (|Σ_j s_j·Σ u·y| < 2^30).
+            s = scaled_block_sums::<I, NT>(s, core, a, b, -64);
         }
         let mut m = [I::splat32(0); NT];
         if min {
@@ -1959,24 +2031,9 @@ unsafe fn group_q6k<I: Isa, const NT: usize, const NG: usize, const WIDE: bool>(
             }
         }
         if I::SCALED_END_FREE {
-            // Σ_j s_j·Σy_j two sub-blocks a multiply (|s| ≤ 128, |Σy_j| ≤
-            // 2048), then S −= 32 times it: the same exact integer S as
-            // the other path's Σ_j s_j·(Σ u·y − 32·Σy_j) (|S| < 2^28).
-            let mut m = [I::splat32(0); NT];
-            for p in 0..8 {
-                let pair = I::pair16(
-                    I::widen_i8(core.add(32 * p)),
-                    I::widen_i8(core.add(32 * p + 16)),
-                );
-                for t in 0..NT {
-                    let bs = &q8k(&a[t]).get_unchecked(b).bsums;
-                    let ys = (bs[2 * p] as u16 as u32 | (bs[2 * p + 1] as u16 as u32) << 16) as i32;
-                    m[t] = I::madd_pairs(m[t], pair, ys);
-                }
-            }
-            for t in 0..NT {
-                s[t] = I::add32(s[t], I::mul32(m[t], I::splat32(-32)));
-            }
+            // The same exact integer S as the other path's
+            // Σ_j s_j·(Σ u·y − 32·Σy_j) (|S| < 2^28).
+            s = scaled_block_sums::<I, NT>(s, core, a, b, -32);
         }
         s
     };
