@@ -78,6 +78,7 @@ impl<const GFNI: bool> Isa for Avx512<GFNI> {
     }
     // (`psum_end_scaled` is a `pmulld`.)
     const SCALED_END_FREE: bool = false;
+    const FEW_REGISTERS: bool = false;
     #[inline(always)]
     unsafe fn pair16(lo: __m512i, hi: __m512i) -> __m512i {
         _mm512_mask_blend_epi16(0xAAAA_AAAA, lo, _mm512_slli_epi32::<16>(hi))
@@ -307,6 +308,7 @@ impl Isa for Avx2 {
         Self::pair16(s, s)
     }
     const SCALED_END_FREE: bool = true;
+    const FEW_REGISTERS: bool = true;
     #[inline(always)]
     unsafe fn pair16(lo: V2, hi: V2) -> V2 {
         let pair =
