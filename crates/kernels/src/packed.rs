@@ -1320,6 +1320,40 @@ unsafe fn group_float<I: Isa, const NT: usize, const KIND: u8>(
     };
     let xs: [*const f32; NT] = std::array::from_fn(|t| f32s(&a[t]).as_ptr());
     let mut s = [[I::zero_f(); 4]; NT];
+    if I::FEW_REGISTERS && NT > 1 {
+        // One chain k at a time, over all the group's columns c ≡ k (mod
+        // 4): each chain's operations in the same order, so the same bits,
+        // but NT sums in registers instead of 4·NT (for 4 tokens 32 AVX2
+        // registers, which had spilled). Each column is still read once.
+        for k in 0..4 {
+            for b in 0..nb {
+                let bp = gp.add(b * core);
+                for q in 0..FLOAT_BLOCK / 4 {
+                    let c = 4 * q + k;
+                    let w = match KIND {
+                        F16_KIND => I::load_f16(bp.add(2 * LANES * c)),
+                        BF16_KIND => {
+                            // Columns 2p and 2p + 1 share pair p's dwords.
+                            let p = bp.add(4 * LANES * (c / 2));
+                            if k % 2 == 0 {
+                                I::load_bf16_even(p)
+                            } else {
+                                I::load_bf16_odd(p)
+                            }
+                        }
+                        _ => I::load_f32(bp.add(4 * LANES * c)),
+                    };
+                    for t in 0..NT {
+                        let x = *xs[t].add(FLOAT_BLOCK * b + c);
+                        s[t][k] = I::fmadd(w, I::splat_f(x), s[t][k]);
+                    }
+                }
+            }
+        }
+        return std::array::from_fn(|t| {
+            I::add_f(I::add_f(s[t][0], s[t][1]), I::add_f(s[t][2], s[t][3]))
+        });
+    }
     for b in 0..nb {
         let bp = gp.add(b * core);
         for q in 0..FLOAT_BLOCK / 4 {
