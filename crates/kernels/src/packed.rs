@@ -1821,7 +1821,12 @@ unsafe fn group_coded<I: Isa, const NT: usize, const NG: usize, const T: u8>(
                 // (as Q6_K's): Q2_K's u ≤ 3 lets a sub-block's 4 vectors
                 // share one partial sum, the looked-up u ≤ 126 one each.
                 // The tables' −64·Σ_j s_j·Σy_j is added below.
-                let sc = [2 * c, 2 * c + 1].map(|j| I::prep_scale(I::widen_i8(core.add(16 * j))));
+                // (Not `array::map`: its closure was compiled out of line,
+                // without the kernel's target features.)
+                let sc = [
+                    I::prep_scale(I::widen_i8(core.add(16 * (2 * c)))),
+                    I::prep_scale(I::widen_i8(core.add(16 * (2 * c + 1)))),
+                ];
                 let zero = I::psum_begin(I::splat32(0));
                 let mut p = [[zero; 2]; NT];
                 for g in 0..4 {
