@@ -996,9 +996,10 @@ pub(crate) trait Isa {
     /// widening is the multiply), so scales are best applied there; false
     /// where it is a separate 32-bit multiply.
     const SCALED_END_FREE: bool;
-    /// True where 4 tokens' partial sums in two halves (low and high
-    /// nibbles) do not fit the registers (AVX2: 16 registers, two per
-    /// `V`): Q4_K's kernel then takes the tokens two at a time.
+    /// True where several tokens' sums in several chains do not fit the
+    /// registers (AVX2: 16 registers, two per `V`): with 4 tokens Q4_K's
+    /// kernel takes them two at a time, Q5_K's takes a pass per sub-block,
+    /// and the float formats' one chain at a time.
     const FEW_REGISTERS: bool;
     /// i32 lanes `lo` and `hi` (each |x| < 2^15) as pairs of i16, lo in the
     /// low half of each lane.
@@ -1746,6 +1747,13 @@ const _: () = {
     }
 };
 
+/// `lo` and `hi` as the low and high halves of one i32 (the form of a
+/// broadcast `pmaddwd` operand).
+#[inline(always)]
+fn i16_pair(lo: i16, hi: i16) -> i32 {
+    (lo as u16 as u32 | (hi as u16 as u32) << 16) as i32
+}
+
 /// s + k·Σ_j s_j·Σy_j for each token: s_j the 16 i8 sub-block scales at
 /// `scales` (`[j][r]`), Σy_j the sums of the token's Q8_K block b over
 /// sub-blocks of 16; two sub-blocks a `madd_pairs` (|s_j| ≤ 128, |Σy_j| ≤
@@ -1767,8 +1775,7 @@ unsafe fn scaled_block_sums<I: Isa, const NT: usize>(
         );
         for t in 0..NT {
             let bs = &q8k(&a[t]).get_unchecked(b).bsums;
-            let ys = (bs[2 * p] as u16 as u32 | (bs[2 * p + 1] as u16 as u32) << 16) as i32;
-            m[t] = I::madd_pairs(m[t], pair, ys);
+            m[t] = I::madd_pairs(m[t], pair, i16_pair(bs[2 * p], bs[2 * p + 1]));
         }
     }
     for t in 0..NT {
@@ -1789,7 +1796,7 @@ pub(crate) unsafe fn min_sums<I: Isa>(
 ) -> I::V {
     let mut m = I::splat32(0);
     for p in 0..pairs {
-        let pair = (sum(2 * p) as u16 as u32 | (sum(2 * p + 1) as u16 as u32) << 16) as i32;
+        let pair = i16_pair(sum(2 * p), sum(2 * p + 1));
         m = I::dot_pairs(m, mins.add(32 * p), pair);
     }
     m
@@ -1973,9 +1980,9 @@ unsafe fn q4k_sums<I: Isa, const NT: usize, const FIVE: bool>(
     // of 3, 4 and 6 alternating rounds: 41.6 → 53.1, 41.2 → 43.2 and
     // 38.1 → 48.3 G. (Q4_K measured slower this way, and takes its tokens
     // in pairs instead: see `group_q4k`.)
-    let one_pass_per_sub_block = FIVE && NT == 4 && I::FEW_REGISTERS;
-    for c in (0..4).filter(|_| one_pass_per_sub_block) {
-        for h in 0..2 {
+    if FIVE && NT == 4 && I::FEW_REGISTERS {
+        for j in 0..8 {
+            let (c, h) = (j / 2, j % 2);
             let sc = I::prep_scale(I::widen_u8(core.add(16 * (2 * c + h))));
             let zero = I::psum_begin(I::splat32(0));
             let mut p = [zero; NT];
@@ -2000,42 +2007,43 @@ unsafe fn q4k_sums<I: Isa, const NT: usize, const FIVE: bool>(
                 s[t] = I::psum_end_scaled(s[t], p[t], sc);
             }
         }
-    }
-    for c in (0..4).filter(|_| !one_pass_per_sub_block) {
-        let sc_lo = I::prep_scale(I::widen_u8(core.add(16 * (2 * c))));
-        let sc_hi = I::prep_scale(I::widen_u8(core.add(16 * (2 * c + 1))));
-        let zero = I::psum_begin(I::splat32(0));
-        let mut lo_p = [zero; NT];
-        let mut hi_p = [zero; NT];
-        for g in 0..8 {
-            // Q5_K's 5-bit u: at most 4 vectors in a partial sum.
-            if FIVE && g == 4 {
-                for t in 0..NT {
-                    s[t] = I::psum_end_scaled(s[t], lo_p[t], sc_lo);
-                    s[t] = I::psum_end_scaled(s[t], hi_p[t], sc_hi);
+    } else {
+        for c in 0..4 {
+            let sc_lo = I::prep_scale(I::widen_u8(core.add(16 * (2 * c))));
+            let sc_hi = I::prep_scale(I::widen_u8(core.add(16 * (2 * c + 1))));
+            let zero = I::psum_begin(I::splat32(0));
+            let mut lo_p = [zero; NT];
+            let mut hi_p = [zero; NT];
+            for g in 0..8 {
+                // Q5_K's 5-bit u: at most 4 vectors in a partial sum.
+                if FIVE && g == 4 {
+                    for t in 0..NT {
+                        s[t] = I::psum_end_scaled(s[t], lo_p[t], sc_lo);
+                        s[t] = I::psum_end_scaled(s[t], hi_p[t], sc_hi);
+                    }
+                    lo_p = [zero; NT];
+                    hi_p = [zero; NT];
                 }
-                lo_p = [zero; NT];
-                hi_p = [zero; NT];
+                let v = I::load(core.add(nibbles + 64 * (8 * c + g)));
+                let (lo, hi) = if FIVE {
+                    let h = I::load(core.add(256 + 64 * g));
+                    (
+                        I::and_or(v, m4, I::fifth_bits(h, 2 * c)),
+                        I::and_or(I::shr::<4>(v), m4, I::fifth_bits(h, 2 * c + 1)),
+                    )
+                } else {
+                    (I::and(v, m4), I::and(I::shr::<4>(v), m4))
+                };
+                for t in 0..NT {
+                    let y = &q8k(&a[t]).get_unchecked(b).qs;
+                    lo_p[t] = I::psum_add(lo_p[t], lo, y4(y, 64 * c + 4 * g));
+                    hi_p[t] = I::psum_add(hi_p[t], hi, y4(y, 64 * c + 32 + 4 * g));
+                }
             }
-            let v = I::load(core.add(nibbles + 64 * (8 * c + g)));
-            let (lo, hi) = if FIVE {
-                let h = I::load(core.add(256 + 64 * g));
-                (
-                    I::and_or(v, m4, I::fifth_bits(h, 2 * c)),
-                    I::and_or(I::shr::<4>(v), m4, I::fifth_bits(h, 2 * c + 1)),
-                )
-            } else {
-                (I::and(v, m4), I::and(I::shr::<4>(v), m4))
-            };
             for t in 0..NT {
-                let y = &q8k(&a[t]).get_unchecked(b).qs;
-                lo_p[t] = I::psum_add(lo_p[t], lo, y4(y, 64 * c + 4 * g));
-                hi_p[t] = I::psum_add(hi_p[t], hi, y4(y, 64 * c + 32 + 4 * g));
+                s[t] = I::psum_end_scaled(s[t], lo_p[t], sc_lo);
+                s[t] = I::psum_end_scaled(s[t], hi_p[t], sc_hi);
             }
-        }
-        for t in 0..NT {
-            s[t] = I::psum_end_scaled(s[t], lo_p[t], sc_lo);
-            s[t] = I::psum_end_scaled(s[t], hi_p[t], sc_hi);
         }
     }
     let mut m = [I::splat32(0); NT];
