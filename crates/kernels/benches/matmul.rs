@@ -152,6 +152,7 @@ fn bench(c: &mut Criterion) {
         ("attn_output 1024→640", WeightFormat::Q4K, 640, 1024),
         ("ffn_gate 640→2048", WeightFormat::Q5_0, 2048, 640),
         ("ffn_down 2048→640", WeightFormat::Q6K, 640, 2048),
+        ("ffn_down 2048→640", WeightFormat::Q4K, 640, 2048),
         ("head 640→262144", WeightFormat::Q8_0, 262144, 640),
     ];
     for (name, format, rows, cols) in shapes {
