@@ -61,7 +61,7 @@ impl Batch {
 }
 
 /// A per-layer observer of named intermediates: (layer, name, values of the
-/// micro-batch, row-major). From the last layer's "attn" on, only the rows
+/// micro-batch, row-major). From the last layer's "q" on (not its "k"), only the rows
 /// of the tokens that want logits are computed (the first rows; see
 /// `Model::forward_ubatch`): trace with logits for every token to see all.
 pub type Trace = Box<dyn FnMut(usize, &'static str, &[f32]) + Send>;
@@ -196,8 +196,9 @@ impl Model {
         let want = &batch.logits[range];
         let m = want.iter().filter(|&&w| w).count();
         // The last layer's K and V are all that tokens without logits need
-        // of it: its attention, output projection and feed-forward run for
-        // the m tokens that want logits only, moved to the first m rows (as
+        // of it: its q projection, attention, output projection and
+        // feed-forward run for the m tokens that want logits only, moved to
+        // the first m rows (as
         // llama.cpp does with its output ids). Each token's values do not
         // depend on the others in its batch, so the logits keep their bits.
         let last = self.layers.len().saturating_sub(1);
@@ -231,13 +232,32 @@ impl Model {
         }
         for (l, layer) in self.layers.iter().enumerate() {
             // --- attention ---
-            self.matmul_many(
-                [&layer.wq, &layer.wk, &layer.wv],
-                &st.xn,
-                n,
-                [&mut st.q, &mut st.k, &mut st.v],
-                &mut st.mm,
-            );
+            // The last layer's queries only for the m tokens that want
+            // logits (their inputs moved to the first m rows of xn, which
+            // the feed-forward's norm writes afresh): K and V for all.
+            let few = l == last && m < n;
+            if few {
+                self.matmul_many(
+                    [&layer.wk, &layer.wv],
+                    &st.xn,
+                    n,
+                    [&mut st.k, &mut st.v],
+                    &mut st.mm,
+                );
+                if m > 0 {
+                    gather_rows(&mut st.xn, d, want);
+                    let q = &mut st.q[..m * qd];
+                    self.matmul(&layer.wq, &st.xn[..m * d], m, q, &mut st.mm);
+                }
+            } else {
+                self.matmul_many(
+                    [&layer.wq, &layer.wk, &layer.wv],
+                    &st.xn,
+                    n,
+                    [&mut st.q, &mut st.k, &mut st.v],
+                    &mut st.mm,
+                );
+            }
             // cos/sin tables per distinct RoPE base, once per micro-batch.
             let used = &st.rope[..st.rope_used];
             let ti = match used.iter().position(|(f, _)| *f == layer.rope_inv_freq) {
@@ -257,26 +277,45 @@ impl Model {
                 }
             };
             let table = &st.rope[ti].1;
-            per_token(
-                n,
-                st.q.chunks_mut(qd)
-                    .zip(st.k.chunks_mut(kvd))
-                    .zip(table.chunks(hd)),
-                |((q, k), sincos)| {
-                    for h in q.chunks_exact_mut(hd) {
-                        ops::rms_norm_inplace(h, &layer.q_norm, c.rms_eps);
-                        apply_rope(h, sincos);
-                        // Scaled, then rounded to f16 as llama.cpp does when it multiplies
-                        // q with its f16 K cache (keeps us on its tokens at near-ties).
-                        h.iter_mut().for_each(|v| *v *= c.attn_scale);
-                        ops::round_to_f16(h);
-                    }
-                    for h in k.chunks_exact_mut(hd) {
-                        ops::rms_norm_inplace(h, &layer.k_norm, c.rms_eps);
-                        apply_rope(h, sincos);
-                    }
-                },
-            );
+            let q_heads = |q: &mut [f32], sincos: &[f32]| {
+                for h in q.chunks_exact_mut(hd) {
+                    ops::rms_norm_inplace(h, &layer.q_norm, c.rms_eps);
+                    apply_rope(h, sincos);
+                    // Scaled, then rounded to f16 as llama.cpp does when it multiplies
+                    // q with its f16 K cache (keeps us on its tokens at near-ties).
+                    h.iter_mut().for_each(|v| *v *= c.attn_scale);
+                    ops::round_to_f16(h);
+                }
+            };
+            let k_heads = |k: &mut [f32], sincos: &[f32]| {
+                for h in k.chunks_exact_mut(hd) {
+                    ops::rms_norm_inplace(h, &layer.k_norm, c.rms_eps);
+                    apply_rope(h, sincos);
+                }
+            };
+            if few {
+                // Row j of q is the j-th token that wants logits.
+                let wanted = table.chunks(hd).zip(want).filter(|(_, &w)| w);
+                per_token(
+                    m,
+                    st.q[..m * qd].chunks_mut(qd).zip(wanted),
+                    |(q, (t, _))| q_heads(q, t),
+                );
+                per_token(n, st.k.chunks_mut(kvd).zip(table.chunks(hd)), |(k, t)| {
+                    k_heads(k, t)
+                });
+            } else {
+                per_token(
+                    n,
+                    st.q.chunks_mut(qd)
+                        .zip(st.k.chunks_mut(kvd))
+                        .zip(table.chunks(hd)),
+                    |((q, k), t)| {
+                        q_heads(q, t);
+                        k_heads(k, t);
+                    },
+                );
+            }
             // Store K and V of every token before any token of the batch attends.
             for i in 0..n {
                 caches[seq[i]].layers[l].write(
@@ -287,11 +326,10 @@ impl Model {
             }
             st.trace(l, "q", |s| &s.q);
             st.trace(l, "k", |s| &s.k);
-            if l == last && m < n {
+            if few {
                 if m == 0 {
                     return;
                 }
-                gather_rows(&mut st.q, qd, want);
                 gather_rows(&mut st.x, d, want);
                 compacted = true;
             }
