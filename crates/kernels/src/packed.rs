@@ -115,6 +115,8 @@ pub enum PackedFormat {
     /// Q4_K widened: its scales and minimums, then per sub-block j its 8
     /// vectors of groups 8j..8j+8, u ∈ 0..16 in each byte.
     Q4KWide,
+    /// Q5_K widened: Q4_K's widened form with u ∈ 0..32.
+    Q5KWide,
     /// Q2_K and the lattice formats, decoded to codes into a table (see
     /// [`crate::coded`]): 16 sub-block scales, codes in IQ4_XS's nibble
     /// order (Q2_K: and 16 minimums).
@@ -163,6 +165,7 @@ impl PackedFormat {
             PackedFormat::Q4K
             | PackedFormat::Q4KWide
             | PackedFormat::Q5K
+            | PackedFormat::Q5KWide
             | PackedFormat::Q6K
             | PackedFormat::Q6KWide
             | PackedFormat::IQ4XS
@@ -200,6 +203,7 @@ impl PackedFormat {
                 | PackedFormat::F32
                 | PackedFormat::Q5_0Wide
                 | PackedFormat::Q4KWide
+                | PackedFormat::Q5KWide
                 | PackedFormat::Q6KWide
         )
     }
@@ -216,6 +220,7 @@ impl PackedFormat {
             PackedFormat::Q4K
             | PackedFormat::Q4KWide
             | PackedFormat::Q5K
+            | PackedFormat::Q5KWide
             | PackedFormat::Q6K
             | PackedFormat::Q6KWide
             | PackedFormat::IQ4XS
@@ -232,7 +237,7 @@ impl PackedFormat {
             PackedFormat::Q4_0 | PackedFormat::IQ4NL => 256,
             PackedFormat::IQ4XS => 128 + 2048,
             PackedFormat::Q4K => 2304,
-            PackedFormat::Q4KWide => 256 + 4096,
+            PackedFormat::Q4KWide | PackedFormat::Q5KWide => 256 + 4096,
             PackedFormat::Q5K => 2304 + 512,
             PackedFormat::Q6K => 3328,
             PackedFormat::Q6KWide => 256 + 4096,
@@ -267,7 +272,10 @@ impl PackedFormat {
     /// where the AVX-512 tables streamed 27.
     pub const fn lead_bytes(self) -> usize {
         match self {
-            PackedFormat::Q4K | PackedFormat::Q4KWide | PackedFormat::Q5K => self.nibbles_offset(),
+            PackedFormat::Q4K
+            | PackedFormat::Q4KWide
+            | PackedFormat::Q5K
+            | PackedFormat::Q5KWide => self.nibbles_offset(),
             PackedFormat::Q6K | PackedFormat::Q6KWide => 256,
             PackedFormat::IQ4XS => 128,
             PackedFormat::Coded(_) => Self::CODED_CODES,
@@ -287,6 +295,7 @@ impl PackedFormat {
             PackedFormat::Q4K
             | PackedFormat::Q4KWide
             | PackedFormat::Q5K
+            | PackedFormat::Q5KWide
             | PackedFormat::Q5_1
             | PackedFormat::Coded(CodeTable::Q2K) => 64,
             PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => 0,
@@ -301,6 +310,7 @@ impl PackedFormat {
             PackedFormat::Q5_0 => Some(PackedFormat::Q5_0Wide),
             PackedFormat::Q6K => Some(PackedFormat::Q6KWide),
             PackedFormat::Q4K => Some(PackedFormat::Q4KWide),
+            PackedFormat::Q5K => Some(PackedFormat::Q5KWide),
             _ => None,
         }
     }
@@ -1221,6 +1231,7 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize, const STREAMS: usize>(
         PackedFormat::Q4K => groups!(2; group_q4k, false, false),
         PackedFormat::Q4KWide => groups!(2; group_q4k, false, true),
         PackedFormat::Q5K => groups!(2; group_q4k, true, false),
+        PackedFormat::Q5KWide => groups!(2; group_q4k, true, true),
         PackedFormat::Q6K => groups!(2; group_q6k, false),
         PackedFormat::Q6KWide => groups!(2; group_q6k, true),
         PackedFormat::Coded(CodeTable::IQ2) => groups!(2; group_coded, IQ2_T),
@@ -1979,53 +1990,39 @@ unsafe fn q4k_sums<I: Isa, const NT: usize, const FIVE: bool, const WIDE: bool>(
     let nibbles = f.nibbles_offset();
     let m4 = I::splat8(0x0F);
     let mut s = [I::splat32(0); NT];
-    if WIDE {
-        // Sub-block j in a pass of its own over its 8 widened vectors: one
-        // partial sum per token (4-bit u: 8 vectors fit one).
-        for j in 0..8 {
-            let sc = I::prep_scale(I::widen_u8(core.add(16 * j)));
-            let mut p = [I::psum_begin(I::splat32(0)); NT];
-            for g in 0..8 {
-                let u = I::load(core.add(nibbles + 512 * j + 64 * g));
-                for t in 0..NT {
-                    let y = &q8k(&a[t]).get_unchecked(b).qs;
-                    p[t] = I::psum_add(p[t], u, y4(y, 32 * j + 4 * g));
-                }
-            }
-            for t in 0..NT {
-                s[t] = I::psum_end_scaled(s[t], p[t], sc);
-            }
-        }
-        return (s, q4k_min_sums::<I, NT>(core, b, a));
-    }
-    // Q5_K, 4 tokens, AVX2: sub-block 2c + h in a pass of its own (the low
-    // nibbles and fifth bits of vectors (c, g), then a second pass over the
-    // same 512 bytes for the high ones), one partial sum per token instead
-    // of two in registers. Criterion, 2048 → 640 at 512 tokens, medians
-    // of 3, 4 and 6 alternating rounds: 41.6 → 53.1, 41.2 → 43.2 and
-    // 38.1 → 48.3 G. (Q4_K measured slower this way, and takes its tokens
-    // in pairs instead: see `group_q4k`.)
-    if FIVE && NT == 4 && I::FEW_REGISTERS {
+    // Each sub-block j = 2c + h in a pass of its own, one partial sum per
+    // token: for the widened forms (their bytes read as they are), and for
+    // Q5_K with 4 tokens on AVX2 (the low nibbles and fifth bits of vectors
+    // (c, g), then a second pass over the same 512 bytes for the high
+    // ones), where two sums per token in registers spilled. Criterion,
+    // Q5_K 2048 → 640 at 512 tokens, medians of 3, 4 and 6 alternating
+    // rounds: 41.6 → 53.1, 41.2 → 43.2 and 38.1 → 48.3 G. (Q4_K measured
+    // slower this way unwidened, and takes its tokens in pairs instead: see
+    // `group_q4k`.)
+    if WIDE || (FIVE && NT == 4 && I::FEW_REGISTERS) {
         for j in 0..8 {
             let (c, h) = (j / 2, j % 2);
-            let sc = I::prep_scale(I::widen_u8(core.add(16 * (2 * c + h))));
+            let sc = I::prep_scale(I::widen_u8(core.add(16 * j)));
             let zero = I::psum_begin(I::splat32(0));
             let mut p = [zero; NT];
             for g in 0..8 {
-                // 5-bit u: at most 4 vectors in a partial sum.
-                if g == 4 {
+                // 5-bit u: at most 4 vectors in a partial sum (4-bit: 8).
+                if FIVE && g == 4 {
                     for t in 0..NT {
                         s[t] = I::psum_end_scaled(s[t], p[t], sc);
                     }
                     p = [zero; NT];
                 }
-                let v = I::load(core.add(nibbles + 64 * (8 * c + g)));
-                let v = if h == 0 { v } else { I::shr::<4>(v) };
-                let fifth = I::load(core.add(256 + 64 * g));
-                let u = I::and_or(v, m4, I::fifth_bits(fifth, 2 * c + h));
+                let u = if WIDE {
+                    I::load(core.add(nibbles + 512 * j + 64 * g))
+                } else {
+                    let v = I::load(core.add(nibbles + 64 * (8 * c + g)));
+                    let v = if h == 0 { v } else { I::shr::<4>(v) };
+                    I::and_or(v, m4, I::fifth_bits(I::load(core.add(256 + 64 * g)), j))
+                };
                 for t in 0..NT {
                     let y = &q8k(&a[t]).get_unchecked(b).qs;
-                    p[t] = I::psum_add(p[t], u, y4(y, 64 * c + 32 * h + 4 * g));
+                    p[t] = I::psum_add(p[t], u, y4(y, 32 * j + 4 * g));
                 }
             }
             for t in 0..NT {
@@ -2092,13 +2089,15 @@ unsafe fn q4k_min_sums<I: Isa, const NT: usize>(
 /// The packed format `group_q4k` reads.
 const fn q4k_format(five: bool, wide: bool) -> PackedFormat {
     match (five, wide) {
-        (true, _) => PackedFormat::Q5K,
+        (true, true) => PackedFormat::Q5KWide,
+        (true, false) => PackedFormat::Q5K,
         (false, true) => PackedFormat::Q4KWide,
         (false, false) => PackedFormat::Q4K,
     }
 }
 
-/// Q4_K, or with `FIVE` Q5_K (its fifth bits merged into each nibble).
+/// Q4_K, or with `FIVE` Q5_K (its fifth bits merged into each nibble),
+/// either one widened with `WIDE`.
 #[inline(always)]
 unsafe fn group_q4k<
     I: Isa,
@@ -2111,7 +2110,6 @@ unsafe fn group_q4k<
     nb: usize,
     a: &[ActRow; NT],
 ) -> [[I::F; NT]; NG] {
-    const { assert!(!(FIVE && WIDE), "Q5_K has no widened form") };
     let f = q4k_format(FIVE, WIDE);
     let mut acc = [[I::zero_f(); NT]; NG];
     let sums = |b: usize, core: *const u8| {
@@ -2418,7 +2416,7 @@ pub struct PackedKernels {
     pub t4: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 4], &mut [&mut [f32]; 4]),
     pub tiles: Option<fn(PackedFormat, &[u8], usize, usize, &[ActRow], &mut [&mut [f32]])>,
     /// For a prompt of [`WIDEN_TOKENS`] or more tokens, the table's widening
-    /// of Q5_0, Q4_K and Q6_K weights, a few groups at a time, into their
+    /// of Q5_0, Q4_K, Q5_K and Q6_K weights, a few groups at a time, into their
     /// [`PackedFormat::widened`] forms, with the
     /// kernels' own unpacking: done once instead of for every 4 tokens (for
     /// Q5_0 on the AVX2 table, about 70 of the ~250 vector operations per
@@ -2443,6 +2441,8 @@ pub struct PackedKernels {
     ///   660.6 → 670.6 tokens/s, ahead in 7 of 8 rounds; pp64 724.4 →
     ///   737.5, ahead in 8 of 10. (Tokens in pairs over the widened form
     ///   as well: pp512 the same, 667.7 against 666.2.)
+    /// - Q5_K (the same form, u up to 31: partial sums of 4 vectors): 2048
+    ///   → 640 at 512 tokens 52.6 → 75.1 (5 alternating rounds).
     ///
     /// The widened Q5_0 loop runs about 180 operations a block, 80 of them
     /// on the two multiply pipes (`pmaddubsw`, `pmaddwd`). Passes of 3
@@ -2487,16 +2487,21 @@ pub(crate) unsafe fn widen<I: Isa>(from: PackedFormat, src: &[u8], nb: usize, ds
                             I::store(d.add(64 * (4 + c)), hi);
                         }
                     }
-                    PackedFormat::Q4K => {
+                    PackedFormat::Q4K | PackedFormat::Q5K => {
                         // Sub-block 2c + h: the low (h = 0) or high nibbles
-                        // of vectors (c, g).
+                        // of vectors (c, g), and Q5_K's fifth bits.
                         std::ptr::copy_nonoverlapping(s, d, 256);
-                        let m4 = I::splat8(0x0F);
+                        let (m4, at) = (I::splat8(0x0F), from.nibbles_offset());
                         for c in 0..4 {
                             for g in 0..8 {
-                                let v = I::load(s.add(256 + 64 * (8 * c + g)));
-                                I::store(d.add(256 + 512 * (2 * c) + 64 * g), I::and(v, m4));
-                                let hi = I::and(I::shr::<4>(v), m4);
+                                let v = I::load(s.add(at + 64 * (8 * c + g)));
+                                let (mut lo, mut hi) = (I::and(v, m4), I::and(I::shr::<4>(v), m4));
+                                if from == PackedFormat::Q5K {
+                                    let h = I::load(s.add(256 + 64 * g));
+                                    lo = I::or(lo, I::fifth_bits(h, 2 * c));
+                                    hi = I::or(hi, I::fifth_bits(h, 2 * c + 1));
+                                }
+                                I::store(d.add(256 + 512 * (2 * c) + 64 * g), lo);
                                 I::store(d.add(256 + 512 * (2 * c + 1) + 64 * g), hi);
                             }
                         }
