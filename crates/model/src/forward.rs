@@ -316,13 +316,18 @@ impl Model {
                     },
                 );
             }
-            // Store K and V of every token before any token of the batch attends.
-            for i in 0..n {
-                caches[seq[i]].layers[l].write(
-                    pos[i],
-                    &st.k[i * kvd..(i + 1) * kvd],
-                    &st.v[i * kvd..(i + 1) * kvd],
-                );
+            // Store K and V of every token before any token of the batch
+            // attends: a run of consecutive positions of one sequence at a
+            // time.
+            let mut i = 0;
+            while i < n {
+                let mut j = i + 1;
+                while j < n && seq[j] == seq[i] && pos[j] == pos[j - 1] + 1 {
+                    j += 1;
+                }
+                let (k, v) = (&st.k[i * kvd..j * kvd], &st.v[i * kvd..j * kvd]);
+                caches[seq[i]].layers[l].write_run(pos[i], k, v);
+                i = j;
             }
             st.trace(l, "q", |s| &s.q);
             st.trace(l, "k", |s| &s.k);

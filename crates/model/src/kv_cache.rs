@@ -11,6 +11,7 @@
 
 use crate::Config;
 use half::f16;
+use rayon::prelude::*;
 
 /// Most tokens in one micro-batch of the forward pass.
 pub const MAX_UBATCH: usize = 512;
@@ -66,23 +67,64 @@ impl LayerCache {
         let s = self.slot(pos);
         let kvd = self.kv_dim;
         assert_eq!(k.len(), kvd, "a key of kv_dim elements");
-        // Converted a slice at a time (vector instructions where the CPU
-        // has them; the same rounding as f16::from_f32), then scattered
-        // into the tile: element d at k_index(s, 0) + d·TILE.
-        let mut kh = [f16::ZERO; 64];
-        let first = self.k_index(s, 0);
-        let mut column = self.k[first..].iter_mut().step_by(TILE).take(kvd);
-        for chunk in k.chunks(64) {
-            let h = &mut kh[..chunk.len()];
-            gemma3_kernels::ops::to_f16(chunk, h);
-            // (h first: zip asks it first, so column is not advanced past
-            // the chunk's end.)
-            for (&x, dst) in h.iter().zip(column.by_ref()) {
-                *dst = x;
-            }
-        }
-        gemma3_kernels::ops::to_f16(v, &mut self.v[s * kvd..(s + 1) * kvd]);
+        let tile = (s - s % TILE) * kvd..(s - s % TILE + TILE) * kvd;
+        put(&mut self.k[tile.clone()], &mut self.v[tile], s % TILE, k, v);
     }
+
+    /// Store the keys and values of positions `pos0..pos0 + n` (`k` and `v`
+    /// n × kv_dim, n at most the slots): the stores [`LayerCache::write`]
+    /// makes for each, a tile of slots per task across threads for a long
+    /// run (each tile's halves written by one thread).
+    pub fn write_run(&mut self, pos0: usize, k: &[f32], v: &[f32]) {
+        let kvd = self.kv_dim;
+        let n = k.len() / kvd;
+        assert!(k.len() == n * kvd && v.len() == n * kvd && n <= self.slots);
+        if n < 64 || rayon::current_num_threads() == 1 {
+            for (i, (k, v)) in k.chunks_exact(kvd).zip(v.chunks_exact(kvd)).enumerate() {
+                self.write(pos0 + i, k, v);
+            }
+            return;
+        }
+        let (slots, s0) = (self.slots, self.slot(pos0));
+        // Tiles holding slots s0.. (wrapping round the ring) up to n of them.
+        let (first, last, tiles) = (s0 / TILE, (s0 + n - 1) / TILE, slots / TILE);
+        let wanted = |t: usize| (t + tiles - first) % tiles <= last - first;
+        (self.k.par_chunks_mut(TILE * kvd))
+            .zip(self.v.par_chunks_mut(TILE * kvd))
+            .enumerate()
+            .filter(|(t, _)| wanted(*t))
+            .for_each(|(t, (kt, vt))| {
+                for j in 0..TILE {
+                    // Token i of the run is the one in slot t·TILE + j.
+                    let i = (t * TILE + j + slots - s0) % slots;
+                    if i < n {
+                        let row = i * kvd..(i + 1) * kvd;
+                        put(kt, vt, j, &k[row.clone()], &v[row]);
+                    }
+                }
+            });
+    }
+}
+
+/// A key and value into slot j of a tile (`kt`: element d of slot j at
+/// d·TILE + j; `vt`: slot j's row).
+fn put(kt: &mut [f16], vt: &mut [f16], j: usize, k: &[f32], v: &[f32]) {
+    let kvd = k.len();
+    // Converted a slice at a time (vector instructions where the CPU has
+    // them; the same rounding as f16::from_f32), then scattered into the
+    // tile's column j.
+    let mut kh = [f16::ZERO; 64];
+    let mut column = kt[j..].iter_mut().step_by(TILE).take(kvd);
+    for chunk in k.chunks(64) {
+        let h = &mut kh[..chunk.len()];
+        gemma3_kernels::ops::to_f16(chunk, h);
+        // (h first: zip asks it first, so column is not advanced past the
+        // chunk's end.)
+        for (&x, dst) in h.iter().zip(column.by_ref()) {
+            *dst = x;
+        }
+    }
+    gemma3_kernels::ops::to_f16(v, &mut vt[j * kvd..(j + 1) * kvd]);
 }
 
 /// Slots of a layer's cache: every position of the context on global
