@@ -88,7 +88,8 @@ use std::sync::Arc;
 pub const LANES: usize = 16;
 
 /// The weight formats that have an interleaved form, and the widened forms
-/// a prompt's kernels read (`Q5_0Wide`, `Q6KWide`), never stored.
+/// a prompt's kernels read (`Q5_0Wide`, `Q6KWide`, `Q4KWide`, `Q5KWide`),
+/// never stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PackedFormat {
     Q8_0,
@@ -107,7 +108,7 @@ pub enum PackedFormat {
     Q6K,
     /// Q5_0 widened for a prompt (see [`PackedKernels::widen`]): Q8_0's layout, with
     /// u = q ∈ 0..32 (w = u − 16) in each byte. Never a matrix's stored
-    /// form, so not in [`PackedFormat::ALL`]; nor is the next.
+    /// form, so not in [`PackedFormat::ALL`]; nor are the next three.
     Q5_0Wide,
     /// Q6_K widened: its 16 scales `[j][r]`, then per sub-block j its 4
     /// vectors of groups 4j..4j+4, u ∈ 0..64 in each byte (w = u − 32).
@@ -1978,8 +1979,9 @@ unsafe fn q8_ds<'a>(a: &ActRow<'a>) -> &'a [f32] {
     }
 }
 
-/// A Q4_K (with `FIVE` Q5_K, with `WIDE` Q4_K widened) block's integer
-/// sums S (sub-block scales applied) and minimum sums M for NT tokens.
+/// A Q4_K (with `FIVE` Q5_K; either one widened with `WIDE`) block's
+/// integer sums S (sub-block scales applied) and minimum sums M for NT
+/// tokens.
 #[inline(always)]
 unsafe fn q4k_sums<I: Isa, const NT: usize, const FIVE: bool, const WIDE: bool>(
     core: *const u8,
@@ -1995,8 +1997,9 @@ unsafe fn q4k_sums<I: Isa, const NT: usize, const FIVE: bool, const WIDE: bool>(
     // Q5_K with 4 tokens on AVX2 (the low nibbles and fifth bits of vectors
     // (c, g), then a second pass over the same 512 bytes for the high
     // ones), where two sums per token in registers spilled. Criterion,
-    // Q5_K 2048 → 640 at 512 tokens, medians of 3, 4 and 6 alternating
-    // rounds: 41.6 → 53.1, 41.2 → 43.2 and 38.1 → 48.3 G. (Q4_K measured
+    // Q5_K 2048 → 640 at 512 tokens before prompts widened it (this path
+    // now runs for batches under `WIDEN_TOKENS`), medians of 3, 4 and 6
+    // alternating rounds: 41.6 → 53.1, 41.2 → 43.2 and 38.1 → 48.3 G. (Q4_K measured
     // slower this way unwidened, and takes its tokens in pairs instead: see
     // `group_q4k`.)
     if WIDE || (FIVE && NT == 4 && I::FEW_REGISTERS) {
@@ -2120,7 +2123,8 @@ unsafe fn group_q4k<
             // in a loop: with two, the closure was left out of line,
             // without the caller's target features.) Q5_K, whose partial
             // sums end every 4 vectors, measured slower this way (46.3 →
-            // 42.4 G at 512 tokens).
+            // 42.4 G at 512 tokens). (Measured before prompts widened Q4_K:
+            // this path now runs for batches under `WIDEN_TOKENS`.)
             let (mut s, mut m) = ([I::splat32(0); NT], [I::splat32(0); NT]);
             for k in 0..2 {
                 // SAFETY: NT == 4: tokens 2k and 2k + 1 are in `a`.

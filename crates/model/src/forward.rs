@@ -198,9 +198,9 @@ impl Model {
         // The last layer's K and V are all that tokens without logits need
         // of it: its q projection, attention, output projection and
         // feed-forward run for the m tokens that want logits only, moved to
-        // the first m rows (as
-        // llama.cpp does with its output ids). Each token's values do not
-        // depend on the others in its batch, so the logits keep their bits.
+        // the first m rows (as llama.cpp does with its output ids). Each
+        // token's values do not depend on the others in its batch, so the
+        // logits keep their bits.
         let last = self.layers.len().saturating_sub(1);
         let (sel_pos, sel_seq): (Vec<usize>, Vec<usize>) = if m < n {
             (0..n)

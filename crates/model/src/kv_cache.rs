@@ -79,6 +79,7 @@ impl LayerCache {
         let kvd = self.kv_dim;
         let n = k.len() / kvd;
         assert!(k.len() == n * kvd && v.len() == n * kvd && n <= self.slots);
+        debug_assert_eq!(self.slots % TILE, 0, "whole tiles of slots");
         if n < 64 || rayon::current_num_threads() == 1 {
             for (i, (k, v)) in k.chunks_exact(kvd).zip(v.chunks_exact(kvd)).enumerate() {
                 self.write(pos0 + i, k, v);
@@ -89,10 +90,16 @@ impl LayerCache {
         // Tiles holding slots s0.. (wrapping round the ring) up to n of them.
         let (first, last, tiles) = (s0 / TILE, (s0 + n - 1) / TILE, slots / TILE);
         let wanted = |t: usize| (t + tiles - first) % tiles <= last - first;
-        (self.k.par_chunks_mut(TILE * kvd))
-            .zip(self.v.par_chunks_mut(TILE * kvd))
+        // The wanted tiles picked first, then shared out: filtered in
+        // parallel, a global layer's few tiles among thousands could all
+        // fall to one thread.
+        let work: Vec<_> = (self.k.chunks_mut(TILE * kvd))
+            .zip(self.v.chunks_mut(TILE * kvd))
             .enumerate()
             .filter(|(t, _)| wanted(*t))
+            .collect();
+        work.into_par_iter()
+            .with_max_len(1)
             .for_each(|(t, (kt, vt))| {
                 for j in 0..TILE {
                     // Token i of the run is the one in slot t·TILE + j.
@@ -224,5 +231,49 @@ impl KvCache {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run written at once, across threads, stores what writing its
+    /// positions one at a time does: for rings of 4, 5 and 33 tiles, runs
+    /// from 1 slot to all of them, starting on and off tile boundaries and
+    /// wrapping round the ring.
+    #[test]
+    fn a_run_written_at_once_equals_its_positions_one_by_one() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        let kvd = 24;
+        let cache = |slots: usize| LayerCache {
+            k: vec![f16::ZERO; slots * kvd],
+            v: vec![f16::ZERO; slots * kvd],
+            slots,
+            kv_dim: kvd,
+            window: usize::MAX,
+        };
+        for slots in [64, 80, 528] {
+            for n in [1, 63, 64, 65, 100, slots] {
+                for pos0 in [0, 5, 16, slots - 7, 2 * slots + 3] {
+                    if n > slots {
+                        continue;
+                    }
+                    let x: Vec<f32> = (0..n * kvd).map(|i| i as f32 * 0.25 - 7.0).collect();
+                    let y: Vec<f32> = x.iter().map(|v| -v / 3.0).collect();
+                    let (mut one, mut run) = (cache(slots), cache(slots));
+                    for i in 0..n {
+                        let r = i * kvd..(i + 1) * kvd;
+                        one.write(pos0 + i, &x[r.clone()], &y[r]);
+                    }
+                    pool.install(|| run.write_run(pos0, &x, &y));
+                    let what = format!("slots {slots}, n {n}, from {pos0}");
+                    assert!(one.k == run.k && one.v == run.v, "{what}");
+                }
+            }
+        }
     }
 }
