@@ -2004,7 +2004,6 @@ unsafe fn q4k_sums<I: Isa, const NT: usize, const FIVE: bool, const WIDE: bool>(
     // `group_q4k`.)
     if WIDE || (FIVE && NT == 4 && I::FEW_REGISTERS) {
         for j in 0..8 {
-            let (c, h) = (j / 2, j % 2);
             let sc = I::prep_scale(I::widen_u8(core.add(16 * j)));
             let zero = I::psum_begin(I::splat32(0));
             let mut p = [zero; NT];
@@ -2019,9 +2018,7 @@ unsafe fn q4k_sums<I: Isa, const NT: usize, const FIVE: bool, const WIDE: bool>(
                 let u = if WIDE {
                     I::load(core.add(nibbles + 512 * j + 64 * g))
                 } else {
-                    let v = I::load(core.add(nibbles + 64 * (8 * c + g)));
-                    let v = if h == 0 { v } else { I::shr::<4>(v) };
-                    I::and_or(v, m4, I::fifth_bits(I::load(core.add(256 + 64 * g)), j))
+                    q4k_vector::<I, FIVE>(core, j, g)
                 };
                 for t in 0..NT {
                     let y = &q8k(&a[t]).get_unchecked(b).qs;
@@ -2072,6 +2069,26 @@ unsafe fn q4k_sums<I: Isa, const NT: usize, const FIVE: bool, const WIDE: bool>(
         }
     }
     (s, q4k_min_sums::<I, NT>(core, b, a))
+}
+
+/// A Q4_K (with `FIVE` Q5_K) block's sub-block j as its vector g (u in
+/// each byte): the low (j even) or high nibbles of vector (j / 2, g), and
+/// Q5_K's fifth bits.
+#[inline(always)]
+unsafe fn q4k_vector<I: Isa, const FIVE: bool>(core: *const u8, j: usize, g: usize) -> I::V {
+    let nibbles = q4k_format(FIVE, false).nibbles_offset();
+    let v = I::load(core.add(nibbles + 64 * (8 * (j / 2) + g)));
+    let v = if j.is_multiple_of(2) {
+        v
+    } else {
+        I::shr::<4>(v)
+    };
+    let m4 = I::splat8(0x0F);
+    if FIVE {
+        I::and_or(v, m4, I::fifth_bits(I::load(core.add(256 + 64 * g)), j))
+    } else {
+        I::and(v, m4)
+    }
 }
 
 /// A Q4_K-like block's minimum sums M for NT tokens: Σ_j m_j·Σy_j.
@@ -2492,21 +2509,15 @@ pub(crate) unsafe fn widen<I: Isa>(from: PackedFormat, src: &[u8], nb: usize, ds
                         }
                     }
                     PackedFormat::Q4K | PackedFormat::Q5K => {
-                        // Sub-block 2c + h: the low (h = 0) or high nibbles
-                        // of vectors (c, g), and Q5_K's fifth bits.
                         std::ptr::copy_nonoverlapping(s, d, 256);
-                        let (m4, at) = (I::splat8(0x0F), from.nibbles_offset());
-                        for c in 0..4 {
+                        for j in 0..8 {
                             for g in 0..8 {
-                                let v = I::load(s.add(at + 64 * (8 * c + g)));
-                                let (mut lo, mut hi) = (I::and(v, m4), I::and(I::shr::<4>(v), m4));
-                                if from == PackedFormat::Q5K {
-                                    let h = I::load(s.add(256 + 64 * g));
-                                    lo = I::or(lo, I::fifth_bits(h, 2 * c));
-                                    hi = I::or(hi, I::fifth_bits(h, 2 * c + 1));
-                                }
-                                I::store(d.add(256 + 512 * (2 * c) + 64 * g), lo);
-                                I::store(d.add(256 + 512 * (2 * c + 1) + 64 * g), hi);
+                                let u = if from == PackedFormat::Q5K {
+                                    q4k_vector::<I, true>(s, j, g)
+                                } else {
+                                    q4k_vector::<I, false>(s, j, g)
+                                };
+                                I::store(d.add(256 + 512 * j + 64 * g), u);
                             }
                         }
                     }

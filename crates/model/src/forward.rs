@@ -116,8 +116,20 @@ impl ForwardState {
     }
 
     fn trace(&mut self, layer: usize, name: &'static str, which: fn(&ForwardState) -> &[f32]) {
+        self.trace_first(layer, name, which, usize::MAX);
+    }
+
+    /// [`ForwardState::trace`] of the first `len` values only.
+    fn trace_first(
+        &mut self,
+        layer: usize,
+        name: &'static str,
+        which: fn(&ForwardState) -> &[f32],
+        len: usize,
+    ) {
         if let Some(mut t) = self.trace.take() {
-            t(layer, name, which(self));
+            let v = which(self);
+            t(layer, name, &v[..len.min(v.len())]);
             self.trace = Some(t);
         }
     }
@@ -321,15 +333,14 @@ impl Model {
             // time.
             let mut i = 0;
             while i < n {
-                let mut j = i + 1;
-                while j < n && seq[j] == seq[i] && pos[j] == pos[j - 1] + 1 {
-                    j += 1;
-                }
+                let j = run_end(pos, seq, i, n);
                 let (k, v) = (&st.k[i * kvd..j * kvd], &st.v[i * kvd..j * kvd]);
                 caches[seq[i]].layers[l].write_run(pos[i], k, v);
                 i = j;
             }
-            st.trace(l, "q", |s| &s.q);
+            // (The last layer's q has rows for the m tokens only.)
+            let q_rows = if few { m } else { n };
+            st.trace_first(l, "q", |s| &s.q, q_rows * qd);
             st.trace(l, "k", |s| &s.k);
             if few {
                 if m == 0 {
@@ -422,10 +433,7 @@ impl Model {
         let mut tiles = Vec::new();
         let mut i = 0;
         while i < n {
-            let mut j = i + 1;
-            while j < n && j - i < per_tile && seq[j] == seq[i] && pos[j] == pos[j - 1] + 1 {
-                j += 1;
-            }
+            let j = run_end(pos, seq, i, per_tile);
             for g in 0..c.n_kv_heads {
                 tiles.push(Tile::new(c, cache(i), &pos[i..j], i, g));
             }
@@ -863,6 +871,16 @@ fn gather_rows(v: &mut [f32], width: usize, keep: &[bool]) {
         // j ≤ i: row j is kept or already copied from.
         v.copy_within(i * width..(i + 1) * width, j * width);
     }
+}
+
+/// The end of the run of consecutive positions of one sequence that starts
+/// at token i, at most `cap` tokens long.
+fn run_end(pos: &[usize], seq: &[usize], i: usize, cap: usize) -> usize {
+    let mut j = i + 1;
+    while j < pos.len() && j - i < cap && seq[j] == seq[i] && pos[j] == pos[j - 1] + 1 {
+        j += 1;
+    }
+    j
 }
 
 /// Run `f` on every item (one per token), across threads when the batch is
