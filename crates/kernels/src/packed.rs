@@ -1990,7 +1990,6 @@ unsafe fn q4k_sums<I: Isa, const NT: usize, const FIVE: bool, const WIDE: bool>(
 ) -> ([I::V; NT], [I::V; NT]) {
     let f = q4k_format(FIVE, WIDE);
     let nibbles = f.nibbles_offset();
-    let m4 = I::splat8(0x0F);
     let mut s = [I::splat32(0); NT];
     // Each sub-block j = 2c + h in a pass of its own, one partial sum per
     // token: for the widened forms (their bytes read as they are), and for
@@ -2046,16 +2045,10 @@ unsafe fn q4k_sums<I: Isa, const NT: usize, const FIVE: bool, const WIDE: bool>(
                     lo_p = [zero; NT];
                     hi_p = [zero; NT];
                 }
-                let v = I::load(core.add(nibbles + 64 * (8 * c + g)));
-                let (lo, hi) = if FIVE {
-                    let h = I::load(core.add(256 + 64 * g));
-                    (
-                        I::and_or(v, m4, I::fifth_bits(h, 2 * c)),
-                        I::and_or(I::shr::<4>(v), m4, I::fifth_bits(h, 2 * c + 1)),
-                    )
-                } else {
-                    (I::and(v, m4), I::and(I::shr::<4>(v), m4))
-                };
+                // Sub-blocks 2c and 2c + 1: the low and high nibbles of
+                // one vector (its load shared).
+                let lo = q4k_vector::<I, FIVE>(core, 2 * c, g);
+                let hi = q4k_vector::<I, FIVE>(core, 2 * c + 1, g);
                 for t in 0..NT {
                     let y = &q8k(&a[t]).get_unchecked(b).qs;
                     lo_p[t] = I::psum_add(lo_p[t], lo, y4(y, 64 * c + 4 * g));
@@ -2075,7 +2068,11 @@ unsafe fn q4k_sums<I: Isa, const NT: usize, const FIVE: bool, const WIDE: bool>(
 /// each byte): the low (j even) or high nibbles of vector (j / 2, g), and
 /// Q5_K's fifth bits.
 #[inline(always)]
-unsafe fn q4k_vector<I: Isa, const FIVE: bool>(core: *const u8, j: usize, g: usize) -> I::V {
+pub(crate) unsafe fn q4k_vector<I: Isa, const FIVE: bool>(
+    core: *const u8,
+    j: usize,
+    g: usize,
+) -> I::V {
     let nibbles = q4k_format(FIVE, false).nibbles_offset();
     let v = I::load(core.add(nibbles + 64 * (8 * (j / 2) + g)));
     let v = if j.is_multiple_of(2) {
@@ -2896,9 +2893,11 @@ mod tests {
         // (The float formats have no scales, and their kernel steps a
         // block at a time.)
         use PackedFormat::*;
-        let formats = [Q8_0, Q5_0, Q4_0, IQ4NL, Q5_1, Q4K, Q5K, Q6K, IQ4XS]
+        let stored = [Q8_0, Q5_0, Q4_0, IQ4NL, Q5_1, Q4K, Q5K, Q6K, IQ4XS]
             .into_iter()
             .chain(CodeTable::ALL.map(Coded));
+        // The widened forms a prompt's kernels walk too.
+        let formats = stored.flat_map(|f| std::iter::once(f).chain(f.widened()));
         for f in formats {
             check::<1>(f);
             check::<2>(f);
@@ -2917,10 +2916,14 @@ mod tests {
     }
 
     /// Every block's quants and scales tile the group exactly once, in
-    /// ascending order, whatever the block count.
+    /// ascending order, whatever the block count; in the stored formats and
+    /// the widened ones.
     #[test]
     fn block_offsets_tile_the_group_in_order() {
-        for f in PackedFormat::ALL {
+        let widened = PackedFormat::ALL
+            .into_iter()
+            .filter_map(PackedFormat::widened);
+        for f in PackedFormat::ALL.into_iter().chain(widened) {
             let (cb, sb) = (f.core_bytes(), f.scale_bytes());
             for nb in 1..=9 {
                 let gb = f.group_bytes(nb);

@@ -35,7 +35,9 @@
 //! is refused, or `GEMMA3_NO_AMX` is set.
 
 use crate::formats::*;
-use crate::packed::{block_offsets, min_sums, ActRow, Isa, PackedFormat, PackedKernels, LANES};
+use crate::packed::{
+    block_offsets, min_sums, q4k_vector, ActRow, Isa, PackedFormat, PackedKernels, LANES,
+};
 use crate::packed_x86::Avx512;
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -423,20 +425,18 @@ unsafe fn unpack_group(f: PackedFormat, gp: *const u8, nb: usize, dst: *mut u8) 
                     st(8 * b + 4 + c, V::lut16(table, V::and(V::shr::<4>(v), m4)));
                 }
             }
-            PackedFormat::Q4K | PackedFormat::Q5K => {
-                // Sub-block 2c in the low nibbles of vectors (c, 0..8), 2c + 1 in the high;
-                // Q5_K's fifth bits: bit j of vector g's bytes for sub-block j.
-                for c in 0..4 {
+            // Sub-block j's vectors g = 0..8, as the other tables' kernels read them.
+            PackedFormat::Q4K => {
+                for j in 0..8 {
                     for g in 0..8 {
-                        let v = V::load(p.add(f.nibbles_offset() + 64 * (8 * c + g)));
-                        let (mut lo, mut hi) = (V::and(v, m4), V::and(V::shr::<4>(v), m4));
-                        if f == PackedFormat::Q5K {
-                            let h = V::load(p.add(256 + 64 * g));
-                            lo = V::or(lo, V::fifth_bits(h, 2 * c));
-                            hi = V::or(hi, V::fifth_bits(h, 2 * c + 1));
-                        }
-                        st(64 * b + 8 * (2 * c) + g, lo);
-                        st(64 * b + 8 * (2 * c + 1) + g, hi);
+                        st(64 * b + 8 * j + g, q4k_vector::<V, false>(p, j, g));
+                    }
+                }
+            }
+            PackedFormat::Q5K => {
+                for j in 0..8 {
+                    for g in 0..8 {
+                        st(64 * b + 8 * j + g, q4k_vector::<V, true>(p, j, g));
                     }
                 }
             }
