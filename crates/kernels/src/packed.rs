@@ -88,7 +88,8 @@ use std::sync::Arc;
 pub const LANES: usize = 16;
 
 /// The weight formats that have an interleaved form, and the widened forms
-/// a prompt's kernels read (`Q5_0Wide`, `Q6KWide`, `Q4KWide`, `Q5KWide`),
+/// a prompt's kernels read (`Q5_0Wide`, `Q5_1Wide`, `Q6KWide`, `Q4KWide`,
+/// `Q5KWide`),
 /// never stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PackedFormat {
@@ -108,8 +109,11 @@ pub enum PackedFormat {
     Q6K,
     /// Q5_0 widened for a prompt (see [`PackedKernels::widen`]): Q8_0's layout, with
     /// u = q ∈ 0..32 (w = u − 16) in each byte. Never a matrix's stored
-    /// form, so not in [`PackedFormat::ALL`]; nor are the next three.
+    /// form, so not in [`PackedFormat::ALL`]; nor are the next four.
     Q5_0Wide,
+    /// Q5_1 (and Q4_1) widened: Q5_0's widened quants (u = q) and Q5_1's
+    /// scale lines.
+    Q5_1Wide,
     /// Q6_K widened: its 16 scales `[j][r]`, then per sub-block j its 4
     /// vectors of groups 4j..4j+4, u ∈ 0..64 in each byte (w = u − 32).
     Q6KWide,
@@ -162,7 +166,8 @@ impl PackedFormat {
             | PackedFormat::Q5_0Wide
             | PackedFormat::Q4_0
             | PackedFormat::IQ4NL
-            | PackedFormat::Q5_1 => ActFormat::Q8_0,
+            | PackedFormat::Q5_1
+            | PackedFormat::Q5_1Wide => ActFormat::Q8_0,
             PackedFormat::Q4K
             | PackedFormat::Q4KWide
             | PackedFormat::Q5K
@@ -203,6 +208,7 @@ impl PackedFormat {
                 | PackedFormat::BF16
                 | PackedFormat::F32
                 | PackedFormat::Q5_0Wide
+                | PackedFormat::Q5_1Wide
                 | PackedFormat::Q4KWide
                 | PackedFormat::Q5KWide
                 | PackedFormat::Q6KWide
@@ -217,7 +223,8 @@ impl PackedFormat {
             | PackedFormat::Q5_0Wide
             | PackedFormat::Q4_0
             | PackedFormat::IQ4NL
-            | PackedFormat::Q5_1 => 32,
+            | PackedFormat::Q5_1
+            | PackedFormat::Q5_1Wide => 32,
             PackedFormat::Q4K
             | PackedFormat::Q4KWide
             | PackedFormat::Q5K
@@ -233,7 +240,7 @@ impl PackedFormat {
     /// Bytes of one block's quants for 16 rows (a multiple of 64).
     pub const fn core_bytes(self) -> usize {
         match self {
-            PackedFormat::Q8_0 | PackedFormat::Q5_0Wide => 512,
+            PackedFormat::Q8_0 | PackedFormat::Q5_0Wide | PackedFormat::Q5_1Wide => 512,
             PackedFormat::Q5_0 | PackedFormat::Q5_1 => 320,
             PackedFormat::Q4_0 | PackedFormat::IQ4NL => 256,
             PackedFormat::IQ4XS => 128 + 2048,
@@ -298,6 +305,7 @@ impl PackedFormat {
             | PackedFormat::Q5K
             | PackedFormat::Q5KWide
             | PackedFormat::Q5_1
+            | PackedFormat::Q5_1Wide
             | PackedFormat::Coded(CodeTable::Q2K) => 64,
             PackedFormat::F16 | PackedFormat::BF16 | PackedFormat::F32 => 0,
             _ => 32,
@@ -309,6 +317,7 @@ impl PackedFormat {
     pub const fn widened(self) -> Option<PackedFormat> {
         match self {
             PackedFormat::Q5_0 => Some(PackedFormat::Q5_0Wide),
+            PackedFormat::Q5_1 => Some(PackedFormat::Q5_1Wide),
             PackedFormat::Q6K => Some(PackedFormat::Q6KWide),
             PackedFormat::Q4K => Some(PackedFormat::Q4KWide),
             PackedFormat::Q5K => Some(PackedFormat::Q5KWide),
@@ -1225,6 +1234,7 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize, const STREAMS: usize>(
         PackedFormat::Q8_0 => groups!(4; group_q8_0),
         PackedFormat::Q5_0 => groups!(4; group_q5_0, false, false),
         PackedFormat::Q5_0Wide => groups!(4; group_q5_0, false, true),
+        PackedFormat::Q5_1Wide => groups!(4; group_q5_0, true, true),
         PackedFormat::Q4_0 => groups!(4; group_nibbles, false),
         PackedFormat::IQ4NL => groups!(4; group_nibbles, true),
         PackedFormat::IQ4XS => groups!(2; group_iq4xs),
@@ -1585,8 +1595,8 @@ unsafe fn q6k_vectors<I: Isa>(core: *const u8, j: usize) -> [I::V; 4] {
 }
 
 /// Q5_0, or with `MIN` Q5_1 (the same quants, u = q, and a minimum m:
-/// `acc = fma(m, dy·Σy, acc)` after the scaled sum), or with `WIDE` Q5_0
-/// widened (its u read as they are, as Q8_0's are).
+/// `acc = fma(m, dy·Σy, acc)` after the scaled sum), either one widened
+/// with `WIDE` (its u read as they are, as Q8_0's are).
 #[inline(always)]
 unsafe fn group_q5_0<
     I: Isa,
@@ -1599,7 +1609,6 @@ unsafe fn group_q5_0<
     nb: usize,
     a: &[ActRow; NT],
 ) -> [[I::F; NT]; NG] {
-    const { assert!(!(MIN && WIDE), "Q5_1 has no widened form") };
     let mut acc = [[I::zero_f(); NT]; NG];
     let sums = |b: usize, core: *const u8| {
         // Q5_0's weights are u − 16: start at −16·Σy.
@@ -1610,6 +1619,24 @@ unsafe fn group_q5_0<
                 *q8(&a[t]).1.get_unchecked(b)
             })
         });
+        if MIN && WIDE && NT == 4 && I::FEW_REGISTERS {
+            // Tokens 0, 1 then 2, 3 over the block (in L1 the second
+            // time), as `group_q4k` does: with 4 tokens at once the AVX2
+            // code had loaded the block's 32 activation broadcasts ahead
+            // and spilled them. Q5_K_M file, pp512 on one thread, Zen 3,
+            // alternating runs: ahead of 4 tokens at once in 6 of 8
+            // (+4%), of the unwidened kernel in 12 of 16.
+            let mut is = start;
+            for k in 0..2 {
+                // SAFETY: NT == 4: tokens 2k and 2k + 1 are in `a`.
+                let two = unsafe { &*(a.as_ptr().add(2 * k) as *const [ActRow; 2]) };
+                let s2 = block32_sums::<I, 2, false, 4>([is[2 * k], is[2 * k + 1]], two, b, |c| {
+                    (I::load(core.add(64 * c)), I::load(core.add(64 * (4 + c))))
+                });
+                (is[2 * k], is[2 * k + 1]) = (s2[0], s2[1]);
+            }
+            return is;
+        }
         if WIDE {
             return block32_sums::<I, NT, false, 4>(start, a, b, |c| {
                 (I::load(core.add(64 * c)), I::load(core.add(64 * (4 + c))))
@@ -1626,12 +1653,11 @@ unsafe fn group_q5_0<
             }
         }
     };
-    let f = if MIN {
-        PackedFormat::Q5_1
-    } else if WIDE {
-        PackedFormat::Q5_0Wide
-    } else {
-        PackedFormat::Q5_0
+    let f = match (MIN, WIDE) {
+        (true, true) => PackedFormat::Q5_1Wide,
+        (true, false) => PackedFormat::Q5_1,
+        (false, true) => PackedFormat::Q5_0Wide,
+        (false, false) => PackedFormat::Q5_0,
     };
     each_block(gps, nb, f, sums, |k, b, sc, is| {
         finish(b, sc, is, &mut acc[k])
@@ -2434,7 +2460,7 @@ pub struct PackedKernels {
     pub t4: fn(PackedFormat, &[u8], usize, usize, &[ActRow; 4], &mut [&mut [f32]; 4]),
     pub tiles: Option<fn(PackedFormat, &[u8], usize, usize, &[ActRow], &mut [&mut [f32]])>,
     /// For a prompt of [`WIDEN_TOKENS`] or more tokens, the table's widening
-    /// of Q5_0, Q4_K, Q5_K and Q6_K weights, a few groups at a time, into their
+    /// of Q5_0, Q5_1 (and Q4_1), Q4_K, Q5_K and Q6_K weights, a few groups at a time, into their
     /// [`PackedFormat::widened`] forms, with the
     /// kernels' own unpacking: done once instead of for every 4 tokens (for
     /// Q5_0 on the AVX2 table, about 70 of the ~250 vector operations per
@@ -2461,6 +2487,10 @@ pub struct PackedKernels {
     ///   as well: pp512 the same, 667.7 against 666.2.)
     /// - Q5_K (the same form, u up to 31: partial sums of 4 vectors): 2048
     ///   → 640 at 512 tokens 52.6 → 75.1 (5 alternating rounds).
+    /// - Q5_1 and Q4_1 (Q5_0's widened quants, tokens in pairs: see
+    ///   `group_q5_0`): 640 → 2048 at 512 tokens, medians of 5 rounds, Q5_1
+    ///   45.2 → 53.8, Q4_1 47.2 → 55.4; the Q5_K_M file's pp512 ahead in 12
+    ///   of 16 alternating rounds (about +5%).
     ///
     /// The widened Q5_0 loop runs about 180 operations a block, 80 of them
     /// on the two multiply pipes (`pmaddubsw`, `pmaddwd`). Passes of 3
@@ -2498,7 +2528,7 @@ pub(crate) unsafe fn widen<I: Isa>(from: PackedFormat, src: &[u8], nb: usize, ds
             for _ in 0..in_unit {
                 let (s, d) = (sg[si..si + sc].as_ptr(), dg[di..di + dc].as_mut_ptr());
                 match from {
-                    PackedFormat::Q5_0 => {
+                    PackedFormat::Q5_0 | PackedFormat::Q5_1 => {
                         for c in 0..4 {
                             let (lo, hi) = q5_0_vectors::<I>(s, c);
                             I::store(d.add(64 * c), lo);

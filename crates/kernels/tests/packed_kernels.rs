@@ -202,7 +202,7 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
         let rb = c.format.row_bytes(c.cols);
         let mut w = vec![0.0f32; c.cols];
         // 16 and more: whole tiles where the CPU has them, and a remainder;
-        // 37 (≥ WIDEN_TOKENS): Q5_0, Q4_K, Q5_K and Q6_K (and Q3_K) widened
+        // 37 (≥ WIDEN_TOKENS): Q5_0, Q5_1, Q4_K, Q5_K and Q6_K (and Q4_1, Q3_K) widened
         // where a table widens (one group per task at these sizes: see the next test).
         assert!((16..=37).contains(&gemma3_kernels::packed::WIDEN_TOKENS));
         for n in [1usize, 3, 5, 9, 16, 37] {
@@ -260,8 +260,8 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
 }
 
 /// A prompt's widened weights, at the model's shapes on one thread: each
-/// task's groups are widened a few at a time (Q5_0 640 → 1024: tasks of 8
-/// groups widened 6 then 2; Q4_K and Q5_K 1024 → 640: tasks of 5, 3 then
+/// task's groups are widened a few at a time (Q5_0 and Q5_1 640 → 1024:
+/// tasks of 8 groups widened 6 then 2; Q4_K and Q5_K 1024 → 640: tasks of 5, 3 then
 /// 2; Q6_K 2048 → 640: tasks of 5, one at a time),
 /// and the remainders after the 4-token passes (2 and 3 tokens) read the
 /// widened form too. Every table equals the spec bit for bit.
@@ -275,6 +275,7 @@ fn widened_prompts_in_several_goes_equal_the_spec() {
         .unwrap();
     for (format, rows, cols) in [
         (WeightFormat::Q5_0, 1024, 640),
+        (WeightFormat::Q5_1, 1024, 640),
         (WeightFormat::Q4K, 640, 1024),
         (WeightFormat::Q5K, 640, 1024),
         (WeightFormat::Q6K, 640, 2048),
@@ -480,7 +481,7 @@ fn collapsing_to_huge_pages_changes_nothing() {
 /// 4-bit weights', 4 of 5-bit and 2 of 6-bit 16-bit pair products before
 /// widening them), so each table equals the spec bit for bit here too:
 /// for 5 tokens, and for 37, which the tables that widen a prompt's weights
-/// (Q5_0, Q4_K, Q5_K, Q6_K) run on their widened forms.
+/// (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) run on their widened forms.
 #[test]
 fn extreme_blocks_and_activations_wrap_no_table() {
     let tables = tables();
