@@ -2490,7 +2490,7 @@ pub struct PackedKernels {
     /// - Q5_1 and Q4_1 (Q5_0's widened quants, tokens in pairs: see
     ///   `group_q5_0`): 640 → 2048 at 512 tokens, medians of 5 rounds, Q5_1
     ///   45.2 → 53.8, Q4_1 47.2 → 55.4; the Q5_K_M file's pp512 ahead in 12
-    ///   of 16 alternating rounds (about +5%).
+    ///   of 16 alternating rounds.
     ///
     /// The widened Q5_0 loop runs about 180 operations a block, 80 of them
     /// on the two multiply pipes (`pmaddubsw`, `pmaddwd`). Passes of 3

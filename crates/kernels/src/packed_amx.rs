@@ -425,18 +425,26 @@ unsafe fn unpack_group(f: PackedFormat, gp: *const u8, nb: usize, dst: *mut u8) 
                     st(8 * b + 4 + c, V::lut16(table, V::and(V::shr::<4>(v), m4)));
                 }
             }
-            // Sub-block j's vectors g = 0..8, as the other tables' kernels read them.
+            // Sub-block j's vectors g = 0..8, as the other tables' kernels read them;
+            // sub-blocks 2c and 2c + 1 side by side, both read before either is
+            // stored (their nibbles and fifth bits are the same loads).
             PackedFormat::Q4K => {
-                for j in 0..8 {
+                for c in 0..4 {
                     for g in 0..8 {
-                        st(64 * b + 8 * j + g, q4k_vector::<V, false>(p, j, g));
+                        let lo = q4k_vector::<V, false>(p, 2 * c, g);
+                        let hi = q4k_vector::<V, false>(p, 2 * c + 1, g);
+                        st(64 * b + 8 * (2 * c) + g, lo);
+                        st(64 * b + 8 * (2 * c + 1) + g, hi);
                     }
                 }
             }
             PackedFormat::Q5K => {
-                for j in 0..8 {
+                for c in 0..4 {
                     for g in 0..8 {
-                        st(64 * b + 8 * j + g, q4k_vector::<V, true>(p, j, g));
+                        let lo = q4k_vector::<V, true>(p, 2 * c, g);
+                        let hi = q4k_vector::<V, true>(p, 2 * c + 1, g);
+                        st(64 * b + 8 * (2 * c) + g, lo);
+                        st(64 * b + 8 * (2 * c + 1) + g, hi);
                     }
                 }
             }
