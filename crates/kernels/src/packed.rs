@@ -89,8 +89,7 @@ pub const LANES: usize = 16;
 
 /// The weight formats that have an interleaved form, and the widened forms
 /// a prompt's kernels read (`Q5_0Wide`, `Q5_1Wide`, `Q6KWide`, `Q4KWide`,
-/// `Q5KWide`),
-/// never stored.
+/// `Q5KWide`), never stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PackedFormat {
     Q8_0,
@@ -1594,6 +1593,15 @@ unsafe fn q6k_vectors<I: Isa>(core: *const u8, j: usize) -> [I::V; 4] {
     ]
 }
 
+/// Tokens 2k and 2k + 1 of a pass over 4 (the halves in which some AVX2
+/// kernels take theirs).
+#[inline(always)]
+fn token_pair<'b, 'a, const NT: usize>(a: &'b [ActRow<'a>; NT], k: usize) -> &'b [ActRow<'a>; 2] {
+    a[2 * k..2 * k + 2]
+        .try_into()
+        .expect("tokens 2k and 2k + 1")
+}
+
 /// Q5_0, or with `MIN` Q5_1 (the same quants, u = q, and a minimum m:
 /// `acc = fma(m, dy·Σy, acc)` after the scaled sum), either one widened
 /// with `WIDE` (its u read as they are, as Q8_0's are).
@@ -1628,8 +1636,7 @@ unsafe fn group_q5_0<
             // (+4%), of the unwidened kernel in 12 of 16.
             let mut is = start;
             for k in 0..2 {
-                // SAFETY: NT == 4: tokens 2k and 2k + 1 are in `a`.
-                let two = unsafe { &*(a.as_ptr().add(2 * k) as *const [ActRow; 2]) };
+                let two = token_pair(a, k);
                 let s2 = block32_sums::<I, 2, false, 4>([is[2 * k], is[2 * k + 1]], two, b, |c| {
                     (I::load(core.add(64 * c)), I::load(core.add(64 * (4 + c))))
                 });
@@ -2071,10 +2078,7 @@ unsafe fn q4k_sums<I: Isa, const NT: usize, const FIVE: bool, const WIDE: bool>(
                     lo_p = [zero; NT];
                     hi_p = [zero; NT];
                 }
-                // Sub-blocks 2c and 2c + 1: the low and high nibbles of
-                // one vector (its load shared).
-                let lo = q4k_vector::<I, FIVE>(core, 2 * c, g);
-                let hi = q4k_vector::<I, FIVE>(core, 2 * c + 1, g);
+                let (lo, hi) = q4k_pair::<I, FIVE>(core, c, g);
                 for t in 0..NT {
                     let y = &q8k(&a[t]).get_unchecked(b).qs;
                     lo_p[t] = I::psum_add(lo_p[t], lo, y4(y, 64 * c + 4 * g));
@@ -2112,6 +2116,21 @@ pub(crate) unsafe fn q4k_vector<I: Isa, const FIVE: bool>(
     } else {
         I::and(v, m4)
     }
+}
+
+/// Sub-blocks 2c and 2c + 1 of a Q4_K (with `FIVE` Q5_K) block as their
+/// vectors g: the low and high nibbles of one vector, both read before the
+/// caller stores either (so the nibbles and fifth bits are loaded once).
+#[inline(always)]
+pub(crate) unsafe fn q4k_pair<I: Isa, const FIVE: bool>(
+    core: *const u8,
+    c: usize,
+    g: usize,
+) -> (I::V, I::V) {
+    (
+        q4k_vector::<I, FIVE>(core, 2 * c, g),
+        q4k_vector::<I, FIVE>(core, 2 * c + 1, g),
+    )
 }
 
 /// A Q4_K-like block's minimum sums M for NT tokens: Σ_j m_j·Σy_j.
@@ -2167,8 +2186,7 @@ unsafe fn group_q4k<
             // this path now runs for batches under `WIDEN_TOKENS`.)
             let (mut s, mut m) = ([I::splat32(0); NT], [I::splat32(0); NT]);
             for k in 0..2 {
-                // SAFETY: NT == 4: tokens 2k and 2k + 1 are in `a`.
-                let two = unsafe { &*(a.as_ptr().add(2 * k) as *const [ActRow; 2]) };
+                let two = token_pair(a, k);
                 let (sk, mk) = q4k_sums::<I, 2, FIVE, WIDE>(core, b, two);
                 (s[2 * k], s[2 * k + 1], m[2 * k], m[2 * k + 1]) = (sk[0], sk[1], mk[0], mk[1]);
             }
@@ -2537,6 +2555,8 @@ pub(crate) unsafe fn widen<I: Isa>(from: PackedFormat, src: &[u8], nb: usize, ds
                     }
                     PackedFormat::Q4K | PackedFormat::Q5K => {
                         std::ptr::copy_nonoverlapping(s, d, 256);
+                        // Sub-block by sub-block, in the order the widened
+                        // form is written (the stores in one ascending run).
                         for j in 0..8 {
                             for g in 0..8 {
                                 let u = if from == PackedFormat::Q5K {

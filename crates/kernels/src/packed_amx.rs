@@ -36,7 +36,7 @@
 
 use crate::formats::*;
 use crate::packed::{
-    block_offsets, min_sums, q4k_vector, ActRow, Isa, PackedFormat, PackedKernels, LANES,
+    block_offsets, min_sums, q4k_pair, ActRow, Isa, PackedFormat, PackedKernels, LANES,
 };
 use crate::packed_x86::Avx512;
 use std::arch::asm;
@@ -425,24 +425,15 @@ unsafe fn unpack_group(f: PackedFormat, gp: *const u8, nb: usize, dst: *mut u8) 
                     st(8 * b + 4 + c, V::lut16(table, V::and(V::shr::<4>(v), m4)));
                 }
             }
-            // Sub-block j's vectors g = 0..8, as the other tables' kernels read them;
-            // sub-blocks 2c and 2c + 1 side by side, both read before either is
-            // stored (their nibbles and fifth bits are the same loads).
-            PackedFormat::Q4K => {
+            // Sub-block j's vectors g = 0..8, as the other tables' kernels read them.
+            PackedFormat::Q4K | PackedFormat::Q5K => {
                 for c in 0..4 {
                     for g in 0..8 {
-                        let lo = q4k_vector::<V, false>(p, 2 * c, g);
-                        let hi = q4k_vector::<V, false>(p, 2 * c + 1, g);
-                        st(64 * b + 8 * (2 * c) + g, lo);
-                        st(64 * b + 8 * (2 * c + 1) + g, hi);
-                    }
-                }
-            }
-            PackedFormat::Q5K => {
-                for c in 0..4 {
-                    for g in 0..8 {
-                        let lo = q4k_vector::<V, true>(p, 2 * c, g);
-                        let hi = q4k_vector::<V, true>(p, 2 * c + 1, g);
+                        let (lo, hi) = if f == PackedFormat::Q5K {
+                            q4k_pair::<V, true>(p, c, g)
+                        } else {
+                            q4k_pair::<V, false>(p, c, g)
+                        };
                         st(64 * b + 8 * (2 * c) + g, lo);
                         st(64 * b + 8 * (2 * c + 1) + g, hi);
                     }
