@@ -4,7 +4,7 @@
 //! (for the layer matrices) in the interleaved layout the model uses.
 //!
 //! `cargo bench -p gemma3-kernels` (add `-- 'q8_0'` to filter). The other formats other
-//! GGUFs of the model use (float exports, Q4_0/Q4_1/Q5_1, the IQ and remaining K-quants) are
+//! GGUFs of the model use (float exports, Q8_0/Q4_0/Q4_1/Q5_1, the IQ and remaining K-quants) are
 //! benchmarked in their packed form at one FFN shape each (`other formats`), and every
 //! quantized format at one token through a matrix too large for the caches (`streaming`).
 
@@ -100,6 +100,8 @@ fn bench_other_formats(c: &mut Criterion) {
         WeightFormat::F16,
         WeightFormat::BF16,
         WeightFormat::F32,
+        // All of a Q8_0 file's matrices (the Q4_K_M file's only at attn_v).
+        WeightFormat::Q8_0,
         WeightFormat::Q4_0,
         WeightFormat::Q4_1,
         WeightFormat::Q5_1,
