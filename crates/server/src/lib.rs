@@ -5,7 +5,8 @@
 //!
 //! Routes (the /v1 ones need `Authorization: Bearer KEY` when `--api-key` is set):
 //! - `POST /v1/chat/completions`: `messages` (system/user/assistant; content a
-//!   string or `[{type: "text", text}]` parts), rendered with Gemma's chat
+//!   string or `[{type: "text", text}]` parts, required, null only for an
+//!   assistant's message), rendered with Gemma's chat
 //!   template; `stream` (+ `stream_options.include_usage`), `max_tokens` /
 //!   `max_completion_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `seed`,
 //!   `stop`, `presence_penalty`, `frequency_penalty`, `repeat_penalty`,
@@ -79,7 +80,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
     /// Most prompt tokens evaluated per step, so that a long prompt does not stall running
-    /// streams (each step waits for its chunk: about 1 s per 100 tokens on 2 cores).
+    /// streams (each step waits for its chunk: about 0.1 s for 128 tokens on 2 cores).
     #[arg(long, default_value_t = 128)]
     pub prompt_chunk: usize,
 }

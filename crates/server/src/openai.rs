@@ -246,11 +246,14 @@ pub struct ChatRequest {
 }
 
 /// A message's content: a string, or text parts (each trimmed and joined, as
-/// Gemma's chat template does).
-fn content_text(i: usize, v: Option<&Value>) -> Result<String, ApiError> {
+/// Gemma's chat template does). Required, as OpenAI requires it; null only
+/// for an assistant's message (as OpenAI allows, e.g. beside tool calls),
+/// read as empty.
+fn content_text(i: usize, role: Role, v: Option<&Value>) -> Result<String, ApiError> {
     let field = format!("messages[{i}].content");
     match v {
-        None | Some(Value::Null) => Ok(String::new()),
+        None => Err(ApiError::field(&field, format!("'{field}' is required"))),
+        Some(Value::Null) if role == Role::Assistant => Ok(String::new()),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(Value::Array(parts)) => {
             let mut out = String::new();
@@ -323,7 +326,7 @@ impl ChatRequest {
                     ))
                 }
             };
-            messages.push(Message::new(role, content_text(i, o.get("content"))?));
+            messages.push(Message::new(role, content_text(i, role, o.get("content"))?));
         }
         let common = parse_common(&f, &["max_completion_tokens", "max_tokens"])?;
         let want = f.bool("logprobs")?.unwrap_or(false);
@@ -512,6 +515,15 @@ mod tests {
             param(json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})),
             "messages[0].content[0].type"
         );
+        // Content is required; null only for an assistant's message.
+        let two = |second: Value| json!({"messages": [{"role": "user", "content": "x"}, second]});
+        assert_eq!(param(two(json!({"role": "user"}))), "messages[1].content");
+        assert_eq!(
+            param(two(json!({"role": "system", "content": null}))),
+            "messages[1].content"
+        );
+        let ok = ChatRequest::parse(&obj(two(json!({"role": "assistant", "content": null}))));
+        assert_eq!(ok.expect("null assistant content").messages[1].content, "");
     }
 
     #[test]
