@@ -140,6 +140,16 @@ fn prefill(model: &Model, cache: &mut KvCache, st: &mut ForwardState, depth: usi
 }
 
 pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
+    // The arguments first: a mistake is named before the model loads.
+    if a.reps == 0 || a.reps > 1000 {
+        bail!("--reps must be between 1 and 1000");
+    }
+    if let Some(t) = threads.iter().flatten().find(|&&t| t == 0 || t > 1024) {
+        bail!("thread counts must be between 1 and 1024, got {t}");
+    }
+    if a.prompt.iter().chain(&a.gen).all(|&n| n == 0) {
+        bail!("nothing to measure: every -p and -n length is 0");
+    }
     let path = crate::model_path::resolve(a.model.clone(), true)?;
     let model = Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
     // Measure the steady state that `gemma3_engine::load` reaches in the
@@ -152,15 +162,9 @@ pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
             .map(|n| n.get())
             .unwrap_or(1)]
     });
-    if a.reps == 0 || a.reps > 1000 {
-        bail!("--reps must be between 1 and 1000");
-    }
     let kernels = gemma3_kernels::simd::best().name;
     let vocab = model.config.vocab_size;
     for &t in &threads {
-        if t == 0 || t > 1024 {
-            bail!("thread counts must be between 1 and 1024, got {t}");
-        }
         let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build()?;
         pool.install(|| -> Result<()> {
             let bw = if a.gen.iter().any(|&g| g > 0) {

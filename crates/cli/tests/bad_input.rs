@@ -246,6 +246,20 @@ fn invalid_flags_are_clear_errors() {
     let text = common::data_dir().join("GPL-3.txt");
     let text = text.to_str().unwrap();
     fails_with(&["ppl", "--ctx", "0", text], Some(&p), &["--ctx"]);
+    fails_with(
+        &["bench", "-p", "0", "-n", "0"],
+        Some(&p),
+        &["nothing to measure"],
+    );
+    fails_with(&["bench", "-r", "0"], Some(&p), &["--reps"]);
+    fails_with(&["bench", "-t", "1,0"], Some(&p), &["thread counts", "0"]);
+    // Named before the model loads: a missing file is not what is reported.
+    let missing = temp_path("bench-missing.gguf");
+    fails_with(
+        &["bench", "-p", "0", "-n", "0"],
+        Some(&missing),
+        &["nothing to measure"],
+    );
 }
 
 #[test]

@@ -8,12 +8,13 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum GgufError {
     /// The file could not be opened or mapped.
-    #[error("cannot read model file {}: {source}", path.display())]
+    #[error("cannot read model file {}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error: in the message, and so not also the error's source,
+        /// which printing the chain (`anyhow`'s `{:#}`) would repeat.
+        error: std::io::Error,
     },
     /// A parse error in a named file (added by [`crate::GgufFile::open`]); see [`GgufError::inner`].
     #[error("model file {}: {error}", path.display())]

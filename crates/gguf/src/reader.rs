@@ -104,9 +104,9 @@ impl GgufFile {
     /// Maps the file at `path` read-only and parses it. Errors carry the path.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
         let path = path.as_ref();
-        let io_err = |source| GgufError::Io {
+        let io_err = |error| GgufError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         };
         let file = File::open(path).map_err(io_err)?;
         // SAFETY: the file is opened read-only and we only ever read through the map. We do not

@@ -306,6 +306,14 @@ fn open_errors_name_the_file() {
     assert!(e
         .to_string()
         .starts_with(&format!("cannot read model file {}: ", missing.display())));
+    // The OS error is said once along the chain, as `gemma3` prints it ("{:#}").
+    let mut chain = e.to_string();
+    let mut next = std::error::Error::source(&e);
+    while let Some(s) = next {
+        chain += &format!(": {s}");
+        next = s.source();
+    }
+    assert_eq!(chain.matches("os error").count(), 1, "{chain}");
 
     let path = temp_path("truncated");
     let mut b = GgufWriter::new().to_bytes();
