@@ -54,7 +54,7 @@ pub fn run(a: PplArgs) -> Result<()> {
     let available = tokens.len() / a.ctx;
     if available == 0 {
         bail!(
-            "{} has {} tokens, fewer than one chunk of {}",
+            "{} has {} tokens (BOS included), fewer than one chunk of {} (--ctx)",
             a.file.display(),
             tokens.len(),
             a.ctx
