@@ -166,8 +166,11 @@ pub enum TokenizerError {
 /// Gemma 3's tokenizer: vocabulary, text→id map and special-token matcher, built once by [`Tokenizer::new`].
 #[derive(Clone)]
 pub struct Tokenizer {
-    /// (vocab,) raw token texts.
-    tokens: Vec<String>,
+    /// Raw token texts, concatenated; token i is `texts[text_offsets[i]..text_offsets[i + 1]]`.
+    /// (vocab + 1,) offsets. (One buffer, not a `String` per token: building and dropping 262 144
+    /// small allocations was most of the tokenizer's load time.)
+    texts: String,
+    text_offsets: Vec<usize>,
     /// (vocab,) merge priorities; -0.0 normalised to 0.0 so ordering matches C++'s `<`.
     scores: Vec<f32>,
     /// (vocab,)
@@ -189,7 +192,7 @@ pub struct Tokenizer {
 impl fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tokenizer")
-            .field("vocab_size", &self.tokens.len())
+            .field("vocab_size", &self.vocab_size())
             .field("special_matchables", &self.specials_matcher.len())
             .field("specials", &self.specials)
             .finish_non_exhaustive()
@@ -245,18 +248,21 @@ impl Tokenizer {
             }
         }
 
-        let mut token_to_id = HashMap::with_capacity(n);
+        // ref: llama.cpp `byte_to_token` for SPM looks up the text "<0x%02X>" (uppercase hex): the
+        // last token with exactly that text, of any type (as a lookup in `token_to_id` finds it).
+        let mut byte_tokens = [u32::MAX; 256];
         for (id, text) in tokens.iter().enumerate() {
-            token_to_id.insert(text.clone(), id as u32);
+            if let Some(byte) = parse_byte_token(text) {
+                if *text == byte_token_text(byte) {
+                    byte_tokens[byte as usize] = id as u32;
+                }
+            }
         }
-
-        // ref: llama.cpp `byte_to_token` for SPM looks up the text "<0x%02X>" (uppercase hex).
-        let mut byte_tokens = [0u32; 256];
-        for (byte, slot) in byte_tokens.iter_mut().enumerate() {
-            let text = byte_token_text(byte as u8);
-            *slot = *token_to_id
-                .get(&text)
-                .ok_or(TokenizerError::MissingByteToken { text })?;
+        for (byte, &id) in byte_tokens.iter().enumerate() {
+            if id == u32::MAX {
+                let text = byte_token_text(byte as u8);
+                return Err(TokenizerError::MissingByteToken { text });
+            }
         }
 
         let mut pieces = Vec::new();
@@ -264,7 +270,15 @@ impl Tokenizer {
         piece_offsets.push(0);
         for (id, (text, &ty)) in tokens.iter().zip(&parsed_types).enumerate() {
             match ty {
-                Type::Normal => pieces.extend_from_slice(text.replace('▁', " ").as_bytes()),
+                Type::Normal => {
+                    // `text.replace('▁', " ")`, without a String per token.
+                    for (i, part) in text.split('▁').enumerate() {
+                        if i > 0 {
+                            pieces.push(b' ');
+                        }
+                        pieces.extend_from_slice(part.as_bytes());
+                    }
+                }
                 Type::UserDefined | Type::Control | Type::Unknown => {
                     pieces.extend_from_slice(text.as_bytes())
                 }
@@ -306,8 +320,23 @@ impl Tokenizer {
 
         let specials_matcher = partition::SpecialMatcher::new(&tokens, &parsed_types);
 
+        let mut texts = String::with_capacity(tokens.iter().map(String::len).sum());
+        let mut text_offsets = Vec::with_capacity(n + 1);
+        text_offsets.push(0);
+        for text in &tokens {
+            texts.push_str(text);
+            text_offsets.push(texts.len());
+        }
+        // The texts move into the map (a later duplicate updates the id, as llama.cpp's
+        // `token_to_id[word] = i` does, and is dropped).
+        let mut token_to_id = HashMap::with_capacity(n);
+        for (id, text) in tokens.into_iter().enumerate() {
+            token_to_id.insert(text, id as u32);
+        }
+
         Ok(Self {
-            tokens,
+            texts,
+            text_offsets,
             scores,
             types: parsed_types,
             token_to_id,
@@ -368,7 +397,9 @@ impl Tokenizer {
 
     /// The raw vocabulary text of token `id` (with `▁` for spaces, `<0xNN>` for bytes).
     pub fn token_text(&self, id: u32) -> Option<&str> {
-        self.tokens.get(id as usize).map(String::as_str)
+        let i = id as usize;
+        (i + 1 < self.text_offsets.len())
+            .then(|| &self.texts[self.text_offsets[i]..self.text_offsets[i + 1]])
     }
 
     /// The id of the token whose raw vocabulary text is exactly `text` (the last one, for duplicates).
@@ -383,7 +414,7 @@ impl Tokenizer {
 
     /// Number of tokens in the vocabulary (Gemma 3: 262144).
     pub fn vocab_size(&self) -> usize {
-        self.tokens.len()
+        self.text_offsets.len() - 1
     }
 
     /// The special token ids given to [`Tokenizer::new`].

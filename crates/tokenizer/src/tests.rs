@@ -243,6 +243,27 @@ fn duplicate_texts_resolve_to_the_later_id() {
 }
 
 #[test]
+fn every_token_keeps_its_text_and_a_repeated_byte_token_is_the_later_id() {
+    let entries = [
+        ("▁x", 0.0, NORMAL),
+        ("", 0.0, NORMAL),
+        ("<0x41>", 0.0, USER),
+    ];
+    let (tokens, scores, types) = vocab_parts(&entries);
+    let tok = Tokenizer::new(tokens.clone(), scores, types, specials()).unwrap();
+    assert_eq!(tok.vocab_size(), tokens.len());
+    for (id, text) in tokens.iter().enumerate() {
+        assert_eq!(tok.token_text(id as u32), Some(text.as_str()), "id {id}");
+    }
+    assert_eq!(tok.token_text(tokens.len() as u32), None);
+    // "<0x41>" is id 6 and again id 4 + 3 + 0x41 (the byte token): the later one is the byte's.
+    let byte_a = 4 + entries.len() as u32 + 0x41;
+    assert_eq!(tok.token_id("<0x41>"), Some(byte_a));
+    // "A" is no token's text: it falls back to that byte token.
+    assert_eq!(tok.encode("A", false, false), vec![byte_a]);
+}
+
+#[test]
 fn pieces_follow_token_types() {
     let tok = vocab(&[
         ("▁hi▁there", 0.0, NORMAL),
