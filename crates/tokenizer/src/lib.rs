@@ -51,7 +51,7 @@ mod decode;
 mod partition;
 mod spm;
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::fmt;
 
 pub use decode::StreamDecoder;
@@ -177,7 +177,10 @@ pub struct Tokenizer {
     types: Vec<TokenType>,
     /// Text → id over every token of any type; for duplicate texts the later id wins (as llama.cpp's
     /// `token_to_id[word] = i`).
-    token_to_id: HashMap<String, u32>,
+    /// (Fx hashing, not SipHash: its keys are the fixed vocabulary, and encoding looks texts up
+    /// here for every merge. `gemma3 tokenize` on 104 KB of text, less the same on "hi": 41 → 16 ms,
+    /// medians of 10 alternating runs on the Zen 3; loading the same within the noise.)
+    token_to_id: FxHashMap<String, u32>,
     /// Byte value → id of the token `<0xNN>`.
     byte_tokens: [u32; 256],
     /// CONTROL / USER_DEFINED / UNKNOWN tokens in matching order.
@@ -329,7 +332,7 @@ impl Tokenizer {
         }
         // The texts move into the map (a later duplicate updates the id, as llama.cpp's
         // `token_to_id[word] = i` does, and is dropped).
-        let mut token_to_id = HashMap::with_capacity(n);
+        let mut token_to_id = FxHashMap::with_capacity_and_hasher(n, rustc_hash::FxBuildHasher);
         for (id, text) in tokens.into_iter().enumerate() {
             token_to_id.insert(text, id as u32);
         }
