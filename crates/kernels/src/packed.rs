@@ -2120,7 +2120,9 @@ pub(crate) unsafe fn q4k_vector<I: Isa, const FIVE: bool>(
 
 /// Sub-blocks 2c and 2c + 1 of a Q4_K (with `FIVE` Q5_K) block as their
 /// vectors g: the low and high nibbles of one vector, both read before the
-/// caller stores either (so the nibbles and fifth bits are loaded once).
+/// caller stores either (so the compiler can load the nibbles and fifth
+/// bits once for both; not checked in the AMX tiles' code, which no CPU
+/// here runs).
 #[inline(always)]
 pub(crate) unsafe fn q4k_pair<I: Isa, const FIVE: bool>(
     core: *const u8,
