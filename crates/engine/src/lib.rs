@@ -44,8 +44,7 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Tokenizer, gemma3_model::Mode
     let tokens = f
         .get_array("tokenizer.ggml.tokens")?
         .as_strings()
-        .ok_or_else(|| err("tokenizer.ggml.tokens is not a string array".into()))?
-        .to_vec();
+        .ok_or_else(|| err("tokenizer.ggml.tokens is not a string array".into()))?;
     let scores = f
         .get_array("tokenizer.ggml.scores")?
         .as_f32s()
@@ -65,5 +64,5 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Tokenizer, gemma3_model::Mode
         start_of_turn: find("<start_of_turn>"),
         end_of_turn: find("<end_of_turn>"),
     };
-    Tokenizer::new(tokens, scores, types, specials).map_err(|e| err(e.to_string()))
+    Tokenizer::new(tokens.iter(), scores, types, specials).map_err(|e| err(e.to_string()))
 }

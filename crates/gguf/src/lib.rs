@@ -29,5 +29,5 @@ pub use reader::{
     MAX_STRING_LEN,
 };
 pub use types::GgmlType;
-pub use value::{Array, Value};
+pub use value::{Array, StringArray, StringArrayIter, Value};
 pub use writer::GgufWriter;

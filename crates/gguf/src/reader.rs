@@ -18,7 +18,7 @@ use memmap2::Mmap;
 
 use crate::error::GgufError;
 use crate::types::GgmlType;
-use crate::value::{type_id_name, Array, Value, TYPE_ARRAY, TYPE_STRING};
+use crate::value::{type_id_name, Array, StringArray, Value, TYPE_ARRAY, TYPE_STRING};
 
 /// Longest metadata key or tensor name accepted, in bytes.
 pub const MAX_NAME_LEN: u64 = 1 << 20;
@@ -397,6 +397,11 @@ impl<'a> Cursor<'a> {
 
     /// A gguf-string: u64 length, then that many UTF-8 bytes.
     fn string(&mut self, max: u64, what: What) -> Result<String, GgufError> {
+        self.str(max, what).map(str::to_owned)
+    }
+
+    /// A length-prefixed UTF-8 string of at most `max` bytes, borrowed from the buffer.
+    fn str(&mut self, max: u64, what: What) -> Result<&'a str, GgufError> {
         let len_what = || format!("{} length", what());
         let len = self.u64(&len_what)?;
         if len > max {
@@ -407,10 +412,7 @@ impl<'a> Cursor<'a> {
             });
         }
         let bytes = self.take(len, what)?;
-        match std::str::from_utf8(bytes) {
-            Ok(s) => Ok(s.to_owned()),
-            Err(_) => Err(GgufError::BadUtf8 { what: what() }),
-        }
+        std::str::from_utf8(bytes).map_err(|_| GgufError::BadUtf8 { what: what() })
     }
 }
 
@@ -653,9 +655,10 @@ fn read_array(c: &mut Cursor, key: &str, depth: u32) -> Result<Array, GgufError>
                 .collect::<Result<_, _>>()?,
         ),
         TYPE_STRING => {
-            let mut v = Vec::with_capacity(n);
+            // One buffer for all the texts (grown as it fills: their total is not known up front).
+            let mut v = StringArray::with_capacity(n, 0);
             for i in 0..n {
-                v.push(c.string(MAX_STRING_LEN, &|| {
+                v.push(c.str(MAX_STRING_LEN, &|| {
                     format!("string {i} of metadata key '{key}'")
                 })?);
             }

@@ -31,7 +31,7 @@ pub enum Value {
     F64(f64),
 }
 
-/// A metadata array. Arrays are typed so that e.g. 262144 token strings are one `Vec<String>`
+/// A metadata array. Arrays are typed so that e.g. 262144 token strings are one [`StringArray`]
 /// rather than 262144 boxed [`Value`]s. An array of arrays may hold arrays of different types.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Array {
@@ -52,7 +52,7 @@ pub enum Array {
     /// elements of type 7
     Bool(Vec<bool>),
     /// elements of type 8
-    String(Vec<String>),
+    String(StringArray),
     /// elements of type 9
     Array(Vec<Array>),
     /// elements of type 10
@@ -182,7 +182,7 @@ impl Array {
     }
 
     /// The elements if this is an array of strings (e.g. `tokenizer.ggml.tokens`).
-    pub fn as_strings(&self) -> Option<&[String]> {
+    pub fn as_strings(&self) -> Option<&StringArray> {
         match self {
             Array::String(v) => Some(v),
             _ => None,
@@ -211,5 +211,177 @@ impl Array {
             Array::U32(v) => Some(v),
             _ => None,
         }
+    }
+}
+
+/// An array of strings held as one text buffer and the offsets of its elements, so that a
+/// vocabulary's 262 144 token texts take two allocations instead of one each. (Reading the real
+/// file's as a `Vec<String>` and freeing them again took a large share of loading a tokenizer.)
+#[derive(Clone, PartialEq, Eq)]
+pub struct StringArray {
+    /// The elements, concatenated.
+    text: String,
+    /// (len + 1,) byte offsets into `text`: element i is `text[ends[i]..ends[i + 1]]`. Always starts
+    /// with 0; every offset is a char boundary because each element was a whole `str` when pushed.
+    ends: Vec<usize>,
+}
+
+impl StringArray {
+    /// An empty array with room for `n` elements of `bytes` bytes in all.
+    pub fn with_capacity(n: usize, bytes: usize) -> Self {
+        let mut ends = Vec::with_capacity(n + 1);
+        ends.push(0);
+        Self {
+            text: String::with_capacity(bytes),
+            ends,
+        }
+    }
+
+    /// Appends one element.
+    pub fn push(&mut self, s: &str) {
+        self.text.push_str(s);
+        self.ends.push(self.text.len());
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.ends.len() - 1
+    }
+
+    /// True if the array has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i`, or `None` past the end.
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let (&start, &end) = (self.ends.get(i)?, self.ends.get(i.checked_add(1)?)?);
+        Some(&self.text[start..end])
+    }
+
+    /// The elements in order.
+    pub fn iter(&self) -> StringArrayIter<'_> {
+        StringArrayIter {
+            text: &self.text,
+            ends: self.ends.windows(2),
+        }
+    }
+
+    /// All elements concatenated, in order.
+    pub fn concatenated(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::ops::Index<usize> for StringArray {
+    type Output = str;
+
+    /// Element `i`; panics past the end, as a slice does.
+    fn index(&self, i: usize) -> &str {
+        match self.get(i) {
+            Some(s) => s,
+            None => panic!("index {i} out of range for a StringArray of {}", self.len()),
+        }
+    }
+}
+
+impl Default for StringArray {
+    fn default() -> Self {
+        Self::with_capacity(0, 0)
+    }
+}
+
+impl std::fmt::Debug for StringArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for StringArray {
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Self {
+        let mut a = Self::default();
+        for s in iter {
+            a.push(s.as_ref());
+        }
+        a
+    }
+}
+
+impl From<Vec<String>> for StringArray {
+    fn from(v: Vec<String>) -> Self {
+        v.iter().collect()
+    }
+}
+
+impl<'a> IntoIterator for &'a StringArray {
+    type Item = &'a str;
+    type IntoIter = StringArrayIter<'a>;
+
+    fn into_iter(self) -> StringArrayIter<'a> {
+        self.iter()
+    }
+}
+
+/// The elements of a [`StringArray`], in order.
+#[derive(Clone, Debug)]
+pub struct StringArrayIter<'a> {
+    text: &'a str,
+    ends: std::slice::Windows<'a, usize>,
+}
+
+impl<'a> Iterator for StringArrayIter<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        self.ends.next().map(|w| &self.text[w[0]..w[1]])
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.ends.size_hint()
+    }
+}
+
+impl ExactSizeIterator for StringArrayIter<'_> {}
+
+impl DoubleEndedIterator for StringArrayIter<'_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        self.ends.next_back().map(|w| &self.text[w[0]..w[1]])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StringArray;
+
+    #[test]
+    fn string_array_elements() {
+        let a = StringArray::from(vec!["ab".to_string(), String::new(), "ü▁c".to_string()]);
+        assert_eq!(a.len(), 3);
+        assert!(!a.is_empty());
+        assert_eq!(a.get(0), Some("ab"));
+        assert_eq!(a.get(1), Some(""));
+        assert_eq!(a.get(2), Some("ü▁c"));
+        assert_eq!((a.get(3), a.get(usize::MAX)), (None, None));
+        assert_eq!(&a[2], "ü▁c");
+        assert_eq!(a.iter().collect::<Vec<_>>(), ["ab", "", "ü▁c"]);
+        assert_eq!(a.iter().rev().collect::<Vec<_>>(), ["ü▁c", "", "ab"]);
+        assert_eq!(a.iter().len(), 3);
+        assert_eq!(a.concatenated(), "abü▁c");
+        assert_eq!(format!("{a:?}"), r#"["ab", "", "ü▁c"]"#);
+
+        // Equal texts split differently are different arrays; empty ones are equal however made.
+        let split = |parts: &[&str]| parts.iter().collect::<StringArray>();
+        assert_ne!(split(&["ab", "c"]), split(&["a", "bc"]));
+        assert_ne!(split(&[""]), StringArray::default());
+        assert_eq!(StringArray::from(vec![]), StringArray::default());
+        assert_eq!(StringArray::default().len(), 0);
+        assert_eq!(StringArray::default().iter().next(), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "index 1 out of range for a StringArray of 1")]
+    fn string_array_index_past_the_end() {
+        let a: StringArray = ["x"].into_iter().collect();
+        let _ = &a[1];
     }
 }

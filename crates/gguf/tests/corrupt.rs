@@ -73,11 +73,14 @@ fn small_file() -> Vec<u8> {
     w.add_kv(
         "nested",
         Value::Array(Array::Array(vec![
-            Array::String(vec!["ab".into(), String::new()]),
+            Array::String(vec!["ab".into(), String::new()].into()),
             Array::F32(vec![1.0]),
         ])),
     );
-    w.add_kv("tokens", Value::Array(Array::String(vec!["<pad>".into()])));
+    w.add_kv(
+        "tokens",
+        Value::Array(Array::String(vec!["<pad>".into()].into())),
+    );
     w.add_tensor("a", &[3], GgmlType::F32, vec![1; 12]).unwrap();
     w.add_tensor("q", &[32], GgmlType::Q8_0, vec![2; 34])
         .unwrap();
@@ -376,4 +379,22 @@ fn bad_alignment() {
     w.add_kv("general.alignment", Value::U64(32));
     let e = GgufFile::from_bytes(w.to_bytes()).unwrap_err();
     assert!(matches!(e, GgufError::WrongType { .. }), "{e}");
+}
+
+/// A string array's elements are checked one by one, and the error names the bad one.
+#[test]
+fn bad_utf8_in_a_string_array() {
+    let e = err(Raw::header(3, 0, 1)
+        .str("tokens")
+        .u32(9)
+        .u32(8)
+        .u64(3)
+        .str("ok")
+        .u64(2)
+        .bytes(&[0xC3, 0x28])
+        .str("never read"));
+    assert!(
+        matches!(&e, GgufError::BadUtf8 { what } if what.contains("string 1 of metadata key 'tokens'")),
+        "{e}"
+    );
 }

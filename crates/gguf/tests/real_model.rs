@@ -57,8 +57,8 @@ fn real_gemma3_270m_file() {
         .as_strings()
         .expect("tokens are strings");
     assert_eq!(tokens.len(), 262144);
-    assert_eq!(tokens[105], "<start_of_turn>");
-    assert_eq!(tokens[106], "<end_of_turn>");
+    assert_eq!(tokens.get(105), Some("<start_of_turn>"));
+    assert_eq!(tokens.get(106), Some("<end_of_turn>"));
 
     // (name, dims, type, absolute file offset)
     let expected = [

@@ -39,19 +39,21 @@ fn all_values() -> Vec<(&'static str, Value)> {
         ("a.bool", Value::Array(Array::Bool(vec![true, false, true]))),
         (
             "a.string",
-            Value::Array(Array::String(vec!["a".into(), String::new(), "ü".into()])),
+            Value::Array(Array::String(
+                vec!["a".into(), String::new(), "ü".into()].into(),
+            )),
         ),
         ("a.u64", Value::Array(Array::U64(vec![u64::MAX, 0]))),
         ("a.i64", Value::Array(Array::I64(vec![i64::MIN, i64::MAX]))),
         ("a.f64", Value::Array(Array::F64(vec![1.0, -0.0]))),
         ("a.empty_f32", Value::Array(Array::F32(vec![]))),
-        ("a.empty_string", Value::Array(Array::String(vec![]))),
+        ("a.empty_string", Value::Array(Array::String(vec![].into()))),
         ("a.empty_array", Value::Array(Array::Array(vec![]))),
         (
             "a.nested",
             Value::Array(Array::Array(vec![
                 Array::I32(vec![1, 2]),
-                Array::String(vec!["x".into()]),
+                Array::String(vec!["x".into()].into()),
                 Array::Array(vec![Array::U8(vec![9]), Array::Bool(vec![])]),
                 Array::F64(vec![]),
             ])),
@@ -220,7 +222,7 @@ fn typed_getters() {
     w.add_kv("f64", Value::F64(1e6));
     w.add_kv("b", Value::Bool(true));
     w.add_kv("s", Value::String("gemma3".into()));
-    w.add_kv("arr", Value::Array(Array::String(vec!["x".into()])));
+    w.add_kv("arr", Value::Array(Array::String(vec!["x".into()].into())));
     let f = GgufFile::from_bytes(w.to_bytes()).unwrap();
 
     assert_eq!(f.get_u32("u8").unwrap(), 7);
@@ -232,8 +234,11 @@ fn typed_getters() {
     assert!(f.get_bool("b").unwrap());
     assert_eq!(f.get_str("s").unwrap(), "gemma3");
     assert_eq!(
-        f.get_array("arr").unwrap().as_strings(),
-        Some(&["x".to_string()][..])
+        f.get_array("arr")
+            .unwrap()
+            .as_strings()
+            .map(|a| a.iter().collect::<Vec<_>>()),
+        Some(vec!["x"])
     );
 
     // Missing, wrong type and out of range are distinct errors that name the key.

@@ -51,8 +51,10 @@ mod decode;
 mod partition;
 mod spm;
 
-use rustc_hash::FxHashMap;
+use hashbrown::HashTable;
+use rustc_hash::FxBuildHasher;
 use std::fmt;
+use std::hash::BuildHasher;
 
 pub use decode::StreamDecoder;
 
@@ -166,21 +168,19 @@ pub enum TokenizerError {
 /// Gemma 3's tokenizer: vocabulary, text→id map and special-token matcher, built once by [`Tokenizer::new`].
 #[derive(Clone)]
 pub struct Tokenizer {
-    /// Raw token texts, concatenated; token i is `texts[text_offsets[i]..text_offsets[i + 1]]`.
-    /// (vocab + 1,) offsets. (The given `String`s move into `token_to_id` as its keys; keeping
-    /// them here too took a clone of each, 262 144 allocations, a large share of the load.)
-    texts: String,
-    text_offsets: Vec<usize>,
+    /// Raw token texts.
+    texts: Texts,
     /// (vocab,) merge priorities; -0.0 normalised to 0.0 so ordering matches C++'s `<`.
     scores: Vec<f32>,
     /// (vocab,)
     types: Vec<TokenType>,
-    /// Text → id over every token of any type; for duplicate texts the later id wins (as llama.cpp's
-    /// `token_to_id[word] = i`).
+    /// Text → id over every token of any type, as a table of ids hashed by their texts (so no key
+    /// is a String of its own: building 262 144 of them, and freeing them, took a large share of the
+    /// load). For duplicate texts the later id wins (as llama.cpp's `token_to_id[word] = i`).
     /// (Fx hashing, not SipHash: its keys are the fixed vocabulary, and encoding looks texts up
     /// here for every merge. `gemma3 tokenize` on 104 KB of text, less the same on "hi": 41 → 16 ms,
     /// medians of 10 alternating runs on the Zen 3; loading the same within the noise.)
-    token_to_id: FxHashMap<String, u32>,
+    token_to_id: HashTable<u32>,
     /// Byte value → id of the token `<0xNN>`.
     byte_tokens: [u32; 256],
     /// CONTROL / USER_DEFINED / UNKNOWN tokens in matching order.
@@ -190,6 +190,41 @@ pub struct Tokenizer {
     pieces: Vec<u8>,
     piece_offsets: Vec<usize>,
     specials: SpecialTokens,
+}
+
+/// The vocabulary's texts, concatenated: token i is `buf[offsets[i]..offsets[i + 1]]`.
+#[derive(Clone)]
+struct Texts {
+    buf: String,
+    /// (vocab + 1,), starting at 0; each a char boundary, as every text was a whole `str`.
+    offsets: Vec<usize>,
+}
+
+impl Texts {
+    fn collect<S: AsRef<str>>(tokens: impl IntoIterator<Item = S>) -> Self {
+        let tokens = tokens.into_iter();
+        let mut offsets = Vec::with_capacity(tokens.size_hint().0 + 1);
+        offsets.push(0);
+        let mut buf = String::new();
+        for text in tokens {
+            buf.push_str(text.as_ref());
+            offsets.push(buf.len());
+        }
+        Self { buf, offsets }
+    }
+
+    fn len(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// Text of token `id`; `id < len()`.
+    fn get(&self, id: usize) -> &str {
+        &self.buf[self.offsets[id]..self.offsets[id + 1]]
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &str> {
+        self.offsets.windows(2).map(|w| &self.buf[w[0]..w[1]])
+    }
 }
 
 impl fmt::Debug for Tokenizer {
@@ -207,13 +242,14 @@ impl Tokenizer {
     /// [`TokenType`]). Checks that the lists have equal length, every type is known, no score is NaN, the
     /// byte tokens `<0x00>`..`<0xFF>` all exist, BYTE tokens are spelled `<0xNN>`, and every id in
     /// `specials` is in range.
-    pub fn new(
-        tokens: Vec<String>,
+    pub fn new<S: AsRef<str>>(
+        tokens: impl IntoIterator<Item = S>,
         scores: Vec<f32>,
         types: Vec<i32>,
         specials: SpecialTokens,
     ) -> Result<Self, TokenizerError> {
-        let n = tokens.len();
+        let texts = Texts::collect(tokens);
+        let n = texts.len();
         if scores.len() != n || types.len() != n {
             return Err(TokenizerError::LengthMismatch {
                 tokens: n,
@@ -226,11 +262,11 @@ impl Tokenizer {
         }
 
         let mut parsed_types = Vec::with_capacity(n);
-        for (id, (&value, text)) in types.iter().zip(&tokens).enumerate() {
+        for (id, (&value, text)) in types.iter().zip(texts.iter()).enumerate() {
             let ty =
                 TokenType::try_from(value).map_err(|value| TokenizerError::InvalidTokenType {
                     id: id as u32,
-                    text: text.clone(),
+                    text: text.to_string(),
                     value,
                 })?;
             parsed_types.push(ty);
@@ -241,7 +277,7 @@ impl Tokenizer {
             if score.is_nan() {
                 return Err(TokenizerError::NanScore {
                     id: id as u32,
-                    text: tokens[id].clone(),
+                    text: texts.get(id).to_string(),
                 });
             }
             // C++ compares scores with `<`, where -0.0 == 0.0; `f32::total_cmp` would not. The real vocab
@@ -254,9 +290,9 @@ impl Tokenizer {
         // ref: llama.cpp `byte_to_token` for SPM looks up the text "<0x%02X>" (uppercase hex): the
         // last token with exactly that text, of any type (as a lookup in `token_to_id` finds it).
         let mut byte_tokens = [u32::MAX; 256];
-        for (id, text) in tokens.iter().enumerate() {
+        for (id, text) in texts.iter().enumerate() {
             if let Some(byte) = parse_byte_token(text) {
-                if *text == byte_token_text(byte) {
+                if text == byte_token_text(byte) {
                     byte_tokens[byte as usize] = id as u32;
                 }
             }
@@ -271,7 +307,7 @@ impl Tokenizer {
         let mut pieces = Vec::new();
         let mut piece_offsets = Vec::with_capacity(n + 1);
         piece_offsets.push(0);
-        for (id, (text, &ty)) in tokens.iter().zip(&parsed_types).enumerate() {
+        for (id, (text, &ty)) in texts.iter().zip(&parsed_types).enumerate() {
             match ty {
                 Type::Normal => {
                     // `text.replace('▁', " ")`, without a String per token.
@@ -289,7 +325,7 @@ impl Tokenizer {
                     let byte = parse_byte_token(text).ok_or_else(|| {
                         TokenizerError::MalformedByteToken {
                             id: id as u32,
-                            text: text.clone(),
+                            text: text.to_string(),
                         }
                     })?;
                     pieces.push(byte);
@@ -321,25 +357,25 @@ impl Tokenizer {
             }
         }
 
-        let specials_matcher = partition::SpecialMatcher::new(&tokens, &parsed_types);
+        let specials_matcher = partition::SpecialMatcher::new(&texts, &parsed_types);
 
-        let mut texts = String::with_capacity(tokens.iter().map(String::len).sum());
-        let mut text_offsets = Vec::with_capacity(n + 1);
-        text_offsets.push(0);
-        for text in &tokens {
-            texts.push_str(text);
-            text_offsets.push(texts.len());
-        }
-        // The texts move into the map (a later duplicate updates the id, as llama.cpp's
-        // `token_to_id[word] = i` does, and is dropped).
-        let mut token_to_id = FxHashMap::with_capacity_and_hasher(n, rustc_hash::FxBuildHasher);
-        for (id, text) in tokens.into_iter().enumerate() {
-            token_to_id.insert(text, id as u32);
+        // A later duplicate text takes over the earlier one's entry, as llama.cpp's
+        // `token_to_id[word] = i` does.
+        let mut token_to_id = HashTable::with_capacity(n);
+        for (id, text) in texts.iter().enumerate() {
+            let hash = FxBuildHasher.hash_one(text);
+            match token_to_id.find_mut(hash, |&other: &u32| texts.get(other as usize) == text) {
+                Some(entry) => *entry = id as u32,
+                None => {
+                    token_to_id.insert_unique(hash, id as u32, |&other: &u32| {
+                        FxBuildHasher.hash_one(texts.get(other as usize))
+                    });
+                }
+            }
         }
 
         Ok(Self {
             texts,
-            text_offsets,
             scores,
             types: parsed_types,
             token_to_id,
@@ -401,13 +437,15 @@ impl Tokenizer {
     /// The raw vocabulary text of token `id` (with `▁` for spaces, `<0xNN>` for bytes).
     pub fn token_text(&self, id: u32) -> Option<&str> {
         let i = id as usize;
-        (i + 1 < self.text_offsets.len())
-            .then(|| &self.texts[self.text_offsets[i]..self.text_offsets[i + 1]])
+        (i < self.texts.len()).then(|| self.texts.get(i))
     }
 
     /// The id of the token whose raw vocabulary text is exactly `text` (the last one, for duplicates).
     pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.token_to_id.get(text).copied()
+        let hash = FxBuildHasher.hash_one(text);
+        self.token_to_id
+            .find(hash, |&id| self.texts.get(id as usize) == text)
+            .copied()
     }
 
     /// The type of token `id`.
@@ -417,7 +455,7 @@ impl Tokenizer {
 
     /// Number of tokens in the vocabulary (Gemma 3: 262144).
     pub fn vocab_size(&self) -> usize {
-        self.text_offsets.len() - 1
+        self.texts.len()
     }
 
     /// The special token ids given to [`Tokenizer::new`].

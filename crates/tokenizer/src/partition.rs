@@ -63,7 +63,7 @@ pub(crate) struct SpecialMatcher {
 }
 
 impl SpecialMatcher {
-    pub(crate) fn new(tokens: &[String], types: &[TokenType]) -> Self {
+    pub(crate) fn new(tokens: &crate::Texts, types: &[TokenType]) -> Self {
         let mut matchable: Vec<(u32, bool)> = tokens
             .iter()
             .zip(types)
@@ -79,7 +79,7 @@ impl SpecialMatcher {
             .map(|(id, (_, ty))| (id as u32, *ty == TokenType::UserDefined))
             .collect();
         // Stable sort: ids stay ascending within a length.
-        matchable.sort_by_key(|&(id, _)| std::cmp::Reverse(tokens[id as usize].len()));
+        matchable.sort_by_key(|&(id, _)| std::cmp::Reverse(tokens.get(id as usize).len()));
 
         let mut nodes = vec![Node::default()];
         let mut first_bytes = [false; 256];
@@ -87,7 +87,7 @@ impl SpecialMatcher {
         let mut lengths_any = Vec::new();
         let mut lengths_user = Vec::new();
         for (rank, &(id, user_defined)) in matchable.iter().enumerate() {
-            let text = tokens[id as usize].as_bytes();
+            let text = tokens.get(id as usize).as_bytes();
             first_bytes[text[0] as usize] = true;
             let mut node = 0usize;
             for &b in text {

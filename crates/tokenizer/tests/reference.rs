@@ -41,7 +41,7 @@ fn load(path: &PathBuf) -> Tokenizer {
         start_of_turn: by_text("<start_of_turn>"),
         end_of_turn: by_text("<end_of_turn>"),
     };
-    Tokenizer::new(tokens.clone(), scores.clone(), types.clone(), specials).unwrap()
+    Tokenizer::new(tokens, scores.clone(), types.clone(), specials).unwrap()
 }
 
 /// The real tokenizer, loaded once per test binary; `None` (after a loud note) without the model file.

@@ -194,7 +194,10 @@ pub fn tiny_metadata(w: &mut GgufWriter, s: &TinySpec, arch: &str) {
     );
     let (tokens, scores, types) = tiny_vocab(s.vocab);
     w.add_kv("tokenizer.ggml.model", Value::String("llama".into()));
-    w.add_kv("tokenizer.ggml.tokens", Value::Array(Array::String(tokens)));
+    w.add_kv(
+        "tokenizer.ggml.tokens",
+        Value::Array(Array::String(tokens.into())),
+    );
     w.add_kv("tokenizer.ggml.scores", Value::Array(Array::F32(scores)));
     w.add_kv("tokenizer.ggml.token_type", Value::Array(Array::I32(types)));
     w.add_kv("tokenizer.ggml.bos_token_id", Value::U32(2));
