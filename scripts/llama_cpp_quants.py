@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """llama.cpp's own conversions of the model to other file types, and llama.cpp's perplexity on
-them: how the README's "other quantizations" tables and perplexities were made.
+them: how the "other quantizations" tables (docs/performance.md) and the README's perplexities
+were made.
 
 Needs llama-cpp-python 0.3.36 (bundled llama.cpp 0c1e570; here in /opt/llamaref/venv):
 
