@@ -117,15 +117,21 @@ fn read_bandwidth() -> f64 {
     best
 }
 
-/// Deterministic, ordinary token ids (no special tokens): a fixed LCG over the normal range.
+/// Deterministic, ordinary token ids: a fixed LCG over ids 1000..200 000 of
+/// a Gemma vocabulary (no special tokens), or over all of a small one.
 fn tokens(n: usize, vocab: usize) -> Vec<u32> {
+    let (lo, hi) = if vocab > 2000 {
+        (1000, vocab.min(200_000))
+    } else {
+        (0, vocab.max(1))
+    };
     let mut x = 12345u64;
     (0..n)
         .map(|_| {
             x = x
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            1000 + ((x >> 33) as usize % (vocab.min(200_000) - 1000)) as u32
+            (lo + (x >> 33) as usize % (hi - lo)) as u32
         })
         .collect()
 }
@@ -144,8 +150,8 @@ pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
     if a.reps == 0 || a.reps > 1000 {
         bail!("--reps must be between 1 and 1000");
     }
-    if let Some(t) = threads.iter().flatten().find(|&&t| t == 0 || t > 1024) {
-        bail!("thread counts must be between 1 and 1024, got {t}");
+    for &t in threads.iter().flatten() {
+        crate::check_threads(t)?;
     }
     if a.prompt.iter().chain(&a.gen).all(|&n| n == 0) {
         bail!("nothing to measure: every -p and -n length is 0");
@@ -164,6 +170,20 @@ pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
     });
     let kernels = gemma3_kernels::simd::best().name;
     let vocab = model.config.vocab_size;
+    // Every test's context fits, checked before the first one runs.
+    let ctx_len = model.config.ctx_len;
+    for &depth in &a.depth {
+        for &p in a.prompt.iter().filter(|&&p| p > 0) {
+            if depth.checked_add(p).is_none_or(|c| c > ctx_len) {
+                bail!("depth {depth} + prompt {p} exceeds the context of {ctx_len}");
+            }
+        }
+        for &g in a.gen.iter().filter(|&&g| g > 0) {
+            if depth.checked_add(g).is_none_or(|c| c >= ctx_len) {
+                bail!("depth {depth} + {g} generated tokens exceed the context of {ctx_len}");
+            }
+        }
+    }
     for &t in &threads {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build()?;
         pool.install(|| -> Result<()> {
@@ -178,13 +198,7 @@ pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
                         continue;
                     }
                     let ctx = depth + p;
-                    if ctx > model.config.ctx_len {
-                        bail!(
-                            "depth {depth} + prompt {p} exceeds the context of {}",
-                            model.config.ctx_len
-                        );
-                    }
-                    let mut cache = KvCache::new(&model.config, ctx);
+                    let mut cache = KvCache::try_new(&model.config, ctx)?;
                     let mut st = ForwardState::new();
                     let toks = tokens(p, vocab);
                     let mut tps = Vec::new();
@@ -214,13 +228,7 @@ pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
                         continue;
                     }
                     let ctx = depth + g + 1;
-                    if ctx > model.config.ctx_len {
-                        bail!(
-                            "depth {depth} + {g} generated tokens exceed the context of {}",
-                            model.config.ctx_len
-                        );
-                    }
-                    let mut cache = KvCache::new(&model.config, ctx);
+                    let mut cache = KvCache::try_new(&model.config, ctx)?;
                     let mut st = ForwardState::new();
                     let mut tps = Vec::new();
                     // Warm-up, as llama-bench's: one generated token, unmeasured.
@@ -300,7 +308,7 @@ impl BenchResult {
 
 fn report(a: &BenchArgs, r: BenchResult) -> Result<()> {
     if a.json {
-        println!("{}", serde_json::to_string(&r)?);
+        outln!("{}", serde_json::to_string(&r)?)?;
     } else {
         let depth = if r.depth > 0 {
             format!(" @ d{}", r.depth)
@@ -320,7 +328,7 @@ fn report(a: &BenchArgs, r: BenchResult) -> Result<()> {
                 100.0 * r.median_tps / bound
             );
         }
-        println!("{line}");
+        outln!("{line}")?;
     }
     Ok(())
 }

@@ -159,15 +159,18 @@ pub fn run(a: RunArgs) -> Result<()> {
         msgs.push(Message::new(Role::User, a.prompt.clone()));
         tok.encode(&render_chat(&msgs, true)?, false, true)
     };
-    let mut session = Session::new(&model, a.s.ctx_for(&model));
+    let mut session = Session::try_new(&model, a.s.ctx_for(&model))?;
     let stdout = std::io::stdout();
+    // A failed write (the reader went away, a full disk) stops the reply
+    // and is the command's error.
+    let mut written = Ok(());
     let g = session.generate(&tok, &prompt, &params, |t| {
         let mut out = stdout.lock();
-        out.write_all(t.as_bytes())
-            .and_then(|_| out.flush())
-            .is_ok()
+        written = out.write_all(t.as_bytes()).and_then(|_| out.flush());
+        written.is_ok()
     })?;
-    println!();
+    written?;
+    outln!()?;
     if !a.quiet {
         eprintln!("{}", timing_line(&g));
     }
@@ -177,7 +180,7 @@ pub fn run(a: RunArgs) -> Result<()> {
 pub fn chat(a: ChatArgs) -> Result<()> {
     let (model, tok) = a.s.load()?;
     let mut params = a.s.params(&tok, true)?;
-    let mut session = Session::new(&model, a.s.ctx_for(&model));
+    let mut session = Session::try_new(&model, a.s.ctx_for(&model))?;
     let interrupted = Arc::new(AtomicBool::new(false));
     let generating = Arc::new(AtomicBool::new(false));
     {
@@ -202,10 +205,14 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     let mut turn = 0u64;
     loop {
         eprint!("> ");
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        let mut bytes = Vec::new();
+        if stdin.lock().read_until(b'\n', &mut bytes)? == 0 {
             break;
         }
+        let Ok(line) = String::from_utf8(bytes) else {
+            eprintln!("(that line is not valid UTF-8: type it again)");
+            continue;
+        };
         let line = line.trim();
         match line {
             "" => continue,
@@ -230,13 +237,15 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         interrupted.store(false, Ordering::SeqCst);
         generating.store(true, Ordering::SeqCst);
         let stdout = std::io::stdout();
+        let mut written = Ok(());
         let r = session.generate(&tok, &prompt, &params, |t| {
             let mut out = stdout.lock();
-            let _ = out.write_all(t.as_bytes()).and_then(|_| out.flush());
-            !interrupted.load(Ordering::SeqCst)
+            written = out.write_all(t.as_bytes()).and_then(|_| out.flush());
+            written.is_ok() && !interrupted.load(Ordering::SeqCst)
         });
         generating.store(false, Ordering::SeqCst);
-        println!();
+        written?;
+        outln!()?;
         match r {
             Ok(g) => history.push(Message::new(Role::Assistant, g.text)),
             Err(e) => {

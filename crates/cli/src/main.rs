@@ -1,5 +1,14 @@
 //! `gemma3`: run, chat with, measure and serve Gemma 3 270M on the CPU.
 
+/// `println!` that hands back the write's error (a reader that went away, a
+/// full disk) instead of panicking on it, as `println!` does.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 mod bench;
 mod generate;
 mod model_path;
@@ -58,9 +67,9 @@ enum Command {
     Info {
         #[command(flatten)]
         model: ModelArg,
-        /// Context size to size the KV cache for.
-        #[arg(long, default_value_t = 32768)]
-        ctx: usize,
+        /// Context size to size the KV cache for (default: the model's).
+        #[arg(long)]
+        ctx: Option<usize>,
     },
     /// Speed of prompt processing (pp) and generation (tg), like llama-bench.
     Bench(bench::BenchArgs),
@@ -76,6 +85,14 @@ enum Command {
 
 fn main() {
     if let Err(e) = real_main() {
+        // The reader of our output went away (`gemma3 run … | head -c1`):
+        // stop quietly, with the status a tool killed by SIGPIPE has.
+        if e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        }) {
+            std::process::exit(141);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -98,9 +115,7 @@ fn real_main() -> Result<()> {
             let [t] = ts[..] else {
                 anyhow::bail!("--threads takes one number here (a list only for bench)")
             };
-            if t == 0 || t > 1024 {
-                anyhow::bail!("--threads must be between 1 and 1024, got {t}");
-            }
+            check_threads(t)?;
             t
         }
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -113,6 +128,21 @@ fn real_main() -> Result<()> {
         .build()
         .context("starting the thread pool")?;
     pool.install(|| command(cli.command))
+}
+
+/// Refuses a thread count of 0, or of more than 4 per core: the workers
+/// spin while they wait for work, so with many more threads than cores
+/// they take the cores from each other (`-t 1024` on 2 cores took 23 s
+/// for one token).
+fn check_threads(t: usize) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if t == 0 || t > 4 * cores {
+        anyhow::bail!(
+            "--threads must be between 1 and {} (4 per core; this machine has {cores}), got {t}",
+            4 * cores
+        );
+    }
+    Ok(())
 }
 
 fn command(command: Command) -> Result<()> {
@@ -131,14 +161,14 @@ fn command(command: Command) -> Result<()> {
             let tok = gemma3_engine::tokenizer_from_gguf(&f)?;
             let ids = tok.encode(&text, !no_bos, special);
             if json {
-                println!("{}", serde_json::to_string(&ids)?);
+                outln!("{}", serde_json::to_string(&ids)?)?;
             } else {
                 for id in ids {
                     let piece = tok
                         .token_to_piece(id, true)
                         .map(|b| String::from_utf8_lossy(b).into_owned())
                         .unwrap_or_default();
-                    println!("{id:>6} -> {piece:?}");
+                    outln!("{id:>6} -> {piece:?}")?;
                 }
             }
             Ok(())
@@ -150,32 +180,52 @@ fn command(command: Command) -> Result<()> {
             let path = model_path::resolve(a.model.clone(), true)?;
             gemma3_server::serve(gemma3_server::ServerConfig::from_args(a, path))
         }
-        Command::Pull { force } => model_path::pull(force).map(|p| println!("{}", p.display())),
+        Command::Pull { force } => Ok(outln!("{}", model_path::pull(force)?.display())?),
     }
 }
 
-fn info(model: ModelArg, ctx: usize) -> Result<()> {
+fn info(model: ModelArg, ctx: Option<usize>) -> Result<()> {
+    if ctx == Some(0) {
+        anyhow::bail!("--ctx must be at least 1");
+    }
     let path = model_path::resolve(model.model, false)?;
-    let m =
-        gemma3_model::Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
+    // Loaded as `run` loads it (tokenizer included), so that what `info`
+    // describes is a file `run` accepts.
+    let (m, _) =
+        gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let c = &m.config;
+    let ctx = ctx.unwrap_or(c.ctx_len);
+    if ctx > c.ctx_len {
+        anyhow::bail!(
+            "--ctx {ctx} is larger than the model's context of {} tokens",
+            c.ctx_len
+        );
+    }
     let name = m.file.get_str("general.name").unwrap_or("?");
-    println!("file          {}", path.display());
-    println!("name          {name}");
-    println!(
+    outln!("file          {}", path.display())?;
+    outln!("name          {name}")?;
+    outln!(
         "architecture  gemma3: {} layers, d_model {}, d_ff {} (GeGLU, tanh-GELU)",
-        c.n_layers, c.d_model, c.d_ff
-    );
-    println!(
+        c.n_layers,
+        c.d_model,
+        c.d_ff
+    )?;
+    outln!(
         "attention     {} query heads, {} KV heads, head dim {}, scale {:.5}",
-        c.n_heads, c.n_kv_heads, c.head_dim, c.attn_scale
-    );
+        c.n_heads,
+        c.n_kv_heads,
+        c.head_dim,
+        c.attn_scale
+    )?;
     let globals: Vec<usize> = (0..c.n_layers).filter(|&l| c.is_global(l)).collect();
-    println!(
+    outln!(
         "layers        sliding window {} (RoPE base {}), global {:?} (RoPE base {})",
-        c.sliding_window, c.rope_base_local, globals, c.rope_base_global
-    );
-    println!(
+        c.sliding_window,
+        c.rope_base_local,
+        globals,
+        c.rope_base_global
+    )?;
+    outln!(
         "vocab         {} tokens, output head {}",
         c.vocab_size,
         if m.output.is_some() {
@@ -183,32 +233,31 @@ fn info(model: ModelArg, ctx: usize) -> Result<()> {
         } else {
             "tied to the embedding"
         }
-    );
-    println!("context       {} tokens (training)", c.ctx_len);
-    println!(
+    )?;
+    outln!("context       {} tokens (training)", c.ctx_len)?;
+    outln!(
         "parameters    {} ({:.1} M)",
         m.n_params(),
         m.n_params() as f64 / 1e6
-    );
-    println!("tensor types:");
+    )?;
+    outln!("tensor types:")?;
     for (ty, n, bytes) in m.bytes_by_type() {
-        println!(
+        outln!(
             "  {ty:<6} {n:>4} tensors {:>9.1} MiB",
             bytes as f64 / (1 << 20) as f64
-        );
+        )?;
     }
-    let ctx = ctx.clamp(1, c.ctx_len);
     let kv = gemma3_model::KvCache::bytes_for(c, ctx);
     // Activations of one 512-token micro-batch plus one row of logits per token.
     let buffers =
         512 * (4 * c.d_model + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.d_ff) * 4 + c.vocab_size * 4;
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
     let loaded = m.loaded_weight_bytes() as usize;
-    println!("memory at --ctx {ctx}: weights {:.1} MiB (interleaved at load) + KV cache {:.1} MiB (f16) + buffers {:.1} MiB = {:.1} MiB", mib(loaded), mib(kv), mib(buffers), mib(loaded + kv + buffers));
-    println!(
+    outln!("memory at --ctx {ctx}: weights {:.1} MiB (interleaved at load) + KV cache {:.1} MiB (f16) + buffers {:.1} MiB = {:.1} MiB", mib(loaded), mib(kv), mib(buffers), mib(loaded + kv + buffers))?;
+    outln!(
         "weights read per generated token: {:.1} MiB",
         mib(m.bytes_per_token() as usize)
-    );
+    )?;
     // Which kernels this CPU runs, as llama.cpp's system info line tells.
     let k = gemma3_kernels::simd::best();
     let tiles = if k.packed.tiles.is_some() {
@@ -216,6 +265,6 @@ fn info(model: ModelArg, ctx: usize) -> Result<()> {
     } else {
         "no (none on this CPU, not granted by the OS, or GEMMA3_NO_AMX, GEMMA3_FORCE_SCALAR or GEMMA3_KERNELS chose another table)"
     };
-    println!("kernels: {}; AMX tiles: {tiles}", k.name);
+    outln!("kernels: {}; AMX tiles: {tiles}", k.name)?;
     Ok(())
 }

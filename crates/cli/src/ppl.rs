@@ -7,7 +7,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use gemma3_model::{Batch, ForwardState, KvCache};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -34,10 +34,34 @@ fn nll(logits: &[f32], target: u32) -> f64 {
     -(logits[target as usize] as f64 - max - sum.ln())
 }
 
+/// The most text `ppl` reads: far more than any test set (wikitext-2's is
+/// 1.3 MB), and a bound for a file that never ends, such as /dev/zero.
+const MAX_TEXT_BYTES: u64 = 256 << 20;
+
+fn read_text(path: &std::path::Path) -> Result<String> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_TEXT_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_TEXT_BYTES {
+        bail!("the text is longer than {} MiB", MAX_TEXT_BYTES >> 20);
+    }
+    String::from_utf8(bytes).context("the text is not UTF-8")
+}
+
 pub fn run(a: PplArgs) -> Result<()> {
     let path = crate::model_path::resolve(a.model.clone(), true)?;
     let (model, tok) =
         gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    if a.chunks == Some(0) {
+        bail!("--chunks must be at least 1 (leave it out to score every chunk)");
+    }
+    if model.config.ctx_len < 4 {
+        bail!(
+            "the model's context of {} tokens is too short to measure perplexity (4 at least)",
+            model.config.ctx_len
+        );
+    }
     if a.ctx < 4 || a.ctx > model.config.ctx_len {
         bail!(
             "--ctx must be between 4 and {}, got {}",
@@ -48,8 +72,7 @@ pub fn run(a: PplArgs) -> Result<()> {
     if a.batch == 0 || a.batch > 4096 {
         bail!("--batch must be between 1 and 4096, got {}", a.batch);
     }
-    let text = std::fs::read_to_string(&a.file)
-        .with_context(|| format!("reading {}", a.file.display()))?;
+    let text = read_text(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let tokens = tok.encode(&text, true, false);
     let available = tokens.len() / a.ctx;
     if available == 0 {
@@ -68,7 +91,7 @@ pub fn run(a: PplArgs) -> Result<()> {
         a.ctx
     );
     let bos = tok.specials().bos;
-    let mut cache = KvCache::new(&model.config, a.ctx);
+    let mut cache = KvCache::try_new(&model.config, a.ctx)?;
     let mut st = ForwardState::new();
     let first = a.ctx / 2;
     let vocab = model.config.vocab_size;
@@ -95,15 +118,23 @@ pub fn run(a: PplArgs) -> Result<()> {
             }
             start = end;
         }
-        print!("[{}]{:.4},", c + 1, (total / count as f64).exp());
+        if !total.is_finite() {
+            bail!("chunk {}: the model's logits are not finite numbers (NaN or infinity): its weights or metadata are broken", c + 1);
+        }
+        write!(
+            std::io::stdout(),
+            "[{}]{:.4},",
+            c + 1,
+            (total / count as f64).exp()
+        )?;
         std::io::stdout().flush()?;
     }
-    println!();
+    outln!()?;
     eprintln!(
         "{:.1} s, {:.1} tokens/s",
         t0.elapsed().as_secs_f64(),
         (n_chunks * a.ctx) as f64 / t0.elapsed().as_secs_f64()
     );
-    println!("PPL = {:.4}", (total / count as f64).exp());
+    outln!("PPL = {:.4}", (total / count as f64).exp())?;
     Ok(())
 }

@@ -252,7 +252,36 @@ fn invalid_flags_are_clear_errors() {
         &["nothing to measure"],
     );
     fails_with(&["bench", "-r", "0"], Some(&p), &["--reps"]);
-    fails_with(&["bench", "-t", "1,0"], Some(&p), &["thread counts", "0"]);
+    fails_with(&["bench", "-t", "1,0"], Some(&p), &["--threads", "got 0"]);
+    // More than 4 threads a core: the spinning workers took 23 s a token at 1024 on 2 cores.
+    fails_with(
+        &["bench", "-t", "100000"],
+        Some(&p),
+        &["--threads", "4 per core"],
+    );
+    fails_with(
+        &["-t", "100000", "run", "--raw", "hi"],
+        Some(&p),
+        &["--threads", "4 per core"],
+    );
+    // Depth + length wrapped around usize and passed the context check.
+    fails_with(
+        &["bench", "-d", "18446744073709551615", "-p", "1", "-n", "0"],
+        Some(&p),
+        &["exceeds the context"],
+    );
+    fails_with(
+        &["bench", "-p", "0", "-n", "18446744073709551615"],
+        Some(&p),
+        &["exceed the context"],
+    );
+    fails_with(&["ppl", "--chunks", "0", text], Some(&p), &["--chunks"]);
+    fails_with(&["info", "--ctx", "0"], Some(&p), &["--ctx"]);
+    fails_with(
+        &["info", "--ctx", "4096"],
+        Some(&p),
+        &["--ctx 4096", "2048"],
+    );
     // Named before the model loads: a missing file is not what is reported.
     let missing = temp_path("bench-missing.gguf");
     fails_with(
@@ -276,5 +305,150 @@ fn a_prompt_longer_than_the_context_is_a_clear_error() {
         &["run", "--raw", "--ctx", "16", "-n", "1", prompt],
         Some(&p),
         &[&format!("prompt has {n} tokens but the context holds 16")],
+    );
+}
+
+/// `bench` on a vocabulary of 300: its synthetic prompt divided by (vocab − 1000).
+#[test]
+fn bench_runs_on_a_small_vocabulary() {
+    let p = tiny_model("tiny-bench.gguf");
+    let (out, stdout, stderr) = run(gemma3()
+        .args([
+            "bench", "-p", "8", "-n", "2", "-r", "1", "-t", "1", "--model",
+        ])
+        .arg(&*p));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("pp8") && stdout.contains("tg2"), "{stdout}");
+}
+
+/// A reader that goes away (`gemma3 run … | head -c1`) ends the command quietly with SIGPIPE's
+/// status; a full disk is an error. Both had panicked in `println!`.
+#[test]
+fn a_closed_or_full_stdout_is_not_a_panic() {
+    use std::process::Stdio;
+    let p = tiny_model("tiny-pipe.gguf");
+    let mut child = gemma3()
+        .args([
+            "run", "--raw", "--ctx", "1024", "--temp", "0", "-n", "1000", "--quiet",
+        ])
+        .arg("--model")
+        .arg(&*p)
+        .arg("ab")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    if let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") {
+        let (out, _, stderr) = run(gemma3().args(["info", "--model"]).arg(&*p).stdout(full));
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("No space left"), "{stderr}");
+    }
+}
+
+/// A path that is no regular file: a directory gave "No such device", and a FIFO blocked.
+#[test]
+fn a_model_path_that_is_not_a_file_is_named() {
+    let dir = std::env::temp_dir();
+    let dir = dir.to_str().unwrap();
+    fails_with(
+        &["run", "--raw", "-n", "1", "--model", dir, "hi"],
+        None,
+        &["not a regular file"],
+    );
+}
+
+/// `ppl` reads at most 256 MiB of text: /dev/zero had grown it to 19 GB.
+#[test]
+fn ppl_text_has_a_size_limit() {
+    let p = tiny_model("tiny-ppl-zero.gguf");
+    let big = TempFile(temp_path("sparse.txt"));
+    std::fs::File::create(&*big)
+        .unwrap()
+        .set_len((256 << 20) + 1)
+        .unwrap();
+    fails_with(&["ppl", big.to_str().unwrap()], Some(&p), &["256 MiB"]);
+}
+
+/// Files a lenient reader would run with a silently wrong answer: each is refused, naming
+/// what is wrong.
+#[test]
+fn inconsistent_model_files_are_refused() {
+    use gemma3_gguf::{Array, GgufWriter, Value};
+    let spec = TinySpec::default();
+    let case = |name: &str, edit: &dyn Fn(&mut GgufWriter), needles: &[&str]| {
+        let (mut w, _) = tiny_writer(&spec);
+        edit(&mut w);
+        let p = write_tiny(name, &w);
+        fails_with(
+            &["run", "--raw", "--ctx", "64", "-n", "2", "ab"],
+            Some(&p),
+            needles,
+        );
+    };
+    // An optional key of another type is not read as its default (512).
+    case(
+        "swa-f32.gguf",
+        &|w| w.add_kv("gemma3.attention.sliding_window", Value::F32(8.0)),
+        &["gemma3.attention.sliding_window"],
+    );
+    case(
+        "rope-u32.gguf",
+        &|w| w.add_kv("gemma3.rope.freq_base", Value::U32(10000)),
+        &["gemma3.rope.freq_base"],
+    );
+    for (file, v) in [("qpas-0.gguf", 0.0), ("qpas-nan.gguf", f32::NAN)] {
+        case(
+            file,
+            &|w| w.add_kv("gemma3.attention.query_pre_attn_scalar", Value::F32(v)),
+            &["query_pre_attn_scalar"],
+        );
+    }
+    // block_count leaving out the file's last layer: not run on the other five.
+    case(
+        "fewer-blocks.gguf",
+        &|w| w.add_kv("gemma3.block_count", Value::U32(5)),
+        &["tensors", "blk.5."],
+    );
+    // One token more than the embedding has rows (ppl indexed past the logits).
+    case(
+        "long-vocab.gguf",
+        &|w| {
+            let (tokens, scores, types) = tiny::tiny_vocab(spec.vocab + 1);
+            w.add_kv(
+                "tokenizer.ggml.tokens",
+                Value::Array(Array::String(tokens.into())),
+            );
+            w.add_kv("tokenizer.ggml.scores", Value::Array(Array::F32(scores)));
+            w.add_kv("tokenizer.ggml.token_type", Value::Array(Array::I32(types)));
+        },
+        &["vocabulary has 301 tokens", "300 rows"],
+    );
+}
+
+/// NaN weights give NaN logits: an error, not a reply of token 0 after token 0.
+#[test]
+fn non_finite_logits_are_an_error() {
+    let spec = TinySpec::default();
+    let mut weights = tiny::tiny_weights(&spec);
+    weights.get_mut("output_norm.weight").unwrap().data[0] = f32::NAN;
+    let mut w = gemma3_gguf::GgufWriter::new();
+    tiny::tiny_metadata(&mut w, &spec, "gemma3");
+    for (name, t) in &weights {
+        let bytes: Vec<u8> = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.add_tensor(name, &t.dims, GgmlType::F32, bytes).unwrap();
+    }
+    let p = write_tiny("nan-norm.gguf", &w);
+    fails_with(
+        &[
+            "run", "--raw", "--ctx", "64", "--temp", "0", "-n", "2", "ab",
+        ],
+        Some(&p),
+        &["not finite"],
     );
 }

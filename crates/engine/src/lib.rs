@@ -30,6 +30,15 @@ pub fn load(
 ) -> Result<(gemma3_model::Model, Tokenizer), gemma3_model::ModelError> {
     let (model, tok) = gemma3_model::Model::open_alongside(path, tokenizer_from_gguf)?;
     let tok = tok?;
+    // Every token must have an embedding row and a logit, and every row a
+    // token (llama.cpp checks token_embd's shape against the vocabulary).
+    if tok.vocab_size() != model.config.vocab_size {
+        return Err(gemma3_model::ModelError::Tokenizer(format!(
+            "the vocabulary has {} tokens but token_embd.weight has {} rows",
+            tok.vocab_size(),
+            model.config.vocab_size
+        )));
+    }
     model.collapse_huge_pages_in_background();
     Ok((model, tok))
 }

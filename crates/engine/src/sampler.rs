@@ -84,9 +84,10 @@ impl SamplingParams {
         if !(0.0..=1.0).contains(&self.min_p) {
             return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
-        if !(self.repeat_penalty > 0.0 && self.repeat_penalty <= 10.0) {
+        // Not below 0.01: a logit divided by 1e-38 overflows to infinity.
+        if !(0.01..=10.0).contains(&self.repeat_penalty) {
             return Err(format!(
-                "repeat_penalty must be in (0, 10], got {}",
+                "repeat_penalty must be in [0.01, 10], got {}",
                 self.repeat_penalty
             ));
         }

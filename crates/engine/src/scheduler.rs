@@ -235,9 +235,17 @@ impl Scheduler {
             .thread_name(|i| format!("gemma3-worker-{i}"))
             .build()
             .map_err(std::io::Error::other)?;
+        // The caches first, here, so that one the allocator refuses is the
+        // caller's error rather than a dead scheduler thread.
+        let caches = (0..cfg.parallel)
+            .map(|_| KvCache::try_new(&model.config, cfg.ctx))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(std::io::Error::other)?;
         let thread = std::thread::Builder::new()
             .name("gemma3-scheduler".into())
-            .spawn(move || pool.install(|| Worker::new(&model, &tokenizer, cfg, shared).run(rx)))?;
+            .spawn(move || {
+                pool.install(|| Worker::new(&model, &tokenizer, cfg, caches, shared).run(rx))
+            })?;
         Ok((handle, thread))
     }
 
@@ -337,6 +345,8 @@ struct Job<'a> {
 /// A token chosen from one row of logits.
 struct Pick {
     token: u32,
+    /// Whether the token's logit is a finite number (see `NON_FINITE`).
+    finite: bool,
     logprob: Option<f32>,
     top: Vec<(u32, f32)>,
 }
@@ -359,6 +369,7 @@ impl Job<'_> {
         };
         Pick {
             token,
+            finite: row[token as usize].is_finite(),
             logprob,
             top,
         }
@@ -436,11 +447,9 @@ impl<'a> Worker<'a> {
         model: &'a Model,
         tok: &'a Tokenizer,
         cfg: SchedulerConfig,
+        caches: Vec<KvCache>,
         shared: Arc<Shared>,
     ) -> Self {
-        let caches = (0..cfg.parallel)
-            .map(|_| KvCache::new(&model.config, cfg.ctx))
-            .collect();
         let slots = (0..cfg.parallel)
             .map(|_| Slot {
                 tokens: Vec::new(),
@@ -764,6 +773,14 @@ impl<'a> Worker<'a> {
         for (i, p) in picks {
             let s = &mut self.slots[i];
             let Some(job) = s.job.as_mut() else { continue };
+            if !p.finite {
+                job.events.send(Event::Error(RequestError::Model(
+                    crate::session::NON_FINITE.into(),
+                )));
+                s.job = None;
+                self.release(i);
+                continue;
+            }
             let before = job.generated;
             let end = job.deliver(p, s.tokens.len(), ctx);
             generated += (job.generated - before) as u32;

@@ -21,7 +21,14 @@ pub enum SessionError {
     Sampling(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("{NON_FINITE}")]
+    NonFiniteLogits,
 }
+
+/// Why a model that computes NaN or infinite logits (broken weights or
+/// metadata) gets an error instead of a reply of token 0 after token 0.
+pub const NON_FINITE: &str =
+    "the model's logits are not finite numbers (NaN or infinity): its weights or metadata are broken";
 
 #[derive(Clone, Debug)]
 pub struct GenerateParams {
@@ -67,14 +74,22 @@ pub struct Session<'m> {
 }
 
 impl<'m> Session<'m> {
+    /// Panics where the KV cache's memory cannot be had; [`Session::try_new`]
+    /// says so instead.
     pub fn new(model: &'m Model, ctx: usize) -> Self {
-        Session {
+        Self::try_new(model, ctx).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A session with a KV cache of `ctx` positions, or an error naming its
+    /// size when the allocator refuses it.
+    pub fn try_new(model: &'m Model, ctx: usize) -> Result<Self, gemma3_model::ModelError> {
+        Ok(Session {
             model,
-            cache: KvCache::new(&model.config, ctx),
+            cache: KvCache::try_new(&model.config, ctx)?,
             state: ForwardState::new(),
             batch: Batch::default(),
             tokens: Vec::new(),
-        }
+        })
     }
 
     pub fn ctx(&self) -> usize {
@@ -196,6 +211,9 @@ impl<'m> Session<'m> {
         let mut hit_stop_string = false;
         while out_tokens.len() < params.max_tokens {
             let t = sampler.sample(&logits, &history);
+            if !logits[t as usize].is_finite() {
+                return Err(SessionError::NonFiniteLogits);
+            }
             if params.stop_tokens.contains(&t) {
                 finish = FinishReason::Stop;
                 break;

@@ -108,6 +108,15 @@ impl GgufFile {
             path: path.to_path_buf(),
             error,
         };
+        // Only a regular file can be mapped: a directory or device would
+        // fail with "No such device", and opening a FIFO would block.
+        let meta = std::fs::metadata(path).map_err(io_err)?;
+        if !meta.is_file() {
+            return Err(io_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            )));
+        }
         let file = File::open(path).map_err(io_err)?;
         // SAFETY: the file is opened read-only and we only ever read through the map. We do not
         // guard against another process truncating or rewriting the file while it is mapped

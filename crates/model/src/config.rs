@@ -2,7 +2,7 @@
 //! defaults for what Gemma 3 GGUF files do not store.
 
 use crate::ModelError;
-use gemma3_gguf::GgufFile;
+use gemma3_gguf::{Array, GgufFile, Value};
 
 /// Every 6th layer is global (layers 5, 11, 17 of 18); the others use a
 /// sliding window. llama.cpp hard-codes this for gemma3 (LLAMA_SWA_TYPE_STANDARD,
@@ -35,7 +35,11 @@ pub struct Config {
     pub rope_scale_global: f32,
     /// A local layer's query at p sees keys p-window+1..=p.
     pub sliding_window: usize,
-    pub sliding_window_pattern: usize,
+    /// (n_layers,) true for a global (full-context) layer: every
+    /// [`DEFAULT_SLIDING_WINDOW_PATTERN`]-th one, unless the file's
+    /// `attention.sliding_window_pattern` gives another period or one bool
+    /// per layer (true for a sliding-window layer, as gguf-py writes it).
+    pub global_layers: Vec<bool>,
     /// Query scale (1/sqrt(head_dim) for the 270M model).
     pub attn_scale: f32,
 }
@@ -46,43 +50,84 @@ impl Config {
         if arch != "gemma3" {
             return Err(ModelError::Architecture(arch.to_string()));
         }
-        let u = |k: &str| -> Result<usize, ModelError> {
-            Ok(f.get_u32(&format!("gemma3.{k}"))? as usize)
+        let key = |k: &str| format!("gemma3.{k}");
+        let u = |k: &str| -> Result<usize, ModelError> { Ok(f.get_u32(&key(k))? as usize) };
+        // An optional key may be absent; present with another type, it is
+        // an error (as llama.cpp's `get_key` makes it), not the default.
+        let opt_u = |k: &str| -> Result<Option<usize>, ModelError> {
+            match f.get(&key(k)) {
+                None => Ok(None),
+                Some(_) => Ok(Some(f.get_u32(&key(k))? as usize)),
+            }
         };
-        let opt_u = |k: &str| -> Option<usize> {
-            f.get_u32(&format!("gemma3.{k}")).ok().map(|v| v as usize)
+        let opt_f = |k: &str| -> Result<Option<f32>, ModelError> {
+            match f.get(&key(k)) {
+                None => Ok(None),
+                Some(_) => Ok(Some(f.get_f32(&key(k))?)),
+            }
         };
-        let opt_f = |k: &str| -> Option<f32> { f.get_f32(&format!("gemma3.{k}")).ok() };
+        let n_layers = u("block_count")?;
         let n_heads = u("attention.head_count")?;
-        let head_dim = opt_u("attention.key_length").unwrap_or(256);
-        let rope_scale_global = match f.get_str("gemma3.rope.scaling.type") {
-            Ok("linear") => opt_f("rope.scaling.factor").unwrap_or(1.0),
-            Ok("none") | Err(_) => 1.0,
-            Ok(other) => {
+        let head_dim = opt_u("attention.key_length")?.unwrap_or(256);
+        // llama.cpp reads the type as "linear" when the file has none, and a
+        // factor of 0 as no scaling.
+        let factor = opt_f("rope.scaling.factor")?;
+        let scaling = match f.get(&key("rope.scaling.type")) {
+            None => "linear",
+            Some(_) => f.get_str(&key("rope.scaling.type"))?,
+        };
+        let rope_scale_global = match scaling {
+            "linear" => factor.filter(|&x| x != 0.0).unwrap_or(1.0),
+            "none" => 1.0,
+            other => {
                 return Err(ModelError::BadConfig {
-                    key: "gemma3.rope.scaling.type".into(),
+                    key: key("rope.scaling.type"),
                     why: format!("RoPE scaling '{other}' is not supported"),
                 })
             }
         };
-        let query_pre_attn_scalar = opt_f("attention.query_pre_attn_scalar");
+        let pattern_key = key("attention.sliding_window_pattern");
+        let global_layers = match f.get(&pattern_key) {
+            Some(Value::Array(Array::Bool(swa))) => {
+                if swa.len() != n_layers {
+                    return Err(ModelError::BadConfig {
+                        key: pattern_key,
+                        why: format!("{} entries for {n_layers} layers", swa.len()),
+                    });
+                }
+                swa.iter().map(|&sliding| !sliding).collect()
+            }
+            _ => {
+                let period = opt_u("attention.sliding_window_pattern")?
+                    .unwrap_or(DEFAULT_SLIDING_WINDOW_PATTERN);
+                if period == 0 {
+                    return Err(ModelError::BadConfig {
+                        key: pattern_key,
+                        why: "must be at least 1".into(),
+                    });
+                }
+                (0..n_layers.min(1 << 20))
+                    .map(|l| (l + 1).is_multiple_of(period))
+                    .collect()
+            }
+        };
+        let query_pre_attn_scalar = opt_f("attention.query_pre_attn_scalar")?;
         let cfg = Config {
-            n_layers: u("block_count")?,
+            n_layers,
             d_model: u("embedding_length")?,
             d_ff: u("feed_forward_length")?,
             n_heads,
-            n_kv_heads: opt_u("attention.head_count_kv").unwrap_or(n_heads),
+            n_kv_heads: opt_u("attention.head_count_kv")?.unwrap_or(n_heads),
             head_dim,
-            value_dim: opt_u("attention.value_length").unwrap_or(head_dim),
+            value_dim: opt_u("attention.value_length")?.unwrap_or(head_dim),
             vocab_size: 0, // set from the embedding tensor by the loader
             ctx_len: u("context_length")?,
-            rms_eps: opt_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
-            rope_base_global: opt_f("rope.freq_base").unwrap_or(1_000_000.0),
-            rope_base_local: opt_f("rope.local.freq_base").unwrap_or(DEFAULT_ROPE_LOCAL_BASE),
+            rms_eps: opt_f("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-6),
+            rope_base_global: opt_f("rope.freq_base")?.unwrap_or(1_000_000.0),
+            rope_base_local: opt_f("rope.local.freq_base")?.unwrap_or(DEFAULT_ROPE_LOCAL_BASE),
             rope_scale_global,
-            sliding_window: opt_u("attention.sliding_window").unwrap_or(512),
-            sliding_window_pattern: opt_u("attention.sliding_window_pattern")
-                .unwrap_or(DEFAULT_SLIDING_WINDOW_PATTERN),
+            sliding_window: opt_u("attention.sliding_window")?.unwrap_or(512),
+            global_layers,
             attn_scale: 1.0 / query_pre_attn_scalar.unwrap_or(head_dim as f32).sqrt(),
         };
         cfg.validate()?;
@@ -129,10 +174,10 @@ impl Config {
                 ),
             );
         }
-        if self.sliding_window_pattern == 0 {
+        if !(self.attn_scale.is_finite() && self.attn_scale > 0.0) {
             return bad(
-                "attention.sliding_window_pattern",
-                "must be at least 1".into(),
+                "attention.query_pre_attn_scalar",
+                "must be a positive number".into(),
             );
         }
         if !(self.rms_eps > 0.0 && self.rms_eps < 1.0) {
@@ -153,9 +198,9 @@ impl Config {
         Ok(())
     }
 
-    /// Global (full-context) layers are every `sliding_window_pattern`-th one.
+    /// Whether `layer` is global (full-context); see `global_layers`.
     pub fn is_global(&self, layer: usize) -> bool {
-        (layer + 1).is_multiple_of(self.sliding_window_pattern)
+        self.global_layers.get(layer).copied().unwrap_or(false)
     }
 
     /// Inverse RoPE frequencies for a layer: base^(-2i/d) (÷ scale on global layers).

@@ -11,6 +11,12 @@ pub enum ModelError {
     BadConfig { key: String, why: String },
     #[error("tensor '{0}' is missing from the model file")]
     MissingTensor(String),
+    #[error("the file has {found} tensors where the metadata describes {used} (for example '{example}'): is gemma3.block_count right?")]
+    ExtraTensors {
+        found: usize,
+        used: usize,
+        example: String,
+    },
     #[error("tensor '{name}' has shape {found:?}, expected {expected:?}")]
     Shape {
         name: String,
@@ -27,4 +33,6 @@ pub enum ModelError {
     BadToken { id: u32, vocab: usize },
     #[error("invalid batch: {0}")]
     BadBatch(String),
+    #[error("the KV cache for a context of {ctx} tokens needs {mib} MiB, which could not be allocated: use a smaller context (--ctx)")]
+    KvCacheAlloc { ctx: usize, mib: usize },
 }

@@ -9,7 +9,7 @@
 //! written before any of its tokens attends, and no key a query needs is
 //! overwritten by a later token of the same micro-batch.
 
-use crate::Config;
+use crate::{Config, ModelError};
 use half::f16;
 use rayon::prelude::*;
 
@@ -17,14 +17,21 @@ use rayon::prelude::*;
 pub const MAX_UBATCH: usize = 512;
 
 /// `n` f16 zeros from zeroed memory (calloc): the OS maps pages on first
-/// write, so a 32K-token cache costs memory only for positions used.
-fn zeroed_f16(n: usize) -> Vec<f16> {
-    let mut v = std::mem::ManuallyDrop::new(vec![0u16; n]);
-    let (ptr, len, cap) = (v.as_mut_ptr(), v.len(), v.capacity());
-    // SAFETY: half::f16 is #[repr(transparent)] over u16 (same size and
-    // alignment, every bit pattern valid), the all-zero pattern is +0.0, and
-    // ownership moves from the forgotten Vec<u16> to the new Vec<f16>.
-    unsafe { Vec::from_raw_parts(ptr as *mut f16, len, cap) }
+/// write, so a 32K-token cache costs memory only for positions used. `None`
+/// where the allocator refuses the block (an absurd context), instead of
+/// aborting the process as `vec!` would.
+fn try_zeroed_f16(n: usize) -> Option<Vec<f16>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f16>(n).ok()?;
+    // SAFETY: the layout's size is not zero. A non-null block is `n` f16s
+    // of zero bits (+0.0: half::f16 is #[repr(transparent)] over u16), from
+    // the global allocator with f16's layout, so the Vec may own and free it.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut f16;
+        (!p.is_null()).then(|| Vec::from_raw_parts(p, n, n))
+    }
 }
 
 /// Positions per K tile (the attention kernels' key block).
@@ -157,26 +164,40 @@ pub struct KvCache {
 
 impl KvCache {
     /// A cache for `ctx` positions (clamped to the model's context length).
+    ///
+    /// Panics where the memory cannot be had; [`KvCache::try_new`] says so
+    /// instead.
     pub fn new(cfg: &Config, ctx: usize) -> Self {
+        Self::try_new(cfg, ctx).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A cache of `ctx` positions (clamped to 1..=the model's context), or
+    /// an error naming the size when the allocator refuses it.
+    pub fn try_new(cfg: &Config, ctx: usize) -> Result<Self, ModelError> {
         let ctx = ctx.clamp(1, cfg.ctx_len);
         let kv_dim = cfg.kv_dim();
+        let too_large = || ModelError::KvCacheAlloc {
+            ctx,
+            mib: Self::bytes_for(cfg, ctx) >> 20,
+        };
         let layers = (0..cfg.n_layers)
             .map(|l| {
                 let (slots, window) = layer_slots(cfg, l, ctx);
-                LayerCache {
-                    k: zeroed_f16(slots * kv_dim),
-                    v: zeroed_f16(slots * kv_dim),
+                let n = slots.checked_mul(kv_dim).ok_or_else(too_large)?;
+                Ok(LayerCache {
+                    k: try_zeroed_f16(n).ok_or_else(too_large)?,
+                    v: try_zeroed_f16(n).ok_or_else(too_large)?,
                     slots,
                     kv_dim,
                     window,
-                }
+                })
             })
-            .collect();
-        KvCache {
+            .collect::<Result<_, ModelError>>()?;
+        Ok(KvCache {
             layers,
             ctx,
             kv_dim,
-        }
+        })
     }
 
     /// Bytes this cache holds.

@@ -160,11 +160,17 @@ impl Model {
         let vocab = match embed_info.dims.as_slice() {
             [d, v] if *d as usize == c.d_model && *v > 0 && *v <= (1 << 24) => *v as usize,
             dims => {
+                // The vocabulary is this tensor's second dimension: name
+                // the found one where it is in range.
+                let v = match dims {
+                    [_, v] if *v > 0 && *v <= (1 << 24) => *v,
+                    _ => 262144,
+                };
                 return Err(ModelError::Shape {
                     name: "token_embd.weight".into(),
                     found: dims.to_vec(),
-                    expected: vec![c.d_model as u64, 262144],
-                })
+                    expected: vec![c.d_model as u64, v],
+                });
             }
         };
         config.vocab_size = vocab;
@@ -246,6 +252,46 @@ impl Model {
                 post_ffn_norm: vector(&n("post_ffw_norm"), c.d_model)?,
                 rope_inv_freq: c.rope_inv_freq(l),
                 is_global: c.is_global(l),
+            });
+        }
+        // Every tensor in the file is one of these (llama.cpp refuses a file
+        // with others: "wrong number of tensors"): a file whose block_count
+        // leaves out some of its layers is not run on the rest.
+        const PER_LAYER: [&str; 13] = [
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "attn_q_norm",
+            "attn_k_norm",
+            "post_attention_norm",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+            "post_ffw_norm",
+        ];
+        let used = 2 + usize::from(output.is_some()) + PER_LAYER.len() * layers.len();
+        if file.tensors().len() != used {
+            let known = |name: &str| match name {
+                "token_embd.weight" | "output.weight" | "output_norm.weight" => true,
+                _ => name
+                    .strip_prefix("blk.")
+                    .and_then(|r| r.split_once('.'))
+                    .and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest)))
+                    .is_some_and(|(l, rest)| {
+                        l < c.n_layers
+                            && rest
+                                .strip_suffix(".weight")
+                                .is_some_and(|t| PER_LAYER.contains(&t))
+                    }),
+            };
+            let extra = file.tensors().iter().find(|t| !known(&t.name));
+            return Err(ModelError::ExtraTensors {
+                found: file.tensors().len(),
+                used,
+                example: extra.map_or_else(String::new, |t| t.name.clone()),
             });
         }
         let mut model = Model {
