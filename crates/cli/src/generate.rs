@@ -42,6 +42,10 @@ pub struct SamplingArgs {
     /// Stop when this text is generated (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Add BIAS (-100..100) to token ID's logit, as llama.cpp's flag: 15043+1, 15043-100
+    /// (repeatable; `gemma3 tokenize` gives ids).
+    #[arg(long, value_name = "ID(+|-)BIAS", value_parser = parse_logit_bias, allow_hyphen_values = true)]
+    pub logit_bias: Vec<(u32, f32)>,
     /// Context size in tokens (KV cache; default 8192, or the model's context if smaller).
     #[arg(short = 'c', long)]
     pub ctx: Option<usize>,
@@ -69,6 +73,22 @@ pub struct ChatArgs {
     pub s: SamplingArgs,
 }
 
+/// `ID+BIAS` or `ID-BIAS` (llama.cpp's `--logit-bias` form).
+fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
+    let split = s
+        .find(['+', '-'])
+        .ok_or("expected ID+BIAS or ID-BIAS, e.g. 15043-100")?;
+    let id = s[..split]
+        .parse::<u32>()
+        .map_err(|_| format!("'{}' is not a token id", &s[..split]))?;
+    let bias = s[split..]
+        .parse::<f32>()
+        .ok()
+        .filter(|b| (-100.0..=100.0).contains(b))
+        .ok_or_else(|| format!("'{}' is not a bias in [-100, 100]", &s[split..]))?;
+    Ok((id, bias))
+}
+
 impl SamplingArgs {
     /// Generation settings; `chat` also stops at `<start_of_turn>` (the base
     /// model sometimes opens a new turn instead of closing its own).
@@ -89,8 +109,19 @@ impl SamplingArgs {
             repeat_last_n: self.repeat_last_n,
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias.clone(),
             seed,
         };
+        if let Some(&(id, _)) = self
+            .logit_bias
+            .iter()
+            .find(|(id, _)| *id as usize >= tok.vocab_size())
+        {
+            anyhow::bail!(
+                "--logit-bias: token {id} is outside the vocabulary of {}",
+                tok.vocab_size()
+            );
+        }
         sampling.validate().map_err(anyhow::Error::msg)?;
         if self.max_tokens == 0 {
             anyhow::bail!("--max-tokens must be at least 1");
@@ -255,4 +286,19 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_logit_bias;
+
+    #[test]
+    fn logit_bias_flags_as_llama_cpp_writes_them() {
+        assert_eq!(parse_logit_bias("15043+1"), Ok((15043, 1.0)));
+        assert_eq!(parse_logit_bias("15043-100"), Ok((15043, -100.0)));
+        assert_eq!(parse_logit_bias("7+0.5"), Ok((7, 0.5)));
+        for bad in ["15043", "x+1", "+1", "7+101", "7-1e9", "7+nan", "7+"] {
+            assert!(parse_logit_bias(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -276,6 +276,18 @@ fn invalid_flags_are_clear_errors() {
         &["exceed the context"],
     );
     fails_with(&["ppl", "--chunks", "0", text], Some(&p), &["--chunks"]);
+    // A malformed value is the argument parser's error (status 2).
+    let args = with(&["--ctx", "64", "--logit-bias", "12x"]);
+    let (out, _, stderr) = run(gemma3().args(&args).arg("--model").arg(&*p));
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("ID+BIAS"), "{stderr}");
+    let args = with(&["--ctx", "64", "--logit-bias", "300+1"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails_with(
+        &args,
+        Some(&p),
+        &["--logit-bias", "token 300", "vocabulary of 300"],
+    );
     fails_with(&["info", "--ctx", "0"], Some(&p), &["--ctx"]);
     fails_with(
         &["info", "--ctx", "4096"],

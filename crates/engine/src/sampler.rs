@@ -23,6 +23,11 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// Subtracted per occurrence of every token seen (OpenAI semantics).
     pub frequency_penalty: f32,
+    /// (token, bias) added to that token's logit before anything else
+    /// (OpenAI's `logit_bias`, −100..=100: −100 bans a token in practice,
+    /// +100 all but forces it). Ids are checked against the vocabulary by
+    /// whoever builds the params.
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
 
@@ -44,6 +49,7 @@ impl SamplingParams {
             repeat_last_n: 64,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 0,
         }
     }
@@ -101,6 +107,15 @@ impl SamplingParams {
             return Err(format!(
                 "frequency_penalty must be in [-2, 2], got {}",
                 self.frequency_penalty
+            ));
+        }
+        if let Some(&(id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return Err(format!(
+                "logit_bias must be in [-100, 100], got {b} for token {id}"
             ));
         }
         Ok(())
@@ -173,11 +188,18 @@ impl Sampler {
     /// prompted) so far for penalties.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
-        let penalised =
-            p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        let penalised = p.repeat_penalty != 1.0
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
+            || !p.logit_bias.is_empty();
         let logits: &[f32] = if penalised {
             self.work.clear();
             self.work.extend_from_slice(logits);
+            for &(id, b) in &p.logit_bias {
+                if let Some(l) = self.work.get_mut(id as usize) {
+                    *l += b;
+                }
+            }
             apply_penalties(&mut self.work, history, p);
             &self.work
         } else {
@@ -428,6 +450,37 @@ mod tests {
         for (c, p) in counts.iter().zip([1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0]) {
             assert!((*c as f64 / 60000.0 - p).abs() < 0.01, "{counts:?}");
         }
+    }
+
+    #[test]
+    fn logit_bias_moves_the_choice() {
+        let logits = [2.0f32, 1.9, 0.0];
+        let biased = |logit_bias: Vec<(u32, f32)>, temperature: f32| SamplingParams {
+            temperature,
+            top_k: 0,
+            logit_bias,
+            seed: 5,
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(Sampler::new(biased(vec![], 0.0)).sample(&logits, &[]), 0);
+        assert_eq!(
+            Sampler::new(biased(vec![(0, -0.2)], 0.0)).sample(&logits, &[]),
+            1
+        );
+        assert_eq!(
+            Sampler::new(biased(vec![(2, 2.5)], 0.0)).sample(&logits, &[]),
+            2
+        );
+        // Sampling: −100 bans tokens 0 and 1 (e^−98 against e^0).
+        let mut s = Sampler::new(biased(vec![(0, -100.0), (1, -100.0)], 1.0));
+        assert!((0..500).all(|_| s.sample(&logits, &[]) == 2));
+        // An id past the logits is skipped; out of range is refused.
+        assert_eq!(
+            Sampler::new(biased(vec![(9, 5.0)], 0.0)).sample(&logits, &[]),
+            0
+        );
+        let e = biased(vec![(1, 101.0)], 1.0).validate().unwrap_err();
+        assert!(e.starts_with("logit_bias"), "{e}");
     }
 
     #[test]

@@ -3,15 +3,19 @@
 //! reading, prefix cache). Requests become token ids and generation
 //! parameters here; the scheduler's events become JSON or server-sent events.
 //!
-//! Routes (the /v1 ones need `Authorization: Bearer KEY` when `--api-key` is set):
+//! Routes (all but /health and /metrics need `Authorization: Bearer KEY` when
+//! `--api-key` is set):
 //! - `POST /v1/chat/completions`: `messages` (system/user/assistant; content a
 //!   string or `[{type: "text", text}]` parts, required, null only for an
 //!   assistant's message), rendered with Gemma's chat
 //!   template; `stream` (+ `stream_options.include_usage`), `max_tokens` /
 //!   `max_completion_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `seed`,
 //!   `stop`, `presence_penalty`, `frequency_penalty`, `repeat_penalty`,
-//!   `logprobs` + `top_logprobs` (0..=20), `n` (1 only). Generation ends at
-//!   eos or `<end_of_turn>`.
+//!   `logprobs` + `top_logprobs` (0..=20), `logit_bias` (token id → −100..=100),
+//!   `n` (1 only). Generation ends at eos or `<end_of_turn>`. Fields this
+//!   server does not implement and that would change the answer (`tools`,
+//!   `tool_choice`, `response_format` other than text, a message's
+//!   `tool_calls`) are refused with a 400, not ignored.
 //! - `POST /v1/completions`: `prompt` as text (BOS prepended, special-token
 //!   text not parsed) or token ids; the same fields, plus `echo` and
 //!   `logprobs` (an int, completions-style; not together with `echo`).
@@ -33,9 +37,15 @@
 //! with `Retry-After` when `--parallel` + `--queue` requests are already in,
 //! 503 while shutting down.
 //!
+//! Connections: at most 512 at once (more wait in the listen backlog); a
+//! request's header must arrive within 10 s (an idle keep-alive connection is
+//! closed then too) and its body within 30 s (else 408); a client that
+//! half-closes after its request still gets the reply.
+//!
 //! Threads: the scheduler thread runs the model (its matmuls use the global
 //! rayon pool); HTTP runs on a two-thread tokio runtime, since it only parses
-//! JSON and moves events.
+//! JSON and moves events; tokenizing a request runs on tokio's blocking
+//! threads.
 
 pub mod error;
 pub mod metrics;
@@ -73,7 +83,7 @@ pub struct ServeArgs {
     /// Context of each sequence in tokens (prompt + generated).
     #[arg(short = 'c', long, default_value_t = 4096)]
     pub ctx: usize,
-    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    /// Require `Authorization: Bearer KEY` on every route but /health and /metrics.
     #[arg(long)]
     pub api_key: Option<String>,
     /// Most requests waiting for a slot; beyond that requests get 429.
@@ -100,6 +110,10 @@ pub struct ServerConfig {
     /// After a shutdown signal: how long in-flight requests may run before
     /// they are cancelled.
     pub shutdown_grace: Duration,
+    /// Time for a request's header to arrive (and for a keep-alive
+    /// connection's next request to start), and then for its body.
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -114,6 +128,8 @@ impl ServerConfig {
             prompt_chunk: 128,
             api_key: None,
             shutdown_grace: Duration::from_secs(10),
+            header_timeout: HEADER_TIMEOUT,
+            body_timeout: BODY_TIMEOUT,
         }
     }
 
@@ -125,7 +141,7 @@ impl ServerConfig {
             ctx: a.ctx,
             queue: a.queue,
             prompt_chunk: a.prompt_chunk,
-            api_key: a.api_key.filter(|k| !k.is_empty()),
+            api_key: a.api_key,
             ..Self::new(model_path)
         }
     }
@@ -147,6 +163,13 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
     }
     if cfg.prompt_chunk == 0 {
         bail!("--prompt-chunk must be at least 1");
+    }
+    if let Some(k) = &cfg.api_key {
+        // An empty key had meant no authentication at all, and one with
+        // spaces around it could never match (the client's is trimmed).
+        if k.is_empty() || k.trim() != k {
+            bail!("--api-key must be non-empty, without spaces around it");
+        }
     }
     let path = &cfg.model_path;
     if !path.exists() {
@@ -208,6 +231,8 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         stop_tokens,
         next_id: AtomicU64::new(0),
         started,
+        header_timeout: cfg.header_timeout,
+        body_timeout: cfg.body_timeout,
     });
     Ok(Loaded {
         app,
@@ -218,17 +243,19 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
 
 /// The routes over the shared state.
 pub fn router(app: Arc<App>) -> Router {
-    let v1 = Router::new()
+    // Everything that reads a body or the model needs the key (as in
+    // llama-server): /tokenize ran the tokenizer on 2 MiB bodies for anyone.
+    let keyed = Router::new()
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/models", get(routes::models))
-        .route_layer(from_fn_with_state(app.clone(), routes::auth));
-    Router::new()
-        .merge(v1)
-        .route("/health", get(routes::health))
-        .route("/metrics", get(routes::metrics))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
+        .route_layer(from_fn_with_state(app.clone(), routes::auth));
+    Router::new()
+        .merge(keyed)
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(from_fn_with_state(app.clone(), routes::count))
@@ -272,9 +299,9 @@ fn run(
                 sched.cancel_all();
             });
         };
-        axum::serve(listener, router(app))
-            .with_graceful_shutdown(shutdown)
-            .await
+        let header_timeout = app.header_timeout;
+        serve_http(listener, router(app), header_timeout, shutdown).await;
+        Ok::<(), std::io::Error>(())
     });
     // Dropping the runtime drops every task and with them the last scheduler
     // handles; the thread then ends once its requests have.
@@ -284,6 +311,67 @@ fn run(
         .join()
         .map_err(|_| anyhow::anyhow!("the scheduler thread panicked"))?;
     Ok(())
+}
+
+/// Connections served at once; more wait in the listen backlog until one
+/// closes, so that the server never runs out of file descriptors.
+const MAX_CONNECTIONS: usize = 512;
+/// Time for a request's header to arrive, and for a keep-alive connection to
+/// start its next request: without it, a client that sent part of a header
+/// (or nothing) held its connection forever, and 20 000 of them took the
+/// server down.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for a request's body (at most 2 MiB) to arrive once its header has.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accept and serve HTTP/1 connections until `shutdown` resolves; then stop
+/// accepting and wait for the open connections to finish their requests.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // Half-closed clients (`nc -N`, a request then shutdown(SHUT_WR)) still
+    // get their reply.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .half_close(true);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = open.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break, // never closed
+            },
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors or the like: wait rather than spin.
+                    eprintln!("gemma3 serve: accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// `gemma3 serve`: run in the foreground until SIGINT or SIGTERM (a second

@@ -12,6 +12,11 @@ use serde_json::{Map, Value};
 
 /// Most stop strings per request.
 pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes: every generated token is checked against
+/// all of their bytes, and 16 of 120 KB had halved every stream's speed.
+pub const MAX_STOP_BYTES: usize = 1024;
+/// Most `logit_bias` entries per request.
+pub const MAX_LOGIT_BIAS: usize = 1024;
 /// Most alternatives per token for `top_logprobs` / completions' `logprobs`.
 pub const MAX_TOP_LOGPROBS: u64 = 20;
 /// `max_tokens` of /v1/completions when absent (OpenAI's default).
@@ -139,8 +144,75 @@ fn random_seed() -> u64 {
 
 /// Parse the sampling, length, stop and streaming fields. `max_keys` are the
 /// names `max_tokens` goes by, the first present one wins.
-pub fn parse_common(f: &Fields, max_keys: &[&'static str]) -> Result<Common, ApiError> {
+pub fn parse_common(
+    f: &Fields,
+    max_keys: &[&'static str],
+    vocab: usize,
+) -> Result<Common, ApiError> {
     let base = SamplingParams::chat_default();
+    // Fields that would change the answer and that this server does not
+    // implement: refused rather than ignored.
+    for key in ["tools", "functions"] {
+        match f.get(key) {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(a)) if a.is_empty() => {}
+            Some(_) => {
+                return Err(ApiError::field(
+                    key,
+                    format!("'{key}' (function calling) is not supported"),
+                ))
+            }
+        }
+    }
+    for key in ["tool_choice", "function_call"] {
+        match f.get(key) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s == "none" || s == "auto" => {}
+            Some(_) => {
+                return Err(ApiError::field(
+                    key,
+                    format!("'{key}' (function calling) is not supported"),
+                ))
+            }
+        }
+    }
+    match f.get("response_format") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("text") => {}
+        Some(_) => {
+            return Err(ApiError::field(
+                "response_format",
+                "only 'response_format': {\"type\": \"text\"} is supported",
+            ))
+        }
+    }
+    let logit_bias = match f.get("logit_bias") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Object(m)) => {
+            if m.len() > MAX_LOGIT_BIAS {
+                return Err(ApiError::field(
+                    "logit_bias",
+                    format!("at most {MAX_LOGIT_BIAS} 'logit_bias' entries are supported"),
+                ));
+            }
+            m.iter()
+                .map(|(k, v)| {
+                    let id = k.parse::<u32>().ok().filter(|&id| (id as usize) < vocab);
+                    let bias = v.as_f64().filter(|b| (-100.0..=100.0).contains(b));
+                    match (id, bias) {
+                        (Some(id), Some(b)) => Ok((id, b as f32)),
+                        _ => Err(ApiError::field(
+                            "logit_bias",
+                            format!(
+                                "'logit_bias' maps token ids below {vocab} to numbers in [-100, 100], got \"{k}\": {v}"
+                            ),
+                        )),
+                    }
+                })
+                .collect::<Result<_, _>>()?
+        }
+        Some(v) => return Err(wrong_type("logit_bias", "an object of token id: bias", v)),
+    };
     if let Some(n) = f.u64("n")? {
         if n != 1 {
             return Err(ApiError::field(
@@ -167,6 +239,7 @@ pub fn parse_common(f: &Fields, max_keys: &[&'static str]) -> Result<Common, Api
         repeat_last_n,
         presence_penalty: f.f32("presence_penalty")?.unwrap_or(0.0),
         frequency_penalty: f.f32("frequency_penalty")?.unwrap_or(0.0),
+        logit_bias,
         seed: match f.i64("seed")? {
             Some(s) => s as u64,
             None => random_seed(),
@@ -212,6 +285,15 @@ pub fn parse_common(f: &Fields, max_keys: &[&'static str]) -> Result<Common, Api
         }
         Some(v) => return Err(wrong_type("stop", "a string or an array of strings", v)),
     };
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::field(
+            "stop",
+            format!(
+                "stop strings may be at most {MAX_STOP_BYTES} bytes long, got {}",
+                long.len()
+            ),
+        ));
+    }
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
         None => false,
@@ -294,7 +376,7 @@ fn content_text(i: usize, role: Role, v: Option<&Value>) -> Result<String, ApiEr
 }
 
 impl ChatRequest {
-    pub fn parse(obj: &Map<String, Value>) -> Result<Self, ApiError> {
+    pub fn parse(obj: &Map<String, Value>, vocab: usize) -> Result<Self, ApiError> {
         let f = Fields(obj);
         f.str("model")?;
         let msgs = match f.get("messages") {
@@ -326,9 +408,15 @@ impl ChatRequest {
                     ))
                 }
             };
+            if o.get("tool_calls").is_some_and(|v| !v.is_null()) {
+                return Err(ApiError::field(
+                    &format!("messages[{i}].tool_calls"),
+                    "tool calls (function calling) are not supported",
+                ));
+            }
             messages.push(Message::new(role, content_text(i, role, o.get("content"))?));
         }
-        let common = parse_common(&f, &["max_completion_tokens", "max_tokens"])?;
+        let common = parse_common(&f, &["max_completion_tokens", "max_tokens"], vocab)?;
         let want = f.bool("logprobs")?.unwrap_or(false);
         let top = f.u64("top_logprobs")?;
         if let Some(k) = top {
@@ -422,7 +510,7 @@ impl CompletionRequest {
         if f.str("suffix")?.is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::field("suffix", "'suffix' is not supported"));
         }
-        let common = parse_common(&f, &["max_tokens"])?;
+        let common = parse_common(&f, &["max_tokens"], vocab)?;
         let echo = f.bool("echo")?.unwrap_or(false);
         let logprobs = match f.u64("logprobs")? {
             Some(k) if k > MAX_TOP_LOGPROBS => {
@@ -467,7 +555,7 @@ mod tests {
                 {"role": "system", "content": "Be brief."},
                 {"role": "user", "content": [{"type": "text", "text": " Hi "}, {"type": "text", "text": "there"}]}
             ]
-        })))
+        })), 1000)
         .unwrap();
         assert_eq!(r.messages[1].content, "Hithere");
         assert_eq!(r.common.sampling.temperature, 1.0);
@@ -480,7 +568,7 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let param = |v: Value| {
-            ChatRequest::parse(&obj(v))
+            ChatRequest::parse(&obj(v), 1000)
                 .unwrap_err()
                 .param
                 .unwrap_or_default()
@@ -501,6 +589,56 @@ mod tests {
             "max_tokens"
         );
         assert_eq!(param(json!({"messages": m, "n": 2})), "n");
+        // Refused, not ignored: each would change the answer.
+        assert_eq!(
+            param(json!({"messages": m, "tools": [{"type": "function"}]})),
+            "tools"
+        );
+        assert_eq!(
+            param(json!({"messages": m, "tool_choice": "required"})),
+            "tool_choice"
+        );
+        assert_eq!(
+            param(json!({"messages": m, "response_format": {"type": "json_object"}})),
+            "response_format"
+        );
+        let call = json!([{"role": "user", "content": "x"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "1"}]}]);
+        assert_eq!(param(json!({"messages": call})), "messages[1].tool_calls");
+        assert_eq!(
+            param(json!({"messages": m, "logit_bias": {"1000": 1}})),
+            "logit_bias"
+        );
+        assert_eq!(
+            param(json!({"messages": m, "logit_bias": {"5": -101}})),
+            "logit_bias"
+        );
+        assert_eq!(
+            param(json!({"messages": m, "logit_bias": {"x": 1}})),
+            "logit_bias"
+        );
+        assert_eq!(
+            param(json!({"messages": m, "logit_bias": [1]})),
+            "logit_bias"
+        );
+        assert_eq!(
+            param(json!({"messages": m, "stop": ["x".repeat(1025)]})),
+            "stop"
+        );
+        assert_eq!(
+            param(json!({"messages": m, "repeat_penalty": 1e-40})),
+            "repeat_penalty"
+        );
+        let ok = |v: Value| ChatRequest::parse(&obj(v), 1000).map(|r| r.common.sampling.logit_bias);
+        assert_eq!(
+            ok(
+                json!({"messages": m, "logit_bias": {"7": -100, "999": 2.5}, "tool_choice": "none",
+                "tools": [], "response_format": {"type": "text"}})
+            )
+            .unwrap()
+            .len(),
+            2
+        );
         assert_eq!(param(json!({"messages": m, "stop": 3})), "stop");
         assert_eq!(
             param(json!({"messages": m, "logprobs": true, "top_logprobs": 21})),
@@ -522,7 +660,10 @@ mod tests {
             param(two(json!({"role": "system", "content": null}))),
             "messages[1].content"
         );
-        let ok = ChatRequest::parse(&obj(two(json!({"role": "assistant", "content": null}))));
+        let ok = ChatRequest::parse(
+            &obj(two(json!({"role": "assistant", "content": null}))),
+            1000,
+        );
         assert_eq!(ok.expect("null assistant content").messages[1].content, "");
     }
 

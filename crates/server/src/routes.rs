@@ -35,6 +35,9 @@ pub struct App {
     pub stop_tokens: Vec<u32>,
     pub next_id: AtomicU64,
     pub started: u64,
+    /// See [`crate::ServerConfig`].
+    pub header_timeout: std::time::Duration,
+    pub body_timeout: std::time::Duration,
 }
 
 pub type AppState = State<Arc<App>>;
@@ -151,20 +154,46 @@ impl App {
 }
 
 /// A request body that is a JSON object; anything else is an OpenAI-shaped
-/// error (including a body over axum's 2 MiB limit: 413).
+/// error (including a body over axum's 2 MiB limit: 413, and one that does
+/// not arrive within the body timeout: 408).
 pub struct JsonObject(pub Map<String, Value>);
 
-impl<S: Send + Sync> FromRequest<S> for JsonObject {
+impl FromRequest<Arc<App>> for JsonObject {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let body = Bytes::from_request(req, state).await.map_err(|r| {
-            let mut e = ApiError::bad_request(r.body_text());
-            e.status = r.status();
-            e
-        })?;
+    async fn from_request(req: Request, app: &Arc<App>) -> Result<Self, ApiError> {
+        let read = Bytes::from_request(req, app);
+        let body = match tokio::time::timeout(app.body_timeout, read).await {
+            Ok(body) => body.map_err(|r| {
+                let mut e = ApiError::bad_request(r.body_text());
+                e.status = r.status();
+                e
+            })?,
+            Err(_) => {
+                let mut e = ApiError::bad_request(format!(
+                    "the request body did not arrive within {} s",
+                    app.body_timeout.as_secs_f32()
+                ));
+                e.status = StatusCode::REQUEST_TIMEOUT;
+                return Err(e);
+            }
+        };
         parse_body(&body).map(JsonObject)
     }
+}
+
+/// `text` tokenized on tokio's blocking threads: a 2 MiB text takes seconds,
+/// which on the two HTTP threads had stalled every other request and stream.
+async fn encode(
+    app: &Arc<App>,
+    text: String,
+    add_bos: bool,
+    special: bool,
+) -> Result<Vec<u32>, ApiError> {
+    let tok = app.tok.clone();
+    tokio::task::spawn_blocking(move || tok.encode(&text, add_bos, special))
+        .await
+        .map_err(|_| ApiError::internal("the tokenizer stopped"))
 }
 
 /// Events into the tokio channel a handler awaits (sending never blocks).
@@ -498,10 +527,10 @@ pub async fn chat(
     State(app): AppState,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
-    let req = ChatRequest::parse(&body)?;
+    let req = ChatRequest::parse(&body, app.vocab)?;
     let text =
         render_chat(&req.messages, true).map_err(|e| ApiError::field("messages", e.to_string()))?;
-    let prompt = app.tok.encode(&text, false, true);
+    let prompt = encode(&app, text, false, true).await?;
     let max_tokens = app.budget(prompt.len(), &req.common, None, "messages")?;
     let params = app.params(&req.common, max_tokens);
     let mut rx = app.submit(prompt, params, req.logprobs)?;
@@ -547,7 +576,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let req = CompletionRequest::parse(&body, app.vocab)?;
     let (prompt, prompt_text) = match &req.prompt {
-        Prompt::Text(s) => (app.tok.encode(s, true, false), s.clone()),
+        Prompt::Text(s) => (encode(&app, s.clone(), true, false).await?, s.clone()),
         Prompt::Tokens(t) => (t.clone(), app.tok.decode(t, false).unwrap_or_default()),
     };
     let max_tokens = app.budget(
@@ -645,7 +674,7 @@ pub async fn tokenize(
     // llama-server's defaults.
     let add_special = f.bool("add_special")?.unwrap_or(false);
     let parse_special = f.bool("parse_special")?.unwrap_or(true);
-    let tokens = app.tok.encode(content, add_special, parse_special);
+    let tokens = encode(&app, content.to_string(), add_special, parse_special).await?;
     Ok(json_response(StatusCode::OK, &json!({"tokens": tokens})))
 }
 
@@ -707,8 +736,10 @@ pub async fn auth(State(app): AppState, req: Request, next: Next) -> Response {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|k| same_key(k.trim(), key));
+            // The scheme's name is case-insensitive (RFC 7235).
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .is_some_and(|(_, k)| same_key(k.trim(), key));
         if !ok {
             return ApiError::unauthorized().into_response();
         }

@@ -651,3 +651,117 @@ fn long_prompt_does_not_stall_streams() {
     reader.join().unwrap();
     server.stop().unwrap();
 }
+
+/// Connections that never finish a request are closed: a header sent in part
+/// (or not at all) within the header timeout, a body not sent within the body
+/// timeout (408). A client that half-closes after its request still gets the
+/// reply. Before, such connections stayed open forever and 20 000 of them
+/// made the server unreachable.
+#[test]
+fn slow_and_half_closed_connections() {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpStream};
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let mut cfg = config(model, 1, 256);
+    cfg.header_timeout = Duration::from_secs(1);
+    cfg.body_timeout = Duration::from_secs(1);
+    let server = start(cfg);
+    let addr = server.addr;
+    // Closed (EOF or reset) well within 10 s, where it had stayed open.
+    let closed_within = |mut s: TcpStream, limit: Duration| {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let t0 = Instant::now();
+        let mut buf = Vec::new();
+        let r = s.read_to_end(&mut buf);
+        assert!(
+            r.is_ok()
+                || r.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
+        assert!(t0.elapsed() < limit, "open for {:?}", t0.elapsed());
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    let mut partial = TcpStream::connect(addr).unwrap();
+    partial
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    closed_within(partial, Duration::from_secs(5));
+    closed_within(TcpStream::connect(addr).unwrap(), Duration::from_secs(5));
+
+    let mut slow_body = TcpStream::connect(addr).unwrap();
+    slow_body
+        .write_all(
+            b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"content\"",
+        )
+        .unwrap();
+    let reply = closed_within(slow_body, Duration::from_secs(5));
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+
+    let s = send(addr, "POST", "/tokenize", r#"{"content": "Hello"}"#, &[]);
+    s.shutdown(Shutdown::Write).unwrap();
+    let r = read_response(s);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["tokens"], json!([9259]));
+    // Still serving.
+    assert_eq!(get(addr, "/health").status, 200);
+}
+
+/// `logit_bias` changes the choice (it had been ignored), ids past the
+/// vocabulary are refused; the key's scheme is case-insensitive and guards
+/// /tokenize too.
+#[test]
+fn logit_bias_and_keys() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let mut cfg = config(model, 1, 256);
+    // An empty key had meant no authentication; one with spaces around it
+    // could never match.
+    for bad in ["", " sekret"] {
+        cfg.api_key = Some(bad.into());
+        let e = gemma3_server::RunningServer::start(cfg.clone())
+            .err()
+            .expect("refused");
+        assert!(format!("{e:#}").contains("--api-key"), "{e:#}");
+    }
+    cfg.api_key = Some("sekret".into());
+    let server = start(cfg);
+    let addr = server.addr;
+    let auth = [("Authorization", "bearer sekret")];
+    let tokenize = |headers: &[(&str, &str)]| {
+        request(
+            addr,
+            "POST",
+            "/tokenize",
+            r#"{"content": " Paris"}"#,
+            headers,
+        )
+    };
+    expect_error(&tokenize(&[]), 401, None);
+    let r = tokenize(&auth);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let paris = r.json()["tokens"][0].as_u64().unwrap();
+    let complete = |extra: Value| {
+        let mut b =
+            json!({"prompt": "The capital of France is", "max_tokens": 2, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        request(addr, "POST", "/v1/completions", &b.to_string(), &auth)
+    };
+    let plain = complete(json!({})).json()["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!plain.starts_with(" Paris"), "{plain:?}");
+    let forced = complete(json!({"logit_bias": {paris.to_string(): 100}}));
+    assert_eq!(forced.status, 200, "{}", forced.text());
+    let text = forced.json()["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(text, " Paris Paris", "bias +100 on ' Paris'");
+    let r = complete(json!({"logit_bias": {"262144": 1}}));
+    expect_error(&r, 400, Some("logit_bias"));
+}
