@@ -217,6 +217,15 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         kv as f64 / (1 << 20) as f64,
         cfg.queue
     );
+    // The caches take memory only as positions are written, so this starts;
+    // say so before a full load runs the machine out of memory.
+    if let Some(total) = total_memory().filter(|&t| kv as u64 > t) {
+        eprintln!(
+            "gemma3 serve: warning: full KV caches would take {:.0} MiB, more than this machine's {:.0} MiB: lower --parallel or --ctx",
+            kv as f64 / (1 << 20) as f64,
+            total as f64 / (1 << 20) as f64
+        );
+    }
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -239,6 +248,18 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         scheduler,
         listener,
     })
+}
+
+/// Physical memory in bytes (Linux's MemTotal), if known.
+fn total_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    kb.trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(1024)
 }
 
 /// The routes over the shared state.
