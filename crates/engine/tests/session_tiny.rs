@@ -124,3 +124,55 @@ fn prompt_errors() {
     s.eval_prompt(&tokens(8, 16), false).unwrap();
     assert!(s.step(7).is_err());
 }
+
+/// NaN weights give NaN logits: the session and the scheduler each end with
+/// an error naming that, where greedy decoding had returned token 0 forever.
+#[test]
+fn non_finite_logits_end_with_an_error() {
+    use gemma3_engine::scheduler::{Event, Request, RequestError, Scheduler, SchedulerConfig};
+    use std::sync::{mpsc, Arc};
+    let spec = TinySpec::default();
+    let (_, mut weights) = tiny_writer(&spec);
+    weights.get_mut("output_norm.weight").unwrap().data[0] = f32::NAN;
+    let mut w = gemma3_gguf::GgufWriter::new();
+    tiny::tiny_metadata(&mut w, &spec, "gemma3");
+    for (name, t) in &weights {
+        let bytes: Vec<u8> = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.add_tensor(name, &t.dims, gemma3_gguf::GgmlType::F32, bytes)
+            .unwrap();
+    }
+    let m = Model::from_gguf(GgufFile::from_bytes(w.to_bytes()).unwrap()).unwrap();
+    let params = GenerateParams {
+        max_tokens: 4,
+        sampling: SamplingParams::greedy(),
+        stop_strings: vec![],
+        stop_tokens: vec![],
+    };
+    let tok = {
+        let f = GgufFile::from_bytes(tiny_writer(&spec).0.to_bytes()).unwrap();
+        gemma3_engine::tokenizer_from_gguf(&f).unwrap()
+    };
+    let prompt = tokens(3, 5);
+    let e = Session::new(&m, 64)
+        .generate(&tok, &prompt, &params, |_| true)
+        .unwrap_err();
+    assert!(matches!(e, SessionError::NonFiniteLogits), "{e}");
+
+    let (sched, thread) =
+        Scheduler::start(Arc::new(m), Arc::new(tok), SchedulerConfig::default()).unwrap();
+    let (tx, rx) = mpsc::channel();
+    sched
+        .submit(Request {
+            prompt,
+            params,
+            logprobs: None,
+            events: Box::new(move |ev: Event| tx.send(ev).is_ok()),
+        })
+        .unwrap();
+    match rx.recv().unwrap() {
+        Event::Error(RequestError::Model(m)) => assert!(m.contains("not finite"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    drop(sched);
+    thread.join().unwrap();
+}

@@ -274,20 +274,16 @@ impl Model {
         ];
         let used = 2 + usize::from(output.is_some()) + PER_LAYER.len() * layers.len();
         if file.tensors().len() != used {
-            let known = |name: &str| match name {
-                "token_embd.weight" | "output.weight" | "output_norm.weight" => true,
-                _ => name
-                    .strip_prefix("blk.")
-                    .and_then(|r| r.split_once('.'))
-                    .and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest)))
-                    .is_some_and(|(l, rest)| {
-                        l < c.n_layers
-                            && rest
-                                .strip_suffix(".weight")
-                                .is_some_and(|t| PER_LAYER.contains(&t))
-                    }),
-            };
-            let extra = file.tensors().iter().find(|t| !known(&t.name));
+            let known: std::collections::HashSet<String> =
+                ["token_embd.weight", "output.weight", "output_norm.weight"]
+                    .map(String::from)
+                    .into_iter()
+                    .chain(
+                        (0..c.n_layers)
+                            .flat_map(|l| PER_LAYER.map(|t| format!("blk.{l}.{t}.weight"))),
+                    )
+                    .collect();
+            let extra = file.tensors().iter().find(|t| !known.contains(&t.name));
             return Err(ModelError::ExtraTensors {
                 found: file.tensors().len(),
                 used,

@@ -37,10 +37,10 @@
 //! with `Retry-After` when `--parallel` + `--queue` requests are already in,
 //! 503 while shutting down.
 //!
-//! Connections: at most 512 at once (more wait in the listen backlog); a
+//! Connections: as many at once as the open-file limit allows (raised to
+//! its hard limit; more wait in the listen backlog); a
 //! request's header must arrive within 10 s (an idle keep-alive connection is
-//! closed then too) and its body within 30 s (else 408); a client that
-//! half-closes after its request still gets the reply.
+//! closed then too) and its body within 30 s (else 408).
 //!
 //! Threads: the scheduler thread runs the model (its matmuls use the global
 //! rayon pool); HTTP runs on a two-thread tokio runtime, since it only parses
@@ -199,6 +199,7 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
     let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
         .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?;
     listener.set_nonblocking(true)?;
+    let weights = model.loaded_weight_bytes();
     let (sched, scheduler) = Scheduler::start(
         Arc::new(model),
         tok.clone(),
@@ -209,7 +210,12 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
             prefill_chunk: cfg.prompt_chunk,
         },
     )
-    .context("starting the scheduler thread")?;
+    .with_context(|| {
+        format!(
+            "starting the scheduler with {} KV caches of {} tokens (lower --parallel or --ctx)",
+            cfg.parallel, cfg.ctx
+        )
+    })?;
     eprintln!(
         "gemma3 serve: {model_id}, {} slots × {} tokens of context (KV caches {:.0} MiB), queue {}",
         cfg.parallel,
@@ -219,10 +225,11 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
     );
     // The caches take memory only as positions are written, so this starts;
     // say so before a full load runs the machine out of memory.
-    if let Some(total) = total_memory().filter(|&t| kv as u64 > t) {
+    let need = kv as u64 + weights;
+    if let Some(total) = total_memory().filter(|&t| need > t) {
         eprintln!(
-            "gemma3 serve: warning: full KV caches would take {:.0} MiB, more than this machine's {:.0} MiB: lower --parallel or --ctx",
-            kv as f64 / (1 << 20) as f64,
+            "gemma3 serve: warning: the weights and full KV caches would take {:.0} MiB, more than the {:.0} MiB this process may use: lower --parallel or --ctx",
+            need as f64 / (1 << 20) as f64,
             total as f64 / (1 << 20) as f64
         );
     }
@@ -242,6 +249,7 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         started,
         header_timeout: cfg.header_timeout,
         body_timeout: cfg.body_timeout,
+        tokenizing: tokio::sync::Semaphore::new(2),
     });
     Ok(Loaded {
         app,
@@ -250,16 +258,22 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
     })
 }
 
-/// Physical memory in bytes (Linux's MemTotal), if known.
+/// The memory this process may use, in bytes, if known: Linux's MemTotal,
+/// or a cgroup v2 limit (a container's) below it.
 fn total_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
-    kb.trim()
+    let total = kb
+        .trim()
         .trim_end_matches("kB")
         .trim()
         .parse::<u64>()
         .ok()?
-        .checked_mul(1024)
+        .checked_mul(1024)?;
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    Some(cgroup.map_or(total, |c| c.min(total)))
 }
 
 /// The routes over the shared state.
@@ -334,9 +348,36 @@ fn run(
     Ok(())
 }
 
-/// Connections served at once; more wait in the listen backlog until one
-/// closes, so that the server never runs out of file descriptors.
-const MAX_CONNECTIONS: usize = 512;
+/// Connections served at once: the open-file limit, raised to its hard
+/// limit, less a margin for the model file, the threads and the runtime's
+/// own descriptors (more wait in the listen backlog, so the server never
+/// runs out of descriptors). A fixed 512 let 512 silent sockets, reopened
+/// as the header timeout closed them, keep everyone else out.
+fn connection_cap() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read or write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 512;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max.min(1 << 20),
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = raised.rlim_cur;
+            }
+        }
+    }
+    usize::try_from(lim.rlim_cur)
+        .unwrap_or(1 << 20)
+        .saturating_sub(128)
+        .clamp(64, 1 << 20)
+}
 /// Time for a request's header to arrive, and for a keep-alive connection to
 /// start its next request: without it, a client that sent part of a header
 /// (or nothing) held its connection forever, and 20 000 of them took the
@@ -355,13 +396,13 @@ async fn serve_http(
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let open = Arc::new(tokio::sync::Semaphore::new(connection_cap()));
     let mut http = hyper::server::conn::http1::Builder::new();
-    // Half-closed clients (`nc -N`, a request then shutdown(SHUT_WR)) still
-    // get their reply.
+    // Half-closing stays off (hyper's default, as axum::serve had it): with
+    // it on, hyper stops watching for the client's end of the connection,
+    // and a non-streamed request whose client hung up went on generating.
     http.timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .half_close(true);
+        .header_read_timeout(header_timeout);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -403,7 +444,7 @@ pub fn serve(cfg: ServerConfig) -> Result<()> {
     eprintln!(
         "gemma3 serve: listening on http://{addr} ({}); Ctrl-C to stop",
         if cfg.api_key.is_some() {
-            "API key required on /v1"
+            "API key required on every route but /health and /metrics"
         } else {
             "no API key"
         }

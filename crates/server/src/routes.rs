@@ -38,6 +38,8 @@ pub struct App {
     /// See [`crate::ServerConfig`].
     pub header_timeout: std::time::Duration,
     pub body_timeout: std::time::Duration,
+    /// Requests being tokenized at once (see `encode`).
+    pub tokenizing: tokio::sync::Semaphore,
 }
 
 pub type AppState = State<Arc<App>>;
@@ -190,6 +192,12 @@ async fn encode(
     add_bos: bool,
     special: bool,
 ) -> Result<Vec<u32>, ApiError> {
+    // Two at a time: more would take the cores from the model's workers.
+    let _turn = app
+        .tokenizing
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("the tokenizer stopped"))?;
     let tok = app.tok.clone();
     tokio::task::spawn_blocking(move || tok.encode(&text, add_bos, special))
         .await
@@ -729,7 +737,8 @@ fn same_key(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
-/// With an API key set, /v1 routes need `Authorization: Bearer KEY`.
+/// With an API key set, the routes it guards (all but /health and /metrics)
+/// need `Authorization: Bearer KEY`.
 pub async fn auth(State(app): AppState, req: Request, next: Next) -> Response {
     if let Some(key) = &app.api_key {
         let ok = req
