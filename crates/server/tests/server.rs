@@ -116,6 +116,16 @@ fn concurrent_streams_match_solo() {
 
 /// A client that disconnects mid-stream frees its slot: with --parallel 1
 /// the next request is served at once, and no sequence stays active.
+/// Waits up to 5 s for `n` active sequences, failing with `why`; the wait.
+fn wait_for_active(addr: std::net::SocketAddr, n: f64, why: &str) -> Duration {
+    let t0 = Instant::now();
+    while metric(addr, "gemma3_active_sequences") != n {
+        assert!(t0.elapsed() < Duration::from_secs(5), "{why}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
+
 #[test]
 fn dropped_client_frees_its_slot() {
     let Some(model) = model_path() else { return };
@@ -138,15 +148,8 @@ fn dropped_client_frees_its_slot() {
     assert_eq!(metric(addr, "gemma3_active_sequences"), 1.0);
     drop(s);
 
-    let t0 = Instant::now();
-    while metric(addr, "gemma3_active_sequences") != 0.0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "the dropped stream still holds its slot"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    eprintln!("slot freed {:?} after the client left", t0.elapsed());
+    let freed = wait_for_active(addr, 0.0, "the dropped stream still holds its slot");
+    eprintln!("slot freed {freed:?} after the client left");
     let generated = metric(addr, "gemma3_generated_tokens_total");
     assert!(
         generated < 200.0,
@@ -158,24 +161,10 @@ fn dropped_client_frees_its_slot() {
     // generating all its tokens).
     let quiet = json!({"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0});
     let s = send(addr, "POST", "/v1/completions", &quiet.to_string(), &[]);
-    let t0 = Instant::now();
-    while metric(addr, "gemma3_active_sequences") != 1.0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "the request never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_active(addr, 1.0, "the request never started");
     let before = metric(addr, "gemma3_generated_tokens_total");
     drop(s);
-    let t0 = Instant::now();
-    while metric(addr, "gemma3_active_sequences") != 0.0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "the dropped request still holds its slot"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_active(addr, 0.0, "the dropped request still holds its slot");
     let generated = metric(addr, "gemma3_generated_tokens_total") - before;
     assert!(
         generated < 200.0,
