@@ -164,9 +164,20 @@ impl FromRequest<Arc<App>> for JsonObject {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, app: &Arc<App>) -> Result<Self, ApiError> {
+        // A length over the limit is refused before the body is read.
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > BODY_LIMIT) {
+            return Err(too_large());
+        }
         let read = Bytes::from_request(req, app);
         let body = match tokio::time::timeout(app.body_timeout, read).await {
             Ok(body) => body.map_err(|r| {
+                if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    return too_large();
+                }
                 let mut e = ApiError::bad_request(r.body_text());
                 e.status = r.status();
                 e
@@ -182,6 +193,15 @@ impl FromRequest<Arc<App>> for JsonObject {
         };
         parse_body(&body).map(JsonObject)
     }
+}
+
+/// The largest request body (axum's default limit, which reading enforces).
+const BODY_LIMIT: u64 = 2 << 20;
+
+fn too_large() -> ApiError {
+    let mut e = ApiError::bad_request("the request body is larger than the 2 MiB limit");
+    e.status = StatusCode::PAYLOAD_TOO_LARGE;
+    e
 }
 
 /// `text` tokenized on tokio's blocking threads: a 2 MiB text takes seconds,

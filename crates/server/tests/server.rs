@@ -244,6 +244,19 @@ fn bad_requests_get_openai_errors() {
     assert_eq!(r.json()["data"][0]["object"], "model");
     assert_eq!(get(addr, "/health").status, 200, "/health needs no key");
 
+    // A body over the limit: 413, saying the limit, as soon as its length is
+    // known (the body itself is not sent, so that the server's early reply
+    // cannot meet a client still writing).
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let head = "POST /tokenize HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekret\r\n\
+        Content-Type: application/json\r\nContent-Length: 3145728\r\n\r\n";
+    std::io::Write::write_all(&mut s, head.as_bytes()).unwrap();
+    let v = expect_error(&read_response(s), 413, None);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("2 MiB"),
+        "{v}"
+    );
+
     // Malformed JSON and wrong types.
     expect_error(&call("/v1/chat/completions", "{\"messages\": ["), 400, None);
     expect_error(&call("/v1/chat/completions", "[1, 2]"), 400, None);
