@@ -93,6 +93,12 @@ impl SamplingArgs {
     /// Generation settings; `chat` also stops at `<start_of_turn>` (the base
     /// model sometimes opens a new turn instead of closing its own).
     fn params(&self, tok: &Tokenizer, chat: bool) -> Result<GenerateParams> {
+        if chat && (tok.specials().start_of_turn.is_none() || tok.specials().end_of_turn.is_none())
+        {
+            anyhow::bail!(
+                "this model's vocabulary has no <start_of_turn> / <end_of_turn> tokens, so it has no chat format: use `gemma3 run --raw` for plain completion"
+            );
+        }
         let base = SamplingParams::chat_default();
         let seed = self.seed.unwrap_or_else(|| {
             std::time::SystemTime::now()

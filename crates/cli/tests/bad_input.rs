@@ -443,6 +443,36 @@ fn inconsistent_model_files_are_refused() {
     );
 }
 
+/// A vocabulary without Gemma's turn tokens has no chat format: `run` without `--raw`, and
+/// `chat`, say so (the template had been tokenized as plain bytes, with no stop token).
+#[test]
+fn a_model_without_turn_tokens_has_no_chat() {
+    use gemma3_gguf::{Array, Value};
+    let spec = TinySpec::default();
+    let (mut w, _) = tiny_writer(&spec);
+    let (mut tokens, scores, types) = tiny::tiny_vocab(spec.vocab);
+    assert_eq!(tokens[4], "<start_of_turn>");
+    tokens[4] = "<turn_a>".into();
+    tokens[5] = "<turn_b>".into();
+    w.add_kv(
+        "tokenizer.ggml.tokens",
+        Value::Array(Array::String(tokens.into())),
+    );
+    w.add_kv("tokenizer.ggml.scores", Value::Array(Array::F32(scores)));
+    w.add_kv("tokenizer.ggml.token_type", Value::Array(Array::I32(types)));
+    let p = write_tiny("no-turns.gguf", &w);
+    fails_with(
+        &["run", "--ctx", "64", "-n", "2", "ab"],
+        Some(&p),
+        &["no chat format", "--raw"],
+    );
+    let (out, _, stderr) = run(gemma3()
+        .args(["run", "--raw", "--ctx", "64", "-n", "2", "--model"])
+        .arg(&*p)
+        .arg("ab"));
+    assert!(out.status.success(), "--raw still runs: {stderr}");
+}
+
 /// NaN weights give NaN logits: an error, not a reply of token 0 after token 0.
 #[test]
 fn non_finite_logits_are_an_error() {

@@ -556,6 +556,12 @@ pub async fn chat(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let req = ChatRequest::parse(&body, app.vocab)?;
+    let sp = app.tok.specials();
+    if sp.start_of_turn.is_none() || sp.end_of_turn.is_none() {
+        return Err(ApiError::bad_request(
+            "this model's vocabulary has no <start_of_turn> / <end_of_turn> tokens, so it has no chat format: use /v1/completions",
+        ));
+    }
     let text =
         render_chat(&req.messages, true).map_err(|e| ApiError::field("messages", e.to_string()))?;
     let prompt = encode(&app, text, false, true).await?;
