@@ -57,6 +57,8 @@ pub enum ChatError {
         "roles must alternate user/assistant starting with user (message {index} is {found:?})"
     )]
     NotAlternating { index: usize, found: Role },
+    #[error("a system message needs a user message after it (Gemma's template folds it into the first user turn, and would drop it)")]
+    SystemOnly,
 }
 
 /// Render messages into Gemma's format, with `<bos>` once at the start and,
@@ -70,6 +72,9 @@ pub fn render_chat(messages: &[Message], add_generation_prompt: bool) -> Result<
         Role::System => (Some(messages[0].content.trim()), &messages[1..]),
         _ => (None, messages),
     };
+    if system.is_some() && rest.is_empty() {
+        return Err(ChatError::SystemOnly);
+    }
     let offset = messages.len() - rest.len();
     let mut out = String::from("<bos>");
     for (i, m) in rest.iter().enumerate() {
@@ -146,5 +151,8 @@ mod tests {
         ];
         assert_eq!(render_chat(&m, true), Err(ChatError::MisplacedSystem(1)));
         assert_eq!(render_chat(&[], true), Err(ChatError::Empty));
+        // Alone, the system text would have been dropped without a word.
+        let m = [Message::new(Role::System, "Answer in French.")];
+        assert_eq!(render_chat(&m, true), Err(ChatError::SystemOnly));
     }
 }

@@ -257,6 +257,11 @@ fn bad_requests_get_openai_errors() {
         "{v}"
     );
 
+    // A system message alone (the template would drop it).
+    let system_only = json!({"messages": [{"role": "system", "content": "Answer in French."}]});
+    let r = call("/v1/chat/completions", &system_only.to_string());
+    expect_error(&r, 400, Some("messages"));
+
     // Malformed JSON and wrong types.
     expect_error(&call("/v1/chat/completions", "{\"messages\": ["), 400, None);
     expect_error(&call("/v1/chat/completions", "[1, 2]"), 400, None);
