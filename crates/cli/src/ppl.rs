@@ -50,12 +50,16 @@ fn read_text(path: &std::path::Path) -> Result<String> {
 }
 
 pub fn run(a: PplArgs) -> Result<()> {
-    let path = crate::model_path::resolve(a.model.clone(), true)?;
-    let (model, tok) =
-        gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    // The arguments first: a mistake is named before the model loads.
     if a.chunks == Some(0) {
         bail!("--chunks must be at least 1 (leave it out to score every chunk)");
     }
+    if a.batch == 0 || a.batch > 4096 {
+        bail!("--batch must be between 1 and 4096, got {}", a.batch);
+    }
+    let path = crate::model_path::resolve(a.model.clone(), true)?;
+    let (model, tok) =
+        gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
     if model.config.ctx_len < 4 {
         bail!(
             "the model's context of {} tokens is too short to measure perplexity (4 at least)",
@@ -68,9 +72,6 @@ pub fn run(a: PplArgs) -> Result<()> {
             model.config.ctx_len,
             a.ctx
         );
-    }
-    if a.batch == 0 || a.batch > 4096 {
-        bail!("--batch must be between 1 and 4096, got {}", a.batch);
     }
     let text = read_text(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let tokens = tok.encode(&text, true, false);
@@ -119,7 +120,7 @@ pub fn run(a: PplArgs) -> Result<()> {
             start = end;
         }
         if !total.is_finite() {
-            bail!("chunk {}: the model's logits are not finite numbers (NaN or infinity): its weights or metadata are broken", c + 1);
+            bail!("chunk {}: {}", c + 1, gemma3_engine::session::NON_FINITE);
         }
         write!(
             std::io::stdout(),

@@ -664,8 +664,7 @@ fn read_array(c: &mut Cursor, key: &str, depth: u32) -> Result<Array, GgufError>
                 .collect::<Result<_, _>>()?,
         ),
         TYPE_STRING => {
-            // One buffer for all the texts (grown as it fills: their total is not known up front).
-            let mut v = StringArray::with_capacity(n, 0);
+            let mut v = StringArray::with_capacity(n);
             for i in 0..n {
                 v.push(c.str(MAX_STRING_LEN, &|| {
                     format!("string {i} of metadata key '{key}'")

@@ -227,12 +227,13 @@ pub struct StringArray {
 }
 
 impl StringArray {
-    /// An empty array with room for `n` elements of `bytes` bytes in all.
-    pub fn with_capacity(n: usize, bytes: usize) -> Self {
+    /// An empty array with room for `n` elements (the text buffer grows as
+    /// they come: a file does not say their total length up front).
+    pub fn with_capacity(n: usize) -> Self {
         let mut ends = Vec::with_capacity(n + 1);
         ends.push(0);
         Self {
-            text: String::with_capacity(bytes),
+            text: String::new(),
             ends,
         }
     }
@@ -287,7 +288,7 @@ impl std::ops::Index<usize> for StringArray {
 
 impl Default for StringArray {
     fn default() -> Self {
-        Self::with_capacity(0, 0)
+        Self::with_capacity(0)
     }
 }
 

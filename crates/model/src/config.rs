@@ -106,6 +106,8 @@ impl Config {
                         why: "must be at least 1".into(),
                     });
                 }
+                // `validate` refuses more than 1024 layers; the bound only
+                // keeps an absurd block_count from allocating before it.
                 (0..n_layers.min(1 << 20))
                     .map(|l| (l + 1).is_multiple_of(period))
                     .collect()

@@ -6,6 +6,8 @@ use crate::{Config, ModelError};
 use gemma3_gguf::{GgmlType, GgufFile, TensorInfo};
 use gemma3_kernels::formats::CodedFormat;
 use gemma3_kernels::{MatmulScratch, PackedMatrix, QMatrix, WeightFormat};
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -174,10 +176,16 @@ impl Model {
             }
         };
         config.vocab_size = vocab;
+        // The names of the tensors the model reads: any other in the file is
+        // refused below.
+        let read = RefCell::new(HashSet::new());
+        let fetch = |name: &str| {
+            read.borrow_mut().insert(name.to_string());
+            file.tensor(name)
+                .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+        };
         let matrix = |name: &str, cols: usize, rows: usize| -> Result<Tensor, ModelError> {
-            let info = file
-                .tensor(name)
-                .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+            let info = fetch(name)?;
             let expected = vec![cols as u64, rows as u64];
             if info.dims != expected {
                 return Err(ModelError::Shape {
@@ -205,9 +213,7 @@ impl Model {
             })
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
-            let info = file
-                .tensor(name)
-                .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+            let info = fetch(name)?;
             if info.dims != [len as u64] {
                 return Err(ModelError::Shape {
                     name: name.into(),
@@ -254,40 +260,15 @@ impl Model {
                 is_global: c.is_global(l),
             });
         }
-        // Every tensor in the file is one of these (llama.cpp refuses a file
-        // with others: "wrong number of tensors"): a file whose block_count
-        // leaves out some of its layers is not run on the rest.
-        const PER_LAYER: [&str; 13] = [
-            "attn_norm",
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_output",
-            "attn_q_norm",
-            "attn_k_norm",
-            "post_attention_norm",
-            "ffn_norm",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-            "post_ffw_norm",
-        ];
-        let used = 2 + usize::from(output.is_some()) + PER_LAYER.len() * layers.len();
-        if file.tensors().len() != used {
-            let known: std::collections::HashSet<String> =
-                ["token_embd.weight", "output.weight", "output_norm.weight"]
-                    .map(String::from)
-                    .into_iter()
-                    .chain(
-                        (0..c.n_layers)
-                            .flat_map(|l| PER_LAYER.map(|t| format!("blk.{l}.{t}.weight"))),
-                    )
-                    .collect();
-            let extra = file.tensors().iter().find(|t| !known.contains(&t.name));
+        // Every tensor in the file is one the model reads (llama.cpp refuses
+        // a file with others: "wrong number of tensors"): a file whose
+        // block_count leaves out some of its layers is not run on the rest.
+        let read = read.into_inner();
+        if let Some(extra) = file.tensors().iter().find(|t| !read.contains(&t.name)) {
             return Err(ModelError::ExtraTensors {
                 found: file.tensors().len(),
-                used,
-                example: extra.map_or_else(String::new, |t| t.name.clone()),
+                used: read.len(),
+                example: extra.name.clone(),
             });
         }
         let mut model = Model {

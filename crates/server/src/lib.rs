@@ -53,6 +53,7 @@ pub mod openai;
 pub mod routes;
 
 use anyhow::{bail, Context, Result};
+use axum::extract::DefaultBodyLimit;
 use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
@@ -152,6 +153,7 @@ struct Loaded {
     app: Arc<App>,
     scheduler: std::thread::JoinHandle<()>,
     listener: std::net::TcpListener,
+    header_timeout: Duration,
 }
 
 fn load(cfg: &ServerConfig) -> Result<Loaded> {
@@ -247,7 +249,6 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         stop_tokens,
         next_id: AtomicU64::new(0),
         started,
-        header_timeout: cfg.header_timeout,
         body_timeout: cfg.body_timeout,
         tokenizing: tokio::sync::Semaphore::new(2),
     });
@@ -255,6 +256,7 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         app,
         scheduler,
         listener,
+        header_timeout: cfg.header_timeout,
     })
 }
 
@@ -294,6 +296,7 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(from_fn_with_state(app.clone(), routes::count))
+        .layer(DefaultBodyLimit::max(routes::BODY_LIMIT))
         .with_state(app)
 }
 
@@ -319,6 +322,7 @@ fn run(
         app,
         scheduler,
         listener,
+        header_timeout,
     } = loaded;
     let rt = runtime()?;
     let sched = app.sched.clone();
@@ -334,7 +338,6 @@ fn run(
                 sched.cancel_all();
             });
         };
-        let header_timeout = app.header_timeout;
         serve_http(listener, router(app), header_timeout, shutdown).await;
         Ok::<(), std::io::Error>(())
     });
@@ -351,8 +354,9 @@ fn run(
 /// Connections served at once: the open-file limit, raised to its hard
 /// limit, less a margin for the model file, the threads and the runtime's
 /// own descriptors, and at most 16 384 (more wait in the listen backlog, so
-/// the server never runs out of descriptors or memory). A fixed 512 let 512 silent sockets, reopened
-/// as the header timeout closed them, keep everyone else out.
+/// the server never runs out of descriptors or memory). A fixed 512 let 512
+/// silent sockets, reopened as the header timeout closed them, keep
+/// everyone else out.
 fn connection_cap() -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -381,12 +385,14 @@ fn connection_cap() -> usize {
         .saturating_sub(128)
         .clamp(64, 16 << 10)
 }
+
 /// Time for a request's header to arrive, and for a keep-alive connection to
 /// start its next request: without it, a client that sent part of a header
 /// (or nothing) held its connection forever, and 20 000 of them took the
 /// server down.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time for a request's body (at most 2 MiB) to arrive once its header has.
+/// Time for a request's body (at most [`routes::BODY_LIMIT`]) to arrive once
+/// its header has.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Accept and serve HTTP/1 connections until `shutdown` resolves; then stop

@@ -36,7 +36,6 @@ pub struct App {
     pub next_id: AtomicU64,
     pub started: u64,
     /// See [`crate::ServerConfig`].
-    pub header_timeout: std::time::Duration,
     pub body_timeout: std::time::Duration,
     /// Requests being tokenized at once (see `encode`).
     pub tokenizing: tokio::sync::Semaphore,
@@ -156,8 +155,8 @@ impl App {
 }
 
 /// A request body that is a JSON object; anything else is an OpenAI-shaped
-/// error (including a body over axum's 2 MiB limit: 413, and one that does
-/// not arrive within the body timeout: 408).
+/// error (including a body over [`BODY_LIMIT`]: 413, and one that does not
+/// arrive within the body timeout: 408).
 pub struct JsonObject(pub Map<String, Value>);
 
 impl FromRequest<Arc<App>> for JsonObject {
@@ -169,7 +168,7 @@ impl FromRequest<Arc<App>> for JsonObject {
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > BODY_LIMIT) {
+        if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
             return Err(too_large());
         }
         let read = Bytes::from_request(req, app);
@@ -195,11 +194,15 @@ impl FromRequest<Arc<App>> for JsonObject {
     }
 }
 
-/// The largest request body (axum's default limit, which reading enforces).
-const BODY_LIMIT: u64 = 2 << 20;
+/// The largest request body: checked against its declared length here, and
+/// enforced while reading it by the router's `DefaultBodyLimit`.
+pub const BODY_LIMIT: usize = 2 << 20;
 
 fn too_large() -> ApiError {
-    let mut e = ApiError::bad_request("the request body is larger than the 2 MiB limit");
+    let mut e = ApiError::bad_request(format!(
+        "the request body is larger than the {} MiB limit",
+        BODY_LIMIT >> 20
+    ));
     e.status = StatusCode::PAYLOAD_TOO_LARGE;
     e
 }
