@@ -2484,8 +2484,7 @@ pub struct PackedKernels {
     /// [`PackedFormat::widened`] forms, with the
     /// kernels' own unpacking: done once instead of for every 4 tokens (for
     /// Q5_0 on the AVX2 table, about 70 of the ~250 vector operations per
-    /// block of 16 rows and 4 tokens). None for the AVX-512 tables, not
-    /// measured with it.
+    /// block of 16 rows and 4 tokens); for the formats in `widens`.
     ///
     /// Widening in plain 64-bit words (its first version) took 4% of pp64's
     /// samples on two threads; with the table's vectors, pp64 on one thread
@@ -2517,7 +2516,30 @@ pub struct PackedKernels {
     /// tokens (no spills) or 2 were slower than 4: ffn_gate at 512 tokens
     /// 86 and 78 against 89.
     pub widen: Option<fn(PackedFormat, &[u8], usize, &mut [u8])>,
+    /// The stored formats `widen` is used for (each has a
+    /// [`PackedFormat::widened`] form).
+    ///
+    /// The AVX-512 tables widen only Q5_0 and Q5_1 (and Q4_1): with
+    /// `vpdpbusd` a nibble costs one `and` or shift to unpack, and a
+    /// widened group of 2048 columns (35 KB for Q4_K) no longer fits the
+    /// Zen 4's 32 KB L1 while 4 tokens sweep it. Zen 4, one thread, best of
+    /// 40–60 interleaved runs, widened against not (3 rounds): Q5_0 640 →
+    /// 1024 and 640 → 2048 +6 to +12% at 512 tokens, 0 to +6% at 64; Q5_1
+    /// +8%, Q4_1 +5 to +10% at 512; Q4_K 1024 → 640 −3 to −7%, 2048 → 640
+    /// −10 to −20%; Q6_K (and Q3_K) −8 to +7%; Q5_K +8% at 64 tokens but −4
+    /// to −5% at 512.
+    pub widens: &'static [PackedFormat],
 }
+
+/// Every stored format with a widened form (what the AVX2 and scalar
+/// tables widen).
+pub const WIDENS_ALL: &[PackedFormat] = &[
+    PackedFormat::Q5_0,
+    PackedFormat::Q5_1,
+    PackedFormat::Q4K,
+    PackedFormat::Q5K,
+    PackedFormat::Q6K,
+];
 
 /// Fewest tokens for which a table with [`PackedKernels::widen`] widens.
 pub const WIDEN_TOKENS: usize = 32;
@@ -2620,6 +2642,7 @@ pub const PACKED_SCALAR: PackedKernels = PackedKernels {
     t4: scalar_nt::<4>,
     tiles: None,
     widen: Some(scalar_widen),
+    widens: WIDENS_ALL,
 };
 
 /// The scalar table's widening.
@@ -2678,22 +2701,14 @@ pub fn matmul_packed_many(
 /// Most matrices one call of [`matmul_packed_many`] takes.
 pub const MAX_MANY: usize = 8;
 
-/// Groups `g0..g1` of `w` times the `n` tokens of `acts`, into `out` (the
-/// n × w.rows result, which this call alone writes at those rows).
-///
-/// # Safety
-/// `out` must point to n × w.rows floats that no other thread touches at
-/// rows 16·g0..16·g1 meanwhile, and g0 ≤ g1 ≤ w.rows / 16.
-unsafe fn packed_groups(
-    k: &PackedKernels,
-    w: &PackedMatrix,
-    acts: ActRow,
-    n: usize,
-    out: OutPtr,
-    (g0, g1): (usize, usize),
-) {
-    let nb = w.nb;
-    let act = |t: usize| -> ActRow {
+/// Token t's activation rows within `acts` (all n tokens of a matrix of
+/// `nb` blocks, `cols` columns), made once per product: the kernels take
+/// them 4 at a time by reference. Built for each pass of 4 tokens, as
+/// before, the copies of these 100-byte values took 4–5% of pp512's
+/// samples on one thread on the Zen 4 (stores read back before they had
+/// reached the cache).
+fn token_rows<'a>(acts: ActRow<'a>, nb: usize, cols: usize, n: usize) -> Vec<ActRow<'a>> {
+    let act = |t: usize| -> ActRow<'a> {
         match acts {
             ActRow::Q8_0 {
                 blocks,
@@ -2715,10 +2730,28 @@ unsafe fn packed_groups(
                 neg32: &neg32[16 * t * nb..16 * (t + 1) * nb],
             },
             ActRow::F32 { x } => ActRow::F32 {
-                x: &x[t * w.cols..(t + 1) * w.cols],
+                x: &x[t * cols..(t + 1) * cols],
             },
         }
     };
+    (0..n).map(act).collect()
+}
+
+/// Groups `g0..g1` of `w` times the tokens of `acts` (one row each, see
+/// [`token_rows`]), into `out` (the n × w.rows result, which this call
+/// alone writes at those rows).
+///
+/// # Safety
+/// `out` must point to n × w.rows floats that no other thread touches at
+/// rows 16·g0..16·g1 meanwhile, and g0 ≤ g1 ≤ w.rows / 16.
+unsafe fn packed_groups(
+    k: &PackedKernels,
+    w: &PackedMatrix,
+    acts: &[ActRow],
+    out: OutPtr,
+    (g0, g1): (usize, usize),
+) {
+    let (nb, n) = (w.nb, acts.len());
     let (gb, rows) = (w.group_bytes, w.rows);
     // Token t's outputs for the rows of groups ga..gz, within g0..g1.
     let out_rows = |(ga, gz): (usize, usize), t: usize| {
@@ -2739,7 +2772,7 @@ unsafe fn packed_groups(
                 wg,
                 gb,
                 nb,
-                &[act(t), act(t + 1), act(t + 2), act(t + 3)],
+                acts[t..t + 4].try_into().expect("4 tokens"),
                 &mut [slice(t), slice(t + 1), slice(t + 2), slice(t + 3)],
             );
             t += 4;
@@ -2752,7 +2785,7 @@ unsafe fn packed_groups(
                 wg,
                 gb,
                 nb,
-                &[act(t), act(t + 1), act(t + 2)],
+                acts[t..].try_into().expect("3 tokens"),
                 &mut [slice(t), slice(t + 1), slice(t + 2)],
             ),
             2 => (k.t2)(
@@ -2760,10 +2793,17 @@ unsafe fn packed_groups(
                 wg,
                 gb,
                 nb,
-                &[act(t), act(t + 1)],
+                acts[t..].try_into().expect("2 tokens"),
                 &mut [slice(t), slice(t + 1)],
             ),
-            1 => (k.t1)(format, wg, gb, nb, &[act(t)], &mut [slice(t)]),
+            1 => (k.t1)(
+                format,
+                wg,
+                gb,
+                nb,
+                acts[t..].try_into().expect("1 token"),
+                &mut [slice(t)],
+            ),
             _ => {}
         }
     };
@@ -2772,13 +2812,14 @@ unsafe fn packed_groups(
     if let Some(tiles) = tiles {
         let n16 = n / TILE_TOKENS * TILE_TOKENS;
         if n16 > 0 {
-            let acts: Vec<ActRow> = (0..n16).map(act).collect();
             let mut outs: Vec<&mut [f32]> = (0..n16).map(|t| out_rows((g0, g1), t)).collect();
-            tiles(w.format, wg, gb, nb, &acts, &mut outs);
+            tiles(w.format, wg, gb, nb, &acts[..n16], &mut outs);
         }
         return run(w.format, wg, gb, (g0, g1), n16);
     }
-    let table_widen = k.widen.filter(|_| n >= WIDEN_TOKENS);
+    let table_widen = k
+        .widen
+        .filter(|_| n >= WIDEN_TOKENS && k.widens.contains(&w.format));
     if let (Some(table_widen), Some(wide)) = (table_widen, w.format.widened()) {
         // A few groups at a time widened, then all the tokens over them.
         let wgb = wide.group_bytes(nb);
@@ -2813,6 +2854,9 @@ fn run_packed(
     for (p, o) in ptrs.iter_mut().zip(outs.iter_mut()) {
         *p = OutPtr(o.as_mut_ptr());
     }
+    // The matrices read the same activations, so have the same blocks.
+    debug_assert!(ws.iter().all(|w| (w.nb, w.cols) == (ws[0].nb, ws[0].cols)));
+    let rows = token_rows(acts, ws[0].nb, ws[0].cols, n);
     let threads = rayon::current_num_threads().max(1);
     if n <= crate::pool::SMALL_BATCH && threads > 1 {
         // Generation, on the spin pool: the weights stream from memory
@@ -2839,7 +2883,7 @@ fn run_packed(
                 if g0 < g1 {
                     // SAFETY: the parts cut each matrix's groups into
                     // disjoint ranges, each written by one task.
-                    unsafe { packed_groups(k, w, acts, n, ptrs[i], (g0, g1)) };
+                    unsafe { packed_groups(k, w, &rows, ptrs[i], (g0, g1)) };
                 }
                 base += w.size_bytes();
             }
@@ -2870,7 +2914,7 @@ fn run_packed(
         let g0 = (t - first[i]) * chunk;
         // SAFETY: the tasks' group ranges are disjoint, and each matrix
         // has its own output.
-        unsafe { packed_groups(k, ws[i], acts, n, ptrs[i], (g0, (g0 + chunk).min(groups))) }
+        unsafe { packed_groups(k, ws[i], &rows, ptrs[i], (g0, (g0 + chunk).min(groups))) }
     };
     crate::pool::for_each_task(n, first[m], &task);
 }
@@ -2954,6 +2998,20 @@ mod tests {
             check::<1>(f);
             check::<2>(f);
             check::<4>(f);
+        }
+    }
+
+    /// The tables widen only stored formats that have a widened form, and
+    /// `WIDENS_ALL` is all of them.
+    #[test]
+    fn tables_widen_formats_with_a_widened_form() {
+        for f in PackedFormat::ALL {
+            assert_eq!(f.widened().is_some(), WIDENS_ALL.contains(&f), "{f:?}");
+        }
+        for k in crate::simd::available() {
+            for f in k.packed.widens {
+                assert!(f.widened().is_some(), "{}: {f:?}", k.name);
+            }
         }
     }
 

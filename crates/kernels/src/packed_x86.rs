@@ -502,7 +502,8 @@ pub const PACKED_AVX512: PackedKernels = PackedKernels {
     t3: avx512_t3,
     t4: avx512_t4,
     tiles: None,
-    widen: None,
+    widen: Some(avx512_widen),
+    widens: &[PackedFormat::Q5_0, PackedFormat::Q5_1],
 };
 
 pub const PACKED_GFNI: PackedKernels = PackedKernels {
@@ -511,7 +512,8 @@ pub const PACKED_GFNI: PackedKernels = PackedKernels {
     t3: gfni_t3,
     t4: gfni_t4,
     tiles: None,
-    widen: None,
+    widen: Some(gfni_widen),
+    widens: &[PackedFormat::Q5_0, PackedFormat::Q5_1],
 };
 
 pub const PACKED_AVX2: PackedKernels = PackedKernels {
@@ -521,16 +523,34 @@ pub const PACKED_AVX2: PackedKernels = PackedKernels {
     t4: avx2_t4,
     tiles: None,
     widen: Some(avx2_widen),
+    widens: crate::packed::WIDENS_ALL,
 };
 
-/// The AVX2 table's widening.
-fn avx2_widen(f: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) {
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn inner(f: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) {
-        crate::packed::widen::<Avx2>(f, src, nb, dst)
-    }
-    // SAFETY: only reachable through the AVX2 table, which
-    // `simd::available` returns after detecting these features; `widen`
-    // checks the lengths it uses without checks.
-    unsafe { inner(f, src, nb, dst) }
+/// A table's widening (`PackedKernels::widen`) with its features:
+/// `widen_entry!(name, Isa, "features")`.
+macro_rules! widen_entry {
+    ($name:ident, $isa:ty, $feat:literal) => {
+        fn $name(f: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) {
+            #[target_feature(enable = $feat)]
+            unsafe fn inner(f: PackedFormat, src: &[u8], nb: usize, dst: &mut [u8]) {
+                crate::packed::widen::<$isa>(f, src, nb, dst)
+            }
+            // SAFETY: only reachable through a table that `simd::available`
+            // returns after detecting `$feat`; `widen` checks the lengths
+            // it uses without checks.
+            unsafe { inner(f, src, nb, dst) }
+        }
+    };
 }
+
+widen_entry!(
+    avx512_widen,
+    Avx512<false>,
+    "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"
+);
+widen_entry!(
+    gfni_widen,
+    Avx512<true>,
+    "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c"
+);
+widen_entry!(avx2_widen, Avx2, "avx2,fma,f16c");
