@@ -199,7 +199,8 @@ impl PackedFormat {
     }
 
     /// Whether the AMX tile kernels (`packed_amx`) take it: every stored
-    /// integer format (a table with tiles does not widen).
+    /// integer format. A table with tiles runs these formats on them and
+    /// never widens them, whatever its `widens` lists.
     pub const fn has_tiles(self) -> bool {
         !matches!(
             self,
