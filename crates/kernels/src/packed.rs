@@ -2521,9 +2521,10 @@ pub struct PackedKernels {
     /// [`PackedFormat::widened`] form).
     ///
     /// The AVX-512 tables widen only Q5_0 and Q5_1 (and Q4_1): with
-    /// `vpdpbusd` a nibble costs one `and` or shift to unpack, and a
-    /// widened group of 2048 columns (35 KB for Q4_K) no longer fits the
-    /// Zen 4's 32 KB L1 while 4 tokens sweep it. Zen 4, one thread, best of
+    /// `vpdpbusd` a nibble costs an `and` (and a shift for the high ones)
+    /// to unpack, and (our reading, not measured) a widened group of 2048
+    /// columns (35 KB for Q4_K) is larger than the Zen 4's 32 KB L1 that 4
+    /// tokens sweep it from. Zen 4, one thread, best of
     /// 40–60 interleaved runs, widened against not (3 rounds): Q5_0 640 →
     /// 1024 and 640 → 2048 +6 to +12% at 512 tokens, 0 to +6% at 64; Q5_1
     /// +8%, Q4_1 +5 to +10% at 512; Q4_K 1024 → 640 −3 to −7%, 2048 → 640
