@@ -208,6 +208,43 @@ pub fn level() -> Level {
     best().level
 }
 
+/// Runs a block compiled for the chosen table's [`Level`]:
+/// `vectorized!(fn(a: A, b: B) -> R { body })` defines the body as a
+/// function three times (for AVX-512, for AVX2 and plain) and calls the
+/// one the table's level allows with the variables `a` and `b` of the
+/// caller. Plain Rust loops in it (the forward pass's norms, residual adds
+/// and attention bookkeeping) are then vectorized with that level's
+/// registers instead of the baseline's SSE2, and so are the `#[inline]`
+/// functions it calls. The same operations in the same order, so the same
+/// bits: Rust never reassociates floats or fuses a multiply and an add on
+/// its own.
+///
+/// (A function taking a closure does not do this: the compiler calls a
+/// large closure instead of inlining it into the function with the target
+/// features, and the closure keeps the baseline's.)
+#[macro_export]
+macro_rules! vectorized {
+    (fn($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {{
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+        unsafe fn avx512($($a: $t),*) $(-> $r)? $body
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn avx2($($a: $t),*) $(-> $r)? $body
+        fn plain($($a: $t),*) $(-> $r)? $body
+        match $crate::simd::level() {
+            // SAFETY: a table of this level is chosen only where the CPU
+            // has its features (see `simd::available`).
+            #[cfg(target_arch = "x86_64")]
+            $crate::simd::Level::Avx512 => unsafe { avx512($($a),*) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            $crate::simd::Level::Avx2 => unsafe { avx2($($a),*) },
+            _ => plain($($a),*),
+        }
+    }};
+}
+
 /// Keys per block of the attention kernels: the width of a K-cache tile.
 pub const KEY_BLOCK: usize = 16;
 

@@ -11,8 +11,8 @@
 
 use crate::kv_cache::MAX_UBATCH;
 use crate::{KvCache, Model, ModelError};
-use gemma3_kernels::ops;
 use gemma3_kernels::MatmulScratch;
+use gemma3_kernels::{ops, vectorized};
 use rayon::prelude::*;
 
 /// Tokens to run: token i is at position `pos[i]` of sequence `seq[i]` (an
@@ -289,21 +289,31 @@ impl Model {
                 }
             };
             let table = &st.rope[ti].1;
+            let (qn, kn, eps, scale) = (
+                &layer.q_norm[..],
+                &layer.k_norm[..],
+                c.rms_eps,
+                c.attn_scale,
+            );
             let q_heads = |q: &mut [f32], sincos: &[f32]| {
-                for h in q.chunks_exact_mut(hd) {
-                    ops::rms_norm_inplace(h, &layer.q_norm, c.rms_eps);
-                    apply_rope(h, sincos);
-                    // Scaled, then rounded to f16 as llama.cpp does when it multiplies
-                    // q with its f16 K cache (keeps us on its tokens at near-ties).
-                    h.iter_mut().for_each(|v| *v *= c.attn_scale);
-                    ops::round_to_f16(h);
-                }
+                vectorized!(fn(q: &mut [f32], sincos: &[f32], qn: &[f32], hd: usize, eps: f32, scale: f32) {
+                    for h in q.chunks_exact_mut(hd) {
+                        ops::rms_norm_inplace(h, qn, eps);
+                        apply_rope(h, sincos);
+                        // Scaled, then rounded to f16 as llama.cpp does when it multiplies
+                        // q with its f16 K cache (keeps us on its tokens at near-ties).
+                        h.iter_mut().for_each(|v| *v *= scale);
+                        ops::round_to_f16(h);
+                    }
+                })
             };
             let k_heads = |k: &mut [f32], sincos: &[f32]| {
-                for h in k.chunks_exact_mut(hd) {
-                    ops::rms_norm_inplace(h, &layer.k_norm, c.rms_eps);
-                    apply_rope(h, sincos);
-                }
+                vectorized!(fn(k: &mut [f32], sincos: &[f32], kn: &[f32], hd: usize, eps: f32) {
+                    for h in k.chunks_exact_mut(hd) {
+                        ops::rms_norm_inplace(h, kn, eps);
+                        apply_rope(h, sincos);
+                    }
+                })
             };
             if few {
                 // Row j of q is the j-th token that wants logits.
@@ -448,8 +458,16 @@ impl Model {
             let work = |i: usize| {
                 #[allow(clippy::redundant_locals)]
                 let optr = optr;
-                let t = &tiles[i];
-                attend_tile(c, cache(t.first), t, q, optr);
+                let (t, lc) = (&tiles[i], cache(tiles[i].first));
+                vectorized!(fn(
+                    c: &crate::Config,
+                    lc: &crate::kv_cache::LayerCache,
+                    t: &Tile,
+                    q: &[f32],
+                    optr: SharedOut,
+                ) {
+                    attend_tile(c, lc, t, q, optr)
+                })
             };
             if n <= gemma3_kernels::pool::SMALL_BATCH || threads == 1 {
                 return gemma3_kernels::pool::for_each_task(n, tiles.len(), &work);
@@ -521,7 +539,17 @@ impl Model {
             let from = |b: usize, s: &mut [f32]| {
                 s.copy_from_slice(&mine[b * rows_kb(t)..(b + 1) * rows_kb(t)])
             };
-            tile_softmax_pv(c, cache(t.first), t, col(k)..col(k + 1), from, optr);
+            let (lc, cols, from) = (cache(t.first), col(k)..col(k + 1), &from);
+            vectorized!(fn(
+                c: &crate::Config,
+                lc: &crate::kv_cache::LayerCache,
+                t: &Tile,
+                cols: std::ops::Range<usize>,
+                from: &dyn Fn(usize, &mut [f32]),
+                optr: SharedOut,
+            ) {
+                tile_softmax_pv(c, lc, t, cols, from, optr)
+            })
         };
         gemma3_kernels::pool::for_each_task(n, tasks, &pv_work);
     }
@@ -658,6 +686,7 @@ impl<'a> Tile<'a> {
 }
 
 /// Attention of a tile's rows, in one pass over its key blocks.
+#[inline(always)]
 fn attend_tile(
     c: &crate::Config,
     lc: &crate::kv_cache::LayerCache,
@@ -677,7 +706,7 @@ fn attend_tile(
 /// over 3 runs, four alternating rounds; under 1% of the prompt). The
 /// maximum of the same values does not depend on the order they are taken
 /// in.
-#[inline]
+#[inline(always)]
 fn range_max(s: &[f32; KB], (j0, j1): (usize, usize)) -> f32 {
     // (Not `f32::max`: its NaN rule costs three more operations per
     // maximum; a NaN score makes the row's output NaN either way.)
@@ -737,6 +766,7 @@ fn tile_scores(
 /// The online softmax and P·V of a tile's rows over its key blocks in
 /// order, for head columns `cols`, with block b's rows × KB scores from
 /// `scores(b, s)`; writes those columns of the rows' outputs.
+#[inline(always)]
 fn tile_softmax_pv(
     c: &crate::Config,
     lc: &crate::kv_cache::LayerCache,
@@ -853,14 +883,23 @@ fn add_normed(
     next: Option<&[f32]>,
     xn: &mut [f32],
 ) {
-    let d = c.d_model;
+    let (d, eps) = (c.d_model, c.rms_eps);
     let rows = o.chunks_mut(d).zip(x.chunks_mut(d)).zip(xn.chunks_mut(d));
     per_token(n, rows, |((o, x), xn)| {
-        ops::rms_norm_inplace(o, post, c.rms_eps);
-        ops::add_inplace(x, o);
-        if let Some(w) = next {
-            ops::rms_norm(x, w, c.rms_eps, xn);
-        }
+        vectorized!(fn(
+            o: &mut [f32],
+            x: &mut [f32],
+            xn: &mut [f32],
+            post: &[f32],
+            next: Option<&[f32]>,
+            eps: f32,
+        ) {
+            ops::rms_norm_inplace(o, post, eps);
+            ops::add_inplace(x, o);
+            if let Some(w) = next {
+                ops::rms_norm(x, w, eps, xn);
+            }
+        })
     });
 }
 
