@@ -214,10 +214,13 @@ pub fn level() -> Level {
 /// one the table's level allows with the variables `a` and `b` of the
 /// caller. Plain Rust loops in it (the forward pass's norms, residual adds
 /// and attention bookkeeping) are then vectorized with that level's
-/// registers instead of the baseline's SSE2, and so are the `#[inline]`
-/// functions it calls. The same operations in the same order, so the same
-/// bits: Rust never reassociates floats or fuses a multiply and an add on
-/// its own.
+/// registers instead of the baseline's SSE2, and so are the functions it
+/// calls where the compiler inlines them (`#[inline]` is a hint; a call left
+/// out of line keeps its own compilation). The same operations in the same
+/// order, so the same bits: Rust never reassociates floats or fuses a
+/// multiply and an add on its own. Off x86-64 only the plain function
+/// exists. (The three functions are named `__vectorized_…`, so that a call
+/// in a body to an outer function named `plain` or `avx2` still reaches it.)
 ///
 /// (A function taking a closure does not do this: the compiler calls a
 /// large closure instead of inlining it into the function with the target
@@ -227,20 +230,21 @@ macro_rules! vectorized {
     (fn($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {{
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
-        unsafe fn avx512($($a: $t),*) $(-> $r)? $body
+        unsafe fn __vectorized_avx512($($a: $t),*) $(-> $r)? $body
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn avx2($($a: $t),*) $(-> $r)? $body
-        fn plain($($a: $t),*) $(-> $r)? $body
+        unsafe fn __vectorized_avx2($($a: $t),*) $(-> $r)? $body
+        fn __vectorized_plain($($a: $t),*) $(-> $r)? $body
         match $crate::simd::level() {
-            // SAFETY: a table of this level is chosen only where the CPU
-            // has its features (see `simd::available`).
+            // SAFETY: `level` is the level of the table `best` chose, and
+            // `best` (through `choose`) only picks among `available`'s
+            // tables, each listed only where the CPU has its features.
             #[cfg(target_arch = "x86_64")]
-            $crate::simd::Level::Avx512 => unsafe { avx512($($a),*) },
+            $crate::simd::Level::Avx512 => unsafe { __vectorized_avx512($($a),*) },
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
-            $crate::simd::Level::Avx2 => unsafe { avx2($($a),*) },
-            _ => plain($($a),*),
+            $crate::simd::Level::Avx2 => unsafe { __vectorized_avx2($($a),*) },
+            _ => __vectorized_plain($($a),*),
         }
     }};
 }
