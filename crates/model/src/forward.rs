@@ -545,7 +545,7 @@ impl Model {
                 lc: &crate::kv_cache::LayerCache,
                 t: &Tile,
                 cols: std::ops::Range<usize>,
-                from: &dyn Fn(usize, &mut [f32]),
+                from: &impl Fn(usize, &mut [f32]),
                 optr: SharedOut,
             ) {
                 tile_softmax_pv(c, lc, t, cols, from, optr)
