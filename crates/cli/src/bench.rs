@@ -179,7 +179,8 @@ pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
             }
         }
         for &g in a.gen.iter().filter(|&&g| g > 0) {
-            if depth.checked_add(g).is_none_or(|c| c >= ctx_len) {
+            // Positions depth..depth + g: the last one is depth + g − 1.
+            if depth.checked_add(g).is_none_or(|c| c > ctx_len) {
                 bail!("depth {depth} + {g} generated tokens exceed the context of {ctx_len}");
             }
         }
@@ -227,7 +228,7 @@ pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
                     if g == 0 {
                         continue;
                     }
-                    let ctx = depth + g + 1;
+                    let ctx = (depth + g + 1).min(ctx_len);
                     let mut cache = KvCache::try_new(&model.config, ctx)?;
                     let mut st = ForwardState::new();
                     let mut tps = Vec::new();

@@ -15,8 +15,8 @@ pub struct SamplingArgs {
     /// Path of a GGUF model file (default: $GEMMA3_MODEL, else the cached default model).
     #[arg(short, long)]
     pub model: Option<PathBuf>,
-    /// Most tokens to generate.
-    #[arg(short = 'n', long = "max-tokens", default_value_t = 512)]
+    /// Most tokens to generate (-1: until the model ends its text or the context is full, as llama.cpp).
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 512, value_parser = parse_max_tokens, allow_hyphen_values = true)]
     pub max_tokens: usize,
     /// Temperature (0 = greedy). Default: the model's own sampling (1.0, top-k 64, top-p 0.95).
     #[arg(long)]
@@ -27,13 +27,15 @@ pub struct SamplingArgs {
     pub top_p: Option<f32>,
     #[arg(long, default_value_t = 0.0)]
     pub min_p: f32,
-    /// Seed for sampling (default: random).
-    #[arg(long)]
-    pub seed: Option<u64>,
+    /// Seed for sampling (default, or -1 as in llama.cpp: random).
+    #[arg(long, value_parser = parse_seed, allow_hyphen_values = true)]
+    pub seed: Option<Seed>,
     /// Penalise tokens seen in the last --repeat-last-n (1 = off).
     #[arg(long, default_value_t = 1.0)]
     pub repeat_penalty: f32,
-    #[arg(long, default_value_t = 64)]
+    /// How many of the latest tokens the repeat, presence and frequency penalties look at (0: none,
+    /// so the penalties are off; -1: all), as llama.cpp.
+    #[arg(long, default_value_t = 64, value_parser = parse_repeat_last_n, allow_hyphen_values = true)]
     pub repeat_last_n: usize,
     #[arg(long, default_value_t = 0.0)]
     pub presence_penalty: f32,
@@ -59,7 +61,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub s: SamplingArgs,
     /// Feed PROMPT as plain text (base-model completion, BOS prepended) and print only the continuation.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "system")]
     pub raw: bool,
     /// Do not print the timing line on stderr.
     #[arg(long)]
@@ -89,6 +91,46 @@ fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
     Ok((id, bias))
 }
 
+/// A `--seed`: a number, or random (`-1`).
+#[derive(Clone, Copy, Debug)]
+pub enum Seed {
+    Fixed(u64),
+    Random,
+}
+
+fn parse_seed(s: &str) -> Result<Seed, String> {
+    if s == "-1" {
+        return Ok(Seed::Random);
+    }
+    s.parse::<u64>().map(Seed::Fixed).map_err(|_| {
+        format!("'{s}' is not a seed: a number from 0 to 2^64 - 1, or -1 for a random one")
+    })
+}
+
+/// `-n`: a count of at least 1, or -1 for no limit but the context.
+fn parse_max_tokens(s: &str) -> Result<usize, String> {
+    if s == "-1" {
+        return Ok(usize::MAX);
+    }
+    match s.parse::<usize>() {
+        Ok(0) => Err("at least 1 token (or -1: until the text ends or the context is full)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "'{s}' is not a token count: a number of at least 1, or -1 for no limit"
+        )),
+    }
+}
+
+/// `--repeat-last-n`: a count (0 turns the penalties off), or -1 for all.
+fn parse_repeat_last_n(s: &str) -> Result<usize, String> {
+    if s == "-1" {
+        return Ok(gemma3_engine::ALL_HISTORY);
+    }
+    s.parse::<usize>().map_err(|_| {
+        format!("'{s}' is not a token count: a number, 0 (penalties off) or -1 (all tokens)")
+    })
+}
+
 impl SamplingArgs {
     /// Generation settings; `chat` also stops at `<start_of_turn>` (the base
     /// model sometimes opens a new turn instead of closing its own).
@@ -100,12 +142,13 @@ impl SamplingArgs {
             );
         }
         let base = SamplingParams::chat_default();
-        let seed = self.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now()
+        let seed = match self.seed {
+            Some(Seed::Fixed(s)) => s,
+            None | Some(Seed::Random) => std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
-        });
+                .unwrap_or(0),
+        };
         let sampling = SamplingParams {
             temperature: self.temp.unwrap_or(base.temperature),
             top_k: self.top_k.unwrap_or(base.top_k),
@@ -129,9 +172,6 @@ impl SamplingArgs {
             );
         }
         sampling.validate().map_err(anyhow::Error::msg)?;
-        if self.max_tokens == 0 {
-            anyhow::bail!("--max-tokens must be at least 1");
-        }
         let mut stop_tokens = vec![tok.specials().eos];
         stop_tokens.extend(tok.specials().end_of_turn);
         if chat {
@@ -239,6 +279,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     let system_len = history.len();
     eprintln!("gemma3 chat — /reset clears the history, /exit quits, Ctrl-C stops a reply. (This is the base model: replies are weak until fine-tuned.)");
     let stdin = std::io::stdin();
+    let first_seed = params.sampling.seed;
     let mut turn = 0u64;
     loop {
         eprint!("> ");
@@ -269,7 +310,8 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             history.pop();
             continue;
         }
-        params.sampling.seed = params.sampling.seed.wrapping_add(turn);
+        // Turn k samples with seed + k: each turn its own draws, reproducible from --seed.
+        params.sampling.seed = first_seed.wrapping_add(turn);
         turn += 1;
         interrupted.store(false, Ordering::SeqCst);
         generating.store(true, Ordering::SeqCst);

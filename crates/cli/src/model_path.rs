@@ -61,7 +61,8 @@ pub fn resolve(explicit: Option<PathBuf>, pull_if_missing: bool) -> Result<PathB
     if let Some(p) = explicit {
         return Ok(p);
     }
-    if let Some(p) = std::env::var_os("GEMMA3_MODEL") {
+    // (Set but empty is unset, as a shell's `GEMMA3_MODEL=` means.)
+    if let Some(p) = std::env::var_os("GEMMA3_MODEL").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
     let p = cache_dir()?.join(DEFAULT_FILE);

@@ -275,6 +275,29 @@ fn invalid_flags_are_clear_errors() {
         Some(&p),
         &["exceed the context"],
     );
+    // The last generated token's position is depth + n − 1: 2040 + 8 fills the tiny
+    // model's 2048 exactly (it had been refused), 2041 + 8 does not fit.
+    let (out, _, stderr) = run(gemma3()
+        .args([
+            "bench",
+            "-p",
+            "0",
+            "-n",
+            "8",
+            "-d",
+            "2040",
+            "-r",
+            "1",
+            "--no-warmup",
+        ])
+        .arg("--model")
+        .arg(&*p));
+    assert!(out.status.success(), "{stderr}");
+    fails_with(
+        &["bench", "-p", "0", "-n", "8", "-d", "2041"],
+        Some(&p),
+        &["exceed the context of 2048"],
+    );
     fails_with(&["ppl", "--chunks", "0", text], Some(&p), &["--chunks"]);
     // A malformed value is the argument parser's error (status 2).
     let args = with(&["--ctx", "64", "--logit-bias", "12x"]);
@@ -493,4 +516,81 @@ fn non_finite_logits_are_an_error() {
         Some(&p),
         &["not finite"],
     );
+    // One NaN logit among finite ones (the last token's row of the tied head): greedy
+    // skipped it, and sampling's NaN probabilities fell through to an arbitrary token,
+    // both with status 0 and plausible text.
+    let mut weights = tiny::tiny_weights(&spec);
+    let embd = weights.get_mut("token_embd.weight").unwrap();
+    let last_row = embd.data.len() - spec.d_model;
+    embd.data[last_row..].fill(f32::NAN);
+    let mut w = gemma3_gguf::GgufWriter::new();
+    tiny::tiny_metadata(&mut w, &spec, "gemma3");
+    for (name, t) in &weights {
+        let bytes: Vec<u8> = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.add_tensor(name, &t.dims, GgmlType::F32, bytes).unwrap();
+    }
+    let p = write_tiny("nan-row.gguf", &w);
+    for sampling in [
+        &["--temp", "0"][..],
+        &["--temp", "1", "--seed", "3"],
+        &["--temp", "1", "--top-k", "0", "--seed", "3"],
+    ] {
+        let mut args = vec!["run", "--raw", "--ctx", "64", "-n", "2"];
+        args.extend(sampling);
+        args.push("ab");
+        fails_with(&args, Some(&p), &["not finite"]);
+    }
+}
+
+#[test]
+fn llama_cpp_minus_one_values_and_refused_combinations() {
+    let p = tiny_model("tiny-minus-one.gguf");
+    // llama.cpp's -1s: no limit but the context for -n, a random seed, and the whole
+    // history for --repeat-last-n (0 turns the penalties off there, and now here).
+    let (out, stdout, stderr) = run(gemma3().args(["run", "--model"]).arg(&*p).args([
+        "--raw",
+        "--ctx",
+        "24",
+        "-n",
+        "-1",
+        "--seed",
+        "-1",
+        "--repeat-penalty",
+        "1.3",
+        "--repeat-last-n",
+        "-1",
+        "ab",
+    ]));
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stdout.is_empty(), "{stderr}");
+    // -n -1 ran to the context's end (unless the model ended its text first).
+    assert!(
+        stderr.contains("finish: Length") || stderr.contains("finish: Stop"),
+        "{stderr}"
+    );
+    for bad in [
+        &["-n", "-2"][..],
+        &["-n", "0"],
+        &["--seed", "-2"],
+        &["--repeat-last-n", "-3"],
+    ] {
+        let mut args = vec!["run", "--raw", "--ctx", "24"];
+        args.extend(bad);
+        args.push("ab");
+        let (out, _, stderr) = run(gemma3().args(&args).arg("--model").arg(&*p));
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(bad[0]) || stderr.contains("--max-tokens"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // --system has no place in a raw prompt: refused, where it was silently dropped.
+    let (out, _, stderr) = run(gemma3().args(["run", "--model"]).arg(&*p).args([
+        "--raw",
+        "--system",
+        "Be brief.",
+        "ab",
+    ]));
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--system"), "{stderr}");
 }

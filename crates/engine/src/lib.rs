@@ -12,7 +12,7 @@ pub mod session;
 pub mod stop;
 
 pub use chat::{render_chat, ChatError, Message, Role};
-pub use sampler::{Sampler, SamplingParams};
+pub use sampler::{Sampler, SamplingParams, ALL_HISTORY};
 pub use session::{FinishReason, GenerateParams, Generation, Session, SessionError};
 
 use gemma3_gguf::GgufFile;

@@ -18,6 +18,9 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// 1 = off. Divides positive logits (multiplies negative ones) of tokens seen in the last `repeat_last_n`.
     pub repeat_penalty: f32,
+    /// How many of the latest tokens (prompt included) the three penalties
+    /// look at, as llama.cpp's `--repeat-last-n`: 0 = none (the penalties
+    /// are off), [`ALL_HISTORY`] = all of them (llama.cpp's −1).
     pub repeat_last_n: usize,
     /// Subtracted once from the logit of every token seen (OpenAI semantics).
     pub presence_penalty: f32,
@@ -30,6 +33,9 @@ pub struct SamplingParams {
     pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
+
+/// [`SamplingParams::repeat_last_n`] for the whole history (llama.cpp's −1).
+pub const ALL_HISTORY: usize = usize::MAX;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -186,7 +192,16 @@ impl Sampler {
 
     /// Choose the next token from `logits`, given the tokens generated (and
     /// prompted) so far for penalties.
+    ///
+    /// If any logit is NaN or +∞, the first such token is returned without
+    /// sampling: callers refuse a token whose logit is not finite (a broken
+    /// model), where a NaN among the candidates would otherwise make every
+    /// probability NaN and the draw fall through to an arbitrary token. A
+    /// −∞ logit is a token that cannot be drawn.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        if let Some(i) = first_invalid(logits) {
+            return i as u32;
+        }
         let p = &self.params;
         let penalised = p.repeat_penalty != 1.0
             || p.presence_penalty != 0.0
@@ -286,12 +301,27 @@ fn top_k_into(logits: &[f32], k: usize, cand: &mut Vec<(u32, f32)>) {
     cand.sort_unstable_by(desc);
 }
 
-fn apply_penalties(logits: &mut [f32], history: &[u32], p: &SamplingParams) {
-    let window = if p.repeat_last_n == 0 {
-        history.len()
+/// The index of the first NaN or +∞, if any (−∞ is a banned token, not an
+/// error): one pass that vectorizes (x·0 is 0 for a finite x, NaN for an
+/// infinite one or a NaN), then a search only when it found one.
+fn first_invalid(v: &[f32]) -> Option<usize> {
+    let mut lanes = [0.0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..16 {
+            lanes[l] += c[l] * 0.0;
+        }
+    }
+    if lanes.iter().chain(tail).all(|x| x.is_finite()) {
+        None
     } else {
-        p.repeat_last_n.min(history.len())
-    };
+        v.iter().position(|&x| x.is_nan() || x == f32::INFINITY)
+    }
+}
+
+fn apply_penalties(logits: &mut [f32], history: &[u32], p: &SamplingParams) {
+    let window = p.repeat_last_n.min(history.len());
     let recent = &history[history.len() - window..];
     let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
     for &t in recent {
@@ -316,8 +346,8 @@ fn apply_penalties(logits: &mut [f32], history: &[u32], p: &SamplingParams) {
 pub fn argmax(logits: &[f32]) -> u32 {
     // The largest value first, in 16 independent lanes (branch-free, so it
     // vectorizes: 262144 logits per generated token), then its first index.
-    // NaNs never win here; all-NaN (or empty) gives 0. (Top-k orders by
-    // total_cmp, which ranks a positive NaN first; the model never emits one.)
+    // NaNs never win here; all-NaN (or empty) gives 0. (`Sampler::sample`
+    // returns a non-finite logit's token before it gets here.)
     let mut lanes = [f32::NEG_INFINITY; 16];
     let chunks = logits.chunks_exact(16);
     let tail = chunks.remainder();
@@ -546,6 +576,60 @@ mod tests {
             ..SamplingParams::greedy()
         });
         assert_eq!(s.sample(&logits, &[0]), 1);
+    }
+
+    #[test]
+    fn repeat_last_n_counts_as_llama_cpp() {
+        // The repeated token 0 is 3 tokens back: a window of 2 misses it,
+        // 3 and the whole history (llama.cpp's −1) see it, 0 turns the
+        // penalties off (llama.cpp's 0, where it had meant "all" here).
+        let logits = [2.0f32, 1.9, 0.0];
+        let history = [0, 2, 2];
+        for (n, expect) in [(2, 0), (3, 1), (ALL_HISTORY, 1), (0, 0)] {
+            let mut s = Sampler::new(SamplingParams {
+                repeat_penalty: 1.1,
+                repeat_last_n: n,
+                ..SamplingParams::greedy()
+            });
+            assert_eq!(s.sample(&logits, &history), expect, "repeat_last_n {n}");
+        }
+    }
+
+    #[test]
+    fn a_nan_or_infinite_logit_is_returned_not_sampled() {
+        // Callers refuse a token whose logit is not finite. A positive NaN
+        // sorts first under total_cmp, and a NaN anywhere in the kept
+        // candidates made every probability NaN, so sampling fell through
+        // to the last candidate: a plausible token from a broken model.
+        let mut logits: Vec<f32> = (0..1000).map(|i| (i % 17) as f32 * 0.1).collect();
+        for bad in [f32::NAN, -f32::NAN, f32::INFINITY] {
+            for at in [3usize, 500, 999] {
+                let saved = logits[at];
+                logits[at] = bad;
+                for params in [
+                    SamplingParams::greedy(),
+                    SamplingParams::chat_default(),
+                    SamplingParams {
+                        top_k: 0,
+                        ..SamplingParams::chat_default()
+                    },
+                ] {
+                    let t = Sampler::new(params).sample(&logits, &[1, 2]);
+                    assert_eq!(t as usize, at, "{bad} at {at}");
+                }
+                logits[at] = saved;
+            }
+        }
+        // −∞ is a banned token: never drawn, not an error.
+        logits[16] = f32::NEG_INFINITY; // the largest logit, 1.6
+        assert_eq!(first_invalid(&logits), None);
+        assert_eq!(
+            Sampler::new(SamplingParams::greedy()).sample(&logits, &[]),
+            33
+        );
+        assert_eq!(first_invalid(&[]), None);
+        assert_eq!(first_invalid(&[1.0, f32::NAN, f32::INFINITY]), Some(1));
+        assert_eq!(first_invalid(&[f32::NEG_INFINITY, f32::INFINITY]), Some(1));
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //!   string or `[{type: "text", text}]` parts, required, null only for an
 //!   assistant's message), rendered with Gemma's chat
 //!   template; `stream` (+ `stream_options.include_usage`), `max_tokens` /
-//!   `max_completion_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `seed`,
-//!   `stop`, `presence_penalty`, `frequency_penalty`, `repeat_penalty`,
+//!   `max_completion_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `seed`
+//!   (−1: random, as llama-server), `stop`, `presence_penalty`,
+//!   `frequency_penalty`, `repeat_penalty`, `repeat_last_n` (the tokens the
+//!   penalties look at: 0 none, −1 all, as llama-server; default 64),
 //!   `logprobs` + `top_logprobs` (0..=20), `logit_bias` (token id → −100..=100),
 //!   `n` (1 only). Generation ends at eos or `<end_of_turn>`. Fields this
 //!   server does not implement and that would change the answer (`tools`,

@@ -225,10 +225,16 @@ pub fn parse_common(
         None => base.top_k,
         Some(k) => usize::try_from(k).unwrap_or(usize::MAX),
     };
+    // As llama.cpp's server: 0 turns the penalties off, -1 looks at the whole history.
     let repeat_last_n = match f.i64("repeat_last_n")? {
         None => base.repeat_last_n,
-        Some(n) if n < 0 => 0, // llama.cpp: -1 = the whole history
-        Some(n) => n as usize,
+        Some(-1) => gemma3_engine::ALL_HISTORY,
+        Some(n) => usize::try_from(n).map_err(|_| {
+            ApiError::field(
+                "repeat_last_n",
+                format!("'repeat_last_n' is a token count, 0 (penalties off) or -1 (all tokens), got {n}"),
+            )
+        })?,
     };
     let sampling = SamplingParams {
         temperature: f.f32("temperature")?.unwrap_or(base.temperature),
@@ -240,9 +246,10 @@ pub fn parse_common(
         presence_penalty: f.f32("presence_penalty")?.unwrap_or(0.0),
         frequency_penalty: f.f32("frequency_penalty")?.unwrap_or(0.0),
         logit_bias,
-        seed: match f.i64("seed")? {
-            Some(s) => s as u64,
-            None => random_seed(),
+        // -1 is random, as in llama.cpp's server.
+        seed: match f.get("seed").and_then(Value::as_i64) {
+            Some(-1) => random_seed(),
+            _ => f.u64("seed")?.unwrap_or_else(random_seed),
         },
     };
     if let Err(msg) = sampling.validate() {
@@ -629,6 +636,34 @@ mod tests {
             param(json!({"messages": m, "repeat_penalty": 1e-40})),
             "repeat_penalty"
         );
+        assert_eq!(
+            param(json!({"messages": m, "repeat_last_n": -2})),
+            "repeat_last_n"
+        );
+        assert_eq!(param(json!({"messages": m, "seed": -2})), "seed");
+        // As llama.cpp's server: repeat_last_n 0 is off and -1 all tokens; seed -1 is random.
+        let sampling = |v: Value| ChatRequest::parse(&obj(v), 1000).unwrap().common.sampling;
+        assert_eq!(
+            sampling(json!({"messages": m, "repeat_last_n": 0})).repeat_last_n,
+            0
+        );
+        assert_eq!(
+            sampling(json!({"messages": m, "repeat_last_n": -1})).repeat_last_n,
+            gemma3_engine::ALL_HISTORY
+        );
+        assert_eq!(
+            sampling(json!({"messages": m, "repeat_last_n": 7})).repeat_last_n,
+            7
+        );
+        assert_eq!(
+            sampling(json!({"messages": m, "seed": u64::MAX})).seed,
+            u64::MAX
+        );
+        let (a, b) = (
+            sampling(json!({"messages": m, "seed": -1})).seed,
+            sampling(json!({"messages": m, "seed": -1})).seed,
+        );
+        assert_ne!(a, b, "seed -1 is a fresh random seed each time");
         let ok = |v: Value| ChatRequest::parse(&obj(v), 1000).map(|r| r.common.sampling.logit_bias);
         assert_eq!(
             ok(
