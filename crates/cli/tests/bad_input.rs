@@ -496,19 +496,29 @@ fn a_model_without_turn_tokens_has_no_chat() {
     assert!(out.status.success(), "--raw still runs: {stderr}");
 }
 
-/// NaN weights give NaN logits: an error, not a reply of token 0 after token 0.
-#[test]
-fn non_finite_logits_are_an_error() {
+/// The tiny model in F32 with `edit` made to its weights, written to the temp dir.
+fn tiny_f32_edited(
+    name: &str,
+    edit: impl FnOnce(&mut std::collections::BTreeMap<String, tiny::TinyTensor>, &TinySpec),
+) -> TempFile {
     let spec = TinySpec::default();
     let mut weights = tiny::tiny_weights(&spec);
-    weights.get_mut("output_norm.weight").unwrap().data[0] = f32::NAN;
+    edit(&mut weights, &spec);
     let mut w = gemma3_gguf::GgufWriter::new();
     tiny::tiny_metadata(&mut w, &spec, "gemma3");
     for (name, t) in &weights {
         let bytes: Vec<u8> = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
         w.add_tensor(name, &t.dims, GgmlType::F32, bytes).unwrap();
     }
-    let p = write_tiny("nan-norm.gguf", &w);
+    write_tiny(name, &w)
+}
+
+/// NaN weights give NaN logits: an error, not a reply of token 0 after token 0.
+#[test]
+fn non_finite_logits_are_an_error() {
+    let p = tiny_f32_edited("nan-norm.gguf", |w, _| {
+        w.get_mut("output_norm.weight").unwrap().data[0] = f32::NAN;
+    });
     fails_with(
         &[
             "run", "--raw", "--ctx", "64", "--temp", "0", "-n", "2", "ab",
@@ -519,17 +529,11 @@ fn non_finite_logits_are_an_error() {
     // One NaN logit among finite ones (the last token's row of the tied head): greedy
     // skipped it, and sampling's NaN probabilities fell through to an arbitrary token,
     // both with status 0 and plausible text.
-    let mut weights = tiny::tiny_weights(&spec);
-    let embd = weights.get_mut("token_embd.weight").unwrap();
-    let last_row = embd.data.len() - spec.d_model;
-    embd.data[last_row..].fill(f32::NAN);
-    let mut w = gemma3_gguf::GgufWriter::new();
-    tiny::tiny_metadata(&mut w, &spec, "gemma3");
-    for (name, t) in &weights {
-        let bytes: Vec<u8> = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        w.add_tensor(name, &t.dims, GgmlType::F32, bytes).unwrap();
-    }
-    let p = write_tiny("nan-row.gguf", &w);
+    let p = tiny_f32_edited("nan-row.gguf", |w, spec| {
+        let embd = w.get_mut("token_embd.weight").unwrap();
+        let last_row = embd.data.len() - spec.d_model;
+        embd.data[last_row..].fill(f32::NAN);
+    });
     for sampling in [
         &["--temp", "0"][..],
         &["--temp", "1", "--seed", "3"],
