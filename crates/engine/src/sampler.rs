@@ -28,7 +28,7 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// (token, bias) added to that token's logit before anything else
     /// (OpenAI's `logit_bias`, −100..=100: −100 bans a token in practice,
-    /// +100 all but forces it). Ids are checked against the vocabulary by
+    /// +100 all but forces it; or −∞, which bans it outright). Ids are checked against the vocabulary by
     /// whoever builds the params.
     pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
@@ -118,10 +118,12 @@ impl SamplingParams {
         if let Some(&(id, b)) = self
             .logit_bias
             .iter()
-            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+            // −∞: the token is never drawn (llama.cpp's `false` bias; the
+            // server's `ignore_eos` bans the end tokens so).
+            .find(|(_, b)| !(-100.0..=100.0).contains(b) && *b != f32::NEG_INFINITY)
         {
             return Err(format!(
-                "logit_bias must be in [-100, 100], got {b} for token {id}"
+                "logit_bias must be in [-100, 100] (or -inf), got {b} for token {id}"
             ));
         }
         Ok(())

@@ -3,27 +3,33 @@
 //! reading, prefix cache). Requests become token ids and generation
 //! parameters here; the scheduler's events become JSON or server-sent events.
 //!
-//! Routes (all but /health and /metrics need `Authorization: Bearer KEY` when
-//! `--api-key` is set):
+//! Routes (all but /health and /metrics need `Authorization: Bearer KEY`, or
+//! llama-server's `X-Api-Key: KEY`, when `--api-key` is set):
 //! - `POST /v1/chat/completions`: `messages` (system/user/assistant; content a
 //!   string or `[{type: "text", text}]` parts, required, null only for an
 //!   assistant's message), rendered with Gemma's chat
 //!   template; `stream` (+ `stream_options.include_usage`), `max_tokens` /
-//!   `max_completion_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `seed`
+//!   `max_completion_tokens` / llama-server's `n_predict` (−1: as many as the
+//!   context leaves), `temperature`, `top_p`, `top_k` (0 or −1: no limit),
+//!   `min_p`, `seed`
 //!   (−1: random, as llama-server), `stop`, `presence_penalty`,
 //!   `frequency_penalty`, `repeat_penalty`, `repeat_last_n` (the tokens the
 //!   penalties look at: 0 none, −1 all, as llama-server; default 64),
 //!   `logprobs` + `top_logprobs` (0..=20), `logit_bias` (token id → −100..=100),
-//!   `n` (1 only). Generation ends at eos or `<end_of_turn>`. Fields this
-//!   server does not implement and that would change the answer (`tools`,
-//!   `tool_choice`, `response_format` other than text, a message's
-//!   `tool_calls`) are refused with a 400, not ignored.
+//!   `n` (1 only), llama-server's `ignore_eos`. Generation ends at eos or
+//!   `<end_of_turn>`. Fields this server does not implement and that would
+//!   change the answer (`tools`, `tool_choice`, `response_format` other than
+//!   text, a message's `tool_calls`, and llama-server's `grammar`,
+//!   `json_schema`, `samplers`, `mirostat`, `n_probs`, `typical_p`, `dry_*`,
+//!   `xtc_*`, `dynatemp_range`, `top_n_sigma`, `t_max_predict_ms` other than
+//!   at their "off" values) are refused with a 400, not ignored.
 //! - `POST /v1/completions`: `prompt` as text (BOS prepended, special-token
 //!   text not parsed) or token ids; the same fields, plus `echo` and
 //!   `logprobs` (an int, completions-style; not together with `echo`).
-//! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text),
-//!   `POST /tokenize` (`content`, `add_special` = false, `parse_special` = true,
-//!   as llama-server), `POST /detokenize` (`tokens`).
+//! - `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics`
+//!   (Prometheus text), `POST /tokenize` (`content`, `add_special` = false,
+//!   `parse_special` = true, `with_pieces` = false, as llama-server),
+//!   `POST /detokenize` (`tokens`).
 //!
 //! The `model` field is accepted and ignored (one model is served).
 //! Defaults for absent fields: the model's own sampling (temperature 1.0,
@@ -288,6 +294,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/models", get(routes::models))
+        .route("/v1/models/{id}", get(routes::model))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
         .route_layer(from_fn_with_state(app.clone(), routes::auth));

@@ -128,7 +128,46 @@ pub struct Common {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// llama-server's `ignore_eos`: the end-of-text and end-of-turn tokens
+    /// are never drawn, so generation runs to `max_tokens`.
+    pub ignore_eos: bool,
 }
+
+/// [`Common::max_tokens`] for "as many as the context leaves" (llama-server's
+/// `n_predict: -1`, also accepted as `max_tokens: -1`).
+pub const UNLIMITED: usize = usize::MAX;
+
+/// llama-server sampling and output fields this server does not implement,
+/// with whether a value leaves them off: any other value is refused with a
+/// 400, as each would change the answer (silently ignored, `grammar` or
+/// `n_probs` gave an unconstrained reply and no probabilities).
+fn llama_server_field_off(key: &str, v: &Value) -> Option<bool> {
+    let num = |off: fn(f64) -> bool| Some(v.as_f64().is_some_and(off));
+    match key {
+        "grammar" => Some(v.as_str() == Some("")),
+        "json_schema" => Some(v.as_object().is_some_and(|o| o.is_empty())),
+        "samplers" => Some(false),
+        "mirostat" | "n_probs" | "dry_multiplier" | "xtc_probability" | "dynatemp_range"
+        | "t_max_predict_ms" => num(|x| x == 0.0),
+        "typical_p" => num(|x| x == 1.0),
+        "top_n_sigma" => num(|x| x <= 0.0),
+        _ => None,
+    }
+}
+
+const LLAMA_SERVER_FIELDS: [&str; 11] = [
+    "grammar",
+    "json_schema",
+    "samplers",
+    "mirostat",
+    "n_probs",
+    "dry_multiplier",
+    "xtc_probability",
+    "dynatemp_range",
+    "t_max_predict_ms",
+    "typical_p",
+    "top_n_sigma",
+];
 
 fn random_seed() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -186,6 +225,16 @@ pub fn parse_common(
             ))
         }
     }
+    for key in LLAMA_SERVER_FIELDS {
+        if let Some(v) = f.get(key) {
+            if llama_server_field_off(key, v) != Some(true) {
+                return Err(ApiError::field(
+                    key,
+                    format!("'{key}' is not supported by this server (got {v}); leave it out"),
+                ));
+            }
+        }
+    }
     let logit_bias = match f.get("logit_bias") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Object(m)) => {
@@ -221,7 +270,12 @@ pub fn parse_common(
             ));
         }
     }
-    let top_k = match f.u64("top_k")? {
+    // llama-server's -1 (and 0) is no limit.
+    let top_k = match f.get("top_k").and_then(Value::as_i64) {
+        Some(-1) => Some(0),
+        _ => f.u64("top_k")?,
+    };
+    let top_k = match top_k {
         None => base.top_k,
         Some(k) => usize::try_from(k).unwrap_or(usize::MAX),
     };
@@ -260,6 +314,11 @@ pub fn parse_common(
     let mut max_tokens = None;
     let mut max_tokens_key = max_keys.last().copied().unwrap_or("max_tokens");
     for &k in max_keys {
+        if f.get(k).and_then(Value::as_i64) == Some(-1) {
+            max_tokens = Some(UNLIMITED);
+            max_tokens_key = k;
+            break;
+        }
         if let Some(n) = f.u64(k)? {
             if n == 0 {
                 return Err(ApiError::field(k, format!("'{k}' must be at least 1")));
@@ -315,6 +374,7 @@ pub fn parse_common(
             .unwrap_or(false),
         Some(v) => return Err(wrong_type("stream_options", "an object", v)),
     };
+    let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
     Ok(Common {
         sampling,
         max_tokens,
@@ -322,6 +382,7 @@ pub fn parse_common(
         stop,
         stream,
         include_usage,
+        ignore_eos,
     })
 }
 
@@ -423,7 +484,11 @@ impl ChatRequest {
             }
             messages.push(Message::new(role, content_text(i, role, o.get("content"))?));
         }
-        let common = parse_common(&f, &["max_completion_tokens", "max_tokens"], vocab)?;
+        let common = parse_common(
+            &f,
+            &["max_completion_tokens", "max_tokens", "n_predict"],
+            vocab,
+        )?;
         let want = f.bool("logprobs")?.unwrap_or(false);
         let top = f.u64("top_logprobs")?;
         if let Some(k) = top {
@@ -517,7 +582,7 @@ impl CompletionRequest {
         if f.str("suffix")?.is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::field("suffix", "'suffix' is not supported"));
         }
-        let common = parse_common(&f, &["max_tokens"], vocab)?;
+        let common = parse_common(&f, &["max_tokens", "n_predict"], vocab)?;
         let echo = f.bool("echo")?.unwrap_or(false);
         let logprobs = match f.u64("logprobs")? {
             Some(k) if k > MAX_TOP_LOGPROBS => {
@@ -664,6 +729,53 @@ mod tests {
             sampling(json!({"messages": m, "seed": -1})).seed,
         );
         assert_ne!(a, b, "seed -1 is a fresh random seed each time");
+        // llama-server's own fields: refused where they would change the
+        // answer (they had been ignored), accepted at their "off" values.
+        for (key, on) in [
+            ("grammar", json!("root ::= \"yes\"")),
+            ("json_schema", json!({"type": "object"})),
+            ("samplers", json!(["top_k"])),
+            ("mirostat", json!(2)),
+            ("n_probs", json!(5)),
+            ("dry_multiplier", json!(0.8)),
+            ("xtc_probability", json!(0.5)),
+            ("dynatemp_range", json!(0.5)),
+            ("t_max_predict_ms", json!(100)),
+            ("typical_p", json!(0.5)),
+            ("top_n_sigma", json!(1.0)),
+        ] {
+            assert_eq!(param(json!({"messages": m, key: on})), key);
+        }
+        let off = json!({"messages": m, "grammar": "", "json_schema": {}, "mirostat": 0,
+            "n_probs": 0, "dry_multiplier": 0.0, "xtc_probability": 0, "dynatemp_range": 0,
+            "t_max_predict_ms": 0, "typical_p": 1.0, "top_n_sigma": -1.0, "cache_prompt": true});
+        assert!(ChatRequest::parse(&obj(off), 1000).is_ok());
+        // llama-server's lengths and -1s: n_predict is max_tokens, -1 is "as
+        // many as the context leaves"; top_k -1 is no limit.
+        let common = |v: Value| ChatRequest::parse(&obj(v), 1000).unwrap().common;
+        assert_eq!(
+            common(json!({"messages": m, "n_predict": 3})).max_tokens,
+            Some(3)
+        );
+        assert_eq!(
+            common(json!({"messages": m, "n_predict": 3, "max_tokens": 5})).max_tokens,
+            Some(5)
+        );
+        assert_eq!(
+            common(json!({"messages": m, "max_tokens": -1})).max_tokens,
+            Some(UNLIMITED)
+        );
+        assert_eq!(
+            common(json!({"messages": m, "n_predict": -1})).max_tokens,
+            Some(UNLIMITED)
+        );
+        assert_eq!(param(json!({"messages": m, "n_predict": -2})), "n_predict");
+        assert_eq!(
+            common(json!({"messages": m, "top_k": -1})).sampling.top_k,
+            0
+        );
+        assert!(common(json!({"messages": m, "ignore_eos": true})).ignore_eos);
+        assert_eq!(param(json!({"messages": m, "ignore_eos": 1})), "ignore_eos");
         let ok = |v: Value| ChatRequest::parse(&obj(v), 1000).map(|r| r.common.sampling.logit_bias);
         assert_eq!(
             ok(

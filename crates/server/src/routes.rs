@@ -86,6 +86,7 @@ impl App {
         }
         let room = ctx - prompt;
         match common.max_tokens {
+            Some(crate::openai::UNLIMITED) => Ok(room),
             Some(m) if m > room => Err(ApiError::field(
                 common.max_tokens_key,
                 format!(
@@ -101,9 +102,14 @@ impl App {
     }
 
     fn params(&self, common: &Common, max_tokens: usize) -> GenerateParams {
+        let mut sampling = common.sampling.clone();
+        if common.ignore_eos {
+            // As llama-server does: the end tokens get a logit of −∞.
+            (sampling.logit_bias).extend(self.stop_tokens.iter().map(|&t| (t, f32::NEG_INFINITY)));
+        }
         GenerateParams {
             max_tokens,
-            sampling: common.sampling.clone(),
+            sampling,
             stop_strings: common.stop.clone(),
             stop_tokens: self.stop_tokens.clone(),
         }
@@ -669,14 +675,34 @@ pub async fn completions(
     ))
 }
 
+/// The one model this server runs, as OpenAI's model object.
+fn model_object(app: &App) -> Value {
+    json!({
+        "id": app.model_id, "object": "model", "created": app.started, "owned_by": "gemma3-rs",
+        "meta": {"n_ctx": app.sched.ctx(), "n_vocab": app.vocab, "parallel": app.sched.parallel()},
+    })
+}
+
 pub async fn models(State(app): AppState) -> Response {
     json_response(
         StatusCode::OK,
-        &json!({"object": "list", "data": [{
-            "id": app.model_id, "object": "model", "created": app.started, "owned_by": "gemma3-rs",
-            "meta": {"n_ctx": app.sched.ctx(), "n_vocab": app.vocab, "parallel": app.sched.parallel()},
-        }]}),
+        &json!({"object": "list", "data": [model_object(&app)]}),
     )
+}
+
+/// `GET /v1/models/{id}` (the `openai` package's `models.retrieve`): the
+/// model object for this server's model id, else a 404.
+pub async fn model(
+    State(app): AppState,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    if id != app.model_id {
+        return Err(ApiError::not_found(format!(
+            "no model '{id}': this server runs '{}'",
+            app.model_id
+        )));
+    }
+    Ok(json_response(StatusCode::OK, &model_object(&app)))
 }
 
 pub async fn health(State(app): AppState) -> Response {
@@ -711,8 +737,26 @@ pub async fn tokenize(
     // llama-server's defaults.
     let add_special = f.bool("add_special")?.unwrap_or(false);
     let parse_special = f.bool("parse_special")?.unwrap_or(true);
+    let with_pieces = f.bool("with_pieces")?.unwrap_or(false);
     let tokens = encode(&app, content.to_string(), add_special, parse_special).await?;
-    Ok(json_response(StatusCode::OK, &json!({"tokens": tokens})))
+    if !with_pieces {
+        return Ok(json_response(StatusCode::OK, &json!({"tokens": tokens})));
+    }
+    // As llama-server: each id with its piece, a string where the piece is
+    // valid UTF-8 on its own, else its bytes.
+    let pieces: Vec<Value> = tokens
+        .iter()
+        .map(|&id| {
+            // (The ids came from this tokenizer, so every one has a piece.)
+            let bytes = app.tok.token_to_piece(id, true).unwrap_or_default();
+            let piece = match std::str::from_utf8(bytes) {
+                Ok(s) => json!(s),
+                Err(_) => json!(bytes),
+            };
+            json!({"id": id, "piece": piece})
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &json!({"tokens": pieces})))
 }
 
 pub async fn detokenize(
@@ -767,17 +811,19 @@ fn same_key(a: &str, b: &str) -> bool {
 }
 
 /// With an API key set, the routes it guards (all but /health and /metrics)
-/// need `Authorization: Bearer KEY`.
+/// need `Authorization: Bearer KEY`, or `X-Api-Key: KEY` as llama-server
+/// also accepts.
 pub async fn auth(State(app): AppState, req: Request, next: Next) -> Response {
     if let Some(key) = &app.api_key {
-        let ok = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
+        let h = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let bearer = h(header::AUTHORIZATION)
             // The scheme's name is case-insensitive (RFC 7235).
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .is_some_and(|(_, k)| same_key(k.trim(), key));
+        let ok = bearer
+            || h(header::HeaderName::from_static("x-api-key"))
+                .is_some_and(|k| same_key(k.trim(), key));
         if !ok {
             return ApiError::unauthorized().into_response();
         }

@@ -608,6 +608,51 @@ fn api_features() {
     );
     let h = get(addr, "/health").json();
     assert_eq!(h["status"], "ok");
+
+    // llama-server's forms. /tokenize with pieces:
+    let t = post(
+        addr,
+        "/tokenize",
+        &json!({"content": "<start_of_turn>hello", "with_pieces": true}),
+    )
+    .json();
+    assert_eq!(
+        t["tokens"][0],
+        json!({"id": 105, "piece": "<start_of_turn>"}),
+        "{t}"
+    );
+    assert_eq!(t["tokens"][1]["piece"], "hello", "{t}");
+    // n_predict for max_tokens; ignore_eos keeps going past a forced end of text.
+    let eos_forced = json!({"prompt": "The capital of France is", "n_predict": 3,
+        "temperature": 0, "logit_bias": {"1": 100}});
+    let v = post(addr, "/v1/completions", &eos_forced).json();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 0, "{v}");
+    let mut ignoring = eos_forced.clone();
+    ignoring["ignore_eos"] = json!(true);
+    let v = post(addr, "/v1/completions", &ignoring).json();
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
+    // Completions' top_logprobs maps go most likely first (they had come in
+    // the order of their keys).
+    for top in b["choices"][0]["logprobs"]["top_logprobs"]
+        .as_array()
+        .unwrap()
+    {
+        let lps: Vec<f64> = top
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]), "{top}");
+    }
+    // The openai package's models.retrieve.
+    let id = get(addr, "/v1/models").json()["data"][0]["id"].clone();
+    let m = get(addr, &format!("/v1/models/{}", id.as_str().unwrap()));
+    assert_eq!(m.status, 200, "{}", m.text());
+    assert_eq!(m.json()["id"], id);
+    expect_error(&get(addr, "/v1/models/no-such-model"), 404, None);
     server.stop().unwrap();
 }
 
@@ -769,6 +814,10 @@ fn logit_bias_and_keys() {
         )
     };
     expect_error(&tokenize(&[]), 401, None);
+    expect_error(&tokenize(&[("X-Api-Key", "wrong")]), 401, None);
+    // llama-server's other header for the key.
+    let r = tokenize(&[("X-Api-Key", "sekret")]);
+    assert_eq!(r.status, 200, "{}", r.text());
     let r = tokenize(&auth);
     assert_eq!(r.status, 200, "{}", r.text());
     let paris = r.json()["tokens"][0].as_u64().unwrap();
