@@ -275,13 +275,111 @@ fn timings_json(u: &Usage) -> Value {
     })
 }
 
-/// One generated token as a non-streamed response reports it.
+/// One generated token as a response reports it.
 struct GenToken {
     id: u32,
     logprob: Option<f32>,
     top: Vec<(u32, f32)>,
-    /// Characters of text before this token's.
+    /// Characters of generated text before this token's.
     offset: usize,
+    /// Bytes of generated text before this token's, and whether it has none.
+    start: usize,
+    empty: bool,
+}
+
+/// Lines up the generated tokens with the text released for them (the
+/// scheduler holds text back while it may begin a stop string, and cuts a
+/// stop string off): a token is reported once the first byte of its text
+/// is out, and a token whose text a stop string cut is never reported, so
+/// the tokens and offsets a response gives spell its text. Before, every
+/// token was reported as it came, so the logprobs of a stop string's tokens
+/// followed text that ended before them, with offsets that had not moved.
+struct Aligner {
+    app: Arc<App>,
+    /// Bytes and characters of all the tokens' text so far (a character
+    /// starts at each byte that is not a UTF-8 continuation byte).
+    bytes: usize,
+    chars: usize,
+    /// Bytes of text released so far.
+    released: usize,
+    pending: std::collections::VecDeque<GenToken>,
+}
+
+impl Aligner {
+    fn new(app: Arc<App>) -> Self {
+        Aligner {
+            app,
+            bytes: 0,
+            chars: 0,
+            released: 0,
+            pending: Default::default(),
+        }
+    }
+
+    /// Token `id` came with `text` released; the tokens now out.
+    fn token(
+        &mut self,
+        id: u32,
+        text: &str,
+        logprob: Option<f32>,
+        top: Vec<(u32, f32)>,
+    ) -> Vec<GenToken> {
+        // The scheduler's decoder leaves special tokens out of the text.
+        let piece = self.app.tok.token_to_piece(id, false).unwrap_or(&[]);
+        self.pending.push_back(GenToken {
+            id,
+            logprob,
+            top,
+            offset: self.chars,
+            start: self.bytes,
+            empty: piece.is_empty(),
+        });
+        self.bytes += piece.len();
+        self.chars += piece.iter().filter(|&&b| b & 0xC0 != 0x80).count();
+        self.released += text.len();
+        self.ready()
+    }
+
+    fn ready(&mut self) -> Vec<GenToken> {
+        let mut out = Vec::new();
+        while let Some(t) = self.pending.front() {
+            if t.start < self.released || (t.empty && t.start <= self.released) {
+                out.extend(self.pending.pop_front());
+            } else {
+                break;
+            }
+        }
+        out
+    }
+
+    /// The end, with `tail` the text released last: the tokens still to
+    /// report. Unless a stop string cut text, that is all of them.
+    fn finish(&mut self, finish: FinishReason, tail: &str) -> Vec<GenToken> {
+        self.released += tail.len();
+        if finish == FinishReason::Length || self.released >= self.bytes {
+            return self.pending.drain(..).collect();
+        }
+        let out = self.ready();
+        self.pending.clear();
+        out
+    }
+}
+
+/// Completions-style `logprobs` for `tokens`, their text offsets counted
+/// from `base` characters (the echoed prompt's).
+fn completion_logprobs<'t>(
+    app: &App,
+    tokens: impl Iterator<Item = &'t GenToken>,
+    base: usize,
+) -> Value {
+    let (mut toks, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
+    for t in tokens {
+        toks.push(app.piece(t.id).0);
+        lps.push(json!(t.logprob));
+        tops.push(app.top_map(&t.top));
+        offs.push(base + t.offset);
+    }
+    json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
 }
 
 /// Everything a finished request produced.
@@ -292,13 +390,18 @@ struct Collected {
     usage: Usage,
 }
 
-async fn collect(first: Event, mut rx: UnboundedReceiver<Event>) -> Result<Collected, ApiError> {
+async fn collect(
+    app: &Arc<App>,
+    first: Event,
+    mut rx: UnboundedReceiver<Event>,
+) -> Result<Collected, ApiError> {
     let mut c = Collected {
         text: String::new(),
         tokens: Vec::new(),
         finish: FinishReason::Stop,
         usage: Usage::default(),
     };
+    let mut align = Aligner::new(app.clone());
     let mut ev = Some(first);
     loop {
         let e = match ev.take() {
@@ -315,12 +418,8 @@ async fn collect(first: Event, mut rx: UnboundedReceiver<Event>) -> Result<Colle
                 logprob,
                 top_logprobs,
             } => {
-                c.tokens.push(GenToken {
-                    id,
-                    logprob,
-                    top: top_logprobs,
-                    offset: c.text.chars().count(),
-                });
+                c.tokens
+                    .extend(align.token(id, &text, logprob, top_logprobs));
                 c.text.push_str(&text);
             }
             Event::Done {
@@ -328,6 +427,7 @@ async fn collect(first: Event, mut rx: UnboundedReceiver<Event>) -> Result<Colle
                 text,
                 usage,
             } => {
+                c.tokens.extend(align.finish(finish, &text));
                 c.text.push_str(&text);
                 c.finish = finish;
                 c.usage = usage;
@@ -350,8 +450,11 @@ async fn first_event(rx: &mut UnboundedReceiver<Event>) -> Result<Event, ApiErro
 /// Turns events into the JSON chunks of one endpoint's stream.
 trait StreamFormat: Send + 'static {
     fn start(&mut self) -> Vec<Value>;
-    fn token(&mut self, id: u32, text: &str, lp: Option<f32>, top: &[(u32, f32)]) -> Option<Value>;
-    fn finish(&mut self, finish: FinishReason, tail: &str, usage: &Usage) -> Vec<Value>;
+    /// The chunk for released `text` and the `tokens` now out (see
+    /// [`Aligner`]), if either has anything.
+    fn text(&self, text: &str, tokens: &[GenToken]) -> Option<Value>;
+    /// The last chunks: the finish reason, then usage if asked for.
+    fn finish(&mut self, finish: FinishReason, usage: &Usage) -> Vec<Value>;
 }
 
 fn push_data(out: &mut String, v: &Value) {
@@ -361,7 +464,12 @@ fn push_data(out: &mut String, v: &Value) {
 }
 
 /// A server-sent event stream of `fmt`'s chunks, ending with `data: [DONE]`.
-fn sse<F: StreamFormat>(first: Event, rx: UnboundedReceiver<Event>, mut fmt: F) -> Response {
+fn sse<F: StreamFormat>(
+    app: &Arc<App>,
+    first: Event,
+    rx: UnboundedReceiver<Event>,
+    mut fmt: F,
+) -> Response {
     let mut head = String::new();
     for v in fmt.start() {
         push_data(&mut head, &v);
@@ -371,6 +479,7 @@ fn sse<F: StreamFormat>(first: Event, rx: UnboundedReceiver<Event>, mut fmt: F) 
         first: Option<Event>,
         rx: UnboundedReceiver<Event>,
         fmt: F,
+        align: Aligner,
         done: bool,
     }
     let st = St {
@@ -378,6 +487,7 @@ fn sse<F: StreamFormat>(first: Event, rx: UnboundedReceiver<Event>, mut fmt: F) 
         first: Some(first),
         rx,
         fmt,
+        align: Aligner::new(app.clone()),
         done: false,
     };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
@@ -397,7 +507,8 @@ fn sse<F: StreamFormat>(first: Event, rx: UnboundedReceiver<Event>, mut fmt: F) 
                     logprob,
                     top_logprobs,
                 }) => {
-                    if let Some(v) = st.fmt.token(id, &text, logprob, &top_logprobs) {
+                    let tokens = st.align.token(id, &text, logprob, top_logprobs);
+                    if let Some(v) = st.fmt.text(&text, &tokens) {
                         push_data(&mut out, &v);
                     }
                     if !out.is_empty() {
@@ -409,8 +520,10 @@ fn sse<F: StreamFormat>(first: Event, rx: UnboundedReceiver<Event>, mut fmt: F) 
                     text,
                     usage,
                 }) => {
-                    for v in st.fmt.finish(finish, &text, &usage) {
-                        push_data(&mut out, &v);
+                    let tokens = st.align.finish(finish, &text);
+                    let last = st.fmt.text(&text, &tokens);
+                    for v in last.iter().chain(&st.fmt.finish(finish, &usage)) {
+                        push_data(&mut out, v);
                     }
                     break;
                 }
@@ -450,6 +563,20 @@ struct ChatStream {
 }
 
 impl ChatStream {
+    /// The `logprobs` of a chunk for `tokens` (null when not asked for or none).
+    fn logprobs(&self, tokens: &[GenToken]) -> Value {
+        let content: Vec<Value> = tokens
+            .iter()
+            .filter_map(|t| t.logprob.map(|lp| self.app.chat_logprob(t.id, lp, &t.top)))
+            .collect();
+        if !self.logprobs || content.is_empty() {
+            return Value::Null;
+        }
+        json!({ "content": content })
+    }
+}
+
+impl ChatStream {
     fn chunk(&self, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
         json!({
             "id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -468,23 +595,14 @@ impl StreamFormat for ChatStream {
         )]
     }
 
-    fn token(&mut self, id: u32, text: &str, lp: Option<f32>, top: &[(u32, f32)]) -> Option<Value> {
-        let logprobs = match (self.logprobs, lp) {
-            (true, Some(lp)) => json!({"content": [self.app.chat_logprob(id, lp, top)]}),
-            _ => Value::Null,
-        };
-        if text.is_empty() && logprobs.is_null() {
-            return None;
-        }
-        Some(self.chunk(json!({"content": text}), logprobs, None))
+    fn text(&self, text: &str, tokens: &[GenToken]) -> Option<Value> {
+        let logprobs = self.logprobs(tokens);
+        (!text.is_empty() || !logprobs.is_null())
+            .then(|| self.chunk(json!({"content": text}), logprobs, None))
     }
 
-    fn finish(&mut self, finish: FinishReason, tail: &str, usage: &Usage) -> Vec<Value> {
-        let mut v = Vec::new();
-        if !tail.is_empty() {
-            v.push(self.chunk(json!({"content": tail}), Value::Null, None));
-        }
-        v.push(self.chunk(json!({}), Value::Null, Some(finish_str(finish))));
+    fn finish(&mut self, finish: FinishReason, usage: &Usage) -> Vec<Value> {
+        let mut v = vec![self.chunk(json!({}), Value::Null, Some(finish_str(finish)))];
         if self.include_usage {
             v.push(json!({
                 "id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -502,11 +620,21 @@ struct CompletionStream {
     logprobs: Option<usize>,
     include_usage: bool,
     echo: Option<String>,
-    /// Characters of text sent so far.
-    offset: usize,
+    /// Characters of the echoed prompt (the generated text's offsets start there).
+    echoed: usize,
 }
 
 impl CompletionStream {
+    /// The completions-style `logprobs` of a chunk for `tokens` (null when
+    /// not asked for or none).
+    fn logprobs(&self, tokens: &[GenToken]) -> Value {
+        let tokens: Vec<&GenToken> = tokens.iter().filter(|t| t.logprob.is_some()).collect();
+        if self.logprobs.is_none() || tokens.is_empty() {
+            return Value::Null;
+        }
+        completion_logprobs(&self.app, tokens.into_iter(), self.echoed)
+    }
+
     fn chunk(&self, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
         json!({
             "id": self.id, "object": "text_completion", "created": self.created,
@@ -520,36 +648,20 @@ impl StreamFormat for CompletionStream {
     fn start(&mut self) -> Vec<Value> {
         match self.echo.take() {
             Some(p) if !p.is_empty() => {
-                self.offset += p.chars().count();
+                self.echoed = p.chars().count();
                 vec![self.chunk(&p, Value::Null, None)]
             }
             _ => Vec::new(),
         }
     }
 
-    fn token(&mut self, id: u32, text: &str, lp: Option<f32>, top: &[(u32, f32)]) -> Option<Value> {
-        let logprobs = match (self.logprobs, lp) {
-            (Some(_), Some(lp)) => json!({
-                "tokens": [self.app.piece(id).0],
-                "token_logprobs": [lp],
-                "top_logprobs": [self.app.top_map(top)],
-                "text_offset": [self.offset],
-            }),
-            _ => Value::Null,
-        };
-        self.offset += text.chars().count();
-        if text.is_empty() && logprobs.is_null() {
-            return None;
-        }
-        Some(self.chunk(text, logprobs, None))
+    fn text(&self, text: &str, tokens: &[GenToken]) -> Option<Value> {
+        let logprobs = self.logprobs(tokens);
+        (!text.is_empty() || !logprobs.is_null()).then(|| self.chunk(text, logprobs, None))
     }
 
-    fn finish(&mut self, finish: FinishReason, tail: &str, usage: &Usage) -> Vec<Value> {
-        let mut v = Vec::new();
-        if !tail.is_empty() {
-            v.push(self.chunk(tail, Value::Null, None));
-        }
-        v.push(self.chunk("", Value::Null, Some(finish_str(finish))));
+    fn finish(&mut self, finish: FinishReason, usage: &Usage) -> Vec<Value> {
+        let mut v = vec![self.chunk("", Value::Null, Some(finish_str(finish)))];
         if self.include_usage {
             v.push(json!({
                 "id": self.id, "object": "text_completion", "created": self.created,
@@ -588,9 +700,9 @@ pub async fn chat(
             logprobs: req.logprobs.is_some(),
             include_usage: req.common.include_usage,
         };
-        return Ok(sse(first, rx, fmt));
+        return Ok(sse(&app, first, rx, fmt));
     }
-    let c = collect(first, rx).await?;
+    let c = collect(&app, first, rx).await?;
     let logprobs = match req.logprobs {
         Some(_) => json!({"content": c.tokens.iter().filter_map(|t| {
             t.logprob.map(|lp| app.chat_logprob(t.id, lp, &t.top))
@@ -642,22 +754,14 @@ pub async fn completions(
             logprobs: req.logprobs,
             include_usage: req.common.include_usage,
             echo,
-            offset: 0,
+            echoed: 0,
         };
-        return Ok(sse(first, rx, fmt));
+        return Ok(sse(&app, first, rx, fmt));
     }
-    let c = collect(first, rx).await?;
+    let c = collect(&app, first, rx).await?;
+    let echoed = echo.as_ref().map_or(0, |p| p.chars().count());
     let logprobs = match req.logprobs {
-        Some(_) => {
-            let (mut tokens, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
-            for t in &c.tokens {
-                tokens.push(app.piece(t.id).0);
-                lps.push(json!(t.logprob));
-                tops.push(app.top_map(&t.top));
-                offs.push(t.offset);
-            }
-            json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
-        }
+        Some(_) => completion_logprobs(&app, c.tokens.iter(), echoed),
         None => Value::Null,
     };
     let text = match echo {

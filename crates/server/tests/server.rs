@@ -567,6 +567,94 @@ fn api_features() {
         "stop {word:?} in {gen:?}"
     );
     assert_eq!(a["choices"][0]["finish_reason"], "length");
+    // The logprobs stop with the text: every token reported starts inside
+    // it, and the offsets count the text before each. (The stop string's
+    // tokens had been reported too, after text that ended before them,
+    // with offsets held where the held-back text began.)
+    let lines_up = |tokens: &[String], offsets: &[u64], text: &str, why: &str| {
+        let all = tokens.concat();
+        assert!(all.starts_with(text), "{why}: {tokens:?} for {text:?}");
+        let but_last = tokens[..tokens.len().saturating_sub(1)].concat();
+        assert!(
+            but_last.len() < text.len().max(1),
+            "{why}: {tokens:?} for {text:?}"
+        );
+        for (i, &o) in offsets.iter().enumerate() {
+            assert_eq!(
+                o as usize,
+                tokens[..i].concat().chars().count(),
+                "{why}: {offsets:?}"
+            );
+        }
+    };
+    let strs = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
+    };
+    let stop_lp = json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0,
+        "stop": [word.clone()], "logprobs": 1});
+    let v = post(addr, "/v1/completions", &stop_lp).json();
+    let lp = &v["choices"][0]["logprobs"];
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    lines_up(&strs(&lp["tokens"]), &offsets, cut, "completions");
+    let mut streamed = stop_lp.clone();
+    streamed["stream"] = json!(true);
+    let ev = post(addr, "/v1/completions", &streamed).events();
+    let (mut text, mut tokens, mut offsets) = (String::new(), vec![], vec![]);
+    for e in &ev {
+        let Some(c) = e["choices"].get(0) else {
+            continue;
+        };
+        text.push_str(c["text"].as_str().unwrap_or(""));
+        if c["logprobs"].is_object() {
+            tokens.extend(strs(&c["logprobs"]["tokens"]));
+            offsets.extend(
+                c["logprobs"]["text_offset"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|o| o.as_u64().unwrap()),
+            );
+        }
+    }
+    assert_eq!(text, cut);
+    lines_up(&tokens, &offsets, cut, "completions, streamed");
+    let chat_stop = json!({"messages": [{"role": "user", "content": "Count from 1 to 9."}],
+        "max_tokens": 12, "temperature": 0, "logprobs": true, "stream": true});
+    let full = chat_stream_text(&post(addr, "/v1/chat/completions", &chat_stop).events()).0;
+    let stop = full
+        .chars()
+        .skip(full.chars().count() / 2)
+        .take(3)
+        .collect::<String>();
+    let mut chat_stop = chat_stop.clone();
+    chat_stop["stop"] = json!([stop.clone()]);
+    let ev = post(addr, "/v1/chat/completions", &chat_stop).events();
+    let text = chat_stream_text(&ev).0;
+    assert_eq!(
+        text,
+        &full[..full.find(&stop).unwrap()],
+        "stop {stop:?} in {full:?}"
+    );
+    let tokens: Vec<String> = ev
+        .iter()
+        .filter_map(|e| {
+            e["choices"].get(0)?["logprobs"]["content"]
+                .as_array()
+                .cloned()
+        })
+        .flatten()
+        .map(|c| c["token"].as_str().unwrap().to_string())
+        .collect();
+    lines_up(&tokens, &[], &text, "chat, streamed");
 
     // Streamed completion with usage.
     let r = post(
