@@ -26,6 +26,9 @@
 //! - `POST /v1/completions`: `prompt` as text (BOS prepended, special-token
 //!   text not parsed) or token ids; the same fields, plus `echo` and
 //!   `logprobs` (an int, completions-style; not together with `echo`).
+//! - Cross-origin requests from any origin, as llama-server allows them (a
+//!   preflight `OPTIONS` gets a 204; responses carry
+//!   `Access-Control-Allow-Origin: *`).
 //! - `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics`
 //!   (Prometheus text), `POST /tokenize` (`content`, `add_special` = false,
 //!   `parse_special` = true, `with_pieces` = false, as llama-server),
@@ -305,6 +308,7 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(from_fn_with_state(app.clone(), routes::count))
+        .layer(axum::middleware::from_fn(routes::cors))
         .layer(DefaultBodyLimit::max(routes::BODY_LIMIT))
         .with_state(app)
 }

@@ -935,6 +935,45 @@ pub async fn auth(State(app): AppState, req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// Cross-origin requests, as llama-server answers them, so that a web page
+/// (a browser chat UI) can call the server: any origin may read the
+/// responses, and a preflight (`OPTIONS` with
+/// `Access-Control-Request-Method`) gets a 204 naming the methods and the
+/// headers a request may use. The API key still guards the same routes.
+pub async fn cors(req: Request, next: Next) -> Response {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let preflight = req.method() == axum::http::Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut r = if preflight {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            header::HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            header::HeaderValue::from_static("authorization, content-type, x-api-key"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            header::HeaderValue::from_static("86400"),
+        );
+        r
+    } else {
+        next.run(req).await
+    };
+    if origin.is_some() {
+        r.headers_mut().insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            header::HeaderValue::from_static("*"),
+        );
+    }
+    r
+}
+
 /// Count every response by status for /metrics.
 pub async fn count(State(app): AppState, req: Request, next: Next) -> Response {
     let r = next.run(req).await;

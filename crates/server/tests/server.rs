@@ -908,6 +908,41 @@ fn logit_bias_and_keys() {
     assert_eq!(r.status, 200, "{}", r.text());
     let r = tokenize(&auth);
     assert_eq!(r.status, 200, "{}", r.text());
+    // A browser's preflight, then its request (it had been a 405, and no
+    // response allowed another origin to read it).
+    let origin = ("Origin", "http://localhost:3000");
+    let pre = request(
+        addr,
+        "OPTIONS",
+        "/v1/chat/completions",
+        "",
+        &[
+            origin,
+            ("Access-Control-Request-Method", "POST"),
+            (
+                "Access-Control-Request-Headers",
+                "authorization, content-type",
+            ),
+        ],
+    );
+    assert_eq!(pre.status, 204, "{}", pre.text());
+    assert_eq!(pre.header("access-control-allow-origin"), Some("*"));
+    let allowed = pre
+        .header("access-control-allow-headers")
+        .unwrap_or_default();
+    assert!(
+        allowed.contains("authorization") && allowed.contains("content-type"),
+        "{allowed}"
+    );
+    assert!(pre
+        .header("access-control-allow-methods")
+        .unwrap_or_default()
+        .contains("POST"));
+    let r = tokenize(&[auth[0], origin]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    // Without an Origin (not a browser), no CORS headers.
+    assert_eq!(tokenize(&auth).header("access-control-allow-origin"), None);
     let paris = r.json()["tokens"][0].as_u64().unwrap();
     let complete = |extra: Value| {
         let mut b =
