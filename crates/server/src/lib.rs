@@ -23,8 +23,9 @@
 //!   `json_schema`, `samplers`, `mirostat`, `n_probs`, `typical_p`, `dry_*`,
 //!   `xtc_*`, `dynatemp_range`, `top_n_sigma`, `t_max_predict_ms` other than
 //!   at their "off" values) are refused with a 400, not ignored.
-//! - `POST /v1/completions`: `prompt` as text (BOS prepended, special-token
-//!   text not parsed) or token ids; the same fields, plus `echo` and
+//! - `POST /v1/completions`: `prompt` as text (BOS prepended unless it starts
+//!   with `<bos>`; special-token text such as `<start_of_turn>` parsed, as
+//!   llama-server does) or token ids; the same fields, plus `echo` and
 //!   `logprobs` (an int, completions-style; not together with `echo`).
 //! - Cross-origin requests from any origin, as llama-server allows them (a
 //!   preflight `OPTIONS` gets a 204; responses carry

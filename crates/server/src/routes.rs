@@ -731,7 +731,19 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let req = CompletionRequest::parse(&body, app.vocab)?;
     let (prompt, prompt_text) = match &req.prompt {
-        Prompt::Text(s) => (encode(&app, s.clone(), true, false).await?, s.clone()),
+        // Special-token text is parsed, as llama-server does, so a prompt
+        // written in Gemma's turn format (`<start_of_turn>user …`) means its
+        // turns (it had been read as plain text, and the reply then spelled
+        // out `<end_of_turn` instead of ending). A prompt that starts with
+        // `<bos>` itself gets no second one.
+        Prompt::Text(s) => {
+            let mut ids = encode(&app, s.clone(), true, true).await?;
+            let bos = app.tok.specials().bos;
+            if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
+                ids.remove(0);
+            }
+            (ids, s.clone())
+        }
         Prompt::Tokens(t) => (t.clone(), app.tok.decode(t, false).unwrap_or_default()),
     };
     let max_tokens = app.budget(

@@ -735,6 +735,28 @@ fn api_features() {
             .collect();
         assert!(lps.windows(2).all(|w| w[0] >= w[1]), "{top}");
     }
+    // A completions prompt in Gemma's turn format means its turns (it had
+    // been read as plain text: 29 tokens for these 12), and one that starts
+    // with <bos> gets no second.
+    let turns = "<start_of_turn>user\nSay hi.<end_of_turn>\n<start_of_turn>model\n";
+    for (prompt, add_special) in [(turns.to_string(), true), (format!("<bos>{turns}"), false)] {
+        let ids = post(
+            addr,
+            "/tokenize",
+            &json!({"content": prompt, "add_special": add_special}),
+        )
+        .json();
+        let n = ids["tokens"].as_array().unwrap().len();
+        assert_eq!(ids["tokens"][0], 2, "{ids}");
+        assert_eq!(ids["tokens"][1], 105, "{ids}");
+        let v = post(
+            addr,
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 1}),
+        )
+        .json();
+        assert_eq!(v["usage"]["prompt_tokens"], n, "{prompt:?}: {v}");
+    }
     // The openai package's models.retrieve.
     let id = get(addr, "/v1/models").json()["data"][0]["id"].clone();
     let m = get(addr, &format!("/v1/models/{}", id.as_str().unwrap()));
