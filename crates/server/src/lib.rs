@@ -30,6 +30,8 @@
 //! - Cross-origin requests from any origin, as llama-server allows them (a
 //!   preflight `OPTIONS` gets a 204; responses carry
 //!   `Access-Control-Allow-Origin: *`).
+//! - The three OpenAI routes also without `/v1` (`/chat/completions`,
+//!   `/completions`, `/models`), as llama-server serves them.
 //! - `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics`
 //!   (Prometheus text), `POST /tokenize` (`content`, `add_special` = false,
 //!   `parse_special` = true, `with_pieces` = false, as llama-server),
@@ -298,6 +300,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/models", get(routes::models))
+        // llama-server's paths without the /v1 prefix.
+        .route("/chat/completions", post(routes::chat))
+        .route("/completions", post(routes::completions))
+        .route("/models", get(routes::models))
         .route("/v1/models/{id}", get(routes::model))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))

@@ -763,6 +763,20 @@ fn api_features() {
     assert_eq!(m.status, 200, "{}", m.text());
     assert_eq!(m.json()["id"], id);
     expect_error(&get(addr, "/v1/models/no-such-model"), 404, None);
+    // llama-server's paths without /v1.
+    assert_eq!(get(addr, "/models").json()["data"][0]["id"], id);
+    let short = post(
+        addr,
+        "/completions",
+        &json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}),
+    )
+    .json();
+    assert_eq!(short["choices"][0]["text"], a["choices"][0]["text"]);
+    let chat = |path: &str| {
+        post(addr, path, &chat_body("Hi", 4, false)).json()["choices"][0]["message"]["content"]
+            .clone()
+    };
+    assert_eq!(chat("/chat/completions"), chat("/v1/chat/completions"));
     server.stop().unwrap();
 }
 
