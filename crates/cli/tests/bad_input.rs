@@ -563,13 +563,33 @@ fn llama_cpp_minus_one_values_and_refused_combinations() {
         "1.3",
         "--repeat-last-n",
         "-1",
+        // The end tokens (<eos> 1, <end_of_turn> 5) banned, so only the context ends it.
+        "--logit-bias",
+        "1-100",
+        "--logit-bias",
+        "5-100",
         "ab",
     ]));
     assert!(out.status.success(), "{stderr}");
     assert!(!stdout.is_empty(), "{stderr}");
-    // -n -1 ran to the context's end (unless the model ended its text first).
-    assert!(
-        stderr.contains("finish: Length") || stderr.contains("finish: Stop"),
+    // -n -1 ran to the context's end: prompt and generated tokens fill its 24 positions,
+    // and the last token, drawn from the last position's logits, needs none.
+    assert!(stderr.contains("finish: Length"), "{stderr}");
+    let count = |what: &str| -> usize {
+        let at = stderr
+            .find(what)
+            .unwrap_or_else(|| panic!("{what} in {stderr}"))
+            + what.len();
+        stderr[at..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        count("prompt: ") + count("generation: "),
+        24 + 1,
         "{stderr}"
     );
     for bad in [

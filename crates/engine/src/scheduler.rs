@@ -109,6 +109,11 @@ pub enum Event {
     Token {
         id: u32,
         text: String,
+        /// The text the decoder made of this token, before a stop string
+        /// held any back (empty for a special token, or for a byte that does
+        /// not yet end a UTF-8 character): the reply's text is these pieces,
+        /// then the end's, less what a stop string cut.
+        piece: String,
         logprob: Option<f32>,
         top_logprobs: Vec<(u32, f32)>,
     },
@@ -394,6 +399,7 @@ impl Job<'_> {
         let alive = self.events.send(Event::Token {
             id: p.token,
             text,
+            piece,
             logprob: p.logprob,
             top_logprobs: p.top,
         });

@@ -20,7 +20,7 @@
 //!   `<end_of_turn>`. Fields this server does not implement and that would
 //!   change the answer (`tools`, `tool_choice`, `response_format` other than
 //!   text, a message's `tool_calls`, and llama-server's `grammar`,
-//!   `json_schema`, `samplers`, `mirostat`, `n_probs`, `typical_p`, `dry_*`,
+//!   `json_schema`, `mirostat`, `n_probs`, `typical_p`, `dry_*`,
 //!   `xtc_*`, `dynatemp_range`, `top_n_sigma`, `t_max_predict_ms` other than
 //!   at their "off" values) are refused with a 400, not ignored.
 //! - `POST /v1/completions`: `prompt` as text (BOS prepended unless it starts

@@ -146,7 +146,6 @@ fn llama_server_field_off(key: &str, v: &Value) -> Option<bool> {
     match key {
         "grammar" => Some(v.as_str() == Some("")),
         "json_schema" => Some(v.as_object().is_some_and(|o| o.is_empty())),
-        "samplers" => Some(false),
         "mirostat" | "n_probs" | "dry_multiplier" | "xtc_probability" | "dynatemp_range"
         | "t_max_predict_ms" => num(|x| x == 0.0),
         "typical_p" => num(|x| x == 1.0),
@@ -155,10 +154,12 @@ fn llama_server_field_off(key: &str, v: &Value) -> Option<bool> {
     }
 }
 
-const LLAMA_SERVER_FIELDS: [&str; 11] = [
+/// (llama-server's `samplers`, the order of its sampling steps, is accepted
+/// and ignored: llama.cpp's web UI sends it with every request, and the
+/// steps this server has run in llama.cpp's default order.)
+const LLAMA_SERVER_FIELDS: [&str; 10] = [
     "grammar",
     "json_schema",
-    "samplers",
     "mirostat",
     "n_probs",
     "dry_multiplier",
@@ -734,7 +735,6 @@ mod tests {
         for (key, on) in [
             ("grammar", json!("root ::= \"yes\"")),
             ("json_schema", json!({"type": "object"})),
-            ("samplers", json!(["top_k"])),
             ("mirostat", json!(2)),
             ("n_probs", json!(5)),
             ("dry_multiplier", json!(0.8)),
@@ -748,7 +748,8 @@ mod tests {
         }
         let off = json!({"messages": m, "grammar": "", "json_schema": {}, "mirostat": 0,
             "n_probs": 0, "dry_multiplier": 0.0, "xtc_probability": 0, "dynatemp_range": 0,
-            "t_max_predict_ms": 0, "typical_p": 1.0, "top_n_sigma": -1.0, "cache_prompt": true});
+            "t_max_predict_ms": 0, "typical_p": 1.0, "top_n_sigma": -1.0, "cache_prompt": true,
+            "samplers": "edkypmxt"});
         assert!(ChatRequest::parse(&obj(off), 1000).is_ok());
         // llama-server's lengths and -1s: n_predict is max_tokens, -1 is "as
         // many as the context leaves"; top_k -1 is no limit.

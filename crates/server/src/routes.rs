@@ -290,14 +290,16 @@ struct GenToken {
 /// Lines up the generated tokens with the text released for them (the
 /// scheduler holds text back while it may begin a stop string, and cuts a
 /// stop string off): a token is reported once the first byte of its text
-/// is out, and a token whose text a stop string cut is never reported, so
-/// the tokens and offsets a response gives spell its text. Before, every
-/// token was reported as it came, so the logprobs of a stop string's tokens
-/// followed text that ended before them, with offsets that had not moved.
+/// is out, so a token that a stop string cut entirely is never reported,
+/// and the tokens and offsets a response gives follow its text. Before,
+/// every token was reported as it came, so the logprobs of a stop string's
+/// tokens followed text that ended before them, with offsets that had not
+/// moved. Bytes and characters are counted in the decoder's own text of
+/// each token (`Event::Token::piece`), which is what the reply is made of:
+/// an invalid byte there is one U+FFFD, three bytes and one character.
+#[derive(Default)]
 struct Aligner {
-    app: Arc<App>,
-    /// Bytes and characters of all the tokens' text so far (a character
-    /// starts at each byte that is not a UTF-8 continuation byte).
+    /// Bytes and characters of all the tokens' text so far.
     bytes: usize,
     chars: usize,
     /// Bytes of text released so far.
@@ -306,26 +308,16 @@ struct Aligner {
 }
 
 impl Aligner {
-    fn new(app: Arc<App>) -> Self {
-        Aligner {
-            app,
-            bytes: 0,
-            chars: 0,
-            released: 0,
-            pending: Default::default(),
-        }
-    }
-
-    /// Token `id` came with `text` released; the tokens now out.
+    /// Token `id`, whose text is `piece`, came with `text` released; the
+    /// tokens now out.
     fn token(
         &mut self,
         id: u32,
         text: &str,
+        piece: &str,
         logprob: Option<f32>,
         top: Vec<(u32, f32)>,
     ) -> Vec<GenToken> {
-        // The scheduler's decoder leaves special tokens out of the text.
-        let piece = self.app.tok.token_to_piece(id, false).unwrap_or(&[]);
         self.pending.push_back(GenToken {
             id,
             logprob,
@@ -335,7 +327,7 @@ impl Aligner {
             empty: piece.is_empty(),
         });
         self.bytes += piece.len();
-        self.chars += piece.iter().filter(|&&b| b & 0xC0 != 0x80).count();
+        self.chars += piece.chars().count();
         self.released += text.len();
         self.ready()
     }
@@ -390,18 +382,14 @@ struct Collected {
     usage: Usage,
 }
 
-async fn collect(
-    app: &Arc<App>,
-    first: Event,
-    mut rx: UnboundedReceiver<Event>,
-) -> Result<Collected, ApiError> {
+async fn collect(first: Event, mut rx: UnboundedReceiver<Event>) -> Result<Collected, ApiError> {
     let mut c = Collected {
         text: String::new(),
         tokens: Vec::new(),
         finish: FinishReason::Stop,
         usage: Usage::default(),
     };
-    let mut align = Aligner::new(app.clone());
+    let mut align = Aligner::default();
     let mut ev = Some(first);
     loop {
         let e = match ev.take() {
@@ -415,11 +403,12 @@ async fn collect(
             Event::Token {
                 id,
                 text,
+                piece,
                 logprob,
                 top_logprobs,
             } => {
                 c.tokens
-                    .extend(align.token(id, &text, logprob, top_logprobs));
+                    .extend(align.token(id, &text, &piece, logprob, top_logprobs));
                 c.text.push_str(&text);
             }
             Event::Done {
@@ -464,12 +453,7 @@ fn push_data(out: &mut String, v: &Value) {
 }
 
 /// A server-sent event stream of `fmt`'s chunks, ending with `data: [DONE]`.
-fn sse<F: StreamFormat>(
-    app: &Arc<App>,
-    first: Event,
-    rx: UnboundedReceiver<Event>,
-    mut fmt: F,
-) -> Response {
+fn sse<F: StreamFormat>(first: Event, rx: UnboundedReceiver<Event>, mut fmt: F) -> Response {
     let mut head = String::new();
     for v in fmt.start() {
         push_data(&mut head, &v);
@@ -487,7 +471,7 @@ fn sse<F: StreamFormat>(
         first: Some(first),
         rx,
         fmt,
-        align: Aligner::new(app.clone()),
+        align: Aligner::default(),
         done: false,
     };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
@@ -504,10 +488,11 @@ fn sse<F: StreamFormat>(
                 Some(Event::Token {
                     id,
                     text,
+                    piece,
                     logprob,
                     top_logprobs,
                 }) => {
-                    let tokens = st.align.token(id, &text, logprob, top_logprobs);
+                    let tokens = st.align.token(id, &text, &piece, logprob, top_logprobs);
                     if let Some(v) = st.fmt.text(&text, &tokens) {
                         push_data(&mut out, &v);
                     }
@@ -700,9 +685,9 @@ pub async fn chat(
             logprobs: req.logprobs.is_some(),
             include_usage: req.common.include_usage,
         };
-        return Ok(sse(&app, first, rx, fmt));
+        return Ok(sse(first, rx, fmt));
     }
-    let c = collect(&app, first, rx).await?;
+    let c = collect(first, rx).await?;
     let logprobs = match req.logprobs {
         Some(_) => json!({"content": c.tokens.iter().filter_map(|t| {
             t.logprob.map(|lp| app.chat_logprob(t.id, lp, &t.top))
@@ -768,9 +753,9 @@ pub async fn completions(
             echo,
             echoed: 0,
         };
-        return Ok(sse(&app, first, rx, fmt));
+        return Ok(sse(first, rx, fmt));
     }
-    let c = collect(&app, first, rx).await?;
+    let c = collect(first, rx).await?;
     let echoed = echo.as_ref().map_or(0, |p| p.chars().count());
     let logprobs = match req.logprobs {
         Some(_) => completion_logprobs(&app, c.tokens.iter(), echoed),
@@ -950,10 +935,13 @@ pub async fn auth(State(app): AppState, req: Request, next: Next) -> Response {
 /// Cross-origin requests, as llama-server answers them, so that a web page
 /// (a browser chat UI) can call the server: any origin may read the
 /// responses, and a preflight (`OPTIONS` with
-/// `Access-Control-Request-Method`) gets a 204 naming the methods and the
-/// headers a request may use. The API key still guards the same routes.
+/// `Access-Control-Request-Method`) gets a 204 naming the methods, and
+/// allowing the headers it asked for. The API key still guards the same routes.
 pub async fn cors(req: Request, next: Next) -> Response {
     let origin = req.headers().get(header::ORIGIN).cloned();
+    let requested = (req.headers())
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned();
     let preflight = req.method() == axum::http::Method::OPTIONS
         && req
             .headers()
@@ -965,9 +953,13 @@ pub async fn cors(req: Request, next: Next) -> Response {
             header::ACCESS_CONTROL_ALLOW_METHODS,
             header::HeaderValue::from_static("GET, POST, OPTIONS"),
         );
+        // Whatever headers the page asks for (the openai JS SDK sends its
+        // own x-stainless-* ones), as llama-server allows any.
         h.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
-            header::HeaderValue::from_static("authorization, content-type, x-api-key"),
+            requested.unwrap_or(header::HeaderValue::from_static(
+                "authorization, content-type, x-api-key",
+            )),
         );
         h.insert(
             header::ACCESS_CONTROL_MAX_AGE,
@@ -983,6 +975,9 @@ pub async fn cors(req: Request, next: Next) -> Response {
             header::HeaderValue::from_static("*"),
         );
     }
+    // The CORS headers depend on whether there was an Origin.
+    r.headers_mut()
+        .append(header::VARY, header::HeaderValue::from_static("origin"));
     r
 }
 

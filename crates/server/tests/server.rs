@@ -627,6 +627,40 @@ fn api_features() {
     }
     assert_eq!(text, cut);
     lines_up(&tokens, &offsets, cut, "completions, streamed");
+    // Invalid bytes (byte tokens <0xFF> and <0x80> made likely): each is a
+    // U+FFFD in the text, three bytes and one character, which the
+    // alignment had counted as one byte (reporting the cut ' world') and
+    // the offsets as zero or one character.
+    for (byte, bias, stop) in [
+        (493u32, 10, Some(" world")),
+        (493, 10, Some("\n")),
+        (366, 15, None),
+    ] {
+        let ids: Vec<u32> = std::iter::once(2)
+            .chain([byte, 9259, 1902, 107].repeat(6))
+            .collect();
+        let mut body = json!({"prompt": ids, "max_tokens": 8, "temperature": 0, "logprobs": 1,
+            "logit_bias": {byte.to_string(): bias}});
+        if let Some(stop) = stop {
+            body["stop"] = json!([stop]);
+        }
+        let v = post(addr, "/v1/completions", &body).json();
+        let c = &v["choices"][0];
+        let text = c["text"].as_str().unwrap();
+        assert!(text.starts_with('\u{FFFD}'), "{v}");
+        let offsets: Vec<u64> = c["logprobs"]["text_offset"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_u64().unwrap())
+            .collect();
+        lines_up(
+            &strs(&c["logprobs"]["tokens"]),
+            &offsets,
+            text,
+            &format!("byte {byte}, stop {stop:?}"),
+        );
+    }
     let chat_stop = json!({"messages": [{"role": "user", "content": "Count from 1 to 9."}],
         "max_tokens": 12, "temperature": 0, "logprobs": true, "stream": true});
     let full = chat_stream_text(&post(addr, "/v1/chat/completions", &chat_stop).events()).0;
@@ -957,7 +991,7 @@ fn logit_bias_and_keys() {
             ("Access-Control-Request-Method", "POST"),
             (
                 "Access-Control-Request-Headers",
-                "authorization, content-type",
+                "authorization, content-type, x-stainless-os",
             ),
         ],
     );
@@ -967,7 +1001,7 @@ fn logit_bias_and_keys() {
         .header("access-control-allow-headers")
         .unwrap_or_default();
     assert!(
-        allowed.contains("authorization") && allowed.contains("content-type"),
+        allowed.contains("authorization") && allowed.contains("x-stainless-os"),
         "{allowed}"
     );
     assert!(pre
