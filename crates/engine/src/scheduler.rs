@@ -286,6 +286,11 @@ impl Scheduler {
         self.parallel
     }
 
+    /// Most requests running and waiting at once (`parallel + max_queue`).
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     pub fn stats(&self) -> Stats {
         let s = &self.shared;
         let in_system = s.in_system.load(Ordering::SeqCst);

@@ -515,6 +515,10 @@ impl ChatRequest {
     }
 }
 
+/// Most prompts one `POST /v1/completions` takes (each is a job of its own
+/// in the scheduler's queue).
+pub const MAX_PROMPTS: usize = 64;
+
 /// The prompt of `POST /v1/completions`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Prompt {
@@ -525,7 +529,8 @@ pub enum Prompt {
 /// A parsed `POST /v1/completions`.
 #[derive(Clone, Debug)]
 pub struct CompletionRequest {
-    pub prompt: Prompt,
+    /// One prompt, or several (OpenAI's batch form: one choice each).
+    pub prompts: Vec<Prompt>,
     pub common: Common,
     pub echo: bool,
     /// Some(k): log-probabilities with k alternatives per token.
@@ -549,29 +554,39 @@ impl CompletionRequest {
     pub fn parse(obj: &Map<String, Value>, vocab: usize) -> Result<Self, ApiError> {
         let f = Fields(obj);
         f.str("model")?;
-        let one = || {
-            ApiError::field(
-                "prompt",
-                "only one prompt per request is supported (send several requests)",
-            )
-        };
-        let prompt = match f.get("prompt") {
+        let empty = || ApiError::field("prompt", "'prompt' must not be empty");
+        let prompts = match f.get("prompt") {
             None => return Err(ApiError::field("prompt", "'prompt' is required")),
-            Some(Value::String(s)) => Prompt::Text(s.clone()),
+            Some(Value::String(s)) => vec![Prompt::Text(s.clone())],
             Some(Value::Array(a)) => match a.first() {
-                None => return Err(ApiError::field("prompt", "'prompt' must not be empty")),
-                Some(Value::String(s)) if a.len() == 1 => Prompt::Text(s.clone()),
-                Some(Value::Array(inner)) if a.len() == 1 => {
-                    Prompt::Tokens(token_array(inner, vocab)?)
+                None => return Err(empty()),
+                // Several prompts: strings, or arrays of token ids.
+                Some(Value::String(_) | Value::Array(_)) => {
+                    if a.len() > MAX_PROMPTS {
+                        return Err(ApiError::field(
+                            "prompt",
+                            format!("at most {MAX_PROMPTS} prompts per request, got {}", a.len()),
+                        ));
+                    }
+                    a.iter()
+                        .map(|p| match p {
+                            Value::String(s) => Ok(Prompt::Text(s.clone())),
+                            Value::Array(ids) if !ids.is_empty() => {
+                                Ok(Prompt::Tokens(token_array(ids, vocab)?))
+                            }
+                            Value::Array(_) => Err(empty()),
+                            v => Err(wrong_type(
+                                "prompt",
+                                "a string, an array of token ids, or an array of either",
+                                v,
+                            )),
+                        })
+                        .collect::<Result<Vec<_>, _>>()?
                 }
-                Some(Value::String(_) | Value::Array(_)) => return Err(one()),
-                Some(_) => Prompt::Tokens(token_array(a, vocab)?),
+                Some(_) => vec![Prompt::Tokens(token_array(a, vocab)?)],
             },
             Some(v) => return Err(wrong_type("prompt", "a string or an array of token ids", v)),
         };
-        if matches!(&prompt, Prompt::Tokens(t) if t.is_empty()) {
-            return Err(ApiError::field("prompt", "'prompt' must not be empty"));
-        }
         if let Some(b) = f.u64("best_of")? {
             if b != 1 {
                 return Err(ApiError::field(
@@ -584,6 +599,12 @@ impl CompletionRequest {
             return Err(ApiError::field("suffix", "'suffix' is not supported"));
         }
         let common = parse_common(&f, &["max_tokens", "n_predict"], vocab)?;
+        if common.stream && prompts.len() > 1 {
+            return Err(ApiError::field(
+                "stream",
+                "streaming is for one prompt at a time: send several prompts without 'stream'",
+            ));
+        }
         let echo = f.bool("echo")?.unwrap_or(false);
         let logprobs = match f.u64("logprobs")? {
             Some(k) if k > MAX_TOP_LOGPROBS => {
@@ -601,7 +622,7 @@ impl CompletionRequest {
             ));
         }
         Ok(CompletionRequest {
-            prompt,
+            prompts,
             common,
             echo,
             logprobs,
@@ -817,31 +838,47 @@ mod tests {
 
     #[test]
     fn completion_prompts() {
-        let p = |v: Value| CompletionRequest::parse(&obj(v), 100).map(|r| r.prompt);
-        assert_eq!(p(json!({"prompt": "x"})).unwrap(), Prompt::Text("x".into()));
+        let p = |v: Value| CompletionRequest::parse(&obj(v), 100).map(|r| r.prompts);
+        assert_eq!(
+            p(json!({"prompt": "x"})).unwrap(),
+            [Prompt::Text("x".into())]
+        );
         assert_eq!(
             p(json!({"prompt": [1, 2]})).unwrap(),
-            Prompt::Tokens(vec![1, 2])
+            [Prompt::Tokens(vec![1, 2])]
         );
         assert_eq!(
             p(json!({"prompt": [[3]]})).unwrap(),
-            Prompt::Tokens(vec![3])
+            [Prompt::Tokens(vec![3])]
+        );
+        // OpenAI's batch form: one choice per prompt (it had been refused).
+        assert_eq!(
+            p(json!({"prompt": ["a", "b"]})).unwrap(),
+            [Prompt::Text("a".into()), Prompt::Text("b".into())]
         );
         assert_eq!(
-            p(json!({"prompt": ["a", "b"]}))
-                .unwrap_err()
-                .param
-                .as_deref(),
+            p(json!({"prompt": [[3], [4, 5]]})).unwrap(),
+            [Prompt::Tokens(vec![3]), Prompt::Tokens(vec![4, 5])]
+        );
+        let param = |v: Value| p(v).unwrap_err().param;
+        assert_eq!(
+            param(json!({"prompt": ["a", 1]})).as_deref(),
             Some("prompt")
         );
         assert_eq!(
-            p(json!({"prompt": [100]})).unwrap_err().param.as_deref(),
+            param(json!({"prompt": [[3], []]})).as_deref(),
             Some("prompt")
         );
         assert_eq!(
-            p(json!({"prompt": []})).unwrap_err().param.as_deref(),
+            param(json!({"prompt": vec!["a"; MAX_PROMPTS + 1]})).as_deref(),
             Some("prompt")
         );
-        assert_eq!(p(json!({})).unwrap_err().param.as_deref(), Some("prompt"));
+        assert_eq!(
+            param(json!({"prompt": ["a", "b"], "stream": true})).as_deref(),
+            Some("stream")
+        );
+        assert_eq!(param(json!({"prompt": [100]})).as_deref(), Some("prompt"));
+        assert_eq!(param(json!({"prompt": []})).as_deref(), Some("prompt"));
+        assert_eq!(param(json!({})).as_deref(), Some("prompt"));
     }
 }

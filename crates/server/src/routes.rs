@@ -715,65 +715,112 @@ pub async fn completions(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let req = CompletionRequest::parse(&body, app.vocab)?;
-    let (prompt, prompt_text) = match &req.prompt {
-        // Special-token text is parsed, as llama-server does, so a prompt
-        // written in Gemma's turn format (`<start_of_turn>user …`) means its
-        // turns (it had been read as plain text, and the reply then spelled
-        // out `<end_of_turn` instead of ending). A prompt that starts with
-        // `<bos>` itself gets no second one.
-        Prompt::Text(s) => {
-            let mut ids = encode(&app, s.clone(), true, true).await?;
-            let bos = app.tok.specials().bos;
-            if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
-                ids.remove(0);
+    // (Each prompt is a request to the scheduler: a batch it could never
+    // hold at once is the caller's error, not a 429 to retry.)
+    if req.prompts.len() > app.sched.limit() {
+        return Err(ApiError::field(
+            "prompt",
+            format!(
+                "{} prompts, but this server holds at most {} requests at once (--parallel + --queue)",
+                req.prompts.len(),
+                app.sched.limit()
+            ),
+        ));
+    }
+    // Every prompt tokenized and checked against the context before any is
+    // queued, so a bad one fails the request without work done.
+    let mut jobs = Vec::with_capacity(req.prompts.len());
+    for prompt in &req.prompts {
+        let (ids, text) = match prompt {
+            // Special-token text is parsed, as llama-server does, so a prompt
+            // written in Gemma's turn format (`<start_of_turn>user …`) means
+            // its turns (it had been read as plain text, and the reply then
+            // spelled out `<end_of_turn` instead of ending). A prompt that
+            // starts with `<bos>` itself gets no second one.
+            Prompt::Text(s) => {
+                let mut ids = encode(&app, s.clone(), true, true).await?;
+                let bos = app.tok.specials().bos;
+                if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
+                    ids.remove(0);
+                }
+                (ids, s.clone())
             }
-            (ids, s.clone())
-        }
-        Prompt::Tokens(t) => (t.clone(), app.tok.decode(t, false).unwrap_or_default()),
-    };
-    let max_tokens = app.budget(
-        prompt.len(),
-        &req.common,
-        Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
-        "prompt",
-    )?;
-    let params = app.params(&req.common, max_tokens);
-    let mut rx = app.submit(prompt, params, req.logprobs)?;
-    let first = first_event(&mut rx).await?;
+            Prompt::Tokens(t) => (t.clone(), app.tok.decode(t, false).unwrap_or_default()),
+        };
+        let max_tokens = app.budget(
+            ids.len(),
+            &req.common,
+            Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
+            "prompt",
+        )?;
+        jobs.push((ids, text, max_tokens));
+    }
+    // All queued at once (the scheduler runs them side by side); if the
+    // queue refuses one, the receivers dropped so far cancel the others.
+    let mut rxs = Vec::with_capacity(jobs.len());
+    for (ids, _, max_tokens) in &jobs {
+        let params = app.params(&req.common, *max_tokens);
+        rxs.push(app.submit(ids.clone(), params, req.logprobs)?);
+    }
     let id = app.new_id("cmpl");
     let created = unix_now();
-    let echo = req.echo.then_some(prompt_text);
     if req.common.stream {
+        // (One prompt: the parser refuses a stream of several.)
+        let (Some(mut rx), Some((_, text, _))) = (rxs.pop(), jobs.pop()) else {
+            return Err(ApiError::internal("no prompt to stream"));
+        };
+        let first = first_event(&mut rx).await?;
         let fmt = CompletionStream {
             app: app.clone(),
             id,
             created,
             logprobs: req.logprobs,
             include_usage: req.common.include_usage,
-            echo,
+            echo: req.echo.then_some(text),
             echoed: 0,
         };
         return Ok(sse(first, rx, fmt));
     }
-    let c = collect(first, rx).await?;
-    let echoed = echo.as_ref().map_or(0, |p| p.chars().count());
-    let logprobs = match req.logprobs {
-        Some(_) => completion_logprobs(&app, c.tokens.iter(), echoed),
-        None => Value::Null,
-    };
-    let text = match echo {
-        Some(p) => p + &c.text,
-        None => c.text,
-    };
+    let mut choices = Vec::with_capacity(rxs.len());
+    let mut usage = Usage::default();
+    for (index, (mut rx, (_, prompt_text, _))) in rxs.into_iter().zip(jobs).enumerate() {
+        let first = first_event(&mut rx).await?;
+        let c = collect(first, rx).await?;
+        let echo = req.echo.then_some(prompt_text);
+        let echoed = echo.as_ref().map_or(0, |p| p.chars().count());
+        let logprobs = match req.logprobs {
+            Some(_) => completion_logprobs(&app, c.tokens.iter(), echoed),
+            None => Value::Null,
+        };
+        let text = match echo {
+            Some(p) => p + &c.text,
+            None => c.text,
+        };
+        choices.push(json!({"index": index, "text": text, "logprobs": logprobs,
+            "finish_reason": finish_str(c.finish)}));
+        usage = add_usage(usage, &c.usage);
+    }
     Ok(json_response(
         StatusCode::OK,
         &json!({
             "id": id, "object": "text_completion", "created": created, "model": app.model_id,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_str(c.finish)}],
-            "usage": usage_json(&c.usage),
-            "timings": timings_json(&c.usage),
+            "choices": choices,
+            "usage": usage_json(&usage),
+            "timings": timings_json(&usage),
         }),
     ))
+}
+
+/// Several prompts' usage together: token counts and times summed.
+fn add_usage(a: Usage, b: &Usage) -> Usage {
+    Usage {
+        prompt_tokens: a.prompt_tokens + b.prompt_tokens,
+        cached_tokens: a.cached_tokens + b.cached_tokens,
+        completion_tokens: a.completion_tokens + b.completion_tokens,
+        queue_time: a.queue_time + b.queue_time,
+        prompt_time: a.prompt_time + b.prompt_time,
+        gen_time: a.gen_time + b.gen_time,
+    }
 }
 
 /// The one model this server runs, as OpenAI's model object.

@@ -791,6 +791,30 @@ fn api_features() {
         .json();
         assert_eq!(v["usage"]["prompt_tokens"], n, "{prompt:?}: {v}");
     }
+    // Several prompts in one request (OpenAI's batch form, which had been
+    // refused): one choice each, in order, each what it gets alone, with
+    // the usage summed.
+    let once = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}),
+    )
+    .json();
+    let both = post(addr, "/v1/completions", &json!({"prompt": ["The capital of France is", "Once upon a time"], "max_tokens": 6, "temperature": 0, "logprobs": 1})).json();
+    let choices = both["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2, "{both}");
+    for (i, alone) in [&a, &once].into_iter().enumerate() {
+        assert_eq!(choices[i]["index"], i);
+        assert_eq!(choices[i]["text"], alone["choices"][0]["text"], "{both}");
+        assert_eq!(
+            choices[i]["logprobs"]["tokens"].as_array().unwrap().len(),
+            6,
+            "{both}"
+        );
+    }
+    let sum = |k: &str| a["usage"][k].as_u64().unwrap() + once["usage"][k].as_u64().unwrap();
+    assert_eq!(both["usage"]["prompt_tokens"], sum("prompt_tokens"));
+    assert_eq!(both["usage"]["completion_tokens"], 12);
     // The openai package's models.retrieve.
     let id = get(addr, "/v1/models").json()["data"][0]["id"].clone();
     let m = get(addr, &format!("/v1/models/{}", id.as_str().unwrap()));
@@ -959,6 +983,7 @@ fn logit_bias_and_keys() {
         assert!(format!("{e:#}").contains("--api-key"), "{e:#}");
     }
     cfg.api_key = Some("sekret".into());
+    cfg.queue = 2;
     let server = start(cfg);
     let addr = server.addr;
     let auth = [("Authorization", "bearer sekret")];
@@ -1036,4 +1061,16 @@ fn logit_bias_and_keys() {
     assert_eq!(text, " Paris Paris", "bias +100 on ' Paris'");
     let r = complete(json!({"logit_bias": {"262144": 1}}));
     expect_error(&r, 400, Some("logit_bias"));
+    // A batch of prompts larger than the server ever holds at once (1 slot + a
+    // queue of 2) is the caller's error, not a 429 to retry.
+    let r = complete(json!({"prompt": ["a", "b", "c", "d"]}));
+    let e = expect_error(&r, 400, Some("prompt"));
+    assert!(e.to_string().contains("--queue"), "{e}");
+    let r = complete(json!({"prompt": ["a", "b", "c"]}));
+    assert_eq!(
+        r.json()["choices"].as_array().map(Vec::len),
+        Some(3),
+        "{}",
+        r.text()
+    );
 }
