@@ -257,19 +257,30 @@ impl Scheduler {
     /// Queue a request. Fails at once when `parallel + max_queue` requests are
     /// already running or waiting.
     pub fn submit(&self, req: Request) -> Result<(), SubmitError> {
-        let limit = self.limit;
+        self.submit_many(vec![req])
+    }
+
+    /// Queue several requests (a batch of prompts) as one: all of them, or
+    /// none when fewer places than their number are free. Taken one at a
+    /// time, two batches racing for the last places could each get some and
+    /// both be refused, and a refused batch's cancelled requests held their
+    /// places for a step, refusing others.
+    pub fn submit_many(&self, reqs: Vec<Request>) -> Result<(), SubmitError> {
+        let (limit, n) = (self.limit, reqs.len());
         self.shared
             .in_system
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < limit).then_some(n + 1)
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| {
+                (k.saturating_add(n) <= limit).then_some(k + n)
             })
             .map_err(|_| SubmitError::QueueFull { limit })?;
-        self.tx
-            .send(Msg::Request(req, Instant::now()))
-            .map_err(|_| {
-                self.shared.in_system.fetch_sub(1, Ordering::SeqCst);
-                SubmitError::Stopped
-            })
+        for (i, req) in reqs.into_iter().enumerate() {
+            if self.tx.send(Msg::Request(req, Instant::now())).is_err() {
+                // The worker is gone: the places not sent are given back.
+                self.shared.in_system.fetch_sub(n - i, Ordering::SeqCst);
+                return Err(SubmitError::Stopped);
+            }
+        }
+        Ok(())
     }
 
     /// End every running and waiting request with [`RequestError::Shutdown`].

@@ -123,14 +123,32 @@ impl App {
         params: GenerateParams,
         logprobs: Option<usize>,
     ) -> Result<UnboundedReceiver<Event>, ApiError> {
-        let (tx, rx) = unbounded_channel();
-        self.sched.submit(EngineRequest {
-            prompt,
-            params,
-            logprobs,
-            events: Box::new(Sink(tx)),
-        })?;
-        Ok(rx)
+        let mut rxs = self.submit_many(vec![(prompt, params)], logprobs)?;
+        Ok(rxs.remove(0))
+    }
+
+    /// Queue several jobs as one (see [`Scheduler::submit_many`]): each
+    /// one's events arrive on its receiver, in order.
+    fn submit_many(
+        &self,
+        jobs: Vec<(Vec<u32>, GenerateParams)>,
+        logprobs: Option<usize>,
+    ) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+        let (reqs, rxs): (Vec<_>, Vec<_>) = jobs
+            .into_iter()
+            .map(|(prompt, params)| {
+                let (tx, rx) = unbounded_channel();
+                let req = EngineRequest {
+                    prompt,
+                    params,
+                    logprobs,
+                    events: Box::new(Sink(tx)),
+                };
+                (req, rx)
+            })
+            .unzip();
+        self.sched.submit_many(reqs)?;
+        Ok(rxs)
     }
 
     /// The text of a token (special tokens spelled out) and its bytes.
@@ -730,7 +748,8 @@ pub async fn completions(
     // Every prompt tokenized and checked against the context before any is
     // queued, so a bad one fails the request without work done.
     let mut jobs = Vec::with_capacity(req.prompts.len());
-    for prompt in &req.prompts {
+    let several = req.prompts.len() > 1;
+    for (i, prompt) in req.prompts.iter().enumerate() {
         let (ids, text) = match prompt {
             // Special-token text is parsed, as llama-server does, so a prompt
             // written in Gemma's turn format (`<start_of_turn>user …`) means
@@ -747,21 +766,27 @@ pub async fn completions(
             }
             Prompt::Tokens(t) => (t.clone(), app.tok.decode(t, false).unwrap_or_default()),
         };
+        // (In a batch, the error names the prompt: `prompt[i]`.)
+        let field = if several {
+            format!("prompt[{i}]")
+        } else {
+            "prompt".to_string()
+        };
         let max_tokens = app.budget(
             ids.len(),
             &req.common,
             Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
-            "prompt",
+            &field,
         )?;
         jobs.push((ids, text, max_tokens));
     }
-    // All queued at once (the scheduler runs them side by side); if the
-    // queue refuses one, the receivers dropped so far cancel the others.
-    let mut rxs = Vec::with_capacity(jobs.len());
-    for (ids, _, max_tokens) in &jobs {
-        let params = app.params(&req.common, *max_tokens);
-        rxs.push(app.submit(ids.clone(), params, req.logprobs)?);
-    }
+    // Queued as one (all or none), and run side by side.
+    let mut rxs = app.submit_many(
+        (jobs.iter())
+            .map(|(ids, _, max_tokens)| (ids.clone(), app.params(&req.common, *max_tokens)))
+            .collect(),
+        req.logprobs,
+    )?;
     let id = app.new_id("cmpl");
     let created = unix_now();
     if req.common.stream {

@@ -812,6 +812,17 @@ fn api_features() {
             "{both}"
         );
     }
+    // A prompt of a batch that does not fit is named by its index.
+    let long = vec![9259u32; 600];
+    expect_error(
+        &post(
+            addr,
+            "/v1/completions",
+            &json!({"prompt": [json!("Hi"), json!(long)], "max_tokens": 1}),
+        ),
+        400,
+        Some("prompt[1]"),
+    );
     let sum = |k: &str| a["usage"][k].as_u64().unwrap() + once["usage"][k].as_u64().unwrap();
     assert_eq!(both["usage"]["prompt_tokens"], sum("prompt_tokens"));
     assert_eq!(both["usage"]["completion_tokens"], 12);
@@ -1073,4 +1084,21 @@ fn logit_bias_and_keys() {
         "{}",
         r.text()
     );
+    // A batch is admitted whole or not at all. With one stream running, 3
+    // prompts do not fit the 2 places left: a 429, and no place taken, so
+    // 2 prompts sent right after do fit. (Taken one at a time, the refused
+    // batch's first two had held their places until the scheduler's next
+    // step, refusing the second batch too.)
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "stream": true});
+    let mut s = send(addr, "POST", "/v1/completions", &body.to_string(), &auth);
+    {
+        use std::io::Read;
+        let mut b = [0u8; 256];
+        assert!(s.read(&mut b).unwrap() > 0);
+    }
+    expect_error(&complete(json!({"prompt": ["a", "b", "c"]})), 429, None);
+    let r = complete(json!({"prompt": ["a", "b"]}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    drop(s);
 }
