@@ -248,6 +248,15 @@ pub fn run(a: RunArgs) -> Result<()> {
     })?;
     written?;
     outln!()?;
+    // Ended by the context, not by -n: said even with --quiet (llama.cpp
+    // warns the same), since the text stops mid-way.
+    let length = g.finish == gemma3_engine::FinishReason::Length;
+    if length && g.tokens.len() < params.max_tokens {
+        eprintln!(
+            "(the context of {} tokens is full: the reply stopped there; a larger --ctx gives it room)",
+            session.ctx()
+        );
+    }
     if !a.quiet {
         eprintln!("{}", timing_line(&g));
     }

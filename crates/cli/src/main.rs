@@ -68,7 +68,7 @@ enum Command {
         #[command(flatten)]
         model: ModelArg,
         /// Context size to size the KV cache for (default: the model's).
-        #[arg(long)]
+        #[arg(short = 'c', long)]
         ctx: Option<usize>,
     },
     /// Speed of prompt processing (pp) and generation (tg), like llama-bench.

@@ -77,6 +77,10 @@ fn the_tiny_model_itself_runs() {
     ]));
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.ends_with('\n'), "{stdout:?}");
+    assert!(
+        !stderr.contains("is full"),
+        "-n ended it, not the context: {stderr}"
+    );
 }
 
 #[test]
@@ -575,6 +579,11 @@ fn llama_cpp_minus_one_values_and_refused_combinations() {
     // -n -1 ran to the context's end: prompt and generated tokens fill its 24 positions,
     // and the last token, drawn from the last position's logits, needs none.
     assert!(stderr.contains("finish: Length"), "{stderr}");
+    // Said, since the text stops mid-way (a stop by -n is not).
+    assert!(
+        stderr.contains("the context of 24 tokens is full"),
+        "{stderr}"
+    );
     let count = |what: &str| -> usize {
         let at = stderr
             .find(what)
