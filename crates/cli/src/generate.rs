@@ -315,7 +315,12 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         history.push(Message::new(Role::User, line));
         let prompt = tok.encode(&render_chat(&history, true)?, false, true);
         if prompt.len() >= session.ctx() {
-            eprintln!("(the conversation has {} tokens and no longer fits the context of {}: /reset to start over)", prompt.len(), session.ctx());
+            if history.len() == system_len + 1 {
+                // Nothing to drop by /reset: this message alone (with the system text) is too long.
+                eprintln!("(this message needs {} tokens, more than the context of {} can hold with room for a reply: shorten it, or start with a larger --ctx)", prompt.len(), session.ctx());
+            } else {
+                eprintln!("(the conversation has {} tokens and no longer fits the context of {}: /reset to start over)", prompt.len(), session.ctx());
+            }
             history.pop();
             continue;
         }

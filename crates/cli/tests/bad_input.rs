@@ -627,3 +627,32 @@ fn llama_cpp_minus_one_values_and_refused_combinations() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--system"), "{stderr}");
 }
+
+/// A chat message too long for the context with nothing to /reset: the advice is to shorten
+/// it or raise --ctx (it had been "/reset to start over", which cannot help); then the chat
+/// goes on.
+#[test]
+fn a_chat_message_longer_than_the_context_says_what_helps() {
+    use std::io::Write as _;
+    let p = tiny_model("tiny-chat-long.gguf");
+    let mut child = gemma3()
+        .args(["chat", "--ctx", "12", "-n", "2", "--temp", "0", "--model"])
+        .arg(&*p)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running gemma3 chat");
+    let long = "abcd ".repeat(20);
+    let mut stdin = child.stdin.take().unwrap();
+    write!(stdin, "{long}\na\n/exit\n").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("shorten it, or start with a larger --ctx"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("/reset to start over"), "{stderr}");
+}
