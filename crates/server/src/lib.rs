@@ -27,7 +27,7 @@
 //!   with `<bos>`; special-token text such as `<start_of_turn>` parsed, as
 //!   llama-server does) or token ids, or a list of up to 64 of either (one
 //!   choice each, run side by side, admitted all together or refused with a
-//!   429; usage and timings summed over them; not streamed); the same fields, plus `echo` and
+//!   429; token counts summed over them, times the longest; not streamed); the same fields, plus `echo` and
 //!   `logprobs` (an int, completions-style; not together with `echo`).
 //! - Cross-origin requests from any origin, as llama-server allows them (a
 //!   preflight `OPTIONS` gets a 204; responses carry

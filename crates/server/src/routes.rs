@@ -836,15 +836,17 @@ pub async fn completions(
     ))
 }
 
-/// Several prompts' usage together: token counts and times summed.
+/// Several prompts' usage together: token counts summed, times the longest
+/// (the prompts run side by side, so summed times exceeded the request's
+/// own, and the rate `timings` derives would have been per prompt).
 fn add_usage(a: Usage, b: &Usage) -> Usage {
     Usage {
         prompt_tokens: a.prompt_tokens + b.prompt_tokens,
         cached_tokens: a.cached_tokens + b.cached_tokens,
         completion_tokens: a.completion_tokens + b.completion_tokens,
-        queue_time: a.queue_time + b.queue_time,
-        prompt_time: a.prompt_time + b.prompt_time,
-        gen_time: a.gen_time + b.gen_time,
+        queue_time: a.queue_time.max(b.queue_time),
+        prompt_time: a.prompt_time.max(b.prompt_time),
+        gen_time: a.gen_time.max(b.gen_time),
     }
 }
 
