@@ -97,6 +97,11 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// Whether `k` is −1, llama-server's "no limit" or "random".
+    pub fn is_minus_one(&self, k: &str) -> bool {
+        self.get(k).and_then(Value::as_i64) == Some(-1)
+    }
+
     pub fn bool(&self, k: &str) -> Result<Option<bool>, ApiError> {
         match self.get(k) {
             None => Ok(None),
@@ -138,37 +143,33 @@ pub struct Common {
 pub const UNLIMITED: usize = usize::MAX;
 
 /// llama-server sampling and output fields this server does not implement,
-/// with whether a value leaves them off: any other value is refused with a
-/// 400, as each would change the answer (silently ignored, `grammar` or
-/// `n_probs` gave an unconstrained reply and no probabilities).
-fn llama_server_field_off(key: &str, v: &Value) -> Option<bool> {
-    let num = |off: fn(f64) -> bool| Some(v.as_f64().is_some_and(off));
-    match key {
-        "grammar" => Some(v.as_str() == Some("")),
-        "json_schema" => Some(v.as_object().is_some_and(|o| o.is_empty())),
-        "mirostat" | "n_probs" | "dry_multiplier" | "xtc_probability" | "dynatemp_range"
-        | "t_max_predict_ms" => num(|x| x == 0.0),
-        "typical_p" => num(|x| x == 1.0),
-        "top_n_sigma" => num(|x| x <= 0.0),
-        _ => None,
-    }
-}
-
+/// each with the test that its value leaves it off: any other value is
+/// refused with a 400, as each would change the answer (silently ignored,
+/// `grammar` or `n_probs` gave an unconstrained reply and no probabilities).
 /// (llama-server's `samplers`, the order of its sampling steps, is accepted
 /// and ignored: llama.cpp's web UI sends it with every request, and the
 /// steps this server has run in llama.cpp's default order.)
-const LLAMA_SERVER_FIELDS: [&str; 10] = [
-    "grammar",
-    "json_schema",
-    "mirostat",
-    "n_probs",
-    "dry_multiplier",
-    "xtc_probability",
-    "dynatemp_range",
-    "t_max_predict_ms",
-    "typical_p",
-    "top_n_sigma",
+const LLAMA_SERVER_FIELDS: [(&str, OffTest); 10] = [
+    ("grammar", |v| v.as_str() == Some("")),
+    ("json_schema", |v| {
+        v.as_object().is_some_and(|o| o.is_empty())
+    }),
+    ("mirostat", is_zero),
+    ("n_probs", is_zero),
+    ("dry_multiplier", is_zero),
+    ("xtc_probability", is_zero),
+    ("dynatemp_range", is_zero),
+    ("t_max_predict_ms", is_zero),
+    ("typical_p", |v| v.as_f64() == Some(1.0)),
+    ("top_n_sigma", |v| v.as_f64().is_some_and(|x| x <= 0.0)),
 ];
+
+/// Whether a field's value leaves it off.
+type OffTest = fn(&Value) -> bool;
+
+fn is_zero(v: &Value) -> bool {
+    v.as_f64() == Some(0.0)
+}
 
 fn random_seed() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -226,9 +227,9 @@ pub fn parse_common(
             ))
         }
     }
-    for key in LLAMA_SERVER_FIELDS {
+    for (key, off) in LLAMA_SERVER_FIELDS {
         if let Some(v) = f.get(key) {
-            if llama_server_field_off(key, v) != Some(true) {
+            if !off(v) {
                 return Err(ApiError::field(
                     key,
                     format!("'{key}' is not supported by this server (got {v}); leave it out"),
@@ -272,13 +273,10 @@ pub fn parse_common(
         }
     }
     // llama-server's -1 (and 0) is no limit.
-    let top_k = match f.get("top_k").and_then(Value::as_i64) {
-        Some(-1) => Some(0),
-        _ => f.u64("top_k")?,
-    };
-    let top_k = match top_k {
-        None => base.top_k,
-        Some(k) => usize::try_from(k).unwrap_or(usize::MAX),
+    let top_k = if f.is_minus_one("top_k") {
+        0
+    } else {
+        (f.u64("top_k")?).map_or(base.top_k, |k| usize::try_from(k).unwrap_or(usize::MAX))
     };
     // As llama.cpp's server: 0 turns the penalties off, -1 looks at the whole history.
     let repeat_last_n = match f.i64("repeat_last_n")? {
@@ -302,9 +300,10 @@ pub fn parse_common(
         frequency_penalty: f.f32("frequency_penalty")?.unwrap_or(0.0),
         logit_bias,
         // -1 is random, as in llama.cpp's server.
-        seed: match f.get("seed").and_then(Value::as_i64) {
-            Some(-1) => random_seed(),
-            _ => f.u64("seed")?.unwrap_or_else(random_seed),
+        seed: if f.is_minus_one("seed") {
+            random_seed()
+        } else {
+            f.u64("seed")?.unwrap_or_else(random_seed)
         },
     };
     if let Err(msg) = sampling.validate() {
@@ -315,7 +314,7 @@ pub fn parse_common(
     let mut max_tokens = None;
     let mut max_tokens_key = max_keys.last().copied().unwrap_or("max_tokens");
     for &k in max_keys {
-        if f.get(k).and_then(Value::as_i64) == Some(-1) {
+        if f.is_minus_one(k) {
             max_tokens = Some(UNLIMITED);
             max_tokens_key = k;
             break;
