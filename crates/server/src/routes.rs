@@ -375,19 +375,15 @@ impl Aligner {
     }
 }
 
-/// Completions-style `logprobs` for `tokens`, their text offsets counted
-/// from `base` characters (the echoed prompt's).
-fn completion_logprobs<'t>(
-    app: &App,
-    tokens: impl Iterator<Item = &'t GenToken>,
-    base: usize,
-) -> Value {
+/// Completions-style `logprobs` for `tokens`. (Their text offsets count
+/// the generated text only: `echo` with `logprobs` is refused.)
+fn completion_logprobs(app: &App, tokens: &[GenToken]) -> Value {
     let (mut toks, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
     for t in tokens {
         toks.push(app.piece(t.id).0);
         lps.push(json!(t.logprob));
         tops.push(app.top_map(&t.top));
-        offs.push(base + t.offset);
+        offs.push(t.offset);
     }
     json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
 }
@@ -623,19 +619,16 @@ struct CompletionStream {
     logprobs: Option<usize>,
     include_usage: bool,
     echo: Option<String>,
-    /// Characters of the echoed prompt (the generated text's offsets start there).
-    echoed: usize,
 }
 
 impl CompletionStream {
     /// The completions-style `logprobs` of a chunk for `tokens` (null when
     /// not asked for or none).
     fn logprobs(&self, tokens: &[GenToken]) -> Value {
-        let tokens: Vec<&GenToken> = tokens.iter().filter(|t| t.logprob.is_some()).collect();
         if self.logprobs.is_none() || tokens.is_empty() {
             return Value::Null;
         }
-        completion_logprobs(&self.app, tokens.into_iter(), self.echoed)
+        completion_logprobs(&self.app, tokens)
     }
 
     fn chunk(&self, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
@@ -650,10 +643,7 @@ impl CompletionStream {
 impl StreamFormat for CompletionStream {
     fn start(&mut self) -> Vec<Value> {
         match self.echo.take() {
-            Some(p) if !p.is_empty() => {
-                self.echoed = p.chars().count();
-                vec![self.chunk(&p, Value::Null, None)]
-            }
+            Some(p) if !p.is_empty() => vec![self.chunk(&p, Value::Null, None)],
             _ => Vec::new(),
         }
     }
@@ -746,11 +736,13 @@ pub async fn completions(
         ));
     }
     // Every prompt tokenized and checked against the context before any is
-    // queued, so a bad one fails the request without work done.
+    // queued, so a bad one fails the request without work done. The
+    // prompts' text is kept only to echo it.
     let mut jobs = Vec::with_capacity(req.prompts.len());
+    let mut echoes = Vec::new();
     let several = req.prompts.len() > 1;
     for (i, prompt) in req.prompts.iter().enumerate() {
-        let (ids, text) = match prompt {
+        let ids = match prompt {
             // Special-token text is parsed, as llama-server does, so a prompt
             // written in Gemma's turn format (`<start_of_turn>user …`) means
             // its turns (it had been read as plain text, and the reply then
@@ -762,10 +754,16 @@ pub async fn completions(
                 if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
                     ids.remove(0);
                 }
-                (ids, s.clone())
+                ids
             }
-            Prompt::Tokens(t) => (t.clone(), app.tok.decode(t, false).unwrap_or_default()),
+            Prompt::Tokens(t) => t.clone(),
         };
+        if req.echo {
+            echoes.push(match prompt {
+                Prompt::Text(s) => s.clone(),
+                Prompt::Tokens(t) => app.tok.decode(t, false).unwrap_or_default(),
+            });
+        }
         // (In a batch, the error names the prompt: `prompt[i]`.)
         let field = if several {
             format!("prompt[{i}]")
@@ -778,20 +776,16 @@ pub async fn completions(
             Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
             &field,
         )?;
-        jobs.push((ids, text, max_tokens));
+        jobs.push((ids, app.params(&req.common, max_tokens)));
     }
     // Queued as one (all or none), and run side by side.
-    let mut rxs = app.submit_many(
-        (jobs.iter())
-            .map(|(ids, _, max_tokens)| (ids.clone(), app.params(&req.common, *max_tokens)))
-            .collect(),
-        req.logprobs,
-    )?;
+    let rxs = app.submit_many(jobs, req.logprobs)?;
     let id = app.new_id("cmpl");
     let created = unix_now();
+    let mut echoes = echoes.into_iter();
     if req.common.stream {
         // (One prompt: the parser refuses a stream of several.)
-        let (Some(mut rx), Some((_, text, _))) = (rxs.pop(), jobs.pop()) else {
+        let Some(mut rx) = rxs.into_iter().next() else {
             return Err(ApiError::internal("no prompt to stream"));
         };
         let first = first_event(&mut rx).await?;
@@ -801,23 +795,20 @@ pub async fn completions(
             created,
             logprobs: req.logprobs,
             include_usage: req.common.include_usage,
-            echo: req.echo.then_some(text),
-            echoed: 0,
+            echo: echoes.next(),
         };
         return Ok(sse(first, rx, fmt));
     }
     let mut choices = Vec::with_capacity(rxs.len());
     let mut usage = Usage::default();
-    for (index, (mut rx, (_, prompt_text, _))) in rxs.into_iter().zip(jobs).enumerate() {
+    for (index, mut rx) in rxs.into_iter().enumerate() {
         let first = first_event(&mut rx).await?;
         let c = collect(first, rx).await?;
-        let echo = req.echo.then_some(prompt_text);
-        let echoed = echo.as_ref().map_or(0, |p| p.chars().count());
         let logprobs = match req.logprobs {
-            Some(_) => completion_logprobs(&app, c.tokens.iter(), echoed),
+            Some(_) => completion_logprobs(&app, &c.tokens),
             None => Value::Null,
         };
-        let text = match echo {
+        let text = match echoes.next() {
             Some(p) => p + &c.text,
             None => c.text,
         };
@@ -922,10 +913,9 @@ pub async fn tokenize(
     let pieces: Vec<Value> = tokens
         .iter()
         .map(|&id| {
-            // (The ids came from this tokenizer, so every one has a piece.)
-            let bytes = app.tok.token_to_piece(id, true).unwrap_or_default();
-            let piece = match std::str::from_utf8(bytes) {
-                Ok(s) => json!(s),
+            let (text, bytes) = app.piece(id);
+            let piece = match std::str::from_utf8(&bytes) {
+                Ok(_) => json!(text),
                 Err(_) => json!(bytes),
             };
             json!({"id": id, "piece": piece})
