@@ -99,8 +99,9 @@ pub struct ForwardState {
     /// this micro-batch's (the rest keep their memory for the next).
     rope: Vec<(Vec<f32>, Vec<f32>)>,
     rope_used: usize,
-    /// Attention scores of tiles shared between threads.
-    scores: Vec<f32>,
+    /// Softmax states of the key chunks of attention tiles shared between
+    /// threads.
+    states: Vec<RowState>,
     pub trace: Option<Trace>,
 }
 
@@ -366,7 +367,7 @@ impl Model {
                 (n, pos, seq)
             };
             let (q, attn) = (&st.q[..n * qd], &mut st.attn[..n * qd]);
-            self.attention(l, (pos, seq), caches, q, attn, &mut st.scores);
+            self.attention(l, (pos, seq), caches, q, attn, &mut st.states);
             st.trace(l, "attn", |s| &s.attn);
             let o = &mut st.o[..n * d];
             self.matmul(&layer.wo, &st.attn[..n * qd], n, o, &mut st.mm);
@@ -422,9 +423,8 @@ impl Model {
     /// (keys pos-window+1..=pos on sliding-window layers). Consecutive tokens
     /// of one sequence go in tiles of up to `MAX_ROWS` query rows (tokens ×
     /// the query heads of one KV head) that share each block of keys; an
-    /// online softmax over the blocks means no score matrix is ever built,
-    /// except for a tile shared between threads (below): its scores, at
-    /// most `MAX_ROWS` rows × the context.
+    /// online softmax over the blocks (chunk by chunk, see [`CHUNK_KEYS`])
+    /// means no score matrix is ever built.
     fn attention(
         &self,
         l: usize,
@@ -432,7 +432,7 @@ impl Model {
         caches: &[KvCache],
         q: &[f32],
         out: &mut [f32],
-        scores: &mut Vec<f32>,
+        states: &mut Vec<RowState>,
     ) {
         let c = &self.config;
         let n = pos.len();
@@ -449,10 +449,10 @@ impl Model {
             }
             i = j;
         }
-        let threads = rayon::current_num_threads();
+        let threads = rayon::current_num_threads().max(1);
         let optr = SharedOut(out.as_mut_ptr());
-        let blocks = tiles.iter().map(Tile::blocks).sum::<usize>();
-        if tiles.len() >= threads || blocks < SHARE_BLOCKS * tiles.len() {
+        let chunks = tiles.iter().map(|t| t.chunks().count()).sum::<usize>();
+        if tiles.len() >= threads || chunks < 2 * tiles.len() {
             // A tile per task (for fewer tiles than threads, over few keys,
             // one thread does a tile: a second step costs more than it saves).
             let work = |i: usize| {
@@ -484,84 +484,86 @@ impl Model {
             return;
         }
         // Fewer tiles than threads (generation: one token, one KV head):
-        // each tile's work is shared out in two steps, each thread taking
-        // a part of its key blocks for the scores, then a part of its head
-        // columns for the softmax and P·V (every thread repeating the
-        // softmax's per-row steps, which need all of a block's scores).
-        // Each thread reads a part of the cache, where splitting the query
-        // heads had each read all of it, and runs all of a tile's rows per
-        // pass (prefetching, as 4 rows do). Every score, row sum and output
-        // element is the same chain of operations in the same order as in
-        // `attend_tile`, so the results are the same bits.
-        // Against splitting the query heads, on a Zen 3 (AVX2), two
-        // threads: tg64 after 512 tokens +4% (ahead in 8 of 10 alternating
-        // runs), tg32 at depth 4000 +9% (5 of 5), a fresh tg64 unchanged
-        // (6 of 8). (On a Zen 4 an earlier version measured no faster, tg64
-        // at depths 2048 and 8000, six alternating runs each.)
+        // each tile's chunks of keys are shared out, each thread taking a
+        // run of them (about an equal share of the tile's key blocks) and
+        // computing each chunk's softmax state on its own; then each tile's
+        // chunk states are merged in chunk order. A chunk's state and the
+        // merges are the same operations, in the same order, as in
+        // `attend_tile`, so the results are the same bits on any thread
+        // count. Each thread reads its own part of the cache (keys and
+        // values), where splitting the value columns had both threads read
+        // parts of every value row and repeat the softmax's steps.
         let parts = threads.div_ceil(tiles.len());
-        let rows_kb = |t: &Tile| t.rows * KB;
-        resize(scores, tiles.iter().map(|t| t.blocks() * rows_kb(t)).sum());
-        let starts: Vec<usize> = (tiles.iter())
-            .scan(0, |at, t| {
+        let chunk_lists: Vec<Vec<std::ops::Range<usize>>> =
+            tiles.iter().map(|t| t.chunks().collect()).collect();
+        let starts: Vec<usize> = (chunk_lists.iter())
+            .scan(0, |at, ch| {
                 let s = *at;
-                *at += t.blocks() * rows_kb(t);
+                *at += ch.len();
                 Some(s)
             })
             .collect();
-        let sptr = SharedOut(scores.as_mut_ptr());
-        let part = |len: usize, k: usize| k * len / parts;
-        let score_work = |i: usize| {
+        let total: usize = chunk_lists.iter().map(Vec::len).sum();
+        if states.len() < total {
+            states.resize_with(total, RowState::default);
+        }
+        let sptr = SharedStates(states.as_mut_ptr());
+        // Part k of a tile: the chunks whose first block lies in the k-th
+        // of `parts` equal spans of its blocks.
+        let part_of =
+            |t: &Tile, ch: &std::ops::Range<usize>| (ch.start * parts / t.blocks()).min(parts - 1);
+        let work = |i: usize| {
             #[allow(clippy::redundant_locals)]
             let sptr = sptr;
-            let (t, k) = (&tiles[i / parts], i % parts);
-            let nb = t.blocks();
-            let (b0, b1) = (part(nb, k), part(nb, k + 1));
-            // SAFETY: blocks b0..b1 of tile i / parts, in that tile's own
-            // region of `scores`, belong to this task only (see SharedOut).
-            let dst = unsafe {
-                let at = starts[i / parts] + b0 * rows_kb(t);
-                std::slice::from_raw_parts_mut(sptr.0.add(at), (b1 - b0) * rows_kb(t))
-            };
-            tile_scores(c, cache(t.first), t, q, b0..b1, dst);
-        };
-        let tasks = tiles.len() * parts;
-        gemma3_kernels::pool::for_each_task(n, tasks, &score_work);
-        let scores = &scores[..];
-        let hd = c.head_dim;
-        // Column parts start on a multiple of 16 (a whole SIMD chunk of P·V).
-        let col = |k: usize| if k == parts { hd } else { part(hd, k) & !15 };
-        let pv_work = |i: usize| {
-            #[allow(clippy::redundant_locals)]
-            let optr = optr;
             let (ti, k) = (i / parts, i % parts);
             let t = &tiles[ti];
-            let mine = &scores[starts[ti]..starts[ti] + t.blocks() * rows_kb(t)];
-            let from = |b: usize, s: &mut [f32]| {
-                s.copy_from_slice(&mine[b * rows_kb(t)..(b + 1) * rows_kb(t)])
-            };
-            let (lc, cols, from) = (cache(t.first), col(k)..col(k + 1), &from);
-            vectorized!(fn(
-                c: &crate::Config,
-                lc: &crate::kv_cache::LayerCache,
-                t: &Tile,
-                cols: std::ops::Range<usize>,
-                from: &impl Fn(usize, &mut [f32]),
-                optr: SharedOut,
-            ) {
-                tile_softmax_pv(c, lc, t, cols, from, optr)
-            })
+            let lc = cache(t.first);
+            let qrows = t.queries(c, q);
+            for (j, ch) in chunk_lists[ti].iter().enumerate() {
+                if part_of(t, ch) != k {
+                    continue;
+                }
+                // SAFETY: chunk j of tile ti is this task's alone (each
+                // chunk has one part), and `states` outlives the tasks.
+                let st = unsafe { &mut *sptr.0.add(starts[ti] + j) };
+                let scores = |b: usize, s: &mut [f32]| block_scores(c, lc, t, &qrows, b, s);
+                let ch = ch.clone();
+                vectorized!(fn(
+                    c: &crate::Config,
+                    lc: &crate::kv_cache::LayerCache,
+                    t: &Tile,
+                    ch: std::ops::Range<usize>,
+                    scores: impl FnMut(usize, &mut [f32]),
+                    st: &mut RowState,
+                ) {
+                    chunk_softmax_pv(c, lc, t, ch, scores, st)
+                })
+            }
         };
-        gemma3_kernels::pool::for_each_task(n, tasks, &pv_work);
+        gemma3_kernels::pool::for_each_task(n, tiles.len() * parts, &work);
+        for (ti, t) in tiles.iter().enumerate() {
+            let mine = &states[starts[ti]..starts[ti] + chunk_lists[ti].len()];
+            vectorized!(fn(c: &crate::Config, t: &Tile, mine: &[RowState], optr: SharedOut) {
+                let mut merged = RowState::default();
+                for st in mine {
+                    merged.merge(st, t.rows, c.head_dim);
+                }
+                merged.write_out(c, t, optr);
+            })
+        }
     }
 }
 
-/// Fewest key blocks a tile needs (on average) before it is shared between
-/// threads; see `Model::attention`.
-const SHARE_BLOCKS: usize = 4;
+/// Keys per chunk of a row's attention, a multiple of the key block: the
+/// online softmax runs over each chunk (aligned to absolute positions) on
+/// its own, and the chunks' states are merged in order (see [`RowState`]),
+/// so that a generated token's chunks can be shared between threads
+/// without its bits depending on how. 128 keys: a merge (two
+/// multiplies per accumulator element) per 128 keys of multiply-adds.
+const CHUNK_KEYS: usize = 8 * KB;
 
-/// A buffer that tasks write at disjoint places: the attention output
-/// (each task its own tokens, query heads and head columns) or the scores
-/// (each task its own key blocks of its own tile).
+/// The attention output, which tasks write at disjoint places (each task
+/// its own tokens and query heads).
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
 // SAFETY: each task writes only its own places (as above), so writes never
@@ -569,6 +571,94 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedOut {}
+
+/// The chunk states of tiles shared between threads, which tasks write at
+/// disjoint places (each task its own chunks).
+#[derive(Clone, Copy)]
+struct SharedStates(*mut RowState);
+// SAFETY: each task writes only its own chunks' states, and the &mut borrow
+// of the states is held while the tasks run.
+unsafe impl Send for SharedStates {}
+// SAFETY: as above.
+unsafe impl Sync for SharedStates {}
+
+/// A tile's rows' online-softmax state over some keys: each row's running
+/// max `m`, its sum of exp(score − m), and its accumulated P·V (rows × the
+/// columns computed, `acc`).
+///
+/// Chunks merge in order: for rows where either state saw no key (max
+/// −∞) the other is taken as it is; otherwise, with M the larger max,
+/// `ca = exp(a.m − M)` and `cb = exp(b.m − M)` (1 where equal),
+/// `sum = fma(b.sum, cb, a.sum · ca)` and each `acc = fma(b.acc, cb, a.acc ·
+/// ca)`.
+#[derive(Default)]
+struct RowState {
+    m: [f32; MAX_ROWS],
+    sum: [f32; MAX_ROWS],
+    acc: Vec<f32>,
+}
+
+impl RowState {
+    /// No keys seen yet, for `rows` rows of `w` columns.
+    fn reset(&mut self, rows: usize, w: usize) {
+        self.m = [f32::NEG_INFINITY; MAX_ROWS];
+        self.sum = [0.0; MAX_ROWS];
+        self.acc.clear();
+        self.acc.resize(rows * w, 0.0);
+    }
+
+    /// `self` followed by `b` (a later chunk), for `rows` rows of `w`
+    /// columns; a `self` never reset takes `b` as it is. (Inlined into
+    /// callers built with the vector units' features: compiled alone for
+    /// the baseline x86-64, its `mul_add`s were calls to a software fma.)
+    #[inline(always)]
+    fn merge(&mut self, b: &RowState, rows: usize, w: usize) {
+        if self.acc.len() != rows * w {
+            self.reset(rows, w);
+        }
+        for r in 0..rows {
+            let (am, bm) = (self.m[r], b.m[r]);
+            let (acc, bacc) = (
+                &mut self.acc[r * w..(r + 1) * w],
+                &b.acc[r * w..(r + 1) * w],
+            );
+            if bm == f32::NEG_INFINITY {
+                continue;
+            }
+            if am == f32::NEG_INFINITY {
+                self.m[r] = bm;
+                self.sum[r] = b.sum[r];
+                acc.copy_from_slice(bacc);
+                continue;
+            }
+            let mx = am.max(bm);
+            let ca = if am == mx { 1.0 } else { (am - mx).exp() };
+            let cb = if bm == mx { 1.0 } else { (bm - mx).exp() };
+            self.m[r] = mx;
+            self.sum[r] = b.sum[r].mul_add(cb, self.sum[r] * ca);
+            for (a, &bv) in acc.iter_mut().zip(bacc) {
+                *a = bv.mul_add(cb, *a * ca);
+            }
+        }
+    }
+
+    /// The tile's rows' outputs: acc / sum.
+    #[inline(always)]
+    fn write_out(&self, c: &crate::Config, t: &Tile, out: SharedOut) {
+        let (qd, hd) = (c.q_dim(), c.head_dim);
+        for r in 0..t.rows {
+            let (tok, h) = (r / t.group, r % t.group);
+            let inv = 1.0 / self.sum[r];
+            let at = (t.first + tok) * qd + (t.g * t.group + h) * hd;
+            // SAFETY: row (first + tok, head g·group + h) of the n × qd
+            // output belongs to this task only (see SharedOut).
+            let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), hd) };
+            for (o, &a) in o.iter_mut().zip(&self.acc[r * hd..(r + 1) * hd]) {
+                *o = a * inv;
+            }
+        }
+    }
+}
 
 /// Most query rows per attention tile.
 const MAX_ROWS: usize = gemma3_kernels::simd::MAX_ROWS;
@@ -642,6 +732,23 @@ impl<'a> Tile<'a> {
         (self.hi_max - self.start) / KB + 1
     }
 
+    /// The tile's blocks chunk by chunk ([`CHUNK_KEYS`], aligned to
+    /// absolute positions), in order.
+    fn chunks(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        let nb = self.blocks();
+        let mut b = 0;
+        std::iter::from_fn(move || {
+            if b >= nb {
+                return None;
+            }
+            let next = (self.base(b) / CHUNK_KEYS + 1) * CHUNK_KEYS;
+            let end = ((next - self.start) / KB).min(nb);
+            let ch = b..end;
+            b = end;
+            Some(ch)
+        })
+    }
+
     /// First key of block b.
     fn base(&self, b: usize) -> usize {
         self.start + b * KB
@@ -696,7 +803,7 @@ fn attend_tile(
 ) {
     let qrows = t.queries(c, q);
     let scores = |b: usize, s: &mut [f32]| block_scores(c, lc, t, &qrows, b, s);
-    tile_softmax_pv(c, lc, t, 0..c.head_dim, scores, out);
+    tile_softmax_pv(c, lc, t, scores, out);
 }
 
 /// The largest of `s[j0..=j1]` (−∞ for an empty range): the keys outside
@@ -744,48 +851,46 @@ fn block_scores(
     );
 }
 
-/// Scores of a tile's rows against its key blocks `blocks`: block b's rows
-/// × KB (row-major) at `dst[(b − blocks.start)·rows·KB..]`.
-fn tile_scores(
-    c: &crate::Config,
-    lc: &crate::kv_cache::LayerCache,
-    t: &Tile,
-    q: &[f32],
-    blocks: std::ops::Range<usize>,
-    dst: &mut [f32],
-) {
-    if blocks.is_empty() {
-        return;
-    }
-    let qrows = t.queries(c, q);
-    for (b, s) in blocks.zip(dst.chunks_exact_mut(t.rows * KB)) {
-        block_scores(c, lc, t, &qrows, b, s);
-    }
-}
-
 /// The online softmax and P·V of a tile's rows over its key blocks in
-/// order, for head columns `cols`, with block b's rows × KB scores from
-/// `scores(b, s)`; writes those columns of the rows' outputs.
+/// order, with block b's rows × KB scores from `scores(b, s)`: chunk by
+/// chunk ([`Tile::chunks`]), each chunk's state merged into the rows' in
+/// order; writes the rows' outputs.
 #[inline(always)]
 fn tile_softmax_pv(
     c: &crate::Config,
     lc: &crate::kv_cache::LayerCache,
     t: &Tile,
-    cols: std::ops::Range<usize>,
     mut scores: impl FnMut(usize, &mut [f32]),
     out: SharedOut,
 ) {
-    let ops = gemma3_kernels::simd::f16_best();
-    let (hd, qd, kvd) = (c.head_dim, c.q_dim(), c.kv_dim());
-    let (rows, w) = (t.rows, cols.len());
-    if w == 0 {
-        return;
+    let (mut total, mut part) = (RowState::default(), RowState::default());
+    for ch in t.chunks() {
+        chunk_softmax_pv(c, lc, t, ch, &mut scores, &mut part);
+        total.merge(&part, t.rows, c.head_dim);
     }
-    let mut acc = vec![0.0f32; rows * w];
-    let mut m = [f32::NEG_INFINITY; MAX_ROWS];
-    let mut sum = [0.0f32; MAX_ROWS];
+    total.write_out(c, t, out);
+}
+
+/// One chunk's online softmax and P·V (its blocks `blocks`, within one
+/// chunk), from no keys seen, into `st`: per block, each row takes its
+/// scores, raises its running max, rescales its sum and accumulator when
+/// the max grew, adds exp(score − max) in key order, and accumulates P·V
+/// in key order.
+#[inline(always)]
+fn chunk_softmax_pv(
+    c: &crate::Config,
+    lc: &crate::kv_cache::LayerCache,
+    t: &Tile,
+    blocks: std::ops::Range<usize>,
+    mut scores: impl FnMut(usize, &mut [f32]),
+    st: &mut RowState,
+) {
+    let ops = gemma3_kernels::simd::f16_best();
+    let (hd, kvd) = (c.head_dim, c.kv_dim());
+    let (rows, w) = (t.rows, hd);
+    st.reset(rows, w);
     let mut s = [0.0f32; MAX_ROWS * KB];
-    for b in 0..t.blocks() {
+    for b in blocks {
         let base = t.base(b);
         scores(b, &mut s[..rows * KB]);
         // Keys of this block any row wants: jmin..=jmax; row r's own are
@@ -815,20 +920,22 @@ fn tile_softmax_pv(
                 srow.fill(0.0);
                 continue;
             }
-            let new_m = m[r].max(bm[r]);
+            let new_m = st.m[r].max(bm[r]);
             // exp(0) is exactly 1 (the common case once the max settles).
-            let corr = if new_m == m[r] && new_m.is_finite() {
+            let corr = if new_m == st.m[r] && new_m.is_finite() {
                 1.0
             } else {
-                (m[r] - new_m).exp()
+                (st.m[r] - new_m).exp()
             };
-            m[r] = new_m;
-            sum[r] *= corr;
+            st.m[r] = new_m;
+            st.sum[r] *= corr;
             (ops.exp_sub)(srow, new_m);
             srow[..j0].fill(0.0);
             srow[j1 + 1..].fill(0.0);
             if corr != 1.0 {
-                acc[r * w..(r + 1) * w].iter_mut().for_each(|v| *v *= corr);
+                st.acc[r * w..(r + 1) * w]
+                    .iter_mut()
+                    .for_each(|v| *v *= corr);
             }
         }
         // Each row adds its block's probabilities in key order (the zeros
@@ -836,7 +943,7 @@ fn tile_softmax_pv(
         // one row at a time, each add waited on the previous one.
         for j in 0..KB {
             for r in 0..rows {
-                sum[r] += s[r * KB + j];
+                st.sum[r] += s[r * KB + j];
             }
         }
         if jmin <= jmax {
@@ -845,27 +952,16 @@ fn tile_softmax_pv(
             let s0 = lc.slot(base);
             let mut offs = [0usize; KB];
             for j in jmin..=jmax {
-                offs[j - jmin] = (s0 + j) * kvd + t.g * hd + cols.start;
+                offs[j - jmin] = (s0 + j) * kvd + t.g * hd;
             }
             (ops.pv)(
-                &mut acc,
+                &mut st.acc,
                 &s[jmin..],
                 &lc.v,
                 &offs[..=jmax - jmin],
                 w,
                 t.ahead(b, kvd),
             );
-        }
-    }
-    for r in 0..rows {
-        let (tok, h) = (r / t.group, r % t.group);
-        let inv = 1.0 / sum[r];
-        let at = (t.first + tok) * qd + (t.g * t.group + h) * hd + cols.start;
-        // SAFETY: columns `cols` of row (first + tok, head g·group + h) of
-        // the n × qd output belong to this task only (see SharedOut).
-        let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), w) };
-        for (o, &a) in o.iter_mut().zip(&acc[r * w..(r + 1) * w]) {
-            *o = a * inv;
         }
     }
 }

@@ -323,8 +323,8 @@ fn decoding_token_by_token_equals_one_batched_prefill() {
 }
 
 /// With one KV head, a decoded token's attention is a single tile, which
-/// several threads share (its key blocks for the scores, then its head
-/// columns for the softmax and P·V). Its bits must not depend on the
+/// several threads share (each a run of its chunks of keys, whose softmax
+/// states are then merged in order). Its bits must not depend on the
 /// thread count, and must equal those of a one-thread
 /// batched prefill (where tiles of 4 tokens take every block in turn), on
 /// global and sliding-window layers alike, past the window ring's wrap (560
