@@ -453,8 +453,10 @@ impl Model {
         let optr = SharedOut(out.as_mut_ptr());
         let chunks = tiles.iter().map(|t| t.chunks().count()).sum::<usize>();
         if tiles.len() >= threads || chunks < 2 * tiles.len() {
-            // A tile per task (for fewer tiles than threads, over few keys,
-            // one thread does a tile: a second step costs more than it saves).
+            // A tile per task (for fewer tiles than threads, over fewer than
+            // two chunks of keys each, one thread does a tile: sharing one
+            // chunk is not possible, and the fork, join and merge would
+            // cost more than it saves).
             let work = |i: usize| {
                 #[allow(clippy::redundant_locals)]
                 let optr = optr;
@@ -508,10 +510,12 @@ impl Model {
             states.resize_with(total, RowState::default);
         }
         let sptr = SharedStates(states.as_mut_ptr());
-        // Part k of a tile: the chunks whose first block lies in the k-th
-        // of `parts` equal spans of its blocks.
-        let part_of =
-            |t: &Tile, ch: &std::ops::Range<usize>| (ch.start * parts / t.blocks()).min(parts - 1);
+        // Part k of a tile: the chunks whose middle lies in the k-th of
+        // `parts` equal spans of its blocks (by its first block, a short
+        // last chunk and the one before it went to the same part).
+        let part_of = |t: &Tile, ch: &std::ops::Range<usize>| {
+            ((ch.start + ch.end) * parts / (2 * t.blocks())).min(parts - 1)
+        };
         let work = |i: usize| {
             #[allow(clippy::redundant_locals)]
             let sptr = sptr;
@@ -587,7 +591,7 @@ unsafe impl Sync for SharedStates {}
 /// columns computed, `acc`).
 ///
 /// Chunks merge in order: for rows where either state saw no key (max
-/// −∞) the other is taken as it is; otherwise, with M the larger max,
+/// −∞ and sum 0) the other is taken as it is; otherwise, with M the larger max,
 /// `ca = exp(a.m − M)` and `cb = exp(b.m − M)` (1 where equal),
 /// `sum = fma(b.sum, cb, a.sum · ca)` and each `acc = fma(b.acc, cb, a.acc ·
 /// ca)`.
@@ -608,7 +612,7 @@ impl RowState {
     }
 
     /// `self` followed by `b` (a later chunk), for `rows` rows of `w`
-    /// columns; a `self` never reset takes `b` as it is. (Inlined into
+    /// columns; a `self` never reset starts with no keys seen. (Inlined into
     /// callers built with the vector units' features: compiled alone for
     /// the baseline x86-64, its `mul_add`s were calls to a software fma.)
     #[inline(always)]
@@ -622,10 +626,13 @@ impl RowState {
                 &mut self.acc[r * w..(r + 1) * w],
                 &b.acc[r * w..(r + 1) * w],
             );
-            if bm == f32::NEG_INFINITY {
+            // No keys seen: max −∞ and a zero sum (a chunk whose scores
+            // were all NaN also has max −∞, but a NaN sum, and goes on to
+            // make the row's output NaN).
+            if bm == f32::NEG_INFINITY && b.sum[r] == 0.0 {
                 continue;
             }
-            if am == f32::NEG_INFINITY {
+            if am == f32::NEG_INFINITY && self.sum[r] == 0.0 {
                 self.m[r] = bm;
                 self.sum[r] = b.sum[r];
                 acc.copy_from_slice(bacc);
@@ -674,8 +681,10 @@ const KB: usize = gemma3_kernels::simd::KEY_BLOCK;
 /// outside it; per block it takes its scores (fma chains over the head
 /// dimension), raises its running max, rescales its sum and accumulator
 /// when the max grew, adds exp(score − max) in key order, and accumulates
-/// P·V in key order. Keys that other rows of the tile need get weight 0 for
-/// this row, which leaves its sums unchanged.
+/// P·V in key order. This online softmax starts afresh at each chunk of
+/// [`CHUNK_KEYS`] (aligned to absolute positions), and the chunks' states
+/// are merged in order ([`RowState`]). Keys that other rows of the tile
+/// need get weight 0 for this row, which leaves its sums unchanged.
 struct Tile<'a> {
     pos: &'a [usize],
     first: usize,
@@ -1062,6 +1071,42 @@ fn apply_rope(x: &mut [f32], table: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Chunk states merged in order, against the softmax worked by hand:
+    /// a row over two chunks (max 1, sum 2, then max 3, sum 1) weighs the
+    /// first by e^−2; a chunk that saw no key changes nothing, before or
+    /// after; a chunk whose scores were all NaN (max −∞, sum NaN) makes
+    /// the row NaN instead of passing for one with no keys.
+    #[test]
+    fn chunk_states_merge_as_one_softmax() {
+        let (rows, w) = (2, 3);
+        let state = |m: [f32; 2], sum: [f32; 2], acc: [f32; 6]| {
+            let mut s = RowState::default();
+            s.reset(rows, w);
+            s.m[..2].copy_from_slice(&m);
+            s.sum[..2].copy_from_slice(&sum);
+            s.acc.copy_from_slice(&acc);
+            s
+        };
+        let ninf = f32::NEG_INFINITY;
+        let empty = state([ninf; 2], [0.0; 2], [0.0; 6]);
+        let a = state([1.0, ninf], [2.0, 0.0], [1.0, 2.0, 3.0, 0.0, 0.0, 0.0]);
+        let b = state([3.0, ninf], [1.0, f32::NAN], [4.0, 5.0, 6.0, 0.0, 0.0, 0.0]);
+        let mut merged = RowState::default();
+        for s in [&empty, &a, &empty, &b, &empty] {
+            merged.merge(s, rows, w);
+        }
+        let e = (-2.0f64).exp();
+        assert_eq!(merged.m[0], 3.0);
+        assert!((merged.sum[0] as f64 - (1.0 + 2.0 * e)).abs() < 1e-6);
+        for (c, want) in [4.0 + e, 5.0 + 2.0 * e, 6.0 + 3.0 * e]
+            .into_iter()
+            .enumerate()
+        {
+            assert!((merged.acc[c] as f64 - want).abs() < 1e-5, "column {c}");
+        }
+        assert!(merged.sum[1].is_nan(), "an all-NaN chunk must not vanish");
+    }
 
     /// `range_max` against the plain fold over the range, for every range
     /// of a block (empty ones included) and scores with ties, negative
