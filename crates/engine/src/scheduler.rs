@@ -527,13 +527,13 @@ impl<'a> Worker<'a> {
             Msg::Request(r, t) => self.waiting.push_back((r, t)),
             Msg::CancelAll => {
                 for (mut r, _) in std::mem::take(&mut self.waiting) {
-                    r.events.send(Event::Error(RequestError::Shutdown));
                     self.finished(false);
+                    r.events.send(Event::Error(RequestError::Shutdown));
                 }
                 for i in 0..self.slots.len() {
                     if let Some(mut job) = self.slots[i].job.take() {
-                        job.events.send(Event::Error(RequestError::Shutdown));
                         self.release(i);
+                        job.events.send(Event::Error(RequestError::Shutdown));
                     }
                 }
             }
@@ -559,7 +559,12 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// A request left the system (`active`: it held a slot).
+    /// A request left the system (`active`: it held a slot). Called before
+    /// the request's last event is sent: a client that sends its next
+    /// request as soon as it has the answer must find the place free (sent
+    /// first, a sequential client's next request was sometimes refused as
+    /// over the queue limit while the scheduler had not yet counted the
+    /// last one out).
     fn finished(&self, active: bool) {
         if active {
             self.shared.active.fetch_sub(1, Ordering::SeqCst);
@@ -598,8 +603,8 @@ impl<'a> Worker<'a> {
                 return;
             };
             if let Err(e) = self.validate(&req) {
-                req.events.send(Event::Error(e));
                 self.finished(false);
+                req.events.send(Event::Error(e));
                 continue;
             }
             let now = Instant::now();
@@ -609,12 +614,12 @@ impl<'a> Worker<'a> {
                 ..Usage::default()
             };
             if req.params.max_tokens == 0 {
+                self.finished(false);
                 req.events.send(Event::Done {
                     finish: FinishReason::Length,
                     text: String::new(),
                     usage,
                 });
-                self.finished(false);
                 continue;
             }
             let (i, kept) = self.place(&req.prompt);
@@ -754,9 +759,9 @@ impl<'a> Worker<'a> {
                 for i in hit {
                     self.slots[i].tokens.clear();
                     if let Some(mut job) = self.slots[i].job.take() {
+                        self.release(i);
                         job.events
                             .send(Event::Error(RequestError::Model(e.to_string())));
-                        self.release(i);
                     }
                 }
                 return;
@@ -796,11 +801,11 @@ impl<'a> Worker<'a> {
             let s = &mut self.slots[i];
             let Some(job) = s.job.as_mut() else { continue };
             if !p.finite {
+                let mut job = s.job.take().expect("the job just borrowed");
+                self.release(i);
                 job.events.send(Event::Error(RequestError::Model(
                     crate::session::NON_FINITE.into(),
                 )));
-                s.job = None;
-                self.release(i);
                 continue;
             }
             let before = job.generated;
@@ -813,7 +818,9 @@ impl<'a> Worker<'a> {
                     self.release(i);
                 }
                 Some(End::Finish(finish, text)) => {
-                    if let Some(mut job) = s.job.take() {
+                    let job = s.job.take();
+                    self.release(i);
+                    if let Some(mut job) = job {
                         let now = Instant::now();
                         job.usage.completion_tokens = job.generated;
                         job.usage.gen_time = now.duration_since(job.t_first.unwrap_or(now));
@@ -823,7 +830,6 @@ impl<'a> Worker<'a> {
                             usage: job.usage,
                         });
                     }
-                    self.release(i);
                 }
             }
         }

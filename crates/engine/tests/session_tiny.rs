@@ -176,3 +176,64 @@ fn non_finite_logits_end_with_an_error() {
     drop(sched);
     thread.join().unwrap();
 }
+
+/// A request's place is free by the time its last event (done or error) is
+/// sent, so a client that sends its next request as soon as it has the
+/// answer is never refused as over the limit. The sink looks at the
+/// scheduler's counts when the last event arrives, on the scheduler's own
+/// thread, for each way a request ends: generated to its length, asked for
+/// no tokens, and refused as invalid. (Sent before the place was freed, a
+/// sequential client's next request was sometimes a 429 in the server tests.)
+#[test]
+fn a_request_has_left_the_queue_when_its_last_event_arrives() {
+    use gemma3_engine::scheduler::{Event, Request, Scheduler, SchedulerConfig};
+    use std::sync::{mpsc, Arc};
+    let spec = TinySpec::default();
+    let tok = {
+        let f = GgufFile::from_bytes(tiny_writer(&spec).0.to_bytes()).unwrap();
+        gemma3_engine::tokenizer_from_gguf(&f).unwrap()
+    };
+    let cfg = SchedulerConfig {
+        parallel: 1,
+        ctx: 64,
+        max_queue: 0,
+        prefill_chunk: 256,
+    };
+    let (sched, thread) = Scheduler::start(Arc::new(model()), Arc::new(tok), cfg).unwrap();
+    let params = |max_tokens| GenerateParams {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop_strings: vec![],
+        stop_tokens: vec![],
+    };
+    let cases = [
+        ("generated to its length", tokens(5, 6), params(3)),
+        ("no tokens asked for", tokens(6, 6), params(0)),
+        ("a prompt over the context", tokens(7, 65), params(3)),
+    ];
+    for (label, prompt, params) in cases {
+        let (tx, rx) = mpsc::channel();
+        let seen = sched.clone();
+        sched
+            .submit(Request {
+                prompt,
+                params,
+                logprobs: None,
+                events: Box::new(move |ev: Event| {
+                    if matches!(ev, Event::Token { .. }) {
+                        return true;
+                    }
+                    let s = seen.stats();
+                    tx.send((ev, s.active + s.waiting)).is_ok()
+                }),
+            })
+            .unwrap();
+        let (ev, in_system) = rx.recv().unwrap();
+        assert_eq!(
+            in_system, 0,
+            "{label}: still counted at its last event {ev:?}"
+        );
+    }
+    drop(sched);
+    thread.join().unwrap();
+}
