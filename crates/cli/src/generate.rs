@@ -57,6 +57,7 @@ pub struct SamplingArgs {
 }
 
 #[derive(Args)]
+#[group(id = "input", required = true, multiple = false, args = ["prompt", "prompt_flag", "file"])]
 pub struct RunArgs {
     #[command(flatten)]
     pub s: SamplingArgs,
@@ -66,7 +67,33 @@ pub struct RunArgs {
     /// Do not print the timing line on stderr.
     #[arg(long)]
     pub quiet: bool,
-    pub prompt: String,
+    /// The prompt (or give it with -p, or read it with -f).
+    pub prompt: Option<String>,
+    /// The prompt, as llama-cli takes it.
+    #[arg(short = 'p', long = "prompt", value_name = "PROMPT")]
+    pub prompt_flag: Option<String>,
+    /// Read the prompt from FILE ("-": standard input), as llama-cli's -f.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The prompt from whichever of PROMPT, -p and -f was given (clap lets
+    /// exactly one through).
+    fn prompt_text(&self) -> Result<String> {
+        if let Some(p) = self.prompt.as_ref().or(self.prompt_flag.as_ref()) {
+            return Ok(p.clone());
+        }
+        let path = self.file.as_ref().context("no prompt given")?;
+        if path.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("reading the prompt from standard input")?;
+            return Ok(text);
+        }
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading the prompt from {}", path.display()))
+    }
 }
 
 #[derive(Args)]
@@ -224,16 +251,17 @@ fn timing_line(g: &gemma3_engine::Generation) -> String {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
+    let prompt_text = a.prompt_text()?;
     let (model, tok) = a.s.load()?;
     let params = a.s.params(&tok, !a.raw)?;
     let prompt = if a.raw {
-        tok.encode(&a.prompt, true, false)
+        tok.encode(&prompt_text, true, false)
     } else {
         let mut msgs = Vec::new();
         if let Some(s) = &a.s.system {
             msgs.push(Message::new(Role::System, s.clone()));
         }
-        msgs.push(Message::new(Role::User, a.prompt.clone()));
+        msgs.push(Message::new(Role::User, prompt_text.clone()));
         tok.encode(&render_chat(&msgs, true)?, false, true)
     };
     let mut session = Session::try_new(&model, a.s.ctx_for(&model))?;

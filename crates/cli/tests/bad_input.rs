@@ -183,6 +183,23 @@ fn a_missing_file_is_named() {
     fails_with(&["tokenize", "hi"], Some(&p), &["does-not-exist.gguf"]);
 }
 
+/// `run -f` with a prompt file that is not there names the file (exit 1),
+/// before any model is read; two prompts at once (an argument and -p) are
+/// a usage error (exit 2), as clap reports them.
+#[test]
+fn a_missing_prompt_file_is_named() {
+    let p = temp_path("no-such-prompt.txt");
+    let model = temp_path("no-model-needed.gguf");
+    fails_with(
+        &["run", "-f", p.to_str().unwrap()],
+        Some(&model),
+        &["reading the prompt", "no-such-prompt.txt"],
+    );
+    let (out, _, stderr) = run(gemma3().args(["run", "-p", "a", "b"]));
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
+
 #[test]
 fn another_architecture_is_named() {
     let p = write_tiny(

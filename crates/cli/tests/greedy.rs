@@ -165,11 +165,32 @@ fn cli_run_raw_greedy_prints_llama_cpp_text() {
             prefix_chars[decisive - 1] as usize
         };
         let expected: String = case["text"].as_str().unwrap().chars().take(chars).collect();
-        let (out, stdout, stderr) = run(gemma3()
-            .args(["run", "--model"])
-            .arg(&path)
-            .args(["--raw", "--temp", "0", "-n", "32", "--quiet", prompt]));
-        assert!(out.status.success(), "gemma3 run failed: {stderr}");
+        // The prompt as an argument, with llama-cli's -p, and from a file
+        // with its -f: the same text each way.
+        let file =
+            std::env::temp_dir().join(format!("gemma3-greedy-prompt-{}-{i}", std::process::id()));
+        std::fs::write(&file, prompt).unwrap();
+        let forms: [Vec<std::ffi::OsString>; 3] = [
+            vec![prompt.into()],
+            vec!["-p".into(), prompt.into()],
+            vec!["-f".into(), file.clone().into()],
+        ];
+        let mut outputs = Vec::new();
+        for form in forms {
+            let (out, stdout, stderr) = run(gemma3()
+                .args(["run", "--model"])
+                .arg(&path)
+                .args(["--raw", "--temp", "0", "-n", "32", "--quiet"])
+                .args(&form));
+            assert!(out.status.success(), "gemma3 run {form:?} failed: {stderr}");
+            outputs.push(stdout);
+        }
+        std::fs::remove_file(&file).ok();
+        let stdout = outputs[0].clone();
+        assert!(
+            outputs.iter().all(|o| *o == stdout),
+            "{prompt:?}: the prompt as an argument, -p and -f differ: {outputs:?}"
+        );
         assert!(
             stdout.starts_with(&expected),
             "{prompt:?}: the output does not start with llama.cpp's first {decisive} tokens\n  \
