@@ -526,15 +526,11 @@ impl<'a> Worker<'a> {
         match m {
             Msg::Request(r, t) => self.waiting.push_back((r, t)),
             Msg::CancelAll => {
-                for (mut r, _) in std::mem::take(&mut self.waiting) {
-                    self.finished(false);
-                    r.events.send(Event::Error(RequestError::Shutdown));
+                for (r, _) in std::mem::take(&mut self.waiting) {
+                    self.end_waiting(r, Event::Error(RequestError::Shutdown));
                 }
                 for i in 0..self.slots.len() {
-                    if let Some(mut job) = self.slots[i].job.take() {
-                        self.release(i);
-                        job.events.send(Event::Error(RequestError::Shutdown));
-                    }
+                    self.end_slot(i, |_| Event::Error(RequestError::Shutdown));
                 }
             }
         }
@@ -573,6 +569,23 @@ impl<'a> Worker<'a> {
         self.shared.requests_done.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// End waiting request `r` with its last event `ev`, counted out first
+    /// (see `finished`).
+    fn end_waiting(&self, mut r: Request, ev: Event) {
+        self.finished(false);
+        r.events.send(ev);
+    }
+
+    /// End slot `i`'s job, if it has one, with the last event `ev` makes
+    /// of it, the slot freed first (see `finished`).
+    fn end_slot(&mut self, i: usize, ev: impl FnOnce(&mut Job) -> Event) {
+        if let Some(mut job) = self.slots[i].job.take() {
+            self.release(i);
+            let ev = ev(&mut job);
+            job.events.send(ev);
+        }
+    }
+
     /// Free slot `i` (its job already taken); its tokens stay for reuse.
     fn release(&mut self, i: usize) {
         self.slots[i].last_used = self.clock;
@@ -599,12 +612,11 @@ impl<'a> Worker<'a> {
     /// Move waiting requests into free slots, oldest first.
     fn admit(&mut self) {
         while self.slots.iter().any(|s| s.job.is_none()) {
-            let Some((mut req, t_submit)) = self.waiting.pop_front() else {
+            let Some((req, t_submit)) = self.waiting.pop_front() else {
                 return;
             };
             if let Err(e) = self.validate(&req) {
-                self.finished(false);
-                req.events.send(Event::Error(e));
+                self.end_waiting(req, Event::Error(e));
                 continue;
             }
             let now = Instant::now();
@@ -614,12 +626,12 @@ impl<'a> Worker<'a> {
                 ..Usage::default()
             };
             if req.params.max_tokens == 0 {
-                self.finished(false);
-                req.events.send(Event::Done {
+                let done = Event::Done {
                     finish: FinishReason::Length,
                     text: String::new(),
                     usage,
-                });
+                };
+                self.end_waiting(req, done);
                 continue;
             }
             let (i, kept) = self.place(&req.prompt);
@@ -758,11 +770,7 @@ impl<'a> Worker<'a> {
                 hit.dedup();
                 for i in hit {
                     self.slots[i].tokens.clear();
-                    if let Some(mut job) = self.slots[i].job.take() {
-                        self.release(i);
-                        job.events
-                            .send(Event::Error(RequestError::Model(e.to_string())));
-                    }
+                    self.end_slot(i, |_| Event::Error(RequestError::Model(e.to_string())));
                 }
                 return;
             }
@@ -801,11 +809,9 @@ impl<'a> Worker<'a> {
             let s = &mut self.slots[i];
             let Some(job) = s.job.as_mut() else { continue };
             if !p.finite {
-                let mut job = s.job.take().expect("the job just borrowed");
-                self.release(i);
-                job.events.send(Event::Error(RequestError::Model(
-                    crate::session::NON_FINITE.into(),
-                )));
+                self.end_slot(i, |_| {
+                    Event::Error(RequestError::Model(crate::session::NON_FINITE.into()))
+                });
                 continue;
             }
             let before = job.generated;
@@ -818,18 +824,16 @@ impl<'a> Worker<'a> {
                     self.release(i);
                 }
                 Some(End::Finish(finish, text)) => {
-                    let job = s.job.take();
-                    self.release(i);
-                    if let Some(mut job) = job {
+                    self.end_slot(i, |job| {
                         let now = Instant::now();
                         job.usage.completion_tokens = job.generated;
                         job.usage.gen_time = now.duration_since(job.t_first.unwrap_or(now));
-                        job.events.send(Event::Done {
+                        Event::Done {
                             finish,
                             text,
-                            usage: job.usage,
-                        });
-                    }
+                            usage: std::mem::take(&mut job.usage),
+                        }
+                    });
                 }
             }
         }
