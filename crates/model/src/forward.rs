@@ -451,8 +451,9 @@ impl Model {
         }
         let threads = rayon::current_num_threads().max(1);
         let optr = SharedOut(out.as_mut_ptr());
-        let chunks = tiles.iter().map(|t| t.chunks().count()).sum::<usize>();
-        if tiles.len() >= threads || chunks < 2 * tiles.len() {
+        let few_chunks =
+            || tiles.iter().map(|t| t.chunks().count()).sum::<usize>() < 2 * tiles.len();
+        if tiles.len() >= threads || few_chunks() {
             // A tile per task (for fewer tiles than threads, over fewer than
             // two chunks of keys each, one thread does a tile: sharing one
             // chunk is not possible, and the fork, join and merge would

@@ -329,13 +329,16 @@ fn decoding_token_by_token_equals_one_batched_prefill() {
 /// batched prefill (where tiles of 4 tokens take every block in turn), on
 /// global and sliding-window layers alike, past the window ring's wrap (560
 /// positions > 8 + 512 slots), for head widths of whole 16-lane chunks and
-/// with a tail (40).
+/// with a tail (40). With a window of 200 the sliding-window layers span
+/// two or three chunks of 128 keys, so they are shared too, across their
+/// ring's wrap (800 positions > 200 + 512 slots).
 #[test]
 fn one_kv_head_decode_on_any_thread_count_equals_the_prefill() {
-    for (head_dim, n) in [(32, 560), (40, 60)] {
+    for (head_dim, n, window) in [(32, 560, 8), (40, 60, 8), (32, 800, 200)] {
         let spec = TinySpec {
             n_kv_heads: 1,
             head_dim,
+            sliding_window: window,
             ..TinySpec::default()
         };
         one_kv_head_case(&spec, n);
