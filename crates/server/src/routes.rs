@@ -561,21 +561,27 @@ struct ChatStream {
     include_usage: bool,
 }
 
+/// Chat's `logprobs.content` entries for `tokens` (those that carry one).
+fn chat_logprobs(app: &App, tokens: &[GenToken]) -> Vec<Value> {
+    tokens
+        .iter()
+        .filter_map(|t| t.logprob.map(|lp| app.chat_logprob(t.id, lp, &t.top)))
+        .collect()
+}
+
 impl ChatStream {
     /// The `logprobs` of a chunk for `tokens` (null when not asked for or none).
     fn logprobs(&self, tokens: &[GenToken]) -> Value {
-        let content: Vec<Value> = tokens
-            .iter()
-            .filter_map(|t| t.logprob.map(|lp| self.app.chat_logprob(t.id, lp, &t.top)))
-            .collect();
-        if !self.logprobs || content.is_empty() {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        let content = chat_logprobs(&self.app, tokens);
+        if content.is_empty() {
             return Value::Null;
         }
         json!({ "content": content })
     }
-}
 
-impl ChatStream {
     fn chunk(&self, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
         json!({
             "id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -697,9 +703,7 @@ pub async fn chat(
     }
     let c = collect(first, rx).await?;
     let logprobs = match req.logprobs {
-        Some(_) => json!({"content": c.tokens.iter().filter_map(|t| {
-            t.logprob.map(|lp| app.chat_logprob(t.id, lp, &t.top))
-        }).collect::<Vec<_>>()}),
+        Some(_) => json!({ "content": chat_logprobs(&app, &c.tokens) }),
         None => Value::Null,
     };
     Ok(json_response(
