@@ -228,7 +228,8 @@ pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
                     if g == 0 {
                         continue;
                     }
-                    let ctx = (depth + g + 1).min(ctx_len);
+                    // Positions 0..depth + g (checked against the context above).
+                    let ctx = depth + g;
                     let mut cache = KvCache::try_new(&model.config, ctx)?;
                     let mut st = ForwardState::new();
                     let mut tps = Vec::new();
@@ -252,19 +253,15 @@ pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
                         }
                         tps.push(g as f64 / t0.elapsed().as_secs_f64());
                     }
-                    let kv_bytes = (depth + g / 2) as u64
-                        * model.config.kv_dim() as u64
-                        * 2
-                        * 2
-                        * model
-                            .layers
-                            .iter()
-                            .map(|l| if l.is_global { 1 } else { 0 })
-                            .sum::<u64>()
-                        + (depth + g / 2).min(model.config.sliding_window) as u64
-                            * model.config.kv_dim() as u64
-                            * 4
-                            * model.layers.iter().filter(|l| !l.is_global).count() as u64;
+                    // The cache read at the run's middle position: K and V in f16
+                    // for every position on global layers, the window's on the others.
+                    let per_position = model.config.kv_dim() as u64 * 2 * 2;
+                    let global = model.layers.iter().filter(|l| l.is_global).count() as u64;
+                    let local = model.layers.len() as u64 - global;
+                    let middle = depth + g / 2;
+                    let kv_bytes = per_position
+                        * (global * middle as u64
+                            + local * middle.min(model.config.sliding_window) as u64);
                     let bytes = model.bytes_per_token() + kv_bytes;
                     let mut r = BenchResult::new(format!("tg{g}"), t, depth, g, &mut tps, kernels);
                     r.bytes_per_token = Some(bytes);
