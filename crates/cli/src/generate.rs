@@ -171,10 +171,7 @@ impl SamplingArgs {
         let base = SamplingParams::chat_default();
         let seed = match self.seed {
             Some(Seed::Fixed(s)) => s,
-            None | Some(Seed::Random) => std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0),
+            None | Some(Seed::Random) => gemma3_engine::sampler::random_seed(),
         };
         let sampling = SamplingParams {
             temperature: self.temp.unwrap_or(base.temperature),

@@ -134,6 +134,21 @@ impl SamplingParams {
     }
 }
 
+/// A seed for a request that asked for a random one (`-1`, or none given):
+/// the clock's nanoseconds, mixed with a process-wide count so that two
+/// requests in the same nanosecond still differ.
+pub fn random_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ COUNTER
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// xorshift64* — tiny, fast, and ours (stable across dependency updates).
 #[derive(Clone, Debug)]
 pub struct Rng(u64);
@@ -160,6 +175,13 @@ impl Rng {
     pub fn next_f32(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
+}
+
+/// A NaN or +∞ logit, found before sampling: the model's output is broken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NonFiniteLogit {
+    /// The first token whose logit is NaN or +∞.
+    pub token: u32,
 }
 
 /// A sampler for one sequence.
@@ -195,21 +217,20 @@ impl Sampler {
     /// Choose the next token from `logits`, given the tokens generated (and
     /// prompted) so far for penalties.
     ///
-    /// If any logit is NaN or +∞, the first such token is returned without
-    /// sampling: callers refuse a token whose logit is not finite (a broken
+    /// A NaN or +∞ logit is an error naming the first such token (a broken
     /// model), where a NaN among the candidates would otherwise make every
     /// probability NaN and the draw fall through to an arbitrary token. A
     /// −∞ logit is a token that cannot be drawn.
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32, NonFiniteLogit> {
         if let Some(i) = first_invalid(logits) {
-            return i as u32;
+            return Err(NonFiniteLogit { token: i as u32 });
         }
         let p = &self.params;
-        let penalised = p.repeat_penalty != 1.0
-            || p.presence_penalty != 0.0
-            || p.frequency_penalty != 0.0
-            || !p.logit_bias.is_empty();
-        let logits: &[f32] = if penalised {
+        let penalties =
+            (p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0)
+                && p.repeat_last_n > 0
+                && !history.is_empty();
+        let logits: &[f32] = if penalties || !p.logit_bias.is_empty() {
             self.work.clear();
             self.work.extend_from_slice(logits);
             for &(id, b) in &p.logit_bias {
@@ -223,7 +244,7 @@ impl Sampler {
             logits
         };
         if p.is_greedy() {
-            return argmax(logits);
+            return Ok(argmax(logits));
         }
         let k = if p.top_k == 0 {
             logits.len()
@@ -262,10 +283,10 @@ impl Sampler {
         for (c, &pr) in self.cand.iter().zip(&w) {
             acc += pr;
             if r < acc {
-                return c.0;
+                return Ok(c.0);
             }
         }
-        self.cand.last().map(|c| c.0).unwrap_or(0)
+        Ok(self.cand.last().map(|c| c.0).unwrap_or(0))
     }
 }
 
@@ -407,7 +428,7 @@ mod tests {
     #[test]
     fn greedy_is_argmax_first_on_ties() {
         let mut s = Sampler::new(SamplingParams::greedy());
-        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]), 1);
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]).unwrap(), 1);
     }
 
     /// The one-pass top-k equals sorting everything and taking k, with many
@@ -473,8 +494,8 @@ mod tests {
         let mut b = Sampler::new(params);
         let mut counts = [0usize; 4];
         for _ in 0..60000 {
-            let t = a.sample(&logits, &[]);
-            assert_eq!(t, b.sample(&logits, &[]));
+            let t = a.sample(&logits, &[]).unwrap();
+            assert_eq!(t, b.sample(&logits, &[]).unwrap());
             counts[t as usize] += 1;
         }
         // Probabilities 1/6, 2/6, 3/6, 0 (hand-computed).
@@ -494,21 +515,32 @@ mod tests {
             seed: 5,
             ..SamplingParams::greedy()
         };
-        assert_eq!(Sampler::new(biased(vec![], 0.0)).sample(&logits, &[]), 0);
         assert_eq!(
-            Sampler::new(biased(vec![(0, -0.2)], 0.0)).sample(&logits, &[]),
+            Sampler::new(biased(vec![], 0.0))
+                .sample(&logits, &[])
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            Sampler::new(biased(vec![(0, -0.2)], 0.0))
+                .sample(&logits, &[])
+                .unwrap(),
             1
         );
         assert_eq!(
-            Sampler::new(biased(vec![(2, 2.5)], 0.0)).sample(&logits, &[]),
+            Sampler::new(biased(vec![(2, 2.5)], 0.0))
+                .sample(&logits, &[])
+                .unwrap(),
             2
         );
         // Sampling: −100 bans tokens 0 and 1 (e^−98 against e^0).
         let mut s = Sampler::new(biased(vec![(0, -100.0), (1, -100.0)], 1.0));
-        assert!((0..500).all(|_| s.sample(&logits, &[]) == 2));
+        assert!((0..500).all(|_| s.sample(&logits, &[]).unwrap() == 2));
         // An id past the logits is skipped; out of range is refused.
         assert_eq!(
-            Sampler::new(biased(vec![(9, 5.0)], 0.0)).sample(&logits, &[]),
+            Sampler::new(biased(vec![(9, 5.0)], 0.0))
+                .sample(&logits, &[])
+                .unwrap(),
             0
         );
         let e = biased(vec![(1, 101.0)], 1.0).validate().unwrap_err();
@@ -525,7 +557,7 @@ mod tests {
         };
         let mut s = Sampler::new(params);
         for _ in 0..100 {
-            assert_eq!(s.sample(&[1.0, 2.0, 1.9], &[]), 1);
+            assert_eq!(s.sample(&[1.0, 2.0, 1.9], &[]).unwrap(), 1);
         }
     }
 
@@ -544,7 +576,7 @@ mod tests {
         });
         for _ in 0..2000 {
             assert!(
-                s.sample(&logits, &[]) <= 1,
+                s.sample(&logits, &[]).unwrap() <= 1,
                 "top_p 0.75 keeps the first two"
             );
         }
@@ -555,7 +587,10 @@ mod tests {
             ..SamplingParams::greedy()
         });
         for _ in 0..2000 {
-            assert!(s.sample(&logits, &[]) <= 2, "min_p 0.2 keeps probs >= 0.1");
+            assert!(
+                s.sample(&logits, &[]).unwrap() <= 2,
+                "min_p 0.2 keeps probs >= 0.1"
+            );
         }
     }
 
@@ -566,18 +601,18 @@ mod tests {
             repeat_penalty: 1.1,
             ..SamplingParams::greedy()
         });
-        assert_eq!(s.sample(&logits, &[0]), 1, "2.0/1.1 < 1.9");
+        assert_eq!(s.sample(&logits, &[0]).unwrap(), 1, "2.0/1.1 < 1.9");
         let mut s = Sampler::new(SamplingParams {
             frequency_penalty: 0.06,
             ..SamplingParams::greedy()
         });
-        assert_eq!(s.sample(&logits, &[0, 0]), 1, "2.0 - 0.12 < 1.9");
-        assert_eq!(s.sample(&logits, &[0]), 0, "2.0 - 0.06 > 1.9");
+        assert_eq!(s.sample(&logits, &[0, 0]).unwrap(), 1, "2.0 - 0.12 < 1.9");
+        assert_eq!(s.sample(&logits, &[0]).unwrap(), 0, "2.0 - 0.06 > 1.9");
         let mut s = Sampler::new(SamplingParams {
             presence_penalty: 0.2,
             ..SamplingParams::greedy()
         });
-        assert_eq!(s.sample(&logits, &[0]), 1);
+        assert_eq!(s.sample(&logits, &[0]).unwrap(), 1);
     }
 
     #[test]
@@ -593,13 +628,25 @@ mod tests {
                 repeat_last_n: n,
                 ..SamplingParams::greedy()
             });
-            assert_eq!(s.sample(&logits, &history), expect, "repeat_last_n {n}");
+            assert_eq!(
+                s.sample(&logits, &history).unwrap(),
+                expect,
+                "repeat_last_n {n}"
+            );
+            // Penalties that cannot apply leave the logits uncopied (262144 floats a token).
+            assert_eq!(s.work.is_empty(), n == 0, "repeat_last_n {n}");
         }
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.5,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&logits, &[]).unwrap(), 0);
+        assert!(s.work.is_empty(), "no history, nothing to penalise");
     }
 
     #[test]
     fn a_nan_or_infinite_logit_is_returned_not_sampled() {
-        // Callers refuse a token whose logit is not finite. A positive NaN
+        // An error, not a token. A positive NaN
         // sorts first under total_cmp, and a NaN anywhere in the kept
         // candidates made every probability NaN, so sampling fell through
         // to the last candidate: a plausible token from a broken model.
@@ -617,7 +664,7 @@ mod tests {
                     },
                 ] {
                     let t = Sampler::new(params).sample(&logits, &[1, 2]);
-                    assert_eq!(t as usize, at, "{bad} at {at}");
+                    assert_eq!(t, Err(NonFiniteLogit { token: at as u32 }), "{bad} at {at}");
                 }
                 logits[at] = saved;
             }
@@ -626,7 +673,9 @@ mod tests {
         logits[16] = f32::NEG_INFINITY; // the largest logit, 1.6
         assert_eq!(first_invalid(&logits), None);
         assert_eq!(
-            Sampler::new(SamplingParams::greedy()).sample(&logits, &[]),
+            Sampler::new(SamplingParams::greedy())
+                .sample(&logits, &[])
+                .unwrap(),
             33
         );
         assert_eq!(first_invalid(&[]), None);

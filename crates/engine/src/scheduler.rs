@@ -22,7 +22,7 @@
 //! sink, a callback that returns false once nobody is listening (the request
 //! is then dropped within one step). Nothing here knows HTTP or JSON.
 
-use crate::sampler::{logsumexp, top_logprobs, Sampler};
+use crate::sampler::{logsumexp, top_logprobs, NonFiniteLogit, Sampler};
 use crate::session::{FinishReason, GenerateParams};
 use crate::stop::StopMatcher;
 use gemma3_model::{Batch, ForwardState, KvCache, Model};
@@ -366,8 +366,6 @@ struct Job<'a> {
 /// A token chosen from one row of logits.
 struct Pick {
     token: u32,
-    /// Whether the token's logit is a finite number (see `NON_FINITE`).
-    finite: bool,
     logprob: Option<f32>,
     top: Vec<(u32, f32)>,
 }
@@ -379,8 +377,9 @@ enum End {
 }
 
 impl Job<'_> {
-    fn pick(&mut self, row: &[f32]) -> Pick {
-        let token = self.sampler.sample(row, &self.history);
+    /// The next token, or an error where the row holds a NaN or +∞ logit.
+    fn pick(&mut self, row: &[f32]) -> Result<Pick, NonFiniteLogit> {
+        let token = self.sampler.sample(row, &self.history)?;
         let (logprob, top) = match self.logprobs {
             None => (None, Vec::new()),
             Some(k) => {
@@ -388,12 +387,11 @@ impl Job<'_> {
                 (Some(row[token as usize] - lse), top_logprobs(row, k, lse))
             }
         };
-        Pick {
+        Ok(Pick {
             token,
-            finite: row[token as usize].is_finite(),
             logprob,
             top,
-        }
+        })
     }
 
     /// Take a chosen token: stop, or send it and queue it for the next step.
@@ -792,7 +790,7 @@ impl<'a> Worker<'a> {
 
         // Sample every sequence from its own row, in parallel.
         let vocab = self.model.config.vocab_size;
-        let picks: Vec<(usize, Pick)> = self
+        let picks: Vec<(usize, Result<Pick, NonFiniteLogit>)> = self
             .slots
             .par_iter_mut()
             .enumerate()
@@ -808,12 +806,12 @@ impl<'a> Worker<'a> {
         for (i, p) in picks {
             let s = &mut self.slots[i];
             let Some(job) = s.job.as_mut() else { continue };
-            if !p.finite {
+            let Ok(p) = p else {
                 self.end_slot(i, |_| {
                     Event::Error(RequestError::Model(crate::session::NON_FINITE.into()))
                 });
                 continue;
-            }
+            };
             let before = job.generated;
             let end = job.deliver(p, s.tokens.len(), ctx);
             generated += (job.generated - before) as u32;

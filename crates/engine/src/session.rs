@@ -210,10 +210,9 @@ impl<'m> Session<'m> {
         let mut history: Vec<u32> = prompt.to_vec();
         let mut hit_stop_string = false;
         while out_tokens.len() < params.max_tokens {
-            let t = sampler.sample(&logits, &history);
-            if !logits[t as usize].is_finite() {
-                return Err(SessionError::NonFiniteLogits);
-            }
+            let t = sampler
+                .sample(&logits, &history)
+                .map_err(|_| SessionError::NonFiniteLogits)?;
             if params.stop_tokens.contains(&t) {
                 finish = FinishReason::Stop;
                 break;

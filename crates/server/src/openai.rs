@@ -7,6 +7,7 @@
 //! default for that endpoint).
 
 use crate::error::ApiError;
+use gemma3_engine::sampler::random_seed;
 use gemma3_engine::{Message, Role, SamplingParams};
 use serde_json::{Map, Value};
 
@@ -169,18 +170,6 @@ type OffTest = fn(&Value) -> bool;
 
 fn is_zero(v: &Value) -> bool {
     v.as_f64() == Some(0.0)
-}
-
-fn random_seed() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    t ^ COUNTER
-        .fetch_add(1, Ordering::Relaxed)
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// Parse the sampling, length, stop and streaming fields. `max_keys` are the
