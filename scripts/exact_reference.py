@@ -70,6 +70,12 @@ class Gemma3:
         return np.concatenate([a * c - b * s, a * s + b * c], axis=-1)
 
     def logits(self, ids: list[int]) -> np.ndarray:
+        emb = self.w("token_embd.weight")
+        head = self.w("output.weight") if "output.weight" in self.t else emb
+        return self.hidden(ids) @ head.T
+
+    def hidden(self, ids: list[int]) -> np.ndarray:
+        """The final hidden states (after the output norm), one row per position."""
         n, d, hd = len(ids), self.d, self.hd
         emb = self.w("token_embd.weight")
         x = emb[ids] * np.sqrt(d)
@@ -102,8 +108,7 @@ class Gemma3:
             act = 0.5 * gte * (1 + np.tanh(np.sqrt(2 / np.pi) * (gte + 0.044715 * gte**3))) * up
             o = act @ p("ffn_down").T
             x = x + self.rms(o, p("post_ffw_norm"))
-        head = self.w("output.weight") if "output.weight" in self.t else emb
-        return self.rms(x, self.w("output_norm.weight")) @ head.T
+        return self.rms(x, self.w("output_norm.weight"))
 
 
 def main() -> None:

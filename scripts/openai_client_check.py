@@ -126,6 +126,18 @@ def main():
         if "7" in full:
             assert r.choices[0].text == full[: full.index("7")] and r.choices[0].finish_reason == "stop"
 
+    def embeddings():
+        # The client asks for base64 unless told otherwise, and decodes it.
+        texts = ["I want to transfer money", "Book a table for two", "I want to transfer money"]
+        r = client.embeddings.create(model=model, input=texts)
+        v = [d.embedding for d in r.data]
+        assert [d.index for d in r.data] == [0, 1, 2] and all(len(x) == 640 for x in v)
+        assert abs(sum(x * x for x in v[0]) - 1.0) < 1e-5, "unit length"
+        assert v[0] == v[2] and v[0] != v[1]
+        f = client.embeddings.create(model=model, input=texts[0], encoding_format="float")
+        assert all(abs(a - b) < 1e-6 for a, b in zip(f.data[0].embedding, v[0]))
+        assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens
+
     check("models", lambda: client.models.list())
     check("chat", chat)
     check("chat stream = chat", chat_stream)
@@ -133,6 +145,7 @@ def main():
     check("chat content parts + logprobs", chat_parts_and_logprobs)
     check("completions (stream, echo, logprobs)", completion)
     check("stop string", stop_string)
+    check("embeddings (base64 and float)", embeddings)
 
     bad = openai.BadRequestError
     check("400 temperature", lambda: expect_error(bad, 400, "temperature", lambda: client.chat.completions.create(model=model, messages=messages, temperature=1e9)))
@@ -141,6 +154,7 @@ def main():
     check("400 max_tokens beyond context", lambda: expect_error(bad, 400, "max_tokens", lambda: client.chat.completions.create(model=model, messages=messages, max_tokens=10**9)))
     check("400 max_tokens 0", lambda: expect_error(bad, 400, "max_tokens", lambda: client.completions.create(model=model, prompt="x", max_tokens=0)))
     check("400 bad role", lambda: expect_error(bad, 400, "messages[0].role", lambda: client.chat.completions.create(model=model, messages=[{"role": "robot", "content": "x"}])))
+    check("400 empty embedding input", lambda: expect_error(bad, 400, "input", lambda: client.embeddings.create(model=model, input="")))
     check("404 unknown route", lambda: expect_error(openai.NotFoundError, 404, None, lambda: client.get("/nothing", cast_to=object)))
     if args.api_key != "none":
         other = openai.OpenAI(base_url=args.base_url, api_key="wrong-key", max_retries=0)

@@ -10,6 +10,7 @@ macro_rules! outln {
 }
 
 mod bench;
+mod embed;
 mod generate;
 mod model_path;
 mod ppl;
@@ -61,6 +62,8 @@ enum Command {
         no_bos: bool,
         text: String,
     },
+    /// Embeddings of texts (pooled final hidden states, as llama-embedding makes them), one JSON array per line.
+    Embed(embed::EmbedArgs),
     /// Perplexity of a text file, computed as llama-perplexity does.
     Ppl(ppl::PplArgs),
     /// Architecture, parameters, tensor types and the memory a context needs.
@@ -173,6 +176,7 @@ fn command(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Embed(a) => embed::run(a),
         Command::Ppl(a) => ppl::run(a),
         Command::Bench(_) => unreachable!("handled above"),
         Command::Info { model, ctx } => info(model, ctx),

@@ -673,3 +673,41 @@ fn a_chat_message_longer_than_the_context_says_what_helps() {
     );
     assert!(!stderr.contains("/reset to start over"), "{stderr}");
 }
+
+/// `embed`'s bad values: an unknown pooling or normalisation is a usage error
+/// naming the choices (exit 2); an empty text, a missing file and a file of
+/// empty lines are named (exit 1), before any model is read.
+#[test]
+fn embed_refuses_bad_values() {
+    for (args, needle) in [
+        (
+            &["embed", "--pooling", "none", "x"][..],
+            "one of mean, last, cls",
+        ),
+        (
+            &["embed", "--embd-normalize", "1", "x"][..],
+            "2 (unit Euclidean length) or -1",
+        ),
+        (&["embed"][..], "required"),
+    ] {
+        let (out, _, stderr) = run(gemma3().args(args));
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    let model = temp_path("no-model-needed.gguf");
+    fails_with(&["embed", "a", ""], Some(&model), &["text 2 is empty"]);
+    let missing = temp_path("no-such-texts.txt");
+    fails_with(
+        &["embed", "-f", missing.to_str().unwrap()],
+        Some(&model),
+        &["reading the texts", "no-such-texts.txt"],
+    );
+    let blank = temp_path("blank-texts.txt");
+    std::fs::write(&blank, "\n  \n").unwrap();
+    fails_with(
+        &["embed", "-f", blank.to_str().unwrap()],
+        Some(&model),
+        &["holds no text"],
+    );
+    std::fs::remove_file(&blank).ok();
+}

@@ -6,12 +6,14 @@
 //! tokenizer built from the model file's vocabulary.
 
 pub mod chat;
+pub mod embed;
 pub mod sampler;
 pub mod scheduler;
 pub mod session;
 pub mod stop;
 
 pub use chat::{render_chat, ChatError, Message, Role};
+pub use embed::Pooling;
 pub use sampler::{Sampler, SamplingParams, ALL_HISTORY};
 pub use session::{FinishReason, GenerateParams, Generation, Session, SessionError};
 

@@ -22,10 +22,11 @@
 //! sink, a callback that returns false once nobody is listening (the request
 //! is then dropped within one step). Nothing here knows HTTP or JSON.
 
+use crate::embed::{Pooler, Pooling};
 use crate::sampler::{logsumexp, top_logprobs, NonFiniteLogit, Sampler};
 use crate::session::{FinishReason, GenerateParams};
 use crate::stop::StopMatcher;
-use gemma3_model::{Batch, ForwardState, KvCache, Model};
+use gemma3_model::{Batch, ForwardState, KvCache, Model, Output};
 use gemma3_tokenizer::{StreamDecoder, Tokenizer};
 use rayon::prelude::*;
 use std::collections::VecDeque;
@@ -89,13 +90,18 @@ impl<F: FnMut(Event) -> bool + Send> EventSink for F {
     }
 }
 
-/// One generation job, in token ids.
+/// One job, in token ids: a generation, or an embedding of the prompt.
 pub struct Request {
     pub prompt: Vec<u32>,
     pub params: GenerateParams,
     /// `Some(k)`: report each generated token's log-probability and the `k`
     /// most likely alternatives at its position.
     pub logprobs: Option<usize>,
+    /// `Some(pooling)`: no generation; the prompt's final hidden states,
+    /// pooled, come back in one [`Event::Embedding`] (`params` unused). The
+    /// whole prompt is evaluated (no prefix is reused: every position's
+    /// hidden state may be needed), so it may fill the context.
+    pub embed: Option<Pooling>,
     pub events: Box<dyn EventSink>,
 }
 
@@ -122,6 +128,12 @@ pub enum Event {
     Done {
         finish: FinishReason,
         text: String,
+        usage: Usage,
+    },
+    /// The end of an embedding request: the pooled vector (`d_model` floats,
+    /// not normalized).
+    Embedding {
+        vector: Vec<f32>,
         usage: Usage,
     },
     Error(RequestError),
@@ -197,7 +209,7 @@ struct Shared {
 }
 
 enum Msg {
-    Request(Request, Instant),
+    Request(Box<Request>, Instant),
     CancelAll,
 }
 
@@ -274,7 +286,11 @@ impl Scheduler {
             })
             .map_err(|_| SubmitError::QueueFull { limit })?;
         for (i, req) in reqs.into_iter().enumerate() {
-            if self.tx.send(Msg::Request(req, Instant::now())).is_err() {
+            if self
+                .tx
+                .send(Msg::Request(Box::new(req), Instant::now()))
+                .is_err()
+            {
                 // The worker is gone: the places not sent are given back.
                 self.shared.in_system.fetch_sub(n - i, Ordering::SeqCst);
                 return Err(SubmitError::Stopped);
@@ -358,6 +374,8 @@ struct Job<'a> {
     next: Option<u32>,
     /// Admission order: prompts are read oldest first.
     order: u64,
+    /// An embedding job's pooling of its prompt's hidden states.
+    pooler: Option<Pooler>,
     usage: Usage,
     t_admit: Instant,
     t_first: Option<Instant>,
@@ -522,7 +540,7 @@ impl<'a> Worker<'a> {
 
     fn accept(&mut self, m: Msg) {
         match m {
-            Msg::Request(r, t) => self.waiting.push_back((r, t)),
+            Msg::Request(r, t) => self.waiting.push_back((*r, t)),
             Msg::CancelAll => {
                 for (r, _) in std::mem::take(&mut self.waiting) {
                     self.end_waiting(r, Event::Error(RequestError::Shutdown));
@@ -604,6 +622,9 @@ impl<'a> Worker<'a> {
         if let Some(&id) = r.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(RequestError::BadToken { id, vocab });
         }
+        if r.embed.is_some() {
+            return Ok(());
+        }
         r.params.sampling.validate().map_err(RequestError::Sampling)
     }
 
@@ -623,7 +644,7 @@ impl<'a> Worker<'a> {
                 queue_time: now.duration_since(t_submit),
                 ..Usage::default()
             };
-            if req.params.max_tokens == 0 {
+            if req.params.max_tokens == 0 && req.embed.is_none() {
                 let done = Event::Done {
                     finish: FinishReason::Length,
                     text: String::new(),
@@ -632,7 +653,7 @@ impl<'a> Worker<'a> {
                 self.end_waiting(req, done);
                 continue;
             }
-            let (i, kept) = self.place(&req.prompt);
+            let (i, kept) = self.place(&req.prompt, req.embed.is_none());
             usage.cached_tokens = kept;
             self.shared
                 .prompt_tokens
@@ -656,6 +677,7 @@ impl<'a> Worker<'a> {
                 generated: 0,
                 next: None,
                 order: self.admitted,
+                pooler: (req.embed).map(|p| Pooler::new(p, self.model.config.d_model)),
                 usage,
                 t_admit: now,
                 t_first: None,
@@ -664,10 +686,10 @@ impl<'a> Worker<'a> {
     }
 
     /// Choose a free slot for `prompt` and make its cache hold the longest
-    /// usable prefix of it; returns (slot, tokens kept). Leaves at least one
-    /// prompt token to evaluate.
-    fn place(&mut self, prompt: &[u32]) -> (usize, usize) {
-        let limit = prompt.len() - 1;
+    /// usable prefix of it (none unless `reuse`); returns (slot, tokens
+    /// kept). Leaves at least one prompt token to evaluate.
+    fn place(&mut self, prompt: &[u32], reuse: bool) -> (usize, usize) {
+        let limit = if reuse { prompt.len() - 1 } else { 0 };
         let usable = |slots: &[Slot], caches: &[KvCache], i: usize| {
             let s = &slots[i];
             let n = common_prefix(&s.tokens, prompt).min(limit);
@@ -736,9 +758,15 @@ impl<'a> Worker<'a> {
             let Some(job) = s.job.as_ref() else { continue };
             let done = s.tokens.len();
             let n = (job.prompt.len() - done).min(budget);
+            let len = job.prompt.len();
             for p in done..done + n {
-                self.batch
-                    .push(job.prompt[p], p, i, p + 1 == job.prompt.len());
+                let out = match &job.pooler {
+                    Some(pooler) if pooler.pooling().reads(p, len) => Output::Hidden,
+                    Some(_) => Output::None,
+                    None if p + 1 == len => Output::Logits,
+                    None => Output::None,
+                };
+                self.batch.push_out(job.prompt[p], p, i, out);
             }
             chunks.push((i, n));
             budget -= n;
@@ -750,7 +778,7 @@ impl<'a> Worker<'a> {
         let mut row_of: Vec<Option<usize>> = vec![None; self.slots.len()];
         let mut rows = 0;
         for k in 0..self.batch.len() {
-            if self.batch.logits[k] {
+            if self.batch.out[k] == Output::Logits {
                 row_of[self.batch.seq[k]] = Some(rows);
                 rows += 1;
             }
@@ -836,6 +864,8 @@ impl<'a> Worker<'a> {
             }
         }
 
+        self.pool_embeddings(&chunks);
+
         let sh = &self.shared;
         sh.steps.fetch_add(1, Ordering::Relaxed);
         sh.generated_tokens
@@ -850,6 +880,52 @@ impl<'a> Worker<'a> {
             {
                 recent.pop_front();
             }
+        }
+    }
+}
+
+impl Worker<'_> {
+    /// After a step: pool the hidden states it computed for embedding jobs
+    /// (row h of [`ForwardState::hidden`] is the batch's h-th token with an
+    /// output), and end each such job of `chunks` whose prompt is now read
+    /// with its vector.
+    fn pool_embeddings(&mut self, chunks: &[(usize, usize)]) {
+        let d = self.model.config.d_model;
+        let hidden = self.state.hidden();
+        let outputs = (0..self.batch.len()).filter(|&k| self.batch.out[k] != Output::None);
+        for (h, k) in outputs.enumerate() {
+            if self.batch.out[k] != Output::Hidden {
+                continue;
+            }
+            let job = self.slots[self.batch.seq[k]].job.as_mut();
+            if let Some(pooler) = job.and_then(|j| j.pooler.as_mut()) {
+                pooler.add(&hidden[h * d..(h + 1) * d]);
+            }
+        }
+        for &(i, _) in chunks {
+            let s = &self.slots[i];
+            let read = s
+                .job
+                .as_ref()
+                .is_some_and(|j| j.pooler.is_some() && s.tokens.len() == j.prompt.len());
+            if !read {
+                continue;
+            }
+            self.end_slot(i, |job| {
+                let vector = job.pooler.as_ref().and_then(|p| p.finish(false));
+                match vector.filter(|v| v.iter().all(|x| x.is_finite())) {
+                    Some(vector) => {
+                        job.usage.prompt_time = job.t_admit.elapsed();
+                        Event::Embedding {
+                            vector,
+                            usage: std::mem::take(&mut job.usage),
+                        }
+                    }
+                    None => Event::Error(RequestError::Model(
+                        crate::session::NON_FINITE_HIDDEN.into(),
+                    )),
+                }
+            });
         }
     }
 }

@@ -2,9 +2,10 @@
 //! evaluation and the generation loop (sampling, stop tokens, stop strings,
 //! token budget), streaming text as it is decoded.
 
+use crate::embed::{Pooler, Pooling};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::StopMatcher;
-use gemma3_model::{Batch, ForwardState, KvCache, Model, ModelError};
+use gemma3_model::{Batch, ForwardState, KvCache, Model, ModelError, Output};
 use gemma3_tokenizer::Tokenizer;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -23,12 +24,18 @@ pub enum SessionError {
     Tokenizer(String),
     #[error("{NON_FINITE}")]
     NonFiniteLogits,
+    #[error("{NON_FINITE_HIDDEN}")]
+    NonFiniteHidden,
 }
 
 /// Why a model that computes NaN or infinite logits (broken weights or
 /// metadata) gets an error instead of a reply of token 0 after token 0.
 pub const NON_FINITE: &str =
     "the model's logits are not finite numbers (NaN or infinity): its weights or metadata are broken";
+
+/// The same for an embedding's hidden states.
+pub const NON_FINITE_HIDDEN: &str =
+    "the model's hidden states are not finite numbers (NaN or infinity): its weights or metadata are broken";
 
 #[derive(Clone, Debug)]
 pub struct GenerateParams {
@@ -121,14 +128,8 @@ impl<'m> Session<'m> {
         keep
     }
 
-    /// Make the cache hold exactly `prompt`, reusing the longest common
-    /// prefix already evaluated, and return the logits after its last token.
-    /// Returns (logits, tokens evaluated).
-    pub fn eval_prompt(
-        &mut self,
-        prompt: &[u32],
-        all_logits: bool,
-    ) -> Result<(&[f32], usize), SessionError> {
+    /// A prompt must hold at least one token and fit the cache.
+    fn check_prompt(&self, prompt: &[u32]) -> Result<(), SessionError> {
         if prompt.is_empty() {
             return Err(SessionError::EmptyPrompt);
         }
@@ -138,6 +139,18 @@ impl<'m> Session<'m> {
                 ctx: self.cache.ctx,
             });
         }
+        Ok(())
+    }
+
+    /// Make the cache hold exactly `prompt`, reusing the longest common
+    /// prefix already evaluated, and return the logits after its last token.
+    /// Returns (logits, tokens evaluated).
+    pub fn eval_prompt(
+        &mut self,
+        prompt: &[u32],
+        all_logits: bool,
+    ) -> Result<(&[f32], usize), SessionError> {
+        self.check_prompt(prompt)?;
         let common = self
             .tokens
             .iter()
@@ -163,6 +176,46 @@ impl<'m> Session<'m> {
         self.tokens.clear();
         self.tokens.extend_from_slice(prompt);
         Ok((logits, todo.len()))
+    }
+
+    /// The embedding of `text` (token ids, as the tokenizer gives them, BOS
+    /// first): its final hidden states pooled by `pooling`, scaled to unit
+    /// length when `normalize`. The whole text is evaluated afresh (every
+    /// position's hidden state is needed); the cache then holds it.
+    pub fn embed(
+        &mut self,
+        text: &[u32],
+        pooling: Pooling,
+        normalize: bool,
+    ) -> Result<Vec<f32>, SessionError> {
+        self.check_prompt(text)?;
+        self.tokens.clear();
+        self.batch.clear();
+        for (i, &t) in text.iter().enumerate() {
+            let out = if pooling.reads(i, text.len()) {
+                Output::Hidden
+            } else {
+                Output::None
+            };
+            self.batch.push_out(t, i, 0, out);
+        }
+        self.model.forward(
+            &self.batch,
+            std::slice::from_mut(&mut self.cache),
+            &mut self.state,
+        )?;
+        self.tokens.extend_from_slice(text);
+        let hidden = self.state.hidden();
+        if hidden.iter().any(|x| !x.is_finite()) {
+            return Err(SessionError::NonFiniteHidden);
+        }
+        let mut pooler = Pooler::new(pooling, self.model.config.d_model);
+        hidden
+            .chunks(self.model.config.d_model)
+            .for_each(|row| pooler.add(row));
+        Ok(pooler
+            .finish(normalize)
+            .expect("every pooling reads at least one position of a non-empty text"))
     }
 
     /// Append one token and return the logits after it.

@@ -166,6 +166,7 @@ fn non_finite_logits_end_with_an_error() {
             prompt,
             params,
             logprobs: None,
+            embed: None,
             events: Box::new(move |ev: Event| tx.send(ev).is_ok()),
         })
         .unwrap();
@@ -219,6 +220,7 @@ fn a_request_has_left_the_queue_when_its_last_event_arrives() {
                 prompt,
                 params,
                 logprobs: None,
+                embed: None,
                 events: Box::new(move |ev: Event| {
                     if matches!(ev, Event::Token { .. }) {
                         return true;
@@ -233,6 +235,132 @@ fn a_request_has_left_the_queue_when_its_last_event_arrives() {
             in_system, 0,
             "{label}: still counted at its last event {ev:?}"
         );
+    }
+    drop(sched);
+    thread.join().unwrap();
+}
+
+/// Embeddings through the scheduler, read over several steps (a prompt chunk
+/// of 16) side by side with a generating request, equal `Session::embed`'s
+/// bit for bit, for each pooling; mean pooling is the average of the hidden
+/// states the forward pass gives (itself checked against the reference in
+/// the model's tests), and a text may fill the context.
+#[test]
+fn scheduler_embeddings_equal_the_session_s() {
+    use gemma3_engine::scheduler::{Event, Request, Scheduler, SchedulerConfig};
+    use gemma3_engine::Pooling;
+    use gemma3_model::{Batch, ForwardState, KvCache, Output};
+    use std::sync::{mpsc, Arc};
+    let m = model();
+    let spec = TinySpec::default();
+    let tok = {
+        let f = GgufFile::from_bytes(tiny_writer(&spec).0.to_bytes()).unwrap();
+        gemma3_engine::tokenizer_from_gguf(&f).unwrap()
+    };
+    let texts = [tokens(31, 3), tokens(32, 40), tokens(33, 64)];
+    let poolings = [Pooling::Mean, Pooling::Last, Pooling::Cls];
+    let mut s = Session::new(&m, 64);
+    let alone: Vec<Vec<Vec<f32>>> = poolings
+        .iter()
+        .map(|&p| {
+            texts
+                .iter()
+                .map(|t| s.embed(t, p, false).unwrap())
+                .collect()
+        })
+        .collect();
+    // Mean pooling by hand, from the forward pass's hidden states.
+    let d = m.config.d_model;
+    let mut cache = KvCache::new(&m.config, 64);
+    let mut st = ForwardState::new();
+    let mut b = Batch::default();
+    for (i, &t) in texts[1].iter().enumerate() {
+        b.push_out(t, i, 0, Output::Hidden);
+    }
+    m.forward(&b, std::slice::from_mut(&mut cache), &mut st)
+        .unwrap();
+    let mean: Vec<f32> = (0..d)
+        .map(|k| {
+            let sum: f64 = st.hidden().chunks(d).map(|r| r[k] as f64).sum();
+            (sum / 40.0) as f32
+        })
+        .collect();
+    assert_eq!(bits(&alone[0][1]), bits(&mean), "mean pooling");
+    assert_eq!(
+        bits(&alone[1][1]),
+        bits(&st.hidden()[39 * d..]),
+        "last pooling"
+    );
+    assert_eq!(bits(&alone[2][1]), bits(&st.hidden()[..d]), "cls pooling");
+    let norm = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    let unit = s.embed(&texts[1], Pooling::Mean, true).unwrap();
+    assert!(
+        (norm(&unit) - 1.0).abs() < 1e-6,
+        "unit length: {}",
+        norm(&unit)
+    );
+    let scale = norm(&mean);
+    assert!(
+        unit.iter()
+            .zip(&mean)
+            .all(|(&u, &x)| (u as f64 - x as f64 / scale).abs() < 1e-6),
+        "the normalized mean"
+    );
+
+    let cfg = SchedulerConfig {
+        parallel: 4,
+        ctx: 64,
+        max_queue: 8,
+        prefill_chunk: 16,
+    };
+    let (sched, thread) = Scheduler::start(Arc::new(model()), Arc::new(tok), cfg).unwrap();
+    let greedy = GenerateParams {
+        max_tokens: 20,
+        sampling: SamplingParams::greedy(),
+        stop_strings: vec![],
+        stop_tokens: vec![],
+    };
+    for (p, want) in poolings.iter().zip(&alone) {
+        let (tx, rx) = mpsc::channel();
+        let gen_tx = tx.clone();
+        // A generation first, so that the embeddings share its steps.
+        let mut reqs = vec![Request {
+            prompt: tokens(34, 10),
+            params: greedy.clone(),
+            logprobs: None,
+            embed: None,
+            events: Box::new(move |ev: Event| {
+                matches!(ev, Event::Token { .. }) || gen_tx.send((usize::MAX, ev)).is_ok()
+            }),
+        }];
+        for (i, t) in texts.iter().enumerate() {
+            let tx = tx.clone();
+            reqs.push(Request {
+                prompt: t.clone(),
+                params: greedy.clone(),
+                logprobs: None,
+                embed: Some(*p),
+                events: Box::new(move |ev: Event| tx.send((i, ev)).is_ok()),
+            });
+        }
+        drop(tx);
+        sched.submit_many(reqs).unwrap();
+        let mut got = vec![None; texts.len()];
+        for (i, ev) in rx.iter() {
+            match ev {
+                Event::Embedding { vector, usage } if i < texts.len() => {
+                    assert_eq!(usage.prompt_tokens, texts[i].len());
+                    assert_eq!(usage.cached_tokens, 0, "no prefix reused");
+                    got[i] = Some(vector);
+                }
+                Event::Done { .. } if i == usize::MAX => {}
+                other => panic!("request {i}: {other:?}"),
+            }
+        }
+        for (i, w) in want.iter().enumerate() {
+            let g = got[i].as_ref().expect("an embedding");
+            assert_eq!(bits(g), bits(w), "{p} pooling, text {i}");
+        }
     }
     drop(sched);
     thread.join().unwrap();

@@ -15,15 +15,27 @@ use gemma3_kernels::MatmulScratch;
 use gemma3_kernels::{ops, vectorized};
 use rayon::prelude::*;
 
+/// What a token of a [`Batch`] yields besides its K/V.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Output {
+    /// Nothing (a prompt token whose successor is known).
+    #[default]
+    None,
+    /// Its final hidden state (after the output norm): an embedding's input.
+    Hidden,
+    /// Its final hidden state and its logits.
+    Logits,
+}
+
 /// Tokens to run: token i is at position `pos[i]` of sequence `seq[i]` (an
-/// index into the caches slice); logits are produced for tokens with
-/// `logits[i]`. Tokens of one sequence must appear in increasing position order.
+/// index into the caches slice) and yields `out[i]`. Tokens of one sequence
+/// must appear in increasing position order.
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
     pub tokens: Vec<u32>,
     pub pos: Vec<usize>,
     pub seq: Vec<usize>,
-    pub logits: Vec<bool>,
+    pub out: Vec<Output>,
 }
 
 impl Batch {
@@ -31,14 +43,20 @@ impl Batch {
         self.tokens.clear();
         self.pos.clear();
         self.seq.clear();
-        self.logits.clear();
+        self.out.clear();
     }
 
+    /// A token, with its logits or with nothing.
     pub fn push(&mut self, token: u32, pos: usize, seq: usize, logits: bool) {
+        let out = if logits { Output::Logits } else { Output::None };
+        self.push_out(token, pos, seq, out);
+    }
+
+    pub fn push_out(&mut self, token: u32, pos: usize, seq: usize, out: Output) {
         self.tokens.push(token);
         self.pos.push(pos);
         self.seq.push(seq);
-        self.logits.push(logits);
+        self.out.push(out);
     }
 
     /// Tokens of one sequence (index 0) from `start`; logits for the last only,
@@ -87,8 +105,13 @@ pub struct ForwardState {
     gate: Vec<f32>,
     /// n × d_ff
     up: Vec<f32>,
-    /// m × d_model normed hidden states of the tokens that want logits
+    /// Normed final hidden states (d_model each) of the tokens with an
+    /// output, all micro-batches of the last call
     hid: Vec<f32>,
+    /// How much of `hid` the micro-batches of this call have written.
+    hid_written: usize,
+    /// The rows of `hid` the head reads when only some outputs want logits.
+    head_in: Vec<f32>,
     /// m × vocab, all micro-batches of the last call
     pub logits: Vec<f32>,
     /// How much of `logits` the micro-batches of this call have written.
@@ -116,6 +139,13 @@ impl ForwardState {
         Self::default()
     }
 
+    /// The final hidden states (after the output norm, `d_model` floats
+    /// each) of the last [`Model::forward`]'s tokens with an output
+    /// ([`Output::Hidden`] or [`Output::Logits`]), in batch order.
+    pub fn hidden(&self) -> &[f32] {
+        &self.hid
+    }
+
     fn trace(&mut self, layer: usize, name: &'static str, which: fn(&ForwardState) -> &[f32]) {
         self.trace_first(layer, name, which, usize::MAX);
     }
@@ -138,7 +168,9 @@ impl ForwardState {
 
 impl Model {
     /// Run `batch` through the model, appending K/V to `caches`. Returns the
-    /// logits (one row of `vocab` per token that asked for them, in order).
+    /// logits (one row of `vocab` per token that asked for them, in order);
+    /// [`ForwardState::hidden`] then holds the hidden states of every token
+    /// with an output.
     pub fn forward<'s>(
         &self,
         batch: &Batch,
@@ -146,9 +178,9 @@ impl Model {
         st: &'s mut ForwardState,
     ) -> Result<&'s [f32], ModelError> {
         let n = batch.len();
-        if batch.pos.len() != n || batch.seq.len() != n || batch.logits.len() != n {
+        if batch.pos.len() != n || batch.seq.len() != n || batch.out.len() != n {
             return Err(ModelError::BadBatch(
-                "tokens, pos, seq and logits differ in length".into(),
+                "tokens, pos, seq and out differ in length".into(),
             ));
         }
         for i in 0..n {
@@ -171,7 +203,10 @@ impl Model {
         }
         // Sized once here (the head writes every entry); the same size as
         // last time, as in generation, costs nothing.
-        let m = batch.logits.iter().filter(|&&l| l).count();
+        let outputs = batch.out.iter().filter(|&&o| o != Output::None).count();
+        let m = batch.out.iter().filter(|&&o| o == Output::Logits).count();
+        resize(&mut st.hid, outputs * self.config.d_model);
+        st.hid_written = 0;
         resize(&mut st.logits, m * self.config.vocab_size);
         st.logits_written = 0;
         let mut start = 0;
@@ -181,6 +216,7 @@ impl Model {
             start = end;
         }
         debug_assert_eq!(st.logits_written, st.logits.len());
+        debug_assert_eq!(st.hid_written, st.hid.len());
         Ok(&st.logits)
     }
 
@@ -206,11 +242,13 @@ impl Model {
         let tokens = &batch.tokens[range.clone()];
         let pos = &batch.pos[range.clone()];
         let seq = &batch.seq[range.clone()];
-        let want = &batch.logits[range];
+        let outs = &batch.out[range];
+        let want: Vec<bool> = outs.iter().map(|&o| o != Output::None).collect();
+        let want = &want[..];
         let m = want.iter().filter(|&&w| w).count();
-        // The last layer's K and V are all that tokens without logits need
+        // The last layer's K and V are all that tokens without an output need
         // of it: its q projection, attention, output projection and
-        // feed-forward run for the m tokens that want logits only, moved to
+        // feed-forward run for the m tokens with one only, moved to
         // the first m rows (as llama.cpp does with its output ids). Each
         // token's values do not depend on the others in its batch, so the
         // logits keep their bits.
@@ -397,11 +435,14 @@ impl Model {
             st.trace(l, "l_out", |s| &s.x);
         }
 
-        // --- output head, only for the tokens that asked ---
+        // --- output norm for the tokens with an output, head for those
+        // that asked for logits ---
         if m == 0 {
             return;
         }
-        resize(&mut st.hid, m * d);
+        let h0 = st.hid_written;
+        st.hid_written += m * d;
+        let hid = &mut st.hid[h0..h0 + m * d];
         for (j, i) in (0..n).filter(|&i| want[i]).enumerate() {
             // (Compacted, token i's row is now row j.)
             let i = if compacted { j } else { i };
@@ -409,14 +450,30 @@ impl Model {
                 &st.x[i * d..(i + 1) * d],
                 &self.final_norm,
                 c.rms_eps,
-                &mut st.hid[j * d..(j + 1) * d],
+                &mut hid[j * d..(j + 1) * d],
             );
         }
+        let heads: Vec<bool> = (outs.iter().filter(|&&o| o != Output::None))
+            .map(|&o| o == Output::Logits)
+            .collect();
+        let ml = heads.iter().filter(|&&h| h).count();
+        if ml == 0 {
+            return;
+        }
+        let head_in: &[f32] = if ml == m {
+            hid
+        } else {
+            st.head_in.clear();
+            for (row, _) in hid.chunks(d).zip(&heads).filter(|(_, &h)| h) {
+                st.head_in.extend_from_slice(row);
+            }
+            &st.head_in
+        };
         let vocab = c.vocab_size;
         let old = st.logits_written;
-        st.logits_written += m * vocab;
-        let out = &mut st.logits[old..old + m * vocab];
-        self.matmul(self.head(), &st.hid, m, out, &mut st.mm);
+        st.logits_written += ml * vocab;
+        let out = &mut st.logits[old..old + ml * vocab];
+        self.matmul(self.head(), head_in, ml, out, &mut st.mm);
     }
 
     /// Causal attention of each token's query heads over its sequence's cache

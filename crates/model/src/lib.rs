@@ -11,6 +11,6 @@ pub mod weights;
 
 pub use config::Config;
 pub use error::ModelError;
-pub use forward::{Batch, ForwardState};
+pub use forward::{Batch, ForwardState, Output};
 pub use kv_cache::KvCache;
 pub use weights::{Model, Tensor};

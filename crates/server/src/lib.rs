@@ -29,11 +29,17 @@
 //!   choice each, run side by side, admitted all together or refused with a
 //!   429; token counts summed over them, times the longest; not streamed); the same fields, plus `echo` and
 //!   `logprobs` (an int, completions-style; not together with `echo`).
+//! - `POST /v1/embeddings`: `input` as text (tokenized as a completion's
+//!   prompt), token ids, or a list of up to 2048 of either; `encoding_format`
+//!   `float` or `base64`; `dimensions` only as the model's 640. Each vector is
+//!   the `--pooling` (mean by default) of the input's final hidden states,
+//!   scaled to unit length, as llama-server's with `--embeddings --pooling`.
+//!   The inputs run in waves of `--parallel`.
 //! - Cross-origin requests from any origin, as llama-server allows them (a
 //!   preflight `OPTIONS` gets a 204; responses carry
 //!   `Access-Control-Allow-Origin: *`).
-//! - The three OpenAI routes also without `/v1` (`/chat/completions`,
-//!   `/completions`, `/models`), as llama-server serves them.
+//! - The four OpenAI routes also without `/v1` (`/chat/completions`,
+//!   `/completions`, `/embeddings`, `/models`), as llama-server serves them.
 //! - `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics`
 //!   (Prometheus text), `POST /tokenize` (`content`, `add_special` = false,
 //!   `parse_special` = true, `with_pieces` = false, as llama-server),
@@ -74,6 +80,7 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use gemma3_engine::scheduler::{Scheduler, SchedulerConfig};
+use gemma3_engine::Pooling;
 use gemma3_model::KvCache;
 use routes::App;
 use std::future::Future;
@@ -110,6 +117,10 @@ pub struct ServeArgs {
     /// streams (each step waits for its chunk: about 0.1 s for 128 tokens on 2 cores).
     #[arg(long, default_value_t = 128)]
     pub prompt_chunk: usize,
+    /// How /v1/embeddings pools a text's final hidden states: mean (every token's, as
+    /// llama-server's --pooling mean), last or cls.
+    #[arg(long, default_value = "mean", value_parser = str::parse::<Pooling>)]
+    pub pooling: Pooling,
 }
 
 /// Everything needed to start a server (the model path already resolved).
@@ -123,6 +134,7 @@ pub struct ServerConfig {
     pub ctx: usize,
     pub queue: usize,
     pub prompt_chunk: usize,
+    pub pooling: Pooling,
     pub api_key: Option<String>,
     /// After a shutdown signal: how long in-flight requests may run before
     /// they are cancelled.
@@ -143,6 +155,7 @@ impl ServerConfig {
             ctx: 4096,
             queue: 64,
             prompt_chunk: 128,
+            pooling: Pooling::Mean,
             api_key: None,
             shutdown_grace: Duration::from_secs(10),
             header_timeout: HEADER_TIMEOUT,
@@ -158,6 +171,7 @@ impl ServerConfig {
             ctx: a.ctx,
             queue: a.queue,
             prompt_chunk: a.prompt_chunk,
+            pooling: a.pooling,
             api_key: a.api_key,
             ..Self::new(model_path)
         }
@@ -213,6 +227,7 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "gemma3".into());
     let vocab = model.config.vocab_size;
+    let d_model = model.config.d_model;
     let kv = KvCache::bytes_for(&model.config, cfg.ctx) * cfg.parallel;
     let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
         .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?;
@@ -262,11 +277,13 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         api_key: cfg.api_key.clone(),
         metrics: Default::default(),
         vocab,
+        d_model,
         stop_tokens,
         next_id: AtomicU64::new(0),
         started,
         body_timeout: cfg.body_timeout,
         tokenizing: tokio::sync::Semaphore::new(2),
+        pooling: cfg.pooling,
     });
     Ok(Loaded {
         app,
@@ -301,10 +318,12 @@ pub fn router(app: Arc<App>) -> Router {
     let keyed = Router::new()
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/completions", post(routes::completions))
+        .route("/v1/embeddings", post(routes::embeddings))
         .route("/v1/models", get(routes::models))
         // llama-server's paths without the /v1 prefix.
         .route("/chat/completions", post(routes::chat))
         .route("/completions", post(routes::completions))
+        .route("/embeddings", post(routes::embeddings))
         .route("/models", get(routes::models))
         .route("/v1/models/{id}", get(routes::model))
         .route("/tokenize", post(routes::tokenize))

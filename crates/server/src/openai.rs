@@ -526,16 +526,108 @@ pub struct CompletionRequest {
 }
 
 fn token_array(a: &[Value], vocab: usize) -> Result<Vec<u32>, ApiError> {
+    token_array_of("prompt", a, vocab)
+}
+
+/// Token ids, field `name`'s (for its errors).
+fn token_array_of(name: &str, a: &[Value], vocab: usize) -> Result<Vec<u32>, ApiError> {
     a.iter()
         .map(|v| match v.as_u64() {
             Some(id) if (id as usize) < vocab => Ok(id as u32),
             Some(id) => Err(ApiError::field(
-                "prompt",
+                name,
                 format!("token id {id} is outside the vocabulary of {vocab}"),
             )),
-            None => Err(wrong_type("prompt", "a string or an array of token ids", v)),
+            None => Err(wrong_type(name, "a string or an array of token ids", v)),
         })
         .collect()
+}
+
+/// Most inputs of one `POST /v1/embeddings` (OpenAI's own limit).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// A parsed `POST /v1/embeddings`.
+#[derive(Clone, Debug)]
+pub struct EmbeddingRequest {
+    /// One text or token array per vector, in order.
+    pub inputs: Vec<Prompt>,
+    /// `encoding_format: "base64"`: each vector as the base64 of its
+    /// little-endian f32 bytes (what OpenAI's Python client asks for).
+    pub base64: bool,
+}
+
+impl EmbeddingRequest {
+    pub fn parse(obj: &Map<String, Value>, vocab: usize, dims: usize) -> Result<Self, ApiError> {
+        let f = Fields(obj);
+        f.str("model")?;
+        f.str("user")?;
+        let empty = |name: &str| ApiError::field(name, format!("'{name}' must not be empty"));
+        let text = |name: &str, s: &str| {
+            if s.is_empty() {
+                Err(empty(name))
+            } else {
+                Ok(Prompt::Text(s.to_owned()))
+            }
+        };
+        let inputs = match f.get("input") {
+            None => return Err(ApiError::field("input", "'input' is required")),
+            Some(Value::String(s)) => vec![text("input", s)?],
+            Some(Value::Array(a)) => match a.first() {
+                None => return Err(empty("input")),
+                Some(Value::String(_) | Value::Array(_)) => {
+                    if a.len() > MAX_EMBEDDING_INPUTS {
+                        return Err(ApiError::field(
+                            "input",
+                            format!(
+                                "at most {MAX_EMBEDDING_INPUTS} inputs per request, got {}",
+                                a.len()
+                            ),
+                        ));
+                    }
+                    (a.iter().enumerate())
+                        .map(|(i, v)| {
+                            let name = format!("input[{i}]");
+                            match v {
+                                Value::String(s) => text(&name, s),
+                                Value::Array(ids) if !ids.is_empty() => {
+                                    Ok(Prompt::Tokens(token_array_of(&name, ids, vocab)?))
+                                }
+                                Value::Array(_) => Err(empty(&name)),
+                                v => Err(wrong_type(&name, "a string or an array of token ids", v)),
+                            }
+                        })
+                        .collect::<Result<Vec<_>, _>>()?
+                }
+                Some(_) => vec![Prompt::Tokens(token_array_of("input", a, vocab)?)],
+            },
+            Some(v) => {
+                return Err(wrong_type(
+                    "input",
+                    "a string, an array of token ids, or an array of either",
+                    v,
+                ))
+            }
+        };
+        let base64 = match f.str("encoding_format")? {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(ApiError::field(
+                    "encoding_format",
+                    format!("'encoding_format' must be \"float\" or \"base64\", got \"{other}\""),
+                ))
+            }
+        };
+        if let Some(d) = f.u64("dimensions")? {
+            if d != dims as u64 {
+                return Err(ApiError::field(
+                    "dimensions",
+                    format!("this model's embeddings have {dims} dimensions (they cannot be shortened), got {d}"),
+                ));
+            }
+        }
+        Ok(EmbeddingRequest { inputs, base64 })
+    }
 }
 
 impl CompletionRequest {

@@ -5,7 +5,7 @@
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::openai::{
-    parse_body, ChatRequest, Common, CompletionRequest, Fields, Prompt,
+    parse_body, ChatRequest, Common, CompletionRequest, EmbeddingRequest, Fields, Prompt,
     COMPLETIONS_DEFAULT_MAX_TOKENS,
 };
 use axum::body::{Body, Bytes};
@@ -13,8 +13,10 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use gemma3_engine::embed::normalize_l2;
 use gemma3_engine::scheduler::{Event, EventSink, Request as EngineRequest, Scheduler, Usage};
-use gemma3_engine::{render_chat, FinishReason, GenerateParams};
+use gemma3_engine::{render_chat, FinishReason, GenerateParams, Pooling};
 use gemma3_tokenizer::Tokenizer;
 use serde_json::{json, Map, Value};
 use std::convert::Infallible;
@@ -31,6 +33,8 @@ pub struct App {
     pub api_key: Option<String>,
     pub metrics: Metrics,
     pub vocab: usize,
+    /// Floats in a hidden state (an embedding).
+    pub d_model: usize,
     /// eos and `<end_of_turn>`.
     pub stop_tokens: Vec<u32>,
     pub next_id: AtomicU64,
@@ -39,6 +43,8 @@ pub struct App {
     pub body_timeout: std::time::Duration,
     /// Requests being tokenized at once (see `encode`).
     pub tokenizing: tokio::sync::Semaphore,
+    /// How `/v1/embeddings` pools a text's hidden states.
+    pub pooling: Pooling,
 }
 
 pub type AppState = State<Arc<App>>;
@@ -134,14 +140,42 @@ impl App {
         jobs: Vec<(Vec<u32>, GenerateParams)>,
         logprobs: Option<usize>,
     ) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
-        let (reqs, rxs): (Vec<_>, Vec<_>) = jobs
+        let jobs = jobs
             .into_iter()
-            .map(|(prompt, params)| {
+            .map(|(prompt, params)| (prompt, params, None));
+        self.queue(jobs, logprobs)
+    }
+
+    /// Queue embedding jobs as one: each prompt's pooled vector arrives on its
+    /// receiver as an [`Event::Embedding`].
+    fn submit_embeddings(
+        &self,
+        prompts: Vec<Vec<u32>>,
+    ) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+        // (Unused by an embedding job.)
+        let params = GenerateParams {
+            max_tokens: 0,
+            sampling: gemma3_engine::SamplingParams::greedy(),
+            stop_strings: Vec::new(),
+            stop_tokens: Vec::new(),
+        };
+        let jobs = (prompts.into_iter()).map(|p| (p, params.clone(), Some(self.pooling)));
+        self.queue(jobs, None)
+    }
+
+    fn queue(
+        &self,
+        jobs: impl Iterator<Item = (Vec<u32>, GenerateParams, Option<Pooling>)>,
+        logprobs: Option<usize>,
+    ) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+        let (reqs, rxs): (Vec<_>, Vec<_>) = jobs
+            .map(|(prompt, params, embed)| {
                 let (tx, rx) = unbounded_channel();
                 let req = EngineRequest {
                     prompt,
                     params,
                     logprobs,
+                    embed,
                     events: Box::new(Sink(tx)),
                 };
                 (req, rx)
@@ -437,8 +471,15 @@ async fn collect(first: Event, mut rx: UnboundedReceiver<Event>) -> Result<Colle
                 return Ok(c);
             }
             Event::Error(e) => return Err(e.into()),
+            Event::Embedding { .. } => return Err(unexpected_embedding()),
         }
     }
+}
+
+/// An [`Event::Embedding`] for a generation request (the scheduler sends
+/// one only to requests that asked for it).
+fn unexpected_embedding() -> ApiError {
+    ApiError::internal("the scheduler answered a generation request with an embedding")
 }
 
 /// The first event: an error before any token becomes an HTTP error status.
@@ -528,6 +569,10 @@ fn sse<F: StreamFormat>(first: Event, rx: UnboundedReceiver<Event>, mut fmt: F) 
                 }
                 Some(Event::Error(e)) => {
                     push_data(&mut out, &ApiError::from(e).body());
+                    break;
+                }
+                Some(Event::Embedding { .. }) => {
+                    push_data(&mut out, &unexpected_embedding().body());
                     break;
                 }
                 None => {
@@ -722,6 +767,99 @@ pub async fn chat(
     ))
 }
 
+/// A completion's prompt (or an embedding's input) as token ids: text with
+/// BOS prepended and special-token text parsed, as llama-server does, so a
+/// prompt written in Gemma's turn format (`<start_of_turn>user …`) means its
+/// turns (it had been read as plain text, and the reply then spelled out
+/// `<end_of_turn` instead of ending); a text that starts with `<bos>` itself
+/// gets no second one. Token ids are taken as given.
+async fn prompt_ids(app: &Arc<App>, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
+    match prompt {
+        Prompt::Text(s) => {
+            let mut ids = encode(app, s.clone(), true, true).await?;
+            let bos = app.tok.specials().bos;
+            if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
+                ids.remove(0);
+            }
+            Ok(ids)
+        }
+        Prompt::Tokens(t) => Ok(t.clone()),
+    }
+}
+
+/// `POST /v1/embeddings`: each input's final hidden states pooled
+/// (`--pooling`) and scaled to unit length, as llama-server's (with
+/// `--embeddings --pooling`) are. The inputs run in waves of at most
+/// `--parallel`, so a batch larger than the server holds at once still runs;
+/// a wave that finds the server full gets the 429 any request would.
+pub async fn embeddings(
+    State(app): AppState,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    let req = EmbeddingRequest::parse(&body, app.vocab, app.d_model)?;
+    let several = req.inputs.len() > 1;
+    let ctx = app.sched.ctx();
+    // Every input tokenized and checked against the context before any is queued.
+    let mut prompts = Vec::with_capacity(req.inputs.len());
+    for (i, input) in req.inputs.iter().enumerate() {
+        // As the completions' prompts.
+        let ids = prompt_ids(&app, input).await?;
+        if ids.len() > ctx {
+            let field = if several {
+                format!("input[{i}]")
+            } else {
+                "input".to_string()
+            };
+            return Err(ApiError::field(
+                &field,
+                format!(
+                    "the input has {} tokens but the context holds {ctx}: shorten it, or start the server with a larger --ctx",
+                    ids.len()
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        prompts.push(ids);
+    }
+    let mut data = Vec::with_capacity(prompts.len());
+    let mut prompt_tokens = 0;
+    let wave = app.sched.parallel();
+    let mut prompts = prompts.into_iter().peekable();
+    while prompts.peek().is_some() {
+        let rxs = app.submit_embeddings(prompts.by_ref().take(wave).collect())?;
+        for mut rx in rxs {
+            let (mut vector, usage) = match rx.recv().await {
+                Some(Event::Embedding { vector, usage }) => (vector, usage),
+                Some(Event::Error(e)) => return Err(e.into()),
+                Some(_) => {
+                    return Err(ApiError::internal(
+                        "the scheduler answered an embedding request with tokens",
+                    ))
+                }
+                None => return Err(ApiError::internal("the scheduler stopped")),
+            };
+            normalize_l2(&mut vector);
+            prompt_tokens += usage.prompt_tokens;
+            let embedding = if req.base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            data.push(json!({"object": "embedding", "index": data.len(), "embedding": embedding}));
+        }
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "object": "list",
+            "data": data,
+            "model": app.model_id,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }),
+    ))
+}
+
 pub async fn completions(
     State(app): AppState,
     JsonObject(body): JsonObject,
@@ -746,22 +884,7 @@ pub async fn completions(
     let mut echoes = Vec::new();
     let several = req.prompts.len() > 1;
     for (i, prompt) in req.prompts.iter().enumerate() {
-        let ids = match prompt {
-            // Special-token text is parsed, as llama-server does, so a prompt
-            // written in Gemma's turn format (`<start_of_turn>user …`) means
-            // its turns (it had been read as plain text, and the reply then
-            // spelled out `<end_of_turn` instead of ending). A prompt that
-            // starts with `<bos>` itself gets no second one.
-            Prompt::Text(s) => {
-                let mut ids = encode(&app, s.clone(), true, true).await?;
-                let bos = app.tok.specials().bos;
-                if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
-                    ids.remove(0);
-                }
-                ids
-            }
-            Prompt::Tokens(t) => t.clone(),
-        };
+        let ids = prompt_ids(&app, prompt).await?;
         if req.echo {
             echoes.push(match prompt {
                 Prompt::Text(s) => s.clone(),

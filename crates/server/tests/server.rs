@@ -1102,3 +1102,115 @@ fn logit_bias_and_keys() {
     assert_eq!(r.status, 200, "{}", r.text());
     drop(s);
 }
+
+/// `POST /v1/embeddings` (and `/embeddings`): one unit-length vector per
+/// input, in order, pointing where llama.cpp's mean-pooled one does (cosine
+/// ≥ 0.995; two different texts are at most 0.76 apart there); more inputs
+/// than `--parallel` run in waves; token ids give their text's vector; base64
+/// carries the same floats; bad inputs get a 400 naming the field.
+#[test]
+fn embeddings_match_llama_cpp() {
+    use base64::Engine as _;
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let server = start(config(model, 2, 1024));
+    let addr = server.addr;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../cli/tests/data/embeddings.json"
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let texts = r["texts"].as_array().unwrap();
+    let floats = |v: &Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let norm = |a: &[f64]| a.iter().map(|x| x * x).sum::<f64>().sqrt();
+
+    let resp = post(
+        addr,
+        "/v1/embeddings",
+        &json!({"input": texts, "model": "any"}),
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let v = resp.json();
+    assert_eq!(v["object"], "list");
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(
+        data.len(),
+        texts.len(),
+        "one vector per input, past --parallel 2"
+    );
+    let tokens: u64 = (r["token_ids"].as_array().unwrap().iter())
+        .map(|t| t.as_array().unwrap().len() as u64)
+        .sum();
+    assert_eq!(v["usage"]["prompt_tokens"], tokens, "{}", v["usage"]);
+    assert_eq!(v["usage"]["total_tokens"], tokens);
+    let mut vectors = Vec::new();
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(
+            (d["object"].as_str(), d["index"].as_u64()),
+            (Some("embedding"), Some(i as u64))
+        );
+        let ours = floats(&d["embedding"]);
+        assert_eq!(ours.len(), 640);
+        assert!(
+            (norm(&ours) - 1.0).abs() < 1e-5,
+            "input {i}: length {}",
+            norm(&ours)
+        );
+        let llama = floats(&r["llama_cpp"]["mean"][i]);
+        let cos = ours.iter().zip(&llama).map(|(a, b)| a * b).sum::<f64>() / norm(&llama);
+        assert!(cos >= 0.995, "input {i}: cosine {cos} to llama.cpp's");
+        vectors.push(ours);
+    }
+
+    // Token ids, the unprefixed path and base64: the same vector.
+    let ids = &r["token_ids"][2];
+    let v = post(
+        addr,
+        "/embeddings",
+        &json!({"input": ids, "encoding_format": "base64"}),
+    )
+    .json();
+    let b64 = v["data"][0]["embedding"].as_str().expect("a base64 string");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let decoded: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    // (The JSON numbers are the f32s' shortest forms: read back as f32, exact.)
+    let text_floats: Vec<f32> = vectors[2].iter().map(|&x| x as f32).collect();
+    assert!(
+        decoded == text_floats,
+        "token ids in base64 differ from the text's floats"
+    );
+
+    let too_long: Vec<u32> = vec![2; 1025];
+    for (body, param) in [
+        (json!({}), "input"),
+        (json!({"input": ""}), "input"),
+        (json!({"input": []}), "input"),
+        (json!({"input": ["a", ""]}), "input[1]"),
+        (json!({"input": [["x"]]}), "input[0]"),
+        (json!({"input": {"text": "a"}}), "input"),
+        (json!({"input": [2, 300000]}), "input"),
+        (json!({"input": too_long}), "input"),
+        (
+            json!({"input": "a", "encoding_format": "hex"}),
+            "encoding_format",
+        ),
+        (json!({"input": "a", "dimensions": 64}), "dimensions"),
+    ] {
+        let e = expect_error(&post(addr, "/v1/embeddings", &body), 400, Some(param));
+        if param == "input" && body["input"].as_array().is_some_and(|a| a.len() > 1024) {
+            assert_eq!(e["error"]["code"], "context_length_exceeded", "{e}");
+        }
+    }
+    assert_eq!(get(addr, "/health").status, 200);
+}

@@ -106,7 +106,8 @@ impl Reference<'_> {
 
     /// [`Self::logits`], reporting the intermediates the engine's trace hook names:
     /// (layer, name, n × width values) for "q" (normed, rotated, scaled), "k" (normed,
-    /// rotated), "attn" (before Wo), "attn_out" and "l_out" (residual stream after each half).
+    /// rotated), "attn" (before Wo), "attn_out" and "l_out" (residual stream after each half),
+    /// and, as layer n_layers, "out_norm" (the final hidden states).
     pub fn logits_traced(
         &self,
         tokens: &[u32],
@@ -226,12 +227,31 @@ impl Reference<'_> {
             trace(l, "attn_out", attn_out);
             trace(l, "l_out", h.iter().flatten().copied().collect());
         }
+        let normed: Vec<Vec<f64>> = h
+            .iter()
+            .map(|hp| rms_norm(hp, self.t("output_norm.weight"), eps))
+            .collect();
+        trace(
+            s.n_layers,
+            "out_norm",
+            normed.iter().flatten().copied().collect(),
+        );
         let head = self
             .w
             .get("output.weight")
             .unwrap_or_else(|| self.t("token_embd.weight"));
-        h.iter()
-            .map(|hp| matvec(head, &rms_norm(hp, self.t("output_norm.weight"), eps)))
-            .collect()
+        normed.iter().map(|x| matvec(head, x)).collect()
+    }
+
+    /// The final hidden states (after the output norm, d_model each) at every position.
+    pub fn hidden(&self, tokens: &[u32]) -> Vec<Vec<f64>> {
+        let d = self.spec.d_model;
+        let mut out = Vec::new();
+        self.logits_traced(tokens, &mut |_, name, v| {
+            if name == "out_norm" {
+                out = v.chunks(d).map(|c| c.to_vec()).collect();
+            }
+        });
+        out
     }
 }

@@ -1,0 +1,99 @@
+//! `gemma3 embed`: texts to vectors, as llama.cpp's `llama-embedding` makes
+//! them (`--pooling`, `--embd-normalize`), one JSON array per text on stdout.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use gemma3_engine::{Pooling, Session};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    model: crate::ModelArg,
+    /// How a text's hidden states become one vector: mean (every token's,
+    /// BOS included), last (the last token's) or cls (the first token's: BOS,
+    /// the same for every text).
+    #[arg(long, default_value = "mean", value_parser = str::parse::<Pooling>)]
+    pooling: Pooling,
+    /// 2: scale each vector to unit length (Euclidean, llama.cpp's default);
+    /// -1: leave it as pooled.
+    #[arg(long, default_value = "2", allow_hyphen_values = true, value_parser = parse_normalize, action = clap::ArgAction::Set)]
+    embd_normalize: bool,
+    /// Read the texts from FILE ("-": standard input), one per line (empty
+    /// lines skipped).
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "FILE",
+        conflicts_with = "texts"
+    )]
+    file: Option<PathBuf>,
+    /// The texts, one vector each.
+    #[arg(required_unless_present = "file")]
+    texts: Vec<String>,
+}
+
+fn parse_normalize(s: &str) -> Result<bool, String> {
+    match s {
+        "2" => Ok(true),
+        "-1" => Ok(false),
+        _ => Err(format!(
+            "'{s}' is not a normalisation this build has: 2 (unit Euclidean length) or -1 (none)"
+        )),
+    }
+}
+
+impl EmbedArgs {
+    fn texts(&self) -> Result<Vec<String>> {
+        let Some(path) = &self.file else {
+            if let Some(i) = self.texts.iter().position(String::is_empty) {
+                anyhow::bail!("text {} is empty: there is nothing to embed", i + 1);
+            }
+            return Ok(self.texts.clone());
+        };
+        let text = if path.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("reading the texts from standard input")?;
+            text
+        } else {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the texts from {}", path.display()))?
+        };
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect();
+        if lines.is_empty() {
+            anyhow::bail!("{} holds no text (every line is empty)", path.display());
+        }
+        Ok(lines)
+    }
+}
+
+pub fn run(a: EmbedArgs) -> Result<()> {
+    let texts = a.texts()?;
+    let path = crate::model_path::resolve(a.model.model.clone(), true)?;
+    let (model, tok) =
+        gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t, true, false)).collect();
+    // A cache as long as the longest text (each is evaluated from position 0).
+    let longest = ids.iter().map(Vec::len).max().unwrap_or(1);
+    let ctx_len = model.config.ctx_len;
+    if let Some(i) = ids.iter().position(|t| t.len() > ctx_len) {
+        anyhow::bail!(
+            "text {} has {} tokens but the model's context holds {ctx_len}",
+            i + 1,
+            ids[i].len()
+        );
+    }
+    let mut session = Session::try_new(&model, longest)?;
+    for (i, t) in ids.iter().enumerate() {
+        let v = session
+            .embed(t, a.pooling, a.embd_normalize)
+            .with_context(|| format!("embedding text {}", i + 1))?;
+        outln!("{}", serde_json::to_string(&v)?)?;
+    }
+    Ok(())
+}
