@@ -537,8 +537,17 @@ fn tiny_f32_edited(
 /// NaN weights give NaN logits: an error, not a reply of token 0 after token 0.
 #[test]
 fn non_finite_logits_are_an_error() {
+    // A NaN norm weight is refused when the model loads, naming the tensor.
     let p = tiny_f32_edited("nan-norm.gguf", |w, _| {
         w.get_mut("output_norm.weight").unwrap().data[0] = f32::NAN;
+    });
+    fails_with(
+        &["run", "--raw", "--ctx", "64", "-n", "2", "ab"],
+        Some(&p),
+        &["output_norm.weight", "must be finite"],
+    );
+    let p = tiny_f32_edited("nan-matrix.gguf", |w, _| {
+        w.get_mut("blk.0.attn_q.weight").unwrap().data[0] = f32::NAN;
     });
     fails_with(
         &[

@@ -125,15 +125,18 @@ fn prompt_errors() {
     assert!(s.step(7).is_err());
 }
 
-/// NaN weights give NaN logits: the session and the scheduler each end with
-/// an error naming that, where greedy decoding had returned token 0 forever.
+/// NaN weights give NaN logits and hidden states: the session and the
+/// scheduler each end a generation or an embedding with an error naming
+/// that, where greedy decoding had returned token 0 forever. (A NaN in a
+/// matrix: one in a norm weight is refused when the model loads.)
 #[test]
 fn non_finite_logits_end_with_an_error() {
     use gemma3_engine::scheduler::{Event, Request, RequestError, Scheduler, SchedulerConfig};
+    use gemma3_engine::Pooling;
     use std::sync::{mpsc, Arc};
     let spec = TinySpec::default();
     let (_, mut weights) = tiny_writer(&spec);
-    weights.get_mut("output_norm.weight").unwrap().data[0] = f32::NAN;
+    weights.get_mut("blk.0.attn_q.weight").unwrap().data[0] = f32::NAN;
     let mut w = gemma3_gguf::GgufWriter::new();
     tiny::tiny_metadata(&mut w, &spec, "gemma3");
     for (name, t) in &weights {
@@ -157,25 +160,63 @@ fn non_finite_logits_end_with_an_error() {
         .generate(&tok, &prompt, &params, |_| true)
         .unwrap_err();
     assert!(matches!(e, SessionError::NonFiniteLogits), "{e}");
+    let e = Session::new(&m, 64)
+        .embed(&prompt, Pooling::Mean, true)
+        .unwrap_err();
+    assert!(matches!(e, SessionError::NonFiniteHidden), "{e}");
 
     let (sched, thread) =
         Scheduler::start(Arc::new(m), Arc::new(tok), SchedulerConfig::default()).unwrap();
-    let (tx, rx) = mpsc::channel();
-    sched
-        .submit(Request {
-            prompt,
-            params,
-            logprobs: None,
-            embed: None,
-            events: Box::new(move |ev: Event| tx.send(ev).is_ok()),
-        })
-        .unwrap();
-    match rx.recv().unwrap() {
-        Event::Error(RequestError::Model(m)) => assert!(m.contains("not finite"), "{m}"),
-        other => panic!("{other:?}"),
+    for (embed, what) in [(None, "logits"), (Some(Pooling::Last), "hidden states")] {
+        let (tx, rx) = mpsc::channel();
+        sched
+            .submit(Request {
+                prompt: prompt.clone(),
+                params: params.clone(),
+                logprobs: None,
+                embed,
+                events: Box::new(move |ev: Event| tx.send(ev).is_ok()),
+            })
+            .unwrap();
+        match rx.recv().unwrap() {
+            Event::Error(RequestError::Model(m)) => {
+                assert!(m.contains(&format!("{what} are not finite")), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
     drop(sched);
     thread.join().unwrap();
+}
+
+/// A NaN or infinite norm weight is refused when the model loads, naming the
+/// tensor: through the 8-bit activation quantizers (which read a NaN as 0) it
+/// gave a plausible wrong answer on the real model, not NaN logits.
+#[test]
+fn a_non_finite_norm_weight_is_refused_at_load() {
+    let spec = TinySpec::default();
+    for (name, value) in [
+        ("blk.2.ffn_norm.weight", f32::NAN),
+        ("output_norm.weight", f32::INFINITY),
+    ] {
+        let (_, mut weights) = tiny_writer(&spec);
+        weights.get_mut(name).unwrap().data[5] = value;
+        let mut w = gemma3_gguf::GgufWriter::new();
+        tiny::tiny_metadata(&mut w, &spec, "gemma3");
+        for (n, t) in &weights {
+            let bytes: Vec<u8> = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            w.add_tensor(n, &t.dims, gemma3_gguf::GgmlType::F32, bytes)
+                .unwrap();
+        }
+        let e = Model::from_gguf(GgufFile::from_bytes(w.to_bytes()).unwrap())
+            .err()
+            .expect("refused");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(name) && msg.contains("index 5") && msg.contains("finite"),
+            "{msg}"
+        );
+    }
 }
 
 /// A request's place is free by the time its last event (done or error) is

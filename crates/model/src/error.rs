@@ -25,6 +25,12 @@ pub enum ModelError {
     },
     #[error("tensor '{name}' has type {ty}, which this engine cannot compute with (supported: F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S, TQ2_0, TQ1_0)")]
     UnsupportedType { name: String, ty: String },
+    #[error("tensor '{name}' holds {value} at index {index}: its values must be finite numbers (the file is damaged)")]
+    NonFiniteWeight {
+        name: String,
+        index: usize,
+        value: f32,
+    },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("context overflow: position {pos} is beyond the context of {ctx} tokens")]

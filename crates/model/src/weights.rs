@@ -230,6 +230,16 @@ impl Model {
             }
             let mut out = vec![0.0; len];
             gemma3_kernels::quant::dequantize_row(format, file.tensor_data(info), &mut out);
+            // A NaN or infinite norm weight would not reach the logits as
+            // one: the 8-bit activation quantizers read a NaN as 0, so the
+            // model would answer, wrongly, instead of failing.
+            if let Some(index) = out.iter().position(|x| !x.is_finite()) {
+                return Err(ModelError::NonFiniteWeight {
+                    name: name.into(),
+                    index,
+                    value: out[index],
+                });
+            }
             Ok(out)
         };
         let embed = matrix("token_embd.weight", c.d_model, vocab)?;
