@@ -85,15 +85,34 @@ impl RunArgs {
             return Ok(p.clone());
         }
         let path = self.file.as_ref().context("no prompt given")?;
-        if path.as_os_str() == "-" {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                .context("reading the prompt from standard input")?;
-            return Ok(text);
-        }
-        std::fs::read_to_string(path)
-            .with_context(|| format!("reading the prompt from {}", path.display()))
+        let (reader, name): (Box<dyn std::io::Read>, String) = if path.as_os_str() == "-" {
+            (Box::new(std::io::stdin()), "standard input".into())
+        } else {
+            let f = std::fs::File::open(path)
+                .with_context(|| format!("reading the prompt from {}", path.display()))?;
+            (Box::new(f), path.display().to_string())
+        };
+        read_prompt(reader, &name)
     }
+}
+
+/// Most bytes a prompt file may hold: Gemma 3's longest token is 48 bytes,
+/// so no prompt of more fits the model's context of 32 768 tokens (and
+/// `-f /dev/zero` must not read until memory runs out).
+const MAX_PROMPT_BYTES: u64 = 8 << 20;
+
+fn read_prompt(reader: impl std::io::Read, name: &str) -> Result<String> {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut reader.take(MAX_PROMPT_BYTES + 1), &mut bytes)
+        .with_context(|| format!("reading the prompt from {name}"))?;
+    if bytes.len() as u64 > MAX_PROMPT_BYTES {
+        anyhow::bail!(
+            "the prompt in {name} is over {} MiB, more than any context of this model can hold",
+            MAX_PROMPT_BYTES >> 20
+        );
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!("the prompt in {name} is not UTF-8 text: {e}"))
 }
 
 #[derive(Args)]
@@ -107,6 +126,11 @@ fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
     let split = s
         .find(['+', '-'])
         .ok_or("expected ID+BIAS or ID-BIAS, e.g. 15043-100")?;
+    if split == 0 {
+        return Err(format!(
+            "'{s}' starts with a sign: expected ID+BIAS or ID-BIAS with a token id (0 or more) first, e.g. 15043-100"
+        ));
+    }
     let id = s[..split]
         .parse::<u32>()
         .map_err(|_| format!("'{}' is not a token id", &s[..split]))?;
@@ -275,17 +299,22 @@ pub fn run(a: RunArgs) -> Result<()> {
     outln!()?;
     // Ended by the context, not by -n: said even with --quiet (llama.cpp
     // warns the same), since the text stops mid-way.
-    let length = g.finish == gemma3_engine::FinishReason::Length;
-    if length && g.tokens.len() < params.max_tokens {
-        eprintln!(
-            "(the context of {} tokens is full: the reply stopped there; a larger --ctx gives it room)",
-            session.ctx()
-        );
-    }
+    note_full_context(&g, &params, session.ctx());
     if !a.quiet {
         eprintln!("{}", timing_line(&g));
     }
     Ok(())
+}
+
+/// Say so when a reply was ended by the context rather than by -n (even
+/// with --quiet, as llama.cpp warns the same), since its text stops mid-way.
+fn note_full_context(g: &gemma3_engine::Generation, params: &GenerateParams, ctx: usize) {
+    let length = g.finish == gemma3_engine::FinishReason::Length;
+    if length && g.tokens.len() < params.max_tokens {
+        eprintln!(
+            "(the context of {ctx} tokens is full: the reply stopped there; a larger --ctx gives it room)"
+        );
+    }
 }
 
 pub fn chat(a: ChatArgs) -> Result<()> {
@@ -311,6 +340,18 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         history.push(Message::new(Role::System, s.clone()));
     }
     let system_len = history.len();
+    // The system text and an empty turn must fit, or no message ever will.
+    if a.s.system.is_some() {
+        let mut probe = history.clone();
+        probe.push(Message::new(Role::User, ""));
+        let floor = tok.encode(&render_chat(&probe, true)?, false, true).len();
+        if floor >= session.ctx() {
+            anyhow::bail!(
+                "--system takes {floor} tokens with the chat template, more than the context of {} can hold with room for a message and a reply: shorten it, or use a larger --ctx",
+                session.ctx()
+            );
+        }
+    }
     eprintln!("gemma3 chat — /reset clears the history, /exit quits, Ctrl-C stops a reply. (This is the base model: replies are weak until fine-tuned.)");
     let stdin = std::io::stdin();
     let first_seed = params.sampling.seed;
@@ -365,7 +406,10 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         written?;
         outln!()?;
         match r {
-            Ok(g) => history.push(Message::new(Role::Assistant, g.text)),
+            Ok(g) => {
+                note_full_context(&g, &params, session.ctx());
+                history.push(Message::new(Role::Assistant, g.text));
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 history.pop();
@@ -387,5 +431,8 @@ mod tests {
         for bad in ["15043", "x+1", "+1", "7+101", "7-1e9", "7+nan", "7+"] {
             assert!(parse_logit_bias(bad).is_err(), "{bad}");
         }
+        // A negative id is named as such, not as an empty id.
+        let e = parse_logit_bias("-1+1").unwrap_err();
+        assert!(e.contains("starts with a sign"), "{e}");
     }
 }

@@ -195,6 +195,12 @@ fn a_missing_prompt_file_is_named() {
         Some(&model),
         &["reading the prompt", "no-such-prompt.txt"],
     );
+    // Endless input is cut off, not read until memory runs out.
+    fails_with(
+        &["run", "-f", "/dev/zero"],
+        Some(&model),
+        &["/dev/zero", "over 8 MiB"],
+    );
     let (out, _, stderr) = run(gemma3().args(["run", "-p", "a", "b"]));
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("cannot be used with"), "{stderr}");
@@ -719,4 +725,19 @@ fn embed_refuses_bad_values() {
         &["holds no text"],
     );
     std::fs::remove_file(&blank).ok();
+}
+
+/// `chat` with a --system text that leaves no room for any message stops at
+/// start, naming --system, instead of refusing every line it is given.
+#[test]
+fn chat_refuses_a_system_text_that_fills_the_context() {
+    let Some(real) = common::model_path("chat_refuses_a_system_text_that_fills_the_context") else {
+        return;
+    };
+    let system = "word ".repeat(300);
+    fails_with(
+        &["chat", "--system", &system, "-c", "128"],
+        Some(&real),
+        &["--system takes", "context of 128"],
+    );
 }

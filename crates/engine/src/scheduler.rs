@@ -171,8 +171,12 @@ pub enum RequestError {
 
 #[derive(Clone, Debug, Error, PartialEq)]
 pub enum SubmitError {
-    #[error("too many requests: {limit} are already running or waiting; retry later")]
-    QueueFull { limit: usize },
+    #[error("too many requests: {in_system} running or waiting plus {asked} asked for is over the limit of {limit}; retry later")]
+    QueueFull {
+        limit: usize,
+        in_system: usize,
+        asked: usize,
+    },
     #[error("the scheduler has stopped")]
     Stopped,
 }
@@ -284,7 +288,11 @@ impl Scheduler {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| {
                 (k.saturating_add(n) <= limit).then_some(k + n)
             })
-            .map_err(|_| SubmitError::QueueFull { limit })?;
+            .map_err(|in_system| SubmitError::QueueFull {
+                limit,
+                in_system,
+                asked: n,
+            })?;
         for (i, req) in reqs.into_iter().enumerate() {
             if self
                 .tx

@@ -97,7 +97,7 @@ impl From<SubmitError> for ApiError {
                 ..Self::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limit_error",
-                    e.to_string(),
+                    format!("{e} (the limit is the server's --parallel + --queue)"),
                 )
                 .with_code("queue_full")
             },

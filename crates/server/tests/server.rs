@@ -1097,7 +1097,13 @@ fn logit_bias_and_keys() {
         let mut b = [0u8; 256];
         assert!(s.read(&mut b).unwrap() > 0);
     }
-    expect_error(&complete(json!({"prompt": ["a", "b", "c"]})), 429, None);
+    let e = expect_error(&complete(json!({"prompt": ["a", "b", "c"]})), 429, None);
+    // The message states the load as it was: 1 in, 3 asked for, limit 3.
+    let m = e["error"]["message"].as_str().unwrap();
+    assert!(
+        m.contains("1 running or waiting plus 3 asked for is over the limit of 3"),
+        "{m}"
+    );
     let r = complete(json!({"prompt": ["a", "b"]}));
     assert_eq!(r.status, 200, "{}", r.text());
     drop(s);
