@@ -741,3 +741,41 @@ fn chat_refuses_a_system_text_that_fills_the_context() {
         &["--system takes", "context of 128"],
     );
 }
+
+/// A NaN block scale inside a layer's quantized matrix (as a damaged file
+/// holds) ends in the non-finite error: the next 8-bit activation
+/// quantizer had read the NaN as 0, and the real model answered
+/// plausibly (an attn_q scale: "the capital of the country of the same";
+/// a Q4_K ffn_down scale: an empty reply) with status 0.
+#[test]
+fn a_nan_block_scale_in_a_layer_is_an_error() {
+    let Some(real) = common::model_path("a_nan_block_scale_in_a_layer_is_an_error") else {
+        return;
+    };
+    let f = gemma3_gguf::GgufFile::open(&real).unwrap();
+    for name in ["blk.0.attn_q.weight", "blk.3.ffn_down.weight"] {
+        // The first block's f16 scale (Q5_0 and Q4_K both start with it).
+        let at = f.data_start() + f.tensor(name).unwrap().offset;
+        let p = TempFile(temp_path(&format!("nan-scale-{name}.gguf")));
+        std::fs::copy(&real, &*p).unwrap();
+        {
+            use std::io::{Seek, SeekFrom};
+            let mut w = std::fs::OpenOptions::new().write(true).open(&*p).unwrap();
+            w.seek(SeekFrom::Start(at)).unwrap();
+            w.write_all(&[0x00, 0x7e]).unwrap(); // an f16 NaN
+        }
+        fails_with(
+            &[
+                "run",
+                "--raw",
+                "--temp",
+                "0",
+                "-n",
+                "4",
+                "The capital of France is",
+            ],
+            Some(&p),
+            &["not finite"],
+        );
+    }
+}

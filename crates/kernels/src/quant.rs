@@ -299,9 +299,22 @@ fn round_even(x: f32) -> f32 {
 /// Quantize activations to ggml block_q8_0, rounding as ggml's AVX path does
 /// (scale 127/amax, round half to even), so our integer sums equal llama.cpp's.
 /// The scalar reference of [`quantize_q8_0`].
+///
+/// A block holding a NaN gets a NaN scale (and zero quants), so that the
+/// NaN reaches every product it takes part in, and so the logits: read as
+/// 0, as the rounding alone would, it let a damaged weight give a
+/// plausible wrong answer instead of an error. (The SIMD versions send
+/// such a block here: a NaN rounds to −128, which they refer to this one.)
 pub fn quantize_q8_0_ref(x: &[f32], out: &mut [BlockQ8_0]) {
     assert_eq!(x.len(), out.len() * QK, "quantize_q8_0: length mismatch");
     for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        if xb.iter().any(|v| v.is_nan()) {
+            *b = BlockQ8_0 {
+                d: f16::NAN.to_bits().to_le_bytes(),
+                qs: [0; QK],
+            };
+            continue;
+        }
         let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
@@ -315,9 +328,17 @@ pub fn quantize_q8_0_ref(x: &[f32], out: &mut [BlockQ8_0]) {
 /// Quantize activations to ggml block_q8_K.
 /// ref: ggml-quants.c quantize_row_q8_K_ref (scale -127/max, nearest_int).
 /// The scalar reference of [`quantize_q8_k`].
+/// A block holding a NaN gets a NaN scale, as in [`quantize_q8_0_ref`].
 pub fn quantize_q8_k_ref(x: &[f32], out: &mut [BlockQ8K]) {
     assert_eq!(x.len(), out.len() * QK_K, "quantize_q8_k: length mismatch");
     for (xb, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        if xb.iter().any(|v| v.is_nan()) {
+            *b = BlockQ8K {
+                d: f32::NAN,
+                ..BlockQ8K::default()
+            };
+            continue;
+        }
         let (mut max, mut amax) = (0.0f32, 0.0f32);
         for &v in xb {
             if v.abs() > amax {

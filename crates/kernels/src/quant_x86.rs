@@ -152,7 +152,8 @@ unsafe fn q8_k_avx2_impl(x: &[f32], out: &mut [BlockQ8K]) {
             _mm256_min_ps(mn[2], mn[3]),
         ));
         let Some(max) = q8_k_signed_max(xb, mx, mn) else {
-            *b = BlockQ8K::default();
+            // Every element ±0, or some NaN: the reference's block.
+            quantize_q8_k_ref(xb, std::slice::from_mut(b));
             continue;
         };
         let iscale = -127.0 / max;
@@ -352,7 +353,8 @@ unsafe fn q8_k_avx512_impl(x: &[f32], out: &mut [BlockQ8K]) {
             _mm512_min_ps(mn[2], mn[3]),
         ));
         let Some(max) = q8_k_signed_max(xb, mx, mn) else {
-            *b = BlockQ8K::default();
+            // Every element ±0, or some NaN: the reference's block.
+            quantize_q8_k_ref(xb, std::slice::from_mut(b));
             continue;
         };
         let iscale = -127.0 / max;

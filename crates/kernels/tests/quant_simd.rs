@@ -359,3 +359,25 @@ fn exact_halves_at_every_scale() {
         check(&x, &format!("halves, max {}, rep {rep}", sign * m));
     }
 }
+
+/// A block holding a NaN gets a NaN scale from every table (a NaN read as 0
+/// let a damaged weight's NaN vanish from the model's output); the blocks
+/// around it keep theirs.
+#[test]
+fn a_nan_gives_its_block_a_nan_scale() {
+    let mut x: Vec<f32> = (0..2 * QK_K).map(|i| (i as f32 * 0.37).sin()).collect();
+    x[40] = f32::NAN;
+    for t in act_quantizers_available() {
+        let mut q0 = vec![BlockQ8_0::default(); x.len() / QK];
+        (t.q8_0)(&x, &mut q0);
+        let d = |b: &BlockQ8_0| half::f16::from_le_bytes(b.d).to_f32();
+        assert!(d(&q0[1]).is_nan(), "{}: q8_0 block 1", t.name);
+        assert!(q0
+            .iter()
+            .enumerate()
+            .all(|(i, b)| i == 1 || d(b).is_finite()));
+        let mut qk = vec![BlockQ8K::default(); x.len() / QK_K];
+        (t.q8_k)(&x, &mut qk);
+        assert!(qk[0].d.is_nan() && qk[1].d.is_finite(), "{}: q8_k", t.name);
+    }
+}

@@ -499,6 +499,12 @@ pub fn serve(cfg: ServerConfig) -> Result<()> {
             "no API key"
         }
     );
+    if cfg.api_key.is_none() && !addr.ip().is_loopback() {
+        eprintln!(
+            "gemma3 serve: warning: {} is reachable from other machines and no --api-key is set: anyone who can reach it can use the model",
+            addr.ip()
+        );
+    }
     let grace = cfg.shutdown_grace;
     run(
         loaded,
