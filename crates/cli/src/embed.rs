@@ -43,6 +43,10 @@ fn parse_normalize(s: &str) -> Result<bool, String> {
     }
 }
 
+/// Most bytes `-f` reads (about 16 million tokens of text, hours of
+/// embedding): `-f /dev/zero` must not read until memory runs out.
+const MAX_TEXTS_BYTES: u64 = 64 << 20;
+
 impl EmbedArgs {
     fn texts(&self) -> Result<Vec<String>> {
         let Some(path) = &self.file else {
@@ -51,22 +55,26 @@ impl EmbedArgs {
             }
             return Ok(self.texts.clone());
         };
-        let text = if path.as_os_str() == "-" {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                .context("reading the texts from standard input")?;
-            text
+        let (reader, name): (Box<dyn std::io::Read>, String) = if path.as_os_str() == "-" {
+            (Box::new(std::io::stdin()), "standard input".into())
         } else {
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the texts from {}", path.display()))?
+            let f = std::fs::File::open(path)
+                .with_context(|| format!("reading the texts from {}", path.display()))?;
+            (Box::new(f), path.display().to_string())
         };
+        let text = crate::generate::read_capped(
+            reader,
+            MAX_TEXTS_BYTES,
+            &format!("the texts in {name}"),
+            "split the file (each part is embedded alike)",
+        )?;
         let lines: Vec<String> = text
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(str::to_owned)
             .collect();
         if lines.is_empty() {
-            anyhow::bail!("{} holds no text (every line is empty)", path.display());
+            anyhow::bail!("{name} holds no text (every line is empty)");
         }
         Ok(lines)
     }
@@ -77,7 +85,10 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     let path = crate::model_path::resolve(a.model.model.clone(), true)?;
     let (model, tok) =
         gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t, true, false)).collect();
+    // As llama-embedding and the server's /v1/embeddings tokenize a text.
+    let ids: Vec<Vec<u32>> = (texts.iter())
+        .map(|t| gemma3_engine::encode_prompt(&tok, t))
+        .collect();
     // A cache as long as the longest text (each is evaluated from position 0).
     let longest = ids.iter().map(Vec::len).max().unwrap_or(1);
     let ctx_len = model.config.ctx_len;

@@ -102,17 +102,29 @@ impl RunArgs {
 const MAX_PROMPT_BYTES: u64 = 8 << 20;
 
 fn read_prompt(reader: impl std::io::Read, name: &str) -> Result<String> {
+    read_capped(
+        reader,
+        MAX_PROMPT_BYTES,
+        &format!("the prompt in {name}"),
+        "more than any context of this model can hold",
+    )
+}
+
+/// All of `reader` as UTF-8 text (`what` names it in errors), refused when
+/// longer than `max` bytes (saying `too_big`) without reading further.
+pub(crate) fn read_capped(
+    reader: impl std::io::Read,
+    max: u64,
+    what: &str,
+    too_big: &str,
+) -> Result<String> {
     let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut reader.take(MAX_PROMPT_BYTES + 1), &mut bytes)
-        .with_context(|| format!("reading the prompt from {name}"))?;
-    if bytes.len() as u64 > MAX_PROMPT_BYTES {
-        anyhow::bail!(
-            "the prompt in {name} is over {} MiB, more than any context of this model can hold",
-            MAX_PROMPT_BYTES >> 20
-        );
+    std::io::Read::read_to_end(&mut reader.take(max + 1), &mut bytes)
+        .with_context(|| format!("reading {what}"))?;
+    if bytes.len() as u64 > max {
+        anyhow::bail!("{what}: over {} MiB; {too_big}", max >> 20);
     }
-    String::from_utf8(bytes)
-        .map_err(|e| anyhow::anyhow!("the prompt in {name} is not UTF-8 text: {e}"))
+    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{what}: not UTF-8 text: {e}"))
 }
 
 #[derive(Args)]

@@ -717,6 +717,11 @@ fn embed_refuses_bad_values() {
         Some(&model),
         &["reading the texts", "no-such-texts.txt"],
     );
+    fails_with(
+        &["embed", "-f", "/dev/zero"],
+        Some(&model),
+        &["/dev/zero", "over 64 MiB"],
+    );
     let blank = temp_path("blank-texts.txt");
     std::fs::write(&blank, "\n  \n").unwrap();
     fails_with(

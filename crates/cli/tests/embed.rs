@@ -107,4 +107,8 @@ fn texts_from_a_file_are_its_lines() {
     let from_file = embed(&model, &["-f", file.to_str().unwrap()], &[]);
     std::fs::remove_file(&file).ok();
     assert_eq!(from_file, embed(&model, &[], &texts));
+    // Special-token text is parsed, as llama-embedding and the server read
+    // it: a text that starts with <bos> gets no second one.
+    let bos = embed(&model, &[], &["<bos>Hello".to_string()]);
+    assert_eq!(bos[0], from_file[0], "<bos>Hello = Hello");
 }

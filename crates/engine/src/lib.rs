@@ -20,6 +20,19 @@ pub use session::{FinishReason, GenerateParams, Generation, Session, SessionErro
 use gemma3_gguf::GgufFile;
 use gemma3_tokenizer::{SpecialTokens, Tokenizer};
 
+/// A prompt's text as llama-server and llama-embedding tokenize it: BOS
+/// first, special-token text (`<start_of_turn>` …) parsed, so that a prompt
+/// in Gemma's turn format means its turns; a text that starts with `<bos>`
+/// itself gets no second one.
+pub fn encode_prompt(tok: &Tokenizer, text: &str) -> Vec<u32> {
+    let mut ids = tok.encode(text, true, true);
+    let bos = tok.specials().bos;
+    if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
+        ids.remove(0);
+    }
+    ids
+}
+
 /// Open a model file and build its tokenizer, interleaving the output head
 /// while the tokenizer is built (the two take about as long; this is most
 /// of the time before the first token).

@@ -16,6 +16,12 @@ fn model() -> Model {
     Model::from_gguf(GgufFile::from_bytes(w.to_bytes()).unwrap()).unwrap()
 }
 
+/// The tiny model's tokenizer.
+fn tokenizer() -> gemma3_tokenizer::Tokenizer {
+    let f = GgufFile::from_bytes(tiny_writer(&TinySpec::default()).0.to_bytes()).unwrap();
+    gemma3_engine::tokenizer_from_gguf(&f).unwrap()
+}
+
 fn tokens(seed: u64, n: usize) -> Vec<u32> {
     let mut rng = Rng::new(seed);
     (0..n).map(|_| 6 + rng.below(290) as u32).collect()
@@ -151,10 +157,7 @@ fn non_finite_logits_end_with_an_error() {
         stop_strings: vec![],
         stop_tokens: vec![],
     };
-    let tok = {
-        let f = GgufFile::from_bytes(tiny_writer(&spec).0.to_bytes()).unwrap();
-        gemma3_engine::tokenizer_from_gguf(&f).unwrap()
-    };
+    let tok = tokenizer();
     let prompt = tokens(3, 5);
     let e = Session::new(&m, 64)
         .generate(&tok, &prompt, &params, |_| true)
@@ -230,11 +233,7 @@ fn a_non_finite_norm_weight_is_refused_at_load() {
 fn a_request_has_left_the_queue_when_its_last_event_arrives() {
     use gemma3_engine::scheduler::{Event, Request, Scheduler, SchedulerConfig};
     use std::sync::{mpsc, Arc};
-    let spec = TinySpec::default();
-    let tok = {
-        let f = GgufFile::from_bytes(tiny_writer(&spec).0.to_bytes()).unwrap();
-        gemma3_engine::tokenizer_from_gguf(&f).unwrap()
-    };
+    let tok = tokenizer();
     let cfg = SchedulerConfig {
         parallel: 1,
         ctx: 64,
@@ -293,11 +292,7 @@ fn scheduler_embeddings_equal_the_session_s() {
     use gemma3_model::{Batch, ForwardState, KvCache, Output};
     use std::sync::{mpsc, Arc};
     let m = model();
-    let spec = TinySpec::default();
-    let tok = {
-        let f = GgufFile::from_bytes(tiny_writer(&spec).0.to_bytes()).unwrap();
-        gemma3_engine::tokenizer_from_gguf(&f).unwrap()
-    };
+    let tok = tokenizer();
     let texts = [tokens(31, 3), tokens(32, 40), tokens(33, 64)];
     let poolings = [Pooling::Mean, Pooling::Last, Pooling::Cls];
     let mut s = Session::new(&m, 64);
@@ -354,6 +349,7 @@ fn scheduler_embeddings_equal_the_session_s() {
         max_queue: 8,
         prefill_chunk: 16,
     };
+    let tok_solo = tok.clone();
     let (sched, thread) = Scheduler::start(Arc::new(model()), Arc::new(tok), cfg).unwrap();
     let greedy = GenerateParams {
         max_tokens: 20,
@@ -361,6 +357,10 @@ fn scheduler_embeddings_equal_the_session_s() {
         stop_strings: vec![],
         stop_tokens: vec![],
     };
+    let solo = Session::new(&m, 64)
+        .generate(&tok_solo, &tokens(34, 10), &greedy, |_| true)
+        .unwrap();
+    assert_eq!(solo.tokens.len(), 20);
     for (p, want) in poolings.iter().zip(&alone) {
         let (tx, rx) = mpsc::channel();
         let gen_tx = tx.clone();
@@ -370,9 +370,7 @@ fn scheduler_embeddings_equal_the_session_s() {
             params: greedy.clone(),
             logprobs: None,
             embed: None,
-            events: Box::new(move |ev: Event| {
-                matches!(ev, Event::Token { .. }) || gen_tx.send((usize::MAX, ev)).is_ok()
-            }),
+            events: Box::new(move |ev: Event| gen_tx.send((usize::MAX, ev)).is_ok()),
         }];
         for (i, t) in texts.iter().enumerate() {
             let tx = tx.clone();
@@ -387,6 +385,7 @@ fn scheduler_embeddings_equal_the_session_s() {
         drop(tx);
         sched.submit_many(reqs).unwrap();
         let mut got = vec![None; texts.len()];
+        let mut generated = Vec::new();
         for (i, ev) in rx.iter() {
             match ev {
                 Event::Embedding { vector, usage } if i < texts.len() => {
@@ -394,15 +393,102 @@ fn scheduler_embeddings_equal_the_session_s() {
                     assert_eq!(usage.cached_tokens, 0, "no prefix reused");
                     got[i] = Some(vector);
                 }
+                Event::Token { id, .. } if i == usize::MAX => generated.push(id),
                 Event::Done { .. } if i == usize::MAX => {}
                 other => panic!("request {i}: {other:?}"),
             }
         }
+        // The generation beside them gives its tokens alone.
+        assert_eq!(
+            generated, solo.tokens,
+            "{p}: the generation beside the embeddings"
+        );
         for (i, w) in want.iter().enumerate() {
             let g = got[i].as_ref().expect("an embedding");
             assert_eq!(bits(g), bits(w), "{p} pooling, text {i}");
         }
     }
+    drop(sched);
+    thread.join().unwrap();
+}
+
+/// An embedding request whose client went away (its sink closed) is dropped
+/// between steps without a word, and its place is free again: the one place
+/// of a scheduler without a queue takes the next request.
+#[test]
+fn a_cancelled_embedding_frees_its_place() {
+    use gemma3_engine::scheduler::{Event, EventSink, Request, Scheduler, SchedulerConfig};
+    use gemma3_engine::Pooling;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc};
+    struct Gone {
+        closed: Arc<AtomicBool>,
+        sent: Arc<AtomicUsize>,
+    }
+    impl EventSink for Gone {
+        fn send(&mut self, _: Event) -> bool {
+            self.sent.fetch_add(1, Ordering::SeqCst);
+            false
+        }
+        fn is_closed(&self) -> bool {
+            self.closed.load(Ordering::SeqCst)
+        }
+    }
+    let tok = tokenizer();
+    let cfg = SchedulerConfig {
+        parallel: 1,
+        ctx: 64,
+        max_queue: 0,
+        prefill_chunk: 4,
+    };
+    let (sched, thread) = Scheduler::start(Arc::new(model()), Arc::new(tok), cfg).unwrap();
+    let greedy = GenerateParams {
+        max_tokens: 2,
+        sampling: SamplingParams::greedy(),
+        stop_strings: vec![],
+        stop_tokens: vec![],
+    };
+    let (closed, sent) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    sched
+        .submit(Request {
+            prompt: tokens(40, 64),
+            params: greedy.clone(),
+            logprobs: None,
+            embed: Some(Pooling::Mean),
+            events: Box::new(Gone {
+                closed: closed.clone(),
+                sent: sent.clone(),
+            }),
+        })
+        .unwrap();
+    closed.store(true, Ordering::SeqCst);
+    let t0 = std::time::Instant::now();
+    while sched.stats().active + sched.stats().waiting > 0 {
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "the cancelled embedding kept its place"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let (tx, rx) = mpsc::channel();
+    sched
+        .submit(Request {
+            prompt: tokens(41, 5),
+            params: greedy,
+            logprobs: None,
+            embed: None,
+            events: Box::new(move |ev: Event| tx.send(ev).is_ok()),
+        })
+        .unwrap();
+    assert!(rx.iter().any(|ev| matches!(ev, Event::Done { .. })));
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        0,
+        "nothing sent to a closed sink"
+    );
     drop(sched);
     thread.join().unwrap();
 }

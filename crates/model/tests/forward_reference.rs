@@ -496,69 +496,74 @@ fn logits_for_some_tokens_equal_those_for_all() {
 
 /// Hidden-state outputs (an embedding's input) are the reference's final
 /// normed states; in a batch mixing tokens with no output, with their hidden
-/// state and with logits, each gets the bits it gets when all ask alike.
+/// state and with logits, each gets the bits it gets when all ask alike, also
+/// over 600 tokens (two micro-batches, past the window ring's wrap).
 #[test]
 fn hidden_states_match_the_reference_and_mix_with_logits() {
     let spec = TinySpec::default();
     let (m, w) = open(&spec);
     let (v, d) = (spec.vocab, spec.d_model);
-    let toks = tokens(23, 40, v);
-    let run = |out: &dyn Fn(usize) -> Output| {
-        let mut cache = KvCache::new(&m.config, 64);
-        let mut st = ForwardState::new();
-        let mut batch = Batch::default();
-        for (i, &t) in toks.iter().enumerate() {
-            batch.push_out(t, i, 0, out(i));
+    for n in [40, 600] {
+        let toks = tokens(23 + n as u64, n, v);
+        let run = |out: &dyn Fn(usize) -> Output| {
+            let mut cache = KvCache::new(&m.config, n);
+            let mut st = ForwardState::new();
+            let mut batch = Batch::default();
+            for (i, &t) in toks.iter().enumerate() {
+                batch.push_out(t, i, 0, out(i));
+            }
+            let logits = m.forward(&batch, std::slice::from_mut(&mut cache), &mut st);
+            (logits.expect("forward").to_vec(), st.hidden().to_vec())
+        };
+        let (none, hidden) = run(&|_| Output::Hidden);
+        assert!(none.is_empty(), "no logits asked for");
+        assert_eq!(hidden.len(), n * d);
+        if n == 40 {
+            let reference = Reference {
+                spec: &spec,
+                w: &w,
+                ggml_rounding: true,
+            }
+            .hidden(&toks);
+            let positions: Vec<usize> = (0..n).collect();
+            let (max, rms) = compare(&hidden, &reference, d, &positions);
+            eprintln!("hidden states vs the reference: max {max:.2e}, rms {rms:.2e}");
+            assert!(
+                max < TOL_MAX && rms < TOL_RMS,
+                "hidden states differ from the reference: max {max:e}, rms {rms:e}"
+            );
         }
-        let logits = m.forward(&batch, std::slice::from_mut(&mut cache), &mut st);
-        (logits.expect("forward").to_vec(), st.hidden().to_vec())
-    };
-    let (none, hidden) = run(&|_| Output::Hidden);
-    assert!(none.is_empty(), "no logits asked for");
-    assert_eq!(hidden.len(), 40 * d);
-    let reference = Reference {
-        spec: &spec,
-        w: &w,
-        ggml_rounding: true,
+        let (all_logits, hidden_too) = run(&|_| Output::Logits);
+        assert_eq!(
+            bits(&hidden_too),
+            bits(&hidden),
+            "{n}: logits rows' hidden states"
+        );
+        let kind = |i: usize| match i % 3 {
+            0 => Output::None,
+            1 => Output::Hidden,
+            _ => Output::Logits,
+        };
+        let (logits, mixed) = run(&kind);
+        let want_logits: Vec<f32> = (0..n)
+            .filter(|&i| kind(i) == Output::Logits)
+            .flat_map(|i| all_logits[i * v..(i + 1) * v].to_vec())
+            .collect();
+        assert_eq!(
+            bits(&logits),
+            bits(&want_logits),
+            "{n}: logits of the mixed batch"
+        );
+        let want_hidden: Vec<f32> = (0..n)
+            .filter(|&i| kind(i) != Output::None)
+            .flat_map(|i| hidden[i * d..(i + 1) * d].to_vec())
+            .collect();
+        assert_eq!(
+            bits(&mixed),
+            bits(&want_hidden),
+            "{n}: hidden states of the mixed batch"
+        );
     }
-    .hidden(&toks);
-    let positions: Vec<usize> = (0..40).collect();
-    let (max, rms) = compare(&hidden, &reference, d, &positions);
-    eprintln!("hidden states vs the reference: max {max:.2e}, rms {rms:.2e}");
-    assert!(
-        max < TOL_MAX && rms < TOL_RMS,
-        "hidden states differ from the reference: max {max:e}, rms {rms:e}"
-    );
-    let (all_logits, hidden_too) = run(&|_| Output::Logits);
-    assert_eq!(
-        bits(&hidden_too),
-        bits(&hidden),
-        "logits rows' hidden states"
-    );
-    let kind = |i: usize| match i % 3 {
-        0 => Output::None,
-        1 => Output::Hidden,
-        _ => Output::Logits,
-    };
-    let (logits, mixed) = run(&kind);
-    let with = |k: Output| (0..40).filter(move |&i| kind(i) == k);
-    let want_logits: Vec<f32> = (with(Output::Logits))
-        .flat_map(|i| all_logits[i * v..(i + 1) * v].to_vec())
-        .collect();
-    assert_eq!(
-        bits(&logits),
-        bits(&want_logits),
-        "logits of the mixed batch"
-    );
-    let want_hidden: Vec<f32> = (0..40)
-        .filter(|&i| kind(i) != Output::None)
-        .flat_map(|i| hidden[i * d..(i + 1) * d].to_vec())
-        .collect();
-    assert_eq!(
-        bits(&mixed),
-        bits(&want_hidden),
-        "hidden states of the mixed batch"
-    );
 }
 
 #[test]

@@ -38,8 +38,10 @@
 //! - Cross-origin requests from any origin, as llama-server allows them (a
 //!   preflight `OPTIONS` gets a 204; responses carry
 //!   `Access-Control-Allow-Origin: *`).
-//! - The four OpenAI routes also without `/v1` (`/chat/completions`,
-//!   `/completions`, `/embeddings`, `/models`), as llama-server serves them.
+//! - The three OpenAI routes also without `/v1` (`/chat/completions`,
+//!   `/completions`, `/models`), as llama-server serves them. (Not
+//!   `/embeddings`: llama-server's route of that name is its own
+//!   non-OpenAI form.)
 //! - `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics`
 //!   (Prometheus text), `POST /tokenize` (`content`, `add_special` = false,
 //!   `parse_special` = true, `with_pieces` = false, as llama-server),
@@ -323,7 +325,6 @@ pub fn router(app: Arc<App>) -> Router {
         // llama-server's paths without the /v1 prefix.
         .route("/chat/completions", post(routes::chat))
         .route("/completions", post(routes::completions))
-        .route("/embeddings", post(routes::embeddings))
         .route("/models", get(routes::models))
         .route("/v1/models/{id}", get(routes::model))
         .route("/tokenize", post(routes::tokenize))

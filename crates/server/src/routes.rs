@@ -15,7 +15,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use gemma3_engine::embed::normalize_l2;
-use gemma3_engine::scheduler::{Event, EventSink, Request as EngineRequest, Scheduler, Usage};
+use gemma3_engine::scheduler::{
+    Event, EventSink, Request as EngineRequest, Scheduler, SubmitError, Usage,
+};
 use gemma3_engine::{render_chat, FinishReason, GenerateParams, Pooling};
 use gemma3_tokenizer::Tokenizer;
 use serde_json::{json, Map, Value};
@@ -143,7 +145,7 @@ impl App {
         let jobs = jobs
             .into_iter()
             .map(|(prompt, params)| (prompt, params, None));
-        self.queue(jobs, logprobs)
+        Ok(self.queue(jobs, logprobs)?)
     }
 
     /// Queue embedding jobs as one: each prompt's pooled vector arrives on its
@@ -151,7 +153,7 @@ impl App {
     fn submit_embeddings(
         &self,
         prompts: Vec<Vec<u32>>,
-    ) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+    ) -> Result<Vec<UnboundedReceiver<Event>>, SubmitError> {
         // (Unused by an embedding job.)
         let params = GenerateParams {
             max_tokens: 0,
@@ -167,7 +169,7 @@ impl App {
         &self,
         jobs: impl Iterator<Item = (Vec<u32>, GenerateParams, Option<Pooling>)>,
         logprobs: Option<usize>,
-    ) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+    ) -> Result<Vec<UnboundedReceiver<Event>>, SubmitError> {
         let (reqs, rxs): (Vec<_>, Vec<_>) = jobs
             .map(|(prompt, params, embed)| {
                 let (tx, rx) = unbounded_channel();
@@ -273,6 +275,14 @@ async fn encode(
     add_bos: bool,
     special: bool,
 ) -> Result<Vec<u32>, ApiError> {
+    tokenize_with(app, move |tok| tok.encode(&text, add_bos, special)).await
+}
+
+/// Run `f` on the tokenizer on tokio's blocking threads.
+async fn tokenize_with(
+    app: &Arc<App>,
+    f: impl FnOnce(&Tokenizer) -> Vec<u32> + Send + 'static,
+) -> Result<Vec<u32>, ApiError> {
     // Two at a time: more would take the cores from the model's workers.
     let _turn = app
         .tokenizing
@@ -280,7 +290,7 @@ async fn encode(
         .await
         .map_err(|_| ApiError::internal("the tokenizer stopped"))?;
     let tok = app.tok.clone();
-    tokio::task::spawn_blocking(move || tok.encode(&text, add_bos, special))
+    tokio::task::spawn_blocking(move || f(&tok))
         .await
         .map_err(|_| ApiError::internal("the tokenizer stopped"))
 }
@@ -767,21 +777,16 @@ pub async fn chat(
     ))
 }
 
-/// A completion's prompt (or an embedding's input) as token ids: text with
-/// BOS prepended and special-token text parsed, as llama-server does, so a
-/// prompt written in Gemma's turn format (`<start_of_turn>user …`) means its
-/// turns (it had been read as plain text, and the reply then spelled out
-/// `<end_of_turn` instead of ending); a text that starts with `<bos>` itself
-/// gets no second one. Token ids are taken as given.
+/// A completion's prompt (or an embedding's input) as token ids: text as
+/// [`gemma3_engine::encode_prompt`] tokenizes it (special-token text parsed,
+/// as llama-server does: read as plain text, a prompt in Gemma's turn
+/// format had its reply spell out `<end_of_turn` instead of ending); token
+/// ids as given.
 async fn prompt_ids(app: &Arc<App>, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
     match prompt {
         Prompt::Text(s) => {
-            let mut ids = encode(app, s.clone(), true, true).await?;
-            let bos = app.tok.specials().bos;
-            if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
-                ids.remove(0);
-            }
-            Ok(ids)
+            let s = s.clone();
+            tokenize_with(app, move |tok| gemma3_engine::encode_prompt(tok, &s)).await
         }
         Prompt::Tokens(t) => Ok(t.clone()),
     }
@@ -790,8 +795,9 @@ async fn prompt_ids(app: &Arc<App>, prompt: &Prompt) -> Result<Vec<u32>, ApiErro
 /// `POST /v1/embeddings`: each input's final hidden states pooled
 /// (`--pooling`) and scaled to unit length, as llama-server's (with
 /// `--embeddings --pooling`) are. The inputs run in waves of at most
-/// `--parallel`, so a batch larger than the server holds at once still runs;
-/// a wave that finds the server full gets the 429 any request would.
+/// `--parallel`, each as large as the free places allow, so a batch larger
+/// than the server holds at once still runs. Only a first wave that finds
+/// no place gets the 429 any request would; later ones wait for room.
 pub async fn embeddings(
     State(app): AppState,
     JsonObject(body): JsonObject,
@@ -823,10 +829,24 @@ pub async fn embeddings(
     }
     let mut data = Vec::with_capacity(prompts.len());
     let mut prompt_tokens = 0;
-    let wave = app.sched.parallel();
-    let mut prompts = prompts.into_iter().peekable();
-    while prompts.peek().is_some() {
-        let rxs = app.submit_embeddings(prompts.by_ref().take(wave).collect())?;
+    let mut next = 0;
+    while next < prompts.len() {
+        // A wave of as many as fit now (at least one), at most --parallel.
+        let s = app.sched.stats();
+        let room = (app.sched.limit())
+            .saturating_sub(s.active + s.waiting)
+            .clamp(1, app.sched.parallel());
+        let end = (next + room).min(prompts.len());
+        let rxs = match app.submit_embeddings(prompts[next..end].to_vec()) {
+            Ok(rxs) => rxs,
+            // Once vectors are made, wait for room rather than throw them away.
+            Err(SubmitError::QueueFull { .. }) if next > 0 => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        next = end;
         for mut rx in rxs {
             let (mut vector, usage) = match rx.recv().await {
                 Some(Event::Embedding { vector, usage }) => (vector, usage),

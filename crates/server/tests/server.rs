@@ -1119,7 +1119,10 @@ fn embeddings_match_llama_cpp() {
     use base64::Engine as _;
     let Some(model) = model_path() else { return };
     let _g = serial();
-    let server = start(config(model, 2, 1024));
+    // Two places and no queue: five inputs run in waves.
+    let mut cfg = config(model, 2, 1024);
+    cfg.queue = 0;
+    let server = start(cfg);
     let addr = server.addr;
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -1174,11 +1177,11 @@ fn embeddings_match_llama_cpp() {
         vectors.push(ours);
     }
 
-    // Token ids, the unprefixed path and base64: the same vector.
+    // Token ids and base64: the same vector.
     let ids = &r["token_ids"][2];
     let v = post(
         addr,
-        "/embeddings",
+        "/v1/embeddings",
         &json!({"input": ids, "encoding_format": "base64"}),
     )
     .json();
@@ -1196,6 +1199,24 @@ fn embeddings_match_llama_cpp() {
         decoded == text_floats,
         "token ids in base64 differ from the text's floats"
     );
+
+    // With one of the two places taken by a stream, the waves take one
+    // place at a time (a wave of two had been refused with a 429).
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 60, "temperature": 0, "stream": true});
+    let mut stream = send(addr, "POST", "/v1/completions", &body.to_string(), &[]);
+    {
+        use std::io::Read;
+        let mut b = [0u8; 256];
+        assert!(stream.read(&mut b).unwrap() > 0);
+    }
+    let r = post(addr, "/v1/embeddings", &json!({"input": texts}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let again: Vec<Vec<f64>> = (r.json()["data"].as_array().unwrap().iter())
+        .map(|d| floats(&d["embedding"]))
+        .collect();
+    assert_eq!(again, vectors, "the same vectors beside a stream");
+    drop(stream);
 
     let too_long: Vec<u32> = vec![2; 1025];
     for (body, param) in [
