@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gemma3_engine::{Pooling, Session};
+use gemma3_engine::Pooling;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -89,8 +89,6 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     let ids: Vec<Vec<u32>> = (texts.iter())
         .map(|t| gemma3_engine::encode_prompt(&tok, t))
         .collect();
-    // A cache as long as the longest text (each is evaluated from position 0).
-    let longest = ids.iter().map(Vec::len).max().unwrap_or(1);
     let ctx_len = model.config.ctx_len;
     if let Some(i) = ids.iter().position(|t| t.len() > ctx_len) {
         anyhow::bail!(
@@ -99,12 +97,15 @@ pub fn run(a: EmbedArgs) -> Result<()> {
             ids[i].len()
         );
     }
-    let mut session = Session::try_new(&model, longest)?;
-    for (i, t) in ids.iter().enumerate() {
-        let v = session
-            .embed(t, a.pooling, a.embd_normalize)
-            .with_context(|| format!("embedding text {}", i + 1))?;
-        outln!("{}", serde_json::to_string(&v)?)?;
-    }
+    // Several texts to a forward pass; each line printed as its group ends.
+    let mut written = Ok(());
+    gemma3_engine::embed::embed_texts(&model, &ids, a.pooling, a.embd_normalize, |v| {
+        written = serde_json::to_string(&v)
+            .map_err(anyhow::Error::from)
+            .and_then(|line| Ok(outln!("{line}")?));
+        written.is_ok()
+    })
+    .context("embedding the texts")?;
+    written?;
     Ok(())
 }

@@ -9,7 +9,14 @@
 //! the default is mean, the usual choice for a causal model's sentence
 //! vectors.
 
+use crate::session::SessionError;
+use gemma3_model::{Batch, ForwardState, KvCache, Model, Output};
 use std::fmt;
+
+/// Tokens per forward pass of [`embed_texts`] (the micro-batch a prompt
+/// fills): enough texts that the weights, read once per pass, cost little
+/// beside the arithmetic.
+pub const GROUP_TOKENS: usize = 512;
 
 /// How a sequence's hidden states become one vector.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -112,6 +119,109 @@ impl Pooler {
         }
         Some(v)
     }
+}
+
+/// Run `texts` through one forward pass, text k as sequence k from position
+/// 0 in `caches[k]`, and pool each one's hidden states. A text's vector has
+/// the bits it has alone (the forward pass computes each token's row on its
+/// own).
+pub(crate) fn pool_texts(
+    model: &Model,
+    texts: &[&[u32]],
+    caches: &mut [KvCache],
+    batch: &mut Batch,
+    st: &mut ForwardState,
+    pooling: Pooling,
+    normalize: bool,
+) -> Result<Vec<Vec<f32>>, SessionError> {
+    batch.clear();
+    for (k, text) in texts.iter().enumerate() {
+        for (i, &t) in text.iter().enumerate() {
+            let out = if pooling.reads(i, text.len()) {
+                Output::Hidden
+            } else {
+                Output::None
+            };
+            batch.push_out(t, i, k, out);
+        }
+    }
+    model.forward(batch, caches, st)?;
+    let d = model.config.d_model;
+    let hidden = st.hidden();
+    if hidden.iter().any(|x| !x.is_finite()) {
+        return Err(SessionError::NonFiniteHidden);
+    }
+    // Row h of `hidden` is the batch's h-th token with an output: text by text.
+    let mut rows = hidden.chunks(d);
+    Ok(texts
+        .iter()
+        .map(|text| {
+            let mut pooler = Pooler::new(pooling, d);
+            (0..text.len())
+                .filter(|&i| pooling.reads(i, text.len()))
+                .for_each(|_| pooler.add(rows.next().expect("a hidden row per output")));
+            pooler
+                .finish(normalize)
+                .expect("every pooling reads a position of a non-empty text")
+        })
+        .collect())
+}
+
+/// The embeddings of `texts` (token ids, BOS first), in order, handed to
+/// `out` as they are made (it returns false to stop). Texts go several to a
+/// forward pass, up to [`GROUP_TOKENS`] tokens (a longer one alone), each
+/// with a cache of its own length, so that the weights are read once per
+/// group rather than once per text; each vector has the bits
+/// [`crate::Session::embed`] gives its text alone.
+pub fn embed_texts(
+    model: &Model,
+    texts: &[Vec<u32>],
+    pooling: Pooling,
+    normalize: bool,
+    mut out: impl FnMut(Vec<f32>) -> bool,
+) -> Result<(), SessionError> {
+    let ctx = model.config.ctx_len;
+    for t in texts {
+        if t.is_empty() {
+            return Err(SessionError::EmptyPrompt);
+        }
+        if t.len() > ctx {
+            return Err(SessionError::PromptTooLong {
+                prompt: t.len(),
+                ctx,
+            });
+        }
+    }
+    let (mut batch, mut st) = (Batch::default(), ForwardState::new());
+    let mut start = 0;
+    while start < texts.len() {
+        let mut end = start + 1;
+        let mut tokens = texts[start].len();
+        while end < texts.len() && tokens + texts[end].len() <= GROUP_TOKENS {
+            tokens += texts[end].len();
+            end += 1;
+        }
+        let group: Vec<&[u32]> = texts[start..end].iter().map(Vec::as_slice).collect();
+        let mut caches = (group.iter())
+            .map(|t| KvCache::try_new(&model.config, t.len()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let vectors = pool_texts(
+            model,
+            &group,
+            &mut caches,
+            &mut batch,
+            &mut st,
+            pooling,
+            normalize,
+        )?;
+        for v in vectors {
+            if !out(v) {
+                return Ok(());
+            }
+        }
+        start = end;
+    }
+    Ok(())
 }
 
 /// Scale `v` to unit Euclidean length (a zero vector stays zero), as

@@ -2,10 +2,10 @@
 //! evaluation and the generation loop (sampling, stop tokens, stop strings,
 //! token budget), streaming text as it is decoded.
 
-use crate::embed::{Pooler, Pooling};
+use crate::embed::Pooling;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::StopMatcher;
-use gemma3_model::{Batch, ForwardState, KvCache, Model, ModelError, Output};
+use gemma3_model::{Batch, ForwardState, KvCache, Model, ModelError};
 use gemma3_tokenizer::Tokenizer;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -190,32 +190,17 @@ impl<'m> Session<'m> {
     ) -> Result<Vec<f32>, SessionError> {
         self.check_prompt(text)?;
         self.tokens.clear();
-        self.batch.clear();
-        for (i, &t) in text.iter().enumerate() {
-            let out = if pooling.reads(i, text.len()) {
-                Output::Hidden
-            } else {
-                Output::None
-            };
-            self.batch.push_out(t, i, 0, out);
-        }
-        self.model.forward(
-            &self.batch,
+        let mut vectors = crate::embed::pool_texts(
+            self.model,
+            &[text],
             std::slice::from_mut(&mut self.cache),
+            &mut self.batch,
             &mut self.state,
+            pooling,
+            normalize,
         )?;
         self.tokens.extend_from_slice(text);
-        let hidden = self.state.hidden();
-        if hidden.iter().any(|x| !x.is_finite()) {
-            return Err(SessionError::NonFiniteHidden);
-        }
-        let mut pooler = Pooler::new(pooling, self.model.config.d_model);
-        hidden
-            .chunks(self.model.config.d_model)
-            .for_each(|row| pooler.add(row));
-        Ok(pooler
-            .finish(normalize)
-            .expect("every pooling reads at least one position of a non-empty text"))
+        Ok(vectors.remove(0))
     }
 
     /// Append one token and return the logits after it.

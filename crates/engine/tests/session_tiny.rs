@@ -492,3 +492,45 @@ fn a_cancelled_embedding_frees_its_place() {
     drop(sched);
     thread.join().unwrap();
 }
+
+/// `embed_texts` (several texts to a forward pass, a text longer than a group
+/// alone) gives each text the bits `Session::embed` gives it alone, in order;
+/// `out` returning false stops it; an empty text is refused.
+#[test]
+fn batched_embeddings_equal_each_alone() {
+    use gemma3_engine::embed::{embed_texts, GROUP_TOKENS};
+    use gemma3_engine::Pooling;
+    let m = model();
+    let lens = [3, 40, 1, 200, 300, GROUP_TOKENS + 88, 7, 64];
+    let texts: Vec<Vec<u32>> = (lens.iter().enumerate())
+        .map(|(i, &n)| tokens(50 + i as u64, n))
+        .collect();
+    let mut s = Session::new(&m, 1024);
+    for pooling in [Pooling::Mean, Pooling::Last] {
+        let mut got = Vec::new();
+        embed_texts(&m, &texts, pooling, true, |v| {
+            got.push(v);
+            true
+        })
+        .unwrap();
+        assert_eq!(got.len(), texts.len());
+        for (i, (g, t)) in got.iter().zip(&texts).enumerate() {
+            let alone = s.embed(t, pooling, true).unwrap();
+            assert_eq!(
+                bits(g),
+                bits(&alone),
+                "{pooling}, text {i} ({} tokens)",
+                t.len()
+            );
+        }
+    }
+    let mut n = 0;
+    embed_texts(&m, &texts, Pooling::Mean, false, |_| {
+        n += 1;
+        n < 2
+    })
+    .unwrap();
+    assert_eq!(n, 2, "stopped when asked");
+    let e = embed_texts(&m, &[vec![5], vec![]], Pooling::Mean, false, |_| true).unwrap_err();
+    assert!(matches!(e, SessionError::EmptyPrompt), "{e}");
+}
