@@ -19,7 +19,7 @@ pub struct EmbedArgs {
     /// -1: leave it as pooled.
     #[arg(long, default_value = "2", allow_hyphen_values = true, value_parser = parse_normalize, action = clap::ArgAction::Set)]
     embd_normalize: bool,
-    /// Read the texts from FILE ("-": standard input), one per line (empty
+    /// Read the texts from FILE ("-": standard input), one per line (blank
     /// lines skipped).
     #[arg(
         short = 'f',
@@ -28,7 +28,9 @@ pub struct EmbedArgs {
         conflicts_with = "texts"
     )]
     file: Option<PathBuf>,
-    /// The texts, one vector each.
+    /// The texts, one vector each. Special-token text such as `<start_of_turn>`
+    /// is parsed, as llama-embedding and the server read it (`gemma3 tokenize
+    /// --special` shows the same tokens, BOS aside).
     #[arg(required_unless_present = "file")]
     texts: Vec<String>,
 }
@@ -48,12 +50,17 @@ fn parse_normalize(s: &str) -> Result<bool, String> {
 const MAX_TEXTS_BYTES: u64 = 64 << 20;
 
 impl EmbedArgs {
-    fn texts(&self) -> Result<Vec<String>> {
+    /// The texts, each with the name its errors give it ("text 2", or "line
+    /// 6 of FILE").
+    fn texts(&self) -> Result<Vec<(String, String)>> {
         let Some(path) = &self.file else {
             if let Some(i) = self.texts.iter().position(String::is_empty) {
                 anyhow::bail!("text {} is empty: there is nothing to embed", i + 1);
             }
-            return Ok(self.texts.clone());
+            let named = self.texts.iter().enumerate();
+            return Ok(named
+                .map(|(i, t)| (t.clone(), format!("text {}", i + 1)))
+                .collect());
         };
         let (reader, name): (Box<dyn std::io::Read>, String) = if path.as_os_str() == "-" {
             (Box::new(std::io::stdin()), "standard input".into())
@@ -68,13 +75,14 @@ impl EmbedArgs {
             &format!("the texts in {name}"),
             "split the file (each part is embedded alike)",
         )?;
-        let lines: Vec<String> = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_owned)
+        // (A byte-order mark, as some editors write, is not text.)
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let lines: Vec<(String, String)> = (text.lines().enumerate())
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| (l.to_owned(), format!("line {} of {name}", i + 1)))
             .collect();
         if lines.is_empty() {
-            anyhow::bail!("{name} holds no text (every line is empty)");
+            anyhow::bail!("{name} holds no text (every line is blank)");
         }
         Ok(lines)
     }
@@ -87,13 +95,13 @@ pub fn run(a: EmbedArgs) -> Result<()> {
         gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
     // As llama-embedding and the server's /v1/embeddings tokenize a text.
     let ids: Vec<Vec<u32>> = (texts.iter())
-        .map(|t| gemma3_engine::encode_prompt(&tok, t))
+        .map(|(t, _)| gemma3_engine::encode_prompt(&tok, t))
         .collect();
     let ctx_len = model.config.ctx_len;
     if let Some(i) = ids.iter().position(|t| t.len() > ctx_len) {
         anyhow::bail!(
-            "text {} has {} tokens but the model's context holds {ctx_len}",
-            i + 1,
+            "{} has {} tokens but the model's context holds {ctx_len}",
+            texts[i].1,
             ids[i].len()
         );
     }

@@ -103,12 +103,29 @@ fn texts_from_a_file_are_its_lines() {
     };
     let texts = ["Hello".to_string(), "book a table for two".to_string()];
     let file = common::temp_path("embed-lines.txt");
-    std::fs::write(&file, format!("{}\n\n{}\n", texts[0], texts[1])).unwrap();
+    // A byte-order mark and a blank line are not texts.
+    std::fs::write(
+        &file,
+        format!("\u{feff}{}\n \t\n{}\r\n", texts[0], texts[1]),
+    )
+    .unwrap();
     let from_file = embed(&model, &["-f", file.to_str().unwrap()], &[]);
-    std::fs::remove_file(&file).ok();
     assert_eq!(from_file, embed(&model, &[], &texts));
     // Special-token text is parsed, as llama-embedding and the server read
     // it: a text that starts with <bos> gets no second one.
     let bos = embed(&model, &[], &["<bos>Hello".to_string()]);
     assert_eq!(bos[0], from_file[0], "<bos>Hello = Hello");
+    // A text too long for the context is named by its line.
+    std::fs::write(&file, format!("a\n\n{}\n", "hello ".repeat(33_000))).unwrap();
+    let (out, _, stderr) = run(gemma3()
+        .args(["embed", "--model"])
+        .arg(&model)
+        .arg("-f")
+        .arg(&file));
+    std::fs::remove_file(&file).ok();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("line 3 of") && stderr.contains("32768"),
+        "{stderr}"
+    );
 }

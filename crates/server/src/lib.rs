@@ -112,7 +112,9 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every route but /health and /metrics.
     #[arg(long)]
     pub api_key: Option<String>,
-    /// Most requests waiting for a slot; beyond that requests get 429.
+    /// Most requests waiting for a slot; beyond that requests get 429. Each prompt of a batched
+    /// completion counts as one, and so does each embedding input in flight (an embeddings
+    /// request takes at most --parallel places at a time).
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
     /// Most prompt tokens evaluated per step, so that a long prompt does not stall running

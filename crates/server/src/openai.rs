@@ -529,16 +529,26 @@ fn token_array(a: &[Value], vocab: usize) -> Result<Vec<u32>, ApiError> {
     token_array_of("prompt", a, vocab)
 }
 
-/// Token ids, field `name`'s (for its errors).
+/// Token ids, field `name`'s (for its errors, which name the element).
 fn token_array_of(name: &str, a: &[Value], vocab: usize) -> Result<Vec<u32>, ApiError> {
-    a.iter()
-        .map(|v| match v.as_u64() {
+    (a.iter().enumerate())
+        .map(|(i, v)| match v.as_u64() {
             Some(id) if (id as usize) < vocab => Ok(id as u32),
             Some(id) => Err(ApiError::field(
                 name,
                 format!("token id {id} is outside the vocabulary of {vocab}"),
             )),
-            None => Err(wrong_type(name, "a string or an array of token ids", v)),
+            None => Err(ApiError::field(
+                name,
+                format!(
+                    "'{name}[{i}]' must be a token id (an integer from 0 to {}), got {}",
+                    vocab - 1,
+                    match v {
+                        Value::Number(n) => n.to_string(),
+                        other => type_name(other).to_string(),
+                    }
+                ),
+            )),
         })
         .collect()
 }

@@ -1227,6 +1227,8 @@ fn embeddings_match_llama_cpp() {
         (json!({"input": [["x"]]}), "input[0]"),
         (json!({"input": {"text": "a"}}), "input"),
         (json!({"input": [2, 300000]}), "input"),
+        (json!({"input": [1.5, 2]}), "input"),
+        (json!({"input": [2, "hello"]}), "input"),
         (json!({"input": too_long}), "input"),
         (
             json!({"input": "a", "encoding_format": "hex"}),
@@ -1237,6 +1239,13 @@ fn embeddings_match_llama_cpp() {
         let e = expect_error(&post(addr, "/v1/embeddings", &body), 400, Some(param));
         if param == "input" && body["input"].as_array().is_some_and(|a| a.len() > 1024) {
             assert_eq!(e["error"]["code"], "context_length_exceeded", "{e}");
+        }
+        // A bad element of a token array is named (it had been "'input' must
+        // be a string or an array of token ids, got a number").
+        if body["input"] == json!([1.5, 2]) || body["input"] == json!([2, "hello"]) {
+            let m = e["error"]["message"].as_str().unwrap();
+            assert!(m.contains("must be a token id"), "{m}");
+            assert!(m.contains("'input[0]'") || m.contains("'input[1]'"), "{m}");
         }
     }
     assert_eq!(get(addr, "/health").status, 200);
