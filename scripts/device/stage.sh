@@ -49,7 +49,11 @@ gcc -O2 -Wall -o "$OUT/bin/llama_mini_bench" scripts/device/llama_mini_bench.c \
 # The stand-in is cut with the `gguf` package, installed into the llama.cpp venv if missing.
 "$VENV/bin/python" -c 'import gguf' 2>/dev/null || "$VENV/bin/python" -m pip install -q gguf
 "$VENV/bin/python" scripts/device/tiled_model.py "$MODEL" "$OUT/tiled.gguf.xz"
-# What travels: this folder and the tracked files, at most 64 MiB.
-total=$(( $(du -sb "$OUT" | cut -f1) + $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) ))
-echo "$OUT and the tracked files: $((total >> 20)) MiB of the 64 a lent machine takes"
+# What travels: this folder and the working tree's files that git does not
+# ignore (tracked or not), at most 64 MiB. (Every "total" line is summed, in
+# case xargs splits the list; a tracked file deleted here counts nothing.)
+tree=$({ git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null || true; } |
+  awk '$2 == "total" { s += $1 } END { print s + 0 }')
+total=$(( $(du -sb "$OUT" | cut -f1) + tree ))
+echo "$OUT and the working tree: $((total >> 20)) MiB of the 64 a lent machine takes"
 [ "$total" -lt $((64 << 20)) ] || { echo "too large to travel" >&2; exit 1; }

@@ -220,7 +220,8 @@ impl Sampler {
     /// A NaN or +∞ logit is an error naming the first such token (a broken
     /// model), where a NaN among the candidates would otherwise make every
     /// probability NaN and the draw fall through to an arbitrary token. A
-    /// −∞ logit is a token that cannot be drawn.
+    /// −∞ logit is a token that cannot be drawn; a row where every token is
+    /// −∞ (after the penalties and biases) is the same error, naming token 0.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32, NonFiniteLogit> {
         if let Some(i) = first_invalid(logits) {
             return Err(NonFiniteLogit { token: i as u32 });
@@ -243,8 +244,13 @@ impl Sampler {
         } else {
             logits
         };
+        let none_left = || NonFiniteLogit { token: 0 };
         if p.is_greedy() {
-            return Ok(argmax(logits));
+            let t = argmax(logits);
+            return match logits.get(t as usize) {
+                Some(&l) if l > f32::NEG_INFINITY => Ok(t),
+                _ => Err(none_left()),
+            };
         }
         let k = if p.top_k == 0 {
             logits.len()
@@ -253,7 +259,10 @@ impl Sampler {
         };
         top_k_into(logits, k, &mut self.cand);
         // Softmax at temperature 1 for top-p / min-p (as llama.cpp does).
-        let max = self.cand[0].1;
+        let max = match self.cand.first() {
+            Some(&(_, l)) if l > f32::NEG_INFINITY => l,
+            _ => return Err(none_left()),
+        };
         let mut probs: Vec<f32> = self.cand.iter().map(|c| (c.1 - max).exp()).collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= sum);
@@ -286,7 +295,11 @@ impl Sampler {
                 return Ok(c.0);
             }
         }
-        Ok(self.cand.last().map(|c| c.0).unwrap_or(0))
+        // The rounded weights summed to a little under r: the last candidate
+        // that can be drawn (never a −∞ one, such as a token banned by a
+        // logit bias; the first candidate's weight is 1 before scaling).
+        let drawable = (self.cand.iter().zip(&w)).rev().find(|(_, &pr)| pr > 0.0);
+        Ok(drawable.map_or(self.cand[0].0, |(c, _)| c.0))
     }
 }
 
@@ -668,6 +681,12 @@ mod tests {
                 }
                 logits[at] = saved;
             }
+        }
+        // Every token −∞ (none can be drawn): the same error, not token 0.
+        let banned = vec![f32::NEG_INFINITY; 100];
+        for params in [SamplingParams::greedy(), SamplingParams::chat_default()] {
+            let t = Sampler::new(params).sample(&banned, &[]);
+            assert_eq!(t, Err(NonFiniteLogit { token: 0 }));
         }
         // −∞ is a banned token: never drawn, not an error.
         logits[16] = f32::NEG_INFINITY; // the largest logit, 1.6

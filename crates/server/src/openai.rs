@@ -658,12 +658,12 @@ impl CompletionRequest {
                             format!("at most {MAX_PROMPTS} prompts per request, got {}", a.len()),
                         ));
                     }
-                    a.iter()
-                        .map(|p| match p {
+                    (a.iter().enumerate())
+                        .map(|(i, p)| match p {
                             Value::String(s) => Ok(Prompt::Text(s.clone())),
-                            Value::Array(ids) if !ids.is_empty() => {
-                                Ok(Prompt::Tokens(token_array(ids, vocab)?))
-                            }
+                            Value::Array(ids) if !ids.is_empty() => Ok(Prompt::Tokens(
+                                token_array_of(&format!("prompt[{i}]"), ids, vocab)?,
+                            )),
                             Value::Array(_) => Err(empty()),
                             v => Err(wrong_type(
                                 "prompt",

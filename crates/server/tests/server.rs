@@ -301,6 +301,17 @@ fn bad_requests_get_openai_errors() {
         400,
         Some("prompt"),
     );
+    // In a batch of token arrays the bad element is named where it is.
+    let v = expect_error(
+        &call(
+            "/v1/completions",
+            &json!({"prompt": [[1, 2], [3, "x"]]}).to_string(),
+        ),
+        400,
+        Some("prompt[1]"),
+    );
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("'prompt[1][1]' must be a token id"), "{msg}");
 
     // Absurd values.
     expect_error(&chat(json!({"temperature": 1e9})), 400, Some("temperature"));
