@@ -128,7 +128,7 @@ impl<'a> Fields<'a> {
 #[derive(Clone, Debug)]
 pub struct Common {
     pub sampling: SamplingParams,
-    pub max_tokens: Option<usize>,
+    pub max_tokens: MaxTokens,
     /// The name `max_tokens` came by (for error messages).
     pub max_tokens_key: &'static str,
     pub stop: Vec<String>,
@@ -139,9 +139,18 @@ pub struct Common {
     pub ignore_eos: bool,
 }
 
-/// [`Common::max_tokens`] for "as many as the context leaves" (llama-server's
-/// `n_predict: -1`, also accepted as `max_tokens: -1`).
-pub const UNLIMITED: usize = usize::MAX;
+/// How many tokens a request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaxTokens {
+    /// None said: the endpoint's default.
+    Default,
+    /// As many as the context leaves (llama-server's `n_predict: -1`, also
+    /// accepted as `max_tokens: -1`).
+    Unlimited,
+    /// At least 1 (any count, however large: one beyond the context is the
+    /// caller's error, not "unlimited").
+    Count(u64),
+}
 
 /// llama-server sampling and output fields this server does not implement,
 /// each with the test that its value leaves it off: any other value is
@@ -300,11 +309,11 @@ pub fn parse_common(
         let field = msg.split_whitespace().next().unwrap_or("").to_string();
         return Err(ApiError::field(&field, msg));
     }
-    let mut max_tokens = None;
+    let mut max_tokens = MaxTokens::Default;
     let mut max_tokens_key = max_keys.last().copied().unwrap_or("max_tokens");
     for &k in max_keys {
         if f.is_minus_one(k) {
-            max_tokens = Some(UNLIMITED);
+            max_tokens = MaxTokens::Unlimited;
             max_tokens_key = k;
             break;
         }
@@ -312,7 +321,7 @@ pub fn parse_common(
             if n == 0 {
                 return Err(ApiError::field(k, format!("'{k}' must be at least 1")));
             }
-            max_tokens = Some(usize::try_from(n).unwrap_or(usize::MAX));
+            max_tokens = MaxTokens::Count(n);
             max_tokens_key = k;
             break;
         }
@@ -745,7 +754,7 @@ mod tests {
         assert_eq!(r.common.sampling.temperature, 1.0);
         assert_eq!(r.common.sampling.top_k, 64);
         assert_eq!(r.common.sampling.top_p, 0.95);
-        assert_eq!(r.common.max_tokens, None);
+        assert_eq!(r.common.max_tokens, MaxTokens::Default);
         assert_eq!(r.logprobs, None);
     }
 
@@ -867,19 +876,19 @@ mod tests {
         let common = |v: Value| ChatRequest::parse(&obj(v), 1000).unwrap().common;
         assert_eq!(
             common(json!({"messages": m, "n_predict": 3})).max_tokens,
-            Some(3)
+            MaxTokens::Count(3)
         );
         assert_eq!(
             common(json!({"messages": m, "n_predict": 3, "max_tokens": 5})).max_tokens,
-            Some(5)
+            MaxTokens::Count(5)
         );
         assert_eq!(
             common(json!({"messages": m, "max_tokens": -1})).max_tokens,
-            Some(UNLIMITED)
+            MaxTokens::Unlimited
         );
         assert_eq!(
             common(json!({"messages": m, "n_predict": -1})).max_tokens,
-            Some(UNLIMITED)
+            MaxTokens::Unlimited
         );
         assert_eq!(param(json!({"messages": m, "n_predict": -2})), "n_predict");
         assert_eq!(

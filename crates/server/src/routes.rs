@@ -5,8 +5,8 @@
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::openai::{
-    parse_body, ChatRequest, Common, CompletionRequest, EmbeddingRequest, Fields, Prompt,
-    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    parse_body, ChatRequest, Common, CompletionRequest, EmbeddingRequest, Fields, MaxTokens,
+    Prompt, COMPLETIONS_DEFAULT_MAX_TOKENS,
 };
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request, State};
@@ -94,18 +94,18 @@ impl App {
         }
         let room = ctx - prompt;
         match common.max_tokens {
-            Some(crate::openai::UNLIMITED) => Ok(room),
-            Some(m) if m > room => Err(ApiError::field(
+            MaxTokens::Unlimited => Ok(room),
+            MaxTokens::Count(m) if m > room as u64 => Err(ApiError::field(
                 common.max_tokens_key,
                 format!(
                     "the prompt has {prompt} tokens and {} is {m}: together {} tokens, beyond the context of {ctx} tokens (at most {room} new tokens fit)",
                     common.max_tokens_key,
-                    prompt.saturating_add(m)
+                    (prompt as u64).saturating_add(m)
                 ),
             )
             .with_code("context_length_exceeded")),
-            Some(m) => Ok(m),
-            None => Ok(default.map_or(room, |d| d.min(room))),
+            MaxTokens::Count(m) => Ok(m as usize),
+            MaxTokens::Default => Ok(default.map_or(room, |d| d.min(room))),
         }
     }
 

@@ -346,6 +346,13 @@ fn bad_requests_get_openai_errors() {
         msg.contains("1000000000000") && msg.contains("256"),
         "{msg}"
     );
+    // The largest count too: it had been the sentinel for -1 ("as many as
+    // the context leaves") and was served as such.
+    expect_error(
+        &chat(json!({"max_tokens": u64::MAX})),
+        400,
+        Some("max_tokens"),
+    );
     let long = "word ".repeat(400);
     let v = expect_error(
         &call(
