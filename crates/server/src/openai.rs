@@ -534,8 +534,61 @@ pub struct CompletionRequest {
     pub logprobs: Option<usize>,
 }
 
-fn token_array(a: &[Value], vocab: usize) -> Result<Vec<u32>, ApiError> {
-    token_array_of("prompt", a, vocab)
+/// Field `name` as one text or token array, or a list of up to `max` of
+/// either (`what` names them in the error), each element's errors naming
+/// it (`name[i]`). An empty text is refused only where `empty_text` is
+/// false (a completion's "" is BOS alone; an embedding of nothing is not).
+fn prompt_list(
+    f: &Fields,
+    name: &str,
+    what: &str,
+    max: usize,
+    vocab: usize,
+    empty_text: bool,
+) -> Result<Vec<Prompt>, ApiError> {
+    let empty = |name: &str| ApiError::field(name, format!("'{name}' must not be empty"));
+    let text = |name: &str, s: &str| {
+        if s.is_empty() && !empty_text {
+            Err(empty(name))
+        } else {
+            Ok(Prompt::Text(s.to_owned()))
+        }
+    };
+    match f.get(name) {
+        None => Err(ApiError::field(name, format!("'{name}' is required"))),
+        Some(Value::String(s)) => Ok(vec![text(name, s)?]),
+        Some(Value::Array(a)) => match a.first() {
+            None => Err(empty(name)),
+            // Several: texts, or arrays of token ids.
+            Some(Value::String(_) | Value::Array(_)) => {
+                if a.len() > max {
+                    return Err(ApiError::field(
+                        name,
+                        format!("at most {max} {what} per request, got {}", a.len()),
+                    ));
+                }
+                (a.iter().enumerate())
+                    .map(|(i, v)| {
+                        let item = format!("{name}[{i}]");
+                        match v {
+                            Value::String(s) => text(&item, s),
+                            Value::Array(ids) if !ids.is_empty() => {
+                                Ok(Prompt::Tokens(token_array_of(&item, ids, vocab)?))
+                            }
+                            Value::Array(_) => Err(empty(&item)),
+                            v => Err(wrong_type(&item, "a string or an array of token ids", v)),
+                        }
+                    })
+                    .collect()
+            }
+            Some(_) => Ok(vec![Prompt::Tokens(token_array_of(name, a, vocab)?)]),
+        },
+        Some(v) => Err(wrong_type(
+            name,
+            "a string, an array of token ids, or an array of either",
+            v,
+        )),
+    }
 }
 
 /// Token ids, field `name`'s (for its errors, which name the element).
@@ -580,53 +633,7 @@ impl EmbeddingRequest {
         let f = Fields(obj);
         f.str("model")?;
         f.str("user")?;
-        let empty = |name: &str| ApiError::field(name, format!("'{name}' must not be empty"));
-        let text = |name: &str, s: &str| {
-            if s.is_empty() {
-                Err(empty(name))
-            } else {
-                Ok(Prompt::Text(s.to_owned()))
-            }
-        };
-        let inputs = match f.get("input") {
-            None => return Err(ApiError::field("input", "'input' is required")),
-            Some(Value::String(s)) => vec![text("input", s)?],
-            Some(Value::Array(a)) => match a.first() {
-                None => return Err(empty("input")),
-                Some(Value::String(_) | Value::Array(_)) => {
-                    if a.len() > MAX_EMBEDDING_INPUTS {
-                        return Err(ApiError::field(
-                            "input",
-                            format!(
-                                "at most {MAX_EMBEDDING_INPUTS} inputs per request, got {}",
-                                a.len()
-                            ),
-                        ));
-                    }
-                    (a.iter().enumerate())
-                        .map(|(i, v)| {
-                            let name = format!("input[{i}]");
-                            match v {
-                                Value::String(s) => text(&name, s),
-                                Value::Array(ids) if !ids.is_empty() => {
-                                    Ok(Prompt::Tokens(token_array_of(&name, ids, vocab)?))
-                                }
-                                Value::Array(_) => Err(empty(&name)),
-                                v => Err(wrong_type(&name, "a string or an array of token ids", v)),
-                            }
-                        })
-                        .collect::<Result<Vec<_>, _>>()?
-                }
-                Some(_) => vec![Prompt::Tokens(token_array_of("input", a, vocab)?)],
-            },
-            Some(v) => {
-                return Err(wrong_type(
-                    "input",
-                    "a string, an array of token ids, or an array of either",
-                    v,
-                ))
-            }
-        };
+        let inputs = prompt_list(&f, "input", "inputs", MAX_EMBEDDING_INPUTS, vocab, false)?;
         let base64 = match f.str("encoding_format")? {
             None | Some("float") => false,
             Some("base64") => true,
@@ -653,39 +660,7 @@ impl CompletionRequest {
     pub fn parse(obj: &Map<String, Value>, vocab: usize) -> Result<Self, ApiError> {
         let f = Fields(obj);
         f.str("model")?;
-        let empty = || ApiError::field("prompt", "'prompt' must not be empty");
-        let prompts = match f.get("prompt") {
-            None => return Err(ApiError::field("prompt", "'prompt' is required")),
-            Some(Value::String(s)) => vec![Prompt::Text(s.clone())],
-            Some(Value::Array(a)) => match a.first() {
-                None => return Err(empty()),
-                // Several prompts: strings, or arrays of token ids.
-                Some(Value::String(_) | Value::Array(_)) => {
-                    if a.len() > MAX_PROMPTS {
-                        return Err(ApiError::field(
-                            "prompt",
-                            format!("at most {MAX_PROMPTS} prompts per request, got {}", a.len()),
-                        ));
-                    }
-                    (a.iter().enumerate())
-                        .map(|(i, p)| match p {
-                            Value::String(s) => Ok(Prompt::Text(s.clone())),
-                            Value::Array(ids) if !ids.is_empty() => Ok(Prompt::Tokens(
-                                token_array_of(&format!("prompt[{i}]"), ids, vocab)?,
-                            )),
-                            Value::Array(_) => Err(empty()),
-                            v => Err(wrong_type(
-                                "prompt",
-                                "a string, an array of token ids, or an array of either",
-                                v,
-                            )),
-                        })
-                        .collect::<Result<Vec<_>, _>>()?
-                }
-                Some(_) => vec![Prompt::Tokens(token_array(a, vocab)?)],
-            },
-            Some(v) => return Err(wrong_type("prompt", "a string or an array of token ids", v)),
-        };
+        let prompts = prompt_list(&f, "prompt", "prompts", MAX_PROMPTS, vocab, true)?;
         if let Some(b) = f.u64("best_of")? {
             if b != 1 {
                 return Err(ApiError::field(
@@ -960,13 +935,14 @@ mod tests {
             [Prompt::Tokens(vec![3]), Prompt::Tokens(vec![4, 5])]
         );
         let param = |v: Value| p(v).unwrap_err().param;
+        // A bad element of the batch is named where it is.
         assert_eq!(
             param(json!({"prompt": ["a", 1]})).as_deref(),
-            Some("prompt")
+            Some("prompt[1]")
         );
         assert_eq!(
             param(json!({"prompt": [[3], []]})).as_deref(),
-            Some("prompt")
+            Some("prompt[1]")
         );
         assert_eq!(
             param(json!({"prompt": vec!["a"; MAX_PROMPTS + 1]})).as_deref(),
