@@ -62,17 +62,10 @@ impl EmbedArgs {
                 .map(|(i, t)| (t.clone(), format!("text {}", i + 1)))
                 .collect());
         };
-        let (reader, name): (Box<dyn std::io::Read>, String) = if path.as_os_str() == "-" {
-            (Box::new(std::io::stdin()), "standard input".into())
-        } else {
-            let f = std::fs::File::open(path)
-                .with_context(|| format!("reading the texts from {}", path.display()))?;
-            (Box::new(f), path.display().to_string())
-        };
-        let text = crate::generate::read_capped(
-            reader,
+        let (text, name) = crate::generate::read_input(
+            path,
             MAX_TEXTS_BYTES,
-            &format!("the texts in {name}"),
+            "the texts",
             "split the file (each part is embedded alike)",
         )?;
         // (A byte-order mark, as some editors write, is not text.)

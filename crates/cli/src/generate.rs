@@ -85,14 +85,13 @@ impl RunArgs {
             return Ok(p.clone());
         }
         let path = self.file.as_ref().context("no prompt given")?;
-        let (reader, name): (Box<dyn std::io::Read>, String) = if path.as_os_str() == "-" {
-            (Box::new(std::io::stdin()), "standard input".into())
-        } else {
-            let f = std::fs::File::open(path)
-                .with_context(|| format!("reading the prompt from {}", path.display()))?;
-            (Box::new(f), path.display().to_string())
-        };
-        read_prompt(reader, &name)
+        let (text, _) = read_input(
+            path,
+            MAX_PROMPT_BYTES,
+            "the prompt",
+            "more than any context of this model can hold",
+        )?;
+        Ok(text)
     }
 }
 
@@ -101,30 +100,31 @@ impl RunArgs {
 /// `-f /dev/zero` must not read until memory runs out).
 const MAX_PROMPT_BYTES: u64 = 8 << 20;
 
-fn read_prompt(reader: impl std::io::Read, name: &str) -> Result<String> {
-    read_capped(
-        reader,
-        MAX_PROMPT_BYTES,
-        &format!("the prompt in {name}"),
-        "more than any context of this model can hold",
-    )
-}
-
-/// All of `reader` as UTF-8 text (`what` names it in errors), refused when
-/// longer than `max` bytes (saying `too_big`) without reading further.
-pub(crate) fn read_capped(
-    reader: impl std::io::Read,
+/// All of FILE ("-": standard input) as UTF-8 text, and the name its
+/// errors give the source; refused when longer than `max` bytes (saying
+/// `too_big`) without reading further. `what` ("the prompt") names the text.
+pub(crate) fn read_input(
+    path: &std::path::Path,
     max: u64,
     what: &str,
     too_big: &str,
-) -> Result<String> {
+) -> Result<(String, String)> {
+    let (reader, name): (Box<dyn std::io::Read>, String) = if path.as_os_str() == "-" {
+        (Box::new(std::io::stdin()), "standard input".into())
+    } else {
+        let f = std::fs::File::open(path)
+            .with_context(|| format!("reading {what} from {}", path.display()))?;
+        (Box::new(f), path.display().to_string())
+    };
     let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut reader.take(max + 1), &mut bytes)
-        .with_context(|| format!("reading {what}"))?;
+    std::io::Read::read_to_end(&mut std::io::Read::take(reader, max + 1), &mut bytes)
+        .with_context(|| format!("reading {what} from {name}"))?;
     if bytes.len() as u64 > max {
-        anyhow::bail!("{what}: over {} MiB; {too_big}", max >> 20);
+        anyhow::bail!("{what} in {name}: over {} MiB; {too_big}", max >> 20);
     }
-    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{what}: not UTF-8 text: {e}"))
+    let text = String::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!("{what} in {name}: not UTF-8 text: {e}"))?;
+    Ok((text, name))
 }
 
 #[derive(Args)]

@@ -52,6 +52,16 @@ impl Pooling {
             Pooling::Cls => i == 0,
         }
     }
+
+    /// What the forward pass must yield at position `i` of a text of `len`
+    /// tokens: its hidden state where this pooling reads it.
+    pub fn output_at(self, i: usize, len: usize) -> Output {
+        if self.reads(i, len) {
+            Output::Hidden
+        } else {
+            Output::None
+        }
+    }
 }
 
 /// A pooling's name, as a command-line value (the error names the choices).
@@ -137,12 +147,7 @@ pub(crate) fn pool_texts(
     batch.clear();
     for (k, text) in texts.iter().enumerate() {
         for (i, &t) in text.iter().enumerate() {
-            let out = if pooling.reads(i, text.len()) {
-                Output::Hidden
-            } else {
-                Output::None
-            };
-            batch.push_out(t, i, k, out);
+            batch.push_out(t, i, k, pooling.output_at(i, text.len()));
         }
     }
     model.forward(batch, caches, st)?;

@@ -769,8 +769,7 @@ impl<'a> Worker<'a> {
             let len = job.prompt.len();
             for p in done..done + n {
                 let out = match &job.pooler {
-                    Some(pooler) if pooler.pooling().reads(p, len) => Output::Hidden,
-                    Some(_) => Output::None,
+                    Some(pooler) => pooler.pooling().output_at(p, len),
                     None if p + 1 == len => Output::Logits,
                     None => Output::None,
                 };

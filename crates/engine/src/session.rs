@@ -48,6 +48,18 @@ pub struct GenerateParams {
     pub stop_tokens: Vec<u32>,
 }
 
+impl GenerateParams {
+    /// Greedy decoding of at most `max_tokens`, with no stop token or string.
+    pub fn greedy(max_tokens: usize) -> Self {
+        GenerateParams {
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            stop_strings: Vec::new(),
+            stop_tokens: Vec::new(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
     /// A stop token or stop string.

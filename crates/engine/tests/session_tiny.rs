@@ -6,7 +6,7 @@
 #[path = "../../model/tests/common/tiny.rs"]
 mod tiny;
 
-use gemma3_engine::{GenerateParams, SamplingParams, Session, SessionError};
+use gemma3_engine::{GenerateParams, Session, SessionError};
 use gemma3_gguf::GgufFile;
 use gemma3_model::Model;
 use tiny::{tiny_writer, Rng, TinySpec};
@@ -91,12 +91,7 @@ fn greedy_generate_follows_the_argmax() {
     let f = GgufFile::from_bytes(tiny_writer(&TinySpec::default()).0.to_bytes()).unwrap();
     let tok = gemma3_engine::tokenizer_from_gguf(&f).unwrap();
     let prompt = tokens(6, 9);
-    let params = GenerateParams {
-        max_tokens: 12,
-        sampling: SamplingParams::greedy(),
-        stop_strings: vec![],
-        stop_tokens: vec![],
-    };
+    let params = GenerateParams::greedy(12);
     let mut s = Session::new(&m, 64);
     let g = s.generate(&tok, &prompt, &params, |_| true).unwrap();
     assert_eq!(g.tokens.len(), 12);
@@ -151,12 +146,7 @@ fn non_finite_logits_end_with_an_error() {
             .unwrap();
     }
     let m = Model::from_gguf(GgufFile::from_bytes(w.to_bytes()).unwrap()).unwrap();
-    let params = GenerateParams {
-        max_tokens: 4,
-        sampling: SamplingParams::greedy(),
-        stop_strings: vec![],
-        stop_tokens: vec![],
-    };
+    let params = GenerateParams::greedy(4);
     let tok = tokenizer();
     let prompt = tokens(3, 5);
     let e = Session::new(&m, 64)
@@ -241,16 +231,22 @@ fn a_request_has_left_the_queue_when_its_last_event_arrives() {
         prefill_chunk: 256,
     };
     let (sched, thread) = Scheduler::start(Arc::new(model()), Arc::new(tok), cfg).unwrap();
-    let params = |max_tokens| GenerateParams {
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        stop_strings: vec![],
-        stop_tokens: vec![],
-    };
     let cases = [
-        ("generated to its length", tokens(5, 6), params(3)),
-        ("no tokens asked for", tokens(6, 6), params(0)),
-        ("a prompt over the context", tokens(7, 65), params(3)),
+        (
+            "generated to its length",
+            tokens(5, 6),
+            GenerateParams::greedy(3),
+        ),
+        (
+            "no tokens asked for",
+            tokens(6, 6),
+            GenerateParams::greedy(0),
+        ),
+        (
+            "a prompt over the context",
+            tokens(7, 65),
+            GenerateParams::greedy(3),
+        ),
     ];
     for (label, prompt, params) in cases {
         let (tx, rx) = mpsc::channel();
@@ -351,12 +347,7 @@ fn scheduler_embeddings_equal_the_session_s() {
     };
     let tok_solo = tok.clone();
     let (sched, thread) = Scheduler::start(Arc::new(model()), Arc::new(tok), cfg).unwrap();
-    let greedy = GenerateParams {
-        max_tokens: 20,
-        sampling: SamplingParams::greedy(),
-        stop_strings: vec![],
-        stop_tokens: vec![],
-    };
+    let greedy = GenerateParams::greedy(20);
     let solo = Session::new(&m, 64)
         .generate(&tok_solo, &tokens(34, 10), &greedy, |_| true)
         .unwrap();
@@ -442,12 +433,7 @@ fn a_cancelled_embedding_frees_its_place() {
         prefill_chunk: 4,
     };
     let (sched, thread) = Scheduler::start(Arc::new(model()), Arc::new(tok), cfg).unwrap();
-    let greedy = GenerateParams {
-        max_tokens: 2,
-        sampling: SamplingParams::greedy(),
-        stop_strings: vec![],
-        stop_tokens: vec![],
-    };
+    let greedy = GenerateParams::greedy(2);
     let (closed, sent) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicUsize::new(0)),

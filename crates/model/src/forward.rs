@@ -453,18 +453,21 @@ impl Model {
                 &mut hid[j * d..(j + 1) * d],
             );
         }
-        let heads: Vec<bool> = (outs.iter().filter(|&&o| o != Output::None))
-            .map(|&o| o == Output::Logits)
-            .collect();
-        let ml = heads.iter().filter(|&&h| h).count();
+        let ml = outs.iter().filter(|&&o| o == Output::Logits).count();
         if ml == 0 {
             return;
         }
         let head_in: &[f32] = if ml == m {
             hid
         } else {
+            // Row j of `hid` is the j-th token with an output.
+            let with_output = outs.iter().filter(|&&o| o != Output::None);
             st.head_in.clear();
-            for (row, _) in hid.chunks(d).zip(&heads).filter(|(_, &h)| h) {
+            for (row, _) in hid
+                .chunks(d)
+                .zip(with_output)
+                .filter(|(_, &o)| o == Output::Logits)
+            {
                 st.head_in.extend_from_slice(row);
             }
             &st.head_in

@@ -155,12 +155,7 @@ impl App {
         prompts: Vec<Vec<u32>>,
     ) -> Result<Vec<UnboundedReceiver<Event>>, SubmitError> {
         // (Unused by an embedding job.)
-        let params = GenerateParams {
-            max_tokens: 0,
-            sampling: gemma3_engine::SamplingParams::greedy(),
-            stop_strings: Vec::new(),
-            stop_tokens: Vec::new(),
-        };
+        let params = GenerateParams::greedy(0);
         let jobs = (prompts.into_iter()).map(|p| (p, params.clone(), Some(self.pooling)));
         self.queue(jobs, None)
     }
