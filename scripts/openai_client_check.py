@@ -12,6 +12,7 @@ Prints 'N passed, N failed' and exits non-zero on any failure.
 """
 
 import argparse
+import json
 import sys
 
 import openai
@@ -138,6 +139,32 @@ def main():
         assert all(abs(a - b) < 1e-6 for a, b in zip(f.data[0].embedding, v[0]))
         assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens
 
+    def structured_output():
+        # The client's response_format forms: a JSON schema (as
+        # `client.beta.chat.completions.parse` and strict mode send it), and
+        # any JSON object; the reply parses and obeys the schema.
+        schema = {
+            "type": "object",
+            "properties": {"intent": {"enum": ["balance", "transfer", "card_lost"]}},
+            "required": ["intent"],
+            "additionalProperties": False,
+        }
+        ask = [{"role": "user", "content": "Classify the banking intent: I lost my card."}]
+        r = client.chat.completions.create(
+            model=model, messages=ask, temperature=0, max_tokens=40,
+            response_format={"type": "json_schema", "json_schema": {"name": "intent", "strict": True, "schema": schema}},
+        )
+        reply = json.loads(r.choices[0].message.content)
+        assert reply["intent"] in schema["properties"]["intent"]["enum"] and len(reply) == 1, reply
+        assert r.choices[0].finish_reason == "stop"
+        r = client.chat.completions.create(
+            model=model, messages=ask, temperature=0, max_tokens=60, response_format={"type": "json_object"}
+        )
+        text = r.choices[0].message.content
+        assert text.lstrip().startswith("{"), text
+        if r.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(text), dict), text
+
     check("models", lambda: client.models.list())
     check("chat", chat)
     check("chat stream = chat", chat_stream)
@@ -146,6 +173,7 @@ def main():
     check("completions (stream, echo, logprobs)", completion)
     check("stop string", stop_string)
     check("embeddings (base64 and float)", embeddings)
+    check("structured output (json_schema, json_object)", structured_output)
 
     bad = openai.BadRequestError
     check("400 temperature", lambda: expect_error(bad, 400, "temperature", lambda: client.chat.completions.create(model=model, messages=messages, temperature=1e9)))
@@ -154,6 +182,7 @@ def main():
     check("400 max_tokens beyond context", lambda: expect_error(bad, 400, "max_tokens", lambda: client.chat.completions.create(model=model, messages=messages, max_tokens=10**9)))
     check("400 max_tokens 0", lambda: expect_error(bad, 400, "max_tokens", lambda: client.completions.create(model=model, prompt="x", max_tokens=0)))
     check("400 bad role", lambda: expect_error(bad, 400, "messages[0].role", lambda: client.chat.completions.create(model=model, messages=[{"role": "robot", "content": "x"}])))
+    check("400 unsatisfiable schema", lambda: expect_error(bad, 400, "response_format", lambda: client.chat.completions.create(model=model, messages=messages, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}})))
     check("400 empty embedding input", lambda: expect_error(bad, 400, "input", lambda: client.embeddings.create(model=model, input="")))
     check("404 unknown route", lambda: expect_error(openai.NotFoundError, 404, None, lambda: client.get("/nothing", cast_to=object)))
     if args.api_key != "none":

@@ -2,7 +2,9 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gemma3_engine::{render_chat, GenerateParams, Message, Role, SamplingParams, Session};
+use gemma3_engine::{
+    render_chat, GenerateParams, GrammarSpec, Message, Role, SamplingParams, Session,
+};
 use gemma3_model::Model;
 use gemma3_tokenizer::Tokenizer;
 use std::io::{BufRead, Write};
@@ -54,6 +56,18 @@ pub struct SamplingArgs {
     /// A system message (folded into the first user turn, as Gemma's template does).
     #[arg(long)]
     pub system: Option<String>,
+    /// Constrain the output to a GBNF grammar (llama.cpp's format; `root` is the start rule).
+    #[arg(long, value_name = "GBNF", group = "constraint")]
+    pub grammar: Option<String>,
+    /// Read the GBNF grammar from FILE.
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    pub grammar_file: Option<PathBuf>,
+    /// Constrain the output to JSON that SCHEMA (a JSON schema) accepts; '{}' for any JSON value.
+    #[arg(short = 'j', long, value_name = "SCHEMA", group = "constraint")]
+    pub json_schema: Option<String>,
+    /// Read the JSON schema from FILE (llama.cpp's -jf).
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    pub json_schema_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -94,6 +108,9 @@ impl RunArgs {
         Ok(text)
     }
 }
+
+/// Most bytes a grammar or schema file may hold.
+const MAX_GRAMMAR_BYTES: u64 = 1 << 20;
 
 /// Most bytes a prompt file may hold: Gemma 3's longest token is 48 bytes,
 /// so no prompt of more fits the model's context of 32 768 tokens (and
@@ -242,7 +259,37 @@ impl SamplingArgs {
             sampling,
             stop_strings: self.stop.clone(),
             stop_tokens,
+            constraint: self.constraint(tok)?,
         })
+    }
+
+    /// The grammar or schema given (at most one: clap's group), compiled.
+    fn constraint(&self, tok: &Tokenizer) -> Result<Option<gemma3_engine::Constraint>> {
+        let file = |path: &PathBuf, what: &str| {
+            read_input(path, MAX_GRAMMAR_BYTES, what, "no grammar is that large").map(|r| r.0)
+        };
+        let json = |text: &str, flag: &str| -> Result<GrammarSpec> {
+            let v = serde_json::from_str(text)
+                .map_err(|e| anyhow::anyhow!("{flag}: not valid JSON: {e}"))?;
+            Ok(GrammarSpec::JsonSchema(v))
+        };
+        let (spec, flag) = if let Some(g) = &self.grammar {
+            (GrammarSpec::Gbnf(g.clone()), "--grammar")
+        } else if let Some(p) = &self.grammar_file {
+            (GrammarSpec::Gbnf(file(p, "the grammar")?), "--grammar-file")
+        } else if let Some(j) = &self.json_schema {
+            (json(j, "--json-schema")?, "--json-schema")
+        } else if let Some(p) = &self.json_schema_file {
+            let text = file(p, "the JSON schema")?;
+            (json(&text, "--json-schema-file")?, "--json-schema-file")
+        } else {
+            return Ok(None);
+        };
+        let grammars = gemma3_engine::Grammars::new(tok)?;
+        let c = grammars
+            .compile(&spec)
+            .map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+        Ok(Some(c))
     }
 
     /// The context to allocate: --ctx, else 8192 clamped to the model's context.

@@ -7,6 +7,8 @@
 
 pub mod chat;
 pub mod embed;
+pub mod gbnf;
+pub mod grammar;
 pub mod sampler;
 pub mod scheduler;
 pub mod session;
@@ -14,6 +16,7 @@ pub mod stop;
 
 pub use chat::{render_chat, ChatError, Message, Role};
 pub use embed::Pooling;
+pub use grammar::{Constraint, GrammarError, GrammarSpec, Grammars};
 pub use sampler::{Sampler, SamplingParams, ALL_HISTORY};
 pub use session::{FinishReason, GenerateParams, Generation, Session, SessionError};
 

@@ -23,7 +23,8 @@
 //! is then dropped within one step). Nothing here knows HTTP or JSON.
 
 use crate::embed::{Pooler, Pooling};
-use crate::sampler::{logsumexp, top_logprobs, NonFiniteLogit, Sampler};
+use crate::grammar::Constraint;
+use crate::sampler::{logsumexp, top_logprobs, Sampler};
 use crate::session::{FinishReason, GenerateParams};
 use crate::stop::StopMatcher;
 use gemma3_model::{Batch, ForwardState, KvCache, Model, Output};
@@ -165,6 +166,9 @@ pub enum RequestError {
     Sampling(String),
     #[error("model error: {0}")]
     Model(String),
+    /// The request's grammar cannot go on (see [`crate::GrammarError`]).
+    #[error("{0}")]
+    Grammar(String),
     #[error("the server is shutting down")]
     Shutdown,
 }
@@ -373,6 +377,9 @@ struct Job<'a> {
     stop_tokens: Vec<u32>,
     logprobs: Option<usize>,
     sampler: Sampler,
+    /// The request's grammar, and the row of logits it masks.
+    constraint: Option<Constraint>,
+    masked: Vec<f32>,
     stops: StopMatcher,
     dec: StreamDecoder<'a>,
     /// Prompt and generated tokens, for the penalties.
@@ -394,6 +401,8 @@ struct Pick {
     token: u32,
     logprob: Option<f32>,
     top: Vec<(u32, f32)>,
+    /// The grammar is complete with this token: nothing may follow.
+    done: bool,
 }
 
 /// How a job's turn ended.
@@ -403,9 +412,32 @@ enum End {
 }
 
 impl Job<'_> {
-    /// The next token, or an error where the row holds a NaN or +∞ logit.
-    fn pick(&mut self, row: &[f32]) -> Result<Pick, NonFiniteLogit> {
-        let token = self.sampler.sample(row, &self.history)?;
+    /// The next token (one the grammar allows, if there is one), or an
+    /// error where the row holds a NaN or +∞ logit or the grammar fails.
+    fn pick(&mut self, row: &[f32]) -> Result<Pick, RequestError> {
+        let grammar = |e: crate::GrammarError| RequestError::Grammar(e.to_string());
+        let drawn = match self.constraint.as_mut() {
+            Some(c) => {
+                self.masked.clear();
+                self.masked.extend_from_slice(row);
+                c.mask(&mut self.masked, &self.stop_tokens)
+                    .map_err(grammar)?;
+                self.sampler.sample(&self.masked, &self.history)
+            }
+            None => self.sampler.sample(row, &self.history),
+        };
+        let constrained = self.constraint.is_some();
+        let token = drawn.map_err(|e| match crate::session::no_token(e, row, constrained) {
+            crate::SessionError::Grammar(g) => grammar(g),
+            other => RequestError::Model(other.to_string()),
+        })?;
+        let done = match self.constraint.as_mut() {
+            Some(c) if !self.stop_tokens.contains(&token) => {
+                c.accept(token).map_err(grammar)?;
+                c.is_done()
+            }
+            _ => false,
+        };
         let (logprob, top) = match self.logprobs {
             None => (None, Vec::new()),
             Some(k) => {
@@ -417,6 +449,7 @@ impl Job<'_> {
             token,
             logprob,
             top,
+            done,
         })
     }
 
@@ -448,6 +481,9 @@ impl Job<'_> {
         }
         if hit {
             return Some(End::Finish(FinishReason::Stop, String::new()));
+        }
+        if p.done {
+            return Some(self.flush(FinishReason::Stop));
         }
         if self.generated >= self.max_tokens || cached >= ctx {
             return Some(self.flush(FinishReason::Length));
@@ -680,6 +716,8 @@ impl<'a> Worker<'a> {
                 stop_tokens: params.stop_tokens,
                 logprobs: req.logprobs,
                 sampler: Sampler::new(params.sampling),
+                constraint: params.constraint,
+                masked: Vec::new(),
                 stops: StopMatcher::new(params.stop_strings),
                 dec: self.tok.stream_decoder(false),
                 generated: 0,
@@ -825,7 +863,7 @@ impl<'a> Worker<'a> {
 
         // Sample every sequence from its own row, in parallel.
         let vocab = self.model.config.vocab_size;
-        let picks: Vec<(usize, Result<Pick, NonFiniteLogit>)> = self
+        let picks: Vec<(usize, Result<Pick, RequestError>)> = self
             .slots
             .par_iter_mut()
             .enumerate()
@@ -841,11 +879,12 @@ impl<'a> Worker<'a> {
         for (i, p) in picks {
             let s = &mut self.slots[i];
             let Some(job) = s.job.as_mut() else { continue };
-            let Ok(p) = p else {
-                self.end_slot(i, |_| {
-                    Event::Error(RequestError::Model(crate::session::NON_FINITE.into()))
-                });
-                continue;
+            let p = match p {
+                Ok(p) => p,
+                Err(e) => {
+                    self.end_slot(i, |_| Event::Error(e));
+                    continue;
+                }
             };
             let before = job.generated;
             let end = job.deliver(p, s.tokens.len(), ctx);

@@ -3,6 +3,7 @@
 //! token budget), streaming text as it is decoded.
 
 use crate::embed::Pooling;
+use crate::grammar::{Constraint, GrammarError};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use gemma3_model::{Batch, ForwardState, KvCache, Model, ModelError};
@@ -26,6 +27,8 @@ pub enum SessionError {
     NonFiniteLogits,
     #[error("{NON_FINITE_HIDDEN}")]
     NonFiniteHidden,
+    #[error(transparent)]
+    Grammar(#[from] GrammarError),
 }
 
 /// Why a model that computes NaN or infinite logits (broken weights or
@@ -46,6 +49,10 @@ pub struct GenerateParams {
     pub stop_strings: Vec<String>,
     /// Token ids that end generation (eos, `<end_of_turn>`).
     pub stop_tokens: Vec<u32>,
+    /// A grammar the output must follow (compiled, at its start): tokens it
+    /// does not allow are never drawn, the stop tokens only where it may
+    /// end, and generation stops once nothing more can follow.
+    pub constraint: Option<Constraint>,
 }
 
 impl GenerateParams {
@@ -56,6 +63,7 @@ impl GenerateParams {
             sampling: SamplingParams::greedy(),
             stop_strings: Vec::new(),
             stop_tokens: Vec::new(),
+            constraint: None,
         }
     }
 }
@@ -259,14 +267,25 @@ impl<'m> Session<'m> {
         let mut finish = FinishReason::Length;
         let mut history: Vec<u32> = prompt.to_vec();
         let mut hit_stop_string = false;
+        let mut constraint = params.constraint.clone();
         while out_tokens.len() < params.max_tokens {
+            if let Some(c) = constraint.as_mut() {
+                c.mask(&mut logits, &params.stop_tokens)?;
+            }
             let t = sampler
                 .sample(&logits, &history)
-                .map_err(|_| SessionError::NonFiniteLogits)?;
+                .map_err(|e| no_token(e, &logits, constraint.is_some()))?;
             if params.stop_tokens.contains(&t) {
                 finish = FinishReason::Stop;
                 break;
             }
+            let done = match constraint.as_mut() {
+                Some(c) => {
+                    c.accept(t)?;
+                    c.is_done()
+                }
+                None => false,
+            };
             out_tokens.push(t);
             history.push(t);
             let piece = dec
@@ -281,6 +300,10 @@ impl<'m> Session<'m> {
             if hit {
                 finish = FinishReason::Stop;
                 hit_stop_string = true;
+                break;
+            }
+            if done {
+                finish = FinishReason::Stop;
                 break;
             }
             if out_tokens.len() >= params.max_tokens || self.tokens.len() >= self.cache.ctx {
@@ -310,5 +333,22 @@ impl<'m> Session<'m> {
             prompt_time,
             gen_time: t1.elapsed(),
         })
+    }
+}
+
+/// The error for a row of `logits` where no token could be drawn: a NaN
+/// or +∞ logit (a broken model), or, under a grammar, every token it allows
+/// next also banned (by a logit bias).
+pub(crate) fn no_token(
+    e: crate::sampler::NonFiniteLogit,
+    logits: &[f32],
+    constrained: bool,
+) -> SessionError {
+    match logits.get(e.token as usize) {
+        Some(l) if constrained && !l.is_nan() && *l != f32::INFINITY => GrammarError::Matcher(
+            "every token the grammar allows next is banned (by logit_bias)".into(),
+        )
+        .into(),
+        _ => SessionError::NonFiniteLogits,
     }
 }

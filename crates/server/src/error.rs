@@ -115,6 +115,7 @@ impl From<RequestError> for ApiError {
             | RequestError::BadToken { .. } => Self::field("prompt", msg),
             RequestError::Sampling(_) => Self::bad_request(msg),
             RequestError::Model(_) => Self::internal(msg),
+            RequestError::Grammar(_) => Self::bad_request(msg),
             RequestError::Shutdown => Self::unavailable(msg),
         }
     }

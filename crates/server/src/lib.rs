@@ -17,10 +17,13 @@
 //!   penalties look at: 0 none, −1 all, as llama-server; default 64),
 //!   `logprobs` + `top_logprobs` (0..=20), `logit_bias` (token id → −100..=100),
 //!   `n` (1 only), llama-server's `ignore_eos`. Generation ends at eos or
-//!   `<end_of_turn>`. Fields this server does not implement and that would
-//!   change the answer (`tools`, `tool_choice`, `response_format` other than
-//!   text, a message's `tool_calls`, and llama-server's `grammar`,
-//!   `json_schema`, `mirostat`, `n_probs`, `typical_p`, `dry_*`,
+//!   `<end_of_turn>`. The output may be constrained by one of
+//!   `response_format` (`json_object`, with llama-server's optional `schema`;
+//!   `json_schema` with `json_schema.schema`), llama-server's `grammar`
+//!   (GBNF) or its `json_schema`: a bad grammar or schema is a 400 naming its
+//!   field. Fields this server does not implement and that would
+//!   change the answer (`tools`, `tool_choice`, a message's `tool_calls`,
+//!   and llama-server's `mirostat`, `n_probs`, `typical_p`, `dry_*`,
 //!   `xtc_*`, `dynatemp_range`, `top_n_sigma`, `t_max_predict_ms` other than
 //!   at their "off" values) are refused with a 400, not ignored.
 //! - `POST /v1/completions`: `prompt` as text (BOS prepended unless it starts
@@ -288,6 +291,7 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         body_timeout: cfg.body_timeout,
         tokenizing: tokio::sync::Semaphore::new(2),
         pooling: cfg.pooling,
+        grammars: Default::default(),
     });
     Ok(Loaded {
         app,

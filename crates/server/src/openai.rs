@@ -8,7 +8,7 @@
 
 use crate::error::ApiError;
 use gemma3_engine::sampler::random_seed;
-use gemma3_engine::{Message, Role, SamplingParams};
+use gemma3_engine::{GrammarSpec, Message, Role, SamplingParams};
 use serde_json::{Map, Value};
 
 /// Most stop strings per request.
@@ -137,6 +137,9 @@ pub struct Common {
     /// llama-server's `ignore_eos`: the end-of-text and end-of-turn tokens
     /// are never drawn, so generation runs to `max_tokens`.
     pub ignore_eos: bool,
+    /// The output's grammar or schema (`response_format`, or llama-server's
+    /// `grammar` / `json_schema`), and the field it came by.
+    pub grammar: Option<(GrammarSpec, &'static str)>,
 }
 
 /// How many tokens a request asks for.
@@ -155,15 +158,11 @@ pub enum MaxTokens {
 /// llama-server sampling and output fields this server does not implement,
 /// each with the test that its value leaves it off: any other value is
 /// refused with a 400, as each would change the answer (silently ignored,
-/// `grammar` or `n_probs` gave an unconstrained reply and no probabilities).
+/// `mirostat` or `n_probs` gave another sampler's reply and no probabilities).
 /// (llama-server's `samplers`, the order of its sampling steps, is accepted
 /// and ignored: llama.cpp's web UI sends it with every request, and the
 /// steps this server has run in llama.cpp's default order.)
-const LLAMA_SERVER_FIELDS: [(&str, OffTest); 10] = [
-    ("grammar", |v| v.as_str() == Some("")),
-    ("json_schema", |v| {
-        v.as_object().is_some_and(|o| o.is_empty())
-    }),
+const LLAMA_SERVER_FIELDS: [(&str, OffTest); 8] = [
     ("mirostat", is_zero),
     ("n_probs", is_zero),
     ("dry_multiplier", is_zero),
@@ -215,16 +214,7 @@ pub fn parse_common(
             }
         }
     }
-    match f.get("response_format") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("text") => {}
-        Some(_) => {
-            return Err(ApiError::field(
-                "response_format",
-                "only 'response_format': {\"type\": \"text\"} is supported",
-            ))
-        }
-    }
+    let grammar = parse_grammar(f)?;
     for (key, off) in LLAMA_SERVER_FIELDS {
         if let Some(v) = f.get(key) {
             if !off(v) {
@@ -381,7 +371,86 @@ pub fn parse_common(
         stream,
         include_usage,
         ignore_eos,
+        grammar,
     })
+}
+
+/// The output's constraint: OpenAI's `response_format` (`text`;
+/// `json_object`, with llama-server's optional `schema`; `json_schema` with
+/// `json_schema.schema`), or llama-server's `grammar` (GBNF) or
+/// `json_schema`. At most one of them may constrain.
+fn parse_grammar(f: &Fields) -> Result<Option<(GrammarSpec, &'static str)>, ApiError> {
+    let mut found: Vec<(GrammarSpec, &'static str)> = Vec::new();
+    const RF: &str = "response_format";
+    match f.get(RF) {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) => match o.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some("json_object") => match o.get("schema") {
+                None | Some(Value::Null) => found.push((GrammarSpec::json_object(), RF)),
+                Some(s @ Value::Object(_)) => found.push((GrammarSpec::JsonSchema(s.clone()), RF)),
+                Some(_) => {
+                    return Err(ApiError::field(
+                        RF,
+                        "'response_format.schema' must be a JSON schema object",
+                    ))
+                }
+            },
+            Some("json_schema") => {
+                let schema = o.get("json_schema").and_then(|j| j.get("schema"));
+                match schema {
+                    Some(s @ Value::Object(_)) => {
+                        found.push((GrammarSpec::JsonSchema(s.clone()), RF))
+                    }
+                    _ => {
+                        return Err(ApiError::field(
+                            RF,
+                            "'response_format' of type 'json_schema' needs 'json_schema': {\"schema\": {...}} with a JSON schema object",
+                        ))
+                    }
+                }
+            }
+            _ => {
+                return Err(ApiError::field(
+                    RF,
+                    "'response_format.type' must be 'text', 'json_object' or 'json_schema'",
+                ))
+            }
+        },
+        Some(_) => return Err(ApiError::field(RF, "'response_format' must be an object")),
+    }
+    match f.get("grammar") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(g)) if g.is_empty() => {}
+        Some(Value::String(g)) => found.push((GrammarSpec::Gbnf(g.clone()), "grammar")),
+        Some(_) => {
+            return Err(ApiError::field(
+                "grammar",
+                "'grammar' must be a string (a GBNF grammar)",
+            ))
+        }
+    }
+    match f.get("json_schema") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) if o.is_empty() => {}
+        Some(s @ Value::Object(_)) => {
+            found.push((GrammarSpec::JsonSchema(s.clone()), "json_schema"))
+        }
+        Some(_) => {
+            return Err(ApiError::field(
+                "json_schema",
+                "'json_schema' must be a JSON schema object",
+            ))
+        }
+    }
+    if found.len() > 1 {
+        let names: Vec<&str> = found.iter().map(|f| f.1).collect();
+        return Err(ApiError::bad_request(format!(
+            "give at most one of 'response_format' (json), 'grammar' and 'json_schema'; got {}",
+            names.join(" and ")
+        )));
+    }
+    Ok(found.pop())
 }
 
 /// A parsed `POST /v1/chat/completions`.
@@ -734,6 +803,42 @@ mod tests {
     }
 
     #[test]
+    fn grammars_come_by_three_fields() {
+        let m = json!([{"role": "user", "content": "hi"}]);
+        let g = |v: Value| ChatRequest::parse(&obj(v), 1000).map(|r| r.common.grammar);
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert_eq!(g(json!({"messages": m})).unwrap(), None);
+        assert_eq!(
+            g(json!({"messages": m, "response_format": {"type": "text"}})).unwrap(),
+            None
+        );
+        // Off values: llama-server's empty grammar and empty schema.
+        assert_eq!(
+            g(json!({"messages": m, "grammar": "", "json_schema": {}})).unwrap(),
+            None
+        );
+        assert_eq!(
+            g(json!({"messages": m, "response_format": {"type": "json_object"}})).unwrap(),
+            Some((GrammarSpec::json_object(), "response_format"))
+        );
+        let rf = json!({"type": "json_schema", "json_schema": {"name": "x", "strict": true, "schema": schema}});
+        assert_eq!(
+            g(json!({"messages": m, "response_format": rf})).unwrap(),
+            Some((GrammarSpec::JsonSchema(schema.clone()), "response_format"))
+        );
+        assert_eq!(
+            g(json!({"messages": m, "json_schema": schema})).unwrap(),
+            Some((GrammarSpec::JsonSchema(schema.clone()), "json_schema"))
+        );
+        assert_eq!(
+            g(json!({"messages": m, "grammar": "root ::= \"a\""})).unwrap(),
+            Some((GrammarSpec::Gbnf("root ::= \"a\"".into()), "grammar"))
+        );
+        let two = g(json!({"messages": m, "grammar": "root ::= \"a\"", "json_schema": schema}));
+        assert!(two.unwrap_err().message.contains("at most one"));
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let param = |v: Value| {
             ChatRequest::parse(&obj(v), 1000)
@@ -767,8 +872,21 @@ mod tests {
             "tool_choice"
         );
         assert_eq!(
-            param(json!({"messages": m, "response_format": {"type": "json_object"}})),
+            param(json!({"messages": m, "response_format": {"type": "xml"}})),
             "response_format"
+        );
+        assert_eq!(
+            param(json!({"messages": m, "response_format": {"type": "json_schema"}})),
+            "response_format"
+        );
+        assert_eq!(
+            param(json!({"messages": m, "response_format": {"type": "json_object", "schema": 3}})),
+            "response_format"
+        );
+        assert_eq!(param(json!({"messages": m, "grammar": 7})), "grammar");
+        assert_eq!(
+            param(json!({"messages": m, "json_schema": "x"})),
+            "json_schema"
         );
         let call = json!([{"role": "user", "content": "x"},
             {"role": "assistant", "content": null, "tool_calls": [{"id": "1"}]}]);
@@ -828,8 +946,6 @@ mod tests {
         // llama-server's own fields: refused where they would change the
         // answer (they had been ignored), accepted at their "off" values.
         for (key, on) in [
-            ("grammar", json!("root ::= \"yes\"")),
-            ("json_schema", json!({"type": "object"})),
             ("mirostat", json!(2)),
             ("n_probs", json!(5)),
             ("dry_multiplier", json!(0.8)),

@@ -18,7 +18,7 @@ use gemma3_engine::embed::normalize_l2;
 use gemma3_engine::scheduler::{
     Event, EventSink, Request as EngineRequest, Scheduler, SubmitError, Usage,
 };
-use gemma3_engine::{render_chat, FinishReason, GenerateParams, Pooling};
+use gemma3_engine::{render_chat, FinishReason, GenerateParams, Grammars, Pooling};
 use gemma3_tokenizer::Tokenizer;
 use serde_json::{json, Map, Value};
 use std::convert::Infallible;
@@ -47,6 +47,9 @@ pub struct App {
     pub tokenizing: tokio::sync::Semaphore,
     /// How `/v1/embeddings` pools a text's hidden states.
     pub pooling: Pooling,
+    /// The grammar compiler for this vocabulary, built by the first request
+    /// that asks for a grammar or schema.
+    pub grammars: std::sync::OnceLock<Result<Grammars, String>>,
 }
 
 pub type AppState = State<Arc<App>>;
@@ -109,18 +112,36 @@ impl App {
         }
     }
 
-    fn params(&self, common: &Common, max_tokens: usize) -> GenerateParams {
+    fn params(&self, common: &Common, max_tokens: usize) -> Result<GenerateParams, ApiError> {
         let mut sampling = common.sampling.clone();
         if common.ignore_eos {
             // As llama-server does: the end tokens get a logit of −∞.
             (sampling.logit_bias).extend(self.stop_tokens.iter().map(|&t| (t, f32::NEG_INFINITY)));
         }
-        GenerateParams {
+        let constraint = match &common.grammar {
+            None => None,
+            // (Building the vocabulary's index takes about a second, once;
+            // compiling a grammar, up to llguidance's limits: off the
+            // runtime's other tasks.)
+            Some((spec, field)) => tokio::task::block_in_place(|| {
+                let grammars = self
+                    .grammars
+                    .get_or_init(|| Grammars::new(&self.tok).map_err(|e| e.to_string()))
+                    .as_ref()
+                    .map_err(|e| ApiError::internal(format!("grammars: {e}")))?;
+                let c = grammars
+                    .compile(spec)
+                    .map_err(|e| ApiError::field(field, e.to_string()))?;
+                Ok::<_, ApiError>(Some(c))
+            })?,
+        };
+        Ok(GenerateParams {
             max_tokens,
             sampling,
             stop_strings: common.stop.clone(),
             stop_tokens: self.stop_tokens.clone(),
-        }
+            constraint,
+        })
     }
 
     /// Queue a job; its events arrive on the returned channel. Dropping the
@@ -736,7 +757,7 @@ pub async fn chat(
         render_chat(&req.messages, true).map_err(|e| ApiError::field("messages", e.to_string()))?;
     let prompt = encode(&app, text, false, true).await?;
     let max_tokens = app.budget(prompt.len(), &req.common, None, "messages")?;
-    let params = app.params(&req.common, max_tokens);
+    let params = app.params(&req.common, max_tokens)?;
     let mut rx = app.submit(prompt, params, req.logprobs)?;
     let first = first_event(&mut rx).await?;
     let id = app.new_id("chatcmpl");
@@ -918,7 +939,7 @@ pub async fn completions(
             Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
             &field,
         )?;
-        jobs.push((ids, app.params(&req.common, max_tokens)));
+        jobs.push((ids, app.params(&req.common, max_tokens)?));
     }
     // Queued as one (all or none), and run side by side.
     let rxs = app.submit_many(jobs, req.logprobs)?;

@@ -103,6 +103,7 @@ fn concurrent_streams_match_solo() {
     let mut stop_tokens = vec![tok.specials().eos];
     stop_tokens.extend(tok.specials().end_of_turn);
     let params = GenerateParams {
+        constraint: None,
         max_tokens: N,
         sampling: SamplingParams::greedy(),
         stop_strings: vec![],
@@ -1267,4 +1268,121 @@ fn embeddings_match_llama_cpp() {
         }
     }
     assert_eq!(get(addr, "/health").status, 200);
+}
+
+/// Grammars and schemas through every field that carries one: llama.cpp's
+/// text for a GBNF label (tests/data/grammar.json of gemma3-cli, case
+/// "sentiment label"), JSON that a schema accepts, the same replies batched
+/// as alone and streamed as not; bad grammars are 400s naming their field.
+#[test]
+fn grammars_constrain_replies() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let server = start(config(model, 4, 512));
+    let addr = server.addr;
+
+    let label = json!({
+        "prompt": "Review: The food was cold and the waiter was rude.\nSentiment (positive or negative):",
+        "grammar": "root ::= \" positive\" | \" negative\"",
+        "temperature": 0,
+        "max_tokens": 8,
+    });
+    let r = post(addr, "/v1/completions", &label);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["choices"][0]["text"], " negative", "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+
+    let schema = json!({
+        "type": "object",
+        "properties": {"intent": {"enum": ["balance", "transfer", "card_lost"]}},
+        "required": ["intent"],
+        "additionalProperties": false
+    });
+    let chat = |format: Value, stream: bool| {
+        json!({
+            "messages": [{"role": "user", "content": "Classify the banking intent: I can't find my credit card anywhere."}],
+            "temperature": 0,
+            "max_tokens": 40,
+            "stream": stream,
+            "response_format": format,
+        })
+    };
+    let strict = json!({"type": "json_schema", "json_schema": {"name": "intent", "strict": true, "schema": schema}});
+    let r = post(addr, "/v1/chat/completions", &chat(strict.clone(), false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let content = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let reply: Value =
+        serde_json::from_str(&content).unwrap_or_else(|e| panic!("{e}: {content:?}"));
+    let intent = reply["intent"].as_str().unwrap_or_default();
+    assert!(
+        ["balance", "transfer", "card_lost"].contains(&intent),
+        "{reply}"
+    );
+    assert_eq!(reply.as_object().unwrap().len(), 1, "{reply}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+
+    // Streamed, and batched beside an unconstrained request and a JSON
+    // object one: the same text.
+    let object = json!({"type": "json_object"});
+    let (streamed, plain, obj) = std::thread::scope(|s| {
+        let a = s.spawn(|| post(addr, "/v1/chat/completions", &chat(strict.clone(), true)));
+        let b = s.spawn(|| {
+            post(
+                addr,
+                "/v1/completions",
+                &json!({"prompt": "Once upon a time", "temperature": 0, "max_tokens": 24}),
+            )
+        });
+        let c = s.spawn(|| post(addr, "/v1/chat/completions", &chat(object.clone(), false)));
+        (a.join().unwrap(), b.join().unwrap(), c.join().unwrap())
+    });
+    assert_eq!(streamed.status, 200, "{}", streamed.text());
+    let (text, finish) = chat_stream_text(&streamed.events());
+    assert_eq!(text, content);
+    assert_eq!(finish.as_deref(), Some("stop"));
+    assert_eq!(plain.status, 200, "{}", plain.text());
+    assert_eq!(obj.status, 200, "{}", obj.text());
+    let content = obj.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(content.trim_start().starts_with('{'), "{content:?}");
+    if obj.json()["choices"][0]["finish_reason"] == "stop" {
+        let v: Value =
+            serde_json::from_str(&content).unwrap_or_else(|e| panic!("{e}: {content:?}"));
+        assert!(v.is_object(), "{v}");
+    }
+
+    // Bad grammars and schemas: 400s naming the field; the server goes on.
+    let mut bad = label.clone();
+    bad["grammar"] = json!("root ::= item");
+    let e = expect_error(&post(addr, "/v1/completions", &bad), 400, Some("grammar"));
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'item' is used but never defined"),
+        "{e}"
+    );
+    let unsat = json!({"type": "json_schema", "json_schema": {"schema": {"type": "integer", "minimum": 5, "maximum": 1}}});
+    let e = expect_error(
+        &post(addr, "/v1/chat/completions", &chat(unsat, false)),
+        400,
+        Some("response_format"),
+    );
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("minimum"),
+        "{e}"
+    );
+    let mut both = label.clone();
+    both["json_schema"] = schema.clone();
+    expect_error(&post(addr, "/v1/completions", &both), 400, None);
+    let r = post(addr, "/v1/completions", &label);
+    assert_eq!(r.json()["choices"][0]["text"], " negative");
+    server.stop().unwrap();
 }

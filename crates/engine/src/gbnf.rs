@@ -1,0 +1,531 @@
+//! llama.cpp's GBNF grammars, read and rewritten in the Lark-like syntax
+//! the constraint engine (llguidance) compiles.
+//!
+//! GBNF (llama.cpp's `grammars/README.md`): rules `name ::= alternatives`,
+//! `root` the start; terminals are `"literals"` (escapes `\n \r \t \\ \"
+//! \[ \] \xHH \uHHHH \UHHHHHHHH`), character classes `[a-z]` / `[^...]` and
+//! `.` (any character); `( )` groups; `* + ?` and `{m}` `{m,}` `{m,n}`
+//! `{,n}` repeat; `#` starts a comment. A rule ends at a line's end unless
+//! inside parentheses or just after `|`.
+//!
+//! GBNF matches characters, while llguidance splits text into lexemes
+//! greedily: a literal `"ab"` as one lexeme would refuse `a` `bc` where
+//! the grammar `"ab" | "a" "bc"` allows it. So every terminal is written
+//! as lexemes of one character each, which gives GBNF's meaning exactly.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write;
+
+/// A GBNF text that does not parse (the message names the line), lacks a
+/// `root` rule or uses a rule it never defines.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("GBNF grammar: {0}")]
+pub struct GbnfError(pub String);
+
+#[derive(Clone, Debug, PartialEq)]
+enum Item {
+    /// One character from the set (or outside it, when negated).
+    Class {
+        negated: bool,
+        ranges: Vec<(char, char)>,
+    },
+    /// Any one character.
+    Any,
+    Rule(String),
+    Group(Vec<Vec<Item>>),
+    Repeat {
+        item: Box<Item>,
+        min: usize,
+        max: Option<usize>,
+    },
+}
+
+/// Most repetitions a `{m,n}` may ask for (llama.cpp expands them into
+/// copies; a larger count is a mistake, not a grammar).
+const MAX_REPEAT: usize = 10_000;
+
+struct Parser<'a> {
+    src: &'a [u8],
+    text: &'a str,
+    pos: usize,
+}
+
+impl<'a> Parser<'a> {
+    fn line(&self) -> usize {
+        1 + self.src[..self.pos.min(self.src.len())]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+    }
+
+    fn err<T>(&self, msg: impl Into<String>) -> Result<T, GbnfError> {
+        Err(GbnfError(format!("line {}: {}", self.line(), msg.into())))
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.src.get(self.pos).copied()
+    }
+
+    /// Spaces, tabs and comments; line ends too when `newline_ok`.
+    fn space(&mut self, newline_ok: bool) {
+        while let Some(c) = self.peek() {
+            match c {
+                b' ' | b'\t' => self.pos += 1,
+                b'\r' | b'\n' if newline_ok => self.pos += 1,
+                b'#' => {
+                    while self.peek().is_some_and(|c| c != b'\n' && c != b'\r') {
+                        self.pos += 1;
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+
+    fn name(&mut self) -> Option<String> {
+        let start = self.pos;
+        while self
+            .peek()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        {
+            self.pos += 1;
+        }
+        (self.pos > start).then(|| self.text[start..self.pos].to_string())
+    }
+
+    /// The next character of a literal or class, with its escapes.
+    fn char(&mut self) -> Result<char, GbnfError> {
+        let rest = &self.text[self.pos..];
+        let Some(c) = rest.chars().next() else {
+            return self.err("unexpected end of grammar");
+        };
+        if c != '\\' {
+            self.pos += c.len_utf8();
+            return Ok(c);
+        }
+        let Some(e) = rest[1..].chars().next() else {
+            return self.err("unexpected end of grammar after '\\'");
+        };
+        self.pos += 1 + e.len_utf8();
+        let hex = |p: &mut Self, n: usize| -> Result<char, GbnfError> {
+            let digits = p.text.get(p.pos..p.pos + n).unwrap_or("");
+            let v = (digits.len() == n && digits.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| u32::from_str_radix(digits, 16).ok())
+                .flatten();
+            match v.and_then(char::from_u32) {
+                Some(c) => {
+                    p.pos += n;
+                    Ok(c)
+                }
+                None => p.err(format!("'\\{e}' needs {n} hex digits of a character")),
+            }
+        };
+        match e {
+            'x' => hex(self, 2),
+            'u' => hex(self, 4),
+            'U' => hex(self, 8),
+            'n' => Ok('\n'),
+            'r' => Ok('\r'),
+            't' => Ok('\t'),
+            '\\' | '"' | '[' | ']' => Ok(e),
+            other => self.err(format!("unknown escape '\\{other}'")),
+        }
+    }
+
+    fn alternates(&mut self, nested: bool) -> Result<Vec<Vec<Item>>, GbnfError> {
+        let mut alts = vec![self.sequence(nested)?];
+        while self.peek() == Some(b'|') {
+            self.pos += 1;
+            self.space(true);
+            alts.push(self.sequence(nested)?);
+        }
+        Ok(alts)
+    }
+
+    fn sequence(&mut self, nested: bool) -> Result<Vec<Item>, GbnfError> {
+        let mut seq: Vec<Item> = Vec::new();
+        while let Some(c) = self.peek() {
+            match c {
+                b'"' => {
+                    self.pos += 1;
+                    let mut chars = Vec::new();
+                    loop {
+                        match self.peek() {
+                            None => return self.err("unterminated string literal"),
+                            Some(b'"') => break,
+                            Some(_) => chars.push(self.char()?),
+                        }
+                    }
+                    self.pos += 1;
+                    // Each character its own lexeme (see the module's note);
+                    // an empty literal matches the empty text.
+                    let lit = chars.into_iter().map(|c| Item::Class {
+                        negated: false,
+                        ranges: vec![(c, c)],
+                    });
+                    seq.push(Item::Group(vec![lit.collect()]));
+                }
+                b'[' => {
+                    self.pos += 1;
+                    let negated = self.peek() == Some(b'^');
+                    if negated {
+                        self.pos += 1;
+                    }
+                    let mut ranges = Vec::new();
+                    loop {
+                        match self.peek() {
+                            None => return self.err("unterminated character class"),
+                            Some(b']') => break,
+                            Some(_) => {
+                                let lo = self.char()?;
+                                let hi = if self.peek() == Some(b'-')
+                                    && self.src.get(self.pos + 1) != Some(&b']')
+                                {
+                                    self.pos += 1;
+                                    self.char()?
+                                } else {
+                                    lo
+                                };
+                                if hi < lo {
+                                    return self.err(format!(
+                                        "character range '{lo}-{hi}' runs backwards"
+                                    ));
+                                }
+                                ranges.push((lo, hi));
+                            }
+                        }
+                    }
+                    self.pos += 1;
+                    if ranges.is_empty() && !negated {
+                        return self.err("empty character class '[]' matches nothing");
+                    }
+                    seq.push(Item::Class { negated, ranges });
+                }
+                b'.' => {
+                    self.pos += 1;
+                    seq.push(Item::Any);
+                }
+                b'(' => {
+                    self.pos += 1;
+                    self.space(true);
+                    let alts = self.alternates(true)?;
+                    if self.peek() != Some(b')') {
+                        return self.err("expected ')'");
+                    }
+                    self.pos += 1;
+                    seq.push(Item::Group(alts));
+                }
+                b'*' | b'+' | b'?' | b'{' => {
+                    let Some(last) = seq.pop() else {
+                        return self
+                            .err(format!("'{}' must follow something to repeat", c as char));
+                    };
+                    self.pos += 1;
+                    let (min, max) = match c {
+                        b'*' => (0, None),
+                        b'+' => (1, None),
+                        b'?' => (0, Some(1)),
+                        _ => self.braces()?,
+                    };
+                    seq.push(Item::Repeat {
+                        item: Box::new(last),
+                        min,
+                        max,
+                    });
+                }
+                b'<' => return self.err("token references '<...>' are not supported"),
+                c if c.is_ascii_alphanumeric() || c == b'-' || c == b'_' => {
+                    let name = self.name().expect("a name character");
+                    seq.push(Item::Rule(name));
+                }
+                _ => break,
+            }
+            self.space(nested);
+        }
+        Ok(seq)
+    }
+
+    /// `{m}`, `{m,}`, `{m,n}` or `{,n}`, after the `{`.
+    fn braces(&mut self) -> Result<(usize, Option<usize>), GbnfError> {
+        let num = |p: &mut Self| -> Result<Option<usize>, GbnfError> {
+            p.space(false);
+            let start = p.pos;
+            while p.peek().is_some_and(|c| c.is_ascii_digit()) {
+                p.pos += 1;
+            }
+            let v = if p.pos > start {
+                match p.text[start..p.pos].parse::<usize>() {
+                    Ok(v) if v <= MAX_REPEAT => Some(v),
+                    _ => return p.err(format!("a repetition count is at most {MAX_REPEAT}")),
+                }
+            } else {
+                None
+            };
+            p.space(false);
+            Ok(v)
+        };
+        let min = num(self)?;
+        let (min, max) = if self.peek() == Some(b',') {
+            self.pos += 1;
+            (min.unwrap_or(0), num(self)?)
+        } else {
+            let Some(m) = min else {
+                return self.err("expected a number after '{'");
+            };
+            (m, Some(m))
+        };
+        if self.peek() != Some(b'}') {
+            return self.err("expected '}'");
+        }
+        self.pos += 1;
+        if max.is_some_and(|max| max < min) {
+            return self.err(format!(
+                "repetition {{{min},{}}} runs backwards",
+                max.unwrap_or(0)
+            ));
+        }
+        Ok((min, max))
+    }
+}
+
+/// Rewrite a GBNF grammar as the Lark-like text llguidance compiles: its
+/// `root` rule is the start.
+pub fn gbnf_to_lark(text: &str) -> Result<String, GbnfError> {
+    let mut p = Parser {
+        src: text.as_bytes(),
+        text,
+        pos: 0,
+    };
+    let mut rules: Vec<(String, Vec<Vec<Item>>)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    loop {
+        p.space(true);
+        if p.peek().is_none() {
+            break;
+        }
+        let Some(name) = p.name() else {
+            return p.err("expected a rule name");
+        };
+        p.space(false);
+        if !p.text[p.pos..].starts_with("::=") {
+            return p.err(format!("expected '::=' after rule name '{name}'"));
+        }
+        p.pos += 3;
+        p.space(true);
+        let alts = p.alternates(false)?;
+        match p.peek() {
+            None | Some(b'\n') | Some(b'\r') => {}
+            Some(c) => {
+                return p.err(format!(
+                    "unexpected '{}' in rule '{name}'",
+                    p.text[p.pos..].chars().next().unwrap_or(c as char)
+                ))
+            }
+        }
+        // A rule given twice gets the alternatives of both (as llama.cpp).
+        match index.get(&name) {
+            Some(&i) => rules[i].1.extend(alts),
+            None => {
+                index.insert(name.clone(), rules.len());
+                rules.push((name, alts));
+            }
+        }
+    }
+    let Some(&root) = index.get("root") else {
+        return Err(GbnfError("the grammar has no 'root' rule".into()));
+    };
+    // Every rule used must be defined.
+    let mut undefined = HashSet::new();
+    fn refs<'i>(items: &'i [Item], out: &mut Vec<&'i str>) {
+        for it in items {
+            match it {
+                Item::Rule(n) => out.push(n),
+                Item::Group(alts) => alts.iter().for_each(|a| refs(a, out)),
+                Item::Repeat { item, .. } => refs(std::slice::from_ref(item), out),
+                _ => {}
+            }
+        }
+    }
+    for (_, alts) in &rules {
+        let mut used = Vec::new();
+        alts.iter().for_each(|a| refs(a, &mut used));
+        undefined.extend(used.into_iter().filter(|n| !index.contains_key(*n)));
+    }
+    if let Some(n) = undefined.into_iter().min() {
+        return Err(GbnfError(format!("rule '{n}' is used but never defined")));
+    }
+
+    // Rule i is `r{i}` in Lark (GBNF names may hold '-' and capitals).
+    let mut out = format!("start: r{root}\n");
+    for (i, (_, alts)) in rules.iter().enumerate() {
+        let _ = writeln!(out, "r{i}: {}", lark_alts(alts, &index));
+    }
+    Ok(out)
+}
+
+fn lark_alts(alts: &[Vec<Item>], index: &HashMap<String, usize>) -> String {
+    // An empty alternative: the rest, optional.
+    let (empty, full): (Vec<_>, Vec<_>) = alts.iter().partition(|a| a.is_empty());
+    let body: Vec<String> = full.iter().map(|a| lark_seq(a, index)).collect();
+    match (empty.is_empty(), body.is_empty()) {
+        (_, true) => "\"\"".into(),
+        (true, false) => body.join(" | "),
+        (false, false) => format!("({})?", body.join(" | ")),
+    }
+}
+
+fn lark_seq(items: &[Item], index: &HashMap<String, usize>) -> String {
+    let parts: Vec<String> = items.iter().map(|i| lark_item(i, index)).collect();
+    parts.join(" ")
+}
+
+fn lark_item(item: &Item, index: &HashMap<String, usize>) -> String {
+    match item {
+        Item::Any => r"/(?s:.)/".into(),
+        // `[^]`: any character.
+        Item::Class { ranges, .. } if ranges.is_empty() => r"/(?s:.)/".into(),
+        Item::Class { negated, ranges } => {
+            let mut re = String::from(if *negated { "/[^" } else { "/[" });
+            for &(lo, hi) in ranges {
+                let _ = write!(re, "\\x{{{:x}}}", lo as u32);
+                if hi != lo {
+                    let _ = write!(re, "-\\x{{{:x}}}", hi as u32);
+                }
+            }
+            re.push_str("]/");
+            re
+        }
+        Item::Rule(n) => format!("r{}", index[n]),
+        Item::Group(alts) => format!("({})", lark_alts(alts, index)),
+        Item::Repeat { item, min, max } => {
+            let inner = lark_item(item, index);
+            match (min, max) {
+                (0, None) => format!("{inner}*"),
+                (1, None) => format!("{inner}+"),
+                (0, Some(1)) => format!("{inner}?"),
+                (m, None) => format!("{inner}{{{m},}}"),
+                (m, Some(n)) if m == n => format!("{inner}{{{m}}}"),
+                (m, Some(n)) => format!("{inner}{{{m},{n}}}"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llguidance::api::TopLevelGrammar;
+    use llguidance::toktrie::ApproximateTokEnv;
+    use llguidance::{Matcher, ParserFactory};
+
+    #[derive(Debug, PartialEq)]
+    enum Verdict {
+        /// The whole text matches.
+        Match,
+        /// A prefix of some match, not one itself.
+        Prefix,
+        /// The grammar refuses it.
+        Refused,
+    }
+    use Verdict::*;
+
+    /// What the rewritten grammar says of `input`, one byte at a time.
+    fn judge(gbnf: &str, input: &str) -> Verdict {
+        let env = ApproximateTokEnv::single_byte_env();
+        let mut f = ParserFactory::new_simple(&env).unwrap();
+        f.quiet();
+        let lark = gbnf_to_lark(gbnf).unwrap();
+        let mut m = Matcher::new(f.create_parser(TopLevelGrammar::from_lark(lark.clone())));
+        assert!(m.get_error().is_none(), "{lark}: {:?}", m.get_error());
+        for t in env.tok_trie().greedy_tokenize(input.as_bytes()) {
+            if m.consume_token(t).is_err() {
+                return Refused;
+            }
+        }
+        if m.is_accepting().unwrap() {
+            Match
+        } else {
+            Prefix
+        }
+    }
+
+    #[test]
+    fn literals_are_matched_character_by_character() {
+        // One lexeme per literal would take "ab" greedily and refuse "abc".
+        let g = r#"root ::= "ab" | "a" "bc""#;
+        assert_eq!(judge(g, "abc"), Match);
+        assert_eq!(judge(g, "ab"), Match);
+        assert_eq!(judge(g, "a"), Prefix);
+        assert_eq!(judge(g, "abd"), Refused);
+    }
+
+    #[test]
+    fn classes_any_and_escapes() {
+        let g = r#"root ::= [a-c]+ [^x]"#;
+        assert_eq!(judge(g, "abz"), Match);
+        assert_eq!(judge(g, "ab\n"), Match);
+        assert_eq!(judge(g, "abcd"), Match);
+        assert_eq!(judge(g, "xa"), Refused);
+        assert_eq!(judge(r#"root ::= . "z""#, "\nz"), Match);
+        assert_eq!(judge(r#"root ::= . "z""#, "éz"), Match);
+        assert_eq!(
+            judge(r#"root ::= "\x41\u00e9\n\"\\" [\]\[]"#, "Aé\n\"\\]"),
+            Match
+        );
+        assert_eq!(judge(r#"root ::= [-a]"#, "-"), Match);
+        assert_eq!(judge(r#"root ::= [a-]"#, "-"), Match);
+        assert_eq!(judge(r#"root ::= [^]"#, "q"), Match);
+    }
+
+    #[test]
+    fn repetitions() {
+        let g = r#"root ::= "x"{2,3}"#;
+        assert_eq!(judge(g, "x"), Prefix);
+        assert_eq!(judge(g, "xx"), Match);
+        assert_eq!(judge(g, "xxx"), Match);
+        assert_eq!(judge(g, "xxxx"), Refused);
+        assert_eq!(judge(r#"root ::= "x"{2}"#, "xxx"), Refused);
+        assert_eq!(judge(r#"root ::= "x"{2,}"#, "xxxxx"), Match);
+        assert_eq!(judge(r#"root ::= "x"{,2} "y""#, "y"), Match);
+        assert_eq!(judge(r#"root ::= "x"{,2} "y""#, "xxxy"), Refused);
+        assert_eq!(judge(r#"root ::= ("a" "b")? "c""#, "abc"), Match);
+        assert_eq!(judge(r#"root ::= ("a" "b")? "c""#, "ac"), Refused);
+    }
+
+    #[test]
+    fn rules_comments_and_line_ends() {
+        let g = "# numbers\nroot ::= item (\",\" item)*   # a list\nitem ::= [0-9]+\n";
+        assert_eq!(judge(g, "1,22,3"), Match);
+        assert_eq!(judge(g, "1,"), Prefix);
+        assert_eq!(judge(g, "1,,"), Refused);
+        // A rule goes on after '|' and inside parentheses.
+        let g = "root ::= \"a\" |\n  \"b\"\nother ::= (\n \"c\"\n | \"d\")";
+        assert_eq!(judge(g, "b"), Match);
+        // An empty alternative, a name with '-', a rule given twice.
+        let g = "root ::= \"a\" opt-b\nopt-b ::= | \"b\"\nroot ::= \"z\"";
+        assert_eq!(judge(g, "a"), Match);
+        assert_eq!(judge(g, "ab"), Match);
+        assert_eq!(judge(g, "z"), Match);
+        assert_eq!(judge(r#"root ::= """#, ""), Match);
+    }
+
+    #[test]
+    fn bad_grammars_say_what_is_wrong() {
+        let err = |g: &str| gbnf_to_lark(g).unwrap_err().0;
+        assert!(err("item ::= \"a\"").contains("no 'root' rule"));
+        assert!(err("root ::= item").contains("rule 'item' is used but never defined"));
+        assert!(err("root ::= \"abc").contains("line 1: unterminated string"));
+        assert!(err("root ::= \"a\"\nx ::= [abc").contains("line 2: unterminated character class"));
+        assert!(err(r#"root ::= "\q""#).contains("unknown escape '\\q'"));
+        assert!(err(r#"root ::= "\x4""#).contains("hex digits"));
+        assert!(err("root ::= [z-a]").contains("runs backwards"));
+        assert!(err("root ::= \"a\"{3,1}").contains("runs backwards"));
+        assert!(err("root ::= \"a\"{99999}").contains("at most 10000"));
+        assert!(err("root ::= * \"a\"").contains("must follow something"));
+        assert!(err("root ::= <[1000]>").contains("token references"));
+        assert!(err("root = \"a\"").contains("expected '::='"));
+        assert!(err("root ::= (\"a\"").contains("expected ')'"));
+        assert!(err("root ::= \"a\" )").contains("unexpected ')'"));
+        assert!(err("root ::= []").contains("matches nothing"));
+    }
+}
