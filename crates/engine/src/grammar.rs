@@ -169,16 +169,36 @@ impl Constraint {
             .compute_mask()
             .map_err(|e| GrammarError::Matcher(e.to_string()))?;
         let may_end = allowed.is_allowed(self.eos);
-        for (id, l) in logits.iter_mut().enumerate() {
-            let id = id as u32;
-            let ok = if ends.contains(&id) {
-                may_end
-            } else {
-                id != self.eos && allowed.is_allowed(id)
-            };
-            // (A NaN or +∞ stays, for the sampler to report a broken model.)
-            if !ok && !l.is_nan() && *l != f32::INFINITY {
+        // The end tokens' own logits, set back below where the grammar may end.
+        let kept: Vec<(usize, f32)> = (ends.iter())
+            .filter_map(|&e| Some((e as usize, *logits.get(e as usize)?)))
+            .collect();
+        // (A NaN or +∞ stays, for the sampler to report a broken model.)
+        let ban = |l: &mut f32| {
+            if !l.is_nan() && *l != f32::INFINITY {
                 *l = f32::NEG_INFINITY;
+            }
+        };
+        let words = allowed.as_slice();
+        for (chunk, &w) in logits.chunks_mut(32).zip(words) {
+            if w != u32::MAX {
+                for (b, l) in chunk.iter_mut().enumerate() {
+                    if w >> b & 1 == 0 {
+                        ban(l);
+                    }
+                }
+            }
+        }
+        // (Tokens past the mask's words, if any, are not allowed.)
+        logits.iter_mut().skip(32 * words.len()).for_each(ban);
+        if let Some(l) = logits.get_mut(self.eos as usize) {
+            ban(l);
+        }
+        for (e, l) in kept {
+            if may_end {
+                logits[e] = l;
+            } else {
+                ban(&mut logits[e]);
             }
         }
         Ok(())
@@ -198,5 +218,122 @@ impl Constraint {
     /// The grammar is complete and nothing may follow.
     pub fn is_done(&self) -> bool {
         self.matcher.is_stopped() && !self.matcher.is_error()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gemma3_tokenizer::SpecialTokens;
+
+    /// Specials 0–4, the 256 byte tokens, then a few words.
+    const WORDS: [&str; 5] = ["a", "b", "ab", "▁yes", "<x>"];
+
+    fn tokenizer() -> Tokenizer {
+        let mut texts: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>", "<end_of_turn>"]
+            .map(String::from)
+            .to_vec();
+        let mut types = vec![3, 3, 3, 2, 3];
+        texts.extend((0..=255u32).map(|b| format!("<0x{b:02X}>")));
+        types.extend([6; 256]);
+        texts.extend(WORDS.map(String::from));
+        types.extend([1; WORDS.len()]);
+        let specials = SpecialTokens {
+            bos: 2,
+            eos: 1,
+            unk: Some(3),
+            pad: Some(0),
+            start_of_turn: None,
+            end_of_turn: Some(4),
+        };
+        let n = texts.len();
+        Tokenizer::new(texts, vec![0.0; n], types, specials).unwrap()
+    }
+
+    fn word(w: &str) -> u32 {
+        (261 + WORDS.iter().position(|x| *x == w).unwrap()) as u32
+    }
+
+    /// Tokens left drawable by `c`'s mask over a row of ones (ends 1 and 4).
+    fn allowed(c: &mut Constraint, n: usize) -> Vec<u32> {
+        let mut row = vec![1.0f32; n];
+        c.mask(&mut row, &[1, 4]).unwrap();
+        (0..n as u32).filter(|&i| row[i as usize] == 1.0).collect()
+    }
+
+    #[test]
+    fn masks_allow_what_continues_the_text_and_ends_only_at_its_end() {
+        let tok = tokenizer();
+        let n = tok.vocab_size();
+        let g = Grammars::new(&tok).unwrap();
+        let mut c = g
+            .compile(&GrammarSpec::Gbnf(r#"root ::= "a"+"#.into()))
+            .unwrap();
+        // 'a' as a word or as its byte; not 'b', 'ab', an end, or a control token.
+        assert_eq!(allowed(&mut c, n), vec![5 + 0x61, word("a")]);
+        c.accept(word("a")).unwrap();
+        assert!(!c.is_done());
+        // Now the text may end: both end tokens join, with their own logits.
+        assert_eq!(allowed(&mut c, n), vec![1, 4, 5 + 0x61, word("a")]);
+        let mut row: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        row[word("b") as usize] = f32::NAN;
+        c.mask(&mut row, &[1, 4]).unwrap();
+        assert_eq!((row[1], row[4]), (1.0, 4.0));
+        // A NaN stays NaN where the token is banned: the sampler reports it.
+        assert!(row[word("b") as usize].is_nan());
+
+        // A grammar that ends: done after its last token.
+        let mut c = g
+            .compile(&GrammarSpec::Gbnf(r#"root ::= "ab""#.into()))
+            .unwrap();
+        assert_eq!(allowed(&mut c, n), vec![5 + 0x61, word("a"), word("ab")]);
+        c.accept(word("ab")).unwrap();
+        assert!(c.is_done());
+
+        // Special tokens never spell text: "<x>" as a word, not <eos>'s text.
+        let spec = GrammarSpec::Gbnf(r#"root ::= "<" [a-z_]+ ">""#.into());
+        let mut c = g.compile(&spec).unwrap();
+        assert_eq!(allowed(&mut c, n), vec![5 + 0x3C, word("<x>")]);
+        // A space is a space ("▁yes" is " yes").
+        let mut c = g
+            .compile(&GrammarSpec::Gbnf(r#"root ::= " yes""#.into()))
+            .unwrap();
+        assert_eq!(allowed(&mut c, n), vec![5 + 0x20, word("▁yes")]);
+    }
+
+    #[test]
+    fn schemas_compile_or_say_why_not() {
+        let g = Grammars::new(&tokenizer()).unwrap();
+        let mut c = g.compile(&GrammarSpec::json_object()).unwrap();
+        let n = tokenizer().vocab_size();
+        // An object starts with '{' (whitespace only comes between its tokens).
+        assert_eq!(allowed(&mut c, n), vec![5 + 0x7B]);
+        c.accept(5 + 0x7B).unwrap();
+        // Then a key, its closing brace, or llama.cpp's whitespace: a space
+        // or a line break (not a tab first).
+        let next = allowed(&mut c, n);
+        assert!(
+            next.contains(&(5 + 0x22)) && next.contains(&(5 + 0x7D)),
+            "{next:?}"
+        );
+        assert!(
+            next.contains(&(5 + 0x20)) && next.contains(&(5 + 0x0A)),
+            "{next:?}"
+        );
+        assert!(
+            !next.contains(&(5 + 0x09)) && !next.contains(&1),
+            "{next:?}"
+        );
+        let bad = |v: serde_json::Value| g.compile(&GrammarSpec::JsonSchema(v)).unwrap_err();
+        assert!(bad(serde_json::json!([1]))
+            .to_string()
+            .contains("must be an object"));
+        let unsat = serde_json::json!({"type": "integer", "minimum": 5, "maximum": 1});
+        assert!(bad(unsat).to_string().contains("minimum"));
+        assert!(g
+            .compile(&GrammarSpec::Gbnf("root ::= x".into()))
+            .unwrap_err()
+            .to_string()
+            .contains("'x' is used but never defined"));
     }
 }
