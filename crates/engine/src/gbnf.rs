@@ -44,10 +44,17 @@ enum Item {
 /// copies; a larger count is a mistake, not a grammar).
 const MAX_REPEAT: usize = 10_000;
 
+/// Deepest nesting of parentheses and repetitions a grammar may have (the
+/// reader and the rewriting recurse once per level; grammars people write
+/// nest a handful deep).
+const MAX_DEPTH: usize = 64;
+
 struct Parser<'a> {
     src: &'a [u8],
     text: &'a str,
     pos: usize,
+    /// Parentheses open at `pos`.
+    depth: usize,
 }
 
 impl<'a> Parser<'a> {
@@ -206,13 +213,18 @@ impl<'a> Parser<'a> {
                     seq.push(Item::Any);
                 }
                 b'(' => {
+                    if self.depth == MAX_DEPTH {
+                        return self.err(format!("parentheses nest more than {MAX_DEPTH} deep"));
+                    }
                     self.pos += 1;
+                    self.depth += 1;
                     self.space(true);
                     let alts = self.alternates(true)?;
                     if self.peek() != Some(b')') {
                         return self.err("expected ')'");
                     }
                     self.pos += 1;
+                    self.depth -= 1;
                     seq.push(Item::Group(alts));
                 }
                 b'*' | b'+' | b'?' | b'{' => {
@@ -220,6 +232,11 @@ impl<'a> Parser<'a> {
                         return self
                             .err(format!("'{}' must follow something to repeat", c as char));
                     };
+                    if depth(&last) >= MAX_DEPTH {
+                        return self.err(format!(
+                            "repetitions and parentheses nest more than {MAX_DEPTH} deep"
+                        ));
+                    }
                     self.pos += 1;
                     let (min, max) = match c {
                         b'*' => (0, None),
@@ -288,6 +305,15 @@ impl<'a> Parser<'a> {
     }
 }
 
+/// How deep `item` nests groups and repetitions.
+fn depth(item: &Item) -> usize {
+    match item {
+        Item::Group(alts) => 1 + alts.iter().flatten().map(depth).max().unwrap_or(0),
+        Item::Repeat { item, .. } => 1 + depth(item),
+        _ => 0,
+    }
+}
+
 /// Rewrite a GBNF grammar as the Lark-like text llguidance compiles: its
 /// `root` rule is the start.
 pub fn gbnf_to_lark(text: &str) -> Result<String, GbnfError> {
@@ -295,6 +321,7 @@ pub fn gbnf_to_lark(text: &str) -> Result<String, GbnfError> {
         src: text.as_bytes(),
         text,
         pos: 0,
+        depth: 0,
     };
     let mut rules: Vec<(String, Vec<Vec<Item>>)> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
@@ -527,5 +554,16 @@ mod tests {
         assert!(err("root ::= (\"a\"").contains("expected ')'"));
         assert!(err("root ::= \"a\" )").contains("unexpected ')'"));
         assert!(err("root ::= []").contains("matches nothing"));
+        // Nesting deep enough to overflow a recursive reader is refused.
+        let deep = format!(
+            "root ::= {}\"a\"{}",
+            "(".repeat(100_000),
+            ")".repeat(100_000)
+        );
+        assert!(err(&deep).contains("nest more than 64 deep"));
+        assert!(err(&format!("root ::= \"a\"{}", "*".repeat(100_000))).contains("nest more than"));
+        // 64 levels are fine.
+        let ok = format!("root ::= {}\"a\"{}", "(".repeat(63), ")".repeat(63));
+        assert!(gbnf_to_lark(&ok).is_ok());
     }
 }
