@@ -40,14 +40,20 @@ enum Item {
     },
 }
 
-/// Most repetitions a `{m,n}` may ask for (llama.cpp expands them into
-/// copies; a larger count is a mistake, not a grammar).
-const MAX_REPEAT: usize = 10_000;
+/// Counts of `{m,n}` must be below this (llama.cpp expands a repetition
+/// into copies and refuses 2000 of them).
+const MAX_REPEAT: usize = 2000;
 
-/// Deepest nesting of parentheses and repetitions a grammar may have (the
-/// reader and the rewriting recurse once per level; grammars people write
-/// nest a handful deep).
-const MAX_DEPTH: usize = 64;
+/// Most one-character terminals a grammar may hold in all (each is a symbol
+/// of llguidance's grammar, which holds fewer than 65 526): about 800
+/// labels of 40 characters.
+const MAX_TERMINALS: usize = 32_000;
+
+/// Deepest nesting of parentheses and repetitions a grammar may have: the
+/// reader and the rewriting recurse once per level, and llguidance reads
+/// no Lark nested 30 deep (ours adds a level per literal). Grammars people
+/// write nest a handful deep.
+const MAX_DEPTH: usize = 24;
 
 struct Parser<'a> {
     src: &'a [u8],
@@ -119,12 +125,15 @@ impl<'a> Parser<'a> {
             let v = (digits.len() == n && digits.bytes().all(|b| b.is_ascii_hexdigit()))
                 .then(|| u32::from_str_radix(digits, 16).ok())
                 .flatten();
-            match v.and_then(char::from_u32) {
+            let Some(v) = v else {
+                return p.err(format!("'\\{e}' needs {n} hex digits"));
+            };
+            match char::from_u32(v) {
                 Some(c) => {
                     p.pos += n;
                     Ok(c)
                 }
-                None => p.err(format!("'\\{e}' needs {n} hex digits of a character")),
+                None => p.err(format!("'\\{e}{digits}' is not a Unicode character")),
             }
         };
         match e {
@@ -134,7 +143,7 @@ impl<'a> Parser<'a> {
             'n' => Ok('\n'),
             'r' => Ok('\r'),
             't' => Ok('\t'),
-            '\\' | '"' | '[' | ']' => Ok(e),
+            '\\' | '"' | '[' | ']' | '-' => Ok(e),
             other => self.err(format!("unknown escape '\\{other}'")),
         }
     }
@@ -272,8 +281,8 @@ impl<'a> Parser<'a> {
             }
             let v = if p.pos > start {
                 match p.text[start..p.pos].parse::<usize>() {
-                    Ok(v) if v <= MAX_REPEAT => Some(v),
-                    _ => return p.err(format!("a repetition count is at most {MAX_REPEAT}")),
+                    Ok(v) if v < MAX_REPEAT => Some(v),
+                    _ => return p.err(format!("a repetition count is below {MAX_REPEAT}")),
                 }
             } else {
                 None
@@ -349,9 +358,9 @@ pub fn gbnf_to_lark(text: &str) -> Result<String, GbnfError> {
                 ))
             }
         }
-        // A rule given twice gets the alternatives of both (as llama.cpp).
+        // A rule given twice: the last definition holds (as llama.cpp).
         match index.get(&name) {
-            Some(&i) => rules[i].1.extend(alts),
+            Some(&i) => rules[i].1 = alts,
             None => {
                 index.insert(name.clone(), rules.len());
                 rules.push((name, alts));
@@ -361,6 +370,23 @@ pub fn gbnf_to_lark(text: &str) -> Result<String, GbnfError> {
     let Some(&root) = index.get("root") else {
         return Err(GbnfError("the grammar has no 'root' rule".into()));
     };
+    fn terminals(items: &[Item]) -> usize {
+        items
+            .iter()
+            .map(|it| match it {
+                Item::Class { .. } | Item::Any => 1,
+                Item::Rule(_) => 0,
+                Item::Group(alts) => alts.iter().map(|a| terminals(a)).sum(),
+                Item::Repeat { item, .. } => terminals(std::slice::from_ref(item)),
+            })
+            .sum()
+    }
+    let total: usize = rules.iter().flat_map(|r| &r.1).map(|a| terminals(a)).sum();
+    if total > MAX_TERMINALS {
+        return Err(GbnfError(format!(
+            "the grammar has {total} characters and classes in its terminals; at most {MAX_TERMINALS}"
+        )));
+    }
     // Every rule used must be defined.
     let mut undefined = HashSet::new();
     fn refs<'i>(items: &'i [Item], out: &mut Vec<&'i str>) {
@@ -424,8 +450,15 @@ fn lark_item(item: &Item, index: &HashMap<String, usize>) -> String {
         }
         Item::Rule(n) => format!("r{}", index[n]),
         Item::Group(alts) => format!("({})", lark_alts(alts, index)),
+        // `{0}`: nothing.
+        Item::Repeat { max: Some(0), .. } => "\"\"".into(),
         Item::Repeat { item, min, max } => {
             let inner = lark_item(item, index);
+            // (`"a"**`: Lark takes one operator after a value.)
+            let inner = match **item {
+                Item::Repeat { .. } => format!("({inner})"),
+                _ => inner,
+            };
             match (min, max) {
                 (0, None) => format!("{inner}*"),
                 (1, None) => format!("{inner}+"),
@@ -502,6 +535,8 @@ mod tests {
         assert_eq!(judge(r#"root ::= [-a]"#, "-"), Match);
         assert_eq!(judge(r#"root ::= [a-]"#, "-"), Match);
         assert_eq!(judge(r#"root ::= [^]"#, "q"), Match);
+        assert_eq!(judge(r#"root ::= [a\-z]+"#, "-a-z"), Match);
+        assert_eq!(judge(r#"root ::= [a\-z]+"#, "b"), Refused);
     }
 
     #[test]
@@ -516,6 +551,13 @@ mod tests {
         assert_eq!(judge(r#"root ::= "x"{,2} "y""#, "y"), Match);
         assert_eq!(judge(r#"root ::= "x"{,2} "y""#, "xxxy"), Refused);
         assert_eq!(judge(r#"root ::= ("a" "b")? "c""#, "abc"), Match);
+        // Operators stacked (llama.cpp takes them), and a count of 0.
+        assert_eq!(judge(r#"root ::= "a"**"#, "aaa"), Match);
+        assert_eq!(judge(r#"root ::= "a"{2}{3} "b""#, "aaaaaab"), Match);
+        assert_eq!(judge(r#"root ::= "a"{2}{3} "b""#, "aaaab"), Refused);
+        assert_eq!(judge(r#"root ::= [a-z]{2}+"#, "abc"), Prefix);
+        assert_eq!(judge(r#"root ::= "x" "a"{0} "y""#, "xy"), Match);
+        assert_eq!(judge(r#"root ::= "x" "a"{0,0} "y""#, "xay"), Refused);
         assert_eq!(judge(r#"root ::= ("a" "b")? "c""#, "ac"), Refused);
     }
 
@@ -528,10 +570,13 @@ mod tests {
         // A rule goes on after '|' and inside parentheses.
         let g = "root ::= \"a\" |\n  \"b\"\nother ::= (\n \"c\"\n | \"d\")";
         assert_eq!(judge(g, "b"), Match);
-        // An empty alternative, a name with '-', a rule given twice.
-        let g = "root ::= \"a\" opt-b\nopt-b ::= | \"b\"\nroot ::= \"z\"";
+        // An empty alternative, a name with '-'.
+        let g = "root ::= \"a\" opt-b\nopt-b ::= | \"b\"";
         assert_eq!(judge(g, "a"), Match);
         assert_eq!(judge(g, "ab"), Match);
+        // A rule given twice: the last holds (llama.cpp's add_rule replaces).
+        let g = "root ::= \"a\"\nroot ::= \"z\"";
+        assert_eq!(judge(g, "a"), Refused);
         assert_eq!(judge(g, "z"), Match);
         assert_eq!(judge(r#"root ::= """#, ""), Match);
     }
@@ -545,9 +590,18 @@ mod tests {
         assert!(err("root ::= \"a\"\nx ::= [abc").contains("line 2: unterminated character class"));
         assert!(err(r#"root ::= "\q""#).contains("unknown escape '\\q'"));
         assert!(err(r#"root ::= "\x4""#).contains("hex digits"));
+        assert!(
+            err(r#"root ::= "\U00110000""#).contains(r"'\U00110000' is not a Unicode character")
+        );
+        assert!(err(r#"root ::= "\uD800""#).contains("not a Unicode character"));
+        let labels: Vec<String> = (0..2000)
+            .map(|i| format!("\"label number {i:05}\""))
+            .collect();
+        let many = format!("root ::= {}", labels.join(" | "));
+        assert!(err(&many).contains("at most 32000"));
         assert!(err("root ::= [z-a]").contains("runs backwards"));
         assert!(err("root ::= \"a\"{3,1}").contains("runs backwards"));
-        assert!(err("root ::= \"a\"{99999}").contains("at most 10000"));
+        assert!(err("root ::= \"a\"{2000}").contains("below 2000"));
         assert!(err("root ::= * \"a\"").contains("must follow something"));
         assert!(err("root ::= <[1000]>").contains("token references"));
         assert!(err("root = \"a\"").contains("expected '::='"));
@@ -560,10 +614,10 @@ mod tests {
             "(".repeat(100_000),
             ")".repeat(100_000)
         );
-        assert!(err(&deep).contains("nest more than 64 deep"));
+        assert!(err(&deep).contains("nest more than 24 deep"));
         assert!(err(&format!("root ::= \"a\"{}", "*".repeat(100_000))).contains("nest more than"));
-        // 64 levels are fine.
-        let ok = format!("root ::= {}\"a\"{}", "(".repeat(63), ")".repeat(63));
+        // 24 levels are fine, and compile (see the grammar module's tests).
+        let ok = format!("root ::= {}\"a\"{}", "(".repeat(23), ")".repeat(23));
         assert!(gbnf_to_lark(&ok).is_ok());
     }
 }

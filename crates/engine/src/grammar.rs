@@ -103,6 +103,12 @@ impl Grammars {
         let mut factory =
             ParserFactory::new_simple(&env).map_err(|e| GrammarError::Invalid(e.to_string()))?;
         factory.quiet();
+        let limits = factory.limits_mut();
+        // No parser state or grammar dump in errors: they reach clients.
+        limits.verbose_errors = false;
+        // GBNF's one-character lexemes put every alternative that starts
+        // alike in one row: 8000 labels rather than 2000.
+        limits.max_items_in_row = 8000;
         Ok(Grammars { factory })
     }
 
@@ -117,6 +123,7 @@ impl Grammars {
                     ));
                 }
                 let mut schema = schema.clone();
+                closed_objects(&mut schema);
                 if let Some(obj) = schema.as_object_mut() {
                     obj.entry("x-guidance").or_insert_with(
                         || serde_json::json!({ "whitespace_pattern": JSON_WHITESPACE }),
@@ -125,18 +132,71 @@ impl Grammars {
                 TopLevelGrammar::from_json_schema(schema)
             }
         };
+        let invalid = |e: String| GrammarError::Invalid(brief(&e));
+        // (llguidance turns its own panics into errors.)
         let parser = self
             .factory
             .create_parser(grammar)
-            .map_err(|e| GrammarError::Invalid(e.to_string()))?;
-        let matcher = Matcher::new(Ok(parser));
+            .map_err(|e| invalid(e.to_string()))?;
+        let mut matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(GrammarError::Invalid(e));
+            return Err(invalid(e));
+        }
+        // A grammar no text can start (a rule defined only through itself)
+        // is the caller's mistake: say so now, not at the first token.
+        let first = matcher.clone().compute_mask();
+        match first {
+            Ok(m) if m.is_zero() && !matcher.is_accepting().unwrap_or(false) => {
+                return Err(GrammarError::Invalid(NO_TEXT.into()))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(invalid(explain(&e.to_string()))),
         }
         Ok(Constraint {
             matcher,
             eos: self.factory.tok_env().tok_trie().eos_token(),
         })
+    }
+}
+
+const NO_TEXT: &str =
+    "no text can follow here: a rule never finishes (is it defined only through itself?)";
+
+/// llguidance's word for "no token can continue", in plain words.
+fn explain(e: &str) -> String {
+    if e.contains("NoExtensionBias") || e.contains("no extension") {
+        NO_TEXT.into()
+    } else {
+        e.to_string()
+    }
+}
+
+/// The first line of an llguidance error, at most 300 characters: it may
+/// quote the rewritten grammar whole, or carry a backtrace.
+fn brief(e: &str) -> String {
+    let line = e.lines().find(|l| !l.trim().is_empty()).unwrap_or(e).trim();
+    let line = line.strip_prefix("panic: ").unwrap_or(line);
+    match line.char_indices().nth(300) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line.to_string(),
+    }
+}
+
+/// JSON schema objects that name their properties and say nothing of
+/// others get `"additionalProperties": false`, as llama.cpp's schema
+/// converter reads them (a base model otherwise adds keys of its own).
+fn closed_objects(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(o) => {
+            if o.get("properties").is_some_and(|p| p.is_object())
+                && !o.contains_key("additionalProperties")
+            {
+                o.insert("additionalProperties".into(), false.into());
+            }
+            o.values_mut().for_each(closed_objects);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(closed_objects),
+        _ => {}
     }
 }
 
@@ -167,7 +227,7 @@ impl Constraint {
         let allowed: SimpleVob = self
             .matcher
             .compute_mask()
-            .map_err(|e| GrammarError::Matcher(e.to_string()))?;
+            .map_err(|e| GrammarError::Matcher(brief(&explain(&e.to_string()))))?;
         let may_end = allowed.is_allowed(self.eos);
         // The end tokens' own logits, set back below where the grammar may end.
         let kept: Vec<(usize, f32)> = (ends.iter())
@@ -208,7 +268,7 @@ impl Constraint {
     pub fn accept(&mut self, token: u32) -> Result<(), GrammarError> {
         self.matcher
             .consume_token(token)
-            .map_err(|e| GrammarError::Matcher(e.to_string()))?;
+            .map_err(|e| GrammarError::Matcher(brief(&e.to_string())))?;
         if self.matcher.is_error() {
             return Err(self.fail("the grammar refused a token"));
         }
@@ -302,6 +362,21 @@ mod tests {
     }
 
     #[test]
+    fn errors_are_one_short_line() {
+        let long = format!(
+            "first line {}\nsecond line\nstack backtrace: ...",
+            "x".repeat(400)
+        );
+        let b = brief(&long);
+        assert!(b.starts_with("first line") && b.ends_with('…'), "{b}");
+        assert_eq!(b.chars().count(), 301);
+        assert_eq!(
+            brief("\npanic: assertion failed: x\n   0: ..."),
+            "assertion failed: x"
+        );
+    }
+
+    #[test]
     fn schemas_compile_or_say_why_not() {
         let g = Grammars::new(&tokenizer()).unwrap();
         let mut c = g.compile(&GrammarSpec::json_object()).unwrap();
@@ -330,6 +405,32 @@ mod tests {
             .contains("must be an object"));
         let unsat = serde_json::json!({"type": "integer", "minimum": 5, "maximum": 1});
         assert!(bad(unsat).to_string().contains("minimum"));
+        // The deepest nesting the GBNF reader takes compiles.
+        let deep = format!("root ::= {}\"a\"{}*", "(".repeat(22), ")".repeat(22));
+        g.compile(&GrammarSpec::Gbnf(deep)).unwrap();
+        // A rule that never finishes: refused before any token.
+        let e = g.compile(&GrammarSpec::Gbnf("root ::= root \"a\"".into()));
+        assert!(e.unwrap_err().to_string().contains("never finishes"));
+        // Objects that name their properties take no others unless they say so.
+        let mut c = g
+            .compile(&GrammarSpec::JsonSchema(serde_json::json!({
+                "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]
+            })))
+            .unwrap();
+        for b in "{\"a\":1".bytes() {
+            c.accept(5 + b as u32).unwrap();
+        }
+        assert!(!allowed(&mut c, n).contains(&(5 + b',' as u32)));
+        let mut c = g
+            .compile(&GrammarSpec::JsonSchema(serde_json::json!({
+                "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+                "additionalProperties": true
+            })))
+            .unwrap();
+        for b in "{\"a\":1".bytes() {
+            c.accept(5 + b as u32).unwrap();
+        }
+        assert!(allowed(&mut c, n).contains(&(5 + b',' as u32)));
         assert!(g
             .compile(&GrammarSpec::Gbnf("root ::= x".into()))
             .unwrap_err()

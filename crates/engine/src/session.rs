@@ -346,7 +346,7 @@ pub(crate) fn no_token(
 ) -> SessionError {
     match logits.get(e.token as usize) {
         Some(l) if constrained && !l.is_nan() && *l != f32::INFINITY => GrammarError::Matcher(
-            "every token the grammar allows next is banned (by logit_bias)".into(),
+            "every token the grammar allows next is banned (by logit_bias, or ignore_eos where only the end may come)".into(),
         )
         .into(),
         _ => SessionError::NonFiniteLogits,

@@ -388,7 +388,9 @@ fn parse_grammar(f: &Fields) -> Result<Option<(GrammarSpec, &'static str)>, ApiE
             Some("text") => {}
             Some("json_object") => match o.get("schema") {
                 None | Some(Value::Null) => found.push((GrammarSpec::json_object(), RF)),
-                Some(s @ Value::Object(_)) => found.push((GrammarSpec::JsonSchema(s.clone()), RF)),
+                Some(s @ (Value::Object(_) | Value::Bool(_))) => {
+                    found.push((GrammarSpec::JsonSchema(s.clone()), RF))
+                }
                 Some(_) => {
                     return Err(ApiError::field(
                         RF,
@@ -399,7 +401,7 @@ fn parse_grammar(f: &Fields) -> Result<Option<(GrammarSpec, &'static str)>, ApiE
             Some("json_schema") => {
                 let schema = o.get("json_schema").and_then(|j| j.get("schema"));
                 match schema {
-                    Some(s @ Value::Object(_)) => {
+                    Some(s @ (Value::Object(_) | Value::Bool(_))) => {
                         found.push((GrammarSpec::JsonSchema(s.clone()), RF))
                     }
                     _ => {

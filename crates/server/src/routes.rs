@@ -18,7 +18,7 @@ use gemma3_engine::embed::normalize_l2;
 use gemma3_engine::scheduler::{
     Event, EventSink, Request as EngineRequest, Scheduler, SubmitError, Usage,
 };
-use gemma3_engine::{render_chat, FinishReason, GenerateParams, Grammars, Pooling};
+use gemma3_engine::{render_chat, Constraint, FinishReason, GenerateParams, Grammars, Pooling};
 use gemma3_tokenizer::Tokenizer;
 use serde_json::{json, Map, Value};
 use std::convert::Infallible;
@@ -43,7 +43,8 @@ pub struct App {
     pub started: u64,
     /// See [`crate::ServerConfig`].
     pub body_timeout: std::time::Duration,
-    /// Requests being tokenized at once (see `encode`).
+    /// Requests being tokenized, or grammars compiled, at once (see
+    /// `encode` and `constraint`).
     pub tokenizing: tokio::sync::Semaphore,
     /// How `/v1/embeddings` pools a text's hidden states.
     pub pooling: Pooling,
@@ -112,36 +113,24 @@ impl App {
         }
     }
 
-    fn params(&self, common: &Common, max_tokens: usize) -> Result<GenerateParams, ApiError> {
+    fn params(
+        &self,
+        common: &Common,
+        max_tokens: usize,
+        constraint: Option<Constraint>,
+    ) -> GenerateParams {
         let mut sampling = common.sampling.clone();
         if common.ignore_eos {
             // As llama-server does: the end tokens get a logit of −∞.
             (sampling.logit_bias).extend(self.stop_tokens.iter().map(|&t| (t, f32::NEG_INFINITY)));
         }
-        let constraint = match &common.grammar {
-            None => None,
-            // (Building the vocabulary's index takes about a second, once;
-            // compiling a grammar, up to llguidance's limits: off the
-            // runtime's other tasks.)
-            Some((spec, field)) => tokio::task::block_in_place(|| {
-                let grammars = self
-                    .grammars
-                    .get_or_init(|| Grammars::new(&self.tok).map_err(|e| e.to_string()))
-                    .as_ref()
-                    .map_err(|e| ApiError::internal(format!("grammars: {e}")))?;
-                let c = grammars
-                    .compile(spec)
-                    .map_err(|e| ApiError::field(field, e.to_string()))?;
-                Ok::<_, ApiError>(Some(c))
-            })?,
-        };
-        Ok(GenerateParams {
+        GenerateParams {
             max_tokens,
             sampling,
             stop_strings: common.stop.clone(),
             stop_tokens: self.stop_tokens.clone(),
             constraint,
-        })
+        }
     }
 
     /// Queue a job; its events arrive on the returned channel. Dropping the
@@ -292,6 +281,35 @@ async fn encode(
     special: bool,
 ) -> Result<Vec<u32>, ApiError> {
     tokenize_with(app, move |tok| tok.encode(&text, add_bos, special)).await
+}
+
+/// The request's grammar or schema, compiled once (a batch's prompts take
+/// clones), on tokio's blocking threads and two at a time, as tokenizing:
+/// building the vocabulary's index takes about a second, once, and a large
+/// grammar as long.
+async fn constraint(app: &Arc<App>, common: &Common) -> Result<Option<Constraint>, ApiError> {
+    let Some((spec, field)) = common.grammar.clone() else {
+        return Ok(None);
+    };
+    let _turn = app
+        .tokenizing
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("the grammar compiler stopped"))?;
+    let app = app.clone();
+    tokio::task::spawn_blocking(move || {
+        let grammars = app
+            .grammars
+            .get_or_init(|| Grammars::new(&app.tok).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| ApiError::internal(format!("grammars: {e}")))?;
+        let c = grammars
+            .compile(&spec)
+            .map_err(|e| ApiError::field(field, e.to_string()))?;
+        Ok(Some(c))
+    })
+    .await
+    .map_err(|_| ApiError::internal("the grammar compiler stopped"))?
 }
 
 /// Run `f` on the tokenizer on tokio's blocking threads.
@@ -757,7 +775,11 @@ pub async fn chat(
         render_chat(&req.messages, true).map_err(|e| ApiError::field("messages", e.to_string()))?;
     let prompt = encode(&app, text, false, true).await?;
     let max_tokens = app.budget(prompt.len(), &req.common, None, "messages")?;
-    let params = app.params(&req.common, max_tokens)?;
+    let params = app.params(
+        &req.common,
+        max_tokens,
+        constraint(&app, &req.common).await?,
+    );
     let mut rx = app.submit(prompt, params, req.logprobs)?;
     let first = first_event(&mut rx).await?;
     let id = app.new_id("chatcmpl");
@@ -918,6 +940,7 @@ pub async fn completions(
     // prompts' text is kept only to echo it.
     let mut jobs = Vec::with_capacity(req.prompts.len());
     let mut echoes = Vec::new();
+    let constraint = constraint(&app, &req.common).await?;
     let several = req.prompts.len() > 1;
     for (i, prompt) in req.prompts.iter().enumerate() {
         let ids = prompt_ids(&app, prompt).await?;
@@ -939,7 +962,7 @@ pub async fn completions(
             Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
             &field,
         )?;
-        jobs.push((ids, app.params(&req.common, max_tokens)?));
+        jobs.push((ids, app.params(&req.common, max_tokens, constraint.clone())));
     }
     // Queued as one (all or none), and run side by side.
     let rxs = app.submit_many(jobs, req.logprobs)?;

@@ -1293,6 +1293,21 @@ fn grammars_constrain_replies() {
     assert_eq!(v["choices"][0]["text"], " negative", "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
 
+    // A batch shares one compiled grammar; each prompt gets a label.
+    let mut batch = label.clone();
+    batch["prompt"] = json!([
+        label["prompt"],
+        "Review: Lovely staff, great pasta.\nSentiment (positive or negative):"
+    ]);
+    let r = post(addr, "/v1/completions", &batch);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["choices"][0]["text"], " negative", "{v}");
+    assert!(
+        ["positive", "negative"].contains(&v["choices"][1]["text"].as_str().unwrap().trim()),
+        "{v}"
+    );
+
     let schema = json!({
         "type": "object",
         "properties": {"intent": {"enum": ["balance", "transfer", "card_lost"]}},
