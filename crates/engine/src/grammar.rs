@@ -123,7 +123,7 @@ impl Grammars {
                     ));
                 }
                 let mut schema = schema.clone();
-                closed_objects(&mut schema);
+                as_llama_cpp_reads(&mut schema);
                 if let Some(obj) = schema.as_object_mut() {
                     obj.entry("x-guidance").or_insert_with(
                         || serde_json::json!({ "whitespace_pattern": JSON_WHITESPACE }),
@@ -182,10 +182,14 @@ fn brief(e: &str) -> String {
     }
 }
 
-/// JSON schema objects that name their properties and say nothing of
-/// others get `"additionalProperties": false`, as llama.cpp's schema
-/// converter reads them (a base model otherwise adds keys of its own).
-fn closed_objects(v: &mut serde_json::Value) {
+/// Largest integer llama.cpp's schema grammars write: 16 digits.
+const MAX_JSON_INTEGER: i64 = 9_999_999_999_999_999;
+
+/// A JSON schema as llama.cpp's schema converter reads it: objects that
+/// name their properties and say nothing of others take no others (a base
+/// model otherwise adds keys of its own), and integers have at most 16
+/// digits (otherwise a model can write digits until its budget runs out).
+fn as_llama_cpp_reads(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(o) => {
             if o.get("properties").is_some_and(|p| p.is_object())
@@ -193,9 +197,20 @@ fn closed_objects(v: &mut serde_json::Value) {
             {
                 o.insert("additionalProperties".into(), false.into());
             }
-            o.values_mut().for_each(closed_objects);
+            if o.get("type").and_then(|t| t.as_str()) == Some("integer") {
+                let none = |o: &serde_json::Map<_, _>, a: &str, b: &str| {
+                    !o.contains_key(a) && !o.contains_key(b)
+                };
+                if none(o, "maximum", "exclusiveMaximum") {
+                    o.insert("maximum".into(), MAX_JSON_INTEGER.into());
+                }
+                if none(o, "minimum", "exclusiveMinimum") {
+                    o.insert("minimum".into(), (-MAX_JSON_INTEGER).into());
+                }
+            }
+            o.values_mut().for_each(as_llama_cpp_reads);
         }
-        serde_json::Value::Array(a) => a.iter_mut().for_each(closed_objects),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(as_llama_cpp_reads),
         _ => {}
     }
 }
@@ -431,6 +446,23 @@ mod tests {
             c.accept(5 + b as u32).unwrap();
         }
         assert!(allowed(&mut c, n).contains(&(5 + b',' as u32)));
+        // An integer stops at 16 digits unless its bounds say otherwise.
+        let mut c = g
+            .compile(&GrammarSpec::JsonSchema(
+                serde_json::json!({"type": "integer"}),
+            ))
+            .unwrap();
+        for _ in 0..16 {
+            assert!(allowed(&mut c, n).contains(&(5 + b'9' as u32)));
+            c.accept(5 + b'9' as u32).unwrap();
+        }
+        assert!(c.is_done(), "no 17th digit");
+        let mut c = g
+            .compile(&GrammarSpec::JsonSchema(
+                serde_json::json!({"type": "integer", "minimum": 0}),
+            ))
+            .unwrap();
+        assert!(!allowed(&mut c, n).contains(&(5 + b'-' as u32)));
         assert!(g
             .compile(&GrammarSpec::Gbnf("root ::= x".into()))
             .unwrap_err()
