@@ -45,10 +45,10 @@ pub enum GrammarError {
 }
 
 /// Whitespace a JSON schema's output may have between its tokens: none, a
-/// space, or a line break and up to 20 spaces or tabs, as in the grammars
-/// llama.cpp makes of schemas (`space ::= | " " | "\n" [ \t]{0,20}`). A
-/// free run of whitespace would let a base model pad forever.
-const JSON_WHITESPACE: &str = r"[ ]|\n[ \t]{0,20}";
+/// space, or one or two line breaks and up to 20 spaces or tabs, as in the
+/// grammars llama.cpp makes of schemas (`space ::= | " " | "\n"{1,2} [
+/// \t]{0,20}`). A free run of whitespace would let a base model pad forever.
+const JSON_WHITESPACE: &str = r"[ ]|\n{1,2}[ \t]{0,20}";
 
 /// The compiler of grammars for one vocabulary: built once (it indexes
 /// every token's bytes), then shared by every request.
