@@ -134,6 +134,33 @@ fn cli_grammar_and_json_schema_flags() {
         case["text"].as_str().unwrap()
     );
 
+    // Sampled, too: whatever the draw, a label (a token the grammar refuses
+    // is drawn again from the masked row).
+    for seed in ["1", "2", "3"] {
+        let (out, stdout, stderr) = run(gemma3().args([
+            "run",
+            "--model",
+            path,
+            "--raw",
+            "--quiet",
+            "--temp",
+            "1.5",
+            "--top-k",
+            "0",
+            "--seed",
+            seed,
+            "--grammar",
+            case["grammar"].as_str().unwrap(),
+            case["prompt"].as_str().unwrap(),
+        ]));
+        assert!(out.status.success(), "{stderr}");
+        let got = stdout.trim_end_matches('\n');
+        assert!(
+            got == " positive" || got == " negative",
+            "seed {seed}: {got:?}"
+        );
+    }
+
     // A schema: the output is one JSON object it accepts (an integer age in
     // range, a name, a city from the enum), and generation ends there.
     let schema = serde_json::json!({

@@ -159,6 +159,11 @@ impl Grammars {
     }
 }
 
+/// An error of llguidance's matcher, in a short line.
+fn matcher_error(e: impl std::fmt::Display) -> GrammarError {
+    GrammarError::Matcher(brief(&explain(&e.to_string())))
+}
+
 const NO_TEXT: &str =
     "no text can follow here: a rule never finishes (is it defined only through itself?)";
 
@@ -239,10 +244,7 @@ impl Constraint {
     /// `ends` (the generation's stop tokens) are allowed where the grammar
     /// may end, and only there.
     pub fn mask(&mut self, logits: &mut [f32], ends: &[u32]) -> Result<(), GrammarError> {
-        let allowed: SimpleVob = self
-            .matcher
-            .compute_mask()
-            .map_err(|e| GrammarError::Matcher(brief(&explain(&e.to_string()))))?;
+        let allowed: SimpleVob = self.matcher.compute_mask().map_err(matcher_error)?;
         let may_end = allowed.is_allowed(self.eos);
         // The end tokens' own logits, set back below where the grammar may end.
         let kept: Vec<(usize, f32)> = (ends.iter())
@@ -279,11 +281,26 @@ impl Constraint {
         Ok(())
     }
 
-    /// Advance past `token` (one [`Constraint::mask`] allowed).
+    /// Whether `token` may come next: one of `ends` where the grammar may
+    /// end, or a token whose bytes continue the text (a walk over that one
+    /// token, where [`Constraint::mask`] walks the whole vocabulary).
+    pub fn allows(&mut self, token: u32, ends: &[u32]) -> Result<bool, GrammarError> {
+        if ends.contains(&token) {
+            return self.matcher.is_accepting().map_err(matcher_error);
+        }
+        if token == self.eos {
+            return Ok(false);
+        }
+        Ok(self
+            .matcher
+            .validate_tokens(&[token])
+            .map_err(matcher_error)?
+            == 1)
+    }
+
+    /// Advance past `token` (one [`Constraint::allows`]).
     pub fn accept(&mut self, token: u32) -> Result<(), GrammarError> {
-        self.matcher
-            .consume_token(token)
-            .map_err(|e| GrammarError::Matcher(brief(&e.to_string())))?;
+        self.matcher.consume_token(token).map_err(matcher_error)?;
         if self.matcher.is_error() {
             return Err(self.fail("the grammar refused a token"));
         }
@@ -374,6 +391,32 @@ mod tests {
             .compile(&GrammarSpec::Gbnf(r#"root ::= " yes""#.into()))
             .unwrap();
         assert_eq!(allowed(&mut c, n), vec![5 + 0x20, word("▁yes")]);
+    }
+
+    /// `allows` says of each token what the mask says, along a path.
+    #[test]
+    fn allows_agrees_with_the_mask() {
+        let tok = tokenizer();
+        let n = tok.vocab_size();
+        let g = Grammars::new(&tok).unwrap();
+        let specs = [
+            (
+                GrammarSpec::Gbnf(r#"root ::= ("a" | "b")+ " yes""#.into()),
+                "abba yes",
+            ),
+            (GrammarSpec::json_object(), "{\"a\": [1, 2]}"),
+        ];
+        for (spec, text) in specs {
+            let mut c = g.compile(&spec).unwrap();
+            for b in text.bytes() {
+                let by_mask = allowed(&mut c, n);
+                let by_allows: Vec<u32> = (0..n as u32)
+                    .filter(|&t| c.allows(t, &[1, 4]).unwrap())
+                    .collect();
+                assert_eq!(by_allows, by_mask, "{spec:?} before {:?}", b as char);
+                c.accept(5 + b as u32).unwrap();
+            }
+        }
     }
 
     #[test]

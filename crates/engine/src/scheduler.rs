@@ -415,29 +415,18 @@ impl Job<'_> {
     /// The next token (one the grammar allows, if there is one), or an
     /// error where the row holds a NaN or +∞ logit or the grammar fails.
     fn pick(&mut self, row: &[f32]) -> Result<Pick, RequestError> {
-        let grammar = |e: crate::GrammarError| RequestError::Grammar(e.to_string());
-        let drawn = match self.constraint.as_mut() {
-            Some(c) => {
-                self.masked.clear();
-                self.masked.extend_from_slice(row);
-                c.mask(&mut self.masked, &self.stop_tokens)
-                    .map_err(grammar)?;
-                self.sampler.sample(&self.masked, &self.history)
-            }
-            None => self.sampler.sample(row, &self.history),
-        };
-        let constrained = self.constraint.is_some();
-        let token = drawn.map_err(|e| match crate::session::no_token(e, row, constrained) {
-            crate::SessionError::Grammar(g) => grammar(g),
+        let (token, done) = crate::session::draw(
+            &mut self.sampler,
+            row,
+            &self.history,
+            self.constraint.as_mut(),
+            &self.stop_tokens,
+            &mut self.masked,
+        )
+        .map_err(|e| match e {
+            crate::SessionError::Grammar(g) => RequestError::Grammar(g.to_string()),
             other => RequestError::Model(other.to_string()),
         })?;
-        let done = match self.constraint.as_mut() {
-            Some(c) if !self.stop_tokens.contains(&token) => {
-                c.accept(token).map_err(grammar)?;
-                c.is_done()
-            }
-            _ => false,
-        };
         let (logprob, top) = match self.logprobs {
             None => (None, Vec::new()),
             Some(k) => {

@@ -268,24 +268,20 @@ impl<'m> Session<'m> {
         let mut history: Vec<u32> = prompt.to_vec();
         let mut hit_stop_string = false;
         let mut constraint = params.constraint.clone();
+        let mut masked = Vec::new();
         while out_tokens.len() < params.max_tokens {
-            if let Some(c) = constraint.as_mut() {
-                c.mask(&mut logits, &params.stop_tokens)?;
-            }
-            let t = sampler
-                .sample(&logits, &history)
-                .map_err(|e| no_token(e, &logits, constraint.is_some()))?;
+            let (t, done) = draw(
+                &mut sampler,
+                &logits,
+                &history,
+                constraint.as_mut(),
+                &params.stop_tokens,
+                &mut masked,
+            )?;
             if params.stop_tokens.contains(&t) {
                 finish = FinishReason::Stop;
                 break;
             }
-            let done = match constraint.as_mut() {
-                Some(c) => {
-                    c.accept(t)?;
-                    c.is_done()
-                }
-                None => false,
-            };
             out_tokens.push(t);
             history.push(t);
             let piece = dec
@@ -336,19 +332,64 @@ impl<'m> Session<'m> {
     }
 }
 
+/// Draw the next token from `row` (a stop token among `ends`), under
+/// `constraint` if there is one, as llama.cpp's sampler does: a token drawn
+/// from the row as it is stands if the grammar allows it (checking one
+/// token is cheap); only otherwise is the row masked to what the grammar
+/// allows (a pass over the whole vocabulary) and drawn from again. Greedy,
+/// either way the best token the grammar allows. Returns the token and
+/// whether the grammar is complete with it.
+pub(crate) fn draw(
+    sampler: &mut Sampler,
+    row: &[f32],
+    history: &[u32],
+    constraint: Option<&mut Constraint>,
+    ends: &[u32],
+    masked: &mut Vec<f32>,
+) -> Result<(u32, bool), SessionError> {
+    let first = sampler.sample(row, history);
+    let Some(c) = constraint else {
+        return first
+            .map(|t| (t, false))
+            .map_err(|e| no_token(e, row, false));
+    };
+    let token = match first {
+        Ok(t) if c.allows(t, ends)? => t,
+        // A NaN or +∞ logit: the model is broken, whatever the grammar.
+        Err(e) if broken(row, e) => return Err(SessionError::NonFiniteLogits),
+        _ => {
+            masked.clear();
+            masked.extend_from_slice(row);
+            c.mask(masked, ends)?;
+            sampler
+                .sample(masked, history)
+                .map_err(|e| no_token(e, row, true))?
+        }
+    };
+    if ends.contains(&token) {
+        return Ok((token, false));
+    }
+    c.accept(token)?;
+    Ok((token, c.is_done()))
+}
+
+/// Whether the sampler's error names a NaN or +∞ logit of `row` (rather
+/// than a row where every token was banned).
+fn broken(row: &[f32], e: crate::sampler::NonFiniteLogit) -> bool {
+    row.get(e.token as usize)
+        .is_some_and(|l| l.is_nan() || *l == f32::INFINITY)
+}
+
 /// The error for a row of `logits` where no token could be drawn: a NaN
 /// or +∞ logit (a broken model), or, under a grammar, every token it allows
 /// next also banned (by a logit bias).
-pub(crate) fn no_token(
-    e: crate::sampler::NonFiniteLogit,
-    logits: &[f32],
-    constrained: bool,
-) -> SessionError {
-    match logits.get(e.token as usize) {
-        Some(l) if constrained && !l.is_nan() && *l != f32::INFINITY => GrammarError::Matcher(
+fn no_token(e: crate::sampler::NonFiniteLogit, logits: &[f32], constrained: bool) -> SessionError {
+    if constrained && !broken(logits, e) {
+        GrammarError::Matcher(
             "every token the grammar allows next is banned (by logit_bias, or ignore_eos where only the end may come)".into(),
         )
-        .into(),
-        _ => SessionError::NonFiniteLogits,
+        .into()
+    } else {
+        SessionError::NonFiniteLogits
     }
 }
