@@ -14,6 +14,23 @@ use gemma3_engine::{GenerateParams, GrammarSpec, Grammars, Session};
 
 const NEAR_TIE: f64 = 0.1;
 
+/// Each case's grammar as a regular expression, written by hand from the
+/// GBNF (tests/data/grammar.json, in order): every output must match it.
+const LANGUAGES: [(&str, &str); 6] = [
+    ("sentiment label", r"^ (positive|negative)$"),
+    ("list of numbers", r"^ [0-9]+(, ?[0-9]+){0,6}\.$"),
+    (
+        "json-like record",
+        r#"^ \{ ?"name": "[^"\\\n]{1,40}", ?"age": [1-9][0-9]{0,2}, ?"city": "[^"\\\n]{1,40}" ?\}$"#,
+    ),
+    (
+        "yes or no with a reason",
+        r"^ (Yes|No)[.,] [A-Za-z ,']{1,60}\.$",
+    ),
+    ("chat turn, one word", r"^[A-Z][a-z]+$"),
+    ("anything but a digit", r"^[^0-9\n]{1,30}\n$"),
+];
+
 fn cases() -> Vec<serde_json::Value> {
     let p = common::data_dir().join("grammar.json");
     let v: serde_json::Value =
@@ -59,6 +76,22 @@ fn greedy_under_a_grammar_matches_llama_cpp() {
         let g = s
             .generate(tok, &prompt_ids, &params, |_| true)
             .expect("generates");
+        // Whatever llama.cpp did, ours is in the grammar's language (the
+        // chat case runs out of tokens inside its one long word, which
+        // every prefix of two letters or more matches).
+        let (lang_name, lang) = LANGUAGES[cases.iter().position(|c| c == case).unwrap()];
+        assert_eq!(lang_name, name);
+        let re = regex::Regex::new(lang).unwrap();
+        assert!(
+            re.is_match(&g.text),
+            "{name}: {:?} is not in {lang}",
+            g.text
+        );
+        // (And llama.cpp's text is, too: the expressions are the grammars.)
+        assert!(
+            re.is_match(case["text"].as_str().unwrap()),
+            "{name}: llama.cpp's text"
+        );
         let matched = g
             .tokens
             .iter()

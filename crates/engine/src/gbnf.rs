@@ -44,6 +44,10 @@ enum Item {
 /// into copies and refuses 2000 of them).
 const MAX_REPEAT: usize = 2000;
 
+/// Longest chain of rules, each reached first through the one before, that
+/// a grammar may have (the compiler recurses once a rule).
+const MAX_CHAIN: usize = 1000;
+
 /// Most one-character terminals a grammar may hold in all (each is a symbol
 /// of llguidance's grammar, which holds fewer than 65 526): about 800
 /// labels of 40 characters.
@@ -241,7 +245,7 @@ impl<'a> Parser<'a> {
                         return self
                             .err(format!("'{}' must follow something to repeat", c as char));
                     };
-                    if depth(&last) >= MAX_DEPTH {
+                    if self.depth + depth(&last) >= MAX_DEPTH {
                         return self.err(format!(
                             "repetitions and parentheses nest more than {MAX_DEPTH} deep"
                         ));
@@ -406,6 +410,41 @@ pub fn gbnf_to_lark(text: &str) -> Result<String, GbnfError> {
     }
     if let Some(n) = undefined.into_iter().min() {
         return Err(GbnfError(format!("rule '{n}' is used but never defined")));
+    }
+
+    // How deep a compiler that follows each rule's references depth first
+    // (as llguidance's does, recursing) goes: a chain of rules each naming
+    // the next is refused past MAX_CHAIN.
+    let edges: Vec<Vec<usize>> = rules
+        .iter()
+        .map(|(_, alts)| {
+            let mut used = Vec::new();
+            alts.iter().for_each(|a| refs(a, &mut used));
+            used.iter().map(|n| index[*n]).collect()
+        })
+        .collect();
+    let mut seen = vec![false; rules.len()];
+    let mut stack: Vec<(usize, usize)> = vec![(root, 0)];
+    seen[root] = true;
+    while let Some(&mut (r, ref mut next)) = stack.last_mut() {
+        match edges[r].get(*next) {
+            Some(&to) => {
+                *next += 1;
+                if !seen[to] {
+                    seen[to] = true;
+                    stack.push((to, 0));
+                    if stack.len() > MAX_CHAIN {
+                        return Err(GbnfError(format!(
+                            "rules reach more than {MAX_CHAIN} deep through one another ('{}' …)",
+                            rules[root].0
+                        )));
+                    }
+                }
+            }
+            None => {
+                stack.pop();
+            }
+        }
     }
 
     // Rule i is `r{i}` in Lark (GBNF names may hold '-' and capitals).
@@ -608,6 +647,16 @@ mod tests {
         assert!(err("root ::= (\"a\"").contains("expected ')'"));
         assert!(err("root ::= \"a\" )").contains("unexpected ')'"));
         assert!(err("root ::= []").contains("matches nothing"));
+        // A chain of 1001 rules, each naming the next.
+        let chain: String = (0..=MAX_CHAIN)
+            .map(|i| format!("a{i} ::= a{}\n", i + 1))
+            .collect();
+        let g = format!("root ::= a0\n{chain}a{} ::= \"x\"\n", MAX_CHAIN + 1);
+        assert!(err(&g).contains("more than 1000 deep"));
+        // Many rules side by side are not a chain.
+        let labels: String = (0..3000).map(|i| format!("l{i} ::= \"{i}\"\n")).collect();
+        let names: Vec<String> = (0..3000).map(|i| format!("l{i}")).collect();
+        assert!(gbnf_to_lark(&format!("root ::= {}\n{labels}", names.join(" | "))).is_ok());
         // Nesting deep enough to overflow a recursive reader is refused.
         let deep = format!(
             "root ::= {}\"a\"{}",

@@ -42,6 +42,10 @@ pub enum GrammarError {
     Invalid(String),
     #[error("constrained generation failed: {0}")]
     Matcher(String),
+    /// The matcher refused a token it had allowed: a fault of this engine
+    /// (or llguidance), not of the request.
+    #[error("the grammar matcher failed: {0}")]
+    Internal(String),
 }
 
 /// Whitespace a JSON schema's output may have between its tokens: none, a
@@ -49,6 +53,10 @@ pub enum GrammarError {
 /// grammars llama.cpp makes of schemas (`space ::= | " " | "\n"{1,2} [
 /// \t]{0,20}`). A free run of whitespace would let a base model pad forever.
 const JSON_WHITESPACE: &str = r"[ ]|\n{1,2}[ \t]{0,20}";
+
+/// The stack a grammar is compiled on (address space: only the pages a
+/// deep grammar touches are ever used).
+const COMPILE_STACK: usize = 256 << 20;
 
 /// The compiler of grammars for one vocabulary: built once (it indexes
 /// every token's bytes), then shared by every request.
@@ -113,7 +121,24 @@ impl Grammars {
     }
 
     /// Compile `spec` into a fresh constraint.
+    ///
+    /// On a thread of its own with a deep stack: llguidance's compilers
+    /// recurse once per nested schema or `$ref` followed (a chain of 3000
+    /// `$ref`s overflowed an 8 MiB stack and aborted the process).
     pub fn compile(&self, spec: &GrammarSpec) -> Result<Constraint, GrammarError> {
+        std::thread::scope(|s| {
+            let worker = std::thread::Builder::new()
+                .name("grammar".into())
+                .stack_size(COMPILE_STACK)
+                .spawn_scoped(s, || self.compile_here(spec))
+                .map_err(|e| GrammarError::Invalid(format!("no thread to compile on: {e}")))?;
+            worker.join().unwrap_or_else(|_| {
+                Err(GrammarError::Invalid("the grammar compiler failed".into()))
+            })
+        })
+    }
+
+    fn compile_here(&self, spec: &GrammarSpec) -> Result<Constraint, GrammarError> {
         let grammar = match spec {
             GrammarSpec::Gbnf(text) => TopLevelGrammar::from_lark(crate::gbnf::gbnf_to_lark(text)?),
             GrammarSpec::JsonSchema(schema) => {
@@ -122,7 +147,11 @@ impl Grammars {
                         "a JSON schema must be an object (or true/false)".into(),
                     ));
                 }
-                let mut schema = schema.clone();
+                // (`true`: any value, with the same whitespace as the rest.)
+                let mut schema = match schema {
+                    serde_json::Value::Bool(true) => serde_json::json!({}),
+                    s => s.clone(),
+                };
                 as_llama_cpp_reads(&mut schema);
                 if let Some(obj) = schema.as_object_mut() {
                     obj.entry("x-guidance").or_insert_with(
@@ -194,29 +223,88 @@ const MAX_JSON_INTEGER: i64 = 9_999_999_999_999_999;
 /// name their properties and say nothing of others take no others (a base
 /// model otherwise adds keys of its own), and integers have at most 16
 /// digits (otherwise a model can write digits until its budget runs out).
+/// Only schema positions are visited (not `const`, `enum`, `not` or the
+/// conditionals), and an `allOf` member or a schema beside a `$ref` or an
+/// `allOf` is left open: its keys may be another part's.
 fn as_llama_cpp_reads(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::Object(o) => {
-            if o.get("properties").is_some_and(|p| p.is_object())
-                && !o.contains_key("additionalProperties")
-            {
-                o.insert("additionalProperties".into(), false.into());
-            }
-            if o.get("type").and_then(|t| t.as_str()) == Some("integer") {
-                let none = |o: &serde_json::Map<_, _>, a: &str, b: &str| {
-                    !o.contains_key(a) && !o.contains_key(b)
-                };
-                if none(o, "maximum", "exclusiveMaximum") {
-                    o.insert("maximum".into(), MAX_JSON_INTEGER.into());
+    read_schema(v, true);
+}
+
+fn read_schema(v: &mut serde_json::Value, may_close: bool) {
+    use serde_json::Value;
+    let Value::Object(o) = v else {
+        return;
+    };
+    let merged = o.contains_key("$ref") || o.contains_key("allOf");
+    if may_close
+        && !merged
+        && o.get("properties").is_some_and(Value::is_object)
+        && !o.contains_key("additionalProperties")
+        && !o.contains_key("unevaluatedProperties")
+    {
+        o.insert("additionalProperties".into(), false.into());
+    }
+    cap_integer(o);
+    for (key, sub) in o.iter_mut() {
+        match key.as_str() {
+            "properties" | "patternProperties" | "$defs" | "definitions" => {
+                if let Value::Object(m) = sub {
+                    m.values_mut().for_each(|s| read_schema(s, true));
                 }
-                if none(o, "minimum", "exclusiveMinimum") {
-                    o.insert("minimum".into(), (-MAX_JSON_INTEGER).into());
+            }
+            "additionalProperties" | "items" | "contains" => match sub {
+                Value::Array(a) => a.iter_mut().for_each(|s| read_schema(s, true)),
+                s => read_schema(s, true),
+            },
+            "prefixItems" | "anyOf" | "oneOf" => {
+                if let Value::Array(a) = sub {
+                    a.iter_mut().for_each(|s| read_schema(s, true));
                 }
             }
-            o.values_mut().for_each(as_llama_cpp_reads);
+            "allOf" => {
+                if let Value::Array(a) = sub {
+                    a.iter_mut().for_each(|s| read_schema(s, false));
+                }
+            }
+            _ => {}
         }
-        serde_json::Value::Array(a) => a.iter_mut().for_each(as_llama_cpp_reads),
-        _ => {}
+    }
+}
+
+/// An integer schema (its type `integer`, alone or beside non-numbers)
+/// without a bound on a side gets ±[`MAX_JSON_INTEGER`] there, where that
+/// agrees with the other bound; not when `const` or `enum` pins the value.
+fn cap_integer(o: &mut serde_json::Map<String, serde_json::Value>) {
+    use serde_json::Value;
+    let integer = match o.get("type") {
+        Some(Value::String(t)) => t == "integer",
+        Some(Value::Array(ts)) => {
+            ts.iter().any(|t| t == "integer") && !ts.iter().any(|t| t == "number")
+        }
+        _ => false,
+    };
+    if !integer || o.contains_key("const") || o.contains_key("enum") {
+        return;
+    }
+    let bound = |o: &serde_json::Map<String, Value>, keys: [&str; 2]| {
+        keys.iter().find_map(|k| o.get(*k).and_then(Value::as_f64))
+    };
+    let (lo, hi) = (
+        bound(o, ["minimum", "exclusiveMinimum"]),
+        bound(o, ["maximum", "exclusiveMaximum"]),
+    );
+    let max = MAX_JSON_INTEGER as f64;
+    if !o.contains_key("maximum")
+        && !o.contains_key("exclusiveMaximum")
+        && lo.is_none_or(|l| l <= max)
+    {
+        o.insert("maximum".into(), MAX_JSON_INTEGER.into());
+    }
+    if !o.contains_key("minimum")
+        && !o.contains_key("exclusiveMinimum")
+        && hi.is_none_or(|h| h >= -max)
+    {
+        o.insert("minimum".into(), (-MAX_JSON_INTEGER).into());
     }
 }
 
@@ -236,10 +324,6 @@ impl std::fmt::Debug for Constraint {
 }
 
 impl Constraint {
-    fn fail(&self, what: &str) -> GrammarError {
-        GrammarError::Matcher(self.matcher.get_error().unwrap_or_else(|| what.to_string()))
-    }
-
     /// Set to −∞ the logit of every token the grammar does not allow next.
     /// `ends` (the generation's stop tokens) are allowed where the grammar
     /// may end, and only there.
@@ -300,9 +384,12 @@ impl Constraint {
 
     /// Advance past `token` (one [`Constraint::allows`]).
     pub fn accept(&mut self, token: u32) -> Result<(), GrammarError> {
-        self.matcher.consume_token(token).map_err(matcher_error)?;
-        if self.matcher.is_error() {
-            return Err(self.fail("the grammar refused a token"));
+        let refused = |e: String| GrammarError::Internal(brief(&e));
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| refused(e.to_string()))?;
+        if let Some(e) = self.matcher.get_error() {
+            return Err(refused(e));
         }
         Ok(())
     }
@@ -420,6 +507,66 @@ mod tests {
     }
 
     #[test]
+    fn schemas_are_read_as_llama_cpp_reads_them() {
+        use serde_json::json;
+        let read = |mut v: serde_json::Value| {
+            as_llama_cpp_reads(&mut v);
+            v
+        };
+        let m = MAX_JSON_INTEGER;
+        // Closed where properties are named; nested schemas too, but not the
+        // properties map itself, nor a const's value, nor `not`.
+        assert_eq!(
+            read(
+                json!({"properties": {"properties": {"type": "object", "properties": {}}},
+                "not": {"properties": {}}, "const": {"properties": {}, "type": "integer"}})
+            ),
+            json!({"properties": {"properties": {"type": "object", "properties": {},
+                "additionalProperties": false}}, "not": {"properties": {}},
+                "const": {"properties": {}, "type": "integer"}, "additionalProperties": false})
+        );
+        // allOf's parts and a schema beside $ref stay open.
+        let all = json!({"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]});
+        assert_eq!(read(all.clone()), all);
+        let r = json!({"$ref": "#/$defs/x", "properties": {"c": {}}, "$defs": {"x": {"properties": {}}}});
+        assert_eq!(
+            read(r),
+            json!({"$ref": "#/$defs/x", "properties": {"c": {}},
+                "$defs": {"x": {"properties": {}, "additionalProperties": false}}})
+        );
+        // Integers: both bounds where none is said; one where the other is;
+        // none where the user's bound is past 16 digits or a const pins it.
+        assert_eq!(
+            read(json!({"type": "integer"})),
+            json!({"type": "integer", "maximum": m, "minimum": -m})
+        );
+        assert_eq!(
+            read(json!({"type": ["integer", "null"], "minimum": 0})),
+            json!({"type": ["integer", "null"], "minimum": 0, "maximum": m})
+        );
+        assert_eq!(
+            read(json!({"type": "integer", "minimum": 1e17})),
+            json!({"type": "integer", "minimum": 1e17})
+        );
+        let plain = [
+            json!({"type": ["integer", "number"]}),
+            json!({"type": "integer", "const": 5}),
+            json!({"type": "number"}),
+        ];
+        for v in plain {
+            assert_eq!(read(v.clone()), v);
+        }
+        // Items, anyOf, $defs are schemas.
+        assert_eq!(
+            read(
+                json!({"items": {"type": "integer", "maximum": 3}, "anyOf": [{"properties": {}}]})
+            ),
+            json!({"items": {"type": "integer", "maximum": 3, "minimum": -m},
+                "anyOf": [{"properties": {}, "additionalProperties": false}]})
+        );
+    }
+
+    #[test]
     fn errors_are_one_short_line() {
         let long = format!(
             "first line {}\nsecond line\nstack backtrace: ...",
@@ -463,9 +610,18 @@ mod tests {
             .contains("must be an object"));
         let unsat = serde_json::json!({"type": "integer", "minimum": 5, "maximum": 1});
         assert!(bad(unsat).to_string().contains("minimum"));
-        // The deepest nesting the GBNF reader takes compiles.
-        let deep = format!("root ::= {}\"a\"{}*", "(".repeat(22), ")".repeat(22));
-        g.compile(&GrammarSpec::Gbnf(deep)).unwrap();
+        // The deepest nesting the GBNF reader takes compiles: k parentheses
+        // around a literal, repeated as often as the reader lets it.
+        for k in 0..24 {
+            let (open, close) = ("(".repeat(k), ")".repeat(k));
+            let text = |stars: usize| format!("root ::= {open}\"a\"{}{close}", "*".repeat(stars));
+            let most = (0..30)
+                .take_while(|&s| crate::gbnf::gbnf_to_lark(&text(s)).is_ok())
+                .last()
+                .unwrap();
+            g.compile(&GrammarSpec::Gbnf(text(most)))
+                .unwrap_or_else(|e| panic!("{k} parentheses, {most} stars: {e}"));
+        }
         // A rule that never finishes: refused before any token.
         let e = g.compile(&GrammarSpec::Gbnf("root ::= root \"a\"".into()));
         assert!(e.unwrap_err().to_string().contains("never finishes"));
@@ -489,6 +645,20 @@ mod tests {
             c.accept(5 + b as u32).unwrap();
         }
         assert!(allowed(&mut c, n).contains(&(5 + b',' as u32)));
+        // allOf's parts may hold each other's keys (closing each had made
+        // this unsatisfiable).
+        let all = serde_json::json!({"allOf": [
+            {"properties": {"a": {"type": "integer"}}, "required": ["a"]},
+            {"properties": {"b": {"type": "integer"}}, "required": ["b"]}]});
+        g.compile(&GrammarSpec::JsonSchema(all)).unwrap();
+        // `true`: any value, with llama.cpp's whitespace (no third line break).
+        let mut c = g
+            .compile(&GrammarSpec::JsonSchema(serde_json::json!(true)))
+            .unwrap();
+        for b in "[\n\n".bytes() {
+            c.accept(5 + b as u32).unwrap();
+        }
+        assert!(!allowed(&mut c, n).contains(&(5 + 0x0A)));
         // An integer stops at 16 digits unless its bounds say otherwise.
         let mut c = g
             .compile(&GrammarSpec::JsonSchema(

@@ -424,6 +424,9 @@ impl Job<'_> {
             &mut self.masked,
         )
         .map_err(|e| match e {
+            crate::SessionError::Grammar(g @ crate::GrammarError::Internal(_)) => {
+                RequestError::Model(g.to_string())
+            }
             crate::SessionError::Grammar(g) => RequestError::Grammar(g.to_string()),
             other => RequestError::Model(other.to_string()),
         })?;

@@ -289,7 +289,7 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         next_id: AtomicU64::new(0),
         started,
         body_timeout: cfg.body_timeout,
-        tokenizing: tokio::sync::Semaphore::new(2),
+        tokenizing: Arc::new(tokio::sync::Semaphore::new(2)),
         pooling: cfg.pooling,
         grammars: Default::default(),
     });

@@ -44,8 +44,9 @@ pub struct App {
     /// See [`crate::ServerConfig`].
     pub body_timeout: std::time::Duration,
     /// Requests being tokenized, or grammars compiled, at once (see
-    /// `encode` and `constraint`).
-    pub tokenizing: tokio::sync::Semaphore,
+    /// `encode` and `constraint`). A turn is held by the blocking work
+    /// itself, so a client that goes away does not free it early.
+    pub tokenizing: Arc<tokio::sync::Semaphore>,
     /// How `/v1/embeddings` pools a text's hidden states.
     pub pooling: Pooling,
     /// The grammar compiler for this vocabulary, built by the first request
@@ -291,13 +292,15 @@ async fn constraint(app: &Arc<App>, common: &Common) -> Result<Option<Constraint
     let Some((spec, field)) = common.grammar.clone() else {
         return Ok(None);
     };
-    let _turn = app
+    let turn = app
         .tokenizing
-        .acquire()
+        .clone()
+        .acquire_owned()
         .await
         .map_err(|_| ApiError::internal("the grammar compiler stopped"))?;
     let app = app.clone();
     tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         let grammars = app
             .grammars
             .get_or_init(|| Grammars::new(&app.tok).map_err(|e| e.to_string()))
@@ -318,15 +321,19 @@ async fn tokenize_with(
     f: impl FnOnce(&Tokenizer) -> Vec<u32> + Send + 'static,
 ) -> Result<Vec<u32>, ApiError> {
     // Two at a time: more would take the cores from the model's workers.
-    let _turn = app
+    let turn = app
         .tokenizing
-        .acquire()
+        .clone()
+        .acquire_owned()
         .await
         .map_err(|_| ApiError::internal("the tokenizer stopped"))?;
     let tok = app.tok.clone();
-    tokio::task::spawn_blocking(move || f(&tok))
-        .await
-        .map_err(|_| ApiError::internal("the tokenizer stopped"))
+    tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        f(&tok)
+    })
+    .await
+    .map_err(|_| ApiError::internal("the tokenizer stopped"))
 }
 
 /// Events into the tokio channel a handler awaits (sending never blocks).
