@@ -318,6 +318,76 @@ impl<'a> Parser<'a> {
     }
 }
 
+/// The rules `items` name, in order (with repeats).
+fn refs<'i>(items: &'i [Item], out: &mut Vec<&'i str>) {
+    for it in items {
+        match it {
+            Item::Rule(n) => out.push(n),
+            Item::Group(alts) => alts.iter().for_each(|a| refs(a, out)),
+            Item::Repeat { item, .. } => refs(std::slice::from_ref(item), out),
+            _ => {}
+        }
+    }
+}
+
+/// `X ::= α₁ X | … | β₁ | …`, where X appears only at the end of some
+/// alternatives, as `X ::= (α₁ | …)* (β₁ | …)`: the same language, which
+/// llguidance's parser reads with a fixed number of items, where right
+/// recursion added items at each character (about 1600 characters of
+/// `l ::= [a-z] l | [a-z]` exhausted them). `X ::= (α X)?`, the older
+/// llama.cpp grammars' `ws`, is first read as `X ::= α X | ε`. Any other
+/// use of X in its own rule leaves the rule as it is.
+fn unroll_tail_recursion(name: &str, alts: &mut Vec<Vec<Item>>) {
+    let mut work = alts.clone();
+    if let [single] = work.as_slice() {
+        if let [Item::Repeat {
+            item,
+            min: 0,
+            max: Some(1),
+        }] = single.as_slice()
+        {
+            if let Item::Group(inner) = &**item {
+                let mut opened = inner.clone();
+                opened.push(Vec::new());
+                work = opened;
+            }
+        }
+    }
+    let mentions = |items: &[Item]| {
+        let mut used = Vec::new();
+        refs(items, &mut used);
+        used.iter().filter(|n| **n == name).count()
+    };
+    let (mut prefixes, mut bases) = (Vec::new(), Vec::new());
+    for a in work {
+        match a.split_last() {
+            Some((Item::Rule(n), head)) if n == name && mentions(head) == 0 => {
+                if head.is_empty() {
+                    return; // `X ::= X | …`: nothing to repeat.
+                }
+                prefixes.push(head.to_vec())
+            }
+            _ if mentions(&a) == 0 => bases.push(a),
+            _ => return,
+        }
+    }
+    if prefixes.is_empty() || bases.is_empty() {
+        return;
+    }
+    let unrolled = vec![
+        Item::Repeat {
+            item: Box::new(Item::Group(prefixes)),
+            min: 0,
+            max: None,
+        },
+        Item::Group(bases),
+    ];
+    // (Within the nesting the reader allows, or left as it was.)
+    if unrolled.iter().map(depth).max().unwrap_or(0) <= MAX_DEPTH {
+        *alts = vec![unrolled];
+    }
+}
+
 /// How deep `item` nests groups and repetitions.
 fn depth(item: &Item) -> usize {
     match item {
@@ -391,18 +461,11 @@ pub fn gbnf_to_lark(text: &str) -> Result<String, GbnfError> {
             "the grammar has {total} characters and classes in its terminals; at most {MAX_TERMINALS}"
         )));
     }
+    for (name, alts) in rules.iter_mut() {
+        unroll_tail_recursion(name, alts);
+    }
     // Every rule used must be defined.
     let mut undefined = HashSet::new();
-    fn refs<'i>(items: &'i [Item], out: &mut Vec<&'i str>) {
-        for it in items {
-            match it {
-                Item::Rule(n) => out.push(n),
-                Item::Group(alts) => alts.iter().for_each(|a| refs(a, out)),
-                Item::Repeat { item, .. } => refs(std::slice::from_ref(item), out),
-                _ => {}
-            }
-        }
-    }
     for (_, alts) in &rules {
         let mut used = Vec::new();
         alts.iter().for_each(|a| refs(a, &mut used));
@@ -618,6 +681,41 @@ mod tests {
         assert_eq!(judge(g, "a"), Refused);
         assert_eq!(judge(g, "z"), Match);
         assert_eq!(judge(r#"root ::= """#, ""), Match);
+    }
+
+    #[test]
+    fn tail_recursion_is_unrolled_into_the_same_language() {
+        let g = "root ::= [a-z ] root | [a-z ]";
+        assert_eq!(judge(g, "ab c"), Match);
+        assert_eq!(judge(g, ""), Prefix);
+        assert_eq!(judge(g, "ab1"), Refused);
+        // r0 no longer names itself.
+        let lark = gbnf_to_lark(g).unwrap();
+        let r0 = lark.lines().find(|l| l.starts_with("r0:")).unwrap();
+        assert!(!r0[3..].contains("r0"), "{lark}");
+        // Several tails, and an empty base.
+        let g = "root ::= \"a\" root | \"b\" root | \"c\" | ";
+        for (text, v) in [
+            ("abbac", Match),
+            ("ab", Match),
+            ("", Match),
+            ("ca", Refused),
+        ] {
+            assert_eq!(judge(g, text), v, "{text:?}");
+        }
+        // The older llama.cpp grammars' optional whitespace.
+        let g = "root ::= \"a\" ws \"b\"\nws ::= ([ \\t] ws)?";
+        assert_eq!(judge(g, "a \t b"), Match);
+        assert_eq!(judge(g, "ab"), Match);
+        assert_eq!(judge(g, "a x"), Refused);
+        // Recursion elsewhere than at the end stays (and still works).
+        let g = "root ::= \"(\" root \")\" | \"x\"";
+        assert_eq!(judge(g, "((x))"), Match);
+        assert_eq!(judge(g, "((x)"), Prefix);
+        let lark = gbnf_to_lark(g).unwrap();
+        assert!(lark
+            .lines()
+            .any(|l| l.starts_with("r0:") && l[3..].contains("r0")));
     }
 
     #[test]
