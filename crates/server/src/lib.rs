@@ -20,8 +20,8 @@
 //!   `<end_of_turn>`. The output may be constrained by one of
 //!   `response_format` (`json_object`, with llama-server's optional `schema`;
 //!   `json_schema` with `json_schema.schema`), llama-server's `grammar`
-//!   (GBNF) or its `json_schema`: a bad grammar or schema is a 400 naming its
-//!   field. Fields this server does not implement and that would
+//!   (GBNF) or its `json_schema` (a `grammar` puts a `json_schema` aside, as
+//!   in llama-server): a bad grammar or schema is a 400 naming its field. Fields this server does not implement and that would
 //!   change the answer (`tools`, `tool_choice`, a message's `tool_calls`,
 //!   and llama-server's `mirostat`, `n_probs`, `typical_p`, `dry_*`,
 //!   `xtc_*`, `dynatemp_range`, `top_n_sigma`, `t_max_predict_ms` other than

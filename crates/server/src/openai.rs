@@ -432,9 +432,12 @@ fn parse_grammar(f: &Fields) -> Result<Option<(GrammarSpec, &'static str)>, ApiE
             ))
         }
     }
+    // As llama-server: a `grammar` given (even empty) puts `json_schema`
+    // aside; `json_schema: {}` is any JSON value.
+    let grammar_given = matches!(f.get("grammar"), Some(Value::String(_)));
     match f.get("json_schema") {
         None | Some(Value::Null) => {}
-        Some(Value::Object(o)) if o.is_empty() => {}
+        Some(Value::Object(_)) if grammar_given => {}
         Some(s @ Value::Object(_)) => {
             found.push((GrammarSpec::JsonSchema(s.clone()), "json_schema"))
         }
@@ -448,7 +451,7 @@ fn parse_grammar(f: &Fields) -> Result<Option<(GrammarSpec, &'static str)>, ApiE
     if found.len() > 1 {
         let names: Vec<&str> = found.iter().map(|f| f.1).collect();
         return Err(ApiError::bad_request(format!(
-            "give at most one of 'response_format' (json), 'grammar' and 'json_schema'; got {}",
+            "give at most one of 'response_format' (json) and llama-server's 'grammar' or 'json_schema'; got {}",
             names.join(" and ")
         )));
     }
@@ -814,10 +817,19 @@ mod tests {
             g(json!({"messages": m, "response_format": {"type": "text"}})).unwrap(),
             None
         );
-        // Off values: llama-server's empty grammar and empty schema.
+        // As llama-server: an empty grammar is off and puts a schema aside;
+        // a grammar wins over a schema; an empty schema is any JSON value.
         assert_eq!(
-            g(json!({"messages": m, "grammar": "", "json_schema": {}})).unwrap(),
+            g(json!({"messages": m, "grammar": "", "json_schema": {"type": "integer"}})).unwrap(),
             None
+        );
+        assert_eq!(
+            g(json!({"messages": m, "grammar": "root ::= \"a\"", "json_schema": {}})).unwrap(),
+            Some((GrammarSpec::Gbnf("root ::= \"a\"".into()), "grammar"))
+        );
+        assert_eq!(
+            g(json!({"messages": m, "json_schema": {}})).unwrap(),
+            Some((GrammarSpec::JsonSchema(json!({})), "json_schema"))
         );
         assert_eq!(
             g(json!({"messages": m, "response_format": {"type": "json_object"}})).unwrap(),
@@ -836,7 +848,8 @@ mod tests {
             g(json!({"messages": m, "grammar": "root ::= \"a\""})).unwrap(),
             Some((GrammarSpec::Gbnf("root ::= \"a\"".into()), "grammar"))
         );
-        let two = g(json!({"messages": m, "grammar": "root ::= \"a\"", "json_schema": schema}));
+        let two = g(json!({"messages": m, "grammar": "root ::= \"a\"",
+            "response_format": {"type": "json_object"}}));
         assert!(two.unwrap_err().message.contains("at most one"));
     }
 

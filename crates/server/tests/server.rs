@@ -1395,8 +1395,13 @@ fn grammars_constrain_replies() {
         "{e}"
     );
     let mut both = label.clone();
-    both["json_schema"] = schema.clone();
+    both["response_format"] = json!({"type": "json_object"});
     expect_error(&post(addr, "/v1/completions", &both), 400, None);
+    // (As llama-server: a grammar wins over a json_schema beside it.)
+    both["response_format"] = Value::Null;
+    both["json_schema"] = schema.clone();
+    let r = post(addr, "/v1/completions", &both);
+    assert_eq!(r.json()["choices"][0]["text"], " negative", "{}", r.text());
     let r = post(addr, "/v1/completions", &label);
     assert_eq!(r.json()["choices"][0]["text"], " negative");
     server.stop().unwrap();
