@@ -215,6 +215,17 @@ impl PackedFormat {
         )
     }
 
+    /// Whether the tiles pay for a matrix of this format `cols` wide: not
+    /// for Q4_K wider than 1024 columns. On a lent Xeon (one pinned thread,
+    /// criterion, 2026-11-30; docs/performance.md) ffn_down 2048→640 Q4_K ran
+    /// 146.7 G multiply-adds/s on tiles against 156.7 on the GFNI table at
+    /// 64 tokens, and 97.9 against 156.0 at 512, while attn_output
+    /// 1024→640 Q4_K ran 179.1 against 145.9 at 512 (147.0 against 157.4 at
+    /// 64). Such a matrix takes the table's vector kernels, with the same bits.
+    pub const fn tiles_pay(self, cols: usize) -> bool {
+        self.has_tiles() && !(matches!(self, PackedFormat::Q4K) && cols > 1024)
+    }
+
     /// Columns per block.
     pub const fn block_cols(self) -> usize {
         match self {
@@ -2810,7 +2821,7 @@ unsafe fn packed_groups(
         }
     };
     let wg = &w.bytes()[g0 * gb..g1 * gb];
-    let tiles = k.tiles.filter(|_| w.format.has_tiles());
+    let tiles = k.tiles.filter(|_| w.format.tiles_pay(w.cols));
     if let Some(tiles) = tiles {
         let n16 = n / TILE_TOKENS * TILE_TOKENS;
         if n16 > 0 {
@@ -2924,6 +2935,18 @@ fn run_packed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tiles for every integer format but Q4_K past 1024 columns (measured
+    /// slower there on a lent Xeon: see `tiles_pay`).
+    #[test]
+    fn tiles_pay_where_they_were_measured_to() {
+        assert!(PackedFormat::Q4K.tiles_pay(1024));
+        assert!(!PackedFormat::Q4K.tiles_pay(2048));
+        assert!(PackedFormat::Q6K.tiles_pay(2048));
+        assert!(PackedFormat::Q5_0.tiles_pay(640));
+        assert!(!PackedFormat::F16.tiles_pay(640));
+        assert!(!PackedFormat::Q4KWide.tiles_pay(256));
+    }
 
     /// The kernels' walk over a group visits every block once at the
     /// offsets `block_offsets` defines, finishes the blocks in order (the
