@@ -285,22 +285,15 @@ async fn encode(
 }
 
 /// The request's grammar or schema, compiled once (a batch's prompts take
-/// clones), on tokio's blocking threads and two at a time, as tokenizing:
-/// building the vocabulary's index takes about a second, once, and a large
-/// grammar as long.
+/// clones), in a turn of [`on_blocking_turn`]: building the vocabulary's
+/// index takes about a second, once, and a large grammar as long.
 async fn constraint(app: &Arc<App>, common: &Common) -> Result<Option<Constraint>, ApiError> {
     let Some((spec, field)) = common.grammar.clone() else {
         return Ok(None);
     };
-    let turn = app
-        .tokenizing
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| ApiError::internal("the grammar compiler stopped"))?;
-    let app = app.clone();
-    tokio::task::spawn_blocking(move || {
-        let _turn = turn;
+    let own = app.clone();
+    on_blocking_turn(app, "the grammar compiler", move || {
+        let app = own;
         let grammars = app
             .grammars
             .get_or_init(|| Grammars::new(&app.tok).map_err(|e| e.to_string()))
@@ -311,8 +304,7 @@ async fn constraint(app: &Arc<App>, common: &Common) -> Result<Option<Constraint
             .map_err(|e| ApiError::field(field, e.to_string()))?;
         Ok(Some(c))
     })
-    .await
-    .map_err(|_| ApiError::internal("the grammar compiler stopped"))?
+    .await?
 }
 
 /// Run `f` on the tokenizer on tokio's blocking threads.
@@ -320,20 +312,33 @@ async fn tokenize_with(
     app: &Arc<App>,
     f: impl FnOnce(&Tokenizer) -> Vec<u32> + Send + 'static,
 ) -> Result<Vec<u32>, ApiError> {
-    // Two at a time: more would take the cores from the model's workers.
+    let tok = app.tok.clone();
+    on_blocking_turn(app, "the tokenizer", move || f(&tok)).await
+}
+
+/// Run `f` on tokio's blocking threads in one of the two turns tokenizing
+/// and grammar compiling share (more would take the cores from the model's
+/// workers). The turn is held by `f`'s thread, so a client that goes away
+/// does not free it early. `what` names the work in the error if the
+/// thread is lost.
+async fn on_blocking_turn<T: Send + 'static>(
+    app: &Arc<App>,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let stopped = || ApiError::internal(format!("{what} stopped"));
     let turn = app
         .tokenizing
         .clone()
         .acquire_owned()
         .await
-        .map_err(|_| ApiError::internal("the tokenizer stopped"))?;
-    let tok = app.tok.clone();
+        .map_err(|_| stopped())?;
     tokio::task::spawn_blocking(move || {
         let _turn = turn;
-        f(&tok)
+        f()
     })
     .await
-    .map_err(|_| ApiError::internal("the tokenizer stopped"))
+    .map_err(|_| stopped())
 }
 
 /// Events into the tokio channel a handler awaits (sending never blocks).
