@@ -13,7 +13,7 @@
 //! the grammar `"ab" | "a" "bc"` allows it. So every terminal is written
 //! as lexemes of one character each, which gives GBNF's meaning exactly.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt::Write;
 
 /// A GBNF text that does not parse (the message names the line), lacks a
@@ -464,28 +464,29 @@ pub fn gbnf_to_lark(text: &str) -> Result<String, GbnfError> {
     for (name, alts) in rules.iter_mut() {
         unroll_tail_recursion(name, alts);
     }
-    // Every rule used must be defined.
-    let mut undefined = HashSet::new();
+    // Each rule's references, as rule indices; every rule used must be
+    // defined (the first such name, in order, is the one reported).
+    let mut edges: Vec<Vec<usize>> = Vec::with_capacity(rules.len());
     for (_, alts) in &rules {
         let mut used = Vec::new();
         alts.iter().for_each(|a| refs(a, &mut used));
-        undefined.extend(used.into_iter().filter(|n| !index.contains_key(*n)));
-    }
-    if let Some(n) = undefined.into_iter().min() {
-        return Err(GbnfError(format!("rule '{n}' is used but never defined")));
+        let to: Option<Vec<usize>> = used.iter().map(|n| index.get(*n).copied()).collect();
+        match to {
+            Some(to) => edges.push(to),
+            None => {
+                let n = used
+                    .iter()
+                    .filter(|n| !index.contains_key(**n))
+                    .min()
+                    .unwrap();
+                return Err(GbnfError(format!("rule '{n}' is used but never defined")));
+            }
+        }
     }
 
     // How deep a compiler that follows each rule's references depth first
     // (as llguidance's does, recursing) goes: a chain of rules each naming
     // the next is refused past MAX_CHAIN.
-    let edges: Vec<Vec<usize>> = rules
-        .iter()
-        .map(|(_, alts)| {
-            let mut used = Vec::new();
-            alts.iter().for_each(|a| refs(a, &mut used));
-            used.iter().map(|n| index[*n]).collect()
-        })
-        .collect();
     let mut seen = vec![false; rules.len()];
     let mut stack: Vec<(usize, usize)> = vec![(root, 0)];
     seen[root] = true;
@@ -498,8 +499,8 @@ pub fn gbnf_to_lark(text: &str) -> Result<String, GbnfError> {
                     stack.push((to, 0));
                     if stack.len() > MAX_CHAIN {
                         return Err(GbnfError(format!(
-                            "rules reach more than {MAX_CHAIN} deep through one another ('{}' …)",
-                            rules[root].0
+                            "rules reach more than {MAX_CHAIN} deep through one another (from 'root' to '{}')",
+                            rules[to].0
                         )));
                     }
                 }
