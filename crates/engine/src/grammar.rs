@@ -2,11 +2,13 @@
 //! may come next, as llama.cpp's `--grammar` / `--json-schema` and
 //! llama-server's `grammar`, `json_schema` and `response_format` do.
 //!
-//! The grammars are compiled and matched by llguidance: at each step a
-//! [`Constraint`] computes the set of tokens whose bytes can continue the
-//! text so far, the others' logits become −∞ before sampling, and the
-//! chosen token advances it. The end tokens are allowed exactly when the
-//! grammar could end there; once nothing can follow, generation stops.
+//! The grammars are compiled and matched by llguidance. At each step the
+//! token drawn from the model's row stands if a [`Constraint`] allows it
+//! (its bytes continue the text so far); only otherwise does the
+//! constraint mask the row (−∞ for every token it refuses) for a second
+//! draw (`session::draw`). The chosen token advances it. The end tokens are
+//! allowed exactly when the grammar could end there; once nothing can
+//! follow, generation stops.
 
 use std::sync::Arc;
 
@@ -152,7 +154,7 @@ impl Grammars {
                     serde_json::Value::Bool(true) => serde_json::json!({}),
                     s => s.clone(),
                 };
-                as_llama_cpp_reads(&mut schema);
+                read_schema(&mut schema, true);
                 if let Some(obj) = schema.as_object_mut() {
                     obj.entry("x-guidance").or_insert_with(
                         || serde_json::json!({ "whitespace_pattern": JSON_WHITESPACE }),
@@ -224,12 +226,9 @@ const MAX_JSON_INTEGER: i64 = 9_999_999_999_999_999;
 /// model otherwise adds keys of its own), and integers have at most 16
 /// digits (otherwise a model can write digits until its budget runs out).
 /// Only schema positions are visited (not `const`, `enum`, `not` or the
-/// conditionals), and an `allOf` member or a schema beside a `$ref` or an
-/// `allOf` is left open: its keys may be another part's.
-fn as_llama_cpp_reads(v: &mut serde_json::Value) {
-    read_schema(v, true);
-}
-
+/// conditionals), and an `allOf` member (`may_close` false) or a schema
+/// beside a `$ref` or an `allOf` is left open: its keys may be another
+/// part's.
 fn read_schema(v: &mut serde_json::Value, may_close: bool) {
     use serde_json::Value;
     let Value::Object(o) = v else {
@@ -286,24 +285,19 @@ fn cap_integer(o: &mut serde_json::Map<String, serde_json::Value>) {
     if !integer || o.contains_key("const") || o.contains_key("enum") {
         return;
     }
+    // A side's bound: None where none is given; Some(None) where it is not a number.
     let bound = |o: &serde_json::Map<String, Value>, keys: [&str; 2]| {
-        keys.iter().find_map(|k| o.get(*k).and_then(Value::as_f64))
+        (keys.iter()).find_map(|k| o.get(*k)).map(Value::as_f64)
     };
     let (lo, hi) = (
         bound(o, ["minimum", "exclusiveMinimum"]),
         bound(o, ["maximum", "exclusiveMaximum"]),
     );
     let max = MAX_JSON_INTEGER as f64;
-    if !o.contains_key("maximum")
-        && !o.contains_key("exclusiveMaximum")
-        && lo.is_none_or(|l| l <= max)
-    {
+    if hi.is_none() && lo.flatten().is_none_or(|l| l <= max) {
         o.insert("maximum".into(), MAX_JSON_INTEGER.into());
     }
-    if !o.contains_key("minimum")
-        && !o.contains_key("exclusiveMinimum")
-        && hi.is_none_or(|h| h >= -max)
-    {
+    if lo.is_none() && hi.flatten().is_none_or(|h| h >= -max) {
         o.insert("minimum".into(), (-MAX_JSON_INTEGER).into());
     }
 }
@@ -510,7 +504,7 @@ mod tests {
     fn schemas_are_read_as_llama_cpp_reads_them() {
         use serde_json::json;
         let read = |mut v: serde_json::Value| {
-            as_llama_cpp_reads(&mut v);
+            read_schema(&mut v, true);
             v
         };
         let m = MAX_JSON_INTEGER;
