@@ -149,18 +149,15 @@ fn cli_grammar_and_json_schema_flags() {
     let path = path.to_str().unwrap();
     // A label from a fixed set: llama.cpp's text for this case.
     let case = &cases()[0];
-    let (out, stdout, stderr) = run(gemma3().args([
-        "run",
-        "--model",
-        path,
-        "--raw",
-        "--quiet",
-        "--temp",
-        "0",
-        "--grammar",
-        case["grammar"].as_str().unwrap(),
-        case["prompt"].as_str().unwrap(),
-    ]));
+    let label = |sampling: &[&str]| {
+        let mut cmd = gemma3();
+        cmd.args(["run", "--model", path, "--raw", "--quiet"])
+            .args(sampling)
+            .args(["--grammar", case["grammar"].as_str().unwrap()])
+            .arg(case["prompt"].as_str().unwrap());
+        run(&mut cmd)
+    };
+    let (out, stdout, stderr) = label(&["--temp", "0"]);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(
         stdout.trim_end_matches('\n'),
@@ -170,22 +167,7 @@ fn cli_grammar_and_json_schema_flags() {
     // Sampled, too: whatever the draw, a label (a token the grammar refuses
     // is drawn again from the masked row).
     for seed in ["1", "2", "3"] {
-        let (out, stdout, stderr) = run(gemma3().args([
-            "run",
-            "--model",
-            path,
-            "--raw",
-            "--quiet",
-            "--temp",
-            "1.5",
-            "--top-k",
-            "0",
-            "--seed",
-            seed,
-            "--grammar",
-            case["grammar"].as_str().unwrap(),
-            case["prompt"].as_str().unwrap(),
-        ]));
+        let (out, stdout, stderr) = label(&["--temp", "1.5", "--top-k", "0", "--seed", seed]);
         assert!(out.status.success(), "{stderr}");
         let got = stdout.trim_end_matches('\n');
         assert!(
