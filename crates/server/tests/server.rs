@@ -1128,7 +1128,7 @@ fn logit_bias_and_keys() {
     drop(s);
 }
 
-/// `POST /v1/embeddings` (and `/embeddings`): one unit-length vector per
+/// `POST /v1/embeddings`: one unit-length vector per
 /// input, in order, pointing where llama.cpp's mean-pooled one does (cosine
 /// ≥ 0.995; two different texts are at most 0.76 apart there); more inputs
 /// than `--parallel` run in waves; token ids give their text's vector; base64
