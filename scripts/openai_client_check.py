@@ -175,10 +175,28 @@ def main():
     check("embeddings (base64 and float)", embeddings)
     check("structured output (json_schema, json_object)", structured_output)
 
+    def n_choices():
+        # n choices, as the client reads them, streamed and not: the
+        # streamed deltas of each index add up to that choice's reply.
+        kw = dict(model=model, messages=messages, max_tokens=12, temperature=1.0, seed=3, n=3)
+        r = client.chat.completions.create(**kw)
+        assert [c.index for c in r.choices] == [0, 1, 2], r.choices
+        texts = [c.message.content for c in r.choices]
+        parts = ["", "", ""]
+        for chunk in client.chat.completions.create(**kw, stream=True):
+            for c in chunk.choices:
+                parts[c.index] += c.delta.content or ""
+        assert parts == texts, (parts, texts)
+        one = client.chat.completions.create(**{**kw, "n": 1})
+        assert one.choices[0].message.content == texts[0], (one.choices[0].message.content, texts)
+        assert r.usage.prompt_tokens == one.usage.prompt_tokens, (r.usage, one.usage)
+
+    check("n choices (stream and not)", n_choices)
+
     bad = openai.BadRequestError
     check("400 temperature", lambda: expect_error(bad, 400, "temperature", lambda: client.chat.completions.create(model=model, messages=messages, temperature=1e9)))
     check("400 top_p", lambda: expect_error(bad, 400, "top_p", lambda: client.chat.completions.create(model=model, messages=messages, top_p=5)))
-    check("400 n", lambda: expect_error(bad, 400, "n", lambda: client.chat.completions.create(model=model, messages=messages, n=2)))
+    check("400 n", lambda: expect_error(bad, 400, "n", lambda: client.chat.completions.create(model=model, messages=messages, n=0)))
     check("400 max_tokens beyond context", lambda: expect_error(bad, 400, "max_tokens", lambda: client.chat.completions.create(model=model, messages=messages, max_tokens=10**9)))
     check("400 max_tokens 0", lambda: expect_error(bad, 400, "max_tokens", lambda: client.completions.create(model=model, prompt="x", max_tokens=0)))
     check("400 bad role", lambda: expect_error(bad, 400, "messages[0].role", lambda: client.chat.completions.create(model=model, messages=[{"role": "robot", "content": "x"}])))

@@ -15,7 +15,9 @@
 //! ends. A new request takes the free slot whose tokens share the longest
 //! prefix with its prompt (or copies that prefix from a busy slot's cache with
 //! [`KvCache::copy_prefix_from`]) and evaluates only the rest; at least the
-//! last prompt token is always evaluated, to get its logits.
+//! last prompt token is always evaluated, to get its logits. A request whose
+//! prompt shares such a prefix with one still being read waits for that read
+//! rather than reading the same tokens beside it.
 //!
 //! Front ends talk to it through a [`Scheduler`] handle: [`Scheduler::submit`]
 //! a [`Request`] of token ids and receive [`Event`]s through the request's
@@ -664,9 +666,14 @@ impl<'a> Worker<'a> {
         r.params.sampling.validate().map_err(RequestError::Sampling)
     }
 
-    /// Move waiting requests into free slots, oldest first.
+    /// Move waiting requests into free slots, oldest first. The oldest
+    /// waits (and those behind it with it) while a prefix of its prompt is
+    /// still being read by another slot: see [`Self::awaits_shared_read`].
     fn admit(&mut self) {
         while self.slots.iter().any(|s| s.job.is_none()) {
+            if (self.waiting.front()).is_some_and(|(r, _)| self.awaits_shared_read(r)) {
+                return;
+            }
             let Some((req, t_submit)) = self.waiting.pop_front() else {
                 return;
             };
@@ -721,6 +728,26 @@ impl<'a> Worker<'a> {
                 t_first: None,
             });
         }
+    }
+
+    /// Whether `req` should wait for a slot that is still reading a prompt
+    /// sharing a prefix with `req`'s worth reusing (as [`Self::place`]
+    /// judges it) beyond what that slot's cache holds yet. Once it is read,
+    /// `place` copies the prefix; admitted now, `req` would read the same
+    /// tokens again side by side (the `n` choices of one prompt, or clients
+    /// sharing a long system prompt or few-shot examples arriving together).
+    fn awaits_shared_read(&self, req: &Request) -> bool {
+        if req.embed.is_some() || req.prompt.len() < 2 {
+            return false;
+        }
+        let limit = req.prompt.len() - 1;
+        self.slots.iter().any(|s| {
+            let Some(j) = &s.job else { return false };
+            let reading = j.next.is_none() && j.pooler.is_none() && s.tokens.len() < j.prompt.len();
+            let n = common_prefix(&j.prompt, &req.prompt).min(limit);
+            let worth = n >= MIN_PREFIX_REUSE || 2 * n > req.prompt.len();
+            reading && worth && n > s.tokens.len()
+        })
     }
 
     /// Choose a free slot for `prompt` and make its cache hold the longest

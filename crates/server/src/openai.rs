@@ -22,6 +22,9 @@ pub const MAX_LOGIT_BIAS: usize = 1024;
 pub const MAX_TOP_LOGPROBS: u64 = 20;
 /// `max_tokens` of /v1/completions when absent (OpenAI's default).
 pub const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
+/// Most choices per prompt (`n`; OpenAI's own limit). A request's choices
+/// must also fit the server's places at once (`--parallel + --queue`).
+pub const MAX_CHOICES: u64 = 128;
 
 /// The request body as a JSON object.
 pub fn parse_body(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
@@ -140,6 +143,9 @@ pub struct Common {
     /// The output's grammar or schema (`response_format`, or llama-server's
     /// `grammar` / `json_schema`), and the field it came by.
     pub grammar: Option<(GrammarSpec, &'static str)>,
+    /// Choices per prompt (`n`), at least 1. Choice j samples with seed
+    /// `seed + j`, so choice 0 is the reply `n = 1` gives.
+    pub n: usize,
 }
 
 /// How many tokens a request asks for.
@@ -252,14 +258,16 @@ pub fn parse_common(
         }
         Some(v) => return Err(wrong_type("logit_bias", "an object of token id: bias", v)),
     };
-    if let Some(n) = f.u64("n")? {
-        if n != 1 {
+    let n = match f.u64("n")? {
+        None => 1,
+        Some(n @ 1..=MAX_CHOICES) => n as usize,
+        Some(n) => {
             return Err(ApiError::field(
                 "n",
-                format!("only n = 1 is supported, got {n}"),
-            ));
+                format!("'n' (choices per prompt) must be between 1 and {MAX_CHOICES}, got {n}"),
+            ))
         }
-    }
+    };
     // llama-server's -1 (and 0) is no limit.
     let top_k = if f.is_minus_one("top_k") {
         0
@@ -372,6 +380,7 @@ pub fn parse_common(
         include_usage,
         ignore_eos,
         grammar,
+        n,
     })
 }
 
@@ -735,23 +744,22 @@ impl CompletionRequest {
         let f = Fields(obj);
         f.str("model")?;
         let prompts = prompt_list(&f, "prompt", "prompts", MAX_PROMPTS, vocab, true)?;
-        if let Some(b) = f.u64("best_of")? {
-            if b != 1 {
-                return Err(ApiError::field(
-                    "best_of",
-                    format!("only best_of = 1 is supported, got {b}"),
-                ));
-            }
-        }
         if f.str("suffix")?.is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::field("suffix", "'suffix' is not supported"));
         }
         let common = parse_common(&f, &["max_tokens", "n_predict"], vocab)?;
-        if common.stream && prompts.len() > 1 {
-            return Err(ApiError::field(
-                "stream",
-                "streaming is for one prompt at a time: send several prompts without 'stream'",
-            ));
+        // OpenAI's best_of (≥ n) draws that many and returns the n of
+        // highest log-probability; equal to n it is n itself.
+        if let Some(b) = f.u64("best_of")? {
+            if b != 1 && b != common.n as u64 {
+                return Err(ApiError::field(
+                    "best_of",
+                    format!(
+                        "'best_of' other than 1 or n is not supported (got {b}, n = {}): ask for n choices",
+                        common.n
+                    ),
+                ));
+            }
         }
         let echo = f.bool("echo")?.unwrap_or(false);
         let logprobs = match f.u64("logprobs")? {
@@ -876,7 +884,8 @@ mod tests {
             param(json!({"messages": m, "max_tokens": -3})),
             "max_tokens"
         );
-        assert_eq!(param(json!({"messages": m, "n": 2})), "n");
+        assert_eq!(param(json!({"messages": m, "n": 0})), "n");
+        assert_eq!(param(json!({"messages": m, "n": 129})), "n");
         // Refused, not ignored: each would change the answer.
         assert_eq!(
             param(json!({"messages": m, "tools": [{"type": "function"}]})),
@@ -1079,10 +1088,8 @@ mod tests {
             param(json!({"prompt": vec!["a"; MAX_PROMPTS + 1]})).as_deref(),
             Some("prompt")
         );
-        assert_eq!(
-            param(json!({"prompt": ["a", "b"], "stream": true})).as_deref(),
-            Some("stream")
-        );
+        // Several prompts stream too (their choices interleaved by index).
+        assert!(p(json!({"prompt": ["a", "b"], "stream": true})).is_ok());
         assert_eq!(param(json!({"prompt": [100]})).as_deref(), Some("prompt"));
         assert_eq!(param(json!({"prompt": []})).as_deref(), Some("prompt"));
         assert_eq!(param(json!({})).as_deref(), Some("prompt"));

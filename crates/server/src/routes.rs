@@ -114,13 +114,37 @@ impl App {
         }
     }
 
+    /// Whether `prompts` × `n` choices fit this server at once (each choice
+    /// is a request to the scheduler, which holds `--parallel` plus
+    /// `--queue`); if not, a 400 naming `n` or `prompt`: a request it could
+    /// never hold is the caller's error, not a 429 to retry.
+    fn fits(&self, prompts: usize, n: usize) -> Result<(), ApiError> {
+        let limit = self.sched.limit();
+        let jobs = prompts.saturating_mul(n);
+        if jobs <= limit {
+            return Ok(());
+        }
+        let (field, what) = match (prompts, n) {
+            (p, 1) => ("prompt", format!("{p} prompts")),
+            (1, n) => ("n", format!("n = {n} choices")),
+            (p, n) => ("n", format!("{p} prompts × n = {n}: {jobs} choices")),
+        };
+        Err(ApiError::field(
+            field,
+            format!("{what}, but this server holds at most {limit} requests at once (--parallel + --queue)"),
+        ))
+    }
+
+    /// The parameters of choice `choice` (of `n`, see [`Common::n`]).
     fn params(
         &self,
         common: &Common,
         max_tokens: usize,
         constraint: Option<Constraint>,
+        choice: usize,
     ) -> GenerateParams {
         let mut sampling = common.sampling.clone();
+        sampling.seed = sampling.seed.wrapping_add(choice as u64);
         if common.ignore_eos {
             // As llama-server does: the end tokens get a logit of −∞.
             (sampling.logit_bias).extend(self.stop_tokens.iter().map(|&t| (t, f32::NEG_INFINITY)));
@@ -134,20 +158,9 @@ impl App {
         }
     }
 
-    /// Queue a job; its events arrive on the returned channel. Dropping the
-    /// receiver (the client went away) makes the scheduler drop the job.
-    fn submit(
-        &self,
-        prompt: Vec<u32>,
-        params: GenerateParams,
-        logprobs: Option<usize>,
-    ) -> Result<UnboundedReceiver<Event>, ApiError> {
-        let mut rxs = self.submit_many(vec![(prompt, params)], logprobs)?;
-        Ok(rxs.remove(0))
-    }
-
     /// Queue several jobs as one (see [`Scheduler::submit_many`]): each
-    /// one's events arrive on its receiver, in order.
+    /// one's events arrive on its receiver, in order. Dropping a receiver
+    /// (the client went away) makes the scheduler drop that job.
     fn submit_many(
         &self,
         jobs: Vec<(Vec<u32>, GenerateParams)>,
@@ -547,14 +560,18 @@ async fn first_event(rx: &mut UnboundedReceiver<Event>) -> Result<Event, ApiErro
     }
 }
 
-/// Turns events into the JSON chunks of one endpoint's stream.
+/// Turns events into the JSON chunks of one endpoint's stream. `index` is
+/// a choice's place in the response's `choices`.
 trait StreamFormat: Send + 'static {
-    fn start(&mut self) -> Vec<Value>;
+    /// The chunks that open choice `index`.
+    fn start(&mut self, index: usize) -> Vec<Value>;
     /// The chunk for released `text` and the `tokens` now out (see
     /// [`Aligner`]), if either has anything.
-    fn text(&self, text: &str, tokens: &[GenToken]) -> Option<Value>;
-    /// The last chunks: the finish reason, then usage if asked for.
-    fn finish(&mut self, finish: FinishReason, usage: &Usage) -> Vec<Value>;
+    fn text(&self, index: usize, text: &str, tokens: &[GenToken]) -> Option<Value>;
+    /// The chunk that ends choice `index` with its finish reason.
+    fn finish(&self, index: usize, finish: FinishReason) -> Value;
+    /// The request's usage, all choices together, if asked for: the last chunk.
+    fn usage(&self, usage: &Usage) -> Option<Value>;
 }
 
 fn push_data(out: &mut String, v: &Value) {
@@ -563,38 +580,89 @@ fn push_data(out: &mut String, v: &Value) {
     out.push_str("\n\n");
 }
 
-/// A server-sent event stream of `fmt`'s chunks, ending with `data: [DONE]`.
-fn sse<F: StreamFormat>(first: Event, rx: UnboundedReceiver<Event>, mut fmt: F) -> Response {
-    let mut head = String::new();
-    for v in fmt.start() {
-        push_data(&mut head, &v);
+/// One choice of a response: its job's first event and the rest to come,
+/// and whether its usage counts the prompt's tokens (see [`add_usage`]).
+struct Choice {
+    first: Event,
+    rx: UnboundedReceiver<Event>,
+    counts_prompt: bool,
+}
+
+/// The response's jobs, queued as one, with each one's first event: an
+/// error before any token becomes the HTTP error. `counts_prompt(i)`:
+/// whether job i's prompt tokens count in the usage.
+async fn choices(
+    rxs: Vec<UnboundedReceiver<Event>>,
+    counts_prompt: impl Fn(usize) -> bool,
+) -> Result<Vec<Choice>, ApiError> {
+    let mut out = Vec::with_capacity(rxs.len());
+    for (i, mut rx) in rxs.into_iter().enumerate() {
+        let first = first_event(&mut rx).await?;
+        out.push(Choice {
+            first,
+            rx,
+            counts_prompt: counts_prompt(i),
+        });
     }
+    Ok(out)
+}
+
+/// A server-sent event stream of `fmt`'s chunks for the choices, each
+/// choice's chunks in its order and the choices' interleaved as their
+/// tokens come, ending with the usage (if asked for) and `data: [DONE]`
+/// once every choice has finished. An error in any choice ends the stream
+/// with the error (the other choices' jobs are dropped with it).
+fn sse<F: StreamFormat>(choices: Vec<Choice>, mut fmt: F) -> Response {
+    use futures_util::stream::{self, StreamExt};
+    let mut head = String::new();
+    for i in 0..choices.len() {
+        for v in fmt.start(i) {
+            push_data(&mut head, &v);
+        }
+    }
+    let counts_prompt: Vec<bool> = choices.iter().map(|c| c.counts_prompt).collect();
+    // Each choice's events tagged with its index, then `None` when its
+    // channel closes (before `Done` that is the scheduler gone).
+    let events = stream::select_all(choices.into_iter().enumerate().map(|(i, c)| {
+        let rest = stream::unfold(
+            c.rx,
+            |mut rx| async move { rx.recv().await.map(|e| (e, rx)) },
+        );
+        stream::once(async move { c.first })
+            .chain(rest)
+            .map(move |e| (i, Some(e)))
+            .chain(stream::once(async move { (i, None) }))
+            .boxed()
+    }));
     struct St<F> {
         head: String,
-        first: Option<Event>,
-        rx: UnboundedReceiver<Event>,
+        events: stream::SelectAll<stream::BoxStream<'static, (usize, Option<Event>)>>,
         fmt: F,
-        align: Aligner,
+        aligns: Vec<Aligner>,
+        counts_prompt: Vec<bool>,
+        finished: Vec<bool>,
+        open: usize,
+        usage: Usage,
         done: bool,
     }
+    let n = counts_prompt.len();
     let st = St {
         head,
-        first: Some(first),
-        rx,
+        events,
         fmt,
-        align: Aligner::default(),
+        aligns: (0..n).map(|_| Aligner::default()).collect(),
+        counts_prompt,
+        finished: vec![false; n],
+        open: n,
+        usage: Usage::default(),
         done: false,
     };
-    let stream = futures_util::stream::unfold(st, |mut st| async move {
+    let stream = stream::unfold(st, |mut st| async move {
         if st.done {
             return None;
         }
         let mut out = std::mem::take(&mut st.head);
-        loop {
-            let ev = match st.first.take() {
-                Some(e) => Some(e),
-                None => st.rx.recv().await,
-            };
+        while let Some((i, ev)) = st.events.next().await {
             match ev {
                 Some(Event::Token {
                     id,
@@ -603,8 +671,8 @@ fn sse<F: StreamFormat>(first: Event, rx: UnboundedReceiver<Event>, mut fmt: F) 
                     logprob,
                     top_logprobs,
                 }) => {
-                    let tokens = st.align.token(id, &text, &piece, logprob, top_logprobs);
-                    if let Some(v) = st.fmt.text(&text, &tokens) {
+                    let tokens = st.aligns[i].token(id, &text, &piece, logprob, top_logprobs);
+                    if let Some(v) = st.fmt.text(i, &text, &tokens) {
                         push_data(&mut out, &v);
                     }
                     if !out.is_empty() {
@@ -616,13 +684,25 @@ fn sse<F: StreamFormat>(first: Event, rx: UnboundedReceiver<Event>, mut fmt: F) 
                     text,
                     usage,
                 }) => {
-                    let tokens = st.align.finish(finish, &text);
-                    let last = st.fmt.text(&text, &tokens);
-                    for v in last.iter().chain(&st.fmt.finish(finish, &usage)) {
-                        push_data(&mut out, v);
+                    let tokens = st.aligns[i].finish(finish, &text);
+                    if let Some(v) = st.fmt.text(i, &text, &tokens) {
+                        push_data(&mut out, &v);
                     }
-                    break;
+                    push_data(&mut out, &st.fmt.finish(i, finish));
+                    st.usage = add_usage(st.usage, &usage, st.counts_prompt[i]);
+                    st.finished[i] = true;
+                    st.open -= 1;
+                    if st.open == 0 {
+                        if let Some(v) = st.fmt.usage(&st.usage) {
+                            push_data(&mut out, &v);
+                        }
+                        break;
+                    }
+                    return Some((Ok(Bytes::from(out)), st));
                 }
+                // (A choice's channel closes after its `Done`, which ended
+                // it above; a close first is the scheduler gone.)
+                None if st.finished[i] => {}
                 Some(Event::Error(e)) => {
                     push_data(&mut out, &ApiError::from(e).body());
                     break;
@@ -683,39 +763,48 @@ impl ChatStream {
         json!({ "content": content })
     }
 
-    fn chunk(&self, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
-        json!({
+    fn chunk(&self, choices: Value, usage: Option<&Usage>) -> Value {
+        let mut v = json!({
             "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-            "model": self.app.model_id,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-        })
+            "model": self.app.model_id, "choices": choices,
+        });
+        if let Some(u) = usage {
+            v["usage"] = usage_json(u);
+        }
+        v
+    }
+
+    fn choice(&self, index: usize, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
+        self.chunk(
+            json!([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]),
+            None,
+        )
     }
 }
 
 impl StreamFormat for ChatStream {
-    fn start(&mut self) -> Vec<Value> {
-        vec![self.chunk(
+    fn start(&mut self, index: usize) -> Vec<Value> {
+        vec![self.choice(
+            index,
             json!({"role": "assistant", "content": ""}),
             Value::Null,
             None,
         )]
     }
 
-    fn text(&self, text: &str, tokens: &[GenToken]) -> Option<Value> {
+    fn text(&self, index: usize, text: &str, tokens: &[GenToken]) -> Option<Value> {
         let logprobs = self.logprobs(tokens);
         (!text.is_empty() || !logprobs.is_null())
-            .then(|| self.chunk(json!({"content": text}), logprobs, None))
+            .then(|| self.choice(index, json!({"content": text}), logprobs, None))
     }
 
-    fn finish(&mut self, finish: FinishReason, usage: &Usage) -> Vec<Value> {
-        let mut v = vec![self.chunk(json!({}), Value::Null, Some(finish_str(finish)))];
-        if self.include_usage {
-            v.push(json!({
-                "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.app.model_id, "choices": [], "usage": usage_json(usage),
-            }));
-        }
-        v
+    fn finish(&self, index: usize, finish: FinishReason) -> Value {
+        self.choice(index, json!({}), Value::Null, Some(finish_str(finish)))
+    }
+
+    fn usage(&self, usage: &Usage) -> Option<Value> {
+        self.include_usage
+            .then(|| self.chunk(json!([]), Some(usage)))
     }
 }
 
@@ -725,7 +814,8 @@ struct CompletionStream {
     created: u64,
     logprobs: Option<usize>,
     include_usage: bool,
-    echo: Option<String>,
+    /// Each choice's prompt text, to echo (empty without `echo`).
+    echoes: Vec<String>,
 }
 
 impl CompletionStream {
@@ -738,37 +828,45 @@ impl CompletionStream {
         completion_logprobs(&self.app, tokens)
     }
 
-    fn chunk(&self, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
-        json!({
+    fn chunk(&self, choices: Value, usage: Option<&Usage>) -> Value {
+        let mut v = json!({
             "id": self.id, "object": "text_completion", "created": self.created,
-            "model": self.app.model_id,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-        })
+            "model": self.app.model_id, "choices": choices,
+        });
+        if let Some(u) = usage {
+            v["usage"] = usage_json(u);
+        }
+        v
+    }
+
+    fn choice(&self, index: usize, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
+        self.chunk(
+            json!([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]),
+            None,
+        )
     }
 }
 
 impl StreamFormat for CompletionStream {
-    fn start(&mut self) -> Vec<Value> {
-        match self.echo.take() {
-            Some(p) if !p.is_empty() => vec![self.chunk(&p, Value::Null, None)],
+    fn start(&mut self, index: usize) -> Vec<Value> {
+        match self.echoes.get_mut(index).map(std::mem::take) {
+            Some(p) if !p.is_empty() => vec![self.choice(index, &p, Value::Null, None)],
             _ => Vec::new(),
         }
     }
 
-    fn text(&self, text: &str, tokens: &[GenToken]) -> Option<Value> {
+    fn text(&self, index: usize, text: &str, tokens: &[GenToken]) -> Option<Value> {
         let logprobs = self.logprobs(tokens);
-        (!text.is_empty() || !logprobs.is_null()).then(|| self.chunk(text, logprobs, None))
+        (!text.is_empty() || !logprobs.is_null()).then(|| self.choice(index, text, logprobs, None))
     }
 
-    fn finish(&mut self, finish: FinishReason, usage: &Usage) -> Vec<Value> {
-        let mut v = vec![self.chunk("", Value::Null, Some(finish_str(finish)))];
-        if self.include_usage {
-            v.push(json!({
-                "id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.app.model_id, "choices": [], "usage": usage_json(usage),
-            }));
-        }
-        v
+    fn finish(&self, index: usize, finish: FinishReason) -> Value {
+        self.choice(index, "", Value::Null, Some(finish_str(finish)))
+    }
+
+    fn usage(&self, usage: &Usage) -> Option<Value> {
+        self.include_usage
+            .then(|| self.chunk(json!([]), Some(usage)))
     }
 }
 
@@ -787,13 +885,18 @@ pub async fn chat(
         render_chat(&req.messages, true).map_err(|e| ApiError::field("messages", e.to_string()))?;
     let prompt = encode(&app, text, false, true).await?;
     let max_tokens = app.budget(prompt.len(), &req.common, None, "messages")?;
-    let params = app.params(
-        &req.common,
-        max_tokens,
-        constraint(&app, &req.common).await?,
-    );
-    let mut rx = app.submit(prompt, params, req.logprobs)?;
-    let first = first_event(&mut rx).await?;
+    let n = req.common.n;
+    app.fits(1, n)?;
+    let constraint = constraint(&app, &req.common).await?;
+    let jobs = (0..n)
+        .map(|j| {
+            let params = app.params(&req.common, max_tokens, constraint.clone(), j);
+            (prompt.clone(), params)
+        })
+        .collect();
+    let rxs = app.submit_many(jobs, req.logprobs)?;
+    // (The prompt counts once, as OpenAI counts it for n choices.)
+    let choices = choices(rxs, |j| j == 0).await?;
     let id = app.new_id("chatcmpl");
     let created = unix_now();
     if req.common.stream {
@@ -804,25 +907,31 @@ pub async fn chat(
             logprobs: req.logprobs.is_some(),
             include_usage: req.common.include_usage,
         };
-        return Ok(sse(first, rx, fmt));
+        return Ok(sse(choices, fmt));
     }
-    let c = collect(first, rx).await?;
-    let logprobs = match req.logprobs {
-        Some(_) => json!({ "content": chat_logprobs(&app, &c.tokens) }),
-        None => Value::Null,
-    };
+    let mut out = Vec::with_capacity(n);
+    let mut usage = Usage::default();
+    for (index, ch) in choices.into_iter().enumerate() {
+        let c = collect(ch.first, ch.rx).await?;
+        let logprobs = match req.logprobs {
+            Some(_) => json!({ "content": chat_logprobs(&app, &c.tokens) }),
+            None => Value::Null,
+        };
+        out.push(json!({
+            "index": index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": logprobs,
+            "finish_reason": finish_str(c.finish),
+        }));
+        usage = add_usage(usage, &c.usage, ch.counts_prompt);
+    }
     Ok(json_response(
         StatusCode::OK,
         &json!({
             "id": id, "object": "chat.completion", "created": created, "model": app.model_id,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": logprobs,
-                "finish_reason": finish_str(c.finish),
-            }],
-            "usage": usage_json(&c.usage),
-            "timings": timings_json(&c.usage),
+            "choices": out,
+            "usage": usage_json(&usage),
+            "timings": timings_json(&usage),
         }),
     ))
 }
@@ -935,32 +1044,23 @@ pub async fn completions(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let req = CompletionRequest::parse(&body, app.vocab)?;
-    // (Each prompt is a request to the scheduler: a batch it could never
-    // hold at once is the caller's error, not a 429 to retry.)
-    if req.prompts.len() > app.sched.limit() {
-        return Err(ApiError::field(
-            "prompt",
-            format!(
-                "{} prompts, but this server holds at most {} requests at once (--parallel + --queue)",
-                req.prompts.len(),
-                app.sched.limit()
-            ),
-        ));
-    }
+    let n = req.common.n;
+    app.fits(req.prompts.len(), n)?;
     // Every prompt tokenized and checked against the context before any is
     // queued, so a bad one fails the request without work done. The
     // prompts' text is kept only to echo it.
-    let mut jobs = Vec::with_capacity(req.prompts.len());
+    let mut jobs = Vec::with_capacity(req.prompts.len() * n);
     let mut echoes = Vec::new();
     let constraint = constraint(&app, &req.common).await?;
     let several = req.prompts.len() > 1;
     for (i, prompt) in req.prompts.iter().enumerate() {
         let ids = prompt_ids(&app, prompt).await?;
         if req.echo {
-            echoes.push(match prompt {
+            let text = match prompt {
                 Prompt::Text(s) => s.clone(),
                 Prompt::Tokens(t) => app.tok.decode(t, false).unwrap_or_default(),
-            });
+            };
+            echoes.extend(std::iter::repeat_n(text, n));
         }
         // (In a batch, the error names the prompt: `prompt[i]`.)
         let field = if several {
@@ -974,34 +1074,34 @@ pub async fn completions(
             Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
             &field,
         )?;
-        jobs.push((ids, app.params(&req.common, max_tokens, constraint.clone())));
+        // Prompt i's choices are i·n .. i·n + n, as OpenAI orders them.
+        for j in 0..n {
+            let params = app.params(&req.common, max_tokens, constraint.clone(), j);
+            jobs.push((ids.clone(), params));
+        }
     }
     // Queued as one (all or none), and run side by side.
     let rxs = app.submit_many(jobs, req.logprobs)?;
+    // (Each prompt counts once, however many its choices.)
+    let choices = choices(rxs, |k| k % n == 0).await?;
     let id = app.new_id("cmpl");
     let created = unix_now();
-    let mut echoes = echoes.into_iter();
     if req.common.stream {
-        // (One prompt: the parser refuses a stream of several.)
-        let Some(mut rx) = rxs.into_iter().next() else {
-            return Err(ApiError::internal("no prompt to stream"));
-        };
-        let first = first_event(&mut rx).await?;
         let fmt = CompletionStream {
             app: app.clone(),
             id,
             created,
             logprobs: req.logprobs,
             include_usage: req.common.include_usage,
-            echo: echoes.next(),
+            echoes,
         };
-        return Ok(sse(first, rx, fmt));
+        return Ok(sse(choices, fmt));
     }
-    let mut choices = Vec::with_capacity(rxs.len());
+    let mut out = Vec::with_capacity(choices.len());
     let mut usage = Usage::default();
-    for (index, mut rx) in rxs.into_iter().enumerate() {
-        let first = first_event(&mut rx).await?;
-        let c = collect(first, rx).await?;
+    let mut echoes = echoes.into_iter();
+    for (index, ch) in choices.into_iter().enumerate() {
+        let c = collect(ch.first, ch.rx).await?;
         let logprobs = match req.logprobs {
             Some(_) => completion_logprobs(&app, &c.tokens),
             None => Value::Null,
@@ -1010,28 +1110,35 @@ pub async fn completions(
             Some(p) => p + &c.text,
             None => c.text,
         };
-        choices.push(json!({"index": index, "text": text, "logprobs": logprobs,
+        out.push(json!({"index": index, "text": text, "logprobs": logprobs,
             "finish_reason": finish_str(c.finish)}));
-        usage = add_usage(usage, &c.usage);
+        usage = add_usage(usage, &c.usage, ch.counts_prompt);
     }
     Ok(json_response(
         StatusCode::OK,
         &json!({
             "id": id, "object": "text_completion", "created": created, "model": app.model_id,
-            "choices": choices,
+            "choices": out,
             "usage": usage_json(&usage),
             "timings": timings_json(&usage),
         }),
     ))
 }
 
-/// Several prompts' usage together: token counts summed, times the longest
-/// (the prompts run side by side, so summed times exceeded the request's
-/// own, and the rate `timings` derives would have been per prompt).
-fn add_usage(a: Usage, b: &Usage) -> Usage {
+/// A request's usage with one more choice's: completion tokens summed,
+/// prompt tokens only where `counts_prompt` (a prompt's first choice: OpenAI
+/// counts a prompt once however many choices it has), times the longest
+/// (the choices run side by side, so summed times exceeded the request's
+/// own, and the rate `timings` derives would have been per choice).
+fn add_usage(a: Usage, b: &Usage, counts_prompt: bool) -> Usage {
+    let (prompt, cached) = if counts_prompt {
+        (b.prompt_tokens, b.cached_tokens)
+    } else {
+        (0, 0)
+    };
     Usage {
-        prompt_tokens: a.prompt_tokens + b.prompt_tokens,
-        cached_tokens: a.cached_tokens + b.cached_tokens,
+        prompt_tokens: a.prompt_tokens + prompt,
+        cached_tokens: a.cached_tokens + cached,
         completion_tokens: a.completion_tokens + b.completion_tokens,
         queue_time: a.queue_time.max(b.queue_time),
         prompt_time: a.prompt_time.max(b.prompt_time),

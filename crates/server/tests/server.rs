@@ -329,7 +329,12 @@ fn bad_requests_get_openai_errors() {
         400,
         Some("max_completion_tokens"),
     );
-    expect_error(&chat(json!({"n": 2})), 400, Some("n"));
+    expect_error(&chat(json!({"n": 0})), 400, Some("n"));
+    expect_error(&chat(json!({"n": 129})), 400, Some("n"));
+    // Two choices are two requests, more than this server holds at once.
+    let v = expect_error(&chat(json!({"n": 2})), 400, Some("n"));
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("holds at most 1 request"), "{msg}");
     expect_error(
         &chat(json!({"logprobs": true, "top_logprobs": 50})),
         400,
@@ -1405,4 +1410,160 @@ fn grammars_constrain_replies() {
     let r = post(addr, "/v1/completions", &label);
     assert_eq!(r.json()["choices"][0]["text"], " negative");
     server.stop().unwrap();
+}
+
+/// Stream events per choice: each index's text (chat deltas or completion
+/// text, in order), and its finish reasons.
+fn stream_choices(events: &[Value], key: &str) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for e in events {
+        for c in e["choices"].as_array().unwrap() {
+            let i = c["index"].as_u64().unwrap() as usize;
+            if out.len() <= i {
+                out.resize(i + 1, Default::default());
+            }
+            let t = if key == "delta" {
+                &c["delta"]["content"]
+            } else {
+                &c["text"]
+            };
+            if let Some(t) = t.as_str() {
+                out[i].0.push_str(t);
+            }
+            if let Some(f) = c["finish_reason"].as_str() {
+                out[i].1.push(f.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// `n` choices: choice j is the reply `n = 1` gives with seed + j, the
+/// prompt's tokens count once in the usage, streams interleave the choices
+/// by index, and a batch of prompts orders prompt i's choices at i·n + j.
+#[test]
+fn n_choices() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let server = start(config(model, 4, 512));
+    let addr = server.addr;
+    let chat = |n: usize, seed: u64, stream: bool| {
+        let mut b = json!({
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 8, "temperature": 1.0, "seed": seed, "n": n, "stream": stream,
+        });
+        if stream {
+            b["stream_options"] = json!({"include_usage": true});
+        }
+        let r = post(addr, "/v1/chat/completions", &b);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r
+    };
+    let singles: Vec<Value> = (0..3).map(|j| chat(1, 11 + j, false).json()).collect();
+    let text = |v: &Value, i: usize| {
+        v["choices"][i]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let three = chat(3, 11, false).json();
+    let choices = three["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{three}");
+    for (j, single) in singles.iter().enumerate() {
+        assert_eq!(choices[j]["index"], j, "{three}");
+        assert_eq!(text(&three, j), text(single, 0), "choice {j}: {three}");
+        assert_eq!(
+            choices[j]["finish_reason"],
+            single["choices"][0]["finish_reason"]
+        );
+    }
+    assert!(
+        (0..3).any(|j| text(&three, j) != text(&three, 0)),
+        "three seeds gave one reply: {three}"
+    );
+    let count = |v: &Value, k: &str| v["usage"][k].as_u64().unwrap();
+    assert_eq!(
+        count(&three, "prompt_tokens"),
+        count(&singles[0], "prompt_tokens")
+    );
+    let generated: u64 = singles.iter().map(|s| count(s, "completion_tokens")).sum();
+    assert_eq!(count(&three, "completion_tokens"), generated);
+
+    // Streamed: the same choices, each opened with its role, ended once,
+    // then one usage chunk for all.
+    let events = chat(3, 11, true).events();
+    let per = stream_choices(&events, "delta");
+    assert_eq!(per.len(), 3);
+    for (j, (t, finish)) in per.iter().enumerate() {
+        assert_eq!(*t, text(&three, j), "streamed choice {j}");
+        assert_eq!(finish.len(), 1, "choice {j} ended {finish:?}");
+        let roles = (events.iter())
+            .filter(|e| {
+                e["choices"][0]["index"] == j && e["choices"][0]["delta"]["role"] == "assistant"
+            })
+            .count();
+        assert_eq!(roles, 1, "choice {j}'s role chunks");
+    }
+    let last = events.last().unwrap();
+    assert_eq!(last["choices"], json!([]), "{last}");
+    assert_eq!(last["usage"], three["usage"], "{last}");
+
+    // The copies of a long prompt read it once: the first choice reads it,
+    // the others wait for that and copy its cache.
+    let long = format!(
+        "{} Which sentence came first?",
+        "The quick brown fox jumps over the lazy dog.".repeat(8)
+    );
+    let (cached, read) = (
+        metric(addr, "gemma3_prompt_tokens_cached_total"),
+        metric(addr, "gemma3_prompt_tokens_total"),
+    );
+    let b = json!({"messages": [{"role": "user", "content": long}], "max_tokens": 4, "n": 4, "seed": 1});
+    let r = post(addr, "/v1/chat/completions", &b);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let p = count(&r.json(), "prompt_tokens") as f64;
+    assert!(p > 64.0, "{p}");
+    assert_eq!(metric(addr, "gemma3_prompt_tokens_total") - read, 4.0 * p);
+    assert_eq!(
+        metric(addr, "gemma3_prompt_tokens_cached_total") - cached,
+        3.0 * (p - 1.0),
+        "the copies did not take the first choice's prompt"
+    );
+
+    // Completions: two prompts × two choices, streamed and not, with echo.
+    let prompts = ["The sky is", "My favourite food is"];
+    let cmpl = |prompt: Value, n: usize, seed: u64, stream: bool| {
+        let b = json!({"prompt": prompt, "max_tokens": 6, "temperature": 1.0, "seed": seed,
+            "n": n, "echo": true, "stream": stream});
+        let r = post(addr, "/v1/completions", &b);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r
+    };
+    let batch = cmpl(json!(prompts), 2, 5, false).json();
+    let choices = batch["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4, "{batch}");
+    let streamed = stream_choices(&cmpl(json!(prompts), 2, 5, true).events(), "text");
+    assert_eq!(streamed.len(), 4);
+    for (k, c) in choices.iter().enumerate() {
+        let (i, j) = (k / 2, k % 2);
+        let single = cmpl(json!(prompts[i]), 1, 5 + j as u64, false).json();
+        assert_eq!(c["index"], k);
+        assert_eq!(
+            c["text"], single["choices"][0]["text"],
+            "choice {k}: {batch}"
+        );
+        assert!(c["text"].as_str().unwrap().starts_with(prompts[i]), "{c}");
+        assert_eq!(
+            streamed[k].0,
+            c["text"].as_str().unwrap(),
+            "streamed choice {k}"
+        );
+        assert_eq!(streamed[k].1.len(), 1);
+    }
+
+    // best_of is n's when equal, refused otherwise.
+    let mut b = json!({"prompt": "Hi", "max_tokens": 2, "n": 2, "best_of": 2});
+    assert_eq!(post(addr, "/v1/completions", &b).status, 200);
+    b["best_of"] = json!(3);
+    expect_error(&post(addr, "/v1/completions", &b), 400, Some("best_of"));
 }
