@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start `gemma3 serve` (with an API key) on a free loopback port, run
 # scripts/openai_client_check.py against it with the official `openai` Python
-# client, then stop the server with SIGTERM and check it exits 0.
+# client and scripts/ollama_client_check.py with the official `ollama` one
+# (its Ollama routes), then stop the server with SIGTERM and check it exits 0.
 #
 #   scripts/check-openai.sh            (GEMMA3_BIN=path to use a built binary)
 #
@@ -23,8 +24,8 @@ BIN=${GEMMA3_BIN:-${CARGO_TARGET_DIR:-target}/release/gemma3}
 if [ -z "${GEMMA3_BIN:-}" ]; then
   cargo build --release --quiet -p gemma3-cli
 fi
-if ! "$PY" -c "import openai" 2>/dev/null; then
-  "$PY" -m pip install --quiet openai
+if ! "$PY" -c "import openai, ollama" 2>/dev/null; then
+  "$PY" -m pip install --quiet openai ollama
 fi
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 KEY="check-$$-$RANDOM"
@@ -49,6 +50,7 @@ for _ in $(seq 1 600); do
 done
 status=0
 "$PY" scripts/openai_client_check.py --base-url "http://127.0.0.1:$PORT/v1" --api-key "$KEY" || status=$?
+"$PY" scripts/ollama_client_check.py --host "http://127.0.0.1:$PORT" --api-key "$KEY" || status=$?
 kill -TERM "$PID"
 rc=0
 wait "$PID" || rc=$?

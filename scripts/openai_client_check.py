@@ -16,19 +16,7 @@ import json
 import sys
 
 import openai
-
-PASSED, FAILED = [], []
-
-
-def check(name, fn):
-    try:
-        fn()
-    except Exception as e:  # report every check, then fail at the end
-        FAILED.append(name)
-        print(f"FAIL {name}: {type(e).__name__}: {e}")
-    else:
-        PASSED.append(name)
-        print(f"ok   {name}")
+from checklib import check, summary
 
 
 def expect_error(exc_type, status, param, fn):
@@ -208,8 +196,7 @@ def main():
         check("401 wrong key", lambda: expect_error(openai.AuthenticationError, 401, None, lambda: other.models.list()))
     check("still serving", chat)
 
-    print(f"{len(PASSED)} passed, {len(FAILED)} failed")
-    return 1 if FAILED else 0
+    return summary()
 
 
 if __name__ == "__main__":

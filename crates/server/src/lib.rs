@@ -1,7 +1,8 @@
-//! `gemma3 serve`: an OpenAI-compatible HTTP server, a thin translation layer
-//! over the engine's [`Scheduler`] (continuous batching, chunked prompt
-//! reading, prefix cache). Requests become token ids and generation
-//! parameters here; the scheduler's events become JSON or server-sent events.
+//! `gemma3 serve`: an OpenAI-compatible HTTP server (and Ollama's API, see
+//! [`ollama`]), a thin translation layer over the engine's [`Scheduler`]
+//! (continuous batching, chunked prompt reading, prefix cache). Requests
+//! become token ids and generation parameters here; the scheduler's events
+//! become JSON, server-sent events or newline-delimited JSON.
 //!
 //! Routes (all but /health and /metrics need `Authorization: Bearer KEY`, or
 //! llama-server's `X-Api-Key: KEY`, when `--api-key` is set):
@@ -76,6 +77,7 @@
 
 pub mod error;
 pub mod metrics;
+pub mod ollama;
 pub mod openai;
 pub mod routes;
 
@@ -235,6 +237,18 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         .unwrap_or_else(|| "gemma3".into());
     let vocab = model.config.vocab_size;
     let d_model = model.config.d_model;
+    let file = std::fs::metadata(path).ok();
+    let info = routes::ModelInfo {
+        file_bytes: file.as_ref().map_or(0, |m| m.len()),
+        modified: (file.and_then(|m| m.modified().ok())).unwrap_or(std::time::UNIX_EPOCH),
+        parameters: model.n_params(),
+        quantization: (model.file.get_u32("general.file_type").ok())
+            .and_then(file_type_name)
+            .unwrap_or("unknown")
+            .to_string(),
+        ctx_len: model.config.ctx_len,
+        layers: model.config.n_layers,
+    };
     let kv = KvCache::bytes_for(&model.config, cfg.ctx) * cfg.parallel;
     let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
         .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?;
@@ -292,12 +306,54 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         tokenizing: Arc::new(tokio::sync::Semaphore::new(2)),
         pooling: cfg.pooling,
         grammars: Default::default(),
+        info,
     });
     Ok(Loaded {
         app,
         scheduler,
         listener,
         header_timeout: cfg.header_timeout,
+    })
+}
+
+/// llama.cpp's name for a GGUF's `general.file_type` (its `LLAMA_FTYPE`
+/// values, checked against the `gguf` Python package's `LlamaFileType`).
+fn file_type_name(t: u32) -> Option<&'static str> {
+    Some(match t {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        19 => "IQ2_XXS",
+        20 => "IQ2_XS",
+        21 => "Q2_K_S",
+        22 => "IQ3_XS",
+        23 => "IQ3_XXS",
+        24 => "IQ1_S",
+        25 => "IQ4_NL",
+        26 => "IQ3_S",
+        27 => "IQ3_M",
+        28 => "IQ2_S",
+        29 => "IQ2_M",
+        30 => "IQ4_XS",
+        31 => "IQ1_M",
+        32 => "BF16",
+        36 => "TQ1_0",
+        37 => "TQ2_0",
+        38 => "MXFP4_MOE",
+        _ => return None,
     })
 }
 
@@ -335,6 +391,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/models/{id}", get(routes::model))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
+        // Ollama's API.
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/embed", post(ollama::embed))
+        .route("/api/embeddings", post(ollama::embeddings))
+        .route("/api/show", post(ollama::show))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/version", get(ollama::version))
         .route_layer(from_fn_with_state(app.clone(), routes::auth));
     Router::new()
         .merge(keyed)

@@ -52,18 +52,33 @@ pub struct App {
     /// The grammar compiler for this vocabulary, built by the first request
     /// that asks for a grammar or schema.
     pub grammars: std::sync::OnceLock<Result<Grammars, String>>,
+    /// What Ollama's `/api/tags` and `/api/show` say of the model.
+    pub info: ModelInfo,
+}
+
+/// The model file and its size, for Ollama's listings.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub file_bytes: u64,
+    pub modified: std::time::SystemTime,
+    pub parameters: u64,
+    /// llama.cpp's name of the file's type (`Q4_K_M`), or "unknown".
+    pub quantization: String,
+    /// The model's training context (not the server's `--ctx`).
+    pub ctx_len: usize,
+    pub layers: usize,
 }
 
 pub type AppState = State<Arc<App>>;
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response {
+pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "application/json")],
@@ -73,13 +88,13 @@ fn json_response(status: StatusCode, v: &Value) -> Response {
 }
 
 impl App {
-    fn new_id(&self, prefix: &str) -> String {
+    pub(crate) fn new_id(&self, prefix: &str) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{prefix}-{:08x}{n:08x}", self.started as u32)
     }
 
     /// How many tokens to generate: `prompt + max_tokens` must fit the context.
-    fn budget(
+    pub(crate) fn budget(
         &self,
         prompt: usize,
         common: &Common,
@@ -118,7 +133,7 @@ impl App {
     /// is a request to the scheduler, which holds `--parallel` plus
     /// `--queue`); if not, a 400 naming `n` or `prompt`: a request it could
     /// never hold is the caller's error, not a 429 to retry.
-    fn fits(&self, prompts: usize, n: usize) -> Result<(), ApiError> {
+    pub(crate) fn fits(&self, prompts: usize, n: usize) -> Result<(), ApiError> {
         let limit = self.sched.limit();
         let jobs = prompts.saturating_mul(n);
         if jobs <= limit {
@@ -136,7 +151,7 @@ impl App {
     }
 
     /// The parameters of choice `choice` (of `n`, see [`Common::n`]).
-    fn params(
+    pub(crate) fn params(
         &self,
         common: &Common,
         max_tokens: usize,
@@ -161,7 +176,7 @@ impl App {
     /// Queue several jobs as one (see [`Scheduler::submit_many`]): each
     /// one's events arrive on its receiver, in order. Dropping a receiver
     /// (the client went away) makes the scheduler drop that job.
-    fn submit_many(
+    pub(crate) fn submit_many(
         &self,
         jobs: Vec<(Vec<u32>, GenerateParams)>,
         logprobs: Option<usize>,
@@ -288,7 +303,7 @@ fn too_large() -> ApiError {
 
 /// `text` tokenized on tokio's blocking threads: a 2 MiB text takes seconds,
 /// which on the two HTTP threads had stalled every other request and stream.
-async fn encode(
+pub(crate) async fn encode(
     app: &Arc<App>,
     text: String,
     add_bos: bool,
@@ -300,7 +315,10 @@ async fn encode(
 /// The request's grammar or schema, compiled once (a batch's prompts take
 /// clones), in a turn of [`on_blocking_turn`]: building the vocabulary's
 /// index takes about a second, once, and a large grammar as long.
-async fn constraint(app: &Arc<App>, common: &Common) -> Result<Option<Constraint>, ApiError> {
+pub(crate) async fn constraint(
+    app: &Arc<App>,
+    common: &Common,
+) -> Result<Option<Constraint>, ApiError> {
     let Some((spec, field)) = common.grammar.clone() else {
         return Ok(None);
     };
@@ -367,7 +385,7 @@ impl EventSink for Sink {
     }
 }
 
-fn finish_str(f: FinishReason) -> &'static str {
+pub(crate) fn finish_str(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Length => "length",
         FinishReason::Stop | FinishReason::Cancelled => "stop",
@@ -397,7 +415,7 @@ fn timings_json(u: &Usage) -> Value {
 }
 
 /// One generated token as a response reports it.
-struct GenToken {
+pub(crate) struct GenToken {
     id: u32,
     logprob: Option<f32>,
     top: Vec<(u32, f32)>,
@@ -492,14 +510,17 @@ fn completion_logprobs(app: &App, tokens: &[GenToken]) -> Value {
 }
 
 /// Everything a finished request produced.
-struct Collected {
-    text: String,
-    tokens: Vec<GenToken>,
-    finish: FinishReason,
-    usage: Usage,
+pub(crate) struct Collected {
+    pub(crate) text: String,
+    pub(crate) tokens: Vec<GenToken>,
+    pub(crate) finish: FinishReason,
+    pub(crate) usage: Usage,
 }
 
-async fn collect(first: Event, mut rx: UnboundedReceiver<Event>) -> Result<Collected, ApiError> {
+pub(crate) async fn collect(
+    first: Event,
+    mut rx: UnboundedReceiver<Event>,
+) -> Result<Collected, ApiError> {
     let mut c = Collected {
         text: String::new(),
         tokens: Vec::new(),
@@ -562,16 +583,24 @@ async fn first_event(rx: &mut UnboundedReceiver<Event>) -> Result<Event, ApiErro
 
 /// Turns events into the JSON chunks of one endpoint's stream. `index` is
 /// a choice's place in the response's `choices`.
-trait StreamFormat: Send + 'static {
+pub(crate) trait StreamFormat: Send + 'static {
+    /// Newline-delimited JSON (Ollama's streams) instead of server-sent
+    /// events ending with `data: [DONE]` (OpenAI's).
+    const NDJSON: bool = false;
     /// The chunks that open choice `index`.
     fn start(&mut self, index: usize) -> Vec<Value>;
     /// The chunk for released `text` and the `tokens` now out (see
     /// [`Aligner`]), if either has anything.
     fn text(&self, index: usize, text: &str, tokens: &[GenToken]) -> Option<Value>;
-    /// The chunk that ends choice `index` with its finish reason.
-    fn finish(&self, index: usize, finish: FinishReason) -> Value;
+    /// The chunk that ends choice `index` with its finish reason, and that
+    /// choice's usage.
+    fn finish(&self, index: usize, finish: FinishReason, usage: &Usage) -> Value;
     /// The request's usage, all choices together, if asked for: the last chunk.
     fn usage(&self, usage: &Usage) -> Option<Value>;
+    /// An error that ends the stream.
+    fn error(&self, e: &ApiError) -> Value {
+        e.body()
+    }
 }
 
 fn push_data(out: &mut String, v: &Value) {
@@ -580,18 +609,28 @@ fn push_data(out: &mut String, v: &Value) {
     out.push_str("\n\n");
 }
 
+/// One chunk of `F`'s stream.
+fn push_chunk<F: StreamFormat>(out: &mut String, v: &Value) {
+    if F::NDJSON {
+        out.push_str(&v.to_string());
+        out.push('\n');
+    } else {
+        push_data(out, v);
+    }
+}
+
 /// One choice of a response: its job's first event and the rest to come,
 /// and whether its usage counts the prompt's tokens (see [`add_usage`]).
-struct Choice {
-    first: Event,
-    rx: UnboundedReceiver<Event>,
-    counts_prompt: bool,
+pub(crate) struct Choice {
+    pub(crate) first: Event,
+    pub(crate) rx: UnboundedReceiver<Event>,
+    pub(crate) counts_prompt: bool,
 }
 
 /// The response's jobs, queued as one, with each one's first event: an
 /// error before any token becomes the HTTP error. `counts_prompt(i)`:
 /// whether job i's prompt tokens count in the usage.
-async fn choices(
+pub(crate) async fn choices(
     rxs: Vec<UnboundedReceiver<Event>>,
     counts_prompt: impl Fn(usize) -> bool,
 ) -> Result<Vec<Choice>, ApiError> {
@@ -607,17 +646,18 @@ async fn choices(
     Ok(out)
 }
 
-/// A server-sent event stream of `fmt`'s chunks for the choices, each
-/// choice's chunks in its order and the choices' interleaved as their
-/// tokens come, ending with the usage (if asked for) and `data: [DONE]`
-/// once every choice has finished. An error in any choice ends the stream
-/// with the error (the other choices' jobs are dropped with it).
-fn sse<F: StreamFormat>(choices: Vec<Choice>, mut fmt: F) -> Response {
+/// A stream of `fmt`'s chunks for the choices (server-sent events, or
+/// newline-delimited JSON where `F::NDJSON`), each choice's chunks in its
+/// order and the choices' interleaved as their tokens come, ending with the
+/// usage (if asked for) and, for events, `data: [DONE]` once every choice
+/// has finished. An error in any choice ends the stream with the error (the
+/// other choices' jobs are dropped with it).
+pub(crate) fn stream_response<F: StreamFormat>(choices: Vec<Choice>, mut fmt: F) -> Response {
     use futures_util::stream::{self, StreamExt};
     let mut head = String::new();
     for i in 0..choices.len() {
         for v in fmt.start(i) {
-            push_data(&mut head, &v);
+            push_chunk::<F>(&mut head, &v);
         }
     }
     let counts_prompt: Vec<bool> = choices.iter().map(|c| c.counts_prompt).collect();
@@ -673,7 +713,7 @@ fn sse<F: StreamFormat>(choices: Vec<Choice>, mut fmt: F) -> Response {
                 }) => {
                     let tokens = st.aligns[i].token(id, &text, &piece, logprob, top_logprobs);
                     if let Some(v) = st.fmt.text(i, &text, &tokens) {
-                        push_data(&mut out, &v);
+                        push_chunk::<F>(&mut out, &v);
                     }
                     if !out.is_empty() {
                         return Some((Ok::<_, Infallible>(Bytes::from(out)), st));
@@ -686,15 +726,15 @@ fn sse<F: StreamFormat>(choices: Vec<Choice>, mut fmt: F) -> Response {
                 }) => {
                     let tokens = st.aligns[i].finish(finish, &text);
                     if let Some(v) = st.fmt.text(i, &text, &tokens) {
-                        push_data(&mut out, &v);
+                        push_chunk::<F>(&mut out, &v);
                     }
-                    push_data(&mut out, &st.fmt.finish(i, finish));
+                    push_chunk::<F>(&mut out, &st.fmt.finish(i, finish, &usage));
                     st.usage = add_usage(st.usage, &usage, st.counts_prompt[i]);
                     st.finished[i] = true;
                     st.open -= 1;
                     if st.open == 0 {
                         if let Some(v) = st.fmt.usage(&st.usage) {
-                            push_data(&mut out, &v);
+                            push_chunk::<F>(&mut out, &v);
                         }
                         break;
                     }
@@ -704,29 +744,36 @@ fn sse<F: StreamFormat>(choices: Vec<Choice>, mut fmt: F) -> Response {
                 // it above; a close first is the scheduler gone.)
                 None if st.finished[i] => {}
                 Some(Event::Error(e)) => {
-                    push_data(&mut out, &ApiError::from(e).body());
+                    push_chunk::<F>(&mut out, &st.fmt.error(&ApiError::from(e)));
                     break;
                 }
                 Some(Event::Embedding { .. }) => {
-                    push_data(&mut out, &unexpected_embedding().body());
+                    push_chunk::<F>(&mut out, &st.fmt.error(&unexpected_embedding()));
                     break;
                 }
                 None => {
-                    push_data(
-                        &mut out,
-                        &ApiError::internal("the scheduler stopped").body(),
-                    );
+                    let e = ApiError::internal("the scheduler stopped");
+                    push_chunk::<F>(&mut out, &st.fmt.error(&e));
                     break;
                 }
             }
         }
-        out.push_str("data: [DONE]\n\n");
+        if !F::NDJSON {
+            out.push_str("data: [DONE]\n\n");
+        }
         st.done = true;
         Some((Ok(Bytes::from(out)), st))
     });
     (
         [
-            (header::CONTENT_TYPE, "text/event-stream"),
+            (
+                header::CONTENT_TYPE,
+                if F::NDJSON {
+                    "application/x-ndjson"
+                } else {
+                    "text/event-stream"
+                },
+            ),
             (header::CACHE_CONTROL, "no-cache"),
         ],
         Body::from_stream(stream),
@@ -798,7 +845,7 @@ impl StreamFormat for ChatStream {
             .then(|| self.choice(index, json!({"content": text}), logprobs, None))
     }
 
-    fn finish(&self, index: usize, finish: FinishReason) -> Value {
+    fn finish(&self, index: usize, finish: FinishReason, _: &Usage) -> Value {
         self.choice(index, json!({}), Value::Null, Some(finish_str(finish)))
     }
 
@@ -860,7 +907,7 @@ impl StreamFormat for CompletionStream {
         (!text.is_empty() || !logprobs.is_null()).then(|| self.choice(index, text, logprobs, None))
     }
 
-    fn finish(&self, index: usize, finish: FinishReason) -> Value {
+    fn finish(&self, index: usize, finish: FinishReason, _: &Usage) -> Value {
         self.choice(index, "", Value::Null, Some(finish_str(finish)))
     }
 
@@ -875,15 +922,7 @@ pub async fn chat(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let req = ChatRequest::parse(&body, app.vocab)?;
-    let sp = app.tok.specials();
-    if sp.start_of_turn.is_none() || sp.end_of_turn.is_none() {
-        return Err(ApiError::bad_request(
-            "this model's vocabulary has no <start_of_turn> / <end_of_turn> tokens, so it has no chat format: use /v1/completions",
-        ));
-    }
-    let text =
-        render_chat(&req.messages, true).map_err(|e| ApiError::field("messages", e.to_string()))?;
-    let prompt = encode(&app, text, false, true).await?;
+    let prompt = chat_prompt(&app, &req.messages, "messages", "/v1/completions").await?;
     let max_tokens = app.budget(prompt.len(), &req.common, None, "messages")?;
     let n = req.common.n;
     app.fits(1, n)?;
@@ -907,7 +946,7 @@ pub async fn chat(
             logprobs: req.logprobs.is_some(),
             include_usage: req.common.include_usage,
         };
-        return Ok(sse(choices, fmt));
+        return Ok(stream_response(choices, fmt));
     }
     let mut out = Vec::with_capacity(n);
     let mut usage = Usage::default();
@@ -936,12 +975,32 @@ pub async fn chat(
     ))
 }
 
+/// `messages` rendered with Gemma's chat template and tokenized (special
+/// tokens parsed, as llama-server and `transformers` do); an error names
+/// `field`, and for a vocabulary without the turn tokens, `plain` (the
+/// route to use instead).
+pub(crate) async fn chat_prompt(
+    app: &Arc<App>,
+    messages: &[gemma3_engine::Message],
+    field: &str,
+    plain: &str,
+) -> Result<Vec<u32>, ApiError> {
+    let sp = app.tok.specials();
+    if sp.start_of_turn.is_none() || sp.end_of_turn.is_none() {
+        return Err(ApiError::bad_request(format!(
+            "this model's vocabulary has no <start_of_turn> / <end_of_turn> tokens, so it has no chat format: use {plain}"
+        )));
+    }
+    let text = render_chat(messages, true).map_err(|e| ApiError::field(field, e.to_string()))?;
+    encode(app, text, false, true).await
+}
+
 /// A completion's prompt (or an embedding's input) as token ids: text as
 /// [`gemma3_engine::encode_prompt`] tokenizes it (special-token text parsed,
 /// as llama-server does: read as plain text, a prompt in Gemma's turn
 /// format had its reply spell out `<end_of_turn` instead of ending); token
 /// ids as given.
-async fn prompt_ids(app: &Arc<App>, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
+pub(crate) async fn prompt_ids(app: &Arc<App>, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
     match prompt {
         Prompt::Text(s) => {
             let s = s.clone();
@@ -951,12 +1010,57 @@ async fn prompt_ids(app: &Arc<App>, prompt: &Prompt) -> Result<Vec<u32>, ApiErro
     }
 }
 
-/// `POST /v1/embeddings`: each input's final hidden states pooled
-/// (`--pooling`) and scaled to unit length, as llama-server's (with
-/// `--embeddings --pooling`) are. The inputs run in waves of at most
+/// Each prompt's pooled final hidden states (`--pooling`, not normalized),
+/// in order, and the prompts' tokens. The prompts run in waves of at most
 /// `--parallel`, each as large as the free places allow, so a batch larger
 /// than the server holds at once still runs. Only a first wave that finds
 /// no place gets the 429 any request would; later ones wait for room.
+pub(crate) async fn embed_all(
+    app: &Arc<App>,
+    prompts: Vec<Vec<u32>>,
+) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    let mut vectors = Vec::with_capacity(prompts.len());
+    let mut prompt_tokens = 0;
+    let mut next = 0;
+    while next < prompts.len() {
+        // A wave of as many as fit now (at least one), at most --parallel.
+        let s = app.sched.stats();
+        let room = (app.sched.limit())
+            .saturating_sub(s.active + s.waiting)
+            .clamp(1, app.sched.parallel());
+        let end = (next + room).min(prompts.len());
+        let rxs = match app.submit_embeddings(prompts[next..end].to_vec()) {
+            Ok(rxs) => rxs,
+            // Once vectors are made, wait for room rather than throw them away.
+            Err(SubmitError::QueueFull { .. }) if next > 0 => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        next = end;
+        for mut rx in rxs {
+            match rx.recv().await {
+                Some(Event::Embedding { vector, usage }) => {
+                    prompt_tokens += usage.prompt_tokens;
+                    vectors.push(vector);
+                }
+                Some(Event::Error(e)) => return Err(e.into()),
+                Some(_) => {
+                    return Err(ApiError::internal(
+                        "the scheduler answered an embedding request with tokens",
+                    ))
+                }
+                None => return Err(ApiError::internal("the scheduler stopped")),
+            }
+        }
+    }
+    Ok((vectors, prompt_tokens))
+}
+
+/// `POST /v1/embeddings`: each input's final hidden states pooled
+/// (`--pooling`) and scaled to unit length, as llama-server's (with
+/// `--embeddings --pooling`) are; run in waves (see `embed_all`).
 pub async fn embeddings(
     State(app): AppState,
     JsonObject(body): JsonObject,
@@ -986,48 +1090,19 @@ pub async fn embeddings(
         }
         prompts.push(ids);
     }
-    let mut data = Vec::with_capacity(prompts.len());
-    let mut prompt_tokens = 0;
-    let mut next = 0;
-    while next < prompts.len() {
-        // A wave of as many as fit now (at least one), at most --parallel.
-        let s = app.sched.stats();
-        let room = (app.sched.limit())
-            .saturating_sub(s.active + s.waiting)
-            .clamp(1, app.sched.parallel());
-        let end = (next + room).min(prompts.len());
-        let rxs = match app.submit_embeddings(prompts[next..end].to_vec()) {
-            Ok(rxs) => rxs,
-            // Once vectors are made, wait for room rather than throw them away.
-            Err(SubmitError::QueueFull { .. }) if next > 0 => {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
-        next = end;
-        for mut rx in rxs {
-            let (mut vector, usage) = match rx.recv().await {
-                Some(Event::Embedding { vector, usage }) => (vector, usage),
-                Some(Event::Error(e)) => return Err(e.into()),
-                Some(_) => {
-                    return Err(ApiError::internal(
-                        "the scheduler answered an embedding request with tokens",
-                    ))
-                }
-                None => return Err(ApiError::internal("the scheduler stopped")),
-            };
+    let (vectors, prompt_tokens) = embed_all(&app, prompts).await?;
+    let data: Vec<Value> = (vectors.into_iter().enumerate())
+        .map(|(index, mut vector)| {
             normalize_l2(&mut vector);
-            prompt_tokens += usage.prompt_tokens;
             let embedding = if req.base64 {
                 let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
                 json!(base64::engine::general_purpose::STANDARD.encode(bytes))
             } else {
                 json!(vector)
             };
-            data.push(json!({"object": "embedding", "index": data.len(), "embedding": embedding}));
-        }
-    }
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -1095,7 +1170,7 @@ pub async fn completions(
             include_usage: req.common.include_usage,
             echoes,
         };
-        return Ok(sse(choices, fmt));
+        return Ok(stream_response(choices, fmt));
     }
     let mut out = Vec::with_capacity(choices.len());
     let mut usage = Usage::default();
@@ -1130,7 +1205,7 @@ pub async fn completions(
 /// counts a prompt once however many choices it has), times the longest
 /// (the choices run side by side, so summed times exceeded the request's
 /// own, and the rate `timings` derives would have been per choice).
-fn add_usage(a: Usage, b: &Usage, counts_prompt: bool) -> Usage {
+pub(crate) fn add_usage(a: Usage, b: &Usage, counts_prompt: bool) -> Usage {
     let (prompt, cached) = if counts_prompt {
         (b.prompt_tokens, b.cached_tokens)
     } else {

@@ -1567,3 +1567,101 @@ fn n_choices() {
     b["best_of"] = json!(3);
     expect_error(&post(addr, "/v1/completions", &b), 400, Some("best_of"));
 }
+
+/// Ollama's routes: newline-delimited JSON streamed by default, whose text
+/// is the unstreamed reply's and the OpenAI route's for the same request;
+/// the last object's counts; a request without messages only "loads"; and
+/// errors as `{"error": "..."}` naming the field as Ollama spells it.
+#[test]
+fn ollama_routes() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let server = start(config(model, 2, 512));
+    let addr = server.addr;
+    let messages = json!([{"role": "user", "content": "Name three colours."}]);
+    let body = json!({"model": "gemma3:270m", "messages": messages,
+        "options": {"temperature": 0, "num_predict": 16, "num_ctx": 8192}});
+    let r = post(addr, "/api/chat", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/x-ndjson"));
+    let lines: Vec<Value> = (r.text().lines())
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    let (last, parts) = lines.split_last().unwrap();
+    assert!(parts
+        .iter()
+        .all(|p| p["done"] == false && p["model"] == "gemma3:270m"));
+    assert_eq!(last["done"], true, "{last}");
+    assert_eq!(last["done_reason"], "length", "{last}");
+    assert_eq!(last["eval_count"], 16, "{last}");
+    let streamed: String = (parts.iter())
+        .map(|p| p["message"]["content"].as_str().unwrap())
+        .collect();
+    let mut once = body.clone();
+    once["stream"] = json!(false);
+    let whole = post(addr, "/api/chat", &once).json();
+    assert_eq!(whole["message"]["content"], streamed.as_str(), "{whole}");
+    assert_eq!(whole["prompt_eval_count"], last["prompt_eval_count"]);
+    let openai = post(
+        addr,
+        "/v1/chat/completions",
+        &json!({"messages": messages, "temperature": 0, "max_tokens": 16}),
+    )
+    .json();
+    assert_eq!(
+        openai["choices"][0]["message"]["content"],
+        streamed.as_str()
+    );
+
+    let loaded = post(addr, "/api/chat", &json!({"model": "m", "messages": []})).json();
+    assert_eq!(loaded["done_reason"], "load", "{loaded}");
+
+    let error = |path: &str, body: &str, field: &str| {
+        let r = request(addr, "POST", path, body, &[]);
+        assert_eq!(r.status, 400, "{}", r.text());
+        let msg = r.json()["error"].as_str().map(str::to_string);
+        let msg = msg.unwrap_or_else(|| panic!("not Ollama's error shape: {}", r.text()));
+        assert!(msg.contains(field), "{field}: {msg}");
+    };
+    let chat = |extra: Value| {
+        let mut b = json!({"messages": messages});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b.to_string()
+    };
+    error("/api/chat", "{bad", "not valid JSON");
+    error(
+        "/api/chat",
+        &chat(json!({"options": {"temperature": -1}})),
+        "options.temperature",
+    );
+    error(
+        "/api/chat",
+        &chat(json!({"options": {"bogus": 1}})),
+        "options.bogus",
+    );
+    error(
+        "/api/chat",
+        &chat(json!({"options": {"mirostat": 2}})),
+        "options.mirostat",
+    );
+    error("/api/chat", &chat(json!({"format": "xml"})), "format");
+    error("/api/chat", &chat(json!({"think": true})), "think");
+    error(
+        "/api/generate",
+        &json!({"prompt": "x", "suffix": "y"}).to_string(),
+        "suffix",
+    );
+    error("/api/embed", &json!({"input": ""}).to_string(), "input");
+    let long = "word ".repeat(600);
+    error(
+        "/api/embed",
+        &json!({"input": long, "truncate": false}).to_string(),
+        "truncate",
+    );
+    // Truncated (Ollama's default), the long input embeds.
+    let r = post(addr, "/api/embed", &json!({"input": long}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["prompt_eval_count"], 512);
+}

@@ -1,0 +1,690 @@
+//! Ollama's API over the same scheduler: `POST /api/chat`, `/api/generate`,
+//! `/api/embed` (and the older `/api/embeddings`), `/api/show`, and
+//! `GET /api/tags`, `/api/ps`, `/api/version`, so that tools written for
+//! Ollama (its Python and JavaScript clients, and the applications built on
+//! them) can use `gemma3 serve`.
+//!
+//! A request is translated into the OpenAI routes' fields and read by
+//! [`parse_common`], so sampling, limits and grammars behave as there;
+//! replies take Ollama's shapes: streamed by default, as newline-delimited
+//! JSON, the last object `done: true` with the counts and durations (in
+//! nanoseconds); errors as `{"error": "..."}` with the OpenAI routes'
+//! statuses. An error names the request's field as Ollama spells it
+//! (`options.temperature`, `format`).
+
+use crate::error::ApiError;
+use crate::openai::{parse_common, Common, Fields, MAX_EMBEDDING_INPUTS};
+use crate::routes::{
+    chat_prompt, choices, collect, constraint, embed_all, finish_str, json_response, prompt_ids,
+    stream_response, App, AppState, GenToken, JsonObject, StreamFormat,
+};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use gemma3_engine::embed::normalize_l2;
+use gemma3_engine::scheduler::Usage;
+use gemma3_engine::{FinishReason, Message, Role};
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// An error as Ollama sends it: the status, and `{"error": message}`.
+pub struct OllamaError(pub ApiError);
+
+impl From<ApiError> for OllamaError {
+    fn from(e: ApiError) -> Self {
+        OllamaError(e)
+    }
+}
+
+impl IntoResponse for OllamaError {
+    fn into_response(self) -> Response {
+        let mut r = json_response(self.0.status, &json!({"error": self.0.message}));
+        if let Some(s) = self.0.retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
+    }
+}
+
+type Reply = Result<Response, OllamaError>;
+
+/// Ollama's `options` this server reads, by the OpenAI routes' (and
+/// llama-server's) name of each: the same meaning and limits.
+const SAMPLING_OPTIONS: [&str; 12] = [
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "seed",
+    "repeat_penalty",
+    "repeat_last_n",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "typical_p",
+    "mirostat",
+];
+
+/// `options` about resources, not the answer: accepted and left to the
+/// server's own settings (`--ctx`, `-t`, ...), as the clients send them
+/// with every request.
+const RESOURCE_OPTIONS: [&str; 14] = [
+    "num_ctx",
+    "num_batch",
+    "num_gpu",
+    "main_gpu",
+    "num_thread",
+    "num_keep",
+    "use_mmap",
+    "use_mlock",
+    "numa",
+    "low_vram",
+    "f16_kv",
+    "vocab_only",
+    "logits_all",
+    "embedding_only",
+];
+
+/// An Ollama request's `options`, `format`, `stream` and `tools` as the
+/// OpenAI routes' fields (`num_predict` keeps its name; `-2`, "fill the
+/// context", is `-1`, as far as the context goes, here). Unknown options
+/// are refused, naming them.
+fn openai_fields(body: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> {
+    let f = Fields(body);
+    let mut m = Map::new();
+    m.insert("stream".into(), f.bool("stream")?.unwrap_or(true).into());
+    match f.get("options") {
+        None => {}
+        Some(Value::Object(o)) => {
+            for (k, v) in o.iter().filter(|(_, v)| !v.is_null()) {
+                let k = k.as_str();
+                if SAMPLING_OPTIONS.contains(&k) {
+                    m.insert(k.into(), v.clone());
+                } else if k == "num_predict" {
+                    let v = if v.as_i64() == Some(-2) {
+                        json!(-1)
+                    } else {
+                        v.clone()
+                    };
+                    m.insert(k.into(), v);
+                } else if k == "tfs_z" {
+                    // Tail-free sampling, off at 1 (Ollama's default).
+                    if v.as_f64() != Some(1.0) {
+                        return Err(ApiError::field(
+                            "options.tfs_z",
+                            format!("'options.tfs_z' (tail-free sampling) is not supported (got {v}); leave it out or at 1"),
+                        ));
+                    }
+                } else if k == "mirostat_tau" || k == "mirostat_eta" || k == "penalize_newline" {
+                    // Read only by mirostat (which must be off) and by
+                    // Ollama's removed newline rule.
+                } else if !RESOURCE_OPTIONS.contains(&k) {
+                    return Err(ApiError::field(
+                        &format!("options.{k}"),
+                        format!("unknown option 'options.{k}'"),
+                    ));
+                }
+            }
+        }
+        Some(v) => {
+            return Err(ApiError::field(
+                "options",
+                format!("'options' must be an object, got {v}"),
+            ))
+        }
+    }
+    match f.get("format") {
+        None => {}
+        Some(Value::String(s)) if s.is_empty() => {}
+        Some(Value::String(s)) if s == "json" => {
+            m.insert("response_format".into(), json!({"type": "json_object"}));
+        }
+        Some(s @ Value::Object(_)) => {
+            m.insert("json_schema".into(), s.clone());
+        }
+        Some(v) => {
+            return Err(ApiError::field(
+                "format",
+                format!("'format' must be \"json\" or a JSON schema object, got {v}"),
+            ))
+        }
+    }
+    if let Some(t) = f.get("tools") {
+        m.insert("tools".into(), t.clone());
+    }
+    Ok(m)
+}
+
+/// The request's sampling and length, read as the OpenAI routes read them;
+/// an error names the field as the Ollama request spells it.
+fn parse(body: &Map<String, Value>, app: &App) -> Result<Common, ApiError> {
+    // Fields that change the answer's form and that this server does not
+    // implement.
+    let f = Fields(body);
+    if f.bool("think").ok().flatten() == Some(true) || f.str("think").ok().flatten().is_some() {
+        return Err(ApiError::field(
+            "think",
+            "this model does not think: leave 'think' out or false",
+        ));
+    }
+    if f.bool("logprobs").ok().flatten() == Some(true) {
+        return Err(ApiError::field(
+            "logprobs",
+            "'logprobs' is served by the OpenAI routes (/v1/chat/completions, /v1/completions), not by /api",
+        ));
+    }
+    let m = openai_fields(body)?;
+    parse_common(&Fields(&m), &["num_predict"], app.vocab).map_err(|mut e| {
+        e.param = e.param.map(|p| match p.as_str() {
+            "response_format" | "json_schema" => "format".into(),
+            "stream" | "tools" => p,
+            _ => format!("options.{p}"),
+        });
+        if let Some(p) = e.param.as_deref().and_then(|p| p.strip_prefix("options.")) {
+            let (quoted, named) = (format!("'{p}'"), format!("'options.{p}'"));
+            e.message = if e.message.contains(&quoted) {
+                e.message.replacen(&quoted, &named, 1)
+            } else {
+                format!("options.{p}: {}", e.message)
+            };
+        }
+        e
+    })
+}
+
+/// Refuse field `key` unless absent, null or empty (a string or array).
+fn refuse_nonempty(f: &Fields, key: &str, what: &str) -> Result<(), ApiError> {
+    match f.get(key) {
+        None => Ok(()),
+        Some(Value::String(s)) if s.is_empty() => Ok(()),
+        Some(Value::Array(a)) if a.is_empty() => Ok(()),
+        Some(_) => Err(ApiError::field(
+            key,
+            format!("'{key}' ({what}) is not supported"),
+        )),
+    }
+}
+
+/// The model name a reply carries: the request's, else this server's.
+fn model_name(f: &Fields, app: &App) -> Result<String, ApiError> {
+    Ok(f.str("model")?.unwrap_or(&app.model_id).to_string())
+}
+
+/// `t` as RFC 3339 in UTC with nanoseconds, as Ollama writes `created_at`.
+fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_nanos()
+    )
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
+/// The counts and durations of a reply's last object.
+fn stats(v: &mut Value, finish: FinishReason, u: &Usage) {
+    v["done_reason"] = json!(finish_str(finish));
+    v["total_duration"] = json!(nanos(u.queue_time + u.prompt_time + u.gen_time));
+    v["load_duration"] = json!(0);
+    v["prompt_eval_count"] = json!(u.prompt_tokens);
+    v["prompt_eval_duration"] = json!(nanos(u.prompt_time));
+    v["eval_count"] = json!(u.completion_tokens);
+    v["eval_duration"] = json!(nanos(u.gen_time));
+}
+
+/// One object of a chat (`message`) or generate (`response`) reply; the
+/// last (`done: true`) when `end` is given.
+struct Shape {
+    model: String,
+    chat: bool,
+}
+
+impl Shape {
+    fn object(&self, text: &str, end: Option<(FinishReason, &Usage)>) -> Value {
+        let mut v = json!({"model": self.model, "created_at": rfc3339(SystemTime::now())});
+        if self.chat {
+            v["message"] = json!({"role": "assistant", "content": text});
+        } else {
+            v["response"] = json!(text);
+        }
+        v["done"] = json!(end.is_some());
+        if let Some((finish, usage)) = end {
+            stats(&mut v, finish, usage);
+        }
+        v
+    }
+
+    /// What Ollama answers a request without messages or prompt: the model
+    /// is loaded (here it always is), nothing generated.
+    fn loaded(&self) -> Response {
+        let mut v = self.object("", None);
+        v["done"] = json!(true);
+        v["done_reason"] = json!("load");
+        json_response(StatusCode::OK, &v)
+    }
+}
+
+impl StreamFormat for Shape {
+    const NDJSON: bool = true;
+
+    fn start(&mut self, _: usize) -> Vec<Value> {
+        Vec::new()
+    }
+
+    fn text(&self, _: usize, text: &str, _: &[GenToken]) -> Option<Value> {
+        (!text.is_empty()).then(|| self.object(text, None))
+    }
+
+    fn finish(&self, _: usize, finish: FinishReason, usage: &Usage) -> Value {
+        self.object("", Some((finish, usage)))
+    }
+
+    fn usage(&self, _: &Usage) -> Option<Value> {
+        None
+    }
+
+    fn error(&self, e: &ApiError) -> Value {
+        json!({"error": e.message})
+    }
+}
+
+/// Generate a reply to `prompt` (token ids) with `common`, as one object
+/// or a stream of them.
+async fn reply(
+    app: &Arc<App>,
+    prompt: Vec<u32>,
+    common: Common,
+    shape: Shape,
+    field: &str,
+) -> Reply {
+    let max_tokens = app.budget(prompt.len(), &common, None, field)?;
+    let constraint = constraint(app, &common).await?;
+    let params = app.params(&common, max_tokens, constraint, 0);
+    let rxs = app.submit_many(vec![(prompt, params)], None)?;
+    let mut choices = choices(rxs, |_| true).await?;
+    if common.stream {
+        return Ok(stream_response(choices, shape));
+    }
+    let Some(ch) = choices.pop() else {
+        return Err(ApiError::internal("no reply").into());
+    };
+    let c = collect(ch.first, ch.rx).await?;
+    let v = shape.object(&c.text, Some((c.finish, &c.usage)));
+    Ok(json_response(StatusCode::OK, &v))
+}
+
+/// `POST /api/chat`: `messages` (system, user and assistant turns, each a
+/// `content` string) rendered with Gemma's template, as `/v1/chat/completions`
+/// renders them.
+pub async fn chat(State(app): AppState, body: Result<JsonObject, ApiError>) -> Reply {
+    let JsonObject(body) = body?;
+    let f = Fields(&body);
+    let shape = Shape {
+        model: model_name(&f, &app)?,
+        chat: true,
+    };
+    let msgs = match f.get("messages") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a.clone(),
+        Some(v) => {
+            return Err(ApiError::field(
+                "messages",
+                format!("'messages' must be an array, got {v}"),
+            )
+            .into())
+        }
+    };
+    let common = parse(&body, &app)?;
+    if msgs.is_empty() {
+        return Ok(shape.loaded());
+    }
+    let mut messages = Vec::with_capacity(msgs.len());
+    for (i, m) in msgs.iter().enumerate() {
+        let Value::Object(o) = m else {
+            return Err(ApiError::field(
+                &format!("messages[{i}]"),
+                "each message must be an object",
+            )
+            .into());
+        };
+        let mf = Fields(o);
+        let field = |k: &str| format!("messages[{i}].{k}");
+        let role = match mf
+            .str("role")
+            .map_err(|_| ApiError::field(&field("role"), "'role' must be a string"))?
+        {
+            Some(r) => Role::parse(r).ok_or_else(|| {
+                ApiError::field(
+                    &field("role"),
+                    format!("unknown role '{r}' (expected system, user or assistant)"),
+                )
+            })?,
+            None => {
+                return Err(ApiError::field(
+                    &field("role"),
+                    format!("'{}' is required", field("role")),
+                )
+                .into())
+            }
+        };
+        refuse_nonempty(&mf, "images", "images: this model reads text only").map_err(|_| {
+            ApiError::field(
+                &field("images"),
+                "images are not supported: this model reads text only",
+            )
+        })?;
+        refuse_nonempty(&mf, "tool_calls", "function calling").map_err(|_| {
+            ApiError::field(
+                &field("tool_calls"),
+                "tool calls (function calling) are not supported",
+            )
+        })?;
+        let content = mf
+            .str("content")
+            .map_err(|_| ApiError::field(&field("content"), "'content' must be a string"))?
+            .unwrap_or("");
+        messages.push(Message::new(role, content.to_string()));
+    }
+    let prompt = chat_prompt(&app, &messages, "messages", "/api/generate with raw").await?;
+    reply(&app, prompt, common, shape, "messages").await
+}
+
+/// `POST /api/generate`: `prompt` (with `system`) as one user turn in
+/// Gemma's template, as Ollama's template for Gemma 3 puts it; with `raw`,
+/// the prompt as it is (BOS and special-token text parsed, as
+/// `/v1/completions` reads it).
+pub async fn generate(State(app): AppState, body: Result<JsonObject, ApiError>) -> Reply {
+    let JsonObject(body) = body?;
+    let f = Fields(&body);
+    let shape = Shape {
+        model: model_name(&f, &app)?,
+        chat: false,
+    };
+    refuse_nonempty(&f, "suffix", "fill-in-the-middle")?;
+    refuse_nonempty(&f, "images", "images: this model reads text only")?;
+    refuse_nonempty(&f, "template", "a template other than the model's")?;
+    refuse_nonempty(
+        &f,
+        "context",
+        "continuing from a returned context: send the conversation to /api/chat",
+    )?;
+    let prompt = f.str("prompt")?.unwrap_or("").to_string();
+    let system = f.str("system")?.map(str::to_string);
+    let raw = f.bool("raw")?.unwrap_or(false);
+    let common = parse(&body, &app)?;
+    if prompt.is_empty() {
+        return Ok(shape.loaded());
+    }
+    let ids = if raw {
+        if system.is_some() {
+            return Err(ApiError::field(
+                "system",
+                "'system' goes in the template, which 'raw' leaves out",
+            )
+            .into());
+        }
+        prompt_ids(&app, &crate::openai::Prompt::Text(prompt)).await?
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = system.filter(|s| !s.is_empty()) {
+            messages.push(Message::new(Role::System, s));
+        }
+        messages.push(Message::new(Role::User, prompt));
+        chat_prompt(&app, &messages, "prompt", "'raw': true").await?
+    };
+    reply(&app, ids, common, shape, "prompt").await
+}
+
+/// The texts of an embedding request's `key` (a string or an array of them),
+/// tokenized (BOS and special-token text parsed, as `/v1/embeddings` does)
+/// and cut to the context where `truncate` (Ollama's default), else refused
+/// when longer.
+async fn embed_inputs(
+    app: &Arc<App>,
+    f: &Fields<'_>,
+    key: &str,
+    truncate: bool,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    let texts: Vec<String> = match f.get(key) {
+        None => return Err(ApiError::field(key, format!("'{key}' is required"))),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => {
+            if a.len() > MAX_EMBEDDING_INPUTS {
+                return Err(ApiError::field(
+                    key,
+                    format!(
+                        "at most {MAX_EMBEDDING_INPUTS} inputs per request, got {}",
+                        a.len()
+                    ),
+                ));
+            }
+            (a.iter().enumerate())
+                .map(|(i, v)| {
+                    v.as_str().map(str::to_string).ok_or_else(|| {
+                        ApiError::field(
+                            &format!("{key}[{i}]"),
+                            format!("'{key}[{i}]' must be a string"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?
+        }
+        Some(v) => {
+            return Err(ApiError::field(
+                key,
+                format!("'{key}' must be a string or an array of strings, got {v}"),
+            ))
+        }
+    };
+    let ctx = app.sched.ctx();
+    let several = texts.len() > 1;
+    let mut out = Vec::with_capacity(texts.len());
+    for (i, t) in texts.into_iter().enumerate() {
+        let name = if several {
+            format!("{key}[{i}]")
+        } else {
+            key.to_string()
+        };
+        if t.is_empty() {
+            return Err(ApiError::field(
+                &name,
+                format!("'{name}' must not be empty"),
+            ));
+        }
+        let mut ids = prompt_ids(app, &crate::openai::Prompt::Text(t)).await?;
+        if ids.len() > ctx {
+            if !truncate {
+                return Err(ApiError::field(
+                    &name,
+                    format!("the input has {} tokens but the context holds {ctx} (send 'truncate': true to cut it)", ids.len()),
+                )
+                .with_code("context_length_exceeded"));
+            }
+            ids.truncate(ctx);
+        }
+        out.push(ids);
+    }
+    Ok(out)
+}
+
+/// `POST /api/embed`: one vector per input, the `--pooling` of its final
+/// hidden states at unit length (as Ollama's are).
+pub async fn embed(State(app): AppState, body: Result<JsonObject, ApiError>) -> Reply {
+    let JsonObject(body) = body?;
+    let f = Fields(&body);
+    let model = model_name(&f, &app)?;
+    if let Some(d) = f.u64("dimensions")? {
+        if d != app.d_model as u64 {
+            return Err(ApiError::field(
+                "dimensions",
+                format!("this model's embeddings have {} dimensions (they cannot be shortened), got {d}", app.d_model),
+            )
+            .into());
+        }
+    }
+    let truncate = f.bool("truncate")?.unwrap_or(true);
+    let t0 = std::time::Instant::now();
+    let prompts = embed_inputs(&app, &f, "input", truncate).await?;
+    let (mut vectors, prompt_tokens) = embed_all(&app, prompts).await?;
+    vectors.iter_mut().for_each(|v| normalize_l2(v));
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "model": model,
+            "embeddings": vectors,
+            "total_duration": nanos(t0.elapsed()),
+            "load_duration": 0,
+            "prompt_eval_count": prompt_tokens,
+        }),
+    ))
+}
+
+/// `POST /api/embeddings` (Ollama's older route): one `prompt`'s vector,
+/// not normalized (as Ollama's older route leaves it).
+pub async fn embeddings(State(app): AppState, body: Result<JsonObject, ApiError>) -> Reply {
+    let JsonObject(body) = body?;
+    let f = Fields(&body);
+    let prompts = embed_inputs(&app, &f, "prompt", true).await?;
+    if prompts.len() != 1 {
+        return Err(ApiError::field("prompt", "'prompt' must be one string").into());
+    }
+    let (mut vectors, _) = embed_all(&app, prompts).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"embedding": vectors.pop()}),
+    ))
+}
+
+/// The model's `details`, as `/api/tags`, `/api/show` and `/api/ps` give them.
+fn details(app: &App) -> Value {
+    let info = &app.info;
+    json!({
+        "parent_model": "",
+        "format": "gguf",
+        "family": "gemma3",
+        "families": ["gemma3"],
+        "parameter_size": format!("{:.2}M", info.parameters as f64 / 1e6),
+        "quantization_level": info.quantization,
+    })
+}
+
+fn model_entry(app: &App) -> Value {
+    let info = &app.info;
+    json!({
+        "name": app.model_id,
+        "model": app.model_id,
+        "modified_at": rfc3339(info.modified),
+        "size": info.file_bytes,
+        "digest": "",
+        "details": details(app),
+    })
+}
+
+/// `GET /api/tags`: the one model this server runs.
+pub async fn tags(State(app): AppState) -> Response {
+    json_response(StatusCode::OK, &json!({"models": [model_entry(&app)]}))
+}
+
+/// `GET /api/ps`: the model, always loaded.
+pub async fn ps(State(app): AppState) -> Response {
+    let mut m = model_entry(&app);
+    m["expires_at"] = json!("2999-12-31T23:59:59Z");
+    m["size_vram"] = json!(0);
+    m["context_length"] = json!(app.sched.ctx());
+    json_response(StatusCode::OK, &json!({"models": [m]}))
+}
+
+/// `POST /api/show`: the model's details, its sampling defaults and its
+/// architecture's numbers (whatever `model` names: this server runs one).
+pub async fn show(State(app): AppState, body: Result<JsonObject, ApiError>) -> Reply {
+    let JsonObject(body) = body?;
+    Fields(&body).str("model")?;
+    let info = &app.info;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "modelfile": "",
+            "parameters": "temperature 1\ntop_k 64\ntop_p 0.95\nstop \"<end_of_turn>\"",
+            "template": "",
+            "details": details(&app),
+            "model_info": {
+                "general.architecture": "gemma3",
+                "general.parameter_count": info.parameters,
+                "gemma3.context_length": info.ctx_len,
+                "gemma3.embedding_length": app.d_model,
+                "gemma3.block_count": info.layers,
+            },
+            "capabilities": ["completion"],
+            "modified_at": rfc3339(info.modified),
+        }),
+    ))
+}
+
+/// `GET /api/version`: this server's version.
+pub async fn version() -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({"version": env!("CARGO_PKG_VERSION")}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        // Hand-checked: 0 is the epoch; 951_782_400 is 2000-02-29 (a leap
+        // day in a century year); 1_700_000_000 is 2023-11-14 22:13:20.
+        let at = |s: u64, n: u32| rfc3339(UNIX_EPOCH + Duration::new(s, n));
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
+        assert_eq!(at(1_700_000_000, 0), "2023-11-14T22:13:20.000000000Z");
+        assert_eq!(at(4_107_542_399, 0), "2100-02-28T23:59:59.000000000Z");
+    }
+
+    #[test]
+    fn options_become_fields() {
+        let body = |v: Value| v.as_object().unwrap().clone();
+        let m = openai_fields(&body(json!({
+            "options": {"temperature": 0.5, "num_predict": -2, "num_ctx": 4096, "mirostat_eta": null},
+            "format": "json",
+        })))
+        .unwrap();
+        assert_eq!(m["temperature"], 0.5);
+        assert_eq!(m["num_predict"], -1);
+        assert_eq!(m["stream"], true);
+        assert_eq!(m["response_format"], json!({"type": "json_object"}));
+        assert!(!m.contains_key("num_ctx"));
+        let err = |v: Value| openai_fields(&body(v)).unwrap_err().param;
+        assert_eq!(
+            err(json!({"options": {"bogus": 1}})).as_deref(),
+            Some("options.bogus")
+        );
+        assert_eq!(
+            err(json!({"options": {"tfs_z": 0.5}})).as_deref(),
+            Some("options.tfs_z")
+        );
+        assert_eq!(err(json!({"format": "xml"})).as_deref(), Some("format"));
+        assert_eq!(err(json!({"options": 3})).as_deref(), Some("options"));
+    }
+}
