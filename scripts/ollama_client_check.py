@@ -103,21 +103,31 @@ def main():
         assert r.prompt_eval_count == o["usage"]["prompt_tokens"], (r.prompt_eval_count, o["usage"])
 
     def errors():
-        for options, field in [({"temperature": 1e9}, "temperature"), ({"bogus": 1}, "bogus")]:
+        for options, field in [({"temperature": 1e9}, "temperature"), ({"mirostat": 2}, "mirostat")]:
             try:
                 client.chat(model="gemma3", messages=messages, options=options)
             except ollama.ResponseError as e:
                 assert e.status_code == 400, e.status_code
-                assert f"options.{field}" in e.error or field in e.error, e.error
+                assert f"options.{field}" in e.error, e.error
             else:
                 raise AssertionError(f"no error for {options}")
+        # Options it does not know are left out, as Ollama leaves them.
+        r = client.chat(model="gemma3", messages=messages, options={**greedy, "bogus": 1, "num_ctx": 8192})
+        assert r.done, r
+        # A route it does not serve: the error as Ollama's clients read it.
+        try:
+            client.pull("llama3")
+        except ollama.ResponseError as e:
+            assert e.status_code == 404 and isinstance(e.error, str), (e.status_code, e.error)
+        else:
+            raise AssertionError("pull did not fail")
 
     check("listings (list, show, ps)", listings)
     check("chat (stream = not, = OpenAI route)", chat)
     check("generate (raw, templated, load)", generate)
     check("format: a JSON schema", structured)
     check("embed (unit length, = /v1/embeddings)", embed)
-    check("400 for bad options", errors)
+    check("errors (400 for bad options, 404 in Ollama's shape)", errors)
     sys.exit(summary())
 
 

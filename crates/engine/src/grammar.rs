@@ -207,11 +207,18 @@ fn explain(e: &str) -> String {
     }
 }
 
-/// The first line of an llguidance error, at most 300 characters: it may
-/// quote the rewritten grammar whole, or carry a backtrace.
+/// An llguidance error on one line, at most 300 characters: it may quote
+/// the rewritten grammar whole, or carry a backtrace (left out: from a line
+/// of a backtrace on). Its lines are joined, since some say what is wrong
+/// only after the first (a regex's error: "regex parse error:", the pattern,
+/// a caret, then "error: unclosed group").
 fn brief(e: &str) -> String {
-    let line = e.lines().find(|l| !l.trim().is_empty()).unwrap_or(e).trim();
-    let line = line.strip_prefix("panic: ").unwrap_or(line);
+    let lines: Vec<&str> = (e.lines().map(str::trim))
+        .take_while(|l| !l.starts_with("stack backtrace") && !l.starts_with("0: "))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let joined = lines.join(" ");
+    let line = joined.strip_prefix("panic: ").unwrap_or(&joined);
     match line.char_indices().nth(300) {
         Some((i, _)) => format!("{}…", &line[..i]),
         None => line.to_string(),
@@ -569,6 +576,11 @@ mod tests {
         let b = brief(&long);
         assert!(b.starts_with("first line") && b.ends_with('…'), "{b}");
         assert_eq!(b.chars().count(), 301);
+        // What follows a first line ending in a colon is kept, up to a backtrace.
+        assert_eq!(
+            brief("regex parse error:\n    ((\n      ^\nerror: unclosed group\nstack backtrace:\n   0: x"),
+            "regex parse error: (( ^ error: unclosed group"
+        );
         assert_eq!(
             brief("\npanic: assertion failed: x\n   0: ..."),
             "assertion failed: x"

@@ -17,7 +17,9 @@
 //!   `frequency_penalty`, `repeat_penalty`, `repeat_last_n` (the tokens the
 //!   penalties look at: 0 none, −1 all, as llama-server; default 64),
 //!   `logprobs` + `top_logprobs` (0..=20), `logit_bias` (token id → −100..=100),
-//!   `n` (1 only), llama-server's `ignore_eos`. Generation ends at eos or
+//!   `n` (choices, 1..=128: choice j samples with `seed + j`; streamed,
+//!   their chunks interleave by `index`; the prompt counts once in the
+//!   usage), llama-server's `ignore_eos`. Generation ends at eos or
 //!   `<end_of_turn>`. The output may be constrained by one of
 //!   `response_format` (`json_object`, with llama-server's optional `schema`;
 //!   `json_schema` with `json_schema.schema`), llama-server's `grammar`
@@ -30,9 +32,11 @@
 //! - `POST /v1/completions`: `prompt` as text (BOS prepended unless it starts
 //!   with `<bos>`; special-token text such as `<start_of_turn>` parsed, as
 //!   llama-server does) or token ids, or a list of up to 64 of either (one
-//!   choice each, run side by side, admitted all together or refused with a
-//!   429; token counts summed over them, times the longest; not streamed); the same fields, plus `echo` and
-//!   `logprobs` (an int, completions-style; not together with `echo`).
+//!   choice each, or `n` each, prompt i's at `i·n + j`, run side by side,
+//!   admitted all together or refused with a 429; token counts summed over
+//!   them, times the longest); the same fields, plus `echo`, `best_of` (only
+//!   as `n`) and `logprobs` (an int, completions-style; not together with
+//!   `echo`).
 //! - `POST /v1/embeddings`: `input` as text (tokenized as a completion's
 //!   prompt), token ids, or a list of up to 2048 of either; `encoding_format`
 //!   `float` or `base64`; `dimensions` only as the model's 640. Each vector is
@@ -50,6 +54,9 @@
 //!   (Prometheus text), `POST /tokenize` (`content`, `add_special` = false,
 //!   `parse_special` = true, `with_pieces` = false, as llama-server),
 //!   `POST /detokenize` (`tokens`).
+//! - Ollama's API: `POST /api/chat`, `/api/generate`, `/api/embed`,
+//!   `/api/embeddings`, `/api/show`, `GET /api/tags`, `/api/ps`,
+//!   `/api/version` (see [`ollama`]).
 //!
 //! The `model` field is accepted and ignored (one model is served).
 //! Defaults for absent fields: the model's own sampling (temperature 1.0,
@@ -59,7 +66,8 @@
 //! taken from the prefix cache; a non-standard `timings` object (llama-server
 //! style) gives queue, prompt and generation times.
 //!
-//! Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: 400
+//! Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}` (on
+//! Ollama's `/api` routes, Ollama's `{"error": "message"}`): 400
 //! naming the field for malformed or out-of-range input (and for prompt +
 //! max_tokens beyond `--ctx`), 401 without the key, 404 unknown route, 429
 //! with `Retry-After` when `--parallel` + `--queue` requests are already in,
@@ -117,9 +125,9 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every route but /health and /metrics.
     #[arg(long)]
     pub api_key: Option<String>,
-    /// Most requests waiting for a slot; beyond that requests get 429. Each prompt of a batched
-    /// completion counts as one, and so does each embedding input in flight (an embeddings
-    /// request takes at most --parallel places at a time).
+    /// Most requests waiting for a slot; beyond that requests get 429. Each choice counts as
+    /// one (each prompt of a batched completion, each of `n`), and so does each embedding input
+    /// in flight (an embeddings request takes at most --parallel places at a time).
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
     /// Most prompt tokens evaluated per step, so that a long prompt does not stall running
@@ -404,6 +412,9 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .merge(keyed)
         .route("/health", get(routes::health))
+        // Ollama answers its root with a line of text; its clients' and
+        // front ends' connection checks ask for it.
+        .route("/", get(|| async { "gemma3 serve is running\n" }))
         .route("/metrics", get(routes::metrics))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)

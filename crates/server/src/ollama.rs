@@ -13,10 +13,10 @@
 //! (`options.temperature`, `format`).
 
 use crate::error::ApiError;
-use crate::openai::{parse_common, Common, Fields, MAX_EMBEDDING_INPUTS};
+use crate::openai::{message_head, parse_common, Common, Fields, MaxTokens, MAX_EMBEDDING_INPUTS};
 use crate::routes::{
-    chat_prompt, choices, collect, constraint, embed_all, finish_str, json_response, prompt_ids,
-    stream_response, App, AppState, GenToken, JsonObject, StreamFormat,
+    chat_format, choices, collect, constraint, embed_all, encode, finish_str, json_response,
+    prompt_ids, stream_response, App, AppState, GenToken, JsonObject, StreamFormat,
 };
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -37,9 +37,41 @@ impl From<ApiError> for OllamaError {
     }
 }
 
+/// The field an error names, as an Ollama request spells it: sampling
+/// fields are `options`' (the OpenAI routes' `temperature` is
+/// `options.temperature` here), a grammar's is `format`.
+fn ollama_field(p: &str) -> String {
+    if SAMPLING_OPTIONS.contains(&p) || p == "num_predict" {
+        format!("options.{p}")
+    } else if p == "response_format" || p == "json_schema" {
+        "format".into()
+    } else {
+        p.into()
+    }
+}
+
+impl OllamaError {
+    /// The message, naming the field where it does not already.
+    fn message(&self) -> String {
+        let e = &self.0;
+        let Some(p) = e.param.as_deref() else {
+            return e.message.clone();
+        };
+        let named = ollama_field(p);
+        let quoted = format!("'{p}'");
+        if named != p && e.message.contains(&quoted) {
+            e.message.replacen(&quoted, &format!("'{named}'"), 1)
+        } else if e.message.contains(named.as_str()) {
+            e.message.clone()
+        } else {
+            format!("{named}: {}", e.message)
+        }
+    }
+}
+
 impl IntoResponse for OllamaError {
     fn into_response(self) -> Response {
-        let mut r = json_response(self.0.status, &json!({"error": self.0.message}));
+        let mut r = json_response(self.0.status, &json!({"error": self.message()}));
         if let Some(s) = self.0.retry_after {
             r.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, s.into());
@@ -67,30 +99,11 @@ const SAMPLING_OPTIONS: [&str; 12] = [
     "mirostat",
 ];
 
-/// `options` about resources, not the answer: accepted and left to the
-/// server's own settings (`--ctx`, `-t`, ...), as the clients send them
-/// with every request.
-const RESOURCE_OPTIONS: [&str; 14] = [
-    "num_ctx",
-    "num_batch",
-    "num_gpu",
-    "main_gpu",
-    "num_thread",
-    "num_keep",
-    "use_mmap",
-    "use_mlock",
-    "numa",
-    "low_vram",
-    "f16_kv",
-    "vocab_only",
-    "logits_all",
-    "embedding_only",
-];
-
 /// An Ollama request's `options`, `format`, `stream` and `tools` as the
 /// OpenAI routes' fields (`num_predict` keeps its name; `-2`, "fill the
-/// context", is `-1`, as far as the context goes, here). Unknown options
-/// are refused, naming them.
+/// context", is `-1`, as far as the context goes, here). Options about
+/// resources (`num_ctx`, `num_thread`, ...) are left to the server's own
+/// settings, and unknown ones are left out, as Ollama leaves them.
 fn openai_fields(body: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> {
     let f = Fields(body);
     let mut m = Map::new();
@@ -117,15 +130,11 @@ fn openai_fields(body: &Map<String, Value>) -> Result<Map<String, Value>, ApiErr
                             format!("'options.tfs_z' (tail-free sampling) is not supported (got {v}); leave it out or at 1"),
                         ));
                     }
-                } else if k == "mirostat_tau" || k == "mirostat_eta" || k == "penalize_newline" {
-                    // Read only by mirostat (which must be off) and by
-                    // Ollama's removed newline rule.
-                } else if !RESOURCE_OPTIONS.contains(&k) {
-                    return Err(ApiError::field(
-                        &format!("options.{k}"),
-                        format!("unknown option 'options.{k}'"),
-                    ));
                 }
+                // Anything else is left out, as Ollama leaves out options it
+                // does not know (with a warning in its log): the resource
+                // options, mirostat's rates (mirostat must be off), and
+                // options of other Ollama versions.
             }
         }
         Some(v) => {
@@ -157,41 +166,36 @@ fn openai_fields(body: &Map<String, Value>) -> Result<Map<String, Value>, ApiErr
     Ok(m)
 }
 
-/// The request's sampling and length, read as the OpenAI routes read them;
-/// an error names the field as the Ollama request spells it.
+/// The request's sampling and length, read as the OpenAI routes read them
+/// (an error's field is renamed as Ollama spells it by [`OllamaError`]).
 fn parse(body: &Map<String, Value>, app: &App) -> Result<Common, ApiError> {
     // Fields that change the answer's form and that this server does not
     // implement.
     let f = Fields(body);
-    if f.bool("think").ok().flatten() == Some(true) || f.str("think").ok().flatten().is_some() {
-        return Err(ApiError::field(
-            "think",
-            "this model does not think: leave 'think' out or false",
-        ));
+    // `think`: a boolean, or a level ("high", ...) for models that have them.
+    match f.get("think") {
+        None | Some(Value::Bool(false)) => {}
+        Some(Value::Bool(true) | Value::String(_)) => {
+            return Err(ApiError::field(
+                "think",
+                "this model does not think: leave 'think' out or false",
+            ))
+        }
+        Some(v) => {
+            return Err(ApiError::field(
+                "think",
+                format!("'think' must be a boolean or a level, got {v}"),
+            ))
+        }
     }
-    if f.bool("logprobs").ok().flatten() == Some(true) {
+    if f.bool("logprobs")? == Some(true) {
         return Err(ApiError::field(
             "logprobs",
             "'logprobs' is served by the OpenAI routes (/v1/chat/completions, /v1/completions), not by /api",
         ));
     }
     let m = openai_fields(body)?;
-    parse_common(&Fields(&m), &["num_predict"], app.vocab).map_err(|mut e| {
-        e.param = e.param.map(|p| match p.as_str() {
-            "response_format" | "json_schema" => "format".into(),
-            "stream" | "tools" => p,
-            _ => format!("options.{p}"),
-        });
-        if let Some(p) = e.param.as_deref().and_then(|p| p.strip_prefix("options.")) {
-            let (quoted, named) = (format!("'{p}'"), format!("'options.{p}'"));
-            e.message = if e.message.contains(&quoted) {
-                e.message.replacen(&quoted, &named, 1)
-            } else {
-                format!("options.{p}: {}", e.message)
-            };
-        }
-        e
-    })
+    parse_common(&Fields(&m), &["num_predict"], app.vocab)
 }
 
 /// Refuse field `key` unless absent, null or empty (a string or array).
@@ -273,12 +277,12 @@ impl Shape {
         v
     }
 
-    /// What Ollama answers a request without messages or prompt: the model
-    /// is loaded (here it always is), nothing generated.
-    fn loaded(&self) -> Response {
+    /// The reply to a request that only loads or unloads the model
+    /// (`reason`): done, nothing generated.
+    fn loaded(&self, reason: &str) -> Response {
         let mut v = self.object("", None);
         v["done"] = json!(true);
-        v["done_reason"] = json!("load");
+        v["done_reason"] = json!(reason);
         json_response(StatusCode::OK, &v)
     }
 }
@@ -312,10 +316,18 @@ impl StreamFormat for Shape {
 async fn reply(
     app: &Arc<App>,
     prompt: Vec<u32>,
-    common: Common,
+    mut common: Common,
     shape: Shape,
     field: &str,
 ) -> Reply {
+    // As Ollama: `num_predict` beyond the context stops at the context's end
+    // (`done_reason: "length"`), where the OpenAI routes refuse it.
+    let room = app.sched.ctx().saturating_sub(prompt.len());
+    if let MaxTokens::Count(m) = common.max_tokens {
+        if room > 0 && m > room as u64 {
+            common.max_tokens = MaxTokens::Count(room as u64);
+        }
+    }
     let max_tokens = app.budget(prompt.len(), &common, None, field)?;
     let constraint = constraint(app, &common).await?;
     let params = app.params(&common, max_tokens, constraint, 0);
@@ -332,9 +344,57 @@ async fn reply(
     Ok(json_response(StatusCode::OK, &v))
 }
 
-/// `POST /api/chat`: `messages` (system, user and assistant turns, each a
-/// `content` string) rendered with Gemma's template, as `/v1/chat/completions`
-/// renders them.
+/// `messages` in Ollama's template for Gemma 3 (that of its library's
+/// `gemma3` models): each message a turn of its own, a system message a
+/// user turn, the content as it is; after a last user or system message
+/// the model's turn opens, and a last assistant message is left open for
+/// the model to continue. BOS first, as Ollama's tokenizer adds it. (The
+/// OpenAI route renders Gemma's own template: a first system message folded
+/// into the first user turn, the turns alternating.)
+fn ollama_template(messages: &[Message]) -> String {
+    let mut out = String::from("<bos>");
+    for (i, m) in messages.iter().enumerate() {
+        let last = i + 1 == messages.len();
+        match m.role {
+            Role::User | Role::System => {
+                out.push_str("<start_of_turn>user\n");
+                out.push_str(&m.content);
+                out.push_str("<end_of_turn>\n");
+                if last {
+                    out.push_str("<start_of_turn>model\n");
+                }
+            }
+            Role::Assistant => {
+                out.push_str("<start_of_turn>model\n");
+                out.push_str(&m.content);
+                if !last {
+                    out.push_str("<end_of_turn>\n");
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `messages` in [`ollama_template`], tokenized with special-token text
+/// parsed (as Ollama does).
+async fn templated(app: &Arc<App>, messages: &[Message]) -> Result<Vec<u32>, ApiError> {
+    chat_format(app, "/api/generate with 'raw': true")?;
+    encode(app, ollama_template(messages), false, true).await
+}
+
+/// A request without messages (or prompt) only loads the model, or with
+/// `keep_alive: 0` unloads it: this server keeps its one model loaded, and
+/// answers as Ollama does, generating nothing.
+fn load_only(f: &Fields, shape: &Shape) -> Response {
+    let unload = f
+        .get("keep_alive")
+        .is_some_and(|k| k.as_f64() == Some(0.0) || k == "0");
+    shape.loaded(if unload { "unload" } else { "load" })
+}
+
+/// `POST /api/chat`: `messages` (system, user and assistant, each a
+/// `content` string) in Ollama's template for Gemma 3 (`ollama_template`).
 pub async fn chat(State(app): AppState, body: Result<JsonObject, ApiError>) -> Reply {
     let JsonObject(body) = body?;
     let f = Fields(&body);
@@ -343,8 +403,8 @@ pub async fn chat(State(app): AppState, body: Result<JsonObject, ApiError>) -> R
         chat: true,
     };
     let msgs = match f.get("messages") {
-        None => Vec::new(),
-        Some(Value::Array(a)) => a.clone(),
+        None => &Vec::new(),
+        Some(Value::Array(a)) => a,
         Some(v) => {
             return Err(ApiError::field(
                 "messages",
@@ -355,63 +415,29 @@ pub async fn chat(State(app): AppState, body: Result<JsonObject, ApiError>) -> R
     };
     let common = parse(&body, &app)?;
     if msgs.is_empty() {
-        return Ok(shape.loaded());
+        return Ok(load_only(&f, &shape));
     }
     let mut messages = Vec::with_capacity(msgs.len());
     for (i, m) in msgs.iter().enumerate() {
-        let Value::Object(o) = m else {
-            return Err(ApiError::field(
-                &format!("messages[{i}]"),
-                "each message must be an object",
-            )
-            .into());
-        };
+        let (o, role) = message_head(i, m)?;
         let mf = Fields(o);
         let field = |k: &str| format!("messages[{i}].{k}");
-        let role = match mf
-            .str("role")
-            .map_err(|_| ApiError::field(&field("role"), "'role' must be a string"))?
-        {
-            Some(r) => Role::parse(r).ok_or_else(|| {
-                ApiError::field(
-                    &field("role"),
-                    format!("unknown role '{r}' (expected system, user or assistant)"),
-                )
-            })?,
-            None => {
-                return Err(ApiError::field(
-                    &field("role"),
-                    format!("'{}' is required", field("role")),
-                )
-                .into())
-            }
-        };
-        refuse_nonempty(&mf, "images", "images: this model reads text only").map_err(|_| {
-            ApiError::field(
-                &field("images"),
-                "images are not supported: this model reads text only",
-            )
-        })?;
-        refuse_nonempty(&mf, "tool_calls", "function calling").map_err(|_| {
-            ApiError::field(
-                &field("tool_calls"),
-                "tool calls (function calling) are not supported",
-            )
-        })?;
+        refuse_nonempty(&mf, "images", "images: this model reads text only")
+            .map_err(|e| ApiError::field(&field("images"), e.message))?;
         let content = mf
             .str("content")
-            .map_err(|_| ApiError::field(&field("content"), "'content' must be a string"))?
+            .map_err(|e| ApiError::field(&field("content"), e.message))?
             .unwrap_or("");
-        messages.push(Message::new(role, content.to_string()));
+        messages.push(Message::new(role, content));
     }
-    let prompt = chat_prompt(&app, &messages, "messages", "/api/generate with raw").await?;
+    let prompt = templated(&app, &messages).await?;
     reply(&app, prompt, common, shape, "messages").await
 }
 
-/// `POST /api/generate`: `prompt` (with `system`) as one user turn in
-/// Gemma's template, as Ollama's template for Gemma 3 puts it; with `raw`,
-/// the prompt as it is (BOS and special-token text parsed, as
-/// `/v1/completions` reads it).
+/// `POST /api/generate`: `system` and `prompt` as Ollama's template puts
+/// them (each a user turn, see `ollama_template`); with `raw`, the prompt
+/// as it is (BOS and special-token text parsed, as `/v1/completions` reads
+/// it).
 pub async fn generate(State(app): AppState, body: Result<JsonObject, ApiError>) -> Reply {
     let JsonObject(body) = body?;
     let f = Fields(&body);
@@ -428,14 +454,14 @@ pub async fn generate(State(app): AppState, body: Result<JsonObject, ApiError>) 
         "continuing from a returned context: send the conversation to /api/chat",
     )?;
     let prompt = f.str("prompt")?.unwrap_or("").to_string();
-    let system = f.str("system")?.map(str::to_string);
+    let system = f.str("system")?.unwrap_or("").to_string();
     let raw = f.bool("raw")?.unwrap_or(false);
     let common = parse(&body, &app)?;
     if prompt.is_empty() {
-        return Ok(shape.loaded());
+        return Ok(load_only(&f, &shape));
     }
     let ids = if raw {
-        if system.is_some() {
+        if !system.is_empty() {
             return Err(ApiError::field(
                 "system",
                 "'system' goes in the template, which 'raw' leaves out",
@@ -445,16 +471,17 @@ pub async fn generate(State(app): AppState, body: Result<JsonObject, ApiError>) 
         prompt_ids(&app, &crate::openai::Prompt::Text(prompt)).await?
     } else {
         let mut messages = Vec::new();
-        if let Some(s) = system.filter(|s| !s.is_empty()) {
-            messages.push(Message::new(Role::System, s));
+        if !system.is_empty() {
+            messages.push(Message::new(Role::System, system));
         }
         messages.push(Message::new(Role::User, prompt));
-        chat_prompt(&app, &messages, "prompt", "'raw': true").await?
+        templated(&app, &messages).await?
     };
     reply(&app, ids, common, shape, "prompt").await
 }
 
-/// The texts of an embedding request's `key` (a string or an array of them),
+/// The texts of an embedding request's `key` (a string or an array of them;
+/// "" or `[]` none),
 /// tokenized (BOS and special-token text parsed, as `/v1/embeddings` does)
 /// and cut to the context where `truncate` (Ollama's default), else refused
 /// when longer.
@@ -466,6 +493,8 @@ async fn embed_inputs(
 ) -> Result<Vec<Vec<u32>>, ApiError> {
     let texts: Vec<String> = match f.get(key) {
         None => return Err(ApiError::field(key, format!("'{key}' is required"))),
+        // Nothing to embed: how Ollama's clients load a model.
+        Some(Value::String(s)) if s.is_empty() => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => {
             if a.len() > MAX_EMBEDDING_INPUTS {
@@ -563,15 +592,13 @@ pub async fn embed(State(app): AppState, body: Result<JsonObject, ApiError>) -> 
 pub async fn embeddings(State(app): AppState, body: Result<JsonObject, ApiError>) -> Reply {
     let JsonObject(body) = body?;
     let f = Fields(&body);
-    let prompts = embed_inputs(&app, &f, "prompt", true).await?;
-    if prompts.len() != 1 {
-        return Err(ApiError::field("prompt", "'prompt' must be one string").into());
+    if !matches!(f.get("prompt"), Some(Value::String(_))) {
+        return Err(ApiError::field("prompt", "'prompt' must be a string").into());
     }
+    let prompts = embed_inputs(&app, &f, "prompt", true).await?;
     let (mut vectors, _) = embed_all(&app, prompts).await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"embedding": vectors.pop()}),
-    ))
+    let vector = vectors.pop().unwrap_or_default();
+    Ok(json_response(StatusCode::OK, &json!({"embedding": vector})))
 }
 
 /// The model's `details`, as `/api/tags`, `/api/show` and `/api/ps` give them.
@@ -676,10 +703,9 @@ mod tests {
         assert_eq!(m["response_format"], json!({"type": "json_object"}));
         assert!(!m.contains_key("num_ctx"));
         let err = |v: Value| openai_fields(&body(v)).unwrap_err().param;
-        assert_eq!(
-            err(json!({"options": {"bogus": 1}})).as_deref(),
-            Some("options.bogus")
-        );
+        // Unknown options are left out, as Ollama leaves them.
+        let m = openai_fields(&body(json!({"options": {"bogus": 1}}))).unwrap();
+        assert!(!m.contains_key("bogus"));
         assert_eq!(
             err(json!({"options": {"tfs_z": 0.5}})).as_deref(),
             Some("options.tfs_z")

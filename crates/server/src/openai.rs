@@ -524,6 +524,42 @@ fn content_text(i: usize, role: Role, v: Option<&Value>) -> Result<String, ApiEr
     }
 }
 
+/// Message i of a `messages` array as an object and its role (system,
+/// user or assistant), with the errors both APIs give; tool calls are
+/// refused (null or an empty list is none).
+pub fn message_head(i: usize, m: &Value) -> Result<(&Map<String, Value>, Role), ApiError> {
+    let Value::Object(o) = m else {
+        return Err(wrong_type(&format!("messages[{i}]"), "an object", m));
+    };
+    let role_field = format!("messages[{i}].role");
+    let role = match o.get("role") {
+        Some(Value::String(r)) => Role::parse(r).ok_or_else(|| {
+            ApiError::field(
+                &role_field,
+                format!("unknown role '{r}' (expected system, user or assistant)"),
+            )
+        })?,
+        Some(v) => return Err(wrong_type(&role_field, "a string", v)),
+        None => {
+            return Err(ApiError::field(
+                &role_field,
+                format!("'{role_field}' is required"),
+            ))
+        }
+    };
+    match o.get("tool_calls") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) if a.is_empty() => {}
+        Some(_) => {
+            return Err(ApiError::field(
+                &format!("messages[{i}].tool_calls"),
+                "tool calls (function calling) are not supported",
+            ))
+        }
+    }
+    Ok((o, role))
+}
+
 impl ChatRequest {
     pub fn parse(obj: &Map<String, Value>, vocab: usize) -> Result<Self, ApiError> {
         let f = Fields(obj);
@@ -538,31 +574,7 @@ impl ChatRequest {
         }
         let mut messages = Vec::with_capacity(msgs.len());
         for (i, m) in msgs.iter().enumerate() {
-            let Value::Object(o) = m else {
-                return Err(wrong_type(&format!("messages[{i}]"), "an object", m));
-            };
-            let role_field = format!("messages[{i}].role");
-            let role = match o.get("role") {
-                Some(Value::String(r)) => Role::parse(r).ok_or_else(|| {
-                    ApiError::field(
-                        &role_field,
-                        format!("unknown role '{r}' (expected system, user or assistant)"),
-                    )
-                })?,
-                Some(v) => return Err(wrong_type(&role_field, "a string", v)),
-                None => {
-                    return Err(ApiError::field(
-                        &role_field,
-                        format!("'{role_field}' is required"),
-                    ))
-                }
-            };
-            if o.get("tool_calls").is_some_and(|v| !v.is_null()) {
-                return Err(ApiError::field(
-                    &format!("messages[{i}].tool_calls"),
-                    "tool calls (function calling) are not supported",
-                ));
-            }
+            let (o, role) = message_head(i, m)?;
             messages.push(Message::new(role, content_text(i, role, o.get("content"))?));
         }
         let common = parse_common(
@@ -749,13 +761,14 @@ impl CompletionRequest {
         }
         let common = parse_common(&f, &["max_tokens", "n_predict"], vocab)?;
         // OpenAI's best_of (≥ n) draws that many and returns the n of
-        // highest log-probability; equal to n it is n itself.
+        // highest log-probability; equal to n it is n itself (and below n
+        // OpenAI refuses it).
         if let Some(b) = f.u64("best_of")? {
-            if b != 1 && b != common.n as u64 {
+            if b != common.n as u64 {
                 return Err(ApiError::field(
                     "best_of",
                     format!(
-                        "'best_of' other than 1 or n is not supported (got {b}, n = {}): ask for n choices",
+                        "'best_of' other than n is not supported (got {b}, n = {}): ask for n choices",
                         common.n
                     ),
                 ));

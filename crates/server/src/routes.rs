@@ -518,7 +518,7 @@ pub(crate) struct Collected {
 }
 
 pub(crate) async fn collect(
-    first: Event,
+    first: Option<Event>,
     mut rx: UnboundedReceiver<Event>,
 ) -> Result<Collected, ApiError> {
     let mut c = Collected {
@@ -528,7 +528,7 @@ pub(crate) async fn collect(
         usage: Usage::default(),
     };
     let mut align = Aligner::default();
-    let mut ev = Some(first);
+    let mut ev = first;
     loop {
         let e = match ev.take() {
             Some(e) => e,
@@ -619,24 +619,33 @@ fn push_chunk<F: StreamFormat>(out: &mut String, v: &Value) {
     }
 }
 
-/// One choice of a response: its job's first event and the rest to come,
-/// and whether its usage counts the prompt's tokens (see [`add_usage`]).
+/// One choice of a response: its job's first event if already taken (see
+/// [`choices`]) and the rest to come, and whether its usage counts the
+/// prompt's tokens (see [`add_usage`]).
 pub(crate) struct Choice {
-    pub(crate) first: Event,
+    pub(crate) first: Option<Event>,
     pub(crate) rx: UnboundedReceiver<Event>,
     pub(crate) counts_prompt: bool,
 }
 
-/// The response's jobs, queued as one, with each one's first event: an
-/// error before any token becomes the HTTP error. `counts_prompt(i)`:
-/// whether job i's prompt tokens count in the usage.
+/// The response's jobs, queued as one. The first one's first event is
+/// awaited, so that an error before any token (a grammar that fails, a
+/// prompt the scheduler refuses) becomes the HTTP error; the others' come
+/// with the rest, since a choice beyond `--parallel` starts only when
+/// another ends, and awaiting it held a stream's first byte back until
+/// then. `counts_prompt(i)`: whether job i's prompt tokens count in the
+/// usage.
 pub(crate) async fn choices(
     rxs: Vec<UnboundedReceiver<Event>>,
     counts_prompt: impl Fn(usize) -> bool,
 ) -> Result<Vec<Choice>, ApiError> {
     let mut out = Vec::with_capacity(rxs.len());
     for (i, mut rx) in rxs.into_iter().enumerate() {
-        let first = first_event(&mut rx).await?;
+        let first = if i == 0 {
+            Some(first_event(&mut rx).await?)
+        } else {
+            None
+        };
         out.push(Choice {
             first,
             rx,
@@ -668,7 +677,7 @@ pub(crate) fn stream_response<F: StreamFormat>(choices: Vec<Choice>, mut fmt: F)
             c.rx,
             |mut rx| async move { rx.recv().await.map(|e| (e, rx)) },
         );
-        stream::once(async move { c.first })
+        stream::iter(c.first)
             .chain(rest)
             .map(move |e| (i, Some(e)))
             .chain(stream::once(async move { (i, None) }))
@@ -922,7 +931,7 @@ pub async fn chat(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let req = ChatRequest::parse(&body, app.vocab)?;
-    let prompt = chat_prompt(&app, &req.messages, "messages", "/v1/completions").await?;
+    let prompt = chat_prompt(&app, &req.messages).await?;
     let max_tokens = app.budget(prompt.len(), &req.common, None, "messages")?;
     let n = req.common.n;
     app.fits(1, n)?;
@@ -975,23 +984,28 @@ pub async fn chat(
     ))
 }
 
-/// `messages` rendered with Gemma's chat template and tokenized (special
-/// tokens parsed, as llama-server and `transformers` do); an error names
-/// `field`, and for a vocabulary without the turn tokens, `plain` (the
-/// route to use instead).
-pub(crate) async fn chat_prompt(
-    app: &Arc<App>,
-    messages: &[gemma3_engine::Message],
-    field: &str,
-    plain: &str,
-) -> Result<Vec<u32>, ApiError> {
+/// A refusal where this model's vocabulary has no turn tokens, so no chat
+/// format; `plain` names the route to use instead.
+pub(crate) fn chat_format(app: &App, plain: &str) -> Result<(), ApiError> {
     let sp = app.tok.specials();
     if sp.start_of_turn.is_none() || sp.end_of_turn.is_none() {
         return Err(ApiError::bad_request(format!(
             "this model's vocabulary has no <start_of_turn> / <end_of_turn> tokens, so it has no chat format: use {plain}"
         )));
     }
-    let text = render_chat(messages, true).map_err(|e| ApiError::field(field, e.to_string()))?;
+    Ok(())
+}
+
+/// `messages` rendered with Gemma's chat template and tokenized (special
+/// tokens parsed, as llama-server and `transformers` do); an error names
+/// `messages`.
+async fn chat_prompt(
+    app: &Arc<App>,
+    messages: &[gemma3_engine::Message],
+) -> Result<Vec<u32>, ApiError> {
+    chat_format(app, "/v1/completions")?;
+    let text =
+        render_chat(messages, true).map_err(|e| ApiError::field("messages", e.to_string()))?;
     encode(app, text, false, true).await
 }
 
@@ -1334,20 +1348,27 @@ pub async fn detokenize(
     Ok(json_response(StatusCode::OK, &json!({"content": content})))
 }
 
-pub async fn not_found(req: Request) -> ApiError {
-    ApiError::not_found(format!(
-        "no route for {} {}",
-        req.method(),
-        req.uri().path()
-    ))
+/// `e` in the shape of the API `path` belongs to: Ollama's (`/api/...`)
+/// or OpenAI's.
+fn error_for(path: &str, e: ApiError) -> Response {
+    if path.starts_with("/api/") {
+        crate::ollama::OllamaError(e).into_response()
+    } else {
+        e.into_response()
+    }
 }
 
-pub async fn method_not_allowed(req: Request) -> ApiError {
-    ApiError::method_not_allowed(format!(
-        "method {} is not allowed on {}",
-        req.method(),
-        req.uri().path()
-    ))
+pub async fn not_found(req: Request) -> Response {
+    let path = req.uri().path();
+    let e = ApiError::not_found(format!("no route for {} {path}", req.method()));
+    error_for(path, e)
+}
+
+pub async fn method_not_allowed(req: Request) -> Response {
+    let path = req.uri().path();
+    let e =
+        ApiError::method_not_allowed(format!("method {} is not allowed on {path}", req.method()));
+    error_for(path, e)
 }
 
 /// Constant-time comparison, so the key cannot be guessed byte by byte from timings.
@@ -1370,7 +1391,7 @@ pub async fn auth(State(app): AppState, req: Request, next: Next) -> Response {
             || h(header::HeaderName::from_static("x-api-key"))
                 .is_some_and(|k| same_key(k.trim(), key));
         if !ok {
-            return ApiError::unauthorized().into_response();
+            return error_for(req.uri().path(), ApiError::unauthorized());
         }
     }
     next.run(req).await

@@ -1564,8 +1564,10 @@ fn n_choices() {
     // best_of is n's when equal, refused otherwise.
     let mut b = json!({"prompt": "Hi", "max_tokens": 2, "n": 2, "best_of": 2});
     assert_eq!(post(addr, "/v1/completions", &b).status, 200);
-    b["best_of"] = json!(3);
-    expect_error(&post(addr, "/v1/completions", &b), 400, Some("best_of"));
+    for other in [1, 3] {
+        b["best_of"] = json!(other);
+        expect_error(&post(addr, "/v1/completions", &b), 400, Some("best_of"));
+    }
 }
 
 /// Ollama's routes: newline-delimited JSON streamed by default, whose text
@@ -1638,9 +1640,21 @@ fn ollama_routes() {
     );
     error(
         "/api/chat",
-        &chat(json!({"options": {"bogus": 1}})),
-        "options.bogus",
+        &chat(json!({"options": {"num_predict": "many"}})),
+        "options.num_predict",
     );
+    error(
+        "/api/chat",
+        &chat(json!({"format": {"type": "foo"}})),
+        "format",
+    );
+    error(
+        "/api/chat",
+        &chat(json!({"messages": [{"role": "user", "content": 1}]})),
+        "messages[0].content",
+    );
+    error("/api/chat", &chat(json!({"think": 1})), "think");
+    error("/api/chat", &chat(json!({"logprobs": true})), "logprobs");
     error(
         "/api/chat",
         &chat(json!({"options": {"mirostat": 2}})),
@@ -1653,7 +1667,16 @@ fn ollama_routes() {
         &json!({"prompt": "x", "suffix": "y"}).to_string(),
         "suffix",
     );
-    error("/api/embed", &json!({"input": ""}).to_string(), "input");
+    error(
+        "/api/embed",
+        &json!({"input": ["a", ""]}).to_string(),
+        "input[1]",
+    );
+    error(
+        "/api/embeddings",
+        &json!({"prompt": ["a"]}).to_string(),
+        "prompt",
+    );
     let long = "word ".repeat(600);
     error(
         "/api/embed",
@@ -1664,4 +1687,71 @@ fn ollama_routes() {
     let r = post(addr, "/api/embed", &json!({"input": long}));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["prompt_eval_count"], 512);
+    // Nothing to embed (how clients load a model) is no vectors.
+    let r = post(addr, "/api/embed", &json!({"input": ""}));
+    assert_eq!(r.json()["embeddings"], json!([]), "{}", r.text());
+    // The older route: one vector, not scaled to unit length.
+    let v = post(addr, "/api/embeddings", &json!({"prompt": "hello"})).json();
+    let v: Vec<f64> = (v["embedding"].as_array().unwrap().iter())
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(v.len(), 640);
+    assert!((v.iter().map(|x| x * x).sum::<f64>().sqrt() - 1.0).abs() > 0.01);
+
+    // Unknown options are left out, as Ollama leaves them; resource ones too.
+    let mut b = once.clone();
+    b["options"] = json!({"temperature": 0, "num_predict": 16, "bogus": 1, "num_thread": 64});
+    assert_eq!(
+        post(addr, "/api/chat", &b).json()["message"],
+        whole["message"]
+    );
+    // num_predict beyond the context stops at its end, as in Ollama.
+    b["options"] = json!({"temperature": 0, "num_predict": 100000});
+    let r = post(addr, "/api/chat", &b).json();
+    let (p, e) = (r["prompt_eval_count"].as_u64(), r["eval_count"].as_u64());
+    assert_eq!(p.unwrap() + e.unwrap(), 512, "{r}");
+    assert_eq!(r["done_reason"], "length", "{r}");
+
+    // Ollama's template for Gemma 3, written out by hand from the one its
+    // library publishes: each message a turn of its own (a system message a
+    // user turn), a last assistant message continued. The same text given
+    // raw to /v1/completions (which adds BOS) must give the same reply.
+    let raw = |prompt: &str| {
+        let b = json!({"prompt": prompt, "max_tokens": 12, "temperature": 0});
+        post(addr, "/v1/completions", &b).json()["choices"][0]["text"].clone()
+    };
+    let g = json!({"system": "Answer in French.", "prompt": "Name a colour.", "stream": false,
+        "options": {"temperature": 0, "num_predict": 12}});
+    let r = post(addr, "/api/generate", &g).json();
+    assert_eq!(
+        r["response"],
+        raw("<start_of_turn>user\nAnswer in French.<end_of_turn>\n<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n"),
+        "{r}"
+    );
+    let c = json!({"messages": [{"role": "user", "content": "Name a colour."},
+        {"role": "user", "content": "A warm one."}, {"role": "assistant", "content": "The colour is"}],
+        "stream": false, "options": {"temperature": 0, "num_predict": 12}});
+    let r = post(addr, "/api/chat", &c).json();
+    assert_eq!(
+        r["message"]["content"],
+        raw("<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>user\nA warm one.<end_of_turn>\n<start_of_turn>model\nThe colour is"),
+        "{r}"
+    );
+
+    // The listings, and Ollama's error shape on routes it does not serve.
+    let tags = get(addr, "/api/tags").json();
+    assert_eq!(
+        tags["models"][0]["details"]["quantization_level"], "Q4_K_M",
+        "{tags}"
+    );
+    assert_eq!(
+        get(addr, "/api/ps").json()["models"][0]["context_length"],
+        512
+    );
+    assert_eq!(post(addr, "/api/show", &json!({"model": "x"})).status, 200);
+    assert!(get(addr, "/api/version").json()["version"].is_string());
+    let r = post(addr, "/api/pull", &json!({"model": "llama3"}));
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"].is_string(), "{}", r.text());
+    assert_eq!(get(addr, "/").status, 200);
 }
