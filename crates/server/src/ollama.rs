@@ -13,7 +13,9 @@
 //! (`options.temperature`, `format`).
 
 use crate::error::ApiError;
-use crate::openai::{message_head, parse_common, Common, Fields, MaxTokens, MAX_EMBEDDING_INPUTS};
+use crate::openai::{
+    check_dimensions, message_head, parse_common, Common, Fields, MaxTokens, MAX_EMBEDDING_INPUTS,
+};
 use crate::routes::{
     chat_format, choices, collect, constraint, embed_all, encode, finish_str, json_response,
     prompt_ids, stream_response, App, AppState, GenToken, JsonObject, StreamFormat,
@@ -561,15 +563,7 @@ pub async fn embed(State(app): AppState, body: Result<JsonObject, ApiError>) -> 
     let JsonObject(body) = body?;
     let f = Fields(&body);
     let model = model_name(&f, &app)?;
-    if let Some(d) = f.u64("dimensions")? {
-        if d != app.d_model as u64 {
-            return Err(ApiError::field(
-                "dimensions",
-                format!("this model's embeddings have {} dimensions (they cannot be shortened), got {d}", app.d_model),
-            )
-            .into());
-        }
-    }
+    check_dimensions(&f, app.d_model)?;
     let truncate = f.bool("truncate")?.unwrap_or(true);
     let t0 = std::time::Instant::now();
     let prompts = embed_inputs(&app, &f, "input", truncate).await?;

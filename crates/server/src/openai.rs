@@ -713,6 +713,18 @@ fn token_array_of(name: &str, a: &[Value], vocab: usize) -> Result<Vec<u32>, Api
 /// Most inputs of one `POST /v1/embeddings` (OpenAI's own limit).
 pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 
+/// An embedding request's `dimensions`: absent, or the model's own (the
+/// vectors cannot be shortened).
+pub fn check_dimensions(f: &Fields, dims: usize) -> Result<(), ApiError> {
+    match f.u64("dimensions")? {
+        Some(d) if d != dims as u64 => Err(ApiError::field(
+            "dimensions",
+            format!("this model's embeddings have {dims} dimensions (they cannot be shortened), got {d}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A parsed `POST /v1/embeddings`.
 #[derive(Clone, Debug)]
 pub struct EmbeddingRequest {
@@ -739,14 +751,7 @@ impl EmbeddingRequest {
                 ))
             }
         };
-        if let Some(d) = f.u64("dimensions")? {
-            if d != dims as u64 {
-                return Err(ApiError::field(
-                    "dimensions",
-                    format!("this model's embeddings have {dims} dimensions (they cannot be shortened), got {d}"),
-                ));
-            }
-        }
+        check_dimensions(&f, dims)?;
         Ok(EmbeddingRequest { inputs, base64 })
     }
 }
