@@ -741,12 +741,17 @@ impl<'a> Worker<'a> {
             return false;
         }
         let limit = req.prompt.len() - 1;
-        self.slots.iter().any(|s| {
+        (self.slots.iter().zip(&self.caches)).any(|(s, cache)| {
             let Some(j) = &s.job else { return false };
             let reading = j.next.is_none() && j.pooler.is_none() && s.tokens.len() < j.prompt.len();
             let n = common_prefix(&j.prompt, &req.prompt).min(limit);
             let worth = n >= MIN_PREFIX_REUSE || 2 * n > req.prompt.len();
-            reading && worth && n > s.tokens.len()
+            // Once the read passes n it is at most a chunk beyond: the
+            // sliding-window rings must still hold what a copy at n needs
+            // (with the default chunk they always do), or the wait is for
+            // nothing.
+            let copyable = || cache.holds_prefix(n, n + self.cfg.prefill_chunk - 1);
+            reading && worth && n > s.tokens.len() && copyable()
         })
     }
 
