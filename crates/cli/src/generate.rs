@@ -2,9 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gemma3_engine::{
-    render_chat, GenerateParams, GrammarSpec, Message, Role, SamplingParams, Session,
-};
+use gemma3_engine::{GenerateParams, GrammarSpec, Message, Role, SamplingParams, Session};
 use gemma3_model::Model;
 use gemma3_tokenizer::Tokenizer;
 use std::io::{BufRead, Write};
@@ -68,6 +66,14 @@ pub struct SamplingArgs {
     /// Read the JSON schema from FILE (llama.cpp's -jf).
     #[arg(long, value_name = "FILE", group = "constraint")]
     pub json_schema_file: Option<PathBuf>,
+    /// Render the conversation with this Jinja chat template (Hugging Face's form, as llama.cpp's
+    /// --chat-template-file) instead of the model file's own `tokenizer.chat_template`, or
+    /// Gemma's format where the file has none.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template_file: Option<PathBuf>,
+    /// Print the prompt as the model reads it (after the chat template) to stderr first.
+    #[arg(long)]
+    pub verbose_prompt: bool,
 }
 
 #[derive(Args)]
@@ -312,6 +318,21 @@ impl SamplingArgs {
         }
         Ok((model, tok))
     }
+
+    /// The chat template (see [`gemma3_engine::chat_template`]).
+    fn template(&self, model: &Model, tok: &Tokenizer) -> Result<gemma3_engine::ChatTemplate> {
+        gemma3_engine::chat_template(model, tok, self.chat_template_file.as_deref())
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// `text` tokenized as a prompt (special-token text parsed), shown on
+    /// stderr first with --verbose-prompt.
+    fn prompt_ids(&self, tok: &Tokenizer, text: &str) -> Vec<u32> {
+        if self.verbose_prompt {
+            eprintln!("{text}");
+        }
+        tok.encode(text, false, true)
+    }
 }
 
 fn timing_line(g: &gemma3_engine::Generation) -> String {
@@ -335,14 +356,23 @@ pub fn run(a: RunArgs) -> Result<()> {
     let (model, tok) = a.s.load()?;
     let params = a.s.params(&tok, !a.raw)?;
     let prompt = if a.raw {
+        if a.s.chat_template_file.is_some() {
+            anyhow::bail!(
+                "--chat-template-file has no effect with --raw (no chat template is applied)"
+            );
+        }
+        if a.s.verbose_prompt {
+            eprintln!("{prompt_text}");
+        }
         tok.encode(&prompt_text, true, false)
     } else {
+        let template = a.s.template(&model, &tok)?;
         let mut msgs = Vec::new();
         if let Some(s) = &a.s.system {
             msgs.push(Message::new(Role::System, s.clone()));
         }
         msgs.push(Message::new(Role::User, prompt_text.clone()));
-        tok.encode(&render_chat(&msgs, true)?, false, true)
+        a.s.prompt_ids(&tok, &template.render(&msgs, true)?)
     };
     let mut session = Session::try_new(&model, a.s.ctx_for(&model))?;
     let stdout = std::io::stdout();
@@ -378,6 +408,7 @@ fn note_full_context(g: &gemma3_engine::Generation, params: &GenerateParams, ctx
 
 pub fn chat(a: ChatArgs) -> Result<()> {
     let (model, tok) = a.s.load()?;
+    let template = a.s.template(&model, &tok)?;
     let mut params = a.s.params(&tok, true)?;
     let mut session = Session::try_new(&model, a.s.ctx_for(&model))?;
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -403,7 +434,9 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     if a.s.system.is_some() {
         let mut probe = history.clone();
         probe.push(Message::new(Role::User, ""));
-        let floor = tok.encode(&render_chat(&probe, true)?, false, true).len();
+        let floor = tok
+            .encode(&template.render(&probe, true)?, false, true)
+            .len();
         if floor >= session.ctx() {
             anyhow::bail!(
                 "--system takes {floor} tokens with the chat template, more than the context of {} can hold with room for a message and a reply: shorten it, or use a larger --ctx",
@@ -438,7 +471,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         history.push(Message::new(Role::User, line));
-        let prompt = tok.encode(&render_chat(&history, true)?, false, true);
+        let prompt = a.s.prompt_ids(&tok, &template.render(&history, true)?);
         if prompt.len() >= session.ctx() {
             if history.len() == system_len + 1 {
                 // Nothing to drop by /reset: this message alone (with the system text) is too long.

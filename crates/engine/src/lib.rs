@@ -14,7 +14,7 @@ pub mod scheduler;
 pub mod session;
 pub mod stop;
 
-pub use chat::{render_chat, ChatError, Message, Role};
+pub use chat::{render_chat, ChatError, ChatTemplate, Message, Role};
 pub use embed::Pooling;
 pub use grammar::{Constraint, GrammarError, GrammarSpec, Grammars};
 pub use sampler::{Sampler, SamplingParams, ALL_HISTORY};
@@ -34,6 +34,33 @@ pub fn encode_prompt(tok: &Tokenizer, text: &str) -> Vec<u32> {
         ids.remove(0);
     }
     ids
+}
+
+/// The chat template to render conversations with: `file`'s Jinja template
+/// if given (`--chat-template-file`), else the model file's own
+/// `tokenizer.chat_template` (a fine-tune's, as Hugging Face's converter
+/// writes it), else Gemma's format. An error says which template failed.
+pub fn chat_template(
+    model: &gemma3_model::Model,
+    tok: &Tokenizer,
+    file: Option<&std::path::Path>,
+) -> Result<ChatTemplate, String> {
+    let piece = |id: u32| {
+        let b = tok.token_to_piece(id, true).unwrap_or(&[]);
+        String::from_utf8_lossy(b).into_owned()
+    };
+    let (bos, eos) = (piece(tok.specials().bos), piece(tok.specials().eos));
+    if let Some(f) = file {
+        let source = std::fs::read_to_string(f)
+            .map_err(|e| format!("reading the chat template {}: {e}", f.display()))?;
+        return ChatTemplate::jinja(&source, &bos, &eos)
+            .map_err(|e| format!("{}: {e}", f.display()));
+    }
+    match model.file.get_str("tokenizer.chat_template") {
+        Ok(source) => ChatTemplate::jinja(source, &bos, &eos)
+            .map_err(|e| format!("the model file's tokenizer.chat_template: {e}")),
+        Err(_) => Ok(ChatTemplate::gemma()),
+    }
 }
 
 /// Open a model file and build its tokenizer, interleaving the output head

@@ -138,6 +138,11 @@ pub struct ServeArgs {
     /// llama-server's --pooling mean), last or cls.
     #[arg(long, default_value = "mean", value_parser = str::parse::<Pooling>)]
     pub pooling: Pooling,
+    /// Render chat messages with this Jinja chat template (Hugging Face's form, as llama-server's
+    /// --chat-template-file) instead of the model file's own `tokenizer.chat_template`, or
+    /// Gemma's format where the file has none. It applies to Ollama's /api/chat too.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template_file: Option<PathBuf>,
 }
 
 /// Everything needed to start a server (the model path already resolved).
@@ -152,6 +157,8 @@ pub struct ServerConfig {
     pub queue: usize,
     pub prompt_chunk: usize,
     pub pooling: Pooling,
+    /// See [`ServeArgs::chat_template_file`].
+    pub chat_template_file: Option<PathBuf>,
     pub api_key: Option<String>,
     /// After a shutdown signal: how long in-flight requests may run before
     /// they are cancelled.
@@ -173,6 +180,7 @@ impl ServerConfig {
             queue: 64,
             prompt_chunk: 128,
             pooling: Pooling::Mean,
+            chat_template_file: None,
             api_key: None,
             shutdown_grace: Duration::from_secs(10),
             header_timeout: HEADER_TIMEOUT,
@@ -189,6 +197,7 @@ impl ServerConfig {
             queue: a.queue,
             prompt_chunk: a.prompt_chunk,
             pooling: a.pooling,
+            chat_template_file: a.chat_template_file,
             api_key: a.api_key,
             ..Self::new(model_path)
         }
@@ -229,6 +238,13 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
     }
     let (model, tok) =
         gemma3_engine::load(path).with_context(|| format!("loading {}", path.display()))?;
+    let chat = gemma3_engine::chat_template(&model, &tok, cfg.chat_template_file.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    // Ollama's routes render Gemma's conversations with Ollama's own Gemma 3
+    // template, unless a template was given or the file's is not Gemma's.
+    let ollama_gemma = cfg.chat_template_file.is_none()
+        && (model.file.get_str("tokenizer.chat_template"))
+            .map_or(true, |t| t.contains("<start_of_turn>"));
     let tok = Arc::new(tok);
     if cfg.ctx > model.config.ctx_len {
         bail!(
@@ -315,6 +331,8 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         pooling: cfg.pooling,
         grammars: Default::default(),
         info,
+        chat,
+        ollama_gemma,
     });
     Ok(Loaded {
         app,

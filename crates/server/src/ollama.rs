@@ -378,11 +378,17 @@ fn ollama_template(messages: &[Message]) -> String {
     out
 }
 
-/// `messages` in [`ollama_template`], tokenized with special-token text
-/// parsed (as Ollama does).
+/// `messages` in [`ollama_template`] (or, for a model or a
+/// `--chat-template-file` whose template is not Gemma's, in that template),
+/// tokenized with special-token text parsed (as Ollama does).
 async fn templated(app: &Arc<App>, messages: &[Message]) -> Result<Vec<u32>, ApiError> {
-    chat_format(app, "/api/generate with 'raw': true")?;
-    encode(app, ollama_template(messages), false, true).await
+    let text = if app.ollama_gemma {
+        chat_format(app, "/api/generate with 'raw': true")?;
+        ollama_template(messages)
+    } else {
+        (app.chat.render(messages, true)).map_err(|e| ApiError::field("messages", e.to_string()))?
+    };
+    encode(app, text, false, true).await
 }
 
 /// A request without messages (or prompt) only loads the model, or with

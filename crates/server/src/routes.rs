@@ -18,7 +18,7 @@ use gemma3_engine::embed::normalize_l2;
 use gemma3_engine::scheduler::{
     Event, EventSink, Request as EngineRequest, Scheduler, SubmitError, Usage,
 };
-use gemma3_engine::{render_chat, Constraint, FinishReason, GenerateParams, Grammars, Pooling};
+use gemma3_engine::{Constraint, FinishReason, GenerateParams, Grammars, Pooling};
 use gemma3_tokenizer::Tokenizer;
 use serde_json::{json, Map, Value};
 use std::convert::Infallible;
@@ -54,6 +54,12 @@ pub struct App {
     pub grammars: std::sync::OnceLock<Result<Grammars, String>>,
     /// What Ollama's `/api/tags` and `/api/show` say of the model.
     pub info: ModelInfo,
+    /// How chat messages become the prompt (`--chat-template-file`, the
+    /// file's own template, or Gemma's format).
+    pub chat: gemma3_engine::ChatTemplate,
+    /// Whether Ollama's routes render with Ollama's Gemma 3 template (no
+    /// template given, and the file's, if any, is Gemma's) rather than `chat`.
+    pub ollama_gemma: bool,
 }
 
 /// The model file and its size, for Ollama's listings.
@@ -996,16 +1002,18 @@ pub(crate) fn chat_format(app: &App, plain: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `messages` rendered with Gemma's chat template and tokenized (special
+/// `messages` rendered with the chat template and tokenized (special
 /// tokens parsed, as llama-server and `transformers` do); an error names
 /// `messages`.
 async fn chat_prompt(
     app: &Arc<App>,
     messages: &[gemma3_engine::Message],
 ) -> Result<Vec<u32>, ApiError> {
-    chat_format(app, "/v1/completions")?;
-    let text =
-        render_chat(messages, true).map_err(|e| ApiError::field("messages", e.to_string()))?;
+    if app.chat.is_gemma() {
+        chat_format(app, "/v1/completions")?;
+    }
+    let text = (app.chat.render(messages, true))
+        .map_err(|e| ApiError::field("messages", e.to_string()))?;
     encode(app, text, false, true).await
 }
 

@@ -1755,3 +1755,73 @@ fn ollama_routes() {
     assert!(r.json()["error"].is_string(), "{}", r.text());
     assert_eq!(get(addr, "/").status, 200);
 }
+
+/// `--chat-template-file`: a fine-tune's Jinja template renders the chat
+/// (both APIs), as Python's jinja2 renders it (the engine's golden text):
+/// the reply is the one to that text's tokens given as a raw prompt.
+#[test]
+fn chat_template_file_renders_chats() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/data");
+    let mut cfg = config(model, 2, 512);
+    cfg.chat_template_file = Some(data.join("chatml_chat_template.jinja"));
+    let server = start(cfg);
+    let addr = server.addr;
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("chat_templates.json")).unwrap())
+            .unwrap();
+    let case = (golden["cases"].as_array().unwrap().iter())
+        .find(|c| {
+            c["template"] == "chatml_chat_template.jinja"
+                && c["label"] == "three turns"
+                && c["add_generation_prompt"] == true
+        })
+        .unwrap();
+    let ids = post(
+        addr,
+        "/tokenize",
+        &json!({"content": case["text"], "add_special": false, "parse_special": true}),
+    )
+    .json()["tokens"]
+        .clone();
+    let want = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": ids, "max_tokens": 8, "temperature": 0}),
+    )
+    .json();
+    let chat = post(
+        addr,
+        "/v1/chat/completions",
+        &json!({"messages": case["messages"], "max_tokens": 8, "temperature": 0}),
+    )
+    .json();
+    assert_eq!(
+        chat["usage"]["prompt_tokens"],
+        ids.as_array().unwrap().len(),
+        "{chat}"
+    );
+    assert_eq!(
+        chat["choices"][0]["message"]["content"], want["choices"][0]["text"],
+        "{chat}"
+    );
+    let ollama = post(
+        addr,
+        "/api/chat",
+        &json!({"messages": case["messages"], "stream": false,
+            "options": {"num_predict": 8, "temperature": 0}}),
+    )
+    .json();
+    assert_eq!(
+        ollama["message"]["content"], want["choices"][0]["text"],
+        "{ollama}"
+    );
+    // A conversation the template refuses is a 400 naming messages (this
+    // one has no refusal: an empty list is refused before it).
+    expect_error(
+        &post(addr, "/v1/chat/completions", &json!({"messages": []})),
+        400,
+        Some("messages"),
+    );
+}

@@ -1,0 +1,102 @@
+//! Chat templates against Python's jinja2: `tests/data/chat_templates.json`
+//! holds each template's rendering of a few conversations by jinja2, set up
+//! as transformers sets it up (`scripts/jinja_chat_reference.py`). Our
+//! minijinja rendering of the same template files must give the same text
+//! (or refuse where the template raised), and Gemma's built-in rendering
+//! must give the text of Gemma's own template.
+
+use gemma3_engine::{render_chat, ChatError, ChatTemplate, Message, Role};
+use serde_json::Value;
+
+fn data(name: &str) -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn messages(v: &Value) -> Vec<Message> {
+    (v.as_array().unwrap().iter())
+        .map(|m| {
+            let role = Role::parse(m["role"].as_str().unwrap()).unwrap();
+            Message::new(role, m["content"].as_str().unwrap())
+        })
+        .collect()
+}
+
+fn cases() -> Vec<Value> {
+    let v: Value = serde_json::from_str(&data("chat_templates.json")).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+#[test]
+fn jinja_templates_render_as_jinja2_does() {
+    let mut checked = 0;
+    for c in cases() {
+        let name = c["template"].as_str().unwrap();
+        let t = ChatTemplate::jinja(&data(name), "<bos>", "<eos>").unwrap();
+        let got = t.render(
+            &messages(&c["messages"]),
+            c["add_generation_prompt"].as_bool().unwrap(),
+        );
+        let what = format!(
+            "{name}, {}, generation prompt {}",
+            c["label"], c["add_generation_prompt"]
+        );
+        match (&got, c["text"].as_str(), c["error"].as_str()) {
+            (Ok(text), Some(want), _) => assert_eq!(text, want, "{what}"),
+            (Err(ChatError::Refused(msg)), None, Some(want)) => assert_eq!(msg, want, "{what}"),
+            _ => panic!("{what}: got {got:?}, jinja2 gave {c}"),
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 36);
+}
+
+#[test]
+fn gemma_builtin_is_gemmas_own_template() {
+    for c in cases()
+        .iter()
+        .filter(|c| c["template"] == "gemma3_chat_template.jinja")
+    {
+        let got = render_chat(
+            &messages(&c["messages"]),
+            c["add_generation_prompt"].as_bool().unwrap(),
+        );
+        match (c["text"].as_str(), got) {
+            (Some(want), Ok(text)) => assert_eq!(text, want, "{}", c["label"]),
+            (None, Err(ChatError::NotAlternating { .. })) => {}
+            (_, got) => panic!("{}: got {got:?}, jinja2 gave {c}", c["label"]),
+        }
+    }
+}
+
+#[test]
+fn bad_templates_are_errors_that_say_why() {
+    let e = ChatTemplate::jinja("{% for m in messages %}{{ m.content }}", "<bos>", "<eos>");
+    let msg = e
+        .err()
+        .expect("an unclosed block must not compile")
+        .to_string();
+    assert!(
+        msg.starts_with("chat template:") && msg.contains("chat template:1"),
+        "{msg}"
+    );
+    // A failure while rendering (an unknown function) is an error too.
+    let t = ChatTemplate::jinja("{{ nope() }}", "<bos>", "<eos>").unwrap();
+    let e = t
+        .render(&[Message::new(Role::User, "x")], true)
+        .unwrap_err();
+    assert!(matches!(e, ChatError::Template(_)), "{e:?}");
+    // Python's string methods, as transformers' templates use them.
+    let t = ChatTemplate::jinja(
+        "{{ messages[0].content.strip().upper() }}",
+        "<bos>",
+        "<eos>",
+    )
+    .unwrap();
+    assert_eq!(
+        t.render(&[Message::new(Role::User, " hi ")], true).unwrap(),
+        "HI"
+    );
+}
