@@ -181,6 +181,20 @@ def main():
 
     check("n choices (stream and not)", n_choices)
 
+    def prompt_scores():
+        # What lm-evaluation-harness's local-completions asks for a
+        # log-likelihood: the prompt's tokens scored, one token generated.
+        ids = [2, 818, 5279, 529, 7001, 563]
+        r = client.completions.create(model=model, prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0)
+        lp = r.choices[0].logprobs
+        assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None, lp
+        assert all(x < 0 for x in lp.token_logprobs[1:]), lp.token_logprobs
+        r0 = client.completions.create(model=model, prompt=ids, echo=True, logprobs=1, max_tokens=0)
+        assert r0.choices[0].logprobs.token_logprobs == lp.token_logprobs[:-1], r0
+        assert r0.usage.completion_tokens == 0, r0.usage
+
+    check("echo + logprobs: the prompt scored", prompt_scores)
+
     bad = openai.BadRequestError
     check("400 temperature", lambda: expect_error(bad, 400, "temperature", lambda: client.chat.completions.create(model=model, messages=messages, temperature=1e9)))
     check("400 top_p", lambda: expect_error(bad, 400, "top_p", lambda: client.chat.completions.create(model=model, messages=messages, top_p=5)))

@@ -105,7 +105,24 @@ pub struct Request {
     /// whole prompt is evaluated (no prefix is reused: every position's
     /// hidden state may be needed), so it may fill the context.
     pub embed: Option<Pooling>,
+    /// `Some(k)`: before any token, one [`Event::Prompt`] with each prompt
+    /// token's log-probability given the tokens before it and the `k` most
+    /// likely alternatives there (what OpenAI's `echo` with `logprobs`
+    /// reports, and what scoring a continuation needs). Every prompt
+    /// position's logits are computed (no prefix is reused), and
+    /// `max_tokens` may be 0: the prompt is read, scored, and the job ends.
+    pub prompt_logprobs: Option<usize>,
     pub events: Box<dyn EventSink>,
+}
+
+/// A prompt token as [`Event::Prompt`] reports it: its log-probability
+/// under the model given the tokens before it (None for the first), and the
+/// most likely tokens there, (id, logprob), most likely first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptToken {
+    pub id: u32,
+    pub logprob: Option<f32>,
+    pub top_logprobs: Vec<(u32, f32)>,
 }
 
 /// What a request hears back, in order: `Token`s, then one `Done` or `Error`.
@@ -133,6 +150,9 @@ pub enum Event {
         text: String,
         usage: Usage,
     },
+    /// The prompt's tokens scored (see [`Request::prompt_logprobs`]), once
+    /// it is read, before any `Token`.
+    Prompt(Vec<PromptToken>),
     /// The end of an embedding request: the pooled vector (`d_model` floats,
     /// not normalized).
     Embedding {
@@ -393,6 +413,10 @@ struct Job<'a> {
     order: u64,
     /// An embedding job's pooling of its prompt's hidden states.
     pooler: Option<Pooler>,
+    /// See [`Request::prompt_logprobs`]: k, and the prompt's tokens scored
+    /// so far (the first, unscored, included).
+    prompt_logprobs: Option<usize>,
+    scored: Vec<PromptToken>,
     usage: Usage,
     t_admit: Instant,
     t_first: Option<Instant>,
@@ -687,7 +711,7 @@ impl<'a> Worker<'a> {
                 queue_time: now.duration_since(t_submit),
                 ..Usage::default()
             };
-            if req.params.max_tokens == 0 && req.embed.is_none() {
+            if req.params.max_tokens == 0 && req.embed.is_none() && req.prompt_logprobs.is_none() {
                 let done = Event::Done {
                     finish: FinishReason::Length,
                     text: String::new(),
@@ -696,7 +720,9 @@ impl<'a> Worker<'a> {
                 self.end_waiting(req, done);
                 continue;
             }
-            let (i, kept) = self.place(&req.prompt, req.embed.is_none());
+            // (Reused positions would have no logits to score.)
+            let reuse = req.embed.is_none() && req.prompt_logprobs.is_none();
+            let (i, kept) = self.place(&req.prompt, reuse);
             usage.cached_tokens = kept;
             self.shared
                 .prompt_tokens
@@ -723,6 +749,8 @@ impl<'a> Worker<'a> {
                 next: None,
                 order: self.admitted,
                 pooler: (req.embed).map(|p| Pooler::new(p, self.model.config.d_model)),
+                prompt_logprobs: req.prompt_logprobs,
+                scored: Vec::new(),
                 usage,
                 t_admit: now,
                 t_first: None,
@@ -737,7 +765,7 @@ impl<'a> Worker<'a> {
     /// tokens again side by side (the `n` choices of one prompt, or clients
     /// sharing a long system prompt or few-shot examples arriving together).
     fn awaits_shared_read(&self, req: &Request) -> bool {
-        if req.embed.is_some() || req.prompt.len() < 2 {
+        if req.embed.is_some() || req.prompt_logprobs.is_some() || req.prompt.len() < 2 {
             return false;
         }
         let limit = req.prompt.len() - 1;
@@ -832,7 +860,7 @@ impl<'a> Worker<'a> {
             for p in done..done + n {
                 let out = match &job.pooler {
                     Some(pooler) => pooler.pooling().output_at(p, len),
-                    None if p + 1 == len => Output::Logits,
+                    None if p + 1 == len || job.prompt_logprobs.is_some() => Output::Logits,
                     None => Output::None,
                 };
                 self.batch.push_out(job.prompt[p], p, i, out);
@@ -843,14 +871,26 @@ impl<'a> Worker<'a> {
         if self.batch.is_empty() {
             return;
         }
-        // Row r of the logits belongs to slot row_of[..] == Some(r).
+        // Row r of the logits is sampled for slot row_of[..] == Some(r) (a
+        // generated token's, or a prompt's last one, where the job goes on
+        // to generate); a scoring job's other prompt rows are scored_rows
+        // (slot, position, row).
         let mut row_of: Vec<Option<usize>> = vec![None; self.slots.len()];
+        let mut scored_rows: Vec<(usize, usize, usize)> = Vec::new();
         let mut rows = 0;
         for k in 0..self.batch.len() {
-            if self.batch.out[k] == Output::Logits {
-                row_of[self.batch.seq[k]] = Some(rows);
-                rows += 1;
+            if self.batch.out[k] != Output::Logits {
+                continue;
             }
+            let (i, p) = (self.batch.seq[k], self.batch.pos[k]);
+            let job = self.slots[i].job.as_ref();
+            let prompt_len = job.map_or(0, |j| j.prompt.len());
+            if job.is_some_and(|j| j.prompt_logprobs.is_some()) && p + 1 < prompt_len {
+                scored_rows.push((i, p, rows));
+            } else if job.is_some_and(|j| j.max_tokens > 0) {
+                row_of[i] = Some(rows);
+            }
+            rows += 1;
         }
 
         let logits = match self
@@ -885,8 +925,34 @@ impl<'a> Worker<'a> {
             }
         }
 
-        // Sample every sequence from its own row, in parallel.
         let vocab = self.model.config.vocab_size;
+        // Score the scoring jobs' prompt tokens: row r at position p gives
+        // the log-probability of the prompt's token p + 1.
+        let tasks: Vec<(usize, u32, usize, usize)> = (scored_rows.iter())
+            .filter_map(|&(i, p, r)| {
+                let job = self.slots[i].job.as_ref()?;
+                Some((i, job.prompt[p + 1], job.prompt_logprobs?, r))
+            })
+            .collect();
+        let scored: Vec<(usize, PromptToken)> = tasks
+            .par_iter()
+            .map(|&(i, id, k, r)| {
+                let row = &logits[r * vocab..(r + 1) * vocab];
+                let lse = logsumexp(row);
+                let logprob = Some(row[id as usize] - lse);
+                let top_logprobs = top_logprobs(row, k, lse);
+                (
+                    i,
+                    PromptToken {
+                        id,
+                        logprob,
+                        top_logprobs,
+                    },
+                )
+            })
+            .collect();
+
+        // Sample every sequence from its own row, in parallel.
         let picks: Vec<(usize, Result<Pick, RequestError>)> = self
             .slots
             .par_iter_mut()
@@ -897,6 +963,8 @@ impl<'a> Worker<'a> {
                 Some((i, job.pick(&logits[r * vocab..(r + 1) * vocab])))
             })
             .collect();
+
+        self.take_scores(scored, &chunks);
 
         let mut generated = 0u32;
         let ctx = self.cfg.ctx;
@@ -955,6 +1023,53 @@ impl<'a> Worker<'a> {
 }
 
 impl Worker<'_> {
+    /// After a step: add the scoring jobs' newly scored prompt tokens, and
+    /// for each of `chunks` whose prompt is now read send its
+    /// [`Event::Prompt`] (before any token); a job that asked for no tokens
+    /// then ends.
+    fn take_scores(&mut self, scored: Vec<(usize, PromptToken)>, chunks: &[(usize, usize)]) {
+        let first = |job: &Job| PromptToken {
+            id: job.prompt[0],
+            logprob: None,
+            top_logprobs: Vec::new(),
+        };
+        for (i, t) in scored {
+            if let Some(job) = self.slots[i].job.as_mut() {
+                if job.scored.is_empty() {
+                    job.scored.push(first(job));
+                }
+                job.scored.push(t);
+            }
+        }
+        for &(i, _) in chunks {
+            let s = &mut self.slots[i];
+            let Some(job) = s.job.as_mut() else { continue };
+            if job.prompt_logprobs.is_none() || s.tokens.len() < job.prompt.len() {
+                continue;
+            }
+            if job.scored.is_empty() {
+                // A prompt of one token: nothing before it to score it by.
+                job.scored.push(first(job));
+            }
+            let tokens = std::mem::take(&mut job.scored);
+            if !job.events.send(Event::Prompt(tokens)) {
+                s.job = None;
+                self.release(i);
+                continue;
+            }
+            if job.max_tokens == 0 {
+                self.end_slot(i, |job| {
+                    job.usage.prompt_time = job.t_admit.elapsed();
+                    Event::Done {
+                        finish: FinishReason::Length,
+                        text: String::new(),
+                        usage: std::mem::take(&mut job.usage),
+                    }
+                });
+            }
+        }
+    }
+
     /// After a step: pool the hidden states it computed for embedding jobs
     /// (row h of [`ForwardState::hidden`] is the batch's h-th token with an
     /// output), and end each such job of `chunks` whose prompt is now read

@@ -168,6 +168,7 @@ fn non_finite_logits_end_with_an_error() {
                 params: params.clone(),
                 logprobs: None,
                 embed,
+                prompt_logprobs: None,
                 events: Box::new(move |ev: Event| tx.send(ev).is_ok()),
             })
             .unwrap();
@@ -257,6 +258,7 @@ fn a_request_has_left_the_queue_when_its_last_event_arrives() {
                 params,
                 logprobs: None,
                 embed: None,
+                prompt_logprobs: None,
                 events: Box::new(move |ev: Event| {
                     if matches!(ev, Event::Token { .. }) {
                         return true;
@@ -361,6 +363,7 @@ fn scheduler_embeddings_equal_the_session_s() {
             params: greedy.clone(),
             logprobs: None,
             embed: None,
+            prompt_logprobs: None,
             events: Box::new(move |ev: Event| gen_tx.send((usize::MAX, ev)).is_ok()),
         }];
         for (i, t) in texts.iter().enumerate() {
@@ -370,6 +373,7 @@ fn scheduler_embeddings_equal_the_session_s() {
                 params: greedy.clone(),
                 logprobs: None,
                 embed: Some(*p),
+                prompt_logprobs: None,
                 events: Box::new(move |ev: Event| tx.send((i, ev)).is_ok()),
             });
         }
@@ -444,6 +448,7 @@ fn a_cancelled_embedding_frees_its_place() {
             params: greedy.clone(),
             logprobs: None,
             embed: Some(Pooling::Mean),
+            prompt_logprobs: None,
             events: Box::new(Gone {
                 closed: closed.clone(),
                 sent: sent.clone(),
@@ -466,6 +471,7 @@ fn a_cancelled_embedding_frees_its_place() {
             params: greedy,
             logprobs: None,
             embed: None,
+            prompt_logprobs: None,
             events: Box::new(move |ev: Event| tx.send(ev).is_ok()),
         })
         .unwrap();

@@ -35,8 +35,8 @@
 //!   choice each, or `n` each, prompt i's at `i·n + j`, run side by side,
 //!   admitted all together or refused with a 429; token counts summed over
 //!   them, times the longest); the same fields, plus `echo`, `best_of` (only
-//!   as `n`) and `logprobs` (an int, completions-style; not together with
-//!   `echo`).
+//!   as `n`) and `logprobs` (an int, completions-style; with `echo`, the
+//!   prompt's tokens scored too, `max_tokens` 0 allowed, not streamed).
 //! - `POST /v1/embeddings`: `input` as text (tokenized as a completion's
 //!   prompt), token ids, or a list of up to 2048 of either; `encoding_format`
 //!   `float` or `base64`; `dimensions` only as the model's 640. Each vector is

@@ -333,7 +333,7 @@ async fn reply(
     let max_tokens = app.budget(prompt.len(), &common, None, field)?;
     let constraint = constraint(app, &common).await?;
     let params = app.params(&common, max_tokens, constraint, 0);
-    let rxs = app.submit_many(vec![(prompt, params)], None)?;
+    let rxs = app.submit_many(vec![(prompt, params)], None, None)?;
     let mut choices = choices(rxs, |_| true).await?;
     if common.stream {
         return Ok(stream_response(choices, shape));

@@ -157,7 +157,8 @@ pub enum MaxTokens {
     /// accepted as `max_tokens: -1`).
     Unlimited,
     /// At least 1 (any count, however large: one beyond the context is the
-    /// caller's error, not "unlimited").
+    /// caller's error, not "unlimited"); 0 only for a completion with
+    /// `echo` (the prompt scored, nothing generated).
     Count(u64),
 }
 
@@ -764,7 +765,27 @@ impl CompletionRequest {
         if f.str("suffix")?.is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::field("suffix", "'suffix' is not supported"));
         }
-        let common = parse_common(&f, &["max_tokens", "n_predict"], vocab)?;
+        let echo = f.bool("echo")?.unwrap_or(false);
+        // With echo, max_tokens may be 0 (OpenAI's way to score a prompt:
+        // its tokens' log-probabilities, nothing generated).
+        let zero = ["max_tokens", "n_predict"]
+            .into_iter()
+            .find(|k| f.get(k).is_some_and(|v| v.as_u64() == Some(0)));
+        let common = match zero {
+            Some(k) if echo => {
+                let mut rest = obj.clone();
+                rest.remove(k);
+                let mut c = parse_common(&Fields(&rest), &["max_tokens", "n_predict"], vocab)?;
+                c.max_tokens = MaxTokens::Count(0);
+                c.max_tokens_key = if k == "max_tokens" {
+                    "max_tokens"
+                } else {
+                    "n_predict"
+                };
+                c
+            }
+            _ => parse_common(&f, &["max_tokens", "n_predict"], vocab)?,
+        };
         // OpenAI's best_of (≥ n) draws that many and returns the n of
         // highest log-probability; equal to n it is n itself (and below n
         // OpenAI refuses it).
@@ -779,7 +800,6 @@ impl CompletionRequest {
                 ));
             }
         }
-        let echo = f.bool("echo")?.unwrap_or(false);
         let logprobs = match f.u64("logprobs")? {
             Some(k) if k > MAX_TOP_LOGPROBS => {
                 return Err(ApiError::field(
@@ -789,10 +809,10 @@ impl CompletionRequest {
             }
             k => k.map(|k| k as usize),
         };
-        if echo && logprobs.is_some() {
+        if echo && logprobs.is_some() && common.stream {
             return Err(ApiError::field(
-                "logprobs",
-                "'logprobs' together with 'echo' (log-probabilities of the prompt) is not supported",
+                "stream",
+                "'echo' with 'logprobs' (the prompt's log-probabilities) is not streamed: leave 'stream' out",
             ));
         }
         Ok(CompletionRequest {

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use gemma3_engine::embed::normalize_l2;
 use gemma3_engine::scheduler::{
-    Event, EventSink, Request as EngineRequest, Scheduler, SubmitError, Usage,
+    Event, EventSink, PromptToken, Request as EngineRequest, Scheduler, SubmitError, Usage,
 };
 use gemma3_engine::{Constraint, FinishReason, GenerateParams, Grammars, Pooling};
 use gemma3_tokenizer::Tokenizer;
@@ -182,15 +182,18 @@ impl App {
     /// Queue several jobs as one (see [`Scheduler::submit_many`]): each
     /// one's events arrive on its receiver, in order. Dropping a receiver
     /// (the client went away) makes the scheduler drop that job.
+    /// `logprobs`: the generated tokens' (with k alternatives);
+    /// `prompt_logprobs`: the prompt's (see [`EngineRequest::prompt_logprobs`]).
     pub(crate) fn submit_many(
         &self,
         jobs: Vec<(Vec<u32>, GenerateParams)>,
         logprobs: Option<usize>,
+        prompt_logprobs: Option<usize>,
     ) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
         let jobs = jobs
             .into_iter()
             .map(|(prompt, params)| (prompt, params, None));
-        Ok(self.queue(jobs, logprobs)?)
+        Ok(self.queue(jobs, logprobs, prompt_logprobs)?)
     }
 
     /// Queue embedding jobs as one: each prompt's pooled vector arrives on its
@@ -202,13 +205,14 @@ impl App {
         // (Unused by an embedding job.)
         let params = GenerateParams::greedy(0);
         let jobs = (prompts.into_iter()).map(|p| (p, params.clone(), Some(self.pooling)));
-        self.queue(jobs, None)
+        self.queue(jobs, None, None)
     }
 
     fn queue(
         &self,
         jobs: impl Iterator<Item = (Vec<u32>, GenerateParams, Option<Pooling>)>,
         logprobs: Option<usize>,
+        prompt_logprobs: Option<usize>,
     ) -> Result<Vec<UnboundedReceiver<Event>>, SubmitError> {
         let (reqs, rxs): (Vec<_>, Vec<_>) = jobs
             .map(|(prompt, params, embed)| {
@@ -218,6 +222,7 @@ impl App {
                     params,
                     logprobs,
                     embed,
+                    prompt_logprobs,
                     events: Box::new(Sink(tx)),
                 };
                 (req, rx)
@@ -502,15 +507,30 @@ impl Aligner {
     }
 }
 
-/// Completions-style `logprobs` for `tokens`. (Their text offsets count
-/// the generated text only: `echo` with `logprobs` is refused.)
-fn completion_logprobs(app: &App, tokens: &[GenToken]) -> Value {
+/// Completions-style `logprobs` for `tokens`, after the scored `prompt`
+/// tokens where `echo` asked for them (the first prompt token's
+/// log-probability and alternatives null, as OpenAI gives them). Text
+/// offsets count characters of the reply's text: the echoed prompt (in which
+/// special tokens such as `<bos>` have no text), then the generated text.
+fn completion_logprobs(app: &App, prompt: &[PromptToken], tokens: &[GenToken]) -> Value {
     let (mut toks, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
+    let mut at = 0;
+    for t in prompt {
+        toks.push(app.piece(t.id).0);
+        lps.push(json!(t.logprob));
+        tops.push(match t.logprob {
+            None => Value::Null,
+            Some(_) => app.top_map(&t.top_logprobs),
+        });
+        offs.push(at);
+        let text = app.tok.token_to_piece(t.id, false).unwrap_or(&[]);
+        at += String::from_utf8_lossy(text).chars().count();
+    }
     for t in tokens {
         toks.push(app.piece(t.id).0);
         lps.push(json!(t.logprob));
         tops.push(app.top_map(&t.top));
-        offs.push(t.offset);
+        offs.push(at + t.offset);
     }
     json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
 }
@@ -518,6 +538,8 @@ fn completion_logprobs(app: &App, tokens: &[GenToken]) -> Value {
 /// Everything a finished request produced.
 pub(crate) struct Collected {
     pub(crate) text: String,
+    /// The prompt's tokens scored, where asked for.
+    pub(crate) prompt: Vec<PromptToken>,
     pub(crate) tokens: Vec<GenToken>,
     pub(crate) finish: FinishReason,
     pub(crate) usage: Usage,
@@ -529,6 +551,7 @@ pub(crate) async fn collect(
 ) -> Result<Collected, ApiError> {
     let mut c = Collected {
         text: String::new(),
+        prompt: Vec::new(),
         tokens: Vec::new(),
         finish: FinishReason::Stop,
         usage: Usage::default(),
@@ -566,6 +589,7 @@ pub(crate) async fn collect(
                 c.usage = usage;
                 return Ok(c);
             }
+            Event::Prompt(p) => c.prompt = p,
             Event::Error(e) => return Err(e.into()),
             Event::Embedding { .. } => return Err(unexpected_embedding()),
         }
@@ -766,6 +790,8 @@ pub(crate) fn stream_response<F: StreamFormat>(choices: Vec<Choice>, mut fmt: F)
                     push_chunk::<F>(&mut out, &st.fmt.error(&unexpected_embedding()));
                     break;
                 }
+                // (Streams do not ask for the prompt's scores.)
+                Some(Event::Prompt(_)) => {}
                 None => {
                     let e = ApiError::internal("the scheduler stopped");
                     push_chunk::<F>(&mut out, &st.fmt.error(&e));
@@ -887,7 +913,7 @@ impl CompletionStream {
         if self.logprobs.is_none() || tokens.is_empty() {
             return Value::Null;
         }
-        completion_logprobs(&self.app, tokens)
+        completion_logprobs(&self.app, &[], tokens)
     }
 
     fn chunk(&self, choices: Value, usage: Option<&Usage>) -> Value {
@@ -948,7 +974,7 @@ pub async fn chat(
             (prompt.clone(), params)
         })
         .collect();
-    let rxs = app.submit_many(jobs, req.logprobs)?;
+    let rxs = app.submit_many(jobs, req.logprobs, None)?;
     // (The prompt counts once, as OpenAI counts it for n choices.)
     let choices = choices(rxs, |j| j == 0).await?;
     let id = app.new_id("chatcmpl");
@@ -1178,7 +1204,9 @@ pub async fn completions(
         }
     }
     // Queued as one (all or none), and run side by side.
-    let rxs = app.submit_many(jobs, req.logprobs)?;
+    // With echo, logprobs cover the prompt too (scored by the scheduler).
+    let prompt_logprobs = req.logprobs.filter(|_| req.echo);
+    let rxs = app.submit_many(jobs, req.logprobs, prompt_logprobs)?;
     // (Each prompt counts once, however many its choices.)
     let choices = choices(rxs, |k| k % n == 0).await?;
     let id = app.new_id("cmpl");
@@ -1200,7 +1228,7 @@ pub async fn completions(
     for (index, ch) in choices.into_iter().enumerate() {
         let c = collect(ch.first, ch.rx).await?;
         let logprobs = match req.logprobs {
-            Some(_) => completion_logprobs(&app, &c.tokens),
+            Some(_) => completion_logprobs(&app, &c.prompt, &c.tokens),
             None => Value::Null,
         };
         let text = match echoes.next() {
