@@ -220,7 +220,7 @@ fn parse_repeat_last_n(s: &str) -> Result<usize, String> {
 impl SamplingArgs {
     /// Generation settings; `chat` also stops at `<start_of_turn>` (the base
     /// model sometimes opens a new turn instead of closing its own).
-    fn params(&self, tok: &Tokenizer, chat: bool) -> Result<GenerateParams> {
+    fn params(&self, model: &Model, tok: &Tokenizer, chat: bool) -> Result<GenerateParams> {
         if chat && (tok.specials().start_of_turn.is_none() || tok.specials().end_of_turn.is_none())
         {
             anyhow::bail!(
@@ -255,8 +255,7 @@ impl SamplingArgs {
             );
         }
         sampling.validate().map_err(anyhow::Error::msg)?;
-        let mut stop_tokens = vec![tok.specials().eos];
-        stop_tokens.extend(tok.specials().end_of_turn);
+        let mut stop_tokens = gemma3_engine::stop_tokens(model, tok);
         if chat {
             stop_tokens.extend(tok.specials().start_of_turn);
         }
@@ -354,7 +353,7 @@ fn timing_line(g: &gemma3_engine::Generation) -> String {
 pub fn run(a: RunArgs) -> Result<()> {
     let prompt_text = a.prompt_text()?;
     let (model, tok) = a.s.load()?;
-    let params = a.s.params(&tok, !a.raw)?;
+    let params = a.s.params(&model, &tok, !a.raw)?;
     let prompt = if a.raw {
         if a.s.chat_template_file.is_some() {
             anyhow::bail!(
@@ -409,7 +408,7 @@ fn note_full_context(g: &gemma3_engine::Generation, params: &GenerateParams, ctx
 pub fn chat(a: ChatArgs) -> Result<()> {
     let (model, tok) = a.s.load()?;
     let template = a.s.template(&model, &tok)?;
-    let mut params = a.s.params(&tok, true)?;
+    let mut params = a.s.params(&model, &tok, true)?;
     let mut session = Session::try_new(&model, a.s.ctx_for(&model))?;
     let interrupted = Arc::new(AtomicBool::new(false));
     let generating = Arc::new(AtomicBool::new(false));

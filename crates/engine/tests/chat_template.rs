@@ -8,9 +8,15 @@
 use gemma3_engine::{render_chat, ChatError, ChatTemplate, Message, Role};
 use serde_json::Value;
 
+/// A test file: Gemma 3's template in `src`, the rest in `tests/data`.
 fn data(name: &str) -> String {
+    let dir = if name.starts_with("gemma3") {
+        "src"
+    } else {
+        "tests/data"
+    };
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
+        .join(dir)
         .join(name);
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -46,11 +52,15 @@ fn jinja_templates_render_as_jinja2_does() {
         match (&got, c["text"].as_str(), c["error"].as_str()) {
             (Ok(text), Some(want), _) => assert_eq!(text, want, "{what}"),
             (Err(ChatError::Refused(msg)), None, Some(want)) => assert_eq!(msg, want, "{what}"),
+            // (Gemma 3's own template is rendered by Gemma's format, which
+            // says the same in its own words.)
+            (Err(ChatError::NotAlternating { .. }), None, Some(_))
+                if name.starts_with("gemma3") => {}
             _ => panic!("{what}: got {got:?}, jinja2 gave {c}"),
         }
         checked += 1;
     }
-    assert_eq!(checked, 36);
+    assert_eq!(checked, 60);
 }
 
 #[test]
@@ -69,6 +79,43 @@ fn gemma_builtin_is_gemmas_own_template() {
             (_, got) => panic!("{}: got {got:?}, jinja2 gave {c}", c["label"]),
         }
     }
+}
+
+#[test]
+fn gemma3s_own_template_is_gemmas_format() {
+    let t = ChatTemplate::jinja(&data("gemma3_chat_template.jinja"), "<bos>", "<eos>").unwrap();
+    assert!(t.is_gemma());
+    // Whitespace aside.
+    let spaced = data("gemma3_chat_template.jinja").replace('\n', "\n\n");
+    assert!(ChatTemplate::is_gemma3(&spaced));
+    assert!(!ChatTemplate::is_gemma3(&data(
+        "chatml_chat_template.jinja"
+    )));
+}
+
+#[test]
+fn runaway_templates_stop() {
+    let m = [Message::new(Role::User, "x")];
+    // Endless work runs out of fuel; endless text out of room.
+    let t = ChatTemplate::jinja(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "<bos>",
+        "<eos>",
+    )
+    .unwrap();
+    assert!(matches!(t.render(&m, true), Err(ChatError::Template(_))));
+    let t = ChatTemplate::jinja(
+        "{% for i in range(1000) %}{{ 'x' * 100000 }}{% endfor %}",
+        "<bos>",
+        "<eos>",
+    )
+    .unwrap();
+    let e = t.render(&m, true).unwrap_err();
+    assert!(e.to_string().contains("MiB"), "{e}");
+    // strftime_now writes today's date.
+    let t = ChatTemplate::jinja("{{ strftime_now('%Y-%m-%d') }}", "<bos>", "<eos>").unwrap();
+    let date = t.render(&m, true).unwrap();
+    assert!(date.len() == 10 && date.starts_with("20"), "{date}");
 }
 
 #[test]

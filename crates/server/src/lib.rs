@@ -241,10 +241,8 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
     let chat = gemma3_engine::chat_template(&model, &tok, cfg.chat_template_file.as_deref())
         .map_err(anyhow::Error::msg)?;
     // Ollama's routes render Gemma's conversations with Ollama's own Gemma 3
-    // template, unless a template was given or the file's is not Gemma's.
-    let ollama_gemma = cfg.chat_template_file.is_none()
-        && (model.file.get_str("tokenizer.chat_template"))
-            .map_or(true, |t| t.contains("<start_of_turn>"));
+    // template, unless a template was given or the file brings another.
+    let ollama_gemma = cfg.chat_template_file.is_none() && chat.is_gemma();
     let tok = Arc::new(tok);
     if cfg.ctx > model.config.ctx_len {
         bail!(
@@ -253,8 +251,7 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
             model.config.ctx_len
         );
     }
-    let mut stop_tokens = vec![tok.specials().eos];
-    stop_tokens.extend(tok.specials().end_of_turn);
+    let stop_tokens = gemma3_engine::stop_tokens(&model, &tok);
     let model_id = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

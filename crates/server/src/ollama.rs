@@ -17,8 +17,8 @@ use crate::openai::{
     check_dimensions, message_head, parse_common, Common, Fields, MaxTokens, MAX_EMBEDDING_INPUTS,
 };
 use crate::routes::{
-    chat_format, choices, collect, constraint, embed_all, encode, finish_str, json_response,
-    prompt_ids, stream_response, App, AppState, GenToken, JsonObject, StreamFormat,
+    chat_error, chat_format, choices, collect, constraint, embed_all, encode, finish_str,
+    json_response, prompt_ids, stream_response, App, AppState, GenToken, JsonObject, StreamFormat,
 };
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -223,16 +223,7 @@ fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = gemma3_engine::chat::civil_date(days);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
         rem / 3600,
@@ -386,7 +377,7 @@ async fn templated(app: &Arc<App>, messages: &[Message]) -> Result<Vec<u32>, Api
         chat_format(app, "/api/generate with 'raw': true")?;
         ollama_template(messages)
     } else {
-        (app.chat.render(messages, true)).map_err(|e| ApiError::field("messages", e.to_string()))?
+        (app.chat.render(messages, true)).map_err(|e| chat_error(e, "messages"))?
     };
     encode(app, text, false, true).await
 }

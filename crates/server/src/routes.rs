@@ -1038,9 +1038,20 @@ async fn chat_prompt(
     if app.chat.is_gemma() {
         chat_format(app, "/v1/completions")?;
     }
-    let text = (app.chat.render(messages, true))
-        .map_err(|e| ApiError::field("messages", e.to_string()))?;
+    let text = app
+        .chat
+        .render(messages, true)
+        .map_err(|e| chat_error(e, "messages"))?;
     encode(app, text, false, true).await
+}
+
+/// A chat template's error: the server's own (500) where the template fails,
+/// the request's (400 naming `field`) where it refuses the messages.
+pub(crate) fn chat_error(e: gemma3_engine::ChatError, field: &str) -> ApiError {
+    match e {
+        gemma3_engine::ChatError::Template(_) => ApiError::internal(e.to_string()),
+        e => ApiError::field(field, e.to_string()),
+    }
 }
 
 /// A completion's prompt (or an embedding's input) as token ids: text as

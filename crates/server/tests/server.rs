@@ -1817,13 +1817,45 @@ fn chat_template_file_renders_chats() {
         ollama["message"]["content"], want["choices"][0]["text"],
         "{ollama}"
     );
-    // A conversation the template refuses is a 400 naming messages (this
-    // one has no refusal: an empty list is refused before it).
-    expect_error(
-        &post(addr, "/v1/chat/completions", &json!({"messages": []})),
+    drop(server);
+
+    // A conversation the template refuses (its raise_exception) is a 400
+    // naming messages, on both APIs.
+    let strict = std::env::temp_dir().join(format!("gemma3-strict-{}.jinja", std::process::id()));
+    std::fs::write(
+        &strict,
+        "{% if messages | length > 1 %}{{ raise_exception('one message only') }}{% endif %}<bos>{{ messages[0].content }}",
+    )
+    .unwrap();
+    let mut cfg = config(model_path().unwrap(), 2, 512);
+    cfg.chat_template_file = Some(strict.clone());
+    let server = start(cfg);
+    let two = json!([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]);
+    let v = expect_error(
+        &post(
+            server.addr,
+            "/v1/chat/completions",
+            &json!({"messages": two}),
+        ),
         400,
         Some("messages"),
     );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("one message only"),
+        "{v}"
+    );
+    let r = post(
+        server.addr,
+        "/api/chat",
+        &json!({"messages": two, "stream": false}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let one = json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 2});
+    assert_eq!(post(server.addr, "/v1/chat/completions", &one).status, 200);
+    std::fs::remove_file(&strict).ok();
 }
 
 /// `echo` with `logprobs` scores the prompt (as OpenAI's completions did,
