@@ -470,7 +470,16 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         history.push(Message::new(Role::User, line));
-        let prompt = a.s.prompt_ids(&tok, &template.render(&history, true)?);
+        let text = match template.render(&history, true) {
+            Ok(text) => text,
+            Err(e) => {
+                // (The template refused this message: say so and go on.)
+                history.pop();
+                eprintln!("({e})");
+                continue;
+            }
+        };
+        let prompt = a.s.prompt_ids(&tok, &text);
         if prompt.len() >= session.ctx() {
             if history.len() == system_len + 1 {
                 // Nothing to drop by /reset: this message alone (with the system text) is too long.

@@ -135,7 +135,12 @@ impl ChatTemplate {
             .map_err(|e| ChatError::Template(describe(&e)))?;
         env.set_syntax(syntax);
         env.set_fuel(Some(FUEL));
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(|state, value, method, args| {
+            if method == "format" {
+                bounded_format(value.as_str().unwrap_or(""))?;
+            }
+            minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+        });
         env.add_function(
             "raise_exception",
             |msg: String| -> Result<String, minijinja::Error> {
@@ -265,6 +270,26 @@ fn mark_generation(source: &str) -> String {
     out
 }
 
+/// Most a `str.format` string's width or precision may be: pycompat's
+/// formatting allocates the whole width at once, so a template's
+/// `"{:>100000000000}".format(x)` would end the process, not the render.
+/// (minijinja's own `format` filter charges such widths to the fuel.)
+const MAX_FORMAT_WIDTH: usize = 4096;
+
+/// A refusal of format strings with a number above [`MAX_FORMAT_WIDTH`]
+/// (a width or a precision; chat templates need none near it).
+fn bounded_format(f: &str) -> Result<(), minijinja::Error> {
+    let too_wide = (f.split(|c: char| !c.is_ascii_digit()))
+        .any(|run| run.len() > 4 || run.parse::<usize>().is_ok_and(|n| n > MAX_FORMAT_WIDTH));
+    if too_wide {
+        return Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("format string {f:?} asks for a width or precision over {MAX_FORMAT_WIDTH}"),
+        ));
+    }
+    Ok(())
+}
+
 /// `tojson` as transformers defines it: Python's `json.dumps` with
 /// `ensure_ascii=False` (`, ` and `: ` between items, or with `indent`,
 /// items on lines of their own), keys in the order given unless
@@ -274,6 +299,12 @@ fn tojson(
     kwargs: minijinja::value::Kwargs,
 ) -> Result<String, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
+    if indent.is_some_and(|n| n > 64) {
+        return Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            "tojson: an indent over 64",
+        ));
+    }
     let sort: Option<bool> = kwargs.get("sort_keys")?;
     kwargs.assert_all_used()?;
     let mut out = String::new();

@@ -56,12 +56,33 @@ pub fn chat_template(
     let (bos, eos) = (piece(tok.specials().bos), piece(tok.specials().eos));
     let tried = |source: &str| {
         let t = ChatTemplate::jinja(source, &bos, &eos)?;
-        t.render(&[Message::new(Role::User, "Hi")], true)?;
+        if t.render(&[Message::new(Role::User, "Hi")], true)?
+            .is_empty()
+        {
+            return Err(ChatError::Template(
+                "it renders a conversation as nothing".into(),
+            ));
+        }
         Ok::<_, ChatError>(t)
     };
     if let Some(f) = file {
-        let source = std::fs::read_to_string(f)
-            .map_err(|e| format!("reading the chat template {}: {e}", f.display()))?;
+        // (Read up to a limit: a template is kilobytes, and /dev/zero is not one.)
+        const MAX_TEMPLATE: u64 = 16 << 20;
+        let mut source = String::new();
+        let read = std::fs::File::open(f).and_then(|file| {
+            std::io::Read::read_to_string(
+                &mut std::io::Read::take(file, MAX_TEMPLATE + 1),
+                &mut source,
+            )
+        });
+        read.map_err(|e| format!("reading the chat template {}: {e}", f.display()))?;
+        if source.len() as u64 > MAX_TEMPLATE {
+            return Err(format!(
+                "the chat template {} is larger than {} MiB",
+                f.display(),
+                MAX_TEMPLATE >> 20
+            ));
+        }
         return tried(&source).map_err(|e| format!("{}: {e}", f.display()));
     }
     match model.file.get_str("tokenizer.chat_template") {

@@ -112,6 +112,21 @@ fn runaway_templates_stop() {
     .unwrap();
     let e = t.render(&m, true).unwrap_err();
     assert!(e.to_string().contains("MiB"), "{e}");
+    // Formatting that would allocate a width at once is refused, not run.
+    for source in [
+        "{{ '{:>100000000000}'.format('x') }}",
+        "{{ '{:.65536}'.format(1.5) }}",
+        "{{ {'a': 1} | tojson(indent=9223372036854775807) }}",
+    ] {
+        let t = ChatTemplate::jinja(source, "<bos>", "<eos>").unwrap();
+        assert!(
+            matches!(t.render(&m, true), Err(ChatError::Template(_))),
+            "{source}"
+        );
+    }
+    let t =
+        ChatTemplate::jinja("{{ '{:>6}|{:.2f}'.format('ab', 1.5) }}", "<bos>", "<eos>").unwrap();
+    assert_eq!(t.render(&m, true).unwrap(), "    ab|1.50");
     // strftime_now writes today's date.
     let t = ChatTemplate::jinja("{{ strftime_now('%Y-%m-%d') }}", "<bos>", "<eos>").unwrap();
     let date = t.render(&m, true).unwrap();

@@ -111,7 +111,9 @@ impl App {
         if prompt == 0 {
             return Err(ApiError::field(prompt_field, "the prompt is empty"));
         }
-        if prompt >= ctx {
+        // (A prompt scored and nothing generated may fill the context.)
+        let scoring_only = common.max_tokens == MaxTokens::Count(0);
+        if prompt > ctx || (prompt == ctx && !scoring_only) {
             return Err(ApiError::field(
                 prompt_field,
                 format!("the prompt has {prompt} tokens but the context holds {ctx} (and at least one more is needed to generate): shorten the prompt, or start the server with a larger --ctx"),
@@ -233,9 +235,20 @@ impl App {
     }
 
     /// The text of a token (special tokens spelled out) and its bytes.
+    /// The text of a token (special tokens spelled out) and its bytes. A
+    /// token that is not whole UTF-8 (a byte of a longer character) is
+    /// written as OpenAI writes it, `bytes:\xe2\x80`: as U+FFFD, such
+    /// tokens' `top_logprobs` entries fell on one key.
     fn piece(&self, id: u32) -> (String, Vec<u8>) {
         let b = self.tok.token_to_piece(id, true).unwrap_or(&[]).to_vec();
-        (String::from_utf8_lossy(&b).into_owned(), b)
+        let text = match std::str::from_utf8(&b) {
+            Ok(t) => t.to_string(),
+            Err(_) => {
+                let hex: String = b.iter().map(|x| format!("\\x{x:02x}")).collect();
+                format!("bytes:{hex}")
+            }
+        };
+        (text, b)
     }
 
     fn chat_logprob(&self, id: u32, lp: f32, top: &[(u32, f32)]) -> Value {
@@ -507,6 +520,14 @@ impl Aligner {
     }
 }
 
+/// A token prompt as `echo` gives it back: its text with special tokens
+/// written out (as a text prompt has them), without a leading BOS (which a
+/// text prompt gets without writing it).
+fn echo_text(app: &App, ids: &[u32]) -> String {
+    let skip = usize::from(ids.first() == Some(&app.tok.specials().bos));
+    app.tok.decode(&ids[skip..], true).unwrap_or_default()
+}
+
 /// Completions-style `logprobs` for `tokens`, after the scored `prompt`
 /// tokens where `echo` asked for them (the first prompt token's
 /// log-probability and alternatives null, as OpenAI gives them). Text
@@ -514,8 +535,12 @@ impl Aligner {
 /// special tokens such as `<bos>` have no text), then the generated text.
 fn completion_logprobs(app: &App, prompt: &[PromptToken], tokens: &[GenToken]) -> Value {
     let (mut toks, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
+    // The prompt's characters as the echo spells them (see `echo_text`):
+    // special tokens written out, bytes counted once their character is
+    // whole, and a leading BOS not at all.
+    let mut dec = app.tok.stream_decoder(true);
     let mut at = 0;
-    for t in prompt {
+    for (i, t) in prompt.iter().enumerate() {
         toks.push(app.piece(t.id).0);
         lps.push(json!(t.logprob));
         tops.push(match t.logprob {
@@ -523,8 +548,10 @@ fn completion_logprobs(app: &App, prompt: &[PromptToken], tokens: &[GenToken]) -
             Some(_) => app.top_map(&t.top_logprobs),
         });
         offs.push(at);
-        let text = app.tok.token_to_piece(t.id, false).unwrap_or(&[]);
-        at += String::from_utf8_lossy(text).chars().count();
+        let piece = dec.push(t.id).unwrap_or_default();
+        if !(i == 0 && t.id == app.tok.specials().bos) {
+            at += piece.chars().count();
+        }
     }
     for t in tokens {
         toks.push(app.piece(t.id).0);
@@ -1192,7 +1219,7 @@ pub async fn completions(
         if req.echo {
             let text = match prompt {
                 Prompt::Text(s) => s.clone(),
-                Prompt::Tokens(t) => app.tok.decode(t, false).unwrap_or_default(),
+                Prompt::Tokens(t) => echo_text(&app, t),
             };
             echoes.extend(std::iter::repeat_n(text, n));
         }

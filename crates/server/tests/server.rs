@@ -595,10 +595,26 @@ fn api_features() {
     // it, and the offsets count the text before each. (The stop string's
     // tokens had been reported too, after text that ended before them,
     // with offsets held where the held-back text began.)
+    // The tokens' text run together: a `bytes:\xNN` token (a byte that is
+    // not a whole character) is its bytes, decoded with the ones around it.
+    let text_of = |tokens: &[String]| {
+        let mut raw = Vec::new();
+        for t in tokens {
+            match t.strip_prefix("bytes:") {
+                Some(hex) => raw.extend(
+                    hex.split("\\x")
+                        .filter(|h| !h.is_empty())
+                        .map(|h| u8::from_str_radix(h, 16).unwrap()),
+                ),
+                None => raw.extend_from_slice(t.as_bytes()),
+            }
+        }
+        String::from_utf8_lossy(&raw).into_owned()
+    };
     let lines_up = |tokens: &[String], offsets: &[u64], text: &str, why: &str| {
-        let all = tokens.concat();
+        let all = text_of(tokens);
         assert!(all.starts_with(text), "{why}: {tokens:?} for {text:?}");
-        let but_last = tokens[..tokens.len().saturating_sub(1)].concat();
+        let but_last = text_of(&tokens[..tokens.len().saturating_sub(1)]);
         assert!(
             but_last.len() < text.len().max(1),
             "{why}: {tokens:?} for {text:?}"
@@ -606,7 +622,7 @@ fn api_features() {
         for (i, &o) in offsets.iter().enumerate() {
             assert_eq!(
                 o as usize,
-                tokens[..i].concat().chars().count(),
+                text_of(&tokens[..i]).chars().count(),
                 "{why}: {offsets:?}"
             );
         }
@@ -1915,6 +1931,27 @@ fn prompt_logprobs_match_llama_cpp() {
                 );
             }
         }
+        // Each token's text starts at its offset in the echoed text (special
+        // tokens written out; a byte of a longer character at that character).
+        let text: Vec<char> = c["text"].as_str().unwrap().chars().collect();
+        for (t, o) in
+            (lp["tokens"].as_array().unwrap().iter()).zip(lp["text_offset"].as_array().unwrap())
+        {
+            let (t, o) = (t.as_str().unwrap(), o.as_u64().unwrap() as usize);
+            assert!(
+                o <= text.len(),
+                "{}: offset {o} past the text",
+                case["text"]
+            );
+            if t != "<bos>" && !t.starts_with("bytes:") {
+                let at: String = text[o..].iter().collect();
+                assert!(
+                    at.starts_with(t),
+                    "{}: {t:?} is not at {o} of {at:?}",
+                    case["text"]
+                );
+            }
+        }
         let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
         let max = diffs.iter().cloned().fold(0.0, f64::max);
         assert!(
@@ -1973,4 +2010,31 @@ fn prompt_logprobs_match_llama_cpp() {
         400,
         Some("max_tokens"),
     );
+    // A prompt scored and nothing generated may fill the context (512).
+    let full: Vec<u32> = std::iter::once(2)
+        .chain(std::iter::repeat_n(236764, 511))
+        .collect();
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": full, "echo": true, "logprobs": 0, "max_tokens": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["prompt_tokens"], 512);
+    // Tokens that are a byte of a longer character are written as OpenAI
+    // writes them, so their alternatives do not fall on one key.
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "𓀀𓀁", "echo": true, "logprobs": 5, "max_tokens": 0}),
+    )
+    .json();
+    let lp = &r["choices"][0]["logprobs"];
+    assert!(
+        lp["tokens"][1].as_str().unwrap().starts_with("bytes:\\x"),
+        "{lp}"
+    );
+    for top in lp["top_logprobs"].as_array().unwrap().iter().skip(1) {
+        assert_eq!(top.as_object().unwrap().len(), 5, "{lp}");
+    }
 }
