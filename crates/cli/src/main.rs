@@ -195,7 +195,7 @@ fn info(model: ModelArg, ctx: Option<usize>) -> Result<()> {
     let path = model_path::resolve(model.model, false)?;
     // Loaded as `run` loads it (tokenizer included), so that what `info`
     // describes is a file `run` accepts.
-    let (m, _) =
+    let (m, tok) =
         gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let c = &m.config;
     let ctx = ctx.unwrap_or(c.ctx_len);
@@ -239,6 +239,21 @@ fn info(model: ModelArg, ctx: Option<usize>) -> Result<()> {
         }
     )?;
     outln!("context       {} tokens (training)", c.ctx_len)?;
+    // Which chat template `run`, `chat` and `serve` use for this file.
+    let template = match m.file.get_str("tokenizer.chat_template") {
+        Err(_) => "Gemma's format (the file has no tokenizer.chat_template)".to_string(),
+        Ok(t) if gemma3_engine::ChatTemplate::is_gemma3(t) => {
+            "Gemma's format (the file's tokenizer.chat_template is Gemma 3's own)".to_string()
+        }
+        Ok(t) => match gemma3_engine::chat_template(&m, &tok, None) {
+            Ok(ct) if !ct.is_gemma() => format!(
+                "the file's tokenizer.chat_template (Jinja, {} bytes)",
+                t.len()
+            ),
+            _ => "Gemma's format (the file's tokenizer.chat_template cannot be used)".to_string(),
+        },
+    };
+    outln!("chat template {template}")?;
     outln!(
         "parameters    {} ({:.1} M)",
         m.n_params(),

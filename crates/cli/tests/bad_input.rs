@@ -833,6 +833,12 @@ fn a_model_files_own_chat_template_is_used() {
         stderr.starts_with(&want),
         "{stderr:?} does not start with {want:?}"
     );
+    let (out, stdout, stderr) = run(gemma3().args(["info", "--model"]).arg(&*p));
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("chat template the file's tokenizer.chat_template (Jinja"),
+        "{stdout}"
+    );
 
     let p = with_template("tiny-broken-template.gguf", "{% for m in messages %}");
     let (out, _, stderr) = shown(&p);
