@@ -6,6 +6,9 @@ llama.cpp: the reference for the server's `echo` with `logprobs`
 For each text: llama.cpp's token ids (BOS, special-token text parsed), then
 for every position after the first the log-softmax of llama.cpp's logits at
 the position before, at the prompt's token, and its 5 best tokens there.
+Then for `gemma3 classify` (crates/cli/tests/classify.rs): for each prompt
+and label, the sum of the label's tokens' log-probabilities after the
+prompt (the label tokenized alone, after the prompt's ids).
 
     .venv-llamacpp/bin/python scripts/llama_cpp_prompt_logprobs.py MODEL.gguf > crates/server/tests/data/prompt_logprobs.json
 
@@ -26,6 +29,14 @@ TEXTS = [
     "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints 5",
     # Longer than the server's prompt chunk (128 tokens): scored across steps.
     " ".join(f"Item {i}: the {w} costs {i * 3} euros." for i, w in enumerate(["apple", "pear", "plum", "fig"] * 6)),
+]
+
+
+CLASSIFY = [
+    ("Review: The food was cold and the waiter was rude.\nSentiment:", [" positive", " negative"]),
+    ("Review: Lovely staff, great pasta.\nSentiment:", [" positive", " negative"]),
+    ("Question: What is the capital of France?\nAnswer:", [" Paris", " London", " Berlin"]),
+    ("I lost my card yesterday. Intent:", [" card_lost", " balance", " transfer money"]),
 ]
 
 
@@ -51,7 +62,24 @@ def main():
                 }
             )
         cases.append({"text": text, "ids": ids, "positions": positions})
-    json.dump({"provenance": __doc__.strip().splitlines()[0], "cases": cases}, sys.stdout, indent=1)
+    classify = []
+    for prompt, labels in CLASSIFY:
+        ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        scores = {}
+        for label in labels:
+            tail = llm.tokenize(label.encode(), add_bos=False, special=False)
+            llm.reset()
+            llm.eval(ids + tail)
+            logits = np.array(llm.scores[: len(ids) + len(tail)], dtype=np.float64)
+            total = 0.0
+            for k, t in enumerate(tail):
+                row = logits[len(ids) + k - 1]
+                m = row.max()
+                total += row[t] - (m + np.log(np.exp(row - m).sum()))
+            scores[label] = float(total)
+        classify.append({"prompt": prompt, "scores": scores})
+    out = {"provenance": __doc__.strip().splitlines()[0], "cases": cases, "classify": classify}
+    json.dump(out, sys.stdout, indent=1)
     print()
 
 

@@ -19,6 +19,14 @@ pub struct EmbedArgs {
     /// -1: leave it as pooled.
     #[arg(long, default_value = "2", allow_hyphen_values = true, value_parser = parse_normalize, action = clap::ArgAction::Set)]
     embd_normalize: bool,
+    #[command(flatten)]
+    input: Texts,
+}
+
+/// Texts given on the command line or read from a file, one per line: what
+/// `embed` and `classify` work through.
+#[derive(Args)]
+pub struct Texts {
     /// Read the texts from FILE ("-": standard input), one per line (blank
     /// lines skipped).
     #[arg(
@@ -28,9 +36,9 @@ pub struct EmbedArgs {
         conflicts_with = "texts"
     )]
     file: Option<PathBuf>,
-    /// The texts, one vector each. Special-token text such as `<start_of_turn>`
-    /// is parsed, as llama-embedding and the server read it (`gemma3 tokenize
-    /// --special` shows the same tokens, BOS aside).
+    /// The texts. Special-token text such as `<start_of_turn>` is parsed, as
+    /// llama-embedding and the server read it (`gemma3 tokenize --special`
+    /// shows the same tokens, BOS aside).
     #[arg(required_unless_present = "file")]
     texts: Vec<String>,
 }
@@ -49,13 +57,13 @@ fn parse_normalize(s: &str) -> Result<bool, String> {
 /// embedding): `-f /dev/zero` must not read until memory runs out.
 const MAX_TEXTS_BYTES: u64 = 64 << 20;
 
-impl EmbedArgs {
+impl Texts {
     /// The texts, each with the name its errors give it ("text 2", or "line
     /// 6 of FILE").
-    fn texts(&self) -> Result<Vec<(String, String)>> {
+    pub fn read(&self) -> Result<Vec<(String, String)>> {
         let Some(path) = &self.file else {
             if let Some(i) = self.texts.iter().position(String::is_empty) {
-                anyhow::bail!("text {} is empty: there is nothing to embed", i + 1);
+                anyhow::bail!("text {} is empty: there is nothing to work on", i + 1);
             }
             let named = self.texts.iter().enumerate();
             return Ok(named
@@ -66,7 +74,7 @@ impl EmbedArgs {
             path,
             MAX_TEXTS_BYTES,
             "the texts",
-            "split the file (each part is embedded alike)",
+            "split the file (each part is read alike)",
         )?;
         // (A byte-order mark, as some editors write, is not text.)
         let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
@@ -82,7 +90,7 @@ impl EmbedArgs {
 }
 
 pub fn run(a: EmbedArgs) -> Result<()> {
-    let texts = a.texts()?;
+    let texts = a.input.read()?;
     let path = crate::model_path::resolve(a.model.model.clone(), true)?;
     let (model, tok) =
         gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;

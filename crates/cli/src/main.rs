@@ -10,6 +10,7 @@ macro_rules! outln {
 }
 
 mod bench;
+mod classify;
 mod embed;
 mod generate;
 mod model_path;
@@ -64,6 +65,8 @@ enum Command {
     },
     /// Embeddings of texts (pooled final hidden states, as llama-embedding makes them), one JSON array per line.
     Embed(embed::EmbedArgs),
+    /// Each text's label: the one the model finds likeliest after it (log-likelihood, as lm-eval scores choices).
+    Classify(classify::ClassifyArgs),
     /// Perplexity of a text file, computed as llama-perplexity does.
     Ppl(ppl::PplArgs),
     /// Architecture, parameters, tensor types and the memory a context needs.
@@ -177,6 +180,7 @@ fn command(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Embed(a) => embed::run(a),
+        Command::Classify(a) => classify::run(a),
         Command::Ppl(a) => ppl::run(a),
         Command::Bench(_) => unreachable!("handled above"),
         Command::Info { model, ctx } => info(model, ctx),
