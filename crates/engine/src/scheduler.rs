@@ -414,7 +414,7 @@ struct Job<'a> {
     /// An embedding job's pooling of its prompt's hidden states.
     pooler: Option<Pooler>,
     /// See [`Request::prompt_logprobs`]: k, and the prompt's tokens scored
-    /// so far (the first, unscored, included).
+    /// so far (from admission, the first, which has no score).
     prompt_logprobs: Option<usize>,
     scored: Vec<PromptToken>,
     usage: Usage,
@@ -733,6 +733,15 @@ impl<'a> Worker<'a> {
             self.shared.active.fetch_add(1, Ordering::SeqCst);
             self.admitted += 1;
             let params = req.params;
+            // (A scoring job's first token has nothing before it to be
+            // scored by; validate made sure the prompt has one.)
+            let scored = (req.prompt_logprobs.iter())
+                .map(|_| PromptToken {
+                    id: req.prompt[0],
+                    logprob: None,
+                    top_logprobs: Vec::new(),
+                })
+                .collect();
             self.slots[i].job = Some(Job {
                 events: req.events,
                 history: req.prompt.clone(),
@@ -750,7 +759,7 @@ impl<'a> Worker<'a> {
                 order: self.admitted,
                 pooler: (req.embed).map(|p| Pooler::new(p, self.model.config.d_model)),
                 prompt_logprobs: req.prompt_logprobs,
-                scored: Vec::new(),
+                scored,
                 usage,
                 t_admit: now,
                 t_first: None,
@@ -1028,16 +1037,8 @@ impl Worker<'_> {
     /// [`Event::Prompt`] (before any token); a job that asked for no tokens
     /// then ends.
     fn take_scores(&mut self, scored: Vec<(usize, PromptToken)>, chunks: &[(usize, usize)]) {
-        let first = |job: &Job| PromptToken {
-            id: job.prompt[0],
-            logprob: None,
-            top_logprobs: Vec::new(),
-        };
         for (i, t) in scored {
             if let Some(job) = self.slots[i].job.as_mut() {
-                if job.scored.is_empty() {
-                    job.scored.push(first(job));
-                }
                 job.scored.push(t);
             }
         }
@@ -1046,10 +1047,6 @@ impl Worker<'_> {
             let Some(job) = s.job.as_mut() else { continue };
             if job.prompt_logprobs.is_none() || s.tokens.len() < job.prompt.len() {
                 continue;
-            }
-            if job.scored.is_empty() {
-                // A prompt of one token: nothing before it to score it by.
-                job.scored.push(first(job));
             }
             let tokens = std::mem::take(&mut job.scored);
             if !job.events.send(Event::Prompt(tokens)) {
