@@ -197,7 +197,7 @@ fn parse(body: &Map<String, Value>, app: &App) -> Result<Common, ApiError> {
         ));
     }
     let m = openai_fields(body)?;
-    parse_common(&Fields(&m), &["num_predict"], app.vocab)
+    parse_common(&Fields(&m), &["num_predict"], app.vocab, false)
 }
 
 /// Refuse field `key` unless absent, null or empty (a string or array).

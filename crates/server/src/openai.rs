@@ -188,11 +188,14 @@ fn is_zero(v: &Value) -> bool {
 }
 
 /// Parse the sampling, length, stop and streaming fields. `max_keys` are the
-/// names `max_tokens` goes by, the first present one wins.
+/// names `max_tokens` goes by, the first present one wins; it may be 0 only
+/// where `zero_tokens` (a completion with `echo`: the prompt scored,
+/// nothing generated).
 pub fn parse_common(
     f: &Fields,
     max_keys: &[&'static str],
     vocab: usize,
+    zero_tokens: bool,
 ) -> Result<Common, ApiError> {
     let base = SamplingParams::chat_default();
     // Fields that would change the answer and that this server does not
@@ -317,7 +320,7 @@ pub fn parse_common(
             break;
         }
         if let Some(n) = f.u64(k)? {
-            if n == 0 {
+            if n == 0 && !zero_tokens {
                 return Err(ApiError::field(k, format!("'{k}' must be at least 1")));
             }
             max_tokens = MaxTokens::Count(n);
@@ -582,6 +585,7 @@ impl ChatRequest {
             &f,
             &["max_completion_tokens", "max_tokens", "n_predict"],
             vocab,
+            false,
         )?;
         let want = f.bool("logprobs")?.unwrap_or(false);
         let top = f.u64("top_logprobs")?;
@@ -768,24 +772,7 @@ impl CompletionRequest {
         let echo = f.bool("echo")?.unwrap_or(false);
         // With echo, max_tokens may be 0 (OpenAI's way to score a prompt:
         // its tokens' log-probabilities, nothing generated).
-        let zero = ["max_tokens", "n_predict"]
-            .into_iter()
-            .find(|k| f.get(k).is_some_and(|v| v.as_u64() == Some(0)));
-        let common = match zero {
-            Some(k) if echo => {
-                let mut rest = obj.clone();
-                rest.remove(k);
-                let mut c = parse_common(&Fields(&rest), &["max_tokens", "n_predict"], vocab)?;
-                c.max_tokens = MaxTokens::Count(0);
-                c.max_tokens_key = if k == "max_tokens" {
-                    "max_tokens"
-                } else {
-                    "n_predict"
-                };
-                c
-            }
-            _ => parse_common(&f, &["max_tokens", "n_predict"], vocab)?,
-        };
+        let common = parse_common(&f, &["max_tokens", "n_predict"], vocab, echo)?;
         // OpenAI's best_of (≥ n) draws that many and returns the n of
         // highest log-probability; equal to n it is n itself (and below n
         // OpenAI refuses it).
