@@ -849,6 +849,23 @@ pub(crate) fn stream_response<F: StreamFormat>(choices: Vec<Choice>, mut fmt: F)
         .into_response()
 }
 
+/// One chunk of an OpenAI stream: the response's (app, id, created),
+/// `object`, the `choices` and, for the last, the `usage`.
+fn stream_chunk(
+    (app, id, created): (&App, &str, u64),
+    object: &str,
+    choices: Value,
+    usage: Option<&Usage>,
+) -> Value {
+    let mut v = json!({
+        "id": id, "object": object, "created": created, "model": app.model_id, "choices": choices,
+    });
+    if let Some(u) = usage {
+        v["usage"] = usage_json(u);
+    }
+    v
+}
+
 struct ChatStream {
     app: Arc<App>,
     id: String,
@@ -879,14 +896,8 @@ impl ChatStream {
     }
 
     fn chunk(&self, choices: Value, usage: Option<&Usage>) -> Value {
-        let mut v = json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-            "model": self.app.model_id, "choices": choices,
-        });
-        if let Some(u) = usage {
-            v["usage"] = usage_json(u);
-        }
-        v
+        let head = (&*self.app, self.id.as_str(), self.created);
+        stream_chunk(head, "chat.completion.chunk", choices, usage)
     }
 
     fn choice(&self, index: usize, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
@@ -944,14 +955,8 @@ impl CompletionStream {
     }
 
     fn chunk(&self, choices: Value, usage: Option<&Usage>) -> Value {
-        let mut v = json!({
-            "id": self.id, "object": "text_completion", "created": self.created,
-            "model": self.app.model_id, "choices": choices,
-        });
-        if let Some(u) = usage {
-            v["usage"] = usage_json(u);
-        }
-        v
+        let head = (&*self.app, self.id.as_str(), self.created);
+        stream_chunk(head, "text_completion", choices, usage)
     }
 
     fn choice(&self, index: usize, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
