@@ -1879,7 +1879,7 @@ fn chat_template_file_renders_chats() {
 /// log-probability given those before it, against llama.cpp's
 /// (`tests/data/prompt_logprobs.json`, `scripts/llama_cpp_prompt_logprobs.py`).
 /// Both round activations to 8 bits per block, so they differ by a little:
-/// on these prompts a mean of 0.04–0.15 a token and at most 0.47 (measured
+/// on these prompts a mean of 0.02–0.15 a token and at most 0.47 (measured
 /// when the reference was made); a position off by one, or a missing
 /// normalization, is off by nats. Where llama.cpp's best token leads its
 /// second by more than 0.5, ours is the same.
