@@ -15,6 +15,8 @@ pub struct BenchArgs {
     /// Path of a GGUF model file (default: $GEMMA3_MODEL, else the cached default model).
     #[arg(short, long)]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub lora: gemma3_server::LoraArgs,
     /// Prompt lengths to process (comma-separated; 0 to skip).
     #[arg(short = 'p', long, value_delimiter = ',', default_value = "512")]
     pub prompt: Vec<usize>,
@@ -157,7 +159,12 @@ pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
         bail!("nothing to measure: every -p and -n length is 0");
     }
     let path = crate::model_path::resolve(a.model.clone(), true)?;
-    let model = Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
+    let mut model = Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
+    for l in a.lora.specs()? {
+        model
+            .load_lora(&l.path, l.scale)
+            .with_context(|| format!("loading {}", path.display()))?;
+    }
     // Measure the steady state that `gemma3_engine::load` reaches in the
     // background a moment after loading.
     for m in model.packed_mappings() {

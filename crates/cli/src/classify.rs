@@ -12,6 +12,8 @@ use gemma3_model::{Batch, ForwardState, KvCache, Model};
 pub struct ClassifyArgs {
     #[command(flatten)]
     model: crate::ModelArg,
+    #[command(flatten)]
+    lora: gemma3_server::LoraArgs,
     /// A label (repeatable; at least two). Its text follows the prompt as
     /// written: " positive" after "Sentiment:" starts with its space.
     #[arg(short, long = "label", value_name = "TEXT", required = true)]
@@ -40,8 +42,8 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
     }
     let texts = a.input.read()?;
     let path = crate::model_path::resolve(a.model.model.clone(), true)?;
-    let (model, tok) =
-        gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let (model, tok) = gemma3_engine::load(&path, &a.lora.specs()?)
+        .with_context(|| format!("loading {}", path.display()))?;
     // A label's tokens as they follow the prompt: its text alone, no BOS,
     // special-token text not parsed.
     let labels: Vec<Vec<u32>> = (a.labels.iter())

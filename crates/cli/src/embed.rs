@@ -10,6 +10,8 @@ use std::path::PathBuf;
 pub struct EmbedArgs {
     #[command(flatten)]
     model: crate::ModelArg,
+    #[command(flatten)]
+    lora: gemma3_server::LoraArgs,
     /// How a text's hidden states become one vector: mean (every token's,
     /// BOS included), last (the last token's) or cls (the first token's: BOS,
     /// the same for every text).
@@ -92,8 +94,8 @@ impl Texts {
 pub fn run(a: EmbedArgs) -> Result<()> {
     let texts = a.input.read()?;
     let path = crate::model_path::resolve(a.model.model.clone(), true)?;
-    let (model, tok) =
-        gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let (model, tok) = gemma3_engine::load(&path, &a.lora.specs()?)
+        .with_context(|| format!("loading {}", path.display()))?;
     // As llama-embedding and the server's /v1/embeddings tokenize a text.
     let ids: Vec<Vec<u32>> = (texts.iter())
         .map(|(t, _)| gemma3_engine::encode_prompt(&tok, t))

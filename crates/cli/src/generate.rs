@@ -15,6 +15,8 @@ pub struct SamplingArgs {
     /// Path of a GGUF model file (default: $GEMMA3_MODEL, else the cached default model).
     #[arg(short, long)]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub lora: gemma3_server::LoraArgs,
     /// Most tokens to generate (-1: until the model ends its text or the context is full, as llama.cpp).
     #[arg(short = 'n', long = "max-tokens", default_value_t = 512, value_parser = parse_max_tokens, allow_hyphen_values = true)]
     pub max_tokens: usize,
@@ -307,8 +309,8 @@ impl SamplingArgs {
             anyhow::bail!("--ctx must be at least 1");
         }
         let path = crate::model_path::resolve(self.model.clone(), true)?;
-        let (model, tok) =
-            gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        let (model, tok) = gemma3_engine::load(&path, &self.lora.specs()?)
+            .with_context(|| format!("loading {}", path.display()))?;
         if let Some(ctx) = self.ctx.filter(|&c| c > model.config.ctx_len) {
             anyhow::bail!(
                 "--ctx {ctx} is larger than the model's context of {} tokens",

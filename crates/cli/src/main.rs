@@ -76,6 +76,8 @@ enum Command {
         /// Context size to size the KV cache for (default: the model's).
         #[arg(short = 'c', long)]
         ctx: Option<usize>,
+        #[command(flatten)]
+        lora: gemma3_server::LoraArgs,
     },
     /// Speed of prompt processing (pp) and generation (tg), like llama-bench.
     Bench(bench::BenchArgs),
@@ -183,24 +185,24 @@ fn command(command: Command) -> Result<()> {
         Command::Classify(a) => classify::run(a),
         Command::Ppl(a) => ppl::run(a),
         Command::Bench(_) => unreachable!("handled above"),
-        Command::Info { model, ctx } => info(model, ctx),
+        Command::Info { model, ctx, lora } => info(model, ctx, lora),
         Command::Serve(a) => {
             let path = model_path::resolve(a.model.clone(), true)?;
-            gemma3_server::serve(gemma3_server::ServerConfig::from_args(a, path))
+            gemma3_server::serve(gemma3_server::ServerConfig::from_args(a, path)?)
         }
         Command::Pull { force } => Ok(outln!("{}", model_path::pull(force)?.display())?),
     }
 }
 
-fn info(model: ModelArg, ctx: Option<usize>) -> Result<()> {
+fn info(model: ModelArg, ctx: Option<usize>, lora: gemma3_server::LoraArgs) -> Result<()> {
     if ctx == Some(0) {
         anyhow::bail!("--ctx must be at least 1");
     }
     let path = model_path::resolve(model.model, false)?;
     // Loaded as `run` loads it (tokenizer included), so that what `info`
     // describes is a file `run` accepts.
-    let (m, tok) =
-        gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let (m, tok) = gemma3_engine::load(&path, &lora.specs()?)
+        .with_context(|| format!("loading {}", path.display()))?;
     let c = &m.config;
     let ctx = ctx.unwrap_or(c.ctx_len);
     if ctx > c.ctx_len {

@@ -15,6 +15,8 @@ pub struct PplArgs {
     /// Path of a GGUF model file (default: $GEMMA3_MODEL, else the cached default model).
     #[arg(short, long)]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub lora: gemma3_server::LoraArgs,
     /// Tokens per chunk.
     #[arg(short = 'c', long, default_value_t = 512)]
     pub ctx: usize,
@@ -58,8 +60,8 @@ pub fn run(a: PplArgs) -> Result<()> {
         bail!("--batch must be between 1 and 4096, got {}", a.batch);
     }
     let path = crate::model_path::resolve(a.model.clone(), true)?;
-    let (model, tok) =
-        gemma3_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let (model, tok) = gemma3_engine::load(&path, &a.lora.specs()?)
+        .with_context(|| format!("loading {}", path.display()))?;
     if model.config.ctx_len < 4 {
         bail!(
             "the model's context of {} tokens is too short to measure perplexity (4 at least)",

@@ -135,10 +135,26 @@ pub fn stop_tokens(model: &gemma3_model::Model, tok: &Tokenizer) -> Vec<u32> {
 /// A second later, a background thread moves the packed weights to 2 MB
 /// pages (about 0.3 s of a core), after which generation runs about 15%
 /// faster; see `Model::collapse_huge_pages_in_background`.
+///
+/// Then each of `loras` is applied, in order (see
+/// [`gemma3_model::Model::load_lora`]); tensors of an adapter that llama.cpp
+/// also leaves out (norm weights) are named in a warning on stderr.
 pub fn load(
     path: &std::path::Path,
+    loras: &[LoraSpec],
 ) -> Result<(gemma3_model::Model, Tokenizer), gemma3_model::ModelError> {
-    let (model, tok) = gemma3_model::Model::open_alongside(path, tokenizer_from_gguf)?;
+    let (mut model, tok) = gemma3_model::Model::open_alongside(path, tokenizer_from_gguf)?;
+    for l in loras {
+        let info = model.load_lora(&l.path, l.scale)?;
+        if !info.skipped.is_empty() {
+            eprintln!(
+                "warning: LoRA adapter {}: {} tensor(s) left out, as llama.cpp leaves them out: {}",
+                l.path.display(),
+                info.skipped.len(),
+                info.skipped.join(", ")
+            );
+        }
+    }
     let tok = tok?;
     // Every token must have an embedding row and a logit, and every row a
     // token (llama.cpp checks token_embd's shape against the vocabulary).
@@ -151,6 +167,49 @@ pub fn load(
     }
     model.collapse_huge_pages_in_background();
     Ok((model, tok))
+}
+
+/// A LoRA adapter to apply when loading: `--lora FILE` (scale 1) or
+/// `--lora-scaled FILE SCALE`, as llama.cpp's flags.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSpec {
+    pub path: std::path::PathBuf,
+    pub scale: f32,
+}
+
+impl LoraSpec {
+    /// The adapters of `--lora FILE` (each at scale 1) and `--lora-scaled
+    /// FILE SCALE` (given as a flat list of pairs), those first. A scale must
+    /// be a finite number within ±100 (an adapter's scale is about 1; a
+    /// huge one only turns the logits into infinities).
+    pub fn from_flags(lora: &[std::path::PathBuf], scaled: &[String]) -> Result<Vec<Self>, String> {
+        let mut out: Vec<Self> = lora
+            .iter()
+            .map(|p| Self {
+                path: p.clone(),
+                scale: 1.0,
+            })
+            .collect();
+        for pair in scaled.chunks(2) {
+            let [path, scale] = pair else {
+                return Err("--lora-scaled takes a file and a scale".into());
+            };
+            let s: f32 = scale
+                .trim()
+                .parse()
+                .map_err(|_| format!("--lora-scaled {path} {scale}: the scale is not a number"))?;
+            if !s.is_finite() || s.abs() > 100.0 {
+                return Err(format!(
+                    "--lora-scaled {path} {scale}: the scale must be between -100 and 100"
+                ));
+            }
+            out.push(Self {
+                path: path.into(),
+                scale: s,
+            });
+        }
+        Ok(out)
+    }
 }
 
 /// Build the tokenizer from a GGUF file's `tokenizer.ggml.*` vocabulary.

@@ -518,3 +518,40 @@ fn signed_absmax(x: &[f32]) -> f32 {
     }
     max
 }
+
+/// Round activations in place to what a matrix in `format` multiplies them
+/// as in ggml: f16 for F16 weights, bf16 for BF16 (ggml converts them to
+/// the weights' type first), the values of their Q8_0 or Q8_K blocks for
+/// quantized ones, unchanged for F32. `x.len()` must be a multiple of the
+/// activation block (32 or 256) for quantized formats.
+///
+/// A plain f32 product of a weight row with the result is then ggml's
+/// product up to the order of the additions: used where a matrix is small
+/// enough to be kept in f32 (a LoRA adapter's), so that it gives llama.cpp's
+/// values without a kernel per format.
+pub fn round_activations(format: WeightFormat, x: &mut [f32]) {
+    match format.act_format() {
+        ActFormat::F32 => match format {
+            WeightFormat::F16 => crate::ops::round_to_f16(x),
+            WeightFormat::BF16 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+            _ => {}
+        },
+        ActFormat::Q8_0 => {
+            let mut blocks = vec![BlockQ8_0::default(); x.len() / QK];
+            quantize_q8_0(x, &mut blocks);
+            for (xb, b) in x.chunks_exact_mut(QK).zip(&blocks) {
+                let d = f16_le(b.d);
+                xb.iter_mut().zip(b.qs).for_each(|(v, q)| *v = d * q as f32);
+            }
+        }
+        ActFormat::Q8K => {
+            let mut blocks = vec![BlockQ8K::default(); x.len() / QK_K];
+            quantize_q8_k(x, &mut blocks);
+            for (xb, b) in x.chunks_exact_mut(QK_K).zip(&blocks) {
+                xb.iter_mut()
+                    .zip(b.qs)
+                    .for_each(|(v, q)| *v = b.d * q as f32);
+            }
+        }
+    }
+}

@@ -31,6 +31,8 @@ pub enum ModelError {
         index: usize,
         value: f32,
     },
+    #[error("LoRA adapter {path}: {why}")]
+    Lora { path: String, why: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("context overflow: position {pos} is beyond the context of {ctx} tokens")]

@@ -7,10 +7,12 @@ pub mod config;
 pub mod error;
 pub mod forward;
 pub mod kv_cache;
+pub mod lora;
 pub mod weights;
 
 pub use config::Config;
 pub use error::ModelError;
 pub use forward::{Batch, ForwardState, Output};
 pub use kv_cache::KvCache;
+pub use lora::LoraInfo;
 pub use weights::{Model, Tensor};

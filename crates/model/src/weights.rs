@@ -2,6 +2,7 @@
 //! file (quantized matrices are never expanded), with every tensor's type and
 //! shape checked against the config when the file is opened.
 
+use crate::lora::{LoraDelta, LoraInfo};
 use crate::{Config, ModelError};
 use gemma3_gguf::{GgmlType, GgufFile, TensorInfo};
 use gemma3_kernels::formats::CodedFormat;
@@ -22,6 +23,8 @@ pub struct Tensor {
     /// The rows interleaved for the int8 kernels (every matrix whose format
     /// and shape have a packed form); None: computed from the file in place.
     pub packed: Option<Arc<PackedMatrix>>,
+    /// LoRA updates added to this matrix's products (see [`crate::lora`]).
+    pub lora: Vec<Arc<LoraDelta>>,
 }
 
 /// One transformer block. Matrices are stored as (out, in): a row per output.
@@ -54,7 +57,7 @@ pub struct Layer {
 
 impl Layer {
     /// The 7 weight matrices, by index (q, k, v, o, gate, up, down).
-    fn matrix(&self, i: usize) -> &Tensor {
+    pub(crate) fn matrix(&self, i: usize) -> &Tensor {
         [
             &self.wq,
             &self.wk,
@@ -66,7 +69,7 @@ impl Layer {
         ][i]
     }
 
-    fn matrix_mut(&mut self, i: usize) -> &mut Tensor {
+    pub(crate) fn matrix_mut(&mut self, i: usize) -> &mut Tensor {
         match i {
             0 => &mut self.wq,
             1 => &mut self.wk,
@@ -88,9 +91,11 @@ pub struct Model {
     pub output: Option<Tensor>,
     pub final_norm: Vec<f32>,
     pub layers: Vec<Layer>,
+    /// The LoRA adapters applied, in order (see [`Model::load_lora`]).
+    pub loras: Vec<LoraInfo>,
 }
 
-fn weight_format(name: &str, ty: GgmlType) -> Result<WeightFormat, ModelError> {
+pub(crate) fn weight_format(name: &str, ty: GgmlType) -> Result<WeightFormat, ModelError> {
     Ok(match ty {
         GgmlType::F32 => WeightFormat::F32,
         GgmlType::F16 => WeightFormat::F16,
@@ -210,6 +215,7 @@ impl Model {
                 cols,
                 info: info.clone(),
                 packed: None,
+                lora: Vec::new(),
             })
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
@@ -288,6 +294,7 @@ impl Model {
             output,
             final_norm,
             layers,
+            loras: Vec::new(),
         };
         model.pack_layers();
         Ok(model)
@@ -358,8 +365,24 @@ impl Model {
         gemma3_kernels::packed::collapse_in_background(self.packed_mappings(), delay);
     }
 
-    /// `out = x · tᵀ` for n rows of x, through the packed copy when there is one.
+    /// `out = x · tᵀ` for n rows of x, through the packed copy when there is
+    /// one, plus the updates of t's LoRA adapters.
     pub fn matmul(&self, t: &Tensor, x: &[f32], n: usize, out: &mut [f32], mm: &mut MatmulScratch) {
+        self.matmul_base(t, x, n, out, mm);
+        for d in &t.lora {
+            d.add_to(x, n, out);
+        }
+    }
+
+    /// [`Model::matmul`] without the adapters.
+    fn matmul_base(
+        &self,
+        t: &Tensor,
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+        mm: &mut MatmulScratch,
+    ) {
         match &t.packed {
             Some(p) => gemma3_kernels::packed::matmul_packed(
                 &gemma3_kernels::simd::best().packed,
@@ -396,6 +419,11 @@ impl Model {
                 n,
                 mm,
             );
+            for (t, out) in ts.into_iter().zip(outs) {
+                for d in &t.lora {
+                    d.add_to(x, n, out);
+                }
+            }
         } else {
             for (t, out) in ts.into_iter().zip(outs) {
                 self.matmul(t, x, n, out, mm);

@@ -95,7 +95,7 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use gemma3_engine::scheduler::{Scheduler, SchedulerConfig};
-use gemma3_engine::Pooling;
+use gemma3_engine::{LoraSpec, Pooling};
 use gemma3_model::KvCache;
 use routes::App;
 use std::future::Future;
@@ -143,6 +143,33 @@ pub struct ServeArgs {
     /// Gemma's format where the file has none. It applies to Ollama's /api/chat too.
     #[arg(long, value_name = "FILE")]
     pub chat_template_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+}
+
+/// `--lora FILE` and `--lora-scaled FILE SCALE`, as llama.cpp's flags (the
+/// CLI's commands take them too).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct LoraArgs {
+    /// Apply a LoRA adapter (a GGUF adapter file, as llama.cpp's convert_lora_to_gguf.py writes
+    /// one) at scale 1. Repeatable: the adapters' updates add up.
+    #[arg(long = "lora", value_name = "FILE")]
+    pub lora: Vec<PathBuf>,
+    /// Apply a LoRA adapter at SCALE (times its alpha / rank, as llama.cpp). Repeatable.
+    #[arg(
+        long = "lora-scaled",
+        num_args = 2,
+        value_names = ["FILE", "SCALE"],
+        allow_negative_numbers = true
+    )]
+    pub lora_scaled: Vec<String>,
+}
+
+impl LoraArgs {
+    /// The adapters, `--lora` ones first.
+    pub fn specs(&self) -> Result<Vec<LoraSpec>> {
+        LoraSpec::from_flags(&self.lora, &self.lora_scaled).map_err(anyhow::Error::msg)
+    }
 }
 
 /// Everything needed to start a server (the model path already resolved).
@@ -159,6 +186,8 @@ pub struct ServerConfig {
     pub pooling: Pooling,
     /// See [`ServeArgs::chat_template_file`].
     pub chat_template_file: Option<PathBuf>,
+    /// LoRA adapters applied to the model at load (`--lora`, `--lora-scaled`).
+    pub loras: Vec<LoraSpec>,
     pub api_key: Option<String>,
     /// After a shutdown signal: how long in-flight requests may run before
     /// they are cancelled.
@@ -181,6 +210,7 @@ impl ServerConfig {
             prompt_chunk: 128,
             pooling: Pooling::Mean,
             chat_template_file: None,
+            loras: Vec::new(),
             api_key: None,
             shutdown_grace: Duration::from_secs(10),
             header_timeout: HEADER_TIMEOUT,
@@ -188,8 +218,9 @@ impl ServerConfig {
         }
     }
 
-    pub fn from_args(a: ServeArgs, model_path: PathBuf) -> Self {
-        ServerConfig {
+    pub fn from_args(a: ServeArgs, model_path: PathBuf) -> Result<Self> {
+        Ok(ServerConfig {
+            loras: a.lora.specs()?,
             host: a.host,
             port: a.port,
             parallel: a.parallel,
@@ -200,7 +231,7 @@ impl ServerConfig {
             chat_template_file: a.chat_template_file,
             api_key: a.api_key,
             ..Self::new(model_path)
-        }
+        })
     }
 }
 
@@ -236,8 +267,8 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
             path.display()
         );
     }
-    let (model, tok) =
-        gemma3_engine::load(path).with_context(|| format!("loading {}", path.display()))?;
+    let (model, tok) = gemma3_engine::load(path, &cfg.loras)
+        .with_context(|| format!("loading {}", path.display()))?;
     let chat = gemma3_engine::chat_template(&model, &tok, cfg.chat_template_file.as_deref())
         .map_err(anyhow::Error::msg)?;
     // Ollama's routes render Gemma's conversations with Ollama's own Gemma 3
