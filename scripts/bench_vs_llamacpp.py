@@ -6,7 +6,7 @@ N prompt tokens from an empty context; tg = N single-token decodes from an
 empty context (or after `depth` tokens). Each engine runs each test once
 unmeasured before its repetitions, as llama-bench does (gemma3 in every
 process it starts, through `gemma3 bench`'s own warm-up)."""
-import argparse, json, os, random, statistics, subprocess, sys, time
+import argparse, ctypes, json, os, random, statistics, subprocess, sys, time
 import llama_cpp
 
 def default_model():
@@ -20,7 +20,7 @@ def _quiet(level, text, user_data):
     pass
 
 class LlamaCpp:
-    def __init__(self, model, threads, n_ctx):
+    def __init__(self, model, threads, n_ctx, lora=None):
         llama_cpp.llama_log_set(_quiet, None)
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
@@ -34,6 +34,15 @@ class LlamaCpp:
         cp.flash_attn_type = 0 if hasattr(cp, "flash_attn_type") else None
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        if lora:
+            # At scale 1, as `gemma3 bench --lora` applies it.
+            self.adapter = llama_cpp.llama_adapter_lora_init(self.model, lora.encode())
+            if not self.adapter:
+                raise RuntimeError(f"llama.cpp refused the adapter {lora}")
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapter)
+            scales = (ctypes.c_float * 1)(1.0)
+            if llama_cpp.llama_set_adapters_lora(self.ctx, arr, 1, scales) != 0:
+                raise RuntimeError("llama_set_adapters_lora failed")
 
     def clear(self):
         mem = llama_cpp.llama_get_memory(self.ctx)
@@ -77,8 +86,9 @@ class LlamaCpp:
             # would cost more than the decode itself.
         return n / (time.perf_counter() - t0)
 
-def gemma3(bin_, model, test, n, threads, depth):
+def gemma3(bin_, model, test, n, threads, depth, lora=None):
     args = [bin_, "bench", "-m", model, "-t", str(threads), "-r", "1", "-d", str(depth), "--json"]
+    args += ["--lora", lora] if lora else []
     args += ["-p", str(n), "-n", "0"] if test == "pp" else ["-p", "0", "-n", str(n)]
     out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["median_tps"]
@@ -92,13 +102,14 @@ def main():
     ap.add_argument("-t", default="1,2")
     ap.add_argument("-r", type=int, default=5)
     ap.add_argument("-d", type=int, default=0)
+    ap.add_argument("--lora", help="a LoRA adapter (GGUF) both engines apply at scale 1")
     a = ap.parse_args()
     rng = random.Random(0)
     rows = []
     for threads in [int(x) for x in a.t.split(",")]:
         tests = [("pp", int(x)) for x in a.p.split(",") if int(x) > 0] + [("tg", int(x)) for x in a.n.split(",") if int(x) > 0]
         n_ctx = a.d + max(n for _, n in tests) + 8
-        ll = LlamaCpp(a.model, threads, n_ctx)
+        ll = LlamaCpp(a.model, threads, n_ctx, a.lora)
         depth_toks = [rng.randrange(1000, 200000) for _ in range(a.d)]
         for test, n in tests:
             ours, theirs = [], []
@@ -107,7 +118,7 @@ def main():
             # bench` does in each of its processes.
             ll.pp(toks, depth_toks) if test == "pp" else ll.tg(n, depth_toks)
             for _ in range(a.r):
-                ours.append(gemma3(a.gemma3, a.model, test, n, threads, a.d))
+                ours.append(gemma3(a.gemma3, a.model, test, n, threads, a.d, a.lora))
                 theirs.append(ll.pp(toks, depth_toks) if test == "pp" else ll.tg(n, depth_toks))
             mo, mt = statistics.median(ours), statistics.median(theirs)
             rows.append((f"{test}{n}", threads, a.d, mo, mt))

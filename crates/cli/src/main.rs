@@ -265,6 +265,28 @@ fn info(model: ModelArg, ctx: Option<usize>, lora: gemma3_server::LoraArgs) -> R
         m.n_params(),
         m.n_params() as f64 / 1e6
     )?;
+    for (id, l) in m.loras.iter().enumerate() {
+        let alpha = if l.alpha == 0.0 {
+            "no alpha".to_string()
+        } else {
+            format!("alpha {}", l.alpha)
+        };
+        let rank = match l.ranks {
+            (lo, hi) if lo == hi => format!("rank {lo}"),
+            (lo, hi) => format!("ranks {lo}–{hi}"),
+        };
+        outln!(
+            "lora {id}        {}{}: scale {}, {alpha}, {rank}, {} matrices, {:.1} MiB as f32",
+            l.path.display(),
+            l.name
+                .as_deref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default(),
+            l.scale,
+            l.matrices,
+            l.bytes as f64 / (1 << 20) as f64
+        )?;
+    }
     outln!("tensor types:")?;
     for (ty, n, bytes) in m.bytes_by_type() {
         outln!(

@@ -15,7 +15,8 @@
 
 use crate::{Model, ModelError};
 use gemma3_gguf::{GgufError, GgufFile, TensorInfo};
-use gemma3_kernels::{quant, vectorized, QMatrix, WeightFormat};
+use gemma3_kernels::packed::{matmul_packed, FLOAT_BLOCK};
+use gemma3_kernels::{quant, vectorized, MatmulScratch, PackedMatrix, QMatrix, WeightFormat};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,103 +35,127 @@ const MATRICES: [&str; 7] = [
 ];
 
 /// One adapted matrix's low-rank update, `out += scale · B·(A·x)`.
+///
+/// A and B are kept in the interleaved form of the float kernels
+/// ([`PackedMatrix`]), in their file's type where that is a float type (the
+/// values as they are) and in F32 otherwise. Their shapes are padded with
+/// zeros, which add nothing to a sum: columns to a multiple of 32 (the
+/// kernels' block), rows to one of 16 (their row group).
 #[derive(Debug)]
 pub struct LoraDelta {
     rank: usize,
     n_in: usize,
     n_out: usize,
-    /// A, rank × n_in.
-    a: Vec<f32>,
-    /// B transposed, rank × n_out.
-    bt: Vec<f32>,
+    /// A, rank × n_in (padded).
+    a: PackedMatrix,
+    /// B, n_out × rank (padded).
+    b: PackedMatrix,
     /// The file's types of A and B: how the activations they multiply are
-    /// rounded (see [`quant::round_activations`]).
+    /// rounded first (see [`quant::round_activations`]).
     a_format: WeightFormat,
     b_format: WeightFormat,
     /// The user's scale times alpha / rank.
     scale: f32,
 }
 
-/// Tokens per task of [`LoraDelta::add_to`]: each task reuses its buffers.
-const TOKENS_PER_TASK: usize = 4;
-/// Output lanes accumulated together over the rank.
-const LANES: usize = 16;
+/// Buffers of [`LoraDelta::add_to`], per thread (the forward pass's).
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    hb: Vec<f32>,
+    d: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = Default::default();
+}
 
 impl LoraDelta {
     /// `out += scale · B·(A·x)` for n rows of x (n × n_in) and out (n × n_out).
-    pub fn add_to(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        debug_assert_eq!(x.len(), n * self.n_in);
-        debug_assert_eq!(out.len(), n * self.n_out);
-        let (xs, outs) = (
-            x.chunks(TOKENS_PER_TASK * self.n_in),
-            out.chunks_mut(TOKENS_PER_TASK * self.n_out),
-        );
-        // Per token, so splitting the work cannot change a value.
-        if n > TOKENS_PER_TASK && rayon::current_num_threads() > 1 {
-            let xs = x.par_chunks(TOKENS_PER_TASK * self.n_in);
-            let outs = out.par_chunks_mut(TOKENS_PER_TASK * self.n_out);
-            xs.zip(outs).for_each(|(x, out)| self.add_rows(x, out));
+    pub fn add_to(&self, x: &[f32], n: usize, out: &mut [f32], mm: &mut MatmulScratch) {
+        // A has few rows (the rank), which the kernels would give one
+        // thread: many tokens are split between the threads instead (per
+        // token, so the split cannot change a value).
+        let threads = rayon::current_num_threads();
+        if threads > 1 && n >= 16 * threads {
+            let per = n.div_ceil(threads);
+            x.par_chunks(per * self.n_in)
+                .zip(out.par_chunks_mut(per * self.n_out))
+                .for_each(|(x, out)| {
+                    let n = x.len() / self.n_in;
+                    self.add_rows(x, n, out, &mut MatmulScratch::default())
+                });
         } else {
-            xs.zip(outs).for_each(|(x, out)| self.add_rows(x, out));
+            self.add_rows(x, n, out, mm);
         }
     }
 
-    fn add_rows(&self, x: &[f32], out: &mut [f32]) {
-        let (n_in, n_out, r) = (self.n_in, self.n_out, self.rank);
-        let mut xr = vec![0.0f32; n_in];
-        let mut h = vec![0.0f32; r];
-        let mut d = vec![0.0f32; n_out];
-        for (x, out) in x.chunks_exact(n_in).zip(out.chunks_exact_mut(n_out)) {
-            xr.copy_from_slice(x);
-            quant::round_activations(self.a_format, &mut xr);
-            for (h, a) in h.iter_mut().zip(self.a.chunks_exact(n_in)) {
-                *h = dot(a, &xr);
-            }
-            quant::round_activations(self.b_format, &mut h);
-            b_times(&self.bt, &h, &mut d);
-            // ggml_scale, then ggml_add.
-            for (o, &v) in out.iter_mut().zip(&d) {
-                *o += self.scale * v;
-            }
-        }
-    }
-}
-
-/// Σ a·b, over 16 partial sums.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    vectorized!(fn(a: &[f32], b: &[f32]) -> f32 {
-        let mut acc = [0.0f32; LANES];
-        let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-        let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-        for (x, y) in ca.zip(cb) {
-            for i in 0..LANES {
-                acc[i] += x[i] * y[i];
-            }
-        }
-        acc.iter().sum::<f32>() + tail
-    })
-}
-
-/// `d = B·h` with B given transposed (`bt`: rank rows of d.len()).
-fn b_times(bt: &[f32], h: &[f32], d: &mut [f32]) {
-    vectorized!(fn(bt: &[f32], h: &[f32], d: &mut [f32]) {
-        let n_out = d.len();
-        let mut o = 0;
-        while o + LANES <= n_out {
-            let mut acc = [0.0f32; LANES];
-            for (j, &hj) in h.iter().enumerate() {
-                let row = &bt[j * n_out + o..j * n_out + o + LANES];
-                for i in 0..LANES {
-                    acc[i] += hj * row[i];
+    fn add_rows(&self, x: &[f32], n: usize, out: &mut [f32], mm: &mut MatmulScratch) {
+        let k = &gemma3_kernels::simd::best().packed;
+        let (n_in, n_out) = (self.n_in, self.n_out);
+        let (in_pad, out_pad) = (self.a.cols, self.b.rows);
+        let (ra, rb, r) = (self.a.rows, self.b.cols, self.rank);
+        SCRATCH.with_borrow_mut(|s| {
+            let x = if rounds(self.a_format) || in_pad != n_in {
+                s.x.clear();
+                s.x.resize(n * in_pad, 0.0);
+                for (dst, src) in s.x.chunks_exact_mut(in_pad).zip(x.chunks_exact(n_in)) {
+                    dst[..n_in].copy_from_slice(src);
+                    quant::round_activations(self.a_format, &mut dst[..n_in]);
+                }
+                &s.x[..]
+            } else {
+                x
+            };
+            s.h.resize(n * ra, 0.0);
+            matmul_packed(k, &self.a, x, n, &mut s.h, mm);
+            // A's rows are padded to 16, B's columns to 32.
+            let h = if ra == rb {
+                &mut s.h
+            } else {
+                s.hb.clear();
+                s.hb.resize(n * rb, 0.0);
+                for (dst, src) in s.hb.chunks_exact_mut(rb).zip(s.h.chunks_exact(ra)) {
+                    dst[..r].copy_from_slice(&src[..r]);
+                }
+                &mut s.hb
+            };
+            if rounds(self.b_format) {
+                for row in h.chunks_exact_mut(rb) {
+                    quant::round_activations(self.b_format, &mut row[..r]);
                 }
             }
-            d[o..o + LANES].copy_from_slice(&acc);
-            o += LANES;
-        }
-        for (k, v) in d[o..].iter_mut().enumerate() {
-            *v = h.iter().enumerate().map(|(j, &hj)| hj * bt[j * n_out + o + k]).sum();
-        }
-    })
+            s.d.resize(n * out_pad, 0.0);
+            matmul_packed(k, &self.b, h, n, &mut s.d, mm);
+            // ggml_scale, then ggml_add.
+            let (d, scale) = (&s.d[..], self.scale);
+            vectorized!(fn(out: &mut [f32], d: &[f32], scale: f32, n_out: usize, out_pad: usize) {
+                for (out, d) in out.chunks_exact_mut(n_out).zip(d.chunks_exact(out_pad)) {
+                    for (o, &v) in out.iter_mut().zip(d) {
+                        *o += scale * v;
+                    }
+                }
+            })
+        });
+    }
+}
+
+/// Whether activations are rounded before a product with `format`.
+fn rounds(format: WeightFormat) -> bool {
+    format != WeightFormat::F32
+}
+
+/// `values` (rows × cols, row-major) interleaved for the float kernels, in
+/// `format` if it is a float type and F32 otherwise.
+fn pack_float(format: WeightFormat, rows: usize, cols: usize, values: &[f32]) -> PackedMatrix {
+    let stored = match format {
+        WeightFormat::F16 | WeightFormat::BF16 => format,
+        _ => WeightFormat::F32,
+    };
+    let bytes = quant::encode_float_weights(stored, values).expect("a float format");
+    let q = QMatrix::new(stored, rows, cols, &bytes).expect("the shape of its values");
+    PackedMatrix::pack(&q).expect("rows a multiple of 16 and columns of 32")
 }
 
 /// An adapter as loaded: what `gemma3 info` and the server report.
@@ -148,6 +173,8 @@ pub struct LoraInfo {
     pub ranks: (usize, usize),
     /// Tensors llama.cpp skips as well (norm weights), by name.
     pub skipped: Vec<String>,
+    /// Bytes its matrices take in memory (none at scale 0).
+    pub bytes: u64,
 }
 
 impl Model {
@@ -254,11 +281,24 @@ impl Model {
             };
             let a_m = self.lora_matrix(&file, a, rank, n_in).map_err(&err)?;
             let b_m = self.lora_matrix(&file, b, n_out, rank).map_err(&err)?;
-            let mut bt = vec![0.0f32; rank * n_out];
-            for (o, row) in b_m.chunks_exact(rank).enumerate() {
-                for (j, &v) in row.iter().enumerate() {
-                    bt[j * n_out + o] = v;
-                }
+            let a_format = crate::weights::weight_format(&a.name, a.ggml_type)?;
+            let b_format = crate::weights::weight_format(&b.name, b.ggml_type)?;
+            // Zeros to the padded shapes.
+            let (ra, rb) = (
+                rank.next_multiple_of(16),
+                rank.next_multiple_of(FLOAT_BLOCK),
+            );
+            let (in_pad, out_pad) = (
+                n_in.next_multiple_of(FLOAT_BLOCK),
+                n_out.next_multiple_of(16),
+            );
+            let mut a_pad = vec![0.0f32; ra * in_pad];
+            for (dst, src) in a_pad.chunks_exact_mut(in_pad).zip(a_m.chunks_exact(n_in)) {
+                dst[..n_in].copy_from_slice(src);
+            }
+            let mut b_pad = vec![0.0f32; out_pad * rb];
+            for (dst, src) in b_pad.chunks_exact_mut(rb).zip(b_m.chunks_exact(rank)) {
+                dst[..rank].copy_from_slice(src);
             }
             // llama.cpp's `get_scale`, in its order of operations.
             let s = if alpha != 0.0 {
@@ -270,15 +310,23 @@ impl Model {
                 rank,
                 n_in,
                 n_out,
-                a: a_m,
-                bt,
-                a_format: crate::weights::weight_format(&a.name, a.ggml_type)?,
-                b_format: crate::weights::weight_format(&b.name, b.ggml_type)?,
+                a: pack_float(a_format, ra, in_pad, &a_pad),
+                b: pack_float(b_format, out_pad, rb, &b_pad),
+                a_format,
+                b_format,
                 scale: s,
             };
             deltas.push((l, m, delta));
         }
         let ranks = deltas.iter().map(|(_, _, d)| d.rank);
+        let bytes = if scale != 0.0 {
+            (deltas
+                .iter()
+                .map(|(_, _, d)| (d.a.size_bytes() + d.b.size_bytes()) as u64))
+            .sum()
+        } else {
+            0
+        };
         let info = LoraInfo {
             path: path.to_path_buf(),
             name: file.get_str("general.name").ok().map(str::to_string),
@@ -287,6 +335,7 @@ impl Model {
             matrices: deltas.len(),
             ranks: (ranks.clone().min().unwrap_or(0), ranks.max().unwrap_or(0)),
             skipped,
+            bytes,
         };
         // As llama.cpp's llama_set_adapters_lora: an adapter at scale 0 is not run.
         if scale != 0.0 {
@@ -353,57 +402,5 @@ impl Model {
             ));
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The update against its definition in f64, for F32 A and B (no
-    /// rounding of the activations): out += s · Σ_j B[o][j] · Σ_i A[j][i]·x[i].
-    #[test]
-    fn delta_is_scale_times_b_a_x() {
-        let (n_in, n_out, rank, n) = (96, 40, 3, 7);
-        let val = |k: usize| ((k * 7919 % 1000) as f32 / 500.0) - 1.0;
-        let a: Vec<f32> = (0..rank * n_in).map(val).collect();
-        let b: Vec<f32> = (0..n_out * rank).map(|k| val(k + 12345)).collect();
-        let x: Vec<f32> = (0..n * n_in).map(|k| val(k + 777)).collect();
-        let mut bt = vec![0.0; rank * n_out];
-        for o in 0..n_out {
-            for j in 0..rank {
-                bt[j * n_out + o] = b[o * rank + j];
-            }
-        }
-        let d = LoraDelta {
-            rank,
-            n_in,
-            n_out,
-            a: a.clone(),
-            bt,
-            a_format: WeightFormat::F32,
-            b_format: WeightFormat::F32,
-            scale: 0.75,
-        };
-        let base: Vec<f32> = (0..n * n_out).map(|k| val(k + 4242)).collect();
-        let mut out = base.clone();
-        d.add_to(&x, n, &mut out);
-        for t in 0..n {
-            for o in 0..n_out {
-                let mut want = 0.0f64;
-                for j in 0..rank {
-                    let ax: f64 = (0..n_in)
-                        .map(|i| a[j * n_in + i] as f64 * x[t * n_in + i] as f64)
-                        .sum();
-                    want += b[o * rank + j] as f64 * ax;
-                }
-                let want = base[t * n_out + o] as f64 + 0.75 * want;
-                let got = out[t * n_out + o] as f64;
-                assert!(
-                    (got - want).abs() < 1e-4,
-                    "token {t} row {o}: {got} vs {want}"
-                );
-            }
-        }
     }
 }

@@ -370,7 +370,7 @@ impl Model {
     pub fn matmul(&self, t: &Tensor, x: &[f32], n: usize, out: &mut [f32], mm: &mut MatmulScratch) {
         self.matmul_base(t, x, n, out, mm);
         for d in &t.lora {
-            d.add_to(x, n, out);
+            d.add_to(x, n, out, mm);
         }
     }
 
@@ -421,7 +421,7 @@ impl Model {
             );
             for (t, out) in ts.into_iter().zip(outs) {
                 for d in &t.lora {
-                    d.add_to(x, n, out);
+                    d.add_to(x, n, out, mm);
                 }
             }
         } else {
@@ -472,14 +472,19 @@ impl Model {
     /// is one, which for Q3_K and the coded formats is larger than the
     /// file's; one embedding row is negligible).
     pub fn bytes_per_token(&self) -> u64 {
-        self.matrices().map(|t| self.read_bytes(t)).sum()
+        self.matrices().map(|t| self.read_bytes(t)).sum::<u64>() + self.lora_bytes()
+    }
+
+    /// Bytes the LoRA adapters' matrices take (all of them read per token).
+    pub fn lora_bytes(&self) -> u64 {
+        self.loras.iter().map(|l| l.bytes).sum()
     }
 
     /// Bytes the weights take once loaded: every tensor as stored, except
     /// that each interleaved matrix counts at its packed size (the file's
-    /// pages of it are released as it is packed).
+    /// pages of it are released as it is packed), plus the LoRA adapters.
     pub fn loaded_weight_bytes(&self) -> u64 {
-        let stored: u64 = self.bytes_by_type().iter().map(|e| e.2).sum();
+        let stored = self.bytes_by_type().iter().map(|e| e.2).sum::<u64>() + self.lora_bytes();
         self.matrices().fold(stored, |b, t| {
             b - self.file.tensor_data(&t.info).len() as u64 + self.read_bytes(t)
         })

@@ -134,7 +134,8 @@ fn merged(
 fn adapted_logits_match_the_reference_on_merged_weights() {
     let spec = TinySpec::default();
     let (mut m, w) = open(&spec);
-    let toks: Vec<u32> = (0..24).map(|i| (i * 37 % spec.vocab) as u32).collect();
+    // 40 tokens: on two threads or more, a prefill's rows are split between them (32 and up).
+    let toks: Vec<u32> = (0..40).map(|i| (i * 37 % spec.vocab) as u32).collect();
     let positions: Vec<usize> = (0..toks.len()).collect();
     // Adapter one: rank 4, alpha 2 (scale · 0.5), every matrix kind, a local and the
     // global layer. Adapter two: rank 2, no alpha, q again (the updates add up) and down.

@@ -300,6 +300,7 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
             .to_string(),
         ctx_len: model.config.ctx_len,
         layers: model.config.n_layers,
+        loras: model.loras.clone(),
     };
     let kv = KvCache::bytes_for(&model.config, cfg.ctx) * cfg.parallel;
     let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
@@ -445,6 +446,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/models/{id}", get(routes::model))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
+        .route("/lora-adapters", get(routes::lora_adapters))
         // Ollama's API.
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate))

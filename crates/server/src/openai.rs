@@ -180,6 +180,47 @@ const LLAMA_SERVER_FIELDS: [(&str, OffTest); 8] = [
     ("top_n_sigma", |v| v.as_f64().is_some_and(|x| x <= 0.0)),
 ];
 
+/// llama-server's per-request `lora` (`[{"id": 0, "scale": 0.5}, …]`):
+/// accepted where it asks for the scales the adapters run at (`scales`, by
+/// id), refused where it would change them, which this server cannot do per
+/// request (a request answered at other scales than it asked for would be a
+/// silent wrong answer).
+pub fn check_lora(obj: &Map<String, Value>, scales: &[f32]) -> Result<(), ApiError> {
+    let list = match obj.get("lora") {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::Array(a)) => a,
+        Some(v) => return Err(wrong_type("lora", "an array of {\"id\", \"scale\"}", v)),
+    };
+    for (i, e) in list.iter().enumerate() {
+        let id = e.get("id").and_then(Value::as_u64);
+        let scale = e.get("scale").and_then(Value::as_f64);
+        let (Some(id), Some(scale)) = (id, scale) else {
+            return Err(ApiError::field(
+                "lora",
+                format!("'lora' entry {i} must be an object with an integer 'id' and a number 'scale', got {e}"),
+            ));
+        };
+        let Some(&running) = scales.get(id as usize) else {
+            return Err(ApiError::field(
+                "lora",
+                format!(
+                    "'lora' entry {i} names adapter {id}, but this server has {} (GET /lora-adapters lists them)",
+                    scales.len()
+                ),
+            ));
+        };
+        if scale as f32 != running {
+            return Err(ApiError::field(
+                "lora",
+                format!(
+                    "'lora' asks adapter {id} for scale {scale}, but adapters run at the scales the server was started with (this one at {running}: --lora-scaled FILE SCALE); per-request scales are not supported"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether a field's value leaves it off.
 type OffTest = fn(&Value) -> bool;
 

@@ -73,6 +73,8 @@ pub struct ModelInfo {
     /// The model's training context (not the server's `--ctx`).
     pub ctx_len: usize,
     pub layers: usize,
+    /// The LoRA adapters applied at start, in order (their ids).
+    pub loras: Vec<gemma3_model::LoraInfo>,
 }
 
 pub type AppState = State<Arc<App>>;
@@ -94,6 +96,11 @@ pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response {
 }
 
 impl App {
+    /// The scales the adapters run at, by id.
+    pub(crate) fn lora_scales(&self) -> Vec<f32> {
+        self.info.loras.iter().map(|l| l.scale).collect()
+    }
+
     pub(crate) fn new_id(&self, prefix: &str) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{prefix}-{:08x}{n:08x}", self.started as u32)
@@ -995,6 +1002,7 @@ pub async fn chat(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let req = ChatRequest::parse(&body, app.vocab)?;
+    crate::openai::check_lora(&body, &app.lora_scales())?;
     let prompt = chat_prompt(&app, &req.messages).await?;
     let max_tokens = app.budget(prompt.len(), &req.common, None, "messages")?;
     let n = req.common.n;
@@ -1210,6 +1218,7 @@ pub async fn completions(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let req = CompletionRequest::parse(&body, app.vocab)?;
+    crate::openai::check_lora(&body, &app.lora_scales())?;
     let n = req.common.n;
     app.fits(req.prompts.len(), n)?;
     // Every prompt tokenized and checked against the context before any is
@@ -1342,6 +1351,15 @@ pub async fn model(
         )));
     }
     Ok(json_response(StatusCode::OK, &model_object(&app)))
+}
+
+/// `GET /lora-adapters`, as llama-server: the adapters applied, by id, with
+/// their paths and scales.
+pub async fn lora_adapters(State(app): AppState) -> Response {
+    let list: Vec<Value> = (app.info.loras.iter().enumerate())
+        .map(|(id, l)| json!({"id": id, "path": l.path.display().to_string(), "scale": l.scale}))
+        .collect();
+    json_response(StatusCode::OK, &Value::Array(list))
 }
 
 pub async fn health(State(app): AppState) -> Response {

@@ -2038,3 +2038,66 @@ fn prompt_logprobs_match_llama_cpp() {
         assert_eq!(top.as_object().unwrap().len(), 5, "{lp}");
     }
 }
+
+/// A server started with `--lora` answers with the adapted model (llama.cpp's greedy tokens with
+/// the same adapter, `cli/tests/data/lora`), lists its adapters at `/lora-adapters` as
+/// llama-server does, takes a request's `lora` that asks for the scales it runs at, and refuses
+/// one that asks for others (which it cannot apply per request) by name.
+#[test]
+fn lora_adapters_are_applied_listed_and_fixed() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/tests/data/lora");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("llama_cpp_lora.json")).unwrap())
+            .unwrap();
+    let case = (reference["cases"].as_array().unwrap().iter())
+        .find(|c| c["adapters"] == json!([["a", 1.0]]))
+        .unwrap();
+    let mut cfg = config(model, 2, 512);
+    cfg.loras = vec![gemma3_engine::LoraSpec {
+        path: dir.join("a.gguf"),
+        scale: 1.0,
+    }];
+    let server = start(cfg);
+    let addr = server.addr;
+    let list = get(addr, "/lora-adapters").json();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(
+        (list[0]["id"].clone(), list[0]["scale"].clone()),
+        (json!(0), json!(1.0))
+    );
+    assert!(
+        list[0]["path"].as_str().unwrap().ends_with("a.gguf"),
+        "{list}"
+    );
+    let want = post(addr, "/detokenize", &json!({"tokens": case["greedy"]})).json()["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let body = |lora: Value| json!({"prompt": case["ids"], "max_tokens": 12, "temperature": 0, "lora": lora});
+    for lora in [Value::Null, json!([{"id": 0, "scale": 1.0}])] {
+        let r = post(addr, "/v1/completions", &body(lora));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["choices"][0]["text"], want.as_str());
+    }
+    for (lora, says) in [
+        (
+            json!([{"id": 0, "scale": 0.5}]),
+            "per-request scales are not supported",
+        ),
+        (
+            json!([{"id": 3, "scale": 1.0}]),
+            "names adapter 3, but this server has 1",
+        ),
+        (json!([{"id": 0}]), "an integer 'id' and a number 'scale'"),
+        (json!({"id": 0}), "'lora'"),
+    ] {
+        let r = post(addr, "/v1/completions", &body(lora.clone()));
+        let e = expect_error(&r, 400, Some("lora"));
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(says),
+            "{lora}: {e}"
+        );
+    }
+}
