@@ -8,10 +8,11 @@
 //! `scale = user_scale · alpha / rank` (the user's scale alone when the file
 //! has no alpha). The adapters stay beside the weights, never merged into
 //! them, so the base model's bits are untouched and an adapter's scale of 0
-//! is the base model. A and B are kept in f32 (an adapter is a few MB); the
-//! activations they multiply are first rounded as ggml rounds them for the
-//! file's type (f16 for F16, Q8_0 blocks for Q8_0, ...), so the products are
-//! llama.cpp's up to the order of additions.
+//! is the base model. A and B keep their file's float type (F32 for a
+//! quantized one; an adapter is a few MB) and go through the float kernels;
+//! the activations they multiply are first rounded as ggml rounds them for
+//! the file's type (f16 for F16, Q8_0 blocks for Q8_0, ...), so the products
+//! are llama.cpp's up to the order of additions.
 
 use crate::{Model, ModelError};
 use gemma3_gguf::{GgufError, GgufFile, TensorInfo};
@@ -71,6 +72,16 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = Default::default();
 }
 
+/// `f` with this thread's buffers, or fresh ones where they are in use: a
+/// thread waiting inside a kernel's parallel loop may run another task of
+/// the pool, such as another part of the same prompt.
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|c| match c.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
 impl LoraDelta {
     /// `out += scale · B·(A·x)` for n rows of x (n × n_in) and out (n × n_out).
     pub fn add_to(&self, x: &[f32], n: usize, out: &mut [f32], mm: &mut MatmulScratch) {
@@ -96,7 +107,7 @@ impl LoraDelta {
         let (n_in, n_out) = (self.n_in, self.n_out);
         let (in_pad, out_pad) = (self.a.cols, self.b.rows);
         let (ra, rb, r) = (self.a.rows, self.b.cols, self.rank);
-        SCRATCH.with_borrow_mut(|s| {
+        with_scratch(|s| {
             let x = if rounds(self.a_format) || in_pad != n_in {
                 s.x.clear();
                 s.x.resize(n * in_pad, 0.0);
