@@ -4,7 +4,7 @@
 //! lm-evaluation-harness scores a multiple-choice answer, and what the
 //! server's `echo` with `logprobs` reports token by token).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use gemma3_model::{Batch, ForwardState, KvCache, Model};
 
@@ -42,8 +42,7 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
     }
     let texts = a.input.read()?;
     let path = crate::model_path::resolve(a.model.model.clone(), true)?;
-    let (model, tok) = gemma3_engine::load(&path, &a.lora.specs()?)
-        .with_context(|| format!("loading {}", path.display()))?;
+    let (model, tok) = crate::load(&path, &a.lora)?;
     // A label's tokens as they follow the prompt: its text alone, no BOS,
     // special-token text not parsed.
     let labels: Vec<Vec<u32>> = (a.labels.iter())

@@ -94,8 +94,7 @@ impl Texts {
 pub fn run(a: EmbedArgs) -> Result<()> {
     let texts = a.input.read()?;
     let path = crate::model_path::resolve(a.model.model.clone(), true)?;
-    let (model, tok) = gemma3_engine::load(&path, &a.lora.specs()?)
-        .with_context(|| format!("loading {}", path.display()))?;
+    let (model, tok) = crate::load(&path, &a.lora)?;
     // As llama-embedding and the server's /v1/embeddings tokenize a text.
     let ids: Vec<Vec<u32>> = (texts.iter())
         .map(|(t, _)| gemma3_engine::encode_prompt(&tok, t))

@@ -309,8 +309,7 @@ impl SamplingArgs {
             anyhow::bail!("--ctx must be at least 1");
         }
         let path = crate::model_path::resolve(self.model.clone(), true)?;
-        let (model, tok) = gemma3_engine::load(&path, &self.lora.specs()?)
-            .with_context(|| format!("loading {}", path.display()))?;
+        let (model, tok) = crate::load(&path, &self.lora)?;
         if let Some(ctx) = self.ctx.filter(|&c| c > model.config.ctx_len) {
             anyhow::bail!(
                 "--ctx {ctx} is larger than the model's context of {} tokens",

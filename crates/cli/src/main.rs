@@ -138,6 +138,16 @@ fn real_main() -> Result<()> {
     pool.install(|| command(cli.command))
 }
 
+/// The model at `path` and its tokenizer, with the adapters of `lora`
+/// applied (see [`gemma3_engine::load`]); an adapter's error names the
+/// adapter, not the model.
+fn load(
+    path: &std::path::Path,
+    lora: &gemma3_server::LoraArgs,
+) -> Result<(gemma3_model::Model, gemma3_tokenizer::Tokenizer)> {
+    gemma3_server::load_model(path, &lora.specs()?)
+}
+
 /// Refuses a thread count of 0, or of more than 4 per core: the workers
 /// spin while they wait for work, so with many more threads than cores
 /// they take the cores from each other (`-t 1024` on 2 cores took 23 s
@@ -201,8 +211,7 @@ fn info(model: ModelArg, ctx: Option<usize>, lora: gemma3_server::LoraArgs) -> R
     let path = model_path::resolve(model.model, false)?;
     // Loaded as `run` loads it (tokenizer included), so that what `info`
     // describes is a file `run` accepts.
-    let (m, tok) = gemma3_engine::load(&path, &lora.specs()?)
-        .with_context(|| format!("loading {}", path.display()))?;
+    let (m, tok) = crate::load(&path, &lora)?;
     let c = &m.config;
     let ctx = ctx.unwrap_or(c.ctx_len);
     if ctx > c.ctx_len {

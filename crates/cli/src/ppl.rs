@@ -60,8 +60,7 @@ pub fn run(a: PplArgs) -> Result<()> {
         bail!("--batch must be between 1 and 4096, got {}", a.batch);
     }
     let path = crate::model_path::resolve(a.model.clone(), true)?;
-    let (model, tok) = gemma3_engine::load(&path, &a.lora.specs()?)
-        .with_context(|| format!("loading {}", path.display()))?;
+    let (model, tok) = crate::load(&path, &a.lora)?;
     if model.config.ctx_len < 4 {
         bail!(
             "the model's context of {} tokens is too short to measure perplexity (4 at least)",

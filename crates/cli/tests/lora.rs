@@ -252,6 +252,16 @@ fn bad_adapter_flags_are_clear_errors() {
             vec!["--lora-scaled".into(), a.clone().into(), "1e9".into()],
             "the scale must be between -100 and 100".into(),
         ),
+        (
+            vec!["--lora-scaled".into(), a.clone().into(), "-inf".into()],
+            "the scale must be between -100 and 100".into(),
+        ),
+        (
+            std::iter::repeat_n(["--lora".into(), a.clone().into()], 17)
+                .flatten()
+                .collect(),
+            "17 LoRA adapters given: at most 16".into(),
+        ),
     ];
     for (flags, want) in cases {
         let (out, _, stderr) = run(gemma3()
@@ -261,6 +271,8 @@ fn bad_adapter_flags_are_clear_errors() {
             .args(["--raw", "-n", "1", "Hi"]));
         assert!(!out.status.success(), "{flags:?}");
         assert!(stderr.contains(&want), "{flags:?}: {stderr}");
+        // An adapter's error names the adapter, not the model.
+        assert!(!stderr.contains("loading"), "{stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }

@@ -178,10 +178,15 @@ pub struct LoraSpec {
 }
 
 impl LoraSpec {
+    /// The most adapters applied at once.
+    pub const MAX: usize = 16;
+
     /// The adapters of `--lora FILE` (each at scale 1) and `--lora-scaled
     /// FILE SCALE` (given as a flat list of pairs), those first. A scale must
     /// be a finite number within ±100 (an adapter's scale is about 1; a
-    /// huge one only turns the logits into infinities).
+    /// huge one only turns the logits into infinities), and there may be at
+    /// most [`LoraSpec::MAX`] adapters (each is held in memory on its own,
+    /// the same file given twice included).
     pub fn from_flags(lora: &[std::path::PathBuf], scaled: &[String]) -> Result<Vec<Self>, String> {
         let mut out: Vec<Self> = lora
             .iter()
@@ -207,6 +212,13 @@ impl LoraSpec {
                 path: path.into(),
                 scale: s,
             });
+        }
+        if out.len() > Self::MAX {
+            return Err(format!(
+                "{} LoRA adapters given: at most {} may be applied at once",
+                out.len(),
+                Self::MAX
+            ));
         }
         Ok(out)
     }

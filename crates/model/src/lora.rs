@@ -209,28 +209,42 @@ impl Model {
                 e => e.to_string(),
             })
         })?;
-        let general_type = file.get_str("general.type").unwrap_or("");
-        if general_type != "adapter" {
-            return Err(err(format!(
-                "not a LoRA adapter: its general.type is {} (a model is given with --model)",
-                if general_type.is_empty() {
-                    "missing".to_string()
-                } else {
-                    format!("'{general_type}', not 'adapter'")
-                }
-            )));
+        // A string key: None where it is missing, an error where it is not a string.
+        let text = |key: &str| match file.get(key) {
+            None => Ok(None),
+            Some(_) => file.get_str(key).map(Some).map_err(|e| err(e.to_string())),
+        };
+        match text("general.type")? {
+            Some("adapter") => {}
+            Some(t) => {
+                return Err(err(format!(
+                    "not a LoRA adapter: its general.type is '{t}', not 'adapter' (a model is given with --model)"
+                )))
+            }
+            None => {
+                return Err(err(
+                    "not a LoRA adapter: it has no general.type (a model is given with --model)"
+                        .into(),
+                ))
+            }
         }
-        let arch = file.get_str("general.architecture").unwrap_or("");
-        if arch != "gemma3" {
-            return Err(err(format!(
-                "it is an adapter for '{arch}', not for this gemma3 model"
-            )));
+        match text("general.architecture")? {
+            Some("gemma3") => {}
+            Some(arch) => {
+                return Err(err(format!(
+                    "it is an adapter for '{arch}', not for this gemma3 model"
+                )))
+            }
+            None => return Err(err("it has no general.architecture".into())),
         }
-        let kind = file.get_str("adapter.type").unwrap_or("");
-        if kind != "lora" {
-            return Err(err(format!(
-                "its adapter.type is '{kind}'; only 'lora' adapters are supported"
-            )));
+        match text("adapter.type")? {
+            Some("lora") => {}
+            Some(kind) => {
+                return Err(err(format!(
+                    "its adapter.type is '{kind}'; only 'lora' adapters are supported"
+                )))
+            }
+            None => return Err(err("it has no adapter.type (expected 'lora')".into())),
         }
         if file.get("adapter.alora.invocation_tokens").is_some() {
             return Err(err(
@@ -366,11 +380,14 @@ impl Model {
                 "it adapts '{base}'; adapters of the embedding or output head are not supported"
             ));
         }
+        // (The layer number exactly as llama.cpp names it: no sign, no leading zero.)
         let parsed = base
             .strip_prefix("blk.")
             .and_then(|s| s.strip_suffix(".weight"))
             .and_then(|s| s.split_once('.'))
-            .and_then(|(l, name)| Some((l.parse::<usize>().ok()?, name)));
+            .and_then(|(l, name)| Some((l.parse::<usize>().ok()?, l, name)))
+            .filter(|(l, text, _)| l.to_string() == *text)
+            .map(|(l, _, name)| (l, name));
         match parsed {
             Some((l, name)) if l < self.layers.len() => {
                 match MATRICES.iter().position(|&m| m == name) {

@@ -242,7 +242,21 @@ fn malformed_adapters_are_refused_by_name_and_leave_the_model_as_it_was() {
     nan.b[5] = f32::NAN;
     let (model_file, _) = tiny_writer(&spec);
     let cases: Vec<(&str, GgufWriter, &str)> = vec![
-        ("model", model_file, "general.type is missing"),
+        ("model", model_file, "it has no general.type"),
+        (
+            "type-u32",
+            with_kv("general.type", Value::U32(5)),
+            "general.type",
+        ),
+        (
+            "no-arch",
+            {
+                let mut a = adapter(&[pair(&w, "blk.0.attn_q.weight", 2, 7)], None);
+                a.add_kv("general.architecture", Value::U32(1));
+                a
+            },
+            "general.architecture",
+        ),
         (
             "type",
             with_kv("general.type", Value::String("model".into())),
@@ -301,6 +315,17 @@ fn malformed_adapters_are_refused_by_name_and_leave_the_model_as_it_was() {
                 None,
             ),
             "'blk.99.attn_q.weight', which does not exist in this model",
+        ),
+        (
+            "leading-zero",
+            adapter(
+                &[Pair {
+                    base: "blk.01.attn_q.weight".into(),
+                    ..pair(&w, "blk.1.attn_q.weight", 2, 7)
+                }],
+                None,
+            ),
+            "'blk.01.attn_q.weight', which does not exist in this model",
         ),
         (
             "matrix",

@@ -160,7 +160,7 @@ pub struct LoraArgs {
         long = "lora-scaled",
         num_args = 2,
         value_names = ["FILE", "SCALE"],
-        allow_negative_numbers = true
+        allow_hyphen_values = true
     )]
     pub lora_scaled: Vec<String>,
 }
@@ -235,6 +235,19 @@ impl ServerConfig {
     }
 }
 
+/// The model at `path` and its tokenizer, with `loras` applied (see
+/// [`gemma3_engine::load`]): a model's error names the model, an adapter's
+/// the adapter alone.
+pub fn load_model(
+    path: &std::path::Path,
+    loras: &[LoraSpec],
+) -> Result<(gemma3_model::Model, gemma3_tokenizer::Tokenizer)> {
+    gemma3_engine::load(path, loras).map_err(|e| match e {
+        e @ gemma3_model::ModelError::Lora { .. } => anyhow::Error::new(e),
+        e => anyhow::Error::new(e).context(format!("loading {}", path.display())),
+    })
+}
+
 /// The model loaded, the scheduler started and the port bound.
 struct Loaded {
     app: Arc<App>,
@@ -267,8 +280,7 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
             path.display()
         );
     }
-    let (model, tok) = gemma3_engine::load(path, &cfg.loras)
-        .with_context(|| format!("loading {}", path.display()))?;
+    let (model, tok) = load_model(path, &cfg.loras)?;
     let chat = gemma3_engine::chat_template(&model, &tok, cfg.chat_template_file.as_deref())
         .map_err(anyhow::Error::msg)?;
     // Ollama's routes render Gemma's conversations with Ollama's own Gemma 3

@@ -180,17 +180,19 @@ const LLAMA_SERVER_FIELDS: [(&str, OffTest); 8] = [
     ("top_n_sigma", |v| v.as_f64().is_some_and(|x| x <= 0.0)),
 ];
 
-/// llama-server's per-request `lora` (`[{"id": 0, "scale": 0.5}, …]`):
-/// accepted where it asks for the scales the adapters run at (`scales`, by
-/// id), refused where it would change them, which this server cannot do per
-/// request (a request answered at other scales than it asked for would be a
-/// silent wrong answer).
+/// llama-server's per-request `lora` (`[{"id": 0, "scale": 0.5}, …]`, an
+/// adapter left out at scale 0, as llama-server reads it): accepted where it
+/// asks for the scales the adapters run at (`scales`, by id), refused where
+/// it would change them, which this server cannot do per request (a request
+/// answered at other scales than it asked for would be a silent wrong
+/// answer).
 pub fn check_lora(obj: &Map<String, Value>, scales: &[f32]) -> Result<(), ApiError> {
     let list = match obj.get("lora") {
         None | Some(Value::Null) => return Ok(()),
         Some(Value::Array(a)) => a,
         Some(v) => return Err(wrong_type("lora", "an array of {\"id\", \"scale\"}", v)),
     };
+    let mut asked: Vec<Option<f64>> = vec![None; scales.len()];
     for (i, e) in list.iter().enumerate() {
         let id = e.get("id").and_then(Value::as_u64);
         let scale = e.get("scale").and_then(Value::as_f64);
@@ -200,7 +202,7 @@ pub fn check_lora(obj: &Map<String, Value>, scales: &[f32]) -> Result<(), ApiErr
                 format!("'lora' entry {i} must be an object with an integer 'id' and a number 'scale', got {e}"),
             ));
         };
-        let Some(&running) = scales.get(id as usize) else {
+        if id as usize >= scales.len() {
             return Err(ApiError::field(
                 "lora",
                 format!(
@@ -208,12 +210,23 @@ pub fn check_lora(obj: &Map<String, Value>, scales: &[f32]) -> Result<(), ApiErr
                     scales.len()
                 ),
             ));
-        };
+        }
+        if asked[id as usize].replace(scale).is_some() {
+            return Err(ApiError::field(
+                "lora",
+                format!("'lora' names adapter {id} twice"),
+            ));
+        }
+    }
+    for (id, (&running, asked)) in scales.iter().zip(asked).enumerate() {
+        // (Left out: scale 0, as llama-server reads the list.)
+        let scale = asked.unwrap_or(0.0);
         if scale as f32 != running {
             return Err(ApiError::field(
                 "lora",
                 format!(
-                    "'lora' asks adapter {id} for scale {scale}, but adapters run at the scales the server was started with (this one at {running}: --lora-scaled FILE SCALE); per-request scales are not supported"
+                    "'lora' asks adapter {id} for scale {scale}{}, but adapters run at the scales the server was started with (this one at {running}: --lora-scaled FILE SCALE); per-request scales are not supported",
+                    if asked.is_none() { " (by leaving it out)" } else { "" }
                 ),
             ));
         }

@@ -2081,10 +2081,16 @@ fn lora_adapters_are_applied_listed_and_fixed() {
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.json()["choices"][0]["text"], want.as_str());
     }
+    // llama-server reads an adapter left out of the list at scale 0.
     for (lora, says) in [
         (
             json!([{"id": 0, "scale": 0.5}]),
             "per-request scales are not supported",
+        ),
+        (json!([]), "scale 0 (by leaving it out)"),
+        (
+            json!([{"id": 0, "scale": 1.0}, {"id": 0, "scale": 1.0}]),
+            "names adapter 0 twice",
         ),
         (
             json!([{"id": 3, "scale": 1.0}]),
