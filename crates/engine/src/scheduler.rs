@@ -112,6 +112,11 @@ pub struct Request {
     /// position's logits are computed (no prefix is reused), and
     /// `max_tokens` may be 0: the prompt is read, scored, and the job ends.
     pub prompt_logprobs: Option<usize>,
+    /// The scale of each of the model's LoRA adapters for this request
+    /// (`Model::loras.len()` of them), or None: the scheduler's current
+    /// ones ([`Scheduler::lora_scales`]). A cached prefix is reused only
+    /// from a sequence computed at the same scales.
+    pub lora: Option<Vec<f32>>,
     pub events: Box<dyn EventSink>,
 }
 
@@ -188,6 +193,8 @@ pub enum RequestError {
     Sampling(String),
     #[error("model error: {0}")]
     Model(String),
+    #[error("LoRA scales: {0}")]
+    Lora(String),
     /// The request's grammar cannot go on (see [`crate::GrammarError`]).
     #[error("{0}")]
     Grammar(String),
@@ -236,6 +243,8 @@ struct Shared {
     steps: AtomicU64,
     /// (end of step, tokens generated in it) over the last RATE_WINDOW.
     recent: Mutex<VecDeque<(Instant, u32)>>,
+    /// The LoRA scales of requests that give none.
+    lora: Mutex<Vec<f32>>,
 }
 
 enum Msg {
@@ -265,7 +274,10 @@ impl Scheduler {
         cfg.ctx = cfg.ctx.clamp(1, model.config.ctx_len);
         cfg.prefill_chunk = cfg.prefill_chunk.max(1);
         let (tx, rx) = mpsc::channel();
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            lora: Mutex::new(model.loras.iter().map(|l| l.scale).collect()),
+            ..Shared::default()
+        });
         let handle = Scheduler {
             tx,
             shared: shared.clone(),
@@ -333,6 +345,25 @@ impl Scheduler {
         Ok(())
     }
 
+    /// The LoRA scales a request without its own runs at (one per adapter
+    /// of the model; at start, those it was loaded with).
+    pub fn lora_scales(&self) -> Vec<f32> {
+        self.shared
+            .lora
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Set [`Scheduler::lora_scales`] for requests admitted from now on
+    /// (llama-server's `POST /lora-adapters`); one per adapter, each finite.
+    pub fn set_lora_scales(&self, scales: Vec<f32>) -> Result<(), String> {
+        let mut cur = self.shared.lora.lock().unwrap_or_else(|e| e.into_inner());
+        check_scales(&scales, cur.len())?;
+        *cur = scales;
+        Ok(())
+    }
+
     /// End every running and waiting request with [`RequestError::Shutdown`].
     pub fn cancel_all(&self) {
         let _ = self.tx.send(Msg::CancelAll);
@@ -387,6 +418,8 @@ impl Scheduler {
 struct Slot<'a> {
     /// Tokens whose K/V are in this slot's cache, in position order.
     tokens: Vec<u32>,
+    /// The LoRA scales those K/V were computed at.
+    lora: Vec<f32>,
     /// Step at which the slot was last released (for LRU eviction).
     last_used: u64,
     job: Option<Job<'a>>,
@@ -521,6 +554,20 @@ impl Job<'_> {
     }
 }
 
+/// Whether `scales` are `adapters` finite LoRA scales.
+fn check_scales(scales: &[f32], adapters: usize) -> Result<(), String> {
+    if scales.len() != adapters {
+        return Err(format!(
+            "{} scales given for {adapters} adapters",
+            scales.len()
+        ));
+    }
+    match scales.iter().find(|s| !s.is_finite()) {
+        Some(s) => Err(format!("a scale of {s}")),
+        None => Ok(()),
+    }
+}
+
 /// Length of the common prefix of `a` and `b`.
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
@@ -553,6 +600,7 @@ impl<'a> Worker<'a> {
         let slots = (0..cfg.parallel)
             .map(|_| Slot {
                 tokens: Vec::new(),
+                lora: Vec::new(),
                 last_used: 0,
                 job: None,
             })
@@ -670,6 +718,16 @@ impl<'a> Worker<'a> {
         self.finished(true);
     }
 
+    /// The LoRA scales `req` runs at: its own, else the current defaults.
+    fn scales_of(&self, req: &Request) -> Vec<f32> {
+        match &req.lora {
+            Some(l) => l.clone(),
+            None => (self.shared.lora.lock())
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+
     fn validate(&self, r: &Request) -> Result<(), RequestError> {
         if r.prompt.is_empty() {
             return Err(RequestError::EmptyPrompt);
@@ -683,6 +741,9 @@ impl<'a> Worker<'a> {
         let vocab = self.model.config.vocab_size;
         if let Some(&id) = r.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(RequestError::BadToken { id, vocab });
+        }
+        if let Some(l) = &r.lora {
+            check_scales(l, self.model.loras.len()).map_err(RequestError::Lora)?;
         }
         if r.embed.is_some() {
             return Ok(());
@@ -722,7 +783,8 @@ impl<'a> Worker<'a> {
             }
             // (Reused positions would have no logits to score.)
             let reuse = req.embed.is_none() && req.prompt_logprobs.is_none();
-            let (i, kept) = self.place(&req.prompt, reuse);
+            let lora = self.scales_of(&req);
+            let (i, kept) = self.place(&req.prompt, reuse, &lora);
             usage.cached_tokens = kept;
             self.shared
                 .prompt_tokens
@@ -778,8 +840,12 @@ impl<'a> Worker<'a> {
             return false;
         }
         let limit = req.prompt.len() - 1;
+        let lora = self.scales_of(req);
         (self.slots.iter().zip(&self.caches)).any(|(s, cache)| {
             let Some(j) = &s.job else { return false };
+            if s.lora != lora {
+                return false;
+            }
             let reading = j.next.is_none() && j.pooler.is_none() && s.tokens.len() < j.prompt.len();
             let n = common_prefix(&j.prompt, &req.prompt).min(limit);
             let worth = n >= MIN_PREFIX_REUSE || 2 * n > req.prompt.len();
@@ -795,10 +861,12 @@ impl<'a> Worker<'a> {
     /// Choose a free slot for `prompt` and make its cache hold the longest
     /// usable prefix of it (none unless `reuse`); returns (slot, tokens
     /// kept). Leaves at least one prompt token to evaluate.
-    fn place(&mut self, prompt: &[u32], reuse: bool) -> (usize, usize) {
+    fn place(&mut self, prompt: &[u32], reuse: bool, lora: &[f32]) -> (usize, usize) {
         let limit = if reuse { prompt.len() - 1 } else { 0 };
         let usable = |slots: &[Slot], caches: &[KvCache], i: usize| {
             let s = &slots[i];
+            // (K/V computed at other LoRA scales are another model's.)
+            let limit = if s.lora == lora { limit } else { 0 };
             let n = common_prefix(&s.tokens, prompt).min(limit);
             if n > 0 && caches[i].holds_prefix(n, s.tokens.len()) {
                 n
@@ -817,6 +885,7 @@ impl<'a> Worker<'a> {
             self.slots[best].tokens.truncate(best_n);
             return (best, best_n);
         }
+        let placed = |slot: &mut Slot| slot.lora = lora.to_vec();
         // Otherwise the least recently used free slot: keep its own prefix,
         // or copy a longer one from the busy slot that has it.
         let target = (0..self.slots.len())
@@ -834,9 +903,11 @@ impl<'a> Worker<'a> {
             };
             self.slots[target].tokens.clear();
             self.slots[target].tokens.extend_from_slice(&prompt[..n]);
+            placed(&mut self.slots[target]);
             return (target, n);
         }
         self.slots[target].tokens.truncate(own);
+        placed(&mut self.slots[target]);
         (target, own)
     }
 
@@ -844,10 +915,15 @@ impl<'a> Worker<'a> {
     fn step(&mut self) {
         self.clock += 1;
         self.batch.clear();
-        // Decode tokens of generating sequences, one each.
+        // Decode tokens of generating sequences, one each (with their
+        // sequence's LoRA scales, where the model has adapters).
+        let adapters = !self.model.loras.is_empty();
         for (i, s) in self.slots.iter().enumerate() {
             if let Some(t) = s.job.as_ref().and_then(|j| j.next) {
                 self.batch.push(t, s.tokens.len(), i, true);
+                if adapters {
+                    self.batch.lora.extend_from_slice(&s.lora);
+                }
             }
         }
         // Prompt chunks of the others, oldest request first, within the budget.
@@ -873,6 +949,9 @@ impl<'a> Worker<'a> {
                     None => Output::None,
                 };
                 self.batch.push_out(job.prompt[p], p, i, out);
+                if adapters {
+                    self.batch.lora.extend_from_slice(&s.lora);
+                }
             }
             chunks.push((i, n));
             budget -= n;

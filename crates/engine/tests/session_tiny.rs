@@ -169,6 +169,7 @@ fn non_finite_logits_end_with_an_error() {
                 logprobs: None,
                 embed,
                 prompt_logprobs: None,
+                lora: None,
                 events: Box::new(move |ev: Event| tx.send(ev).is_ok()),
             })
             .unwrap();
@@ -259,6 +260,7 @@ fn a_request_has_left_the_queue_when_its_last_event_arrives() {
                 logprobs: None,
                 embed: None,
                 prompt_logprobs: None,
+                lora: None,
                 events: Box::new(move |ev: Event| {
                     if matches!(ev, Event::Token { .. }) {
                         return true;
@@ -364,6 +366,7 @@ fn scheduler_embeddings_equal_the_session_s() {
             logprobs: None,
             embed: None,
             prompt_logprobs: None,
+            lora: None,
             events: Box::new(move |ev: Event| gen_tx.send((usize::MAX, ev)).is_ok()),
         }];
         for (i, t) in texts.iter().enumerate() {
@@ -374,6 +377,7 @@ fn scheduler_embeddings_equal_the_session_s() {
                 logprobs: None,
                 embed: Some(*p),
                 prompt_logprobs: None,
+                lora: None,
                 events: Box::new(move |ev: Event| tx.send((i, ev)).is_ok()),
             });
         }
@@ -449,6 +453,7 @@ fn a_cancelled_embedding_frees_its_place() {
             logprobs: None,
             embed: Some(Pooling::Mean),
             prompt_logprobs: None,
+            lora: None,
             events: Box::new(Gone {
                 closed: closed.clone(),
                 sent: sent.clone(),
@@ -472,6 +477,7 @@ fn a_cancelled_embedding_frees_its_place() {
             logprobs: None,
             embed: None,
             prompt_logprobs: None,
+            lora: None,
             events: Box::new(move |ev: Event| tx.send(ev).is_ok()),
         })
         .unwrap();

@@ -36,6 +36,10 @@ pub struct Batch {
     pub pos: Vec<usize>,
     pub seq: Vec<usize>,
     pub out: Vec<Output>,
+    /// The scale of each of the model's LoRA adapters for each token
+    /// (`Model::loras.len()` per token, in token order), or empty: every
+    /// token at the adapters' own scales (`LoraInfo::scale`).
+    pub lora: Vec<f32>,
 }
 
 impl Batch {
@@ -44,6 +48,7 @@ impl Batch {
         self.pos.clear();
         self.seq.clear();
         self.out.clear();
+        self.lora.clear();
     }
 
     /// A token, with its logits or with nothing.
@@ -183,6 +188,16 @@ impl Model {
                 "tokens, pos, seq and out differ in length".into(),
             ));
         }
+        let na = self.loras.len();
+        if !batch.lora.is_empty() && batch.lora.len() != n * na {
+            return Err(ModelError::BadBatch(format!(
+                "{} LoRA scales for {n} tokens and {na} adapters",
+                batch.lora.len()
+            )));
+        }
+        if let Some(s) = batch.lora.iter().find(|s| !s.is_finite()) {
+            return Err(ModelError::BadBatch(format!("a LoRA scale of {s}")));
+        }
         for i in 0..n {
             let (t, p, s) = (batch.tokens[i], batch.pos[i], batch.seq[i]);
             if t as usize >= self.config.vocab_size {
@@ -239,6 +254,11 @@ impl Model {
         resize(&mut st.o, n * d);
         resize(&mut st.gate, n * c.d_ff);
         resize(&mut st.up, n * c.d_ff);
+        let na = self.loras.len();
+        let lora_all: &[f32] = match &batch.lora[..] {
+            [] => &[],
+            l => &l[range.start * na..range.end * na],
+        };
         let tokens = &batch.tokens[range.clone()];
         let pos = &batch.pos[range.clone()];
         let seq = &batch.seq[range.clone()];
@@ -262,6 +282,16 @@ impl Model {
             Default::default()
         };
         let mut compacted = false;
+        // The LoRA scales of the rows with an output, for the last layer's
+        // compacted rows (empty where every row takes the adapters' own).
+        let lora_sel: Vec<f32> = if m < n && !lora_all.is_empty() {
+            (0..n)
+                .filter(|&i| want[i])
+                .flat_map(|i| lora_all[i * na..(i + 1) * na].iter().copied())
+                .collect()
+        } else {
+            Vec::new()
+        };
 
         // Embedding, scaled by sqrt(d_model) (Gemma's normaliser, in f32 as llama.cpp does).
         let embed = self.mat(&self.embed);
@@ -294,11 +324,13 @@ impl Model {
                     n,
                     [&mut st.k, &mut st.v],
                     &mut st.mm,
+                    lora_all,
                 );
                 if m > 0 {
                     gather_rows(&mut st.xn, d, want);
                     let q = &mut st.q[..m * qd];
-                    self.matmul(&layer.wq, &st.xn[..m * d], m, q, &mut st.mm);
+                    let xn = &st.xn[..m * d];
+                    self.matmul(&layer.wq, xn, m, q, &mut st.mm, &lora_sel);
                 }
             } else {
                 self.matmul_many(
@@ -307,6 +339,7 @@ impl Model {
                     n,
                     [&mut st.q, &mut st.k, &mut st.v],
                     &mut st.mm,
+                    lora_all,
                 );
             }
             // cos/sin tables per distinct RoPE base, once per micro-batch.
@@ -399,16 +432,16 @@ impl Model {
                 compacted = true;
             }
             // Rows in flight from here: all n, or the m compacted ones.
-            let (n, pos, seq) = if compacted {
-                (m, &sel_pos[..], &sel_seq[..])
+            let (n, pos, seq, lora) = if compacted {
+                (m, &sel_pos[..], &sel_seq[..], &lora_sel[..])
             } else {
-                (n, pos, seq)
+                (n, pos, seq, lora_all)
             };
             let (q, attn) = (&st.q[..n * qd], &mut st.attn[..n * qd]);
             self.attention(l, (pos, seq), caches, q, attn, &mut st.states);
             st.trace(l, "attn", |s| &s.attn);
             let o = &mut st.o[..n * d];
-            self.matmul(&layer.wo, &st.attn[..n * qd], n, o, &mut st.mm);
+            self.matmul(&layer.wo, &st.attn[..n * qd], n, o, &mut st.mm, lora);
             let ffn_norm = Some(&layer.ffn_norm[..]);
             let (x, xn) = (&mut st.x[..n * d], &mut st.xn[..n * d]);
             add_normed(c, n, o, x, &layer.post_attn_norm, ffn_norm, xn);
@@ -417,7 +450,8 @@ impl Model {
             // --- feed-forward (GeGLU) ---
             let (gate, up) = (&mut st.gate[..n * c.d_ff], &mut st.up[..n * c.d_ff]);
             let xn = &st.xn[..n * d];
-            self.matmul_many([&layer.w_gate, &layer.w_up], xn, n, [gate, up], &mut st.mm);
+            let (gu, mm) = ([&layer.w_gate, &layer.w_up], &mut st.mm);
+            self.matmul_many(gu, xn, n, [gate, up], mm, lora);
             let (gate, up) = (&mut st.gate[..n * c.d_ff], &st.up[..n * c.d_ff]);
             // Element-wise, so splitting it across threads cannot change a value.
             if n >= 16 {
@@ -428,7 +462,7 @@ impl Model {
                 ops::geglu_inplace(gate, up);
             }
             let o = &mut st.o[..n * d];
-            self.matmul(&layer.w_down, gate, n, o, &mut st.mm);
+            self.matmul(&layer.w_down, gate, n, o, &mut st.mm, lora);
             let next_norm = self.layers.get(l + 1).map(|next| &next.attn_norm[..]);
             let (x, xn) = (&mut st.x[..n * d], &mut st.xn[..n * d]);
             add_normed(c, n, o, x, &layer.post_ffn_norm, next_norm, xn);
@@ -476,7 +510,7 @@ impl Model {
         let old = st.logits_written;
         st.logits_written += ml * vocab;
         let out = &mut st.logits[old..old + ml * vocab];
-        self.matmul(self.head(), head_in, ml, out, &mut st.mm);
+        self.matmul(self.head(), head_in, ml, out, &mut st.mm, &[]);
     }
 
     /// Causal attention of each token's query heads over its sequence's cache

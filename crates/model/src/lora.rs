@@ -8,7 +8,8 @@
 //! `scale = user_scale · alpha / rank` (the user's scale alone when the file
 //! has no alpha). The adapters stay beside the weights, never merged into
 //! them, so the base model's bits are untouched and an adapter's scale of 0
-//! is the base model. A and B keep their file's float type (F32 for a
+//! is the base model. The scale may differ from token to token (see
+//! `Batch::lora`): one batch can run sequences under different adapters. A and B keep their file's float type (F32 for a
 //! quantized one; an adapter is a few MB) and go through the float kernels;
 //! the activations they multiply are first rounded as ggml rounds them for
 //! the file's type (f16 for F16, Q8_0 blocks for Q8_0, ...), so the products
@@ -55,8 +56,12 @@ pub struct LoraDelta {
     /// rounded first (see [`quant::round_activations`]).
     a_format: WeightFormat,
     b_format: WeightFormat,
-    /// The user's scale times alpha / rank.
-    scale: f32,
+    /// Which of the model's adapters this is (its index in `Model::loras`),
+    /// and the scale tokens run it at unless their batch says otherwise.
+    adapter: usize,
+    default_scale: f32,
+    /// `adapter.lora.alpha` (0: none).
+    alpha: f32,
 }
 
 /// Buffers of [`LoraDelta::add_to`], per thread (the forward pass's).
@@ -83,8 +88,33 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
 }
 
 impl LoraDelta {
-    /// `out += scale · B·(A·x)` for n rows of x (n × n_in) and out (n × n_out).
-    pub fn add_to(&self, x: &[f32], n: usize, out: &mut [f32], mm: &mut MatmulScratch) {
+    /// `out += scale · B·(A·x)` for n rows of x (n × n_in) and out (n ×
+    /// n_out), where row t's user scale is `scales[t · stride + adapter]`
+    /// (`scales` empty: the adapter's default for every row) and `scale` is
+    /// that times alpha / rank as llama.cpp's `get_scale` computes it. Rows
+    /// at scale 0 are left as they are; when all are, nothing is computed.
+    pub fn add_to(
+        &self,
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+        mm: &mut MatmulScratch,
+        scales: &[f32],
+        stride: usize,
+    ) {
+        let user = |t: usize| match scales {
+            [] => self.default_scale,
+            s => s[t * stride + self.adapter],
+        };
+        let scale: Vec<f32> = (0..n)
+            .map(|t| match user(t) {
+                s if self.alpha != 0.0 => s * self.alpha / self.rank as f32,
+                s => s,
+            })
+            .collect();
+        if scale.iter().all(|&s| s == 0.0) {
+            return;
+        }
         // A has few rows (the rank), which the kernels would give one
         // thread: many tokens are split between the threads instead (per
         // token, so the split cannot change a value).
@@ -93,16 +123,17 @@ impl LoraDelta {
             let per = n.div_ceil(threads);
             x.par_chunks(per * self.n_in)
                 .zip(out.par_chunks_mut(per * self.n_out))
-                .for_each(|(x, out)| {
-                    let n = x.len() / self.n_in;
-                    self.add_rows(x, n, out, &mut MatmulScratch::default())
+                .zip(scale.par_chunks(per))
+                .for_each(|((x, out), scale)| {
+                    self.add_rows(x, scale, out, &mut MatmulScratch::default())
                 });
         } else {
-            self.add_rows(x, n, out, mm);
+            self.add_rows(x, &scale, out, mm);
         }
     }
 
-    fn add_rows(&self, x: &[f32], n: usize, out: &mut [f32], mm: &mut MatmulScratch) {
+    fn add_rows(&self, x: &[f32], scale: &[f32], out: &mut [f32], mm: &mut MatmulScratch) {
+        let n = scale.len();
         let k = &gemma3_kernels::simd::best().packed;
         let (n_in, n_out) = (self.n_in, self.n_out);
         let (in_pad, out_pad) = (self.a.cols, self.b.rows);
@@ -139,10 +170,11 @@ impl LoraDelta {
             }
             s.d.resize(n * out_pad, 0.0);
             matmul_packed(k, &self.b, h, n, &mut s.d, mm);
-            // ggml_scale, then ggml_add.
-            let (d, scale) = (&s.d[..], self.scale);
-            vectorized!(fn(out: &mut [f32], d: &[f32], scale: f32, n_out: usize, out_pad: usize) {
-                for (out, d) in out.chunks_exact_mut(n_out).zip(d.chunks_exact(out_pad)) {
+            // ggml_scale, then ggml_add (not at all at scale 0).
+            let d = &s.d[..];
+            vectorized!(fn(out: &mut [f32], d: &[f32], scale: &[f32], n_out: usize, out_pad: usize) {
+                let rows = out.chunks_exact_mut(n_out).zip(d.chunks_exact(out_pad));
+                for ((out, d), &scale) in rows.zip(scale).filter(|(_, &s)| s != 0.0) {
                     for (o, &v) in out.iter_mut().zip(d) {
                         *o += scale * v;
                     }
@@ -175,7 +207,8 @@ pub struct LoraInfo {
     pub path: PathBuf,
     /// `general.name`, if the file has one.
     pub name: Option<String>,
-    /// The user's scale (`--lora-scaled`; 1 for `--lora`).
+    /// The user's scale (`--lora-scaled`; 1 for `--lora`): tokens run the
+    /// adapter at this unless their batch gives another.
     pub scale: f32,
     /// `adapter.lora.alpha` (0: none, the scale used as it is).
     pub alpha: f32,
@@ -184,7 +217,7 @@ pub struct LoraInfo {
     pub ranks: (usize, usize),
     /// Tensors llama.cpp skips as well (norm weights), by name.
     pub skipped: Vec<String>,
-    /// Bytes its matrices take in memory (none at scale 0).
+    /// Bytes its matrices take in memory.
     pub bytes: u64,
 }
 
@@ -192,7 +225,8 @@ impl Model {
     /// Apply the LoRA adapter at `path` with the user's `scale`, as
     /// `llama-cli --lora-scaled FILE SCALE` does; several adapters add up.
     /// The file is checked whole first: an adapter that fails leaves the
-    /// model as it was. A scale of 0 checks the file and changes nothing.
+    /// model as it was. At scale 0 it changes nothing until a batch asks for
+    /// it (`Batch::lora`), as `llama-server --lora-init-without-apply`.
     pub fn load_lora(&mut self, path: &Path, scale: f32) -> Result<&LoraInfo, ModelError> {
         let err = |why: String| ModelError::Lora {
             path: path.display().to_string(),
@@ -325,12 +359,6 @@ impl Model {
             for (dst, src) in b_pad.chunks_exact_mut(rb).zip(b_m.chunks_exact(rank)) {
                 dst[..rank].copy_from_slice(src);
             }
-            // llama.cpp's `get_scale`, in its order of operations.
-            let s = if alpha != 0.0 {
-                scale * alpha / rank as f32
-            } else {
-                scale
-            };
             let delta = LoraDelta {
                 rank,
                 n_in,
@@ -339,19 +367,16 @@ impl Model {
                 b: pack_float(b_format, out_pad, rb, &b_pad),
                 a_format,
                 b_format,
-                scale: s,
+                adapter: self.loras.len(),
+                default_scale: scale,
+                alpha,
             };
             deltas.push((l, m, delta));
         }
         let ranks = deltas.iter().map(|(_, _, d)| d.rank);
-        let bytes = if scale != 0.0 {
-            (deltas
-                .iter()
-                .map(|(_, _, d)| (d.a.size_bytes() + d.b.size_bytes()) as u64))
-            .sum()
-        } else {
-            0
-        };
+        let bytes = (deltas.iter())
+            .map(|(_, _, d)| (d.a.size_bytes() + d.b.size_bytes()) as u64)
+            .sum();
         let info = LoraInfo {
             path: path.to_path_buf(),
             name: file.get_str("general.name").ok().map(str::to_string),
@@ -362,11 +387,9 @@ impl Model {
             skipped,
             bytes,
         };
-        // As llama.cpp's llama_set_adapters_lora: an adapter at scale 0 is not run.
-        if scale != 0.0 {
-            for (l, m, delta) in deltas {
-                self.layers[l].matrix_mut(m).lora.push(Arc::new(delta));
-            }
+        // (At scale 0 it is loaded but not run, unless a batch asks for it.)
+        for (l, m, delta) in deltas {
+            self.layers[l].matrix_mut(m).lora.push(Arc::new(delta));
         }
         self.loras.push(info);
         Ok(self.loras.last().expect("just pushed"))

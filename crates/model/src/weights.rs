@@ -366,11 +366,20 @@ impl Model {
     }
 
     /// `out = x · tᵀ` for n rows of x, through the packed copy when there is
-    /// one, plus the updates of t's LoRA adapters.
-    pub fn matmul(&self, t: &Tensor, x: &[f32], n: usize, out: &mut [f32], mm: &mut MatmulScratch) {
+    /// one, plus the updates of t's LoRA adapters: row r's scale of adapter
+    /// a is `lora[r · loras.len() + a]` (`lora` empty: each adapter's own).
+    pub fn matmul(
+        &self,
+        t: &Tensor,
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+        mm: &mut MatmulScratch,
+        lora: &[f32],
+    ) {
         self.matmul_base(t, x, n, out, mm);
         for d in &t.lora {
-            d.add_to(x, n, out, mm);
+            d.add_to(x, n, out, mm, lora, self.loras.len());
         }
     }
 
@@ -407,6 +416,7 @@ impl Model {
         n: usize,
         mut outs: [&mut [f32]; N],
         mm: &mut MatmulScratch,
+        lora: &[f32],
     ) {
         let ps = ts.map(|t| t.packed.as_deref());
         if ps.iter().all(Option::is_some) {
@@ -421,12 +431,12 @@ impl Model {
             );
             for (t, out) in ts.into_iter().zip(outs) {
                 for d in &t.lora {
-                    d.add_to(x, n, out, mm);
+                    d.add_to(x, n, out, mm, lora, self.loras.len());
                 }
             }
         } else {
             for (t, out) in ts.into_iter().zip(outs) {
-                self.matmul(t, x, n, out, mm);
+                self.matmul(t, x, n, out, mm, lora);
             }
         }
     }

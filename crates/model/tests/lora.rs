@@ -403,3 +403,57 @@ fn malformed_adapters_are_refused_by_name_and_leave_the_model_as_it_was() {
     assert_eq!(prefill(&m, &toks), base);
     let _ = n_out;
 }
+
+/// Scales per token: an adapter loaded at scale 0 changes nothing until a batch asks for it;
+/// a sequence at scale s equals the model loaded at s, and two sequences at different
+/// scales in one batch each equal their own run alone, to the bit.
+#[test]
+fn scales_per_token_follow_the_batch() {
+    let spec = TinySpec::default();
+    let (mut base, w) = open(&spec);
+    let kinds = ["attn_q", "attn_v", "attn_output", "ffn_up", "ffn_down"];
+    let pairs: Vec<Pair> = (kinds.iter().enumerate())
+        .map(|(i, k)| pair(&w, &format!("blk.{}.{k}.weight", i % 6), 3, 300 + i as u64))
+        .collect();
+    let p = write(&adapter(&pairs, Some(6.0)), "per-token");
+    let toks: Vec<u32> = (0..40).map(|i| (i * 53 % spec.vocab) as u32).collect();
+    let plain = prefill(&base, &toks);
+    let (mut at, _) = open(&spec);
+    at.load_lora(&p, 0.7).unwrap();
+    let adapted = prefill(&at, &toks);
+    assert_ne!(plain, adapted, "the adapter changes the logits");
+    base.load_lora(&p, 0.0).unwrap();
+    assert_eq!(prefill(&base, &toks), plain, "loaded at scale 0: unchanged");
+    let m = &base;
+    let vocab = spec.vocab;
+    // Sequence 0 at 0.7, sequence 1 at 0, sequence 2 at the model's own (0): one batch.
+    let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::new(&m.config, 64)).collect();
+    let mut b = Batch::default();
+    for (i, &t) in toks.iter().enumerate() {
+        for (seq, s) in [(0, 0.7f32), (1, 0.0), (2, 0.0)] {
+            b.push(t, i, seq, true);
+            b.lora.push(s);
+        }
+    }
+    let mut st = ForwardState::new();
+    let rows = m.forward(&b, &mut caches, &mut st).unwrap();
+    for (seq, want) in [(0, &adapted), (1, &plain), (2, &plain)] {
+        for i in 0..toks.len() {
+            let r = &rows[(i * 3 + seq) * vocab..(i * 3 + seq + 1) * vocab];
+            assert_eq!(
+                r,
+                &want[i * vocab..(i + 1) * vocab],
+                "seq {seq} position {i}"
+            );
+        }
+    }
+    // A batch whose scales do not fit is refused.
+    let mut bad = Batch::for_sequence(&toks[..2], 0, true);
+    bad.lora = vec![1.0];
+    let mut cache = KvCache::new(&m.config, 64);
+    let e = m
+        .forward(&bad, std::slice::from_mut(&mut cache), &mut st)
+        .unwrap_err();
+    assert!(e.to_string().contains("LoRA scales"), "{e}");
+    std::fs::remove_file(p).ok();
+}

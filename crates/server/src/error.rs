@@ -114,6 +114,7 @@ impl From<RequestError> for ApiError {
             | RequestError::PromptTooLong { .. }
             | RequestError::BadToken { .. } => Self::field("prompt", msg),
             RequestError::Sampling(_) => Self::bad_request(msg),
+            RequestError::Lora(_) => Self::field("lora", msg),
             RequestError::Model(_) => Self::internal(msg),
             RequestError::Grammar(_) => Self::bad_request(msg),
             RequestError::Shutdown => Self::unavailable(msg),

@@ -145,6 +145,10 @@ pub struct ServeArgs {
     pub chat_template_file: Option<PathBuf>,
     #[command(flatten)]
     pub lora: LoraArgs,
+    /// Load the --lora adapters at scale 0: requests ask for them with their `lora` field, or
+    /// POST /lora-adapters sets the scales of those that do not (as llama-server's flag).
+    #[arg(long)]
+    pub lora_init_without_apply: bool,
 }
 
 /// `--lora FILE` and `--lora-scaled FILE SCALE`, as llama.cpp's flags (the
@@ -219,8 +223,12 @@ impl ServerConfig {
     }
 
     pub fn from_args(a: ServeArgs, model_path: PathBuf) -> Result<Self> {
+        let mut loras = a.lora.specs()?;
+        if a.lora_init_without_apply {
+            loras.iter_mut().for_each(|l| l.scale = 0.0);
+        }
         Ok(ServerConfig {
-            loras: a.lora.specs()?,
+            loras,
             host: a.host,
             port: a.port,
             parallel: a.parallel,
@@ -458,7 +466,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/models/{id}", get(routes::model))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
-        .route("/lora-adapters", get(routes::lora_adapters))
+        .route(
+            "/lora-adapters",
+            get(routes::lora_adapters).post(routes::set_lora_adapters),
+        )
         // Ollama's API.
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate))

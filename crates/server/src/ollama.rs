@@ -324,7 +324,7 @@ async fn reply(
     let max_tokens = app.budget(prompt.len(), &common, None, field)?;
     let constraint = constraint(app, &common).await?;
     let params = app.params(&common, max_tokens, constraint, 0);
-    let rxs = app.submit_many(vec![(prompt, params)], None, None)?;
+    let rxs = app.submit_many(vec![(prompt, params)], None, None, None)?;
     let mut choices = choices(rxs, |_| true).await?;
     if common.stream {
         return Ok(stream_response(choices, shape));
@@ -564,7 +564,7 @@ pub async fn embed(State(app): AppState, body: Result<JsonObject, ApiError>) -> 
     let truncate = f.bool("truncate")?.unwrap_or(true);
     let t0 = std::time::Instant::now();
     let prompts = embed_inputs(&app, &f, "input", truncate).await?;
-    let (mut vectors, prompt_tokens) = embed_all(&app, prompts).await?;
+    let (mut vectors, prompt_tokens) = embed_all(&app, prompts, None).await?;
     vectors.iter_mut().for_each(|v| normalize_l2(v));
     Ok(json_response(
         StatusCode::OK,
@@ -587,7 +587,7 @@ pub async fn embeddings(State(app): AppState, body: Result<JsonObject, ApiError>
         return Err(ApiError::field("prompt", "'prompt' must be a string").into());
     }
     let prompts = embed_inputs(&app, &f, "prompt", true).await?;
-    let (mut vectors, _) = embed_all(&app, prompts).await?;
+    let (mut vectors, _) = embed_all(&app, prompts, None).await?;
     let vector = vectors.pop().unwrap_or_default();
     Ok(json_response(StatusCode::OK, &json!({"embedding": vector})))
 }

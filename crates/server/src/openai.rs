@@ -180,58 +180,58 @@ const LLAMA_SERVER_FIELDS: [(&str, OffTest); 8] = [
     ("top_n_sigma", |v| v.as_f64().is_some_and(|x| x <= 0.0)),
 ];
 
-/// llama-server's per-request `lora` (`[{"id": 0, "scale": 0.5}, …]`, an
-/// adapter left out at scale 0, as llama-server reads it): accepted where it
-/// asks for the scales the adapters run at (`scales`, by id), refused where
-/// it would change them, which this server cannot do per request (a request
-/// answered at other scales than it asked for would be a silent wrong
-/// answer).
-pub fn check_lora(obj: &Map<String, Value>, scales: &[f32]) -> Result<(), ApiError> {
-    let list = match obj.get("lora") {
-        None | Some(Value::Null) => return Ok(()),
-        Some(Value::Array(a)) => a,
-        Some(v) => return Err(wrong_type("lora", "an array of {\"id\", \"scale\"}", v)),
+/// A list of adapter scales in llama-server's form, `[{"id": 0, "scale":
+/// 0.5}, …]` (a request's `lora`, or the body of `POST /lora-adapters`), as
+/// one scale per adapter: an adapter left out is at 0, as llama-server reads
+/// the list. `field` names it in errors; `adapters` is how many there are.
+pub fn lora_list(v: &Value, field: &str, adapters: usize) -> Result<Vec<f32>, ApiError> {
+    let Value::Array(list) = v else {
+        return Err(wrong_type(field, "an array of {\"id\", \"scale\"}", v));
     };
-    let mut asked: Vec<Option<f64>> = vec![None; scales.len()];
+    let mut scales: Vec<Option<f32>> = vec![None; adapters];
     for (i, e) in list.iter().enumerate() {
         let id = e.get("id").and_then(Value::as_u64);
         let scale = e.get("scale").and_then(Value::as_f64);
         let (Some(id), Some(scale)) = (id, scale) else {
             return Err(ApiError::field(
-                "lora",
-                format!("'lora' entry {i} must be an object with an integer 'id' and a number 'scale', got {e}"),
+                field,
+                format!("'{field}' entry {i} must be an object with an integer 'id' and a number 'scale', got {e}"),
             ));
         };
-        if id as usize >= scales.len() {
+        let Some(slot) = scales.get_mut(id as usize) else {
             return Err(ApiError::field(
-                "lora",
+                field,
                 format!(
-                    "'lora' entry {i} names adapter {id}, but this server has {} (GET /lora-adapters lists them)",
-                    scales.len()
+                    "'{field}' entry {i} names adapter {id}, but this server has {adapters} (GET /lora-adapters lists them)"
                 ),
             ));
-        }
-        if asked[id as usize].replace(scale).is_some() {
+        };
+        if !(-100.0..=100.0).contains(&scale) {
             return Err(ApiError::field(
-                "lora",
-                format!("'lora' names adapter {id} twice"),
+                field,
+                format!("'{field}' entry {i}: the scale must be between -100 and 100, got {scale}"),
+            ));
+        }
+        if slot.replace(scale as f32).is_some() {
+            return Err(ApiError::field(
+                field,
+                format!("'{field}' names adapter {id} twice"),
             ));
         }
     }
-    for (id, (&running, asked)) in scales.iter().zip(asked).enumerate() {
-        // (Left out: scale 0, as llama-server reads the list.)
-        let scale = asked.unwrap_or(0.0);
-        if scale as f32 != running {
-            return Err(ApiError::field(
-                "lora",
-                format!(
-                    "'lora' asks adapter {id} for scale {scale}{}, but adapters run at the scales the server was started with (this one at {running}: --lora-scaled FILE SCALE); per-request scales are not supported",
-                    if asked.is_none() { " (by leaving it out)" } else { "" }
-                ),
-            ));
-        }
+    Ok(scales.into_iter().map(|s| s.unwrap_or(0.0)).collect())
+}
+
+/// A request's `lora` (see [`lora_list`]), or None where it has none: it
+/// runs at the server's current scales.
+pub fn request_lora(
+    obj: &Map<String, Value>,
+    adapters: usize,
+) -> Result<Option<Vec<f32>>, ApiError> {
+    match obj.get("lora") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => lora_list(v, "lora", adapters).map(Some),
     }
-    Ok(())
 }
 
 /// Whether a field's value leaves it off.

@@ -96,11 +96,6 @@ pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response {
 }
 
 impl App {
-    /// The scales the adapters run at, by id.
-    pub(crate) fn lora_scales(&self) -> Vec<f32> {
-        self.info.loras.iter().map(|l| l.scale).collect()
-    }
-
     pub(crate) fn new_id(&self, prefix: &str) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{prefix}-{:08x}{n:08x}", self.started as u32)
@@ -198,11 +193,12 @@ impl App {
         jobs: Vec<(Vec<u32>, GenerateParams)>,
         logprobs: Option<usize>,
         prompt_logprobs: Option<usize>,
+        lora: Option<Vec<f32>>,
     ) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
         let jobs = jobs
             .into_iter()
             .map(|(prompt, params)| (prompt, params, None));
-        Ok(self.queue(jobs, logprobs, prompt_logprobs)?)
+        Ok(self.queue(jobs, logprobs, prompt_logprobs, lora)?)
     }
 
     /// Queue embedding jobs as one: each prompt's pooled vector arrives on its
@@ -210,11 +206,12 @@ impl App {
     fn submit_embeddings(
         &self,
         prompts: Vec<Vec<u32>>,
+        lora: Option<Vec<f32>>,
     ) -> Result<Vec<UnboundedReceiver<Event>>, SubmitError> {
         // (Unused by an embedding job.)
         let params = GenerateParams::greedy(0);
         let jobs = (prompts.into_iter()).map(|p| (p, params.clone(), Some(self.pooling)));
-        self.queue(jobs, None, None)
+        self.queue(jobs, None, None, lora)
     }
 
     fn queue(
@@ -222,6 +219,7 @@ impl App {
         jobs: impl Iterator<Item = (Vec<u32>, GenerateParams, Option<Pooling>)>,
         logprobs: Option<usize>,
         prompt_logprobs: Option<usize>,
+        lora: Option<Vec<f32>>,
     ) -> Result<Vec<UnboundedReceiver<Event>>, SubmitError> {
         let (reqs, rxs): (Vec<_>, Vec<_>) = jobs
             .map(|(prompt, params, embed)| {
@@ -232,6 +230,7 @@ impl App {
                     logprobs,
                     embed,
                     prompt_logprobs,
+                    lora: lora.clone(),
                     events: Box::new(Sink(tx)),
                 };
                 (req, rx)
@@ -288,35 +287,55 @@ impl FromRequest<Arc<App>> for JsonObject {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, app: &Arc<App>) -> Result<Self, ApiError> {
-        // A length over the limit is refused before the body is read.
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
-            return Err(too_large());
-        }
-        let read = Bytes::from_request(req, app);
-        let body = match tokio::time::timeout(app.body_timeout, read).await {
-            Ok(body) => body.map_err(|r| {
-                if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    return too_large();
-                }
-                let mut e = ApiError::bad_request(r.body_text());
-                e.status = r.status();
-                e
-            })?,
-            Err(_) => {
-                let mut e = ApiError::bad_request(format!(
-                    "the request body did not arrive within {} s",
-                    app.body_timeout.as_secs_f32()
-                ));
-                e.status = StatusCode::REQUEST_TIMEOUT;
-                return Err(e);
-            }
-        };
-        parse_body(&body).map(JsonObject)
+        parse_body(&read_body(req, app).await?).map(JsonObject)
     }
+}
+
+/// A request body that is any JSON value (`POST /lora-adapters` takes an
+/// array), read as [`JsonObject`] reads one.
+pub struct JsonValue(pub Value);
+
+impl FromRequest<Arc<App>> for JsonValue {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, app: &Arc<App>) -> Result<Self, ApiError> {
+        let body = read_body(req, app).await?;
+        serde_json::from_slice(&body)
+            .map(JsonValue)
+            .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+    }
+}
+
+/// A request's body, within [`BODY_LIMIT`] and the body timeout.
+async fn read_body(req: Request, app: &Arc<App>) -> Result<Bytes, ApiError> {
+    // A length over the limit is refused before the body is read.
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        return Err(too_large());
+    }
+    let read = Bytes::from_request(req, app);
+    let body = match tokio::time::timeout(app.body_timeout, read).await {
+        Ok(body) => body.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                return too_large();
+            }
+            let mut e = ApiError::bad_request(r.body_text());
+            e.status = r.status();
+            e
+        })?,
+        Err(_) => {
+            let mut e = ApiError::bad_request(format!(
+                "the request body did not arrive within {} s",
+                app.body_timeout.as_secs_f32()
+            ));
+            e.status = StatusCode::REQUEST_TIMEOUT;
+            return Err(e);
+        }
+    };
+    Ok(body)
 }
 
 /// The largest request body: checked against its declared length here, and
@@ -1002,7 +1021,7 @@ pub async fn chat(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let req = ChatRequest::parse(&body, app.vocab)?;
-    crate::openai::check_lora(&body, &app.lora_scales())?;
+    let lora = crate::openai::request_lora(&body, app.info.loras.len())?;
     let prompt = chat_prompt(&app, &req.messages).await?;
     let max_tokens = app.budget(prompt.len(), &req.common, None, "messages")?;
     let n = req.common.n;
@@ -1014,7 +1033,7 @@ pub async fn chat(
             (prompt.clone(), params)
         })
         .collect();
-    let rxs = app.submit_many(jobs, req.logprobs, None)?;
+    let rxs = app.submit_many(jobs, req.logprobs, None, lora)?;
     // (The prompt counts once, as OpenAI counts it for n choices.)
     let choices = choices(rxs, |j| j == 0).await?;
     let id = app.new_id("chatcmpl");
@@ -1117,6 +1136,7 @@ pub(crate) async fn prompt_ids(app: &Arc<App>, prompt: &Prompt) -> Result<Vec<u3
 pub(crate) async fn embed_all(
     app: &Arc<App>,
     prompts: Vec<Vec<u32>>,
+    lora: Option<Vec<f32>>,
 ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
     let mut vectors = Vec::with_capacity(prompts.len());
     let mut prompt_tokens = 0;
@@ -1128,7 +1148,7 @@ pub(crate) async fn embed_all(
             .saturating_sub(s.active + s.waiting)
             .clamp(1, app.sched.parallel());
         let end = (next + room).min(prompts.len());
-        let rxs = match app.submit_embeddings(prompts[next..end].to_vec()) {
+        let rxs = match app.submit_embeddings(prompts[next..end].to_vec(), lora.clone()) {
             Ok(rxs) => rxs,
             // Once vectors are made, wait for room rather than throw them away.
             Err(SubmitError::QueueFull { .. }) if next > 0 => {
@@ -1165,6 +1185,7 @@ pub async fn embeddings(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let req = EmbeddingRequest::parse(&body, app.vocab, app.d_model)?;
+    let lora = crate::openai::request_lora(&body, app.info.loras.len())?;
     let several = req.inputs.len() > 1;
     let ctx = app.sched.ctx();
     // Every input tokenized and checked against the context before any is queued.
@@ -1189,7 +1210,7 @@ pub async fn embeddings(
         }
         prompts.push(ids);
     }
-    let (vectors, prompt_tokens) = embed_all(&app, prompts).await?;
+    let (vectors, prompt_tokens) = embed_all(&app, prompts, lora).await?;
     let data: Vec<Value> = (vectors.into_iter().enumerate())
         .map(|(index, mut vector)| {
             normalize_l2(&mut vector);
@@ -1218,7 +1239,7 @@ pub async fn completions(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let req = CompletionRequest::parse(&body, app.vocab)?;
-    crate::openai::check_lora(&body, &app.lora_scales())?;
+    let lora = crate::openai::request_lora(&body, app.info.loras.len())?;
     let n = req.common.n;
     app.fits(req.prompts.len(), n)?;
     // Every prompt tokenized and checked against the context before any is
@@ -1258,7 +1279,7 @@ pub async fn completions(
     // Queued as one (all or none), and run side by side.
     // With echo, logprobs cover the prompt too (scored by the scheduler).
     let prompt_logprobs = req.logprobs.filter(|_| req.echo);
-    let rxs = app.submit_many(jobs, req.logprobs, prompt_logprobs)?;
+    let rxs = app.submit_many(jobs, req.logprobs, prompt_logprobs, lora)?;
     // (Each prompt counts once, however many its choices.)
     let choices = choices(rxs, |k| k % n == 0).await?;
     let id = app.new_id("cmpl");
@@ -1353,13 +1374,28 @@ pub async fn model(
     Ok(json_response(StatusCode::OK, &model_object(&app)))
 }
 
-/// `GET /lora-adapters`, as llama-server: the adapters applied, by id, with
-/// their paths and scales.
+/// `GET /lora-adapters`, as llama-server: the adapters, by id, with their
+/// paths and the scales requests without their own `lora` run at.
 pub async fn lora_adapters(State(app): AppState) -> Response {
-    let list: Vec<Value> = (app.info.loras.iter().enumerate())
-        .map(|(id, l)| json!({"id": id, "path": l.path.display().to_string(), "scale": l.scale}))
+    let scales = app.sched.lora_scales();
+    let list: Vec<Value> = (app.info.loras.iter().zip(scales).enumerate())
+        .map(|(id, (l, s))| json!({"id": id, "path": l.path.display().to_string(), "scale": s}))
         .collect();
     json_response(StatusCode::OK, &Value::Array(list))
+}
+
+/// `POST /lora-adapters` (`[{"id": 0, "scale": 0.5}, …]`, an adapter left
+/// out at 0), as llama-server: the scales of requests admitted from now on
+/// that give none of their own. Answers with the new list.
+pub async fn set_lora_adapters(
+    State(app): AppState,
+    JsonValue(body): JsonValue,
+) -> Result<Response, ApiError> {
+    let scales = crate::openai::lora_list(&body, "body", app.info.loras.len())?;
+    app.sched
+        .set_lora_scales(scales)
+        .map_err(ApiError::bad_request)?;
+    Ok(lora_adapters(State(app)).await)
 }
 
 pub async fn health(State(app): AppState) -> Response {

@@ -2039,71 +2039,132 @@ fn prompt_logprobs_match_llama_cpp() {
     }
 }
 
-/// A server started with `--lora` answers with the adapted model (llama.cpp's greedy tokens with
-/// the same adapter, `cli/tests/data/lora`), lists its adapters at `/lora-adapters` as
-/// llama-server does, takes a request's `lora` that asks for the scales it runs at, and refuses
-/// one that asks for others (which it cannot apply per request) by name.
+/// Adapters per request: a server holding adapters a (at 1) and b (at 0, loaded unapplied)
+/// answers each request at the scales its `lora` asks for (an adapter left out at 0, as
+/// llama-server reads the list), several at once in one batch, with llama.cpp's greedy tokens
+/// under the same adapters (`cli/tests/data/lora`, up to the first step llama.cpp takes with a
+/// lead under 0.1); `GET /lora-adapters` lists them and `POST /lora-adapters` sets the scales
+/// of requests without their own, as llama-server's do.
 #[test]
-fn lora_adapters_are_applied_listed_and_fixed() {
+fn lora_adapters_apply_per_request() {
     let Some(model) = model_path() else { return };
     let _g = serial();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/tests/data/lora");
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("llama_cpp_lora.json")).unwrap())
             .unwrap();
-    let case = (reference["cases"].as_array().unwrap().iter())
-        .find(|c| c["adapters"] == json!([["a", 1.0]]))
-        .unwrap();
-    let mut cfg = config(model, 2, 512);
-    cfg.loras = vec![gemma3_engine::LoraSpec {
-        path: dir.join("a.gguf"),
-        scale: 1.0,
-    }];
+    let mut cfg = config(model, 4, 512);
+    cfg.loras = vec![
+        gemma3_engine::LoraSpec {
+            path: dir.join("a.gguf"),
+            scale: 1.0,
+        },
+        gemma3_engine::LoraSpec {
+            path: dir.join("b.gguf"),
+            scale: 0.0,
+        },
+    ];
     let server = start(cfg);
     let addr = server.addr;
     let list = get(addr, "/lora-adapters").json();
-    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
     assert_eq!(
-        (list[0]["id"].clone(), list[0]["scale"].clone()),
-        (json!(0), json!(1.0))
+        (list[0]["scale"].clone(), list[1]["scale"].clone()),
+        (json!(1.0), json!(0.0))
     );
     assert!(
-        list[0]["path"].as_str().unwrap().ends_with("a.gguf"),
+        list[1]["path"].as_str().unwrap().ends_with("b.gguf"),
         "{list}"
     );
-    let want = post(addr, "/detokenize", &json!({"tokens": case["greedy"]})).json()["content"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let body = |lora: Value| json!({"prompt": case["ids"], "max_tokens": 12, "temperature": 0, "lora": lora});
-    for lora in [Value::Null, json!([{"id": 0, "scale": 1.0}])] {
-        let r = post(addr, "/v1/completions", &body(lora));
-        assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.json()["choices"][0]["text"], want.as_str());
-    }
-    // llama-server reads an adapter left out of the list at scale 0.
-    for (lora, says) in [
+    // (reference adapters, prompt prefix, this request's lora): llama.cpp's greedy text.
+    let expected = |adapters: Value, prompt: &str| {
+        let case = (reference["cases"].as_array().unwrap().iter())
+            .find(|c| {
+                c["adapters"] == adapters && c["prompt"].as_str().unwrap().starts_with(prompt)
+            })
+            .unwrap();
+        let margins = case["greedy_margins"].as_array().unwrap();
+        let steps = (margins.iter())
+            .position(|m| m.as_f64().unwrap() < 0.1)
+            .unwrap_or(margins.len());
+        let ids = &case["greedy"].as_array().unwrap()[..steps];
+        let text = post(addr, "/detokenize", &json!({"tokens": ids})).json()["content"].clone();
+        (case["ids"].clone(), steps, text)
+    };
+    let requests = [
+        (json!([["a", 1.0]]), "The capital", Value::Null),
+        (json!([]), "Review", json!([])),
         (
-            json!([{"id": 0, "scale": 0.5}]),
-            "per-request scales are not supported",
+            json!([["b", 1.0]]),
+            "The capital",
+            json!([{"id": 1, "scale": 1.0}]),
         ),
-        (json!([]), "scale 0 (by leaving it out)"),
+        (
+            json!([["a", 0.5], ["b", 1.5]]),
+            "Review",
+            json!([{"id": 0, "scale": 0.5}, {"id": 1, "scale": 1.5}]),
+        ),
+    ];
+    let jobs: Vec<(Value, usize, Value, Value)> = (requests.iter())
+        .map(|(adapters, prompt, lora)| {
+            let (ids, steps, text) = expected(adapters.clone(), prompt);
+            (ids, steps, text, lora.clone())
+        })
+        .collect();
+    // All four at once: their tokens share each step's batch.
+    let handles: Vec<_> = (jobs.iter().cloned())
+        .map(|(ids, steps, _, lora)| {
+            std::thread::spawn(move || {
+                let body =
+                    json!({"prompt": ids, "max_tokens": steps, "temperature": 0, "lora": lora});
+                post(addr, "/v1/completions", &body)
+            })
+        })
+        .collect();
+    for (h, ((adapters, prompt, _), (_, steps, want, _))) in
+        handles.into_iter().zip(requests.iter().zip(&jobs))
+    {
+        let r = h.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(*steps >= 2, "{adapters} {prompt}: {steps} decisive steps");
+        assert_eq!(r.json()["choices"][0]["text"], *want, "{adapters} {prompt}");
+    }
+    // POST sets the scales of requests without their own: b alone.
+    let set = post(addr, "/lora-adapters", &json!([{"id": 1, "scale": 1.0}]));
+    assert_eq!(set.status, 200, "{}", set.text());
+    let list = get(addr, "/lora-adapters").json();
+    assert_eq!(
+        (list[0]["scale"].clone(), list[1]["scale"].clone()),
+        (json!(0.0), json!(1.0))
+    );
+    let (ids, steps, want) = expected(json!([["b", 1.0]]), "The capital");
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": ids, "max_tokens": steps, "temperature": 0}),
+    );
+    assert_eq!(r.json()["choices"][0]["text"], want);
+    for (lora, says) in [
         (
             json!([{"id": 0, "scale": 1.0}, {"id": 0, "scale": 1.0}]),
             "names adapter 0 twice",
         ),
         (
             json!([{"id": 3, "scale": 1.0}]),
-            "names adapter 3, but this server has 1",
+            "names adapter 3, but this server has 2",
         ),
         (json!([{"id": 0}]), "an integer 'id' and a number 'scale'"),
+        (json!([{"id": 0, "scale": 1e3}]), "between -100 and 100"),
         (json!({"id": 0}), "'lora'"),
     ] {
-        let r = post(addr, "/v1/completions", &body(lora.clone()));
+        let body = json!({"prompt": "Hi", "max_tokens": 1, "lora": lora.clone()});
+        let r = post(addr, "/v1/completions", &body);
         let e = expect_error(&r, 400, Some("lora"));
         assert!(
             e["error"]["message"].as_str().unwrap().contains(says),
             "{lora}: {e}"
         );
     }
+    let r = post(addr, "/lora-adapters", &json!([{"id": 9, "scale": 1.0}]));
+    assert_eq!(r.status, 400, "{}", r.text());
 }
