@@ -457,3 +457,102 @@ fn scales_per_token_follow_the_batch() {
     assert!(e.to_string().contains("LoRA scales"), "{e}");
     std::fs::remove_file(p).ok();
 }
+
+/// Per-token scales across micro-batches and the last layer's compacted rows: three
+/// sequences of 350 tokens at three pairs of scales (two adapters on every matrix of every
+/// layer), 1050 tokens in one batch (more than one micro-batch of 512), in blocks and
+/// interleaved, logits at every 37th position and the last only: each row equals its
+/// sequence's run alone on a model loaded at those scales, to the bit.
+#[test]
+fn scales_per_token_hold_across_micro_batches_and_compacted_rows() {
+    use gemma3_model::Output;
+    let spec = TinySpec::default();
+    let (_, w) = open(&spec);
+    let kinds = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    let pairs = |seed: u64| -> Vec<Pair> {
+        (0..spec.n_layers)
+            .flat_map(|l| kinds.iter().enumerate().map(move |(i, k)| (l, i, *k)))
+            .map(|(l, i, k)| {
+                pair(
+                    &w,
+                    &format!("blk.{l}.{k}.weight"),
+                    3,
+                    seed + (l * 10 + i) as u64,
+                )
+            })
+            .collect()
+    };
+    let (pa, pb) = (
+        write(&adapter(&pairs(1000), Some(6.0)), "ubatch-a"),
+        write(&adapter(&pairs(5000), None), "ubatch-b"),
+    );
+    let scales: [[f32; 2]; 3] = [[0.7, 0.0], [0.0, 1.3], [0.5, -0.4]];
+    let len = 350usize;
+    let toks: Vec<Vec<u32>> = (0..3)
+        .map(|s| {
+            (0..len)
+                .map(|i| ((i * 53 + s * 7) % spec.vocab) as u32)
+                .collect()
+        })
+        .collect();
+    let wants = |i: usize| i.is_multiple_of(37) || i + 1 == len;
+    let alone: Vec<Vec<f32>> = (0..3)
+        .map(|s| {
+            let (mut m, _) = open(&spec);
+            m.load_lora(&pa, scales[s][0]).unwrap();
+            m.load_lora(&pb, scales[s][1]).unwrap();
+            let mut b = Batch::default();
+            for (i, &t) in toks[s].iter().enumerate() {
+                b.push(t, i, 0, wants(i));
+            }
+            let mut cache = KvCache::new(&m.config, 1024);
+            let mut st = ForwardState::new();
+            let rows = m.forward(&b, std::slice::from_mut(&mut cache), &mut st);
+            rows.unwrap().to_vec()
+        })
+        .collect();
+    let (mut m, _) = open(&spec);
+    m.load_lora(&pa, 0.0).unwrap();
+    m.load_lora(&pb, 0.0).unwrap();
+    let vocab = spec.vocab;
+    let blocks: Vec<(usize, usize)> = (0..3).flat_map(|s| (0..len).map(move |i| (s, i))).collect();
+    let interleaved: Vec<(usize, usize)> =
+        (0..len).flat_map(|i| (0..3).map(move |s| (s, i))).collect();
+    for order in [blocks, interleaved] {
+        let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::new(&m.config, 1024)).collect();
+        let mut b = Batch::default();
+        for &(s, i) in &order {
+            let out = if wants(i) {
+                Output::Logits
+            } else {
+                Output::None
+            };
+            b.push_out(toks[s][i], i, s, out);
+            b.lora.extend_from_slice(&scales[s]);
+        }
+        let mut st = ForwardState::new();
+        let rows = m.forward(&b, &mut caches, &mut st).unwrap().to_vec();
+        let (mut r, mut k) = (0, [0usize; 3]);
+        for &(s, i) in order.iter().filter(|&&(_, i)| wants(i)) {
+            let want = &alone[s][k[s] * vocab..(k[s] + 1) * vocab];
+            assert_eq!(
+                &rows[r * vocab..(r + 1) * vocab],
+                want,
+                "sequence {s} position {i}"
+            );
+            r += 1;
+            k[s] += 1;
+        }
+    }
+    for p in [pa, pb] {
+        std::fs::remove_file(p).ok();
+    }
+}

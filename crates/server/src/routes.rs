@@ -96,6 +96,17 @@ pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response {
 }
 
 impl App {
+    /// A request's LoRA scales, or (None) the server's current ones, read
+    /// once: the jobs of one request (its `n` choices, its prompts, its
+    /// embedding waves) run at the same scales even if `POST
+    /// /lora-adapters` changes them while some wait.
+    pub(crate) fn lora_or_current(&self, lora: Option<Vec<f32>>) -> Option<Vec<f32>> {
+        match lora {
+            None if !self.info.loras.is_empty() => Some(self.sched.lora_scales()),
+            l => l,
+        }
+    }
+
     pub(crate) fn new_id(&self, prefix: &str) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{prefix}-{:08x}{n:08x}", self.started as u32)
@@ -221,6 +232,7 @@ impl App {
         prompt_logprobs: Option<usize>,
         lora: Option<Vec<f32>>,
     ) -> Result<Vec<UnboundedReceiver<Event>>, SubmitError> {
+        let lora = self.lora_or_current(lora);
         let (reqs, rxs): (Vec<_>, Vec<_>) = jobs
             .map(|(prompt, params, embed)| {
                 let (tx, rx) = unbounded_channel();
@@ -1138,6 +1150,7 @@ pub(crate) async fn embed_all(
     prompts: Vec<Vec<u32>>,
     lora: Option<Vec<f32>>,
 ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    let lora = app.lora_or_current(lora);
     let mut vectors = Vec::with_capacity(prompts.len());
     let mut prompt_tokens = 0;
     let mut next = 0;

@@ -2168,3 +2168,76 @@ fn lora_adapters_apply_per_request() {
     let r = post(addr, "/lora-adapters", &json!([{"id": 9, "scale": 1.0}]));
     assert_eq!(r.status, 400, "{}", r.text());
 }
+
+/// A request without its own `lora` runs at the scales the server had when it arrived: its
+/// choices waiting for the one slot while `POST /lora-adapters` changes them all run at the
+/// old ones (read per job, its two choices had run one under each).
+#[test]
+fn lora_scales_are_read_when_a_request_arrives() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/tests/data/lora");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("llama_cpp_lora.json")).unwrap())
+            .unwrap();
+    let case = (reference["cases"].as_array().unwrap().iter())
+        .find(|c| {
+            c["adapters"] == json!([["a", 1.0]])
+                && c["prompt"].as_str().unwrap().starts_with("The capital")
+        })
+        .unwrap();
+    let mut cfg = config(model, 1, 512);
+    cfg.loras = ["a.gguf", "b.gguf"]
+        .iter()
+        .zip([1.0, 0.0])
+        .map(|(f, scale)| gemma3_engine::LoraSpec {
+            path: dir.join(f),
+            scale,
+        })
+        .collect();
+    let server = start(cfg);
+    let addr = server.addr;
+    let want = post(
+        addr,
+        "/detokenize",
+        &json!({"tokens": &case["greedy"].as_array().unwrap()[..8]}),
+    )
+    .json()["content"]
+        .clone();
+    // A long request holds the one slot.
+    let blocker = std::thread::spawn(move || {
+        let body = json!({"prompt": "Once upon a time", "max_tokens": 300, "temperature": 0, "ignore_eos": true});
+        post(addr, "/v1/completions", &body)
+    });
+    wait_for_active(addr, 1.0, "the long request starts");
+    let ids = case["ids"].clone();
+    let waiting = std::thread::spawn(move || {
+        let body = json!({"prompt": ids, "max_tokens": 8, "temperature": 0, "n": 2});
+        post(addr, "/v1/completions", &body)
+    });
+    let t0 = Instant::now();
+    while metric(addr, "gemma3_queue_depth") != 2.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the two choices wait"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let set = post(addr, "/lora-adapters", &json!([{"id": 1, "scale": 1.0}]));
+    assert_eq!(set.status, 200, "{}", set.text());
+    assert_eq!(
+        metric(addr, "gemma3_queue_depth"),
+        2.0,
+        "still waiting after the change"
+    );
+    let r = waiting.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    for c in r.json()["choices"].as_array().unwrap() {
+        assert_eq!(
+            c["text"], want,
+            "choice {}: at the scales of its arrival",
+            c["index"]
+        );
+    }
+    assert_eq!(blocker.join().unwrap().status, 200);
+}
