@@ -192,6 +192,9 @@ pub struct ServerConfig {
     pub chat_template_file: Option<PathBuf>,
     /// LoRA adapters applied to the model at load (`--lora`, `--lora-scaled`).
     pub loras: Vec<LoraSpec>,
+    /// Requests without a `lora` of their own (or an adapter's name as their
+    /// `model`) run at scale 0 (`--lora-init-without-apply`).
+    pub lora_init_without_apply: bool,
     pub api_key: Option<String>,
     /// After a shutdown signal: how long in-flight requests may run before
     /// they are cancelled.
@@ -215,6 +218,7 @@ impl ServerConfig {
             pooling: Pooling::Mean,
             chat_template_file: None,
             loras: Vec::new(),
+            lora_init_without_apply: false,
             api_key: None,
             shutdown_grace: Duration::from_secs(10),
             header_timeout: HEADER_TIMEOUT,
@@ -223,12 +227,9 @@ impl ServerConfig {
     }
 
     pub fn from_args(a: ServeArgs, model_path: PathBuf) -> Result<Self> {
-        let mut loras = a.lora.specs()?;
-        if a.lora_init_without_apply {
-            loras.iter_mut().for_each(|l| l.scale = 0.0);
-        }
         Ok(ServerConfig {
-            loras,
+            loras: a.lora.specs()?,
+            lora_init_without_apply: a.lora_init_without_apply,
             host: a.host,
             port: a.port,
             parallel: a.parallel,
@@ -343,6 +344,26 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
             cfg.parallel, cfg.ctx
         )
     })?;
+    if cfg.lora_init_without_apply {
+        sched
+            .set_lora_scales(vec![0.0; info.loras.len()])
+            .map_err(anyhow::Error::msg)?;
+    }
+    // Each adapter also answers to a model name (its file's stem), as vLLM
+    // and Ollama serve fine-tunes: that adapter alone, at its scale (1 where
+    // it was given 0).
+    let mut adapters: Vec<(String, f32)> = Vec::new();
+    for (i, l) in info.loras.iter().enumerate() {
+        let stem = (l.path.file_stem())
+            .map_or_else(|| format!("lora-{i}"), |s| s.to_string_lossy().into_owned());
+        let taken = |n: &str| n == model_id || adapters.iter().any(|(a, _)| a == n);
+        let name = if taken(&stem) {
+            format!("{stem}-{i}")
+        } else {
+            stem
+        };
+        adapters.push((name, if l.scale == 0.0 { 1.0 } else { l.scale }));
+    }
     eprintln!(
         "gemma3 serve: {model_id}, {} slots × {} tokens of context (KV caches {:.0} MiB), queue {}",
         cfg.parallel,
@@ -382,6 +403,7 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         info,
         chat,
         ollama_gemma,
+        adapters,
     });
     Ok(Loaded {
         app,

@@ -324,7 +324,9 @@ async fn reply(
     let max_tokens = app.budget(prompt.len(), &common, None, field)?;
     let constraint = constraint(app, &common).await?;
     let params = app.params(&common, max_tokens, constraint, 0);
-    let rxs = app.submit_many(vec![(prompt, params)], None, None, None)?;
+    // (A fine-tune served as an adapter is chosen by its model name.)
+    let lora = app.scales_for(Some(&shape.model), None);
+    let rxs = app.submit_many(vec![(prompt, params)], None, None, lora)?;
     let mut choices = choices(rxs, |_| true).await?;
     if common.stream {
         return Ok(stream_response(choices, shape));
@@ -564,7 +566,8 @@ pub async fn embed(State(app): AppState, body: Result<JsonObject, ApiError>) -> 
     let truncate = f.bool("truncate")?.unwrap_or(true);
     let t0 = std::time::Instant::now();
     let prompts = embed_inputs(&app, &f, "input", truncate).await?;
-    let (mut vectors, prompt_tokens) = embed_all(&app, prompts, None).await?;
+    let lora = app.scales_for(Some(&model), None);
+    let (mut vectors, prompt_tokens) = embed_all(&app, prompts, lora).await?;
     vectors.iter_mut().for_each(|v| normalize_l2(v));
     Ok(json_response(
         StatusCode::OK,
@@ -587,7 +590,8 @@ pub async fn embeddings(State(app): AppState, body: Result<JsonObject, ApiError>
         return Err(ApiError::field("prompt", "'prompt' must be a string").into());
     }
     let prompts = embed_inputs(&app, &f, "prompt", true).await?;
-    let (mut vectors, _) = embed_all(&app, prompts, None).await?;
+    let lora = app.scales_for(f.str("model")?, None);
+    let (mut vectors, _) = embed_all(&app, prompts, lora).await?;
     let vector = vectors.pop().unwrap_or_default();
     Ok(json_response(StatusCode::OK, &json!({"embedding": vector})))
 }
@@ -617,9 +621,18 @@ fn model_entry(app: &App) -> Value {
     })
 }
 
-/// `GET /api/tags`: the one model this server runs.
+/// `GET /api/tags`: the model this server runs, and each LoRA adapter
+/// under its own name.
 pub async fn tags(State(app): AppState) -> Response {
-    json_response(StatusCode::OK, &json!({"models": [model_entry(&app)]}))
+    let base = model_entry(&app);
+    let adapters = app.adapters.iter().map(|(name, _)| {
+        let mut m = base.clone();
+        m["name"] = json!(name);
+        m["model"] = json!(name);
+        m
+    });
+    let models: Vec<Value> = std::iter::once(base.clone()).chain(adapters).collect();
+    json_response(StatusCode::OK, &json!({"models": models}))
 }
 
 /// `GET /api/ps`: the model, always loaded.

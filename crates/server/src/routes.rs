@@ -60,6 +60,9 @@ pub struct App {
     /// Whether Ollama's routes render with Ollama's Gemma 3 template (no
     /// template given, and the file's, if any, is Gemma's) rather than `chat`.
     pub ollama_gemma: bool,
+    /// Each LoRA adapter's model name and the scale it runs at when a
+    /// request names it (see [`App::scales_for`]), by adapter id.
+    pub adapters: Vec<(String, f32)>,
 }
 
 /// The model file and its size, for Ollama's listings.
@@ -100,6 +103,25 @@ impl App {
     /// once: the jobs of one request (its `n` choices, its prompts, its
     /// embedding waves) run at the same scales even if `POST
     /// /lora-adapters` changes them while some wait.
+    /// A request's LoRA scales: its own `lora`, else, where its `model`
+    /// names an adapter, that adapter alone at its scale, else None (the
+    /// server's current ones).
+    pub(crate) fn scales_for(
+        &self,
+        model: Option<&str>,
+        lora: Option<Vec<f32>>,
+    ) -> Option<Vec<f32>> {
+        lora.or_else(|| {
+            let id = self
+                .adapters
+                .iter()
+                .position(|(name, _)| Some(name.as_str()) == model)?;
+            let mut s = vec![0.0; self.adapters.len()];
+            s[id] = self.adapters[id].1;
+            Some(s)
+        })
+    }
+
     pub(crate) fn lora_or_current(&self, lora: Option<Vec<f32>>) -> Option<Vec<f32>> {
         match lora {
             None if !self.info.loras.is_empty() => Some(self.sched.lora_scales()),
@@ -1034,6 +1056,7 @@ pub async fn chat(
 ) -> Result<Response, ApiError> {
     let req = ChatRequest::parse(&body, app.vocab)?;
     let lora = crate::openai::request_lora(&body, app.info.loras.len())?;
+    let lora = app.scales_for(body.get("model").and_then(Value::as_str), lora);
     let prompt = chat_prompt(&app, &req.messages).await?;
     let max_tokens = app.budget(prompt.len(), &req.common, None, "messages")?;
     let n = req.common.n;
@@ -1199,6 +1222,7 @@ pub async fn embeddings(
 ) -> Result<Response, ApiError> {
     let req = EmbeddingRequest::parse(&body, app.vocab, app.d_model)?;
     let lora = crate::openai::request_lora(&body, app.info.loras.len())?;
+    let lora = app.scales_for(body.get("model").and_then(Value::as_str), lora);
     let several = req.inputs.len() > 1;
     let ctx = app.sched.ctx();
     // Every input tokenized and checked against the context before any is queued.
@@ -1253,6 +1277,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let req = CompletionRequest::parse(&body, app.vocab)?;
     let lora = crate::openai::request_lora(&body, app.info.loras.len())?;
+    let lora = app.scales_for(body.get("model").and_then(Value::as_str), lora);
     let n = req.common.n;
     app.fits(req.prompts.len(), n)?;
     // Every prompt tokenized and checked against the context before any is
@@ -1365,26 +1390,41 @@ fn model_object(app: &App) -> Value {
     })
 }
 
+/// The model objects of the LoRA adapters (by name, `parent` the base
+/// model's id, as vLLM lists them).
+fn adapter_objects(app: &App) -> impl Iterator<Item = Value> + '_ {
+    app.adapters.iter().map(|(name, _)| {
+        let mut m = model_object(app);
+        m["id"] = json!(name);
+        m["parent"] = json!(app.model_id);
+        m
+    })
+}
+
 pub async fn models(State(app): AppState) -> Response {
-    json_response(
-        StatusCode::OK,
-        &json!({"object": "list", "data": [model_object(&app)]}),
-    )
+    let data: Vec<Value> = std::iter::once(model_object(&app))
+        .chain(adapter_objects(&app))
+        .collect();
+    json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
 }
 
 /// `GET /v1/models/{id}` (the `openai` package's `models.retrieve`): the
-/// model object for this server's model id, else a 404.
+/// model object for this server's model id or one of its adapters', else a
+/// 404.
 pub async fn model(
     State(app): AppState,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
-    if id != app.model_id {
-        return Err(ApiError::not_found(format!(
+    if id == app.model_id {
+        return Ok(json_response(StatusCode::OK, &model_object(&app)));
+    }
+    match adapter_objects(&app).find(|m| m["id"] == id.as_str()) {
+        Some(m) => Ok(json_response(StatusCode::OK, &m)),
+        None => Err(ApiError::not_found(format!(
             "no model '{id}': this server runs '{}'",
             app.model_id
-        )));
+        ))),
     }
-    Ok(json_response(StatusCode::OK, &model_object(&app)))
 }
 
 /// `GET /lora-adapters`, as llama-server: the adapters, by id, with their

@@ -2241,3 +2241,77 @@ fn lora_scales_are_read_when_a_request_arrives() {
     }
     assert_eq!(blocker.join().unwrap().status, 200);
 }
+
+/// Adapters as models, as vLLM and Ollama serve fine-tunes: with `--lora-init-without-apply`
+/// the base model answers by default, and a request whose `model` is an adapter's name (its
+/// file's stem) runs that adapter alone: llama.cpp's greedy text under it, on the OpenAI and
+/// Ollama routes; `/v1/models` and `/api/tags` list the adapters.
+#[test]
+fn lora_adapters_answer_to_their_names() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/tests/data/lora");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("llama_cpp_lora.json")).unwrap())
+            .unwrap();
+    let mut cfg = config(model, 2, 512);
+    cfg.loras = ["a.gguf", "b.gguf"]
+        .iter()
+        .map(|f| gemma3_engine::LoraSpec {
+            path: dir.join(f),
+            scale: 1.0,
+        })
+        .collect();
+    cfg.lora_init_without_apply = true;
+    let server = start(cfg);
+    let addr = server.addr;
+    let ids: Vec<Value> = get(addr, "/v1/models").json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!("gemma-3-270m-q4_k_m"), json!("a"), json!("b")]);
+    assert_eq!(
+        get(addr, "/v1/models/b").json()["parent"],
+        "gemma-3-270m-q4_k_m"
+    );
+    let tags = get(addr, "/api/tags").json();
+    assert_eq!(tags["models"].as_array().unwrap().len(), 3, "{tags}");
+    let list = get(addr, "/lora-adapters").json();
+    assert_eq!(
+        (list[0]["scale"].clone(), list[1]["scale"].clone()),
+        (json!(0.0), json!(0.0))
+    );
+    for (name, adapters) in [
+        ("gemma-3-270m-q4_k_m", json!([])),
+        ("a", json!([["a", 1.0]])),
+        ("b", json!([["b", 1.0]])),
+    ] {
+        let case = (reference["cases"].as_array().unwrap().iter())
+            .find(|c| {
+                c["adapters"] == adapters
+                    && c["prompt"].as_str().unwrap().starts_with("The capital")
+            })
+            .unwrap();
+        // Up to llama.cpp's first step with a lead under 0.1.
+        let margins = case["greedy_margins"].as_array().unwrap();
+        let steps = (margins.iter())
+            .position(|m| m.as_f64().unwrap() < 0.1)
+            .unwrap_or(margins.len());
+        assert!(steps >= 3, "{name}: {steps}");
+        let tokens = &case["greedy"].as_array().unwrap()[..steps];
+        let want = post(addr, "/detokenize", &json!({"tokens": tokens})).json()["content"].clone();
+        let body =
+            json!({"model": name, "prompt": case["ids"], "max_tokens": steps, "temperature": 0});
+        let r = post(addr, "/v1/completions", &body);
+        assert_eq!(r.json()["choices"][0]["text"], want, "{name}");
+        let body = json!({
+            "model": name, "prompt": case["prompt"], "raw": true, "stream": false,
+            "options": {"temperature": 0, "num_predict": steps},
+        });
+        let r = post(addr, "/api/generate", &body);
+        assert_eq!(r.json()["response"], want, "{name} on Ollama's route");
+        assert_eq!(r.json()["model"], name);
+    }
+}
