@@ -92,7 +92,7 @@ impl LoraDelta {
     /// n_out), where row t's user scale is `scales[t · stride + adapter]`
     /// (`scales` empty: the adapter's default for every row) and `scale` is
     /// that times alpha / rank as llama.cpp's `get_scale` computes it. Rows
-    /// at scale 0 are left as they are; when all are, nothing is computed.
+    /// at scale 0 are left as they are and cost nothing.
     pub fn add_to(
         &self,
         x: &[f32],
@@ -112,9 +112,35 @@ impl LoraDelta {
                 s => s,
             })
             .collect();
-        if scale.iter().all(|&s| s == 0.0) {
+        let live: Vec<usize> = (0..n).filter(|&t| scale[t] != 0.0).collect();
+        if live.len() == n {
+            return self.run(x, &scale, out, mm);
+        }
+        if live.is_empty() {
             return;
         }
+        // Only the rows that run the adapter (a batch mixing requests under
+        // different adapters): gathered, updated, put back. Each row's
+        // result does not depend on the others in its batch.
+        let (n_in, n_out) = (self.n_in, self.n_out);
+        let xg: Vec<f32> = (live.iter())
+            .flat_map(|&t| &x[t * n_in..(t + 1) * n_in])
+            .copied()
+            .collect();
+        let mut og: Vec<f32> = (live.iter())
+            .flat_map(|&t| &out[t * n_out..(t + 1) * n_out])
+            .copied()
+            .collect();
+        let sg: Vec<f32> = live.iter().map(|&t| scale[t]).collect();
+        self.run(&xg, &sg, &mut og, mm);
+        for (&t, row) in live.iter().zip(og.chunks_exact(n_out)) {
+            out[t * n_out..(t + 1) * n_out].copy_from_slice(row);
+        }
+    }
+
+    /// [`LoraDelta::add_to`] for rows that all run the adapter, at `scale`.
+    fn run(&self, x: &[f32], scale: &[f32], out: &mut [f32], mm: &mut MatmulScratch) {
+        let n = scale.len();
         // A has few rows (the rank), which the kernels would give one
         // thread: many tokens are split between the threads instead (per
         // token, so the split cannot change a value).
@@ -128,7 +154,7 @@ impl LoraDelta {
                     self.add_rows(x, scale, out, &mut MatmulScratch::default())
                 });
         } else {
-            self.add_rows(x, &scale, out, mm);
+            self.add_rows(x, scale, out, mm);
         }
     }
 
