@@ -12,6 +12,7 @@ macro_rules! outln {
 mod bench;
 mod classify;
 mod embed;
+mod export_lora;
 mod generate;
 mod model_path;
 mod ppl;
@@ -67,6 +68,8 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Each text's label: the one the model finds likeliest after it (log-likelihood, as lm-eval scores choices).
     Classify(classify::ClassifyArgs),
+    /// Merge LoRA adapters into the model's weights and write the result as a new GGUF (as llama-export-lora).
+    ExportLora(export_lora::ExportLoraArgs),
     /// Perplexity of a text file, computed as llama-perplexity does.
     Ppl(ppl::PplArgs),
     /// Architecture, parameters, tensor types and the memory a context needs.
@@ -194,6 +197,7 @@ fn command(command: Command) -> Result<()> {
         Command::Embed(a) => embed::run(a),
         Command::Classify(a) => classify::run(a),
         Command::Ppl(a) => ppl::run(a),
+        Command::ExportLora(a) => export_lora::run(a),
         Command::Bench(_) => unreachable!("handled above"),
         Command::Info { model, ctx, lora } => info(model, ctx, lora),
         Command::Serve(a) => {

@@ -276,3 +276,156 @@ fn bad_adapter_flags_are_clear_errors() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+#[path = "../../model/tests/common/tiny.rs"]
+#[allow(dead_code)]
+mod tiny;
+
+/// `gemma3 export-lora` on the real model: the adapted matrices become F16, every other tensor
+/// keeps its bytes, and the merged file alone gives llama.cpp's greedy text under the adapter
+/// (checked once by hand: llama.cpp itself reads the merged file to the same 12 tokens).
+#[test]
+fn export_lora_writes_a_model_with_the_adapter_merged() {
+    let Some(path) = model_path("export_lora_writes_a_model_with_the_adapter_merged") else {
+        return;
+    };
+    let (_, tok) = model("export_lora_writes_a_model_with_the_adapter_merged").unwrap();
+    let out = common::temp_path("merged-a.gguf");
+    let (o, _, stderr) = run(gemma3()
+        .args(["export-lora", "--model"])
+        .arg(&path)
+        .arg("--lora")
+        .arg(adapter_file("a"))
+        .arg("-o")
+        .arg(&out));
+    assert!(o.status.success(), "{stderr}");
+    let (base, merged) = (
+        gemma3_gguf::GgufFile::open(&path).unwrap(),
+        gemma3_gguf::GgufFile::open(&out).unwrap(),
+    );
+    let adapted = |name: &str| {
+        [0, 5, 9, 17]
+            .iter()
+            .any(|l| name.starts_with(&format!("blk.{l}.")) && !name.contains("norm"))
+    };
+    assert_eq!(base.tensors().len(), merged.tensors().len());
+    for t in base.tensors() {
+        let m = merged.tensor(&t.name).unwrap();
+        assert_eq!(m.dims, t.dims, "{}", t.name);
+        if adapted(&t.name) {
+            assert_eq!(m.ggml_type, gemma3_gguf::GgmlType::F16, "{}", t.name);
+        } else {
+            assert_eq!(merged.tensor_data(m), base.tensor_data(t), "{}", t.name);
+        }
+    }
+    assert_eq!(base.metadata(), merged.metadata());
+    let r = reference();
+    let case = (r["cases"].as_array().unwrap().iter())
+        .find(|c| {
+            c["adapters"] == serde_json::json!([["a", 1.0]])
+                && c["prompt"].as_str().unwrap().starts_with("The capital")
+        })
+        .unwrap();
+    let expected = tok.decode(&ids(&case["greedy"]), false).unwrap();
+    let (o, stdout, stderr) = run(gemma3()
+        .args(["run", "--model"])
+        .arg(&out)
+        .args(["--raw", "--temp", "0", "-n", "12", "--quiet"])
+        .arg(case["prompt"].as_str().unwrap()));
+    assert!(o.status.success(), "{stderr}");
+    assert_eq!(stdout, format!("{expected}\n"));
+    // No adapter, or the model as its own output: refused before anything is written.
+    for (args, says) in [
+        (
+            vec!["-o".into(), out.clone().into_os_string()],
+            "no adapter to merge",
+        ),
+        (
+            vec![
+                "--lora".into(),
+                adapter_file("a").into_os_string(),
+                "-o".into(),
+                path.clone().into_os_string(),
+            ],
+            "is the model file itself",
+        ),
+    ] {
+        let (o, _, stderr) = run(gemma3()
+            .args(["export-lora", "--model"])
+            .arg(&path)
+            .args(&args));
+        assert!(!o.status.success() && stderr.contains(says), "{stderr}");
+    }
+    std::fs::remove_file(&out).ok();
+}
+
+/// The merge on numbers checked by hand: a tiny model's q matrix of layer 0, an adapter of
+/// rank 1 with alpha 2 (scale 2 · 0.5 / 1 = 1 at `--lora-scaled 0.5`), A = e_0 (the first
+/// input) and B = 0.25 · e_3 (the fourth output): the merged matrix is W with 0.25 added at row
+/// 3, column 0, and nothing else changed but F16 rounding.
+#[test]
+fn export_lora_adds_scale_times_b_a() {
+    let spec = tiny::TinySpec::default();
+    let (mut w, weights) = tiny::tiny_writer(&spec);
+    let dir = common::temp_path("export-tiny");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("tiny.gguf");
+    std::fs::write(&model, w.to_bytes()).unwrap();
+    let q = &weights["blk.0.attn_q.weight"];
+    let (n_in, n_out) = (q.dims[0] as usize, q.dims[1] as usize);
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut a = vec![0.0f32; n_in];
+    a[0] = 1.0;
+    let mut b = vec![0.0f32; n_out];
+    b[3] = 0.25;
+    w = gemma3_gguf::GgufWriter::new();
+    use gemma3_gguf::Value;
+    w.add_kv("general.architecture", Value::String("gemma3".into()));
+    w.add_kv("general.type", Value::String("adapter".into()));
+    w.add_kv("adapter.type", Value::String("lora".into()));
+    w.add_kv("adapter.lora.alpha", Value::F32(2.0));
+    let f32t = gemma3_gguf::GgmlType::F32;
+    w.add_tensor(
+        "blk.0.attn_q.weight.lora_a",
+        &[n_in as u64, 1],
+        f32t,
+        f32s(&a),
+    )
+    .unwrap();
+    w.add_tensor(
+        "blk.0.attn_q.weight.lora_b",
+        &[1, n_out as u64],
+        f32t,
+        f32s(&b),
+    )
+    .unwrap();
+    let lora = dir.join("lora.gguf");
+    w.write_to_path(&lora).unwrap();
+    let out = dir.join("merged.gguf");
+    let (o, _, stderr) = run(gemma3()
+        .args(["export-lora", "--model"])
+        .arg(&model)
+        .arg("--lora-scaled")
+        .arg(&lora)
+        .arg("0.5")
+        .arg("-o")
+        .arg(&out));
+    assert!(o.status.success(), "{stderr}");
+    let f = gemma3_gguf::GgufFile::open(&out).unwrap();
+    let t = f.tensor("blk.0.attn_q.weight").unwrap();
+    let got: Vec<f32> = (f.tensor_data(t).chunks_exact(2))
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect();
+    for (i, (&g, &w0)) in got.iter().zip(&q.data).enumerate() {
+        let want = w0 + if i == 3 * n_in { 0.25 } else { 0.0 };
+        let f16 = half::f16::from_f32(want).to_f32();
+        assert_eq!(
+            g,
+            f16,
+            "element {i} (row {}, column {})",
+            i / n_in,
+            i % n_in
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -14,5 +14,5 @@ pub use config::Config;
 pub use error::ModelError;
 pub use forward::{Batch, ForwardState, Output};
 pub use kv_cache::KvCache;
-pub use lora::LoraInfo;
+pub use lora::{LoraFile, LoraInfo, LoraPair};
 pub use weights::{Model, Tensor};

@@ -247,6 +247,42 @@ pub struct LoraInfo {
     pub bytes: u64,
 }
 
+/// An adapter file read and checked against a model (see
+/// [`Model::read_lora`]): its pairs of matrices as f32.
+pub struct LoraFile {
+    pub name: Option<String>,
+    /// `adapter.lora.alpha` (0: none).
+    pub alpha: f32,
+    pub pairs: Vec<LoraPair>,
+    /// Tensors llama.cpp leaves out (norm weights), by name.
+    pub skipped: Vec<String>,
+}
+
+/// One adapted matrix of a [`LoraFile`].
+pub struct LoraPair {
+    /// The layer, and the matrix by its index in q k v o gate up down.
+    pub layer: usize,
+    pub matrix: usize,
+    pub rank: usize,
+    /// A (rank × n_in) and B (n_out × rank), row-major, and their file types.
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub a_format: WeightFormat,
+    pub b_format: WeightFormat,
+}
+
+impl LoraPair {
+    /// llama.cpp's `get_scale`: the user's scale times alpha / rank (alone
+    /// without an alpha), in its order of operations.
+    pub fn scale(&self, user: f32, alpha: f32) -> f32 {
+        if alpha != 0.0 {
+            user * alpha / self.rank as f32
+        } else {
+            user
+        }
+    }
+}
+
 impl Model {
     /// Apply the LoRA adapter at `path` with the user's `scale`, as
     /// `llama-cli --lora-scaled FILE SCALE` does; several adapters add up.
@@ -254,13 +290,77 @@ impl Model {
     /// model as it was. At scale 0 it changes nothing until a batch asks for
     /// it (`Batch::lora`), as `llama-server --lora-init-without-apply`.
     pub fn load_lora(&mut self, path: &Path, scale: f32) -> Result<&LoraInfo, ModelError> {
+        if !scale.is_finite() {
+            return Err(ModelError::Lora {
+                path: path.display().to_string(),
+                why: format!("its scale {scale} is not a finite number"),
+            });
+        }
+        let f = self.read_lora(path)?;
+        let mut deltas = Vec::with_capacity(f.pairs.len());
+        for p in f.pairs {
+            let t = self.layers[p.layer].matrix(p.matrix);
+            let (n_in, n_out, rank) = (t.cols, t.rows, p.rank);
+            // Zeros to the padded shapes.
+            let (ra, rb) = (
+                rank.next_multiple_of(16),
+                rank.next_multiple_of(FLOAT_BLOCK),
+            );
+            let (in_pad, out_pad) = (
+                n_in.next_multiple_of(FLOAT_BLOCK),
+                n_out.next_multiple_of(16),
+            );
+            let mut a_pad = vec![0.0f32; ra * in_pad];
+            for (dst, src) in a_pad.chunks_exact_mut(in_pad).zip(p.a.chunks_exact(n_in)) {
+                dst[..n_in].copy_from_slice(src);
+            }
+            let mut b_pad = vec![0.0f32; out_pad * rb];
+            for (dst, src) in b_pad.chunks_exact_mut(rb).zip(p.b.chunks_exact(rank)) {
+                dst[..rank].copy_from_slice(src);
+            }
+            let delta = LoraDelta {
+                rank,
+                n_in,
+                n_out,
+                a: pack_float(p.a_format, ra, in_pad, &a_pad),
+                b: pack_float(p.b_format, out_pad, rb, &b_pad),
+                a_format: p.a_format,
+                b_format: p.b_format,
+                adapter: self.loras.len(),
+                default_scale: scale,
+                alpha: f.alpha,
+            };
+            deltas.push((p.layer, p.matrix, delta));
+        }
+        let ranks = deltas.iter().map(|(_, _, d)| d.rank);
+        let bytes = (deltas.iter())
+            .map(|(_, _, d)| (d.a.size_bytes() + d.b.size_bytes()) as u64)
+            .sum();
+        let info = LoraInfo {
+            path: path.to_path_buf(),
+            name: f.name,
+            scale,
+            alpha: f.alpha,
+            matrices: deltas.len(),
+            ranks: (ranks.clone().min().unwrap_or(0), ranks.max().unwrap_or(0)),
+            skipped: f.skipped,
+            bytes,
+        };
+        // (At scale 0 it is loaded but not run, unless a batch asks for it.)
+        for (l, m, delta) in deltas {
+            self.layers[l].matrix_mut(m).lora.push(Arc::new(delta));
+        }
+        self.loras.push(info);
+        Ok(self.loras.last().expect("just pushed"))
+    }
+
+    /// The LoRA adapter at `path`, read whole and checked against this
+    /// model (the errors of [`Model::load_lora`]), not applied.
+    pub fn read_lora(&self, path: &Path) -> Result<LoraFile, ModelError> {
         let err = |why: String| ModelError::Lora {
             path: path.display().to_string(),
             why,
         };
-        if !scale.is_finite() {
-            return Err(err(format!("its scale {scale} is not a finite number")));
-        }
         // (The file is named once, by `err`.)
         let file = GgufFile::open(path).map_err(|e| {
             err(match e {
@@ -366,59 +466,22 @@ impl Model {
             };
             let a_m = self.lora_matrix(&file, a, rank, n_in).map_err(&err)?;
             let b_m = self.lora_matrix(&file, b, n_out, rank).map_err(&err)?;
-            let a_format = crate::weights::weight_format(&a.name, a.ggml_type)?;
-            let b_format = crate::weights::weight_format(&b.name, b.ggml_type)?;
-            // Zeros to the padded shapes.
-            let (ra, rb) = (
-                rank.next_multiple_of(16),
-                rank.next_multiple_of(FLOAT_BLOCK),
-            );
-            let (in_pad, out_pad) = (
-                n_in.next_multiple_of(FLOAT_BLOCK),
-                n_out.next_multiple_of(16),
-            );
-            let mut a_pad = vec![0.0f32; ra * in_pad];
-            for (dst, src) in a_pad.chunks_exact_mut(in_pad).zip(a_m.chunks_exact(n_in)) {
-                dst[..n_in].copy_from_slice(src);
-            }
-            let mut b_pad = vec![0.0f32; out_pad * rb];
-            for (dst, src) in b_pad.chunks_exact_mut(rb).zip(b_m.chunks_exact(rank)) {
-                dst[..rank].copy_from_slice(src);
-            }
-            let delta = LoraDelta {
+            deltas.push(LoraPair {
+                layer: l,
+                matrix: m,
                 rank,
-                n_in,
-                n_out,
-                a: pack_float(a_format, ra, in_pad, &a_pad),
-                b: pack_float(b_format, out_pad, rb, &b_pad),
-                a_format,
-                b_format,
-                adapter: self.loras.len(),
-                default_scale: scale,
-                alpha,
-            };
-            deltas.push((l, m, delta));
+                a: a_m,
+                b: b_m,
+                a_format: crate::weights::weight_format(&a.name, a.ggml_type)?,
+                b_format: crate::weights::weight_format(&b.name, b.ggml_type)?,
+            });
         }
-        let ranks = deltas.iter().map(|(_, _, d)| d.rank);
-        let bytes = (deltas.iter())
-            .map(|(_, _, d)| (d.a.size_bytes() + d.b.size_bytes()) as u64)
-            .sum();
-        let info = LoraInfo {
-            path: path.to_path_buf(),
+        Ok(LoraFile {
             name: file.get_str("general.name").ok().map(str::to_string),
-            scale,
             alpha,
-            matrices: deltas.len(),
-            ranks: (ranks.clone().min().unwrap_or(0), ranks.max().unwrap_or(0)),
+            pairs: deltas,
             skipped,
-            bytes,
-        };
-        // (At scale 0 it is loaded but not run, unless a batch asks for it.)
-        for (l, m, delta) in deltas {
-            self.layers[l].matrix_mut(m).lora.push(Arc::new(delta));
-        }
-        self.loras.push(info);
-        Ok(self.loras.last().expect("just pushed"))
+        })
     }
 
     /// Layer and matrix index of `blk.N.<matrix>.weight`, or why an adapter

@@ -57,7 +57,7 @@ pub struct Layer {
 
 impl Layer {
     /// The 7 weight matrices, by index (q, k, v, o, gate, up, down).
-    pub(crate) fn matrix(&self, i: usize) -> &Tensor {
+    pub fn matrix(&self, i: usize) -> &Tensor {
         [
             &self.wq,
             &self.wk,
