@@ -278,7 +278,6 @@ fn bad_adapter_flags_are_clear_errors() {
 }
 
 #[path = "../../model/tests/common/tiny.rs"]
-#[allow(dead_code)]
 mod tiny;
 
 /// `gemma3 export-lora` on the real model: the adapted matrices become F16, every other tensor
