@@ -18,9 +18,37 @@ pub struct ExportLoraArgs {
     model: crate::ModelArg,
     #[command(flatten)]
     lora: gemma3_server::LoraArgs,
-    /// The merged model's file (written whole to FILE.tmp first, then renamed).
+    /// The merged model's file: written whole to a new temporary file beside it, then renamed
+    /// over it (an existing FILE must be a regular file, and neither the model nor an adapter).
     #[arg(short, long, value_name = "FILE")]
     output: PathBuf,
+}
+
+/// `out` written to `path` whole or not at all: to a new file beside it
+/// (created, never opened through an existing name or link, so two exports
+/// at once each write their own), flushed to disk, then renamed over
+/// `path`; on failure the temporary file is removed.
+fn write_new(out: &GgufWriter, path: &std::path::Path) -> Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let name = name.unwrap_or_else(|| "merged".into());
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|f| {
+            out.write_to(&f)?;
+            f.sync_all()
+        })
+        .with_context(|| format!("writing {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 pub fn run(a: ExportLoraArgs) -> Result<()> {
@@ -29,9 +57,26 @@ pub fn run(a: ExportLoraArgs) -> Result<()> {
         bail!("no adapter to merge: give --lora FILE or --lora-scaled FILE SCALE");
     }
     let path = crate::model_path::resolve(a.model.model.clone(), true)?;
-    let same = |p: &std::path::Path| std::fs::canonicalize(p).ok();
-    if same(&a.output).is_some() && same(&a.output) == same(&path) {
-        bail!("the output {} is the model file itself", a.output.display());
+    // An existing output: a regular file, and not one this reads.
+    if let Ok(meta) = std::fs::metadata(&a.output) {
+        if !meta.is_file() {
+            bail!(
+                "the output {} exists and is not a regular file",
+                a.output.display()
+            );
+        }
+        let out = std::fs::canonicalize(&a.output).ok();
+        let same = |p: &std::path::Path| std::fs::canonicalize(p).ok() == out;
+        if same(&path) {
+            bail!("the output {} is the model file itself", a.output.display());
+        }
+        if let Some(s) = specs.iter().find(|s| same(&s.path)) {
+            bail!(
+                "the output {} is the adapter {}",
+                a.output.display(),
+                s.path.display()
+            );
+        }
     }
     let model = Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
     // Each adapted matrix's merged values, by tensor name.
@@ -81,11 +126,7 @@ pub fn run(a: ExportLoraArgs) -> Result<()> {
         };
         out.add_tensor(&t.name, &t.dims, ty, data)?;
     }
-    let tmp = a.output.with_extension("tmp");
-    out.write_to_path(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &a.output)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), a.output.display()))?;
+    write_new(&out, &a.output)?;
     outln!(
         "{}: {} with {} adapter(s) merged into {} matrices (F16)",
         a.output.display(),

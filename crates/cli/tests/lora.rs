@@ -333,8 +333,31 @@ fn export_lora_writes_a_model_with_the_adapter_merged() {
         .arg(case["prompt"].as_str().unwrap()));
     assert!(o.status.success(), "{stderr}");
     assert_eq!(stdout, format!("{expected}\n"));
-    // No adapter, or the model as its own output: refused before anything is written.
+    // No adapter, the model or an adapter as the output, or a directory: refused before
+    // anything is written.
+    let adir = common::temp_path("export-dir");
+    std::fs::create_dir_all(&adir).unwrap();
+    let copy = common::temp_path("adapter-copy.gguf");
+    std::fs::copy(adapter_file("a"), &copy).unwrap();
     for (args, says) in [
+        (
+            vec![
+                "--lora".into(),
+                copy.clone().into_os_string(),
+                "-o".into(),
+                copy.clone().into_os_string(),
+            ],
+            "is the adapter",
+        ),
+        (
+            vec![
+                "--lora".into(),
+                copy.clone().into_os_string(),
+                "-o".into(),
+                adir.clone().into_os_string(),
+            ],
+            "is not a regular file",
+        ),
         (
             vec!["-o".into(), out.clone().into_os_string()],
             "no adapter to merge",
@@ -355,6 +378,18 @@ fn export_lora_writes_a_model_with_the_adapter_merged() {
             .args(&args));
         assert!(!o.status.success() && stderr.contains(says), "{stderr}");
     }
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(adapter_file("a")).unwrap()
+    );
+    let parent = std::env::temp_dir();
+    let left = std::fs::read_dir(&parent).unwrap().filter_map(|e| e.ok());
+    let left: Vec<_> = (left.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.ends_with(".tmp") && n.contains("export-dir"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+    std::fs::remove_dir_all(&adir).ok();
+    std::fs::remove_file(&copy).ok();
     std::fs::remove_file(&out).ok();
 }
 

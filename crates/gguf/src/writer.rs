@@ -132,8 +132,13 @@ impl GgufWriter {
 
     /// Writes the file to `path`, streaming the tensor data rather than building it in memory.
     pub fn write_to_path(&self, path: impl AsRef<Path>) -> std::io::Result<()> {
+        self.write_to(File::create(path)?)
+    }
+
+    /// Writes the file to `out` (an opened file, say), streaming the tensor data.
+    pub fn write_to(&self, out: impl Write) -> std::io::Result<()> {
         let align = self.alignment();
-        let mut w = BufWriter::new(File::create(path)?);
+        let mut w = BufWriter::new(out);
         w.write_all(&self.header())?;
         let zeros = vec![0u8; align];
         for t in &self.tensors {
