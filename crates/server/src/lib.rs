@@ -145,8 +145,9 @@ pub struct ServeArgs {
     pub chat_template_file: Option<PathBuf>,
     #[command(flatten)]
     pub lora: LoraArgs,
-    /// Load the --lora adapters at scale 0: requests ask for them with their `lora` field, or
-    /// POST /lora-adapters sets the scales of those that do not (as llama-server's flag).
+    /// Run requests without the --lora adapters unless they ask for them (their `lora` field, or
+    /// an adapter's name as their `model`) or POST /lora-adapters sets other scales (as
+    /// llama-server's flag).
     #[arg(long)]
     pub lora_init_without_apply: bool,
 }
