@@ -84,6 +84,8 @@ struct Jinja {
     env: minijinja::Environment<'static>,
     bos: String,
     eos: String,
+    /// The template as given.
+    source: String,
 }
 
 /// The name of the one template a [`Jinja`] environment holds (errors say
@@ -154,6 +156,7 @@ impl ChatTemplate {
             strftime(&format, std::time::SystemTime::now())
         });
         env.add_filter("tojson", tojson);
+        let given = source.to_string();
         let source = source.replace("\r\n", "\n").replace('\r', "\n");
         env.add_template_owned(TEMPLATE, mark_generation(&source))
             .map_err(|e| ChatError::Template(describe(&e)))?;
@@ -162,8 +165,15 @@ impl ChatTemplate {
                 env,
                 bos: bos.into(),
                 eos: eos.into(),
+                source: given,
             }),
         })
+    }
+
+    /// The template's Jinja source: the one given, or Gemma 3's own for
+    /// Gemma's format (whose text [`render_chat`] writes).
+    pub fn source(&self) -> &str {
+        self.jinja.as_ref().map_or(GEMMA3_TEMPLATE, |j| &j.source)
     }
 
     /// Whether this is Gemma's own format (no Jinja template).

@@ -313,6 +313,7 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
     let d_model = model.config.d_model;
     let file = std::fs::metadata(path).ok();
     let info = routes::ModelInfo {
+        path: path.clone(),
         file_bytes: file.as_ref().map_or(0, |m| m.len()),
         modified: (file.and_then(|m| m.modified().ok())).unwrap_or(std::time::UNIX_EPOCH),
         parameters: model.n_params(),
@@ -489,6 +490,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/models/{id}", get(routes::model))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
+        .route("/props", get(routes::props))
         .route(
             "/lora-adapters",
             get(routes::lora_adapters).post(routes::set_lora_adapters),

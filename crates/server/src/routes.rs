@@ -68,6 +68,7 @@ pub struct App {
 /// The model file and its size, for Ollama's listings.
 #[derive(Clone, Debug)]
 pub struct ModelInfo {
+    pub path: std::path::PathBuf,
     pub file_bytes: u64,
     pub modified: std::time::SystemTime,
     pub parameters: u64,
@@ -1449,6 +1450,42 @@ pub async fn set_lora_adapters(
         .set_lora_scales(scales)
         .map_err(ApiError::bad_request)?;
     Ok(lora_adapters(State(app)).await)
+}
+
+/// `GET /props`, as llama-server answers it (its web UI and clients read
+/// it): the context per slot, the default sampling, the slots, the model,
+/// the chat template in use and the special tokens (behind `--api-key`, as
+/// llama-server's).
+pub async fn props(State(app): AppState) -> Response {
+    let d = gemma3_engine::SamplingParams::chat_default();
+    let piece = |id: u32| {
+        let b = app.tok.token_to_piece(id, true).unwrap_or(&[]);
+        String::from_utf8_lossy(b).into_owned()
+    };
+    let sp = app.tok.specials();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "default_generation_settings": {
+                "n_ctx": app.sched.ctx(),
+                "params": {
+                    "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
+                    "min_p": d.min_p, "repeat_penalty": d.repeat_penalty,
+                    "repeat_last_n": d.repeat_last_n, "presence_penalty": d.presence_penalty,
+                    "frequency_penalty": d.frequency_penalty, "seed": -1,
+                    "n_predict": -1,
+                },
+            },
+            "total_slots": app.sched.parallel(),
+            "model_alias": app.model_id,
+            "model_path": app.info.path.display().to_string(),
+            "modalities": {"vision": false, "audio": false},
+            "chat_template": app.chat.source(),
+            "bos_token": piece(sp.bos),
+            "eos_token": piece(sp.eos),
+            "build_info": concat!("gemma3-rs ", env!("CARGO_PKG_VERSION")),
+        }),
+    )
 }
 
 pub async fn health(State(app): AppState) -> Response {

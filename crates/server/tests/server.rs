@@ -2315,3 +2315,37 @@ fn lora_adapters_answer_to_their_names() {
         assert_eq!(r.json()["model"], name);
     }
 }
+
+/// `GET /props`, as llama-server answers it: the context per slot, the slots, the default
+/// sampling (the model's: temperature 1, top-k 64, top-p 0.95), the chat template in use
+/// (Gemma 3's, as the default model has none of its own) and the special tokens.
+#[test]
+fn props_describe_the_server_as_llama_server_does() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let server = start(config(model, 3, 640));
+    let p = get(server.addr, "/props");
+    assert_eq!(p.status, 200, "{}", p.text());
+    let p = p.json();
+    assert_eq!(p["total_slots"], 3);
+    assert_eq!(p["default_generation_settings"]["n_ctx"], 640);
+    let params = &p["default_generation_settings"]["params"];
+    assert_eq!(
+        (params["top_k"].clone(), params["temperature"].clone()),
+        (json!(64), json!(1.0))
+    );
+    assert!(
+        (params["top_p"].as_f64().unwrap() - 0.95).abs() < 1e-6,
+        "{params}"
+    );
+    let t = p["chat_template"].as_str().unwrap();
+    assert!(
+        t.contains("<start_of_turn>") && t.contains("bos_token"),
+        "{t}"
+    );
+    assert_eq!(
+        (p["bos_token"].clone(), p["eos_token"].clone()),
+        (json!("<bos>"), json!("<eos>"))
+    );
+    assert!(p["model_path"].as_str().unwrap().ends_with(".gguf"));
+}
