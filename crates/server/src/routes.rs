@@ -61,7 +61,7 @@ pub struct App {
     /// template given, and the file's, if any, is Gemma's) rather than `chat`.
     pub ollama_gemma: bool,
     /// Each LoRA adapter's model name and the scale it runs at when a
-    /// request names it (see [`App::scales_for`]), by adapter id.
+    /// request names it in its `model`, by adapter id.
     pub adapters: Vec<(String, f32)>,
 }
 
