@@ -28,7 +28,7 @@ pub struct ExportLoraArgs {
 /// (created, never opened through an existing name or link, so two exports
 /// at once each write their own), flushed to disk, then renamed over
 /// `path`; on failure the temporary file is removed.
-fn write_new(out: &GgufWriter, path: &std::path::Path) -> Result<()> {
+pub(crate) fn write_new(out: &GgufWriter, path: &std::path::Path) -> Result<()> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
     let name = name.unwrap_or_else(|| "merged".into());
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));

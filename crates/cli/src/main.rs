@@ -11,6 +11,7 @@ macro_rules! outln {
 
 mod bench;
 mod classify;
+mod convert_lora;
 mod embed;
 mod export_lora;
 mod generate;
@@ -68,6 +69,8 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Each text's label: the one the model finds likeliest after it (log-likelihood, as lm-eval scores choices).
     Classify(classify::ClassifyArgs),
+    /// Convert a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into a GGUF adapter (as llama.cpp's convert_lora_to_gguf.py).
+    ConvertLora(convert_lora::ConvertLoraArgs),
     /// Merge LoRA adapters into the model's weights and write the result as a new GGUF (as llama-export-lora).
     ExportLora(export_lora::ExportLoraArgs),
     /// Perplexity of a text file, computed as llama-perplexity does.
@@ -198,6 +201,7 @@ fn command(command: Command) -> Result<()> {
         Command::Classify(a) => classify::run(a),
         Command::Ppl(a) => ppl::run(a),
         Command::ExportLora(a) => export_lora::run(a),
+        Command::ConvertLora(a) => convert_lora::run(a),
         Command::Bench(_) => unreachable!("handled above"),
         Command::Info { model, ctx, lora } => info(model, ctx, lora),
         Command::Serve(a) => {

@@ -463,3 +463,110 @@ fn export_lora_adds_scale_times_b_a() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `gemma3 convert-lora`: adapter a written as PEFT saves an adapter (its numbers under
+/// Hugging Face's names, `lora_A` as [rank, n_in], `lora_alpha` 8, r 4) converts back to the
+/// same tensors, bytes and alpha as the GGUF llama.cpp read for its references; with
+/// `use_rslora` the alpha written is 8 · √4 = 16 (PEFT's alpha / √r as a GGUF's alpha / r);
+/// DoRA, a per-module alpha and a tensor that is not a layer's projection are refused by name.
+#[test]
+fn convert_lora_turns_a_peft_adapter_into_the_gguf_one() {
+    let Some(path) = model_path("convert_lora_turns_a_peft_adapter_into_the_gguf_one") else {
+        return;
+    };
+    let a = gemma3_gguf::GgufFile::open(adapter_file("a")).unwrap();
+    let hf = [
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("ffn_gate", "mlp.gate_proj"),
+        ("ffn_up", "mlp.up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+    ];
+    let peft_name = |gguf: &str| {
+        let rest = gguf.strip_prefix("blk.").unwrap();
+        let (l, rest) = rest.split_once('.').unwrap();
+        let (m, ab) = rest.split_once(".weight.").unwrap();
+        let module = hf.iter().find(|(g, _)| *g == m).unwrap().1;
+        let ab = if ab == "lora_a" { "lora_A" } else { "lora_B" };
+        format!("base_model.model.model.layers.{l}.{module}.{ab}.weight")
+    };
+    let views: Vec<(String, safetensors::tensor::TensorView)> = (a.tensors().iter())
+        .map(|t| {
+            let shape = vec![t.dims[1] as usize, t.dims[0] as usize];
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F16,
+                shape,
+                a.tensor_data(t),
+            )
+            .unwrap();
+            (peft_name(&t.name), view)
+        })
+        .collect();
+    let st = safetensors::serialize(views, None).unwrap();
+    let dir = common::temp_path("peft-a");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("adapter_model.safetensors"), &st).unwrap();
+    let convert = |config: serde_json::Value, out: &std::path::Path| {
+        std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+        run(gemma3()
+            .args(["convert-lora", "--model"])
+            .arg(&path)
+            .arg(&dir)
+            .arg("-o")
+            .arg(out))
+    };
+    let out = dir.join("a.gguf");
+    let config = serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]});
+    let (o, _, stderr) = convert(config.clone(), &out);
+    assert!(o.status.success(), "{stderr}");
+    let c = gemma3_gguf::GgufFile::open(&out).unwrap();
+    assert_eq!(c.get_f32("adapter.lora.alpha").unwrap(), 8.0);
+    assert_eq!(c.get_str("general.type").unwrap(), "adapter");
+    assert_eq!(c.tensors().len(), a.tensors().len());
+    for t in a.tensors() {
+        let u = c
+            .tensor(&t.name)
+            .unwrap_or_else(|| panic!("{} missing", t.name));
+        assert_eq!(
+            (u.dims.clone(), u.ggml_type),
+            (t.dims.clone(), t.ggml_type),
+            "{}",
+            t.name
+        );
+        assert_eq!(c.tensor_data(u), a.tensor_data(t), "{}", t.name);
+    }
+    let mut rs = config.clone();
+    rs["use_rslora"] = serde_json::json!(true);
+    let (o, _, stderr) = convert(rs, &out);
+    assert!(o.status.success(), "{stderr}");
+    let c = gemma3_gguf::GgufFile::open(&out).unwrap();
+    assert_eq!(c.get_f32("adapter.lora.alpha").unwrap(), 16.0);
+    for (edit, says) in [
+        (serde_json::json!({"use_dora": true}), "DoRA"),
+        (
+            serde_json::json!({"alpha_pattern": {"q_proj": 4}}),
+            "alpha_pattern",
+        ),
+        (serde_json::json!({"peft_type": "IA3"}), "peft_type is IA3"),
+    ] {
+        let mut c = config.clone();
+        for (k, v) in edit.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        let (o, _, stderr) = convert(c, &dir.join("refused.gguf"));
+        assert!(!o.status.success() && stderr.contains(says), "{stderr}");
+    }
+    let data = vec![0u8; 8];
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &data).unwrap();
+    let name = "base_model.model.model.embed_tokens.weight";
+    let st = safetensors::serialize([(name, view)], None).unwrap();
+    std::fs::write(dir.join("adapter_model.safetensors"), st).unwrap();
+    let (o, _, stderr) = convert(config, &dir.join("refused.gguf"));
+    assert!(!o.status.success() && stderr.contains(name), "{stderr}");
+    assert!(!dir.join("refused.gguf").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
