@@ -42,6 +42,8 @@ const MODULES: [(&str, &str); 7] = [
 fn gguf_name(name: &str) -> Option<(String, bool)> {
     let rest = name.strip_prefix("base_model.model.")?;
     let rest = rest.strip_prefix("model.").unwrap_or(rest);
+    // (Adapters trained on the multimodal class name the text model so.)
+    let rest = rest.strip_prefix("language_model.").unwrap_or(rest);
     let rest = rest.strip_prefix("layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let l: usize = layer
