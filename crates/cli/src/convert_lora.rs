@@ -59,10 +59,48 @@ fn gguf_name(name: &str) -> Option<(String, bool)> {
     Some((format!("blk.{l}.{gguf}.weight"), is_a))
 }
 
+/// `path`'s bytes, if it is a regular file of at most `max` bytes (a pipe or
+/// a device would be read for ever).
+fn read_file(path: &std::path::Path, max: u64) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    if meta.len() > max {
+        bail!("{} is larger than {} MiB", path.display(), max >> 20);
+    }
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// A boolean setting of the config: absent or null is false, anything but
+/// a boolean an error (`"true"` read as false would be a silent wrong scale).
+fn flag(cfg: &Json, key: &str) -> Result<bool, String> {
+    match cfg.get(key) {
+        None | Some(Json::Null) => Ok(false),
+        Some(Json::Bool(b)) => Ok(*b),
+        Some(v) => Err(format!("{key} must be true or false, got {v}")),
+    }
+}
+
 pub fn run(a: ConvertLoraArgs) -> Result<()> {
     let config_path = a.dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("reading {}", config_path.display()))?;
+    let weights_path = a.dir.join("adapter_model.safetensors");
+    // Nothing read may be written over; the model is loaded first, so that
+    // the result is checked before it replaces anything.
+    let path = crate::model_path::resolve(a.model.model.clone(), true)?;
+    crate::export_lora::check_output(
+        &a.output,
+        &[
+            ("the model file", &path),
+            ("the adapter's config", &config_path),
+            ("the adapter's weights", &weights_path),
+        ],
+    )?;
+    let model =
+        gemma3_model::Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
+    let text = read_file(&config_path, 1 << 20)?;
+    let text = String::from_utf8(text)
+        .map_err(|_| anyhow::anyhow!("{} is not UTF-8", config_path.display()))?;
     let cfg: Json = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
     let bad = |why: String| anyhow::anyhow!("{}: {why}", config_path.display());
@@ -77,7 +115,7 @@ pub fn run(a: ConvertLoraArgs) -> Result<()> {
         ("use_dora", "DoRA"),
         ("fan_in_fan_out", "fan_in_fan_out weights"),
     ] {
-        if cfg.get(key).and_then(Json::as_bool) == Some(true) {
+        if flag(&cfg, key).map_err(&bad)? {
             return Err(bad(format!("{what} ({key}) is not supported")));
         }
     }
@@ -96,22 +134,31 @@ pub fn run(a: ConvertLoraArgs) -> Result<()> {
     let (Some(alpha), Some(rank)) = (alpha, rank) else {
         return Err(bad("it needs a numeric lora_alpha and r".into()));
     };
-    let rslora = cfg.get("use_rslora").and_then(Json::as_bool) == Some(true);
+    let rslora = flag(&cfg, "use_rslora").map_err(&bad)?;
+    // Without a per-module rank every matrix has the config's r (PEFT's
+    // scale is lora_alpha / r; a GGUF's alpha / the matrix's rank).
+    let one_rank = cfg
+        .get("rank_pattern")
+        .and_then(Json::as_object)
+        .is_none_or(|m| m.is_empty());
+    if alpha <= 0.0 {
+        return Err(bad(format!(
+            "lora_alpha {alpha} gives the adapter no effect: it must be above 0"
+        )));
+    }
     // The GGUF alpha whose alpha / rank is PEFT's scale.
     let gguf_alpha = if rslora {
         alpha * (rank as f64).sqrt()
     } else {
         alpha
     } as f32;
-    if !gguf_alpha.is_finite() || rank == 0 {
+    if !gguf_alpha.is_finite() || gguf_alpha == 0.0 || rank == 0 {
         return Err(bad(format!(
-            "lora_alpha {alpha} and r {rank} give no usable scale"
+            "lora_alpha {alpha:.3e} and r {rank} give no usable scale"
         )));
     }
 
-    let weights_path = a.dir.join("adapter_model.safetensors");
-    let bytes = std::fs::read(&weights_path)
-        .with_context(|| format!("reading {}", weights_path.display()))?;
+    let bytes = read_file(&weights_path, 4 << 30)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: {e}", weights_path.display()))?;
     let mut out = GgufWriter::new();
@@ -150,8 +197,8 @@ pub fn run(a: ConvertLoraArgs) -> Result<()> {
             );
         };
         let r = if is_a { *rows } else { *cols };
-        if rslora && r as u64 != rank {
-            bail!("{}: tensor '{name}' has rank {r}, not the config's r {rank}: with use_rslora, one alpha cannot give each rank its scale", weights_path.display());
+        if (rslora || one_rank) && r as u64 != rank {
+            bail!("{}: tensor '{name}' has rank {r}, not the config's r {rank} (and no rank_pattern allows it{})", weights_path.display(), if rslora { "; with use_rslora one alpha gives one rank its scale" } else { "" });
         }
         let suffix = if is_a { "lora_a" } else { "lora_b" };
         // (PEFT's [rows, cols] row-major is ggml's [cols, rows].)
@@ -165,25 +212,21 @@ pub fn run(a: ConvertLoraArgs) -> Result<()> {
     }
     for (name, (dims, ty, data)) in tensors {
         out.add_tensor(&name, &dims, ty, data)?;
-    }
-    crate::export_lora::write_new(&out, &a.output)?;
-    // Read back as --lora reads it: a pair missing, a shape of another model, … .
-    let path = crate::model_path::resolve(a.model.model.clone(), true)?;
-    let model =
-        gemma3_model::Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
-    let checked = model.read_lora(&a.output);
-    let f = match checked {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = std::fs::remove_file(&a.output);
-            return Err(anyhow::Error::new(e)
-                .context("the converted adapter does not fit the model (removed)"));
-        }
-    };
+    } // Read back as --lora reads it (a pair missing, a shape of another
+      // model, …) before it replaces anything.
+    let mut matrices = 0;
+    crate::export_lora::write_new(&out, &a.output, |tmp| {
+        let f = model.read_lora(tmp).map_err(|e| {
+            anyhow::Error::new(e)
+                .context("the converted adapter does not fit the model (nothing written)")
+        })?;
+        matrices = f.pairs.len();
+        Ok(())
+    })?;
     outln!(
         "{}: {} matrices, alpha {gguf_alpha}{}, checked against {}",
         a.output.display(),
-        f.pairs.len(),
+        matrices,
         if rslora {
             " (lora_alpha · √r: use_rslora)"
         } else {

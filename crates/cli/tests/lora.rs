@@ -347,7 +347,7 @@ fn export_lora_writes_a_model_with_the_adapter_merged() {
                 "-o".into(),
                 copy.clone().into_os_string(),
             ],
-            "is the adapter",
+            "is an adapter",
         ),
         (
             vec![
@@ -369,7 +369,7 @@ fn export_lora_writes_a_model_with_the_adapter_merged() {
                 "-o".into(),
                 path.clone().into_os_string(),
             ],
-            "is the model file itself",
+            "is the model file",
         ),
     ] {
         let (o, _, stderr) = run(gemma3()
@@ -543,9 +543,22 @@ fn convert_lora_turns_a_peft_adapter_into_the_gguf_one() {
     let (o, _, stderr) = convert(rs, &out);
     assert!(o.status.success(), "{stderr}");
     let c = gemma3_gguf::GgufFile::open(&out).unwrap();
-    assert_eq!(c.get_f32("adapter.lora.alpha").unwrap(), 16.0);
+    assert_eq!(c.get_f32("adapter.lora.alpha").unwrap(), 16.0); // The model as the output: refused, the model untouched.
+    let before = std::fs::metadata(&path).unwrap().len();
+    let (o, _, stderr) = convert(config.clone(), &path);
+    assert!(
+        !o.status.success() && stderr.contains("is the model file"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
     for (edit, says) in [
         (serde_json::json!({"use_dora": true}), "DoRA"),
+        (
+            serde_json::json!({"use_rslora": "true"}),
+            "use_rslora must be true or false",
+        ),
+        (serde_json::json!({"lora_alpha": 0}), "must be above 0"),
+        (serde_json::json!({"r": 8}), "not the config's r 8"),
         (
             serde_json::json!({"alpha_pattern": {"q_proj": 4}}),
             "alpha_pattern",
@@ -565,8 +578,38 @@ fn convert_lora_turns_a_peft_adapter_into_the_gguf_one() {
     let name = "base_model.model.model.embed_tokens.weight";
     let st = safetensors::serialize([(name, view)], None).unwrap();
     std::fs::write(dir.join("adapter_model.safetensors"), st).unwrap();
-    let (o, _, stderr) = convert(config, &dir.join("refused.gguf"));
+    let (o, _, stderr) = convert(config.clone(), &dir.join("refused.gguf"));
     assert!(!o.status.success() && stderr.contains(name), "{stderr}");
     assert!(!dir.join("refused.gguf").exists());
+    // An adapter that fails the check against the model (a layer it lacks) leaves what was at
+    // the output as it was.
+    let data = vec![0u8; 4 * 640 * 4];
+    let a18 =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 640], &data).unwrap();
+    let datb = vec![0u8; 4 * 1024 * 4];
+    let b18 = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1024, 4], &datb)
+        .unwrap();
+    let st = safetensors::serialize(
+        [
+            (
+                "base_model.model.model.layers.18.self_attn.q_proj.lora_A.weight",
+                a18,
+            ),
+            (
+                "base_model.model.model.layers.18.self_attn.q_proj.lora_B.weight",
+                b18,
+            ),
+        ],
+        None,
+    )
+    .unwrap();
+    std::fs::write(dir.join("adapter_model.safetensors"), st).unwrap();
+    std::fs::write(&out, "precious").unwrap();
+    let (o, _, stderr) = convert(config, &out);
+    assert!(
+        !o.status.success() && stderr.contains("blk.18.attn_q.weight"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "precious");
     std::fs::remove_dir_all(&dir).ok();
 }

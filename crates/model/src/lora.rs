@@ -464,6 +464,12 @@ impl Model {
                     )))
                 }
             };
+            if rank > n_in.min(n_out) {
+                return Err(err(format!(
+                    "'{base}' has rank {rank}, above its smaller side ({}): such an update is no low-rank one",
+                    n_in.min(n_out)
+                )));
+            }
             let a_m = self.lora_matrix(&file, a, rank, n_in).map_err(&err)?;
             let b_m = self.lora_matrix(&file, b, n_out, rank).map_err(&err)?;
             deltas.push(LoraPair {
