@@ -107,10 +107,7 @@ impl LoraDelta {
             s => s[t * stride + self.adapter],
         };
         let scale: Vec<f32> = (0..n)
-            .map(|t| match user(t) {
-                s if self.alpha != 0.0 => s * self.alpha / self.rank as f32,
-                s => s,
-            })
+            .map(|t| get_scale(user(t), self.alpha, self.rank))
             .collect();
         let live: Vec<usize> = (0..n).filter(|&t| scale[t] != 0.0).collect();
         if live.len() == n {
@@ -215,15 +212,29 @@ fn rounds(format: WeightFormat) -> bool {
     format != WeightFormat::F32
 }
 
-/// `values` (rows × cols, row-major) interleaved for the float kernels, in
-/// `format` if it is a float type and F32 otherwise.
-fn pack_float(format: WeightFormat, rows: usize, cols: usize, values: &[f32]) -> PackedMatrix {
+/// `values` (rows of `cols`, row-major), padded with zeros to `rows` ×
+/// `cols_pad` and interleaved for the float kernels, in `format` if it is a
+/// float type and F32 otherwise.
+fn pack_float(
+    format: WeightFormat,
+    values: &[f32],
+    cols: usize,
+    rows: usize,
+    cols_pad: usize,
+) -> PackedMatrix {
     let stored = match format {
         WeightFormat::F16 | WeightFormat::BF16 => format,
         _ => WeightFormat::F32,
     };
-    let bytes = quant::encode_float_weights(stored, values).expect("a float format");
-    let q = QMatrix::new(stored, rows, cols, &bytes).expect("the shape of its values");
+    let mut padded = vec![0.0f32; rows * cols_pad];
+    for (dst, src) in padded
+        .chunks_exact_mut(cols_pad)
+        .zip(values.chunks_exact(cols))
+    {
+        dst[..cols].copy_from_slice(src);
+    }
+    let bytes = quant::encode_float_weights(stored, &padded).expect("a float format");
+    let q = QMatrix::new(stored, rows, cols_pad, &bytes).expect("the shape of its values");
     PackedMatrix::pack(&q).expect("rows a multiple of 16 and columns of 32")
 }
 
@@ -275,11 +286,17 @@ impl LoraPair {
     /// llama.cpp's `get_scale`: the user's scale times alpha / rank (alone
     /// without an alpha), in its order of operations.
     pub fn scale(&self, user: f32, alpha: f32) -> f32 {
-        if alpha != 0.0 {
-            user * alpha / self.rank as f32
-        } else {
-            user
-        }
+        get_scale(user, alpha, self.rank)
+    }
+}
+
+/// llama.cpp's `get_scale`: `user` times alpha / rank, or `user` alone
+/// where the adapter has no alpha (0), in its order of operations.
+fn get_scale(user: f32, alpha: f32, rank: usize) -> f32 {
+    if alpha != 0.0 {
+        user * alpha / rank as f32
+    } else {
+        user
     }
 }
 
@@ -301,29 +318,17 @@ impl Model {
         for p in f.pairs {
             let t = self.layers[p.layer].matrix(p.matrix);
             let (n_in, n_out, rank) = (t.cols, t.rows, p.rank);
-            // Zeros to the padded shapes.
-            let (ra, rb) = (
-                rank.next_multiple_of(16),
-                rank.next_multiple_of(FLOAT_BLOCK),
+            // Rows padded to the kernels' row group, columns to their block.
+            let (rows, cols) = (
+                |r: usize| r.next_multiple_of(16),
+                |c: usize| c.next_multiple_of(FLOAT_BLOCK),
             );
-            let (in_pad, out_pad) = (
-                n_in.next_multiple_of(FLOAT_BLOCK),
-                n_out.next_multiple_of(16),
-            );
-            let mut a_pad = vec![0.0f32; ra * in_pad];
-            for (dst, src) in a_pad.chunks_exact_mut(in_pad).zip(p.a.chunks_exact(n_in)) {
-                dst[..n_in].copy_from_slice(src);
-            }
-            let mut b_pad = vec![0.0f32; out_pad * rb];
-            for (dst, src) in b_pad.chunks_exact_mut(rb).zip(p.b.chunks_exact(rank)) {
-                dst[..rank].copy_from_slice(src);
-            }
             let delta = LoraDelta {
                 rank,
                 n_in,
                 n_out,
-                a: pack_float(p.a_format, ra, in_pad, &a_pad),
-                b: pack_float(p.b_format, out_pad, rb, &b_pad),
+                a: pack_float(p.a_format, &p.a, n_in, rows(rank), cols(n_in)),
+                b: pack_float(p.b_format, &p.b, rank, rows(n_out), cols(rank)),
                 a_format: p.a_format,
                 b_format: p.b_format,
                 adapter: self.loras.len(),

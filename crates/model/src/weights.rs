@@ -378,6 +378,19 @@ impl Model {
         lora: &[f32],
     ) {
         self.matmul_base(t, x, n, out, mm);
+        self.add_lora(t, x, n, out, mm, lora);
+    }
+
+    /// The updates of t's LoRA adapters, added to its product `out`.
+    fn add_lora(
+        &self,
+        t: &Tensor,
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+        mm: &mut MatmulScratch,
+        lora: &[f32],
+    ) {
         for d in &t.lora {
             d.add_to(x, n, out, mm, lora, self.loras.len());
         }
@@ -430,9 +443,7 @@ impl Model {
                 mm,
             );
             for (t, out) in ts.into_iter().zip(outs) {
-                for d in &t.lora {
-                    d.add_to(x, n, out, mm, lora, self.loras.len());
-                }
+                self.add_lora(t, x, n, out, mm, lora);
             }
         } else {
             for (t, out) in ts.into_iter().zip(outs) {
