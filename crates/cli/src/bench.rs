@@ -160,11 +160,7 @@ pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
     }
     let path = crate::model_path::resolve(a.model.clone(), true)?;
     let mut model = Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
-    for l in a.lora.specs()? {
-        model
-            .load_lora(&l.path, l.scale)
-            .with_context(|| format!("loading {}", path.display()))?;
-    }
+    gemma3_engine::apply_loras(&mut model, &a.lora.specs()?)?;
     // Measure the steady state that `gemma3_engine::load` reaches in the
     // background a moment after loading.
     for m in model.packed_mappings() {

@@ -144,17 +144,7 @@ pub fn load(
     loras: &[LoraSpec],
 ) -> Result<(gemma3_model::Model, Tokenizer), gemma3_model::ModelError> {
     let (mut model, tok) = gemma3_model::Model::open_alongside(path, tokenizer_from_gguf)?;
-    for l in loras {
-        let info = model.load_lora(&l.path, l.scale)?;
-        if !info.skipped.is_empty() {
-            eprintln!(
-                "warning: LoRA adapter {}: {} tensor(s) left out, as llama.cpp leaves them out: {}",
-                l.path.display(),
-                info.skipped.len(),
-                info.skipped.join(", ")
-            );
-        }
-    }
+    apply_loras(&mut model, loras)?;
     let tok = tok?;
     // Every token must have an embedding row and a logit, and every row a
     // token (llama.cpp checks token_embd's shape against the vocabulary).
@@ -180,11 +170,13 @@ pub struct LoraSpec {
 impl LoraSpec {
     /// The most adapters applied at once.
     pub const MAX: usize = 16;
+    /// The largest scale, either way (an adapter's scale is about 1; a huge
+    /// one only turns the logits into infinities).
+    pub const MAX_SCALE: f32 = 100.0;
 
     /// The adapters of `--lora FILE` (each at scale 1) and `--lora-scaled
     /// FILE SCALE` (given as a flat list of pairs), those first. A scale must
-    /// be a finite number within ±100 (an adapter's scale is about 1; a
-    /// huge one only turns the logits into infinities), and there may be at
+    /// be a finite number within ±[`LoraSpec::MAX_SCALE`], and there may be at
     /// most [`LoraSpec::MAX`] adapters (each is held in memory on its own,
     /// the same file given twice included).
     pub fn from_flags(lora: &[std::path::PathBuf], scaled: &[String]) -> Result<Vec<Self>, String> {
@@ -203,9 +195,10 @@ impl LoraSpec {
                 .trim()
                 .parse()
                 .map_err(|_| format!("--lora-scaled {path} {scale}: the scale is not a number"))?;
-            if !s.is_finite() || s.abs() > 100.0 {
+            if !s.is_finite() || s.abs() > Self::MAX_SCALE {
                 return Err(format!(
-                    "--lora-scaled {path} {scale}: the scale must be between -100 and 100"
+                    "--lora-scaled {path} {scale}: the scale must be between -{m} and {m}",
+                    m = Self::MAX_SCALE
                 ));
             }
             out.push(Self {
@@ -222,6 +215,27 @@ impl LoraSpec {
         }
         Ok(out)
     }
+}
+
+/// Apply each of `loras` to `model`, in order (see
+/// [`gemma3_model::Model::load_lora`]); tensors of an adapter that llama.cpp
+/// also leaves out (norm weights) are named in a warning on stderr.
+pub fn apply_loras(
+    model: &mut gemma3_model::Model,
+    loras: &[LoraSpec],
+) -> Result<(), gemma3_model::ModelError> {
+    for l in loras {
+        let info = model.load_lora(&l.path, l.scale)?;
+        if !info.skipped.is_empty() {
+            eprintln!(
+                "warning: LoRA adapter {}: {} tensor(s) left out, as llama.cpp leaves them out: {}",
+                l.path.display(),
+                info.skipped.len(),
+                info.skipped.join(", ")
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Build the tokenizer from a GGUF file's `tokenizer.ggml.*` vocabulary.

@@ -206,10 +206,11 @@ pub fn lora_list(v: &Value, field: &str, adapters: usize) -> Result<Vec<f32>, Ap
                 ),
             ));
         };
-        if !(-100.0..=100.0).contains(&scale) {
+        let m = gemma3_engine::LoraSpec::MAX_SCALE as f64;
+        if !(-m..=m).contains(&scale) {
             return Err(ApiError::field(
                 field,
-                format!("'{field}' entry {i}: the scale must be between -100 and 100, got {scale}"),
+                format!("'{field}' entry {i}: the scale must be between -{m} and {m}, got {scale}"),
             ));
         }
         if slot.replace(scale as f32).is_some() {
