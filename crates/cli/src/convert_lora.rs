@@ -88,7 +88,7 @@ pub fn run(a: ConvertLoraArgs) -> Result<()> {
     // Nothing read may be written over; the model is loaded first, so that
     // the result is checked before it replaces anything.
     let path = crate::model_path::resolve(a.model.model.clone(), true)?;
-    crate::export_lora::check_output(
+    crate::write_gguf::check_output(
         &a.output,
         &[
             ("the model file", &path),
@@ -215,7 +215,7 @@ pub fn run(a: ConvertLoraArgs) -> Result<()> {
     } // Read back as --lora reads it (a pair missing, a shape of another
       // model, …) before it replaces anything.
     let mut matrices = 0;
-    crate::export_lora::write_new(&out, &a.output, |tmp| {
+    crate::write_gguf::write_new(&out, &a.output, |tmp| {
         let f = model.read_lora(tmp).map_err(|e| {
             anyhow::Error::new(e)
                 .context("the converted adapter does not fit the model (nothing written)")

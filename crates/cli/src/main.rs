@@ -17,6 +17,7 @@ mod export_lora;
 mod generate;
 mod model_path;
 mod ppl;
+mod write_gguf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};

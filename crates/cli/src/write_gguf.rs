@@ -1,0 +1,64 @@
+//! Writing a GGUF the commands make (`export-lora`, `convert-lora`) without
+//! losing what was there: the inputs are never the output, and the file is
+//! replaced whole or not at all.
+
+use anyhow::{bail, Context, Result};
+use gemma3_gguf::GgufWriter;
+
+/// Refuses an output that exists and is not a regular file, or that is one
+/// of `inputs` (what each is, and its path): written over, it would be lost.
+pub(crate) fn check_output(
+    output: &std::path::Path,
+    inputs: &[(&str, &std::path::Path)],
+) -> Result<()> {
+    let Ok(meta) = std::fs::metadata(output) else {
+        return Ok(());
+    };
+    if !meta.is_file() {
+        bail!(
+            "the output {} exists and is not a regular file",
+            output.display()
+        );
+    }
+    let out = std::fs::canonicalize(output).ok();
+    if let Some((what, p)) = inputs
+        .iter()
+        .find(|(_, p)| std::fs::canonicalize(p).ok() == out)
+    {
+        bail!("the output {} is {what}, {}", output.display(), p.display());
+    }
+    Ok(())
+}
+
+/// `out` written to `path` whole or not at all: to a new file beside it
+/// (created, never opened through an existing name or link, so two exports
+/// at once each write their own), flushed to disk, checked by `check`, then
+/// renamed over `path`; on failure the temporary file is removed and
+/// whatever was at `path` stays.
+pub(crate) fn write_new(
+    out: &GgufWriter,
+    path: &std::path::Path,
+    check: impl FnOnce(&std::path::Path) -> Result<()>,
+) -> Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let name = name.unwrap_or_else(|| "merged".into());
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|f| {
+            out.write_to(&f)?;
+            f.sync_all()
+        })
+        .with_context(|| format!("writing {}", tmp.display()))
+        .and_then(|()| check(&tmp))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
