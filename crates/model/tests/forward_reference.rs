@@ -9,9 +9,9 @@
 
 mod common;
 
-use common::compare;
 use common::reference::Reference;
 use common::tiny::{tiny_writer, Rng, TinySpec, TinyTensor};
+use common::{compare, prefill};
 use gemma3_gguf::GgufFile;
 use gemma3_model::{Batch, ForwardState, KvCache, Model, ModelError, Output};
 use std::collections::BTreeMap;
@@ -43,19 +43,6 @@ fn open(spec: &TinySpec) -> (Model, BTreeMap<String, TinyTensor>) {
 fn tokens(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
     let mut rng = Rng::new(seed);
     (0..n).map(|_| rng.below(vocab) as u32).collect()
-}
-
-/// All-position logits of one prefill (n × vocab).
-fn prefill(m: &Model, toks: &[u32], ctx: usize) -> Vec<f32> {
-    let mut cache = KvCache::new(&m.config, ctx);
-    let mut st = ForwardState::new();
-    m.forward(
-        &Batch::for_sequence(toks, 0, true),
-        std::slice::from_mut(&mut cache),
-        &mut st,
-    )
-    .expect("forward")
-    .to_vec()
 }
 
 /// Decode `toks` one at a time into a fresh cache of `ctx` positions,

@@ -15,6 +15,17 @@ use gemma3_model::{Batch, ForwardState, KvCache, Model};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+/// The layer matrices an adapter may change.
+const KINDS: [&str; 7] = [
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+
 /// As forward_reference.rs: ~4 f16 ulps of the largest logit, and 2× its largest rms.
 const TOL_MAX: f64 = 2e-3;
 const TOL_RMS: f64 = 6e-4;
@@ -25,16 +36,9 @@ fn open(spec: &TinySpec) -> (Model, BTreeMap<String, TinyTensor>) {
     (Model::from_gguf(f).expect("tiny model loads"), weights)
 }
 
+/// All-position logits of `toks` in a context of 64.
 fn prefill(m: &Model, toks: &[u32]) -> Vec<f32> {
-    let mut cache = KvCache::new(&m.config, 64);
-    let mut st = ForwardState::new();
-    m.forward(
-        &Batch::for_sequence(toks, 0, true),
-        std::slice::from_mut(&mut cache),
-        &mut st,
-    )
-    .expect("forward")
-    .to_vec()
+    common::prefill(m, toks, 64)
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -139,18 +143,9 @@ fn adapted_logits_match_the_reference_on_merged_weights() {
     let positions: Vec<usize> = (0..toks.len()).collect();
     // Adapter one: rank 4, alpha 2 (scale · 0.5), every matrix kind, a local and the
     // global layer. Adapter two: rank 2, no alpha, q again (the updates add up) and down.
-    let kinds = [
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ];
     let one: Vec<Pair> = [1usize, 5]
         .iter()
-        .flat_map(|l| kinds.iter().map(move |k| (*l, *k)))
+        .flat_map(|l| KINDS.iter().map(move |k| (*l, *k)))
         .enumerate()
         .map(|(i, (l, k))| pair(&w, &format!("blk.{l}.{k}.weight"), 4, 100 + i as u64))
         .collect();
@@ -468,18 +463,9 @@ fn scales_per_token_hold_across_micro_batches_and_compacted_rows() {
     use gemma3_model::Output;
     let spec = TinySpec::default();
     let (_, w) = open(&spec);
-    let kinds = [
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ];
     let pairs = |seed: u64| -> Vec<Pair> {
         (0..spec.n_layers)
-            .flat_map(|l| kinds.iter().enumerate().map(move |(i, k)| (l, i, *k)))
+            .flat_map(|l| KINDS.iter().enumerate().map(move |(i, k)| (l, i, *k)))
             .map(|(l, i, k)| {
                 pair(
                     &w,

@@ -33,3 +33,16 @@ pub fn compare(
     }
     (worst, worst_rms)
 }
+
+/// All-position logits of one prefill of `toks` (n × vocab) into a fresh cache of `ctx`.
+pub fn prefill(m: &gemma3_model::Model, toks: &[u32], ctx: usize) -> Vec<f32> {
+    let mut cache = gemma3_model::KvCache::new(&m.config, ctx);
+    let mut st = gemma3_model::ForwardState::new();
+    m.forward(
+        &gemma3_model::Batch::for_sequence(toks, 0, true),
+        std::slice::from_mut(&mut cache),
+        &mut st,
+    )
+    .expect("forward")
+    .to_vec()
+}
