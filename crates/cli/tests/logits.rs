@@ -24,8 +24,7 @@
 
 mod common;
 
-use common::{argmax, data_dir, max_abs, model, pairs, reference, rms};
-use gemma3_model::{Batch, ForwardState, KvCache, Model};
+use common::{all_logits, argmax, data_dir, max_abs, model, pairs, reference, rms};
 use serde_json::Value;
 
 /// Largest |ours − llama.cpp| for one of llama.cpp's top-5 prompt logits. On these very
@@ -43,19 +42,6 @@ fn json(name: &str) -> Value {
     let p = data_dir().join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{name}: {e}")))
         .unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
-/// Logits at every position of `ids` (n × vocab).
-fn all_logits(m: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut cache = KvCache::new(&m.config, ids.len());
-    let mut st = ForwardState::new();
-    m.forward(
-        &Batch::for_sequence(ids, 0, true),
-        std::slice::from_mut(&mut cache),
-        &mut st,
-    )
-    .expect("forward")
-    .to_vec()
 }
 
 #[test]

@@ -21,7 +21,7 @@
 mod common;
 
 use common::{argmax, data_dir, gemma3, ids, model, model_path, pairs, rms, run};
-use gemma3_model::{Batch, ForwardState, KvCache, Model};
+use gemma3_model::Model;
 use serde_json::Value;
 use std::collections::HashMap;
 
@@ -57,15 +57,7 @@ fn path_logits(m: &Model, case: &Value) -> Vec<f32> {
     let mut path = ids(&case["ids"]);
     let greedy = ids(&case["greedy"]);
     path.extend(&greedy[..greedy.len() - 1]);
-    let mut cache = KvCache::new(&m.config, path.len());
-    let mut st = ForwardState::new();
-    m.forward(
-        &Batch::for_sequence(&path, 0, true),
-        std::slice::from_mut(&mut cache),
-        &mut st,
-    )
-    .expect("forward")
-    .to_vec()
+    common::all_logits(m, &path)
 }
 
 #[test]

@@ -139,3 +139,16 @@ pub fn rms(v: &[f64]) -> f64 {
 pub fn max_abs(v: &[f64]) -> f64 {
     v.iter().fold(0.0f64, |m, x| m.max(x.abs()))
 }
+
+/// Logits at every position of `ids` (n × vocab), one batch in a fresh cache.
+pub fn all_logits(m: &Model, ids: &[u32]) -> Vec<f32> {
+    let mut cache = gemma3_model::KvCache::new(&m.config, ids.len());
+    let mut st = gemma3_model::ForwardState::new();
+    m.forward(
+        &gemma3_model::Batch::for_sequence(ids, 0, true),
+        std::slice::from_mut(&mut cache),
+        &mut st,
+    )
+    .expect("forward")
+    .to_vec()
+}
