@@ -2039,6 +2039,47 @@ fn prompt_logprobs_match_llama_cpp() {
     }
 }
 
+/// The LoRA test data (`cli/tests/data/lora`): the adapters' directory and llama.cpp's
+/// reference with them.
+fn lora_data() -> (std::path::PathBuf, Value) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/tests/data/lora");
+    let text = std::fs::read_to_string(dir.join("llama_cpp_lora.json")).unwrap();
+    (dir, serde_json::from_str(&text).unwrap())
+}
+
+/// The adapters `name.gguf` of `dir` at their scales.
+fn lora_specs<const N: usize>(
+    dir: &std::path::Path,
+    adapters: [(&str, f32); N],
+) -> Vec<gemma3_engine::LoraSpec> {
+    (adapters.iter())
+        .map(|(name, scale)| gemma3_engine::LoraSpec {
+            path: dir.join(format!("{name}.gguf")),
+            scale: *scale,
+        })
+        .collect()
+}
+
+/// llama.cpp's greedy case under `adapters` for the prompt starting with `prompt`, its steps
+/// up to the first it takes with a lead under 0.1, and their text (the server's detokenizing).
+fn lora_greedy(
+    addr: std::net::SocketAddr,
+    reference: &Value,
+    adapters: Value,
+    prompt: &str,
+) -> (Value, usize, Value) {
+    let case = (reference["cases"].as_array().unwrap().iter())
+        .find(|c| c["adapters"] == adapters && c["prompt"].as_str().unwrap().starts_with(prompt))
+        .unwrap();
+    let margins = case["greedy_margins"].as_array().unwrap();
+    let steps = (margins.iter())
+        .position(|m| m.as_f64().unwrap() < 0.1)
+        .unwrap_or(margins.len());
+    let tokens = &case["greedy"].as_array().unwrap()[..steps];
+    let text = post(addr, "/detokenize", &json!({"tokens": tokens})).json()["content"].clone();
+    (case.clone(), steps, text)
+}
+
 /// Adapters per request: a server holding adapters a (at 1) and b (at 0, loaded unapplied)
 /// answers each request at the scales its `lora` asks for (an adapter left out at 0, as
 /// llama-server reads the list), several at once in one batch, with llama.cpp's greedy tokens
@@ -2049,21 +2090,9 @@ fn prompt_logprobs_match_llama_cpp() {
 fn lora_adapters_apply_per_request() {
     let Some(model) = model_path() else { return };
     let _g = serial();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/tests/data/lora");
-    let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("llama_cpp_lora.json")).unwrap())
-            .unwrap();
+    let (dir, reference) = lora_data();
     let mut cfg = config(model, 4, 512);
-    cfg.loras = vec![
-        gemma3_engine::LoraSpec {
-            path: dir.join("a.gguf"),
-            scale: 1.0,
-        },
-        gemma3_engine::LoraSpec {
-            path: dir.join("b.gguf"),
-            scale: 0.0,
-        },
-    ];
+    cfg.loras = lora_specs(&dir, [("a", 1.0), ("b", 0.0)]);
     let server = start(cfg);
     let addr = server.addr;
     let list = get(addr, "/lora-adapters").json();
@@ -2076,19 +2105,8 @@ fn lora_adapters_apply_per_request() {
         list[1]["path"].as_str().unwrap().ends_with("b.gguf"),
         "{list}"
     );
-    // (reference adapters, prompt prefix, this request's lora): llama.cpp's greedy text.
     let expected = |adapters: Value, prompt: &str| {
-        let case = (reference["cases"].as_array().unwrap().iter())
-            .find(|c| {
-                c["adapters"] == adapters && c["prompt"].as_str().unwrap().starts_with(prompt)
-            })
-            .unwrap();
-        let margins = case["greedy_margins"].as_array().unwrap();
-        let steps = (margins.iter())
-            .position(|m| m.as_f64().unwrap() < 0.1)
-            .unwrap_or(margins.len());
-        let ids = &case["greedy"].as_array().unwrap()[..steps];
-        let text = post(addr, "/detokenize", &json!({"tokens": ids})).json()["content"].clone();
+        let (case, steps, text) = lora_greedy(addr, &reference, adapters, prompt);
         (case["ids"].clone(), steps, text)
     };
     let requests = [
@@ -2176,34 +2194,12 @@ fn lora_adapters_apply_per_request() {
 fn lora_scales_are_read_when_a_request_arrives() {
     let Some(model) = model_path() else { return };
     let _g = serial();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/tests/data/lora");
-    let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("llama_cpp_lora.json")).unwrap())
-            .unwrap();
-    let case = (reference["cases"].as_array().unwrap().iter())
-        .find(|c| {
-            c["adapters"] == json!([["a", 1.0]])
-                && c["prompt"].as_str().unwrap().starts_with("The capital")
-        })
-        .unwrap();
+    let (dir, reference) = lora_data();
     let mut cfg = config(model, 1, 512);
-    cfg.loras = ["a.gguf", "b.gguf"]
-        .iter()
-        .zip([1.0, 0.0])
-        .map(|(f, scale)| gemma3_engine::LoraSpec {
-            path: dir.join(f),
-            scale,
-        })
-        .collect();
+    cfg.loras = lora_specs(&dir, [("a", 1.0), ("b", 0.0)]);
     let server = start(cfg);
     let addr = server.addr;
-    let want = post(
-        addr,
-        "/detokenize",
-        &json!({"tokens": &case["greedy"].as_array().unwrap()[..8]}),
-    )
-    .json()["content"]
-        .clone();
+    let (case, steps, want) = lora_greedy(addr, &reference, json!([["a", 1.0]]), "The capital");
     // A long request holds the one slot.
     let blocker = std::thread::spawn(move || {
         let body = json!({"prompt": "Once upon a time", "max_tokens": 300, "temperature": 0, "ignore_eos": true});
@@ -2212,7 +2208,7 @@ fn lora_scales_are_read_when_a_request_arrives() {
     wait_for_active(addr, 1.0, "the long request starts");
     let ids = case["ids"].clone();
     let waiting = std::thread::spawn(move || {
-        let body = json!({"prompt": ids, "max_tokens": 8, "temperature": 0, "n": 2});
+        let body = json!({"prompt": ids, "max_tokens": steps, "temperature": 0, "n": 2});
         post(addr, "/v1/completions", &body)
     });
     let t0 = Instant::now();
@@ -2250,18 +2246,9 @@ fn lora_scales_are_read_when_a_request_arrives() {
 fn lora_adapters_answer_to_their_names() {
     let Some(model) = model_path() else { return };
     let _g = serial();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/tests/data/lora");
-    let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("llama_cpp_lora.json")).unwrap())
-            .unwrap();
+    let (dir, reference) = lora_data();
     let mut cfg = config(model, 2, 512);
-    cfg.loras = ["a.gguf", "b.gguf"]
-        .iter()
-        .map(|f| gemma3_engine::LoraSpec {
-            path: dir.join(f),
-            scale: 1.0,
-        })
-        .collect();
+    cfg.loras = lora_specs(&dir, [("a", 1.0), ("b", 1.0)]);
     cfg.lora_init_without_apply = true;
     let server = start(cfg);
     let addr = server.addr;
@@ -2288,20 +2275,8 @@ fn lora_adapters_answer_to_their_names() {
         ("a", json!([["a", 1.0]])),
         ("b", json!([["b", 1.0]])),
     ] {
-        let case = (reference["cases"].as_array().unwrap().iter())
-            .find(|c| {
-                c["adapters"] == adapters
-                    && c["prompt"].as_str().unwrap().starts_with("The capital")
-            })
-            .unwrap();
-        // Up to llama.cpp's first step with a lead under 0.1.
-        let margins = case["greedy_margins"].as_array().unwrap();
-        let steps = (margins.iter())
-            .position(|m| m.as_f64().unwrap() < 0.1)
-            .unwrap_or(margins.len());
+        let (case, steps, want) = lora_greedy(addr, &reference, adapters, "The capital");
         assert!(steps >= 3, "{name}: {steps}");
-        let tokens = &case["greedy"].as_array().unwrap()[..steps];
-        let want = post(addr, "/detokenize", &json!({"tokens": tokens})).json()["content"].clone();
         let body =
             json!({"model": name, "prompt": case["ids"], "max_tokens": steps, "temperature": 0});
         let r = post(addr, "/v1/completions", &body);
