@@ -12,9 +12,8 @@ matrix `blk.N.<name>.weight.lora_a` (ggml shape [n_in, rank]) and `.lora_b`
   matrix (q k v o gate up down) of layers 0, 5 (global), 9 and 17 (global,
   the last), in F16;
 - `b.gguf`: rank 2, no alpha (the user's scale as it is), q, v and down of
-  every layer, A in F32 and B in BF16, plus a norm tensor
-  (`blk.0.attn_norm.weight.lora_a`-less `..._norm.weight`, which llama.cpp
-  skips).
+  every layer, A in F32 and B in BF16, plus a plain norm tensor
+  (`blk.0.attn_norm.weight`, not a pair), which llama.cpp skips.
 
 Then, with llama.cpp on the model, for each set of adapters (none; a; b;
 a at 0.5 with b at 1.5) and each prompt: its five best logits at every
