@@ -8,6 +8,7 @@ pub mod error;
 pub mod forward;
 pub mod kv_cache;
 pub mod lora;
+pub mod train;
 pub mod weights;
 
 pub use config::Config;

@@ -118,17 +118,7 @@ fn merged(
     let mut out = weights.clone();
     for (pairs, scale) in adapters {
         for p in *pairs {
-            let t = out.get_mut(&p.base).unwrap();
-            let (n_in, n_out) = (t.dims[0] as usize, t.dims[1] as usize);
-            for o in 0..n_out {
-                for i in 0..n_in {
-                    let ba: f64 = (0..p.rank)
-                        .map(|j| p.b[o * p.rank + j] as f64 * p.a[j * n_in + i] as f64)
-                        .sum();
-                    let w = &mut t.data[o * n_in + i];
-                    *w = (*w as f64 + *scale as f64 * ba) as f32;
-                }
-            }
+            common::merge(&mut out, &p.base, p.rank, &p.a, &p.b, *scale);
         }
     }
     out

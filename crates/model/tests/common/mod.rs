@@ -46,3 +46,26 @@ pub fn prefill(m: &gemma3_model::Model, toks: &[u32], ctx: usize) -> Vec<f32> {
     .expect("forward")
     .to_vec()
 }
+
+/// `W += scale · B·A` on the tensor `base` of `weights` (f64 products, stored as f32):
+/// A is rank × n_in and B n_out × rank, row-major. A LoRA pair's update, merged.
+pub fn merge(
+    weights: &mut std::collections::BTreeMap<String, tiny::TinyTensor>,
+    base: &str,
+    rank: usize,
+    a: &[f32],
+    b: &[f32],
+    scale: f32,
+) {
+    let t = weights.get_mut(base).expect("the pair's matrix");
+    let (n_in, n_out) = (t.dims[0] as usize, t.dims[1] as usize);
+    for o in 0..n_out {
+        for i in 0..n_in {
+            let ba: f64 = (0..rank)
+                .map(|j| b[o * rank + j] as f64 * a[j * n_in + i] as f64)
+                .sum();
+            let w = &mut t.data[o * n_in + i];
+            *w = (*w as f64 + scale as f64 * ba) as f32;
+        }
+    }
+}
