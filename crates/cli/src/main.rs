@@ -14,6 +14,7 @@ mod classify;
 mod convert_lora;
 mod embed;
 mod export_lora;
+mod finetune;
 mod generate;
 mod model_path;
 mod ppl;
@@ -72,6 +73,8 @@ enum Command {
     Classify(classify::ClassifyArgs),
     /// Convert a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into a GGUF adapter (as llama.cpp's convert_lora_to_gguf.py).
     ConvertLora(convert_lora::ConvertLoraArgs),
+    /// Train a LoRA adapter on JSON Lines examples (prompt/completion, text or chat messages) and write it as a GGUF adapter for --lora.
+    Finetune(finetune::FinetuneArgs),
     /// Merge LoRA adapters into the model's weights and write the result as a new GGUF (as llama-export-lora).
     ExportLora(export_lora::ExportLoraArgs),
     /// Perplexity of a text file, computed as llama-perplexity does.
@@ -203,6 +206,7 @@ fn command(command: Command) -> Result<()> {
         Command::Ppl(a) => ppl::run(a),
         Command::ExportLora(a) => export_lora::run(a),
         Command::ConvertLora(a) => convert_lora::run(a),
+        Command::Finetune(a) => finetune::run(a),
         Command::Bench(_) => unreachable!("handled above"),
         Command::Info { model, ctx, lora } => info(model, ctx, lora),
         Command::Serve(a) => {

@@ -345,14 +345,6 @@ impl Grads {
         }
     }
 
-    fn add(mut self, other: &Grads) -> Self {
-        let mine = self.a.iter_mut().chain(self.b.iter_mut());
-        for (x, y) in mine.zip(other.a.iter().chain(&other.b)) {
-            x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
-        }
-        self
-    }
-
     /// The L2 norm of all of them together.
     pub fn norm(&self) -> f64 {
         let all = self.a.iter().chain(&self.b).flatten();
@@ -380,7 +372,32 @@ impl Example {
     }
 }
 
-/// What one layer's forward pass keeps for its backward pass (n tokens).
+/// Where a batch's examples lie in its rows: example e is rows
+/// `starts[e]..starts[e] + lens[e]`, at positions 0.. within it.
+struct Spans {
+    starts: Vec<usize>,
+    lens: Vec<usize>,
+}
+
+impl Spans {
+    fn iter(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.starts.iter().copied().zip(self.lens.iter().copied())
+    }
+}
+
+/// `v` (rows of `width`) cut into one mutable piece per span.
+fn split_spans<'a>(mut v: &'a mut [f32], spans: &Spans, width: usize) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(spans.lens.len());
+    for &len in &spans.lens {
+        let (head, rest) = v.split_at_mut(len * width);
+        out.push(head);
+        v = rest;
+    }
+    out
+}
+
+/// What one layer's forward pass keeps for its backward pass (n rows: the
+/// batch's examples one after another).
 #[derive(Default)]
 struct LayerTape {
     /// The residual stream in (n × d), its attention norm's inverse RMS, and
@@ -395,12 +412,16 @@ struct LayerTape {
     k_raw: Vec<f32>,
     r_q: Vec<f32>,
     r_k: Vec<f32>,
+    /// The rows' RoPE cosines and sines (half a head each).
+    cos: Vec<f32>,
+    sin: Vec<f32>,
     /// q (normed, rotated, scaled), k (normed, rotated) and v.
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    /// Attention weights, heads × n × n (0 outside each row's keys).
-    p: Vec<f32>,
+    /// Attention weights per example, heads × len × len (0 outside each
+    /// row's keys).
+    p: Vec<Vec<f32>>,
     attn: Vec<f32>,
     /// The attention's output projection, its post-norm's inverse RMS, and
     /// the residual stream after it.
@@ -426,8 +447,102 @@ pub struct DenseModel<'m> {
     head: Vec<f32>,
 }
 
-/// Rows of the output head computed at once: 32 × 262144 logits, 32 MB.
-const HEAD_ROWS: usize = 32;
+/// Target rows whose logits are computed at once: 128 × 262144, 128 MB.
+const HEAD_ROWS: usize = 128;
+
+/// The fewest weight rows a thread takes in [`xwt`] and [`dyw`].
+const MIN_SPLIT: usize = 64;
+
+/// The pieces `rows` weight rows are cut into for the pool's threads.
+fn parts(rows: usize) -> usize {
+    rayon::current_num_threads().min(rows / MIN_SPLIT).max(1)
+}
+
+/// `y = x·wᵀ` for x (n × cols) and w (rows × cols): each thread multiplies
+/// its own range of w's rows, so that each weight is read once.
+fn xwt(x: &[f32], n: usize, w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut y = vec![0.0; n * rows];
+    let xm = Mat::new(x, n, cols);
+    let k = parts(rows);
+    if k == 1 {
+        gemm(
+            1.0,
+            xm,
+            Mat::new(w, rows, cols).t(),
+            0.0,
+            MatMut::new(&mut y, n, rows),
+        );
+        return y;
+    }
+    let per = rows.div_ceil(k);
+    let pieces: Vec<Vec<f32>> = (w.par_chunks(per * cols))
+        .map(|wc| {
+            let r = wc.len() / cols;
+            let mut out = vec![0.0; n * r];
+            gemm(
+                1.0,
+                xm,
+                Mat::new(wc, r, cols).t(),
+                0.0,
+                MatMut::new(&mut out, n, r),
+            );
+            out
+        })
+        .collect();
+    for (p, piece) in pieces.iter().enumerate() {
+        let r = piece.len() / n;
+        for (yr, pr) in y.chunks_mut(rows).zip(piece.chunks(r)) {
+            yr[p * per..p * per + r].copy_from_slice(pr);
+        }
+    }
+    y
+}
+
+/// `dx (+)= dy·w` for dy (n × rows) and w (rows × cols), `accumulate`:
+/// added to dx, else written over it. Each thread takes a range of w's rows
+/// (and dy's columns); their partial sums are added.
+fn dyw(
+    dy: &[f32],
+    n: usize,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    let k = parts(rows);
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    if k == 1 {
+        let dym = Mat::new(dy, n, rows);
+        gemm(
+            1.0,
+            dym,
+            Mat::new(w, rows, cols),
+            beta,
+            MatMut::new(dx, n, cols),
+        );
+        return;
+    }
+    let per = rows.div_ceil(k);
+    let pieces: Vec<Vec<f32>> = (0..k)
+        .into_par_iter()
+        .map(|p| {
+            let r0 = p * per;
+            let r = per.min(rows - r0);
+            let mut out = vec![0.0; n * cols];
+            let dym = Mat::strided(&dy[r0..], n, r, rows);
+            let wm = Mat::new(&w[r0 * cols..(r0 + r) * cols], r, cols);
+            gemm(1.0, dym, wm, 0.0, MatMut::new(&mut out, n, cols));
+            out
+        })
+        .collect();
+    if !accumulate {
+        dx.fill(0.0);
+    }
+    for piece in &pieces {
+        dx.iter_mut().zip(piece).for_each(|(d, p)| *d += p);
+    }
+}
 
 /// What a pass over examples gives: the summed loss (nats) over the
 /// targets it counted, and the gradients of the mean loss of its batch.
@@ -465,7 +580,7 @@ impl<'m> DenseModel<'m> {
         4 * (layers + self.head.len())
     }
 
-    /// `y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)` for n rows, keeping `x·Aᵀ` in `h`.
+    /// `y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)` for n rows; returns y and `x·Aᵀ`.
     fn linear(
         &self,
         lora: &TrainableLora,
@@ -474,23 +589,20 @@ impl<'m> DenseModel<'m> {
         x: &[f32],
         n: usize,
     ) -> (Vec<f32>, Vec<f32>) {
-        let w = &self.layers[l][m];
         let t = self.model.layers[l].matrix(m);
         let (rows, cols) = (t.rows, t.cols);
-        let mut y = vec![0.0; n * rows];
-        let xm = Mat::new(x, n, cols);
-        gemm(
-            1.0,
-            xm,
-            Mat::new(w, rows, cols).t(),
-            0.0,
-            MatMut::new(&mut y, n, rows),
-        );
+        let mut y = xwt(x, n, &self.layers[l][m], rows, cols);
         let mut h = Vec::new();
         if let Some((_, p)) = lora.pair(l, m) {
             h = vec![0.0; n * p.rank];
             let a = Mat::new(&p.a, p.rank, cols);
-            gemm(1.0, xm, a.t(), 0.0, MatMut::new(&mut h, n, p.rank));
+            gemm(
+                1.0,
+                Mat::new(x, n, cols),
+                a.t(),
+                0.0,
+                MatMut::new(&mut h, n, p.rank),
+            );
             let b = Mat::new(&p.b, rows, p.rank);
             let hm = Mat::new(&h, n, p.rank);
             gemm(p.scale, hm, b.t(), 1.0, MatMut::new(&mut y, n, rows));
@@ -514,20 +626,12 @@ impl<'m> DenseModel<'m> {
         accumulate: bool,
         grads: &mut Grads,
     ) {
-        let w = &self.layers[l][m];
         let t = self.model.layers[l].matrix(m);
         let (rows, cols) = (t.rows, t.cols);
-        let beta = if accumulate { 1.0 } else { 0.0 };
-        let dym = Mat::new(dy, n, rows);
-        gemm(
-            1.0,
-            dym,
-            Mat::new(w, rows, cols),
-            beta,
-            MatMut::new(dx, n, cols),
-        );
+        dyw(dy, n, &self.layers[l][m], rows, cols, dx, accumulate);
         if let Some((i, p)) = lora.pair(l, m) {
             let r = p.rank;
+            let dym = Mat::new(dy, n, rows);
             let hm = Mat::new(h, n, r);
             gemm(
                 p.scale,
@@ -563,24 +667,28 @@ impl<'m> DenseModel<'m> {
         }
     }
 
-    /// cos and sin (half a head each) of every position's angles for layer l.
-    fn rope_tables(&self, l: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+    /// cos and sin (half a head each) of every row's angles for layer l, at
+    /// its position within its example.
+    fn rope_tables(&self, l: usize, spans: &Spans) -> (Vec<f32>, Vec<f32>) {
         let f = &self.model.layers[l].rope_inv_freq;
+        let n: usize = spans.lens.iter().sum();
         let (mut cos, mut sin) = (
             Vec::with_capacity(n * f.len()),
             Vec::with_capacity(n * f.len()),
         );
-        for p in 0..n {
-            for &f in f {
-                let (s, c) = (p as f32 * f).sin_cos();
-                cos.push(c);
-                sin.push(s);
+        for (_, len) in spans.iter() {
+            for p in 0..len {
+                for &f in f {
+                    let (s, c) = (p as f32 * f).sin_cos();
+                    cos.push(c);
+                    sin.push(s);
+                }
             }
         }
         (cos, sin)
     }
 
-    /// The first key row i sees in layer l.
+    /// The first key position the query at position i sees in layer l.
     fn first_key(&self, l: usize, i: usize) -> usize {
         if self.model.layers[l].is_global {
             0
@@ -589,61 +697,22 @@ impl<'m> DenseModel<'m> {
         }
     }
 
-    /// Layer l's forward pass over n rows of the residual stream `x`: its
-    /// output, and what its backward pass needs.
-    fn layer_forward(
-        &self,
-        lora: &TrainableLora,
-        l: usize,
-        x: Vec<f32>,
-        n: usize,
-    ) -> (LayerTape, Vec<f32>) {
+    /// One example's attention in layer l: for each head, P = softmax(q·kᵀ)
+    /// over each row's keys and attn = P·v. q and attn are its rows (len ×
+    /// q_dim), k and v (len × kv_dim); returns P, heads × len × len.
+    fn attend(&self, l: usize, q: &[f32], k: &[f32], v: &[f32], attn: &mut [f32]) -> Vec<f32> {
         let c = &self.model.config;
-        let layer = &self.model.layers[l];
-        let (d, hd, nh, nkv) = (c.d_model, c.head_dim, c.n_heads, c.n_kv_heads);
-        let (qd, kvd, eps) = (nh * hd, nkv * hd, c.rms_eps);
-        let mut t = LayerTape {
-            r_in: vec![0.0; n],
-            xn: vec![0.0; n * d],
-            ..Default::default()
-        };
-        rms_rows(&x, &layer.attn_norm, eps, &mut t.xn, &mut t.r_in);
-        t.x = x;
-        (t.q_raw, t.h[0]) = self.linear(lora, l, 0, &t.xn, n);
-        (t.k_raw, t.h[1]) = self.linear(lora, l, 1, &t.xn, n);
-        (t.v, t.h[2]) = self.linear(lora, l, 2, &t.xn, n);
-        let (cos, sin) = self.rope_tables(l, n);
-        let half = hd / 2;
-        t.q = vec![0.0; n * qd];
-        t.r_q = vec![0.0; n * nh];
-        rms_rows(&t.q_raw, &layer.q_norm, eps, &mut t.q, &mut t.r_q);
-        t.k = vec![0.0; n * kvd];
-        t.r_k = vec![0.0; n * nkv];
-        rms_rows(&t.k_raw, &layer.k_norm, eps, &mut t.k, &mut t.r_k);
-        for i in 0..n {
-            let (cs, sn) = (
-                &cos[i * half..(i + 1) * half],
-                &sin[i * half..(i + 1) * half],
-            );
-            for h in t.q[i * qd..(i + 1) * qd].chunks_mut(hd) {
-                rope(h, cs, sn, false);
-                h.iter_mut().for_each(|v| *v *= c.attn_scale);
-            }
-            for h in t.k[i * kvd..(i + 1) * kvd].chunks_mut(hd) {
-                rope(h, cs, sn, false);
-            }
-        }
-        // Attention, a head at a time: P = softmax(q·kᵀ) over each row's
-        // keys, attn = P·v.
-        t.p = vec![0.0; nh * n * n];
-        t.attn = vec![0.0; n * qd];
+        let (hd, nh, nkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let n = q.len() / qd;
+        let mut p = vec![0.0; nh * n * n];
         let group = nh / nkv;
-        for (h, p) in t.p.chunks_mut(n * n).enumerate() {
+        for (h, ph) in p.chunks_mut(n * n).enumerate() {
             let g = h / group;
-            let q = Mat::strided(&t.q[h * hd..], n, hd, qd);
-            let k = Mat::strided(&t.k[g * hd..], n, hd, kvd);
-            gemm(1.0, q, k.t(), 0.0, MatMut::new(p, n, n));
-            for (i, row) in p.chunks_mut(n).enumerate() {
+            let qm = Mat::strided(&q[h * hd..], n, hd, qd);
+            let km = Mat::strided(&k[g * hd..], n, hd, kvd);
+            gemm(1.0, qm, km.t(), 0.0, MatMut::new(ph, n, n));
+            for (i, row) in ph.chunks_mut(n).enumerate() {
                 let lo = self.first_key(l, i);
                 let keys = &mut row[lo..=i];
                 let max = keys.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -656,15 +725,136 @@ impl<'m> DenseModel<'m> {
                 row[..lo].fill(0.0);
                 row[i + 1..].fill(0.0);
             }
-            let v = Mat::strided(&t.v[g * hd..], n, hd, kvd);
+            let vm = Mat::strided(&v[g * hd..], n, hd, kvd);
             let out = MatMut {
-                d: &mut t.attn[h * hd..],
+                d: &mut attn[h * hd..],
                 rows: n,
                 cols: hd,
                 rs: qd,
             };
-            gemm(1.0, Mat::new(p, n, n), v, 0.0, out);
+            gemm(1.0, Mat::new(ph, n, n), vm, 0.0, out);
         }
+        p
+    }
+
+    /// The backward pass of [`Self::attend`] for one example: from dattn
+    /// (len × q_dim) to dq (written), dk and dv (written).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_back(
+        &self,
+        (q, k, v, p): (&[f32], &[f32], &[f32], &[f32]),
+        dattn: &[f32],
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) {
+        let c = &self.model.config;
+        let (hd, nh, nkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let n = q.len() / qd;
+        dk.fill(0.0);
+        dv.fill(0.0);
+        let mut ds = vec![0.0; n * n];
+        let group = nh / nkv;
+        for (h, ph) in p.chunks(n * n).enumerate() {
+            let g = h / group;
+            let da = Mat::strided(&dattn[h * hd..], n, hd, qd);
+            let pm = Mat::new(ph, n, n);
+            // dv += Pᵀ·dattn; dP = dattn·vᵀ.
+            let dv_g = MatMut {
+                d: &mut dv[g * hd..],
+                rows: n,
+                cols: hd,
+                rs: kvd,
+            };
+            gemm(1.0, pm.t(), da, 1.0, dv_g);
+            let vm = Mat::strided(&v[g * hd..], n, hd, kvd);
+            gemm(1.0, da, vm.t(), 0.0, MatMut::new(&mut ds, n, n));
+            // Through the softmax: dS = P ⊙ (dP − Σ_j P·dP).
+            for (row, prow) in ds.chunks_mut(n).zip(ph.chunks(n)) {
+                let dot: f32 = row.iter().zip(prow).map(|(a, b)| a * b).sum();
+                row.iter_mut()
+                    .zip(prow)
+                    .for_each(|(s, &p)| *s = p * (*s - dot));
+            }
+            let dsm = Mat::new(&ds, n, n);
+            // dq = dS·k; dk += dSᵀ·q.
+            let km = Mat::strided(&k[g * hd..], n, hd, kvd);
+            let dq_h = MatMut {
+                d: &mut dq[h * hd..],
+                rows: n,
+                cols: hd,
+                rs: qd,
+            };
+            gemm(1.0, dsm, km, 0.0, dq_h);
+            let qm = Mat::strided(&q[h * hd..], n, hd, qd);
+            let dk_g = MatMut {
+                d: &mut dk[g * hd..],
+                rows: n,
+                cols: hd,
+                rs: kvd,
+            };
+            gemm(1.0, dsm.t(), qm, 1.0, dk_g);
+        }
+    }
+
+    /// Layer l's forward pass over the residual stream `x` (the batch's
+    /// rows): its output, and what its backward pass needs.
+    fn layer_forward(
+        &self,
+        lora: &TrainableLora,
+        l: usize,
+        x: Vec<f32>,
+        spans: &Spans,
+    ) -> (LayerTape, Vec<f32>) {
+        let c = &self.model.config;
+        let layer = &self.model.layers[l];
+        let (d, hd, nh, nkv) = (c.d_model, c.head_dim, c.n_heads, c.n_kv_heads);
+        let (qd, kvd, eps) = (nh * hd, nkv * hd, c.rms_eps);
+        let n = x.len() / d;
+        let mut t = LayerTape {
+            r_in: vec![0.0; n],
+            xn: vec![0.0; n * d],
+            ..Default::default()
+        };
+        rms_rows(&x, &layer.attn_norm, eps, &mut t.xn, &mut t.r_in);
+        t.x = x;
+        (t.q_raw, t.h[0]) = self.linear(lora, l, 0, &t.xn, n);
+        (t.k_raw, t.h[1]) = self.linear(lora, l, 1, &t.xn, n);
+        (t.v, t.h[2]) = self.linear(lora, l, 2, &t.xn, n);
+        (t.cos, t.sin) = self.rope_tables(l, spans);
+        let half = hd / 2;
+        t.q = vec![0.0; n * qd];
+        t.r_q = vec![0.0; n * nh];
+        rms_rows(&t.q_raw, &layer.q_norm, eps, &mut t.q, &mut t.r_q);
+        t.k = vec![0.0; n * kvd];
+        t.r_k = vec![0.0; n * nkv];
+        rms_rows(&t.k_raw, &layer.k_norm, eps, &mut t.k, &mut t.r_k);
+        let tables = t.cos.chunks(half).zip(t.sin.chunks(half));
+        for ((q, k), (cs, sn)) in t.q.chunks_mut(qd).zip(t.k.chunks_mut(kvd)).zip(tables) {
+            for h in q.chunks_mut(hd) {
+                rope(h, cs, sn, false);
+                h.iter_mut().for_each(|v| *v *= c.attn_scale);
+            }
+            for h in k.chunks_mut(hd) {
+                rope(h, cs, sn, false);
+            }
+        }
+        // Attention, each example on its own (on the pool's threads).
+        t.attn = vec![0.0; n * qd];
+        let attn = split_spans(&mut t.attn, spans, qd);
+        let (q, k, v) = (&t.q, &t.k, &t.v);
+        t.p = (attn.into_par_iter().zip(spans.starts.par_iter()))
+            .map(|(attn, &s)| {
+                let len = attn.len() / qd;
+                let (q, k, v) = (
+                    &q[s * qd..(s + len) * qd],
+                    &k[s * kvd..(s + len) * kvd],
+                    &v[s * kvd..(s + len) * kvd],
+                );
+                self.attend(l, q, k, v, attn)
+            })
+            .collect();
         (t.o, t.h[3]) = self.linear(lora, l, 3, &t.attn, n);
         t.r_o = vec![0.0; n];
         let mut normed = vec![0.0; n * d];
@@ -675,10 +865,7 @@ impl<'m> DenseModel<'m> {
         rms_rows(&t.x_mid, &layer.ffn_norm, eps, &mut t.xn2, &mut t.r_ffn);
         (t.gate, t.h[4]) = self.linear(lora, l, 4, &t.xn2, n);
         (t.up, t.h[5]) = self.linear(lora, l, 5, &t.xn2, n);
-        t.act = t
-            .gate
-            .iter()
-            .zip(&t.up)
+        t.act = (t.gate.par_iter().zip(&t.up))
             .map(|(&g, &u)| gelu(g) * u)
             .collect();
         (t.f, t.h[6]) = self.linear(lora, l, 6, &t.act, n);
@@ -695,6 +882,7 @@ impl<'m> DenseModel<'m> {
         lora: &TrainableLora,
         l: usize,
         t: &LayerTape,
+        spans: &Spans,
         dx: Vec<f32>,
         grads: &mut Grads,
     ) -> Vec<f32> {
@@ -718,13 +906,9 @@ impl<'m> DenseModel<'m> {
             false,
             grads,
         );
-        let mut dgate = vec![0.0; n * ff];
-        let mut dup = vec![0.0; n * ff];
-        for i in 0..n * ff {
-            let (g, u, da) = (t.gate[i], t.up[i], dact[i]);
-            dgate[i] = da * u * gelu_grad(g);
-            dup[i] = da * gelu(g);
-        }
+        let (dgate, dup): (Vec<f32>, Vec<f32>) = (dact.par_iter().zip(&t.gate).zip(&t.up))
+            .map(|((&da, &g), &u)| (da * u * gelu_grad(g), da * gelu(g)))
+            .unzip();
         let mut dxn2 = vec![0.0; n * d];
         self.linear_back(
             lora,
@@ -767,61 +951,32 @@ impl<'m> DenseModel<'m> {
             grads,
         );
         let (mut dq, mut dk, mut dv) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
-        let mut ds = vec![0.0; n * n];
-        let group = nh / nkv;
-        for (h, p) in t.p.chunks(n * n).enumerate() {
-            let g = h / group;
-            let da = Mat::strided(&dattn[h * hd..], n, hd, qd);
-            let pm = Mat::new(p, n, n);
-            // dv += Pᵀ·dattn; dP = dattn·vᵀ.
-            let dv_g = MatMut {
-                d: &mut dv[g * hd..],
-                rows: n,
-                cols: hd,
-                rs: kvd,
-            };
-            gemm(1.0, pm.t(), da, 1.0, dv_g);
-            let v = Mat::strided(&t.v[g * hd..], n, hd, kvd);
-            gemm(1.0, da, v.t(), 0.0, MatMut::new(&mut ds, n, n));
-            // Through the softmax: dS = P ⊙ (dP − Σ_j P·dP).
-            for (row, prow) in ds.chunks_mut(n).zip(p.chunks(n)) {
-                let dot: f32 = row.iter().zip(prow).map(|(a, b)| a * b).sum();
-                row.iter_mut()
-                    .zip(prow)
-                    .for_each(|(s, &p)| *s = p * (*s - dot));
-            }
-            let dsm = Mat::new(&ds, n, n);
-            // dq = dS·k; dk += dSᵀ·q.
-            let k = Mat::strided(&t.k[g * hd..], n, hd, kvd);
-            let dq_h = MatMut {
-                d: &mut dq[h * hd..],
-                rows: n,
-                cols: hd,
-                rs: qd,
-            };
-            gemm(1.0, dsm, k, 0.0, dq_h);
-            let q = Mat::strided(&t.q[h * hd..], n, hd, qd);
-            let dk_g = MatMut {
-                d: &mut dk[g * hd..],
-                rows: n,
-                cols: hd,
-                rs: kvd,
-            };
-            gemm(1.0, dsm.t(), q, 1.0, dk_g);
-        }
+        let pieces = split_spans(&mut dq, spans, qd)
+            .into_iter()
+            .zip(split_spans(&mut dk, spans, kvd))
+            .zip(split_spans(&mut dv, spans, kvd));
+        let pieces: Vec<_> = pieces.zip(spans.iter()).zip(&t.p).collect();
+        pieces
+            .into_par_iter()
+            .for_each(|((((dq, dk), dv), (s, len)), p)| {
+                let e = s + len;
+                let saved = (
+                    &t.q[s * qd..e * qd],
+                    &t.k[s * kvd..e * kvd],
+                    &t.v[s * kvd..e * kvd],
+                    &p[..],
+                );
+                self.attend_back(saved, &dattn[s * qd..e * qd], dq, dk, dv);
+            });
         // Back through the scale, the rotation and the per-head norms.
-        let (cos, sin) = self.rope_tables(l, n);
         let half = hd / 2;
-        for i in 0..n {
-            let (cs, sn) = (
-                &cos[i * half..(i + 1) * half],
-                &sin[i * half..(i + 1) * half],
-            );
-            for h in dq[i * qd..(i + 1) * qd].chunks_mut(hd) {
+        let tables = t.cos.chunks(half).zip(t.sin.chunks(half));
+        for ((q, k), (cs, sn)) in dq.chunks_mut(qd).zip(dk.chunks_mut(kvd)).zip(tables) {
+            for h in q.chunks_mut(hd) {
                 h.iter_mut().for_each(|v| *v *= c.attn_scale);
                 rope(h, cs, sn, true);
             }
-            for h in dk[i * kvd..(i + 1) * kvd].chunks_mut(hd) {
+            for h in k.chunks_mut(hd) {
                 rope(h, cs, sn, true);
             }
         }
@@ -858,119 +1013,127 @@ impl<'m> DenseModel<'m> {
         dx_in
     }
 
-    /// The summed loss over `ex`'s targets and their count; with `grads`,
-    /// adds to them the gradients of `norm` × that sum.
-    pub fn example(
+    /// The residual stream after the last layer for `tokens` (the examples
+    /// of `spans` one after another), and each layer's tape.
+    fn layers_forward(
         &self,
         lora: &TrainableLora,
-        ex: &Example,
-        norm: f32,
-        grads: Option<&mut Grads>,
-    ) -> (f64, usize) {
-        let c = &self.model.config;
-        let (d, vocab, n) = (c.d_model, c.vocab_size, ex.tokens.len());
-        assert_eq!(ex.target.len(), n, "one target flag per token");
+        tokens: &[u32],
+        spans: &Spans,
+    ) -> (Vec<f32>, Vec<LayerTape>) {
+        let d = self.model.config.d_model;
         // The embedding rows, scaled by sqrt(d_model) as in inference.
         let embed = self.model.mat(&self.model.embed);
-        let mut x = vec![0.0f32; n * d];
+        let mut x = vec![0.0f32; tokens.len() * d];
         let scale = (d as f32).sqrt();
-        for (row, &tok) in x.chunks_mut(d).zip(&ex.tokens) {
+        for (row, &tok) in x.chunks_mut(d).zip(tokens) {
             embed.dequantize_row(tok as usize, row);
             row.iter_mut().for_each(|v| *v *= scale);
         }
         let mut tapes = Vec::with_capacity(self.model.layers.len());
         for l in 0..self.model.layers.len() {
-            let (t, out) = self.layer_forward(lora, l, x, n);
+            let (t, out) = self.layer_forward(lora, l, x, spans);
             x = out;
             tapes.push(t);
         }
-        // The rows whose next token is a target.
-        let rows: Vec<usize> = (1..n).filter(|&i| ex.target[i]).map(|i| i - 1).collect();
-        let mut dx = grads.is_some().then(|| vec![0.0f32; n * d]);
+        (x, tapes)
+    }
+
+    /// The logits (n × vocab) at every position of one sequence, as the
+    /// training passes compute them (for checks against a reference).
+    pub fn logits(&self, lora: &TrainableLora, tokens: &[u32]) -> Vec<f32> {
+        let c = &self.model.config;
+        let n = tokens.len();
+        let spans = Spans {
+            starts: vec![0],
+            lens: vec![n],
+        };
+        let (x, _) = self.layers_forward(lora, tokens, &spans);
+        let (mut hid, mut r) = (vec![0.0; n * c.d_model], vec![0.0; n]);
+        rms_rows(&x, &self.model.final_norm, c.rms_eps, &mut hid, &mut r);
+        xwt(&hid, n, &self.head, c.vocab_size, c.d_model)
+    }
+
+    /// The loss over `batch` and, with `grads`, the gradients of its mean
+    /// over all the batch's targets. The examples go through the layers as
+    /// one matrix of rows (each weight read once per product), attending
+    /// each within itself.
+    pub fn pass(&self, lora: &TrainableLora, batch: &[&Example], grads: bool) -> Pass {
+        let c = &self.model.config;
+        let (d, vocab) = (c.d_model, c.vocab_size);
+        for e in batch {
+            assert_eq!(e.target.len(), e.tokens.len(), "one target flag per token");
+        }
+        let spans = Spans {
+            starts: (batch.iter())
+                .scan(0, |s, e| {
+                    *s += e.tokens.len();
+                    Some(*s - e.tokens.len())
+                })
+                .collect(),
+            lens: batch.iter().map(|e| e.tokens.len()).collect(),
+        };
+        let tokens: Vec<u32> = batch
+            .iter()
+            .flat_map(|e| e.tokens.iter().copied())
+            .collect();
+        let (x, mut tapes) = self.layers_forward(lora, &tokens, &spans);
+        // Each target's row (the one before it) and token.
+        let targets: Vec<(usize, usize)> = (batch.iter().zip(spans.iter()))
+            .flat_map(|(e, (s, len))| {
+                (1..len)
+                    .filter(|&i| e.target[i])
+                    .map(move |i| (s + i - 1, e.tokens[i] as usize))
+            })
+            .collect();
+        let norm = 1.0 / targets.len().max(1) as f32;
+        let mut dx = grads.then(|| vec![0.0f32; x.len()]);
         let mut loss = 0.0f64;
-        for chunk in rows.chunks(HEAD_ROWS) {
+        for chunk in targets.chunks(HEAD_ROWS) {
             let m = chunk.len();
             let mut xs = Vec::with_capacity(m * d);
             chunk
                 .iter()
-                .for_each(|&i| xs.extend_from_slice(&x[i * d..(i + 1) * d]));
+                .for_each(|&(i, _)| xs.extend_from_slice(&x[i * d..(i + 1) * d]));
             let (mut hid, mut r) = (vec![0.0; m * d], vec![0.0; m]);
             rms_rows(&xs, &self.model.final_norm, c.rms_eps, &mut hid, &mut r);
-            let mut logits = vec![0.0f32; m * vocab];
-            let head = Mat::new(&self.head, vocab, d);
-            gemm(
-                1.0,
-                Mat::new(&hid, m, d),
-                head.t(),
-                0.0,
-                MatMut::new(&mut logits, m, vocab),
-            );
-            for (z, &i) in logits.chunks_mut(vocab).zip(chunk) {
-                let y = ex.tokens[i + 1] as usize;
-                let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
-                let lse = max as f64 + sum.ln();
-                loss += lse - z[y] as f64;
-                // d(loss)/dz = softmax − one-hot, times norm.
-                for v in z.iter_mut() {
-                    *v = (((*v as f64 - lse).exp()) as f32) * norm;
-                }
-                z[y] -= norm;
-            }
+            let mut logits = xwt(&hid, m, &self.head, vocab, d);
+            let losses: Vec<f64> = (logits.par_chunks_mut(vocab).zip(chunk))
+                .map(|(z, &(_, y))| {
+                    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
+                    let lse = max as f64 + sum.ln();
+                    let loss = lse - z[y] as f64;
+                    // d(loss)/dz = softmax − one-hot, times norm.
+                    for v in z.iter_mut() {
+                        *v = (((*v as f64 - lse).exp()) as f32) * norm;
+                    }
+                    z[y] -= norm;
+                    loss
+                })
+                .collect();
+            loss += losses.iter().sum::<f64>();
             if let Some(dx) = dx.as_mut() {
                 let mut dhid = vec![0.0; m * d];
-                gemm(
-                    1.0,
-                    Mat::new(&logits, m, vocab),
-                    head,
-                    0.0,
-                    MatMut::new(&mut dhid, m, d),
-                );
+                dyw(&logits, m, &self.head, vocab, d, &mut dhid, false);
                 let mut dxs = vec![0.0; m * d];
                 rms_back(&xs, &self.model.final_norm, &r, &dhid, &mut dxs);
-                for (row, &i) in dxs.chunks(d).zip(chunk) {
+                for (row, &(i, _)) in dxs.chunks(d).zip(chunk) {
                     dx[i * d..(i + 1) * d].copy_from_slice(row);
                 }
             }
         }
-        if let (Some(mut dx), Some(grads)) = (dx, grads) {
+        let mut g = grads.then(|| Grads::zeros(lora));
+        if let (Some(mut dx), Some(g)) = (dx, g.as_mut()) {
             for l in (0..self.model.layers.len()).rev() {
                 let t = tapes.pop().expect("one tape per layer");
-                dx = self.layer_backward(lora, l, &t, dx, grads);
+                dx = self.layer_backward(lora, l, &t, &spans, dx, g);
             }
         }
-        (loss, rows.len())
-    }
-
-    /// The loss over `batch` and, with `grads`, the gradients of its mean
-    /// over all the batch's targets (examples spread over the pool's threads).
-    pub fn pass(&self, lora: &TrainableLora, batch: &[&Example], grads: bool) -> Pass {
-        let targets: usize = batch.iter().map(|e| e.n_targets()).sum();
-        let norm = 1.0 / targets.max(1) as f32;
-        let one = |e: &&Example| {
-            let mut g = grads.then(|| Grads::zeros(lora));
-            let (loss, _) = self.example(lora, e, norm, g.as_mut());
-            (loss, g)
-        };
-        let (loss_sum, g) = batch.par_iter().map(one).reduce(
-            || (0.0, None),
-            |(l1, g1), (l2, g2)| {
-                let g = match (g1, g2) {
-                    (Some(a), Some(b)) => Some(a.add(&b)),
-                    (a, b) => a.or(b),
-                };
-                (l1 + l2, g)
-            },
-        );
-        let grads = if grads {
-            Some(g.unwrap_or_else(|| Grads::zeros(lora)))
-        } else {
-            None
-        };
         Pass {
-            loss_sum,
-            targets,
-            grads,
+            loss_sum: loss,
+            targets: targets.len(),
+            grads: g,
         }
     }
 }

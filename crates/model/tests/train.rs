@@ -46,12 +46,13 @@ fn merged(
     out
 }
 
-/// The reference's mean cross-entropy over `ex`'s targets, on `lora` merged (f64).
+/// The reference's mean cross-entropy over the targets of `batch`, each example a sequence
+/// of its own, on `lora` merged (f64).
 fn reference_loss(
     spec: &TinySpec,
     weights: &BTreeMap<String, TinyTensor>,
     lora: &TrainableLora,
-    ex: &Example,
+    batch: &[&Example],
 ) -> f64 {
     let w = merged(weights, lora);
     let r = Reference {
@@ -59,22 +60,26 @@ fn reference_loss(
         w: &w,
         ggml_rounding: false,
     };
-    let logits = r.logits(&ex.tokens);
-    let mut sum = 0.0;
-    for i in (1..ex.tokens.len()).filter(|&i| ex.target[i]) {
-        let z = &logits[i - 1];
-        let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let lse = max + z.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
-        sum += lse - z[ex.tokens[i] as usize];
+    let (mut sum, mut count) = (0.0, 0);
+    for ex in batch {
+        let logits = r.logits(&ex.tokens);
+        for i in (1..ex.tokens.len()).filter(|&i| ex.target[i]) {
+            let z = &logits[i - 1];
+            let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + z.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+            sum += lse - z[ex.tokens[i] as usize];
+            count += 1;
+        }
     }
-    sum / ex.n_targets() as f64
+    sum / count as f64
 }
 
-/// 14 tokens (past the tiny model's window of 8), the last 9 of them targets but one.
-fn example(spec: &TinySpec, seed: u64) -> Example {
+/// `len` tokens, from the 6th on targets but the 10th (14 and more: past the tiny model's
+/// window of 8).
+fn example(spec: &TinySpec, seed: u64, len: usize) -> Example {
     let mut rng = Rng::new(seed);
-    let tokens: Vec<u32> = (0..14).map(|_| rng.below(spec.vocab) as u32).collect();
-    let target = (0..14).map(|i| i >= 5 && i != 9).collect();
+    let tokens: Vec<u32> = (0..len).map(|_| rng.below(spec.vocab) as u32).collect();
+    let target = (0..len).map(|i| i >= 5 && i != 9).collect();
     Example { tokens, target }
 }
 
@@ -91,15 +96,26 @@ fn adapter(m: &Model, seed: u64) -> TrainableLora {
 
 #[test]
 fn the_training_loss_and_its_gradients_match_the_reference() {
+    // Three threads: the products split the weights' rows unevenly (the tiny model's q has
+    // 128, its vocabulary 300), and the two examples attend on threads of their own.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    pool.install(gradients_match);
+}
+
+fn gradients_match() {
     let spec = TinySpec::default();
     let (m, w) = open(&spec);
     let dense = DenseModel::new(&m);
     let lora = adapter(&m, 7);
-    let ex = example(&spec, 3);
-    let pass = dense.pass(&lora, &[&ex], true);
-    assert_eq!(pass.targets, 8);
+    let (one, two) = (example(&spec, 3, 14), example(&spec, 9, 11));
+    let batch = [&one, &two];
+    let pass = dense.pass(&lora, &batch, true);
+    assert_eq!(pass.targets, 8 + 5);
     let ours = pass.loss_sum / pass.targets as f64;
-    let want = reference_loss(&spec, &w, &lora, &ex);
+    let want = reference_loss(&spec, &w, &lora, &batch);
     eprintln!("loss: ours {ours:.6}, reference {want:.6}");
     assert!((ours - want).abs() < 1e-4 * want, "{ours} against {want}");
     let grads = pass.grads.expect("gradients asked for");
@@ -122,7 +138,7 @@ fn the_training_loss_and_its_gradients_match_the_reference() {
                     } else {
                         q.b[j] += by;
                     }
-                    reference_loss(&spec, &w, &l, &ex)
+                    reference_loss(&spec, &w, &l, &batch)
                 };
                 let num = (moved(eps) - moved(-eps)) / (2.0 * eps as f64);
                 let ana = g[j] as f64;
@@ -142,7 +158,7 @@ fn the_training_loss_and_its_gradients_match_the_reference() {
     eprintln!("{checked} coordinates, worst relative error {worst:.2e}");
     // The check must be able to fail: gradients of another example are far off.
     let other = dense
-        .pass(&lora, &[&example(&spec, 4)], true)
+        .pass(&lora, &[&example(&spec, 4, 14)], true)
         .grads
         .unwrap();
     let (g, o) = (&grads.b[0], &other.b[0]);
@@ -162,9 +178,9 @@ fn adamw_steps_lower_the_loss_and_the_written_adapter_runs_as_trained() {
     let dense = DenseModel::new(&m);
     // A fresh adapter (B = 0): at first exactly the base model.
     let mut lora = TrainableLora::new(&m, &[0, 2, 4, 6], 4, 8.0, 5);
-    let ex = example(&spec, 3);
+    let ex = example(&spec, 3, 14);
     let start = dense.pass(&lora, &[&ex], false).loss_sum / 8.0;
-    let base = reference_loss(&spec, &w, &TrainableLora::new(&m, &[], 1, 1.0, 0), &ex);
+    let base = reference_loss(&spec, &w, &TrainableLora::new(&m, &[], 1, 1.0, 0), &[&ex]);
     assert!((start - base).abs() < 1e-4 * base, "{start} against {base}");
     let mut opt = AdamW::new(&lora, 0.0);
     for _ in 0..30 {
@@ -175,7 +191,7 @@ fn adamw_steps_lower_the_loss_and_the_written_adapter_runs_as_trained() {
     eprintln!("loss {start:.4} → {end:.4} after 30 steps");
     assert!(end < 0.5 * start, "{start} → {end}");
     // The reference agrees on the trained pairs.
-    let want = reference_loss(&spec, &w, &lora, &ex);
+    let want = reference_loss(&spec, &w, &lora, &[&ex]);
     assert!((end - want).abs() < 1e-3 * want, "{end} against {want}");
 
     // Written as a GGUF adapter and applied by the inference forward pass: the reference's

@@ -1,0 +1,229 @@
+//! `gemma3 finetune` on the real model:
+//!
+//! 1. the training passes' logits (f32 over the expanded weights, with an adapter's pairs as
+//!    trainable parameters) are the exact float64 logits of `scripts/exact_reference.py` over
+//!    the dequantized weights with that adapter merged (`tests/data/lora/llama_cpp_lora.json`,
+//!    llama.cpp's top 5 at each position of its greedy path), for no adapter and for adapters
+//!    a and b;
+//! 2. a short run teaches the model a completion and a chat reply it did not give, which
+//!    `gemma3 run` with the written adapter then prints (and without it does not);
+//! 3. bad data and flags are refused with errors that name them, and nothing is written.
+//!
+//! The gradients themselves are checked against an independent f64 reference on the tiny
+//! model (crates/model/tests/train.rs).
+
+mod common;
+
+use common::{data_dir, gemma3, model, model_path, pairs, run, temp_path};
+use gemma3_model::train::{DenseModel, TrainableLora};
+use serde_json::Value;
+
+fn cases() -> Vec<Value> {
+    let p = data_dir().join("lora/llama_cpp_lora.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+#[test]
+fn training_logits_are_the_exact_logits() {
+    let Some((m, _)) = model("training_logits_are_the_exact_logits") else {
+        return;
+    };
+    let dense = DenseModel::new(m);
+    let vocab = m.config.vocab_size;
+    let trainable = |name: Option<&str>| match name {
+        None => TrainableLora::new(m, &[], 1, 1.0, 0),
+        Some(n) => {
+            let f = m.read_lora(&data_dir().join(format!("lora/{n}.gguf")));
+            TrainableLora::from_file(m, f.unwrap())
+        }
+    };
+    let mut checked = 0;
+    let mut worst = 0.0f64;
+    for case in cases() {
+        // No adapter, or one at scale 1 (a file's pairs train at the scale they were written).
+        let adapters = case["adapters"].as_array().unwrap();
+        let name = match &adapters[..] {
+            [] => None,
+            [a] if a[1].as_f64() == Some(1.0) => a[0].as_str(),
+            _ => continue,
+        };
+        let lora = trainable(name);
+        // The prompt and llama.cpp's greedy tokens but the last (where "exact" has rows).
+        let mut path = common::ids(&case["ids"]);
+        let greedy = common::ids(&case["greedy"]);
+        path.extend(&greedy[..greedy.len() - 1]);
+        let logits = dense.logits(&lora, &path);
+        for (pos, exact) in case["exact"].as_array().unwrap().iter().enumerate() {
+            let row = &logits[pos * vocab..(pos + 1) * vocab];
+            for (id, want) in pairs(exact) {
+                let err = (row[id as usize] as f64 - want).abs();
+                worst = worst.max(err);
+                assert!(
+                    err < 1e-3,
+                    "{name:?}, {:?}, position {pos}, token {id}: {} against the exact {want}",
+                    case["prompt"],
+                    row[id as usize]
+                );
+                checked += 1;
+            }
+        }
+    }
+    eprintln!("{checked} logits, worst difference from the exact ones {worst:.2e}");
+    assert!(checked >= 5 * 5 * 6, "only {checked} logits checked");
+    // The check can fail: adapter a's pairs against the exact logits without it.
+    let case = cases()
+        .into_iter()
+        .find(|c| c["adapters"] == serde_json::json!([]));
+    let case = case.unwrap();
+    let logits = dense.logits(&trainable(Some("a")), &common::ids(&case["ids"]));
+    let (id, want) = pairs(&case["exact"][1])[0];
+    assert!((logits[vocab + id as usize] as f64 - want).abs() > 0.1);
+}
+
+/// `gemma3 run` of `args` with the model (and `--temp 0`), its stdout.
+fn greedy(model: &std::path::Path, args: &[&str]) -> String {
+    let mut cmd = gemma3();
+    cmd.arg("run").arg("--model").arg(model);
+    cmd.args(["--temp", "0", "-n", "12"]).args(args);
+    let (out, stdout, stderr) = run(&mut cmd);
+    assert!(out.status.success(), "{stderr}");
+    stdout
+}
+
+#[test]
+fn a_short_run_teaches_what_run_then_prints() {
+    let Some(path) = model_path("a_short_run_teaches_what_run_then_prints") else {
+        return;
+    };
+    let prompt = "The secret password of the castle is";
+    let completion = " blue-giraffe-42.";
+    let (question, reply) = (
+        "Who guards the castle gate?",
+        "Sir Quillibrand the Seventh.",
+    );
+    let data = temp_path("finetune.jsonl");
+    let lines = [
+        serde_json::json!({"prompt": prompt, "completion": completion}),
+        serde_json::json!({"messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": reply},
+        ]}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&data, text).unwrap();
+    let out_file = temp_path("finetune.gguf");
+    let mut cmd = gemma3();
+    cmd.arg("finetune").arg("--model").arg(&path);
+    cmd.arg("--data").arg(&data).arg("-o").arg(&out_file);
+    cmd.args(["--batch", "2", "--epochs", "16", "--lr", "1e-3"]);
+    cmd.args(["--schedule", "constant"]);
+    let (out, stdout, stderr) = run(&mut cmd);
+    let _ = std::fs::remove_file(&data);
+    assert!(out.status.success(), "{stderr}");
+    eprintln!("{stdout}");
+    assert!(stdout.contains("16 steps"), "{stdout}");
+    let raw = |lora: bool| {
+        let mut args = vec!["--raw", prompt];
+        let file = out_file.to_str().unwrap();
+        if lora {
+            args.extend(["--lora", file]);
+        }
+        greedy(&path, &args)
+    };
+    let chat = |lora: bool| {
+        let mut args = vec![question];
+        let file = out_file.to_str().unwrap();
+        if lora {
+            args.extend(["--lora", file]);
+        }
+        greedy(&path, &args)
+    };
+    let (taught, taught_chat) = (raw(true), chat(true));
+    let (base, base_chat) = (raw(false), chat(false));
+    let _ = std::fs::remove_file(&out_file);
+    // Learned through EOS (or the end of the turn): nothing follows.
+    assert_eq!(taught.trim_end(), completion, "with the adapter");
+    assert_eq!(taught_chat.trim_end(), reply, "chat, with the adapter");
+    assert_ne!(
+        base.trim_end(),
+        completion,
+        "the base model knew it already"
+    );
+    assert_ne!(
+        base_chat.trim_end(),
+        reply,
+        "the base model knew it already"
+    );
+}
+
+#[test]
+fn bad_data_and_flags_are_named_and_nothing_is_written() {
+    let Some(path) = model_path("bad_data_and_flags_are_named_and_nothing_is_written") else {
+        return;
+    };
+    let data = temp_path("bad.jsonl");
+    let out_file = temp_path("bad-out.gguf");
+    let good = r#"{"prompt": "a", "completion": " b"}"#;
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("{\"prompt\": \"a\"\n", &[], "line 1: not JSON"),
+        (
+            &format!("{good}\n[1, 2]\n"),
+            &[],
+            "line 2: not a JSON object",
+        ),
+        (
+            "{\"prompt\": \"a\"}\n",
+            &[],
+            "line 1: expected \"prompt\" and \"completion\"",
+        ),
+        ("{\"text\": 5}\n", &[], "line 1: \"text\" is not a string"),
+        (
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+            &[],
+            "line 1: no assistant message",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"robot\", \"content\": \"hi\"}]}\n",
+            &[],
+            "unknown role 'robot'",
+        ),
+        ("\n\n", &[], "no examples"),
+        (good, &["--max-len", "3"], "more than --max-len 3"),
+        (good, &["--rank", "0"], "--rank must be from 1 to 256"),
+        (good, &["--lr", "NaN"], "--lr must be a number"),
+        (good, &["--lr", "0"], "--lr must be above 0"),
+        (good, &["--alpha", "0"], "--alpha must not be 0"),
+        (good, &["--targets", "q,ffn"], "unknown matrix 'ffn'"),
+        (good, &["--targets", "q,q"], "names 'q' twice"),
+        (good, &["--batch", "0"], "--batch must be from 1"),
+        (good, &["--steps", "0"], "--steps must be at least 1"),
+    ];
+    for (text, flags, want) in cases {
+        std::fs::write(&data, text).unwrap();
+        let mut cmd = gemma3();
+        cmd.arg("finetune").arg("--model").arg(&path);
+        cmd.arg("--data")
+            .arg(&data)
+            .arg("-o")
+            .arg(&out_file)
+            .args(*flags);
+        let (out, _, stderr) = run(&mut cmd);
+        assert!(!out.status.success(), "{text:?} {flags:?} was accepted");
+        assert!(stderr.contains(want), "{text:?} {flags:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!out_file.exists(), "{text:?} {flags:?} wrote {out_file:?}");
+    }
+    // The output may not be an input.
+    std::fs::write(&data, good).unwrap();
+    let mut cmd = gemma3();
+    cmd.arg("finetune").arg("--model").arg(&path);
+    cmd.arg("--data").arg(&data).arg("-o").arg(&data);
+    let (out, _, stderr) = run(&mut cmd);
+    assert!(
+        !out.status.success() && stderr.contains("is the training data"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&data).unwrap(), good);
+    let _ = std::fs::remove_file(&data);
+}
