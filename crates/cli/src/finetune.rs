@@ -84,6 +84,10 @@ pub struct FinetuneArgs {
     /// Seed of A's initial values and of the order of the examples.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Also write the adapter every N steps (it is written after each epoch, and when Ctrl-C
+    /// stops the run after its current step).
+    #[arg(long, value_name = "N")]
+    save_every: Option<usize>,
     /// Continue training this adapter (its matrices, ranks and alpha) instead of a new one.
     #[arg(long, value_name = "FILE")]
     init: Option<PathBuf>,
@@ -230,6 +234,9 @@ fn check(a: &FinetuneArgs) -> Result<()> {
     if a.steps == Some(0) {
         bail!("--steps must be at least 1");
     }
+    if a.save_every == Some(0) {
+        bail!("--save-every must be at least 1");
+    }
     if a.max_len < 2 {
         bail!("--max-len must be at least 2 (BOS and one token to learn)");
     }
@@ -352,6 +359,17 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             })
         })
     };
+    // Ctrl-C: stop after the current step and write the adapter; a second one quits at once.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("stopping after this step, then writing the adapter (Ctrl-C again: quit now)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let stopped = || stop.load(std::sync::atomic::Ordering::SeqCst);
     let mut opt = AdamW::new(&lora, a.weight_decay);
     let mut rng = Rng::new(a.seed ^ 0x5eed);
     let (mut step, mut last_val, mut first_loss, mut last_loss) = (0, first_val, None, 0.0);
@@ -361,7 +379,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         rng.shuffle(&mut train);
         let (mut ep_sum, mut ep_n) = (0.0, 0);
         for chunk in train.chunks(a.batch) {
-            if step == total {
+            if step == total || stopped() {
                 break 'epochs;
             }
             let lr = learning_rate(&a, step, total);
@@ -384,6 +402,9 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
                 "step {step}/{total}  epoch {epoch}  loss {loss:.4}  lr {lr:.2e}  grad norm {norm:.3}  {:.0} tokens/s",
                 seen_tokens as f64 / secs
             );
+            if a.save_every.is_some_and(|k| step % k == 0) {
+                save(&lora)?;
+            }
         }
         let mean = ep_sum / ep_n.max(1) as f64;
         last_val = val_loss(&lora).or(last_val);
@@ -393,8 +414,11 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         }
         save(&lora)?;
     }
+    if step == 0 {
+        bail!("stopped before the first step: nothing written");
+    }
     if step % per_epoch != 0 {
-        // Stopped by --steps within an epoch.
+        // Stopped by --steps or Ctrl-C within an epoch.
         last_val = val_loss(&lora).or(last_val);
         save(&lora)?;
     }

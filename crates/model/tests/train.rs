@@ -119,6 +119,17 @@ fn gradients_match() {
     eprintln!("loss: ours {ours:.6}, reference {want:.6}");
     assert!((ours - want).abs() < 1e-4 * want, "{ours} against {want}");
     let grads = pass.grads.expect("gradients asked for");
+    // The same in two groups (one example each) whose gradients add up.
+    let mut grouped = DenseModel::new(&m);
+    grouped.max_rows = 16;
+    let apart = grouped.pass(&lora, &batch, true);
+    assert!((apart.loss_sum - pass.loss_sum).abs() < 1e-4 * pass.loss_sum);
+    let ga = apart.grads.unwrap();
+    for (x, y) in grads.a.iter().chain(&grads.b).zip(ga.a.iter().chain(&ga.b)) {
+        for (x, y) in x.iter().zip(y) {
+            assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-2), "{x} in one group, {y} in two");
+        }
+    }
 
     // For each pair, A's and B's coordinate of largest gradient and one drawn at random,
     // against the reference loss's central difference there.
