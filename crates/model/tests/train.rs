@@ -127,7 +127,10 @@ fn gradients_match() {
     let ga = apart.grads.unwrap();
     for (x, y) in grads.a.iter().chain(&grads.b).zip(ga.a.iter().chain(&ga.b)) {
         for (x, y) in x.iter().zip(y) {
-            assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-2), "{x} in one group, {y} in two");
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1e-2),
+                "{x} in one group, {y} in two"
+            );
         }
     }
 
