@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 /// The layer matrices an adapter may change, by their GGUF names, in the
 /// order of `Layer::matrix`.
-pub(crate) const MATRICES: [&str; 7] = [
+pub const MATRICES: [&str; 7] = [
     "attn_q",
     "attn_k",
     "attn_v",

@@ -211,15 +211,18 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    /// Uniform in [-1, 1).
-    pub fn signed_unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    /// Uniform in [lo, hi).
+    pub fn range(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    /// Uniform in 0..n.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
     }
     /// Fisher–Yates.
     pub fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
-            let j = (self.next_u64() % (i as u64 + 1)) as usize;
-            v.swap(i, j);
+            v.swap(i, self.below(i + 1));
         }
     }
 }
@@ -243,7 +246,7 @@ impl TrainableLora {
                     n_in: t.cols,
                     n_out: t.rows,
                     a: (0..rank * t.cols)
-                        .map(|_| bound * rng.signed_unit())
+                        .map(|_| rng.range(-bound, bound))
                         .collect(),
                     b: vec![0.0; t.rows * rank],
                     scale: alpha / rank as f32,

@@ -15,16 +15,8 @@ use gemma3_model::{Batch, ForwardState, KvCache, Model};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-/// The layer matrices an adapter may change.
-const KINDS: [&str; 7] = [
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
-];
+// The layer matrices an adapter may change.
+use gemma3_model::lora::MATRICES as KINDS;
 
 /// As forward_reference.rs: ~4 f16 ulps of the largest logit, and 2× its largest rms.
 const TOL_MAX: f64 = 2e-3;

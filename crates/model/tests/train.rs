@@ -17,15 +17,7 @@ use gemma3_model::train::{AdamW, DenseModel, Example, TrainableLora};
 use gemma3_model::Model;
 use std::collections::BTreeMap;
 
-const KINDS: [&str; 7] = [
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
-];
+use gemma3_model::lora::MATRICES as KINDS;
 
 fn open(spec: &TinySpec) -> (Model, BTreeMap<String, TinyTensor>) {
     let (w, weights) = tiny_writer(spec);

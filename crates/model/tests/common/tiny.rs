@@ -3,7 +3,8 @@
 //! llama.cpp's converter writes them), and a toy SentencePiece vocabulary (specials, the 256
 //! byte tokens, a few letters) so that the CLI can run it too.
 //!
-//! Also used by the CLI tests (`#[path]`-included), so it depends on `gemma3_gguf` only.
+//! Also used by the CLI tests (`#[path]`-included), so it depends on `gemma3_gguf` and
+//! `gemma3_model` only.
 
 #![allow(dead_code)]
 
@@ -56,28 +57,8 @@ pub struct TinyTensor {
     pub data: Vec<f32>,
 }
 
-/// SplitMix64.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [lo, hi).
-    pub fn range(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
+/// SplitMix64 (the model's own, which seeds fine-tuning: the same draws).
+pub use gemma3_model::train::Rng;
 
 /// The weights by GGUF tensor name.
 pub fn tiny_weights(s: &TinySpec) -> BTreeMap<String, TinyTensor> {
