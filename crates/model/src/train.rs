@@ -161,12 +161,14 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], inverse: bool) {
 
 const GELU_C: f32 = 0.797_884_6; // sqrt(2/π)
 
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + (GELU_C * (x + 0.044715 * x * x * x)).tanh())
+/// The tanh in tanh-GELU: `gelu(x) = x·(1 + t)/2` (kept by the forward
+/// pass, so that the backward pass needs none).
+fn gelu_tanh(x: f32) -> f32 {
+    (GELU_C * (x + 0.044715 * x * x * x)).tanh()
 }
 
-fn gelu_grad(x: f32) -> f32 {
-    let t = (GELU_C * (x + 0.044715 * x * x * x)).tanh();
+/// GELU's derivative at x, whose [`gelu_tanh`] is t.
+fn gelu_grad(x: f32, t: f32) -> f32 {
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * 0.044715 * x * x)
 }
 
@@ -436,6 +438,8 @@ struct LayerTape {
     gate: Vec<f32>,
     up: Vec<f32>,
     act: Vec<f32>,
+    /// tanh-GELU's tanh of each gate value (see [`gelu_tanh`]).
+    tanh: Vec<f32>,
     /// The feed-forward's output and its post-norm's inverse RMS.
     f: Vec<f32>,
     r_f: Vec<f32>,
@@ -875,8 +879,9 @@ impl<'m> DenseModel<'m> {
         rms_rows(&t.x_mid, &layer.ffn_norm, eps, &mut t.xn2, &mut t.r_ffn);
         (t.gate, t.h[4]) = self.linear(lora, l, 4, &t.xn2, n);
         (t.up, t.h[5]) = self.linear(lora, l, 5, &t.xn2, n);
-        t.act = (t.gate.par_iter().zip(&t.up))
-            .map(|(&g, &u)| gelu(g) * u)
+        t.tanh = t.gate.par_iter().map(|&g| gelu_tanh(g)).collect();
+        t.act = (t.gate.par_iter().zip(&t.tanh).zip(&t.up))
+            .map(|((&g, &th), &u)| 0.5 * g * (1.0 + th) * u)
             .collect();
         (t.f, t.h[6]) = self.linear(lora, l, 6, &t.act, n);
         t.r_f = vec![0.0; n];
@@ -917,7 +922,8 @@ impl<'m> DenseModel<'m> {
             grads,
         );
         let (dgate, dup): (Vec<f32>, Vec<f32>) = (dact.par_iter().zip(&t.gate).zip(&t.up))
-            .map(|((&da, &g), &u)| (da * u * gelu_grad(g), da * gelu(g)))
+            .zip(&t.tanh)
+            .map(|(((&da, &g), &u), &th)| (da * u * gelu_grad(g, th), da * 0.5 * g * (1.0 + th)))
             .unzip();
         let mut dxn2 = vec![0.0; n * d];
         self.linear_back(
@@ -1279,11 +1285,8 @@ mod tests {
         for x in [-4.0f32, -1.3, -0.2, 0.0, 0.5, 1.7, 3.9] {
             let g = |x: f64| 0.5 * x * (1.0 + (0.7978845608 * (x + 0.044715 * x * x * x)).tanh());
             let num = (g(x as f64 + 1e-5) - g(x as f64 - 1e-5)) / 2e-5;
-            assert!(
-                (num - gelu_grad(x) as f64).abs() < 1e-4,
-                "{x}: {num} against {}",
-                gelu_grad(x)
-            );
+            let ours = gelu_grad(x, gelu_tanh(x)) as f64;
+            assert!((num - ours).abs() < 1e-4, "{x}: {num} against {ours}");
         }
     }
 
