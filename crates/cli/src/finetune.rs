@@ -100,14 +100,18 @@ fn read_examples(
     template: &ChatTemplate,
     max_len: usize,
 ) -> Result<Vec<Example>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    // (A byte-order mark, as some editors write one, is not part of the first line.)
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let at = || format!("{} line {}", path.display(), i + 1);
+        let Ok(line) = std::str::from_utf8(line) else {
+            bail!("{}: not UTF-8 text", at());
+        };
         if line.trim().is_empty() {
             continue;
         }
-        let at = || format!("{} line {}", path.display(), i + 1);
         let json: Json =
             serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
         let ex = example(&json, tok, template).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
@@ -142,6 +146,13 @@ fn example(json: &Json, tok: &Tokenizer, template: &ChatTemplate) -> Result<Exam
         return Err("not a JSON object".into());
     };
     let keys = |k: &[&str]| k.iter().all(|k| obj.contains_key(*k));
+    let forms = [&["prompt", "completion"][..], &["text"], &["messages"]];
+    if forms.iter().filter(|f| keys(f)).count() > 1 {
+        return Err(
+            "more than one of \"prompt\"/\"completion\", \"text\" and \"messages\": give one"
+                .into(),
+        );
+    }
     if keys(&["prompt", "completion"]) {
         let mut tokens = gemma3_engine::encode_prompt(tok, string(json, "prompt")?);
         let completion = tok.encode(string(json, "completion")?, false, true);
@@ -189,7 +200,10 @@ fn chat_example(json: &Json, tok: &Tokenizer, template: &ChatTemplate) -> Result
         if m.role != Role::Assistant {
             continue;
         }
-        let before = if i == 0 { vec![] } else { render(i, true)? };
+        if i == 0 {
+            return Err("the conversation starts with an assistant message: it must follow a user (or system) message".into());
+        }
+        let before = render(i, true)?;
         let through = render(i + 1, false)?;
         if !through.starts_with(&before) || !tokens.starts_with(&through) {
             return Err(format!(
@@ -291,6 +305,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         inputs.push(("the adapter to continue", i));
     }
     crate::write_gguf::check_output(&a.output, &inputs)?;
+    crate::write_gguf::check_writable(&a.output)?;
     let (model, tok) = gemma3_server::load_model(&path, &[])?;
     let ctx = model.config.ctx_len;
     let max_len = a.max_len.min(ctx);
@@ -328,18 +343,42 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     };
     let t0 = Instant::now();
     let dense = DenseModel::new(&model);
+    // What a step keeps, for the longest examples (a group of passes holds
+    // at most max_rows tokens, or one longer example).
+    let longest = train
+        .iter()
+        .chain(&val)
+        .map(|e| e.tokens.len())
+        .max()
+        .unwrap_or(0);
+    let rows = (a.batch * longest).min(dense.max_rows).max(longest);
+    let rank = lora.pairs.iter().map(|p| p.rank).max().unwrap_or(0);
+    let need = dense.bytes() + dense.pass_bytes(rows, longest, rank);
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    if let Some(free) = available_memory() {
+        if need > free {
+            bail!(
+                "training would need about {:.0} MiB (weights expanded to f32 {:.0} MiB, and a step over examples of {longest} tokens {:.0} MiB), more than the {:.0} MiB available: lower --max-len or --batch, or shorten the examples",
+                mib(need),
+                mib(dense.bytes()),
+                mib(need - dense.bytes()),
+                mib(free)
+            );
+        }
+    }
     let per_epoch = train.len().div_ceil(a.batch);
     let total = a.steps.unwrap_or(usize::MAX).min(per_epoch * a.epochs);
     let tokens: usize = train.iter().map(|e| e.tokens.len()).sum();
     eprintln!(
-        "{} examples ({tokens} tokens, {} targets), {} held out; {} pairs, {} parameters; weights expanded to f32 ({:.0} MiB) in {:.1} s; {total} steps of {}",
+        "{} examples ({tokens} tokens, {} targets), {} held out; {} pairs, {} parameters; weights expanded to f32 ({:.0} MiB) in {:.1} s, about {:.0} MiB in all; {total} steps of {}",
         train.len(),
         train.iter().map(Example::n_targets).sum::<usize>(),
         val.len(),
         lora.pairs.len(),
         lora.n_params(),
-        dense.bytes() as f64 / (1 << 20) as f64,
+        mib(dense.bytes()),
         t0.elapsed().as_secs_f64(),
+        mib(need),
         a.batch
     );
     let val_loss =
@@ -351,25 +390,38 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let name = (a.output.file_stem())
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "lora".into());
+    // Ctrl-C: stop after the current step and write the adapter; a second one quits at once,
+    // unless the adapter is being written (it then quits once it is).
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let (stop, saving) = (
+        std::sync::Arc::new(AtomicBool::new(false)),
+        std::sync::Arc::new(AtomicBool::new(false)),
+    );
+    let (flag, busy) = (stop.clone(), saving.clone());
+    ctrlc::set_handler(move || {
+        if !flag.swap(true, SeqCst) {
+            eprintln!(
+                "stopping after this step, then writing the adapter (Ctrl-C again: quit now)"
+            );
+        } else if busy.load(SeqCst) {
+            eprintln!("writing the adapter: quitting once it is written");
+        } else {
+            std::process::exit(130);
+        }
+    })
+    .context("installing the Ctrl-C handler")?;
+    let stopped = || stop.load(SeqCst);
     let save = |lora: &TrainableLora| {
-        crate::write_gguf::write_new(&lora.to_gguf(&name), &a.output, |tmp| {
+        saving.store(true, SeqCst);
+        let written = crate::write_gguf::write_new(&lora.to_gguf(&name), &a.output, |tmp| {
             model.read_lora(tmp).map(|_| ()).map_err(|e| {
                 anyhow::Error::new(e)
                     .context("the written adapter does not read back (nothing written)")
             })
-        })
+        });
+        saving.store(false, SeqCst);
+        written
     };
-    // Ctrl-C: stop after the current step and write the adapter; a second one quits at once.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("stopping after this step, then writing the adapter (Ctrl-C again: quit now)");
-    })
-    .context("installing the Ctrl-C handler")?;
-    let stopped = || stop.load(std::sync::atomic::Ordering::SeqCst);
     let mut opt = AdamW::new(&lora, a.weight_decay);
     let mut rng = Rng::new(a.seed ^ 0x5eed);
     let (mut step, mut last_val, mut first_loss, mut last_loss) = (0, first_val, None, 0.0);
@@ -388,9 +440,18 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             let grads = pass.grads.expect("asked for");
             let loss = pass.loss_sum / pass.targets as f64;
             if !loss.is_finite() {
+                if step == 0 {
+                    bail!("the loss is {loss} before any update: the model's outputs are not finite on this data{}", if a.init.is_some() { " with the adapter given with --init (its values or alpha)" } else { "" });
+                }
                 bail!("the loss became {loss} at step {}: lower --lr", step + 1);
             }
             let norm = opt.step(&mut lora, grads, lr, a.max_grad_norm);
+            if !norm.is_finite() {
+                bail!(
+                    "the gradients became {norm} at step {}: lower --lr",
+                    step + 1
+                );
+            }
             step += 1;
             seen_tokens += chunk.iter().map(|e| e.tokens.len()).sum::<usize>();
             ep_sum += pass.loss_sum;
@@ -418,8 +479,11 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         bail!("stopped before the first step: nothing written");
     }
     if step % per_epoch != 0 {
-        // Stopped by --steps or Ctrl-C within an epoch.
-        last_val = val_loss(&lora).or(last_val);
+        // Stopped by --steps or Ctrl-C within an epoch (after Ctrl-C, without
+        // the held-out pass).
+        if !stopped() {
+            last_val = val_loss(&lora).or(last_val);
+        }
         save(&lora)?;
     }
     let mut out = std::io::stdout().lock();
@@ -437,13 +501,27 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         write!(out, "; held-out loss {f:.4} → {l:.4}")?;
     }
     writeln!(out)?;
+    if stopped() {
+        // Written, but cut short: a script can tell.
+        eprintln!("stopped by Ctrl-C after step {step} of {total}; the adapter holds that step");
+        std::process::exit(130);
+    }
     Ok(())
+}
+
+/// MemAvailable from /proc/meminfo, in bytes (None where it cannot be read).
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The learning rate at `step` (from 0) of `total`.
 fn learning_rate(a: &FinetuneArgs, step: usize, total: usize) -> f32 {
     if step < a.warmup {
-        return a.lr * (step + 1) as f32 / a.warmup as f32;
+        // transformers' warm-up: its first step at 0.
+        return a.lr * step as f32 / a.warmup as f32;
     }
     match a.schedule {
         Schedule::Constant => a.lr,

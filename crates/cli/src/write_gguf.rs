@@ -30,6 +30,33 @@ pub(crate) fn check_output(
     Ok(())
 }
 
+/// The new file `path` is first written as, beside it: its name (the first
+/// 100 characters, so that a name near the system's limit still has room)
+/// with a dot before it and this process's id after it.
+fn temporary(path: &std::path::Path) -> std::path::PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let name: String = name
+        .unwrap_or_else(|| "out".into())
+        .chars()
+        .take(100)
+        .collect();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Refuses an output that cannot be written (its directory missing, not a
+/// directory, or not writable): creates the temporary file [`write_new`]
+/// would and removes it, so that a long job finds out before it starts.
+pub(crate) fn check_writable(path: &std::path::Path) -> Result<()> {
+    let tmp = temporary(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .with_context(|| format!("cannot write the output {}", path.display()))?;
+    let _ = std::fs::remove_file(&tmp);
+    Ok(())
+}
+
 /// `out` written to `path` whole or not at all: to a new file beside it
 /// (created, never opened through an existing name or link, so two exports
 /// at once each write their own), flushed to disk, checked by `check`, then
@@ -40,9 +67,7 @@ pub(crate) fn write_new(
     path: &std::path::Path,
     check: impl FnOnce(&std::path::Path) -> Result<()>,
 ) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let name = name.unwrap_or_else(|| "merged".into());
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let tmp = temporary(path);
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -189,6 +189,16 @@ fn bad_data_and_flags_are_named_and_nothing_is_written() {
             "unknown role 'robot'",
         ),
         ("\n\n", &[], "no examples"),
+        (
+            "{\"text\": \"a\", \"prompt\": \"b\", \"completion\": \"c\"}",
+            &[],
+            "line 1: more than one of",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"assistant\", \"content\": \"hi\"}]}\n",
+            &[],
+            "line 1: roles must alternate user/assistant starting with user (messages[0]",
+        ),
         (good, &["--max-len", "3"], "more than --max-len 3"),
         (good, &["--rank", "0"], "--rank must be from 1 to 256"),
         (good, &["--lr", "NaN"], "--lr must be a number"),
@@ -214,6 +224,35 @@ fn bad_data_and_flags_are_named_and_nothing_is_written() {
         assert!(!stderr.contains("panicked"), "{stderr}");
         assert!(!out_file.exists(), "{text:?} {flags:?} wrote {out_file:?}");
     }
+    // A byte-order mark is not part of the first line; a line that is not UTF-8 is named.
+    let mut bytes = b"\xEF\xBB\xBF".to_vec();
+    bytes.extend_from_slice(format!("{good}\n").as_bytes());
+    bytes.extend_from_slice(b"{\"text\": \"\xff\"}\n");
+    std::fs::write(&data, bytes).unwrap();
+    let mut cmd = gemma3();
+    cmd.arg("finetune").arg("--model").arg(&path);
+    cmd.arg("--data").arg(&data).arg("-o").arg(&out_file);
+    let (out, _, stderr) = run(&mut cmd);
+    assert!(
+        !out.status.success() && stderr.contains("line 2: not UTF-8"),
+        "{stderr}"
+    );
+    // An output that cannot be written is refused before training.
+    std::fs::write(&data, good).unwrap();
+    let mut cmd = gemma3();
+    cmd.arg("finetune")
+        .arg("--model")
+        .arg(&path)
+        .arg("--data")
+        .arg(&data);
+    cmd.args(["-o", "/nonexistent-gemma3-dir/x.gguf"]);
+    let (out, _, stderr) = run(&mut cmd);
+    assert!(!out.status.success(), "a missing directory was accepted");
+    assert!(
+        stderr.contains("cannot write the output /nonexistent-gemma3-dir/x.gguf"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("step 1"), "it trained first: {stderr}");
     // The output may not be an input.
     std::fs::write(&data, good).unwrap();
     let mut cmd = gemma3();

@@ -27,6 +27,16 @@ pub enum Role {
     Assistant,
 }
 
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        })
+    }
+}
+
 impl Role {
     /// Parse an OpenAI-style role name ("model" is accepted for assistant).
     pub fn parse(s: &str) -> Option<Role> {
@@ -58,10 +68,10 @@ impl Message {
 pub enum ChatError {
     #[error("no messages")]
     Empty,
-    #[error("a system message may only come first (message {0})")]
+    #[error("a system message may only come first (messages[{0}], counting from 0)")]
     MisplacedSystem(usize),
     #[error(
-        "roles must alternate user/assistant starting with user (message {index} is {found:?})"
+        "roles must alternate user/assistant starting with user (messages[{index}], counting from 0, has the role {found})"
     )]
     NotAlternating { index: usize, found: Role },
     #[error("a system message needs a user message after it (Gemma's template folds it into the first user turn, and would drop it)")]

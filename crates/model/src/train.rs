@@ -80,10 +80,11 @@ impl<'a> MatMut<'a> {
 /// One past the last element a view reaches (0 when it is empty).
 fn reach(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
     if rows == 0 || cols == 0 {
-        0
-    } else {
-        (rows - 1) * rs + (cols - 1) * cs + 1
+        return 0;
     }
+    let last = ((rows - 1).checked_mul(rs))
+        .and_then(|r| (cols - 1).checked_mul(cs).and_then(|c| r.checked_add(c)));
+    last.map_or(usize::MAX, |l| l + 1)
 }
 
 /// `c = alpha · a·b + beta · c` (with `beta` 0, c's old values are not read).
@@ -93,11 +94,16 @@ fn gemm(alpha: f32, a: Mat, b: Mat, beta: f32, c: MatMut) {
     assert!(reach(a.rows, a.cols, a.rs, a.cs) <= a.d.len());
     assert!(reach(b.rows, b.cols, b.rs, b.cs) <= b.d.len());
     assert!(reach(c.rows, c.cols, c.rs, 1) <= c.d.len());
+    assert!(
+        c.rows <= 1 || c.rs >= c.cols,
+        "gemm: the output's rows overlap"
+    );
     if c.rows == 0 || c.cols == 0 {
         return;
     }
     // SAFETY: the asserts keep every element each view's strides reach
-    // inside its slice, and c, borrowed mutably, overlaps neither a nor b.
+    // inside its slice and c's elements apart from one another, and c,
+    // borrowed mutably, overlaps neither a nor b.
     unsafe {
         matrixmultiply::sgemm(
             a.rows,
@@ -477,7 +483,7 @@ fn xwt(x: &[f32], n: usize, w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut y = vec![0.0; n * rows];
     let xm = Mat::new(x, n, cols);
     let k = parts(rows);
-    if k == 1 {
+    if k == 1 || n == 0 {
         gemm(
             1.0,
             xm,
@@ -525,7 +531,7 @@ fn dyw(
 ) {
     let k = parts(rows);
     let beta = if accumulate { 1.0 } else { 0.0 };
-    if k == 1 {
+    if k == 1 || n == 0 {
         let dym = Mat::new(dy, n, rows);
         gemm(
             1.0,
@@ -537,7 +543,8 @@ fn dyw(
         return;
     }
     let per = rows.div_ceil(k);
-    let pieces: Vec<Vec<f32>> = (0..k)
+    // (Pieces of `per` rows: fewer than k where k does not divide evenly.)
+    let pieces: Vec<Vec<f32>> = (0..rows.div_ceil(per))
         .into_par_iter()
         .map(|p| {
             let r0 = p * per;
@@ -592,6 +599,21 @@ impl<'m> DenseModel<'m> {
     pub fn bytes(&self) -> usize {
         let layers: usize = self.layers.iter().flatten().map(Vec::len).sum();
         4 * (layers + self.head.len())
+    }
+
+    /// About the bytes a pass keeps for its backward pass over `rows`
+    /// tokens in examples of at most `longest`, with the output head's
+    /// logits and `rank`'s pairs: the layers' tapes (each layer's
+    /// activations, and its attention weights, heads × len² per example).
+    pub fn pass_bytes(&self, rows: usize, longest: usize, rank: usize) -> usize {
+        let c = &self.model.config;
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
+        let per_token = 6 * c.d_model + 3 * qd + 3 * kvd + 4 * c.d_ff + c.head_dim + 7 * rank + 16;
+        let attention = c.n_heads * longest;
+        let tapes = rows * self.model.layers.len() * (per_token + attention);
+        // The head's logits and their gradients for HEAD_ROWS targets, and
+        // the gradients of one layer in flight (about a tape's width).
+        4 * (tapes + HEAD_ROWS * c.vocab_size + rows * per_token)
     }
 
     /// `y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)` for n rows; returns y and `x·Aᵀ`.
@@ -1209,9 +1231,14 @@ impl AdamW {
 
     /// One step at learning rate `lr`, the gradients first scaled down to
     /// an L2 norm of `max_norm` where larger (0: no clipping). Returns their
-    /// norm before clipping.
+    /// norm before clipping; where that is not finite, the step is not
+    /// taken.
     pub fn step(&mut self, lora: &mut TrainableLora, mut g: Grads, lr: f32, max_norm: f32) -> f64 {
         let norm = g.norm();
+        if !norm.is_finite() {
+            // Nothing changes: the caller sees the norm and stops.
+            return norm;
+        }
         if max_norm > 0.0 && norm > max_norm as f64 {
             g.scale((max_norm as f64 / norm) as f32);
         }
@@ -1287,6 +1314,50 @@ mod tests {
             let num = (g(x as f64 + 1e-5) - g(x as f64 - 1e-5)) / 2e-5;
             let ours = gelu_grad(x, gelu_tanh(x)) as f64;
             assert!((num - ours).abs() < 1e-4, "{x}: {num} against {ours}");
+        }
+    }
+
+    /// The threaded products against a plain triple loop, for thread counts
+    /// and row counts that cut the weights unevenly (and into fewer pieces
+    /// than threads: 8193 rows on 128 threads are 65 pieces of 127).
+    #[test]
+    fn split_products_equal_the_plain_ones() {
+        let mut rng = Rng::new(3);
+        for threads in [2, 3, 5, 128] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for rows in [64, 129, 301, 8193] {
+                let (n, cols) = (3, 5);
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.range(-1.0, 1.0)).collect();
+                let w: Vec<f32> = (0..rows * cols).map(|_| rng.range(-1.0, 1.0)).collect();
+                let dy: Vec<f32> = (0..n * rows).map(|_| rng.range(-1.0, 1.0)).collect();
+                let (y, dx) = pool.install(|| {
+                    let mut dx = vec![1.0; n * cols];
+                    dyw(&dy, n, &w, rows, cols, &mut dx, true);
+                    (xwt(&x, n, &w, rows, cols), dx)
+                });
+                for i in 0..n {
+                    for r in 0..rows {
+                        let want: f32 = (0..cols).map(|c| x[i * cols + c] * w[r * cols + c]).sum();
+                        assert!(
+                            (y[i * rows + r] - want).abs() < 1e-4,
+                            "{threads} threads, {rows} rows"
+                        );
+                    }
+                    for c in 0..cols {
+                        let want: f32 = 1.0
+                            + (0..rows)
+                                .map(|r| dy[i * rows + r] * w[r * cols + c])
+                                .sum::<f32>();
+                        assert!(
+                            (dx[i * cols + c] - want).abs() < 1e-3 * want.abs().max(1.0),
+                            "{threads} threads, {rows} rows"
+                        );
+                    }
+                }
+            }
         }
     }
 
