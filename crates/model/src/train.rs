@@ -453,7 +453,9 @@ struct LayerTape {
 
 /// The model's weights as the training passes read them: the layer matrices
 /// and the output head expanded to f32 (rows × cols, row-major), the rest
-/// (norms, RoPE, the embedding) read from the [`Model`].
+/// (norms, RoPE, the embedding) read from the [`Model`]. Adapters loaded into
+/// the model (`Model::load_lora`) are not seen: the one being trained is
+/// given to each pass.
 pub struct DenseModel<'m> {
     pub model: &'m Model,
     /// The most tokens a pass runs through the layers at once ([`MAX_ROWS`]).
@@ -1135,6 +1137,7 @@ impl<'m> DenseModel<'m> {
         let (d, vocab) = (c.d_model, c.vocab_size);
         for e in batch {
             assert_eq!(e.target.len(), e.tokens.len(), "one target flag per token");
+            assert!(!e.tokens.is_empty(), "an example without tokens");
         }
         let spans = Spans {
             starts: (batch.iter())
