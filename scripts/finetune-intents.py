@@ -5,7 +5,7 @@ finetune` on the training ones (prompt/completion JSON Lines, the held-out ones 
 `gemma3 classify` on the test texts with and without the adapter, and each one's accuracy.
 
     python3 scripts/finetune-intents.py ../shared/datasets/banking77/train.csv OUT_DIR \\
-        [--train 2000] [--val 200] [--test 500] [--seed 1] [-- FINETUNE FLAGS...]
+        [--train 2000] [--val 200] [--test 500] [--seed 1] [--skip-base] [-- FINETUNE FLAGS...]
 
 The prompt is PROMPT below, the completion the category's name after a space, and `classify` is
 given the same prompt as its template and every category as a label: the fine-tuned model is
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--gemma3", default=str(ROOT / "target/release/gemma3"))
+    ap.add_argument("--skip-base", action="store_true", help="classify with the adapter only")
     a = ap.parse_args(argv)
 
     rows = [r for r in csv.DictReader(open(a.csv, newline="")) if r["text"].strip()]
@@ -72,7 +73,8 @@ def main() -> None:
     print(done.stdout.strip(), f"({time.perf_counter() - t0:.0f} s)")
 
     gold = [r["category"] for r in test]
-    for name, lora in [("base model", []), ("fine-tuned", ["--lora", str(adapter)])]:
+    runs = [("base model", []), ("fine-tuned", ["--lora", str(adapter)])]
+    for name, lora in runs[1:] if a.skip_base else runs:
         cmd = [a.gemma3, "classify", "-t", PROMPT, "-f", str(out / "test.txt")] + lora
         for c in labels:
             cmd += ["-l", " " + c]
