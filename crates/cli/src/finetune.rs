@@ -278,16 +278,35 @@ fn targets(names: &[String]) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-/// The mean loss per target token over `examples`, in batches.
-fn mean_loss(dense: &DenseModel, lora: &TrainableLora, examples: &[Example], batch: usize) -> f64 {
-    let (mut sum, mut n) = (0.0, 0);
+/// How a model does on held-out examples.
+#[derive(Clone, Copy)]
+struct Held {
+    /// The mean loss per target token.
+    loss: f64,
+    /// The share of examples whose targets are each the likeliest token.
+    exact: f64,
+}
+
+impl std::fmt::Display for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "loss {:.4}, exact {:.1}%", self.loss, 100.0 * self.exact)
+    }
+}
+
+/// [`Held`] over `examples`, in batches.
+fn held_out(dense: &DenseModel, lora: &TrainableLora, examples: &[Example], batch: usize) -> Held {
+    let (mut sum, mut n, mut exact) = (0.0, 0, 0);
     for chunk in examples.chunks(batch) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let p = dense.pass(lora, &refs, false);
         sum += p.loss_sum;
         n += p.targets;
+        exact += p.exact;
     }
-    sum / n.max(1) as f64
+    Held {
+        loss: sum / n.max(1) as f64,
+        exact: exact as f64 / examples.len().max(1) as f64,
+    }
 }
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
@@ -382,10 +401,10 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         a.batch
     );
     let val_loss =
-        |lora: &TrainableLora| (!val.is_empty()).then(|| mean_loss(&dense, lora, &val, a.batch));
+        |lora: &TrainableLora| (!val.is_empty()).then(|| held_out(&dense, lora, &val, a.batch));
     let first_val = val_loss(&lora);
     if let Some(v) = first_val {
-        eprintln!("held-out loss before training: {v:.4}");
+        eprintln!("held out, before training: {v}");
     }
     let name = (a.output.file_stem())
         .map(|s| s.to_string_lossy().into_owned())
@@ -470,7 +489,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         let mean = ep_sum / ep_n.max(1) as f64;
         last_val = val_loss(&lora).or(last_val);
         match last_val {
-            Some(v) => eprintln!("epoch {epoch}: training loss {mean:.4}, held-out loss {v:.4}"),
+            Some(v) => eprintln!("epoch {epoch}: training loss {mean:.4}; held out: {v}"),
             None => eprintln!("epoch {epoch}: training loss {mean:.4}"),
         }
         save(&lora)?;
@@ -498,7 +517,14 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         first_loss.unwrap_or(f64::NAN),
     )?;
     if let (Some(f), Some(l)) = (first_val, last_val) {
-        write!(out, "; held-out loss {f:.4} → {l:.4}")?;
+        write!(
+            out,
+            "; held-out loss {:.4} → {:.4}, exact {:.1}% → {:.1}%",
+            f.loss,
+            l.loss,
+            100.0 * f.exact,
+            100.0 * l.exact
+        )?;
     }
     writeln!(out)?;
     if stopped() {

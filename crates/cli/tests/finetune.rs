@@ -116,6 +116,7 @@ fn a_short_run_teaches_what_run_then_prints() {
     let mut cmd = gemma3();
     cmd.arg("finetune").arg("--model").arg(&path);
     cmd.arg("--data").arg(&data).arg("-o").arg(&out_file);
+    cmd.arg("--val").arg(&data);
     cmd.args(["--batch", "2", "--epochs", "16", "--lr", "1e-3"]);
     cmd.args(["--schedule", "constant"]);
     let (out, stdout, stderr) = run(&mut cmd);
@@ -123,6 +124,8 @@ fn a_short_run_teaches_what_run_then_prints() {
     assert!(out.status.success(), "{stderr}");
     eprintln!("{stdout}");
     assert!(stdout.contains("16 steps"), "{stdout}");
+    // Held out (here the training examples themselves): neither reply at first, both after.
+    assert!(stdout.contains("exact 0.0% → 100.0%"), "{stdout}");
     let raw = |lora: bool| {
         let mut args = vec!["--raw", prompt];
         let file = out_file.to_str().unwrap();

@@ -571,6 +571,11 @@ fn dyw(
 pub struct Pass {
     pub loss_sum: f64,
     pub targets: usize,
+    /// Examples each of whose targets has the largest logit given the tokens
+    /// before it: those that greedy decoding after their untargeted start
+    /// would reproduce (a prompt's completion, EOS included), by this pass's
+    /// logits.
+    pub exact: usize,
     pub grads: Option<Grads>,
 }
 
@@ -1106,6 +1111,7 @@ impl<'m> DenseModel<'m> {
         let mut total = Pass {
             loss_sum: 0.0,
             targets: 0,
+            exact: 0,
             grads: grads.then(|| Grads::zeros(lora)),
         };
         let mut start = 0;
@@ -1119,20 +1125,22 @@ impl<'m> DenseModel<'m> {
             let p = self.group(lora, &batch[start..end], norm, total.grads.as_mut());
             total.loss_sum += p.0;
             total.targets += p.1;
+            total.exact += p.2;
             start = end;
         }
         total
     }
 
-    /// [`Self::pass`] over one group: its summed loss and target count,
-    /// adding the gradients of `norm` × that sum to `grads`.
+    /// [`Self::pass`] over one group: its summed loss, target count and
+    /// examples predicted exactly, adding the gradients of `norm` × that
+    /// sum to `grads`.
     fn group(
         &self,
         lora: &TrainableLora,
         batch: &[&Example],
         norm: f32,
         grads: Option<&mut Grads>,
-    ) -> (f64, usize) {
+    ) -> (f64, usize, usize) {
         let c = &self.model.config;
         let (d, vocab) = (c.d_model, c.vocab_size);
         for e in batch {
@@ -1154,13 +1162,15 @@ impl<'m> DenseModel<'m> {
             .collect();
         let (x, mut tapes) = self.layers_forward(lora, &tokens, &spans);
         // Each target's row (the one before it) and token.
-        let targets: Vec<(usize, usize)> = (batch.iter().zip(spans.iter()))
-            .flat_map(|(e, (s, len))| {
+        // Each target's row (the one before it), token and example.
+        let targets: Vec<(usize, usize, usize)> = (batch.iter().zip(spans.iter()).enumerate())
+            .flat_map(|(k, (e, (s, len)))| {
                 (1..len)
                     .filter(|&i| e.target[i])
-                    .map(move |i| (s + i - 1, e.tokens[i] as usize))
+                    .map(move |i| (s + i - 1, e.tokens[i] as usize, k))
             })
             .collect();
+        let mut missed = vec![false; batch.len()];
         let mut dx = grads.is_some().then(|| vec![0.0f32; x.len()]);
         let mut loss = 0.0f64;
         for chunk in targets.chunks(HEAD_ROWS) {
@@ -1168,13 +1178,15 @@ impl<'m> DenseModel<'m> {
             let mut xs = Vec::with_capacity(m * d);
             chunk
                 .iter()
-                .for_each(|&(i, _)| xs.extend_from_slice(&x[i * d..(i + 1) * d]));
+                .for_each(|&(i, _, _)| xs.extend_from_slice(&x[i * d..(i + 1) * d]));
             let (mut hid, mut r) = (vec![0.0; m * d], vec![0.0; m]);
             rms_rows(&xs, &self.model.final_norm, c.rms_eps, &mut hid, &mut r);
             let mut logits = xwt(&hid, m, &self.head, vocab, d);
-            let losses: Vec<f64> = (logits.par_chunks_mut(vocab).zip(chunk))
-                .map(|(z, &(_, y))| {
+            let losses: Vec<(f64, bool)> = (logits.par_chunks_mut(vocab).zip(chunk))
+                .map(|(z, &(_, y, _))| {
                     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    // (Ties count as misses.)
+                    let best = z[y] == max && z.iter().filter(|&&v| v == max).count() == 1;
                     let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
                     let lse = max as f64 + sum.ln();
                     let loss = lse - z[y] as f64;
@@ -1183,16 +1195,19 @@ impl<'m> DenseModel<'m> {
                         *v = (((*v as f64 - lse).exp()) as f32) * norm;
                     }
                     z[y] -= norm;
-                    loss
+                    (loss, best)
                 })
                 .collect();
-            loss += losses.iter().sum::<f64>();
+            for (&(l, best), &(_, _, k)) in losses.iter().zip(chunk) {
+                loss += l;
+                missed[k] |= !best;
+            }
             if let Some(dx) = dx.as_mut() {
                 let mut dhid = vec![0.0; m * d];
                 dyw(&logits, m, &self.head, vocab, d, &mut dhid, false);
                 let mut dxs = vec![0.0; m * d];
                 rms_back(&xs, &self.model.final_norm, &r, &dhid, &mut dxs);
-                for (row, &(i, _)) in dxs.chunks(d).zip(chunk) {
+                for (row, &(i, _, _)) in dxs.chunks(d).zip(chunk) {
                     dx[i * d..(i + 1) * d].copy_from_slice(row);
                 }
             }
@@ -1203,7 +1218,10 @@ impl<'m> DenseModel<'m> {
                 dx = self.layer_backward(lora, l, &t, &spans, dx, g);
             }
         }
-        (loss, targets.len())
+        let exact = (batch.iter().zip(&missed))
+            .filter(|(e, &m)| !m && e.n_targets() > 0)
+            .count();
+        (loss, targets.len(), exact)
     }
 }
 

@@ -188,12 +188,39 @@ fn adamw_steps_lower_the_loss_and_the_written_adapter_runs_as_trained() {
     let start = dense.pass(&lora, &[&ex], false).loss_sum / 8.0;
     let base = reference_loss(&spec, &w, &TrainableLora::new(&m, &[], 1, 1.0, 0), &[&ex]);
     assert!((start - base).abs() < 1e-4 * base, "{start} against {base}");
+    // Whether every target is the reference's likeliest token given what precedes it.
+    let reference_exact = |lora: &TrainableLora| {
+        let w = merged(&w, lora);
+        let r = Reference {
+            spec: &spec,
+            w: &w,
+            ggml_rounding: false,
+        };
+        let logits = r.logits(&ex.tokens);
+        (1..ex.tokens.len()).filter(|&i| ex.target[i]).all(|i| {
+            let z = &logits[i - 1];
+            let y = ex.tokens[i] as usize;
+            (0..z.len()).all(|j| j == y || z[j] < z[y])
+        })
+    };
+    let before = dense.pass(&lora, &[&ex], false).exact;
+    assert_eq!(before, reference_exact(&lora) as usize);
     let mut opt = AdamW::new(&lora, 0.0);
     for _ in 0..30 {
         let g = dense.pass(&lora, &[&ex], true).grads.unwrap();
         opt.step(&mut lora, g, 1e-2, 1.0);
     }
-    let end = dense.pass(&lora, &[&ex], false).loss_sum / 8.0;
+    let after = dense.pass(&lora, &[&ex], false);
+    let end = after.loss_sum / 8.0;
+    assert_eq!(
+        (before, after.exact),
+        (0, 1),
+        "exact before and after training"
+    );
+    assert!(
+        reference_exact(&lora),
+        "the reference's greedy tokens are not all the targets"
+    );
     eprintln!("loss {start:.4} → {end:.4} after 30 steps");
     assert!(end < 0.5 * start, "{start} → {end}");
     // The reference agrees on the trained pairs.
