@@ -7,14 +7,18 @@
 //!    a and b;
 //! 2. a short run teaches the model a completion and a chat reply it did not give, which
 //!    `gemma3 run` with the written adapter then prints (and without it does not);
-//! 3. bad data and flags are refused with errors that name them, and nothing is written.
+//! 3. bad data and flags are refused with errors that name them, and nothing is written;
+//! 4. an adapter it trained on banking77 intents (`tests/data/lora/intents.gguf`) runs in the
+//!    inference pass as in llama.cpp: along llama.cpp's greedy replies with it, our best token is
+//!    its token wherever it leads by 0.5 or more (`intents.json`, from
+//!    `scripts/llama_cpp_trained_lora.py`).
 //!
 //! The gradients themselves are checked against an independent f64 reference on the tiny
 //! model (crates/model/tests/train.rs).
 
 mod common;
 
-use common::{data_dir, gemma3, model, model_path, pairs, run, temp_path};
+use common::{argmax, data_dir, gemma3, model, model_path, pairs, run, temp_path};
 use gemma3_model::train::{DenseModel, TrainableLora};
 use serde_json::Value;
 
@@ -268,4 +272,60 @@ fn bad_data_and_flags_are_named_and_nothing_is_written() {
     );
     assert_eq!(std::fs::read_to_string(&data).unwrap(), good);
     let _ = std::fs::remove_file(&data);
+}
+
+/// Two engines as accurate as llama.cpp may rank two tokens apart by this much (as tests/lora.rs).
+const DISAGREEMENT: f64 = 0.5;
+
+#[test]
+fn a_trained_adapter_runs_as_llama_cpp_runs_it() {
+    let Some(path) = model_path("a_trained_adapter_runs_as_llama_cpp_runs_it") else {
+        return;
+    };
+    let file = data_dir().join("lora/intents.json");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    let mut m = gemma3_model::Model::open(&path).unwrap();
+    m.load_lora(&data_dir().join("lora/intents.gguf"), 1.0)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let vocab = m.config.vocab_size;
+    let eos = r["eos"].as_u64().unwrap() as u32;
+    let (mut same, mut checked, mut replies) = (0, 0, 0);
+    for case in r["cases"].as_array().unwrap() {
+        let ids = common::ids(&case["ids"]);
+        let greedy = common::ids(&case["greedy"]);
+        let margins = common::floats(&case["greedy_margins"]);
+        // Taught to reply with an intent's name and stop.
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(greedy.last(), Some(&eos), "{text:?} does not end");
+        assert!(
+            text.starts_with(' ')
+                && text[1..]
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '_')
+        );
+        let mut route = ids.clone();
+        route.extend(&greedy[..greedy.len() - 1]);
+        let logits = common::all_logits(&m, &route);
+        let mut whole = true;
+        for (s, &t) in greedy.iter().enumerate() {
+            let pos = ids.len() - 1 + s;
+            let best = argmax(&logits[pos * vocab..(pos + 1) * vocab]);
+            checked += 1;
+            if best == t {
+                same += 1;
+                continue;
+            }
+            whole = false;
+            assert!(
+                margins[s] < DISAGREEMENT,
+                "{:?}: step {s}, llama.cpp's {t} leads by {}, ours is {best}",
+                case["prompt"],
+                margins[s]
+            );
+        }
+        replies += whole as usize;
+    }
+    let n = r["cases"].as_array().unwrap().len();
+    eprintln!("{same} of {checked} tokens and {replies} of {n} replies as llama.cpp's");
+    assert!(replies + 1 >= n, "only {replies} of {n} replies whole");
 }
