@@ -37,10 +37,11 @@ pub struct FinetuneArgs {
     #[command(flatten)]
     model: crate::ModelArg,
     /// Training examples, JSON Lines: {"prompt", "completion"}, {"text"} or {"messages"} per
-    /// line (see `gemma3 finetune --help`'s long form in the README).
+    /// line (see the README's "Fine-tuning").
     #[arg(long, value_name = "FILE")]
     data: PathBuf,
-    /// Held-out examples in the same form: their mean loss before training and after each epoch.
+    /// Held-out examples in the same form: their mean loss and exact share (every target the
+    /// likeliest token) before training and after each epoch.
     #[arg(long, value_name = "FILE")]
     val: Option<PathBuf>,
     /// The adapter file to write (after each epoch, whole or not at all).
