@@ -8,8 +8,9 @@
 //!   on the completion and EOS (so the model learns to stop).
 //! - `{"text": "..."}`: BOS and the text; the loss is on every token after BOS.
 //! - `{"messages": [{"role": "user", "content": "..."}, ...]}`: the conversation in the
-//!   model's chat template; the loss is on each assistant turn, from its first token through
-//!   the template's end of that turn.
+//!   model's chat template (or `--chat-template-file`'s), tokenized as `run` and `serve`
+//!   tokenize one; the loss is on each assistant turn, from its first token through the
+//!   template's end of that turn.
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -89,6 +90,10 @@ pub struct FinetuneArgs {
     /// stops the run after its current step).
     #[arg(long, value_name = "N")]
     save_every: Option<usize>,
+    /// Render {"messages"} examples with this Jinja chat template (as `run` and `serve` take
+    /// one) instead of the model file's own.
+    #[arg(long, value_name = "FILE")]
+    chat_template_file: Option<PathBuf>,
     /// Continue training this adapter (its matrices, ranks and alpha) instead of a new one.
     #[arg(long, value_name = "FILE")]
     init: Option<PathBuf>,
@@ -191,9 +196,11 @@ fn chat_example(json: &Json, tok: &Tokenizer, template: &ChatTemplate) -> Result
     if !messages.iter().any(|m| m.role == Role::Assistant) {
         return Err("no assistant message to learn".into());
     }
+    // Tokenized as `run` and `serve` tokenize a rendered conversation: special-token text
+    // parsed, and no BOS but the one the template writes.
     let render = |upto: usize, open: bool| -> Result<Vec<u32>, String> {
         let text = (template.render(&messages[..upto], open)).map_err(|e| e.to_string())?;
-        Ok(gemma3_engine::encode_prompt(tok, &text))
+        Ok(tok.encode(&text, false, true))
     };
     let tokens = render(messages.len(), false)?;
     let mut target = vec![false; tokens.len()];
@@ -324,12 +331,16 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     if let Some(i) = &a.init {
         inputs.push(("the adapter to continue", i));
     }
+    if let Some(t) = &a.chat_template_file {
+        inputs.push(("the chat template", t));
+    }
     crate::write_gguf::check_output(&a.output, &inputs)?;
     crate::write_gguf::check_writable(&a.output)?;
     let (model, tok) = gemma3_server::load_model(&path, &[])?;
     let ctx = model.config.ctx_len;
     let max_len = a.max_len.min(ctx);
-    let template = gemma3_engine::chat_template(&model, &tok, None).map_err(anyhow::Error::msg)?;
+    let template = gemma3_engine::chat_template(&model, &tok, a.chat_template_file.as_deref())
+        .map_err(anyhow::Error::msg)?;
     let mut train = read_examples(&a.data, &tok, &template, max_len)?;
     let val = match &a.val {
         Some(v) => read_examples(v, &tok, &template, max_len)?,

@@ -164,6 +164,56 @@ fn a_short_run_teaches_what_run_then_prints() {
     );
 }
 
+/// A conversation in another chat template (ChatML's form, its markers plain text to Gemma's
+/// vocabulary, no BOS of its own): trained with `--chat-template-file`, the reply is what `run`
+/// with the same template prints, the template's end of turn included.
+#[test]
+fn a_chat_template_file_trains_what_run_renders() {
+    let Some(path) = model_path("a_chat_template_file_trains_what_run_renders") else {
+        return;
+    };
+    let template = temp_path("chatml.jinja");
+    std::fs::write(
+        &template,
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+         {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    )
+    .unwrap();
+    let (question, reply) = (
+        "Who guards the castle gate?",
+        "Sir Quillibrand the Seventh.",
+    );
+    let data = temp_path("chatml.jsonl");
+    let line = serde_json::json!({"messages": [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": reply},
+    ]});
+    std::fs::write(&data, format!("{line}\n")).unwrap();
+    let out_file = temp_path("chatml.gguf");
+    let mut cmd = gemma3();
+    cmd.arg("finetune").arg("--model").arg(&path);
+    cmd.arg("--data").arg(&data).arg("-o").arg(&out_file);
+    cmd.arg("--chat-template-file").arg(&template);
+    cmd.args([
+        "--batch",
+        "1",
+        "--epochs",
+        "12",
+        "--lr",
+        "1e-3",
+        "--schedule",
+        "constant",
+    ]);
+    let (out, _, stderr) = run(&mut cmd);
+    let _ = std::fs::remove_file(&data);
+    assert!(out.status.success(), "{stderr}");
+    let (t, o) = (template.to_str().unwrap(), out_file.to_str().unwrap());
+    let text = greedy(&path, &["--chat-template-file", t, "--lora", o, question]);
+    let _ = std::fs::remove_file(&template);
+    let _ = std::fs::remove_file(&out_file);
+    assert!(text.starts_with(&format!("{reply}<|im_end|>")), "{text:?}");
+}
+
 #[test]
 fn bad_data_and_flags_are_named_and_nothing_is_written() {
     let Some(path) = model_path("bad_data_and_flags_are_named_and_nothing_is_written") else {
@@ -244,6 +294,24 @@ fn bad_data_and_flags_are_named_and_nothing_is_written() {
         !out.status.success() && stderr.contains("line 2: not UTF-8"),
         "{stderr}"
     );
+    // A chat template that does not compile is named.
+    let template = temp_path("bad-template.jinja");
+    std::fs::write(&template, "{% for m in messages %}").unwrap();
+    std::fs::write(&data, good).unwrap();
+    let mut cmd = gemma3();
+    cmd.arg("finetune")
+        .arg("--model")
+        .arg(&path)
+        .arg("--data")
+        .arg(&data);
+    cmd.arg("-o")
+        .arg(&out_file)
+        .arg("--chat-template-file")
+        .arg(&template);
+    let (out, _, stderr) = run(&mut cmd);
+    let _ = std::fs::remove_file(&template);
+    assert!(!out.status.success(), "a broken template was accepted");
+    assert!(stderr.contains("bad-template.jinja"), "{stderr}");
     // An output that cannot be written is refused before training.
     std::fs::write(&data, good).unwrap();
     let mut cmd = gemma3();
