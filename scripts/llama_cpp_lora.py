@@ -70,6 +70,25 @@ PROMPTS = [
 GREEDY = 12
 
 
+def greedy(llm, ids, n, stop=None):
+    """`n` greedy tokens after `ids`, one at a time as llama-cli generates (up to and
+    including `stop` if given), and the gap between llama.cpp's two best logits at each."""
+    llm.reset()
+    llm.eval(ids)
+    row = np.array(llm.scores[len(ids) - 1], dtype=np.float64)
+    tokens, margins = [], []
+    for _ in range(n):
+        order = np.argsort(-row)
+        t = int(order[0])
+        tokens.append(t)
+        margins.append(float(row[order[0]] - row[order[1]]))
+        if t == stop:
+            break
+        llm.eval([t])
+        row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+    return tokens, margins
+
+
 def write_adapter(path, rank, alpha, targets, a_type, b_type, seed, b_sigma, extra_norm=False):
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(path, "gemma3")
@@ -141,18 +160,7 @@ def main():
             for row in logits:
                 best = np.argsort(-row)[:5]
                 top5.append([[int(t), float(row[t])] for t in best])
-            # Greedy, one token at a time after the prompt, as llama-cli generates.
-            llm.reset()
-            llm.eval(ids)
-            row = np.array(llm.scores[len(ids) - 1], dtype=np.float64)
-            tokens, margins = [], []
-            for _ in range(GREEDY):
-                order = np.argsort(-row)
-                t = int(order[0])
-                tokens.append(t)
-                margins.append(float(row[order[0]] - row[order[1]]))
-                llm.eval([t])
-                row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+            tokens, margins = greedy(llm, ids, GREEDY)
             cases.append({
                 "adapters": config,
                 "prompt": prompt,

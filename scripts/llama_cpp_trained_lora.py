@@ -16,11 +16,14 @@ attention off, 2 threads.)
 """
 
 import json
+import os
 import sys
 
 import llama_cpp
-import numpy as np
 from llama_cpp import Llama
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from llama_cpp_lora import greedy  # noqa: E402
 
 MAX_TOKENS = 16
 
@@ -36,19 +39,7 @@ def main():
             continue
         prompt = json.loads(line)["prompt"]
         ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
-        llm.reset()
-        llm.eval(ids)
-        row = np.array(llm.scores[len(ids) - 1], dtype=np.float64)
-        tokens, margins = [], []
-        for _ in range(MAX_TOKENS):
-            order = np.argsort(-row)
-            t = int(order[0])
-            tokens.append(t)
-            margins.append(float(row[order[0]] - row[order[1]]))
-            if t == eos:
-                break
-            llm.eval([t])
-            row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+        tokens, margins = greedy(llm, ids, MAX_TOKENS, stop=eos)
         text = llm.detokenize([t for t in tokens if t != eos]).decode("utf-8", "replace")
         cases.append({"prompt": prompt, "ids": ids, "greedy": tokens, "greedy_margins": margins, "text": text})
     json.dump({

@@ -386,7 +386,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let rank = lora.pairs.iter().map(|p| p.rank).max().unwrap_or(0);
     let need = dense.bytes() + dense.pass_bytes(rows, longest, rank);
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
-    if let Some(free) = available_memory() {
+    if let Some(free) = gemma3_server::available_memory().map(|b| b as usize) {
         if need > free {
             bail!(
                 "training would need about {:.0} MiB (weights expanded to f32 {:.0} MiB, and a step over examples of {longest} tokens {:.0} MiB), more than the {:.0} MiB available: lower --max-len or --batch, or shorten the examples",
@@ -412,9 +412,9 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         mib(need),
         a.batch
     );
-    let val_loss =
+    let evaluate =
         |lora: &TrainableLora| (!val.is_empty()).then(|| held_out(&dense, lora, &val, a.batch));
-    let first_val = val_loss(&lora);
+    let first_val = evaluate(&lora);
     if let Some(v) = first_val {
         eprintln!("held out, before training: {v}");
     }
@@ -499,7 +499,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             }
         }
         let mean = ep_sum / ep_n.max(1) as f64;
-        last_val = val_loss(&lora).or(last_val);
+        last_val = evaluate(&lora).or(last_val);
         match last_val {
             Some(v) => eprintln!("epoch {epoch}: training loss {mean:.4}; held out: {v}"),
             None => eprintln!("epoch {epoch}: training loss {mean:.4}"),
@@ -513,7 +513,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         // Stopped by --steps or Ctrl-C within an epoch (after Ctrl-C, without
         // the held-out pass).
         if !stopped() {
-            last_val = val_loss(&lora).or(last_val);
+            last_val = evaluate(&lora).or(last_val);
         }
         save(&lora)?;
     }
@@ -545,14 +545,6 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         std::process::exit(130);
     }
     Ok(())
-}
-
-/// MemAvailable from /proc/meminfo, in bytes (None where it cannot be read).
-fn available_memory() -> Option<usize> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// The learning rate at `step` (from 0) of `total`.

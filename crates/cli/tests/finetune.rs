@@ -21,6 +21,7 @@ mod common;
 use common::{argmax, data_dir, gemma3, model, model_path, pairs, run, temp_path};
 use gemma3_model::train::{DenseModel, TrainableLora};
 use serde_json::Value;
+use std::path::Path;
 
 fn cases() -> Vec<Value> {
     let p = data_dir().join("lora/llama_cpp_lora.json");
@@ -85,8 +86,16 @@ fn training_logits_are_the_exact_logits() {
     assert!((logits[vocab + id as usize] as f64 - want).abs() > 0.1);
 }
 
+/// `gemma3 finetune` of the model on `data`, writing `out` (more flags to add).
+fn finetune(model: &Path, data: &Path, out: &Path) -> std::process::Command {
+    let mut cmd = gemma3();
+    cmd.arg("finetune").arg("--model").arg(model);
+    cmd.arg("--data").arg(data).arg("-o").arg(out);
+    cmd
+}
+
 /// `gemma3 run` of `args` with the model (and `--temp 0`), its stdout.
-fn greedy(model: &std::path::Path, args: &[&str]) -> String {
+fn greedy(model: &Path, args: &[&str]) -> String {
     let mut cmd = gemma3();
     cmd.arg("run").arg("--model").arg(model);
     cmd.args(["--temp", "0", "-n", "12"]).args(args);
@@ -117,9 +126,7 @@ fn a_short_run_teaches_what_run_then_prints() {
     let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
     std::fs::write(&data, text).unwrap();
     let out_file = temp_path("finetune.gguf");
-    let mut cmd = gemma3();
-    cmd.arg("finetune").arg("--model").arg(&path);
-    cmd.arg("--data").arg(&data).arg("-o").arg(&out_file);
+    let mut cmd = finetune(&path, &data, &out_file);
     cmd.arg("--val").arg(&data);
     cmd.args(["--batch", "2", "--epochs", "16", "--lr", "1e-3"]);
     cmd.args(["--schedule", "constant"]);
@@ -190,20 +197,10 @@ fn a_chat_template_file_trains_what_run_renders() {
     ]});
     std::fs::write(&data, format!("{line}\n")).unwrap();
     let out_file = temp_path("chatml.gguf");
-    let mut cmd = gemma3();
-    cmd.arg("finetune").arg("--model").arg(&path);
-    cmd.arg("--data").arg(&data).arg("-o").arg(&out_file);
+    let mut cmd = finetune(&path, &data, &out_file);
     cmd.arg("--chat-template-file").arg(&template);
-    cmd.args([
-        "--batch",
-        "1",
-        "--epochs",
-        "12",
-        "--lr",
-        "1e-3",
-        "--schedule",
-        "constant",
-    ]);
+    cmd.args(["--batch", "1", "--epochs", "12", "--lr", "1e-3"]);
+    cmd.args(["--schedule", "constant"]);
     let (out, _, stderr) = run(&mut cmd);
     let _ = std::fs::remove_file(&data);
     assert!(out.status.success(), "{stderr}");
@@ -268,13 +265,8 @@ fn bad_data_and_flags_are_named_and_nothing_is_written() {
     ];
     for (text, flags, want) in cases {
         std::fs::write(&data, text).unwrap();
-        let mut cmd = gemma3();
-        cmd.arg("finetune").arg("--model").arg(&path);
-        cmd.arg("--data")
-            .arg(&data)
-            .arg("-o")
-            .arg(&out_file)
-            .args(*flags);
+        let mut cmd = finetune(&path, &data, &out_file);
+        cmd.args(*flags);
         let (out, _, stderr) = run(&mut cmd);
         assert!(!out.status.success(), "{text:?} {flags:?} was accepted");
         assert!(stderr.contains(want), "{text:?} {flags:?}: {stderr}");
@@ -286,10 +278,7 @@ fn bad_data_and_flags_are_named_and_nothing_is_written() {
     bytes.extend_from_slice(format!("{good}\n").as_bytes());
     bytes.extend_from_slice(b"{\"text\": \"\xff\"}\n");
     std::fs::write(&data, bytes).unwrap();
-    let mut cmd = gemma3();
-    cmd.arg("finetune").arg("--model").arg(&path);
-    cmd.arg("--data").arg(&data).arg("-o").arg(&out_file);
-    let (out, _, stderr) = run(&mut cmd);
+    let (out, _, stderr) = run(&mut finetune(&path, &data, &out_file));
     assert!(
         !out.status.success() && stderr.contains("line 2: not UTF-8"),
         "{stderr}"
@@ -298,30 +287,16 @@ fn bad_data_and_flags_are_named_and_nothing_is_written() {
     let template = temp_path("bad-template.jinja");
     std::fs::write(&template, "{% for m in messages %}").unwrap();
     std::fs::write(&data, good).unwrap();
-    let mut cmd = gemma3();
-    cmd.arg("finetune")
-        .arg("--model")
-        .arg(&path)
-        .arg("--data")
-        .arg(&data);
-    cmd.arg("-o")
-        .arg(&out_file)
-        .arg("--chat-template-file")
-        .arg(&template);
+    let mut cmd = finetune(&path, &data, &out_file);
+    cmd.arg("--chat-template-file").arg(&template);
     let (out, _, stderr) = run(&mut cmd);
     let _ = std::fs::remove_file(&template);
     assert!(!out.status.success(), "a broken template was accepted");
     assert!(stderr.contains("bad-template.jinja"), "{stderr}");
     // An output that cannot be written is refused before training.
     std::fs::write(&data, good).unwrap();
-    let mut cmd = gemma3();
-    cmd.arg("finetune")
-        .arg("--model")
-        .arg(&path)
-        .arg("--data")
-        .arg(&data);
-    cmd.args(["-o", "/nonexistent-gemma3-dir/x.gguf"]);
-    let (out, _, stderr) = run(&mut cmd);
+    let missing = std::path::Path::new("/nonexistent-gemma3-dir/x.gguf");
+    let (out, _, stderr) = run(&mut finetune(&path, &data, missing));
     assert!(!out.status.success(), "a missing directory was accepted");
     assert!(
         stderr.contains("cannot write the output /nonexistent-gemma3-dir/x.gguf"),
@@ -330,10 +305,7 @@ fn bad_data_and_flags_are_named_and_nothing_is_written() {
     assert!(!stderr.contains("step 1"), "it trained first: {stderr}");
     // The output may not be an input.
     std::fs::write(&data, good).unwrap();
-    let mut cmd = gemma3();
-    cmd.arg("finetune").arg("--model").arg(&path);
-    cmd.arg("--data").arg(&data).arg("-o").arg(&data);
-    let (out, _, stderr) = run(&mut cmd);
+    let (out, _, stderr) = run(&mut finetune(&path, &data, &data));
     assert!(
         !out.status.success() && stderr.contains("is the training data"),
         "{stderr}"

@@ -1143,7 +1143,7 @@ where
 
 /// cos/sin for one position: table[i] = cos θ_i and table[d/2 + i] = sin θ_i
 /// (d/2 = inv_freq.len()) with θ_i = pos · inv_freq[i].
-fn rope_table(pos: usize, inv_freq: &[f32], table: &mut [f32]) {
+pub(crate) fn rope_table(pos: usize, inv_freq: &[f32], table: &mut [f32]) {
     let (cos, sin) = table.split_at_mut(inv_freq.len());
     for ((c, s), &f) in cos.iter_mut().zip(sin).zip(inv_freq) {
         (*s, *c) = (pos as f32 * f).sin_cos();
@@ -1154,7 +1154,7 @@ fn rope_table(pos: usize, inv_freq: &[f32], table: &mut [f32]) {
 /// sines in two runs (not interleaved), so that the compiler takes several
 /// pairs per instruction.
 #[inline]
-fn apply_rope(x: &mut [f32], table: &[f32]) {
+pub(crate) fn apply_rope(x: &mut [f32], table: &[f32]) {
     let half = x.len() / 2;
     let (cos, sin) = table.split_at(half);
     let (lo, hi) = x.split_at_mut(half);

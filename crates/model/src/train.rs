@@ -10,15 +10,18 @@
 //! model. The passes are the inference forward's arithmetic (`forward.rs`)
 //! without its rounding to ggml's types (f16 queries, int8 activations): the
 //! exact function whose gradient the backward pass computes. A sequence is
-//! one example starting at position 0; the examples of a batch run on the
-//! pool's threads, each with its own gradients, summed at the end.
+//! one example starting at position 0; a batch's examples go through the
+//! layers as one matrix of rows, each product split between the pool's
+//! threads by the weights' rows, and attend each within itself.
 //!
 //! The expanded weights take 4 bytes per parameter: about 1.1 GB for the
 //! 270M model, 0.67 GB of it the output head (the tied embedding).
 
+use crate::forward::{apply_rope, rope_table};
 use crate::lora::MATRICES;
 use crate::Model;
 use gemma3_gguf::{GgmlType, GgufWriter, Value};
+use gemma3_kernels::ops;
 use rayon::prelude::*;
 
 /// A matrix view for [`gemm`]: `rows` × `cols` elements of `d`, element
@@ -125,12 +128,12 @@ fn gemm(alpha: f32, a: Mat, b: Mat, beta: f32, c: MatMut) {
 }
 
 /// RMS norm of each row of `x` (rows of `w.len()`): `y = x·r·w` with
-/// `r = 1/sqrt(mean(x²) + eps)`, kept in `r` for [`rms_back`].
+/// `r = 1/sqrt(mean(x²) + eps)` (the inference pass's `ops::rms_scale`),
+/// kept in `r` for [`rms_back`].
 fn rms_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], r: &mut [f32]) {
     let d = w.len();
     for ((x, y), r) in x.chunks(d).zip(y.chunks_mut(d)).zip(r.iter_mut()) {
-        let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        *r = (1.0 / (ss / d as f64 + eps as f64).sqrt()) as f32;
+        *r = ops::rms_scale(x, eps);
         for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
             *y = x * *r * w;
         }
@@ -153,27 +156,27 @@ fn rms_back(x: &[f32], w: &[f32], r: &[f32], dy: &[f32], dx: &mut [f32]) {
     }
 }
 
-/// NeoX rotation of one head by the angles whose cosines and sines `cs`
-/// holds (half the head's width each); `inverse` rotates back, which is
-/// also the rotation's transpose (its backward pass).
-fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], inverse: bool) {
+/// The backward pass of the inference pass's NeoX rotation (`apply_rope`,
+/// with its `rope_table`'s cosines then sines): the rotation back, which is
+/// its transpose.
+fn rope_back(x: &mut [f32], table: &[f32]) {
     let half = x.len() / 2;
+    let (cos, sin) = table.split_at(half);
     let (lo, hi) = x.split_at_mut(half);
     for (((a, b), &c), &s) in lo.iter_mut().zip(hi).zip(cos).zip(sin) {
-        let s = if inverse { -s } else { s };
-        (*a, *b) = (*a * c - *b * s, *a * s + *b * c);
+        (*a, *b) = (*a * c + *b * s, *b * c - *a * s);
     }
 }
 
 const GELU_C: f32 = 0.797_884_6; // sqrt(2/π)
 
-/// The tanh in tanh-GELU: `gelu(x) = x·(1 + t)/2` (kept by the forward
-/// pass, so that the backward pass needs none).
-fn gelu_tanh(x: f32) -> f32 {
+/// The tanh inside tanh-GELU (`ops::gelu_tanh`): `gelu(x) = x·(1 + t)/2`
+/// (kept by the forward pass, so that the backward pass needs none).
+fn gelu_inner_tanh(x: f32) -> f32 {
     (GELU_C * (x + 0.044715 * x * x * x)).tanh()
 }
 
-/// GELU's derivative at x, whose [`gelu_tanh`] is t.
+/// GELU's derivative at x, whose [`gelu_inner_tanh`] is t.
 fn gelu_grad(x: f32, t: f32) -> f32 {
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * 0.044715 * x * x)
 }
@@ -423,9 +426,9 @@ struct LayerTape {
     k_raw: Vec<f32>,
     r_q: Vec<f32>,
     r_k: Vec<f32>,
-    /// The rows' RoPE cosines and sines (half a head each).
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// Each row's RoPE table (`rope_table`: a head's width, cosines then
+    /// sines).
+    rope: Vec<f32>,
     /// q (normed, rotated, scaled), k (normed, rotated) and v.
     q: Vec<f32>,
     k: Vec<f32>,
@@ -444,7 +447,7 @@ struct LayerTape {
     gate: Vec<f32>,
     up: Vec<f32>,
     act: Vec<f32>,
-    /// tanh-GELU's tanh of each gate value (see [`gelu_tanh`]).
+    /// tanh-GELU's tanh of each gate value (see [`gelu_inner_tanh`]).
     tanh: Vec<f32>,
     /// The feed-forward's output and its post-norm's inverse RMS.
     f: Vec<f32>,
@@ -710,25 +713,17 @@ impl<'m> DenseModel<'m> {
         }
     }
 
-    /// cos and sin (half a head each) of every row's angles for layer l, at
-    /// its position within its example.
-    fn rope_tables(&self, l: usize, spans: &Spans) -> (Vec<f32>, Vec<f32>) {
+    /// Every row's RoPE table for layer l, at its position within its
+    /// example.
+    fn rope_tables(&self, l: usize, spans: &Spans) -> Vec<f32> {
         let f = &self.model.layers[l].rope_inv_freq;
-        let n: usize = spans.lens.iter().sum();
-        let (mut cos, mut sin) = (
-            Vec::with_capacity(n * f.len()),
-            Vec::with_capacity(n * f.len()),
-        );
-        for (_, len) in spans.iter() {
-            for p in 0..len {
-                for &f in f {
-                    let (s, c) = (p as f32 * f).sin_cos();
-                    cos.push(c);
-                    sin.push(s);
-                }
-            }
+        let hd = 2 * f.len();
+        let mut out = vec![0.0; spans.lens.iter().sum::<usize>() * hd];
+        let positions = spans.lens.iter().flat_map(|&len| 0..len);
+        for (table, p) in out.chunks_mut(hd).zip(positions) {
+            rope_table(p, f, table);
         }
-        (cos, sin)
+        out
     }
 
     /// The first key position the query at position i sees in layer l.
@@ -865,22 +860,21 @@ impl<'m> DenseModel<'m> {
         (t.q_raw, t.h[0]) = self.linear(lora, l, 0, &t.xn, n);
         (t.k_raw, t.h[1]) = self.linear(lora, l, 1, &t.xn, n);
         (t.v, t.h[2]) = self.linear(lora, l, 2, &t.xn, n);
-        (t.cos, t.sin) = self.rope_tables(l, spans);
-        let half = hd / 2;
+        t.rope = self.rope_tables(l, spans);
         t.q = vec![0.0; n * qd];
         t.r_q = vec![0.0; n * nh];
         rms_rows(&t.q_raw, &layer.q_norm, eps, &mut t.q, &mut t.r_q);
         t.k = vec![0.0; n * kvd];
         t.r_k = vec![0.0; n * nkv];
         rms_rows(&t.k_raw, &layer.k_norm, eps, &mut t.k, &mut t.r_k);
-        let tables = t.cos.chunks(half).zip(t.sin.chunks(half));
-        for ((q, k), (cs, sn)) in t.q.chunks_mut(qd).zip(t.k.chunks_mut(kvd)).zip(tables) {
+        let rows = t.q.chunks_mut(qd).zip(t.k.chunks_mut(kvd));
+        for ((q, k), table) in rows.zip(t.rope.chunks(hd)) {
             for h in q.chunks_mut(hd) {
-                rope(h, cs, sn, false);
+                apply_rope(h, table);
                 h.iter_mut().for_each(|v| *v *= c.attn_scale);
             }
             for h in k.chunks_mut(hd) {
-                rope(h, cs, sn, false);
+                apply_rope(h, table);
             }
         }
         // Attention, each example on its own (on the pool's threads).
@@ -908,7 +902,7 @@ impl<'m> DenseModel<'m> {
         rms_rows(&t.x_mid, &layer.ffn_norm, eps, &mut t.xn2, &mut t.r_ffn);
         (t.gate, t.h[4]) = self.linear(lora, l, 4, &t.xn2, n);
         (t.up, t.h[5]) = self.linear(lora, l, 5, &t.xn2, n);
-        t.tanh = t.gate.par_iter().map(|&g| gelu_tanh(g)).collect();
+        t.tanh = t.gate.par_iter().map(|&g| gelu_inner_tanh(g)).collect();
         t.act = (t.gate.par_iter().zip(&t.tanh).zip(&t.up))
             .map(|((&g, &th), &u)| 0.5 * g * (1.0 + th) * u)
             .collect();
@@ -1014,15 +1008,14 @@ impl<'m> DenseModel<'m> {
                 self.attend_back(saved, &dattn[s * qd..e * qd], dq, dk, dv);
             });
         // Back through the scale, the rotation and the per-head norms.
-        let half = hd / 2;
-        let tables = t.cos.chunks(half).zip(t.sin.chunks(half));
-        for ((q, k), (cs, sn)) in dq.chunks_mut(qd).zip(dk.chunks_mut(kvd)).zip(tables) {
+        let rows = dq.chunks_mut(qd).zip(dk.chunks_mut(kvd));
+        for ((q, k), table) in rows.zip(t.rope.chunks(hd)) {
             for h in q.chunks_mut(hd) {
                 h.iter_mut().for_each(|v| *v *= c.attn_scale);
-                rope(h, cs, sn, true);
+                rope_back(h, table);
             }
             for h in k.chunks_mut(hd) {
-                rope(h, cs, sn, true);
+                rope_back(h, table);
             }
         }
         let mut dq_raw = vec![0.0; n * qd];
@@ -1333,7 +1326,7 @@ mod tests {
         for x in [-4.0f32, -1.3, -0.2, 0.0, 0.5, 1.7, 3.9] {
             let g = |x: f64| 0.5 * x * (1.0 + (0.7978845608 * (x + 0.044715 * x * x * x)).tanh());
             let num = (g(x as f64 + 1e-5) - g(x as f64 - 1e-5)) / 2e-5;
-            let ours = gelu_grad(x, gelu_tanh(x)) as f64;
+            let ours = gelu_grad(x, gelu_inner_tanh(x)) as f64;
             assert!((num - ours).abs() < 1e-4, "{x}: {num} against {ours}");
         }
     }

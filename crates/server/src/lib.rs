@@ -456,22 +456,39 @@ fn file_type_name(t: u32) -> Option<&'static str> {
     })
 }
 
-/// The memory this process may use, in bytes, if known: Linux's MemTotal,
-/// or a cgroup v2 limit (a container's) below it.
-fn total_memory() -> Option<u64> {
+/// A field of Linux's /proc/meminfo (`MemTotal:`, `MemAvailable:`), in bytes.
+fn meminfo(field: &str) -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
-    let total = kb
-        .trim()
+    let kb = info.lines().find_map(|l| l.strip_prefix(field))?;
+    kb.trim()
         .trim_end_matches("kB")
         .trim()
         .parse::<u64>()
         .ok()?
-        .checked_mul(1024)?;
-    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok());
-    Some(cgroup.map_or(total, |c| c.min(total)))
+        .checked_mul(1024)
+}
+
+/// A cgroup v2 file's number (a container's `memory.max`, …), if it has one.
+fn cgroup(file: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/sys/fs/cgroup/{file}")).ok()?;
+    s.trim().parse().ok()
+}
+
+/// The memory this process may use, in bytes, if known: Linux's MemTotal,
+/// or a cgroup v2 limit (a container's) below it.
+fn total_memory() -> Option<u64> {
+    let total = meminfo("MemTotal:")?;
+    Some(cgroup("memory.max").map_or(total, |c| c.min(total)))
+}
+
+/// The memory free for this process now, in bytes, if known: Linux's
+/// MemAvailable, or what is left under a cgroup v2 limit where less.
+pub fn available_memory() -> Option<u64> {
+    let free = meminfo("MemAvailable:")?;
+    let left = cgroup("memory.max")
+        .zip(cgroup("memory.current"))
+        .map(|(max, used)| max.saturating_sub(used));
+    Some(left.map_or(free, |l| l.min(free)))
 }
 
 /// The routes over the shared state.
