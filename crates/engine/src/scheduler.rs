@@ -117,6 +117,10 @@ pub struct Request {
     /// ones ([`Scheduler::lora_scales`]). A cached prefix is reused only
     /// from a sequence computed at the same scales.
     pub lora: Option<Vec<f32>>,
+    /// The client chose `lora` (rather than taking the server's scales):
+    /// logits or hidden states that are not finite at those scales are then
+    /// this request's error ([`RequestError::Lora`]), not the model's.
+    pub own_lora: bool,
     pub events: Box<dyn EventSink>,
 }
 
@@ -446,6 +450,10 @@ struct Job<'a> {
     order: u64,
     /// An embedding job's pooling of its prompt's hidden states.
     pooler: Option<Pooler>,
+    /// The request chose its own LoRA scales: logits or hidden states that
+    /// are not finite are then an error of the request (its `lora`), not of
+    /// the model or the server.
+    own_lora: bool,
     /// See [`Request::prompt_logprobs`]: k, and the prompt's tokens scored
     /// so far (from admission, the first, which has no score).
     prompt_logprobs: Option<usize>,
@@ -487,6 +495,9 @@ impl Job<'_> {
                 RequestError::Model(g.to_string())
             }
             crate::SessionError::Grammar(g) => RequestError::Grammar(g.to_string()),
+            crate::SessionError::NonFiniteLogits if self.own_lora => {
+                RequestError::Lora(non_finite_at_scales("logits"))
+            }
             other => RequestError::Model(other.to_string()),
         })?;
         let (logprob, top) = match self.logprobs {
@@ -566,6 +577,15 @@ fn check_scales(scales: &[f32], adapters: usize) -> Result<(), String> {
         Some(s) => Err(format!("a scale of {s}")),
         None => Ok(()),
     }
+}
+
+/// A request's error where the model, at the LoRA scales the request chose,
+/// computes `what` that are not finite numbers.
+fn non_finite_at_scales(what: &str) -> String {
+    format!(
+        "the model's {what} are not finite numbers (NaN or infinity) at the scales this request \
+         gives: an adapter's scale is too large for its values; try a smaller one"
+    )
 }
 
 /// Length of the common prefix of `a` and `b`.
@@ -820,6 +840,7 @@ impl<'a> Worker<'a> {
                 next: None,
                 order: self.admitted,
                 pooler: (req.embed).map(|p| Pooler::new(p, self.model.config.d_model)),
+                own_lora: req.own_lora,
                 prompt_logprobs: req.prompt_logprobs,
                 scored,
                 usage,
@@ -1181,6 +1202,9 @@ impl Worker<'_> {
                             vector,
                             usage: std::mem::take(&mut job.usage),
                         }
+                    }
+                    None if job.own_lora => {
+                        Event::Error(RequestError::Lora(non_finite_at_scales("hidden states")))
                     }
                     None => Event::Error(RequestError::Model(
                         crate::session::NON_FINITE_HIDDEN.into(),

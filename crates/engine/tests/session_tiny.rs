@@ -170,6 +170,7 @@ fn non_finite_logits_end_with_an_error() {
                 embed,
                 prompt_logprobs: None,
                 lora: None,
+                own_lora: false,
                 events: Box::new(move |ev: Event| tx.send(ev).is_ok()),
             })
             .unwrap();
@@ -261,6 +262,7 @@ fn a_request_has_left_the_queue_when_its_last_event_arrives() {
                 embed: None,
                 prompt_logprobs: None,
                 lora: None,
+                own_lora: false,
                 events: Box::new(move |ev: Event| {
                     if matches!(ev, Event::Token { .. }) {
                         return true;
@@ -367,6 +369,7 @@ fn scheduler_embeddings_equal_the_session_s() {
             embed: None,
             prompt_logprobs: None,
             lora: None,
+            own_lora: false,
             events: Box::new(move |ev: Event| gen_tx.send((usize::MAX, ev)).is_ok()),
         }];
         for (i, t) in texts.iter().enumerate() {
@@ -378,6 +381,7 @@ fn scheduler_embeddings_equal_the_session_s() {
                 embed: Some(*p),
                 prompt_logprobs: None,
                 lora: None,
+                own_lora: false,
                 events: Box::new(move |ev: Event| tx.send((i, ev)).is_ok()),
             });
         }
@@ -454,6 +458,7 @@ fn a_cancelled_embedding_frees_its_place() {
             embed: Some(Pooling::Mean),
             prompt_logprobs: None,
             lora: None,
+            own_lora: false,
             events: Box::new(Gone {
                 closed: closed.clone(),
                 sent: sent.clone(),
@@ -478,6 +483,7 @@ fn a_cancelled_embedding_frees_its_place() {
             embed: None,
             prompt_logprobs: None,
             lora: None,
+            own_lora: false,
             events: Box::new(move |ev: Event| tx.send(ev).is_ok()),
         })
         .unwrap();

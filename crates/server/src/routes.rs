@@ -255,6 +255,9 @@ impl App {
         prompt_logprobs: Option<usize>,
         lora: Option<Vec<f32>>,
     ) -> Result<Vec<UnboundedReceiver<Event>>, SubmitError> {
+        // Scales given with the request (its `lora`, or an adapter named as
+        // its `model`) are the client's choice: see `own_lora`.
+        let own_lora = lora.is_some();
         let lora = self.lora_or_current(lora);
         let (reqs, rxs): (Vec<_>, Vec<_>) = jobs
             .map(|(prompt, params, embed)| {
@@ -266,6 +269,7 @@ impl App {
                     embed,
                     prompt_logprobs,
                     lora: lora.clone(),
+                    own_lora,
                     events: Box::new(Sink(tx)),
                 };
                 (req, rx)

@@ -2173,6 +2173,9 @@ fn lora_adapters_apply_per_request() {
         ),
         (json!([{"id": 0}]), "an integer 'id' and a number 'scale'"),
         (json!([{"id": 0, "scale": 1e3}]), "between -100 and 100"),
+        // Allowed, but too large for adapter a: the model's logits overflow (the same scale
+        // from `--lora-scaled` is the CLI's error too).
+        (json!([{"id": 0, "scale": 100.0}]), "not finite numbers"),
         (json!({"id": 0}), "'lora'"),
     ] {
         let body = json!({"prompt": "Hi", "max_tokens": 1, "lora": lora.clone()});
