@@ -8,6 +8,7 @@
 //! [`quant`]); SIMD versions are chosen at run time in [`simd`] and tested
 //! against the reference. `GEMMA3_FORCE_SCALAR=1` forces the scalar paths.
 
+pub mod bf16mm;
 pub mod coded;
 pub mod dot;
 pub mod formats;
