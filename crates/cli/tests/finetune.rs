@@ -50,8 +50,9 @@ fn training_logits_are_the_exact_logits() {
 
 /// The bf16 products (`--precision bf16`, the default where the CPU has AVX-512 BF16) round
 /// each weight and activation to 8 significant bits: the logits stay near the exact ones
-/// (measured: rms 0.102, worst 0.675), nearer than the inference pass's, which rounds the
-/// activations to 8 bits as llama.cpp does (the README's Fidelity: rms 0.285).
+/// (measured: rms 0.117, worst 0.704; it moves by a tenth with any change upstream of a
+/// rounding), nearer than the inference pass's, which rounds the activations to 8 bits as
+/// llama.cpp does (the README's Fidelity: rms 0.285). A wrong product is off by whole units.
 #[test]
 fn bf16_training_logits_are_near_the_exact_logits() {
     let Some((m, _)) = model("bf16_training_logits_are_near_the_exact_logits") else {
@@ -60,7 +61,7 @@ fn bf16_training_logits_are_near_the_exact_logits() {
     let dense = DenseModel::with_precision(m, Precision::Bf16);
     let (worst, rms) = against_exact(&dense, 1.0);
     eprintln!("bf16: difference from the exact logits rms {rms:.3}, worst {worst:.3}");
-    assert!(rms < 0.15, "rms difference {rms}");
+    assert!(rms < 0.2, "rms difference {rms}");
 }
 
 fn trainable(m: &gemma3_model::Model, name: Option<&str>) -> TrainableLora {
