@@ -67,7 +67,7 @@ impl Panels {
     fn build(n: usize, k: usize, at: impl Fn(usize, usize) -> (f32, f32) + Sync) -> Self {
         let pairs = k.div_ceil(2);
         let mut data = vec![0u32; n.div_ceil(PANEL) * pairs * PANEL];
-        data.par_chunks_mut(pairs * PANEL)
+        data.par_chunks_mut((pairs * PANEL).max(1))
             .enumerate()
             .for_each(|(p, panel)| {
                 for (q, lanes) in panel.chunks_mut(PANEL).enumerate() {
@@ -135,6 +135,13 @@ pub fn product(x: &[f32], rows: usize, m: &Panels, out: &mut [f32], accumulate: 
     if rows == 0 || m.n == 0 {
         return;
     }
+    if m.k == 0 {
+        // Empty sums (the kernel takes at least one pair).
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: the CPU has AVX-512F and AVX-512 BF16 (`available`), and
@@ -146,8 +153,8 @@ pub fn product(x: &[f32], rows: usize, m: &Panels, out: &mut [f32], accumulate: 
 }
 
 fn check(x: &[f32], rows: usize, m: &Panels, out: &mut [f32]) {
-    assert_eq!(x.len(), rows * m.k, "x is rows × k");
-    assert_eq!(out.len(), rows * m.n, "out is rows × n");
+    assert_eq!(Some(x.len()), rows.checked_mul(m.k), "x is rows × k");
+    assert_eq!(Some(out.len()), rows.checked_mul(m.n), "out is rows × n");
 }
 
 /// [`product`]'s scalar twin (one thread), equal to it bit for bit.
@@ -398,14 +405,15 @@ mod tests {
     }
 
     /// Shapes with every remainder: rows not a multiple of the tile's 6,
-    /// panels not of 4, n not of 16, an odd k, k past one pass of pairs.
-    const SHAPES: [(usize, usize, usize); 6] = [
+    /// panels not of 4, n not of 16, an odd k, k past one pass of pairs, k = 0.
+    const SHAPES: [(usize, usize, usize); 7] = [
         (1, 16, 2),
         (7, 37, 33),
         (13, 100, 640),
         (6, 64, 1001),
         (25, 80, 1536),
         (3, 5, 7),
+        (2, 3, 0),
     ];
 
     #[test]

@@ -15,7 +15,7 @@
 //! threads by the weights' rows, and attend each within itself.
 //!
 //! The frozen products run in f32 ([`Precision::F32`], the exact function)
-//! or in bf16 with f32 sums ([`Precision::Bf16`], AVX-512 BF16: about twice
+//! or in bf16 with f32 sums ([`Precision::Bf16`], AVX-512 BF16: 1.7-2.1×
 //! as fast, each operand rounded to 8 significant bits). Either way the
 //! expanded weights take 4 bytes per parameter (bf16 keeps W and Wᵀ, one
 //! for each direction): about 1.1 GB for the 270M model, 0.67 GB of it the
@@ -183,8 +183,9 @@ fn gelu_inner_tanh(x: f32) -> f32 {
     tanh(GELU_C * (x + 0.044715 * x * x * x))
 }
 
-/// tanh through [`exp_poly`] (within 3·10⁻⁷ of it): unlike libm's, the
-/// compiler vectorizes it.
+/// tanh through [`exp_poly`], within 3·10⁻⁷ of libm's (an absolute bound:
+/// near 0 it loses relative accuracy, harmless where t enters as 1 ± t, as
+/// in GELU): unlike libm's, the compiler vectorizes it.
 #[inline(always)]
 fn tanh(u: f32) -> f32 {
     let e = exp_poly(-2.0 * u.abs());
@@ -615,12 +616,15 @@ fn dyw(
 pub enum Precision {
     /// f32: the quantized weights' exact values, and f32 activations (the
     /// `matrixmultiply` crate's kernels). The passes compute the exact
-    /// function of the model and adapter.
+    /// function of the model and adapter, but for GELU's tanh and the
+    /// softmax's exponentials, within 3·10⁻⁷ (`exp_poly`).
     F32,
     /// bf16 weights and activations with f32 sums ([`bf16mm`]: AVX-512
     /// BF16, about twice the f32 multiply-add rate; packed once, so no
     /// product packs its weights). Each operand is off by at most 2⁻⁹ of
-    /// itself, as in mixed-precision training.
+    /// itself, as in mixed-precision training. Where the CPU lacks the
+    /// instructions the products run on [`bf16mm::product_ref`], one
+    /// thread and slow: see [`Precision::fastest`].
     Bf16,
 }
 
@@ -739,16 +743,33 @@ impl<'m> DenseModel<'m> {
         layers + self.head.bytes()
     }
 
+    /// What [`Self::with_precision`] will take, before it runs: the bytes
+    /// of the expanded weights (4 per parameter either way), and the most
+    /// it holds on top of them while it expands (bf16 keeps a matrix's f32
+    /// values while it packs them).
+    pub fn planned_bytes(model: &Model, precision: Precision) -> (usize, usize) {
+        let sizes = (model.layers.iter())
+            .flat_map(|l| (0..7).map(|m| l.matrix(m)))
+            .chain([model.head()])
+            .map(|t| t.rows * t.cols);
+        let (total, largest) = sizes.fold((0, 0), |(t, m), n| (t + n, m.max(n)));
+        let transient = match precision {
+            Precision::F32 => 0,
+            Precision::Bf16 => 4 * largest,
+        };
+        (4 * total, transient)
+    }
+
     /// About the bytes a pass keeps for its backward pass over `rows`
     /// tokens in examples of at most `longest`, with the output head's
     /// logits and `rank`'s pairs: the layers' tapes (each layer's
     /// activations, and its attention weights, heads × len² per example).
-    pub fn pass_bytes(&self, rows: usize, longest: usize, rank: usize) -> usize {
-        let c = &self.model.config;
+    pub fn pass_bytes(model: &Model, rows: usize, longest: usize, rank: usize) -> usize {
+        let c = &model.config;
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
         let per_token = 6 * c.d_model + 3 * qd + 3 * kvd + 4 * c.d_ff + c.head_dim + 7 * rank + 16;
         let attention = c.n_heads * longest;
-        let tapes = rows * self.model.layers.len() * (per_token + attention);
+        let tapes = rows * model.layers.len() * (per_token + attention);
         // The head's logits and their gradients for HEAD_ROWS targets, and
         // the gradients of one layer in flight (about a tape's width).
         4 * (tapes + HEAD_ROWS * c.vocab_size + rows * per_token)
@@ -1309,6 +1330,7 @@ impl<'m> DenseModel<'m> {
                     // (Ties count as misses.)
                     let best = z[y] == max && z.iter().filter(|&&v| v == max).count() == 1;
                     let zy = z[y];
+                    // (A −∞ logit gives 0: exp_poly's n < −126 case.)
                     each(z, &|v| exp_poly(v - max));
                     let sum: f64 = z.chunks(64).map(|c| c.iter().sum::<f32>() as f64).sum();
                     let loss = max as f64 + sum.ln() - zy as f64;
@@ -1450,7 +1472,7 @@ mod tests {
         }
     }
 
-    /// GELU's derivative against central differences.
+    /// The vectorizable tanh against libm's in f64, and at its edges.
     #[test]
     fn tanh_is_within_3e_7_of_libm() {
         let mut worst = 0.0f64;
@@ -1465,6 +1487,7 @@ mod tests {
         assert!(tanh(f32::NAN).is_nan());
     }
 
+    /// GELU's derivative against central differences.
     #[test]
     fn gelu_grad_matches_central_differences() {
         for x in [-4.0f32, -1.3, -0.2, 0.0, 0.5, 1.7, 3.9] {
