@@ -86,6 +86,75 @@ impl<'a> MatMut<'a> {
     }
 }
 
+impl<'a> Mat<'a> {
+    /// Rows `i0..i0 + rows` of the view.
+    fn rows(self, i0: usize, rows: usize) -> Self {
+        let d = if rows == 0 {
+            &self.d[..0]
+        } else {
+            &self.d[i0 * self.rs..]
+        };
+        Mat { d, rows, ..self }
+    }
+}
+
+/// [`gemm`] with c's rows split between the pool's threads (each packs its
+/// part of a, and b whole): for the adapters' products, whose small
+/// operand is their rank.
+fn gemm_rows(alpha: f32, a: Mat, b: Mat, beta: f32, c: MatMut) {
+    let k = parts(c.rows);
+    if k == 1 {
+        return gemm(alpha, a, b, beta, c);
+    }
+    let per = c.rows.div_ceil(k);
+    let (rows, cols, rs) = (c.rows, c.cols, c.rs);
+    (c.d.par_chunks_mut(per * rs).take(rows.div_ceil(per)))
+        .enumerate()
+        .for_each(|(p, d)| {
+            let n = per.min(rows - p * per);
+            let c = MatMut {
+                d,
+                rows: n,
+                cols,
+                rs,
+            };
+            gemm(alpha, a.rows(p * per, n), b, beta, c);
+        });
+}
+
+/// `c += alpha · a·b` with the inner dimension split between the pool's
+/// threads and the partial products added: for `dA += s·dhᵀ·x`, whose
+/// output has only the rank's rows.
+fn gemm_sum(alpha: f32, a: Mat, b: Mat, c: MatMut) {
+    let k = parts(a.cols);
+    if k == 1 {
+        return gemm(alpha, a, b, 1.0, c);
+    }
+    let per = a.cols.div_ceil(k);
+    let (m, n) = (c.rows, c.cols);
+    let pieces: Vec<Vec<f32>> = (0..a.cols.div_ceil(per))
+        .into_par_iter()
+        .map(|p| {
+            let len = per.min(a.cols - p * per);
+            let mut out = vec![0.0; m * n];
+            let ap = a.t().rows(p * per, len).t();
+            gemm(
+                alpha,
+                ap,
+                b.rows(p * per, len),
+                0.0,
+                MatMut::new(&mut out, m, n),
+            );
+            out
+        })
+        .collect();
+    for piece in &pieces {
+        for (crow, prow) in c.d.chunks_mut(c.rs).zip(piece.chunks(n)) {
+            crow[..n].iter_mut().zip(prow).for_each(|(x, y)| *x += y);
+        }
+    }
+}
+
 /// One past the last element a view reaches (0 when it is empty).
 fn reach(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
     if rows == 0 || cols == 0 {
@@ -791,7 +860,7 @@ impl<'m> DenseModel<'m> {
         if let Some((_, p)) = lora.pair(l, m) {
             h = vec![0.0; n * p.rank];
             let a = Mat::new(&p.a, p.rank, cols);
-            gemm(
+            gemm_rows(
                 1.0,
                 Mat::new(x, n, cols),
                 a.t(),
@@ -800,7 +869,7 @@ impl<'m> DenseModel<'m> {
             );
             let b = Mat::new(&p.b, rows, p.rank);
             let hm = Mat::new(&h, n, p.rank);
-            gemm(p.scale, hm, b.t(), 1.0, MatMut::new(&mut y, n, rows));
+            gemm_rows(p.scale, hm, b.t(), 1.0, MatMut::new(&mut y, n, rows));
         }
         (y, h)
     }
@@ -828,7 +897,7 @@ impl<'m> DenseModel<'m> {
             let r = p.rank;
             let dym = Mat::new(dy, n, rows);
             let hm = Mat::new(h, n, r);
-            gemm(
+            gemm_rows(
                 p.scale,
                 dym.t(),
                 hm,
@@ -836,7 +905,7 @@ impl<'m> DenseModel<'m> {
                 MatMut::new(&mut grads.b[i], rows, r),
             );
             let mut dh = vec![0.0; n * r];
-            gemm(
+            gemm_rows(
                 1.0,
                 dym,
                 Mat::new(&p.b, rows, r),
@@ -845,14 +914,8 @@ impl<'m> DenseModel<'m> {
             );
             let dhm = Mat::new(&dh, n, r);
             let xm = Mat::new(x, n, cols);
-            gemm(
-                p.scale,
-                dhm.t(),
-                xm,
-                1.0,
-                MatMut::new(&mut grads.a[i], r, cols),
-            );
-            gemm(
+            gemm_sum(p.scale, dhm.t(), xm, MatMut::new(&mut grads.a[i], r, cols));
+            gemm_rows(
                 p.scale,
                 dhm,
                 Mat::new(&p.a, r, cols),
@@ -1538,6 +1601,49 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The adapters' split products against the plain one, for row counts
+    /// that split unevenly and thread counts above the pieces.
+    #[test]
+    fn split_small_products_equal_the_plain_ones() {
+        let mut rng = Rng::new(5);
+        for threads in [2, 3, 7] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for (n, k, r) in [(64, 9, 3), (129, 40, 8), (301, 17, 5), (1000, 6, 2)] {
+                let x: Vec<f32> = (0..n * k).map(|_| rng.range(-1.0, 1.0)).collect();
+                let a: Vec<f32> = (0..r * k).map(|_| rng.range(-1.0, 1.0)).collect();
+                let h: Vec<f32> = (0..n * r).map(|_| rng.range(-1.0, 1.0)).collect();
+                let start: Vec<f32> = (0..n * r).map(|_| rng.range(-1.0, 1.0)).collect();
+                let close = |p: &[f32], q: &[f32]| {
+                    p.iter()
+                        .zip(q)
+                        .all(|(x, y)| (x - y).abs() <= 1e-4 * x.abs().max(1.0))
+                };
+                // c (n × r) = 2·x·aᵀ + c, rows split.
+                let (mut want, mut got) = (start.clone(), start.clone());
+                let (xm, am) = (Mat::new(&x, n, k), Mat::new(&a, r, k));
+                gemm(2.0, xm, am.t(), 1.0, MatMut::new(&mut want, n, r));
+                pool.install(|| gemm_rows(2.0, xm, am.t(), 1.0, MatMut::new(&mut got, n, r)));
+                assert!(
+                    close(&want, &got),
+                    "rows: {threads} threads, {n} × {k} × {r}"
+                );
+                // c (r × k) += 2·hᵀ·x, the inner n split.
+                let start: Vec<f32> = (0..r * k).map(|_| rng.range(-1.0, 1.0)).collect();
+                let (mut want, mut got) = (start.clone(), start);
+                let hm = Mat::new(&h, n, r);
+                gemm(2.0, hm.t(), xm, 1.0, MatMut::new(&mut want, r, k));
+                pool.install(|| gemm_sum(2.0, hm.t(), xm, MatMut::new(&mut got, r, k)));
+                assert!(
+                    close(&want, &got),
+                    "sum: {threads} threads, {n} × {k} × {r}"
+                );
             }
         }
     }
