@@ -12,7 +12,7 @@
 //! exact function whose gradient the backward pass computes. A sequence is
 //! one example starting at position 0; a batch's examples go through the
 //! layers as one matrix of rows, each product split between the pool's
-//! threads by the weights' rows, and attend each within itself.
+//! threads, and attend each within itself.
 //!
 //! The frozen products run in f32 ([`Precision::F32`], the exact function)
 //! or in bf16 with f32 sums ([`Precision::Bf16`], AVX-512 BF16: 1.7-2.1×
@@ -123,8 +123,9 @@ fn gemm_rows(alpha: f32, a: Mat, b: Mat, beta: f32, c: MatMut) {
 }
 
 /// `c += alpha · a·b` with the inner dimension split between the pool's
-/// threads and the partial products added: for `dA += s·dhᵀ·x`, whose
-/// output has only the rank's rows.
+/// threads and the partial products added: for [`dyw`] (each thread then
+/// reads its own weights) and `dA += s·dhᵀ·x` (whose output has only the
+/// rank's rows).
 fn gemm_sum(alpha: f32, a: Mat, b: Mat, c: MatMut) {
     let k = parts(a.cols);
     if k == 1 {
@@ -573,7 +574,6 @@ pub struct DenseModel<'m> {
     pub model: &'m Model,
     /// The most tokens a pass runs through the layers at once ([`MAX_ROWS`]).
     pub max_rows: usize,
-    pub precision: Precision,
     layers: Vec<[Frozen; 7]>,
     head: Frozen,
 }
@@ -585,10 +585,11 @@ pub const MAX_ROWS: usize = 1024;
 /// Target rows whose logits are computed at once: 128 × 262144, 128 MB.
 const HEAD_ROWS: usize = 128;
 
-/// The fewest weight rows a thread takes in [`xwt`] and [`dyw`].
+/// The fewest rows (of weights, of an output, or of a product's inner
+/// dimension) a thread takes in the split products.
 const MIN_SPLIT: usize = 64;
 
-/// The pieces `rows` weight rows are cut into for the pool's threads.
+/// The pieces `rows` such rows are cut into for the pool's threads.
 fn parts(rows: usize) -> usize {
     rayon::current_num_threads().min(rows / MIN_SPLIT).max(1)
 }
@@ -635,7 +636,7 @@ fn xwt(x: &[f32], n: usize, w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// `dx (+)= dy·w` for dy (n × rows) and w (rows × cols), `accumulate`:
 /// added to dx, else written over it. Each thread takes a range of w's rows
-/// (and dy's columns); their partial sums are added.
+/// (and dy's columns): [`gemm_sum`].
 fn dyw(
     dy: &[f32],
     n: usize,
@@ -645,39 +646,11 @@ fn dyw(
     dx: &mut [f32],
     accumulate: bool,
 ) {
-    let k = parts(rows);
-    let beta = if accumulate { 1.0 } else { 0.0 };
-    if k == 1 || n == 0 {
-        let dym = Mat::new(dy, n, rows);
-        gemm(
-            1.0,
-            dym,
-            Mat::new(w, rows, cols),
-            beta,
-            MatMut::new(dx, n, cols),
-        );
-        return;
-    }
-    let per = rows.div_ceil(k);
-    // (Pieces of `per` rows: fewer than k where k does not divide evenly.)
-    let pieces: Vec<Vec<f32>> = (0..rows.div_ceil(per))
-        .into_par_iter()
-        .map(|p| {
-            let r0 = p * per;
-            let r = per.min(rows - r0);
-            let mut out = vec![0.0; n * cols];
-            let dym = Mat::strided(&dy[r0..], n, r, rows);
-            let wm = Mat::new(&w[r0 * cols..(r0 + r) * cols], r, cols);
-            gemm(1.0, dym, wm, 0.0, MatMut::new(&mut out, n, cols));
-            out
-        })
-        .collect();
     if !accumulate {
         dx.fill(0.0);
     }
-    for piece in &pieces {
-        dx.iter_mut().zip(piece).for_each(|(d, p)| *d += p);
-    }
+    let (dym, wm) = (Mat::new(dy, n, rows), Mat::new(w, rows, cols));
+    gemm_sum(1.0, dym, wm, MatMut::new(dx, n, cols));
 }
 
 /// How [`DenseModel`] holds the frozen weights for its products.
@@ -800,7 +773,6 @@ impl<'m> DenseModel<'m> {
         DenseModel {
             model,
             max_rows: MAX_ROWS,
-            precision,
             layers,
             head,
         }
