@@ -28,6 +28,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from finetune_common import finetune, split_flags, write_examples
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = (
     "List the named entities in the text as type: words, separated by semicolons, or none. "
@@ -104,11 +106,7 @@ def post(port: int, body: dict) -> dict:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1 :]
+    argv, extra = split_flags(sys.argv[1:])
     ap = argparse.ArgumentParser()
     ap.add_argument("data", help="a folder with train.conll and dev.conll")
     ap.add_argument("out")
@@ -134,22 +132,12 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, part in [("train", train), ("val", val)]:
-        with open(out / f"{name}.jsonl", "w") as f:
-            for text, ents in part:
-                ex = {"prompt": PROMPT.format(text=text), "completion": answer(ents)}
-                f.write(json.dumps(ex) + "\n")
+        write_examples(out / f"{name}.jsonl", ((PROMPT.format(text=t), answer(e)) for t, e in part))
     with_ents = sum(bool(e) for _, e in train)
     print(f"{len(train)} training sentences ({with_ents} with entities), {len(val)} held out, "
           f"{len(test)} test sentences with {sum(len(e) for _, e in test)} entities")
 
-    adapter = out / "adapter.gguf"
-    if not a.skip_train:
-        cmd = [a.gemma3, "finetune", "--data", str(out / "train.jsonl"), "--val", str(out / "val.jsonl")]
-        cmd += ["-o", str(adapter)] + extra
-        t0 = time.perf_counter()
-        with open(out / "finetune.log", "w") as log:
-            done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=log, text=True)
-        print(done.stdout.strip(), f"({time.perf_counter() - t0:.0f} s)")
+    adapter = out / "adapter.gguf" if a.skip_train else finetune(a.gemma3, out, extra)
 
     # The examples: the first training sentences with entities, and one without.
     shots = [x for x in train if x[1]][: SHOTS - 1] + [next(x for x in train if not x[1])]

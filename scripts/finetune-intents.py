@@ -15,7 +15,6 @@ predictions. Flags after `--` go to `gemma3 finetune` (e.g. `-- --lr 5e-4 --warm
 
 import argparse
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -23,16 +22,14 @@ import time
 from pathlib import Path
 import random
 
+from finetune_common import finetune, split_flags, write_examples
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Classify the intent of this bank customer's message.\nMessage: {text}\nIntent:"
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1 :]
+    argv, extra = split_flags(sys.argv[1:])
     ap = argparse.ArgumentParser()
     ap.add_argument("csv")
     ap.add_argument("out")
@@ -57,20 +54,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = lambda r: r["text"].replace("\n", " ").strip()
     for name, part in [("train", train), ("val", val)]:
-        with open(out / f"{name}.jsonl", "w") as f:
-            for r in part:
-                ex = {"prompt": PROMPT.format(text=text(r)), "completion": " " + r["category"]}
-                f.write(json.dumps(ex) + "\n")
+        pairs = ((PROMPT.format(text=text(r)), " " + r["category"]) for r in part)
+        write_examples(out / f"{name}.jsonl", pairs)
     (out / "test.txt").write_text("".join(text(r) + "\n" for r in test))
     print(f"{len(train)} training, {len(val)} held-out, {len(test)} test texts; {len(labels)} labels")
 
-    adapter = out / "adapter.gguf"
-    cmd = [a.gemma3, "finetune", "--data", str(out / "train.jsonl"), "--val", str(out / "val.jsonl")]
-    cmd += ["-o", str(adapter)] + extra
-    t0 = time.perf_counter()
-    with open(out / "finetune.log", "w") as log:
-        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=log, text=True)
-    print(done.stdout.strip(), f"({time.perf_counter() - t0:.0f} s)")
+    adapter = finetune(a.gemma3, out, extra)
 
     gold = [r["category"] for r in test]
     runs = [("base model", []), ("fine-tuned", ["--lora", str(adapter)])]
