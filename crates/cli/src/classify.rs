@@ -7,6 +7,7 @@
 use anyhow::Result;
 use clap::Args;
 use gemma3_model::{Batch, ForwardState, KvCache, Model};
+use rayon::prelude::*;
 
 #[derive(Args)]
 pub struct ClassifyArgs {
@@ -117,13 +118,16 @@ fn score_labels(
         return Ok(scores);
     }
     let logits = model.forward(&batch, &mut caches, state)?;
-    let mut row = 0;
-    for (j, label) in labels.iter().enumerate() {
-        for &t in label.iter().skip(1) {
-            let r = &logits[row * vocab..(row + 1) * vocab];
-            scores[j] += f64::from(r[t as usize] - gemma3_engine::sampler::logsumexp(r));
-            row += 1;
-        }
+    // Each row's log-probability of the label token after it, the rows
+    // (a vocabulary each) shared between the threads.
+    let targets: Vec<(usize, u32)> = (labels.iter().enumerate())
+        .flat_map(|(j, l)| l.iter().skip(1).map(move |&t| (j, t)))
+        .collect();
+    let logprobs: Vec<f32> = (logits.par_chunks(vocab).zip(&targets))
+        .map(|(r, &(_, t))| gemma3_engine::sampler::logprob(r, t))
+        .collect();
+    for (&(j, _), lp) in targets.iter().zip(logprobs) {
+        scores[j] += f64::from(lp);
     }
     Ok(scores)
 }

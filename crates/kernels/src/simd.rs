@@ -286,7 +286,10 @@ pub struct F16Ops {
 #[inline(always)]
 pub fn exp_poly(x: f32) -> f32 {
     let t = x * EXP_C.log2e;
-    let n = (t + EXP_C.magic) - EXP_C.magic;
+    // `shifted`'s low bits hold n (the rounding's integer): its exponent is
+    // that of `magic`, 1.5·2²³, whose mantissa's low 9 bits are 0.
+    let shifted = t + EXP_C.magic;
+    let n = shifted - EXP_C.magic;
     let r = (-n).mul_add(EXP_C.ln2_hi, x);
     let r = (-n).mul_add(EXP_C.ln2_lo, r);
     let mut p = EXP_C.c[6];
@@ -296,7 +299,10 @@ pub fn exp_poly(x: f32) -> f32 {
     if n < -126.0 {
         return 0.0;
     }
-    let scale = f32::from_bits(((n as i32).wrapping_add(127) as u32) << 23);
+    // 2ⁿ from n + 127 in the exponent field: the same bits as `(n as i32
+    // + 127) << 23` for n in [−126, 0], without the saturating float-to-int
+    // conversion, which the compiler cannot vectorize.
+    let scale = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
     p * scale
 }
 
