@@ -48,6 +48,8 @@ class Gemma3:
         self.base_local = 10000.0
         self.window = g("gemma3.attention.sliding_window")
         self.cache = {}
+        # Control vectors: layer -> direction added to that layer's output.
+        self.control = {}
 
     def w(self, name: str) -> np.ndarray:
         if name not in self.cache:
@@ -108,6 +110,8 @@ class Gemma3:
             act = 0.5 * gte * (1 + np.tanh(np.sqrt(2 / np.pi) * (gte + 0.044715 * gte**3))) * up
             o = act @ p("ffn_down").T
             x = x + self.rms(o, p("post_ffw_norm"))
+            if l in self.control:
+                x = x + self.control[l]
         return self.rms(x, self.w("output_norm.weight"))
 
 

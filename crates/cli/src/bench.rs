@@ -17,6 +17,8 @@ pub struct BenchArgs {
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub lora: gemma3_server::LoraArgs,
+    #[command(flatten)]
+    pub control: gemma3_server::ControlArgs,
     /// Prompt lengths to process (comma-separated; 0 to skip).
     #[arg(short = 'p', long, value_delimiter = ',', default_value = "512")]
     pub prompt: Vec<usize>,
@@ -158,9 +160,11 @@ pub fn run(a: BenchArgs, threads: Option<Vec<usize>>) -> Result<()> {
     if a.prompt.iter().chain(&a.gen).all(|&n| n == 0) {
         bail!("nothing to measure: every -p and -n length is 0");
     }
+    let (loras, control) = (a.lora.specs()?, a.control.spec()?);
     let path = crate::model_path::resolve(a.model.clone(), true)?;
     let mut model = Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
-    gemma3_engine::apply_loras(&mut model, &a.lora.specs()?)?;
+    gemma3_engine::apply_loras(&mut model, &loras)?;
+    gemma3_engine::apply_control(&mut model, &control)?;
     // Measure the steady state that `gemma3_engine::load` reaches in the
     // background a moment after loading.
     for m in model.packed_mappings() {

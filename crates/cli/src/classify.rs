@@ -15,6 +15,8 @@ pub struct ClassifyArgs {
     model: crate::ModelArg,
     #[command(flatten)]
     lora: gemma3_server::LoraArgs,
+    #[command(flatten)]
+    control: gemma3_server::ControlArgs,
     /// A label (repeatable; at least two). Its text follows the prompt as
     /// written: " positive" after "Sentiment:" starts with its space.
     #[arg(short, long = "label", value_name = "TEXT", required = true)]
@@ -43,7 +45,7 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
     }
     let texts = a.input.read()?;
     let path = crate::model_path::resolve(a.model.model.clone(), true)?;
-    let (model, tok) = crate::load(&path, &a.lora)?;
+    let (model, tok) = crate::load(&path, &a.lora, &a.control)?;
     // A label's tokens as they follow the prompt: its text alone, no BOS,
     // special-token text not parsed.
     let labels: Vec<Vec<u32>> = (a.labels.iter())

@@ -12,6 +12,8 @@ pub struct EmbedArgs {
     model: crate::ModelArg,
     #[command(flatten)]
     lora: gemma3_server::LoraArgs,
+    #[command(flatten)]
+    control: gemma3_server::ControlArgs,
     /// How a text's hidden states become one vector: mean (every token's,
     /// BOS included), last (the last token's) or cls (the first token's: BOS,
     /// the same for every text).
@@ -94,7 +96,7 @@ impl Texts {
 pub fn run(a: EmbedArgs) -> Result<()> {
     let texts = a.input.read()?;
     let path = crate::model_path::resolve(a.model.model.clone(), true)?;
-    let (model, tok) = crate::load(&path, &a.lora)?;
+    let (model, tok) = crate::load(&path, &a.lora, &a.control)?;
     // As llama-embedding and the server's /v1/embeddings tokenize a text.
     let ids: Vec<Vec<u32>> = (texts.iter())
         .map(|(t, _)| gemma3_engine::encode_prompt(&tok, t))

@@ -350,7 +350,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     }
     crate::write_gguf::check_output(&a.output, &inputs)?;
     crate::write_gguf::check_writable(&a.output)?;
-    let (model, tok) = gemma3_server::load_model(&path, &[])?;
+    let (model, tok) = gemma3_server::load_model(&path, &[], &Default::default())?;
     let ctx = model.config.ctx_len;
     let max_len = a.max_len.min(ctx);
     let template = gemma3_engine::chat_template(&model, &tok, a.chat_template_file.as_deref())

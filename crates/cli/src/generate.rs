@@ -17,6 +17,8 @@ pub struct SamplingArgs {
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub lora: gemma3_server::LoraArgs,
+    #[command(flatten)]
+    pub control: gemma3_server::ControlArgs,
     /// Most tokens to generate (-1: until the model ends its text or the context is full, as llama.cpp).
     #[arg(short = 'n', long = "max-tokens", default_value_t = 512, value_parser = parse_max_tokens, allow_hyphen_values = true)]
     pub max_tokens: usize,
@@ -309,7 +311,7 @@ impl SamplingArgs {
             anyhow::bail!("--ctx must be at least 1");
         }
         let path = crate::model_path::resolve(self.model.clone(), true)?;
-        let (model, tok) = crate::load(&path, &self.lora)?;
+        let (model, tok) = crate::load(&path, &self.lora, &self.control)?;
         if let Some(ctx) = self.ctx.filter(|&c| c > model.config.ctx_len) {
             anyhow::bail!(
                 "--ctx {ctx} is larger than the model's context of {} tokens",

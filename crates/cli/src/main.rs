@@ -88,6 +88,8 @@ enum Command {
         ctx: Option<usize>,
         #[command(flatten)]
         lora: gemma3_server::LoraArgs,
+        #[command(flatten)]
+        control: gemma3_server::ControlArgs,
     },
     /// Speed of prompt processing (pp) and generation (tg), like llama-bench.
     Bench(bench::BenchArgs),
@@ -149,13 +151,15 @@ fn real_main() -> Result<()> {
 }
 
 /// The model at `path` and its tokenizer, with the adapters of `lora`
-/// applied (see [`gemma3_engine::load`]); an adapter's error names the
-/// adapter, not the model.
+/// applied (see [`gemma3_engine::load`]) and the control vectors of
+/// `control` added; an adapter's or a control vector's error names that
+/// file, not the model.
 fn load(
     path: &std::path::Path,
     lora: &gemma3_server::LoraArgs,
+    control: &gemma3_server::ControlArgs,
 ) -> Result<(gemma3_model::Model, gemma3_tokenizer::Tokenizer)> {
-    gemma3_server::load_model(path, &lora.specs()?)
+    gemma3_server::load_model(path, &lora.specs()?, &control.spec()?)
 }
 
 /// Refuses a thread count of 0, or of more than 4 per core: the workers
@@ -208,7 +212,12 @@ fn command(command: Command) -> Result<()> {
         Command::ConvertLora(a) => convert_lora::run(a),
         Command::Finetune(a) => finetune::run(a),
         Command::Bench(_) => unreachable!("handled above"),
-        Command::Info { model, ctx, lora } => info(model, ctx, lora),
+        Command::Info {
+            model,
+            ctx,
+            lora,
+            control,
+        } => info(model, ctx, lora, control),
         Command::Serve(a) => {
             let path = model_path::resolve(a.model.clone(), true)?;
             gemma3_server::serve(gemma3_server::ServerConfig::from_args(a, path)?)
@@ -217,14 +226,19 @@ fn command(command: Command) -> Result<()> {
     }
 }
 
-fn info(model: ModelArg, ctx: Option<usize>, lora: gemma3_server::LoraArgs) -> Result<()> {
+fn info(
+    model: ModelArg,
+    ctx: Option<usize>,
+    lora: gemma3_server::LoraArgs,
+    control: gemma3_server::ControlArgs,
+) -> Result<()> {
     if ctx == Some(0) {
         anyhow::bail!("--ctx must be at least 1");
     }
     let path = model_path::resolve(model.model, false)?;
     // Loaded as `run` loads it (tokenizer included), so that what `info`
     // describes is a file `run` accepts.
-    let (m, tok) = crate::load(&path, &lora)?;
+    let (m, tok) = crate::load(&path, &lora, &control)?;
     let c = &m.config;
     let ctx = ctx.unwrap_or(c.ctx_len);
     if ctx > c.ctx_len {
@@ -307,6 +321,18 @@ fn info(model: ModelArg, ctx: Option<usize>, lora: gemma3_server::LoraArgs) -> R
             l.scale,
             l.matrices,
             l.bytes as f64 / (1 << 20) as f64
+        )?;
+    }
+    let steered: Vec<(usize, f32)> = (m.control.iter().enumerate())
+        .filter_map(|(l, v)| Some((l, v.as_deref()?.iter().map(|x| x * x).sum::<f32>().sqrt())))
+        .collect();
+    if !steered.is_empty() {
+        let layers: Vec<String> = steered.iter().map(|(l, _)| l.to_string()).collect();
+        let norm = steered.iter().map(|&(_, n)| n).fold(0.0, f32::max);
+        outln!(
+            "control       added to the output of {} layer(s): {}; largest norm {norm:.2}",
+            steered.len(),
+            layers.join(", ")
         )?;
     }
     outln!("tensor types:")?;

@@ -17,6 +17,8 @@ pub struct PplArgs {
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub lora: gemma3_server::LoraArgs,
+    #[command(flatten)]
+    pub control: gemma3_server::ControlArgs,
     /// Tokens per chunk.
     #[arg(short = 'c', long, default_value_t = 512)]
     pub ctx: usize,
@@ -60,7 +62,7 @@ pub fn run(a: PplArgs) -> Result<()> {
         bail!("--batch must be between 1 and 4096, got {}", a.batch);
     }
     let path = crate::model_path::resolve(a.model.clone(), true)?;
-    let (model, tok) = crate::load(&path, &a.lora)?;
+    let (model, tok) = crate::load(&path, &a.lora, &a.control)?;
     if model.config.ctx_len < 4 {
         bail!(
             "the model's context of {} tokens is too short to measure perplexity (4 at least)",

@@ -238,6 +238,109 @@ pub fn apply_loras(
     Ok(())
 }
 
+/// Control vectors to add when loading: `--control-vector FILE` (strength 1),
+/// `--control-vector-scaled FILE STRENGTH` and `--control-vector-layer-range
+/// START END`, as llama.cpp's flags (see [`gemma3_model::control`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ControlSpec {
+    /// Each file and its strength, in order.
+    pub files: Vec<(std::path::PathBuf, f32)>,
+    /// The first and last layer (inclusive) whose output takes a direction;
+    /// None: 1 to the last.
+    pub layers: Option<(usize, usize)>,
+}
+
+impl ControlSpec {
+    /// The largest strength, either way (a direction's norm is about that of
+    /// the residual stream it steers; a huge multiple only swamps it).
+    pub const MAX_STRENGTH: f32 = 1000.0;
+
+    /// The control vectors of `--control-vector FILE` (strength 1) and
+    /// `--control-vector-scaled FILE STRENGTH` (a flat list of pairs), those
+    /// first, and `--control-vector-layer-range START END` (a pair, or
+    /// empty). As llama.cpp, a START or END of 0 or less means the first or
+    /// the last layer.
+    pub fn from_flags(
+        plain: &[std::path::PathBuf],
+        scaled: &[String],
+        range: &[String],
+    ) -> Result<Self, String> {
+        let mut files: Vec<_> = plain.iter().map(|p| (p.clone(), 1.0)).collect();
+        for pair in scaled.chunks(2) {
+            let [path, strength] = pair else {
+                return Err("--control-vector-scaled takes a file and a strength".into());
+            };
+            let s: f32 = strength.trim().parse().map_err(|_| {
+                format!("--control-vector-scaled {path} {strength}: the strength is not a number")
+            })?;
+            if !s.is_finite() || s.abs() > Self::MAX_STRENGTH {
+                return Err(format!(
+                    "--control-vector-scaled {path} {strength}: the strength must be between -{m} and {m}",
+                    m = Self::MAX_STRENGTH
+                ));
+            }
+            files.push((path.into(), s));
+        }
+        let layers = match range {
+            [] => None,
+            [a, b] => {
+                let parse = |v: &String| {
+                    v.trim().parse::<i64>().map_err(|_| {
+                        format!("--control-vector-layer-range {a} {b}: '{v}' is not a whole number")
+                    })
+                };
+                let (a, b) = (parse(a)?, parse(b)?);
+                // (0 or less: the default end, as llama.cpp; clamped to usize later.)
+                let first = if a <= 0 { 1 } else { a as usize };
+                let last = if b <= 0 { usize::MAX } else { b as usize };
+                if first > last {
+                    return Err(format!(
+                        "--control-vector-layer-range {a} {b}: the first layer is after the last"
+                    ));
+                }
+                Some((first, last))
+            }
+            _ => return Err("--control-vector-layer-range takes a first and a last layer".into()),
+        };
+        if files.is_empty() && layers.is_some() {
+            return Err(
+                "--control-vector-layer-range is given without --control-vector or --control-vector-scaled"
+                    .into(),
+            );
+        }
+        Ok(ControlSpec { files, layers })
+    }
+}
+
+/// Add the control vectors of `spec` to `model` (see
+/// [`gemma3_model::Model::set_control`]); directions for layers the model
+/// lacks are named in a warning on stderr, as llama.cpp leaves them out.
+pub fn apply_control(
+    model: &mut gemma3_model::Model,
+    spec: &ControlSpec,
+) -> Result<(), gemma3_model::ModelError> {
+    if spec.files.is_empty() {
+        return Ok(());
+    }
+    let mut cv = gemma3_model::ControlVector::default();
+    for (path, strength) in &spec.files {
+        cv.add_file(path, *strength)?;
+    }
+    let (first, last) = spec.layers.unwrap_or((1, usize::MAX));
+    let info = model.set_control(&cv, first, last)?;
+    if !info.beyond.is_empty() {
+        eprintln!(
+            "warning: control vectors: direction(s) for layer(s) {:?} left out: the model's layers are 0 to {}",
+            info.beyond,
+            model.layers.len() - 1
+        );
+    }
+    if info.layers.is_empty() {
+        eprintln!("warning: control vectors: no direction falls in the layers they apply to");
+    }
+    Ok(())
+}
+
 /// Build the tokenizer from a GGUF file's `tokenizer.ggml.*` vocabulary.
 pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Tokenizer, gemma3_model::ModelError> {
     let err = |e: String| gemma3_model::ModelError::Tokenizer(e);

@@ -33,6 +33,10 @@ pub enum ModelError {
     },
     #[error("LoRA adapter {path}: {why}")]
     Lora { path: String, why: String },
+    #[error("control vector {path}: {why}")]
+    Control { path: String, why: String },
+    #[error("the control vectors' directions have {found} values, but this model's layers are {expected} wide (vectors made for another model?)")]
+    ControlWidth { found: usize, expected: usize },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("context overflow: position {pos} is beyond the context of {ctx} tokens")]

@@ -444,7 +444,7 @@ impl Model {
             self.matmul(&layer.wo, &st.attn[..n * qd], n, o, &mut st.mm, lora);
             let ffn_norm = Some(&layer.ffn_norm[..]);
             let (x, xn) = (&mut st.x[..n * d], &mut st.xn[..n * d]);
-            add_normed(c, n, o, x, &layer.post_attn_norm, ffn_norm, xn);
+            add_normed(c, o, x, &layer.post_attn_norm, None, ffn_norm, xn);
             st.trace(l, "attn_out", |s| &s.x);
 
             // --- feed-forward (GeGLU) ---
@@ -465,7 +465,10 @@ impl Model {
             self.matmul(&layer.w_down, gate, n, o, &mut st.mm, lora);
             let next_norm = self.layers.get(l + 1).map(|next| &next.attn_norm[..]);
             let (x, xn) = (&mut st.x[..n * d], &mut st.xn[..n * d]);
-            add_normed(c, n, o, x, &layer.post_ffn_norm, next_norm, xn);
+            // (A control vector is added to the layer's output, before the
+            // next layer's norm reads it, as llama.cpp's `build_cvec`.)
+            let control = self.control.get(l).and_then(|v| v.as_deref());
+            add_normed(c, o, x, &layer.post_ffn_norm, control, next_norm, xn);
             st.trace(l, "l_out", |s| &s.x);
         }
 
@@ -1070,20 +1073,22 @@ fn chunk_softmax_pv(
     }
 }
 
-/// A sub-layer's end for each of the n tokens: its output `o` normed with
-/// `post` and added to the residual stream `x`, then, where `next` is
-/// given, `x` normed with it into `xn` (the next sub-layer's input): one
-/// pass over the tokens, and one fork and join on many threads, for both.
+/// A sub-layer's end for each token (each row of `o`, `x` and `xn`): its
+/// output `o` normed with `post` and added to the residual stream `x` (with
+/// `control`, a control vector, after it), then, where `next` is given, `x`
+/// normed with it into `xn` (the next sub-layer's input): one pass over the
+/// tokens, and one fork and join on many threads, for both.
 fn add_normed(
     c: &crate::Config,
-    n: usize,
     o: &mut [f32],
     x: &mut [f32],
     post: &[f32],
+    control: Option<&[f32]>,
     next: Option<&[f32]>,
     xn: &mut [f32],
 ) {
     let (d, eps) = (c.d_model, c.rms_eps);
+    let n = o.len() / d;
     let rows = o.chunks_mut(d).zip(x.chunks_mut(d)).zip(xn.chunks_mut(d));
     per_token(n, rows, |((o, x), xn)| {
         vectorized!(fn(
@@ -1091,11 +1096,15 @@ fn add_normed(
             x: &mut [f32],
             xn: &mut [f32],
             post: &[f32],
+            control: Option<&[f32]>,
             next: Option<&[f32]>,
             eps: f32,
         ) {
             ops::rms_norm_inplace(o, post, eps);
             ops::add_inplace(x, o);
+            if let Some(v) = control {
+                ops::add_inplace(x, v);
+            }
             if let Some(w) = next {
                 ops::rms_norm(x, w, eps, xn);
             }

@@ -4,6 +4,7 @@
 //! The model speaks token ids; it knows nothing of text, templates or HTTP.
 
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod forward;
 pub mod kv_cache;
@@ -12,6 +13,7 @@ pub mod train;
 pub mod weights;
 
 pub use config::Config;
+pub use control::{ControlInfo, ControlVector};
 pub use error::ModelError;
 pub use forward::{Batch, ForwardState, Output};
 pub use kv_cache::KvCache;

@@ -93,6 +93,9 @@ pub struct Model {
     pub layers: Vec<Layer>,
     /// The LoRA adapters applied, in order (see [`Model::load_lora`]).
     pub loras: Vec<LoraInfo>,
+    /// The control vector added to each layer's output (index = layer; see
+    /// [`Model::set_control`]), or empty.
+    pub control: Vec<Option<Box<[f32]>>>,
 }
 
 pub(crate) fn weight_format(name: &str, ty: GgmlType) -> Result<WeightFormat, ModelError> {
@@ -295,6 +298,7 @@ impl Model {
             final_norm,
             layers,
             loras: Vec::new(),
+            control: Vec::new(),
         };
         model.pack_layers();
         Ok(model)

@@ -95,7 +95,7 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use gemma3_engine::scheduler::{Scheduler, SchedulerConfig};
-use gemma3_engine::{LoraSpec, Pooling};
+use gemma3_engine::{ControlSpec, LoraSpec, Pooling};
 use gemma3_model::KvCache;
 use routes::App;
 use std::future::Future;
@@ -145,6 +145,8 @@ pub struct ServeArgs {
     pub chat_template_file: Option<PathBuf>,
     #[command(flatten)]
     pub lora: LoraArgs,
+    #[command(flatten)]
+    pub control: ControlArgs,
     /// Run requests without the --lora adapters unless they ask for them (their `lora` field, or
     /// an adapter's name as their `model`) or POST /lora-adapters sets other scales (as
     /// llama-server's flag).
@@ -177,6 +179,46 @@ impl LoraArgs {
     }
 }
 
+/// `--control-vector FILE`, `--control-vector-scaled FILE STRENGTH` and
+/// `--control-vector-layer-range START END`, as llama.cpp's flags (the CLI's
+/// commands that run the model take them too).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ControlArgs {
+    /// Add a control vector (a GGUF of direction.N tensors, as llama-cvector-generator or
+    /// repeng write) to the output of each layer it has a direction for, at strength 1.
+    /// Repeatable: the vectors add up.
+    #[arg(long = "control-vector", value_name = "FILE")]
+    pub control_vector: Vec<PathBuf>,
+    /// Add a control vector times STRENGTH (negative steers the other way). Repeatable.
+    #[arg(
+        long = "control-vector-scaled",
+        num_args = 2,
+        value_names = ["FILE", "STRENGTH"],
+        allow_hyphen_values = true
+    )]
+    pub control_vector_scaled: Vec<String>,
+    /// Apply the control vectors to layers START to END only (inclusive; default: 1 to the
+    /// last).
+    #[arg(
+        long = "control-vector-layer-range",
+        num_args = 2,
+        value_names = ["START", "END"],
+        allow_hyphen_values = true
+    )]
+    pub control_vector_layer_range: Vec<String>,
+}
+
+impl ControlArgs {
+    pub fn spec(&self) -> Result<ControlSpec> {
+        ControlSpec::from_flags(
+            &self.control_vector,
+            &self.control_vector_scaled,
+            &self.control_vector_layer_range,
+        )
+        .map_err(anyhow::Error::msg)
+    }
+}
+
 /// Everything needed to start a server (the model path already resolved).
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -193,6 +235,8 @@ pub struct ServerConfig {
     pub chat_template_file: Option<PathBuf>,
     /// LoRA adapters applied to the model at load (`--lora`, `--lora-scaled`).
     pub loras: Vec<LoraSpec>,
+    /// Control vectors added to the model at load (`--control-vector`, …).
+    pub control: ControlSpec,
     /// Requests without a `lora` of their own (or an adapter's name as their
     /// `model`) run at scale 0 (`--lora-init-without-apply`).
     pub lora_init_without_apply: bool,
@@ -219,6 +263,7 @@ impl ServerConfig {
             pooling: Pooling::Mean,
             chat_template_file: None,
             loras: Vec::new(),
+            control: ControlSpec::default(),
             lora_init_without_apply: false,
             api_key: None,
             shutdown_grace: Duration::from_secs(10),
@@ -230,6 +275,7 @@ impl ServerConfig {
     pub fn from_args(a: ServeArgs, model_path: PathBuf) -> Result<Self> {
         Ok(ServerConfig {
             loras: a.lora.specs()?,
+            control: a.control.spec()?,
             lora_init_without_apply: a.lora_init_without_apply,
             host: a.host,
             port: a.port,
@@ -246,16 +292,22 @@ impl ServerConfig {
 }
 
 /// The model at `path` and its tokenizer, with `loras` applied (see
-/// [`gemma3_engine::load`]): a model's error names the model, an adapter's
-/// the adapter alone.
+/// [`gemma3_engine::load`]) and the control vectors of `control` added: a
+/// model's error names the model, an adapter's or a control vector's the
+/// file alone.
 pub fn load_model(
     path: &std::path::Path,
     loras: &[LoraSpec],
+    control: &ControlSpec,
 ) -> Result<(gemma3_model::Model, gemma3_tokenizer::Tokenizer)> {
-    gemma3_engine::load(path, loras).map_err(|e| match e {
-        e @ gemma3_model::ModelError::Lora { .. } => anyhow::Error::new(e),
+    use gemma3_model::ModelError as E;
+    let fail = |e: E| match e {
+        e @ (E::Lora { .. } | E::Control { .. } | E::ControlWidth { .. }) => anyhow::Error::new(e),
         e => anyhow::Error::new(e).context(format!("loading {}", path.display())),
-    })
+    };
+    let (mut model, tok) = gemma3_engine::load(path, loras).map_err(fail)?;
+    gemma3_engine::apply_control(&mut model, control).map_err(fail)?;
+    Ok((model, tok))
 }
 
 /// The model loaded, the scheduler started and the port bound.
@@ -290,7 +342,7 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
             path.display()
         );
     }
-    let (model, tok) = load_model(path, &cfg.loras)?;
+    let (model, tok) = load_model(path, &cfg.loras, &cfg.control)?;
     let chat = gemma3_engine::chat_template(&model, &tok, cfg.chat_template_file.as_deref())
         .map_err(anyhow::Error::msg)?;
     // Ollama's routes render Gemma's conversations with Ollama's own Gemma 3

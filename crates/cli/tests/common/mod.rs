@@ -152,3 +152,107 @@ pub fn all_logits(m: &Model, ids: &[u32]) -> Vec<f32> {
     .expect("forward")
     .to_vec()
 }
+
+/// Below this lead, llama.cpp's greedy token is a near tie: either engine may pick the other.
+pub const NEAR_TIE: f64 = 0.1;
+/// Our token is as good as llama.cpp's where the exact logits put it within this of it.
+pub const EXACT_NEAR_TIE: f64 = 0.25;
+/// Two engines as accurate as llama.cpp (its rms error on relative logits with adapters: 0.30)
+/// may disagree on which of two tokens leads by up to twice that: a mismatch where our lead
+/// plus llama.cpp's is at most this is within that disagreement.
+pub const DISAGREEMENT: f64 = 0.5;
+
+/// How far relative logits are from the exact ones, ours and llama.cpp's, over many cases.
+#[derive(Default)]
+pub struct PathErrors {
+    pub ours: Vec<f64>,
+    pub llama: Vec<f64>,
+}
+
+impl PathErrors {
+    /// Ours no further from the exact logits than llama.cpp's: rms ≤ 1.2×, max ≤ 1.5×.
+    pub fn assert_as_accurate_as_llama_cpp(&self) {
+        eprintln!(
+            "relative logits vs exact over {} values: ours rms {:.3} max {:.3}; llama.cpp rms {:.3} max {:.3}",
+            self.ours.len(),
+            rms(&self.ours),
+            max_abs(&self.ours),
+            rms(&self.llama),
+            max_abs(&self.llama)
+        );
+        assert!(!self.ours.is_empty());
+        assert!(rms(&self.ours) <= 1.2 * rms(&self.llama), "rms");
+        assert!(max_abs(&self.ours) <= 1.5 * max_abs(&self.llama), "max");
+    }
+}
+
+/// One case of a llama.cpp reference along a path (`ids`, the prompt; `prompt_top5`, its
+/// top 5 at each prompt position; `greedy` and `greedy_margins`, its greedy tokens and
+/// leads; `exact`, the exact logits of some tokens at every position of the prompt and the
+/// greedy tokens but the last), checked against `logits` (ours, vocab wide, at those
+/// positions):
+///
+/// 1. where `errors` is given, each relative logit of llama.cpp's top 5 (to its best) at the
+///    prompt positions, ours and llama.cpp's, minus the exact one, is added to it;
+/// 2. along llama.cpp's greedy tokens our best token is its token, unless its lead there is
+///    below [`NEAR_TIE`], the exact logits put ours within [`EXACT_NEAR_TIE`] of it, or the
+///    two engines' leads add up to at most [`DISAGREEMENT`].
+///
+/// Returns the exact best token at each position (each exact row's first).
+pub fn check_path_case(
+    key: &str,
+    case: &serde_json::Value,
+    logits: &[f32],
+    vocab: usize,
+    errors: Option<&mut PathErrors>,
+) -> Vec<u32> {
+    use std::collections::HashMap;
+    let row = |i: usize| &logits[i * vocab..(i + 1) * vocab];
+    let exact: Vec<HashMap<u32, f64>> = (case["exact"].as_array().unwrap().iter())
+        .map(|r| pairs(r).into_iter().collect())
+        .collect();
+    let prompt = ids(&case["ids"]);
+    if let Some(errors) = errors {
+        for (i, top) in case["prompt_top5"].as_array().unwrap().iter().enumerate() {
+            let top = pairs(top);
+            let (t0, l0) = top[0];
+            for &(t, l) in &top[1..] {
+                let e = exact[i][&t] - exact[i][&t0];
+                let ours = (row(i)[t as usize] - row(i)[t0 as usize]) as f64;
+                errors.ours.push(ours - e);
+                errors.llama.push((l - l0) - e);
+            }
+        }
+    }
+    let greedy = ids(&case["greedy"]);
+    let margins = floats(&case["greedy_margins"]);
+    for (s, &t) in greedy.iter().enumerate() {
+        let pos = prompt.len() - 1 + s;
+        let best = argmax(row(pos));
+        if best == t {
+            continue;
+        }
+        let ex = &exact[pos];
+        let near = ex.get(&best).is_some_and(|&e| e >= ex[&t] - EXACT_NEAR_TIE);
+        let ours_lead = (row(pos)[best as usize] - row(pos)[t as usize]) as f64;
+        eprintln!(
+            "{key} step {s}: ours {best} by {ours_lead:.3} over llama.cpp's {t} (its lead {:.3}); exact {:?} vs {:.3}",
+            margins[s],
+            ex.get(&best),
+            ex[&t]
+        );
+        assert!(
+            margins[s] < NEAR_TIE || near || ours_lead + margins[s] <= DISAGREEMENT,
+            "{key} {:?} step {s}: we pick {best} by {ours_lead:.3} where llama.cpp picks {t} \
+             with a lead of {:.3}, and the exact logits do not put ours within \
+             {EXACT_NEAR_TIE} of it ({:?} vs {:.3})",
+            case["prompt"],
+            margins[s],
+            ex.get(&best),
+            ex[&t]
+        );
+    }
+    (case["exact"].as_array().unwrap().iter())
+        .map(|r| r[0][0].as_u64().unwrap() as u32)
+        .collect()
+}
