@@ -50,6 +50,8 @@ class Gemma3:
         self.cache = {}
         # Control vectors: layer -> direction added to that layer's output.
         self.control = {}
+        # When a list: each layer's output (after its control vector) is appended to it.
+        self.layer_outs = None
 
     def w(self, name: str) -> np.ndarray:
         if name not in self.cache:
@@ -112,6 +114,8 @@ class Gemma3:
             x = x + self.rms(o, p("post_ffw_norm"))
             if l in self.control:
                 x = x + self.control[l]
+            if self.layer_outs is not None:
+                self.layer_outs.append(x.copy())
         return self.rms(x, self.w("output_norm.weight"))
 
 

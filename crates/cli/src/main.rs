@@ -12,6 +12,7 @@ macro_rules! outln {
 mod bench;
 mod classify;
 mod convert_lora;
+mod cvector;
 mod embed;
 mod export_lora;
 mod finetune;
@@ -75,6 +76,8 @@ enum Command {
     ConvertLora(convert_lora::ConvertLoraArgs),
     /// Train a LoRA adapter on JSON Lines examples (prompt/completion, text or chat messages) and write it as a GGUF adapter for --lora.
     Finetune(finetune::FinetuneArgs),
+    /// Make a control vector from pairs of positive and negative prompts (as llama-cvector-generator), for --control-vector.
+    CvectorGenerate(cvector::CvectorArgs),
     /// Merge LoRA adapters into the model's weights and write the result as a new GGUF (as llama-export-lora).
     ExportLora(export_lora::ExportLoraArgs),
     /// Perplexity of a text file, computed as llama-perplexity does.
@@ -209,6 +212,7 @@ fn command(command: Command) -> Result<()> {
         Command::Classify(a) => classify::run(a),
         Command::Ppl(a) => ppl::run(a),
         Command::ExportLora(a) => export_lora::run(a),
+        Command::CvectorGenerate(a) => cvector::run(a),
         Command::ConvertLora(a) => convert_lora::run(a),
         Command::Finetune(a) => finetune::run(a),
         Command::Bench(_) => unreachable!("handled above"),

@@ -160,3 +160,310 @@ impl Model {
         Ok(info)
     }
 }
+
+/// How [`direction`] reduces a layer's differences (positive minus negative
+/// hidden states, one row per token) to one direction, as
+/// `llama-cvector-generator --method` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduce {
+    /// The rows' mean, scaled to length 1.
+    Mean,
+    /// The first principal direction of the rows (uncentred, as llama.cpp
+    /// takes it: the top eigenvector of DᵀD), by power iteration: at most
+    /// `iterations` steps, stopping at the end of a batch of `batch` steps
+    /// once a step moves the vector by less than 1e-7. Its sign is chosen
+    /// so that the rows' mean projects positively on it (llama.cpp leaves
+    /// it to chance), so that a positive strength steers towards the
+    /// positive prompts.
+    Pca { iterations: usize, batch: usize },
+}
+
+/// A layer's direction from its difference rows, and how well it sums them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Direction {
+    /// Length 1 (all zeros when every row is).
+    pub v: Vec<f32>,
+    /// The share of the rows' squared length along `v` (Σ (row·v)² / Σ |row|²):
+    /// how much of the difference one direction holds.
+    pub share: f64,
+    /// Power iteration steps taken (0 for the mean).
+    pub steps: usize,
+    /// Whether power iteration met its tolerance within its steps (true for
+    /// the mean).
+    pub converged: bool,
+}
+
+/// The tolerance of llama.cpp's power iteration: the distance between two
+/// successive unit vectors at which it stops.
+pub const PCA_TOLERANCE: f64 = 1e-7;
+
+/// Rows of `diff` (`width` values each) whose values are all within 1e-6 of
+/// zero are left out, as llama.cpp leaves them out: the positions where the
+/// two prompts still agree (the BOS, a shared prefix) carry no difference.
+/// llama.cpp's test reads `x > 1e-6` without the absolute value, so it would
+/// also drop a row of small and negative values; this one does not.
+pub fn nonzero_rows(diff: &[f32], width: usize) -> Vec<&[f32]> {
+    diff.chunks_exact(width)
+        .filter(|r| r.iter().any(|x| x.abs() > 1e-6))
+        .collect()
+}
+
+/// One layer's direction from its difference rows (see [`Reduce`]), in f64.
+pub fn direction(rows: &[&[f32]], width: usize, how: Reduce) -> Direction {
+    let mut mean = vec![0.0f64; width];
+    for r in rows {
+        for (m, &x) in mean.iter_mut().zip(*r) {
+            *m += x as f64;
+        }
+    }
+    let n = rows.len().max(1) as f64;
+    mean.iter_mut().for_each(|m| *m /= n);
+    let (v, steps, converged) = match how {
+        Reduce::Mean => (unit(mean.clone()), 0, true),
+        Reduce::Pca { iterations, batch } => {
+            let s = gram(rows, width);
+            // A fixed start, so that a run is repeatable: llama.cpp starts
+            // from uniform random numbers in [0, 1), here from a fixed
+            // sequence of them.
+            let mut state = 0x9E37_79B9_7F4A_7C15u64;
+            let start = (0..width)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (state >> 11) as f64 / (1u64 << 53) as f64
+                })
+                .collect();
+            let (mut v, steps, converged) =
+                power_iteration(&s, width, unit(start), iterations, batch.max(1));
+            if dot(&v, &mean) < 0.0 {
+                v.iter_mut().for_each(|x| *x = -*x);
+            }
+            (v, steps, converged)
+        }
+    };
+    let total: f64 = rows
+        .iter()
+        .map(|r| r.iter().map(|&x| (x as f64).powi(2)).sum::<f64>())
+        .sum();
+    let along: f64 = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .zip(&v)
+                .map(|(&x, &y)| x as f64 * y)
+                .sum::<f64>()
+                .powi(2)
+        })
+        .sum();
+    Direction {
+        v: v.iter().map(|&x| x as f32).collect(),
+        share: if total > 0.0 { along / total } else { 0.0 },
+        steps,
+        converged,
+    }
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `v` scaled to length 1 (left as it is when all zeros).
+fn unit(mut v: Vec<f64>) -> Vec<f64> {
+    let n = dot(&v, &v).sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+    v
+}
+
+/// DᵀD (`width` × `width`, row-major) of the rows D.
+fn gram(rows: &[&[f32]], width: usize) -> Vec<f64> {
+    use rayon::prelude::*;
+    let mut s = vec![0.0f64; width * width];
+    s.par_chunks_mut(width).enumerate().for_each(|(i, out)| {
+        for r in rows {
+            let ri = r[i] as f64;
+            if ri != 0.0 {
+                for (o, &x) in out.iter_mut().zip(*r) {
+                    *o += ri * x as f64;
+                }
+            }
+        }
+    });
+    s
+}
+
+/// The top eigenvector of the symmetric `s` from `v`: v ← s·v / |s·v|,
+/// checked every `batch` steps for a step shorter than [`PCA_TOLERANCE`].
+fn power_iteration(
+    s: &[f64],
+    width: usize,
+    mut v: Vec<f64>,
+    iterations: usize,
+    batch: usize,
+) -> (Vec<f64>, usize, bool) {
+    let mut next = vec![0.0f64; width];
+    let mut steps = 0;
+    while steps < iterations {
+        let mut moved = f64::INFINITY;
+        for _ in 0..batch.min(iterations - steps) {
+            for (o, row) in next.iter_mut().zip(s.chunks_exact(width)) {
+                *o = dot(row, &v);
+            }
+            let n = dot(&next, &next).sqrt();
+            if n == 0.0 {
+                // Every row is zero: no direction to find.
+                return (vec![0.0; width], steps + 1, true);
+            }
+            next.iter_mut().for_each(|x| *x /= n);
+            moved = next
+                .iter()
+                .zip(&v)
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            std::mem::swap(&mut v, &mut next);
+            steps += 1;
+            if moved < PCA_TOLERANCE {
+                break;
+            }
+        }
+        if moved < PCA_TOLERANCE {
+            return (v, steps, true);
+        }
+    }
+    (v, steps, false)
+}
+
+impl ControlVector {
+    /// The vector as llama-cvector-generator writes it: a GGUF of
+    /// architecture `controlvector` with `controlvector.model_hint` (the
+    /// model's architecture) and `controlvector.layer_count`, and a 1-D F32
+    /// tensor `direction.N` for each layer N that has one.
+    pub fn to_gguf(&self, model_hint: &str) -> gemma3_gguf::GgufWriter {
+        use gemma3_gguf::Value;
+        let mut w = gemma3_gguf::GgufWriter::new();
+        w.add_kv(
+            "general.architecture",
+            Value::String("controlvector".into()),
+        );
+        w.add_kv("controlvector.model_hint", Value::String(model_hint.into()));
+        let count = self.layers.iter().filter(|l| !l.is_empty()).count();
+        w.add_kv("controlvector.layer_count", Value::I32(count as i32));
+        for (i, v) in self.layers.iter().enumerate() {
+            if v.is_empty() {
+                continue;
+            }
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            w.add_tensor(
+                &format!("direction.{}", i + 1),
+                &[v.len() as u64],
+                GgmlType::F32,
+                bytes,
+            )
+            .expect("a 1-D F32 tensor of its own length");
+        }
+        w
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: &[f32], b: &[f64], tol: f64) -> bool {
+        a.iter().zip(b).all(|(&x, &y)| (x as f64 - y).abs() < tol)
+    }
+
+    #[test]
+    fn zero_rows_are_left_out() {
+        let d = [0.0, 0.0, 1e-7, -1e-7, 0.0, -0.5, 2.0, 0.0];
+        let rows = nonzero_rows(&d, 2);
+        assert_eq!(rows, vec![&[0.0f32, -0.5][..], &[2.0, 0.0][..]]);
+    }
+
+    #[test]
+    fn mean_direction_is_the_normalised_mean() {
+        // Rows (3, 0), (1, 4): mean (2, 2), unit (1/√2, 1/√2).
+        let rows: Vec<&[f32]> = vec![&[3.0, 0.0], &[1.0, 4.0]];
+        let d = direction(&rows, 2, Reduce::Mean);
+        let h = 0.5f64.sqrt();
+        assert!(close(&d.v, &[h, h], 1e-7), "{:?}", d.v);
+        // Along (h, h): (3h)² + (5h)² = 17, of 9 + 17 = 26.
+        assert!((d.share - 17.0 / 26.0).abs() < 1e-12, "{}", d.share);
+        assert_eq!((d.steps, d.converged), (0, true));
+    }
+
+    #[test]
+    fn pca_finds_the_top_eigenvector_with_the_mean_s_sign() {
+        // Rows ±(2, 1) twice and (0.1, -0.2) twice: DᵀD = 4·(2,1)(2,1)ᵀ + 2·(0.1,-0.2)(0.1,-0.2)ᵀ
+        // = [[16.02, 7.96], [7.96, 4.08]], eigenvalues from the trace 20.1 and
+        // determinant 65.3616 - 63.3616 = 2: λ = (20.1 ± √(404.01 - 8)) / 2 = 20 and 0.1
+        // ((2, 1) and (0.1, -0.2) are orthogonal).
+        let rows: Vec<&[f32]> = vec![
+            &[2.0, 1.0],
+            &[-2.0, -1.0],
+            &[2.0, 1.0],
+            &[-2.0, -1.0],
+            &[0.1, -0.2],
+            &[0.1, -0.2],
+        ];
+        let d = direction(
+            &rows,
+            2,
+            Reduce::Pca {
+                iterations: 1000,
+                batch: 20,
+            },
+        );
+        let l1 = (20.1 + (404.01f64 - 8.0).sqrt()) / 2.0;
+        // Eigenvector of [[a, b], [b, c]] for λ: (b, λ - a), normalised.
+        let (a, b) = (16.02, 7.96);
+        let e = [b, l1 - a];
+        let n = (e[0] * e[0] + e[1] * e[1]).sqrt();
+        // The mean, (0.2/6, -0.4/6), projects negatively on (+, +): the sign flips.
+        let want = [-e[0] / n, -e[1] / n];
+        assert!(close(&d.v, &want, 1e-7), "{:?} vs {want:?}", d.v);
+        assert!(d.converged && d.steps < 100, "{} steps", d.steps);
+        assert!(
+            (d.share - l1 / 20.1).abs() < 1e-9,
+            "{} vs {}",
+            d.share,
+            l1 / 20.1
+        );
+    }
+
+    #[test]
+    fn pca_stops_after_its_iterations() {
+        // Two eigenvalues almost equal: a few steps cannot converge.
+        let rows: Vec<&[f32]> = vec![&[1.0, 0.0], &[0.0, 0.999]];
+        let d = direction(
+            &rows,
+            2,
+            Reduce::Pca {
+                iterations: 3,
+                batch: 1,
+            },
+        );
+        assert_eq!((d.steps, d.converged), (3, false));
+    }
+
+    #[test]
+    fn written_vectors_read_back() {
+        let cv = ControlVector {
+            n_embd: 3,
+            layers: vec![vec![1.0, -2.0, 0.5], vec![], vec![0.25, 0.0, 3.0]],
+        };
+        let path = std::env::temp_dir().join(format!("gemma3-cv-{}.gguf", std::process::id()));
+        cv.to_gguf("gemma3").write_to_path(&path).unwrap();
+        let mut back = ControlVector::default();
+        back.add_file(&path, 2.0).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(back.n_embd, 3);
+        assert_eq!(
+            back.layers,
+            vec![vec![2.0, -4.0, 1.0], vec![], vec![0.5, 0.0, 6.0]]
+        );
+    }
+}
