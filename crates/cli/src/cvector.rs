@@ -12,7 +12,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use gemma3_model::control::{direction, nonzero_rows, Reduce};
+use gemma3_model::control::{DiffStats, Reduce};
 use gemma3_model::{Batch, ControlVector, ForwardState, KvCache, Model, Output};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -197,8 +197,8 @@ pub fn run(a: CvectorArgs) -> Result<()> {
         .last()
         .context("the tokenizer gives no token for a space")?;
     let ctx_len = model.config.ctx_len;
-    // Each layer's difference rows, all pairs.
-    let mut diffs: Vec<Vec<f32>> = vec![Vec::new(); layers - 1];
+    // Each layer's difference rows, all pairs, summed as they come.
+    let mut stats: Vec<DiffStats> = (1..layers).map(|_| DiffStats::new(width)).collect();
     let mut tokens = 0;
     for (i, (p, n)) in positive.iter().zip(&negative).enumerate() {
         let (mut p, mut n) = (tok.encode(p, true, true), tok.encode(n, true, true));
@@ -213,11 +213,9 @@ pub fn run(a: CvectorArgs) -> Result<()> {
         n.resize(len, pad);
         tokens += 2 * len;
         let (hp, hn) = (layer_outputs(&model, &p)?, layer_outputs(&model, &n)?);
-        for (l, (hp, hn)) in hp.iter().zip(&hn).enumerate() {
+        for ((hp, hn), stats) in hp.iter().zip(&hn).zip(&mut stats) {
             let d: Vec<f32> = hp.iter().zip(hn).map(|(a, b)| a - b).collect();
-            for r in nonzero_rows(&d, width) {
-                diffs[l].extend_from_slice(r);
-            }
+            stats.add(&d);
         }
         eprintln!("pair {}/{}: {len} tokens each", i + 1, positive.len());
     }
@@ -226,15 +224,15 @@ pub fn run(a: CvectorArgs) -> Result<()> {
         layers: Vec::with_capacity(layers - 1),
     };
     let mut report = Vec::new();
-    for (l, d) in diffs.iter().enumerate() {
-        let rows = nonzero_rows(d, width);
-        if rows.is_empty() {
+    for (l, stats) in stats.iter_mut().enumerate() {
+        let rows = stats.rows();
+        if rows == 0 {
             bail!(
                 "every positive prompt has the same hidden states as its negative twin at layer {l}: \
                  there is no difference to find a direction in"
             );
         }
-        let dir = direction(&rows, width, reduce);
+        let dir = stats.direction(reduce);
         if !dir.converged {
             eprintln!(
                 "warning: direction.{}: power iteration did not converge in {} steps (raise --pca-iter)",
@@ -245,7 +243,7 @@ pub fn run(a: CvectorArgs) -> Result<()> {
         report.push(format!(
             "direction.{:<2} from layer {l:>2}'s output: {} rows, {:.1}% of their squared length along it",
             l + 1,
-            rows.len(),
+            rows,
             100.0 * dir.share
         ));
         cv.layers.push(dir.v);

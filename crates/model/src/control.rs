@@ -208,60 +208,126 @@ pub fn nonzero_rows(diff: &[f32], width: usize) -> Vec<&[f32]> {
         .collect()
 }
 
-/// One layer's direction from its difference rows (see [`Reduce`]), in f64.
-pub fn direction(rows: &[&[f32]], width: usize, how: Reduce) -> Direction {
-    let mut mean = vec![0.0f64; width];
-    for r in rows {
-        for (m, &x) in mean.iter_mut().zip(*r) {
-            *m += x as f64;
+/// One layer's difference rows, summed as they come (nothing else of them
+/// is kept, so that any number of prompt pairs fits in memory): their count,
+/// their sum and DᵀD, in f64.
+#[derive(Clone, Debug)]
+pub struct DiffStats {
+    width: usize,
+    rows: usize,
+    sum: Vec<f64>,
+    /// DᵀD, row-major; the rows are added in blocks (see `pending`).
+    gram: Vec<f64>,
+    /// Rows not yet added to `gram`, which takes them a block at a time.
+    pending: Vec<f32>,
+}
+
+/// Rows added to DᵀD at a time (one pass over it per block).
+const GRAM_BLOCK: usize = 64;
+
+impl DiffStats {
+    pub fn new(width: usize) -> Self {
+        Self {
+            width,
+            rows: 0,
+            sum: vec![0.0; width],
+            gram: vec![0.0; width * width],
+            pending: Vec::new(),
         }
     }
-    let n = rows.len().max(1) as f64;
-    mean.iter_mut().for_each(|m| *m /= n);
-    let (v, steps, converged) = match how {
-        Reduce::Mean => (unit(mean.clone()), 0, true),
-        Reduce::Pca { iterations, batch } => {
-            let s = gram(rows, width);
-            // A fixed start, so that a run is repeatable: llama.cpp starts
-            // from uniform random numbers in [0, 1), here from a fixed
-            // sequence of them.
-            let mut state = 0x9E37_79B9_7F4A_7C15u64;
-            let start = (0..width)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (state >> 11) as f64 / (1u64 << 53) as f64
-                })
-                .collect();
-            let (mut v, steps, converged) =
-                power_iteration(&s, width, unit(start), iterations, batch.max(1));
-            if dot(&v, &mean) < 0.0 {
-                v.iter_mut().for_each(|x| *x = -*x);
+
+    /// The rows taken so far.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Takes the rows of `diff` (`width` values each) that [`nonzero_rows`]
+    /// keeps.
+    pub fn add(&mut self, diff: &[f32]) {
+        for r in nonzero_rows(diff, self.width) {
+            self.rows += 1;
+            for (s, &x) in self.sum.iter_mut().zip(r) {
+                *s += x as f64;
             }
-            (v, steps, converged)
+            self.pending.extend_from_slice(r);
+            if self.pending.len() == GRAM_BLOCK * self.width {
+                self.flush();
+            }
         }
-    };
-    let total: f64 = rows
-        .iter()
-        .map(|r| r.iter().map(|&x| (x as f64).powi(2)).sum::<f64>())
-        .sum();
-    let along: f64 = rows
-        .iter()
-        .map(|r| {
-            r.iter()
-                .zip(&v)
-                .map(|(&x, &y)| x as f64 * y)
-                .sum::<f64>()
-                .powi(2)
-        })
-        .sum();
-    Direction {
-        v: v.iter().map(|&x| x as f32).collect(),
-        share: if total > 0.0 { along / total } else { 0.0 },
-        steps,
-        converged,
     }
+
+    /// Adds the pending rows to DᵀD (its rows split between threads).
+    fn flush(&mut self) {
+        use rayon::prelude::*;
+        let (w, pending) = (self.width, &self.pending);
+        self.gram
+            .par_chunks_mut(w)
+            .enumerate()
+            .for_each(|(i, out)| {
+                for r in pending.chunks_exact(w) {
+                    let ri = r[i] as f64;
+                    if ri != 0.0 {
+                        for (o, &x) in out.iter_mut().zip(r) {
+                            *o += ri * x as f64;
+                        }
+                    }
+                }
+            });
+        self.pending.clear();
+    }
+
+    /// The layer's direction (see [`Reduce`]).
+    pub fn direction(&mut self, how: Reduce) -> Direction {
+        self.flush();
+        let width = self.width;
+        let n = self.rows.max(1) as f64;
+        let mean: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
+        let (v, steps, converged) = match how {
+            Reduce::Mean => (unit(mean.clone()), 0, true),
+            Reduce::Pca { iterations, batch } => {
+                // A fixed start, so that a run is repeatable: llama.cpp starts
+                // from uniform random numbers in [0, 1), here from a fixed
+                // sequence of them.
+                let mut state = 0x9E37_79B9_7F4A_7C15u64;
+                let start = (0..width)
+                    .map(|_| {
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        (state >> 11) as f64 / (1u64 << 53) as f64
+                    })
+                    .collect();
+                let (mut v, steps, converged) =
+                    power_iteration(&self.gram, width, unit(start), iterations, batch.max(1));
+                if dot(&v, &mean) < 0.0 {
+                    v.iter_mut().for_each(|x| *x = -*x);
+                }
+                (v, steps, converged)
+            }
+        };
+        // Σ (row·v)² = vᵀ(DᵀD)v, and Σ |row|² = trace(DᵀD).
+        let total: f64 = (0..width).map(|i| self.gram[i * width + i]).sum();
+        let along: f64 = (self.gram.chunks_exact(width))
+            .zip(&v)
+            .map(|(row, &vi)| vi * dot(row, &v))
+            .sum();
+        Direction {
+            v: v.iter().map(|&x| x as f32).collect(),
+            share: if total > 0.0 { along / total } else { 0.0 },
+            steps,
+            converged,
+        }
+    }
+}
+
+/// One layer's direction from its difference rows (see [`Reduce`] and
+/// [`DiffStats`]).
+pub fn direction(rows: &[&[f32]], width: usize, how: Reduce) -> Direction {
+    let mut stats = DiffStats::new(width);
+    for r in rows {
+        stats.add(r);
+    }
+    stats.direction(how)
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {
@@ -275,23 +341,6 @@ fn unit(mut v: Vec<f64>) -> Vec<f64> {
         v.iter_mut().for_each(|x| *x /= n);
     }
     v
-}
-
-/// DᵀD (`width` × `width`, row-major) of the rows D.
-fn gram(rows: &[&[f32]], width: usize) -> Vec<f64> {
-    use rayon::prelude::*;
-    let mut s = vec![0.0f64; width * width];
-    s.par_chunks_mut(width).enumerate().for_each(|(i, out)| {
-        for r in rows {
-            let ri = r[i] as f64;
-            if ri != 0.0 {
-                for (o, &x) in out.iter_mut().zip(*r) {
-                    *o += ri * x as f64;
-                }
-            }
-        }
-    });
-    s
 }
 
 /// The top eigenvector of the symmetric `s` from `v`: v ← s·v / |s·v|,
