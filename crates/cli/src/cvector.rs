@@ -10,7 +10,7 @@
 //! of layer N − 1 (counting from 0) and, applied with `--control-vector`, is
 //! added to the output of layer N, one layer later.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use gemma3_model::control::{DiffStats, Reduce};
 use gemma3_model::{Batch, ControlVector, ForwardState, KvCache, Model, Output};
@@ -32,7 +32,8 @@ pub struct CvectorArgs {
     #[command(flatten)]
     lora: gemma3_server::LoraArgs,
     /// The positive prompts, one a line (blank lines skipped; `\n`, `\t`, `\\`,
-    /// `\"`, `\'` and `\xHH` escapes read as llama.cpp reads them).
+    /// `\"`, `\'` and `\xHH` escapes read as llama.cpp reads them; the `\r` of a
+    /// CRLF line end is not part of a prompt, where llama.cpp keeps it).
     #[arg(long, value_name = "FILE")]
     positive_file: PathBuf,
     /// The negative prompts, as many as the positive ones, paired line by line.
@@ -55,7 +56,7 @@ pub struct CvectorArgs {
     pca_iter: usize,
     /// Steps between two checks of convergence (pca); --pca-iter must be a multiple of it,
     /// as llama.cpp requires.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 100)]
     pca_batch: usize,
 }
 
@@ -64,43 +65,6 @@ const MAX_PROMPTS_BYTES: u64 = 16 << 20;
 /// Most power iteration steps (a layer's step is 640² multiply-adds).
 const MAX_PCA_ITER: usize = 1_000_000;
 
-/// `line` with llama.cpp's escapes (`string_process_escapes`) replaced: `\n`,
-/// `\r`, `\t`, `\'`, `\"`, `\\` and `\xHH`; any other backslash stays as it is.
-fn process_escapes(line: &str) -> String {
-    let mut out = Vec::with_capacity(line.len());
-    let b = line.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 1 < b.len() {
-            let c = b[i + 1];
-            let simple = match c {
-                b'n' => Some(b'\n'),
-                b'r' => Some(b'\r'),
-                b't' => Some(b'\t'),
-                b'\'' => Some(b'\''),
-                b'"' => Some(b'"'),
-                b'\\' => Some(b'\\'),
-                _ => None,
-            };
-            if let Some(s) = simple {
-                out.push(s);
-                i += 2;
-                continue;
-            }
-            if c == b'x' && i + 3 < b.len() {
-                if let Ok(v) = u8::from_str_radix(&line[i + 2..i + 4], 16) {
-                    out.push(v);
-                    i += 4;
-                    continue;
-                }
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The prompts of a file: its non-empty lines, escapes processed.
 fn read_prompts(path: &std::path::Path, what: &str) -> Result<Vec<String>> {
     let (text, name) =
@@ -108,7 +72,7 @@ fn read_prompts(path: &std::path::Path, what: &str) -> Result<Vec<String>> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let prompts: Vec<String> = (text.lines())
         .filter(|l| !l.is_empty())
-        .map(process_escapes)
+        .map(gemma3_engine::process_escapes)
         .collect();
     if prompts.is_empty() {
         bail!("{name} holds no prompt (every line is empty)");
@@ -191,26 +155,20 @@ pub fn run(a: CvectorArgs) -> Result<()> {
     if layers < 2 {
         bail!("the model has {layers} layer(s): a control vector needs two or more");
     }
-    // llama.cpp pads the shorter prompt of a pair with the last token of " ".
-    let pad = *tok
-        .encode(" ", false, false)
-        .last()
-        .context("the tokenizer gives no token for a space")?;
     let ctx_len = model.config.ctx_len;
     // Each layer's difference rows, all pairs, summed as they come.
     let mut stats: Vec<DiffStats> = (1..layers).map(|_| DiffStats::new(width)).collect();
     let mut tokens = 0;
     for (i, (p, n)) in positive.iter().zip(&negative).enumerate() {
-        let (mut p, mut n) = (tok.encode(p, true, true), tok.encode(n, true, true));
-        let len = p.len().max(n.len());
+        // (The shorter padded with the space token, as llama.cpp pads it.)
+        let (p, n) = gemma3_engine::cvector_pair(&tok, p, n);
+        let len = p.len();
         if len > ctx_len {
             bail!(
                 "pair {} has {len} tokens but the model's context holds {ctx_len}",
                 i + 1
             );
         }
-        p.resize(len, pad);
-        n.resize(len, pad);
         tokens += 2 * len;
         let (hp, hn) = (layer_outputs(&model, &p)?, layer_outputs(&model, &n)?);
         for ((hp, hn), stats) in hp.iter().zip(&hn).zip(&mut stats) {
@@ -277,19 +235,4 @@ pub fn run(a: CvectorArgs) -> Result<()> {
         }
     )?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::process_escapes;
-
-    #[test]
-    fn escapes_read_as_llama_cpp_reads_them() {
-        assert_eq!(process_escapes(r"a\nb\tc"), "a\nb\tc");
-        assert_eq!(process_escapes(r#"\"q\" \'s\' \\n"#), "\"q\" 's' \\n");
-        assert_eq!(process_escapes(r"\x41\x7a"), "Az");
-        // Unknown escapes, a bad \x and a trailing backslash stay as they are.
-        assert_eq!(process_escapes(r"\q \xZZ end\"), r"\q \xZZ end\");
-        assert_eq!(process_escapes(r"\x4"), r"\x4");
-    }
 }

@@ -27,34 +27,36 @@ fn cosine(a: &[f32], b: &[f64]) -> f64 {
     dot / (na * nb)
 }
 
-/// Our tokens for each prompt, padded as llama-cvector-generator pads them, are llama.cpp's.
+/// The command's own reading of the prompt files (escapes processed) and its pairing (tokens
+/// padded as llama-cvector-generator pads them) give llama.cpp's tokens.
 #[test]
 fn prompt_pairs_tokenize_and_pad_as_llama_cpp() {
     let Some((_, tok)) = model("prompt_pairs_tokenize_and_pad_as_llama_cpp") else {
         return;
     };
     let r = reference();
-    let pad = *tok.encode(" ", false, false).last().unwrap();
-    assert_eq!(pad as u64, r["pad"].as_u64().unwrap());
     let read = |side: &str| -> Vec<String> {
         let text = std::fs::read_to_string(prompts(side)).unwrap();
-        // (The files' escapes are \n only.)
-        text.lines()
+        (text.lines())
             .filter(|l| !l.is_empty())
-            .map(|l| l.replace("\\n", "\n"))
+            .map(gemma3_engine::process_escapes)
             .collect()
     };
     let (pos, neg) = (read("positive"), read("negative"));
     let pairs = r["pairs"].as_array().unwrap();
     assert_eq!(pairs.len(), pos.len());
+    let mut padded = 0;
     for ((p, n), want) in pos.iter().zip(&neg).zip(pairs) {
-        let (mut p, mut n) = (tok.encode(p, true, true), tok.encode(n, true, true));
-        let len = p.len().max(n.len());
-        p.resize(len, pad);
-        n.resize(len, pad);
+        let (p, n) = gemma3_engine::cvector_pair(tok, p, n);
         assert_eq!(p, ids(&want["positive"]));
         assert_eq!(n, ids(&want["negative"]));
+        padded += p
+            .iter()
+            .chain(&n)
+            .filter(|&&t| t as u64 == r["pad"].as_u64().unwrap())
+            .count();
     }
+    assert!(padded > 0, "the pairs exercise the padding");
 }
 
 /// `cvector-generate` with each method writes 17 unit directions, from the same number of

@@ -341,6 +341,63 @@ pub fn apply_control(
     Ok(())
 }
 
+/// `line` with llama.cpp's escapes (`string_process_escapes`) replaced:
+/// `\n`, `\r`, `\t`, `\'`, `\"`, `\\` and `\xHH` (two hex digits, the byte
+/// itself); any other backslash stays as it is. A byte `\xHH` makes that is
+/// not UTF-8 becomes U+FFFD (llama.cpp keeps the raw byte in its string).
+pub fn process_escapes(line: &str) -> String {
+    let b = line.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 1 < b.len() {
+            let simple = match b[i + 1] {
+                b'n' => Some(b'\n'),
+                b'r' => Some(b'\r'),
+                b't' => Some(b'\t'),
+                b'\'' => Some(b'\''),
+                b'"' => Some(b'"'),
+                b'\\' => Some(b'\\'),
+                _ => None,
+            };
+            if let Some(c) = simple {
+                out.push(c);
+                i += 2;
+                continue;
+            }
+            if b[i + 1] == b'x' && i + 3 < b.len() {
+                if let (Some(h), Some(l)) = (hex(b[i + 2]), hex(b[i + 3])) {
+                    out.push(h << 4 | l);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A positive and a negative prompt as llama-cvector-generator runs them:
+/// each tokenized with BOS and special-token text parsed, the shorter padded
+/// to the other's length with the last token the tokenizer gives for " "
+/// (without BOS).
+pub fn cvector_pair(tok: &Tokenizer, positive: &str, negative: &str) -> (Vec<u32>, Vec<u32>) {
+    let (mut p, mut n) = (
+        tok.encode(positive, true, true),
+        tok.encode(negative, true, true),
+    );
+    let pad = tok.encode(" ", false, false).last().copied();
+    let len = p.len().max(n.len());
+    if let Some(pad) = pad {
+        p.resize(len, pad);
+        n.resize(len, pad);
+    }
+    (p, n)
+}
+
 /// Build the tokenizer from a GGUF file's `tokenizer.ggml.*` vocabulary.
 pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Tokenizer, gemma3_model::ModelError> {
     let err = |e: String| gemma3_model::ModelError::Tokenizer(e);
@@ -372,4 +429,20 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Tokenizer, gemma3_model::Mode
         end_of_turn: find("<end_of_turn>"),
     };
     Tokenizer::new(tokens.iter(), scores, types, specials).map_err(|e| err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn escapes_read_as_llama_cpp_reads_them() {
+        use super::process_escapes;
+        assert_eq!(process_escapes(r"a\nb\tc"), "a\nb\tc");
+        assert_eq!(process_escapes(r#"\"q\" \'s\' \\n"#), "\"q\" 's' \\n");
+        assert_eq!(process_escapes(r"\x41\x7a"), "Az");
+        // Unknown escapes, a bad \x and a trailing backslash stay as they are,
+        // and a \x followed by a character of several bytes is not split.
+        assert_eq!(process_escapes(r"\q \xZZ end\"), r"\q \xZZ end\");
+        assert_eq!(process_escapes(r"\x4"), r"\x4");
+        assert_eq!(process_escapes(r"\xAé \x€"), r"\xAé \x€");
+    }
 }

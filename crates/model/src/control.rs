@@ -62,6 +62,12 @@ impl ControlVector {
                         t.name
                     ))
                 })?;
+            if layer > MAX_LAYER {
+                return Err(err(format!(
+                    "tensor '{}' is for layer {layer}: no model this reads has more than {MAX_LAYER} layers",
+                    t.name
+                )));
+            }
             if layer == 0 {
                 return Err(err(
                     "it has a direction.0, but layer 0's output takes none (directions start at direction.1)"
@@ -74,13 +80,19 @@ impl ControlVector {
                     t.name, t.ggml_type
                 )));
             }
-            let [width] = t.dims[..] else {
+            // (One dimension, or more of size 1 after it, as ggml counts
+            // dimensions.)
+            let width = t.dims.first().copied().unwrap_or(0);
+            if t.dims.len() > 1 && t.dims[1..].iter().any(|&d| d != 1) {
                 return Err(err(format!(
                     "tensor '{}' has shape {:?}; a direction is one vector",
                     t.name, t.dims
                 )));
-            };
+            }
             let width = width as usize;
+            if width == 0 {
+                return Err(err(format!("tensor '{}' holds no values", t.name)));
+            }
             if self.n_embd == 0 {
                 self.n_embd = width;
             } else if width != self.n_embd {
@@ -108,6 +120,12 @@ impl ControlVector {
                     )));
                 }
                 *d += v * strength;
+                if !d.is_finite() {
+                    return Err(err(format!(
+                        "tensor '{}' times the strength {strength}, added to the vectors before it, is {d} at index {i}: lower the strengths",
+                        t.name
+                    )));
+                }
             }
         }
         Ok(())
@@ -170,8 +188,10 @@ pub enum Reduce {
     Mean,
     /// The first principal direction of the rows (uncentred, as llama.cpp
     /// takes it: the top eigenvector of DᵀD), by power iteration: at most
-    /// `iterations` steps, stopping at the end of a batch of `batch` steps
-    /// once a step moves the vector by less than 1e-7. Its sign is chosen
+    /// `iterations` steps, stopping at the first step that moves the vector
+    /// by less than 1e-7 (llama.cpp checks it step by step too, taking the
+    /// vector of that step). `batch` is how many steps llama.cpp builds
+    /// into one graph, kept for its flag's sake; it changes nothing here. Its sign is chosen
     /// so that the rows' mean projects positively on it (llama.cpp leaves
     /// it to chance), so that a positive strength steers towards the
     /// positive prompts.
@@ -192,6 +212,11 @@ pub struct Direction {
     /// the mean).
     pub converged: bool,
 }
+
+/// The highest layer a `direction.N` may name: a bound far above any model
+/// this engine runs, so that a malformed file cannot make the vector's
+/// per-layer table (N × width values) take the memory.
+pub const MAX_LAYER: usize = 4096;
 
 /// The tolerance of llama.cpp's power iteration: the distance between two
 /// successive unit vectors at which it stops.
@@ -496,6 +521,81 @@ mod tests {
             },
         );
         assert_eq!((d.steps, d.converged), (3, false));
+    }
+
+    /// A tensor: name, dimensions, values.
+    type Spec<'a> = (&'a str, &'a [u64], Vec<f32>);
+
+    /// A file of `tensors` at a fresh temporary path.
+    fn vector_file(tag: &str, tensors: &[Spec]) -> std::path::PathBuf {
+        let mut w = gemma3_gguf::GgufWriter::new();
+        for (name, dims, v) in tensors {
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            w.add_tensor(name, dims, GgmlType::F32, bytes).unwrap();
+        }
+        let path =
+            std::env::temp_dir().join(format!("gemma3-cv-{tag}-{}.gguf", std::process::id()));
+        w.write_to_path(&path).unwrap();
+        path
+    }
+
+    #[test]
+    fn malformed_directions_are_refused_by_name() {
+        let cases: Vec<(&str, Vec<Spec>, f32, &str)> = vec![
+            // A layer number that would size the table to gigabytes.
+            (
+                "huge",
+                vec![("direction.100000000", &[2], vec![1.0, 2.0])],
+                1.0,
+                "layer 100000000",
+            ),
+            (
+                "overflow",
+                vec![("direction.18446744073709551615", &[2], vec![1.0, 2.0])],
+                1.0,
+                "layer 18446744073709551615",
+            ),
+            (
+                "empty",
+                vec![("direction.1", &[0], vec![])],
+                1.0,
+                "holds no values",
+            ),
+            (
+                "matrix",
+                vec![("direction.1", &[2, 2], vec![1.0; 4])],
+                1.0,
+                "a direction is one vector",
+            ),
+            // A finite value whose product with the strength is not.
+            (
+                "scaled",
+                vec![("direction.2", &[2], vec![1e36, 1.0])],
+                1000.0,
+                "lower the strengths",
+            ),
+        ];
+        for (tag, tensors, strength, want) in cases {
+            let path = vector_file(tag, &tensors);
+            let e = ControlVector::default()
+                .add_file(&path, strength)
+                .unwrap_err();
+            let _ = std::fs::remove_file(&path);
+            assert!(e.to_string().contains(want), "{tag}: {e}");
+        }
+        // Two files whose finite values add up to infinity.
+        let path = vector_file("sum", &[("direction.1", &[2], vec![3e38, 1.0])]);
+        let mut cv = ControlVector::default();
+        cv.add_file(&path, 1.0).unwrap();
+        let e = cv.add_file(&path, 1.0).unwrap_err();
+        let _ = std::fs::remove_file(&path);
+        assert!(e.to_string().contains("lower the strengths"), "{e}");
+        // A [n, 1] tensor is one vector, as ggml counts dimensions.
+        let path = vector_file("column", &[("direction.1", &[2, 1], vec![0.5, -1.0])]);
+        let mut cv = ControlVector::default();
+        cv.add_file(&path, 2.0).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(cv.layers, vec![vec![1.0, -2.0]]);
     }
 
     #[test]

@@ -378,6 +378,11 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         loras: model.loras.clone(),
     };
     let kv = KvCache::bytes_for(&model.config, cfg.ctx) * cfg.parallel;
+    // (Control vectors are set at start-up for every request, as llama-server sets them.)
+    let steered: Vec<String> = (model.control.iter().enumerate())
+        .filter(|(_, v)| v.is_some())
+        .map(|(l, _)| l.to_string())
+        .collect();
     let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
         .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?;
     listener.set_nonblocking(true)?;
@@ -425,6 +430,12 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
         kv as f64 / (1 << 20) as f64,
         cfg.queue
     );
+    if !steered.is_empty() {
+        eprintln!(
+            "gemma3 serve: control vectors added to the output of layer(s) {} for every request",
+            steered.join(", ")
+        );
+    }
     // The caches take memory only as positions are written, so this starts;
     // say so before a full load runs the machine out of memory.
     let need = kv as u64 + weights;
