@@ -247,8 +247,8 @@ pub struct DiffStats {
     pending: Vec<f32>,
 }
 
-/// Rows added to DᵀD at a time (one pass over it per block).
-const GRAM_BLOCK: usize = 64;
+/// Rows added to DᵀD at a time (one product per block).
+const GRAM_BLOCK: usize = 256;
 
 impl DiffStats {
     pub fn new(width: usize) -> Self {
@@ -281,23 +281,37 @@ impl DiffStats {
         }
     }
 
-    /// Adds the pending rows to DᵀD (its rows split between threads).
+    /// Adds the pending rows P to DᵀD (DᵀD += PᵀP, in f64, by
+    /// `matrixmultiply`'s blocked product: the plain loop it replaces took a
+    /// third of a 500-pair run).
     fn flush(&mut self) {
-        use rayon::prelude::*;
-        let (w, pending) = (self.width, &self.pending);
-        self.gram
-            .par_chunks_mut(w)
-            .enumerate()
-            .for_each(|(i, out)| {
-                for r in pending.chunks_exact(w) {
-                    let ri = r[i] as f64;
-                    if ri != 0.0 {
-                        for (o, &x) in out.iter_mut().zip(r) {
-                            *o += ri * x as f64;
-                        }
-                    }
-                }
-            });
+        let w = self.width;
+        let m = self.pending.len() / w;
+        if m == 0 {
+            return;
+        }
+        let p: Vec<f64> = self.pending.iter().map(|&x| x as f64).collect();
+        // SAFETY: Pᵀ is w × m over `p` (element (i, k) at k·w + i), P is
+        // m × w row-major over `p`, and the w × w product goes to `gram`,
+        // row-major; every index stays inside its buffer.
+        unsafe {
+            matrixmultiply::dgemm(
+                w,
+                m,
+                w,
+                1.0,
+                p.as_ptr(),
+                1,
+                w as isize,
+                p.as_ptr(),
+                w as isize,
+                1,
+                1.0,
+                self.gram.as_mut_ptr(),
+                w as isize,
+                1,
+            );
+        }
         self.pending.clear();
     }
 
