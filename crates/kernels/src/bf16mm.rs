@@ -26,7 +26,7 @@ pub const PANEL: usize = 16;
 
 /// A matrix M (n × k: n outputs, each a dot product over k) rounded to bf16
 /// and laid out for [`product`]: panels of [`PANEL`] rows of M, each panel
-/// the pairs (M[c][2q], M[c][2q + 1]) of its rows c for q = 0, 1, …, one
+/// the pairs (`M[c][2q]`, `M[c][2q + 1]`) of its rows c for q = 0, 1, …, one
 /// 32-bit word per row (even element in the low half), [`PANEL`] words per
 /// pair. Rows past n and the odd k's last element are zeros.
 pub struct Panels {
@@ -106,7 +106,7 @@ impl Panels {
         self.n.div_ceil(PANEL)
     }
 
-    /// M[c][j] as the products read it (rounded to bf16).
+    /// `M[c][j]` as the products read it (rounded to bf16).
     pub fn get(&self, c: usize, j: usize) -> f32 {
         let w = self.data[(c / PANEL * self.pairs() + j / 2) * PANEL + c % PANEL];
         bf16::from_bits((w >> (16 * (j % 2))) as u16).to_f32()
