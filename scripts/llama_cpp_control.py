@@ -46,7 +46,7 @@ from llama_cpp import Llama
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from exact_reference import Gemma3  # noqa: E402
-from llama_cpp_lora import GREEDY, PROMPTS, greedy  # noqa: E402
+from llama_cpp_lora import PROMPTS, exact_rows, prompt_case  # noqa: E402
 
 D_MODEL, LAYERS = 640, 18
 
@@ -103,24 +103,7 @@ def main():
         else:
             assert llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, None, 0, D_MODEL, -1, -1) == 0
         for prompt in PROMPTS:
-            ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
-            llm.reset()
-            llm.eval(ids)
-            logits = np.array(llm.scores[: len(ids)], dtype=np.float64)
-            top5 = []
-            for row in logits:
-                best = np.argsort(-row)[:5]
-                top5.append([[int(t), float(row[t])] for t in best])
-            tokens, margins = greedy(llm, ids, GREEDY)
-            cases.append({
-                "vectors": config,
-                "layer_range": layer_range,
-                "prompt": prompt,
-                "ids": ids,
-                "prompt_top5": top5,
-                "greedy": tokens,
-                "greedy_margins": margins,
-            })
+            cases.append({"vectors": config, "layer_range": layer_range, **prompt_case(llm, prompt)})
     exact = Gemma3(model)
     for case in cases:
         first, last = case["layer_range"] or [1, LAYERS]
@@ -130,18 +113,7 @@ def main():
             for layer, v in summed(files, case["vectors"]).items()
             if first <= layer <= last and layer < LAYERS
         }
-        path = case["ids"] + case["greedy"][:-1]
-        logits = exact.logits(path)
-        rows = []
-        for i, row in enumerate(logits):
-            want = [int(t) for t in np.argsort(-row)[:5]]
-            if i < len(case["ids"]):
-                want += [t for t, _ in case["prompt_top5"][i]]
-            if i >= len(case["ids"]) - 1:
-                want.append(case["greedy"][i - len(case["ids"]) + 1])
-            ids = list(dict.fromkeys(want))
-            rows.append([[t, float(row[t])] for t in ids])
-        case["exact"] = rows
+        case["exact"] = exact_rows(exact, case)
 
     json.dump({
         "producer": f"scripts/llama_cpp_control.py, llama-cpp-python {llama_cpp.__version__}, flash attention off, 2 threads",

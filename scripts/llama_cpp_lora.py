@@ -70,6 +70,45 @@ PROMPTS = [
 GREEDY = 12
 
 
+def prompt_case(llm, prompt):
+    """llama.cpp on `prompt` as it is set up now: its ids, its five best logits at every prompt
+    position (one batch, logits at all positions), and GREEDY tokens generated one at a time with
+    the gap between its two best logits at each step."""
+    ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    llm.reset()
+    llm.eval(ids)
+    logits = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    top5 = []
+    for row in logits:
+        best = np.argsort(-row)[:5]
+        top5.append([[int(t), float(row[t])] for t in best])
+    tokens, margins = greedy(llm, ids, GREEDY)
+    return {
+        "prompt": prompt,
+        "ids": ids,
+        "prompt_top5": top5,
+        "greedy": tokens,
+        "greedy_margins": margins,
+    }
+
+
+def exact_rows(exact, case):
+    """The exact logits along a case's path (its prompt and llama.cpp's greedy tokens), at every
+    position those of the exact top 5, of llama.cpp's top 5 there (prompt positions) and of
+    llama.cpp's greedy token (after the prompt)."""
+    logits = exact.logits(case["ids"] + case["greedy"][:-1])
+    rows = []
+    for i, row in enumerate(logits):
+        want = [int(t) for t in np.argsort(-row)[:5]]
+        if i < len(case["ids"]):
+            want += [t for t, _ in case["prompt_top5"][i]]
+        if i >= len(case["ids"]) - 1:
+            want.append(case["greedy"][i - len(case["ids"]) + 1])
+        ids = list(dict.fromkeys(want))
+        rows.append([[t, float(row[t])] for t in ids])
+    return rows
+
+
 def greedy(llm, ids, n, stop=None):
     """`n` greedy tokens after `ids`, one at a time as llama-cli generates (up to and
     including `stop` if given), and the gap between llama.cpp's two best logits at each."""
@@ -152,23 +191,7 @@ def main():
         scales = (ctypes.c_float * max(n, 1))(*[s for _, s in config])
         assert llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, arr, n, scales) == 0
         for prompt in PROMPTS:
-            ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
-            llm.reset()
-            llm.eval(ids)
-            logits = np.array(llm.scores[: len(ids)], dtype=np.float64)
-            top5 = []
-            for row in logits:
-                best = np.argsort(-row)[:5]
-                top5.append([[int(t), float(row[t])] for t in best])
-            tokens, margins = greedy(llm, ids, GREEDY)
-            cases.append({
-                "adapters": config,
-                "prompt": prompt,
-                "ids": ids,
-                "prompt_top5": top5,
-                "greedy": tokens,
-                "greedy_margins": margins,
-            })
+            cases.append({"adapters": config, **prompt_case(llm, prompt)})
     exact = Gemma3(model)
     adapter_files = {"a": a_path, "b": b_path}
     for case in cases:
@@ -190,18 +213,7 @@ def main():
                 rank = am.shape[0]
                 s = scale * alpha / rank if alpha else scale
                 exact.cache[base] = exact.w(base) + s * (bm @ am)
-        path = case["ids"] + case["greedy"][:-1]
-        logits = exact.logits(path)
-        rows = []
-        for i, row in enumerate(logits):
-            want = [int(t) for t in np.argsort(-row)[:5]]
-            if i < len(case["ids"]):
-                want += [t for t, _ in case["prompt_top5"][i]]
-            if i >= len(case["ids"]) - 1:
-                want.append(case["greedy"][i - len(case["ids"]) + 1])
-            ids = list(dict.fromkeys(want))
-            rows.append([[t, float(row[t])] for t in ids])
-        case["exact"] = rows
+        case["exact"] = exact_rows(exact, case)
 
     json.dump({
         "producer": f"scripts/llama_cpp_lora.py, llama-cpp-python {llama_cpp.__version__}, flash attention off, 2 threads",

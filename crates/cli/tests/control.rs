@@ -260,17 +260,7 @@ fn bad_control_vector_flags_are_clear_errors() {
             "without --control-vector".into(),
         ),
     ];
-    for (flags, want) in cases {
-        let (out, _, stderr) = run(gemma3()
-            .args(["run", "--model"])
-            .arg(&path)
-            .args(&flags)
-            .args(["--raw", "-n", "1", "Hi"]));
-        assert!(!out.status.success(), "{flags:?}");
-        assert!(stderr.contains(&want), "{flags:?}: {stderr}");
-        assert!(!stderr.contains("loading"), "{stderr}");
-        assert!(!stderr.contains("panicked"), "{stderr}");
-    }
+    common::assert_run_flag_errors(&path, &cases);
     let _ = std::fs::remove_file(narrow);
     let _ = std::fs::remove_file(zero);
 }

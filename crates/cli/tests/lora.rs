@@ -182,18 +182,8 @@ fn bad_adapter_flags_are_clear_errors() {
             "17 LoRA adapters given: at most 16".into(),
         ),
     ];
-    for (flags, want) in cases {
-        let (out, _, stderr) = run(gemma3()
-            .args(["run", "--model"])
-            .arg(&path)
-            .args(&flags)
-            .args(["--raw", "-n", "1", "Hi"]));
-        assert!(!out.status.success(), "{flags:?}");
-        assert!(stderr.contains(&want), "{flags:?}: {stderr}");
-        // An adapter's error names the adapter, not the model.
-        assert!(!stderr.contains("loading"), "{stderr}");
-        assert!(!stderr.contains("panicked"), "{stderr}");
-    }
+    // An adapter's error names the adapter, not the model.
+    common::assert_run_flag_errors(&path, &cases);
 }
 
 #[path = "../../model/tests/common/tiny.rs"]

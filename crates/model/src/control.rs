@@ -12,7 +12,7 @@
 //! (inclusive; by default 1 to the last).
 
 use crate::{Model, ModelError};
-use gemma3_gguf::{GgmlType, GgufError, GgufFile};
+use gemma3_gguf::{GgmlType, GgufFile};
 use std::path::Path;
 
 /// The directions of one or more control vector files, summed, each times
@@ -41,13 +41,7 @@ impl ControlVector {
                 "its strength {strength} is not a finite number"
             )));
         }
-        let file = GgufFile::open(path).map_err(|e| {
-            err(match e {
-                GgufError::InFile { error, .. } => error.to_string(),
-                GgufError::Io { error, .. } => format!("cannot read it: {error}"),
-                e => e.to_string(),
-            })
-        })?;
+        let file = GgufFile::open(path).map_err(|e| err(crate::lora::open_reason(e)))?;
         if file.tensors().is_empty() {
             return Err(err("it holds no direction.N tensors".into()));
         }

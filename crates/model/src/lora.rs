@@ -367,13 +367,7 @@ impl Model {
             why,
         };
         // (The file is named once, by `err`.)
-        let file = GgufFile::open(path).map_err(|e| {
-            err(match e {
-                GgufError::InFile { error, .. } => error.to_string(),
-                GgufError::Io { error, .. } => format!("cannot read it: {error}"),
-                e => e.to_string(),
-            })
-        })?;
+        let file = GgufFile::open(path).map_err(|e| err(open_reason(e)))?;
         // A string key: None where it is missing, an error where it is not a string.
         let text = |key: &str| match file.get(key) {
             None => Ok(None),
@@ -553,5 +547,15 @@ impl Model {
             ));
         }
         Ok(out)
+    }
+}
+
+/// Why a GGUF an adapter or control vector came in could not be opened,
+/// without the path (the caller's error names the file once).
+pub(crate) fn open_reason(e: GgufError) -> String {
+    match e {
+        GgufError::InFile { error, .. } => error.to_string(),
+        GgufError::Io { error, .. } => format!("cannot read it: {error}"),
+        e => e.to_string(),
     }
 }

@@ -256,3 +256,19 @@ pub fn check_path_case(
         .map(|r| r[0][0].as_u64().unwrap() as u32)
         .collect()
 }
+
+/// `gemma3 run` on the model at `path` with each case's flags fails with its text on stderr, names
+/// the file or flag at fault rather than the model ("loading"), and does not panic.
+pub fn assert_run_flag_errors(path: &std::path::Path, cases: &[(Vec<std::ffi::OsString>, String)]) {
+    for (flags, want) in cases {
+        let (out, _, stderr) = run(gemma3()
+            .args(["run", "--model"])
+            .arg(path)
+            .args(flags)
+            .args(["--raw", "-n", "1", "Hi"]));
+        assert!(!out.status.success(), "{flags:?}");
+        assert!(stderr.contains(want.as_str()), "{flags:?}: {stderr}");
+        assert!(!stderr.contains("loading"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
