@@ -2080,6 +2080,75 @@ fn lora_greedy(
     (case.clone(), steps, text)
 }
 
+/// Control vectors on a server: started with vector a (`cli/tests/data/control`, strength 1,
+/// every layer), as llama-server takes `--control-vector`, it answers every request with
+/// llama.cpp's greedy tokens under that vector (up to the first step llama.cpp takes with a lead
+/// under 0.2, as `cli/tests/control.rs` reads them: random vectors make near ties common), three
+/// prompts at once in one batch; without the vector some reply differs, so the vector is what
+/// the test sees.
+#[test]
+fn control_vectors_steer_every_request() {
+    let Some(model) = model_path() else { return };
+    let _g = serial();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/tests/data/control");
+    let text = std::fs::read_to_string(dir.join("llama_cpp_control.json")).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    let cases: Vec<&Value> = (reference["cases"].as_array().unwrap().iter())
+        .filter(|c| c["vectors"] == json!([["a", 1.0]]))
+        .collect();
+    assert_eq!(cases.len(), 3);
+    let mut cfg = config(model.clone(), 4, 512);
+    cfg.control = gemma3_engine::ControlSpec {
+        files: vec![(dir.join("a.gguf"), 1.0)],
+        layers: None,
+    };
+    let server = start(cfg);
+    let addr = server.addr;
+    let steps_of = |case: &Value| {
+        let margins = case["greedy_margins"].as_array().unwrap();
+        (margins.iter())
+            .position(|m| m.as_f64().unwrap() < 0.2)
+            .unwrap_or(margins.len())
+    };
+    let expected: Vec<(Value, usize, Value)> = (cases.iter())
+        .map(|case| {
+            let steps = steps_of(case);
+            let tokens = &case["greedy"].as_array().unwrap()[..steps];
+            let text =
+                post(addr, "/detokenize", &json!({"tokens": tokens})).json()["content"].clone();
+            (case["ids"].clone(), steps, text)
+        })
+        .collect();
+    // (4, 3 and 1 clear steps: the chat prompt's second token is a near tie.)
+    assert!(
+        expected.iter().all(|(_, steps, _)| *steps >= 1),
+        "{expected:?}"
+    );
+    let replies: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = (expected.iter())
+            .map(|(ids, steps, _)| {
+                s.spawn(move || {
+                    let body = json!({"prompt": ids, "max_tokens": steps, "temperature": 0});
+                    post(addr, "/v1/completions", &body).json()["choices"][0]["text"].clone()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for ((_, _, want), got) in expected.iter().zip(&replies) {
+        assert_eq!(got, want);
+    }
+    drop(server);
+    // Without the vector some reply is another text.
+    let server = start(config(model, 1, 512));
+    let changed = (expected.iter()).filter(|(ids, steps, want)| {
+        let body = json!({"prompt": ids, "max_tokens": steps, "temperature": 0});
+        let base = post(server.addr, "/v1/completions", &body).json()["choices"][0]["text"].clone();
+        &base != want
+    });
+    assert!(changed.count() >= 1, "the vector changes no reply");
+}
+
 /// Adapters per request: a server holding adapters a (at 1) and b (at 0, loaded unapplied)
 /// answers each request at the scales its `lora` asks for (an adapter left out at 0, as
 /// llama-server reads the list), several at once in one batch, with llama.cpp's greedy tokens
