@@ -187,25 +187,8 @@ impl LoraSpec {
                 scale: 1.0,
             })
             .collect();
-        for pair in scaled.chunks(2) {
-            let [path, scale] = pair else {
-                return Err("--lora-scaled takes a file and a scale".into());
-            };
-            let s: f32 = scale
-                .trim()
-                .parse()
-                .map_err(|_| format!("--lora-scaled {path} {scale}: the scale is not a number"))?;
-            if !s.is_finite() || s.abs() > Self::MAX_SCALE {
-                return Err(format!(
-                    "--lora-scaled {path} {scale}: the scale must be between -{m} and {m}",
-                    m = Self::MAX_SCALE
-                ));
-            }
-            out.push(Self {
-                path: path.into(),
-                scale: s,
-            });
-        }
+        let pairs = scaled_files("--lora-scaled", "scale", scaled, Self::MAX_SCALE)?;
+        out.extend(pairs.into_iter().map(|(path, scale)| Self { path, scale }));
         if out.len() > Self::MAX {
             return Err(format!(
                 "{} LoRA adapters given: at most {} may be applied at once",
@@ -215,6 +198,32 @@ impl LoraSpec {
         }
         Ok(out)
     }
+}
+
+/// The (file, number) pairs of a flag given as `FLAG FILE NUMBER` (a flat
+/// list of pairs, as clap gathers them), each number (what the flag calls
+/// `what`: a scale, a strength) finite and within ±`max`.
+fn scaled_files(
+    flag: &str,
+    what: &str,
+    pairs: &[String],
+    max: f32,
+) -> Result<Vec<(std::path::PathBuf, f32)>, String> {
+    let mut out = Vec::with_capacity(pairs.len() / 2);
+    for pair in pairs.chunks(2) {
+        let [path, number] = pair else {
+            return Err(format!("{flag} takes a file and a {what}"));
+        };
+        let v: f32 = (number.trim().parse())
+            .map_err(|_| format!("{flag} {path} {number}: the {what} is not a number"))?;
+        if !v.is_finite() || v.abs() > max {
+            return Err(format!(
+                "{flag} {path} {number}: the {what} must be between -{max} and {max}"
+            ));
+        }
+        out.push((path.into(), v));
+    }
+    Ok(out)
 }
 
 /// Apply each of `loras` to `model`, in order (see
@@ -266,21 +275,12 @@ impl ControlSpec {
         range: &[String],
     ) -> Result<Self, String> {
         let mut files: Vec<_> = plain.iter().map(|p| (p.clone(), 1.0)).collect();
-        for pair in scaled.chunks(2) {
-            let [path, strength] = pair else {
-                return Err("--control-vector-scaled takes a file and a strength".into());
-            };
-            let s: f32 = strength.trim().parse().map_err(|_| {
-                format!("--control-vector-scaled {path} {strength}: the strength is not a number")
-            })?;
-            if !s.is_finite() || s.abs() > Self::MAX_STRENGTH {
-                return Err(format!(
-                    "--control-vector-scaled {path} {strength}: the strength must be between -{m} and {m}",
-                    m = Self::MAX_STRENGTH
-                ));
-            }
-            files.push((path.into(), s));
-        }
+        files.extend(scaled_files(
+            "--control-vector-scaled",
+            "strength",
+            scaled,
+            Self::MAX_STRENGTH,
+        )?);
         let layers = match range {
             [] => None,
             [a, b] => {
