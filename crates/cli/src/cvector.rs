@@ -54,8 +54,9 @@ pub struct CvectorArgs {
     /// Power iteration steps at most (pca).
     #[arg(long, default_value_t = 1000)]
     pca_iter: usize,
-    /// Steps between two checks of convergence (pca); --pca-iter must be a multiple of it,
-    /// as llama.cpp requires.
+    /// llama.cpp's steps per graph (pca): taken and checked as llama.cpp checks it
+    /// (--pca-iter a multiple of it), but convergence is checked at every step here, so it
+    /// changes nothing else.
     #[arg(long, default_value_t = 100)]
     pca_batch: usize,
 }
@@ -125,7 +126,6 @@ pub fn run(a: CvectorArgs) -> Result<()> {
             }
             Reduce::Pca {
                 iterations: a.pca_iter,
-                batch: a.pca_batch,
             }
         }
     };

@@ -173,7 +173,7 @@ impl Model {
     }
 }
 
-/// How [`direction`] reduces a layer's differences (positive minus negative
+/// How [`DiffStats::direction`] reduces a layer's differences (positive minus negative
 /// hidden states, one row per token) to one direction, as
 /// `llama-cvector-generator --method` does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,12 +184,10 @@ pub enum Reduce {
     /// takes it: the top eigenvector of DᵀD), by power iteration: at most
     /// `iterations` steps, stopping at the first step that moves the vector
     /// by less than 1e-7 (llama.cpp checks it step by step too, taking the
-    /// vector of that step). `batch` is how many steps llama.cpp builds
-    /// into one graph, kept for its flag's sake; it changes nothing here. Its sign is chosen
-    /// so that the rows' mean projects positively on it (llama.cpp leaves
-    /// it to chance), so that a positive strength steers towards the
-    /// positive prompts.
-    Pca { iterations: usize, batch: usize },
+    /// vector of that step). Its sign is chosen so that the rows' mean
+    /// projects positively on it (llama.cpp leaves it to chance), so that a
+    /// positive strength steers towards the positive prompts.
+    Pca { iterations: usize },
 }
 
 /// A layer's direction from its difference rows, and how well it sums them.
@@ -317,7 +315,7 @@ impl DiffStats {
         let mean: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
         let (v, steps, converged) = match how {
             Reduce::Mean => (unit(mean.clone()), 0, true),
-            Reduce::Pca { iterations, batch } => {
+            Reduce::Pca { iterations } => {
                 // A fixed start, so that a run is repeatable: llama.cpp starts
                 // from uniform random numbers in [0, 1), here from a fixed
                 // sequence of them.
@@ -331,7 +329,7 @@ impl DiffStats {
                     })
                     .collect();
                 let (mut v, steps, converged) =
-                    power_iteration(&self.gram, width, unit(start), iterations, batch.max(1));
+                    power_iteration(&self.gram, width, unit(start), iterations);
                 if dot(&v, &mean) < 0.0 {
                     v.iter_mut().for_each(|x| *x = -*x);
                 }
@@ -353,16 +351,6 @@ impl DiffStats {
     }
 }
 
-/// One layer's direction from its difference rows (see [`Reduce`] and
-/// [`DiffStats`]).
-pub fn direction(rows: &[&[f32]], width: usize, how: Reduce) -> Direction {
-    let mut stats = DiffStats::new(width);
-    for r in rows {
-        stats.add(r);
-    }
-    stats.direction(how)
-}
-
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -376,46 +364,36 @@ fn unit(mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
-/// The top eigenvector of the symmetric `s` from `v`: v ← s·v / |s·v|,
-/// checked every `batch` steps for a step shorter than [`PCA_TOLERANCE`].
+/// The top eigenvector of the symmetric `s` from `v`: v ← s·v / |s·v|, at
+/// most `iterations` steps, stopping at the first shorter than
+/// [`PCA_TOLERANCE`]. Returns it, the steps taken and whether it converged.
 fn power_iteration(
     s: &[f64],
     width: usize,
     mut v: Vec<f64>,
     iterations: usize,
-    batch: usize,
 ) -> (Vec<f64>, usize, bool) {
     let mut next = vec![0.0f64; width];
-    let mut steps = 0;
-    while steps < iterations {
-        let mut moved = f64::INFINITY;
-        for _ in 0..batch.min(iterations - steps) {
-            for (o, row) in next.iter_mut().zip(s.chunks_exact(width)) {
-                *o = dot(row, &v);
-            }
-            let n = dot(&next, &next).sqrt();
-            if n == 0.0 {
-                // Every row is zero: no direction to find.
-                return (vec![0.0; width], steps + 1, true);
-            }
-            next.iter_mut().for_each(|x| *x /= n);
-            moved = next
-                .iter()
-                .zip(&v)
-                .map(|(a, b)| (a - b).powi(2))
-                .sum::<f64>()
-                .sqrt();
-            std::mem::swap(&mut v, &mut next);
-            steps += 1;
-            if moved < PCA_TOLERANCE {
-                break;
-            }
+    for step in 1..=iterations {
+        for (o, row) in next.iter_mut().zip(s.chunks_exact(width)) {
+            *o = dot(row, &v);
         }
+        let n = dot(&next, &next).sqrt();
+        if n == 0.0 {
+            // Every row is zero: no direction to find.
+            return (vec![0.0; width], step, true);
+        }
+        next.iter_mut().for_each(|x| *x /= n);
+        let moved = (next.iter().zip(&v))
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        std::mem::swap(&mut v, &mut next);
         if moved < PCA_TOLERANCE {
-            return (v, steps, true);
+            return (v, step, true);
         }
     }
-    (v, steps, false)
+    (v, iterations, false)
 }
 
 impl ControlVector {
@@ -454,6 +432,15 @@ impl ControlVector {
 mod tests {
     use super::*;
 
+    /// One layer's direction from its difference rows.
+    fn direction(rows: &[&[f32]], width: usize, how: Reduce) -> Direction {
+        let mut stats = DiffStats::new(width);
+        for r in rows {
+            stats.add(r);
+        }
+        stats.direction(how)
+    }
+
     fn close(a: &[f32], b: &[f64], tol: f64) -> bool {
         a.iter().zip(b).all(|(&x, &y)| (x as f64 - y).abs() < tol)
     }
@@ -491,14 +478,7 @@ mod tests {
             &[0.1, -0.2],
             &[0.1, -0.2],
         ];
-        let d = direction(
-            &rows,
-            2,
-            Reduce::Pca {
-                iterations: 1000,
-                batch: 20,
-            },
-        );
+        let d = direction(&rows, 2, Reduce::Pca { iterations: 1000 });
         let l1 = (20.1 + (404.01f64 - 8.0).sqrt()) / 2.0;
         // Eigenvector of [[a, b], [b, c]] for λ: (b, λ - a), normalised.
         let (a, b) = (16.02, 7.96);
@@ -520,14 +500,7 @@ mod tests {
     fn pca_stops_after_its_iterations() {
         // Two eigenvalues almost equal: a few steps cannot converge.
         let rows: Vec<&[f32]> = vec![&[1.0, 0.0], &[0.0, 0.999]];
-        let d = direction(
-            &rows,
-            2,
-            Reduce::Pca {
-                iterations: 3,
-                batch: 1,
-            },
-        );
+        let d = direction(&rows, 2, Reduce::Pca { iterations: 3 });
         assert_eq!((d.steps, d.converged), (3, false));
     }
 
