@@ -327,9 +327,7 @@ fn info(
             l.bytes as f64 / (1 << 20) as f64
         )?;
     }
-    let steered: Vec<(usize, f32)> = (m.control.iter().enumerate())
-        .filter_map(|(l, v)| Some((l, v.as_deref()?.iter().map(|x| x * x).sum::<f32>().sqrt())))
-        .collect();
+    let steered = m.steered_layers();
     if !steered.is_empty() {
         let layers: Vec<String> = steered.iter().map(|(l, _)| l.to_string()).collect();
         let norm = steered.iter().map(|&(_, n)| n).fold(0.0, f32::max);

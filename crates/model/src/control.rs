@@ -137,6 +137,14 @@ pub struct ControlInfo {
 }
 
 impl Model {
+    /// The layers whose output takes a control vector, and each one's
+    /// length (Euclidean).
+    pub fn steered_layers(&self) -> Vec<(usize, f32)> {
+        (self.control.iter().enumerate())
+            .filter_map(|(l, v)| Some((l, v.as_deref()?.iter().map(|x| x * x).sum::<f32>().sqrt())))
+            .collect()
+    }
+
     /// Add `cv`'s direction for layer N to that layer's output, for N in
     /// `first..=last` (llama.cpp's `--control-vector-layer-range`; pass 1
     /// and the layer count for all), replacing any control vector set

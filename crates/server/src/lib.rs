@@ -379,8 +379,7 @@ fn load(cfg: &ServerConfig) -> Result<Loaded> {
     };
     let kv = KvCache::bytes_for(&model.config, cfg.ctx) * cfg.parallel;
     // (Control vectors are set at start-up for every request, as llama-server sets them.)
-    let steered: Vec<String> = (model.control.iter().enumerate())
-        .filter(|(_, v)| v.is_some())
+    let steered: Vec<String> = (model.steered_layers().iter())
         .map(|(l, _)| l.to_string())
         .collect();
     let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
