@@ -20,13 +20,6 @@ fn prompts(side: &str) -> PathBuf {
     data_dir().join(format!("cvector/{side}.txt"))
 }
 
-fn cosine(a: &[f32], b: &[f64]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y).sum();
-    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    dot / (na * nb)
-}
-
 /// The command's own reading of the prompt files (escapes processed) and its pairing (tokens
 /// padded as llama-cvector-generator pads them) give llama.cpp's tokens.
 #[test]
@@ -101,15 +94,15 @@ fn generated_directions_match_the_exact_ones() {
         let (mut ours_off, mut llama_off) = (Vec::new(), Vec::new());
         for (l, ((ours, exact), theirs)) in cv.layers.iter().zip(want).zip(llama).enumerate() {
             let exact = common::floats(exact);
-            let norm: f64 = ours.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            let ours: Vec<f64> = ours.iter().map(|&x| x as f64).collect();
+            let norm = ours.iter().map(|x| x * x).sum::<f64>().sqrt();
             assert!(
                 (norm - 1.0).abs() < 1e-5,
                 "{method} direction.{}: length {norm}",
                 l + 1
             );
-            ours_off.push(1.0 - cosine(ours, &exact));
-            let theirs: Vec<f32> = common::floats(theirs).iter().map(|&x| x as f32).collect();
-            llama_off.push(1.0 - cosine(&theirs, &exact));
+            ours_off.push(1.0 - common::cosine(&ours, &exact));
+            llama_off.push(1.0 - common::cosine(&common::floats(theirs), &exact));
         }
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
         let worst = ours_off.iter().cloned().fold(0.0, f64::max);

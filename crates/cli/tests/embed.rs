@@ -23,10 +23,6 @@ fn norm(a: &[f64]) -> f64 {
     a.iter().map(|x| x * x).sum::<f64>().sqrt()
 }
 
-fn cosine(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>() / (norm(a) * norm(b))
-}
-
 /// |a − b| / |b|.
 fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
@@ -74,7 +70,7 @@ fn embeddings_match_llama_cpp_and_exact() {
             let llama = vector(&r["llama_cpp"][pooling][i]);
             let exact = vector(&r["exact"][pooling][i]);
             assert_eq!(ours.len(), 640);
-            let cos = cosine(ours, &llama);
+            let cos = common::cosine(ours, &llama);
             assert!(
                 cos >= 0.995,
                 "{pooling} text {i}: cosine {cos} to llama.cpp's"

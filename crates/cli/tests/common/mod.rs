@@ -272,3 +272,9 @@ pub fn assert_run_flag_errors(path: &std::path::Path, cases: &[(Vec<std::ffi::Os
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// The cosine of the angle between `a` and `b`.
+pub fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>() / (norm(a) * norm(b))
+}
