@@ -490,9 +490,9 @@ macro_rules! packed_entry {
 }
 
 packed_entry!(for Avx512<false>, "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c";
-    avx512_t1: 1, avx512_t2: 2, avx512_t3: 3, avx512_t4: 4);
+    avx512_t1: 1, avx512_t2: 2, avx512_t3: 3, avx512_t4_all: 4);
 packed_entry!(for Avx512<true>, "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c";
-    gfni_t1: 1, gfni_t2: 2, gfni_t3: 3, gfni_t4: 4);
+    gfni_t1: 1, gfni_t2: 2, gfni_t3: 3, gfni_t4_all: 4);
 // AVX2: one token in four streams, two and three tokens in two.
 packed_entry!(for Avx2, "avx2,fma,f16c"; avx2_t1: 1 / 4, avx2_t2: 2 / 2, avx2_t3: 3 / 2, avx2_t4: 4);
 
@@ -554,3 +554,202 @@ widen_entry!(
     "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c"
 );
 widen_entry!(avx2_widen, Avx2, "avx2,fma,f16c");
+
+/// Whether `t4` of the AVX-512 tables takes byte-quant groups in pairs
+/// ([`bytes_pairs_t4`]); on unless a measurement turns it off to set the
+/// two side by side in one process (`examples/pairs_ab.rs`: this host's
+/// noise between runs is larger than the difference). The bits are the
+/// same either way.
+#[doc(hidden)]
+pub static PAIRS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// A table's `t4` entry.
+type T4 = fn(PackedFormat, &[u8], usize, usize, &[ActRow; 4], &mut [&mut [f32]; 4]);
+
+/// `t4` of the AVX-512 tables: byte-quant formats in pairs of groups, the
+/// rest (and an odd last group) through `all`.
+#[inline(always)]
+fn t4_pairs(
+    all: T4,
+    f: PackedFormat,
+    w: &[u8],
+    gb: usize,
+    nb: usize,
+    a: &[ActRow; 4],
+    o: &mut [&mut [f32]; 4],
+) {
+    if !(matches!(f, PackedFormat::Q8_0 | PackedFormat::Q5_0Wide)
+        && PAIRS.load(std::sync::atomic::Ordering::Relaxed))
+    {
+        return all(f, w, gb, nb, a, o);
+    }
+    // SAFETY: reached only from the AVX-512 tables, which
+    // `simd::available` returns after detecting these features; the
+    // kernel checks the lengths it reads.
+    let done = unsafe { bytes_pairs_t4(f, w, gb, nb, a, o) };
+    if done * gb < w.len() {
+        let [o0, o1, o2, o3] = o;
+        let r = done * crate::packed::LANES;
+        all(
+            f,
+            &w[done * gb..],
+            gb,
+            nb,
+            a,
+            &mut [&mut o0[r..], &mut o1[r..], &mut o2[r..], &mut o3[r..]],
+        );
+    }
+}
+
+fn avx512_t4(
+    f: PackedFormat,
+    w: &[u8],
+    gb: usize,
+    nb: usize,
+    a: &[ActRow; 4],
+    o: &mut [&mut [f32]; 4],
+) {
+    t4_pairs(avx512_t4_all, f, w, gb, nb, a, o)
+}
+
+fn gfni_t4(
+    f: PackedFormat,
+    w: &[u8],
+    gb: usize,
+    nb: usize,
+    a: &[ActRow; 4],
+    o: &mut [&mut [f32]; 4],
+) {
+    t4_pairs(gfni_t4_all, f, w, gb, nb, a, o)
+}
+
+/// A value the compiler must hold in a register (so that a broadcast is
+/// made once and read by several `vpdpbusd`, not folded into each as a
+/// memory operand); a macro, to run inside the caller's target features.
+macro_rules! in_reg {
+    ($v:expr) => {{
+        let mut v: __m512i = $v;
+        std::arch::asm!("/* {0} */", inout(zmm_reg) v, options(pure, nomem, nostack, preserves_flags));
+        v
+    }};
+}
+
+/// 4 tokens over pairs of groups of a format whose quants are plain bytes
+/// (Q8_0, widened Q5_0): each activation broadcast is made once, into a
+/// register, and feeds both groups' `vpdpbusd`s. Returns the groups done
+/// (an even number); the same integer sums and float steps, in the same
+/// order, as `kernel`, so the same bits.
+///
+/// The generic kernel takes one group a pass and folds each broadcast into
+/// its `vpdpbusd` as a memory operand: per block and 4 tokens, 32 products,
+/// 8 weight loads and 32 broadcast loads, where here 64 products take 16
+/// and 32. On the Zen 5 (which can start two `vpdpbusd` a cycle) the loads
+/// were what bound it: one thread, 512 tokens, old and new in turn in one
+/// process (`examples/pairs_ab.rs`, best of 39), ffn_gate 278–283 → 333–336
+/// G multiply-adds/s, attn_q 262–272 → 313–326, Q8_0 640 → 256 205–207 →
+/// 227–235; pp512 on one thread 1834–1913 → 1957–1996 tok/s (3 alternating
+/// rounds). An earlier try at two groups a pass inside the generic kernel
+/// left the broadcasts to the compiler, which folded them into memory
+/// operands again (two loads instead of one) or spilled; the empty `asm`
+/// of `in_reg!` is what keeps each in a register.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn bytes_pairs_t4(
+    f: PackedFormat,
+    w: &[u8],
+    gb: usize,
+    nb: usize,
+    a: &[ActRow; 4],
+    o: &mut [&mut [f32]; 4],
+) -> usize {
+    const CORE: usize = 512;
+    const UNIT: usize = 2 * CORE + 64;
+    assert_eq!(gb, f.group_bytes(nb));
+    let groups = w.len() / gb;
+    let pairs = groups / 2;
+    let mut qs = [std::ptr::null::<u8>(); 4];
+    let mut start = [std::ptr::null::<i32>(); 4];
+    let mut dy = [std::ptr::null::<f32>(); 4];
+    for t in 0..4 {
+        assert!(o[t].len() >= groups * 16);
+        match a[t] {
+            ActRow::Q8_0 {
+                blocks,
+                neg16,
+                neg128,
+                d,
+                ..
+            } => {
+                assert!(
+                    blocks.len() >= nb && neg16.len() >= nb && neg128.len() >= nb && d.len() >= nb
+                );
+                qs[t] = blocks.as_ptr() as *const u8;
+                start[t] = match f {
+                    PackedFormat::Q8_0 => neg128.as_ptr(),
+                    PackedFormat::Q5_0Wide => neg16.as_ptr(),
+                    _ => unreachable!("bytes_pairs_t4: {f:?}"),
+                };
+                dy[t] = d.as_ptr();
+            }
+            _ => panic!("{f:?}: activations"),
+        }
+    }
+    // Block b's 4 bytes k.. of token t.
+    let y = |t: usize, b: usize, k: usize| -> __m512i {
+        in_reg!(_mm512_set1_epi32(
+            (qs[t].add(34 * b + 2 + k) as *const i32).read_unaligned()
+        ))
+    };
+    for p in 0..pairs {
+        let ga = w.as_ptr().add(2 * p * gb);
+        let gz = ga.add(gb);
+        let mut acc_a = [_mm512_setzero_ps(); 4];
+        let mut acc_b = [_mm512_setzero_ps(); 4];
+        let mut b = 0;
+        let mut unit = 0;
+        while b < nb {
+            let in_unit = 2.min(nb - b);
+            for j in 0..in_unit {
+                let q = unit + j * CORE;
+                let s = unit + in_unit * CORE + 32 * j;
+                let mut is_a: [__m512i; 4] =
+                    std::array::from_fn(|t| _mm512_set1_epi32(*start[t].add(b + j)));
+                let mut is_b = is_a;
+                for c in 0..4 {
+                    let la = _mm512_loadu_si512(ga.add(q + 64 * c) as *const _);
+                    let ha = _mm512_loadu_si512(ga.add(q + 256 + 64 * c) as *const _);
+                    let lb = _mm512_loadu_si512(gz.add(q + 64 * c) as *const _);
+                    let hb = _mm512_loadu_si512(gz.add(q + 256 + 64 * c) as *const _);
+                    for t in 0..4 {
+                        let (yl, yh) = (y(t, b + j, 4 * c), y(t, b + j, 16 + 4 * c));
+                        is_a[t] = _mm512_dpbusd_epi32(is_a[t], la, yl);
+                        is_b[t] = _mm512_dpbusd_epi32(is_b[t], lb, yl);
+                        is_a[t] = _mm512_dpbusd_epi32(is_a[t], ha, yh);
+                        is_b[t] = _mm512_dpbusd_epi32(is_b[t], hb, yh);
+                    }
+                }
+                let dwa = _mm512_cvtph_ps(_mm256_loadu_si256(ga.add(s) as *const _));
+                let dwb = _mm512_cvtph_ps(_mm256_loadu_si256(gz.add(s) as *const _));
+                for t in 0..4 {
+                    let d = _mm512_set1_ps(*dy[t].add(b + j));
+                    acc_a[t] = _mm512_fmadd_ps(
+                        _mm512_mul_ps(dwa, d),
+                        _mm512_cvtepi32_ps(is_a[t]),
+                        acc_a[t],
+                    );
+                    acc_b[t] = _mm512_fmadd_ps(
+                        _mm512_mul_ps(dwb, d),
+                        _mm512_cvtepi32_ps(is_b[t]),
+                        acc_b[t],
+                    );
+                }
+            }
+            unit += UNIT;
+            b += in_unit;
+        }
+        for t in 0..4 {
+            _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p), acc_a[t]);
+            _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p + 16), acc_b[t]);
+        }
+    }
+    2 * pairs
+}

@@ -1,0 +1,70 @@
+//! The AVX-512 prompt kernels with and without pairs of groups
+//! (`PACKED_PAIRS`), in turn in one process, at the model's shapes and 512
+//! tokens: `RAYON_NUM_THREADS=1 cargo run --release -p gemma3-kernels
+//! --example pairs_ab [name filter]`. The bits must match.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use gemma3_kernels::packed::{matmul_packed, PackedMatrix};
+use gemma3_kernels::{simd, MatmulScratch, QMatrix, WeightFormat};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+fn main() {
+    let k = simd::available()
+        .into_iter()
+        .find(|k| k.name.contains("gfni"))
+        .expect("gfni table");
+    let n = 512;
+    for (name, format, rows, cols) in [
+        ("ffn_gate", WeightFormat::Q5_0, 2048, 640),
+        ("attn_q", WeightFormat::Q5_0, 1024, 640),
+        ("attn_v q8", WeightFormat::Q8_0, 256, 640),
+        ("attn_output q4k", WeightFormat::Q4K, 640, 1024),
+        ("ffn_down q4k", WeightFormat::Q4K, 640, 2048),
+        ("ffn_down q6k", WeightFormat::Q6K, 640, 2048),
+    ] {
+        if std::env::args().nth(1).is_some_and(|f| !name.contains(&f)) {
+            continue;
+        }
+        let bytes = common::random_rows(&mut common::Rng::new(7), format, rows, cols);
+        let w = QMatrix::new(format, rows, cols, &bytes).unwrap();
+        let p = PackedMatrix::pack(&w).unwrap();
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 7919 % 2001) as f32 / 1000.0) - 1.0)
+            .collect();
+        let mut out = vec![0.0f32; n * rows];
+        let mut out2 = vec![0.0f32; n * rows];
+        let mut scratch = MatmulScratch::default();
+        let mut best = [f64::MAX; 2];
+        let mut sum = [0.0f64; 2];
+        let rounds = 40;
+        for r in 0..rounds {
+            for (i, on) in [(0, false), (1, true)] {
+                gemma3_kernels::PACKED_PAIRS.store(on, Ordering::Relaxed);
+                let o = if on { &mut out2 } else { &mut out };
+                let t = Instant::now();
+                matmul_packed(&k.packed, &p, &x, n, o, &mut scratch);
+                let e = t.elapsed().as_secs_f64();
+                if r > 0 {
+                    best[i] = best[i].min(e);
+                    sum[i] += e;
+                }
+            }
+        }
+        assert!(
+            out.iter()
+                .zip(&out2)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "bits differ"
+        );
+        let macs = (n * rows * cols) as f64;
+        println!(
+            "{name}: old best {:.1} G/s mean {:.1}; pairs best {:.1} mean {:.1}",
+            macs / best[0] / 1e9,
+            macs / (sum[0] / (rounds - 1) as f64) / 1e9,
+            macs / best[1] / 1e9,
+            macs / (sum[1] / (rounds - 1) as f64) / 1e9
+        );
+    }
+}
