@@ -2916,7 +2916,12 @@ fn run_packed(
         let gb = w.group_bytes;
         let min_g = (32 * 1024 / (gb * n)).max(1);
         let max_g = (256 * 1024 / gb).max(min_g);
-        let chunk = (groups / (threads * 8)).clamp(min_g, max_g).min(groups);
+        // (Even, so that the AVX-512 prompt kernels can take a task's
+        // groups in pairs: see `packed_x86::bytes_pairs_t4`.)
+        let chunk = (groups / (threads * 8))
+            .clamp(min_g, max_g)
+            .next_multiple_of(2)
+            .min(groups);
         chunks[i] = (chunk, groups);
         first[i + 1] = first[i] + groups.div_ceil(chunk);
     }
