@@ -269,6 +269,11 @@ pub struct F16Ops {
     /// If `ahead` is not 0, the memory `ahead` halves past the tile (a
     /// later tile, which need not exist) is prefetched while it is read.
     pub qk: fn(q: &[f32], kt: &[half::f16], s: &mut [f32], ahead: usize),
+    /// `qk` of the same rows against two K tiles at once (`kt0` into `s0`,
+    /// `kt1` into `s1`), the same bits as two calls; `ahead` as in `qk`,
+    /// for each tile.
+    #[allow(clippy::type_complexity)]
+    pub qk2: fn(q: &[f32], kt: [&[half::f16]; 2], s0: &mut [f32], s1: &mut [f32], ahead: usize),
     /// `acc[r·hd + c] = fma(p[r·16 + j], v[offs[j] + c], acc[r·hd + c])` for
     /// each key j of `offs` in order (R = acc.len() / hd); prefetching
     /// `ahead` halves past each row read, as `qk` does.
@@ -355,6 +360,11 @@ fn qk_ref(q: &[f32], kt: &[half::f16], s: &mut [f32], _ahead: usize) {
     }
 }
 
+fn qk2_ref(q: &[f32], kt: [&[half::f16]; 2], s0: &mut [f32], s1: &mut [f32], ahead: usize) {
+    qk_ref(q, kt[0], s0, ahead);
+    qk_ref(q, kt[1], s1, ahead);
+}
+
 fn pv_ref(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize, _ahead: usize) {
     let rows = acc.len() / hd;
     for r in 0..rows {
@@ -371,6 +381,7 @@ pub const F16_SCALAR: F16Ops = F16Ops {
     name: "scalar",
     level: Level::Scalar,
     qk: qk_ref,
+    qk2: qk2_ref,
     pv: pv_ref,
     exp_sub: exp_sub_ref,
 };

@@ -1222,6 +1222,51 @@ unsafe fn qk_avx512(q: &[f32], kt: &[half::f16], s: &mut [f32], ahead: usize) {
     ));
 }
 
+/// Scores of a multiple of 8 rows against two K tiles, 8 rows a pass:
+/// per element d of the head, each query element broadcast once into a
+/// register for its two FMAs (one per tile), where `qk_rows16` folds a
+/// broadcast into each FMA as a memory operand: 2 tile loads and 8
+/// broadcasts for 16 FMAs instead of 1 and 16 (the loads bound the 16-row
+/// pass on the Zen 5, as in `pv_rows8_reg`). Each score is the same fma
+/// chain over d in order, so the same bits as `qk_rows16`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn qk2_avx512(
+    q: &[f32],
+    kt: [&[half::f16]; 2],
+    s0: &mut [f32],
+    s1: &mut [f32],
+    ahead: usize,
+) {
+    let hd = kt[0].len() / KEY_BLOCK;
+    let rows = q.len() / hd;
+    let (k0, k1) = (kt[0].as_ptr() as *const u16, kt[1].as_ptr() as *const u16);
+    for r0 in (0..rows).step_by(8) {
+        let qp = q.as_ptr().add(r0 * hd);
+        let mut a0 = [_mm512_setzero_ps(); 8];
+        let mut a1 = [_mm512_setzero_ps(); 8];
+        for d in 0..hd {
+            // The prefetch once per tile: in the first rows' pass.
+            if ahead != 0 && r0 == 0 && d % 2 == 0 {
+                prefetch_line(k0.wrapping_add(d * KEY_BLOCK + ahead));
+                prefetch_line(k1.wrapping_add(d * KEY_BLOCK + ahead));
+            }
+            let v0 = _mm512_cvtph_ps(_mm256_loadu_si256(k0.add(d * KEY_BLOCK) as *const __m256i));
+            let v1 = _mm512_cvtph_ps(_mm256_loadu_si256(k1.add(d * KEY_BLOCK) as *const __m256i));
+            for r in 0..8 {
+                let mut qb = _mm512_set1_ps(*qp.add(r * hd + d));
+                // (Opaque to the compiler: it must hold qb in a register.)
+                std::arch::asm!("/* {0} */", inout(zmm_reg) qb, options(pure, nomem, nostack, preserves_flags));
+                a0[r] = _mm512_fmadd_ps(qb, v0, a0[r]);
+                a1[r] = _mm512_fmadd_ps(qb, v1, a1[r]);
+            }
+        }
+        for r in 0..8 {
+            _mm512_storeu_ps(s0.as_mut_ptr().add((r0 + r) * KEY_BLOCK), a0[r]);
+            _mm512_storeu_ps(s1.as_mut_ptr().add((r0 + r) * KEY_BLOCK), a1[r]);
+        }
+    }
+}
+
 fn check_pv(acc: &[f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize) -> usize {
     assert!(hd > 0 && acc.len().is_multiple_of(hd) && offs.len() <= KEY_BLOCK);
     let rows = acc.len() / hd;
@@ -1564,6 +1609,22 @@ fn qk_f16_wide(q: &[f32], kt: &[half::f16], s: &mut [f32], ahead: usize) {
     unsafe { qk_avx512(q, kt, s, ahead) }
 }
 
+fn qk2_f16(q: &[f32], kt: [&[half::f16]; 2], s0: &mut [f32], s1: &mut [f32], ahead: usize) {
+    qk_f16(q, kt[0], s0, ahead);
+    qk_f16(q, kt[1], s1, ahead);
+}
+
+fn qk2_f16_wide(q: &[f32], kt: [&[half::f16]; 2], s0: &mut [f32], s1: &mut [f32], ahead: usize) {
+    let (hd, rows) = check_qk(q, kt[0], s0);
+    if !rows.is_multiple_of(8) {
+        qk_f16_wide(q, kt[0], s0, ahead);
+        return qk_f16_wide(q, kt[1], s1, ahead);
+    }
+    assert_eq!(check_qk(q, kt[1], s1), (hd, rows));
+    // SAFETY: as for qk_f16_wide; the shapes are checked above.
+    unsafe { qk2_avx512(q, kt, s0, s1, ahead) }
+}
+
 fn pv_f16(acc: &mut [f32], p: &[f32], v: &[half::f16], offs: &[usize], hd: usize, ahead: usize) {
     if !hd.is_multiple_of(8) {
         return (crate::simd::F16_SCALAR.pv)(acc, p, v, offs, hd, ahead);
@@ -1591,6 +1652,7 @@ pub const F16_AVX2: F16Ops = F16Ops {
     name: "avx2-f16c",
     level: crate::simd::Level::Avx2,
     qk: qk_f16,
+    qk2: qk2_f16,
     pv: pv_f16,
     exp_sub: exp_sub_f16,
 };
@@ -1599,6 +1661,7 @@ pub const F16_AVX512: F16Ops = F16Ops {
     name: "avx512-f16c",
     level: crate::simd::Level::Avx512,
     qk: qk_f16_wide,
+    qk2: qk2_f16_wide,
     pv: pv_f16_wide,
     exp_sub: exp_sub_wide,
 };

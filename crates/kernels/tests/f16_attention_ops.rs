@@ -2,7 +2,8 @@
 //! keys): every table this CPU runs against a plain f64 computation written here, and
 //! bit for bit against the scalar table (each output is one fma chain in a fixed order, so
 //! attention cannot depend on the vector width), for 1..=16 rows and a head width with a
-//! tail (hd = 40), and one that is a multiple of 16 but not of the wide kernels' chunks (48).
+//! tail (hd = 40), and one that is a multiple of 16 but not of the wide kernels' chunks (48);
+//! and scores against two tiles at once (`qk2`) bit for bit against two single ones.
 
 use gemma3_kernels::simd::{f16_available, KEY_BLOCK};
 use half::f16;
@@ -42,6 +43,28 @@ fn qk_and_pv_match_f64_and_every_table_gives_the_scalar_bits() {
             for ops in &tables {
                 let mut s = vec![f32::NAN; rows * KEY_BLOCK];
                 (ops.qk)(&q, &kt, &mut s, if rows % 2 == 0 { kt.len() } else { 0 });
+                // Two tiles at once: each tile's scores, the same bits as
+                // one at a time (the second tile another key block).
+                let kt1 = halves(&data(hd * KEY_BLOCK, 6));
+                let mut s1 = vec![f32::NAN; rows * KEY_BLOCK];
+                (ops.qk)(&q, &kt1, &mut s1, 0);
+                let (mut t0, mut t1) = (
+                    vec![f32::NAN; rows * KEY_BLOCK],
+                    vec![f32::NAN; rows * KEY_BLOCK],
+                );
+                (ops.qk2)(
+                    &q,
+                    [&kt, &kt1],
+                    &mut t0,
+                    &mut t1,
+                    if rows % 2 == 0 { kt.len() } else { 0 },
+                );
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert!(
+                    bits(&t0) == bits(&s) && bits(&t1) == bits(&s1),
+                    "{} qk2 differs in bits from qk (hd {hd}, rows {rows})",
+                    ops.name
+                );
                 for r in 0..rows {
                     for j in 0..KEY_BLOCK {
                         let terms =
