@@ -1817,7 +1817,7 @@ const _: () = {
 /// `lo` and `hi` as the low and high halves of one i32 (the form of a
 /// broadcast `pmaddwd` operand).
 #[inline(always)]
-fn i16_pair(lo: i16, hi: i16) -> i32 {
+pub(crate) fn i16_pair(lo: i16, hi: i16) -> i32 {
     (lo as u16 as u32 | (hi as u16 as u32) << 16) as i32
 }
 

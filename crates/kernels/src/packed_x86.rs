@@ -566,8 +566,11 @@ pub static PAIRS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 /// A table's `t4` entry.
 type T4 = fn(PackedFormat, &[u8], usize, usize, &[ActRow; 4], &mut [&mut [f32]; 4]);
 
-/// `t4` of the AVX-512 tables: byte-quant formats in pairs of groups, the
-/// rest (and an odd last group) through `all`.
+/// `t4` of the AVX-512 tables: Q8_0, widened Q5_0 and Q4_K in pairs of
+/// groups, the rest (and an odd last group) through `all`. (Q6_K, 12% of
+/// a prompt's multiply-adds, still goes one group a pass: its 4 vectors
+/// per sub-block for two groups would not leave the registers the sums
+/// need.)
 #[inline(always)]
 fn t4_pairs(
     all: T4,
@@ -578,15 +581,23 @@ fn t4_pairs(
     a: &[ActRow; 4],
     o: &mut [&mut [f32]; 4],
 ) {
-    if !(matches!(f, PackedFormat::Q8_0 | PackedFormat::Q5_0Wide)
-        && PAIRS.load(std::sync::atomic::Ordering::Relaxed))
+    if !(matches!(
+        f,
+        PackedFormat::Q8_0 | PackedFormat::Q5_0Wide | PackedFormat::Q4K
+    ) && PAIRS.load(std::sync::atomic::Ordering::Relaxed))
     {
         return all(f, w, gb, nb, a, o);
     }
     // SAFETY: reached only from the AVX-512 tables, which
     // `simd::available` returns after detecting these features; the
     // kernel checks the lengths it reads.
-    let done = unsafe { bytes_pairs_t4(f, w, gb, nb, a, o) };
+    let done = match f {
+        PackedFormat::Q8_0 | PackedFormat::Q5_0Wide => unsafe {
+            bytes_pairs_t4(f, w, gb, nb, a, o)
+        },
+        PackedFormat::Q4K => unsafe { q4k_pairs_t4(w, gb, nb, a, o) },
+        _ => 0,
+    };
     if done * gb < w.len() {
         let [o0, o1, o2, o3] = o;
         let r = done * crate::packed::LANES;
@@ -745,6 +756,143 @@ unsafe fn bytes_pairs_t4(
             }
             unit += UNIT;
             b += in_unit;
+        }
+        for t in 0..4 {
+            _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p), acc_a[t]);
+            _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p + 16), acc_b[t]);
+        }
+    }
+    2 * pairs
+}
+
+/// [`bytes_pairs_t4`] for Q4_K: per super-block of 256 columns and pair of
+/// sub-blocks (2c, 2c + 1), each token's two partial sums over the pair's 8
+/// nibble vectors (low and high nibbles), times the rows' sub-block scales
+/// in exact integers; the minimums' sums and the float steps as
+/// `group_q4k`'s (so the same bits). One thread, 512 tokens, in turn with
+/// the one-group kernel in one process (`examples/pairs_ab.rs`, best of
+/// 39, three runs): attn_output 289–302 → 317–329 G multiply-adds/s,
+/// ffn_down (Q4_K) 297–305 → 323–332. Widening Q4_K to bytes first (as
+/// the AVX2 table does) and pairing the widened groups measured no faster
+/// than the one-group kernel: 35 KB a widened group of 2048 columns, and
+/// a `vpmulld` per 8 `vpdpbusd` either way.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4k_pairs_t4(
+    w: &[u8],
+    gb: usize,
+    nb: usize,
+    a: &[ActRow; 4],
+    o: &mut [&mut [f32]; 4],
+) -> usize {
+    let f = PackedFormat::Q4K;
+    let core = f.core_bytes();
+    let unit = core + f.scale_bytes();
+    let nibbles = f.nibbles_offset();
+    assert_eq!(gb, f.group_bytes(nb));
+    assert_eq!(gb, nb * unit, "one block a unit");
+    let groups = w.len() / gb;
+    let pairs = groups / 2;
+    let mut blocks = [std::ptr::null::<crate::formats::BlockQ8K>(); 4];
+    for t in 0..4 {
+        assert!(o[t].len() >= groups * 16);
+        match a[t] {
+            ActRow::Q8K { blocks: bl, .. } => {
+                assert!(bl.len() >= nb);
+                blocks[t] = bl.as_ptr();
+            }
+            _ => panic!("{f:?}: activations"),
+        }
+    }
+    let m4 = _mm512_set1_epi8(0x0F);
+    for p in 0..pairs {
+        let ga = w.as_ptr().add(2 * p * gb);
+        let gz = ga.add(gb);
+        let mut acc_a = [_mm512_setzero_ps(); 4];
+        let mut acc_b = [_mm512_setzero_ps(); 4];
+        for b in 0..nb {
+            let (ca, cz) = (ga.add(b * unit), gz.add(b * unit));
+            let y: [&crate::formats::BlockQ8K; 4] = std::array::from_fn(|t| &*blocks[t].add(b));
+            let mut s_a = [_mm512_setzero_si512(); 4];
+            let mut s_b = [_mm512_setzero_si512(); 4];
+            for c in 0..4 {
+                let z = _mm512_setzero_si512();
+                let (mut la, mut ha, mut lb, mut hb) = ([z; 4], [z; 4], [z; 4], [z; 4]);
+                for g in 0..8 {
+                    let at = nibbles + 64 * (8 * c + g);
+                    let va = _mm512_loadu_si512(ca.add(at) as *const _);
+                    let vb = _mm512_loadu_si512(cz.add(at) as *const _);
+                    let (a_lo, a_hi) = (
+                        _mm512_and_si512(va, m4),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(va), m4),
+                    );
+                    let (b_lo, b_hi) = (
+                        _mm512_and_si512(vb, m4),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(vb), m4),
+                    );
+                    for t in 0..4 {
+                        let q = y[t].qs.as_ptr().add(64 * c + 4 * g);
+                        let yl = in_reg!(_mm512_set1_epi32((q as *const i32).read_unaligned()));
+                        let yh = in_reg!(_mm512_set1_epi32(
+                            (q.add(32) as *const i32).read_unaligned()
+                        ));
+                        la[t] = _mm512_dpbusd_epi32(la[t], a_lo, yl);
+                        lb[t] = _mm512_dpbusd_epi32(lb[t], b_lo, yl);
+                        ha[t] = _mm512_dpbusd_epi32(ha[t], a_hi, yh);
+                        hb[t] = _mm512_dpbusd_epi32(hb[t], b_hi, yh);
+                    }
+                }
+                let sc = |g: *const u8, j: usize| {
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(g.add(16 * j) as *const _))
+                };
+                let (sal, sah, sbl, sbh) = (
+                    sc(ca, 2 * c),
+                    sc(ca, 2 * c + 1),
+                    sc(cz, 2 * c),
+                    sc(cz, 2 * c + 1),
+                );
+                for t in 0..4 {
+                    s_a[t] = _mm512_add_epi32(s_a[t], _mm512_mullo_epi32(la[t], sal));
+                    s_a[t] = _mm512_add_epi32(s_a[t], _mm512_mullo_epi32(ha[t], sah));
+                    s_b[t] = _mm512_add_epi32(s_b[t], _mm512_mullo_epi32(lb[t], sbl));
+                    s_b[t] = _mm512_add_epi32(s_b[t], _mm512_mullo_epi32(hb[t], sbh));
+                }
+            }
+            // M = Σ_j m_j·Σy_j, two sub-blocks of 32 a `vpdpwssd`.
+            let mins = |c: *const u8, t: usize| {
+                let bs = &y[t].bsums;
+                let mut m = _mm512_setzero_si512();
+                for q in 0..4 {
+                    let pair = crate::packed::i16_pair(
+                        bs[4 * q] + bs[4 * q + 1],
+                        bs[4 * q + 2] + bs[4 * q + 3],
+                    );
+                    let v =
+                        _mm512_cvtepu8_epi16(_mm256_loadu_si256(c.add(128 + 32 * q) as *const _));
+                    m = _mm512_dpwssd_epi32(m, v, _mm512_set1_epi32(pair));
+                }
+                m
+            };
+            let (sa, sz) = (ca.add(core), cz.add(core));
+            let (da, dza) = (
+                _mm512_cvtph_ps(_mm256_loadu_si256(sa as *const _)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(sa.add(32) as *const _)),
+            );
+            let (db, dzb) = (
+                _mm512_cvtph_ps(_mm256_loadu_si256(sz as *const _)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(sz.add(32) as *const _)),
+            );
+            for t in 0..4 {
+                let dy = _mm512_set1_ps(y[t].d);
+                let (ma, mb) = (mins(ca, t), mins(cz, t));
+                acc_a[t] =
+                    _mm512_fmadd_ps(_mm512_mul_ps(da, dy), _mm512_cvtepi32_ps(s_a[t]), acc_a[t]);
+                acc_a[t] =
+                    _mm512_fnmadd_ps(_mm512_mul_ps(dza, dy), _mm512_cvtepi32_ps(ma), acc_a[t]);
+                acc_b[t] =
+                    _mm512_fmadd_ps(_mm512_mul_ps(db, dy), _mm512_cvtepi32_ps(s_b[t]), acc_b[t]);
+                acc_b[t] =
+                    _mm512_fnmadd_ps(_mm512_mul_ps(dzb, dy), _mm512_cvtepi32_ps(mb), acc_b[t]);
+            }
         }
         for t in 0..4 {
             _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p), acc_a[t]);
