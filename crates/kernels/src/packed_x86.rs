@@ -566,13 +566,11 @@ pub static PAIRS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 /// A table's `t4` entry.
 type T4 = fn(PackedFormat, &[u8], usize, usize, &[ActRow; 4], &mut [&mut [f32]; 4]);
 
-/// `t4` of the AVX-512 tables: Q8_0, widened Q5_0 and Q4_K in pairs of
-/// groups, the rest (and an odd last group) through `all`. (Q6_K, 12% of
-/// a prompt's multiply-adds, still goes one group a pass: its 4 vectors
-/// per sub-block for two groups would not leave the registers the sums
-/// need.)
+/// `t4` of the AVX-512 tables: Q8_0, widened Q5_0, Q4_K and (with GFNI)
+/// Q6_K in pairs of groups, the rest (and an odd last group) through
+/// `all`: every format of the shipped file's layer matrices.
 #[inline(always)]
-fn t4_pairs(
+fn t4_pairs<const GFNI: bool>(
     all: T4,
     f: PackedFormat,
     w: &[u8],
@@ -581,11 +579,12 @@ fn t4_pairs(
     a: &[ActRow; 4],
     o: &mut [&mut [f32]; 4],
 ) {
-    if !(matches!(
-        f,
-        PackedFormat::Q8_0 | PackedFormat::Q5_0Wide | PackedFormat::Q4K
-    ) && PAIRS.load(std::sync::atomic::Ordering::Relaxed))
-    {
+    let paired = match f {
+        PackedFormat::Q8_0 | PackedFormat::Q5_0Wide | PackedFormat::Q4K => true,
+        PackedFormat::Q6K => GFNI,
+        _ => false,
+    };
+    if !(paired && PAIRS.load(std::sync::atomic::Ordering::Relaxed)) {
         return all(f, w, gb, nb, a, o);
     }
     // SAFETY: reached only from the AVX-512 tables, which
@@ -596,6 +595,8 @@ fn t4_pairs(
             bytes_pairs_t4(f, w, gb, nb, a, o)
         },
         PackedFormat::Q4K => unsafe { q4k_pairs_t4(w, gb, nb, a, o) },
+        // (Only on the GFNI table: `paired` above.)
+        PackedFormat::Q6K => unsafe { q6k_pairs_t4(w, gb, nb, a, o) },
         _ => 0,
     };
     if done * gb < w.len() {
@@ -620,7 +621,7 @@ fn avx512_t4(
     a: &[ActRow; 4],
     o: &mut [&mut [f32]; 4],
 ) {
-    t4_pairs(avx512_t4_all, f, w, gb, nb, a, o)
+    t4_pairs::<false>(avx512_t4_all, f, w, gb, nb, a, o)
 }
 
 fn gfni_t4(
@@ -631,7 +632,7 @@ fn gfni_t4(
     a: &[ActRow; 4],
     o: &mut [&mut [f32]; 4],
 ) {
-    t4_pairs(gfni_t4_all, f, w, gb, nb, a, o)
+    t4_pairs::<true>(gfni_t4_all, f, w, gb, nb, a, o)
 }
 
 /// A value the compiler must hold in a register (so that a broadcast is
@@ -892,6 +893,120 @@ unsafe fn q4k_pairs_t4(
                     _mm512_fmadd_ps(_mm512_mul_ps(db, dy), _mm512_cvtepi32_ps(s_b[t]), acc_b[t]);
                 acc_b[t] =
                     _mm512_fnmadd_ps(_mm512_mul_ps(dzb, dy), _mm512_cvtepi32_ps(mb), acc_b[t]);
+            }
+        }
+        for t in 0..4 {
+            _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p), acc_a[t]);
+            _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p + 16), acc_b[t]);
+        }
+    }
+    2 * pairs
+}
+
+/// [`bytes_pairs_t4`] for Q6_K (on the GFNI table, whose bit-matrix
+/// transform moves each vector's two high bits in one instruction): per
+/// super-block and sub-block j of 16 columns, each token's sum from
+/// −32·Σy over the sub-block's 4 vectors (two at a time for both groups,
+/// to leave registers for the sums), times the rows' sub-block scales in
+/// exact integers; the float step as `group_q6k`'s (so the same bits).
+/// One thread, 512 tokens, in turn with the one-group kernel in one
+/// process (best of 39, three runs): ffn_down (Q6_K) 274–281 → 308–314 G
+/// multiply-adds/s.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c")]
+unsafe fn q6k_pairs_t4(
+    w: &[u8],
+    gb: usize,
+    nb: usize,
+    a: &[ActRow; 4],
+    o: &mut [&mut [f32]; 4],
+) -> usize {
+    let f = PackedFormat::Q6K;
+    let (core, sb) = (f.core_bytes(), f.scale_bytes());
+    assert_eq!(gb, f.group_bytes(nb));
+    let groups = w.len() / gb;
+    let pairs = groups / 2;
+    let mut blocks = [std::ptr::null::<crate::formats::BlockQ8K>(); 4];
+    let mut neg32 = [std::ptr::null::<i32>(); 4];
+    for t in 0..4 {
+        assert!(o[t].len() >= groups * 16);
+        match a[t] {
+            ActRow::Q8K {
+                blocks: bl,
+                neg32: n,
+            } => {
+                assert!(bl.len() >= nb && n.len() >= 16 * nb);
+                blocks[t] = bl.as_ptr();
+                neg32[t] = n.as_ptr();
+            }
+            _ => panic!("{f:?}: activations"),
+        }
+    }
+    let m4 = _mm512_set1_epi8(0x0F);
+    // Vector i of a sub-block: nibbles joined to their two high bits (as
+    // `Avx512::<true>::two_bits`).
+    let vec = |v: __m512i, c: __m512i, i: usize| {
+        let m = ((1u64 << (2 * i)) << 24) | ((1u64 << (2 * i + 1)) << 16);
+        let hi = _mm512_gf2p8affine_epi64_epi8::<0>(c, _mm512_set1_epi64(m as i64));
+        let lo = if i % 2 == 0 {
+            v
+        } else {
+            _mm512_srli_epi16::<4>(v)
+        };
+        _mm512_ternarylogic_epi32::<0xEA>(lo, m4, hi)
+    };
+    for p in 0..pairs {
+        let ga = w.as_ptr().add(2 * p * gb);
+        let gz = ga.add(gb);
+        let mut acc_a = [_mm512_setzero_ps(); 4];
+        let mut acc_b = [_mm512_setzero_ps(); 4];
+        for b in 0..nb {
+            let (qo, so) = crate::packed::block_offsets(core, sb, nb, b);
+            let (ca, cz) = (ga.add(qo), gz.add(qo));
+            let y: [&crate::formats::BlockQ8K; 4] = std::array::from_fn(|t| &*blocks[t].add(b));
+            let mut s_a = [_mm512_setzero_si512(); 4];
+            let mut s_b = [_mm512_setzero_si512(); 4];
+            for j in 0..16 {
+                let start: [__m512i; 4] =
+                    std::array::from_fn(|t| _mm512_set1_epi32(*neg32[t].add(16 * b + j)));
+                let (mut is_a, mut is_b) = (start, start);
+                let (ba, bz) = (ca.add(256 + 192 * j), cz.add(256 + 192 * j));
+                let (hca, hcb) = (
+                    _mm512_loadu_si512(ba.add(128) as *const _),
+                    _mm512_loadu_si512(bz.add(128) as *const _),
+                );
+                for h in 0..2 {
+                    // Vectors 2h and 2h + 1: one load's low and high nibbles.
+                    let va = _mm512_loadu_si512(ba.add(64 * h) as *const _);
+                    let vb = _mm512_loadu_si512(bz.add(64 * h) as *const _);
+                    let (a0, a1) = (vec(va, hca, 2 * h), vec(va, hca, 2 * h + 1));
+                    let (b0, b1) = (vec(vb, hcb, 2 * h), vec(vb, hcb, 2 * h + 1));
+                    for t in 0..4 {
+                        let q = y[t].qs.as_ptr().add(16 * j + 8 * h);
+                        let y0 = in_reg!(_mm512_set1_epi32((q as *const i32).read_unaligned()));
+                        let y1 =
+                            in_reg!(_mm512_set1_epi32((q.add(4) as *const i32).read_unaligned()));
+                        is_a[t] = _mm512_dpbusd_epi32(is_a[t], a0, y0);
+                        is_b[t] = _mm512_dpbusd_epi32(is_b[t], b0, y0);
+                        is_a[t] = _mm512_dpbusd_epi32(is_a[t], a1, y1);
+                        is_b[t] = _mm512_dpbusd_epi32(is_b[t], b1, y1);
+                    }
+                }
+                let sc =
+                    |c: *const u8| _mm512_cvtepi8_epi32(_mm_loadu_si128(c.add(16 * j) as *const _));
+                let (sca, scb) = (sc(ca), sc(cz));
+                for t in 0..4 {
+                    s_a[t] = _mm512_add_epi32(s_a[t], _mm512_mullo_epi32(is_a[t], sca));
+                    s_b[t] = _mm512_add_epi32(s_b[t], _mm512_mullo_epi32(is_b[t], scb));
+                }
+            }
+            let da = _mm512_cvtph_ps(_mm256_loadu_si256(ga.add(so) as *const _));
+            let db = _mm512_cvtph_ps(_mm256_loadu_si256(gz.add(so) as *const _));
+            for t in 0..4 {
+                let dy = _mm512_set1_ps(y[t].d);
+                acc_a[t] =
+                    _mm512_fmadd_ps(_mm512_mul_ps(da, dy), _mm512_cvtepi32_ps(s_a[t]), acc_a[t]);
+                acc_b[t] =
+                    _mm512_fmadd_ps(_mm512_mul_ps(db, dy), _mm512_cvtepi32_ps(s_b[t]), acc_b[t]);
             }
         }
         for t in 0..4 {
