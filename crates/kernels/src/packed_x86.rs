@@ -947,7 +947,7 @@ unsafe fn q6k_pairs_t4(
     let vec = |v: __m512i, c: __m512i, i: usize| {
         let m = ((1u64 << (2 * i)) << 24) | ((1u64 << (2 * i + 1)) << 16);
         let hi = _mm512_gf2p8affine_epi64_epi8::<0>(c, _mm512_set1_epi64(m as i64));
-        let lo = if i % 2 == 0 {
+        let lo = if i.is_multiple_of(2) {
             v
         } else {
             _mm512_srli_epi16::<4>(v)
