@@ -1,7 +1,8 @@
 //! The AVX-512 prompt kernels with and without pairs of groups
 //! (`PACKED_PAIRS`), in turn in one process, at the model's shapes and 512
-//! tokens: `RAYON_NUM_THREADS=1 cargo run --release -p gemma3-kernels
-//! --example pairs_ab [name filter]`. The bits must match.
+//! tokens (`N=64` for another count): `RAYON_NUM_THREADS=1 cargo run
+//! --release -p gemma3-kernels --example pairs_ab [name filter]`. The bits
+//! must match. (The weights stay in cache here, unlike in the model.)
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -13,9 +14,9 @@ use std::time::Instant;
 fn main() {
     let k = simd::available()
         .into_iter()
-        .find(|k| k.name.contains("gfni"))
-        .expect("gfni table");
-    let n = 512;
+        .find(|k| k.name.starts_with("avx512"))
+        .expect("an AVX-512 table");
+    let n: usize = std::env::var("N").map_or(512, |v| v.parse().unwrap());
     for (name, format, rows, cols) in [
         ("ffn_gate", WeightFormat::Q5_0, 2048, 640),
         ("attn_q", WeightFormat::Q5_0, 1024, 640),

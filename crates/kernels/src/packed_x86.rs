@@ -504,6 +504,7 @@ pub const PACKED_AVX512: PackedKernels = PackedKernels {
     tiles: None,
     widen: Some(avx512_widen),
     widens: &[PackedFormat::Q5_0, PackedFormat::Q5_1],
+    widens_short: &[],
 };
 
 pub const PACKED_GFNI: PackedKernels = PackedKernels {
@@ -513,7 +514,8 @@ pub const PACKED_GFNI: PackedKernels = PackedKernels {
     t4: gfni_t4,
     tiles: None,
     widen: Some(gfni_widen),
-    widens: &[PackedFormat::Q5_0, PackedFormat::Q5_1],
+    widens: &[PackedFormat::Q5_1],
+    widens_short: &[PackedFormat::Q5_0],
 };
 
 pub const PACKED_AVX2: PackedKernels = PackedKernels {
@@ -524,6 +526,7 @@ pub const PACKED_AVX2: PackedKernels = PackedKernels {
     tiles: None,
     widen: Some(avx2_widen),
     widens: crate::packed::WIDENS_ALL,
+    widens_short: &[],
 };
 
 /// A table's widening (`PackedKernels::widen`) with its features:
@@ -581,7 +584,7 @@ fn t4_pairs<const GFNI: bool>(
 ) {
     let paired = match f {
         PackedFormat::Q8_0 | PackedFormat::Q5_0Wide | PackedFormat::Q4K => true,
-        PackedFormat::Q6K => GFNI,
+        PackedFormat::Q6K | PackedFormat::Q5_0 => GFNI,
         _ => false,
     };
     if !(paired && PAIRS.load(std::sync::atomic::Ordering::Relaxed)) {
@@ -597,6 +600,7 @@ fn t4_pairs<const GFNI: bool>(
         PackedFormat::Q4K => unsafe { q4k_pairs_t4(w, gb, nb, a, o) },
         // (Only on the GFNI table: `paired` above.)
         PackedFormat::Q6K => unsafe { q6k_pairs_t4(w, gb, nb, a, o) },
+        PackedFormat::Q5_0 => unsafe { q5_0_pairs_t4(w, gb, nb, a, o) },
         _ => 0,
     };
     if done * gb < w.len() {
@@ -664,6 +668,139 @@ macro_rules! in_reg {
 /// left the broadcasts to the compiler, which folded them into memory
 /// operands again (two loads instead of one) or spilled; the empty `asm`
 /// of `in_reg!` is what keeps each in a register.
+/// The body of [`bytes_pairs_t4`] (`$q5` false) and [`q5_0_pairs_t4`]
+/// (true): a macro, so that each is compiled with its own target features
+/// (`in_reg!`'s register class needs them where it is written).
+macro_rules! bytes_pairs_body {
+    ($q5:literal, $f:ident, $w:ident, $gb:ident, $nb:ident, $a:ident, $o:ident) => {{
+        let (f, w, gb, nb, a, o) = ($f, $w, $gb, $nb, $a, $o);
+        // (Unwidened Q5_0: 64 bytes of fifth bits, then 4 vectors of nibbles.)
+        let core = if $q5 { 320 } else { 512 };
+        let unit = 2 * core + 64;
+        assert_eq!(gb, f.group_bytes(nb));
+        let groups = w.len() / gb;
+        let pairs = groups / 2;
+        let mut qs = [std::ptr::null::<u8>(); 4];
+        let mut start = [std::ptr::null::<i32>(); 4];
+        let mut dy = [std::ptr::null::<f32>(); 4];
+        for t in 0..4 {
+            assert!(o[t].len() >= groups * 16);
+            match a[t] {
+                ActRow::Q8_0 {
+                    blocks,
+                    neg16,
+                    neg128,
+                    d,
+                    ..
+                } => {
+                    assert!(
+                        blocks.len() >= nb
+                            && neg16.len() >= nb
+                            && neg128.len() >= nb
+                            && d.len() >= nb
+                    );
+                    qs[t] = blocks.as_ptr() as *const u8;
+                    start[t] = match f {
+                        PackedFormat::Q8_0 => neg128.as_ptr(),
+                        PackedFormat::Q5_0Wide | PackedFormat::Q5_0 => neg16.as_ptr(),
+                        _ => unreachable!("bytes_pairs_t4: {f:?}"),
+                    };
+                    dy[t] = d.as_ptr();
+                }
+                _ => panic!("{f:?}: activations"),
+            }
+        }
+        // Block b's 4 bytes k.. of token t.
+        let y = |t: usize, b: usize, k: usize| -> __m512i {
+            in_reg!(_mm512_set1_epi32(
+                (qs[t].add(34 * b + 2 + k) as *const i32).read_unaligned()
+            ))
+        };
+        for p in 0..pairs {
+            let ga = w.as_ptr().add(2 * p * gb);
+            let gz = ga.add(gb);
+            let mut acc_a = [_mm512_setzero_ps(); 4];
+            let mut acc_b = [_mm512_setzero_ps(); 4];
+            let mut b = 0;
+            let mut at = 0;
+            while b < nb {
+                let in_unit = 2.min(nb - b);
+                for j in 0..in_unit {
+                    let q = at + j * core;
+                    let s = at + in_unit * core + 32 * j;
+                    let mut is_a: [__m512i; 4] =
+                        std::array::from_fn(|t| _mm512_set1_epi32(*start[t].add(b + j)));
+                    let mut is_b = is_a;
+                    let (fa, fb) = if $q5 {
+                        (
+                            _mm512_loadu_si512(ga.add(q) as *const _),
+                            _mm512_loadu_si512(gz.add(q) as *const _),
+                        )
+                    } else {
+                        (_mm512_setzero_si512(), _mm512_setzero_si512())
+                    };
+                    for c in 0..4 {
+                        let vectors = |g: *const u8, fifth: __m512i| {
+                            if $q5 {
+                                // As `q5_0_vectors` on the GFNI table.
+                                let v = _mm512_loadu_si512(g.add(q + 64 + 64 * c) as *const _);
+                                let bit = |k: usize| {
+                                    let m = _mm512_set1_epi64(((1u64 << k) << 24) as i64);
+                                    _mm512_gf2p8affine_epi64_epi8::<0>(fifth, m)
+                                };
+                                let m4 = _mm512_set1_epi8(0x0F);
+                                (
+                                    _mm512_ternarylogic_epi32::<0xEA>(v, m4, bit(c)),
+                                    _mm512_ternarylogic_epi32::<0xEA>(
+                                        _mm512_srli_epi16::<4>(v),
+                                        m4,
+                                        bit(4 + c),
+                                    ),
+                                )
+                            } else {
+                                (
+                                    _mm512_loadu_si512(g.add(q + 64 * c) as *const _),
+                                    _mm512_loadu_si512(g.add(q + 256 + 64 * c) as *const _),
+                                )
+                            }
+                        };
+                        let ((la, ha), (lb, hb)) = (vectors(ga, fa), vectors(gz, fb));
+                        for t in 0..4 {
+                            let (yl, yh) = (y(t, b + j, 4 * c), y(t, b + j, 16 + 4 * c));
+                            is_a[t] = _mm512_dpbusd_epi32(is_a[t], la, yl);
+                            is_b[t] = _mm512_dpbusd_epi32(is_b[t], lb, yl);
+                            is_a[t] = _mm512_dpbusd_epi32(is_a[t], ha, yh);
+                            is_b[t] = _mm512_dpbusd_epi32(is_b[t], hb, yh);
+                        }
+                    }
+                    let dwa = _mm512_cvtph_ps(_mm256_loadu_si256(ga.add(s) as *const _));
+                    let dwb = _mm512_cvtph_ps(_mm256_loadu_si256(gz.add(s) as *const _));
+                    for t in 0..4 {
+                        let d = _mm512_set1_ps(*dy[t].add(b + j));
+                        acc_a[t] = _mm512_fmadd_ps(
+                            _mm512_mul_ps(dwa, d),
+                            _mm512_cvtepi32_ps(is_a[t]),
+                            acc_a[t],
+                        );
+                        acc_b[t] = _mm512_fmadd_ps(
+                            _mm512_mul_ps(dwb, d),
+                            _mm512_cvtepi32_ps(is_b[t]),
+                            acc_b[t],
+                        );
+                    }
+                }
+                at += unit;
+                b += in_unit;
+            }
+            for t in 0..4 {
+                _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p), acc_a[t]);
+                _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p + 16), acc_b[t]);
+            }
+        }
+        2 * pairs
+    }};
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn bytes_pairs_t4(
     f: PackedFormat,
@@ -673,97 +810,29 @@ unsafe fn bytes_pairs_t4(
     a: &[ActRow; 4],
     o: &mut [&mut [f32]; 4],
 ) -> usize {
-    const CORE: usize = 512;
-    const UNIT: usize = 2 * CORE + 64;
-    assert_eq!(gb, f.group_bytes(nb));
-    let groups = w.len() / gb;
-    let pairs = groups / 2;
-    let mut qs = [std::ptr::null::<u8>(); 4];
-    let mut start = [std::ptr::null::<i32>(); 4];
-    let mut dy = [std::ptr::null::<f32>(); 4];
-    for t in 0..4 {
-        assert!(o[t].len() >= groups * 16);
-        match a[t] {
-            ActRow::Q8_0 {
-                blocks,
-                neg16,
-                neg128,
-                d,
-                ..
-            } => {
-                assert!(
-                    blocks.len() >= nb && neg16.len() >= nb && neg128.len() >= nb && d.len() >= nb
-                );
-                qs[t] = blocks.as_ptr() as *const u8;
-                start[t] = match f {
-                    PackedFormat::Q8_0 => neg128.as_ptr(),
-                    PackedFormat::Q5_0Wide => neg16.as_ptr(),
-                    _ => unreachable!("bytes_pairs_t4: {f:?}"),
-                };
-                dy[t] = d.as_ptr();
-            }
-            _ => panic!("{f:?}: activations"),
-        }
-    }
-    // Block b's 4 bytes k.. of token t.
-    let y = |t: usize, b: usize, k: usize| -> __m512i {
-        in_reg!(_mm512_set1_epi32(
-            (qs[t].add(34 * b + 2 + k) as *const i32).read_unaligned()
-        ))
-    };
-    for p in 0..pairs {
-        let ga = w.as_ptr().add(2 * p * gb);
-        let gz = ga.add(gb);
-        let mut acc_a = [_mm512_setzero_ps(); 4];
-        let mut acc_b = [_mm512_setzero_ps(); 4];
-        let mut b = 0;
-        let mut unit = 0;
-        while b < nb {
-            let in_unit = 2.min(nb - b);
-            for j in 0..in_unit {
-                let q = unit + j * CORE;
-                let s = unit + in_unit * CORE + 32 * j;
-                let mut is_a: [__m512i; 4] =
-                    std::array::from_fn(|t| _mm512_set1_epi32(*start[t].add(b + j)));
-                let mut is_b = is_a;
-                for c in 0..4 {
-                    let la = _mm512_loadu_si512(ga.add(q + 64 * c) as *const _);
-                    let ha = _mm512_loadu_si512(ga.add(q + 256 + 64 * c) as *const _);
-                    let lb = _mm512_loadu_si512(gz.add(q + 64 * c) as *const _);
-                    let hb = _mm512_loadu_si512(gz.add(q + 256 + 64 * c) as *const _);
-                    for t in 0..4 {
-                        let (yl, yh) = (y(t, b + j, 4 * c), y(t, b + j, 16 + 4 * c));
-                        is_a[t] = _mm512_dpbusd_epi32(is_a[t], la, yl);
-                        is_b[t] = _mm512_dpbusd_epi32(is_b[t], lb, yl);
-                        is_a[t] = _mm512_dpbusd_epi32(is_a[t], ha, yh);
-                        is_b[t] = _mm512_dpbusd_epi32(is_b[t], hb, yh);
-                    }
-                }
-                let dwa = _mm512_cvtph_ps(_mm256_loadu_si256(ga.add(s) as *const _));
-                let dwb = _mm512_cvtph_ps(_mm256_loadu_si256(gz.add(s) as *const _));
-                for t in 0..4 {
-                    let d = _mm512_set1_ps(*dy[t].add(b + j));
-                    acc_a[t] = _mm512_fmadd_ps(
-                        _mm512_mul_ps(dwa, d),
-                        _mm512_cvtepi32_ps(is_a[t]),
-                        acc_a[t],
-                    );
-                    acc_b[t] = _mm512_fmadd_ps(
-                        _mm512_mul_ps(dwb, d),
-                        _mm512_cvtepi32_ps(is_b[t]),
-                        acc_b[t],
-                    );
-                }
-            }
-            unit += UNIT;
-            b += in_unit;
-        }
-        for t in 0..4 {
-            _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p), acc_a[t]);
-            _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p + 16), acc_b[t]);
-        }
-    }
-    2 * pairs
+    bytes_pairs_body!(false, f, w, gb, nb, a, o)
+}
+
+/// [`bytes_pairs_t4`] for Q5_0 as stored (not widened), each vector's
+/// nibbles joined to its fifth bits by GFNI's bit-matrix transform as
+/// `group_q5_0` does: on the GFNI table for batches of 4 tokens or more
+/// that do not widen Q5_0 (see `PackedKernels::widens_short`). With the
+/// weights in cache (criterion-like, one thread, in turn in one process,
+/// best of 39) it ran as fast as the pairs over widened groups, or
+/// faster: at 64 tokens attn_q 226–285 → 232–292 G multiply-adds/s and
+/// ffn_gate 302–310 → 320–323; at 512 attn_q 266–308 → 281–310, ffn_gate
+/// 295–300 → 298–306. In the model, short prompts still gained from
+/// widening.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c")]
+unsafe fn q5_0_pairs_t4(
+    w: &[u8],
+    gb: usize,
+    nb: usize,
+    a: &[ActRow; 4],
+    o: &mut [&mut [f32]; 4],
+) -> usize {
+    let f = PackedFormat::Q5_0;
+    bytes_pairs_body!(true, f, w, gb, nb, a, o)
 }
 
 /// [`bytes_pairs_t4`] for Q4_K: per super-block of 256 columns and pair of
