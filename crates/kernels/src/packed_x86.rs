@@ -668,6 +668,44 @@ macro_rules! in_reg {
 /// left the broadcasts to the compiler, which folded them into memory
 /// operands again (two loads instead of one) or spilled; the empty `asm`
 /// of `in_reg!` is what keeps each in a register.
+/// Groups g0 = 2p and 2p + 1's sums for the 4 tokens into `o`.
+#[inline(always)]
+unsafe fn store_pair(o: &mut [&mut [f32]; 4], p: usize, acc_a: [__m512; 4], acc_b: [__m512; 4]) {
+    for t in 0..4 {
+        _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p), acc_a[t]);
+        _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p + 16), acc_b[t]);
+    }
+}
+
+/// The 4 tokens' Q8_K blocks and −32·(sub-block sums), checked against
+/// `nb` blocks, and their outputs against `groups` groups (what the pair
+/// kernels then read and write without checks).
+fn q8k_rows(
+    f: PackedFormat,
+    a: &[ActRow; 4],
+    nb: usize,
+    groups: usize,
+    o: &[&mut [f32]; 4],
+) -> ([*const crate::formats::BlockQ8K; 4], [*const i32; 4]) {
+    let mut blocks = [std::ptr::null(); 4];
+    let mut neg32 = [std::ptr::null(); 4];
+    for t in 0..4 {
+        assert!(o[t].len() >= groups * crate::packed::LANES);
+        match a[t] {
+            ActRow::Q8K {
+                blocks: bl,
+                neg32: n,
+            } => {
+                assert!(bl.len() >= nb && n.len() >= 16 * nb);
+                blocks[t] = bl.as_ptr();
+                neg32[t] = n.as_ptr();
+            }
+            _ => panic!("{f:?}: activations"),
+        }
+    }
+    (blocks, neg32)
+}
+
 /// The body of [`bytes_pairs_t4`] (`$q5` false) and [`q5_0_pairs_t4`]
 /// (true): a macro, so that each is compiled with its own target features
 /// (`in_reg!`'s register class needs them where it is written).
@@ -792,10 +830,7 @@ macro_rules! bytes_pairs_body {
                 at += unit;
                 b += in_unit;
             }
-            for t in 0..4 {
-                _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p), acc_a[t]);
-                _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p + 16), acc_b[t]);
-            }
+            store_pair(o, p, acc_a, acc_b);
         }
         2 * pairs
     }};
@@ -862,17 +897,7 @@ unsafe fn q4k_pairs_t4(
     assert_eq!(gb, nb * unit, "one block a unit");
     let groups = w.len() / gb;
     let pairs = groups / 2;
-    let mut blocks = [std::ptr::null::<crate::formats::BlockQ8K>(); 4];
-    for t in 0..4 {
-        assert!(o[t].len() >= groups * 16);
-        match a[t] {
-            ActRow::Q8K { blocks: bl, .. } => {
-                assert!(bl.len() >= nb);
-                blocks[t] = bl.as_ptr();
-            }
-            _ => panic!("{f:?}: activations"),
-        }
-    }
+    let (blocks, _) = q8k_rows(f, a, nb, groups, o);
     let m4 = _mm512_set1_epi8(0x0F);
     for p in 0..pairs {
         let ga = w.as_ptr().add(2 * p * gb);
@@ -964,10 +989,7 @@ unsafe fn q4k_pairs_t4(
                     _mm512_fnmadd_ps(_mm512_mul_ps(dzb, dy), _mm512_cvtepi32_ps(mb), acc_b[t]);
             }
         }
-        for t in 0..4 {
-            _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p), acc_a[t]);
-            _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p + 16), acc_b[t]);
-        }
+        store_pair(o, p, acc_a, acc_b);
     }
     2 * pairs
 }
@@ -994,22 +1016,7 @@ unsafe fn q6k_pairs_t4(
     assert_eq!(gb, f.group_bytes(nb));
     let groups = w.len() / gb;
     let pairs = groups / 2;
-    let mut blocks = [std::ptr::null::<crate::formats::BlockQ8K>(); 4];
-    let mut neg32 = [std::ptr::null::<i32>(); 4];
-    for t in 0..4 {
-        assert!(o[t].len() >= groups * 16);
-        match a[t] {
-            ActRow::Q8K {
-                blocks: bl,
-                neg32: n,
-            } => {
-                assert!(bl.len() >= nb && n.len() >= 16 * nb);
-                blocks[t] = bl.as_ptr();
-                neg32[t] = n.as_ptr();
-            }
-            _ => panic!("{f:?}: activations"),
-        }
-    }
+    let (blocks, neg32) = q8k_rows(f, a, nb, groups, o);
     let m4 = _mm512_set1_epi8(0x0F);
     // Vector i of a sub-block: nibbles joined to their two high bits (as
     // `Avx512::<true>::two_bits`).
@@ -1078,10 +1085,7 @@ unsafe fn q6k_pairs_t4(
                     _mm512_fmadd_ps(_mm512_mul_ps(db, dy), _mm512_cvtepi32_ps(s_b[t]), acc_b[t]);
             }
         }
-        for t in 0..4 {
-            _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p), acc_a[t]);
-            _mm512_storeu_ps(o[t].as_mut_ptr().add(32 * p + 16), acc_b[t]);
-        }
+        store_pair(o, p, acc_a, acc_b);
     }
     2 * pairs
 }
