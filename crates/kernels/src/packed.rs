@@ -2496,7 +2496,8 @@ pub struct PackedKernels {
     /// [`PackedFormat::widened`] forms, with the
     /// kernels' own unpacking: done once instead of for every 4 tokens (for
     /// Q5_0 on the AVX2 table, about 70 of the ~250 vector operations per
-    /// block of 16 rows and 4 tokens); for the formats in `widens`.
+    /// block of 16 rows and 4 tokens); for the formats in `widens`, and
+    /// those in `widens_short` for prompts under [`SHORT_WIDEN_MAX`] tokens.
     ///
     /// Widening in plain 64-bit words (its first version) took 4% of pp64's
     /// samples on two threads; with the table's vectors, pp64 on one thread

@@ -570,8 +570,9 @@ pub static PAIRS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 type T4 = fn(PackedFormat, &[u8], usize, usize, &[ActRow; 4], &mut [&mut [f32]; 4]);
 
 /// `t4` of the AVX-512 tables: Q8_0, widened Q5_0, Q4_K and (with GFNI)
-/// Q6_K in pairs of groups, the rest (and an odd last group) through
-/// `all`: every format of the shipped file's layer matrices.
+/// Q5_0 as stored and Q6_K in pairs of groups, the rest (and an odd last
+/// group) through `all`: every format of the shipped file's layer
+/// matrices.
 #[inline(always)]
 fn t4_pairs<const GFNI: bool>(
     all: T4,
@@ -650,25 +651,7 @@ macro_rules! in_reg {
     }};
 }
 
-/// 4 tokens over pairs of groups of a format whose quants are plain bytes
-/// (Q8_0, widened Q5_0): each activation broadcast is made once, into a
-/// register, and feeds both groups' `vpdpbusd`s. Returns the groups done
-/// (an even number); the same integer sums and float steps, in the same
-/// order, as `kernel`, so the same bits.
-///
-/// The generic kernel takes one group a pass and folds each broadcast into
-/// its `vpdpbusd` as a memory operand: per block and 4 tokens, 32 products,
-/// 8 weight loads and 32 broadcast loads, where here 64 products take 16
-/// and 32. On the Zen 5 (which can start two `vpdpbusd` a cycle) the loads
-/// were what bound it: one thread, 512 tokens, old and new in turn in one
-/// process (`examples/pairs_ab.rs`, best of 39), ffn_gate 278–283 → 333–336
-/// G multiply-adds/s, attn_q 262–272 → 313–326, Q8_0 640 → 256 205–207 →
-/// 227–235; pp512 on one thread 1834–1913 → 1957–1996 tok/s (3 alternating
-/// rounds). An earlier try at two groups a pass inside the generic kernel
-/// left the broadcasts to the compiler, which folded them into memory
-/// operands again (two loads instead of one) or spilled; the empty `asm`
-/// of `in_reg!` is what keeps each in a register.
-/// Groups g0 = 2p and 2p + 1's sums for the 4 tokens into `o`.
+/// The sums of groups 2p and 2p + 1 for the 4 tokens into `o`.
 #[inline(always)]
 unsafe fn store_pair(o: &mut [&mut [f32]; 4], p: usize, acc_a: [__m512; 4], acc_b: [__m512; 4]) {
     for t in 0..4 {
@@ -714,6 +697,9 @@ macro_rules! bytes_pairs_body {
         let (f, w, gb, nb, a, o) = ($f, $w, $gb, $nb, $a, $o);
         // (Unwidened Q5_0: 64 bytes of fifth bits, then 4 vectors of nibbles.)
         let core = if $q5 { 320 } else { 512 };
+        // The layout this body reads must be the format's (another format
+        // passed here would have it read past `w`).
+        assert_eq!(core, f.core_bytes(), "{f:?}");
         let unit = 2 * core + 64;
         assert_eq!(gb, f.group_bytes(nb));
         let groups = w.len() / gb;
@@ -836,6 +822,24 @@ macro_rules! bytes_pairs_body {
     }};
 }
 
+/// 4 tokens over pairs of groups of a format whose quants are plain bytes
+/// (Q8_0, widened Q5_0): each activation broadcast is made once, into a
+/// register, and feeds both groups' `vpdpbusd`s. Returns the groups done
+/// (an even number); the same integer sums and float steps, in the same
+/// order, as `kernel`, so the same bits.
+///
+/// The generic kernel takes one group a pass and folds each broadcast into
+/// its `vpdpbusd` as a memory operand: per block and 4 tokens, 32 products,
+/// 8 weight loads and 32 broadcast loads, where here 64 products take 16
+/// and 32. On the Zen 5 (which can start two `vpdpbusd` a cycle) the loads
+/// were what bound it: one thread, 512 tokens, old and new in turn in one
+/// process (`examples/pairs_ab.rs`, best of 39), ffn_gate 278–283 → 333–336
+/// G multiply-adds/s, attn_q 262–272 → 313–326, Q8_0 640 → 256 205–207 →
+/// 227–235; pp512 on one thread 1834–1913 → 1957–1996 tok/s (3 alternating
+/// rounds). An earlier try at two groups a pass inside the generic kernel
+/// left the broadcasts to the compiler, which folded them into memory
+/// operands again (two loads instead of one) or spilled; the empty `asm`
+/// of `in_reg!` is what keeps each in a register.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn bytes_pairs_t4(
     f: PackedFormat,

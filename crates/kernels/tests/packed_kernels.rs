@@ -261,8 +261,9 @@ fn every_table_equals_the_spec_bit_for_bit_and_the_spec_is_the_dot_product() {
 
 /// A prompt's widened weights, at the model's shapes on one thread: each
 /// task's groups are widened a few at a time (Q5_0 640 → 1024: tasks of 8
-/// groups widened 6 then 2, Q5_1: 5 then 3; Q4_K and Q5_K 1024 → 640: tasks of 5, 3 then
-/// 2; Q6_K 2048 → 640: tasks of 5, one at a time),
+/// groups widened 6 then 2, Q5_1: 5 then 3; Q4_K and Q5_K 1024 → 640: tasks of 6 (an
+/// even number, for the pair kernels), widened 3 then 3; Q6_K 2048 → 640: tasks of 6, one
+/// at a time),
 /// and the remainders after the 4-token passes (2 and 3 tokens) read the
 /// widened form too. Every table equals the spec bit for bit.
 #[test]
