@@ -2496,8 +2496,7 @@ pub struct PackedKernels {
     /// [`PackedFormat::widened`] forms, with the
     /// kernels' own unpacking: done once instead of for every 4 tokens (for
     /// Q5_0 on the AVX2 table, about 70 of the ~250 vector operations per
-    /// block of 16 rows and 4 tokens); for the formats in `widens`, and
-    /// those in `widens_short` for prompts under [`SHORT_WIDEN_MAX`] tokens.
+    /// block of 16 rows and 4 tokens); for the formats in `widens`.
     ///
     /// Widening in plain 64-bit words (its first version) took 4% of pp64's
     /// samples on two threads; with the table's vectors, pp64 on one thread
@@ -2533,7 +2532,7 @@ pub struct PackedKernels {
     /// [`PackedFormat::widened`] form).
     ///
     /// The AVX-512 tables widen only Q5_0 and Q5_1 (and Q4_1; the GFNI
-    /// one Q5_0 for short prompts only, `widens_short`): with
+    /// one not Q5_0, which its prompt kernel pairs as stored): with
     /// `vpdpbusd` a nibble costs an `and` (and a shift for the high ones)
     /// to unpack, and (our reading, not measured) a widened group of 2048
     /// columns (35 KB for Q4_K) is larger than the Zen 4's 32 KB L1 that 4
@@ -2544,22 +2543,7 @@ pub struct PackedKernels {
     /// −10 to −20%; Q6_K (and Q3_K) −8 to +7%; Q5_K +8% at 64 tokens but −4
     /// to −5% at 512.
     pub widens: &'static [PackedFormat],
-    /// Formats widened only for prompts of fewer than [`SHORT_WIDEN_MAX`]
-    /// tokens (from [`WIDEN_TOKENS`]). The GFNI table's Q5_0: its prompt
-    /// kernel pairs groups as stored (`packed_x86::q5_0_pairs_t4`), which
-    /// measured faster than pairing widened groups from 256 tokens and
-    /// slower below. One thread, Zen 5, the model in one process with
-    /// and without widening in turn (medians of 11–59 prompts): pp512
-    /// +0.3 to +7.6% unwidened (4 of 4 runs), pp256 +0.6 and +0.8% (2 of
-    /// 2), pp128 −1.1 and −2.1%, pp64 −1.5 to −2.6% (5 of 5). Why the short
-    /// prompts gain from widening and the long ones do not was not
-    /// measured; the weights are read from memory once a prompt either way.
-    pub widens_short: &'static [PackedFormat],
 }
-
-/// Fewest tokens from which the formats of
-/// [`PackedKernels::widens_short`] are no longer widened.
-pub const SHORT_WIDEN_MAX: usize = 256;
 
 /// Every stored format with a widened form (what the AVX2 and scalar
 /// tables widen).
@@ -2673,7 +2657,6 @@ pub const PACKED_SCALAR: PackedKernels = PackedKernels {
     tiles: None,
     widen: Some(scalar_widen),
     widens: WIDENS_ALL,
-    widens_short: &[],
 };
 
 /// The scalar table's widening.
@@ -2848,11 +2831,9 @@ unsafe fn packed_groups(
         }
         return run(w.format, wg, gb, (g0, g1), n16);
     }
-    let table_widen = k.widen.filter(|_| {
-        n >= WIDEN_TOKENS
-            && (k.widens.contains(&w.format)
-                || (n < SHORT_WIDEN_MAX && k.widens_short.contains(&w.format)))
-    });
+    let table_widen = k
+        .widen
+        .filter(|_| n >= WIDEN_TOKENS && k.widens.contains(&w.format));
     if let (Some(table_widen), Some(wide)) = (table_widen, w.format.widened()) {
         // A few groups at a time widened, then all the tokens over them.
         let wgb = wide.group_bytes(nb);
@@ -2870,6 +2851,22 @@ unsafe fn packed_groups(
             ga = gz;
         }
         return;
+    }
+    if n > crate::pool::SMALL_BATCH {
+        // A prompt's task reads its weights once from memory and then from
+        // cache for each 4 tokens: one load per line first, so that they
+        // come in as one stream with many misses in flight, where the
+        // first pass's loads waited on each in turn. Same bits (only the
+        // order of reads changes). One thread, Zen 5, the model with and
+        // without Q5_0's widening (which reads its groups the same way) in
+        // turn in one process, medians of 59 prompts: before this, pp64
+        // was 1.5–2.6% faster widened; with it, 5.4% faster not (twice)
+        // and 7–8% faster than the old way (three runs; two threads 5–6%),
+        // pp128 +1.8 and +2.1% not widened, pp512 the same.
+        for l in (0..wg.len()).step_by(64) {
+            // SAFETY: l lies inside `wg`.
+            unsafe { std::ptr::read_volatile(wg.as_ptr().add(l)) };
+        }
     }
     run(w.format, wg, gb, (g0, g1), 0)
 }
@@ -3059,7 +3056,7 @@ mod tests {
             assert_eq!(f.widened().is_some(), WIDENS_ALL.contains(&f), "{f:?}");
         }
         for k in crate::simd::available() {
-            for f in k.packed.widens.iter().chain(k.packed.widens_short) {
+            for f in k.packed.widens {
                 assert!(f.widened().is_some(), "{}: {f:?}", k.name);
             }
         }

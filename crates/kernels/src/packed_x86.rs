@@ -504,7 +504,6 @@ pub const PACKED_AVX512: PackedKernels = PackedKernels {
     tiles: None,
     widen: Some(avx512_widen),
     widens: &[PackedFormat::Q5_0, PackedFormat::Q5_1],
-    widens_short: &[],
 };
 
 pub const PACKED_GFNI: PackedKernels = PackedKernels {
@@ -514,8 +513,8 @@ pub const PACKED_GFNI: PackedKernels = PackedKernels {
     t4: gfni_t4,
     tiles: None,
     widen: Some(gfni_widen),
+    // (Not Q5_0: `q5_0_pairs_t4` reads it as stored.)
     widens: &[PackedFormat::Q5_1],
-    widens_short: &[PackedFormat::Q5_0],
 };
 
 pub const PACKED_AVX2: PackedKernels = PackedKernels {
@@ -526,7 +525,6 @@ pub const PACKED_AVX2: PackedKernels = PackedKernels {
     tiles: None,
     widen: Some(avx2_widen),
     widens: crate::packed::WIDENS_ALL,
-    widens_short: &[],
 };
 
 /// A table's widening (`PackedKernels::widen`) with its features:
@@ -854,14 +852,13 @@ unsafe fn bytes_pairs_t4(
 
 /// [`bytes_pairs_t4`] for Q5_0 as stored (not widened), each vector's
 /// nibbles joined to its fifth bits by GFNI's bit-matrix transform as
-/// `group_q5_0` does: on the GFNI table for batches of 4 tokens or more
-/// that do not widen Q5_0 (see `PackedKernels::widens_short`). With the
-/// weights in cache (criterion-like, one thread, in turn in one process,
-/// best of 39) it ran as fast as the pairs over widened groups, or
-/// faster: at 64 tokens attn_q 226–285 → 232–292 G multiply-adds/s and
-/// ffn_gate 302–310 → 320–323; at 512 attn_q 266–308 → 281–310, ffn_gate
-/// 295–300 → 298–306. In the model, short prompts still gained from
-/// widening.
+/// `group_q5_0` does: the GFNI table no longer widens Q5_0. With the
+/// weights in cache (one thread, in turn in one process, best of 39) it
+/// ran as fast as the pairs over widened groups, or faster: at 64 tokens
+/// attn_q 226–285 → 232–292 G multiply-adds/s and ffn_gate 302–310 →
+/// 320–323; at 512 attn_q 266–308 → 281–310, ffn_gate 295–300 → 298–306.
+/// In the model it also needs a task's weights read ahead of its passes
+/// (see `packed_groups`), which widening had done for Q5_0.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,fma,f16c")]
 unsafe fn q5_0_pairs_t4(
     w: &[u8],
