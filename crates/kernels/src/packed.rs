@@ -2856,7 +2856,8 @@ unsafe fn packed_groups(
         // A prompt's task reads its weights once from memory and then from
         // cache for each 4 tokens: one load per line first, so that they
         // come in as one stream with many misses in flight, where the
-        // first pass's loads waited on each in turn. Same bits (only the
+        // first pass's loads had few in flight (our reading; not counted,
+        // this VM has no counters). Same bits (only the
         // order of reads changes). One thread, Zen 5, the model with and
         // without Q5_0's widening (which reads its groups the same way) in
         // turn in one process, medians of 59 prompts: before this, pp64
