@@ -1119,7 +1119,7 @@ pub(crate) unsafe fn two_bits_by_shifts<I: Isa>(h: I::V, i: usize) -> I::V {
 }
 
 #[inline(always)]
-unsafe fn y4(qs: &[i8], k: usize) -> i32 {
+pub(crate) unsafe fn y4(qs: &[i8], k: usize) -> i32 {
     debug_assert!(k + 4 <= qs.len());
     (qs.as_ptr().add(k) as *const i32).read_unaligned()
 }
@@ -1526,7 +1526,7 @@ unsafe fn block32_sums<I: Isa, const NT: usize, const B128: bool, const K: usize
 
 /// A block's float step with Q8_0 activations: `acc = fma(dw · dy, S, acc)`.
 #[inline(always)]
-unsafe fn block_finish<I: Isa, const NT: usize>(
+pub(crate) unsafe fn block_finish<I: Isa, const NT: usize>(
     acc: &mut [I::F; NT],
     scales: *const u8,
     a: &[ActRow; NT],
@@ -1578,7 +1578,7 @@ unsafe fn group_q8_0<I: Isa, const NT: usize, const NG: usize>(
 /// row, u in each byte) and of high weights (16 + 4c..): nibbles joined to
 /// their fifth bits.
 #[inline(always)]
-unsafe fn q5_0_vectors<I: Isa>(core: *const u8, c: usize) -> (I::V, I::V) {
+pub(crate) unsafe fn q5_0_vectors<I: Isa>(core: *const u8, c: usize) -> (I::V, I::V) {
     let (h, v, m4) = (
         I::load(core),
         I::load(core.add(64 + 64 * c)),
@@ -1773,7 +1773,7 @@ unsafe fn group_iq4xs<I: Isa, const NT: usize, const NG: usize>(
 
 /// A super-block's float step with Q8_K activations: `acc = fma(d · dy, S, acc)`.
 #[inline(always)]
-unsafe fn super_finish<I: Isa, const NT: usize>(
+pub(crate) unsafe fn super_finish<I: Isa, const NT: usize>(
     acc: &mut [I::F; NT],
     scales: *const u8,
     a: &[ActRow; NT],
@@ -2149,7 +2149,7 @@ pub(crate) unsafe fn q4k_pair<I: Isa, const FIVE: bool>(
 
 /// A Q4_K-like block's minimum sums M for NT tokens: Σ_j m_j·Σy_j.
 #[inline(always)]
-unsafe fn q4k_min_sums<I: Isa, const NT: usize>(
+pub(crate) unsafe fn q4k_min_sums<I: Isa, const NT: usize>(
     core: *const u8,
     b: usize,
     a: &[ActRow; NT],

@@ -702,9 +702,8 @@ macro_rules! bytes_pairs_body {
         assert_eq!(gb, f.group_bytes(nb));
         let groups = w.len() / gb;
         let pairs = groups / 2;
-        let mut qs = [std::ptr::null::<u8>(); 4];
+        let mut qs = [std::ptr::null::<crate::formats::BlockQ8_0>(); 4];
         let mut start = [std::ptr::null::<i32>(); 4];
-        let mut dy = [std::ptr::null::<f32>(); 4];
         for t in 0..4 {
             assert!(o[t].len() >= groups * 16);
             match a[t] {
@@ -721,22 +720,19 @@ macro_rules! bytes_pairs_body {
                             && neg128.len() >= nb
                             && d.len() >= nb
                     );
-                    qs[t] = blocks.as_ptr() as *const u8;
+                    qs[t] = blocks.as_ptr();
                     start[t] = match f {
                         PackedFormat::Q8_0 => neg128.as_ptr(),
                         PackedFormat::Q5_0Wide | PackedFormat::Q5_0 => neg16.as_ptr(),
                         _ => unreachable!("bytes_pairs_t4: {f:?}"),
                     };
-                    dy[t] = d.as_ptr();
                 }
                 _ => panic!("{f:?}: activations"),
             }
         }
-        // Block b's 4 bytes k.. of token t.
+        // Block b's 4 bytes k.. of token t, in a register.
         let y = |t: usize, b: usize, k: usize| -> __m512i {
-            in_reg!(_mm512_set1_epi32(
-                (qs[t].add(34 * b + 2 + k) as *const i32).read_unaligned()
-            ))
+            in_reg!(_mm512_set1_epi32(crate::packed::y4(&(*qs[t].add(b)).qs, k)))
         };
         for p in 0..pairs {
             let ga = w.as_ptr().add(2 * p * gb);
@@ -753,32 +749,12 @@ macro_rules! bytes_pairs_body {
                     let mut is_a: [__m512i; 4] =
                         std::array::from_fn(|t| _mm512_set1_epi32(*start[t].add(b + j)));
                     let mut is_b = is_a;
-                    let (fa, fb) = if $q5 {
-                        (
-                            _mm512_loadu_si512(ga.add(q) as *const _),
-                            _mm512_loadu_si512(gz.add(q) as *const _),
-                        )
-                    } else {
-                        (_mm512_setzero_si512(), _mm512_setzero_si512())
-                    };
                     for c in 0..4 {
-                        let vectors = |g: *const u8, fifth: __m512i| {
+                        // Vector c's low and high weights, as the generic
+                        // kernels read them.
+                        let vectors = |g: *const u8| {
                             if $q5 {
-                                // As `q5_0_vectors` on the GFNI table.
-                                let v = _mm512_loadu_si512(g.add(q + 64 + 64 * c) as *const _);
-                                let bit = |k: usize| {
-                                    let m = _mm512_set1_epi64(((1u64 << k) << 24) as i64);
-                                    _mm512_gf2p8affine_epi64_epi8::<0>(fifth, m)
-                                };
-                                let m4 = _mm512_set1_epi8(0x0F);
-                                (
-                                    _mm512_ternarylogic_epi32::<0xEA>(v, m4, bit(c)),
-                                    _mm512_ternarylogic_epi32::<0xEA>(
-                                        _mm512_srli_epi16::<4>(v),
-                                        m4,
-                                        bit(4 + c),
-                                    ),
-                                )
+                                crate::packed::q5_0_vectors::<Avx512<true>>(g.add(q), c)
                             } else {
                                 (
                                     _mm512_loadu_si512(g.add(q + 64 * c) as *const _),
@@ -786,7 +762,7 @@ macro_rules! bytes_pairs_body {
                                 )
                             }
                         };
-                        let ((la, ha), (lb, hb)) = (vectors(ga, fa), vectors(gz, fb));
+                        let ((la, ha), (lb, hb)) = (vectors(ga), vectors(gz));
                         for t in 0..4 {
                             let (yl, yh) = (y(t, b + j, 4 * c), y(t, b + j, 16 + 4 * c));
                             is_a[t] = _mm512_dpbusd_epi32(is_a[t], la, yl);
@@ -795,21 +771,9 @@ macro_rules! bytes_pairs_body {
                             is_b[t] = _mm512_dpbusd_epi32(is_b[t], hb, yh);
                         }
                     }
-                    let dwa = _mm512_cvtph_ps(_mm256_loadu_si256(ga.add(s) as *const _));
-                    let dwb = _mm512_cvtph_ps(_mm256_loadu_si256(gz.add(s) as *const _));
-                    for t in 0..4 {
-                        let d = _mm512_set1_ps(*dy[t].add(b + j));
-                        acc_a[t] = _mm512_fmadd_ps(
-                            _mm512_mul_ps(dwa, d),
-                            _mm512_cvtepi32_ps(is_a[t]),
-                            acc_a[t],
-                        );
-                        acc_b[t] = _mm512_fmadd_ps(
-                            _mm512_mul_ps(dwb, d),
-                            _mm512_cvtepi32_ps(is_b[t]),
-                            acc_b[t],
-                        );
-                    }
+                    type I = Avx512<false>;
+                    crate::packed::block_finish::<I, 4>(&mut acc_a, ga.add(s), a, b + j, is_a);
+                    crate::packed::block_finish::<I, 4>(&mut acc_b, gz.add(s), a, b + j, is_b);
                 }
                 at += unit;
                 b += in_unit;
@@ -890,16 +854,15 @@ unsafe fn q4k_pairs_t4(
     a: &[ActRow; 4],
     o: &mut [&mut [f32]; 4],
 ) -> usize {
+    type I = Avx512<false>;
     let f = PackedFormat::Q4K;
     let core = f.core_bytes();
     let unit = core + f.scale_bytes();
-    let nibbles = f.nibbles_offset();
     assert_eq!(gb, f.group_bytes(nb));
     assert_eq!(gb, nb * unit, "one block a unit");
     let groups = w.len() / gb;
     let pairs = groups / 2;
     let (blocks, _) = q8k_rows(f, a, nb, groups, o);
-    let m4 = _mm512_set1_epi8(0x0F);
     for p in 0..pairs {
         let ga = w.as_ptr().add(2 * p * gb);
         let gz = ga.add(gb);
@@ -914,17 +877,8 @@ unsafe fn q4k_pairs_t4(
                 let z = _mm512_setzero_si512();
                 let (mut la, mut ha, mut lb, mut hb) = ([z; 4], [z; 4], [z; 4], [z; 4]);
                 for g in 0..8 {
-                    let at = nibbles + 64 * (8 * c + g);
-                    let va = _mm512_loadu_si512(ca.add(at) as *const _);
-                    let vb = _mm512_loadu_si512(cz.add(at) as *const _);
-                    let (a_lo, a_hi) = (
-                        _mm512_and_si512(va, m4),
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(va), m4),
-                    );
-                    let (b_lo, b_hi) = (
-                        _mm512_and_si512(vb, m4),
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(vb), m4),
-                    );
+                    let (a_lo, a_hi) = crate::packed::q4k_pair::<I, false>(ca, c, g);
+                    let (b_lo, b_hi) = crate::packed::q4k_pair::<I, false>(cz, c, g);
                     for t in 0..4 {
                         let q = y[t].qs.as_ptr().add(64 * c + 4 * g);
                         let yl = in_reg!(_mm512_set1_epi32((q as *const i32).read_unaligned()));
@@ -953,21 +907,10 @@ unsafe fn q4k_pairs_t4(
                     s_b[t] = _mm512_add_epi32(s_b[t], _mm512_mullo_epi32(hb[t], sbh));
                 }
             }
-            // M = Σ_j m_j·Σy_j, two sub-blocks of 32 a `vpdpwssd`.
-            let mins = |c: *const u8, t: usize| {
-                let bs = &y[t].bsums;
-                let mut m = _mm512_setzero_si512();
-                for q in 0..4 {
-                    let pair = crate::packed::i16_pair(
-                        bs[4 * q] + bs[4 * q + 1],
-                        bs[4 * q + 2] + bs[4 * q + 3],
-                    );
-                    let v =
-                        _mm512_cvtepu8_epi16(_mm256_loadu_si256(c.add(128 + 32 * q) as *const _));
-                    m = _mm512_dpwssd_epi32(m, v, _mm512_set1_epi32(pair));
-                }
-                m
-            };
+            let (m_a, m_b) = (
+                crate::packed::q4k_min_sums::<I, 4>(ca, b, a),
+                crate::packed::q4k_min_sums::<I, 4>(cz, b, a),
+            );
             let (sa, sz) = (ca.add(core), cz.add(core));
             let (da, dza) = (
                 _mm512_cvtph_ps(_mm256_loadu_si256(sa as *const _)),
@@ -979,7 +922,7 @@ unsafe fn q4k_pairs_t4(
             );
             for t in 0..4 {
                 let dy = _mm512_set1_ps(y[t].d);
-                let (ma, mb) = (mins(ca, t), mins(cz, t));
+                let (ma, mb) = (m_a[t], m_b[t]);
                 acc_a[t] =
                     _mm512_fmadd_ps(_mm512_mul_ps(da, dy), _mm512_cvtepi32_ps(s_a[t]), acc_a[t]);
                 acc_a[t] =
@@ -1017,19 +960,18 @@ unsafe fn q6k_pairs_t4(
     assert_eq!(gb, f.group_bytes(nb));
     let groups = w.len() / gb;
     let pairs = groups / 2;
+    type I = Avx512<true>;
     let (blocks, neg32) = q8k_rows(f, a, nb, groups, o);
-    let m4 = _mm512_set1_epi8(0x0F);
-    // Vector i of a sub-block: nibbles joined to their two high bits (as
-    // `Avx512::<true>::two_bits`).
+    let m4 = I::splat8(0x0F);
+    // Vector i of a sub-block: nibbles joined to their two high bits, as
+    // `q6k_vectors` makes them (two at a time here).
     let vec = |v: __m512i, c: __m512i, i: usize| {
-        let m = ((1u64 << (2 * i)) << 24) | ((1u64 << (2 * i + 1)) << 16);
-        let hi = _mm512_gf2p8affine_epi64_epi8::<0>(c, _mm512_set1_epi64(m as i64));
         let lo = if i.is_multiple_of(2) {
             v
         } else {
-            _mm512_srli_epi16::<4>(v)
+            I::shr::<4>(v)
         };
-        _mm512_ternarylogic_epi32::<0xEA>(lo, m4, hi)
+        I::and_or(lo, m4, I::two_bits(c, i))
     };
     for p in 0..pairs {
         let ga = w.as_ptr().add(2 * p * gb);
@@ -1076,15 +1018,8 @@ unsafe fn q6k_pairs_t4(
                     s_b[t] = _mm512_add_epi32(s_b[t], _mm512_mullo_epi32(is_b[t], scb));
                 }
             }
-            let da = _mm512_cvtph_ps(_mm256_loadu_si256(ga.add(so) as *const _));
-            let db = _mm512_cvtph_ps(_mm256_loadu_si256(gz.add(so) as *const _));
-            for t in 0..4 {
-                let dy = _mm512_set1_ps(y[t].d);
-                acc_a[t] =
-                    _mm512_fmadd_ps(_mm512_mul_ps(da, dy), _mm512_cvtepi32_ps(s_a[t]), acc_a[t]);
-                acc_b[t] =
-                    _mm512_fmadd_ps(_mm512_mul_ps(db, dy), _mm512_cvtepi32_ps(s_b[t]), acc_b[t]);
-            }
+            crate::packed::super_finish::<I, 4>(&mut acc_a, ga.add(so), a, b, s_a);
+            crate::packed::super_finish::<I, 4>(&mut acc_b, gz.add(so), a, b, s_b);
         }
         store_pair(o, p, acc_a, acc_b);
     }
