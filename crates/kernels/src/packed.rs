@@ -2857,8 +2857,8 @@ unsafe fn packed_groups(
         // cache for each 4 tokens: one load per line first, so that they
         // come in as one stream with many misses in flight, where the
         // first pass's loads had few in flight (our reading; not counted,
-        // this VM has no counters). Same bits (only the
-        // order of reads changes). One thread, Zen 5, the model with and
+        // this VM has no counters). Same bits (only the order of reads
+        // changes). One thread, Zen 5, the model with and
         // without Q5_0's widening (which reads its groups the same way) in
         // turn in one process, medians of 59 prompts: before this, pp64
         // was 1.5–2.6% faster widened; with it, 5.4% faster not (twice)
