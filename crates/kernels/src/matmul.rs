@@ -9,7 +9,6 @@
 use crate::formats::*;
 use crate::quant::{quantize_q8_0, quantize_q8_k};
 use crate::simd::{best, DotKernels, Tiles};
-use rayon::prelude::*;
 
 /// A borrowed weight matrix: `rows` rows of `cols` elements in `format`.
 #[derive(Clone, Copy, Debug)]
@@ -111,15 +110,16 @@ impl MatmulScratch {
                 // threads, all of them on one thread while the other waited.
                 let chunk = SIDE_ROWS_PER_TASK * (cols / QK);
                 if chunk > 0 && nb >= 2 * chunk && rayon::current_num_threads() > 1 {
-                    b.par_chunks(chunk)
-                        .zip(n8.par_chunks_mut(chunk))
-                        .zip(n16.par_chunks_mut(chunk))
-                        .zip(n128.par_chunks_mut(chunk))
-                        .zip(d.par_chunks_mut(chunk))
-                        .zip(ds.par_chunks_mut(chunk))
-                        .for_each(|(((((b, n8), n16), n128), d), ds)| {
-                            q8_0_sides(b, [n8, n16, n128], d, ds)
-                        });
+                    let items = b
+                        .chunks(chunk)
+                        .zip(n8.chunks_mut(chunk))
+                        .zip(n16.chunks_mut(chunk))
+                        .zip(n128.chunks_mut(chunk))
+                        .zip(d.chunks_mut(chunk))
+                        .zip(ds.chunks_mut(chunk));
+                    crate::pool::for_each_item(items, 1, &|(((((b, n8), n16), n128), d), ds)| {
+                        q8_0_sides(b, [n8, n16, n128], d, ds)
+                    });
                 } else {
                     q8_0_sides(b, [n8, n16, n128], d, ds);
                 }
@@ -206,9 +206,10 @@ fn par_rows<B: Send>(
     if x.len() / cols.max(1) < 2 * ROWS_PER_TASK {
         return f(x, out);
     }
-    x.par_chunks(cols * ROWS_PER_TASK)
-        .zip(out.par_chunks_mut(blocks_per_row * ROWS_PER_TASK))
-        .for_each(|(x, o)| f(x, o));
+    let items = x
+        .chunks(cols * ROWS_PER_TASK)
+        .zip(out.chunks_mut(blocks_per_row * ROWS_PER_TASK));
+    crate::pool::for_each_item(items, 1, &|(x, o)| f(x, o));
 }
 
 /// Dot product of weight row `r` with activation row `t` for the float
@@ -376,5 +377,5 @@ pub fn matmul_with(
         let put = |r: usize, t: usize, v: f32| unsafe { *ptr.0.add(t * rows + r) = v };
         tile_rows(k, w, r0, r1, acts, n, put);
     };
-    crate::pool::for_each_task(n, rows.div_ceil(chunk), &|i| body(i * chunk));
+    crate::pool::for_each_task(rows.div_ceil(chunk), &|i| body(i * chunk));
 }

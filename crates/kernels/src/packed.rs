@@ -2919,7 +2919,7 @@ fn run_packed(
                 base += w.size_bytes();
             }
         };
-        crate::pool::for_each_task(n, parts, &part);
+        crate::pool::for_each_task(parts, &part);
         return;
     }
     // Each matrix cut into tasks of whole groups: at least ~32 KiB of
@@ -2952,7 +2952,7 @@ fn run_packed(
         // has its own output.
         unsafe { packed_groups(k, ws[i], &rows, ptrs[i], (g0, (g0 + chunk).min(groups))) }
     };
-    crate::pool::for_each_task(n, first[m], &task);
+    crate::pool::for_each_task(first[m], &task);
 }
 
 #[cfg(test)]

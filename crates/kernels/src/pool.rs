@@ -1,5 +1,5 @@
-//! A small fork-join pool for the many short parallel steps of generating
-//! a token: its workers spin between jobs instead of sleeping.
+//! A small fork-join pool for the many short parallel steps of the forward
+//! pass: its workers spin between jobs instead of sleeping.
 //!
 //! Why not rayon there: a token at batch 1 runs about 90 parallel matrix
 //! products of 10-100 µs each, with a few µs of serial work between them.
@@ -12,12 +12,16 @@
 //! interleaved tasks, and tg128 on 2 threads went from 113.9 to 126.1 tok/s
 //! (medians of six alternating pairs).
 //!
+//! Prefill's steps run here too. Each is longer (about 80 µs in a 64-token
+//! prompt on two threads), but between them rayon's second worker often
+//! went to sleep and woke late, and the spin pool's worker, spinning after
+//! the last token's output head, took its core meanwhile: on the Zen 5,
+//! the same binary switching between the two in one process, pp64 on two
+//! threads ran 5–6% faster on this pool and pp512 about 3%.
+//!
 //! Workers spin for 300 µs (`SPIN`) after their last job, then park until
-//! the next one, so an idle process burns no CPU. Prefill, where each step
-//! is long, stays on rayon: [`for_each_task`] picks the pool for batches of
-//! at most [`SMALL_BATCH`] tokens.
+//! the next one, so an idle process burns no CPU.
 
-use rayon::prelude::*;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,8 +30,8 @@ use std::time::{Duration, Instant};
 /// How long an idle worker spins before it parks.
 const SPIN: Duration = Duration::from_micros(300);
 
-/// Batches of at most this many tokens run their parallel steps here
-/// (generation); larger ones (prefill) on rayon, whose steps are long.
+/// Batches of at most this many tokens (generation) stream the weights once
+/// a token: `packed::run_packed` cuts them into contiguous parts per thread.
 pub const SMALL_BATCH: usize = 4;
 
 /// The job being run: tasks `0..n`, claimed one at a time through `next`.
@@ -286,19 +290,42 @@ fn worker(s: &Shared, w: usize) {
     }
 }
 
-/// `f(i)` for every i in `0..tasks`, the parallel steps of a batch of
-/// `tokens` tokens, across the calling rayon pool's threads: on the spin
-/// pool for small batches (generation), on rayon otherwise, inline for one
-/// task or one thread. Tasks are independent, so the choice never changes
-/// a result.
-pub fn for_each_task(tokens: usize, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+/// `f(i)` for every i in `0..tasks`, a parallel step of the forward pass,
+/// on the spin pool of the calling rayon pool's thread count (inline for
+/// one task or one thread). Tasks are independent, so the split never
+/// changes a result.
+pub fn for_each_task(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     if tasks <= 1 || rayon::current_num_threads() <= 1 {
         (0..tasks).for_each(f);
-    } else if tokens <= SMALL_BATCH {
-        current().run(tasks, f);
     } else {
-        (0..tasks).into_par_iter().for_each(f);
+        current().run(tasks, f);
     }
+}
+
+/// `f` on every item, `per_task` consecutive items a task, shared out as
+/// [`for_each_task`] shares tasks. Items are independent, so the split
+/// never changes a result.
+pub fn for_each_item<T: Send>(
+    items: impl IntoIterator<Item = T>,
+    per_task: usize,
+    f: &(dyn Fn(T) + Sync),
+) {
+    if rayon::current_num_threads() <= 1 {
+        return items.into_iter().for_each(f);
+    }
+    // Slot i is taken once, by the one task whose range holds i: its lock
+    // is never contended.
+    let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|x| Mutex::new(Some(x))).collect();
+    let per = per_task.max(1);
+    let task = |t: usize| {
+        for s in &slots[t * per..((t + 1) * per).min(slots.len())] {
+            let item = s.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(x) = item {
+                f(x);
+            }
+        }
+    };
+    for_each_task(slots.len().div_ceil(per), &task);
 }
 
 /// The pool for the calling thread's rayon thread count (so `-t 2` gives
@@ -343,6 +370,30 @@ mod tests {
         p.run(4, &|_| {});
         std::thread::sleep(SPIN * 4);
         drop(p);
+    }
+
+    /// Every item is given to `f` once, whatever the task size, on one
+    /// thread or several.
+    #[test]
+    fn for_each_item_visits_every_item_once() {
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                for (n, per) in [(0, 1), (1, 1), (5, 16), (100, 7), (1000, 1), (64, 16)] {
+                    let seen: Vec<AtomicU64> = (0..n).map(|_| AtomicU64::new(0)).collect();
+                    for_each_item(0..n, per, &|i: usize| {
+                        seen[i].fetch_add(1, Ordering::Relaxed);
+                    });
+                    assert!(
+                        seen.iter().all(|s| s.load(Ordering::Relaxed) == 1),
+                        "{n} items, {per} a task, {threads} threads"
+                    );
+                }
+            });
+        }
     }
 
     /// A task's panic reaches the caller as a panic, whichever thread ran

@@ -13,7 +13,6 @@ use crate::kv_cache::MAX_UBATCH;
 use crate::{KvCache, Model, ModelError};
 use gemma3_kernels::MatmulScratch;
 use gemma3_kernels::{ops, vectorized};
-use rayon::prelude::*;
 
 /// What a token of a [`Batch`] yields besides its K/V.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -455,9 +454,8 @@ impl Model {
             let (gate, up) = (&mut st.gate[..n * c.d_ff], &st.up[..n * c.d_ff]);
             // Element-wise, so splitting it across threads cannot change a value.
             if n >= 16 {
-                gate.par_chunks_mut(c.d_ff * 8)
-                    .zip(up.par_chunks(c.d_ff * 8))
-                    .for_each(|(g, u)| ops::geglu_inplace(g, u));
+                let items = gate.chunks_mut(c.d_ff * 8).zip(up.chunks(c.d_ff * 8));
+                gemma3_kernels::pool::for_each_item(items, 1, &|(g, u)| ops::geglu_inplace(g, u));
             } else {
                 ops::geglu_inplace(gate, up);
             }
@@ -570,7 +568,7 @@ impl Model {
                 })
             };
             if n <= gemma3_kernels::pool::SMALL_BATCH || threads == 1 {
-                return gemma3_kernels::pool::for_each_task(n, tiles.len(), &work);
+                return gemma3_kernels::pool::for_each_task(tiles.len(), &work);
             }
             // A prompt's causal tiles grow with their position: the
             // largest first, each a task of its own, so that the threads
@@ -580,7 +578,7 @@ impl Model {
             // alternating rounds.
             let mut order: Vec<usize> = (0..tiles.len()).collect();
             order.sort_by_key(|&i| std::cmp::Reverse(tiles[i].blocks()));
-            order.par_iter().with_max_len(1).for_each(|&i| work(i));
+            gemma3_kernels::pool::for_each_task(order.len(), &|j| work(order[j]));
             return;
         }
         // Fewer tiles than threads (generation: one token, one KV head):
@@ -641,7 +639,7 @@ impl Model {
                 })
             }
         };
-        gemma3_kernels::pool::for_each_task(n, tiles.len() * parts, &work);
+        gemma3_kernels::pool::for_each_task(tiles.len() * parts, &work);
         for (ti, t) in tiles.iter().enumerate() {
             let mine = &states[starts[ti]..starts[ti] + chunk_lists[ti].len()];
             vectorized!(fn(c: &crate::Config, t: &Tile, mine: &[RowState], optr: SharedOut) {
@@ -1188,11 +1186,10 @@ where
     I::Item: Send,
     F: Fn(I::Item) + Sync + Send,
 {
-    if n >= 32 && rayon::current_num_threads() > 1 {
-        // Indexed, 16 tokens per task: `par_bridge` hands items out one at
-        // a time through a lock, which cost more than a token's norm.
-        let items: Vec<I::Item> = items.collect();
-        items.into_par_iter().with_min_len(16).for_each(f);
+    if n >= 32 {
+        // 16 tokens a task: one token's norm costs less than handing it
+        // out.
+        gemma3_kernels::pool::for_each_item(items, 16, &f);
     } else {
         items.for_each(f);
     }

@@ -11,7 +11,6 @@
 
 use crate::{Config, ModelError};
 use half::f16;
-use rayon::prelude::*;
 
 /// Most tokens in one micro-batch of the forward pass.
 pub const MAX_UBATCH: usize = 512;
@@ -105,18 +104,17 @@ impl LayerCache {
             .enumerate()
             .filter(|(t, _)| wanted(*t))
             .collect();
-        work.into_par_iter()
-            .with_max_len(1)
-            .for_each(|(t, (kt, vt))| {
-                for j in 0..TILE {
-                    // Token i of the run is the one in slot t·TILE + j.
-                    let i = (t * TILE + j + slots - s0) % slots;
-                    if i < n {
-                        let row = i * kvd..(i + 1) * kvd;
-                        put(kt, vt, j, &k[row.clone()], &v[row]);
-                    }
+        let tile = |(t, (kt, vt)): (usize, (&mut [f16], &mut [f16]))| {
+            for j in 0..TILE {
+                // Token i of the run is the one in slot t·TILE + j.
+                let i = (t * TILE + j + slots - s0) % slots;
+                if i < n {
+                    let row = i * kvd..(i + 1) * kvd;
+                    put(kt, vt, j, &k[row.clone()], &v[row]);
                 }
-            });
+            }
+        };
+        gemma3_kernels::pool::for_each_item(work, 1, &tile);
     }
 }
 

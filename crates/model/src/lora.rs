@@ -19,7 +19,6 @@ use crate::{Model, ModelError};
 use gemma3_gguf::{GgufError, GgufFile, TensorInfo};
 use gemma3_kernels::packed::{matmul_packed, FLOAT_BLOCK};
 use gemma3_kernels::{quant, vectorized, MatmulScratch, PackedMatrix, QMatrix, WeightFormat};
-use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -144,12 +143,12 @@ impl LoraDelta {
         let threads = rayon::current_num_threads();
         if threads > 1 && n >= 16 * threads {
             let per = n.div_ceil(threads);
-            x.par_chunks(per * self.n_in)
-                .zip(out.par_chunks_mut(per * self.n_out))
-                .zip(scale.par_chunks(per))
-                .for_each(|((x, out), scale)| {
-                    self.add_rows(x, scale, out, &mut MatmulScratch::default())
-                });
+            let items = (x.chunks(per * self.n_in))
+                .zip(out.chunks_mut(per * self.n_out))
+                .zip(scale.chunks(per));
+            gemma3_kernels::pool::for_each_item(items, 1, &|((x, out), scale)| {
+                self.add_rows(x, scale, out, &mut MatmulScratch::default())
+            });
         } else {
             self.add_rows(x, scale, out, mm);
         }
