@@ -83,36 +83,25 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Read bandwidth with the current pool's threads: sum a 512 MiB buffer, best of 3 for
 /// each way of reading it. The buffer is on 2 MB pages where the OS allows, as the packed
-/// weights are. Each thread reads its parts as one ascending stream, or as two (the lower
+/// weights are. Each thread reads its parts (16 MB: on one Zen 5 thread, parts of 1 MB
+/// read 1–4% slower) as one ascending stream, or as two (the lower
 /// and upper half of each part side by side, 64 bytes at a time), as the AVX2 kernels read
-/// one token's weights: a Zen 3 core reads two streams faster than one.
+/// one token's weights: a Zen 3 core reads two streams faster than one. The loop is
+/// `ops::read_sum`, with 64-byte loads where the kernels have AVX-512 (the portable loop
+/// read 10–15% slower on one Zen 5 thread, which had put generation above 100% of "the
+/// bound").
 fn read_bandwidth() -> f64 {
     let mut buf = vec![0u8; 512 << 20];
     for (i, w) in buf.chunks_exact_mut(8).enumerate() {
         w.copy_from_slice(&(i as u64).to_le_bytes());
     }
     gemma3_kernels::packed::collapse_huge_pages(&buf);
-    // The sum of 64 bytes as 8 u64 lanes (vectorized; only the reads matter).
-    fn line(acc: &mut [u64; 8], l: &[u8]) {
-        for (a, b) in acc.iter_mut().zip(l.chunks_exact(8)) {
-            *a = a.wrapping_add(u64::from_le_bytes(b.try_into().expect("8 bytes")));
-        }
-    }
     let mut best = 0.0f64;
     for streams in [1usize, 2, 1, 2, 1, 2] {
         let t0 = Instant::now();
         let s: u64 = buf
-            .par_chunks(1 << 20)
-            .map(|c| {
-                let mut acc = [0u64; 8];
-                let part = c.len() / streams;
-                for i in (0..part).step_by(64) {
-                    for k in 0..streams {
-                        line(&mut acc, &c[k * part + i..k * part + i + 64]);
-                    }
-                }
-                acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
-            })
+            .par_chunks(16 << 20)
+            .map(|c| gemma3_kernels::ops::read_sum(c, streams))
             .reduce(|| 0, |a, b| a.wrapping_add(b));
         let dt = t0.elapsed().as_secs_f64();
         std::hint::black_box(s);

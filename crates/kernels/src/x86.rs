@@ -1005,6 +1005,46 @@ pub(crate) fn round_f16_avx512(x: &mut [f32]) {
 
 // ---------------------------------------------------------------- GeGLU
 
+/// `ops::read_sum` with 64-byte loads: four lines of a stream, or one line
+/// of each of 2 or 4 streams, into four independent sums.
+pub(crate) fn read_sum_avx512(bytes: &[u8], streams: usize) -> u64 {
+    #[target_feature(enable = "avx512f")]
+    unsafe fn inner(bytes: &[u8], streams: usize) -> u64 {
+        let part = bytes.len() / streams;
+        let p = bytes.as_ptr();
+        let mut acc = [_mm512_setzero_si512(); 4];
+        let load = |at: usize| _mm512_loadu_si512(p.add(at) as *const _);
+        // Lines (of each stream) per step: 4 sums in all.
+        let per = 4 / streams;
+        let mut i = 0;
+        while i + 64 * per <= part {
+            for j in 0..per {
+                for k in 0..streams {
+                    let a = &mut acc[j * streams + k];
+                    *a = _mm512_add_epi64(*a, load(k * part + i + 64 * j));
+                }
+            }
+            i += 64 * per;
+        }
+        // (A stream's last lines, fewer than a step.)
+        while i < part {
+            for k in 0..streams {
+                acc[k] = _mm512_add_epi64(acc[k], load(k * part + i));
+            }
+            i += 64;
+        }
+        let s = _mm512_add_epi64(
+            _mm512_add_epi64(acc[0], acc[1]),
+            _mm512_add_epi64(acc[2], acc[3]),
+        );
+        _mm512_reduce_add_epi64(s) as u64
+    }
+    // SAFETY: called only when the AVX-512 level was detected; every load
+    // lies within `bytes` (`read_sum` checked that each stream holds whole
+    // lines).
+    unsafe { inner(bytes, streams) }
+}
+
 /// `gate = gelu(gate) · up` 16 at a time, as `ops::geglu_inplace_ref`: the
 /// f16 rounding (nearest even) indexes the same table through a gather,
 /// with the same ±10 cut-offs and the same final multiply.
