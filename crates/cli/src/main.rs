@@ -128,6 +128,7 @@ fn real_main() -> Result<()> {
     // leaves only the main thread's to matter. A bad GEMMA3_KERNELS is
     // refused here rather than silently replaced by the default table.
     gemma3_kernels::simd::check_request().map_err(anyhow::Error::msg)?;
+    gemma3_kernels::packed::requested_stream_ahead().map_err(anyhow::Error::msg)?;
     gemma3_kernels::simd::best();
     let cli = Cli::parse();
     if let Command::Bench(a) = cli.command {
@@ -363,5 +364,13 @@ fn info(
         "no (none on this CPU, not granted by the OS, or GEMMA3_NO_AMX, GEMMA3_FORCE_SCALAR or GEMMA3_KERNELS chose another table)"
     };
     outln!("kernels: {}; AMX tiles: {tiles}", k.name)?;
+    let ahead = match gemma3_kernels::packed::stream_ahead() {
+        0 => "none".to_string(),
+        b => format!("{b} bytes ahead"),
+    };
+    outln!(
+        "weight prefetch (Q4_K, Q5_K, Q6_K, Q5_0 at 1-3 tokens; {}): {ahead}",
+        gemma3_kernels::packed::PREFETCH_VAR
+    )?;
     Ok(())
 }

@@ -110,6 +110,10 @@ fn a_kernel_table_the_cpu_cannot_run_is_refused() {
             &[("GEMMA3_KERNELS", "avx2"), ("GEMMA3_FORCE_SCALAR", "1")][..],
             &["GEMMA3_FORCE_SCALAR", "\"avx2\""][..],
         ),
+        (
+            &[("GEMMA3_PREFETCH", "4k")][..],
+            &["GEMMA3_PREFETCH=\"4k\"", "byte count"][..],
+        ),
     ] {
         let (out, stdout, stderr) = info(env);
         assert_eq!(out.status.code(), Some(1), "{env:?}: {stdout} {stderr}");

@@ -26,10 +26,12 @@
 //! prefetchers follow (gaps and a second stream at another offset halved
 //! the speed at which one core streams the output head): units of
 //! `64 / scale_bytes` blocks' quants followed by one 64-byte line of their
-//! f16 scales (see [`block_offsets`]). The kernels issue no software
-//! prefetches: on the Zen 4 we measured, L2 prefetch instructions capped one
-//! core at about 18 GB/s, where the hardware prefetchers alone stream this
-//! layout at about 25 (the speed of a plain summing loop).
+//! f16 scales (see [`block_offsets`]). On the Zen 4 we measured, L2
+//! prefetch instructions capped one core at about 18 GB/s, where the
+//! hardware prefetchers alone stream this layout at about 25 (the speed of
+//! a plain summing loop), so the kernels issue software prefetches only
+//! where they were measured to pay: on a Zen 5, for the K-quants and Q5_0
+//! at one to three tokens (see [`stream_ahead`]).
 //!
 //! Lane r, column c: byte `4r + c` of a 64-byte vector. A "group of 4" is 4
 //! consecutive elements of every row.
@@ -81,7 +83,7 @@ use crate::matmul::{check_shapes, MatmulScratch, OutPtr, QMatrix};
 use crate::quant::{q3_k_unpack, q4_1_unpack, q5_0_unpack, q5_1_unpack, q6_k_unpack};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
-use std::sync::atomic::{compiler_fence, Ordering};
+use std::sync::atomic::{compiler_fence, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Rows per interleaved group (one per 32-bit lane of a 512-bit vector).
@@ -1285,11 +1287,15 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize, const STREAMS: usize>(
 /// this once: a closure with one call site is inlined, and must be, or it
 /// loses the caller's target features (kernels whose closures had two call
 /// sites, one per layout, ran at about 1 GB/s once their bodies grew).
+///
+/// With `ahead` > 0 each block's lines are prefetched `ahead` bytes on
+/// before its sums (see [`stream_ahead`]).
 #[inline(always)]
 unsafe fn each_block<S, const NG: usize>(
     gps: [*const u8; NG],
     nb: usize,
     f: PackedFormat,
+    ahead: usize,
     sums: impl Fn(usize, *const u8) -> S,
     mut finish: impl FnMut(usize, usize, *const u8, S),
 ) {
@@ -1314,6 +1320,11 @@ unsafe fn each_block<S, const NG: usize>(
                         std::ptr::read_volatile(block.add(l));
                     }
                     compiler_fence(Ordering::SeqCst);
+                    if ahead > 0 {
+                        for l in (0..core).step_by(64) {
+                            prefetch_line(block.wrapping_add(ahead + l));
+                        }
+                    }
                     sk[j].write(sums(b0 + j, block));
                     // Keeps block j's loads before block j + 1's: the compiler
                     // had scheduled the second block of a Q8_0 unit first, and a
@@ -1333,6 +1344,124 @@ unsafe fn each_block<S, const NG: usize>(
         unit = scales + 64;
         b0 += in_unit;
     }
+}
+
+/// The environment variable that sets [`stream_ahead`]: a byte count, 0 for
+/// no prefetches, at most [`MAX_STREAM_AHEAD`].
+pub const PREFETCH_VAR: &str = "GEMMA3_PREFETCH";
+
+/// The largest [`PREFETCH_VAR`] accepted.
+pub const MAX_STREAM_AHEAD: usize = 1 << 20;
+
+/// [`stream_ahead`] before its first call.
+const AHEAD_UNSET: usize = usize::MAX;
+static STREAM_AHEAD: AtomicUsize = AtomicUsize::new(AHEAD_UNSET);
+
+/// How many bytes ahead of its reads a kernel of one to three tokens
+/// prefetches the blocks of Q4_K, Q5_K, Q6_K (and Q3_K, packed as Q6_K) and
+/// Q5_0, or 0 for none: [`PREFETCH_VAR`] if set, else 4096 on an AMD Zen 5
+/// and 0 elsewhere.
+///
+/// Why: streaming matrices much larger than the caches at one token, one
+/// thread, a Zen 5 core's hardware prefetchers alone kept up with the
+/// small-block formats (Q8_0 39–42 GB/s; Q4_0, Q5_0, Q5_1, IQ4_NL 36–38)
+/// but not with the K-quants, whose 256-column blocks start with their
+/// sub-block scales (Q4_K 19–24 GB/s, Q5_K 20, Q6_K 25–27, Q3_K 26); a
+/// prefetch of every line 4 KB ahead took those to 31–40, 33–35, 32–36 and
+/// 34–35. It took Q8_0 down to 35–36 and left the other small-block formats
+/// as they were, but in the model, whose matrices are small (110 KB to
+/// 1 MB a layer, each a stream the hardware must pick up anew), Q5_0 gained
+/// too: tg64 on one thread, the three in turn in one process, 149.1 tok/s
+/// without prefetches, 150.9 with the K-quants', 155.0 with Q5_0's as well
+/// (medians of 27). Only there: on the Zen 4 this project ran on before,
+/// software prefetches of the weights capped a core at about 18 GB/s (see
+/// the module docs), so other CPUs keep none until measured. The
+/// prefetches change no result.
+pub fn stream_ahead() -> usize {
+    match STREAM_AHEAD.load(Ordering::Relaxed) {
+        AHEAD_UNSET => {
+            let v = requested_stream_ahead()
+                .ok()
+                .flatten()
+                .unwrap_or_else(default_stream_ahead);
+            STREAM_AHEAD.store(v, Ordering::Relaxed);
+            v
+        }
+        v => v,
+    }
+}
+
+/// Sets [`stream_ahead`] for this process (at most [`MAX_STREAM_AHEAD`]),
+/// for benchmarks that compare distances in turn.
+pub fn set_stream_ahead(bytes: usize) {
+    STREAM_AHEAD.store(bytes.min(MAX_STREAM_AHEAD), Ordering::Relaxed);
+}
+
+/// [`PREFETCH_VAR`]'s distance: None if it is unset or empty, an error that
+/// names it if it is not a byte count up to [`MAX_STREAM_AHEAD`].
+pub fn requested_stream_ahead() -> Result<Option<usize>, String> {
+    match std::env::var_os(PREFETCH_VAR).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => parse_stream_ahead(&v.to_string_lossy()).map(Some),
+    }
+}
+
+/// A [`PREFETCH_VAR`] value as a distance in bytes.
+fn parse_stream_ahead(v: &str) -> Result<usize, String> {
+    match v.trim().parse::<usize>() {
+        Ok(n) if n <= MAX_STREAM_AHEAD => Ok(n),
+        _ => Err(format!(
+            "{PREFETCH_VAR}={v:?}: expected a byte count from 0 (no prefetches) to {MAX_STREAM_AHEAD}"
+        )),
+    }
+}
+
+/// 4096 on an AMD CPU of family 26 (Zen 5), where it was measured, else 0.
+fn default_stream_ahead() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        let (v, l1) = (__cpuid(0), __cpuid(1));
+        let amd = [v.ebx, v.edx, v.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163];
+        let base = (l1.eax >> 8) & 0xF;
+        let family = base
+            + if base == 0xF {
+                (l1.eax >> 20) & 0xFF
+            } else {
+                0
+            };
+        if amd && family == 26 {
+            return 4096;
+        }
+    }
+    0
+}
+
+/// [`stream_ahead`] for a kernel of `nt` tokens on `f`, or 0 where it
+/// prefetches nothing (four tokens: prompts read a task's weights first, see
+/// `packed_groups`).
+#[inline(always)]
+fn stream_ahead_for(f: PackedFormat, nt: usize) -> usize {
+    match f {
+        PackedFormat::Q4K | PackedFormat::Q5K | PackedFormat::Q6K | PackedFormat::Q5_0
+            if nt < 4 =>
+        {
+            stream_ahead()
+        }
+        _ => 0,
+    }
+}
+
+/// A prefetch of the line at `p` into L1 (a hint: `p` may lie anywhere).
+#[inline(always)]
+fn prefetch_line(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing and cannot fault, whatever `p` is.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// The f32 activations of token t; the caller checked the variant.
@@ -1564,6 +1693,7 @@ unsafe fn group_q8_0<I: Isa, const NT: usize, const NG: usize>(
         gps,
         nb,
         PackedFormat::Q8_0,
+        0,
         |b, core| {
             block32_sums::<I, NT, true, 1>(start128::<I, NT>(a, b), a, b, |c| {
                 (I::load(core.add(64 * c)), I::load(core.add(64 * (4 + c))))
@@ -1678,7 +1808,7 @@ unsafe fn group_q5_0<
         (false, true) => PackedFormat::Q5_0Wide,
         (false, false) => PackedFormat::Q5_0,
     };
-    each_block(gps, nb, f, sums, |k, b, sc, is| {
+    each_block(gps, nb, f, stream_ahead_for(f, NT), sums, |k, b, sc, is| {
         finish(b, sc, is, &mut acc[k])
     });
     acc
@@ -1701,6 +1831,7 @@ unsafe fn group_nibbles<I: Isa, const NT: usize, const NG: usize, const LUT: boo
         gps,
         nb,
         PackedFormat::Q4_0,
+        0,
         |b, core| {
             let start = if LUT {
                 start128::<I, NT>(a, b)
@@ -1765,7 +1896,7 @@ unsafe fn group_iq4xs<I: Isa, const NT: usize, const NG: usize>(
         }
         s
     };
-    each_block(gps, nb, PackedFormat::IQ4XS, sums, |k, b, scales, s| {
+    each_block(gps, nb, PackedFormat::IQ4XS, 0, sums, |k, b, scales, s| {
         super_finish::<I, NT>(&mut acc[k], scales, a, b, s)
     });
     acc
@@ -1992,7 +2123,7 @@ unsafe fn group_coded<I: Isa, const NT: usize, const NG: usize, const T: u8>(
             }
         };
     let f = PackedFormat::Coded(table);
-    each_block(gps, nb, f, sums, |k, b, sc, s| {
+    each_block(gps, nb, f, 0, sums, |k, b, sc, s| {
         finish(b, sc, s, &mut acc[k])
     });
     let post = table.post();
@@ -2218,7 +2349,7 @@ unsafe fn group_q4k<
                 acc[t] = I::fnmadd(I::mul_f(dmin, dy), I::to_f(m[t]), acc[t]);
             }
         };
-    each_block(gps, nb, f, sums, |k, b, sc, s| {
+    each_block(gps, nb, f, stream_ahead_for(f, NT), sums, |k, b, sc, s| {
         finish(b, sc, s, &mut acc[k])
     });
     acc
@@ -2282,9 +2413,14 @@ unsafe fn group_q6k<I: Isa, const NT: usize, const NG: usize, const WIDE: bool>(
     } else {
         PackedFormat::Q6K
     };
-    each_block(gps, nb, f, sums, |k, b, scales, s| {
-        super_finish::<I, NT>(&mut acc[k], scales, a, b, s)
-    });
+    each_block(
+        gps,
+        nb,
+        f,
+        stream_ahead_for(f, NT),
+        sums,
+        |k, b, scales, s| super_finish::<I, NT>(&mut acc[k], scales, a, b, s),
+    );
     acc
 }
 
@@ -2959,6 +3095,19 @@ fn run_packed(
 mod tests {
     use super::*;
 
+    /// GEMMA3_PREFETCH takes a byte count up to the limit; anything else is
+    /// an error that names the variable.
+    #[test]
+    fn prefetch_distances_parse() {
+        assert_eq!(parse_stream_ahead("4096"), Ok(4096));
+        assert_eq!(parse_stream_ahead(" 0 "), Ok(0));
+        assert_eq!(parse_stream_ahead("1048576"), Ok(MAX_STREAM_AHEAD));
+        for bad in ["1048577", "-1", "4k", "", "1e3"] {
+            let e = parse_stream_ahead(bad).unwrap_err();
+            assert!(e.contains("GEMMA3_PREFETCH"), "{bad}: {e}");
+        }
+    }
+
     /// Tiles for every integer format but Q4_K past 1024 columns (measured
     /// slower there on a lent Xeon: see `tiles_pay`).
     #[test]
@@ -2998,6 +3147,7 @@ mod tests {
                         gps,
                         nb,
                         f,
+                        0,
                         |b, c| {
                             let (k, c) = at(c);
                             touched.borrow_mut()[k].push(c);
