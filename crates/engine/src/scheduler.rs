@@ -290,8 +290,9 @@ impl Scheduler {
             limit: cfg.parallel.saturating_add(cfg.max_queue),
         };
         // The worker loop runs inside a pool of as many threads as the
-        // caller's, so each step's parallel loops fork and join from a pool
-        // thread (cheap) rather than from outside it.
+        // caller's: its thread count sizes the forward pass's spin pool and
+        // the split of each step, and sampling's parallel loops fork and
+        // join from a pool thread (cheap) rather than from outside it.
         let threads = rayon::current_num_threads();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

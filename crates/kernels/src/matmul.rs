@@ -109,7 +109,7 @@ impl MatmulScratch {
                 // Serial, this loop was 0.6% of pp512's perf samples on two
                 // threads, all of them on one thread while the other waited.
                 let chunk = SIDE_ROWS_PER_TASK * (cols / QK);
-                if chunk > 0 && nb >= 2 * chunk && rayon::current_num_threads() > 1 {
+                if chunk > 0 && nb >= 2 * chunk && crate::pool::threads() > 1 {
                     let items = b
                         .chunks(chunk)
                         .zip(n8.chunks_mut(chunk))
@@ -358,7 +358,7 @@ pub fn matmul_with(
     // Rows per task: at least ~32 KiB of weight·token work per task so that
     // scheduling stays cheap next to it, and enough tasks to balance the
     // threads; a multiple of 4 for the 4-row tiles.
-    let threads = rayon::current_num_threads().max(1);
+    let threads = crate::pool::threads();
     let min_rows = (32 * 1024 / (w.row_bytes() * n).max(1)).max(4);
     let chunk = ((rows / (threads * 8))
         .clamp(min_rows, 256.max(min_rows))

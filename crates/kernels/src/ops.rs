@@ -84,6 +84,15 @@ fn avx512() -> bool {
 /// on the Zen 5, one thread, it read 40 GB/s where the portable loop (one
 /// sum of eight words a line) read 35.
 pub fn read_sum(bytes: &[u8], streams: usize) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        return crate::x86::read_sum_avx512(bytes, streams);
+    }
+    read_sum_ref(bytes, streams)
+}
+
+/// [`read_sum`]'s conditions on its arguments.
+pub(crate) fn check_read_sum(bytes: &[u8], streams: usize) {
     assert!(
         matches!(streams, 1 | 2 | 4),
         "read_sum: 1, 2 or 4 streams, not {streams}"
@@ -93,15 +102,11 @@ pub fn read_sum(bytes: &[u8], streams: usize) -> u64 {
         0,
         "read_sum: whole lines per stream"
     );
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        return crate::x86::read_sum_avx512(bytes, streams);
-    }
-    read_sum_ref(bytes, streams)
 }
 
 /// [`read_sum`] in portable code.
 pub fn read_sum_ref(bytes: &[u8], streams: usize) -> u64 {
+    check_read_sum(bytes, streams);
     let part = bytes.len() / streams;
     let mut acc = [[0u64; 8]; 4];
     for i in (0..part).step_by(64) {

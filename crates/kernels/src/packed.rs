@@ -1288,8 +1288,9 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize, const STREAMS: usize>(
 /// loses the caller's target features (kernels whose closures had two call
 /// sites, one per layout, ran at about 1 GB/s once their bodies grew).
 ///
-/// With `ahead` > 0 each block's lines are prefetched `ahead` bytes on
-/// before its sums (see [`stream_ahead`]).
+/// With `ahead` > 0 each unit's scale line and each block's lines are
+/// prefetched `ahead` bytes on, before the unit's and the block's sums (see
+/// [`stream_ahead`]).
 #[inline(always)]
 unsafe fn each_block<S, const NG: usize>(
     gps: [*const u8; NG],
@@ -1306,6 +1307,11 @@ unsafe fn each_block<S, const NG: usize>(
     while b0 < nb {
         let in_unit = (64 / sb).min(nb - b0);
         let scales = unit + in_unit * core;
+        if ahead > 0 {
+            for g in gps {
+                prefetch_line(g.wrapping_add(scales + ahead));
+            }
+        }
         // One call site each (the closures must be inlined to get the
         // caller's target features), in loops of a constant trip count.
         let mut s = [const { [const { MaybeUninit::<S>::uninit() }; 2] }; NG];
@@ -1380,12 +1386,22 @@ static STREAM_AHEAD: AtomicUsize = AtomicUsize::new(AHEAD_UNSET);
 pub fn stream_ahead() -> usize {
     match STREAM_AHEAD.load(Ordering::Relaxed) {
         AHEAD_UNSET => {
+            // (A bad value is refused by the CLI at start; here it leaves
+            // the default.)
             let v = requested_stream_ahead()
                 .ok()
                 .flatten()
                 .unwrap_or_else(default_stream_ahead);
-            STREAM_AHEAD.store(v, Ordering::Relaxed);
-            v
+            // A value set meanwhile (`set_stream_ahead`) stands.
+            match STREAM_AHEAD.compare_exchange(
+                AHEAD_UNSET,
+                v,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => v,
+                Err(set) => set,
+            }
         }
         v => v,
     }
@@ -1438,8 +1454,10 @@ fn default_stream_ahead() -> usize {
 }
 
 /// [`stream_ahead`] for a kernel of `nt` tokens on `f`, or 0 where it
-/// prefetches nothing (four tokens: prompts read a task's weights first, see
-/// `packed_groups`).
+/// prefetches nothing: four tokens, which only prompts run, and prompts read
+/// a task's weights first (see `packed_groups`). A prompt's last one to
+/// three tokens take the kernels that prefetch; there the lines are in
+/// cache already, and the prefetches cost a little issue bandwidth only.
 #[inline(always)]
 fn stream_ahead_for(f: PackedFormat, nt: usize) -> usize {
     match f {
@@ -3024,7 +3042,7 @@ fn run_packed(
     // The matrices read the same activations, so have the same blocks.
     debug_assert!(ws.iter().all(|w| (w.nb, w.cols) == (ws[0].nb, ws[0].cols)));
     let rows = token_rows(acts, ws[0].nb, ws[0].cols, n);
-    let threads = rayon::current_num_threads().max(1);
+    let threads = crate::pool::threads();
     if n <= crate::pool::SMALL_BATCH && threads > 1 {
         // Generation, on the spin pool: the weights stream from memory
         // once. Cut the bytes of all the matrices (stored one after

@@ -295,7 +295,7 @@ fn worker(s: &Shared, w: usize) {
 /// one task or one thread). Tasks are independent, so the split never
 /// changes a result.
 pub fn for_each_task(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
-    if tasks <= 1 || rayon::current_num_threads() <= 1 {
+    if tasks <= 1 || threads() <= 1 {
         (0..tasks).for_each(f);
     } else {
         current().run(tasks, f);
@@ -310,7 +310,7 @@ pub fn for_each_item<T: Send>(
     per_task: usize,
     f: &(dyn Fn(T) + Sync),
 ) {
-    if rayon::current_num_threads() <= 1 {
+    if threads() <= 1 {
         return items.into_iter().for_each(f);
     }
     // Slot i is taken once, by the one task whose range holds i: its lock
@@ -326,6 +326,17 @@ pub fn for_each_item<T: Send>(
         }
     };
     for_each_task(slots.len().div_ceil(per), &task);
+}
+
+/// The threads a parallel step may use: the calling rayon pool's count, or
+/// 1 inside a spin pool task (a step nested in another runs inline, and
+/// asking rayon there would start its global pool).
+pub fn threads() -> usize {
+    if IN_WORKER.get() {
+        1
+    } else {
+        rayon::current_num_threads().max(1)
+    }
 }
 
 /// The pool for the calling thread's rayon thread count (so `-t 2` gives

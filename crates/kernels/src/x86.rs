@@ -1008,6 +1008,7 @@ pub(crate) fn round_f16_avx512(x: &mut [f32]) {
 /// `ops::read_sum` with 64-byte loads: four lines of a stream, or one line
 /// of each of 2 or 4 streams, into four independent sums.
 pub(crate) fn read_sum_avx512(bytes: &[u8], streams: usize) -> u64 {
+    crate::ops::check_read_sum(bytes, streams);
     #[target_feature(enable = "avx512f")]
     unsafe fn inner(bytes: &[u8], streams: usize) -> u64 {
         let part = bytes.len() / streams;
@@ -1040,8 +1041,8 @@ pub(crate) fn read_sum_avx512(bytes: &[u8], streams: usize) -> u64 {
         _mm512_reduce_add_epi64(s) as u64
     }
     // SAFETY: called only when the AVX-512 level was detected; every load
-    // lies within `bytes` (`read_sum` checked that each stream holds whole
-    // lines).
+    // lies within `bytes` (checked above: each of 1, 2 or 4 streams holds
+    // whole lines).
     unsafe { inner(bytes, streams) }
 }
 

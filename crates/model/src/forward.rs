@@ -544,7 +544,7 @@ impl Model {
             }
             i = j;
         }
-        let threads = rayon::current_num_threads().max(1);
+        let threads = gemma3_kernels::pool::threads();
         let optr = SharedOut(out.as_mut_ptr());
         let few_chunks =
             || tiles.iter().map(|t| t.chunks().count()).sum::<usize>() < 2 * tiles.len();

@@ -86,7 +86,7 @@ impl LayerCache {
         let n = k.len() / kvd;
         assert!(k.len() == n * kvd && v.len() == n * kvd && n <= self.slots);
         debug_assert_eq!(self.slots % TILE, 0, "whole tiles of slots");
-        if n < 64 || rayon::current_num_threads() == 1 {
+        if n < 64 || gemma3_kernels::pool::threads() == 1 {
             for (i, (k, v)) in k.chunks_exact(kvd).zip(v.chunks_exact(kvd)).enumerate() {
                 self.write(pos0 + i, k, v);
             }

@@ -140,7 +140,7 @@ impl LoraDelta {
         // A has few rows (the rank), which the kernels would give one
         // thread: many tokens are split between the threads instead (per
         // token, so the split cannot change a value).
-        let threads = rayon::current_num_threads();
+        let threads = gemma3_kernels::pool::threads();
         if threads > 1 && n >= 16 * threads {
             let per = n.div_ceil(threads);
             let items = (x.chunks(per * self.n_in))
