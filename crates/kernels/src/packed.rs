@@ -1288,9 +1288,10 @@ pub(crate) unsafe fn kernel<I: Isa, const NT: usize, const STREAMS: usize>(
 /// loses the caller's target features (kernels whose closures had two call
 /// sites, one per layout, ran at about 1 GB/s once their bodies grew).
 ///
-/// With `ahead` > 0 each unit's scale line and each block's lines are
-/// prefetched `ahead` bytes on, before the unit's and the block's sums (see
-/// [`stream_ahead`]).
+/// With `ahead` > 0 each block's lines are prefetched `ahead` bytes on,
+/// before its sums (see [`stream_ahead`]). The units' scale lines are left
+/// to the hardware: prefetched too, tg64 ran 1–4% slower on one thread
+/// (two runs) and 6% on two (one run), each way in turn in one process.
 #[inline(always)]
 unsafe fn each_block<S, const NG: usize>(
     gps: [*const u8; NG],
@@ -1307,11 +1308,6 @@ unsafe fn each_block<S, const NG: usize>(
     while b0 < nb {
         let in_unit = (64 / sb).min(nb - b0);
         let scales = unit + in_unit * core;
-        if ahead > 0 {
-            for g in gps {
-                prefetch_line(g.wrapping_add(scales + ahead));
-            }
-        }
         // One call site each (the closures must be inlined to get the
         // caller's target features), in loops of a constant trip count.
         let mut s = [const { [const { MaybeUninit::<S>::uninit() }; 2] }; NG];
@@ -1373,7 +1369,7 @@ static STREAM_AHEAD: AtomicUsize = AtomicUsize::new(AHEAD_UNSET);
 /// small-block formats (Q8_0 39–42 GB/s; Q4_0, Q5_0, Q5_1, IQ4_NL 36–38)
 /// but not with the K-quants, whose 256-column blocks start with their
 /// sub-block scales (Q4_K 19–24 GB/s, Q5_K 20, Q6_K 25–27, Q3_K 26); a
-/// prefetch of every line 4 KB ahead took those to 31–40, 33–35, 32–36 and
+/// prefetch of each block's lines 4 KB ahead took those to 31–40, 33–35, 32–36 and
 /// 34–35. It took Q8_0 down to 35–36 and left the other small-block formats
 /// as they were, but in the model, whose matrices are small (110 KB to
 /// 1 MB a layer, each a stream the hardware must pick up anew), Q5_0 gained
