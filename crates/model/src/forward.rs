@@ -1020,32 +1020,23 @@ fn chunk_softmax_pv(
     let (hd, kvd) = (c.head_dim, c.kv_dim());
     let (rows, w) = (t.rows, hd);
     st.reset(rows, w);
-    // Scores two blocks at a time (`block_scores2`), the second block's
-    // kept in the other buffer for the next step.
+    // Scores two blocks at a time (`block_scores2`): each even step of the
+    // chunk scores its block into bufs[0] and the next into bufs[1], which
+    // the odd step after it reads.
     let mut bufs = [[0.0f32; MAX_ROWS * KB]; 2];
-    let (mut cur, mut ready) = (0, false);
     for b in blocks.clone() {
         let base = t.base(b);
-        if ready {
-            cur ^= 1;
-            ready = false;
-        } else if b + 1 < blocks.end {
-            let [b0, b1] = &mut bufs;
-            let (s0, s1) = if cur == 0 { (b0, b1) } else { (b1, b0) };
-            block_scores2(
-                c,
-                lc,
-                t,
-                qrows,
-                b,
-                &mut s0[..rows * KB],
-                &mut s1[..rows * KB],
-            );
-            ready = true;
-        } else {
-            block_scores(c, lc, t, qrows, b, &mut bufs[cur][..rows * KB]);
+        let odd = (b - blocks.start) % 2 == 1;
+        if !odd {
+            let [s0, s1] = &mut bufs;
+            let s0 = &mut s0[..rows * KB];
+            if b + 1 < blocks.end {
+                block_scores2(c, lc, t, qrows, b, s0, &mut s1[..rows * KB]);
+            } else {
+                block_scores(c, lc, t, qrows, b, s0);
+            }
         }
-        let s = &mut bufs[cur];
+        let s = &mut bufs[odd as usize];
         // Keys of this block any row wants: jmin..=jmax; row r's own are
         // range[r] (empty, j0 > j1, when it wants none). Each row's block
         // max over its range comes from one pass over the keys with the
