@@ -12,8 +12,9 @@
 //! interleaved tasks, and tg128 on 2 threads went from 113.9 to 126.1 tok/s
 //! (medians of six alternating pairs).
 //!
-//! Prefill's steps run here too. Each is longer (about 80 µs in a 64-token
-//! prompt on two threads), but between them rayon's second worker often
+//! Prefill's steps run here too. Each is longer (about 80 µs on average in
+//! a 64-token prompt on two threads, derived from its time over its some 160
+//! steps, not timed one by one), but between them rayon's second worker often
 //! went to sleep and woke late, and the spin pool's worker, spinning after
 //! the last token's output head, took its core meanwhile: on the Zen 5,
 //! the same binary switching between the two in one process, pp64 on two
