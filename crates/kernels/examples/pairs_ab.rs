@@ -1,6 +1,7 @@
-//! The AVX-512 prompt kernels with and without pairs of groups
-//! (`PACKED_PAIRS`), in turn in one process, at the model's shapes and 512
-//! tokens (`N=64` for another count): `RAYON_NUM_THREADS=1 cargo run
+//! The AVX-512 prompt kernels with one group a pass and with pairs of
+//! groups (the `avx512-vnni-gfni` and `avx512-vnni-gfni-pairs` tables, or
+//! the two without GFNI), in turn in one process, at the model's shapes and
+//! 512 tokens (`N=64` for another count): `RAYON_NUM_THREADS=1 cargo run
 //! --release -p gemma3-kernels --example pairs_ab [name filter]`. The bits
 //! must match. (The weights stay in cache here, unlike in the model.)
 
@@ -8,16 +9,20 @@
 mod common;
 use gemma3_kernels::packed::{matmul_packed, PackedMatrix};
 use gemma3_kernels::{simd, MatmulScratch, QMatrix, WeightFormat};
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 fn main() {
-    // The GFNI table where the CPU has it (its Q6_K and stored Q5_0 go
-    // in pairs only there).
+    // The GFNI tables where the CPU has them (their Q6_K and stored Q5_0
+    // go in pairs only there).
     let tables = simd::available();
-    let k = (tables.iter().find(|k| k.name.contains("gfni")))
-        .or_else(|| tables.iter().find(|k| k.name.starts_with("avx512")))
-        .expect("an AVX-512 table");
+    let find = |name: &str| tables.iter().find(|k| k.name == name);
+    let (one, pairs) = match (find("avx512-vnni-gfni"), find("avx512-vnni-gfni-pairs")) {
+        (Some(a), Some(b)) => (a, b),
+        _ => (
+            find("avx512-vnni").expect("an AVX-512 table"),
+            find("avx512-vnni-pairs").expect("an AVX-512 table"),
+        ),
+    };
     let n: usize = std::env::var("N").map_or(512, |v| v.parse().unwrap());
     for (name, format, rows, cols) in [
         ("ffn_gate", WeightFormat::Q5_0, 2048, 640),
@@ -43,9 +48,8 @@ fn main() {
         let mut sum = [0.0f64; 2];
         let rounds = 40;
         for r in 0..rounds {
-            for (i, on) in [(0, false), (1, true)] {
-                gemma3_kernels::PACKED_PAIRS.store(on, Ordering::Relaxed);
-                let o = if on { &mut out2 } else { &mut out };
+            for (i, k) in [(0, one), (1, pairs)] {
+                let o = if i == 1 { &mut out2 } else { &mut out };
                 let t = Instant::now();
                 matmul_packed(&k.packed, &p, &x, n, o, &mut scratch);
                 let e = t.elapsed().as_secs_f64();
@@ -63,7 +67,7 @@ fn main() {
         );
         let macs = (n * rows * cols) as f64;
         println!(
-            "{name}: old best {:.1} G/s mean {:.1}; pairs best {:.1} mean {:.1}",
+            "{name}: one group best {:.1} G/s mean {:.1}; pairs best {:.1} mean {:.1}",
             macs / best[0] / 1e9,
             macs / (sum[0] / (rounds - 1) as f64) / 1e9,
             macs / best[1] / 1e9,

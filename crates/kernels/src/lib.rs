@@ -31,8 +31,3 @@ mod x86;
 pub use formats::{ActFormat, WeightFormat};
 pub use matmul::{matmul, MatmulScratch, QMatrix};
 pub use packed::PackedMatrix;
-/// The AVX-512 prompt kernels' pair switch, for side-by-side measurement
-/// (see `examples/pairs_ab.rs`).
-#[cfg(target_arch = "x86_64")]
-#[doc(hidden)]
-pub use packed_x86::PAIRS as PACKED_PAIRS;

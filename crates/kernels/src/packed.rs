@@ -1431,20 +1431,8 @@ fn parse_stream_ahead(v: &str) -> Result<usize, String> {
 /// 4096 on an AMD CPU of family 26 (Zen 5), where it was measured, else 0.
 fn default_stream_ahead() -> usize {
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::__cpuid;
-        let (v, l1) = (__cpuid(0), __cpuid(1));
-        let amd = [v.ebx, v.edx, v.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163];
-        let base = (l1.eax >> 8) & 0xF;
-        let family = base
-            + if base == 0xF {
-                (l1.eax >> 20) & 0xFF
-            } else {
-                0
-            };
-        if amd && family == 26 {
-            return 4096;
-        }
+    if crate::x86::amd_family() == Some(26) {
+        return 4096;
     }
     0
 }

@@ -754,10 +754,10 @@ unsafe fn finish_q6k(
     }
 }
 
-/// The GFNI table's kernels with tiles for batches of 16 tokens and more.
+/// The GFNI pair table's kernels with tiles for batches of 16 tokens and more.
 pub const PACKED_AMX: PackedKernels = PackedKernels {
     tiles: Some(tiles::<Amx>),
-    ..crate::packed_x86::PACKED_GFNI
+    ..crate::packed_x86::PACKED_GFNI_PAIRS
 };
 
 /// [`PACKED_AMX`] with the tile instructions emulated (`Emulated`), for
@@ -766,6 +766,6 @@ pub const PACKED_AMX: PackedKernels = PackedKernels {
 pub fn emulated() -> Option<PackedKernels> {
     crate::x86::gfni_available().then_some(PackedKernels {
         tiles: Some(tiles::<Emulated>),
-        ..crate::packed_x86::PACKED_GFNI
+        ..crate::packed_x86::PACKED_GFNI_PAIRS
     })
 }

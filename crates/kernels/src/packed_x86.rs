@@ -496,25 +496,44 @@ packed_entry!(for Avx512<true>, "avx512f,avx512bw,avx512vl,avx512vnni,gfni,avx2,
 // AVX2: one token in four streams, two and three tokens in two.
 packed_entry!(for Avx2, "avx2,fma,f16c"; avx2_t1: 1 / 4, avx2_t2: 2 / 2, avx2_t3: 3 / 2, avx2_t4: 4);
 
+/// The AVX-512 kernels with one group of 16 rows a pass: the faster
+/// prompts where a core runs one 512-bit `vpdpbusd` a cycle (see
+/// [`crate::x86::pairs_pay`]).
 pub const PACKED_AVX512: PackedKernels = PackedKernels {
     t1: avx512_t1,
     t2: avx512_t2,
     t3: avx512_t3,
-    t4: avx512_t4,
+    t4: avx512_t4_all,
     tiles: None,
     widen: Some(avx512_widen),
     widens: &[PackedFormat::Q5_0, PackedFormat::Q5_1],
 };
 
+/// [`PACKED_AVX512`] with prompts' groups in pairs ([`t4_pairs`]): the
+/// faster where a core runs two a cycle.
+pub const PACKED_AVX512_PAIRS: PackedKernels = PackedKernels {
+    t4: avx512_t4,
+    ..PACKED_AVX512
+};
+
+/// [`PACKED_AVX512`] with GFNI (fewer operations to unpack Q5_0's and
+/// Q6_K's high bits); one group a pass.
 pub const PACKED_GFNI: PackedKernels = PackedKernels {
     t1: gfni_t1,
     t2: gfni_t2,
     t3: gfni_t3,
-    t4: gfni_t4,
+    t4: gfni_t4_all,
     tiles: None,
     widen: Some(gfni_widen),
+    widens: &[PackedFormat::Q5_0, PackedFormat::Q5_1],
+};
+
+/// [`PACKED_GFNI`] with prompts' groups in pairs.
+pub const PACKED_GFNI_PAIRS: PackedKernels = PackedKernels {
+    t4: gfni_t4,
     // (Not Q5_0: `q5_0_pairs_t4` reads it as stored.)
     widens: &[PackedFormat::Q5_1],
+    ..PACKED_GFNI
 };
 
 pub const PACKED_AVX2: PackedKernels = PackedKernels {
@@ -556,18 +575,10 @@ widen_entry!(
 );
 widen_entry!(avx2_widen, Avx2, "avx2,fma,f16c");
 
-/// Whether `t4` of the AVX-512 tables takes byte-quant groups in pairs
-/// ([`bytes_pairs_t4`]); on unless a measurement turns it off to set the
-/// two side by side in one process (`examples/pairs_ab.rs`: this host's
-/// noise between runs is larger than the difference). The bits are the
-/// same either way.
-#[doc(hidden)]
-pub static PAIRS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
 /// A table's `t4` entry.
 type T4 = fn(PackedFormat, &[u8], usize, usize, &[ActRow; 4], &mut [&mut [f32]; 4]);
 
-/// `t4` of the AVX-512 tables: Q8_0, widened Q5_0, Q4_K and (with GFNI)
+/// `t4` of the AVX-512 pair tables: Q8_0, widened Q5_0, Q4_K and (with GFNI)
 /// Q5_0 as stored and Q6_K in pairs of groups, the rest (and an odd last
 /// group) through `all`: every format of the shipped file's layer
 /// matrices.
@@ -586,7 +597,7 @@ fn t4_pairs<const GFNI: bool>(
         PackedFormat::Q6K | PackedFormat::Q5_0 => GFNI,
         _ => false,
     };
-    if !(paired && PAIRS.load(std::sync::atomic::Ordering::Relaxed)) {
+    if !paired {
         return all(f, w, gb, nb, a, o);
     }
     // SAFETY: reached only from the AVX-512 tables, which
@@ -597,7 +608,7 @@ fn t4_pairs<const GFNI: bool>(
             bytes_pairs_t4(f, w, gb, nb, a, o)
         },
         PackedFormat::Q4K => unsafe { q4k_pairs_t4(w, gb, nb, a, o) },
-        // (Only on the GFNI table: `paired` above.)
+        // (Only on the GFNI pair table: `paired` above.)
         PackedFormat::Q6K => unsafe { q6k_pairs_t4(w, gb, nb, a, o) },
         PackedFormat::Q5_0 => unsafe { q5_0_pairs_t4(w, gb, nb, a, o) },
         _ => 0,
@@ -816,7 +827,7 @@ unsafe fn bytes_pairs_t4(
 
 /// [`bytes_pairs_t4`] for Q5_0 as stored (not widened), each vector's
 /// nibbles joined to its fifth bits by GFNI's bit-matrix transform as
-/// `group_q5_0` does: the GFNI table no longer widens Q5_0. With the
+/// `group_q5_0` does: the GFNI pair table does not widen Q5_0. With the
 /// weights in cache (one thread, in turn in one process, best of 39) it
 /// ran as fast as the pairs over widened groups, or faster: at 64 tokens
 /// attn_q 226–285 → 232–292 G multiply-adds/s and ffn_gate 302–310 →
@@ -938,7 +949,7 @@ unsafe fn q4k_pairs_t4(
     2 * pairs
 }
 
-/// [`bytes_pairs_t4`] for Q6_K (on the GFNI table, whose bit-matrix
+/// [`bytes_pairs_t4`] for Q6_K (on the GFNI pair table, whose bit-matrix
 /// transform moves each vector's two high bits in one instruction): per
 /// super-block and sub-block j of 16 columns, each token's sum from
 /// −32·Σy over the sub-block's 4 vectors (two at a time for both groups,

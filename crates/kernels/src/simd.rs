@@ -120,11 +120,17 @@ pub fn available() -> Vec<DotKernels> {
         if crate::x86::avx2_available() {
             v.push(crate::x86::AVX2);
         }
+        // Of each pair of tables, the one this CPU runs faster last
+        // (see `x86::pairs_pay`).
+        let ordered = |one, pairs| match crate::x86::pairs_pay() {
+            true => [one, pairs],
+            false => [pairs, one],
+        };
         if crate::x86::vnni_available() {
-            v.push(crate::x86::VNNI);
+            v.extend(ordered(crate::x86::VNNI, crate::x86::VNNI_PAIRS));
         }
         if crate::x86::gfni_available() {
-            v.push(crate::x86::VNNI_GFNI);
+            v.extend(ordered(crate::x86::VNNI_GFNI, crate::x86::VNNI_GFNI_PAIRS));
         }
         if crate::packed_amx::available() {
             v.push(crate::x86::VNNI_GFNI_AMX);

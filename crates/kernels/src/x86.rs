@@ -39,6 +39,36 @@ pub fn vnni_available() -> bool {
         && is_x86_feature_detected!("avx512vl")
 }
 
+/// The CPU's family if it is an AMD one (the base family plus the
+/// extended family, as AMD numbers them: 25 is Zen 3 and Zen 4, 26 Zen 5).
+pub(crate) fn amd_family() -> Option<u32> {
+    use std::arch::x86_64::__cpuid;
+    let (v, l1) = (__cpuid(0), __cpuid(1));
+    let amd = [v.ebx, v.edx, v.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163];
+    let base = (l1.eax >> 8) & 0xF;
+    let ext = if base == 0xF {
+        (l1.eax >> 20) & 0xFF
+    } else {
+        0
+    };
+    amd.then_some(base + ext)
+}
+
+/// Whether prompts take their byte-quant groups in pairs by default (the
+/// `-pairs` tables), which pays where a core starts two 512-bit `vpdpbusd` a
+/// cycle and its loads, not its multiply-adds, bound the one-group loop.
+/// Not on an AMD family 25 CPU (Zen 4, the only one of the family with
+/// AVX-512), which runs a 512-bit `vpdpbusd` as two 256-bit halves, one a
+/// cycle: there the pairs' extra registers and setup cost more than the
+/// loads they save. Measured in one process, the tables in turn (medians):
+/// on a Zen 4, pp512 on one thread 872 tok/s with pairs against 987
+/// without (Q5_0 widened), on two 1645 against 1890, pp64 on one 1000
+/// against 1094; on a Zen 5, pairs 8–10% faster a kernel and pp512 2–7%
+/// (`docs/performance.md`). Intel CPUs take pairs, unmeasured.
+pub(crate) fn pairs_pay() -> bool {
+    amd_family() != Some(25)
+}
+
 /// How the int8 × int8 → i32 products are formed.
 trait Int8Dot {
     /// Σ over each group of 4 bytes of u(x)·s(y), as 8 × i32, where `ux` is
@@ -946,11 +976,25 @@ pub const VNNI: DotKernels = DotKernels {
     packed: crate::packed_x86::PACKED_AVX512,
 };
 
+/// [`VNNI`] with prompts' groups in pairs (see [`pairs_pay`]).
+pub const VNNI_PAIRS: DotKernels = DotKernels {
+    name: "avx512-vnni-pairs",
+    packed: crate::packed_x86::PACKED_AVX512_PAIRS,
+    ..VNNI
+};
+
 /// [`VNNI`] whose packed kernels also use GFNI (fewer operations to
 /// unpack Q5_0's and Q6_K's high bits).
 pub const VNNI_GFNI: DotKernels = DotKernels {
     name: "avx512-vnni-gfni",
     packed: crate::packed_x86::PACKED_GFNI,
+    ..VNNI
+};
+
+/// [`VNNI_GFNI`] with prompts' groups in pairs (see [`pairs_pay`]).
+pub const VNNI_GFNI_PAIRS: DotKernels = DotKernels {
+    name: "avx512-vnni-gfni-pairs",
+    packed: crate::packed_x86::PACKED_GFNI_PAIRS,
     ..VNNI
 };
 
