@@ -17,7 +17,7 @@ cd "$(dirname "$0")/../.."
 D=.device
 THREADS=${1:-1,2}
 REPS=${2:-5}
-FILTER=${3:-'^(attn|ffn).*packed avx512-vnni-gfni(-amx)?/(64|512)$'}
+FILTER=${3:-'^(attn|ffn).*packed avx512-vnni-gfni(-pairs|-amx)?/(64|512)$'}
 # The kernel tests find their fixtures under the path they were built at.
 mkdir -p /work && { [ -e /work/main ] || ln -s "$PWD" /work/main; }
 lscpu | grep -E "^Model name|^CPU\(s\)"

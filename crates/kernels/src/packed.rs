@@ -2670,7 +2670,7 @@ pub struct PackedKernels {
     /// [`PackedFormat::widened`] form).
     ///
     /// The AVX-512 tables widen only Q5_0 and Q5_1 (and Q4_1; the GFNI
-    /// one not Q5_0, which its prompt kernel pairs as stored): with
+    /// pair table not Q5_0, which `q5_0_pairs_t4` reads as stored): with
     /// `vpdpbusd` a nibble costs an `and` (and a shift for the high ones)
     /// to unpack, and (our reading, not measured) a widened group of 2048
     /// columns (35 KB for Q4_K) is larger than the Zen 4's 32 KB L1 that 4

@@ -57,7 +57,10 @@ pub fn available() -> bool {
         if off("GEMMA3_NO_AMX") || !crate::x86::gfni_available() {
             return false;
         }
-        let l7 = __cpuid_count(7, 0);
+        // (`__cpuid_count` is an unsafe fn in older toolchains.)
+        // SAFETY: leaf 7 exists on every CPU with the AVX-512 checked above.
+        #[allow(unused_unsafe)]
+        let l7 = unsafe { __cpuid_count(7, 0) };
         let (tile, int8) = ((l7.edx >> 24) & 1 == 1, (l7.edx >> 25) & 1 == 1);
         tile && int8 && request_tile_permission()
     })

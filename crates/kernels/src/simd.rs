@@ -423,3 +423,24 @@ pub fn f16_for(level: Level) -> F16Ops {
         .find(|o| o.level == level)
         .unwrap_or(F16_SCALAR)
 }
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    /// Each AVX-512 table is listed next to its `-pairs` twin, and the one
+    /// listed later (the default of the two) is the pair table exactly where
+    /// `x86::pairs_pay` says pairs pay on this CPU.
+    #[test]
+    fn pair_twins_are_ordered_by_the_cpu() {
+        let names: Vec<&str> = super::available().iter().map(|k| k.name).collect();
+        for base in ["avx512-vnni", "avx512-vnni-gfni"] {
+            let Some(i) = names.iter().position(|&n| n == base) else {
+                continue;
+            };
+            let twin = format!("{base}-pairs");
+            let j = (names.iter().position(|&n| n == twin))
+                .unwrap_or_else(|| panic!("{twin} in {names:?}"));
+            assert_eq!(i.abs_diff(j), 1, "{names:?}");
+            assert_eq!(j > i, crate::x86::pairs_pay(), "{names:?}");
+        }
+    }
+}

@@ -43,7 +43,10 @@ pub fn vnni_available() -> bool {
 /// extended family, as AMD numbers them: 25 is Zen 3 and Zen 4, 26 Zen 5).
 pub(crate) fn amd_family() -> Option<u32> {
     use std::arch::x86_64::__cpuid;
-    let (v, l1) = (__cpuid(0), __cpuid(1));
+    // (`__cpuid` is an unsafe fn in older toolchains, safe in newer ones.)
+    // SAFETY: CPUID leaves 0 and 1 exist on every x86-64 CPU.
+    #[allow(unused_unsafe)]
+    let (v, l1) = unsafe { (__cpuid(0), __cpuid(1)) };
     let amd = [v.ebx, v.edx, v.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163];
     let base = (l1.eax >> 8) & 0xF;
     let ext = if base == 0xF {
@@ -55,18 +58,23 @@ pub(crate) fn amd_family() -> Option<u32> {
 }
 
 /// Whether prompts take their byte-quant groups in pairs by default (the
-/// `-pairs` tables), which pays where a core starts two 512-bit `vpdpbusd` a
-/// cycle and its loads, not its multiply-adds, bound the one-group loop.
-/// Not on an AMD family 25 CPU (Zen 4, the only one of the family with
-/// AVX-512), which runs a 512-bit `vpdpbusd` as two 256-bit halves, one a
-/// cycle: there the pairs' extra registers and setup cost more than the
-/// loads they save. Measured in one process, the tables in turn (medians):
-/// on a Zen 4, pp512 on one thread 872 tok/s with pairs against 987
-/// without (Q5_0 widened), on two 1645 against 1890, pp64 on one 1000
-/// against 1094; on a Zen 5, pairs 8–10% faster a kernel and pp512 2–7%
-/// (`docs/performance.md`). Intel CPUs take pairs, unmeasured.
+/// `-pairs` tables): on an AMD family 26 CPU (Zen 5), where it was measured
+/// to pay, and nowhere else.
+///
+/// Pairs pay where a core starts two 512-bit `vpdpbusd` a cycle, so that
+/// its loads, not its multiply-adds, bound the one-group loop: on the
+/// Zen 5 server core they ran each kernel 8–21% faster in cache. A
+/// core that runs a 512-bit `vpdpbusd` as two 256-bit halves, one a cycle,
+/// has loads to spare, and there the pairs' extra registers and setup cost
+/// more than they save: on a Zen 4 (family 25), the model in one process
+/// with the tables in turn (medians), pp512 on one thread 872 tok/s with
+/// pairs against 987 with one group (which also widens Q5_0), on two
+/// threads 1645 against 1890 (`docs/performance.md`). Other CPUs are
+/// unmeasured and take the one-group kernels, the older ones, measured on
+/// more hosts. (Zen 5 mobile parts, family 26 with 256-bit halves like the
+/// Zen 4's, are unmeasured too.)
 pub(crate) fn pairs_pay() -> bool {
-    amd_family() != Some(25)
+    amd_family() == Some(26)
 }
 
 /// How the int8 × int8 → i32 products are formed.
@@ -995,7 +1003,7 @@ pub const VNNI_GFNI: DotKernels = DotKernels {
 pub const VNNI_GFNI_PAIRS: DotKernels = DotKernels {
     name: "avx512-vnni-gfni-pairs",
     packed: crate::packed_x86::PACKED_GFNI_PAIRS,
-    ..VNNI
+    ..VNNI_GFNI
 };
 
 /// [`VNNI_GFNI`] whose packed kernels multiply batches of 16 tokens and
