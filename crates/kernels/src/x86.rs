@@ -71,8 +71,8 @@ pub(crate) fn amd_family() -> Option<u32> {
 /// pairs against 987 with one group (which also widens Q5_0), on two
 /// threads 1645 against 1890 (`docs/performance.md`). Other CPUs are
 /// unmeasured and take the one-group kernels, the older ones, measured on
-/// more hosts. (Zen 5 mobile parts, family 26 with 256-bit halves like the
-/// Zen 4's, are unmeasured too.)
+/// more hosts. (Zen 5 mobile parts, family 26 but by AMD's account with
+/// 256-bit halves like the Zen 4's, are unmeasured too.)
 pub(crate) fn pairs_pay() -> bool {
     amd_family() == Some(26)
 }
