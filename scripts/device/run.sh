@@ -4,6 +4,9 @@
 # where it has them) and the whole forward pass against the scalar kernels
 # on the stand-in model, the packed kernels' rates at the layer shapes, and
 # gemma3 (with and without AMX) against llama.cpp on the stand-in model.
+# Before the rates, gemma3's defaults against the settings no Intel CPU has
+# been measured with (scripts/device/variants.py: the pair kernels, the
+# one-group ones, the one-token kernels' prefetch); VARIANTS=0 skips them.
 #
 #   scripts/device/run.sh [THREADS (1,2)] [REPS (5)] [KERNEL-BENCH FILTER]
 #
@@ -14,7 +17,18 @@
 # of their medians.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-D=.device
+# stage.sh left the executables and libraries xz-compressed: unpacked here
+# into the same layout (llama_mini_bench finds its libraries at ../lib).
+D=/tmp/device
+python3 - <<'PY'
+import lzma, os, pathlib, shutil
+for src in pathlib.Path(".device").glob("*/*.xz"):
+    dst = pathlib.Path("/tmp/device") / src.parent.name / src.name[:-3]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with lzma.open(src) as f, open(dst, "wb") as g:
+        shutil.copyfileobj(f, g)
+    os.chmod(dst, 0o755)
+PY
 THREADS=${1:-1,2}
 REPS=${2:-5}
 FILTER=${3:-'^(attn|ffn).*packed avx512-vnni-gfni(-pairs|-amx)?/(64|512)$'}
@@ -23,7 +37,7 @@ mkdir -p /work && { [ -e /work/main ] || ln -s "$PWD" /work/main; }
 lscpu | grep -E "^Model name|^CPU\(s\)"
 echo "amx flags: $(grep -o 'amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 
-python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('$D/tiled.gguf.xz'), open('/tmp/tiled.gguf', 'wb'))"
+python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.device/tiled.gguf.xz'), open('/tmp/tiled.gguf', 'wb'))"
 # scalar_twin compares the whole forward pass (a 35-token prompt: tiles and
 # a remainder) on the scalar kernels and on the fastest table, bit for bit.
 export GEMMA3_MODEL=/tmp/tiled.gguf
@@ -32,6 +46,11 @@ echo "== kernel tests, and the forward pass on the stand-in model"
 for t in "$D"/tests/*; do
   printf '%-20s %s\n' "$(basename "$t")" "$(timeout 300 "$t" 2>&1 | grep -E 'test result|panicked' | head -3 | tr '\n' ' ')"
 done
+
+if [ "${VARIANTS:-1}" != 0 ]; then
+  echo "== settings unmeasured on this CPU, against the defaults (stand-in model, 3 rounds)"
+  taskset -c 0,1 python3 scripts/device/variants.py "$D/bin/gemma3" /tmp/tiled.gguf -t "$THREADS" -p 512 -n 64 -r 3
+fi
 
 echo "== packed kernels, 1 thread (G multiply-adds/s, median of criterion's range)"
 RAYON_NUM_THREADS=1 timeout 300 taskset -c 0 "$D/bin/kernel-bench" --bench "$FILTER" --warm-up-time 0.2 \

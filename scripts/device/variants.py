@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""gemma3's defaults against settings that are unmeasured on this CPU, run
+alternately in separate processes on one model: medians and each variant's
+ratio to the defaults. Standard library only (lent machines have no packages).
+
+    variants.py GEMMA3 MODEL [-t 1,2] [-p 512] [-n 64] [-r 5] [-v LABEL:VAR=VAL,VAR=VAL ...]
+
+The default variants are the ones no Intel CPU has been measured with:
+- `pairs`: the prompt kernels that take two groups of 16 rows a pass (the
+  Zen 5's default; `x86::pairs_pay` gives them to AMD family 26 only);
+- `one-group`: the one-group table, for a CPU whose default is the pairs;
+- `prefetch4k`: the one-token kernels' software prefetch 4 KB ahead (on by
+  default on a Zen 5 only; `GEMMA3_PREFETCH`).
+A variant that names a table this CPU lacks fails its runs and is reported
+as such. Results never change with these settings; only the speed does.
+"""
+import argparse, json, os, statistics, subprocess
+
+DEFAULT_VARIANTS = [
+    "pairs:GEMMA3_KERNELS=avx512-vnni-gfni-pairs",
+    "one-group:GEMMA3_KERNELS=avx512-vnni-gfni",
+    "prefetch4k:GEMMA3_PREFETCH=4096",
+]
+
+
+def parse_variant(spec):
+    """LABEL:VAR=VAL,VAR=VAL -> (label, {VAR: VAL})."""
+    label, sep, rest = spec.partition(":")
+    if not sep or not label:
+        raise SystemExit(f"variant {spec!r}: expected LABEL:VAR=VAL[,VAR=VAL]")
+    env = {}
+    for kv in rest.split(","):
+        k, eq, v = kv.partition("=")
+        if not eq or not k:
+            raise SystemExit(f"variant {spec!r}: {kv!r} is not VAR=VAL")
+        env[k] = v
+    return label, env
+
+
+def gemma3(bin_, model, test, n, threads, extra):
+    """One run's tokens/s and kernel table, or (None, error) if it failed."""
+    env = dict(os.environ)
+    env.update(extra)
+    args = [bin_, "bench", "-m", model, "-t", str(threads), "-r", "1", "--json"]
+    args += ["-p", str(n), "-n", "0"] if test == "pp" else ["-p", "0", "-n", str(n)]
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        return None, (r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1]
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    return line["median_tps"], line.get("kernels", "")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("gemma3")
+    ap.add_argument("model")
+    ap.add_argument("-t", default="1,2")
+    ap.add_argument("-p", default="512")
+    ap.add_argument("-n", default="64")
+    ap.add_argument("-r", type=int, default=5)
+    ap.add_argument("-v", action="append", help="LABEL:VAR=VAL[,VAR=VAL] (repeatable)")
+    a = ap.parse_args()
+    variants = [("default", {})] + [parse_variant(s) for s in (a.v or DEFAULT_VARIANTS)]
+    tests = [("pp", int(x)) for x in a.p.split(",") if int(x)] + [("tg", int(x)) for x in a.n.split(",") if int(x)]
+    rows = []
+    for threads in [int(x) for x in a.t.split(",")]:
+        for test, n in tests:
+            runs = {label: [] for label, _ in variants}
+            names, errors = {}, {}
+            for _ in range(a.r):
+                for label, env in variants:
+                    if label in errors:
+                        continue
+                    v, name = gemma3(a.gemma3, a.model, test, n, threads, env)
+                    if v is None:
+                        errors[label] = name
+                    else:
+                        runs[label].append(v)
+                        names[label] = name
+            base = statistics.median(runs["default"]) if runs["default"] else None
+            for label, _ in variants:
+                if label in errors:
+                    print(f"{test}{n:<4} t={threads:<2} {label:12s} failed: {errors[label]}", flush=True)
+                    continue
+                m = statistics.median(runs[label])
+                ratio = m / base if base else float("nan")
+                rows.append(dict(test=f"{test}{n}", threads=threads, variant=label, tps=round(m, 1),
+                                 vs_default=round(ratio, 3), kernels=names[label]))
+                print(f"{test}{n:<4} t={threads:<2} {label:12s} {m:7.1f} tok/s  x{ratio:5.3f} of default  "
+                      f"[{names[label]}]  (range {min(runs[label]):.0f}-{max(runs[label]):.0f}, n={len(runs[label])})",
+                      flush=True)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
