@@ -8,15 +8,25 @@ and ratios. Standard library only (lent machines have no packages).
 import argparse, json, os, statistics, subprocess
 
 
-def gemma3(bin_, model, test, n, threads, amx):
+def bench(bin_, model, test, n, threads, extra_env):
+    """One `gemma3 bench` run with `extra_env` set: (tokens/s, kernel table),
+    or (None, its last line of error) if it failed."""
     env = dict(os.environ)
-    if not amx:
-        env["GEMMA3_NO_AMX"] = "1"
+    env.update(extra_env)
     args = [bin_, "bench", "-m", model, "-t", str(threads), "-r", "1", "--json"]
     args += ["-p", str(n), "-n", "0"] if test == "pp" else ["-p", "0", "-n", str(n)]
-    out = subprocess.run(args, check=True, capture_output=True, text=True, env=env).stdout
-    line = json.loads(out.strip().splitlines()[-1])
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        return None, (r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1]
+    line = json.loads(r.stdout.strip().splitlines()[-1])
     return line["median_tps"], line.get("kernels", "")
+
+
+def gemma3(bin_, model, test, n, threads, amx):
+    v, kernels = bench(bin_, model, test, n, threads, {} if amx else {"GEMMA3_NO_AMX": "1"})
+    if v is None:
+        raise SystemExit(f"gemma3 bench failed: {kernels}")
+    return v, kernels
 
 
 def llama(bin_, model, test, n, threads):

@@ -14,7 +14,9 @@ The default variants are the ones no Intel CPU has been measured with:
 A variant that names a table this CPU lacks fails its runs and is reported
 as such. Results never change with these settings; only the speed does.
 """
-import argparse, json, os, statistics, subprocess
+import argparse, json, statistics
+
+from compare import bench  # (the same directory)
 
 DEFAULT_VARIANTS = [
     "pairs:GEMMA3_KERNELS=avx512-vnni-gfni-pairs",
@@ -35,19 +37,6 @@ def parse_variant(spec):
             raise SystemExit(f"variant {spec!r}: {kv!r} is not VAR=VAL")
         env[k] = v
     return label, env
-
-
-def gemma3(bin_, model, test, n, threads, extra):
-    """One run's tokens/s and kernel table, or (None, error) if it failed."""
-    env = dict(os.environ)
-    env.update(extra)
-    args = [bin_, "bench", "-m", model, "-t", str(threads), "-r", "1", "--json"]
-    args += ["-p", str(n), "-n", "0"] if test == "pp" else ["-p", "0", "-n", str(n)]
-    r = subprocess.run(args, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        return None, (r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1]
-    line = json.loads(r.stdout.strip().splitlines()[-1])
-    return line["median_tps"], line.get("kernels", "")
 
 
 def main():
@@ -71,7 +60,7 @@ def main():
                 for label, env in variants:
                     if label in errors:
                         continue
-                    v, name = gemma3(a.gemma3, a.model, test, n, threads, env)
+                    v, name = bench(a.gemma3, a.model, test, n, threads, env)
                     if v is None:
                         errors[label] = name
                     else:

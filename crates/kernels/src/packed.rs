@@ -1458,12 +1458,26 @@ fn stream_ahead_for(f: PackedFormat, nt: usize) -> usize {
 #[inline(always)]
 fn prefetch_line(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch reads nothing and cannot fault, whatever `p` is.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
+    prefetch_hint::<{ std::arch::x86_64::_MM_HINT_T0 }>(p);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+/// A prefetch of the line at `p` into L2 (a hint: `p` may lie anywhere).
+#[inline(always)]
+fn prefetch_l2(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    prefetch_hint::<{ std::arch::x86_64::_MM_HINT_T1 }>(p);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// `_mm_prefetch` of the line at `p` with hint `H`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_hint<const H: i32>(p: *const u8) {
+    // SAFETY: a prefetch reads nothing and cannot fault, whatever `p` is.
+    unsafe { std::arch::x86_64::_mm_prefetch::<H>(p as *const i8) };
 }
 
 /// The f32 activations of token t; the caller checked the variant.
@@ -3038,18 +3052,6 @@ unsafe fn packed_groups(
         }
     }
     run(w.format, wg, gb, (g0, g1), 0, next)
-}
-
-/// A prefetch of the line at `p` into L2 (a hint: `p` may lie anywhere).
-#[inline(always)]
-fn prefetch_l2(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch reads nothing and cannot fault, whatever `p` is.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
 }
 
 /// The packed products of `ws` (which all read `acts`) into `outs`.
