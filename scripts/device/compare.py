@@ -18,8 +18,11 @@ def bench(bin_, model, test, n, threads, extra_env):
     r = subprocess.run(args, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return None, (r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1]
-    line = json.loads(r.stdout.strip().splitlines()[-1])
-    return line["median_tps"], line.get("kernels", "")
+    try:
+        line = json.loads(r.stdout.strip().splitlines()[-1])
+        return line["median_tps"], line.get("kernels", "")
+    except (IndexError, ValueError, KeyError):
+        return None, "no JSON result line in its output"
 
 
 def gemma3(bin_, model, test, n, threads, amx):

@@ -3,10 +3,11 @@
 # kernel tests (bit-exact on that CPU's kernel tables, AMX tiles included
 # where it has them) and the whole forward pass against the scalar kernels
 # on the stand-in model, the packed kernels' rates at the layer shapes, and
-# gemma3 (with and without AMX) against llama.cpp on the stand-in model.
-# Before the rates, gemma3's defaults against the settings no Intel CPU has
-# been measured with (scripts/device/variants.py: the pair kernels, the
-# one-group ones, the one-token kernels' prefetch); VARIANTS=0 skips them.
+# gemma3 (with and without AMX) against llama.cpp on the stand-in model;
+# then gemma3's defaults against the settings no Intel CPU has been measured
+# with (scripts/device/variants.py: AMX off, the pair kernels, the one-group
+# ones, the one-token kernels' prefetch), within 5 minutes. VARIANTS=0 skips
+# those; VARIANTS=only runs the tests and them alone.
 #
 #   scripts/device/run.sh [THREADS (1,2)] [REPS (5)] [KERNEL-BENCH FILTER]
 #
@@ -20,8 +21,9 @@ cd "$(dirname "$0")/../.."
 # stage.sh left the executables and libraries xz-compressed: unpacked here
 # into the same layout (llama_mini_bench finds its libraries at ../lib).
 D=/tmp/device
-python3 - <<'PY'
+python3 - <<'PY' || { echo "unpacking .device failed (was it carried?)" >&2; exit 1; }
 import lzma, os, pathlib, shutil
+shutil.rmtree("/tmp/device", ignore_errors=True)
 for src in pathlib.Path(".device").glob("*/*.xz"):
     dst = pathlib.Path("/tmp/device") / src.parent.name / src.name[:-3]
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -47,9 +49,13 @@ for t in "$D"/tests/*; do
   printf '%-20s %s\n' "$(basename "$t")" "$(timeout 300 "$t" 2>&1 | grep -E 'test result|panicked' | head -3 | tr '\n' ' ')"
 done
 
-if [ "${VARIANTS:-1}" != 0 ]; then
-  echo "== settings unmeasured on this CPU, against the defaults (stand-in model, 3 rounds)"
-  taskset -c 0,1 python3 scripts/device/variants.py "$D/bin/gemma3" /tmp/tiled.gguf -t "$THREADS" -p 512 -n 64 -r 3
+variants() {
+  echo "== settings unmeasured on this CPU, against the defaults (stand-in model, 5 rounds)"
+  timeout 300 taskset -c 0,1 python3 scripts/device/variants.py "$D/bin/gemma3" /tmp/tiled.gguf -t "$THREADS" -p 512 -n 64 -r 5
+}
+if [ "${VARIANTS:-1}" = only ]; then
+  variants
+  exit 0
 fi
 
 echo "== packed kernels, 1 thread (G multiply-adds/s, median of criterion's range)"
@@ -68,3 +74,7 @@ for line in sys.stdin:
 
 echo "== end to end on the stand-in model"
 taskset -c 0,1 python3 scripts/device/compare.py "$D/bin/gemma3" "$D/bin/llama_mini_bench" /tmp/tiled.gguf -t "$THREADS" -r "$REPS"
+
+if [ "${VARIANTS:-1}" != 0 ]; then
+  variants
+fi

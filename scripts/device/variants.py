@@ -6,9 +6,12 @@ ratio to the defaults. Standard library only (lent machines have no packages).
     variants.py GEMMA3 MODEL [-t 1,2] [-p 512] [-n 64] [-r 5] [-v LABEL:VAR=VAL,VAR=VAL ...]
 
 The default variants are the ones no Intel CPU has been measured with:
+- `no-amx`: AMX tiles off (`GEMMA3_NO_AMX=1`), the baseline of the next two
+  on a CPU with AMX, whose default table uses its tiles for prompts;
 - `pairs`: the prompt kernels that take two groups of 16 rows a pass (the
   Zen 5's default; `x86::pairs_pay` gives them to AMD family 26 only);
-- `one-group`: the one-group table, for a CPU whose default is the pairs;
+- `one-group`: the table that takes one group a pass (naming a table turns
+  AMX off too);
 - `prefetch4k`: the one-token kernels' software prefetch 4 KB ahead (on by
   default on a Zen 5 only; `GEMMA3_PREFETCH`).
 A variant that names a table this CPU lacks fails its runs and is reported
@@ -19,6 +22,7 @@ import argparse, json, statistics
 from compare import bench  # (the same directory)
 
 DEFAULT_VARIANTS = [
+    "no-amx:GEMMA3_NO_AMX=1",
     "pairs:GEMMA3_KERNELS=avx512-vnni-gfni-pairs",
     "one-group:GEMMA3_KERNELS=avx512-vnni-gfni",
     "prefetch4k:GEMMA3_PREFETCH=4096",
@@ -49,6 +53,8 @@ def main():
     ap.add_argument("-r", type=int, default=5)
     ap.add_argument("-v", action="append", help="LABEL:VAR=VAL[,VAR=VAL] (repeatable)")
     a = ap.parse_args()
+    if a.r < 1:
+        raise SystemExit("-r must be at least 1")
     variants = [("default", {})] + [parse_variant(s) for s in (a.v or DEFAULT_VARIANTS)]
     tests = [("pp", int(x)) for x in a.p.split(",") if int(x)] + [("tg", int(x)) for x in a.n.split(",") if int(x)]
     rows = []

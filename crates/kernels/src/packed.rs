@@ -3136,9 +3136,11 @@ fn run_packed(
     let task = |t: usize| {
         let (i, g0, g1) = place(t);
         // The threads claim tasks in turn, so this one's next is likely
-        // `threads` on (the last tasks have none).
+        // `threads` on (the last tasks have none). Prompts only: a batch of
+        // up to 4 tokens on one thread streams its weights, where the
+        // prefetches were not measured.
         let next = match t + threads {
-            u if u < first[m] => {
+            u if u < first[m] && n > crate::pool::SMALL_BATCH => {
                 let (j, h0, h1) = place(u);
                 let gb = ws[j].group_bytes;
                 &ws[j].bytes()[h0 * gb..h1 * gb]
