@@ -25,6 +25,11 @@ def bench(bin_, model, test, n, threads, extra_env):
         return None, "no JSON result line in its output"
 
 
+def tests_of(p, n):
+    """The -p and -n lists as (pp|tg, length) pairs, zeros left out."""
+    return [("pp", int(x)) for x in p.split(",") if int(x)] + [("tg", int(x)) for x in n.split(",") if int(x)]
+
+
 def gemma3(bin_, model, test, n, threads, amx):
     v, kernels = bench(bin_, model, test, n, threads, {} if amx else {"GEMMA3_NO_AMX": "1"})
     if v is None:
@@ -48,7 +53,7 @@ def main():
     ap.add_argument("-n", default="128")
     ap.add_argument("-r", type=int, default=5)
     a = ap.parse_args()
-    tests = [("pp", int(x)) for x in a.p.split(",") if int(x)] + [("tg", int(x)) for x in a.n.split(",") if int(x)]
+    tests = tests_of(a.p, a.n)
     rows = []
     for threads in [int(x) for x in a.t.split(",")]:
         for test, n in tests:

@@ -19,7 +19,7 @@ as such. Results never change with these settings; only the speed does.
 """
 import argparse, json, statistics
 
-from compare import bench  # (the same directory)
+from compare import bench, tests_of  # (the same directory)
 
 DEFAULT_VARIANTS = [
     "no-amx:GEMMA3_NO_AMX=1",
@@ -56,7 +56,7 @@ def main():
     if a.r < 1:
         raise SystemExit("-r must be at least 1")
     variants = [("default", {})] + [parse_variant(s) for s in (a.v or DEFAULT_VARIANTS)]
-    tests = [("pp", int(x)) for x in a.p.split(",") if int(x)] + [("tg", int(x)) for x in a.n.split(",") if int(x)]
+    tests = tests_of(a.p, a.n)
     rows = []
     for threads in [int(x) for x in a.t.split(",")]:
         for test, n in tests:
