@@ -187,13 +187,21 @@ fn bad_control_vector_flags_are_clear_errors() {
     };
     let a = vector_file("a");
     let missing = std::env::temp_dir().join("gemma3-tests-no-such-vector.gguf");
-    // A vector 320 wide (for another model), and one with a direction.0.
+    // A vector 320 wide (for another model), one with a direction.0, and
+    // one whose values (1e20) are finite but square past f32's range: its
+    // layer's output would have made the next norm's scale 0 and every
+    // logit equal (a reply of `<pad>`s).
     let narrow = common::temp_path("narrow.gguf");
     let zero = common::temp_path("zero.gguf");
-    for (file, name, width) in [(&narrow, "direction.1", 320), (&zero, "direction.0", 640)] {
+    let huge = common::temp_path("huge.gguf");
+    for (file, name, width, at) in [
+        (&narrow, "direction.1", 320, 0.0),
+        (&zero, "direction.0", 640, 0.0),
+        (&huge, "direction.1", 640, 1e20),
+    ] {
         let mut w = gemma3_gguf::GgufWriter::new();
         let v: Vec<u8> = (0..width)
-            .flat_map(|i| (i as f32 * 0.01).to_le_bytes())
+            .flat_map(|i| (at + i as f32 * 0.01).to_le_bytes())
             .collect();
         w.add_tensor(name, &[width as u64], gemma3_gguf::GgmlType::F32, v)
             .unwrap();
@@ -216,6 +224,10 @@ fn bad_control_vector_flags_are_clear_errors() {
         (
             vec!["--control-vector".into(), zero.clone().into()],
             "direction.0".into(),
+        ),
+        (
+            vec!["--control-vector".into(), huge.clone().into()],
+            "has values up to 1e20: their squares pass f32's range".into(),
         ),
         (
             vec![
@@ -263,4 +275,5 @@ fn bad_control_vector_flags_are_clear_errors() {
     common::assert_run_flag_errors(&path, &cases);
     let _ = std::fs::remove_file(narrow);
     let _ = std::fs::remove_file(zero);
+    let _ = std::fs::remove_file(huge);
 }

@@ -34,11 +34,11 @@ pub enum SessionError {
 /// Why a model that computes NaN or infinite logits (broken weights or
 /// metadata) gets an error instead of a reply of token 0 after token 0.
 pub const NON_FINITE: &str =
-    "the model's logits are not finite numbers (NaN or infinity): its weights or metadata are broken, or a LoRA adapter's values or scale are too large";
+    "the model's logits are not finite numbers (NaN or infinity): its weights or metadata are broken, or a LoRA adapter's or control vector's values or scale are too large";
 
 /// The same for an embedding's hidden states.
 pub const NON_FINITE_HIDDEN: &str =
-    "the model's hidden states are not finite numbers (NaN or infinity): its weights or metadata are broken, or a LoRA adapter's values or scale are too large";
+    "the model's hidden states are not finite numbers (NaN or infinity): its weights or metadata are broken, or a LoRA adapter's or control vector's values or scale are too large";
 
 #[derive(Clone, Debug)]
 pub struct GenerateParams {

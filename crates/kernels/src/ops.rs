@@ -14,6 +14,12 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// the mean rounded to f32. The sum runs in 8 independent lanes (which the
 /// compiler vectorizes) instead of one long dependent chain; in f64 the
 /// order changes the f32 mean only in the rarest ties.
+///
+/// NaN where the mean is not finite (a square, or the mean, past f32's
+/// range: values above about 1.8·10¹⁹), where ggml's scale is 0 and the
+/// norm's output all zeros: with NaN the logits' and hidden states' checks
+/// name the broken input (a control vector or LoRA adapter far too
+/// strong, say), where zeros gave uniform logits and a reply of `<pad>`s.
 #[inline]
 pub fn rms_scale(x: &[f32], eps: f32) -> f32 {
     let mut lanes = [0.0f64; 8];
@@ -29,6 +35,9 @@ pub fn rms_scale(x: &[f32], eps: f32) -> f32 {
         sum += (v * v) as f64;
     }
     let mean = (sum / x.len() as f64) as f32;
+    if !mean.is_finite() {
+        return f32::NAN;
+    }
     1.0 / (mean + eps).sqrt()
 }
 
@@ -239,4 +248,27 @@ fn sum_exp_sub(x: &[f32], m: f32) -> f64 {
             .sum::<f64>();
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rms_scale;
+
+    /// 1/sqrt(mean(x²) + eps), computed by hand; NaN once the squares
+    /// pass f32's range (where a zero scale would silently zero the norm).
+    #[test]
+    fn rms_scale_by_hand_and_nan_past_f32_range() {
+        // mean((3, 4)²) = 12.5.
+        assert_eq!(rms_scale(&[3.0, 4.0], 0.0), 1.0 / 12.5f32.sqrt());
+        // 640 values of 2 (80 chunks of 8): mean 4, plus eps 1e-6.
+        assert_eq!(rms_scale(&[2.0; 640], 1e-6), 1.0 / 4.000001f32.sqrt());
+        // 1e19² = 1e38 is still an f32; 2e19² is not.
+        assert!(rms_scale(&[1e19; 640], 1e-6).is_finite());
+        for x in [[2e19f32; 640], [-1e20; 640]] {
+            assert!(rms_scale(&x, 1e-6).is_nan());
+        }
+        let mut one = [0.5f32; 641];
+        one[640] = 3e19; // in the tail past the 8-wide chunks
+        assert!(rms_scale(&one, 1e-6).is_nan());
+    }
 }
