@@ -64,7 +64,7 @@ def main() -> None:
     gold = [r["category"] for r in test]
     runs = [("base model", []), ("fine-tuned", ["--lora", str(adapter)])]
     for name, lora in runs[1:] if a.skip_base else runs:
-        cmd = [a.gemma3, "classify", "-t", PROMPT, "-f", str(out / "test.txt")] + lora
+        cmd = [a.gemma3, "classify", "--template", PROMPT, "-f", str(out / "test.txt")] + lora
         for c in labels:
             cmd += ["-l", " " + c]
         t0 = time.perf_counter()

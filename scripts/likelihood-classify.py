@@ -51,7 +51,7 @@ def main() -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
         f.write("\n".join(t for t, _ in rows) + "\n")
         f.flush()
-        cmd = [a.gemma3, "classify", "--json", "-t", a.template, "-f", f.name]
+        cmd = [a.gemma3, "classify", "--json", "--template", a.template, "-f", f.name]
         for c in cats:
             cmd += ["-l", label[c]]
         t0 = time.perf_counter()

@@ -23,8 +23,9 @@ pub struct ClassifyArgs {
     labels: Vec<String>,
     /// The prompt around each text, with `{text}` where the text goes
     /// (default: the text alone). Special-token text is parsed and BOS comes
-    /// first, as a completion's prompt.
-    #[arg(short, long, default_value = "{text}")]
+    /// first, as a completion's prompt. (No short flag: `-t` is the
+    /// threads, on every command.)
+    #[arg(long, default_value = "{text}")]
     template: String,
     /// One JSON object per text: the label and every label's score.
     #[arg(long)]

@@ -60,7 +60,7 @@ fn classify_scores_labels_as_llama_cpp() {
         (&["-l", " a", "x"][..], "at least two labels"),
         (&["-l", " a", "-l", "", "x"][..], "label 2 is empty"),
         (
-            &["-l", " a", "-l", " b", "-t", "no slot", "x"][..],
+            &["-l", " a", "-l", " b", "--template", "no slot", "x"][..],
             "{text}",
         ),
     ] {
@@ -71,4 +71,20 @@ fn classify_scores_labels_as_llama_cpp() {
         assert!(!out.status.success());
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+    // `-t` after the command is the threads, as on every other command
+    // (it once meant the template here, which took "1" for one).
+    let mut cmd = gemma3();
+    cmd.args(["classify", "--model", path.to_str().unwrap()])
+        .args([
+            "-t",
+            "1",
+            "-l",
+            " yes",
+            "-l",
+            " no",
+            "Is water wet? Answer:",
+        ]);
+    let (out, stdout, stderr) = run(&mut cmd);
+    assert!(out.status.success(), "{stderr}");
+    assert!(["yes", "no"].contains(&stdout.trim()), "{stdout}");
 }
