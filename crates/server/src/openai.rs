@@ -60,6 +60,20 @@ fn wrong_type(name: &str, expected: &str, v: &Value) -> ApiError {
     )
 }
 
+/// The error for a number that is not an integer in `lo..=hi`: out of
+/// range if it is a whole number (JSON integers past 64 bits arrive as
+/// floats), otherwise not an integer; either way quoting what was sent.
+fn not_an_integer(name: &str, v: &Value, (lo, hi): (i128, i128)) -> ApiError {
+    match v.as_f64() {
+        Some(x) if x.fract() == 0.0 => ApiError::field(
+            name,
+            format!("'{name}' is out of range: it must be between {lo} and {hi}, got {v}"),
+        ),
+        Some(_) => ApiError::field(name, format!("'{name}' must be an integer, got {v}")),
+        None => wrong_type(name, "an integer", v),
+    }
+}
+
 impl<'a> Fields<'a> {
     pub fn get(&self, k: &str) -> Option<&'a Value> {
         self.0.get(k).filter(|v| !v.is_null())
@@ -68,10 +82,15 @@ impl<'a> Fields<'a> {
     pub fn f32(&self, k: &str) -> Result<Option<f32>, ApiError> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(|x| Some(x as f32))
-                .ok_or_else(|| wrong_type(k, "a number", v)),
+            Some(v) => match v.as_f64() {
+                // (A JSON number is finite; as f32 it may not be.)
+                Some(x) if (x as f32).is_infinite() => Err(ApiError::field(
+                    k,
+                    format!("'{k}' is out of range for a 32-bit float, got {v}"),
+                )),
+                Some(x) => Ok(Some(x as f32)),
+                None => Err(wrong_type(k, "a number", v)),
+            },
         }
     }
 
@@ -85,7 +104,7 @@ impl<'a> Fields<'a> {
                     k,
                     format!("'{k}' must not be negative, got {v}"),
                 )),
-                None => Err(wrong_type(k, "an integer", v)),
+                None => Err(not_an_integer(k, v, (0, u64::MAX.into()))),
             },
         }
     }
@@ -97,7 +116,7 @@ impl<'a> Fields<'a> {
                 .as_i64()
                 .or_else(|| v.as_u64().map(|x| x as i64))
                 .map(Some)
-                .ok_or_else(|| wrong_type(k, "an integer", v)),
+                .ok_or_else(|| not_an_integer(k, v, (i64::MIN.into(), u64::MAX.into()))),
         }
     }
 
@@ -876,6 +895,39 @@ mod tests {
             Value::Object(m) => m,
             _ => unreachable!(),
         }
+    }
+
+    /// A number past a field's range is said to be out of range, quoting
+    /// what the client sent (an integer past 64 bits reaches us as a
+    /// float; a finite double may not fit an f32), not "not an integer" or
+    /// "not finite".
+    #[test]
+    fn numbers_out_of_range_say_so_and_quote_what_was_sent() {
+        let m: Map<String, Value> = serde_json::from_str(
+            r#"{"big": 99999999999999999999, "half": 1.5, "huge": 1e308, "seed": 1e30,
+                "neg": -3, "word": "x", "ok": 7, "t": 0.5}"#,
+        )
+        .unwrap();
+        let f = Fields(&m);
+        let msg = |e: ApiError| (e.param.unwrap(), e.message);
+        let (p, e) = msg(f.u64("big").unwrap_err());
+        assert_eq!(p, "big");
+        assert!(e.contains("'big' is out of range"), "{e}");
+        assert!(e.contains("18446744073709551615, got 1e+20"), "{e}");
+        let (_, e) = msg(f.u64("half").unwrap_err());
+        assert_eq!(e, "'half' must be an integer, got 1.5");
+        let (_, e) = msg(f.i64("seed").unwrap_err());
+        assert!(e.contains("'seed' is out of range"), "{e}");
+        assert!(e.contains("got 1e+30"), "{e}");
+        let (_, e) = msg(f.f32("huge").unwrap_err());
+        assert_eq!(e, "'huge' is out of range for a 32-bit float, got 1e+308");
+        let (_, e) = msg(f.u64("neg").unwrap_err());
+        assert_eq!(e, "'neg' must not be negative, got -3");
+        let (_, e) = msg(f.u64("word").unwrap_err());
+        assert_eq!(e, "'word' must be an integer, got a string");
+        assert_eq!(f.u64("ok").unwrap(), Some(7));
+        assert_eq!(f.i64("neg").unwrap(), Some(-3));
+        assert_eq!(f.f32("t").unwrap(), Some(0.5));
     }
 
     #[test]
