@@ -61,11 +61,12 @@ fn wrong_type(name: &str, expected: &str, v: &Value) -> ApiError {
 }
 
 /// The error for a number that is not an integer in `lo..=hi`: out of
-/// range if it is a whole number (JSON integers past 64 bits arrive as
-/// floats), otherwise not an integer; either way quoting what was sent.
+/// range if it is a whole number outside it (JSON integers past 64 bits
+/// arrive as floats), otherwise not an integer (such as 1.5, or 5.0 written
+/// as a float); either way quoting what was sent.
 fn not_an_integer(name: &str, v: &Value, (lo, hi): (i128, i128)) -> ApiError {
     match v.as_f64() {
-        Some(x) if x.fract() == 0.0 => ApiError::field(
+        Some(x) if x.fract() == 0.0 && (x < lo as f64 || x > hi as f64) => ApiError::field(
             name,
             format!("'{name}' is out of range: it must be between {lo} and {hi}, got {v}"),
         ),
@@ -905,7 +906,7 @@ mod tests {
     fn numbers_out_of_range_say_so_and_quote_what_was_sent() {
         let m: Map<String, Value> = serde_json::from_str(
             r#"{"big": 99999999999999999999, "half": 1.5, "huge": 1e308, "seed": 1e30,
-                "neg": -3, "word": "x", "ok": 7, "t": 0.5}"#,
+                "neg": -3, "word": "x", "ok": 7, "t": 0.5, "five": 5.0}"#,
         )
         .unwrap();
         let f = Fields(&m);
@@ -916,6 +917,8 @@ mod tests {
         assert!(e.contains("18446744073709551615, got 1e+20"), "{e}");
         let (_, e) = msg(f.u64("half").unwrap_err());
         assert_eq!(e, "'half' must be an integer, got 1.5");
+        let (_, e) = msg(f.u64("five").unwrap_err());
+        assert_eq!(e, "'five' must be an integer, got 5.0");
         let (_, e) = msg(f.i64("seed").unwrap_err());
         assert!(e.contains("'seed' is out of range"), "{e}");
         assert!(e.contains("got 1e+30"), "{e}");
