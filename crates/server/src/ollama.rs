@@ -325,7 +325,7 @@ async fn reply(
     let constraint = constraint(app, &common).await?;
     let params = app.params(&common, max_tokens, constraint, 0);
     // (A fine-tune served as an adapter is chosen by its model name.)
-    let lora = app.scales_for(Some(&shape.model), None);
+    let lora = app.scales_for(Some(&shape.model), None)?;
     let rxs = app.submit_many(vec![(prompt, params)], None, None, lora)?;
     let mut choices = choices(rxs, |_| true).await?;
     if common.stream {
@@ -566,7 +566,7 @@ pub async fn embed(State(app): AppState, body: Result<JsonObject, ApiError>) -> 
     let truncate = f.bool("truncate")?.unwrap_or(true);
     let t0 = std::time::Instant::now();
     let prompts = embed_inputs(&app, &f, "input", truncate).await?;
-    let lora = app.scales_for(Some(&model), None);
+    let lora = app.scales_for(Some(&model), None)?;
     let (mut vectors, prompt_tokens) = embed_all(&app, prompts, lora).await?;
     vectors.iter_mut().for_each(|v| normalize_l2(v));
     Ok(json_response(
@@ -590,7 +590,7 @@ pub async fn embeddings(State(app): AppState, body: Result<JsonObject, ApiError>
         return Err(ApiError::field("prompt", "'prompt' must be a string").into());
     }
     let prompts = embed_inputs(&app, &f, "prompt", true).await?;
-    let lora = app.scales_for(f.str("model")?, None);
+    let lora = app.scales_for(f.str("model")?, None)?;
     let (mut vectors, _) = embed_all(&app, prompts, lora).await?;
     let vector = vectors.pop().unwrap_or_default();
     Ok(json_response(StatusCode::OK, &json!({"embedding": vector})))
@@ -645,10 +645,11 @@ pub async fn ps(State(app): AppState) -> Response {
 }
 
 /// `POST /api/show`: the model's details, its sampling defaults and its
-/// architecture's numbers (whatever `model` names: this server runs one).
+/// architecture's numbers (whatever `model` names where the server holds
+/// no adapters: it runs one; with adapters, a base or adapter name).
 pub async fn show(State(app): AppState, body: Result<JsonObject, ApiError>) -> Reply {
     let JsonObject(body) = body?;
-    Fields(&body).str("model")?;
+    app.adapter_named(Fields(&body).str("model")?)?;
     let info = &app.info;
     Ok(json_response(
         StatusCode::OK,

@@ -106,21 +106,52 @@ impl App {
     /// /lora-adapters` changes them while some wait.
     /// A request's LoRA scales: its own `lora`, else, where its `model`
     /// names an adapter, that adapter alone at its scale, else None (the
-    /// server's current ones).
+    /// server's current ones). See [`App::adapter_named`] for the names.
     pub(crate) fn scales_for(
         &self,
         model: Option<&str>,
         lora: Option<Vec<f32>>,
-    ) -> Option<Vec<f32>> {
-        lora.or_else(|| {
-            let id = self
-                .adapters
-                .iter()
-                .position(|(name, _)| Some(name.as_str()) == model)?;
+    ) -> Result<Option<Vec<f32>>, ApiError> {
+        if lora.is_some() {
+            return Ok(lora);
+        }
+        Ok(self.adapter_named(model)?.map(|id| {
             let mut s = vec![0.0; self.adapters.len()];
             s[id] = self.adapters[id].1;
-            Some(s)
-        })
+            s
+        }))
+    }
+
+    /// The adapter a request's `model` names, if any: an adapter's name,
+    /// with or without Ollama's default tag `:latest`. A server without
+    /// adapters runs its one model whatever the name; one with adapters
+    /// (as vLLM and Ollama serve fine-tunes) answers 404 to a name that is
+    /// neither an adapter's nor the base model's, where a mistyped
+    /// adapter's name had silently run the base model.
+    pub(crate) fn adapter_named(&self, model: Option<&str>) -> Result<Option<usize>, ApiError> {
+        let Some(asked) = model else {
+            return Ok(None);
+        };
+        let name = asked.strip_suffix(":latest").unwrap_or(asked);
+        if let Some(id) = self.adapters.iter().position(|(a, _)| a == name) {
+            return Ok(Some(id));
+        }
+        if self.adapters.is_empty() || name == self.model_id {
+            return Ok(None);
+        }
+        let names: Vec<String> = std::iter::once(&self.model_id)
+            .chain(self.adapters.iter().map(|(a, _)| a))
+            .map(|n| format!("'{n}'"))
+            .collect();
+        Err(ApiError::field(
+            "model",
+            format!(
+                "model '{asked}' not found: this server runs {}",
+                names.join(", ")
+            ),
+        )
+        .with_status(StatusCode::NOT_FOUND)
+        .with_code("model_not_found"))
     }
 
     pub(crate) fn lora_or_current(&self, lora: Option<Vec<f32>>) -> Option<Vec<f32>> {
@@ -1061,7 +1092,7 @@ pub async fn chat(
 ) -> Result<Response, ApiError> {
     let req = ChatRequest::parse(&body, app.vocab)?;
     let lora = crate::openai::request_lora(&body, app.info.loras.len())?;
-    let lora = app.scales_for(body.get("model").and_then(Value::as_str), lora);
+    let lora = app.scales_for(body.get("model").and_then(Value::as_str), lora)?;
     let prompt = chat_prompt(&app, &req.messages).await?;
     let max_tokens = app.budget(prompt.len(), &req.common, None, "messages")?;
     let n = req.common.n;
@@ -1227,7 +1258,7 @@ pub async fn embeddings(
 ) -> Result<Response, ApiError> {
     let req = EmbeddingRequest::parse(&body, app.vocab, app.d_model)?;
     let lora = crate::openai::request_lora(&body, app.info.loras.len())?;
-    let lora = app.scales_for(body.get("model").and_then(Value::as_str), lora);
+    let lora = app.scales_for(body.get("model").and_then(Value::as_str), lora)?;
     let several = req.inputs.len() > 1;
     let ctx = app.sched.ctx();
     // Every input tokenized and checked against the context before any is queued.
@@ -1282,7 +1313,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let req = CompletionRequest::parse(&body, app.vocab)?;
     let lora = crate::openai::request_lora(&body, app.info.loras.len())?;
-    let lora = app.scales_for(body.get("model").and_then(Value::as_str), lora);
+    let lora = app.scales_for(body.get("model").and_then(Value::as_str), lora)?;
     let n = req.common.n;
     app.fits(req.prompts.len(), n)?;
     // Every prompt tokenized and checked against the context before any is

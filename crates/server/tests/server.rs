@@ -2360,7 +2360,35 @@ fn lora_adapters_answer_to_their_names() {
         let r = post(addr, "/api/generate", &body);
         assert_eq!(r.json()["response"], want, "{name} on Ollama's route");
         assert_eq!(r.json()["model"], name);
+        // With Ollama's default tag, as its clients write a name.
+        let mut tagged = body.clone();
+        tagged["model"] = json!(format!("{name}:latest"));
+        let r = post(addr, "/api/generate", &tagged);
+        assert_eq!(r.json()["response"], want, "{name}:latest");
     }
+    // A name that is neither the base model's nor an adapter's (a typo of
+    // one) is a 404 naming it and what the server runs, on every route
+    // that reads `model`, not the base model's reply.
+    let c = json!({"model": "c", "prompt": "Hi", "max_tokens": 1, "raw": true, "stream": false});
+    for path in [
+        "/v1/completions",
+        "/api/generate",
+        "/api/show",
+        "/v1/embeddings",
+    ] {
+        let mut body = c.clone();
+        if path == "/v1/embeddings" {
+            body = json!({"model": "c", "input": "Hi"});
+        }
+        let r = post(addr, path, &body);
+        assert_eq!(r.status, 404, "{path}: {}", r.text());
+        let text = r.text();
+        assert!(
+            text.contains("model 'c' not found: this server runs 'gemma-3-270m-q4_k_m', 'a', 'b'"),
+            "{path}: {text}"
+        );
+    }
+    assert_eq!(post(addr, "/api/show", &json!({"model": "b"})).status, 200);
 }
 
 /// `GET /props`, as llama-server answers it: the context per slot, the slots, the default
