@@ -171,8 +171,12 @@ pub fn run(a: ConvertLoraArgs) -> Result<()> {
         "general.name",
         Value::String(name.unwrap_or_else(|| "lora".into())),
     );
-    // (Sorted: the file's order is the tensors' names'.)
+    // (Sorted: the file's order is the tensors' names'.) Each with the
+    // source tensor it came from, so that two that map to one name (say
+    // `model.layers.0…` and `model.language_model.layers.0…`) are refused
+    // rather than one silently taken.
     let mut tensors: BTreeMap<String, _> = BTreeMap::new();
+    let mut sources: BTreeMap<String, String> = BTreeMap::new();
     for (name, view) in st.tensors() {
         let Some((base, is_a)) = gguf_name(&name) else {
             bail!(
@@ -201,9 +205,21 @@ pub fn run(a: ConvertLoraArgs) -> Result<()> {
             bail!("{}: tensor '{name}' has rank {r}, not the config's r {rank} (and no rank_pattern allows it{})", weights_path.display(), if rslora { "; with use_rslora one alpha gives one rank its scale" } else { "" });
         }
         let suffix = if is_a { "lora_a" } else { "lora_b" };
+        let gguf = format!("{base}.{suffix}");
+        if let Some(first) = sources.insert(gguf.clone(), name.clone()) {
+            let (a, b) = if first < name {
+                (first, name)
+            } else {
+                (name, first)
+            };
+            bail!(
+                "{}: tensors '{a}' and '{b}' are both {gguf}: the file holds one projection's matrix twice",
+                weights_path.display()
+            );
+        }
         // (PEFT's [rows, cols] row-major is ggml's [cols, rows].)
         tensors.insert(
-            format!("{base}.{suffix}"),
+            gguf,
             ([*cols as u64, *rows as u64], ty, view.data().to_vec()),
         );
     }

@@ -490,6 +490,23 @@ fn convert_lora_turns_a_peft_adapter_into_the_gguf_one() {
     let (o, _, stderr) = convert(config.clone(), &dir.join("refused.gguf"));
     assert!(!o.status.success() && stderr.contains(name), "{stderr}");
     assert!(!dir.join("refused.gguf").exists());
+    // Two tensors that name one projection's matrix (the text model's names with and without
+    // the multimodal class's `language_model.`): refused, naming both, where one of the two
+    // was silently taken (which one varied from run to run).
+    let data = vec![0u8; 4 * 640 * 4];
+    let view = |_| {
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 640], &data).unwrap()
+    };
+    let (plain, multi) = (
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight",
+    );
+    let st = safetensors::serialize([(plain, view(0)), (multi, view(1))], None).unwrap();
+    std::fs::write(dir.join("adapter_model.safetensors"), st).unwrap();
+    let (o, _, stderr) = convert(config.clone(), &dir.join("refused.gguf"));
+    let both = format!("tensors '{multi}' and '{plain}' are both blk.0.attn_q.weight.lora_a");
+    assert!(!o.status.success() && stderr.contains(&both), "{stderr}");
+    assert!(!dir.join("refused.gguf").exists());
     // An adapter that fails the check against the model (a layer it lacks) leaves what was at
     // the output as it was.
     let data = vec![0u8; 4 * 640 * 4];
