@@ -42,16 +42,22 @@ const PARTS: [(&str, &str); 4] = [
     ),
 ];
 
-/// The cache directory: $GEMMA3_CACHE, else $XDG_CACHE_HOME/gemma3, else ~/.cache/gemma3.
+/// The cache directory: $GEMMA3_CACHE, else $XDG_CACHE_HOME/gemma3, else
+/// ~/.cache/gemma3. A variable set but empty counts as unset (as a shell's
+/// `GEMMA3_CACHE=` means), and so does a relative $XDG_CACHE_HOME (the XDG
+/// spec's rule): either had put the cache, and a 253 MB download, in the
+/// current directory.
 pub fn cache_dir() -> Result<PathBuf> {
-    if let Some(d) = std::env::var_os("GEMMA3_CACHE") {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(d) = var("GEMMA3_CACHE") {
         return Ok(PathBuf::from(d));
     }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+    if let Some(d) = var("XDG_CACHE_HOME").filter(|d| Path::new(d).is_absolute()) {
         return Ok(PathBuf::from(d).join("gemma3"));
     }
-    let home = std::env::var_os("HOME")
-        .context("neither $GEMMA3_CACHE, $XDG_CACHE_HOME nor $HOME is set")?;
+    let home = var("HOME").context(
+        "neither $GEMMA3_CACHE, an absolute $XDG_CACHE_HOME nor $HOME is set: set one to say where the model goes",
+    )?;
     Ok(PathBuf::from(home).join(".cache").join("gemma3"))
 }
 
@@ -81,7 +87,9 @@ fn sha256_file(path: &Path, bar: &indicatif::ProgressBar) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf)?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -209,7 +217,8 @@ pub fn pull(force: bool) -> Result<PathBuf> {
             let _ = std::fs::remove_file(&partial);
             bail!("the joined model has sha256 {sum}, expected {DEFAULT_SHA256}");
         }
-        std::fs::rename(&partial, &target)?;
+        std::fs::rename(&partial, &target)
+            .with_context(|| format!("moving the model to {}", target.display()))?;
         eprintln!(
             "model verified (sha256 {DEFAULT_SHA256}) and stored at {}",
             target.display()

@@ -856,3 +856,44 @@ fn a_model_files_own_chat_template_is_used() {
         "{stderr}"
     );
 }
+
+/// `pull` with a cache variable set but empty, or $XDG_CACHE_HOME relative, uses
+/// ~/.cache/gemma3, where a verified model already is, and writes nothing in the current
+/// directory (either once put the cache there, and started a 253 MB download into it).
+#[test]
+fn empty_or_relative_cache_variables_count_as_unset() {
+    let Some(model) = common::model_path("empty_or_relative_cache_variables_count_as_unset") else {
+        return;
+    };
+    let model = std::fs::canonicalize(model).unwrap();
+    let home = temp_path("home");
+    let cache = home.join(".cache").join("gemma3");
+    std::fs::create_dir_all(&cache).unwrap();
+    let cached = cache.join("gemma-3-270m-q4_k_m.gguf");
+    std::os::unix::fs::symlink(&model, &cached).unwrap();
+    let cwd = temp_path("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    for (var, value) in [
+        ("XDG_CACHE_HOME", ""),
+        ("GEMMA3_CACHE", ""),
+        ("XDG_CACHE_HOME", "relative"),
+    ] {
+        let mut cmd = gemma3();
+        cmd.arg("pull")
+            .current_dir(&cwd)
+            .env_remove("GEMMA3_MODEL")
+            .env_remove("GEMMA3_CACHE")
+            .env_remove("XDG_CACHE_HOME")
+            .env("HOME", &home)
+            // (Nothing may be fetched: a pull that tried would fail.)
+            .env("GEMMA3_PYTHON", "/bin/false")
+            .env(var, value);
+        let (out, stdout, stderr) = run(&mut cmd);
+        assert!(out.status.success(), "{var}={value:?}: {stderr}");
+        assert_eq!(stdout.trim(), cached.to_str().unwrap(), "{var}={value:?}");
+        let left: Vec<_> = std::fs::read_dir(&cwd).unwrap().collect();
+        assert!(left.is_empty(), "{var}={value:?} wrote {left:?}");
+    }
+    std::fs::remove_dir_all(&home).ok();
+    std::fs::remove_dir_all(&cwd).ok();
+}
