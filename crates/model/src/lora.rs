@@ -379,9 +379,16 @@ impl Model {
                     "not a LoRA adapter: its general.type is '{t}', not 'adapter' (a model is given with --model)"
                 )))
             }
+            // (A control vector has no general.type either.)
+            None if file.tensors().iter().any(|t| t.name.starts_with("direction.")) => {
+                return Err(err(
+                    "not a LoRA adapter but a control vector (its tensors are direction.N): give it with --control-vector"
+                        .into(),
+                ))
+            }
             None => {
                 return Err(err(
-                    "not a LoRA adapter: it has no general.type (a model is given with --model)"
+                    "not a LoRA adapter: it has no general.type (an adapter's is 'adapter', as llama.cpp's convert_lora_to_gguf.py writes it)"
                         .into(),
                 ))
             }

@@ -221,6 +221,17 @@ fn malformed_adapters_are_refused_by_name_and_leave_the_model_as_it_was() {
     let cases: Vec<(&str, GgufWriter, &str)> = vec![
         ("model", model_file, "it has no general.type"),
         (
+            "control-vector",
+            {
+                let mut cv = GgufWriter::new();
+                let d = vec![0.5f32; spec.d_model];
+                cv.add_tensor("direction.1", &[spec.d_model as u64], GgmlType::F32, f32_bytes(&d))
+                    .unwrap();
+                cv
+            },
+            "not a LoRA adapter but a control vector (its tensors are direction.N): give it with --control-vector",
+        ),
+        (
             "type-u32",
             with_kv("general.type", Value::U32(5)),
             "general.type",

@@ -1449,8 +1449,13 @@ pub async fn models(State(app): AppState) -> Response {
 /// 404.
 pub async fn model(
     State(app): AppState,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    id: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Response, ApiError> {
+    // (An id that is not UTF-8 once decoded, such as %ff, is a JSON 400
+    // like every other error, not axum's plain-text one.)
+    let axum::extract::Path(id) = id.map_err(|e| {
+        ApiError::bad_request(format!("the model id in the path: {}", e.body_text()))
+    })?;
     if id == app.model_id {
         return Ok(json_response(StatusCode::OK, &model_object(&app)));
     }

@@ -872,6 +872,12 @@ fn api_features() {
     assert_eq!(m.status, 200, "{}", m.text());
     assert_eq!(m.json()["id"], id);
     expect_error(&get(addr, "/v1/models/no-such-model"), 404, None);
+    // An id that is not UTF-8 once decoded: a JSON error too.
+    let v = expect_error(&get(addr, "/v1/models/%00%ff"), 400, None);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("model id"),
+        "{v}"
+    );
     // llama-server's paths without /v1.
     assert_eq!(get(addr, "/models").json()["data"][0]["id"], id);
     let short = post(
