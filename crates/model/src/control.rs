@@ -583,13 +583,28 @@ mod tests {
             let _ = std::fs::remove_file(&path);
             assert!(e.to_string().contains(want), "{tag}: {e}");
         }
-        // Two files whose finite values add up to infinity.
-        let path = vector_file("sum", &[("direction.1", &[2], vec![3e38, 1.0])]);
+        // A vector whose squares pass f32's range (3e38² is no f32), and
+        // two files each of which is normable (1e19² = 1e38) but whose sum
+        // is not (2e19).
+        let path = vector_file("huge", &[("direction.1", &[2], vec![3e38, 1.0])]);
+        let e = ControlVector::default().add_file(&path, 1.0).unwrap_err();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            e.to_string()
+                .contains("has values up to 3e38: their squares pass f32's range"),
+            "{e}"
+        );
+        let path = vector_file("sum", &[("direction.1", &[2], vec![1e19, 1.0])]);
         let mut cv = ControlVector::default();
         cv.add_file(&path, 1.0).unwrap();
         let e = cv.add_file(&path, 1.0).unwrap_err();
         let _ = std::fs::remove_file(&path);
-        assert!(e.to_string().contains("lower the strengths"), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains("added to the vectors before it, has values up to 2e19"),
+            "{e}"
+        );
+        assert!(e.contains("lower the strengths"), "{e}");
         // A [n, 1] tensor is one vector, as ggml counts dimensions.
         let path = vector_file("column", &[("direction.1", &[2, 1], vec![0.5, -1.0])]);
         let mut cv = ControlVector::default();
