@@ -12,7 +12,11 @@ import llama_cpp
 def default_model():
     if os.environ.get("GEMMA3_MODEL"):
         return os.environ["GEMMA3_MODEL"]
-    base = os.environ.get("GEMMA3_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gemma3")
+    # As `gemma3`'s cache_dir: an empty variable, or a relative $XDG_CACHE_HOME, counts as unset.
+    xdg = os.environ.get("XDG_CACHE_HOME") or ""
+    if not os.path.isabs(xdg):
+        xdg = os.path.expanduser("~/.cache")
+    base = os.environ.get("GEMMA3_CACHE") or os.path.join(xdg, "gemma3")
     return os.path.join(base, "gemma-3-270m-q4_k_m.gguf")
 
 @llama_cpp.llama_log_callback

@@ -12,7 +12,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=.device
 VENV=${LLAMACPP_VENV:-.venv-llamacpp}
-MODEL=${GEMMA3_MODEL:-${XDG_CACHE_HOME:-$HOME/.cache}/gemma3/gemma-3-270m-q4_k_m.gguf}
+# As `gemma3`'s cache_dir: an empty variable, or a relative $XDG_CACHE_HOME, counts as unset.
+XDG=${XDG_CACHE_HOME:-}
+case "$XDG" in /*) ;; *) XDG=$HOME/.cache ;; esac
+CACHE=${GEMMA3_CACHE:-$XDG/gemma3}
+MODEL=${GEMMA3_MODEL:-$CACHE/gemma-3-270m-q4_k_m.gguf}
 SITE=$(echo "$VENV"/lib/python3*/site-packages)
 [ -f "$SITE/include/llama.h" ] || { echo "no llama.cpp in $VENV: run scripts/bench-vs-llamacpp.sh once" >&2; exit 1; }
 rm -rf "$OUT" && mkdir -p "$OUT/bin" "$OUT/tests" "$OUT/lib"

@@ -388,7 +388,7 @@ impl Model {
             }
             None => {
                 return Err(err(
-                    "not a LoRA adapter: it has no general.type (an adapter's is 'adapter', as llama.cpp's convert_lora_to_gguf.py writes it)"
+                    "not a LoRA adapter: it has no general.type (an adapter's is 'adapter', as llama.cpp's convert_lora_to_gguf.py writes it; a model is given with --model)"
                         .into(),
                 ))
             }

@@ -66,7 +66,9 @@ fn wrong_type(name: &str, expected: &str, v: &Value) -> ApiError {
 /// as a float); either way quoting what was sent.
 fn not_an_integer(name: &str, v: &Value, (lo, hi): (i128, i128)) -> ApiError {
     match v.as_f64() {
-        Some(x) if x.fract() == 0.0 && (x < lo as f64 || x > hi as f64) => ApiError::field(
+        // (Compared as i128, which holds both bounds exactly: as f64,
+        // u64::MAX rounds up to 2⁶⁴, which would pass for in range.)
+        Some(x) if x.fract() == 0.0 && !(lo..=hi).contains(&(x as i128)) => ApiError::field(
             name,
             format!("'{name}' is out of range: it must be between {lo} and {hi}, got {v}"),
         ),
@@ -905,7 +907,7 @@ mod tests {
     #[test]
     fn numbers_out_of_range_say_so_and_quote_what_was_sent() {
         let m: Map<String, Value> = serde_json::from_str(
-            r#"{"big": 99999999999999999999, "half": 1.5, "huge": 1e308, "seed": 1e30,
+            r#"{"big": 99999999999999999999, "half": 1.5, "huge": 1e308, "seed": 1e30, "two64": 18446744073709551616,
                 "neg": -3, "word": "x", "ok": 7, "t": 0.5, "five": 5.0}"#,
         )
         .unwrap();
@@ -915,6 +917,8 @@ mod tests {
         assert_eq!(p, "big");
         assert!(e.contains("'big' is out of range"), "{e}");
         assert!(e.contains("18446744073709551615, got 1e+20"), "{e}");
+        let (_, e) = msg(f.u64("two64").unwrap_err());
+        assert!(e.contains("'two64' is out of range"), "{e}");
         let (_, e) = msg(f.u64("half").unwrap_err());
         assert_eq!(e, "'half' must be an integer, got 1.5");
         let (_, e) = msg(f.u64("five").unwrap_err());

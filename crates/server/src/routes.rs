@@ -100,22 +100,22 @@ pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response {
 }
 
 impl App {
-    /// A request's LoRA scales, or (None) the server's current ones, read
-    /// once: the jobs of one request (its `n` choices, its prompts, its
-    /// embedding waves) run at the same scales even if `POST
-    /// /lora-adapters` changes them while some wait.
     /// A request's LoRA scales: its own `lora`, else, where its `model`
     /// names an adapter, that adapter alone at its scale, else None (the
-    /// server's current ones). See [`App::adapter_named`] for the names.
+    /// server's current ones, read once, so that the jobs of one request
+    /// run at the same scales even if `POST /lora-adapters` changes them
+    /// while some wait). A `model` that names nothing this server runs is a
+    /// 404 (see [`App::adapter_named`]), with a `lora` of its own too.
     pub(crate) fn scales_for(
         &self,
         model: Option<&str>,
         lora: Option<Vec<f32>>,
     ) -> Result<Option<Vec<f32>>, ApiError> {
+        let named = self.adapter_named(model)?;
         if lora.is_some() {
             return Ok(lora);
         }
-        Ok(self.adapter_named(model)?.map(|id| {
+        Ok(named.map(|id| {
             let mut s = vec![0.0; self.adapters.len()];
             s[id] = self.adapters[id].1;
             s
@@ -139,11 +139,17 @@ impl App {
         if self.adapters.is_empty() || name == self.model_id {
             return Ok(None);
         }
+        Err(self.no_such_model(asked))
+    }
+
+    /// The 404 for a model name this server does not run, listing those it
+    /// does (the base model's, then the adapters').
+    pub(crate) fn no_such_model(&self, asked: &str) -> ApiError {
         let names: Vec<String> = std::iter::once(&self.model_id)
             .chain(self.adapters.iter().map(|(a, _)| a))
             .map(|n| format!("'{n}'"))
             .collect();
-        Err(ApiError::field(
+        ApiError::field(
             "model",
             format!(
                 "model '{asked}' not found: this server runs {}",
@@ -151,7 +157,7 @@ impl App {
             ),
         )
         .with_status(StatusCode::NOT_FOUND)
-        .with_code("model_not_found"))
+        .with_code("model_not_found")
     }
 
     pub(crate) fn lora_or_current(&self, lora: Option<Vec<f32>>) -> Option<Vec<f32>> {
@@ -1461,10 +1467,7 @@ pub async fn model(
     }
     match adapter_objects(&app).find(|m| m["id"] == id.as_str()) {
         Some(m) => Ok(json_response(StatusCode::OK, &m)),
-        None => Err(ApiError::not_found(format!(
-            "no model '{id}': this server runs '{}'",
-            app.model_id
-        ))),
+        None => Err(app.no_such_model(&id)),
     }
 }
 

@@ -2375,17 +2375,27 @@ fn lora_adapters_answer_to_their_names() {
     // A name that is neither the base model's nor an adapter's (a typo of
     // one) is a 404 naming it and what the server runs, on every route
     // that reads `model`, not the base model's reply.
-    let c = json!({"model": "c", "prompt": "Hi", "max_tokens": 1, "raw": true, "stream": false});
-    for path in [
-        "/v1/completions",
-        "/api/generate",
-        "/api/show",
-        "/v1/embeddings",
+    let messages = json!([{"role": "user", "content": "Hi"}]);
+    for (path, body) in [
+        ("/v1/completions", json!({"prompt": "Hi", "max_tokens": 1})),
+        // (With a `lora` of its own too: the name is still checked.)
+        (
+            "/v1/completions",
+            json!({"prompt": "Hi", "max_tokens": 1, "lora": [{"id": 0, "scale": 1.0}]}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": messages, "max_tokens": 1}),
+        ),
+        ("/v1/embeddings", json!({"input": "Hi"})),
+        ("/api/generate", json!({"prompt": "Hi", "stream": false})),
+        ("/api/chat", json!({"messages": messages, "stream": false})),
+        ("/api/embed", json!({"input": "Hi"})),
+        ("/api/embeddings", json!({"prompt": "Hi"})),
+        ("/api/show", json!({})),
     ] {
-        let mut body = c.clone();
-        if path == "/v1/embeddings" {
-            body = json!({"model": "c", "input": "Hi"});
-        }
+        let mut body = body;
+        body["model"] = json!("c");
         let r = post(addr, path, &body);
         assert_eq!(r.status, 404, "{path}: {}", r.text());
         let text = r.text();
@@ -2395,6 +2405,11 @@ fn lora_adapters_answer_to_their_names() {
         );
     }
     assert_eq!(post(addr, "/api/show", &json!({"model": "b"})).status, 200);
+    let r = get(addr, "/v1/models/c");
+    assert_eq!(r.status, 404);
+    assert!(r
+        .text()
+        .contains("this server runs 'gemma-3-270m-q4_k_m', 'a', 'b'"));
 }
 
 /// `GET /props`, as llama-server answers it: the context per slot, the slots, the default
