@@ -122,10 +122,10 @@ impl ControlVector {
                 }
             }
             // Added to a layer's output, the vector's squares enter the
-            // next norm (f32 squares, as `ops::rms_scale`): past f32's
-            // range they would make that norm, and every logit, NaN.
-            let mean_sq = dst.iter().map(|&d| f64::from(d * d)).sum::<f64>() / width as f64;
-            if mean_sq > f64::from(f32::MAX) {
+            // next norm: where the norm of the vector alone overflows (its
+            // scale NaN; the values are finite here), that norm, and every
+            // logit, would be NaN.
+            if gemma3_kernels::ops::rms_scale(dst, 0.0).is_nan() {
                 let max = dst.iter().fold(0.0f32, |m, &d| m.max(d.abs()));
                 return Err(err(format!(
                     "tensor '{}' times the strength {strength}, added to the vectors before it, has values up to {max:e}: their squares pass f32's range, so the next layer's norm would overflow; lower the strengths",
