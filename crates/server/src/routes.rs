@@ -149,15 +149,14 @@ impl App {
             .chain(self.adapters.iter().map(|(a, _)| a))
             .map(|n| format!("'{n}'"))
             .collect();
-        ApiError::field(
-            "model",
-            format!(
-                "model '{asked}' not found: this server runs {}",
-                names.join(", ")
-            ),
-        )
-        .with_status(StatusCode::NOT_FOUND)
-        .with_code("model_not_found")
+        let message = format!(
+            "model '{asked}' not found: this server runs {}",
+            names.join(", ")
+        );
+        ApiError {
+            param: Some("model".into()),
+            ..ApiError::not_found(message).with_code("model_not_found")
+        }
     }
 
     pub(crate) fn lora_or_current(&self, lora: Option<Vec<f32>>) -> Option<Vec<f32>> {
