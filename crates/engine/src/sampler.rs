@@ -338,9 +338,19 @@ fn top_k_into(logits: &[f32], k: usize, cand: &mut Vec<(u32, f32)>) {
 }
 
 /// The index of the first NaN or +∞, if any (−∞ is a banned token, not an
-/// error): one pass that vectorizes (x·0 is 0 for a finite x, NaN for an
-/// infinite one or a NaN), then a search only when it found one.
+/// error): a search only when [`all_finite`] found something.
 fn first_invalid(v: &[f32]) -> Option<usize> {
+    if all_finite(v) {
+        None
+    } else {
+        v.iter().position(|&x| x.is_nan() || x == f32::INFINITY)
+    }
+}
+
+/// Whether every value is finite (no NaN, +∞ or −∞), in one pass that
+/// vectorizes: x·0 is 0 for a finite x and NaN for an infinite one or a
+/// NaN, so the lanes' sums stay finite exactly when every value is.
+pub fn all_finite(v: &[f32]) -> bool {
     let mut lanes = [0.0f32; 16];
     let chunks = v.chunks_exact(16);
     let tail = chunks.remainder();
@@ -349,11 +359,7 @@ fn first_invalid(v: &[f32]) -> Option<usize> {
             lanes[l] += c[l] * 0.0;
         }
     }
-    if lanes.iter().chain(tail).all(|x| x.is_finite()) {
-        None
-    } else {
-        v.iter().position(|&x| x.is_nan() || x == f32::INFINITY)
-    }
+    lanes.iter().chain(tail).all(|x| x.is_finite())
 }
 
 fn apply_penalties(logits: &mut [f32], history: &[u32], p: &SamplingParams) {

@@ -347,23 +347,30 @@ pub(crate) fn draw(
     ends: &[u32],
     masked: &mut Vec<f32>,
 ) -> Result<(u32, bool), SessionError> {
+    // The model's own row holds no −∞ either: its logits are finite dot
+    // products, so one is overflow (broken weights, or an adapter's or
+    // control vector's scale), not a banned token. (−∞ after a bias or the
+    // grammar's mask is a ban, which the sampler reads as such.)
+    if !crate::sampler::all_finite(row) {
+        return Err(SessionError::NonFiniteLogits);
+    }
     let first = sampler.sample(row, history);
     let Some(c) = constraint else {
-        return first
-            .map(|t| (t, false))
-            .map_err(|e| no_token(e, row, false));
+        return first.map(|t| (t, false)).map_err(|_| {
+            SessionError::Sampling("logit_bias bans every token of the vocabulary".into())
+        });
     };
     let token = match first {
         Ok(t) if c.allows(t, ends)? => t,
-        // A NaN or +∞ logit: the model is broken, whatever the grammar.
-        Err(e) if broken(row, e) => return Err(SessionError::NonFiniteLogits),
         _ => {
             masked.clear();
             masked.extend_from_slice(row);
             c.mask(masked, ends)?;
-            sampler
-                .sample(masked, history)
-                .map_err(|e| no_token(e, row, true))?
+            sampler.sample(masked, history).map_err(|_| {
+                GrammarError::Matcher(
+                    "every token the grammar allows next is banned (by logit_bias, or ignore_eos where only the end may come)".into(),
+                )
+            })?
         }
     };
     if ends.contains(&token) {
@@ -373,23 +380,44 @@ pub(crate) fn draw(
     Ok((token, c.is_done()))
 }
 
-/// Whether the sampler's error names a NaN or +∞ logit of `row` (rather
-/// than a row where every token was banned).
-fn broken(row: &[f32], e: crate::sampler::NonFiniteLogit) -> bool {
-    row.get(e.token as usize)
-        .is_some_and(|l| l.is_nan() || *l == f32::INFINITY)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampler::SamplingParams;
 
-/// The error for a row of `logits` where no token could be drawn: a NaN
-/// or +∞ logit (a broken model), or, under a grammar, every token it allows
-/// next also banned (by a logit bias).
-fn no_token(e: crate::sampler::NonFiniteLogit, logits: &[f32], constrained: bool) -> SessionError {
-    if constrained && !broken(logits, e) {
-        GrammarError::Matcher(
-            "every token the grammar allows next is banned (by logit_bias, or ignore_eos where only the end may come)".into(),
-        )
-        .into()
-    } else {
-        SessionError::NonFiniteLogits
+    /// A −∞ in the model's own row is a broken model (its logits are finite
+    /// dot products), as NaN and +∞ are; a −∞ put there by a logit bias is a
+    /// ban the draw goes around; a bias banning every token is an error
+    /// saying so, not a broken model.
+    #[test]
+    fn draw_tells_a_broken_row_from_a_ban() {
+        let row = [0.5f32, 2.0, 1.0, -3.0];
+        let mut masked = Vec::new();
+        let mut greedy = Sampler::new(SamplingParams::greedy());
+        let drawn = draw(&mut greedy, &row, &[], None, &[], &mut masked);
+        assert_eq!(drawn.unwrap(), (1, false));
+        for bad in [f32::NEG_INFINITY, f32::INFINITY, f32::NAN] {
+            for at in [0, 1, 3] {
+                let mut broken = row;
+                broken[at] = bad;
+                let e = draw(&mut greedy, &broken, &[], None, &[], &mut masked).unwrap_err();
+                assert!(
+                    matches!(e, SessionError::NonFiniteLogits),
+                    "{bad} at {at}: {e}"
+                );
+            }
+        }
+        let mut banned = Sampler::new(SamplingParams {
+            logit_bias: vec![(1, f32::NEG_INFINITY)],
+            ..SamplingParams::greedy()
+        });
+        let drawn = draw(&mut banned, &row, &[], None, &[], &mut masked);
+        assert_eq!(drawn.unwrap(), (2, false));
+        let mut all = Sampler::new(SamplingParams {
+            logit_bias: (0..4).map(|t| (t, f32::NEG_INFINITY)).collect(),
+            ..SamplingParams::greedy()
+        });
+        let e = draw(&mut all, &row, &[], None, &[], &mut masked).unwrap_err();
+        assert!(e.to_string().contains("bans every token"), "{e}");
     }
 }
