@@ -99,6 +99,12 @@ fn score_labels(
         .collect::<Result<_, _>>()?;
     let batch = Batch::for_sequence(prompt, 0, false);
     let last = model.forward(&batch, &mut caches[..1], state)?.to_vec();
+    // Scores from a broken model's logits (NaN or ±∞: overflow) would rank
+    // the labels silently wrong.
+    let broken = || anyhow::anyhow!("{}", gemma3_engine::session::NON_FINITE);
+    if !gemma3_engine::sampler::all_finite(&last) {
+        return Err(broken());
+    }
     let lse = gemma3_engine::sampler::logsumexp(&last);
     let mut scores: Vec<f64> = (labels.iter())
         .map(|l| f64::from(last[l[0] as usize] - lse))
@@ -126,9 +132,15 @@ fn score_labels(
     let targets: Vec<(usize, u32)> = (labels.iter().enumerate())
         .flat_map(|(j, l)| l.iter().skip(1).map(move |&t| (j, t)))
         .collect();
-    let logprobs: Vec<f32> = (logits.par_chunks(vocab).zip(&targets))
-        .map(|(r, &(_, t))| gemma3_engine::sampler::logprob(r, t))
+    let logprobs: Vec<Option<f32>> = (logits.par_chunks(vocab).zip(&targets))
+        .map(|(r, &(_, t))| {
+            gemma3_engine::sampler::all_finite(r).then(|| gemma3_engine::sampler::logprob(r, t))
+        })
         .collect();
+    let logprobs: Vec<f32> = logprobs
+        .into_iter()
+        .collect::<Option<_>>()
+        .ok_or_else(broken)?;
     for (&(j, _), lp) in targets.iter().zip(logprobs) {
         scores[j] += f64::from(lp);
     }

@@ -584,6 +584,14 @@ fn non_finite_logits_are_an_error() {
         args.push("ab");
         fails_with(&args, Some(&p), &["not finite"]);
     }
+    // classify's log-softmax over that row was NaN, and the labels' scores with it: it
+    // printed a label (`null` scores under --json) with status 0.
+    for json in [&[][..], &["--json"]] {
+        let mut args = vec!["classify", "-l", "a", "-l", "b"];
+        args.extend(json);
+        args.push("ab");
+        fails_with(&args, Some(&p), &["not finite"]);
+    }
 }
 
 #[test]

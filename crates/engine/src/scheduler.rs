@@ -496,9 +496,8 @@ impl Job<'_> {
                 RequestError::Model(g.to_string())
             }
             crate::SessionError::Grammar(g) => RequestError::Grammar(g.to_string()),
-            crate::SessionError::NonFiniteLogits if self.own_lora => {
-                RequestError::Lora(non_finite_at_scales("logits"))
-            }
+            crate::SessionError::NonFiniteLogits => self.non_finite_logits(),
+            crate::SessionError::Sampling(m) => RequestError::Sampling(m),
             other => RequestError::Model(other.to_string()),
         })?;
         let (logprob, top) = match self.logprobs {
@@ -514,6 +513,16 @@ impl Job<'_> {
             top,
             done,
         })
+    }
+
+    /// The error for logits that are not finite: the request's own LoRA
+    /// scales are too large, or else the model is broken.
+    fn non_finite_logits(&self) -> RequestError {
+        if self.own_lora {
+            RequestError::Lora(non_finite_at_scales("logits"))
+        } else {
+            RequestError::Model(crate::session::NON_FINITE.into())
+        }
     }
 
     /// Take a chosen token: stop, or send it and queue it for the next step.
@@ -1044,20 +1053,24 @@ impl<'a> Worker<'a> {
                 Some((i, job.prompt[p + 1], job.prompt_logprobs?, r))
             })
             .collect();
-        let scored: Vec<(usize, PromptToken)> = tasks
+        // (None: the row is not finite, and the request ends with an error.)
+        let scored: Vec<(usize, Option<PromptToken>)> = tasks
             .par_iter()
             .map(|&(i, id, k, r)| {
                 let row = &logits[r * vocab..(r + 1) * vocab];
+                if !crate::sampler::all_finite(row) {
+                    return (i, None);
+                }
                 let lse = logsumexp(row);
                 let logprob = Some(row[id as usize] - lse);
                 let top_logprobs = top_logprobs(row, k, lse);
                 (
                     i,
-                    PromptToken {
+                    Some(PromptToken {
                         id,
                         logprob,
                         top_logprobs,
-                    },
+                    }),
                 )
             })
             .collect();
@@ -1136,11 +1149,22 @@ impl Worker<'_> {
     /// After a step: add the scoring jobs' newly scored prompt tokens, and
     /// for each of `chunks` whose prompt is now read send its
     /// [`Event::Prompt`] (before any token); a job that asked for no tokens
-    /// then ends.
-    fn take_scores(&mut self, scored: Vec<(usize, PromptToken)>, chunks: &[(usize, usize)]) {
+    /// then ends. A job with a row that is not finite ends with an error.
+    fn take_scores(
+        &mut self,
+        scored: Vec<(usize, Option<PromptToken>)>,
+        chunks: &[(usize, usize)],
+    ) {
         for (i, t) in scored {
-            if let Some(job) = self.slots[i].job.as_mut() {
-                job.scored.push(t);
+            let Some(job) = self.slots[i].job.as_mut() else {
+                continue;
+            };
+            match t {
+                Some(t) => job.scored.push(t),
+                None => {
+                    let e = job.non_finite_logits();
+                    self.end_slot(i, |_| Event::Error(e));
+                }
             }
         }
         for &(i, _) in chunks {

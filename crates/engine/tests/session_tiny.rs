@@ -160,7 +160,14 @@ fn non_finite_logits_end_with_an_error() {
 
     let (sched, thread) =
         Scheduler::start(Arc::new(m), Arc::new(tok), SchedulerConfig::default()).unwrap();
-    for (embed, what) in [(None, "logits"), (Some(Pooling::Last), "hidden states")] {
+    // (The third: the prompt's tokens scored and none generated, where each
+    // scored token's log-probability had been NaN, sent as `null`.)
+    let score_only = GenerateParams::greedy(0);
+    for (embed, scored, params, what) in [
+        (None, None, &params, "logits"),
+        (Some(Pooling::Last), None, &params, "hidden states"),
+        (None, Some(1), &score_only, "logits"),
+    ] {
         let (tx, rx) = mpsc::channel();
         sched
             .submit(Request {
@@ -168,7 +175,7 @@ fn non_finite_logits_end_with_an_error() {
                 params: params.clone(),
                 logprobs: None,
                 embed,
-                prompt_logprobs: None,
+                prompt_logprobs: scored,
                 lora: None,
                 own_lora: false,
                 events: Box::new(move |ev: Event| tx.send(ev).is_ok()),
