@@ -41,6 +41,11 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
     if let Some(i) = a.labels.iter().position(String::is_empty) {
         anyhow::bail!("label {} is empty: a label must have text to score", i + 1);
     }
+    for (j, l) in a.labels.iter().enumerate() {
+        if let Some(i) = a.labels[..j].iter().position(|k| k == l) {
+            anyhow::bail!("label {} repeats label {} ({l:?})", j + 1, i + 1);
+        }
+    }
     if !a.template.contains("{text}") {
         anyhow::bail!("--template must contain {{text}}, where each text goes");
     }

@@ -55,10 +55,15 @@ fn classify_scores_labels_as_llama_cpp() {
         }
     }
 
-    // Bad input: one label, an empty one, a template without {text}.
+    // Bad input: one label, an empty one, one given twice (`--json` had
+    // listed its score once), a template without {text}.
     for (args, needle) in [
         (&["-l", " a", "x"][..], "at least two labels"),
         (&["-l", " a", "-l", "", "x"][..], "label 2 is empty"),
+        (
+            &["-l", " a", "-l", " b", "-l", " a", "--json", "x"][..],
+            "label 3 repeats label 1",
+        ),
         (
             &["-l", " a", "-l", " b", "--template", "no slot", "x"][..],
             "{text}",
