@@ -107,6 +107,11 @@ fn layer_outputs(model: &Model, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
     model.forward(&batch, std::slice::from_mut(&mut cache), &mut st)?;
     st.trace = None;
     let out = std::mem::take(&mut *seen.lock().unwrap());
+    // (A NaN row would read as "no difference" and be left out of the
+    // direction, which would then come from the other rows alone.)
+    if !out.iter().all(|l| gemma3_engine::sampler::all_finite(l)) {
+        bail!("{}", gemma3_engine::session::NON_FINITE_HIDDEN);
+    }
     Ok(out)
 }
 
@@ -149,7 +154,6 @@ pub fn run(a: CvectorArgs) -> Result<()> {
     .chain(lora.iter().map(|s| ("an adapter", s.path.as_path())))
     .collect();
     crate::write_gguf::check_output(&a.output, &inputs)?;
-    crate::write_gguf::check_writable(&a.output)?;
     let (model, tok) = crate::load(&path, &a.lora, &Default::default())?;
     let (layers, width) = (model.config.n_layers, model.config.d_model);
     if layers < 2 {

@@ -113,6 +113,11 @@ pub struct FinetuneArgs {
     precision: Option<PrecisionArg>,
 }
 
+/// Most bytes a training or validation file may hold: a file past it (or
+/// a device such as /dev/zero) is refused, not read until memory runs out.
+/// banking77's training split is 1 MB as JSON Lines.
+const MAX_DATA_BYTES: u64 = 256 << 20;
+
 /// The examples of a JSON Lines file, each tokenized and its targets marked.
 fn read_examples(
     path: &Path,
@@ -120,7 +125,19 @@ fn read_examples(
     template: &ChatTemplate,
     max_len: usize,
 ) -> Result<Vec<Example>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_DATA_BYTES + 1), &mut bytes)
+        })
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() as u64 > MAX_DATA_BYTES {
+        bail!(
+            "{}: over {} MiB of examples, more than a run on a CPU can learn from; use a part of them",
+            path.display(),
+            MAX_DATA_BYTES >> 20
+        );
+    }
     // (A byte-order mark, as some editors write one, is not part of the first line.)
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut out = Vec::new();
@@ -349,7 +366,6 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         inputs.push(("the chat template", t));
     }
     crate::write_gguf::check_output(&a.output, &inputs)?;
-    crate::write_gguf::check_writable(&a.output)?;
     let (model, tok) = gemma3_server::load_model(&path, &[], &Default::default())?;
     let ctx = model.config.ctx_len;
     let max_len = a.max_len.min(ctx);
@@ -424,6 +440,12 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let dense = DenseModel::with_precision(&model, precision);
     let per_epoch = train.len().div_ceil(a.batch);
     let total = a.steps.unwrap_or(usize::MAX).min(per_epoch * a.epochs);
+    if a.warmup >= total {
+        bail!(
+            "--warmup {} is not below the run's {total} steps: the learning rate would never reach --lr (with --warmup {total} or more, the first step's is 0)",
+            a.warmup
+        );
+    }
     let tokens: usize = train.iter().map(|e| e.tokens.len()).sum();
     eprintln!(
         "{} examples ({tokens} tokens, {} targets), {} held out; {} pairs, {} parameters; weights expanded to {} ({:.0} MiB) in {:.1} s, about {:.0} MiB in all; {total} steps of {}",
@@ -471,7 +493,21 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let stopped = || stop.load(SeqCst);
-    let save = |lora: &TrainableLora| {
+    // The step losses are of the weights before each update; the last
+    // update's result is checked on the shortest example before the adapter
+    // is written, so that it is never one whose outputs are not finite.
+    let probe = (train.iter())
+        .min_by_key(|e| e.tokens.len())
+        .expect("training examples")
+        .clone();
+    let save = |lora: &TrainableLora, step: usize| {
+        let loss = dense.pass(lora, &[&probe], false).loss_sum;
+        if !loss.is_finite() {
+            bail!(
+                "the adapter's outputs became {loss} after step {step}: lower --lr (or --alpha); {} not written",
+                a.output.display()
+            );
+        }
         saving.store(true, SeqCst);
         let written = crate::write_gguf::write_new(&lora.to_gguf(&name), &a.output, |tmp| {
             model.read_lora(tmp).map(|_| ()).map_err(|e| {
@@ -524,16 +560,17 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
                 seen_tokens as f64 / secs
             );
             if a.save_every.is_some_and(|k| step % k == 0) {
-                save(&lora)?;
+                save(&lora, step)?;
             }
         }
         let mean = ep_sum / ep_n.max(1) as f64;
         last_val = evaluate(&lora).or(last_val);
+        held_out_finite(last_val, step, &a.output)?;
         match last_val {
             Some(v) => eprintln!("epoch {epoch}: training loss {mean:.4}; held out: {v}"),
             None => eprintln!("epoch {epoch}: training loss {mean:.4}"),
         }
-        save(&lora)?;
+        save(&lora, step)?;
     }
     if step == 0 {
         bail!("stopped before the first step: nothing written");
@@ -543,8 +580,9 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         // the held-out pass).
         if !stopped() {
             last_val = evaluate(&lora).or(last_val);
+            held_out_finite(last_val, step, &a.output)?;
         }
-        save(&lora)?;
+        save(&lora, step)?;
     }
     let mut out = std::io::stdout().lock();
     write!(
@@ -574,6 +612,19 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         std::process::exit(130);
     }
     Ok(())
+}
+
+/// An error where the held-out loss after `step` is not finite: the adapter
+/// at `output` is then not written.
+fn held_out_finite(held: Option<Held>, step: usize, output: &Path) -> Result<()> {
+    match held {
+        Some(h) if !h.loss.is_finite() => bail!(
+            "the held-out loss became {} after step {step}: lower --lr (or --alpha); {} not written",
+            h.loss,
+            output.display()
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// The learning rate at `step` (from 0) of `total`.

@@ -5,14 +5,30 @@
 use anyhow::{bail, Context, Result};
 use gemma3_gguf::GgufWriter;
 
-/// Refuses an output that exists and is not a regular file, or that is one
-/// of `inputs` (what each is, and its path): written over, it would be lost.
+/// Refuses an output that names a directory (ends in a separator, `.` or
+/// `..`), that exists and is not a regular file, that is one of `inputs`
+/// (what each is, and its path: written over, it would be lost), or that
+/// cannot be written ([`check_writable`]): each before a long job starts.
 pub(crate) fn check_output(
     output: &std::path::Path,
     inputs: &[(&str, &std::path::Path)],
 ) -> Result<()> {
+    let text = output.as_os_str().as_encoded_bytes();
+    if text
+        .last()
+        .is_some_and(|&b| std::path::is_separator(b as char))
+        || !matches!(
+            output.components().next_back(),
+            Some(std::path::Component::Normal(_))
+        )
+    {
+        bail!(
+            "the output {} names a directory, not a file",
+            output.display()
+        );
+    }
     let Ok(meta) = std::fs::metadata(output) else {
-        return Ok(());
+        return check_writable(output);
     };
     if !meta.is_file() {
         bail!(
@@ -27,7 +43,7 @@ pub(crate) fn check_output(
     {
         bail!("the output {} is {what}, {}", output.display(), p.display());
     }
-    Ok(())
+    check_writable(output)
 }
 
 /// The new file `path` is first written as, beside it: its name (the first
@@ -46,7 +62,7 @@ fn temporary(path: &std::path::Path) -> std::path::PathBuf {
 /// Refuses an output that cannot be written (its directory missing, not a
 /// directory, or not writable): creates the temporary file [`write_new`]
 /// would and removes it, so that a long job finds out before it starts.
-pub(crate) fn check_writable(path: &std::path::Path) -> Result<()> {
+fn check_writable(path: &std::path::Path) -> Result<()> {
     let tmp = temporary(path);
     std::fs::OpenOptions::new()
         .write(true)

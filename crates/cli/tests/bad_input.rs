@@ -566,6 +566,22 @@ fn non_finite_logits_are_an_error() {
         Some(&p),
         &["not finite"],
     );
+    // cvector-generate had read NaN rows as "no difference" between the prompts.
+    let (pos, neg) = (temp_path("nan-pos.txt"), temp_path("nan-neg.txt"));
+    std::fs::write(&pos, "ab\nabc\n").unwrap();
+    std::fs::write(&neg, "ba\ncba\n").unwrap();
+    let cv = temp_path("nan-cv.gguf");
+    let args = ["cvector-generate", "--positive-file", pos.to_str().unwrap()];
+    let mut args = args.to_vec();
+    args.extend([
+        "--negative-file",
+        neg.to_str().unwrap(),
+        "-o",
+        cv.to_str().unwrap(),
+    ]);
+    fails_with(&args, Some(&p), &["hidden states are not finite"]);
+    assert!(!cv.exists());
+    let _ = (std::fs::remove_file(&pos), std::fs::remove_file(&neg));
     // One NaN logit among finite ones (the last token's row of the tied head): greedy
     // skipped it, and sampling's NaN probabilities fell through to an arbitrary token,
     // both with status 0 and plausible text.

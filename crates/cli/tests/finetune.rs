@@ -298,6 +298,12 @@ fn bad_data_and_flags_are_named_and_nothing_is_written() {
         (good, &["--targets", "q,q"], "names 'q' twice"),
         (good, &["--batch", "0"], "--batch must be from 1"),
         (good, &["--steps", "0"], "--steps must be at least 1"),
+        // (Its only update had a learning rate of 0: an adapter that does nothing.)
+        (
+            good,
+            &["--steps", "1", "--warmup", "1"],
+            "--warmup 1 is not below the run's 1 steps",
+        ),
     ];
     for (text, flags, want) in cases {
         std::fs::write(&data, text).unwrap();
@@ -349,6 +355,18 @@ fn bad_data_and_flags_are_named_and_nothing_is_written() {
         "{stderr}"
     );
     assert!(!stderr.contains("step 1"), "it trained first: {stderr}");
+    // A directory's name (it had trained, then failed to rename its file to it).
+    let dir = format!("{}/", temp_path("new-dir").display());
+    let (out, _, stderr) = run(&mut finetune(&path, &data, std::path::Path::new(&dir)));
+    assert!(!out.status.success(), "{dir} was accepted");
+    assert!(stderr.contains("names a directory"), "{stderr}");
+    assert!(!stderr.contains("step 1"), "it trained first: {stderr}");
+    // Data without end (a device) is refused at a size, not read until memory runs out.
+    let (out, _, stderr) = run(&mut finetune(&path, "/dev/zero".as_ref(), &out_file));
+    assert!(
+        !out.status.success() && stderr.contains("over 256 MiB"),
+        "{stderr}"
+    );
     // The output may not be an input.
     std::fs::write(&data, good).unwrap();
     let (out, _, stderr) = run(&mut finetune(&path, &data, &data));
@@ -357,6 +375,50 @@ fn bad_data_and_flags_are_named_and_nothing_is_written() {
         "{stderr}"
     );
     assert_eq!(std::fs::read_to_string(&data).unwrap(), good);
+    let _ = std::fs::remove_file(&data);
+}
+
+/// A learning rate and alpha far too large: the losses of the steps are finite (each is
+/// of the weights before its update), but the last update's outputs are not. Such an
+/// adapter had been written, with status 0, and every command using it then failed. Now
+/// finetune either refuses to write it, or writes one the model runs with.
+#[test]
+fn an_adapter_whose_outputs_are_not_finite_is_not_written() {
+    let Some(path) = model_path("an_adapter_whose_outputs_are_not_finite_is_not_written") else {
+        return;
+    };
+    let data = temp_path("diverge.jsonl");
+    let lines: Vec<String> = (["a b", "c d", "e f", "g h"].iter())
+        .map(|pc| {
+            let (p, c) = pc.split_once(' ').unwrap();
+            format!(r#"{{"prompt": "{p}", "completion": " {c}"}}"#)
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    for val in [false, true] {
+        let out_file = temp_path(&format!("diverge-{val}.gguf"));
+        let mut cmd = finetune(&path, &data, &out_file);
+        cmd.args([
+            "-b", "2", "--steps", "2", "--lr", "1", "--alpha", "10000", "-r", "1",
+        ]);
+        if val {
+            cmd.arg("--val").arg(&data);
+        }
+        let (out, _, stderr) = run(&mut cmd);
+        if out.status.success() {
+            eprintln!("written (its outputs finite on this CPU): checking that it runs");
+            let file = out_file.to_str().unwrap().to_string();
+            greedy(&path, &["--lora", &file, "--raw", "a"]);
+            let _ = std::fs::remove_file(&out_file);
+        } else {
+            assert!(
+                stderr.contains("became NaN") || stderr.contains("became inf"),
+                "{stderr}"
+            );
+            assert!(stderr.contains("not written"), "{stderr}");
+            assert!(!out_file.exists(), "written: {stderr}");
+        }
+    }
     let _ = std::fs::remove_file(&data);
 }
 
