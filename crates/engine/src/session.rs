@@ -360,6 +360,7 @@ pub(crate) fn draw(
             SessionError::Sampling("logit_bias bans every token of the vocabulary".into())
         });
     };
+    let started = std::time::Instant::now();
     let token = match first {
         Ok(t) if c.allows(t, ends)? => t,
         _ => {
@@ -373,11 +374,11 @@ pub(crate) fn draw(
             })?
         }
     };
-    if ends.contains(&token) {
-        return Ok((token, false));
+    if !ends.contains(&token) {
+        c.accept(token)?;
     }
-    c.accept(token)?;
-    Ok((token, c.is_done()))
+    c.charge(started.elapsed())?;
+    Ok((token, !ends.contains(&token) && c.is_done()))
 }
 
 #[cfg(test)]
