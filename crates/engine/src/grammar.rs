@@ -230,8 +230,11 @@ fn brief(e: &str) -> String {
     }
 }
 
-/// Largest integer llama.cpp's schema grammars write: 16 digits.
-const MAX_JSON_INTEGER: i64 = 9_999_999_999_999_999;
+/// Largest integer a JSON schema's output may have without a bound of its
+/// own: llama.cpp's schema grammars write up to 16 digits, and this is the
+/// largest 16-digit integer an f64 holds (llguidance reads bounds as f64s,
+/// so 9 999 999 999 999 999 would be 10¹⁶, 17 digits).
+const MAX_JSON_INTEGER: i64 = 9_999_999_999_999_998;
 
 /// A JSON schema as llama.cpp's schema converter reads it: objects that
 /// name their properties and say nothing of others take no others (a base
@@ -297,6 +300,37 @@ fn cap_integer(o: &mut serde_json::Map<String, serde_json::Value>) {
     if !integer || o.contains_key("const") || o.contains_key("enum") {
         return;
     }
+    // llguidance reads bounds as f64s, and makes an exclusive one
+    // inclusive by adding or taking 1 in f64. Past 2⁵³ both round, and to
+    // nearest they had let 10¹⁶ through a maximum of 9 999 999 999 999 999.
+    // So an integer's exclusive bounds are made inclusive here, exactly, and
+    // a bound an f64 cannot hold moves inward to the nearest one that it
+    // can, never outward. (None left between them: the schema's own error,
+    // that no integer fits.)
+    for (exclusive, inclusive, up) in [
+        ("exclusiveMinimum", "minimum", true),
+        ("exclusiveMaximum", "maximum", false),
+    ] {
+        let step = if up { 1 } else { -1 };
+        if let Some(v) = o.get(exclusive).and_then(Value::as_i64) {
+            let Some(next) = v.checked_add(step) else {
+                continue;
+            };
+            let tighter = match o.get(inclusive).and_then(Value::as_i64) {
+                Some(w) if up => next.max(w),
+                Some(w) => next.min(w),
+                None if o.contains_key(inclusive) => continue,
+                None => next,
+            };
+            o.remove(exclusive);
+            o.insert(inclusive.into(), tighter.into());
+        }
+        if let Some(v) = o.get(inclusive).and_then(Value::as_i64) {
+            if let Some(inward) = f64_inward(v, up) {
+                o.insert(inclusive.into(), inward.into());
+            }
+        }
+    }
     // A side's bound: None where none is given; Some(None) where it is not a number.
     let bound = |o: &serde_json::Map<String, Value>, keys: [&str; 2]| {
         (keys.iter()).find_map(|k| o.get(*k)).map(Value::as_f64)
@@ -312,6 +346,29 @@ fn cap_integer(o: &mut serde_json::Map<String, serde_json::Value>) {
     if lo.is_none() && hi.flatten().is_none_or(|h| h >= -max) {
         o.insert("minimum".into(), (-MAX_JSON_INTEGER).into());
     }
+}
+
+/// Where `v` is not exactly an f64: the nearest integer that is, above `v`
+/// (`up`) or below it. (Past 2⁵³ every f64 is an integer.)
+fn f64_inward(v: i64, up: bool) -> Option<i64> {
+    let f = v as f64;
+    // (`f as i64` saturates: 2⁶³ rounded from i64::MAX gives i64::MAX.)
+    if f as i128 == v as i128 {
+        return None;
+    }
+    let outward = if up {
+        (f as i128) < v as i128
+    } else {
+        (f as i128) > v as i128
+    };
+    let f = if !outward {
+        f
+    } else if up == (f > 0.0) {
+        f64::from_bits(f.to_bits() + 1)
+    } else {
+        f64::from_bits(f.to_bits() - 1)
+    };
+    (f.abs() < 9.2e18).then_some(f as i64)
 }
 
 /// Most time the grammar's work for one generated token may take (see
@@ -621,6 +678,25 @@ mod tests {
             read(json!({"type": "integer", "minimum": 1e17})),
             json!({"type": "integer", "minimum": 1e17})
         );
+        // Bounds past 2⁵³ that an f64 cannot hold move inward to one that it
+        // can (llguidance reads f64s); the cap is itself an f64's.
+        assert_eq!(m, 9_999_999_999_999_998);
+        assert_eq!(m as f64 as i64, m);
+        let odd = 9_007_199_254_740_993i64; // 2⁵³ + 1
+        assert_eq!(
+            read(json!({"type": "integer", "minimum": odd, "maximum": odd})),
+            json!({"type": "integer", "minimum": odd + 1, "maximum": odd - 1})
+        );
+        // Exclusive bounds made inclusive, exactly (-odd + 1 is an f64;
+        // 3·odd − 1 is not, and the f64 below it is 3·odd − 3).
+        assert_eq!(
+            read(json!({"type": "integer", "exclusiveMinimum": -odd, "exclusiveMaximum": 3 * odd})),
+            json!({"type": "integer", "minimum": -odd + 1, "maximum": 3 * odd - 3})
+        );
+        assert_eq!(
+            read(json!({"type": "integer", "exclusiveMinimum": 2, "minimum": 7})),
+            json!({"type": "integer", "minimum": 7, "maximum": m})
+        );
         let plain = [
             json!({"type": ["integer", "number"]}),
             json!({"type": "integer", "const": 5}),
@@ -657,6 +733,38 @@ mod tests {
             brief("\npanic: assertion failed: x\n   0: ..."),
             "assertion failed: x"
         );
+    }
+
+    /// Integers past 2⁵³ under a JSON schema keep to its bounds: they had
+    /// been rounded to the nearest f64, which let 10¹⁶ through a maximum of
+    /// 9 999 999 999 999 999, and the 16-digit cap let it through too.
+    #[test]
+    fn integer_bounds_past_2_53_hold() {
+        let g = Grammars::new(&tokenizer()).unwrap();
+        // Whether `text`, byte by byte, is a complete output of `schema`.
+        let complete = |schema: serde_json::Value, text: &str| {
+            let mut c = g.compile(&GrammarSpec::JsonSchema(schema)).unwrap();
+            for b in text.bytes() {
+                let t = 5 + b as u32;
+                if !c.allows(t, &[1]).unwrap() {
+                    return false;
+                }
+                c.accept(t).unwrap();
+            }
+            c.allows(1, &[1]).unwrap()
+        };
+        let near = serde_json::json!({"type": "integer",
+            "minimum": 9_999_999_999_999_990i64, "maximum": 9_999_999_999_999_999i64});
+        assert!(complete(near.clone(), "9999999999999998"));
+        assert!(!complete(near, "10000000000000000"));
+        // (llguidance's own exclusive-to-inclusive step, 10¹⁶ − 1 in f64, is 10¹⁶.)
+        let below = serde_json::json!({"type": "integer",
+            "exclusiveMaximum": 10_000_000_000_000_000i64});
+        assert!(complete(below.clone(), "9999999999999998"));
+        assert!(!complete(below, "10000000000000000"));
+        let plain = serde_json::json!({"type": "integer"});
+        assert!(complete(plain.clone(), "-9999999999999998"));
+        assert!(!complete(plain, "10000000000000000"));
     }
 
     /// The grammar's time for one token and for a generation in all, each
@@ -800,10 +908,13 @@ mod tests {
                 serde_json::json!({"type": "integer"}),
             ))
             .unwrap();
-        for _ in 0..16 {
+        for _ in 0..15 {
             assert!(allowed(&mut c, n).contains(&(5 + b'9' as u32)));
             c.accept(5 + b'9' as u32).unwrap();
         }
+        // (16 nines is no f64: the cap is 9 999 999 999 999 998.)
+        assert!(!allowed(&mut c, n).contains(&(5 + b'9' as u32)));
+        c.accept(5 + b'8' as u32).unwrap();
         assert!(c.is_done(), "no 17th digit");
         let mut c = g
             .compile(&GrammarSpec::JsonSchema(
