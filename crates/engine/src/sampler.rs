@@ -226,6 +226,16 @@ impl Sampler {
         if let Some(i) = first_invalid(logits) {
             return Err(NonFiniteLogit { token: i as u32 });
         }
+        self.sample_checked(logits, history)
+    }
+
+    /// [`Sampler::sample`] of logits known to hold no NaN or +∞ (a pass
+    /// over the vocabulary saved); an error only where every token is −∞.
+    pub(crate) fn sample_checked(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+    ) -> Result<u32, NonFiniteLogit> {
         let p = &self.params;
         let penalties =
             (p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0)

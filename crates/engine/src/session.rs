@@ -354,7 +354,7 @@ pub(crate) fn draw(
     if !crate::sampler::all_finite(row) {
         return Err(SessionError::NonFiniteLogits);
     }
-    let first = sampler.sample(row, history);
+    let first = sampler.sample_checked(row, history);
     let Some(c) = constraint else {
         return first.map(|t| (t, false)).map_err(|_| {
             SessionError::Sampling("logit_bias bans every token of the vocabulary".into())
@@ -367,7 +367,8 @@ pub(crate) fn draw(
             masked.clear();
             masked.extend_from_slice(row);
             c.mask(masked, ends)?;
-            sampler.sample(masked, history).map_err(|_| {
+            // (The row with −∞ where the grammar says no: still no NaN or +∞.)
+            sampler.sample_checked(masked, history).map_err(|_| {
                 GrammarError::Matcher(
                     "every token the grammar allows next is banned (by logit_bias, or ignore_eos where only the end may come)".into(),
                 )
