@@ -453,9 +453,26 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     loop {
         eprint!("> ");
         let mut bytes = Vec::new();
-        if stdin.lock().read_until(b'\n', &mut bytes)? == 0 {
+        let mut input = stdin.lock();
+        if std::io::Read::take(&mut input, MAX_PROMPT_BYTES + 1).read_until(b'\n', &mut bytes)? == 0
+        {
             break;
         }
+        if bytes.len() as u64 > MAX_PROMPT_BYTES {
+            // The rest of the line unread, and skipped a buffer at a time.
+            while !bytes.ends_with(b"\n") {
+                bytes.clear();
+                if std::io::Read::take(&mut input, 1 << 16).read_until(b'\n', &mut bytes)? == 0 {
+                    break;
+                }
+            }
+            eprintln!(
+                "(that line is over {} MiB, more than any context holds: type a shorter one)",
+                MAX_PROMPT_BYTES >> 20
+            );
+            continue;
+        }
+        drop(input);
         let Ok(line) = String::from_utf8(bytes) else {
             eprintln!("(that line is not valid UTF-8: type it again)");
             continue;

@@ -775,6 +775,39 @@ fn chat_refuses_a_system_text_that_fills_the_context() {
     );
 }
 
+/// `chat` reads a line of at most 8 MiB (as `run -f` a prompt), skips the
+/// rest of a longer one and goes on: it had read a 1.5 GB line whole, 4.6 GB
+/// of memory and rising, without a word.
+#[test]
+fn chat_skips_a_line_longer_than_any_context() {
+    let Some(real) = common::model_path("chat_skips_a_line_longer_than_any_context") else {
+        return;
+    };
+    let mut cmd = gemma3();
+    cmd.args(["chat", "-n", "1", "--model"]).arg(&real);
+    cmd.stdin(std::process::Stdio::piped());
+    cmd.stdout(std::process::Stdio::piped());
+    cmd.stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'a'; 1 << 20];
+        for _ in 0..12 {
+            if stdin.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+        let _ = stdin.write_all(b"\nhi\n/exit\n");
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("that line is over 8 MiB"), "{stderr}");
+    // The next line was read as a message, and answered.
+    assert!(!out.stdout.is_empty(), "{stderr}");
+}
+
 /// A NaN block scale inside a layer's quantized matrix (as a damaged file
 /// holds) ends in the non-finite error: the next 8-bit activation
 /// quantizer had read the NaN as 0, and the real model answered
