@@ -475,6 +475,28 @@ fn inconsistent_model_files_are_refused() {
             &["query_pre_attn_scalar"],
         );
     }
+    // Positive but absurd: the rotation's frequencies overflow, the scores' scale is 10²⁰,
+    // or the heads' width makes 131072 values a token. (The first two loaded and made
+    // every logit NaN; the third took 16.6 GB at 1024 heads × 4096 for 200 tokens.)
+    case(
+        "rope-tiny.gguf",
+        &|w| w.add_kv("gemma3.rope.freq_base", Value::F32(1e-45)),
+        &["gemma3.rope.freq_base", "not finite"],
+    );
+    case(
+        "qpas-tiny.gguf",
+        &|w| w.add_kv("gemma3.attention.query_pre_attn_scalar", Value::F32(1e-40)),
+        &["query_pre_attn_scalar", "more than 16"],
+    );
+    case(
+        "wide-heads.gguf",
+        &|w| {
+            w.add_kv("gemma3.attention.head_count", Value::U32(32));
+            w.add_kv("gemma3.attention.key_length", Value::U32(4096));
+            w.add_kv("gemma3.attention.value_length", Value::U32(4096));
+        },
+        &["gemma3.attention.head_count", "131072 values a token"],
+    );
     // block_count leaving out the file's last layer: not run on the other five.
     case(
         "fewer-blocks.gguf",

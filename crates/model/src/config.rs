@@ -12,6 +12,13 @@ pub const DEFAULT_SLIDING_WINDOW_PATTERN: usize = 6;
 /// `gemma3.rope.freq_base` in the file is the global layers' base.
 pub const DEFAULT_ROPE_LOCAL_BASE: f32 = 10_000.0;
 
+/// Most values a token's queries (heads × width), or its keys, may take.
+pub const MAX_ATTENTION_WIDTH: usize = 65_536;
+
+/// Largest attention score scale (1/√query_pre_attn_scalar) accepted:
+/// Gemma's is 1/16, and one past this is a broken file's, not a model's.
+pub const MAX_ATTN_SCALE: f32 = 16.0;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub n_layers: usize,
@@ -158,6 +165,24 @@ impl Config {
                 return bad(k, format!("value {v} is outside 1..={max}"));
             }
         }
+        // Each head count and width is bounded alone; their products size a
+        // token's activations (1024 × 4096 had taken 16.6 GB for a 200-token
+        // prompt). Gemma 3 27B's widest is 32 × 128.
+        for (k, heads, what) in [
+            ("attention.head_count", self.n_heads, "query"),
+            ("attention.head_count_kv", self.n_kv_heads, "key/value"),
+        ] {
+            if heads * self.head_dim > MAX_ATTENTION_WIDTH {
+                return bad(
+                    k,
+                    format!(
+                        "{heads} {what} heads of width {} make {} values a token, more than {MAX_ATTENTION_WIDTH}",
+                        self.head_dim,
+                        heads * self.head_dim
+                    ),
+                );
+            }
+        }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(
                 "attention.head_count_kv",
@@ -196,6 +221,30 @@ impl Config {
             if !(v.is_finite() && v > 0.0) {
                 return bad(k, format!("{v} is not a positive number"));
             }
+        }
+        // Positive but so small that the rotation's frequencies overflow (a
+        // base of 1e-45), which had passed here and made every logit NaN.
+        for l in 0..self.n_layers {
+            if !self.rope_inv_freq(l).iter().all(|f| f.is_finite()) {
+                let k = if self.is_global(l) {
+                    "rope.freq_base"
+                } else {
+                    "rope.local.freq_base"
+                };
+                return bad(
+                    k,
+                    format!("layer {l}'s rotation frequencies are not finite with this base (and scaling)"),
+                );
+            }
+        }
+        if self.attn_scale > MAX_ATTN_SCALE {
+            return bad(
+                "attention.query_pre_attn_scalar",
+                format!(
+                    "gives scores a scale of {}, more than {MAX_ATTN_SCALE} (Gemma's is 1/16)",
+                    self.attn_scale
+                ),
+            );
         }
         Ok(())
     }
