@@ -497,6 +497,28 @@ fn inconsistent_model_files_are_refused() {
         },
         &["gemma3.attention.head_count", "131072 values a token"],
     );
+    // Tokenizer flags other than Gemma's (llama.cpp follows them; they had been ignored),
+    // and an optional special id of the wrong type (it had been dropped).
+    case(
+        "no-bos.gguf",
+        &|w| w.add_kv("tokenizer.ggml.add_bos_token", Value::Bool(false)),
+        &["tokenizer.ggml.add_bos_token is false"],
+    );
+    case(
+        "space-prefix.gguf",
+        &|w| w.add_kv("tokenizer.ggml.add_space_prefix", Value::Bool(true)),
+        &["tokenizer.ggml.add_space_prefix is true"],
+    );
+    case(
+        "unk-string.gguf",
+        &|w| w.add_kv("tokenizer.ggml.unknown_token_id", Value::String("3".into())),
+        &["tokenizer.ggml.unknown_token_id"],
+    );
+    case(
+        "pad-minus-one.gguf",
+        &|w| w.add_kv("tokenizer.ggml.padding_token_id", Value::I32(-1)),
+        &["tokenizer.ggml.padding_token_id"],
+    );
     // block_count leaving out the file's last layer: not run on the other five.
     case(
         "fewer-blocks.gguf",

@@ -405,6 +405,24 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Tokenizer, gemma3_model::Mode
     if model != "llama" {
         return Err(err(format!("tokenizer.ggml.model is '{model}'; only SentencePiece ('llama') vocabularies are supported")));
     }
+    // How a prompt is encoded is Gemma's: BOS first, no EOS, no space put
+    // before the text. A file that asks otherwise is refused, where it had
+    // been encoded as Gemma's without a word (llama.cpp follows the flags).
+    for (key, gemma) in [
+        ("tokenizer.ggml.add_bos_token", true),
+        ("tokenizer.ggml.add_eos_token", false),
+        ("tokenizer.ggml.add_sep_token", false),
+        ("tokenizer.ggml.add_space_prefix", false),
+    ] {
+        if f.get(key).is_some() {
+            let b = f.get_bool(key)?;
+            if b != gemma {
+                return Err(err(format!(
+                    "{key} is {b}: this engine encodes prompts as Gemma's tokenizer does ({key} {gemma})"
+                )));
+            }
+        }
+    }
     let tokens = f
         .get_array("tokenizer.ggml.tokens")?
         .as_strings()
@@ -420,11 +438,17 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Tokenizer, gemma3_model::Mode
         .ok_or_else(|| err("tokenizer.ggml.token_type is not an i32 array".into()))?
         .to_vec();
     let find = |t: &str| tokens.iter().position(|s| s == t).map(|i| i as u32);
+    // Absent: none. Present, it must be an id (a −1 or a string had been
+    // dropped without a word).
+    let optional_id = |key: &str| match f.get(key) {
+        None => Ok(None),
+        Some(_) => f.get_u32(key).map(Some),
+    };
     let specials = SpecialTokens {
         bos: f.get_u32("tokenizer.ggml.bos_token_id")?,
         eos: f.get_u32("tokenizer.ggml.eos_token_id")?,
-        unk: f.get_u32("tokenizer.ggml.unknown_token_id").ok(),
-        pad: f.get_u32("tokenizer.ggml.padding_token_id").ok(),
+        unk: optional_id("tokenizer.ggml.unknown_token_id")?,
+        pad: optional_id("tokenizer.ggml.padding_token_id")?,
         start_of_turn: find("<start_of_turn>"),
         end_of_turn: find("<end_of_turn>"),
     };
