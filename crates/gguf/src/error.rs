@@ -93,6 +93,18 @@ pub enum GgufError {
         /// The file's size.
         file_size: u64,
     },
+    /// Two tensors' data share bytes (llama.cpp's loader refuses this too).
+    #[error("tensors '{first}' and '{second}' share bytes of the file ({second} starts at {start}, before {first} ends at {end})")]
+    OverlappingTensors {
+        /// The tensor that starts first.
+        first: String,
+        /// The one that starts inside it.
+        second: String,
+        /// Where `second` starts (absolute).
+        start: u64,
+        /// Where `first` ends (absolute, exclusive).
+        end: u64,
+    },
     /// A tensor offset that is not a multiple of the data alignment.
     #[error("tensor '{name}' offset {offset} is not a multiple of the alignment {alignment}")]
     MisalignedTensor {

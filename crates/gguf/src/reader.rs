@@ -31,6 +31,11 @@ pub const MAX_DIMS: u32 = 4;
 /// Data alignment when the file has no `general.alignment` key.
 pub const DEFAULT_ALIGNMENT: u64 = 32;
 
+/// Most metadata keys, and most tensors, a file may have (Gemma 3's have 40
+/// and 236): a parsed entry takes about ten times its bytes in memory, so
+/// a crafted file of millions of tiny ones would take gigabytes.
+pub const MAX_ENTRIES: u64 = 1 << 16;
+
 /// Smallest encoded size of a key/value entry: key length (u64) + value type (u32) + 1-byte value.
 const MIN_KV_BYTES: u64 = 8 + 4 + 1;
 /// Smallest encoded size of a tensor info: name length + n_dims + one dim + type + offset.
@@ -446,12 +451,12 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
     let kv_count = c.u64(&|| "the metadata key count".into())?;
     let kv_capacity = cap_count(
         kv_count,
-        c.remaining() / MIN_KV_BYTES,
+        (c.remaining() / MIN_KV_BYTES).min(MAX_ENTRIES),
         "the metadata key count",
     )?;
     let tensor_capacity = cap_count(
         tensor_count,
-        c.remaining() / MIN_TENSOR_INFO_BYTES,
+        (c.remaining() / MIN_TENSOR_INFO_BYTES).min(MAX_ENTRIES),
         "the tensor count",
     )?;
 
@@ -489,6 +494,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
         what: "the start of the data section".into(),
     })?;
     let file_size = buf.len() as u64;
+    let mut extents = Vec::with_capacity(tensors.len());
     for t in &tensors {
         if t.offset % alignment != 0 {
             return Err(GgufError::MisalignedTensor {
@@ -508,6 +514,23 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
                 start,
                 end,
                 file_size,
+            });
+        }
+        if end > start {
+            extents.push((start, end, &t.name));
+        }
+    }
+    // No two tensors' data share bytes: one tensor's data read as another's
+    // had loaded and run without a word.
+    extents.sort_unstable();
+    for w in extents.windows(2) {
+        let ((_, end, first), (start, _, second)) = (w[0], w[1]);
+        if start < end {
+            return Err(GgufError::OverlappingTensors {
+                first: first.clone(),
+                second: second.clone(),
+                start,
+                end,
             });
         }
     }

@@ -183,6 +183,32 @@ fn tensor_past_end_of_file() {
     assert!(matches!(e, GgufError::Overflow { .. }), "{e}");
 }
 
+/// Two tensors whose data share bytes (one read as the other's had loaded and run without a
+/// word); tensors side by side, or one of none, are fine.
+#[test]
+fn overlapping_tensors() {
+    let e = err(Raw::header(3, 2, 0)
+        .tensor("a", &[16], 0, 0)
+        .tensor("b", &[4], 0, 32)
+        .data(32, 64));
+    assert!(
+        matches!(&e, GgufError::OverlappingTensors { first, second, .. } if first == "a" && second == "b"),
+        "{e}"
+    );
+    let e = err(Raw::header(3, 2, 0)
+        .tensor("a", &[4], 0, 0)
+        .tensor("b", &[4], 0, 0)
+        .data(32, 64));
+    assert!(matches!(e, GgufError::OverlappingTensors { .. }), "{e}");
+    let ok = Raw::header(3, 3, 0)
+        .tensor("a", &[8], 0, 32)
+        .tensor("b", &[8], 0, 0)
+        .tensor("empty", &[0], 0, 0)
+        .data(32, 64)
+        .parse();
+    assert!(ok.is_ok(), "{:?}", ok.err());
+}
+
 #[test]
 fn misaligned_offset() {
     let e = err(Raw::header(3, 1, 0).tensor("t", &[4], 0, 4).data(32, 64));
@@ -237,7 +263,32 @@ fn absurd_counts() {
         matches!(e, GgufError::TooLarge { len: 3, max: 1, .. }),
         "{e}"
     );
-    // Header counts.
+    // Header counts: more than the file could hold, or than any model has (65536) in a
+    // file large enough for them (a parsed entry takes about ten times its bytes).
+    let e = err(Raw::header(3, 0, 70_000).bytes(&vec![0; 70_000 * 13]));
+    assert!(
+        matches!(
+            e,
+            GgufError::TooLarge {
+                len: 70_000,
+                max: 65_536,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = err(Raw::header(3, 70_000, 0).bytes(&vec![0; 70_000 * 32]));
+    assert!(
+        matches!(
+            e,
+            GgufError::TooLarge {
+                len: 70_000,
+                max: 65_536,
+                ..
+            }
+        ),
+        "{e}"
+    );
     let e = err(Raw::header(3, u64::MAX, 0));
     assert!(matches!(e, GgufError::TooLarge { .. }), "{e}");
     let e = err(Raw::header(3, 0, u64::MAX));
