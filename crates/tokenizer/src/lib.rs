@@ -163,7 +163,15 @@ pub enum TokenizerError {
     /// A token id that is not in the vocabulary.
     #[error("token id {0} is not in the vocabulary")]
     UnknownId(u32),
+    /// A special token longer than [`MAX_SPECIAL_LEN`].
+    #[error("special token {id} is {len} bytes long, more than {MAX_SPECIAL_LEN}")]
+    SpecialTooLong { id: u32, len: usize },
 }
+
+/// Longest text a CONTROL, USER_DEFINED or UNKNOWN token may have (Gemma 3's
+/// longest is 31 bytes): finding them in a text takes time proportional to
+/// the text's length times this.
+pub const MAX_SPECIAL_LEN: usize = 1024;
 
 /// Gemma 3's tokenizer: vocabulary, text→id map and special-token matcher, built once by [`Tokenizer::new`].
 #[derive(Clone)]
@@ -269,6 +277,16 @@ impl Tokenizer {
                     text: text.to_string(),
                     value,
                 })?;
+            let special = matches!(
+                ty,
+                TokenType::Control | TokenType::UserDefined | TokenType::Unknown
+            );
+            if special && text.len() > MAX_SPECIAL_LEN {
+                return Err(TokenizerError::SpecialTooLong {
+                    id: id as u32,
+                    len: text.len(),
+                });
+            }
             parsed_types.push(ty);
         }
 
