@@ -39,8 +39,10 @@ fn nll(logits: &[f32], target: u32) -> f64 {
 }
 
 /// The most text `ppl` reads: far more than any test set (wikitext-2's is
-/// 1.3 MB), and a bound for a file that never ends, such as /dev/zero.
-const MAX_TEXT_BYTES: u64 = 256 << 20;
+/// 1.3 MB; 64 MiB is some 16 million tokens, hours of scoring), and a
+/// bound for a file that never ends, such as /dev/zero. Tokenizing takes
+/// about 44 bytes of memory a byte of text (32 MiB of one letter: 1.4 GB).
+const MAX_TEXT_BYTES: u64 = 64 << 20;
 
 fn read_text(path: &std::path::Path) -> Result<String> {
     let mut bytes = Vec::new();

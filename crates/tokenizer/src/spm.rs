@@ -14,24 +14,26 @@ use std::collections::BinaryHeap;
 use crate::Tokenizer;
 
 /// No neighbour.
-const NONE: usize = usize::MAX;
+const NONE: u32 = u32::MAX;
 
 /// A run of bytes `text[start..start + len]`; `len == 0` once merged into its left neighbour.
+/// (u32 fields, as the bigrams': a fragment's symbols and pairs take 32 bytes a character
+/// where usize fields took 64, and a fragment is far under 4 GiB: every input is capped.)
 #[derive(Clone, Copy, Debug)]
 struct Symbol {
-    start: usize,
-    len: usize,
-    prev: usize,
-    next: usize,
+    start: u32,
+    len: u32,
+    prev: u32,
+    next: u32,
 }
 
 /// A candidate merge of symbols `left` and `right` into a token with score `score` and `size` bytes.
 #[derive(Clone, Copy, Debug)]
 struct Bigram {
     score: f32,
-    left: usize,
-    right: usize,
-    size: usize,
+    left: u32,
+    right: u32,
+    size: u32,
 }
 
 impl Ord for Bigram {
@@ -80,35 +82,40 @@ impl Workspace {
             return;
         }
 
+        assert!(
+            text.len() < NONE as usize,
+            "a text fragment of {} bytes is over the tokenizer's 4 GiB",
+            text.len()
+        );
         self.symbols.clear();
-        let count = text.chars().count();
-        for (i, (start, ch)) in text.char_indices().enumerate() {
+        let count = text.chars().count() as u32;
+        for (i, (start, ch)) in (0u32..).zip(text.char_indices()) {
             self.symbols.push(Symbol {
-                start,
-                len: ch.len_utf8(),
+                start: start as u32,
+                len: ch.len_utf8() as u32,
                 prev: if i == 0 { NONE } else { i - 1 },
                 next: if i + 1 == count { NONE } else { i + 1 },
             });
         }
 
         self.heap.clear();
-        for i in 1..self.symbols.len() {
+        for i in 1..self.symbols.len() as u32 {
             try_add_bigram(tok, text, &self.symbols, &mut self.heap, i - 1, i);
         }
 
         while let Some(bigram) = self.heap.pop() {
-            let left = self.symbols[bigram.left];
-            let right = self.symbols[bigram.right];
+            let left = self.symbols[bigram.left as usize];
+            let right = self.symbols[bigram.right as usize];
             // Stale: one side was merged away, or a side grew since this entry was pushed.
             if left.len == 0 || right.len == 0 || left.len + right.len != bigram.size {
                 continue;
             }
             // Merge right into left and unlink right.
-            self.symbols[bigram.left].len += right.len;
-            self.symbols[bigram.right].len = 0;
-            self.symbols[bigram.left].next = right.next;
+            self.symbols[bigram.left as usize].len += right.len;
+            self.symbols[bigram.right as usize].len = 0;
+            self.symbols[bigram.left as usize].next = right.next;
             if right.next != NONE {
-                self.symbols[right.next].prev = bigram.left;
+                self.symbols[right.next as usize].prev = bigram.left;
             }
             try_add_bigram(
                 tok,
@@ -130,8 +137,8 @@ impl Workspace {
 
         let mut i = 0;
         while i != NONE {
-            let sym = self.symbols[i];
-            let piece = &text[sym.start..sym.start + sym.len];
+            let sym = self.symbols[i as usize];
+            let piece = &text[sym.start as usize..(sym.start + sym.len) as usize];
             match tok.token_id(piece) {
                 Some(id) => out.push(id),
                 // Only single characters can be missing: merges only ever form tokens.
@@ -148,16 +155,16 @@ fn try_add_bigram(
     text: &str,
     symbols: &[Symbol],
     heap: &mut BinaryHeap<Bigram>,
-    left: usize,
-    right: usize,
+    left: u32,
+    right: u32,
 ) {
     if left == NONE || right == NONE {
         return;
     }
     // Linked neighbours are contiguous in `text`.
-    let start = symbols[left].start;
-    let size = symbols[left].len + symbols[right].len;
-    if let Some(id) = tok.token_id(&text[start..start + size]) {
+    let start = symbols[left as usize].start;
+    let size = symbols[left as usize].len + symbols[right as usize].len;
+    if let Some(id) = tok.token_id(&text[start as usize..(start + size) as usize]) {
         heap.push(Bigram {
             score: tok.score(id),
             left,
