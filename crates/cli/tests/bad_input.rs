@@ -589,6 +589,22 @@ fn tiny_f32_edited(
     write_tiny(name, &w)
 }
 
+/// An embedding of no rows is named as such (the message had expected Gemma's 262144).
+#[test]
+fn an_empty_vocabulary_dimension_is_named() {
+    let p = tiny_f32_edited("no-rows.gguf", |w, spec| {
+        let embd = w.get_mut("token_embd.weight").unwrap();
+        embd.dims = vec![spec.d_model as u64, 0];
+        embd.data.clear();
+    });
+    let e = fails_with(
+        &["run", "--raw", "-n", "1", "ab"],
+        Some(&p),
+        &["token_embd.weight", "the vocabulary, must be from 1"],
+    );
+    assert!(!e.contains("262144"), "{e}");
+}
+
 /// NaN weights give NaN logits: an error, not a reply of token 0 after token 0.
 #[test]
 fn non_finite_logits_are_an_error() {

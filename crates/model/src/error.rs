@@ -23,6 +23,13 @@ pub enum ModelError {
         found: Vec<u64>,
         expected: Vec<u64>,
     },
+    /// A shape whose fault is said in words (no one expected shape to give).
+    #[error("tensor '{name}' has shape {found:?}: {why}")]
+    BadShape {
+        name: String,
+        found: Vec<u64>,
+        why: String,
+    },
     #[error("tensor '{name}' has type {ty}, which this engine cannot compute with (supported: F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S, TQ2_0, TQ1_0)")]
     UnsupportedType { name: String, ty: String },
     #[error("tensor '{name}' holds {value} at index {index}: its values must be finite numbers (the file is damaged)")]

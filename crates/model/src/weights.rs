@@ -170,16 +170,30 @@ impl Model {
         let vocab = match embed_info.dims.as_slice() {
             [d, v] if *d as usize == c.d_model && *v > 0 && *v <= (1 << 24) => *v as usize,
             dims => {
-                // The vocabulary is this tensor's second dimension: name
-                // the found one where it is in range.
-                let v = match dims {
-                    [_, v] if *v > 0 && *v <= (1 << 24) => *v,
-                    _ => 262144,
-                };
-                return Err(ModelError::Shape {
-                    name: "token_embd.weight".into(),
-                    found: dims.to_vec(),
-                    expected: vec![c.d_model as u64, v],
+                // The vocabulary is this tensor's second dimension: where it
+                // is in range, the width is what is wrong.
+                let found = dims.to_vec();
+                let name = "token_embd.weight".to_string();
+                return Err(match dims {
+                    [_, v] if *v > 0 && *v <= (1 << 24) => ModelError::Shape {
+                        name,
+                        found,
+                        expected: vec![c.d_model as u64, *v],
+                    },
+                    [_, _] => ModelError::BadShape {
+                        name,
+                        found,
+                        why: "its second dimension, the vocabulary, must be from 1 to 16777216"
+                            .into(),
+                    },
+                    _ => ModelError::BadShape {
+                        name,
+                        found,
+                        why: format!(
+                            "it must have two dimensions, the width ({}) and the vocabulary",
+                            c.d_model
+                        ),
+                    },
                 });
             }
         };
