@@ -61,6 +61,11 @@ fn parse_normalize(s: &str) -> Result<bool, String> {
 /// embedding): `-f /dev/zero` must not read until memory runs out.
 const MAX_TEXTS_BYTES: u64 = 64 << 20;
 
+/// Most texts `-f` takes: each costs about a hundred bytes besides its
+/// own, so 64 MiB of one-letter lines had taken 7.5 GB before the first
+/// was embedded.
+const MAX_TEXTS: usize = 1 << 20;
+
 impl Texts {
     /// The texts, each with the name its errors give it ("text 2", or "line
     /// 6 of FILE").
@@ -82,10 +87,18 @@ impl Texts {
         )?;
         // (A byte-order mark, as some editors write, is not text.)
         let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-        let lines: Vec<(String, String)> = (text.lines().enumerate())
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| (l.to_owned(), format!("line {} of {name}", i + 1)))
-            .collect();
+        let mut lines = Vec::new();
+        for (i, l) in text.lines().enumerate() {
+            if l.trim().is_empty() {
+                continue;
+            }
+            if lines.len() == MAX_TEXTS {
+                anyhow::bail!(
+                    "{name} holds more than {MAX_TEXTS} texts: split it (each part is read alike)"
+                );
+            }
+            lines.push((l.to_owned(), format!("line {} of {name}", i + 1)));
+        }
         if lines.is_empty() {
             anyhow::bail!("{name} holds no text (every line is blank)");
         }

@@ -818,6 +818,13 @@ fn embed_refuses_bad_values() {
         Some(&model),
         &["holds no text"],
     );
+    // More than 2²⁰ texts (64 MiB of one-letter lines had taken 7.5 GB before the first).
+    std::fs::write(&blank, "a\n".repeat((1 << 20) + 1)).unwrap();
+    fails_with(
+        &["embed", "-f", blank.to_str().unwrap()],
+        Some(&model),
+        &["holds more than 1048576 texts"],
+    );
     std::fs::remove_file(&blank).ok();
 }
 
