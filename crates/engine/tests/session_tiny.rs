@@ -545,3 +545,75 @@ fn batched_embeddings_equal_each_alone() {
     let e = embed_texts(&m, &[vec![5], vec![]], Pooling::Mean, false, |_| true).unwrap_err();
     assert!(matches!(e, SessionError::EmptyPrompt), "{e}");
 }
+
+/// A prefix copied from a busy slot gives the sliding-window layers only the window before
+/// its end; a later prompt sharing a shorter prefix with that slot must not be continued
+/// from it, where the positions it needs were never written there. (A review found the
+/// server answering such a prompt wrongly, without a word, after a copy of 799 positions:
+/// the check of a reusable prefix looked only at whether the ring had wrapped.)
+#[test]
+fn a_shorter_prefix_of_a_copied_one_is_not_reused() {
+    use gemma3_engine::scheduler::{Event, Request, Scheduler, SchedulerConfig};
+    use std::sync::{mpsc, Arc};
+    let m = Arc::new(model());
+    let cfg = SchedulerConfig {
+        parallel: 2,
+        ctx: 2048,
+        max_queue: 4,
+        prefill_chunk: 256,
+    };
+    let (sched, thread) = Scheduler::start(m.clone(), Arc::new(tokenizer()), cfg).unwrap();
+    // Each generated token's id and log-probability, sent on as they come.
+    let submit = |prompt: Vec<u32>, n: usize| {
+        let (tx, rx) = mpsc::channel();
+        sched
+            .submit(Request {
+                prompt,
+                params: GenerateParams::greedy(n),
+                logprobs: Some(0),
+                embed: None,
+                prompt_logprobs: None,
+                lora: None,
+                own_lora: false,
+                events: Box::new(move |ev: Event| match ev {
+                    Event::Token { id, logprob, .. } => tx.send((id, logprob)).is_ok(),
+                    _ => true,
+                }),
+            })
+            .unwrap();
+        rx
+    };
+    // A, 40 tokens (the window is 8), keeps slot 0 busy for 2000 tokens.
+    let long = tokens(11, 40);
+    let a = submit(long.clone(), 2000);
+    a.recv().unwrap();
+    // B shares A's first 39 tokens: copied from busy slot 0 into slot 1.
+    let mut b_prompt = long[..39].to_vec();
+    b_prompt.push(7);
+    let b = submit(b_prompt, 1);
+    b.recv().unwrap();
+    while b.recv().is_ok() {}
+    // C shares only 12 with slot 1's copy, whose local layers hold positions 31.. alone.
+    let mut c_prompt = long[..12].to_vec();
+    c_prompt.extend([9, 10]);
+    let (id, logprob) = submit(c_prompt.clone(), 1).recv().unwrap();
+    let mut s = Session::new(&m, 64);
+    let (logits, _) = s.eval_prompt(&c_prompt, false).unwrap();
+    let best = gemma3_engine::sampler::argmax(logits);
+    assert_eq!(id, best, "C's token against a fresh session's");
+    let want = gemma3_engine::sampler::logprob(logits, best);
+    assert!(
+        (logprob.unwrap() - want).abs() < 1e-5,
+        "{logprob:?} vs {want}"
+    );
+    // (A still ran: B was a copy, and C found slot 0 busy.)
+    let a_tokens = 1 + a.try_iter().count();
+    eprintln!("A had generated {a_tokens} tokens");
+    assert!(
+        a_tokens < 2000,
+        "A ended before C was placed: nothing was tested"
+    );
+    drop(a);
+    drop(sched);
+    thread.join().unwrap();
+}

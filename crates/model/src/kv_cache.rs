@@ -46,6 +46,11 @@ pub struct LayerCache {
     pub kv_dim: usize,
     /// Positions a query looks back over (including itself); usize::MAX = all.
     pub window: usize,
+    /// The first position this layer holds: 0, or where a copied prefix
+    /// began (a ring gets only the window before the copy's end, so the
+    /// positions before it were never written here). Back to 0 once the
+    /// sequence is written from position 0.
+    pub held_from: usize,
 }
 
 impl LayerCache {
@@ -70,6 +75,9 @@ impl LayerCache {
 
     /// Store the key and value of position `pos`.
     pub fn write(&mut self, pos: usize, k: &[f32], v: &[f32]) {
+        if pos == 0 {
+            self.held_from = 0;
+        }
         let s = self.slot(pos);
         let kvd = self.kv_dim;
         assert_eq!(k.len(), kvd, "a key of kv_dim elements");
@@ -86,6 +94,9 @@ impl LayerCache {
         let n = k.len() / kvd;
         assert!(k.len() == n * kvd && v.len() == n * kvd && n <= self.slots);
         debug_assert_eq!(self.slots % TILE, 0, "whole tiles of slots");
+        if pos0 == 0 {
+            self.held_from = 0;
+        }
         if n < 64 || gemma3_kernels::pool::threads() == 1 {
             for (i, (k, v)) in k.chunks_exact(kvd).zip(v.chunks_exact(kvd)).enumerate() {
                 self.write(pos0 + i, k, v);
@@ -188,6 +199,7 @@ impl KvCache {
                     slots,
                     kv_dim,
                     window,
+                    held_from: 0,
                 })
             })
             .collect::<Result<_, ModelError>>()?;
@@ -217,13 +229,14 @@ impl KvCache {
     /// Whether this cache, after `len` positions were written, still holds
     /// everything a continuation at position `n` (≤ len) needs: on a
     /// sliding-window layer, the positions written after n-1 must not have
-    /// overwritten the last `window` positions before n.
+    /// overwritten the last `window` positions before n, and a copied
+    /// prefix must have brought them ([`LayerCache::held_from`]).
     pub fn holds_prefix(&self, n: usize, len: usize) -> bool {
         n <= len
             && len <= self.ctx
             && self.layers.iter().all(|l| {
                 let first = n - n.min(l.window);
-                len <= first + l.slots
+                first >= l.held_from && len <= first + l.slots
             })
     }
 
@@ -239,6 +252,9 @@ impl KvCache {
         }
         for (dst, s) in self.layers.iter_mut().zip(&src.layers) {
             let first = n - n.min(s.window);
+            // (A shorter prefix of this copy, continued later, would need
+            // positions before `first`, which a ring was not given.)
+            dst.held_from = first;
             let kvd = self.kv_dim;
             for p in first..n {
                 let (ss, ds) = (s.slot(p), dst.slot(p));
@@ -274,6 +290,7 @@ mod tests {
             slots,
             kv_dim: kvd,
             window: usize::MAX,
+            held_from: 0,
         };
         for slots in [64, 80, 528] {
             for n in [1, 63, 64, 65, 100, slots] {
