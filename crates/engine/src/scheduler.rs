@@ -33,7 +33,7 @@ use gemma3_model::{Batch, ForwardState, KvCache, Model, Output};
 use gemma3_tokenizer::{StreamDecoder, Tokenizer};
 use rayon::prelude::*;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -214,7 +214,7 @@ pub enum SubmitError {
         in_system: usize,
         asked: usize,
     },
-    #[error("the scheduler has stopped")]
+    #[error("shutting down: no new requests are taken")]
     Stopped,
 }
 
@@ -249,6 +249,8 @@ struct Shared {
     recent: Mutex<VecDeque<(Instant, u32)>>,
     /// The LoRA scales of requests that give none.
     lora: Mutex<Vec<f32>>,
+    /// Set by [`Scheduler::cancel_all`]: no request is taken after it.
+    closed: AtomicBool,
 }
 
 enum Msg {
@@ -325,6 +327,9 @@ impl Scheduler {
     /// both be refused, and a refused batch's cancelled requests held their
     /// places for a step, refusing others.
     pub fn submit_many(&self, reqs: Vec<Request>) -> Result<(), SubmitError> {
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(SubmitError::Stopped);
+        }
         let (limit, n) = (self.limit, reqs.len());
         self.shared
             .in_system
@@ -369,8 +374,11 @@ impl Scheduler {
         Ok(())
     }
 
-    /// End every running and waiting request with [`RequestError::Shutdown`].
+    /// End every running and waiting request with [`RequestError::Shutdown`],
+    /// and refuse every later one ([`SubmitError::Stopped`]): a request whose
+    /// body arrived after a server's grace period had been run in full.
     pub fn cancel_all(&self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
         let _ = self.tx.send(Msg::CancelAll);
     }
 
@@ -680,6 +688,10 @@ impl<'a> Worker<'a> {
 
     fn accept(&mut self, m: Msg) {
         match m {
+            // (Sent just before the flag was set, arrived after the cancel.)
+            Msg::Request(r, _) if self.shared.closed.load(Ordering::SeqCst) => {
+                self.end_waiting(*r, Event::Error(RequestError::Shutdown));
+            }
             Msg::Request(r, t) => self.waiting.push_back((*r, t)),
             Msg::CancelAll => {
                 for (r, _) in std::mem::take(&mut self.waiting) {

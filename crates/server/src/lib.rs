@@ -627,6 +627,8 @@ fn run(
     let sched = app.sched.clone();
     let result = rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
+        let drained = Arc::new(tokio::sync::Notify::new());
+        let give_up = drained.clone();
         let shutdown = async move {
             stop.await;
             tokio::spawn(async move {
@@ -635,9 +637,16 @@ fn run(
                     _ = hurry => {}
                 }
                 sched.cancel_all();
+                // The cancelled requests' last events get DRAIN_TIMEOUT to
+                // reach their clients; a client that does not read its reply
+                // had held the server open for as long as it kept the
+                // connection.
+                tokio::time::sleep(DRAIN_TIMEOUT).await;
+                give_up.notify_one();
             });
         };
-        serve_http(listener, router(app), header_timeout, shutdown).await;
+        let drained = async move { drained.notified().await };
+        serve_http(listener, router(app), header_timeout, shutdown, drained).await;
         Ok::<(), std::io::Error>(())
     });
     // Dropping the runtime drops every task and with them the last scheduler
@@ -694,13 +703,19 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// its header has.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Time the connections get to send their last bytes once the requests
+/// were cancelled at shutdown; those still open after it are closed.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Accept and serve HTTP/1 connections until `shutdown` resolves; then stop
-/// accepting and wait for the open connections to finish their requests.
+/// accepting and wait for the open connections to finish their requests, or
+/// until `give_up` resolves (those still open are then dropped).
 async fn serve_http(
     listener: tokio::net::TcpListener,
     app: Router,
     header_timeout: Duration,
     shutdown: impl Future<Output = ()>,
+    give_up: impl Future<Output = ()>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -741,7 +756,14 @@ async fn serve_http(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = give_up => {
+            eprintln!(
+                "gemma3 serve: closing the connections still open (their clients did not read their replies)"
+            );
+        }
+    }
 }
 
 /// `gemma3 serve`: run in the foreground until SIGINT or SIGTERM (a second
