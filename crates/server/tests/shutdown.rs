@@ -2,7 +2,6 @@
 //! to generate megabytes of events in a moment): a client that never reads its reply, and a
 //! request whose body arrives after the grace period.
 
-#[allow(dead_code)]
 #[path = "../../model/tests/common/tiny.rs"]
 mod tiny;
 
